@@ -1,0 +1,244 @@
+//! Envoy's `envoy.service.auth.v3.Authorization/Check`.
+//!
+//! What Envoy does with our answer (DESIGN.md, "Envoy facts that bite"): `status` is
+//! always set, because a response without it reads as OK; a deny carries the HTTP status,
+//! JSON body and headers the client sees; an undecidable request is a gRPC error
+//! (UNAVAILABLE), so Envoy's own `failure_mode_allow` / `status_on_error` decides — never
+//! an allow, never a deny.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    address, header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::envoy::service::auth::v3::{
+    authorization_server::Authorization, check_response::HttpResponse, CheckRequest, CheckResponse,
+    DeniedHttpResponse, OkHttpResponse,
+};
+use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
+use envoy_types::pb::google::rpc;
+use tonic::{Request, Response, Status};
+
+use crate::authorizer::Authorizer;
+use crate::decision::{Allowed, Decision, Denial, DenyReason};
+use crate::request::AuthRequest;
+
+/// Identity headers keygate sets upstream. Client-sent values are always overwritten.
+pub const HEADER_SUBJECT: &str = "x-keygate-subject";
+pub const HEADER_KEY_ID: &str = "x-keygate-key-id";
+pub const HEADER_SCOPES: &str = "x-keygate-scopes";
+const IDENTITY_PREFIX: &str = "x-keygate-";
+
+pub struct EnvoyAuthorization {
+    authorizer: Arc<Authorizer>,
+    opaque_errors: bool,
+    strip_credentials: bool,
+}
+
+impl EnvoyAuthorization {
+    pub fn new(authorizer: Arc<Authorizer>, opaque_errors: bool, strip_credentials: bool) -> Self {
+        EnvoyAuthorization {
+            authorizer,
+            opaque_errors,
+            strip_credentials,
+        }
+    }
+
+    /// The answer for one CheckRequest: a response, or UNAVAILABLE.
+    pub async fn decide(&self, req: CheckRequest) -> Result<CheckResponse, Status> {
+        let auth_req = auth_request(req);
+        match self.authorizer.check(&auth_req).await {
+            Decision::Allow(allowed) => Ok(self.allow(&auth_req, &allowed)),
+            Decision::Deny(denial) => Ok(self.deny(&denial)),
+            Decision::Unavailable(u) => Err(Status::unavailable(format!(
+                "authorization backend unavailable: {}",
+                u.backend
+            ))),
+        }
+    }
+
+    fn allow(&self, req: &AuthRequest, allowed: &Allowed) -> CheckResponse {
+        let tenant_header = self.authorizer.tenant_header();
+        let mut headers = Vec::with_capacity(4);
+        let mut remove: Vec<String> = Vec::new();
+        match &allowed.principal {
+            Some(p) => {
+                let tenant = allowed.effective_tenant.as_deref().unwrap_or(&p.tenant_id);
+                headers.push(overwrite(tenant_header, tenant));
+                headers.push(overwrite(HEADER_SUBJECT, &p.subject));
+                headers.push(overwrite(HEADER_KEY_ID, p.key_id.as_deref().unwrap_or("")));
+                headers.push(overwrite(HEADER_SCOPES, &p.scopes_header));
+                // Any other x-keygate-* the client sent is not ours to vouch for.
+                for name in req.headers.keys() {
+                    if name.starts_with(IDENTITY_PREFIX)
+                        && ![HEADER_SUBJECT, HEADER_KEY_ID, HEADER_SCOPES].contains(&name.as_str())
+                    {
+                        remove.push(name.clone());
+                    }
+                }
+            }
+            None => {
+                // Public route: nothing vouched for, so no identity header may pass.
+                for name in req.headers.keys() {
+                    if name.starts_with(IDENTITY_PREFIX) || name == tenant_header {
+                        remove.push(name.clone());
+                    }
+                }
+            }
+        }
+        if self.strip_credentials {
+            for name in self.authorizer.credentials().header_names() {
+                if req.headers.contains_key(name) {
+                    remove.push(name.to_owned());
+                }
+            }
+        }
+        CheckResponse {
+            status: Some(rpc::Status {
+                code: tonic::Code::Ok as i32,
+                ..Default::default()
+            }),
+            dynamic_metadata: allowed.principal.as_ref().map(|p| {
+                let mut fields = HashMap::with_capacity(6);
+                let tenant = allowed.effective_tenant.as_deref().unwrap_or(&p.tenant_id);
+                fields.insert("tenant_id".into(), string_value(tenant));
+                fields.insert("subject".into(), string_value(&p.subject));
+                if let Some(k) = &p.key_id {
+                    fields.insert("key_id".into(), string_value(k));
+                }
+                fields.insert("kind".into(), string_value(p.kind.as_str()));
+                fields.insert("environment".into(), string_value(p.environment.as_str()));
+                fields.insert(
+                    "scopes".into(),
+                    Value {
+                        kind: Some(Kind::ListValue(ListValue {
+                            values: p.scopes.iter().map(|s| string_value(s)).collect(),
+                        })),
+                    },
+                );
+                Struct { fields }
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers,
+                headers_to_remove: remove,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn deny(&self, denial: &Denial) -> CheckResponse {
+        let reason = denial.reason;
+        let mut headers = vec![overwrite("content-type", "application/json")];
+        if reason.is_unauthenticated() {
+            headers.push(overwrite("www-authenticate", "Bearer"));
+        }
+        if let Some(secs) = denial.retry_after {
+            headers.push(overwrite("retry-after", &secs.to_string()));
+        }
+        CheckResponse {
+            status: Some(rpc::Status {
+                code: grpc_code(reason) as i32,
+                message: reason.code().to_owned(),
+                ..Default::default()
+            }),
+            dynamic_metadata: None,
+            http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                status: Some(HttpStatus {
+                    code: reason.http_status() as i32,
+                }),
+                headers,
+                body: denial.body(self.opaque_errors),
+            })),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for EnvoyAuthorization {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        self.decide(request.into_inner()).await.map(Response::new)
+    }
+}
+
+/// The gRPC status code carried in a denial's `status` (any non-zero code denies).
+fn grpc_code(reason: DenyReason) -> tonic::Code {
+    match reason.http_status() {
+        401 => tonic::Code::Unauthenticated,
+        400 => tonic::Code::InvalidArgument,
+        429 => tonic::Code::ResourceExhausted,
+        _ => tonic::Code::PermissionDenied,
+    }
+}
+
+fn overwrite(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    }
+}
+
+/// Envoy's request, as the protocol-neutral `AuthRequest`. Reads both `headers` and, for
+/// `encode_raw_headers: true`, `header_map` (raw bytes; invalid UTF-8 is replaced).
+pub fn auth_request(req: CheckRequest) -> AuthRequest {
+    let attrs = req.attributes.unwrap_or_default();
+    let peer = attrs
+        .source
+        .and_then(|s| s.address)
+        .and_then(|a| a.address)
+        .and_then(|a| match a {
+            address::Address::SocketAddress(sa) => Some(sa.address),
+            _ => None,
+        });
+    let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
+    let mut headers = http.headers;
+    if let Some(map) = http.header_map {
+        for hv in map.headers {
+            let value = if hv.raw_value.is_empty() {
+                hv.value
+            } else {
+                String::from_utf8_lossy(&hv.raw_value).into_owned()
+            };
+            let key = hv.key.to_ascii_lowercase();
+            headers
+                .entry(key)
+                .and_modify(|v| {
+                    v.push(',');
+                    v.push_str(&value);
+                })
+                .or_insert(value);
+        }
+    }
+    let method = if http.method.is_empty() {
+        headers.get(":method").cloned().unwrap_or_default()
+    } else {
+        http.method
+    };
+    let path = if http.path.is_empty() {
+        headers.get(":path").cloned().unwrap_or_default()
+    } else {
+        http.path
+    };
+    AuthRequest {
+        method,
+        path,
+        headers,
+        peer,
+        credential: None,
+    }
+}

@@ -1,0 +1,151 @@
+//! `keygate.v1.Keys`: key administration over gRPC, on the admin listener. Every call
+//! must carry `authorization: Bearer <admin token>`; there is no default credential.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::proto::{self, keys_server::Keys};
+use super::timestamp;
+use crate::keys::{AdminError, KeyAdmin, NewKey};
+use crate::secret::Secret;
+use crate::store::{now_ms, KeyRecord};
+
+pub struct KeysService {
+    admin: Arc<KeyAdmin>,
+}
+
+impl KeysService {
+    pub fn new(admin: Arc<KeyAdmin>) -> Self {
+        KeysService { admin }
+    }
+}
+
+/// Checks the admin credential on every call, in constant time.
+pub fn admin_auth(token: Secret) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if token.matches(presented) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("admin credential missing or wrong"))
+        }
+    }
+}
+
+fn status(e: AdminError) -> Status {
+    match e {
+        AdminError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+        AdminError::NotFound(_) => Status::not_found(e.to_string()),
+        AdminError::Unavailable(m) => Status::unavailable(format!("store unavailable: {m}")),
+        AdminError::Internal(m) => Status::internal(m),
+    }
+}
+
+pub fn key_proto(r: &KeyRecord) -> proto::Key {
+    proto::Key {
+        key_id: r.key_id.clone(),
+        tenant_id: r.tenant_id.clone(),
+        name: r.name.clone(),
+        kind: r.kind.as_str().to_owned(),
+        environment: r.environment.as_str().to_owned(),
+        scopes: r.scopes.clone(),
+        plan: r.plan.clone().unwrap_or_default(),
+        created_at: Some(timestamp(r.created_at_ms)),
+        expires_at: Some(timestamp(r.expires_at_ms)),
+        revoked_at: r.revoked_at_ms.map(timestamp),
+        status: r.status(now_ms()).as_str().to_owned(),
+        token_prefix: r.token_prefix.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl Keys for KeysService {
+    async fn create_key(
+        &self,
+        request: Request<proto::CreateKeyRequest>,
+    ) -> Result<Response<proto::CreateKeyResponse>, Status> {
+        let r = request.into_inner();
+        if r.expires_in_seconds < 0 {
+            return Err(Status::invalid_argument(
+                "expires_in_seconds: must not be negative",
+            ));
+        }
+        let created = self
+            .admin
+            .create(NewKey {
+                tenant_id: r.tenant_id,
+                name: r.name,
+                scopes: r.scopes,
+                environment: r.environment,
+                kind: r.kind,
+                expires_in: (r.expires_in_seconds > 0)
+                    .then(|| Duration::from_secs(r.expires_in_seconds as u64)),
+                plan: r.plan,
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::CreateKeyResponse {
+            key: Some(key_proto(&created.record)),
+            token: created.token,
+        }))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<proto::GetKeyRequest>,
+    ) -> Result<Response<proto::Key>, Status> {
+        let rec = self
+            .admin
+            .get(&request.into_inner().key_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(key_proto(&rec)))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<proto::ListKeysRequest>,
+    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+        let r = request.into_inner();
+        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+        let page = self
+            .admin
+            .list(&r.tenant_id, r.page_size as usize, after)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListKeysResponse {
+            keys: page.keys.iter().map(key_proto).collect(),
+            next_page_token: page.next_after.unwrap_or_default(),
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<proto::RevokeKeyRequest>,
+    ) -> Result<Response<proto::Key>, Status> {
+        let rec = self
+            .admin
+            .revoke(&request.into_inner().key_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(key_proto(&rec)))
+    }
+
+    async fn delete_key(
+        &self,
+        request: Request<proto::DeleteKeyRequest>,
+    ) -> Result<Response<proto::DeleteKeyResponse>, Status> {
+        self.admin
+            .delete(&request.into_inner().key_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::DeleteKeyResponse {}))
+    }
+}

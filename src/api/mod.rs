@@ -1,0 +1,30 @@
+//! Adapters: the only code that knows a wire format. Each turns a protocol's request into
+//! the core's plain values and the core's answer back into the protocol's response.
+
+pub mod authorizer;
+pub mod envoy;
+pub mod keys;
+
+/// keygate's own gRPC API, generated from `proto/keygate/v1`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("keygate.v1");
+
+    /// For server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("keygate_descriptor");
+}
+
+use std::time::{Duration, UNIX_EPOCH};
+
+pub(crate) fn timestamp(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// RFC 3339 (UTC, seconds) for a unix-millisecond instant.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}

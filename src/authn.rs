@@ -1,0 +1,146 @@
+//! Credential → Principal. For API keys: parse (no I/O), then the cache, then on a miss
+//! the store and argon2, once per token however many requests wait for it.
+//!
+//! The secret is checked before the key's state is looked at, so a caller without the
+//! secret learns nothing about whether a key id is revoked or expired.
+
+use std::sync::Arc;
+
+use crate::apikey::{self, SecretHasher};
+use crate::cache::{CredentialCache, Verified};
+use crate::credential::Credential;
+use crate::decision::DenyReason;
+use crate::principal::{Environment, Principal};
+use crate::store::{now_ms, KeyRecord, KeyStatus, KeyStore, StoreError};
+use crate::telemetry::metrics;
+
+/// Why authentication did not produce a principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthnFailure {
+    Deny(DenyReason),
+    /// The store could not be asked; the answer is unknown.
+    Unavailable,
+}
+
+pub struct Authenticator {
+    store: Arc<dyn KeyStore>,
+    hasher: SecretHasher,
+    cache: Arc<CredentialCache>,
+    prefix: String,
+    accept_test_keys: bool,
+}
+
+impl Authenticator {
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        hasher: SecretHasher,
+        cache: Arc<CredentialCache>,
+        prefix: String,
+        accept_test_keys: bool,
+    ) -> Self {
+        Authenticator {
+            store,
+            hasher,
+            cache,
+            prefix,
+            accept_test_keys,
+        }
+    }
+
+    pub async fn authenticate(
+        &self,
+        credential: Credential<'_>,
+    ) -> Result<Arc<Principal>, AuthnFailure> {
+        match credential {
+            Credential::None => Err(AuthnFailure::Deny(DenyReason::MissingCredentials)),
+            Credential::ApiKey(token) => self.api_key(token).await,
+            // JWT issuers are not configured in this version: a JWT is never valid.
+            Credential::Jwt(_) => Err(AuthnFailure::Deny(DenyReason::InvalidToken)),
+            Credential::Unrecognized => Err(AuthnFailure::Deny(DenyReason::InvalidApiKey)),
+        }
+    }
+
+    async fn api_key(&self, token: &str) -> Result<Arc<Principal>, AuthnFailure> {
+        let parsed = match apikey::parse(token, &self.prefix) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(reason = %e, "API key rejected before lookup");
+                return Err(AuthnFailure::Deny(DenyReason::InvalidApiKey));
+            }
+        };
+        if parsed.environment == Environment::Test && !self.accept_test_keys {
+            return Err(AuthnFailure::Deny(DenyReason::InvalidApiKey));
+        }
+        let digest = self.cache.digest(token);
+        let lookup = self
+            .cache
+            .get_or_verify(digest, parsed.key_id, || {
+                self.verify(parsed.key_id, parsed.secret, parsed.environment)
+            })
+            .await;
+        metrics()
+            .cache
+            .with_label_values(&[if lookup.hit { "hit" } else { "miss" }])
+            .inc();
+        match lookup.value {
+            Ok(Verified::Valid(p)) => {
+                if p.expires_at.is_some_and(|exp| now_ms() >= exp) {
+                    return Err(AuthnFailure::Deny(DenyReason::ExpiredApiKey));
+                }
+                Ok(p)
+            }
+            Ok(Verified::Invalid(reason)) => Err(AuthnFailure::Deny(reason)),
+            Err(e) => {
+                tracing::warn!(key_id = parsed.key_id, error = %e, "cannot verify API key: store unavailable");
+                Err(AuthnFailure::Unavailable)
+            }
+        }
+    }
+
+    /// Store + argon2: what is true of this token now.
+    async fn verify(
+        &self,
+        key_id: &str,
+        secret: &str,
+        environment: Environment,
+    ) -> Result<Verified, StoreError> {
+        let Some(record) = self.store.get(key_id).await? else {
+            tracing::debug!(key_id, "API key id unknown");
+            return Ok(Verified::Invalid(DenyReason::InvalidApiKey));
+        };
+        if record.environment != environment {
+            return Ok(Verified::Invalid(DenyReason::InvalidApiKey));
+        }
+        match self.hasher.verify(secret, &record.hash).await {
+            Ok(true) => {}
+            Ok(false) => {
+                metrics().bad_secrets.inc();
+                tracing::info!(key_id, "wrong secret presented for API key");
+                return Ok(Verified::Invalid(DenyReason::InvalidApiKey));
+            }
+            Err(e) => {
+                tracing::error!(key_id, error = %e, "API key hash cannot be verified");
+                return Err(StoreError::Corrupt(e.to_string()));
+            }
+        }
+        Ok(match record.status(now_ms()) {
+            KeyStatus::Revoked => Verified::Invalid(DenyReason::RevokedApiKey),
+            KeyStatus::Expired => Verified::Invalid(DenyReason::ExpiredApiKey),
+            KeyStatus::Active => Verified::Valid(Arc::new(principal_of(&record))),
+        })
+    }
+}
+
+pub fn principal_of(record: &KeyRecord) -> Principal {
+    let mut p = Principal::new(
+        record.tenant_id.clone(),
+        format!("key:{}", record.key_id),
+        record.kind,
+        record.environment,
+        record.scopes.clone(),
+    );
+    p.key_id = Some(record.key_id.clone());
+    p.plan = record.plan.clone();
+    p.expires_at = Some(record.expires_at_ms);
+    p
+}

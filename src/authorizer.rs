@@ -1,0 +1,109 @@
+//! The pipeline: route → extract → authenticate → resolve tenant → authorize → Decision.
+//! One straight line, each stage in its own module; this file only wires them.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::authn::{Authenticator, AuthnFailure};
+use crate::config::PolicyConfig;
+use crate::credential::CredentialSource;
+use crate::decision::{Allowed, Decision, DenyReason, Unavailable};
+use crate::policy::{Policy, Requirement};
+use crate::request::AuthRequest;
+use crate::telemetry::metrics;
+use crate::tenant;
+
+pub struct Authorizer {
+    policy: Policy,
+    credentials: CredentialSource,
+    authn: Authenticator,
+    tenant_header: String,
+}
+
+impl Authorizer {
+    pub fn new(policy_cfg: &PolicyConfig, policy: Policy, authn: Authenticator) -> Self {
+        Authorizer {
+            policy,
+            credentials: CredentialSource::new(policy_cfg),
+            authn,
+            tenant_header: policy_cfg.tenant_header.clone(),
+        }
+    }
+
+    pub fn credentials(&self) -> &CredentialSource {
+        &self.credentials
+    }
+
+    pub fn tenant_header(&self) -> &str {
+        &self.tenant_header
+    }
+
+    /// Decides one request, and records the decision in metrics and the log.
+    pub async fn check(&self, req: &AuthRequest) -> Decision {
+        let started = Instant::now();
+        let decision = self.decide(req).await;
+        let m = metrics();
+        m.check_duration.observe(started.elapsed().as_secs_f64());
+        m.decisions.with_label_values(&[decision.label()]).inc();
+        match &decision {
+            Decision::Allow(a) => tracing::debug!(
+                method = %req.method,
+                route = %a.route,
+                key_id = a.principal.as_ref().and_then(|p| p.key_id.as_deref()).unwrap_or(""),
+                tenant = a.effective_tenant.as_deref().unwrap_or(""),
+                "request allowed"
+            ),
+            Decision::Deny(d) => tracing::info!(
+                method = %req.method,
+                code = d.reason.code(),
+                peer = req.peer.as_deref().unwrap_or(""),
+                "request denied"
+            ),
+            Decision::Unavailable(u) => tracing::warn!(
+                method = %req.method,
+                backend = u.backend,
+                "request could not be decided: backend unavailable"
+            ),
+        }
+        decision
+    }
+
+    async fn decide(&self, req: &AuthRequest) -> Decision {
+        let route = self.policy.route(&req.method, &req.path);
+        if let Some(r) = route {
+            if r.requirement == Requirement::Public {
+                return Decision::Allow(Allowed {
+                    principal: None,
+                    effective_tenant: None,
+                    route: r.name.clone(),
+                });
+            }
+        }
+        let principal = match self.authn.authenticate(self.credentials.extract(req)).await {
+            Ok(p) => p,
+            Err(AuthnFailure::Deny(reason)) => return Decision::deny(reason),
+            Err(AuthnFailure::Unavailable) => {
+                return Decision::Unavailable(Unavailable { backend: "store" })
+            }
+        };
+        // Authenticated, but no route family covers the request.
+        let Some(route) = route else {
+            return Decision::deny(DenyReason::InsufficientPermissions);
+        };
+        let effective_tenant =
+            match tenant::resolve(&principal, route.tenant, req.header(&self.tenant_header)) {
+                Ok(t) => t,
+                Err(reason) => return Decision::deny(reason),
+            };
+        if let Requirement::Scope(scope) = &route.requirement {
+            if !self.policy.grants(&principal.scopes, scope) {
+                return Decision::deny(DenyReason::InsufficientPermissions);
+            }
+        }
+        Decision::Allow(Allowed {
+            principal: Some(Arc::clone(&principal)),
+            effective_tenant: Some(effective_tenant),
+            route: route.name.clone(),
+        })
+    }
+}

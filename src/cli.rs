@@ -1,0 +1,557 @@
+//! The `keygate` command line: `serve`, `keys …`, `check`. Every command that prints
+//! something a script would read takes `--json` and then prints one JSON object.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::proto::{self, authorizer_client::AuthorizerClient, keys_client::KeysClient};
+use crate::api::rfc3339;
+use crate::config::{Config, Secrets, DEV_CONFIG};
+use crate::server;
+
+/// Exit code of `keygate check` when the request is denied.
+pub const EXIT_DENIED: i32 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keygate",
+    version,
+    about = "External authorization for Envoy and internal callers."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Administer API keys (talks to the admin listener).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Ask a running keygate whether a request with this token may pass.
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// YAML configuration file.
+    #[arg(long, env = "KEYGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Zero-setup mode: in-memory store, the built-in sample policy (unless --config),
+    /// generated pepper and admin token (unless set), and a state file the CLI reads.
+    #[arg(long)]
+    pub dev: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AdminArgs {
+    /// Admin listener, e.g. http://127.0.0.1:50052.
+    #[arg(long, env = "KEYGATE_ADMIN_URL", global = true)]
+    pub admin_url: Option<String>,
+    /// Admin credential. Prefer the environment variable: arguments show in `ps`.
+    #[arg(
+        long,
+        env = "KEYGATE_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// Print one JSON object.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Create a key. The token is printed once and cannot be shown again.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// Comma-separated scopes, e.g. contacts:read,contacts:write.
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// live or test.
+        #[arg(long, default_value = "live")]
+        env: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Lifetime, e.g. 90d, 12h (default: the server's default lifetime).
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[arg(long, default_value = "")]
+        plan: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List a tenant's keys (metadata only).
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show one key.
+    Get {
+        key_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Revoke a key at once.
+    Revoke {
+        key_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a key.
+    Delete {
+        key_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[arg(long, hide_env_values = true)]
+    pub token: String,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    #[arg(long)]
+    pub path: String,
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// keygate's gRPC listener, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "KEYGATE_URL")]
+    pub url: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await.map(|_| 0),
+        Command::Keys(cmd) => keys(cmd).await.map(|_| 0),
+        Command::Check(args) => check(args).await,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// serve
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let yaml = match &args.config {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read configuration file {}", path.display()))?,
+        ),
+        None if args.dev => Some(DEV_CONFIG.to_owned()),
+        None => None,
+    };
+    let config = Config::load(yaml.as_deref(), std::env::vars())?;
+    let secrets = Secrets::from_env(args.dev)?;
+    crate::telemetry::init_logging(&config.logging).map_err(|e| anyhow!(e))?;
+    if !args.dev && config.store.backend == crate::config::StoreBackend::Memory {
+        tracing::warn!("store.backend is memory: keys live only as long as this process");
+    }
+    let admin_token = secrets.admin_token.clone();
+    let app = server::App::build(config, secrets)?;
+    let running = server::start(app).await?;
+    let state = if args.dev {
+        let path = dev_state_path();
+        write_dev_state(&path, &running, admin_token.expose())?;
+        eprintln!(
+            "keygate is running in dev mode (in-memory store, sample policy).\n  \
+             gRPC (Envoy ext_authz, keygate.v1): {}\n  admin: {}\n  http: {}\n\
+             The CLI on this machine finds the admin credential in {}.\n\
+             Try: keygate keys create --tenant 9f1c7d4e-2b7a-4c1e-9d55-0b3f6a2e8c11 --scopes contacts:read",
+            running.grpc,
+            running.admin,
+            running.http,
+            path.display()
+        );
+        Some(path)
+    } else {
+        None
+    };
+    let stop = running.stopper();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop.send(true);
+    });
+    let result = running.wait().await;
+    if let Some(path) = state {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("can install a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Where `serve --dev` leaves its addresses and admin credential for the CLI.
+pub fn dev_state_path() -> PathBuf {
+    let dir = std::env::var_os("KEYGATE_STATE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("keygate")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/keygate")))
+        .unwrap_or_else(|| std::env::temp_dir().join("keygate"));
+    dir.join("dev.json")
+}
+
+fn write_dev_state(
+    path: &Path,
+    running: &server::Running,
+    admin_token: &str,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let body = json!({
+        "admin_url": format!("http://{}", running.admin),
+        "admin_token": admin_token,
+        "grpc_url": format!("http://{}", loopback_for(running.grpc)),
+        "http_url": format!("http://{}", running.http),
+    });
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(body.to_string().as_bytes())?;
+    Ok(())
+}
+
+fn loopback_for(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
+}
+
+fn read_dev_state() -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dev_state_path()).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+// ---------------------------------------------------------------------------------------
+// keys
+
+async fn channel(url: &str) -> anyhow::Result<Channel> {
+    Endpoint::from_shared(url.to_owned())
+        .map_err(|e| anyhow!("invalid URL {url}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .map_err(|e| anyhow!("cannot reach keygate at {url}: {e}"))
+}
+
+type AdminInterceptor =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type AdminClient =
+    KeysClient<tonic::service::interceptor::InterceptedService<Channel, AdminInterceptor>>;
+
+async fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+    let dev = read_dev_state();
+    let from_dev = |field: &str| {
+        dev.as_ref()
+            .and_then(|d| d.get(field))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let url = args
+        .admin_url
+        .clone()
+        .or_else(|| from_dev("admin_url"))
+        .unwrap_or_else(|| "http://127.0.0.1:50052".into());
+    let token = args.admin_token.clone().or_else(|| from_dev("admin_token")).ok_or_else(|| {
+        anyhow!("no admin credential: set KEYGATE_ADMIN_TOKEN (or --admin-token), or run `keygate serve --dev` on this machine")
+    })?;
+    let header: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| anyhow!("the admin token contains characters not allowed in a header"))?;
+    let channel = channel(&url).await?;
+    let interceptor: AdminInterceptor = Box::new(move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", header.clone());
+        Ok(req)
+    });
+    Ok(KeysClient::with_interceptor(channel, interceptor))
+}
+
+fn key_json(k: &proto::Key) -> serde_json::Value {
+    let ts = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref()
+            .map(|t| rfc3339(t.seconds as u64 * 1000 + (t.nanos / 1_000_000) as u64))
+    };
+    json!({
+        "key_id": k.key_id,
+        "tenant_id": k.tenant_id,
+        "name": k.name,
+        "kind": k.kind,
+        "environment": k.environment,
+        "scopes": k.scopes,
+        "plan": if k.plan.is_empty() { None } else { Some(&k.plan) },
+        "status": k.status,
+        "token_prefix": k.token_prefix,
+        "created_at": ts(&k.created_at),
+        "expires_at": ts(&k.expires_at),
+        "revoked_at": ts(&k.revoked_at),
+    })
+}
+
+fn print_key(k: &proto::Key, json_out: bool) {
+    let v = key_json(k);
+    if json_out {
+        println!("{v}");
+        return;
+    }
+    println!("key_id:      {}", k.key_id);
+    println!("tenant_id:   {}", k.tenant_id);
+    if !k.name.is_empty() {
+        println!("name:        {}", k.name);
+    }
+    println!("environment: {}", k.environment);
+    println!("scopes:      {}", k.scopes.join(","));
+    println!("status:      {}", k.status);
+    println!("expires_at:  {}", v["expires_at"].as_str().unwrap_or("-"));
+    if let Some(r) = v["revoked_at"].as_str() {
+        println!("revoked_at:  {r}");
+    }
+}
+
+fn grpc_error(e: tonic::Status) -> anyhow::Error {
+    anyhow!("{}: {}", code_name(e.code()), e.message())
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::Unauthenticated => "admin credential rejected",
+        tonic::Code::Unavailable => "unavailable",
+        _ => "error",
+    }
+}
+
+async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeysCommand::Create {
+            tenant,
+            scopes,
+            env,
+            name,
+            expires_in,
+            plan,
+            admin,
+        } => {
+            let expires_in_seconds = match expires_in {
+                Some(s) => {
+                    let d = crate::config::parse_duration(&s)
+                        .map_err(|e| anyhow!("--expires-in: {e}"))?;
+                    if d.as_secs() == 0 {
+                        bail!("--expires-in: must be at least one second");
+                    }
+                    d.as_secs() as i64
+                }
+                None => 0,
+            };
+            let mut client = admin_client(&admin).await?;
+            let resp = client
+                .create_key(proto::CreateKeyRequest {
+                    tenant_id: tenant,
+                    name,
+                    scopes: scopes.into_iter().filter(|s| !s.is_empty()).collect(),
+                    environment: env,
+                    kind: String::new(),
+                    expires_in_seconds,
+                    plan,
+                })
+                .await
+                .map_err(grpc_error)?
+                .into_inner();
+            let key = resp.key.ok_or_else(|| anyhow!("server returned no key"))?;
+            if admin.json {
+                let mut v = key_json(&key);
+                v["token"] = json!(resp.token);
+                println!("{v}");
+            } else {
+                print_key(&key, false);
+                println!("token:       {}", resp.token);
+                println!(
+                    "\nStore the token now: keygate keeps only its hash and cannot show it again."
+                );
+            }
+        }
+        KeysCommand::List { tenant, admin } => {
+            let mut client = admin_client(&admin).await?;
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let resp = client
+                    .list_keys(proto::ListKeysRequest {
+                        tenant_id: tenant.clone(),
+                        page_size: 1000,
+                        page_token: page_token.clone(),
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                all.extend(resp.keys);
+                if resp.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = resp.next_page_token;
+            }
+            if admin.json {
+                println!(
+                    "{}",
+                    json!({"keys": all.iter().map(key_json).collect::<Vec<_>>()})
+                );
+            } else {
+                println!(
+                    "{:<18} {:<9} {:<8} {:<22} NAME",
+                    "KEY ID", "STATUS", "ENV", "EXPIRES"
+                );
+                for k in &all {
+                    let v = key_json(k);
+                    println!(
+                        "{:<18} {:<9} {:<8} {:<22} {}",
+                        k.key_id,
+                        k.status,
+                        k.environment,
+                        v["expires_at"].as_str().unwrap_or("-"),
+                        k.name
+                    );
+                }
+            }
+        }
+        KeysCommand::Get { key_id, admin } => {
+            let key = admin_client(&admin)
+                .await?
+                .get_key(proto::GetKeyRequest { key_id })
+                .await
+                .map_err(grpc_error)?
+                .into_inner();
+            print_key(&key, admin.json);
+        }
+        KeysCommand::Revoke { key_id, admin } => {
+            let key = admin_client(&admin)
+                .await?
+                .revoke_key(proto::RevokeKeyRequest { key_id })
+                .await
+                .map_err(grpc_error)?
+                .into_inner();
+            print_key(&key, admin.json);
+        }
+        KeysCommand::Delete { key_id, admin } => {
+            admin_client(&admin)
+                .await?
+                .delete_key(proto::DeleteKeyRequest {
+                    key_id: key_id.clone(),
+                })
+                .await
+                .map_err(grpc_error)?;
+            if admin.json {
+                println!("{}", json!({"key_id": key_id, "deleted": true}));
+            } else {
+                println!("deleted {key_id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// check
+
+async fn check(args: CheckArgs) -> anyhow::Result<i32> {
+    let url = args
+        .url
+        .clone()
+        .or_else(|| {
+            read_dev_state().and_then(|d| {
+                d.get("grpc_url")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            })
+        })
+        .unwrap_or_else(|| "http://127.0.0.1:50051".into());
+    let mut client = AuthorizerClient::new(channel(&url).await?);
+    let resp = client
+        .check(proto::CheckRequest {
+            credential: args.token,
+            method: args.method,
+            path: args.path,
+            tenant_id: args.tenant.unwrap_or_default(),
+            headers: Default::default(),
+        })
+        .await
+        .map_err(grpc_error)?
+        .into_inner();
+    let denial = resp.denial.unwrap_or_default();
+    if args.json {
+        let principal = resp.principal.as_ref().map(|p| {
+            json!({
+                "tenant_id": p.tenant_id,
+                "subject": p.subject,
+                "key_id": p.key_id,
+                "kind": p.kind,
+                "environment": p.environment,
+                "scopes": p.scopes,
+            })
+        });
+        println!(
+            "{}",
+            json!({
+                "allowed": resp.allowed,
+                "code": if resp.allowed { "ok" } else { denial.code.as_str() },
+                "http_status": if resp.allowed { 200 } else { denial.http_status },
+                "message": denial.message,
+                "effective_tenant": resp.effective_tenant,
+                "principal": principal,
+            })
+        );
+    } else if resp.allowed {
+        match resp.principal {
+            Some(p) => println!(
+                "allowed: tenant {} as {} (scopes: {})",
+                resp.effective_tenant,
+                p.subject,
+                p.scopes.join(",")
+            ),
+            None => println!("allowed (public route)"),
+        }
+    } else {
+        println!(
+            "denied: {} ({}) {}",
+            denial.code, denial.http_status, denial.message
+        );
+    }
+    Ok(if resp.allowed { 0 } else { EXIT_DENIED })
+}

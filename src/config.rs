@@ -1,0 +1,606 @@
+//! Typed configuration, loaded and validated once at startup.
+//!
+//! One YAML file; every field can be overridden by an environment variable
+//! `KEYGATE_<SECTION>__<FIELD>` (double underscore between levels, value parsed as YAML).
+//! Secrets never come from the YAML: the pepper, the admin token and the Redis password
+//! are read from `KEYGATE_PEPPER`, `KEYGATE_ADMIN_TOKEN`, `KEYGATE_REDIS_PASSWORD` or the
+//! files named by the same variables with `_FILE` appended. Any error names the field.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use serde_yaml::Value;
+
+use crate::secret::Secret;
+
+/// The sample configuration `keygate serve --dev` runs on.
+pub const DEV_CONFIG: &str = include_str!("../config/dev.yaml");
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub store: StoreConfig,
+    pub api_keys: ApiKeysConfig,
+    pub cache: CacheConfig,
+    pub errors: ErrorsConfig,
+    pub logging: LoggingConfig,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Envoy ext_authz, keygate.v1.Authorizer, health, reflection.
+    pub grpc: SocketAddr,
+    /// keygate.v1.Keys; loopback by default, since it manages credentials.
+    pub admin: SocketAddr,
+    /// /metrics, /healthz, /readyz.
+    pub http: SocketAddr,
+    /// Connections older than this are closed gracefully so that long-lived Envoy
+    /// connections spread over new replicas.
+    #[serde(deserialize_with = "duration")]
+    pub max_connection_age: Duration,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            grpc: "0.0.0.0:50051".parse().expect("literal"),
+            admin: "127.0.0.1:50052".parse().expect("literal"),
+            http: "0.0.0.0:9090".parse().expect("literal"),
+            max_connection_age: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    Redis,
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// Without a password: that comes from KEYGATE_REDIS_PASSWORD.
+    pub redis_url: String,
+    /// Prefix of every Redis key keygate writes.
+    pub namespace: String,
+    /// Upper bound on one Redis command on the request path.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::Redis,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            namespace: "keygate".into(),
+            timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiKeysConfig {
+    /// The token prefix of this deployment (`sk` → `sk_live_…`).
+    pub prefix: String,
+    /// Whether `…_test_…` keys are accepted by this deployment.
+    pub accept_test_keys: bool,
+    #[serde(deserialize_with = "duration")]
+    pub default_lifetime: Duration,
+    /// The longest lifetime the admin API will grant.
+    #[serde(deserialize_with = "duration")]
+    pub max_lifetime: Duration,
+    pub argon2: Argon2Config,
+}
+
+impl Default for ApiKeysConfig {
+    fn default() -> Self {
+        ApiKeysConfig {
+            prefix: "sk".into(),
+            accept_test_keys: true,
+            default_lifetime: Duration::from_secs(180 * 86_400),
+            max_lifetime: Duration::from_secs(2 * 365 * 86_400),
+            argon2: Argon2Config::default(),
+        }
+    }
+}
+
+/// argon2id cost. The defaults are OWASP's second recommended set (19 MiB, 2 passes,
+/// 1 lane); see the README for the time they give.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Argon2Config {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+    /// How many verifications may run at once (threads of the blocking pool).
+    pub verify_concurrency: usize,
+}
+
+impl Default for Argon2Config {
+    fn default() -> Self {
+        Argon2Config {
+            memory_kib: 19 * 1024,
+            iterations: 2,
+            parallelism: 1,
+            verify_concurrency: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Upper bound on how long a verified key is trusted without asking the store again.
+    #[serde(deserialize_with = "duration")]
+    pub ttl: Duration,
+    /// How long a failed verification is remembered.
+    #[serde(deserialize_with = "duration")]
+    pub negative_ttl: Duration,
+    pub max_entries: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ErrorsConfig {
+    /// One message for every 401, so clients cannot tell unknown from revoked keys.
+    pub opaque: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// A tracing filter: `info`, `debug`, `keygate=trace,info`, …
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialHeader {
+    pub header: String,
+    /// For `authorization`-style headers: the scheme before the token (`Bearer`).
+    #[serde(default)]
+    pub scheme: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    /// Deny requests that match no route family (403).
+    Deny,
+    /// Allow any authenticated caller on unmatched routes.
+    Authenticated,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantRule {
+    Required,
+    Optional,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub credential_headers: Vec<CredentialHeader>,
+    /// Remove the credential headers before the request goes upstream.
+    pub strip_credential_headers: bool,
+    pub tenant_header: String,
+    /// Default for routes that do not say `tenant:`.
+    pub require_tenant_header: bool,
+    pub unmatched: Unmatched,
+    /// Scopes that wildcards never grant; a key must name them.
+    pub opt_in_scopes: Vec<String>,
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            credential_headers: vec![
+                CredentialHeader {
+                    header: "authorization".into(),
+                    scheme: Some("Bearer".into()),
+                },
+                CredentialHeader {
+                    header: "x-access-token".into(),
+                    scheme: None,
+                },
+                CredentialHeader {
+                    header: "x-api-key".into(),
+                    scheme: None,
+                },
+            ],
+            strip_credential_headers: true,
+            tenant_header: "x-tenant-id".into(),
+            require_tenant_header: false,
+            unmatched: Unmatched::Deny,
+            opt_in_scopes: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Empty: any method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// `/v1/contacts/*/notes/**`: `*` is one segment, a trailing `**` any rest.
+    pub path: String,
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// No credential needed.
+    #[serde(default)]
+    pub public: bool,
+    #[serde(default)]
+    pub tenant: Option<TenantRule>,
+}
+
+/// Secrets, read from the environment or files, never from the YAML.
+#[derive(Clone, Debug)]
+pub struct Secrets {
+    pub pepper: Secret,
+    pub admin_token: Secret,
+    pub redis_password: Option<Secret>,
+}
+
+impl Secrets {
+    /// Reads the secrets. In dev mode, missing ones are generated for this process.
+    pub fn from_env(dev: bool) -> Result<Secrets, ConfigError> {
+        let pepper = match env_secret("KEYGATE_PEPPER")? {
+            Some(p) => p,
+            None if dev => Secret::random(43),
+            None => {
+                return Err(ConfigError::new(
+                    "KEYGATE_PEPPER",
+                    "not set: set KEYGATE_PEPPER or KEYGATE_PEPPER_FILE (at least 32 bytes)",
+                ))
+            }
+        };
+        if pepper.expose().len() < 32 {
+            return Err(ConfigError::new(
+                "KEYGATE_PEPPER",
+                "must be at least 32 bytes long",
+            ));
+        }
+        let admin_token = match env_secret("KEYGATE_ADMIN_TOKEN")? {
+            Some(t) => t,
+            None if dev => Secret::random(32),
+            None => {
+                return Err(ConfigError::new(
+                    "KEYGATE_ADMIN_TOKEN",
+                    "not set: the admin API has no default credential; set \
+                     KEYGATE_ADMIN_TOKEN or KEYGATE_ADMIN_TOKEN_FILE",
+                ))
+            }
+        };
+        if admin_token.expose().len() < 16 {
+            return Err(ConfigError::new(
+                "KEYGATE_ADMIN_TOKEN",
+                "must be at least 16 characters long",
+            ));
+        }
+        Ok(Secrets {
+            pepper,
+            admin_token,
+            redis_password: env_secret("KEYGATE_REDIS_PASSWORD")?,
+        })
+    }
+}
+
+/// `NAME` from the environment, or the trimmed contents of the file `NAME_FILE` names.
+fn env_secret(name: &str) -> Result<Option<Secret>, ConfigError> {
+    if let Ok(v) = std::env::var(name) {
+        if !v.is_empty() {
+            return Ok(Some(Secret::new(v)));
+        }
+    }
+    let file_var = format!("{name}_FILE");
+    match std::env::var(&file_var) {
+        Ok(path) if !path.is_empty() => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::new(&file_var, format!("cannot read {path}: {e}")))?;
+            let text = text.trim();
+            if text.is_empty() {
+                return Err(ConfigError::new(&file_var, format!("{path} is empty")));
+            }
+            Ok(Some(Secret::new(text.to_owned())))
+        }
+        _ => Ok(None),
+    }
+}
+
+impl Config {
+    /// Loads `yaml` (or the defaults), applies `KEYGATE_…__…` overrides from `env`, and
+    /// validates the result.
+    pub fn load(
+        yaml: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut root: Value = match yaml {
+            Some(text) => serde_yaml::from_str(text).map_err(|e| {
+                let at = e
+                    .location()
+                    .map(|l| format!("line {}, column {}", l.line(), l.column()))
+                    .unwrap_or_else(|| "file".into());
+                ConfigError::new(at, e.to_string())
+            })?,
+            None => Value::Mapping(Default::default()),
+        };
+        if root.is_null() {
+            root = Value::Mapping(Default::default());
+        }
+        for (name, value) in env {
+            if let Some(path) = override_path(&name) {
+                apply_override(&mut root, &path, &value)?;
+            }
+        }
+        for secret_field in ["pepper", "admin_token", "redis_password", "password"] {
+            if find_key(&root, secret_field) {
+                return Err(ConfigError::new(
+                    secret_field,
+                    "secrets are not read from the configuration file; use the \
+                     KEYGATE_… environment variables or their _FILE variants",
+                ));
+            }
+        }
+        let config: Config = serde_path_to_error::deserialize(root).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::new(
+                if path == "." { "config".into() } else { path },
+                e.into_inner().to_string(),
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !crate::apikey::token::valid_prefix(&self.api_keys.prefix) {
+            return Err(ConfigError::new(
+                "api_keys.prefix",
+                "must be 1-16 characters of a-z and 0-9",
+            ));
+        }
+        let a = &self.api_keys.argon2;
+        argon2::Params::new(a.memory_kib, a.iterations, a.parallelism, None)
+            .map_err(|e| ConfigError::new("api_keys.argon2", e.to_string()))?;
+        if a.verify_concurrency == 0 {
+            return Err(ConfigError::new(
+                "api_keys.argon2.verify_concurrency",
+                "must be at least 1",
+            ));
+        }
+        if self.api_keys.default_lifetime.is_zero()
+            || self.api_keys.default_lifetime > self.api_keys.max_lifetime
+        {
+            return Err(ConfigError::new(
+                "api_keys.default_lifetime",
+                "must be above zero and at most api_keys.max_lifetime",
+            ));
+        }
+        if self.cache.ttl.is_zero() {
+            return Err(ConfigError::new("cache.ttl", "must be above zero"));
+        }
+        if self.store.backend == StoreBackend::Redis
+            && !self.store.redis_url.starts_with("redis://")
+            && !self.store.redis_url.starts_with("rediss://")
+        {
+            return Err(ConfigError::new(
+                "store.redis_url",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        if self.store.redis_url.contains('@') {
+            return Err(ConfigError::new(
+                "store.redis_url",
+                "must not carry credentials; use KEYGATE_REDIS_PASSWORD",
+            ));
+        }
+        if self.policy.credential_headers.is_empty() {
+            return Err(ConfigError::new(
+                "policy.credential_headers",
+                "must name at least one header",
+            ));
+        }
+        for (i, h) in self.policy.credential_headers.iter().enumerate() {
+            if !valid_header_name(&h.header) {
+                return Err(ConfigError::new(
+                    format!("policy.credential_headers[{i}].header"),
+                    "must be a lower-case HTTP header name",
+                ));
+            }
+        }
+        if !valid_header_name(&self.policy.tenant_header) {
+            return Err(ConfigError::new(
+                "policy.tenant_header",
+                "must be a lower-case HTTP header name",
+            ));
+        }
+        crate::policy::Policy::compile(&self.policy)?;
+        Ok(())
+    }
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(':')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// `KEYGATE_STORE__REDIS_URL` → `["store", "redis_url"]`.
+fn override_path(name: &str) -> Option<Vec<String>> {
+    let rest = name.strip_prefix("KEYGATE_")?;
+    if !rest.contains("__") {
+        return None;
+    }
+    Some(rest.split("__").map(|s| s.to_ascii_lowercase()).collect())
+}
+
+fn apply_override(root: &mut Value, path: &[String], raw: &str) -> Result<(), ConfigError> {
+    let field = path.join(".");
+    let value: Value = serde_yaml::from_str(raw).unwrap_or_else(|_| Value::String(raw.into()));
+    let mut node = root;
+    for (i, part) in path.iter().enumerate() {
+        let Value::Mapping(map) = node else {
+            return Err(ConfigError::new(
+                &field,
+                "cannot override inside a non-mapping",
+            ));
+        };
+        let key = Value::String(part.clone());
+        if i + 1 == path.len() {
+            map.insert(key, value);
+            return Ok(());
+        }
+        node = map
+            .entry(key)
+            .or_insert_with(|| Value::Mapping(Default::default()));
+    }
+    Ok(())
+}
+
+fn find_key(v: &Value, name: &str) -> bool {
+    match v {
+        Value::Mapping(m) => m
+            .iter()
+            .any(|(k, v)| k.as_str() == Some(name) || find_key(v, name)),
+        Value::Sequence(s) => s.iter().any(|v| find_key(v, name)),
+        _ => false,
+    }
+}
+
+/// Parses `90d`, `500ms`, `1h 30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (e.g. 500ms, 60s, 90d)"))
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: &str) -> Result<Config, ConfigError> {
+        Config::load(Some(yaml), Vec::new())
+    }
+
+    #[test]
+    fn the_dev_config_is_valid() {
+        let c = load(DEV_CONFIG).unwrap();
+        assert!(!c.policy.routes.is_empty());
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = load("").unwrap();
+        assert_eq!(c.listen.grpc.port(), 50051);
+        assert_eq!(c.listen.admin.to_string(), "127.0.0.1:50052");
+        assert_eq!(
+            c.api_keys.default_lifetime,
+            Duration::from_secs(180 * 86400)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = load("cache:\n  ttl: soon\n").unwrap_err();
+        assert_eq!(e.field, "cache.ttl");
+        let e = load("listen:\n  grpc: nowhere\n").unwrap_err();
+        assert_eq!(e.field, "listen.grpc");
+        let e = load("stroe: {}\n").unwrap_err();
+        assert!(e.message.contains("stroe"), "{e}");
+        let e = load(
+            "policy:\n  routes:\n    - {name: a, path: /a, public: true}\n    - {name: b, path: nope, scope: x}\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "policy.routes[1].path");
+        let e = load("api_keys:\n  prefix: SK\n").unwrap_err();
+        assert_eq!(e.field, "api_keys.prefix");
+    }
+
+    #[test]
+    fn secrets_in_the_yaml_are_refused() {
+        let e = load("store:\n  password: hunter2\n").unwrap_err();
+        assert_eq!(e.field, "password");
+        assert!(!e.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn environment_overrides_any_field() {
+        let env = vec![
+            (
+                "KEYGATE_LISTEN__GRPC".to_string(),
+                "127.0.0.1:6000".to_string(),
+            ),
+            ("KEYGATE_CACHE__TTL".to_string(), "5s".to_string()),
+            ("KEYGATE_ERRORS__OPAQUE".to_string(), "true".to_string()),
+            ("KEYGATE_PEPPER".to_string(), "ignored here".to_string()),
+        ];
+        let c = Config::load(Some("cache: {ttl: 60s}\n"), env).unwrap();
+        assert_eq!(c.listen.grpc.port(), 6000);
+        assert_eq!(c.cache.ttl, Duration::from_secs(5));
+        assert!(c.errors.opaque);
+        let bad = vec![("KEYGATE_CACHE__TTL".to_string(), "forever".to_string())];
+        assert_eq!(Config::load(None, bad).unwrap_err().field, "cache.ttl");
+    }
+}

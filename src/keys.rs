@@ -1,0 +1,266 @@
+//! Key administration: create (the plaintext returned once), get, list, revoke, delete.
+//! Validates every argument and names the one that is wrong; changes nothing on error.
+//! Transport-free: `api/keys.rs` maps this onto gRPC.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::apikey::{self, SecretHasher};
+use crate::cache::CredentialCache;
+use crate::config::ApiKeysConfig;
+use crate::policy::valid_scope;
+use crate::principal::{Environment, KeyKind};
+use crate::store::{now_ms, KeyPage, KeyRecord, KeyStore, StoreError};
+use crate::telemetry::metrics;
+use crate::tenant::parse_tenant;
+
+pub const MAX_PAGE_SIZE: usize = 1000;
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_SCOPES: usize = 100;
+const MAX_NAME_LEN: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    #[error("no key with id {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> AdminError {
+    AdminError::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => AdminError::Unavailable(m),
+            other => AdminError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// A request to create a key, as given by the caller (unvalidated).
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    pub tenant_id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    /// Empty: live.
+    pub environment: String,
+    /// Empty: tenant.
+    pub kind: String,
+    pub expires_in: Option<Duration>,
+    pub plan: String,
+}
+
+pub struct CreatedKey {
+    pub record: KeyRecord,
+    /// The plaintext token. Shown once; keygate keeps only its hash.
+    pub token: String,
+}
+
+pub struct KeyAdmin {
+    store: Arc<dyn KeyStore>,
+    hasher: SecretHasher,
+    cache: Arc<CredentialCache>,
+    cfg: ApiKeysConfig,
+}
+
+impl KeyAdmin {
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        hasher: SecretHasher,
+        cache: Arc<CredentialCache>,
+        cfg: ApiKeysConfig,
+    ) -> Self {
+        KeyAdmin {
+            store,
+            hasher,
+            cache,
+            cfg,
+        }
+    }
+
+    pub async fn create(&self, req: NewKey) -> Result<CreatedKey, AdminError> {
+        let tenant_id = parse_tenant(req.tenant_id.trim())
+            .ok_or_else(|| invalid("tenant_id", "must be a UUID"))?;
+        let environment = match req.environment.as_str() {
+            "" => Environment::Live,
+            e => e.parse().map_err(|m: String| invalid("environment", m))?,
+        };
+        if environment == Environment::Test && !self.cfg.accept_test_keys {
+            return Err(invalid(
+                "environment",
+                "this deployment does not accept test keys",
+            ));
+        }
+        let kind = match req.kind.as_str() {
+            "" => KeyKind::Tenant,
+            k => k.parse().map_err(|m: String| invalid("kind", m))?,
+        };
+        if kind != KeyKind::Tenant {
+            return Err(invalid(
+                "kind",
+                "only tenant keys can be created in this version (partner and runtime keys \
+                 come with delegation)",
+            ));
+        }
+        let name = req.name.trim().to_owned();
+        if name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+            return Err(invalid(
+                "name",
+                format!("must be at most {MAX_NAME_LEN} printable characters"),
+            ));
+        }
+        if req.scopes.len() > MAX_SCOPES {
+            return Err(invalid("scopes", format!("at most {MAX_SCOPES} scopes")));
+        }
+        let mut scopes = Vec::with_capacity(req.scopes.len());
+        for s in &req.scopes {
+            let s = s.trim();
+            if !valid_scope(s) || (s.contains('*') && s != "*" && !s.ends_with(":*")) {
+                return Err(invalid(
+                    "scopes",
+                    format!("`{s}` is not a scope (`resource:action`, a-z 0-9 : - _ ., or a trailing `:*`)"),
+                ));
+            }
+            if !scopes.iter().any(|x: &String| x == s) {
+                scopes.push(s.to_owned());
+            }
+        }
+        let lifetime = req.expires_in.unwrap_or(self.cfg.default_lifetime);
+        if lifetime.is_zero() || lifetime > self.cfg.max_lifetime {
+            return Err(invalid(
+                "expires_in",
+                format!(
+                    "must be above zero and at most {}",
+                    humantime::format_duration(self.cfg.max_lifetime)
+                ),
+            ));
+        }
+        let plan = req.plan.trim();
+        if plan.len() > 64
+            || !plan
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(invalid("plan", "must be at most 64 of a-z A-Z 0-9 - _"));
+        }
+
+        let generated = apikey::generate(&self.cfg.prefix, environment);
+        let hash = self
+            .hasher
+            .hash(&generated.secret)
+            .await
+            .map_err(|e| AdminError::Internal(e.to_string()))?;
+        let now = now_ms();
+        let record = KeyRecord {
+            token_prefix: apikey::token::public_prefix(
+                &self.cfg.prefix,
+                environment,
+                &generated.key_id,
+            ),
+            key_id: generated.key_id,
+            tenant_id,
+            name,
+            kind,
+            environment,
+            scopes,
+            plan: (!plan.is_empty()).then(|| plan.to_owned()),
+            hash,
+            created_at_ms: now,
+            expires_at_ms: now.saturating_add(lifetime.as_millis() as u64),
+            revoked_at_ms: None,
+        };
+        self.store.create(&record).await?;
+        metrics().keys_created.inc();
+        tracing::info!(key_id = %record.key_id, tenant = %record.tenant_id, "API key created");
+        Ok(CreatedKey {
+            record,
+            token: generated.token,
+        })
+    }
+
+    pub async fn get(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
+        let key_id = check_key_id(key_id)?;
+        self.store
+            .get(key_id)
+            .await?
+            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))
+    }
+
+    pub async fn list(
+        &self,
+        tenant_id: &str,
+        page_size: usize,
+        after: Option<&str>,
+    ) -> Result<KeyPage, AdminError> {
+        let tenant_id =
+            parse_tenant(tenant_id.trim()).ok_or_else(|| invalid("tenant_id", "must be a UUID"))?;
+        let limit = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n <= MAX_PAGE_SIZE => n,
+            _ => {
+                return Err(invalid(
+                    "page_size",
+                    format!("must be at most {MAX_PAGE_SIZE}"),
+                ))
+            }
+        };
+        if let Some(a) = after {
+            if check_key_id(a).is_err() {
+                return Err(invalid("page_token", "is not a token this API returned"));
+            }
+        }
+        Ok(self.store.list(&tenant_id, after, limit).await?)
+    }
+
+    pub async fn revoke(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
+        let key_id = check_key_id(key_id)?;
+        let record = self
+            .store
+            .revoke(key_id, now_ms())
+            .await?
+            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
+        self.cache.invalidate_key(key_id).await;
+        metrics().keys_revoked.inc();
+        tracing::info!(key_id, "API key revoked");
+        Ok(record)
+    }
+
+    pub async fn delete(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
+        let key_id = check_key_id(key_id)?;
+        let record = self
+            .store
+            .delete(key_id, now_ms())
+            .await?
+            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
+        self.cache.invalidate_key(key_id).await;
+        tracing::info!(key_id, "API key deleted");
+        Ok(record)
+    }
+}
+
+fn check_key_id(key_id: &str) -> Result<&str, AdminError> {
+    let key_id = key_id.trim();
+    if key_id.len() != apikey::token::KEY_ID_LEN
+        || !key_id.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return Err(invalid(
+            "key_id",
+            format!("must be {} base62 characters", apikey::token::KEY_ID_LEN),
+        ));
+    }
+    Ok(key_id)
+}

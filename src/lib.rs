@@ -1,0 +1,28 @@
+//! keygate: external authorization for Envoy and internal callers.
+//!
+//! The request flows through one straight line (see DESIGN.md): an adapter in `api`
+//! builds an [`request::AuthRequest`]; [`authorizer::Authorizer`] extracts the credential,
+//! authenticates it (through the [`cache`]), resolves the tenant, checks the route's
+//! scope, and returns a [`decision::Decision`] that the adapter turns back into its wire
+//! format. Everything outside `api`, `server` and `cli` is free of protobuf and transport.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod apikey;
+pub mod authn;
+pub mod authorizer;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod credential;
+pub mod decision;
+pub mod keys;
+pub mod policy;
+pub mod principal;
+pub mod request;
+pub mod secret;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod tenant;

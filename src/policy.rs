@@ -1,0 +1,335 @@
+//! Route families → what they require: a scope, or nothing (public); whether the tenant
+//! header is required. Compiled once from the configuration; matching allocates nothing.
+//!
+//! Empty scopes grant nothing. A key scope `contacts:*` grants every `contacts:…` scope
+//! and `*` grants everything, except the policy's opt-in scopes, which only a key that
+//! names them exactly holds.
+
+use std::sync::Arc;
+
+use crate::config::{ConfigError, PolicyConfig, TenantRule, Unmatched};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    /// `*` or `{name}`: exactly one non-empty segment.
+    One,
+    /// A trailing `**`: zero or more segments.
+    Rest,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: Arc<str>,
+    methods: Vec<String>,
+    segments: Vec<Segment>,
+    pub requirement: Requirement,
+    pub tenant: TenantRule,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requirement {
+    Public,
+    Scope(String),
+    /// Unmatched requests under `unmatched: authenticated`.
+    Authenticated,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    routes: Vec<Route>,
+    fallback: Option<Route>,
+    opt_in_scopes: Vec<String>,
+}
+
+impl Policy {
+    pub fn compile(cfg: &PolicyConfig) -> Result<Policy, ConfigError> {
+        let default_tenant = if cfg.require_tenant_header {
+            TenantRule::Required
+        } else {
+            TenantRule::Optional
+        };
+        let mut routes = Vec::with_capacity(cfg.routes.len());
+        for (i, r) in cfg.routes.iter().enumerate() {
+            let field = |f: &str| format!("policy.routes[{i}].{f}");
+            if r.name.trim().is_empty() {
+                return Err(ConfigError::new(field("name"), "must not be empty"));
+            }
+            if cfg.routes[..i].iter().any(|o| o.name == r.name) {
+                return Err(ConfigError::new(
+                    field("name"),
+                    "is used by an earlier route",
+                ));
+            }
+            let segments = compile_path(&r.path).map_err(|m| ConfigError::new(field("path"), m))?;
+            let requirement = match (&r.scope, r.public) {
+                (Some(_), true) => {
+                    return Err(ConfigError::new(
+                        field("scope"),
+                        "a public route cannot also require a scope",
+                    ))
+                }
+                (Some(s), false) => {
+                    if !valid_scope(s) || s.contains('*') {
+                        return Err(ConfigError::new(
+                            field("scope"),
+                            "must look like `resource:action` (a-z, 0-9, `-`, `_`, `.`)",
+                        ));
+                    }
+                    Requirement::Scope(s.clone())
+                }
+                (None, true) => Requirement::Public,
+                (None, false) => {
+                    return Err(ConfigError::new(
+                        field("scope"),
+                        "is required unless the route is `public: true`",
+                    ))
+                }
+            };
+            let mut methods = Vec::with_capacity(r.methods.len());
+            for (j, m) in r.methods.iter().enumerate() {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    return Err(ConfigError::new(
+                        format!("policy.routes[{i}].methods[{j}]"),
+                        "must be an HTTP method name",
+                    ));
+                }
+                methods.push(m.to_ascii_uppercase());
+            }
+            routes.push(Route {
+                name: Arc::from(r.name.as_str()),
+                methods,
+                segments,
+                requirement,
+                tenant: r.tenant.unwrap_or(default_tenant),
+            });
+        }
+        for (i, s) in cfg.opt_in_scopes.iter().enumerate() {
+            if !valid_scope(s) || s.contains('*') {
+                return Err(ConfigError::new(
+                    format!("policy.opt_in_scopes[{i}]"),
+                    "must be a scope without wildcards",
+                ));
+            }
+        }
+        let fallback = (cfg.unmatched == Unmatched::Authenticated).then(|| Route {
+            name: Arc::from("unmatched"),
+            methods: Vec::new(),
+            segments: vec![Segment::Rest],
+            requirement: Requirement::Authenticated,
+            tenant: default_tenant,
+        });
+        Ok(Policy {
+            routes,
+            fallback,
+            opt_in_scopes: cfg.opt_in_scopes.clone(),
+        })
+    }
+
+    /// The first route family that matches, or the fallback. `path` may carry a query.
+    pub fn route(&self, method: &str, path: &str) -> Option<&Route> {
+        let path = path.split(['?', '#']).next().unwrap_or("");
+        self.routes
+            .iter()
+            .find(|r| r.matches(method, path))
+            .or(self.fallback.as_ref())
+    }
+
+    /// Whether `held` grants `required`.
+    pub fn grants(&self, held: &[String], required: &str) -> bool {
+        let opt_in = self.opt_in_scopes.iter().any(|s| s == required);
+        held.iter().any(|h| {
+            h == required
+                || (!opt_in
+                    && (h == "*"
+                        || h.strip_suffix('*')
+                            .is_some_and(|stem| stem.ends_with(':') && required.starts_with(stem))))
+        })
+    }
+}
+
+impl Route {
+    fn matches(&self, method: &str, path: &str) -> bool {
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method))
+        {
+            return false;
+        }
+        let Some(rest) = path.strip_prefix('/') else {
+            return false;
+        };
+        let mut parts = rest.split('/');
+        for seg in &self.segments {
+            match seg {
+                Segment::Rest => return true,
+                Segment::One => match parts.next() {
+                    Some(p) if !p.is_empty() => {}
+                    _ => return false,
+                },
+                Segment::Literal(l) => match parts.next() {
+                    Some(p) if p == l => {}
+                    _ => return false,
+                },
+            }
+        }
+        // A trailing slash is the same route as none.
+        match parts.next() {
+            None => true,
+            Some("") => parts.next().is_none(),
+            Some(_) => false,
+        }
+    }
+}
+
+fn compile_path(path: &str) -> Result<Vec<Segment>, String> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err("must start with `/`".into());
+    };
+    if path.contains(['?', '#']) {
+        return Err("must not contain a query or fragment".into());
+    }
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parts: Vec<&str> = rest.split('/').collect();
+    let mut out = Vec::with_capacity(parts.len());
+    for (i, p) in parts.iter().enumerate() {
+        out.push(match *p {
+            "**" if i + 1 == parts.len() => Segment::Rest,
+            "**" => return Err("`**` may only be the last segment".into()),
+            "*" => Segment::One,
+            p if p.starts_with('{') && p.ends_with('}') => Segment::One,
+            "" => return Err("must not contain empty segments (`//`)".into()),
+            p if p.contains('*') => return Err(format!("segment `{p}`: `*` must stand alone")),
+            p => Segment::Literal(p.to_owned()),
+        });
+    }
+    Ok(out)
+}
+
+pub fn valid_scope(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || matches!(b, b':' | b'-' | b'_' | b'.' | b'*')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteConfig;
+
+    fn route(name: &str, methods: &[&str], path: &str, scope: Option<&str>) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+            path: path.into(),
+            scope: scope.map(Into::into),
+            public: scope.is_none(),
+            tenant: None,
+        }
+    }
+
+    fn policy(routes: Vec<RouteConfig>) -> Policy {
+        Policy::compile(&PolicyConfig {
+            routes,
+            opt_in_scopes: vec!["billing:partner:allocate".into()],
+            ..PolicyConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn first_matching_family_wins_and_query_is_ignored() {
+        let p = policy(vec![
+            route("read", &["GET"], "/v1/contacts/**", Some("contacts:read")),
+            route(
+                "write",
+                &["POST", "delete"],
+                "/v1/contacts/*",
+                Some("contacts:write"),
+            ),
+            route("health", &[], "/healthz", None),
+        ]);
+        let name = |m, path| p.route(m, path).map(|r| r.name.to_string());
+        assert_eq!(name("GET", "/v1/contacts"), Some("read".into()));
+        assert_eq!(
+            name("GET", "/v1/contacts/42/notes?x=1"),
+            Some("read".into())
+        );
+        assert_eq!(name("POST", "/v1/contacts/42"), Some("write".into()));
+        assert_eq!(name("DELETE", "/v1/contacts/42/"), Some("write".into()));
+        assert_eq!(name("POST", "/v1/contacts/42/x"), None);
+        assert_eq!(name("POST", "/v1/contacts/"), None);
+        assert_eq!(name("PUT", "/healthz"), Some("health".into()));
+        assert_eq!(name("GET", "/healthzz"), None);
+        assert_eq!(name("GET", "/v1/contactsx"), None);
+        assert_eq!(name("GET", "healthz"), None);
+    }
+
+    #[test]
+    fn unmatched_requests_fall_back_only_when_configured() {
+        let cfg = PolicyConfig {
+            unmatched: Unmatched::Authenticated,
+            ..PolicyConfig::default()
+        };
+        let p = Policy::compile(&cfg).unwrap();
+        assert_eq!(
+            p.route("GET", "/anything").unwrap().requirement,
+            Requirement::Authenticated
+        );
+        assert!(policy(vec![]).route("GET", "/anything").is_none());
+    }
+
+    #[test]
+    fn empty_scopes_grant_nothing_and_wildcards_skip_opt_in() {
+        let p = policy(vec![]);
+        let held = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(!p.grants(&[], "contacts:read"));
+        assert!(p.grants(&held(&["contacts:read"]), "contacts:read"));
+        assert!(!p.grants(&held(&["contacts:read"]), "contacts:write"));
+        assert!(p.grants(&held(&["contacts:*"]), "contacts:write"));
+        assert!(!p.grants(&held(&["contacts:*"]), "contactsx:write"));
+        assert!(p.grants(&held(&["*"]), "billing:read"));
+        assert!(!p.grants(&held(&["*"]), "billing:partner:allocate"));
+        assert!(!p.grants(&held(&["billing:*"]), "billing:partner:allocate"));
+        assert!(p.grants(
+            &held(&["billing:partner:allocate"]),
+            "billing:partner:allocate"
+        ));
+    }
+
+    #[test]
+    fn bad_routes_are_refused_with_their_field() {
+        let bad = |r: RouteConfig| {
+            Policy::compile(&PolicyConfig {
+                routes: vec![r],
+                ..PolicyConfig::default()
+            })
+            .unwrap_err()
+            .field
+        };
+        assert_eq!(
+            bad(route("a", &[], "/a/**/b", Some("x:y"))),
+            "policy.routes[0].path"
+        );
+        assert_eq!(
+            bad(route("a", &[], "/a/b*", Some("x:y"))),
+            "policy.routes[0].path"
+        );
+        assert_eq!(
+            bad(route("a", &[], "/a", Some("X Y"))),
+            "policy.routes[0].scope"
+        );
+        assert_eq!(
+            bad(route("a", &["G T"], "/a", None)),
+            "policy.routes[0].methods[0]"
+        );
+        let mut no_req = route("a", &[], "/a", None);
+        no_req.public = false;
+        assert_eq!(bad(no_req), "policy.routes[0].scope");
+    }
+}

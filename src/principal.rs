@@ -1,0 +1,95 @@
+//! Who the caller is, once authenticated. Built from a key record (or, later, a JWT);
+//! shared read-only through the cache, so it is cheap to hand to every request.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// What a key may act as. See DESIGN.md, "Tenancy and key kinds".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyKind {
+    Tenant,
+    Partner,
+    Runtime,
+}
+
+/// A key's environment; test keys are a separate world with their own plans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Live,
+    Test,
+}
+
+macro_rules! str_enum {
+    ($ty:ident { $($variant:ident => $s:literal),+ $(,)? }) => {
+        impl $ty {
+            pub fn as_str(self) -> &'static str {
+                match self { $($ty::$variant => $s),+ }
+            }
+        }
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok($ty::$variant),)+
+                    _ => Err(format!(
+                        "must be one of: {}",
+                        [$($s),+].join(", ")
+                    )),
+                }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+str_enum!(KeyKind { Tenant => "tenant", Partner => "partner", Runtime => "runtime" });
+str_enum!(Environment { Live => "live", Test => "test" });
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub tenant_id: String,
+    /// `key:<key_id>` for API keys; the `sub` claim for JWTs.
+    pub subject: String,
+    pub key_id: Option<String>,
+    pub kind: KeyKind,
+    pub environment: Environment,
+    pub scopes: Vec<String>,
+    pub plan: Option<String>,
+    /// Unix seconds.
+    pub expires_at: Option<u64>,
+    /// `scopes` joined by commas, computed once: it is sent upstream on every allow.
+    pub scopes_header: String,
+}
+
+impl Principal {
+    /// A principal with no key id, plan or expiry; set those fields as they apply.
+    pub fn new(
+        tenant_id: String,
+        subject: String,
+        kind: KeyKind,
+        environment: Environment,
+        scopes: Vec<String>,
+    ) -> Self {
+        let scopes_header = scopes.join(",");
+        Principal {
+            tenant_id,
+            subject,
+            key_id: None,
+            kind,
+            environment,
+            scopes,
+            plan: None,
+            expires_at: None,
+            scopes_header,
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Wiring: builds the core from configuration and serves it on its three listeners —
+//! gRPC (Envoy Check, keygate.v1.Authorizer, health, reflection), admin gRPC
+//! (keygate.v1.Keys, behind the admin credential) and HTTP (/metrics, /healthz, /readyz).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::authorizer::AuthorizerService;
+use crate::api::envoy::EnvoyAuthorization;
+use crate::api::keys::{admin_auth, KeysService};
+use crate::api::proto::{authorizer_server::AuthorizerServer, keys_server::KeysServer};
+use crate::apikey::SecretHasher;
+use crate::authn::Authenticator;
+use crate::authorizer::Authorizer;
+use crate::cache::CredentialCache;
+use crate::config::{Config, Secrets, StoreBackend};
+use crate::keys::KeyAdmin;
+use crate::policy::Policy;
+use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
+use crate::store::KeyStore;
+
+/// The core, built from configuration, without any listener.
+pub struct App {
+    pub config: Config,
+    pub store: Arc<dyn KeyStore>,
+    pub cache: Arc<CredentialCache>,
+    pub hasher: SecretHasher,
+    pub authorizer: Arc<Authorizer>,
+    pub admin: Arc<KeyAdmin>,
+    admin_token: crate::secret::Secret,
+}
+
+impl App {
+    pub fn build(config: Config, secrets: Secrets) -> anyhow::Result<App> {
+        let store: Arc<dyn KeyStore> = match config.store.backend {
+            StoreBackend::Memory => Arc::new(MemoryStore::new()),
+            StoreBackend::Redis => Arc::new(RedisStore::new(
+                &config.store.redis_url,
+                secrets.redis_password.as_ref(),
+                &config.store.namespace,
+                config.store.timeout,
+            )?),
+        };
+        App::with_store(config, secrets, store)
+    }
+
+    /// Builds the core around a given store (tests share one between replicas).
+    pub fn with_store(
+        config: Config,
+        secrets: Secrets,
+        store: Arc<dyn KeyStore>,
+    ) -> anyhow::Result<App> {
+        let hasher = SecretHasher::new(secrets.pepper.clone(), &config.api_keys.argon2)?;
+        let cache = Arc::new(CredentialCache::new(&config.cache, &secrets.pepper));
+        let authn = Authenticator::new(
+            store.clone(),
+            hasher.clone(),
+            cache.clone(),
+            config.api_keys.prefix.clone(),
+            config.api_keys.accept_test_keys,
+        );
+        let policy = Policy::compile(&config.policy)?;
+        let authorizer = Arc::new(Authorizer::new(&config.policy, policy, authn));
+        let admin = Arc::new(KeyAdmin::new(
+            store.clone(),
+            hasher.clone(),
+            cache.clone(),
+            config.api_keys.clone(),
+        ));
+        Ok(App {
+            config,
+            store,
+            cache,
+            hasher,
+            authorizer,
+            admin,
+            admin_token: secrets.admin_token,
+        })
+    }
+
+    pub fn envoy_service(&self) -> EnvoyAuthorization {
+        EnvoyAuthorization::new(
+            self.authorizer.clone(),
+            self.config.errors.opaque,
+            self.config.policy.strip_credential_headers,
+        )
+    }
+}
+
+/// A running server: its bound addresses, and the handle to stop it.
+pub struct Running {
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub http: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight calls finish, and waits for the listeners.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.wait().await
+    }
+
+    /// Waits until every listener has stopped (after `shutdown` or a failure).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        for t in self.tasks {
+            t.await??;
+        }
+        Ok(())
+    }
+
+    pub fn stopper(&self) -> watch::Sender<bool> {
+        self.stop.clone()
+    }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (listen.{what}): {e}"))
+}
+
+/// Binds the three listeners and serves until `shutdown` is called.
+pub async fn start(app: App) -> anyhow::Result<Running> {
+    let app = Arc::new(app);
+    let cfg = &app.config;
+    let grpc_listener = bind(cfg.listen.grpc, "grpc").await?;
+    let admin_listener = bind(cfg.listen.admin, "admin").await?;
+    let http_listener = bind(cfg.listen.http, "http").await?;
+    let grpc = grpc_listener.local_addr()?;
+    let admin = admin_listener.local_addr()?;
+    let http = http_listener.local_addr()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AuthorizationServer<EnvoyAuthorization>>()
+        .await;
+    health
+        .set_serving::<AuthorizerServer<AuthorizerService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::api::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let grpc_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_connection_age(cfg.listen.max_connection_age)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(AuthorizationServer::new(app.envoy_service()))
+        .add_service(AuthorizerServer::new(AuthorizerService::new(
+            app.authorizer.clone(),
+            cfg.errors.opaque,
+        )))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc_listener),
+            stopped(stop_rx.clone()),
+        );
+    tasks.push(tokio::spawn(async move { Ok(grpc_server.await?) }));
+
+    let admin_server = tonic::transport::Server::builder()
+        .add_service(KeysServer::with_interceptor(
+            KeysService::new(app.admin.clone()),
+            admin_auth(app.admin_token.clone()),
+        ))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(admin_listener),
+            stopped(stop_rx.clone()),
+        );
+    tasks.push(tokio::spawn(async move { Ok(admin_server.await?) }));
+
+    let store = app.store.clone();
+    let cache = app.cache.clone();
+    let router = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let store = store.clone();
+                async move {
+                    match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+                        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
+                        Ok(Err(e)) => {
+                            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n"))
+                        }
+                        Err(_) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: store timed out\n".into(),
+                        ),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let cache = cache.clone();
+                async move {
+                    crate::telemetry::metrics()
+                        .cache_entries
+                        .set(cache.entry_count() as i64);
+                    (
+                        [("content-type", "text/plain; version=0.0.4")],
+                        crate::telemetry::render(),
+                    )
+                }
+            }),
+        );
+    let http_stop = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        axum::serve(http_listener, router)
+            .with_graceful_shutdown(stopped(http_stop))
+            .await?;
+        Ok(())
+    }));
+
+    tracing::info!(%grpc, %admin, %http, store = ?cfg.store.backend, "keygate listening");
+    Ok(Running {
+        grpc,
+        admin,
+        http,
+        stop,
+        tasks,
+    })
+}

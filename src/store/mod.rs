@@ -1,0 +1,144 @@
+//! The store of record: key records, tenant indexes and the revocation stream.
+//!
+//! One trait, two backends: Redis for production and an in-process store for
+//! `keygate serve --dev` and single-node use. Both pass the same conformance suite
+//! (`tests/store_conformance.rs`). A backend failure is a `StoreError`, never a missing
+//! record: callers must not be able to mistake "Redis is down" for "no such key".
+
+pub mod memory;
+pub mod redis;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::principal::{Environment, KeyKind};
+
+/// A key as stored. Holds the argon2id hash of the secret, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub key_id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub kind: KeyKind,
+    pub environment: Environment,
+    pub scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    /// The token's public head, `<prefix>_<env>_<key_id>`.
+    pub token_prefix: String,
+    /// argon2id PHC string of the secret (peppered).
+    pub hash: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Expired,
+    Revoked,
+}
+
+impl KeyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Active => "active",
+            KeyStatus::Expired => "expired",
+            KeyStatus::Revoked => "revoked",
+        }
+    }
+}
+
+impl KeyRecord {
+    pub fn status(&self, now_ms: u64) -> KeyStatus {
+        if self.revoked_at_ms.is_some() {
+            KeyStatus::Revoked
+        } else if now_ms >= self.expires_at_ms {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        }
+    }
+}
+
+/// What happened to a key, as carried on the revocation stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Revoked,
+    Deleted,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Revoked => "revoked",
+            EventKind::Deleted => "deleted",
+        }
+    }
+}
+
+/// One entry of the revocation stream. `id` orders events (Redis stream ids, `ms-seq`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationEvent {
+    pub id: String,
+    pub key_id: String,
+    pub kind: EventKind,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPage {
+    pub keys: Vec<KeyRecord>,
+    /// The last key id of this page when more may follow.
+    pub next_after: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not answer: connection refused, timeout, I/O. Retryable.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("key id {0} already exists")]
+    Conflict(String),
+    /// The backend answered with something keygate cannot read. Not retryable.
+    #[error("store returned corrupt data: {0}")]
+    Corrupt(String),
+}
+
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Stores a new key and adds it to its tenant's index. Fails on an existing id.
+    async fn create(&self, record: &KeyRecord) -> Result<(), StoreError>;
+
+    async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// A tenant's keys in key-id order, starting after `after`.
+    async fn list(
+        &self,
+        tenant_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError>;
+
+    /// Marks the key revoked at `at_ms` and appends a revocation event, in one atomic
+    /// step. Returns the record as it now is; an already revoked key is returned
+    /// unchanged and no event is appended. `None` if there is no such key.
+    async fn revoke(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Removes the key and its index entry and appends a deletion event, atomically.
+    /// Returns the removed record.
+    async fn delete(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Whether the backend answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,262 @@
+//! The Redis store.
+//!
+//! Layout (every key under one hash tag, so each multi-key script stays in one Redis
+//! Cluster slot; key records are small and few next to the request traffic, which never
+//! writes here):
+//!
+//! - `<ns>:{keys}:key:<key_id>`   hash: `data` (record JSON, no secret), `revoked_at_ms`
+//! - `<ns>:{keys}:tenant:<id>`    sorted set of key ids (score 0, ordered by id)
+//! - `<ns>:{keys}:events`         the revocation stream (XADD MAXLEN ~)
+//!
+//! Writes that touch more than one key are Lua scripts rather than MULTI/EXEC: a script
+//! can read and decide (does the key exist? is it already revoked?) inside the same atomic
+//! step, which MULTI cannot without WATCH retries.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use tokio::sync::OnceCell;
+
+use super::{KeyPage, KeyRecord, KeyStore, StoreError};
+use crate::secret::Secret;
+
+/// Approximate bound on the revocation stream's length.
+pub const STREAM_MAX_LEN: usize = 100_000;
+
+pub struct RedisStore {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    timeout: Duration,
+    ns: String,
+    create: Script,
+    revoke: Script,
+    delete: Script,
+}
+
+impl RedisStore {
+    /// Prepares a store; the connection is made on first use, so keygate can start (and
+    /// report itself not ready) while Redis is still coming up.
+    pub fn new(
+        url: &str,
+        password: Option<&Secret>,
+        namespace: &str,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let mut info: redis::ConnectionInfo = url
+            .parse()
+            .map_err(|e: redis::RedisError| StoreError::Unavailable(e.to_string()))?;
+        if let Some(p) = password {
+            info.redis.password = Some(p.expose().to_owned());
+        }
+        let client =
+            redis::Client::open(info).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(RedisStore {
+            client,
+            conn: OnceCell::new(),
+            timeout,
+            ns: namespace.to_owned(),
+            create: Script::new(include_str!("lua/create.lua")),
+            revoke: Script::new(include_str!("lua/revoke.lua")),
+            delete: Script::new(include_str!("lua/delete.lua")),
+        })
+    }
+
+    pub fn key_key(&self, key_id: &str) -> String {
+        format!("{}:{{keys}}:key:{key_id}", self.ns)
+    }
+
+    fn tenant_key(&self, tenant_id: &str) -> String {
+        format!("{}:{{keys}}:tenant:{tenant_id}", self.ns)
+    }
+
+    pub fn events_key(&self) -> String {
+        format!("{}:{{keys}}:events", self.ns)
+    }
+
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(200);
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                tokio::time::timeout(
+                    self.timeout,
+                    ConnectionManager::new_with_config(self.client.clone(), config),
+                )
+                .await
+                .map_err(|_| StoreError::Unavailable("timed out connecting to Redis".into()))?
+                .map_err(unavailable)
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    /// Runs one Redis exchange under the store's timeout.
+    async fn run<T>(
+        &self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(unavailable),
+            Err(_) => Err(StoreError::Unavailable(
+                "Redis did not answer in time".into(),
+            )),
+        }
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    crate::telemetry::metrics().store_errors.inc();
+    StoreError::Unavailable(e.to_string())
+}
+
+/// A record from its hash fields (`data`, `revoked_at_ms`).
+fn decode(fields: (Option<String>, Option<u64>)) -> Result<Option<KeyRecord>, StoreError> {
+    let (Some(data), revoked) = fields else {
+        return Ok(None);
+    };
+    let mut rec: KeyRecord =
+        serde_json::from_str(&data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    if revoked.is_some() {
+        rec.revoked_at_ms = revoked;
+    }
+    Ok(Some(rec))
+}
+
+#[async_trait]
+impl KeyStore for RedisStore {
+    async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let mut stored = record.clone();
+        stored.revoked_at_ms = None;
+        let json =
+            serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let created: i64 = self
+            .run(
+                self.create
+                    .key(self.key_key(&record.key_id))
+                    .key(self.tenant_key(&record.tenant_id))
+                    .arg(json)
+                    .arg(&record.key_id)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        if created == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(record.key_id.clone()))
+        }
+    }
+
+    async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self.conn().await?;
+        let fields: (Option<String>, Option<u64>) = self
+            .run(
+                redis::cmd("HMGET")
+                    .arg(self.key_key(key_id))
+                    .arg("data")
+                    .arg("revoked_at_ms")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        decode(fields)
+    }
+
+    async fn list(
+        &self,
+        tenant_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError> {
+        let mut conn = self.conn().await?;
+        let min = match after {
+            Some(a) => format!("({a}"),
+            None => "-".to_owned(),
+        };
+        let ids: Vec<String> = self
+            .run(conn.zrangebylex_limit(
+                self.tenant_key(tenant_id),
+                min,
+                "+",
+                0,
+                limit as isize + 1,
+            ))
+            .await?;
+        let more = ids.len() > limit;
+        let mut pipe = redis::pipe();
+        for id in ids.iter().take(limit) {
+            pipe.cmd("HMGET")
+                .arg(self.key_key(id))
+                .arg("data")
+                .arg("revoked_at_ms");
+        }
+        let rows: Vec<(Option<String>, Option<u64>)> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            self.run(pipe.query_async(&mut conn)).await?
+        };
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in rows {
+            if let Some(rec) = decode(row)? {
+                keys.push(rec);
+            }
+        }
+        let next_after = if more {
+            ids.get(limit - 1).cloned()
+        } else {
+            None
+        };
+        Ok(KeyPage { keys, next_after })
+    }
+
+    async fn revoke(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self.conn().await?;
+        let fields: Option<(Option<String>, Option<u64>)> = self
+            .run(
+                self.revoke
+                    .key(self.key_key(key_id))
+                    .key(self.events_key())
+                    .arg(at_ms)
+                    .arg(key_id)
+                    .arg(STREAM_MAX_LEN)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        fields.map(decode).transpose().map(Option::flatten)
+    }
+
+    async fn delete(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
+        let Some(existing) = self.get(key_id).await? else {
+            return Ok(None);
+        };
+        let mut conn = self.conn().await?;
+        let fields: Option<(Option<String>, Option<u64>)> = self
+            .run(
+                self.delete
+                    .key(self.key_key(key_id))
+                    .key(self.events_key())
+                    .key(self.tenant_key(&existing.tenant_id))
+                    .arg(at_ms)
+                    .arg(key_id)
+                    .arg(STREAM_MAX_LEN)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        fields.map(decode).transpose().map(Option::flatten)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let _: String = self.run(redis::cmd("PING").query_async(&mut conn)).await?;
+        Ok(())
+    }
+}

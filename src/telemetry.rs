@@ -1,0 +1,131 @@
+//! Logging and metrics. Metric names and labels are chosen so that no label can carry a
+//! secret or an unbounded value: decisions are labelled by result code, never by key.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::config::{LogFormat, LoggingConfig};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub decisions: IntCounterVec,
+    pub check_duration: Histogram,
+    pub cache: IntCounterVec,
+    pub argon2_verifications: IntCounter,
+    pub bad_secrets: IntCounter,
+    pub store_errors: IntCounter,
+    pub keys_created: IntCounter,
+    pub keys_revoked: IntCounter,
+    pub cache_entries: IntGauge,
+}
+
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let registry = Registry::new_custom(Some("keygate".into()), None).expect("valid prefix");
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "decisions_total",
+                "Check decisions by result: allow, a deny code, or unavailable.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let check_duration = Histogram::with_opts(
+            HistogramOpts::new("check_duration_seconds", "Time to decide one Check.").buckets(
+                vec![
+                    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
+                    0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                ],
+            ),
+        )
+        .expect("valid metric");
+        let cache = IntCounterVec::new(
+            Opts::new(
+                "credential_cache_requests_total",
+                "Verified-credential cache lookups by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let argon2_verifications = IntCounter::new(
+            "argon2_verifications_total",
+            "argon2id verifications run (cache misses that reached a stored key).",
+        )
+        .expect("valid metric");
+        let bad_secrets = IntCounter::new(
+            "api_key_wrong_secret_total",
+            "Verifications of a known key id with a wrong secret.",
+        )
+        .expect("valid metric");
+        let store_errors =
+            IntCounter::new("store_errors_total", "Store (Redis) calls that failed.")
+                .expect("valid metric");
+        let keys_created =
+            IntCounter::new("keys_created_total", "API keys created.").expect("valid metric");
+        let keys_revoked =
+            IntCounter::new("keys_revoked_total", "API keys revoked.").expect("valid metric");
+        let cache_entries = IntGauge::new(
+            "credential_cache_entries",
+            "Entries in the verified-credential cache.",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(check_duration.clone()),
+            Box::new(cache.clone()),
+            Box::new(argon2_verifications.clone()),
+            Box::new(bad_secrets.clone()),
+            Box::new(store_errors.clone()),
+            Box::new(keys_created.clone()),
+            Box::new(keys_revoked.clone()),
+            Box::new(cache_entries.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        Metrics {
+            registry,
+            decisions,
+            check_duration,
+            cache,
+            argon2_verifications,
+            bad_secrets,
+            store_errors,
+            keys_created,
+            keys_revoked,
+            cache_entries,
+        }
+    })
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&metrics().registry.gather(), &mut buf)
+        .expect("text encoding cannot fail");
+    String::from_utf8(buf).expect("prometheus text is UTF-8")
+}
+
+/// Installs the global tracing subscriber (logs to stderr). `RUST_LOG` wins over the
+/// configured level when set.
+pub fn init_logging(cfg: &LoggingConfig) -> Result<(), String> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => f,
+        _ => cfg.level.clone(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .map_err(|e| format!("invalid configuration: logging.level: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match cfg.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    result.map_err(|e| e.to_string())
+}

@@ -1,0 +1,641 @@
+"""Real processes for the end-to-end tests: redis-server, keygate, Envoy and the echo
+upstream, each on free loopback ports, each awaited until it answers (never a fixed
+sleep), each stopped at teardown.
+
+Nothing here knows a test; conftest.py turns these into fixtures.
+"""
+
+from __future__ import annotations
+
+import atexit
+import http.client
+import importlib.util
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE_ENVOY = REPO / "examples" / "envoy.yaml"
+
+# The three addresses examples/envoy.yaml is written for; the tests rewrite them.
+EXAMPLE_LISTENER_PORT = 10000
+EXAMPLE_KEYGATE_PORT = 50051
+EXAMPLE_UPSTREAM_PORT = 8080
+
+# Every wait is bounded. Generous, because a debug build on a busy CI box is slow to start.
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+CLI_TIMEOUT = 60.0
+POLL_INTERVAL = 0.05
+
+MARKER = "x-e2e-request"
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-access-token")
+IDENTITY_HEADERS = ("x-tenant-id", "x-keygate-subject", "x-keygate-key-id", "x-keygate-scopes")
+
+
+def _binary(env_name: str, default: str | None, what: str) -> str:
+    value = os.environ.get(env_name) or default
+    if not value:
+        raise RuntimeError(f"{what}: set {env_name}")
+    path = Path(value)
+    if not path.is_absolute() and os.sep in value:
+        path = REPO / path
+    elif not path.is_absolute():
+        found = _which(value)
+        if found is None:
+            raise RuntimeError(f"{what}: {value!r} is not on PATH (set {env_name})")
+        path = Path(found)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise RuntimeError(f"{what}: {path} is not an executable file (set {env_name})")
+    return str(path)
+
+
+def _which(name: str) -> str | None:
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(d) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def keygate_bin() -> str:
+    return _binary("KEYGATE_BIN", "target/debug/keygate", "keygate binary")
+
+
+def envoy_bin() -> str:
+    return _binary("ENVOY_BIN", ".venv/bin/envoy", "envoy binary")
+
+
+def redis_bin() -> str:
+    return _binary("REDIS_SERVER", "redis-server", "redis-server binary")
+
+
+# --------------------------------------------------------------------------- waiting
+
+def wait_for(what: str, probe, timeout: float = START_TIMEOUT, interval: float = POLL_INTERVAL):
+    """Polls `probe()` until it returns something truthy; returns that. `probe` may raise
+    `Fatal` to stop waiting at once (a process that died will never become ready)."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while True:
+        try:
+            result = probe()
+            if result:
+                return result
+        except Fatal:
+            raise
+        except Exception as e:  # noqa: BLE001 - "not yet" comes in many shapes
+            last_error = e
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_error!r})" if last_error else ""
+            raise TimeoutError(f"gave up after {timeout:.0f}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+class Fatal(Exception):
+    """Waiting is pointless: what we wait for can no longer happen."""
+
+
+# --------------------------------------------------------------------------- ports
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now, never the same one twice in a run."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+
+
+# --------------------------------------------------------------------------- processes
+
+_running: list["Proc"] = []
+
+
+class Proc:
+    """A child process with stdout and stderr captured to files."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], logdir: Path):
+        self.name = name
+        self.argv = argv
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.stdout_path = logdir / f"{name}.stdout"
+        self.stderr_path = logdir / f"{name}.stderr"
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.popen = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=logdir,
+                start_new_session=True,
+            )
+        _running.append(self)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def ensure_alive(self):
+        if not self.alive():
+            raise Fatal(
+                f"{self.name} exited with status {self.popen.returncode}:\n{self.tail()}"
+            )
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 30) -> str:
+        parts = []
+        for label, path in (("stdout", self.stdout_path), ("stderr", self.stderr_path)):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            if text:
+                parts.append(f"--- {self.name} {label} ({path}) ---\n" + "\n".join(text))
+        return "\n".join(parts) or f"--- {self.name}: no output ---"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Signals the process and waits for it to exit; SIGKILL if it will not."""
+        if self.alive():
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        if self in _running:
+            _running.remove(self)
+        return self.popen.returncode
+
+
+def running_processes() -> list[Proc]:
+    return list(_running)
+
+
+@atexit.register
+def _kill_leftovers():
+    for proc in list(_running):
+        proc.stop(signal.SIGKILL, timeout=5)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test runner's environment without anything that would configure keygate
+    behind a test's back (KEYGATE_*, RUST_LOG), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_") and k != "RUST_LOG"}
+    env.update(extra)
+    return env
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+# --------------------------------------------------------------------------- redis
+
+class Redis:
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = Proc(
+            "redis",
+            [
+                redis_bin(),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(workdir),
+            ],
+            clean_env(),
+            workdir,
+        )
+        wait_for(f"redis-server on port {self.port} to answer PING", self._pong)
+
+    def _pong(self) -> bool:
+        self.proc.ensure_alive()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+
+    def stop(self):
+        self.proc.stop()
+
+
+# --------------------------------------------------------------------------- upstream
+
+def _load_upstream_module():
+    spec = importlib.util.spec_from_file_location("keygate_example_upstream", REPO / "examples" / "upstream.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Upstream:
+    """examples/upstream.py's echo server, on a thread of the test process."""
+
+    def __init__(self):
+        self.server = _load_upstream_module().serve("127.0.0.1", 0)
+        self.port = self.server.server_address[1]
+
+    def seen_with_marker(self, marker: str) -> list[dict]:
+        return [
+            r for r in self.server.requests()
+            if any(name == MARKER and value == marker for name, value in r["headers"])
+        ]
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --------------------------------------------------------------------------- keygate
+
+# Argon2 parameters of the contract's example. A debug build is slower than a release
+# build; the e2e tests still use the real parameters so they see what production sees.
+KEYGATE_CONFIG = """\
+listen:
+  grpc: "127.0.0.1:{grpc}"
+  admin: "127.0.0.1:{admin}"
+  http: "127.0.0.1:{http}"
+store:
+  backend: redis
+  redis_url: "{redis_url}"
+api_keys:
+  prefix: sk
+  default_lifetime: 180d
+  argon2: {{ memory_kib: 19456, iterations: 2, parallelism: 1 }}
+cache: {{ ttl: 60s, negative_ttl: 5s }}
+errors: {{ opaque: false }}
+logging: {{ level: info, format: text }}
+policy:
+  credential_headers:
+    - {{ header: authorization, scheme: Bearer }}
+    - {{ header: x-access-token }}
+    - {{ header: x-api-key }}
+  strip_credential_headers: true
+  require_tenant_header: false
+  unmatched: deny
+  routes:
+    - {{ name: health, methods: [GET], path: /public/**, public: true }}
+    - {{ name: contacts-read, methods: [GET], path: "/v1/contacts/**", scope: "contacts:read" }}
+    - {{ name: contacts-write, methods: [POST, PUT, PATCH, DELETE], path: "/v1/contacts/**", scope: "contacts:write", tenant: required }}
+"""
+
+
+def keygate_config(grpc: int, admin: int, http: int, redis_url: str) -> str:
+    return KEYGATE_CONFIG.format(grpc=grpc, admin=admin, http=http, redis_url=redis_url)
+
+
+class CliResult:
+    def __init__(self, argv: list[str], completed: subprocess.CompletedProcess):
+        self.argv = argv
+        self.code = completed.returncode
+        self.stdout = completed.stdout
+        self.stderr = completed.stderr
+
+    def json(self):
+        try:
+            return json.loads(self.stdout)
+        except json.JSONDecodeError as e:
+            raise AssertionError(f"not JSON on stdout ({e}):\n{self}") from None
+
+    def __str__(self):
+        return (
+            f"$ {' '.join(self.argv)}\nexit {self.code}\n"
+            f"--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
+        )
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = CLI_TIMEOUT) -> CliResult:
+    argv = [keygate_bin(), *args]
+    completed = subprocess.run(
+        argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+    )
+    return CliResult(argv, completed)
+
+
+class Keygate:
+    """`keygate serve --config FILE` against a Redis, with its own secrets and ports."""
+
+    def __init__(self, name: str, workdir: Path, redis: Redis, env: dict[str, str] | None = None):
+        self.name = name
+        self.workdir = workdir
+        self.grpc_port, self.admin_port, self.http_port = free_port(), free_port(), free_port()
+        self.grpc_url = f"http://127.0.0.1:{self.grpc_port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        self.pepper = secrets.token_urlsafe(48)
+        self.admin_token = secrets.token_urlsafe(32)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(
+            keygate_config(self.grpc_port, self.admin_port, self.http_port, redis.url)
+        )
+        self.proc = Proc(
+            name,
+            [keygate_bin(), "serve", "--config", str(self.config_path)],
+            clean_env(KEYGATE_PEPPER=self.pepper, KEYGATE_ADMIN_TOKEN=self.admin_token, **(env or {})),
+            workdir,
+        )
+        wait_for(f"{name} to answer GET /readyz with 200", self._ready)
+
+    def _ready(self) -> bool:
+        self.proc.ensure_alive()
+        return http_get(self.http_url + "/readyz", timeout=1)[0] == 200
+
+    def cli_env(self, **extra) -> dict[str, str]:
+        return clean_env(
+            KEYGATE_ADMIN_URL=self.admin_url,
+            KEYGATE_ADMIN_TOKEN=self.admin_token,
+            KEYGATE_URL=self.grpc_url,
+            **extra,
+        )
+
+    def cli(self, *args: str) -> CliResult:
+        return run_cli(list(args), self.cli_env())
+
+    def create_key(self, tenant: str, scopes=(), *extra: str) -> dict:
+        args = ["keys", "create", "--tenant", tenant, "--json", *extra]
+        if scopes:
+            args += ["--scopes", ",".join(scopes)]
+        result = self.cli(*args)
+        assert result.code == 0, f"keys create failed:\n{result}"
+        key = result.json()
+        for field_name in ("key_id", "token", "expires_at", "tenant_id", "scopes"):
+            assert field_name in key, f"keys create --json lacks {field_name!r}:\n{result}"
+        return key
+
+    def check(self, token: str | None, method: str, path: str, tenant: str | None = None) -> CliResult:
+        args = ["check", "--method", method, "--path", path, "--json"]
+        if token is not None:
+            args += ["--token", token]
+        if tenant is not None:
+            args += ["--tenant", tenant]
+        return self.cli(*args)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        return self.proc.stop(sig)
+
+
+# --------------------------------------------------------------------------- envoy
+
+def render_envoy_config(listener: int, keygate: int, upstream: int) -> str:
+    """examples/envoy.yaml with its three addresses moved to the given ports."""
+    text = EXAMPLE_ENVOY.read_text()
+    for old, new in (
+        (EXAMPLE_LISTENER_PORT, listener),
+        (EXAMPLE_KEYGATE_PORT, keygate),
+        (EXAMPLE_UPSTREAM_PORT, upstream),
+    ):
+        text, count = re.subn(rf"\bport_value: {old}\b", f"port_value: {new}", text)
+        if count != 1:
+            raise AssertionError(
+                f"examples/envoy.yaml should name port {old} exactly once, found {count}"
+            )
+    return text
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    # What the upstream received for this request (normally zero or one entries).
+    upstream: list[dict] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k == name]
+        assert len(values) <= 1, f"{name} sent {len(values)} times: {values}"
+        return values[0] if values else None
+
+    def json(self):
+        try:
+            return json.loads(self.body)
+        except json.JSONDecodeError as e:
+            raise AssertionError(f"body is not JSON ({e}): {self.body[:500]!r}") from None
+
+    def upstream_headers(self, name: str) -> list[str]:
+        """Every value of `name` the upstream received (asserts it was reached once)."""
+        assert len(self.upstream) == 1, f"upstream saw this request {len(self.upstream)} times"
+        return [v for k, v in self.upstream[0]["headers"] if k == name]
+
+    def __str__(self):
+        hdrs = "\n".join(f"{k}: {v}" for k, v in self.headers)
+        return f"HTTP {self.status}\n{hdrs}\n\n{self.body[:1000].decode(errors='replace')}\nupstream saw: {self.upstream}"
+
+
+class Envoy:
+    """Envoy running examples/envoy.yaml in front of `keygate_port` and `upstream`."""
+
+    def __init__(self, name: str, workdir: Path, keygate_port: int, upstream: Upstream):
+        self.name = name
+        self.upstream = upstream
+        self.port = free_port()
+        self.admin_port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(render_envoy_config(self.port, keygate_port, upstream.port))
+        # The admin address is not one of the example's three: move it with --config-yaml,
+        # which Envoy merges over the file.
+        admin = (
+            "admin: {address: {socket_address: "
+            f"{{address: 127.0.0.1, port_value: {self.admin_port}}}}}}}"
+        )
+        self.proc = Proc(
+            name,
+            [
+                envoy_bin(),
+                "-c", str(self.config_path),
+                "--config-yaml", admin,
+                # Each Envoy of the run (and of a parallel run) gets its own shared-memory
+                # and socket namespace; the admin port is unique, so is this.
+                "--base-id", str(self.admin_port),
+                "--log-level", "warn",
+                "--concurrency", "2",
+            ],
+            clean_env(),
+            workdir,
+        )
+        wait_for(f"{name} admin /ready", self._admin_ready)
+        wait_for(f"{name} listener on port {self.port} to answer HTTP", self._listener_answers)
+
+    def _admin_ready(self) -> bool:
+        self.proc.ensure_alive()
+        return http_get(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1)[0] == 200
+
+    def _listener_answers(self) -> bool:
+        self.proc.ensure_alive()
+        self.request("GET", "/public/e2e-readiness-probe")
+        return True
+
+    def request(self, method: str, path: str, headers=(), body: bytes | None = None) -> Response:
+        """Sends one request through Envoy with exactly the given headers (repeats
+        allowed), tagged so that what the upstream received can be told apart."""
+        marker = uuid.uuid4().hex
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.putrequest(method, path, skip_accept_encoding=True)
+            conn.putheader(MARKER, marker)
+            for name, value in headers:
+                conn.putheader(name, value)
+            if body is not None:
+                conn.putheader("content-length", str(len(body)))
+            conn.endheaders(body)
+            r = conn.getresponse()
+            resp = Response(
+                status=r.status,
+                headers=[(k.lower(), v) for k, v in r.getheaders()],
+                body=r.read(),
+            )
+        finally:
+            conn.close()
+        resp.upstream = self.upstream.seen_with_marker(marker)
+        return resp
+
+    def stop(self):
+        self.proc.stop()
+
+
+# --------------------------------------------------------------------------- tokens
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+CHECKSUM_LEN = 6
+
+
+def token_checksum(body: str) -> str:
+    """The checksum keygate appends to `<prefix>_<env>_<key_id>_<secret>`: CRC-32 of it,
+    as six base62 digits (src/apikey/token.rs)."""
+    n = zlib.crc32(body.encode())
+    out = []
+    for _ in range(CHECKSUM_LEN):
+        out.append(BASE62[n % 62])
+        n //= 62
+    return "".join(reversed(out))
+
+
+def token_parts(token: str) -> tuple[str, str]:
+    """(`<prefix>_<env>_<key_id>`, `<secret><checksum>`) of a token."""
+    public, _, tail = token.rpartition("_")
+    return public, tail
+
+
+def with_wrong_secret(token: str) -> str:
+    """The same key id with another secret, and a checksum that is right for it: a token
+    that passes every shape check and fails only at argon2."""
+    body = token[:-CHECKSUM_LEN]
+    assert token_checksum(body) == token[-CHECKSUM_LEN:], (
+        "the token checksum is no longer CRC-32/base62 of the body; update token_checksum()"
+        " so wrong-secret tokens still reach the secret check"
+    )
+    public, tail = token_parts(body)
+    secret = tail
+    wrong = "".join(secrets.choice(BASE62) for _ in secret)
+    forged = f"{public}_{wrong}"
+    return forged + token_checksum(forged)
+
+
+def with_bad_checksum(token: str) -> str:
+    last = token[-1]
+    return token[:-1] + ("A" if last != "A" else "B")
+
+
+# --------------------------------------------------------------------------- stack
+
+class Stack:
+    """keygate (on the shared Redis) with an Envoy in front of it and the shared upstream
+    behind it."""
+
+    def __init__(self, name: str, workdir: Path, redis: Redis, upstream: Upstream, keygate_env=None):
+        self.upstream = upstream
+        self.keygate = Keygate(f"{name}-keygate", workdir, redis, keygate_env)
+        try:
+            self.envoy = Envoy(f"{name}-envoy", workdir, self.keygate.grpc_port, upstream)
+        except BaseException:
+            self.keygate.stop()
+            raise
+
+    def request(self, method: str, path: str, headers=(), body: bytes | None = None) -> Response:
+        return self.envoy.request(method, path, headers, body)
+
+    def stop(self):
+        self.envoy.stop()
+        self.keygate.stop()
+
+
+# --------------------------------------------------------------------------- assertions
+
+def assert_allowed(resp: Response):
+    assert resp.status == 200, f"expected the request to pass:\n{resp}"
+    assert len(resp.upstream) == 1, f"the upstream should have seen it once:\n{resp}"
+
+
+def assert_denied(resp: Response, status: int, code: str):
+    """keygate's denial, as the client sees it through Envoy, and the upstream untouched."""
+    assert resp.status == status, f"expected {status} {code}:\n{resp}"
+    assert resp.upstream == [], f"a denied request reached the upstream:\n{resp}"
+    content_type = resp.header("content-type") or ""
+    assert content_type.split(";")[0].strip() == "application/json", f"content-type:\n{resp}"
+    error = resp.json().get("error")
+    assert isinstance(error, dict), f"body has no error object:\n{resp}"
+    assert error.get("code") == code, f"expected code {code}:\n{resp}"
+    assert isinstance(error.get("message"), str) and error["message"], f"no message:\n{resp}"
+    if status == 401:
+        challenge = resp.header("www-authenticate") or ""
+        assert challenge.split(" ")[0] == "Bearer", f"401 without www-authenticate: Bearer:\n{resp}"
+
+
+# --------------------------------------------------------------------------- ext_authz
+
+def check_request(method: str, path: str, headers: dict[str, str]):
+    """A CheckRequest shaped like the ones Envoy 1.40 sends."""
+    all_headers = {
+        ":authority": "api.example.test",
+        ":method": method,
+        ":path": path,
+        ":scheme": "http",
+        "x-request-id": "e2e-direct-check",
+        **headers,
+    }
+    http = attribute_context_pb2.AttributeContext.HttpRequest(
+        id="1234567890",
+        method=method,
+        path=path,
+        host="api.example.test",
+        scheme="http",
+        protocol="HTTP/1.1",
+        headers=all_headers,
+    )
+    return external_auth_pb2.CheckRequest(
+        attributes=attribute_context_pb2.AttributeContext(
+            request=attribute_context_pb2.AttributeContext.Request(http=http)
+        )
+    )

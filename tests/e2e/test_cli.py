@@ -1,0 +1,116 @@
+"""The `keygate` command line against a running server: keys create|list|get|revoke|delete
+and check, as a script would use them (--json, exit codes)."""
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+from harness import free_port, run_cli, token_parts
+
+
+def test_create_returns_the_token_once_with_its_metadata(keygate, tenant):
+    key = keygate.create_key(tenant, ["contacts:read", "contacts:write"], "--name", "ci", "--expires-in", "90d")
+    assert key["tenant_id"] == tenant
+    assert sorted(key["scopes"]) == ["contacts:read", "contacts:write"]
+    assert key["token"].startswith("sk_live_" + key["key_id"] + "_"), key
+    expires_at = datetime.fromisoformat(key["expires_at"].replace("Z", "+00:00"))
+    assert expires_at.tzinfo is not None, key
+    expected = datetime.now(timezone.utc) + timedelta(days=90)
+    assert abs(expires_at - expected) < timedelta(minutes=5), key
+
+
+def test_test_environment_keys_say_so(keygate, tenant):
+    key = keygate.create_key(tenant, ["contacts:read"], "--env", "test")
+    assert key["token"].startswith("sk_test_" + key["key_id"] + "_"), key
+
+
+def test_list_shows_metadata_and_never_a_token(keygate, tenant):
+    keys = [keygate.create_key(tenant, ["contacts:read"], "--name", f"k{i}") for i in range(2)]
+    other = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
+    result = keygate.cli("keys", "list", "--tenant", tenant, "--json")
+    assert result.code == 0, str(result)
+    listed = result.json()["keys"]
+    assert sorted(k["key_id"] for k in listed) == sorted(k["key_id"] for k in keys), str(result)
+    for entry in listed:
+        assert entry["tenant_id"] == tenant
+        assert entry["status"] == "active"
+        assert "token" not in entry, f"keys list shows a token: {entry}"
+    for key in [*keys, other]:
+        _, secret = token_parts(key["token"])
+        assert key["token"] not in result.stdout + result.stderr
+        assert secret not in result.stdout + result.stderr, "keys list shows a key's secret"
+
+
+def test_get_revoke_delete_lifecycle(keygate, tenant):
+    key = keygate.create_key(tenant, ["contacts:read"], "--name", "lifecycle")
+
+    got = keygate.cli("keys", "get", key["key_id"], "--json")
+    assert got.code == 0, str(got)
+    assert got.json()["key_id"] == key["key_id"]
+    assert got.json()["status"] == "active"
+    assert got.json()["name"] == "lifecycle"
+    assert key["token"] not in got.stdout
+
+    revoked = keygate.cli("keys", "revoke", key["key_id"], "--json")
+    assert revoked.code == 0, str(revoked)
+    assert revoked.json()["status"] == "revoked", str(revoked)
+    assert keygate.cli("keys", "get", key["key_id"], "--json").json()["status"] == "revoked"
+
+    deleted = keygate.cli("keys", "delete", key["key_id"])
+    assert deleted.code == 0, str(deleted)
+    gone = keygate.cli("keys", "get", key["key_id"], "--json")
+    assert gone.code != 0, f"a deleted key can still be read:\n{gone}"
+
+
+def test_create_with_a_bad_tenant_names_the_field(keygate):
+    result = keygate.cli("keys", "create", "--tenant", "nope", "--scopes", "contacts:read", "--json")
+    assert result.code != 0, str(result)
+    assert "tenant_id" in result.stdout + result.stderr, str(result)
+
+
+def test_admin_calls_need_the_admin_token(keygate, tenant):
+    env = keygate.cli_env(KEYGATE_ADMIN_TOKEN="not-the-admin-token")
+    result = run_cli(["keys", "list", "--tenant", tenant, "--json"], env)
+    assert result.code != 0, f"an admin call with a wrong admin token succeeded:\n{result}"
+    assert "not-the-admin-token" not in result.stdout + result.stderr
+
+
+def test_check_allows_with_exit_0(keygate, reader):
+    result = keygate.check(reader["token"], "GET", "/v1/contacts/42")
+    assert result.code == 0, str(result)
+    answer = result.json()
+    assert answer["allowed"] is True, str(result)
+    assert answer["principal"]["tenant_id"] == reader["tenant_id"], str(result)
+    assert answer["principal"]["key_id"] == reader["key_id"], str(result)
+
+
+def test_check_denies_with_exit_3_and_the_code(keygate, reader, writer):
+    cases = [
+        (reader["token"], "POST", "/v1/contacts/42", reader["tenant_id"], 403, "insufficient_permissions"),
+        (writer["token"], "POST", "/v1/contacts/42", None, 400, "tenant_required"),
+        (writer["token"], "POST", "/v1/contacts/42", str(uuid.uuid4()), 403, "tenant_forbidden"),
+        (None, "GET", "/v1/contacts/42", None, 401, "missing_credentials"),
+    ]
+    for token, method, path, tenant, status, code in cases:
+        result = keygate.check(token, method, path, tenant)
+        assert result.code == 3, str(result)
+        answer = result.json()
+        assert answer["allowed"] is False, str(result)
+        assert answer["code"] == code, str(result)
+        assert answer["http_status"] == status, str(result)
+
+
+def test_check_with_tenant_flag_allows_a_write(keygate, writer):
+    result = keygate.check(writer["token"], "PUT", "/v1/contacts/42", writer["tenant_id"])
+    assert result.code == 0, str(result)
+    assert result.json()["allowed"] is True
+
+
+def test_check_exits_1_when_the_server_cannot_be_reached(keygate, reader):
+    env = keygate.cli_env(KEYGATE_URL=f"http://127.0.0.1:{free_port()}")
+    result = run_cli(
+        ["check", "--token", reader["token"], "--method", "GET", "--path", "/v1/contacts/42", "--json"],
+        env,
+    )
+    assert result.code == 1, str(result)
+    assert reader["token"] not in result.stdout + result.stderr
+
