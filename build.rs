@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/keygate/v1/authorizer.proto",
                 "proto/keygate/v1/keys.proto",
+                "proto/keygate/v1/revocations.proto",
             ],
             &["proto"],
         )?;

@@ -43,6 +43,37 @@ pub struct Config {
     pub errors: ErrorsConfig,
     pub logging: LoggingConfig,
     pub policy: PolicyConfig,
+    pub revocation: RevocationConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RevocationSource {
+    /// The store's own stream (Redis, or the embedded store).
+    Store,
+    /// Another keygate's `keygate.v1.Revocations/Watch` (a replica in another region).
+    Watch,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RevocationConfig {
+    pub source: RevocationSource,
+    /// With `source: watch`: the other keygate's gRPC address, e.g. http://10.0.0.5:50051.
+    pub watch_url: String,
+    /// How long one blocking read of the stream waits before it is issued again.
+    #[serde(deserialize_with = "duration")]
+    pub read_block: Duration,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            source: RevocationSource::Store,
+            watch_url: String::new(),
+            read_block: Duration::from_secs(2),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -167,7 +198,7 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
-            ttl: Duration::from_secs(60),
+            ttl: Duration::from_secs(30),
             negative_ttl: Duration::from_secs(5),
             max_entries: 1_000_000,
         }
@@ -469,6 +500,23 @@ impl Config {
             return Err(ConfigError::new(
                 "policy.tenant_header",
                 "must be a lower-case HTTP header name",
+            ));
+        }
+        if self.revocation.source == RevocationSource::Watch
+            && !(self.revocation.watch_url.starts_with("http://")
+                || self.revocation.watch_url.starts_with("https://"))
+        {
+            return Err(ConfigError::new(
+                "revocation.watch_url",
+                "must be an http:// or https:// URL when revocation.source is watch",
+            ));
+        }
+        if self.revocation.read_block.is_zero()
+            || self.revocation.read_block > Duration::from_secs(30)
+        {
+            return Err(ConfigError::new(
+                "revocation.read_block",
+                "must be above zero and at most 30s",
             ));
         }
         crate::policy::Policy::compile(&self.policy)?;

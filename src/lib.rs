@@ -21,6 +21,7 @@ pub mod keys;
 pub mod policy;
 pub mod principal;
 pub mod request;
+pub mod revocation;
 pub mod secret;
 pub mod server;
 pub mod store;

@@ -17,14 +17,19 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::api::authorizer::AuthorizerService;
 use crate::api::envoy::EnvoyAuthorization;
 use crate::api::keys::{admin_auth, KeysService};
-use crate::api::proto::{authorizer_server::AuthorizerServer, keys_server::KeysServer};
+use crate::api::proto::{
+    authorizer_server::AuthorizerServer, keys_server::KeysServer,
+    revocations_server::RevocationsServer,
+};
+use crate::api::revocations::{RevocationsService, WatchFeed};
 use crate::apikey::SecretHasher;
 use crate::authn::Authenticator;
 use crate::authorizer::Authorizer;
 use crate::cache::CredentialCache;
-use crate::config::{Config, Secrets, StoreBackend};
+use crate::config::{Config, RevocationSource, Secrets, StoreBackend};
 use crate::keys::KeyAdmin;
 use crate::policy::Policy;
+use crate::revocation::{EventFeed, RevocationBus, StoreFeed};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::KeyStore;
@@ -37,6 +42,7 @@ pub struct App {
     pub hasher: SecretHasher,
     pub authorizer: Arc<Authorizer>,
     pub admin: Arc<KeyAdmin>,
+    pub bus: Arc<RevocationBus>,
     admin_token: crate::secret::Secret,
 }
 
@@ -77,6 +83,7 @@ impl App {
             cache.clone(),
             config.api_keys.clone(),
         ));
+        let bus = Arc::new(RevocationBus::new(cache.clone()));
         Ok(App {
             config,
             store,
@@ -84,8 +91,18 @@ impl App {
             hasher,
             authorizer,
             admin,
+            bus,
             admin_token: secrets.admin_token,
         })
+    }
+
+    /// Where this replica's revocation events come from.
+    pub fn revocation_feed(&self) -> Arc<dyn EventFeed> {
+        let r = &self.config.revocation;
+        match r.source {
+            RevocationSource::Store => Arc::new(StoreFeed::new(self.store.clone(), r.read_block)),
+            RevocationSource::Watch => Arc::new(WatchFeed::new(r.watch_url.clone(), r.read_block)),
+        }
     }
 
     pub fn envoy_service(&self) -> EnvoyAuthorization {
@@ -140,6 +157,24 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (listen.{what}): {e}"))
 }
 
+/// `/readyz`: the store answers and the revocation stream is followed.
+async fn readiness(store: &dyn KeyStore, bus: &RevocationBus) -> (StatusCode, String) {
+    let not_ready = |why: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+    };
+    match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+        Err(_) => not_ready("store timed out".into()),
+        Ok(Err(e)) => not_ready(e.to_string()),
+        Ok(Ok(())) if !bus.is_connected() => {
+            not_ready("not following the revocation stream".into())
+        }
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".into()),
+    }
+}
+
 /// Binds the three listeners and serves until `shutdown` is called.
 pub async fn start(app: App) -> anyhow::Result<Running> {
     let app = Arc::new(app);
@@ -160,6 +195,15 @@ pub async fn start(app: App) -> anyhow::Result<Running> {
     health
         .set_serving::<AuthorizerServer<AuthorizerService>>()
         .await;
+    health
+        .set_serving::<RevocationsServer<RevocationsService>>()
+        .await;
+
+    let follower = tokio::spawn(app.bus.clone().follow(app.revocation_feed(), stop_rx.clone()));
+    tasks.push(tokio::spawn(async move {
+        follower.await?;
+        Ok(())
+    }));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -173,6 +217,10 @@ pub async fn start(app: App) -> anyhow::Result<Running> {
         .add_service(AuthorizerServer::new(AuthorizerService::new(
             app.authorizer.clone(),
             cfg.errors.opaque,
+        )))
+        .add_service(RevocationsServer::new(RevocationsService::new(
+            app.store.clone(),
+            app.bus.clone(),
         )))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(grpc_listener),
@@ -193,24 +241,15 @@ pub async fn start(app: App) -> anyhow::Result<Running> {
 
     let store = app.store.clone();
     let cache = app.cache.clone();
+    let bus = app.bus.clone();
     let router = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || {
                 let store = store.clone();
-                async move {
-                    match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
-                        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
-                        Ok(Err(e)) => {
-                            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n"))
-                        }
-                        Err(_) => (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "not ready: store timed out\n".into(),
-                        ),
-                    }
-                }
+                let bus = bus.clone();
+                async move { readiness(store.as_ref(), &bus).await }
             }),
         )
         .route(

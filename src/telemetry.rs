@@ -21,6 +21,11 @@ pub struct Metrics {
     pub keys_created: IntCounter,
     pub keys_revoked: IntCounter,
     pub cache_entries: IntGauge,
+    pub revocation_events: IntCounter,
+    pub revocation_lag: Histogram,
+    pub revocation_reconnects: IntCounter,
+    pub revocation_flushes: IntCounter,
+    pub revocation_connected: IntGauge,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -74,6 +79,36 @@ pub fn metrics() -> &'static Metrics {
             "Entries in the verified-credential cache.",
         )
         .expect("valid metric");
+        let revocation_events = IntCounter::new(
+            "revocation_events_applied_total",
+            "Revocation events applied to this replica's cache.",
+        )
+        .expect("valid metric");
+        let revocation_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "revocation_lag_seconds",
+                "Time from a revocation being written to this replica applying it.",
+            )
+            .buckets(vec![
+                0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
+        let revocation_reconnects = IntCounter::new(
+            "revocation_stream_reconnects_total",
+            "Times the revocation stream was lost and reconnected.",
+        )
+        .expect("valid metric");
+        let revocation_flushes = IntCounter::new(
+            "revocation_cache_flushes_total",
+            "Whole-cache flushes because revocation events were lost.",
+        )
+        .expect("valid metric");
+        let revocation_connected = IntGauge::new(
+            "revocation_stream_connected",
+            "1 while this replica follows the revocation stream, 0 otherwise.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(check_duration.clone()),
@@ -84,6 +119,11 @@ pub fn metrics() -> &'static Metrics {
             Box::new(keys_created.clone()),
             Box::new(keys_revoked.clone()),
             Box::new(cache_entries.clone()),
+            Box::new(revocation_events.clone()),
+            Box::new(revocation_lag.clone()),
+            Box::new(revocation_reconnects.clone()),
+            Box::new(revocation_flushes.clone()),
+            Box::new(revocation_connected.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -98,6 +138,11 @@ pub fn metrics() -> &'static Metrics {
             keys_created,
             keys_revoked,
             cache_entries,
+            revocation_events,
+            revocation_lag,
+            revocation_reconnects,
+            revocation_flushes,
+            revocation_connected,
         }
     })
 }

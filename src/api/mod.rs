@@ -4,6 +4,7 @@
 pub mod authorizer;
 pub mod envoy;
 pub mod keys;
+pub mod revocations;
 
 /// keygate's own gRPC API, generated from `proto/keygate/v1`.
 pub mod proto {

@@ -3,17 +3,26 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-use async_trait::async_trait;
-use tokio::sync::RwLock;
+use std::time::Duration;
 
-use super::{EventKind, KeyPage, KeyRecord, KeyStore, RevocationEvent, StoreError};
+use async_trait::async_trait;
+use tokio::sync::{Notify, RwLock};
+
+use super::{EventId, EventKind, KeyPage, KeyRecord, KeyStore, RevocationEvent, StoreError};
 
 /// How many revocation events are kept, like the Redis stream's MAXLEN.
 const MAX_EVENTS: usize = 100_000;
 
-#[derive(Default)]
 pub struct MemoryStore {
     state: RwLock<State>,
+    appended: Notify,
+    max_events: usize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::with_max_events(MAX_EVENTS)
+    }
 }
 
 #[derive(Default)]
@@ -21,34 +30,61 @@ struct State {
     keys: HashMap<String, KeyRecord>,
     by_tenant: BTreeMap<String, BTreeSet<String>>,
     events: VecDeque<RevocationEvent>,
-    last_event: (u64, u64),
+    last_event: EventId,
+    /// The newest id trimmed away, like Redis's `max-deleted-entry-id`.
+    max_deleted: EventId,
 }
 
 impl State {
-    fn append_event(&mut self, key_id: &str, kind: EventKind, at_ms: u64) {
+    fn append_event(&mut self, key_id: &str, kind: EventKind, at_ms: u64, max: usize) {
         // Stream-style ids: milliseconds, then a sequence within the millisecond.
-        let (last_ms, last_seq) = self.last_event;
-        let id = if at_ms > last_ms {
-            (at_ms, 0)
+        let last = self.last_event;
+        let id = if at_ms > last.ms {
+            EventId { ms: at_ms, seq: 0 }
         } else {
-            (last_ms, last_seq + 1)
+            EventId {
+                ms: last.ms,
+                seq: last.seq + 1,
+            }
         };
         self.last_event = id;
         self.events.push_back(RevocationEvent {
-            id: format!("{}-{}", id.0, id.1),
+            id: id.to_string(),
             key_id: key_id.to_owned(),
             kind,
             at_ms,
         });
-        while self.events.len() > MAX_EVENTS {
-            self.events.pop_front();
+        while self.events.len() > max {
+            if let Some(old) = self.events.pop_front() {
+                self.max_deleted = old.position();
+            }
         }
+    }
+
+    fn events_after(&self, after: EventId, count: usize) -> Vec<RevocationEvent> {
+        // Ids are increasing: binary search for the first one past `after`.
+        let start = self.events.partition_point(|e| e.position() <= after);
+        self.events
+            .iter()
+            .skip(start)
+            .take(count)
+            .cloned()
+            .collect()
     }
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         MemoryStore::default()
+    }
+
+    /// A store whose event log keeps only `max_events` (to test trimming).
+    pub fn with_max_events(max_events: usize) -> Self {
+        MemoryStore {
+            state: RwLock::default(),
+            appended: Notify::new(),
+            max_events: max_events.max(1),
+        }
     }
 
     /// Every retained event, oldest first.
@@ -118,7 +154,8 @@ impl KeyStore for MemoryStore {
         }
         rec.revoked_at_ms = Some(at_ms);
         let rec = rec.clone();
-        s.append_event(key_id, EventKind::Revoked, at_ms);
+        s.append_event(key_id, EventKind::Revoked, at_ms, self.max_events);
+        self.appended.notify_waiters();
         Ok(Some(rec))
     }
 
@@ -133,11 +170,44 @@ impl KeyStore for MemoryStore {
                 s.by_tenant.remove(&rec.tenant_id);
             }
         }
-        s.append_event(key_id, EventKind::Deleted, at_ms);
+        s.append_event(key_id, EventKind::Deleted, at_ms, self.max_events);
+        self.appended.notify_waiters();
         Ok(Some(rec))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn latest_event_id(&self) -> Result<EventId, StoreError> {
+        Ok(self.state.read().await.last_event)
+    }
+
+    async fn read_events(
+        &self,
+        after: EventId,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<RevocationEvent>, StoreError> {
+        let deadline = block.map(|b| tokio::time::Instant::now() + b);
+        loop {
+            // Register for the wake-up before looking, so an append in between is seen.
+            let appended = self.appended.notified();
+            let events = self.state.read().await.events_after(after, count);
+            let Some(deadline) = deadline else {
+                return Ok(events);
+            };
+            if !events.is_empty() {
+                return Ok(events);
+            }
+            if tokio::time::timeout_at(deadline, appended).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn events_lost_after(&self, after: EventId) -> Result<bool, StoreError> {
+        let s = self.state.read().await;
+        Ok(s.max_deleted > after || s.last_event < after)
     }
 }

@@ -89,6 +89,47 @@ pub struct RevocationEvent {
     pub at_ms: u64,
 }
 
+impl RevocationEvent {
+    /// The id as (milliseconds, sequence), for ordering.
+    pub fn position(&self) -> EventId {
+        EventId::parse(&self.id).unwrap_or_default()
+    }
+}
+
+/// A position in the revocation stream: Redis stream id `ms-seq`. `0-0` is the start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl EventId {
+    pub const START: EventId = EventId { ms: 0, seq: 0 };
+
+    /// Parses `ms-seq` (or a bare `ms`, meaning `ms-0`). Nothing else.
+    pub fn parse(s: &str) -> Option<EventId> {
+        let (ms, seq) = match s.split_once('-') {
+            Some((ms, seq)) => (ms, seq),
+            None => (s, "0"),
+        };
+        let digits =
+            |x: &str| !x.is_empty() && x.len() <= 20 && x.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return None;
+        }
+        Some(EventId {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPage {
     pub keys: Vec<KeyRecord>,
@@ -134,6 +175,23 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Whether the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The id of the newest event, or `START` if there is none.
+    async fn latest_event_id(&self) -> Result<EventId, StoreError>;
+
+    /// Up to `count` events after `after`, oldest first. With `block`, waits up to that
+    /// long for at least one (on a connection of its own, so other calls are not held).
+    async fn read_events(
+        &self,
+        after: EventId,
+        count: usize,
+        block: Option<std::time::Duration>,
+    ) -> Result<Vec<RevocationEvent>, StoreError>;
+
+    /// Whether events after `after` may have been lost: trimmed from the bounded stream,
+    /// or the stream itself was reset (a Redis restart without persistence). A reader
+    /// resuming from `after` must then flush everything it cached.
+    async fn events_lost_after(&self, after: EventId) -> Result<bool, StoreError>;
 }
 
 pub fn now_ms() -> u64 {

@@ -19,7 +19,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use tokio::sync::OnceCell;
 
-use super::{KeyPage, KeyRecord, KeyStore, StoreError};
+use super::{EventId, EventKind, KeyPage, KeyRecord, KeyStore, RevocationEvent, StoreError};
 use crate::secret::Secret;
 
 /// Approximate bound on the revocation stream's length.
@@ -28,6 +28,9 @@ pub const STREAM_MAX_LEN: usize = 100_000;
 pub struct RedisStore {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
+    /// Blocking stream reads get a connection of their own: a blocked XREAD would
+    /// otherwise hold up every request multiplexed on the shared one.
+    blocking: OnceCell<ConnectionManager>,
     timeout: Duration,
     ns: String,
     create: Script,
@@ -55,6 +58,7 @@ impl RedisStore {
         Ok(RedisStore {
             client,
             conn: OnceCell::new(),
+            blocking: OnceCell::new(),
             timeout,
             ns: namespace.to_owned(),
             create: Script::new(include_str!("lua/create.lua")),
@@ -80,13 +84,20 @@ impl RedisStore {
     }
 
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        self.connect(&self.conn, self.timeout).await
+    }
+
+    async fn connect(
+        &self,
+        cell: &OnceCell<ConnectionManager>,
+        response_timeout: Duration,
+    ) -> Result<ConnectionManager, StoreError> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout)
+            .set_response_timeout(response_timeout)
             .set_number_of_retries(1)
             .set_max_delay(200);
-        let conn = self
-            .conn
+        let conn = cell
             .get_or_try_init(|| async {
                 tokio::time::timeout(
                     self.timeout,
@@ -105,7 +116,15 @@ impl RedisStore {
         &self,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, f).await {
+        self.run_for(self.timeout, f).await
+    }
+
+    async fn run_for<T>(
+        &self,
+        limit: Duration,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, f).await {
             Ok(r) => r.map_err(unavailable),
             Err(_) => Err(StoreError::Unavailable(
                 "Redis did not answer in time".into(),
@@ -117,6 +136,30 @@ impl RedisStore {
 fn unavailable(e: redis::RedisError) -> StoreError {
     crate::telemetry::metrics().store_errors.inc();
     StoreError::Unavailable(e.to_string())
+}
+
+fn event_id(s: &str) -> Result<EventId, StoreError> {
+    EventId::parse(s).ok_or_else(|| StoreError::Corrupt(format!("bad stream id {s}")))
+}
+
+/// A revocation event from an XREAD/XRANGE entry.
+fn decode_event(entry: &redis::streams::StreamId) -> Result<RevocationEvent, StoreError> {
+    let field = |name: &str| -> Result<String, StoreError> {
+        entry
+            .get::<String>(name)
+            .ok_or_else(|| StoreError::Corrupt(format!("event {} has no {name}", entry.id)))
+    };
+    let kind = match field("kind")?.as_str() {
+        "revoked" => EventKind::Revoked,
+        "deleted" => EventKind::Deleted,
+        other => return Err(StoreError::Corrupt(format!("event kind {other}"))),
+    };
+    Ok(RevocationEvent {
+        id: entry.id.clone(),
+        key_id: field("key_id")?,
+        kind,
+        at_ms: field("at_ms")?.parse().unwrap_or(0),
+    })
 }
 
 /// A record from its hash fields (`data`, `revoked_at_ms`).
@@ -258,5 +301,79 @@ impl KeyStore for RedisStore {
         let mut conn = self.conn().await?;
         let _: String = self.run(redis::cmd("PING").query_async(&mut conn)).await?;
         Ok(())
+    }
+
+    async fn latest_event_id(&self) -> Result<EventId, StoreError> {
+        let mut conn = self.conn().await?;
+        let reply: redis::streams::StreamRangeReply = self
+            .run(conn.xrevrange_count(self.events_key(), "+", "-", 1))
+            .await?;
+        match reply.ids.first() {
+            Some(e) => event_id(&e.id),
+            None => Ok(EventId::START),
+        }
+    }
+
+    async fn read_events(
+        &self,
+        after: EventId,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<RevocationEvent>, StoreError> {
+        let mut opts = redis::streams::StreamReadOptions::default().count(count);
+        let (mut conn, limit) = match block {
+            Some(b) => {
+                opts = opts.block(b.as_millis().max(1) as usize);
+                let limit = b + self.timeout;
+                (self.connect(&self.blocking, limit).await?, limit)
+            }
+            None => (self.conn().await?, self.timeout),
+        };
+        let reply: Option<redis::streams::StreamReadReply> = self
+            .run_for(
+                limit,
+                conn.xread_options(&[self.events_key()], &[after.to_string()], &opts),
+            )
+            .await?;
+        let mut events = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in &key.ids {
+                events.push(decode_event(entry)?);
+            }
+        }
+        Ok(events)
+    }
+
+    async fn events_lost_after(&self, after: EventId) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let exists: bool = self.run(conn.exists(self.events_key())).await?;
+        if !exists {
+            // No stream at all: either nothing was ever revoked (we are at the start),
+            // or Redis lost it (a restart without persistence).
+            return Ok(after != EventId::START);
+        }
+        let info: Vec<redis::Value> = self
+            .run(
+                redis::cmd("XINFO")
+                    .arg("STREAM")
+                    .arg(self.events_key())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let mut last_generated = None;
+        let mut max_deleted = None;
+        for pair in info.chunks(2) {
+            let [name, value] = pair else { continue };
+            let name: String = redis::from_redis_value(name).unwrap_or_default();
+            let value: Option<String> = redis::from_redis_value(value).ok();
+            match name.as_str() {
+                "last-generated-id" => last_generated = value,
+                "max-deleted-entry-id" => max_deleted = value,
+                _ => {}
+            }
+        }
+        let last_generated = event_id(last_generated.as_deref().unwrap_or("0-0"))?;
+        let max_deleted = event_id(max_deleted.as_deref().unwrap_or("0-0"))?;
+        Ok(max_deleted > after || last_generated < after)
     }
 }

@@ -1,0 +1,263 @@
+//! `keygate.v1.Revocations/Watch` (server) and the feed that follows another keygate's
+//! Watch stream (client), so a replica in another region can stay in step without
+//! reaching the primary's Redis.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{broadcast, mpsc, Mutex};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::proto::{
+    self, revocation_event::Kind, revocations_client::RevocationsClient,
+    revocations_server::Revocations,
+};
+use super::timestamp;
+use crate::revocation::{EventFeed, FeedItem, RevocationBus};
+use crate::store::{EventId, EventKind, KeyStore, RevocationEvent, StoreError};
+
+pub struct RevocationsService {
+    store: Arc<dyn KeyStore>,
+    bus: Arc<RevocationBus>,
+}
+
+impl RevocationsService {
+    pub fn new(store: Arc<dyn KeyStore>, bus: Arc<RevocationBus>) -> Self {
+        RevocationsService { store, bus }
+    }
+}
+
+fn event_proto(item: &FeedItem) -> proto::RevocationEvent {
+    match item {
+        FeedItem::Event(e) => proto::RevocationEvent {
+            id: e.id.clone(),
+            key_id: e.key_id.clone(),
+            kind: match e.kind {
+                EventKind::Revoked => Kind::Revoked,
+                EventKind::Deleted => Kind::Deleted,
+            } as i32,
+            at: Some(timestamp(e.at_ms)),
+        },
+        FeedItem::Reset(id) => proto::RevocationEvent {
+            id: id.to_string(),
+            key_id: String::new(),
+            kind: Kind::Reset as i32,
+            at: None,
+        },
+    }
+}
+
+fn unavailable(e: StoreError) -> Status {
+    Status::unavailable(format!("revocation stream unavailable: {e}"))
+}
+
+/// Sends everything the store holds after `after`; returns the new position, or `None`
+/// when the client has gone.
+async fn replay(
+    store: &dyn KeyStore,
+    tx: &mpsc::Sender<Result<proto::RevocationEvent, Status>>,
+    mut after: EventId,
+) -> Result<Option<EventId>, StoreError> {
+    loop {
+        let events = store.read_events(after, 1000, None).await?;
+        if events.is_empty() {
+            return Ok(Some(after));
+        }
+        for e in events {
+            after = e.position();
+            if tx.send(Ok(event_proto(&FeedItem::Event(e)))).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+type WatchStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::RevocationEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Revocations for RevocationsService {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let raw = request.into_inner().after_id;
+        let latest = self.store.latest_event_id().await.map_err(unavailable)?;
+        let after = if raw.is_empty() {
+            latest
+        } else {
+            let id = EventId::parse(raw.trim()).ok_or_else(|| {
+                Status::invalid_argument("after_id: must be a stream id like 1763900000000-0")
+            })?;
+            if id > latest {
+                return Err(Status::invalid_argument(
+                    "after_id: no such event (newer than the newest event)",
+                ));
+            }
+            id
+        };
+        // Subscribe before replaying, so nothing published meanwhile is missed; what is
+        // seen twice is skipped by id.
+        let mut live = self.bus.subscribe();
+        let lost = self
+            .store
+            .events_lost_after(after)
+            .await
+            .map_err(unavailable)?;
+        let store = self.store.clone();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut after = after;
+            if lost {
+                let reset = FeedItem::Reset(latest);
+                if tx.send(Ok(event_proto(&reset))).await.is_err() {
+                    return;
+                }
+                after = latest;
+            }
+            loop {
+                match replay(store.as_ref(), &tx, after).await {
+                    Ok(Some(pos)) => after = pos,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(unavailable(e))).await;
+                        return;
+                    }
+                }
+                loop {
+                    let item = match live.recv().await {
+                        Ok(item) => item,
+                        // Too slow for the live feed: catch up from the store again.
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    let pos = match &item {
+                        FeedItem::Event(e) => e.position(),
+                        FeedItem::Reset(id) => *id,
+                    };
+                    let fresh = matches!(item, FeedItem::Reset(_)) || pos > after;
+                    if !fresh {
+                        continue;
+                    }
+                    after = pos;
+                    if tx.send(Ok(event_proto(&item))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Follows another keygate's `Watch` stream.
+pub struct WatchFeed {
+    url: String,
+    stream: Mutex<Option<Streaming<proto::RevocationEvent>>>,
+    /// How long one `read` waits for a message before returning empty.
+    wait: Duration,
+}
+
+impl WatchFeed {
+    pub fn new(url: String, wait: Duration) -> Self {
+        WatchFeed {
+            url,
+            stream: Mutex::new(None),
+            wait,
+        }
+    }
+
+    async fn open(
+        &self,
+        after: Option<EventId>,
+    ) -> Result<Streaming<proto::RevocationEvent>, Status> {
+        let channel = tonic::transport::Endpoint::from_shared(self.url.clone())
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot reach {}: {e}", self.url)))?;
+        let req = proto::WatchRequest {
+            after_id: after.map(|a| a.to_string()).unwrap_or_default(),
+        };
+        Ok(RevocationsClient::new(channel)
+            .watch(req)
+            .await?
+            .into_inner())
+    }
+}
+
+fn feed_error(s: Status) -> StoreError {
+    StoreError::Unavailable(format!("Watch: {}", s.message()))
+}
+
+fn feed_item(msg: proto::RevocationEvent) -> Result<FeedItem, StoreError> {
+    let id = EventId::parse(&msg.id)
+        .ok_or_else(|| StoreError::Corrupt(format!("bad event id {}", msg.id)))?;
+    let at_ms = msg
+        .at
+        .map(|t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000)
+        .unwrap_or(0);
+    let kind = match Kind::try_from(msg.kind) {
+        Ok(Kind::Reset) => return Ok(FeedItem::Reset(id)),
+        Ok(Kind::Revoked) => EventKind::Revoked,
+        Ok(Kind::Deleted) => EventKind::Deleted,
+        _ => {
+            return Err(StoreError::Corrupt(format!(
+                "unknown event kind {}",
+                msg.kind
+            )))
+        }
+    };
+    Ok(FeedItem::Event(RevocationEvent {
+        id: msg.id,
+        key_id: msg.key_id,
+        kind,
+        at_ms,
+    }))
+}
+
+#[async_trait]
+impl EventFeed for WatchFeed {
+    async fn start_position(&self) -> Result<EventId, StoreError> {
+        // Open "from now": the first message read continues from there.
+        let stream = self.open(None).await.map_err(feed_error)?;
+        *self.stream.lock().await = Some(stream);
+        Ok(EventId::START)
+    }
+
+    async fn read(&self, after: EventId, resync: bool) -> Result<Vec<FeedItem>, StoreError> {
+        let mut guard = self.stream.lock().await;
+        if resync || guard.is_none() {
+            // The remote replays what we missed, or sends RESET if it cannot.
+            match self.open(Some(after)).await {
+                Ok(stream) => *guard = Some(stream),
+                // The remote has no such event: its stream was reset (e.g. Redis lost
+                // it). Nothing after our position can be replayed, so flush.
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    *guard = Some(self.open(None).await.map_err(feed_error)?);
+                    return Ok(vec![FeedItem::Reset(EventId::START)]);
+                }
+                Err(s) => return Err(feed_error(s)),
+            }
+        }
+        let stream = guard.as_mut().expect("opened above");
+        match tokio::time::timeout(self.wait, stream.message()).await {
+            Err(_) => Ok(Vec::new()),
+            Ok(Ok(Some(msg))) => Ok(vec![feed_item(msg)?]),
+            Ok(Ok(None)) => {
+                *guard = None;
+                Err(StoreError::Unavailable("Watch stream ended".into()))
+            }
+            Ok(Err(status)) => {
+                *guard = None;
+                Err(feed_error(status))
+            }
+        }
+    }
+}

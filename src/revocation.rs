@@ -1,0 +1,218 @@
+//! The revocation bus of one replica: follow the event feed, drop revoked keys from the
+//! cache the moment their event arrives, and re-publish applied events to local `Watch`
+//! clients.
+//!
+//! The feed is the store's stream (Redis XREAD on a dedicated connection) or another
+//! keygate's `Watch` stream. After a lost connection the follower resumes from the last id
+//! it applied; if events after that id were lost, it flushes the whole cache. While it
+//! cannot follow, cached entries keep only their TTL as the bound on staleness, and the
+//! replica says so in `/readyz` and the `revocation_stream_connected` metric.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{broadcast, watch};
+
+use crate::cache::CredentialCache;
+use crate::store::{now_ms, EventId, KeyStore, RevocationEvent, StoreError};
+use crate::telemetry::metrics;
+
+/// What a feed yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedItem {
+    Event(RevocationEvent),
+    /// Events were lost; flush everything and continue after this id.
+    Reset(EventId),
+}
+
+/// A source of revocation events.
+#[async_trait]
+pub trait EventFeed: Send + Sync + 'static {
+    /// The position to start from when nothing was applied yet: the newest event now.
+    async fn start_position(&self) -> Result<EventId, StoreError>;
+
+    /// The next items after `after`, waiting a bounded time for them (an empty result is
+    /// fine). `resync` is set after a failure: the feed must then check whether events
+    /// after `after` were lost and, if so, yield a `Reset` first.
+    async fn read(&self, after: EventId, resync: bool) -> Result<Vec<FeedItem>, StoreError>;
+}
+
+/// The store's own stream.
+pub struct StoreFeed {
+    store: Arc<dyn KeyStore>,
+    block: Duration,
+}
+
+impl StoreFeed {
+    pub fn new(store: Arc<dyn KeyStore>, block: Duration) -> Self {
+        StoreFeed { store, block }
+    }
+}
+
+/// Most events one read returns.
+const BATCH: usize = 1000;
+
+#[async_trait]
+impl EventFeed for StoreFeed {
+    async fn start_position(&self) -> Result<EventId, StoreError> {
+        self.store.latest_event_id().await
+    }
+
+    async fn read(&self, after: EventId, resync: bool) -> Result<Vec<FeedItem>, StoreError> {
+        if resync && self.store.events_lost_after(after).await? {
+            return Ok(vec![FeedItem::Reset(self.store.latest_event_id().await?)]);
+        }
+        let events = self
+            .store
+            .read_events(after, BATCH, Some(self.block))
+            .await?;
+        Ok(events.into_iter().map(FeedItem::Event).collect())
+    }
+}
+
+/// One replica's revocation state.
+pub struct RevocationBus {
+    cache: Arc<CredentialCache>,
+    published: broadcast::Sender<FeedItem>,
+    connected: AtomicBool,
+    last_applied: Mutex<EventId>,
+}
+
+impl RevocationBus {
+    pub fn new(cache: Arc<CredentialCache>) -> Self {
+        RevocationBus {
+            cache,
+            published: broadcast::channel(4096).0,
+            connected: AtomicBool::new(false),
+            last_applied: Mutex::new(EventId::START),
+        }
+    }
+
+    /// Whether the follower is currently following its feed.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    pub fn last_applied(&self) -> EventId {
+        *self.last_applied.lock().expect("not poisoned")
+    }
+
+    /// Items applied from now on (for `Watch`).
+    pub fn subscribe(&self) -> broadcast::Receiver<FeedItem> {
+        self.published.subscribe()
+    }
+
+    fn set_connected(&self, connected: bool) {
+        let was = self.connected.swap(connected, Ordering::AcqRel);
+        metrics()
+            .revocation_connected
+            .set(if connected { 1 } else { 0 });
+        if was && !connected {
+            tracing::warn!(
+                "lost the revocation stream; cached keys are bounded by their TTL until it is back"
+            );
+        } else if !was && connected {
+            tracing::info!(after = %self.last_applied(), "following the revocation stream");
+        }
+    }
+
+    /// Applies one item: the cache first, then local watchers.
+    pub async fn apply(&self, item: FeedItem) {
+        let m = metrics();
+        match &item {
+            FeedItem::Event(e) => {
+                self.cache.invalidate_key(&e.key_id).await;
+                m.revocation_events.inc();
+                m.revocation_lag
+                    .observe(now_ms().saturating_sub(e.at_ms) as f64 / 1000.0);
+                tracing::debug!(key_id = %e.key_id, kind = e.kind.as_str(), id = %e.id, "revocation applied");
+                *self.last_applied.lock().expect("not poisoned") = e.position();
+            }
+            FeedItem::Reset(id) => {
+                self.cache.invalidate_all();
+                m.revocation_flushes.inc();
+                tracing::warn!(resume_after = %id, "revocation events were lost; flushed the credential cache");
+                *self.last_applied.lock().expect("not poisoned") = *id;
+            }
+        }
+        let _ = self.published.send(item);
+    }
+
+    /// Follows `feed` until `stop` turns true.
+    pub async fn follow(
+        self: Arc<Self>,
+        feed: Arc<dyn EventFeed>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Backoff::default();
+        let mut after = loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                r = feed.start_position() => match r {
+                    Ok(id) => break id,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot find the revocation stream's position");
+                        tokio::time::sleep(backoff.next()).await;
+                    }
+                }
+            }
+        };
+        *self.last_applied.lock().expect("not poisoned") = after;
+        self.set_connected(true);
+        let mut resync = false;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let read = tokio::select! {
+                _ = stop.changed() => return,
+                r = feed.read(after, resync) => r,
+            };
+            match read {
+                Ok(items) => {
+                    resync = false;
+                    backoff = Backoff::default();
+                    self.set_connected(true);
+                    for item in items {
+                        after = match &item {
+                            FeedItem::Event(e) => e.position(),
+                            FeedItem::Reset(id) => *id,
+                        };
+                        self.apply(item).await;
+                    }
+                }
+                Err(e) => {
+                    if self.is_connected() || !resync {
+                        tracing::warn!(error = %e, "revocation stream read failed");
+                    }
+                    self.set_connected(false);
+                    metrics().revocation_reconnects.inc();
+                    resync = true;
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        _ = tokio::time::sleep(backoff.next()) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Retry delays: 50 ms doubling to 2 s.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(50))
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+        d
+    }
+}
