@@ -164,7 +164,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let admin_token = secrets.admin_token.clone();
     let app = server::App::build(config, secrets)?;
-    let running = server::start(app).await?;
+    let running = server::start(std::sync::Arc::new(app)).await?;
     let state = if args.dev {
         let path = dev_state_path();
         write_dev_state(&path, &running, admin_token.expose())?;

@@ -8,7 +8,7 @@
 //! cannot follow, cached entries keep only their TTL as the bound on staleness, and the
 //! replica says so in `/readyz` and the `revocation_stream_connected` metric.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -78,6 +78,8 @@ pub struct RevocationBus {
     published: broadcast::Sender<FeedItem>,
     connected: AtomicBool,
     last_applied: Mutex<EventId>,
+    reconnects: AtomicU64,
+    flushes: AtomicU64,
 }
 
 impl RevocationBus {
@@ -87,6 +89,8 @@ impl RevocationBus {
             published: broadcast::channel(4096).0,
             connected: AtomicBool::new(false),
             last_applied: Mutex::new(EventId::START),
+            reconnects: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
         }
     }
 
@@ -97,6 +101,16 @@ impl RevocationBus {
 
     pub fn last_applied(&self) -> EventId {
         *self.last_applied.lock().expect("not poisoned")
+    }
+
+    /// Times this replica lost its feed (the metric sums over replicas in one process).
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Whole-cache flushes because events were lost.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
     }
 
     /// Items applied from now on (for `Watch`).
@@ -133,6 +147,7 @@ impl RevocationBus {
             FeedItem::Reset(id) => {
                 self.cache.invalidate_all();
                 m.revocation_flushes.inc();
+                self.flushes.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(resume_after = %id, "revocation events were lost; flushed the credential cache");
                 *self.last_applied.lock().expect("not poisoned") = *id;
             }
@@ -189,6 +204,7 @@ impl RevocationBus {
                     }
                     self.set_connected(false);
                     metrics().revocation_reconnects.inc();
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
                     resync = true;
                     tokio::select! {
                         _ = stop.changed() => return,

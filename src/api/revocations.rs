@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{broadcast, mpsc, Mutex};
+use tokio::sync::{broadcast, mpsc, watch, Mutex};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -22,11 +22,18 @@ use crate::store::{EventId, EventKind, KeyStore, RevocationEvent, StoreError};
 pub struct RevocationsService {
     store: Arc<dyn KeyStore>,
     bus: Arc<RevocationBus>,
+    /// Ends every open stream on shutdown: a graceful stop waits for open calls, and a
+    /// Watch stream would otherwise never finish.
+    stop: watch::Receiver<bool>,
 }
 
 impl RevocationsService {
-    pub fn new(store: Arc<dyn KeyStore>, bus: Arc<RevocationBus>) -> Self {
-        RevocationsService { store, bus }
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        bus: Arc<RevocationBus>,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        RevocationsService { store, bus, stop }
     }
 }
 
@@ -111,7 +118,8 @@ impl Revocations for RevocationsService {
             .map_err(unavailable)?;
         let store = self.store.clone();
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
+        let mut stop = self.stop.clone();
+        let serve = async move {
             let mut after = after;
             if lost {
                 let reset = FeedItem::Reset(latest);
@@ -149,6 +157,12 @@ impl Revocations for RevocationsService {
                         return;
                     }
                 }
+            }
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = serve => {}
+                _ = stop.wait_for(|stopped| *stopped) => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

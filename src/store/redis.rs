@@ -138,6 +138,65 @@ fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// What XINFO STREAM says of the revocation stream.
+struct StreamInfo {
+    last_generated: EventId,
+    length: u64,
+    entries_added: u64,
+    first_entry: Option<EventId>,
+}
+
+impl RedisStore {
+    /// `None` when the stream does not exist.
+    async fn stream_info(&self) -> Result<Option<StreamInfo>, StoreError> {
+        let mut conn = self.conn().await?;
+        let exists: bool = self.run(conn.exists(self.events_key())).await?;
+        if !exists {
+            return Ok(None);
+        }
+        let info: Vec<redis::Value> = self
+            .run(
+                redis::cmd("XINFO")
+                    .arg("STREAM")
+                    .arg(self.events_key())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let mut last_generated = EventId::START;
+        let mut length: u64 = 0;
+        let mut entries_added: u64 = 0;
+        let mut first_entry = None;
+        for pair in info.chunks(2) {
+            let [name, value] = pair else { continue };
+            let name: String = redis::from_redis_value(name).unwrap_or_default();
+            match name.as_str() {
+                "last-generated-id" => {
+                    let id: String = redis::from_redis_value(value).unwrap_or_default();
+                    last_generated = event_id(&id)?;
+                }
+                "length" => length = redis::from_redis_value(value).unwrap_or(0),
+                "entries-added" => entries_added = redis::from_redis_value(value).unwrap_or(0),
+                "first-entry" => {
+                    // [id, [field, value, …]] or nil when the stream is empty.
+                    if let redis::Value::Array(entry) = value {
+                        if let Some(id) = entry.first() {
+                            let id: String = redis::from_redis_value(id).unwrap_or_default();
+                            first_entry = Some(event_id(&id)?);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(Some(StreamInfo {
+            last_generated,
+            length,
+            entries_added,
+            first_entry,
+        }))
+    }
+}
+
 fn event_id(s: &str) -> Result<EventId, StoreError> {
     EventId::parse(s).ok_or_else(|| StoreError::Corrupt(format!("bad stream id {s}")))
 }
@@ -304,14 +363,11 @@ impl KeyStore for RedisStore {
     }
 
     async fn latest_event_id(&self) -> Result<EventId, StoreError> {
-        let mut conn = self.conn().await?;
-        let reply: redis::streams::StreamRangeReply = self
-            .run(conn.xrevrange_count(self.events_key(), "+", "-", 1))
-            .await?;
-        match reply.ids.first() {
-            Some(e) => event_id(&e.id),
-            None => Ok(EventId::START),
-        }
+        // The last id ever generated, even if trimming has emptied the stream since.
+        Ok(self
+            .stream_info()
+            .await?
+            .map_or(EventId::START, |i| i.last_generated))
     }
 
     async fn read_events(
@@ -345,35 +401,29 @@ impl KeyStore for RedisStore {
     }
 
     async fn events_lost_after(&self, after: EventId) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        let exists: bool = self.run(conn.exists(self.events_key())).await?;
-        if !exists {
+        let Some(info) = self.stream_info().await? else {
             // No stream at all: either nothing was ever revoked (we are at the start),
             // or Redis lost it (a restart without persistence).
             return Ok(after != EventId::START);
+        };
+        let StreamInfo {
+            last_generated,
+            length,
+            entries_added,
+            first_entry,
+        } = info;
+        if last_generated < after {
+            // The stream went backwards: it was reset.
+            return Ok(true);
         }
-        let info: Vec<redis::Value> = self
-            .run(
-                redis::cmd("XINFO")
-                    .arg("STREAM")
-                    .arg(self.events_key())
-                    .query_async(&mut conn),
-            )
-            .await?;
-        let mut last_generated = None;
-        let mut max_deleted = None;
-        for pair in info.chunks(2) {
-            let [name, value] = pair else { continue };
-            let name: String = redis::from_redis_value(name).unwrap_or_default();
-            let value: Option<String> = redis::from_redis_value(value).ok();
-            match name.as_str() {
-                "last-generated-id" => last_generated = value,
-                "max-deleted-entry-id" => max_deleted = value,
-                _ => {}
-            }
+        if entries_added <= length || last_generated == after {
+            // Nothing was ever trimmed, or nothing came after `after`.
+            return Ok(false);
         }
-        let last_generated = event_id(last_generated.as_deref().unwrap_or("0-0"))?;
-        let max_deleted = event_id(max_deleted.as_deref().unwrap_or("0-0"))?;
-        Ok(max_deleted > after || last_generated < after)
+        // Something was trimmed. Events after `after` are intact only if the oldest one
+        // kept is not newer than `after` (so everything after it is still here). When the
+        // trim stopped exactly at `after` this flushes once more than needed: the price
+        // of never missing one.
+        Ok(first_entry.is_none_or(|first| first > after))
     }
 }

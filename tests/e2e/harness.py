@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,21 +55,13 @@ def _binary(env_name: str, default: str | None, what: str) -> str:
     if not path.is_absolute() and os.sep in value:
         path = REPO / path
     elif not path.is_absolute():
-        found = _which(value)
+        found = shutil.which(value)
         if found is None:
             raise RuntimeError(f"{what}: {value!r} is not on PATH (set {env_name})")
         path = Path(found)
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise RuntimeError(f"{what}: {path} is not an executable file (set {env_name})")
     return str(path)
-
-
-def _which(name: str) -> str | None:
-    for d in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = Path(d) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return None
 
 
 def keygate_bin() -> str:
@@ -173,7 +166,10 @@ class Proc:
     def tail(self, lines: int = 30) -> str:
         parts = []
         for label, path in (("stdout", self.stdout_path), ("stderr", self.stderr_path)):
-            text = path.read_text(errors="replace").splitlines()[-lines:]
+            text = [
+                line if len(line) <= 300 else line[:300] + " …"
+                for line in path.read_text(errors="replace").splitlines()[-lines:]
+            ]
             if text:
                 parts.append(f"--- {self.name} {label} ({path}) ---\n" + "\n".join(text))
         return "\n".join(parts) or f"--- {self.name}: no output ---"
@@ -374,10 +370,12 @@ class Keygate:
 
     def cli_env(self, **extra) -> dict[str, str]:
         return clean_env(
-            KEYGATE_ADMIN_URL=self.admin_url,
-            KEYGATE_ADMIN_TOKEN=self.admin_token,
-            KEYGATE_URL=self.grpc_url,
-            **extra,
+            **{
+                "KEYGATE_ADMIN_URL": self.admin_url,
+                "KEYGATE_ADMIN_TOKEN": self.admin_token,
+                "KEYGATE_URL": self.grpc_url,
+                **extra,
+            }
         )
 
     def cli(self, *args: str) -> CliResult:
@@ -394,10 +392,8 @@ class Keygate:
             assert field_name in key, f"keys create --json lacks {field_name!r}:\n{result}"
         return key
 
-    def check(self, token: str | None, method: str, path: str, tenant: str | None = None) -> CliResult:
-        args = ["check", "--method", method, "--path", path, "--json"]
-        if token is not None:
-            args += ["--token", token]
+    def check(self, token: str, method: str, path: str, tenant: str | None = None) -> CliResult:
+        args = ["check", "--token", token, "--method", method, "--path", path, "--json"]
         if tenant is not None:
             args += ["--tenant", tenant]
         return self.cli(*args)

@@ -4,7 +4,7 @@ and check, as a script would use them (--json, exit codes)."""
 import uuid
 from datetime import datetime, timedelta, timezone
 
-from harness import free_port, run_cli, token_parts
+from harness import free_port, run_cli, token_parts, with_bad_checksum
 
 
 def test_create_returns_the_token_once_with_its_metadata(keygate, tenant):
@@ -88,7 +88,7 @@ def test_check_denies_with_exit_3_and_the_code(keygate, reader, writer):
         (reader["token"], "POST", "/v1/contacts/42", reader["tenant_id"], 403, "insufficient_permissions"),
         (writer["token"], "POST", "/v1/contacts/42", None, 400, "tenant_required"),
         (writer["token"], "POST", "/v1/contacts/42", str(uuid.uuid4()), 403, "tenant_forbidden"),
-        (None, "GET", "/v1/contacts/42", None, 401, "missing_credentials"),
+        (with_bad_checksum(reader["token"]), "GET", "/v1/contacts/42", None, 401, "invalid_api_key"),
     ]
     for token, method, path, tenant, status, code in cases:
         result = keygate.check(token, method, path, tenant)

@@ -28,7 +28,7 @@ def test_dev_server_is_found_by_the_cli_and_allows_a_sample_route(tmp_path):
             return http_get(f"http://127.0.0.1:{http}/readyz", timeout=1)[0] == 200
 
         wait_for("keygate --dev to be ready", ready)
-        dev = json.loads(wait_for("dev.json", lambda: (state / "dev.json").read_text()))
+        dev = wait_for("dev.json", lambda: json.loads((state / "dev.json").read_text()))
         assert dev["admin_url"].endswith(f":{admin}"), dev
         assert dev["grpc_url"].endswith(f":{grpc}"), dev
         assert dev["admin_token"], dev

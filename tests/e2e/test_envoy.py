@@ -1,6 +1,7 @@
 """Requests through the real Envoy (examples/envoy.yaml) to the echo upstream, with keygate
 deciding: what the client gets back, and what the upstream gets to see."""
 
+import time
 import uuid
 
 import pytest
@@ -126,6 +127,19 @@ def test_public_route_needs_no_credential(stack):
     assert resp.upstream_headers("x-keygate-key-id") == []
 
 
+def test_public_route_drops_client_sent_identity_headers(stack):
+    # No principal to vouch for, so nothing the client claims may pass as keygate's word.
+    resp = stack.request(
+        "GET",
+        "/public/health",
+        [(name, "forged") for name in IDENTITY_HEADERS if name != "x-tenant-id"]
+        + [("x-tenant-id", str(uuid.uuid4()))],
+    )
+    assert_allowed(resp)
+    for name in IDENTITY_HEADERS:
+        assert resp.upstream_headers(name) == [], f"client-sent {name} reached the upstream:\n{resp}"
+
+
 # ------------------------------------------------------------------------- matching
 
 def test_trailing_double_star_matches_zero_segments(stack, reader):
@@ -247,3 +261,21 @@ def test_write_for_another_tenant_is_forbidden(stack, writer):
         "DELETE", CONTACT, [bearer(writer["token"]), ("x-tenant-id", str(uuid.uuid4()))]
     )
     assert_denied(resp, 403, "tenant_forbidden")
+
+
+# ------------------------------------------------------------------------- latency
+
+def test_cached_allow_adds_no_transport_delay(stack, reader):
+    # A cached check is a hash and a map lookup; through Envoy the whole request takes a
+    # few milliseconds. A response stuck behind Nagle's algorithm and a delayed ACK
+    # (keygate's gRPC socket without TCP_NODELAY) costs ~40 ms on every other request.
+    headers = [bearer(reader["token"])]
+    assert_allowed(stack.request("GET", CONTACT, headers))
+    slow = []
+    for _ in range(20):
+        started = time.monotonic()
+        assert_allowed(stack.request("GET", CONTACT, headers))
+        elapsed_ms = (time.monotonic() - started) * 1000
+        if elapsed_ms > 25:
+            slow.append(round(elapsed_ms, 1))
+    assert len(slow) <= 3, f"{len(slow)} of 20 cached allows took over 25 ms: {slow}"

@@ -1,0 +1,267 @@
+//! `keygate-load`: a load generator for Envoy's ext_authz `Check`, the no-op baseline
+//! server it is compared with, and the benchmark scenarios of BENCHMARKS.md.
+//!
+//! ```text
+//! keygate-load cache-hit | warm-keys | cold-keys | single-flight | memory | envoy
+//! keygate-load run --target 127.0.0.1:50051 --token sk_live_… [--rate 5000] [--json]
+//! keygate-load noop-server --listen 127.0.0.1:50061
+//! ```
+//!
+//! The generator runs on one thread (a current-thread runtime, plus a schedule thread in
+//! open loop): on a small machine, every core it takes is taken from the target.
+
+#![forbid(unsafe_code)]
+
+mod client;
+mod envoy;
+mod load;
+mod noop;
+mod procs;
+mod report;
+mod scenarios;
+mod shape;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use load::{Expect, Mode, Plan, Tokens};
+use scenarios::Common;
+use shape::{Shape, Template};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keygate-load",
+    about = "Load generator and benchmark scenarios for keygate's Envoy ext_authz Check."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// One cached API key: closed loop (max req/s), then open loop at 50% of the
+    /// baseline's max (latency), keygate vs the no-op baseline.
+    CacheHit(Common),
+    /// Many distinct cached keys in rotation (closed loop), keygate vs the baseline.
+    WarmKeys {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 10_000)]
+        keys: usize,
+    },
+    /// Every request a new valid key (argon2 defaults) beside warm-key traffic.
+    ColdKeys {
+        #[command(flatten)]
+        common: Common,
+        /// Cold requests in flight.
+        #[arg(long, default_value_t = 8)]
+        cold_concurrency: usize,
+        /// Rate of the warm-key traffic (open loop), requests per second.
+        #[arg(long, default_value_t = 1000.0)]
+        warm_rate: f64,
+    },
+    /// One new key from many concurrent requests: exactly one argon2 verification.
+    SingleFlight {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        requests: usize,
+        /// Connections the burst is spread over (servers cap streams per connection).
+        #[arg(long, default_value_t = 8)]
+        burst_connections: usize,
+    },
+    /// Resident memory per cached principal (RSS of keygate before/after warming).
+    Memory {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 100_000)]
+        keys: usize,
+    },
+    /// wrk through real Envoy: no ext_authz vs ext_authz → no-op vs ext_authz → keygate.
+    Envoy(envoy::EnvoyArgs),
+    /// JWT validation (not yet implemented in keygate).
+    Jwt(Common),
+    /// Rate-limited keys (not yet implemented in keygate).
+    RateLimited(Common),
+    /// Load any ext_authz server with Envoy-shaped Check requests.
+    Run(RunArgs),
+    /// The baseline: an ext_authz server that allows everything at once.
+    NoopServer {
+        #[arg(long, default_value = "127.0.0.1:50061")]
+        listen: SocketAddr,
+        /// Print the first request received.
+        #[arg(long)]
+        dump_first: bool,
+        /// Leave TCP_NODELAY off on accepted connections (as keygate's listener has it
+        /// today), to measure what Nagle's algorithm costs.
+        #[arg(long)]
+        nagle: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The ext_authz server (host:port).
+    #[arg(long)]
+    target: SocketAddr,
+    /// A token to send (repeat for several, used in rotation).
+    #[arg(long = "token", env = "KEYGATE_LOAD_TOKEN", hide_env_values = true)]
+    tokens: Vec<String>,
+    /// A file with one token per line.
+    #[arg(long)]
+    tokens_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Requests in flight (closed loop).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Open loop at this many requests per second (closed loop when absent).
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Stop after this many measured requests.
+    #[arg(long)]
+    requests: Option<u64>,
+    #[arg(long, value_enum, default_value = "allow")]
+    expect: Expect,
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    grpc_timeout: Duration,
+    #[arg(long, default_value = "GET")]
+    method: String,
+    #[arg(long, default_value = "/v1/contacts/42?include=notes")]
+    path: String,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::NoopServer {
+            listen,
+            dump_first,
+            nagle,
+        } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(noop::serve(listen, dump_first, nagle))),
+        other => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(dispatch(other))),
+    };
+    if let Err(e) = result {
+        eprintln!("keygate-load: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::CacheHit(c) => scenarios::cache_hit(&c).await,
+        Cmd::WarmKeys { common, keys } => scenarios::warm_keys(&common, keys).await,
+        Cmd::ColdKeys {
+            common,
+            cold_concurrency,
+            warm_rate,
+        } => scenarios::cold_keys(&common, cold_concurrency, warm_rate).await,
+        Cmd::SingleFlight {
+            common,
+            requests,
+            burst_connections,
+        } => scenarios::single_flight(&common, requests, burst_connections).await,
+        Cmd::Memory { common, keys } => scenarios::memory(&common, keys).await,
+        Cmd::Envoy(args) => envoy::through_envoy(&args).await,
+        Cmd::Jwt(_) => scenarios::not_yet(
+            "JWT",
+            "keygate does not validate JWTs yet (src/authn.rs denies every JWT); the scenario \
+             will mint tokens for a configured issuer and measure the validated-JWT cache",
+        ),
+        Cmd::RateLimited(_) => scenarios::not_yet(
+            "rate-limited keys",
+            "keygate has no rate limiting yet (DESIGN.md, GCRA in Redis); the scenario will \
+             measure keys with a plan, against real Redis",
+        ),
+        Cmd::Run(args) => run(args).await,
+        Cmd::NoopServer { .. } => unreachable!("served on its own runtime"),
+    }
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<()> {
+    let mut tokens = a.tokens;
+    if let Some(path) = &a.tokens_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        tokens.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
+    }
+    anyhow::ensure!(!tokens.is_empty(), "give --token or --tokens-file");
+    let tokens = Tokens::rotate(tokens);
+    let template = Arc::new(Template::new(
+        &Shape::new(&a.method, &a.path),
+        tokens.uniform_len()?,
+    ));
+    let plan = Plan {
+        label: a.target.to_string(),
+        target: a.target,
+        connections: a.connections,
+        mode: match a.rate {
+            Some(rate) => Mode::Open { rate },
+            None => Mode::Closed {
+                concurrency: a.concurrency,
+            },
+        },
+        warmup: a.warmup,
+        duration: a.duration,
+        max_requests: a.requests,
+        grpc_timeout: Some(a.grpc_timeout),
+        expect: a.expect,
+        max_in_flight: 20_000,
+    };
+    let r = load::run(&plan, template, tokens).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        let l = r.latency_us;
+        println!(
+            "{} {} loop: {} requests in {:.2} s = {:.0} req/s; latency µs p50 {:.0} p90 {:.0} \
+             p99 {:.0} p99.9 {:.0} max {:.0}; allow {} deny {} errors {}",
+            r.target,
+            r.mode,
+            r.requests,
+            r.seconds,
+            r.rps,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max,
+            r.allow,
+            r.deny,
+            r.errors
+        );
+        if let Some(lag) = r.send_lag_us {
+            println!("send lag µs p50 {:.0} p99 {:.0}", lag.p50, lag.p99);
+        }
+        for (k, v) in r.deny_reasons.iter().chain(r.error_kinds.iter()) {
+            println!("  {k}: {v}");
+        }
+    }
+    anyhow::ensure!(r.valid, "the run is invalid: {}", r.problems.join("; "));
+    Ok(())
+}

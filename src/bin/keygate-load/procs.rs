@@ -1,0 +1,372 @@
+//! The processes a scenario runs against — keygate, the no-op baseline, redis-server,
+//! Envoy — each on free loopback ports, each awaited until it answers, each killed when
+//! its handle is dropped (so a failed scenario leaves nothing running).
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures::{stream, StreamExt, TryStreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Endpoint;
+
+use keygate::api::proto::{keys_client::KeysClient, CreateKeyRequest};
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The keygate configuration the scenarios run on (policy as in config/dev.yaml).
+pub const BENCH_CONFIG: &str = include_str!("../../../benches/keygate.yaml");
+
+/// The tenant every benchmark key belongs to.
+pub const TENANT: &str = "5a0c6f0e-8c1b-4f6e-9a57-3d2b1c0e9f11";
+
+/// A free loopback port (bound, read, released: another process could take it in
+/// between, which a benchmark on a quiet machine can live with).
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// A scratch directory for configs and logs, removed on drop unless KEYGATE_LOAD_KEEP.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(what: &str) -> anyhow::Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!(
+            "keygate-load-{what}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos()
+        ));
+        fs::create_dir_all(&dir)?;
+        Ok(Scratch(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("KEYGATE_LOAD_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A child process, killed and reaped on drop.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
+        let out = fs::File::create(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({cmd:?})"))?;
+        Ok(Proc {
+            name: name.into(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until every address accepts connections; fails early if the process exits.
+    pub async fn wait_listening(&mut self, addrs: &[SocketAddr]) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        for addr in addrs {
+            loop {
+                if let Some(status) = self.child.try_wait()? {
+                    bail!(
+                        "{} exited ({status}) before listening on {addr}:\n{}",
+                        self.name,
+                        self.log_tail()
+                    );
+                }
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{} did not listen on {addr} within {START_TIMEOUT:?}:\n{}",
+                        self.name,
+                        self.log_tail()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Resident memory, from /proc/<pid>/status (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc/<pid>/status")
+    }
+}
+
+/// User + system CPU time a process used so far, from /proc/<pid>/stat, in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').context("malformed stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The no-op baseline, started from this very binary.
+pub async fn noop_server(scratch: &Scratch) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr = free_port()?;
+    let exe = std::env::current_exe()?;
+    let mut p = Proc::spawn(
+        "noop-server",
+        Command::new(exe).args(["noop-server", "--listen", &addr.to_string()]),
+        scratch.path().join("noop.log"),
+    )?;
+    p.wait_listening(&[addr]).await?;
+    Ok((p, addr))
+}
+
+/// A private redis-server on a free port, without persistence.
+pub async fn redis_server(scratch: &Scratch) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr = free_port()?;
+    let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let mut p = Proc::spawn(
+        "redis-server",
+        Command::new(bin).args([
+            "--port",
+            &addr.port().to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &scratch.path().display().to_string(),
+        ]),
+        scratch.path().join("redis.log"),
+    )?;
+    p.wait_listening(&[addr]).await?;
+    Ok((p, addr))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeygateOptions {
+    pub bin: PathBuf,
+    /// Redis address when the store is Redis.
+    pub redis: Option<SocketAddr>,
+    /// Use argon2's default (production) parameters instead of the bench config's
+    /// cheap ones.
+    pub default_argon2: bool,
+}
+
+/// A running keygate (release build), with its addresses and admin credential.
+pub struct Keygate {
+    pub proc: Proc,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub http: SocketAddr,
+    admin_token: String,
+}
+
+impl Keygate {
+    pub async fn start(opts: &KeygateOptions, scratch: &Scratch) -> anyhow::Result<Keygate> {
+        let (grpc, admin, http) = (free_port()?, free_port()?, free_port()?);
+        let config = scratch.path().join("keygate.yaml");
+        fs::write(&config, BENCH_CONFIG)?;
+        let admin_token = keygate::secret::Secret::random(32).expose().to_owned();
+        let mut cmd = Command::new(&opts.bin);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env(
+                "KEYGATE_PEPPER",
+                keygate::secret::Secret::random(43).expose(),
+            )
+            .env("KEYGATE_ADMIN_TOKEN", &admin_token)
+            .env("KEYGATE_LISTEN__GRPC", grpc.to_string())
+            .env("KEYGATE_LISTEN__ADMIN", admin.to_string())
+            .env("KEYGATE_LISTEN__HTTP", http.to_string());
+        if let Some(redis) = opts.redis {
+            cmd.env("KEYGATE_STORE__BACKEND", "redis")
+                .env("KEYGATE_STORE__REDIS_URL", format!("redis://{redis}"));
+        }
+        if opts.default_argon2 {
+            // An empty mapping: every argon2 field at its default (19 MiB, 2 passes, 1 lane).
+            cmd.env("KEYGATE_API_KEYS__ARGON2", "{}");
+        }
+        let mut proc = Proc::spawn("keygate", &mut cmd, scratch.path().join("keygate.log"))?;
+        proc.wait_listening(&[grpc, admin, http]).await?;
+        Ok(Keygate {
+            proc,
+            grpc,
+            admin,
+            http,
+            admin_token,
+        })
+    }
+
+    /// Creates `n` keys with `scopes` through `keygate.v1.Keys/CreateKey`, `parallel` at
+    /// a time, and returns their tokens.
+    pub async fn create_keys(
+        &self,
+        n: usize,
+        scopes: &[&str],
+        parallel: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        let channel = Endpoint::from_shared(format!("http://{}", self.admin))?
+            .connect()
+            .await
+            .context("cannot connect to keygate's admin listener")?;
+        let bearer: MetadataValue<_> = format!("Bearer {}", self.admin_token).parse()?;
+        let client = KeysClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        });
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        stream::iter(0..n)
+            .map(|i| {
+                let mut client = client.clone();
+                let scopes = scopes.clone();
+                async move {
+                    let resp = client
+                        .create_key(CreateKeyRequest {
+                            tenant_id: TENANT.into(),
+                            name: format!("bench-{i}"),
+                            scopes,
+                            ..Default::default()
+                        })
+                        .await
+                        .context("CreateKey failed")?;
+                    anyhow::Ok(resp.into_inner().token)
+                }
+            })
+            .buffer_unordered(parallel.max(1))
+            .try_collect()
+            .await
+    }
+
+    /// One sample from keygate's /metrics (the sum over label sets when `labels` is
+    /// empty; otherwise the series whose labels contain `labels`, e.g. `result="miss"`).
+    pub async fn metric(&self, name: &str, labels: &str) -> anyhow::Result<f64> {
+        let text = http_get(self.http, "/metrics").await?;
+        Ok(metric_value(&text, name, labels))
+    }
+}
+
+/// The value of a Prometheus sample in a text exposition; 0 when absent.
+pub fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, series_labels) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest),
+                None => (series, ""),
+            };
+            (metric == name && series_labels.contains(labels))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// A minimal HTTP/1.1 GET (the benchmark reads /metrics and Envoy's admin page).
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .with_context(|| format!("GET {path} on {addr} timed out"))??;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "GET {path} on {addr}: {}",
+            head.lines().next().unwrap_or("")
+        );
+    }
+    Ok(body.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_read_from_the_exposition() {
+        let text = "# HELP x\n# TYPE keygate_argon2_verifications_total counter\n\
+                    keygate_argon2_verifications_total 3\n\
+                    keygate_credential_cache_requests_total{result=\"hit\"} 10\n\
+                    keygate_credential_cache_requests_total{result=\"miss\"} 2\n";
+        assert_eq!(
+            metric_value(text, "keygate_argon2_verifications_total", ""),
+            3.0
+        );
+        assert_eq!(
+            metric_value(
+                text,
+                "keygate_credential_cache_requests_total",
+                "result=\"miss\""
+            ),
+            2.0
+        );
+        assert_eq!(
+            metric_value(text, "keygate_credential_cache_requests_total", ""),
+            12.0
+        );
+        assert_eq!(metric_value(text, "absent", ""), 0.0);
+    }
+}

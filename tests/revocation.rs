@@ -1,0 +1,599 @@
+//! Revocation reaches every replica: through the shared Redis stream, after a lost
+//! stream connection or a Redis restart, after the stream was trimmed, and through the
+//! `keygate.v1.Revocations/Watch` stream that other services and remote replicas follow.
+//!
+//! Every wait is for an event with a generous bound; the tests assert order and
+//! completeness, never speed (speed is in BENCHMARKS.md).
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keygate::api::proto::{
+    self, keys_client::KeysClient, revocation_event::Kind, revocations_client::RevocationsClient,
+};
+use keygate::config::{Config, RevocationSource, Secrets};
+use keygate::revocation::{EventFeed, FeedItem, StoreFeed};
+use keygate::server::{self, App, Running};
+use keygate::store::{EventId, StoreError};
+use support::*;
+use tokio::sync::watch;
+
+const EVENTS: &str = "kgtest:{keys}:events";
+
+/// One keygate replica, serving on ephemeral ports.
+struct Replica {
+    app: Arc<App>,
+    running: Running,
+}
+
+impl Replica {
+    async fn start(config: Config, secrets: &Secrets) -> Replica {
+        let app = Arc::new(App::build(config, secrets.clone()).expect("replica builds"));
+        let running = server::start(app.clone()).await.expect("replica starts");
+        Replica { app, running }
+    }
+
+    async fn check(&self, token: &str) -> Outcome {
+        outcome(&self.app.envoy_service().decide(read_with(token)).await)
+    }
+
+    /// Waits until this replica follows its revocation feed.
+    async fn following(&self) {
+        eventually(
+            PATIENCE,
+            "replica follows the revocation stream",
+            || async { self.app.bus.is_connected().then_some(()) },
+        )
+        .await;
+    }
+
+    async fn admin(&self) -> KeysClient<tonic::transport::Channel> {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.running.admin))
+                .unwrap()
+                .connect()
+                .await
+                .expect("admin listener answers");
+        KeysClient::new(channel)
+    }
+}
+
+fn with_admin<T>(secrets: &Secrets, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", secrets.admin_token.expose())
+            .parse()
+            .unwrap(),
+    );
+    req
+}
+
+async fn create_key(app: &App) -> (String, String) {
+    let created = app.admin.create(reader_key()).await.expect("key created");
+    (created.record.key_id, created.token)
+}
+
+async fn watch_client(replica: &Replica) -> RevocationsClient<tonic::transport::Channel> {
+    RevocationsClient::connect(format!("http://{}", replica.running.grpc))
+        .await
+        .expect("grpc listener answers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_key_is_denied_on_every_replica_in_order_and_completely() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(Replica::start(config(Backend::Redis(&redis)), &secrets).await);
+    }
+    for r in &replicas {
+        r.following().await;
+    }
+    let mut keys = Vec::new();
+    for _ in 0..10 {
+        keys.push(create_key(&replicas[0].app).await);
+    }
+    for r in &replicas {
+        for (_, token) in &keys {
+            assert_eq!(
+                r.check(token).await,
+                Outcome::Allowed,
+                "warm on every replica"
+            );
+        }
+    }
+    let mut feeds: Vec<_> = replicas.iter().map(|r| r.app.bus.subscribe()).collect();
+
+    let mut admin = replicas[0].admin().await;
+    for (key_id, _) in &keys {
+        let revoked = admin
+            .revoke_key(with_admin(
+                &secrets,
+                proto::RevokeKeyRequest {
+                    key_id: key_id.clone(),
+                },
+            ))
+            .await
+            .expect("revoke through the admin API")
+            .into_inner();
+        assert_eq!(revoked.status, "revoked");
+    }
+
+    for (i, r) in replicas.iter().enumerate() {
+        for (_, token) in &keys {
+            eventually(PATIENCE, "the revoked key is denied", || async {
+                (r.check(token).await == Outcome::denied("revoked_api_key", 401)).then_some(())
+            })
+            .await;
+        }
+        // Every event arrived, once, in the order the revocations were made.
+        let mut seen = Vec::new();
+        while seen.len() < keys.len() {
+            let item = tokio::time::timeout(PATIENCE, feeds[i].recv())
+                .await
+                .expect("event in time")
+                .expect("bus open");
+            match item {
+                FeedItem::Event(e) => seen.push(e.key_id),
+                FeedItem::Reset(_) => panic!("replica {i} flushed instead of applying events"),
+            }
+        }
+        let expected: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(
+            seen, expected,
+            "replica {i} applied every revocation in order"
+        );
+        assert_eq!(r.app.bus.flushes(), 0);
+    }
+    for r in replicas {
+        r.running.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_whose_stream_connection_is_killed_denies_keys_revoked_meanwhile() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let writer = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    let reader = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    reader.following().await;
+    let mut keys = Vec::new();
+    for _ in 0..5 {
+        keys.push(create_key(&writer.app).await);
+    }
+    for (_, token) in &keys {
+        assert_eq!(reader.check(token).await, Outcome::Allowed);
+    }
+    // Wait until the follower's blocking read is on the server, then cut it.
+    let mut conn = redis.connection().await;
+    let xread_ids = eventually(PATIENCE, "a blocked XREAD on the server", || {
+        let mut conn = conn.clone();
+        async move {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            let ids: Vec<String> = list
+                .lines()
+                .filter(|l| l.contains("cmd=xread"))
+                .filter_map(|l| {
+                    l.split_whitespace()
+                        .next()?
+                        .strip_prefix("id=")
+                        .map(str::to_owned)
+                })
+                .collect();
+            // Both replicas follow the stream: two blocked readers.
+            (ids.len() == 2).then_some(ids)
+        }
+    })
+    .await;
+    let reconnects_before = reader.app.bus.reconnects();
+    for id in &xread_ids {
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    for (key_id, _) in &keys {
+        writer.app.admin.revoke(key_id).await.unwrap();
+    }
+    // Once the reader denies a key, it never allows it again.
+    let mut denied: HashSet<usize> = HashSet::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while denied.len() < keys.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "keys revoked meanwhile were not all denied"
+        );
+        for (i, (_, token)) in keys.iter().enumerate() {
+            match reader.check(token).await {
+                Outcome::Allowed => {
+                    assert!(!denied.contains(&i), "key {i} allowed again after a deny")
+                }
+                Outcome::Denied { code, .. } => {
+                    assert_eq!(code, "revoked_api_key");
+                    denied.insert(i);
+                }
+                Outcome::Error(c) => panic!("unexpected gRPC error {c:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // And stays so.
+    for (_, token) in &keys {
+        assert_eq!(
+            reader.check(token).await,
+            Outcome::denied("revoked_api_key", 401)
+        );
+    }
+    assert!(
+        reader.app.bus.reconnects() > reconnects_before,
+        "the follower saw its connection die"
+    );
+    assert_eq!(
+        reader.app.bus.flushes(),
+        0,
+        "nothing was lost, so nothing was flushed"
+    );
+    writer.running.shutdown().await.unwrap();
+    reader.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_resumes_after_a_redis_restart_and_flushes_when_the_stream_was_lost() {
+    // With persistence: the stream survives the restart, the follower resumes from its
+    // last id, and a revocation made after the restart reaches it.
+    let mut redis = RedisServer::start_with(RedisOptions {
+        append_only: true,
+        ..RedisOptions::default()
+    })
+    .await;
+    let secrets = secrets();
+    let writer = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    let reader = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    reader.following().await;
+    let (revoked_id, revoked_token) = create_key(&writer.app).await;
+    let (_, kept_token) = create_key(&writer.app).await;
+    assert_eq!(reader.check(&revoked_token).await, Outcome::Allowed);
+    assert_eq!(reader.check(&kept_token).await, Outcome::Allowed);
+    // A first revocation, so the stream exists and the follower has a position in it.
+    let (first_id, first_token) = create_key(&writer.app).await;
+    writer.app.admin.revoke(&first_id).await.unwrap();
+    eventually(PATIENCE, "first revocation applied", || async {
+        (reader.check(&first_token).await == Outcome::denied("revoked_api_key", 401)).then_some(())
+    })
+    .await;
+
+    redis.restart().await;
+    eventually(PATIENCE, "writer reaches Redis again", || async {
+        writer.app.admin.revoke(&revoked_id).await.ok()
+    })
+    .await;
+    eventually(
+        PATIENCE,
+        "revocation after the restart reaches the reader",
+        || async {
+            (reader.check(&revoked_token).await == Outcome::denied("revoked_api_key", 401))
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(reader.app.bus.flushes(), 0, "the stream survived: no flush");
+    assert_eq!(reader.check(&kept_token).await, Outcome::Allowed);
+
+    // Without persistence: Redis comes back empty, the stream is gone, so the follower
+    // cannot know what it missed and must flush its whole cache.
+    let mut volatile = RedisServer::start().await;
+    let reader2 = Replica::start(config(Backend::Redis(&volatile)), &secrets).await;
+    reader2.following().await;
+    let (_, token) = create_key(&reader2.app).await;
+    let (other_id, _) = create_key(&reader2.app).await;
+    assert_eq!(reader2.check(&token).await, Outcome::Allowed);
+    reader2.app.admin.revoke(&other_id).await.unwrap();
+    eventually(
+        PATIENCE,
+        "the follower has a position in the stream",
+        || async { (reader2.app.bus.last_applied() != EventId::START).then_some(()) },
+    )
+    .await;
+    volatile.restart().await;
+    eventually(PATIENCE, "the lost stream forces a flush", || async {
+        (reader2.app.bus.flushes() == 1).then_some(())
+    })
+    .await;
+    // The key's record went with the data, and the cache no longer vouches for it.
+    assert_eq!(
+        reader2.check(&token).await,
+        Outcome::denied("invalid_api_key", 401)
+    );
+    for r in [writer, reader, reader2] {
+        r.running.shutdown().await.unwrap();
+    }
+}
+
+/// A feed that can be cut off on demand, to make "while disconnected" deterministic.
+struct SwitchableFeed {
+    inner: StoreFeed,
+    down: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl EventFeed for SwitchableFeed {
+    async fn start_position(&self) -> Result<EventId, StoreError> {
+        self.inner.start_position().await
+    }
+
+    async fn read(&self, after: EventId, resync: bool) -> Result<Vec<FeedItem>, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Err(StoreError::Unavailable("switched off by the test".into()));
+        }
+        self.inner.read(after, resync).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_trimmed_past_the_last_applied_id_flushes_the_whole_cache() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    // The writer serves normally; the reader runs its follower on a switchable feed.
+    let writer = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    let reader = Arc::new(App::build(config(Backend::Redis(&redis)), secrets.clone()).unwrap());
+    let down = Arc::new(AtomicBool::new(false));
+    let feed = Arc::new(SwitchableFeed {
+        inner: StoreFeed::new(reader.store.clone(), Duration::from_millis(200)),
+        down: down.clone(),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let follower = tokio::spawn(reader.bus.clone().follow(feed, stop_rx));
+
+    let (id, token) = create_key(&writer.app).await;
+    let (_, bystander) = create_key(&writer.app).await;
+    let check = |t: String| {
+        let reader = reader.clone();
+        async move { outcome(&reader.envoy_service().decide(read_with(&t)).await) }
+    };
+    assert_eq!(check(token.clone()).await, Outcome::Allowed);
+    assert_eq!(check(bystander.clone()).await, Outcome::Allowed);
+    let warm_verifications = reader.hasher.verifications();
+
+    down.store(true, Ordering::SeqCst);
+    eventually(PATIENCE, "the reader notices it is cut off", || async {
+        (!reader.bus.is_connected()).then_some(())
+    })
+    .await;
+    writer.app.admin.revoke(&id).await.unwrap();
+    // Trim everything: the revocation event is gone before the reader could see it.
+    let mut conn = redis.connection().await;
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(EVENTS)
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // While cut off, the stale entry is still served: TTL is the bound on staleness.
+    assert_eq!(check(token.clone()).await, Outcome::Allowed);
+
+    down.store(false, Ordering::SeqCst);
+    eventually(PATIENCE, "the reader flushes", || async {
+        (reader.bus.flushes() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        check(token.clone()).await,
+        Outcome::denied("revoked_api_key", 401)
+    );
+    // The flush dropped everything, so even the untouched key is verified again.
+    assert_eq!(check(bystander.clone()).await, Outcome::Allowed);
+    assert!(reader.hasher.verifications() > warm_verifications);
+
+    stop.send(true).unwrap();
+    follower.await.unwrap();
+    writer.running.shutdown().await.unwrap();
+}
+
+async fn collect(
+    stream: &mut tonic::Streaming<proto::RevocationEvent>,
+    n: usize,
+) -> Vec<proto::RevocationEvent> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let msg = tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .expect("Watch message in time")
+            .expect("Watch stream healthy")
+            .expect("Watch stream open");
+        out.push(msg);
+    }
+    out
+}
+
+async fn watch_resumes_without_a_gap(backend: Backend<'_>) {
+    let secrets = secrets();
+    let replica = Replica::start(config(backend), &secrets).await;
+    replica.following().await;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let (id, _) = create_key(&replica.app).await;
+        ids.push(id);
+    }
+    for id in &ids[..4] {
+        replica.app.admin.revoke(id).await.unwrap();
+    }
+    let mut client = watch_client(&replica).await;
+    // Everything from the start.
+    let mut all = client
+        .watch(proto::WatchRequest {
+            after_id: "0-0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = collect(&mut all, 4).await;
+    assert_eq!(
+        first.iter().map(|e| e.key_id.clone()).collect::<Vec<_>>(),
+        ids[..4].to_vec()
+    );
+    assert!(first.iter().all(|e| e.kind == Kind::Revoked as i32));
+
+    // Resume after the second event: the third and fourth come again (replay), then the
+    // live ones, with no gap between the two.
+    let mut resumed = client
+        .watch(proto::WatchRequest {
+            after_id: first[1].id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    replica.app.admin.revoke(&ids[4]).await.unwrap();
+    replica.app.admin.delete(&ids[5]).await.unwrap();
+    let rest = collect(&mut resumed, 4).await;
+    assert_eq!(
+        rest.iter().map(|e| e.key_id.clone()).collect::<Vec<_>>(),
+        ids[2..6].to_vec()
+    );
+    assert_eq!(rest[3].kind, Kind::Deleted as i32);
+    let live = collect(&mut all, 2).await;
+    assert_eq!(live[0].id, rest[2].id, "both watchers see the same ids");
+    // Ids strictly increase: a client can drop anything at or below what it applied.
+    let positions: Vec<EventId> = rest
+        .iter()
+        .map(|e| EventId::parse(&e.id).unwrap())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]));
+
+    // From now: nothing old, only what happens next.
+    let mut now = client
+        .watch(proto::WatchRequest {
+            after_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (late, _) = create_key(&replica.app).await;
+    replica.app.admin.revoke(&late).await.unwrap();
+    let next = collect(&mut now, 1).await;
+    assert_eq!(next[0].key_id, late);
+    replica.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_from_an_id_with_no_gap_on_redis() {
+    let redis = RedisServer::start().await;
+    watch_resumes_without_a_gap(Backend::Redis(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_from_an_id_with_no_gap_in_memory() {
+    watch_resumes_without_a_gap(Backend::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_after_a_trimmed_id_starts_with_reset() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let replica = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    let (a, _) = create_key(&replica.app).await;
+    let (b, _) = create_key(&replica.app).await;
+    replica.app.admin.revoke(&a).await.unwrap();
+    let old = replica.app.store.latest_event_id().await.unwrap();
+    replica.app.admin.revoke(&b).await.unwrap();
+    let mut conn = redis.connection().await;
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(EVENTS)
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut client = watch_client(&replica).await;
+    let mut stream = client
+        .watch(proto::WatchRequest {
+            after_id: "0-0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = collect(&mut stream, 1).await;
+    assert_eq!(first[0].kind, Kind::Reset as i32);
+    assert!(EventId::parse(&first[0].id).unwrap() > old);
+    replica.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_rejects_malformed_and_unknown_ids() {
+    let secrets = secrets();
+    let replica = Replica::start(config(Backend::Memory), &secrets).await;
+    let mut client = watch_client(&replica).await;
+    for bad in ["abc", "12-x", "-1", "1-2-3", "１２-0"] {
+        let err = client
+            .watch(proto::WatchRequest {
+                after_id: bad.into(),
+            })
+            .await
+            .expect_err(bad);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+        assert!(err.message().starts_with("after_id"), "{}", err.message());
+    }
+    let future = format!("{}-0", u64::MAX / 2);
+    let err = client
+        .watch(proto::WatchRequest { after_id: future })
+        .await
+        .expect_err("unknown id");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    replica.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_can_follow_another_keygates_watch_stream() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let primary = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    let mut remote_cfg = config(Backend::Redis(&redis));
+    remote_cfg.revocation.source = RevocationSource::Watch;
+    remote_cfg.revocation.watch_url = format!("http://{}", primary.running.grpc);
+    let remote = Replica::start(remote_cfg, &secrets).await;
+    remote.following().await;
+    let (id, token) = create_key(&primary.app).await;
+    assert_eq!(remote.check(&token).await, Outcome::Allowed);
+    primary.app.admin.revoke(&id).await.unwrap();
+    eventually(PATIENCE, "the remote replica denies", || async {
+        (remote.check(&token).await == Outcome::denied("revoked_api_key", 401)).then_some(())
+    })
+    .await;
+    remote.running.shutdown().await.unwrap();
+    primary.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_idempotent_when_delivered_twice() {
+    let secrets = secrets();
+    let replica = Replica::start(config(Backend::Memory), &secrets).await;
+    let (id, token) = create_key(&replica.app).await;
+    assert_eq!(replica.check(&token).await, Outcome::Allowed);
+    let event = keygate::store::RevocationEvent {
+        id: "1-0".into(),
+        key_id: id.clone(),
+        kind: keygate::store::EventKind::Revoked,
+        at_ms: 1,
+    };
+    // An event for a key that was never revoked in the store only drops the cache entry;
+    // applying it twice changes nothing more.
+    replica.app.bus.apply(FeedItem::Event(event.clone())).await;
+    replica.app.bus.apply(FeedItem::Event(event)).await;
+    assert_eq!(replica.check(&token).await, Outcome::Allowed);
+    replica.running.shutdown().await.unwrap();
+}
