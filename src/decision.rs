@@ -121,12 +121,17 @@ impl Denial {
     /// The JSON error body. With `opaque`, every 401 carries one message so that a client
     /// cannot tell an unknown key from a revoked or expired one.
     pub fn body(&self, opaque: bool) -> String {
-        let (code, message) = if opaque && self.reason.is_unauthenticated() {
+        let (code, message) = self.public(opaque);
+        serde_json::json!({"error": {"code": code, "message": message}}).to_string()
+    }
+
+    /// The code and message a client is shown.
+    pub fn public(&self, opaque: bool) -> (&'static str, &'static str) {
+        if opaque && self.reason.is_unauthenticated() {
             ("unauthorized", "The request could not be authenticated.")
         } else {
             (self.reason.code(), self.reason.message())
-        };
-        serde_json::json!({"error": {"code": code, "message": message}}).to_string()
+        }
     }
 }
 

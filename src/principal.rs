@@ -64,7 +64,7 @@ pub struct Principal {
     pub environment: Environment,
     pub scopes: Vec<String>,
     pub plan: Option<String>,
-    /// Unix seconds.
+    /// Unix milliseconds.
     pub expires_at: Option<u64>,
     /// `scopes` joined by commas, computed once: it is sent upstream on every allow.
     pub scopes_header: String,

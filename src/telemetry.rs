@@ -165,8 +165,10 @@ pub fn init_logging(cfg: &LoggingConfig) -> Result<(), String> {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .map_err(|e| format!("invalid configuration: logging.level: {e}"))?;
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match cfg.format {
         LogFormat::Json => builder.json().try_init(),

@@ -74,19 +74,14 @@ impl AuthorizerApi for AuthorizerService {
                 denial: None,
             },
             Decision::Deny(d) => {
-                let opaque = self.opaque_errors && d.reason.is_unauthenticated();
+                let (code, message) = d.public(self.opaque_errors);
                 proto::CheckResponse {
                     allowed: false,
                     principal: None,
                     effective_tenant: String::new(),
                     denial: Some(proto::Denial {
-                        code: if opaque {
-                            "unauthorized"
-                        } else {
-                            d.reason.code()
-                        }
-                        .to_owned(),
-                        message: d.reason.message().to_owned(),
+                        code: code.to_owned(),
+                        message: message.to_owned(),
                         http_status: d.reason.http_status() as u32,
                     }),
                 }

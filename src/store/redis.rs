@@ -279,6 +279,12 @@ impl KeyStore for RedisStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<KeyPage, StoreError> {
+        if limit == 0 {
+            return Ok(KeyPage {
+                keys: Vec::new(),
+                next_after: None,
+            });
+        }
         let mut conn = self.conn().await?;
         let min = match after {
             Some(a) => format!("({a}"),

@@ -1,0 +1,213 @@
+//! The verified-credential cache (DESIGN.md, "Hot path"): argon2 never runs per request.
+//! One verification per new token however many requests wait for it, no store access on
+//! a hit, and a revocation or an expiry wins over whatever the cache remembers.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate::config::{Argon2Config, Config};
+use keygate::keys::NewKey;
+use keygate::server::App;
+use keygate::store::now_ms;
+use support::{check_request, outcome, read_with, Backend, CountingStore, Outcome, PATIENCE};
+
+fn app_on(store: Arc<CountingStore>, config: Config) -> App {
+    App::with_store(config, support::secrets(), store).unwrap()
+}
+
+/// argon2 at its real cost: the verification must take long enough for the concurrent
+/// checks to pile up behind it.
+fn production_argon2() -> Config {
+    let mut config = support::config(Backend::Memory);
+    config.api_keys.argon2 = Argon2Config::default();
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_key_checked_a_thousand_times_at_once_is_verified_once() {
+    let store = CountingStore::new();
+    let app = Arc::new(app_on(store.clone(), production_argon2()));
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let token = Arc::new(key.token);
+    let start = Arc::new(tokio::sync::Barrier::new(1000));
+
+    let checks: Vec<_> = (0..1000)
+        .map(|_| {
+            let (app, token, start) = (app.clone(), token.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                outcome(&app.envoy_service().decide(read_with(&token)).await)
+            })
+        })
+        .collect();
+    let answers = tokio::time::timeout(PATIENCE * 3, futures::future::join_all(checks))
+        .await
+        .expect("a thousand checks answered in time");
+    for answer in answers {
+        assert_eq!(answer.expect("no check panicked"), Outcome::Allowed);
+    }
+    assert_eq!(app.hasher.verifications(), 1, "one argon2 for 1,000 checks");
+    assert_eq!(store.gets(), 1, "one store lookup for 1,000 checks");
+}
+
+#[tokio::test]
+async fn a_cache_hit_touches_no_store_and_runs_no_argon2() {
+    let store = CountingStore::new();
+    let app = app_on(store.clone(), support::config(Backend::Memory));
+    let envoy = app.envoy_service();
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&key.token)).await),
+        Outcome::Allowed
+    );
+    assert_eq!(store.gets(), 1);
+    assert_eq!(app.hasher.verifications(), 1);
+
+    // The same token again, also in another credential header and on another route.
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&key.token)).await),
+        Outcome::Allowed
+    );
+    let other_header = check_request("HEAD", "/v1/contacts", &[("x-api-key", &key.token)]);
+    assert_eq!(outcome(&envoy.decide(other_header).await), Outcome::Allowed);
+    let not_permitted = check_request(
+        "DELETE",
+        "/v1/contacts/1",
+        &[
+            ("authorization", &support::bearer(&key.token)),
+            ("x-tenant-id", support::TENANT),
+        ],
+    );
+    assert_eq!(
+        outcome(&envoy.decide(not_permitted).await),
+        Outcome::denied("insufficient_permissions", 403)
+    );
+    assert_eq!(store.gets(), 1, "a cache hit asks no store");
+    assert_eq!(app.hasher.verifications(), 1, "a cache hit runs no argon2");
+}
+
+#[tokio::test]
+async fn a_key_revoked_through_the_admin_api_is_denied_on_the_next_check() {
+    let store = CountingStore::new();
+    let app = app_on(store.clone(), support::config(Backend::Memory));
+    let envoy = app.envoy_service();
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let bystander = app.admin.create(support::reader_key()).await.unwrap();
+    for k in [&key, &bystander] {
+        assert_eq!(
+            outcome(&envoy.decide(read_with(&k.token)).await),
+            Outcome::Allowed
+        );
+    }
+
+    app.admin.revoke(&key.record.key_id).await.unwrap();
+
+    for _ in 0..3 {
+        assert_eq!(
+            outcome(&envoy.decide(read_with(&key.token)).await),
+            Outcome::denied("revoked_api_key", 401)
+        );
+    }
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&bystander.token)).await),
+        Outcome::Allowed,
+        "revoking one key leaves the others cached"
+    );
+    let gets = store.gets();
+
+    app.admin.delete(&bystander.record.key_id).await.unwrap();
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&bystander.token)).await),
+        Outcome::denied("invalid_api_key", 401),
+        "a deleted key is unknown"
+    );
+    assert_eq!(store.gets(), gets + 1);
+}
+
+/// A verification that read the key just before a revocation must not put the stale
+/// "valid" back into the cache after the revocation dropped it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_during_an_in_flight_verification_still_wins() {
+    let store = CountingStore::new();
+    let app = Arc::new(app_on(store.clone(), support::config(Backend::Memory)));
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+
+    store.hold_gets();
+    let in_flight = {
+        let (app, token) = (app.clone(), key.token.clone());
+        tokio::spawn(async move { outcome(&app.envoy_service().decide(read_with(&token)).await) })
+    };
+    // The check has read the still-active record and is waiting for its answer.
+    store.a_get_is_held().await;
+    app.admin.revoke(&key.record.key_id).await.unwrap();
+    store.resume();
+
+    let first = tokio::time::timeout(PATIENCE, in_flight)
+        .await
+        .expect("the in-flight check finishes")
+        .unwrap();
+    assert!(
+        first == Outcome::Allowed || first == Outcome::denied("revoked_api_key", 401),
+        "{first:?}"
+    );
+    assert_eq!(
+        outcome(&app.envoy_service().decide(read_with(&key.token)).await),
+        Outcome::denied("revoked_api_key", 401),
+        "the stale verification was not cached"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_key_is_denied_as_expired_whether_cached_or_not() {
+    let store = CountingStore::new();
+    let app = app_on(store.clone(), support::config(Backend::Memory));
+    let envoy = app.envoy_service();
+    let short = NewKey {
+        expires_in: Some(Duration::from_secs(1)),
+        ..support::reader_key()
+    };
+    let cached = app.admin.create(short.clone()).await.unwrap();
+    let uncached = app.admin.create(short).await.unwrap();
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&cached.token)).await),
+        Outcome::Allowed
+    );
+
+    // The cached key: allowed until its expiry, never after it.
+    let expires_at = cached.record.expires_at_ms;
+    let denial = support::eventually(PATIENCE, "the key expires", || async {
+        let asked_at = now_ms();
+        match outcome(&envoy.decide(read_with(&cached.token)).await) {
+            Outcome::Allowed => {
+                assert!(
+                    asked_at < expires_at,
+                    "allowed {} ms after the key expired",
+                    asked_at - expires_at
+                );
+                None
+            }
+            other => Some(other),
+        }
+    })
+    .await;
+    assert_eq!(denial, Outcome::denied("expired_api_key", 401));
+    assert!(now_ms() >= expires_at);
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&cached.token)).await),
+        Outcome::denied("expired_api_key", 401)
+    );
+
+    // The other key was never checked: its first check is after its expiry, through the
+    // store and argon2.
+    let left = uncached.record.expires_at_ms.saturating_sub(now_ms());
+    tokio::time::sleep(Duration::from_millis(left + 1)).await;
+    let gets = store.gets();
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&uncached.token)).await),
+        Outcome::denied("expired_api_key", 401)
+    );
+    assert_eq!(store.gets(), gets + 1);
+}

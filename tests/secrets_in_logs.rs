@@ -1,0 +1,301 @@
+//! DESIGN.md, "Observability": no secret — token, key secret, pepper, admin credential,
+//! Redis password — ever appears in a log line or span, at any level. Every test here
+//! logs at TRACE (keygate and every library under it) into one buffer, in both the text
+//! and the JSON format, runs keys through their whole life, and searches the buffer.
+
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use keygate::api::proto::{self, authorizer_client::AuthorizerClient, keys_client::KeysClient};
+use keygate::config::Secrets;
+use keygate::secret::Secret;
+use keygate::server::{self, App};
+use support::{Backend, Outcome, RedisOptions, RedisServer};
+use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer as _;
+
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// Appends to `LOGS`.
+struct Capture;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the capturing subscriber once for the whole test binary (every thread,
+/// including the blocking pool and the servers' tasks, logs into it).
+fn capture_logs() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_span_events(FmtSpan::NEW | FmtSpan::CLOSE)
+                    .with_writer(|| Capture)
+                    .with_filter(tracing_subscriber::filter::LevelFilter::TRACE),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_writer(|| Capture)
+                    .with_filter(tracing_subscriber::filter::LevelFilter::TRACE),
+            )
+            .try_init()
+            .expect("no other subscriber in this test binary");
+    });
+}
+
+fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+}
+
+/// Everything that must never be logged, by name (for the failure message).
+struct Forbidden(Vec<(String, String)>);
+
+impl Forbidden {
+    fn new(secrets: &Secrets) -> Forbidden {
+        let mut f = Forbidden(Vec::new());
+        f.add("pepper", secrets.pepper.expose());
+        f.add("admin token", secrets.admin_token.expose());
+        if let Some(p) = &secrets.redis_password {
+            f.add("redis password", p.expose());
+        }
+        f
+    }
+
+    fn add(&mut self, what: &str, value: &str) {
+        assert!(value.len() >= 16, "{what} is long enough to search for");
+        self.0.push((what.to_owned(), value.to_owned()));
+    }
+
+    /// A token: the whole of it, and its secret part on its own.
+    fn token(&mut self, what: &str, token: &str) {
+        self.add(what, token);
+        self.add(&format!("secret of {what}"), support::secret_of(token));
+    }
+
+    /// Fails with the leaked thing and the line it leaked in.
+    fn assert_absent_from(&self, logs: &str) {
+        for (what, value) in &self.0 {
+            if let Some(line) = logs.lines().find(|l| l.contains(value.as_str())) {
+                panic!("the {what} appears in the logs:\n{line}");
+            }
+        }
+    }
+}
+
+/// The core, without listeners: create, allow, wrong secret (twice), a typo, revoke,
+/// delete.
+#[tokio::test]
+async fn the_core_logs_key_ids_but_no_secret() {
+    capture_logs();
+    let secrets = support::secrets();
+    let app = App::build(support::config(Backend::Memory), secrets.clone()).unwrap();
+    let envoy = app.envoy_service();
+    let mut forbidden = Forbidden::new(&secrets);
+
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    forbidden.token("token", &key.token);
+    let guess = support::wrong_secret_for(&key.token);
+    forbidden.token("wrong-secret guess", &guess);
+    let mut typo = key.token.clone();
+    typo.pop();
+    typo.push('!');
+    forbidden.token("token with a typo", &typo);
+
+    let check = |t: &str| support::outcome_of(&envoy, support::read_with(t));
+    assert_eq!(check(&key.token).await, Outcome::Allowed);
+    assert_eq!(check(&guess).await, Outcome::denied("invalid_api_key", 401));
+    assert_eq!(check(&guess).await, Outcome::denied("invalid_api_key", 401));
+    assert_eq!(check(&typo).await, Outcome::denied("invalid_api_key", 401));
+    app.admin.revoke(&key.record.key_id).await.unwrap();
+    assert_eq!(
+        check(&key.token).await,
+        Outcome::denied("revoked_api_key", 401)
+    );
+    app.admin.delete(&key.record.key_id).await.unwrap();
+    assert!(matches!(check(&key.token).await, Outcome::Denied { .. }));
+
+    let logs = logs();
+    assert!(
+        logs.contains(&key.record.key_id),
+        "the logs name the key by its id (else this test proves nothing)"
+    );
+    assert!(logs.contains("TRACE") || logs.contains("DEBUG"));
+    forbidden.assert_absent_from(&logs);
+}
+
+fn with_admin<T>(secrets: &Secrets, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        support::bearer(secrets.admin_token.expose())
+            .parse()
+            .unwrap(),
+    );
+    req
+}
+
+/// The same over the wire: the admin API (with the admin credential in metadata), Envoy's
+/// Check and keygate.v1 Check, and an admin call with a wrong credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_logs_key_ids_but_no_secret() {
+    capture_logs();
+    let secrets = support::secrets();
+    let app = App::build(support::config(Backend::Memory), secrets.clone()).unwrap();
+    let running = server::start(Arc::new(app)).await.unwrap();
+    let mut forbidden = Forbidden::new(&secrets);
+
+    let mut admin = KeysClient::connect(format!("http://{}", running.admin))
+        .await
+        .unwrap();
+    let created = admin
+        .create_key(with_admin(
+            &secrets,
+            proto::CreateKeyRequest {
+                tenant_id: support::TENANT.into(),
+                name: "over the wire".into(),
+                scopes: vec!["contacts:read".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let key_id = created.key.as_ref().unwrap().key_id.clone();
+    forbidden.token("token", &created.token);
+    let guess = support::wrong_secret_for(&created.token);
+    forbidden.token("wrong-secret guess", &guess);
+
+    let mut envoy = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(
+        format!("http://{}", running.grpc),
+    )
+    .await
+    .unwrap();
+    for (token, expected) in [
+        (&created.token, Outcome::Allowed),
+        (&guess, Outcome::denied("invalid_api_key", 401)),
+    ] {
+        let answer = envoy
+            .check(support::read_with(token))
+            .await
+            .map(tonic::Response::into_inner);
+        assert_eq!(support::outcome(&answer), expected);
+    }
+
+    let mut authorizer = AuthorizerClient::connect(format!("http://{}", running.grpc))
+        .await
+        .unwrap();
+    for (token, allowed) in [(&created.token, true), (&guess, false)] {
+        let answer = authorizer
+            .check(proto::CheckRequest {
+                credential: token.clone(),
+                method: "GET".into(),
+                path: support::READ_PATH.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.allowed, allowed);
+    }
+
+    let listed = admin
+        .list_keys(with_admin(
+            &secrets,
+            proto::ListKeysRequest {
+                tenant_id: support::TENANT.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.keys.len(), 1);
+    // A wrong admin credential is refused without being echoed.
+    let wrong_admin = Secret::random(32);
+    forbidden.add("wrong admin token", wrong_admin.expose());
+    let refused = admin
+        .get_key(with_admin(
+            &Secrets {
+                admin_token: wrong_admin,
+                ..secrets.clone()
+            },
+            proto::GetKeyRequest {
+                key_id: key_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    admin
+        .revoke_key(with_admin(
+            &secrets,
+            proto::RevokeKeyRequest {
+                key_id: key_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    drop((admin, envoy, authorizer));
+    running.shutdown().await.unwrap();
+
+    let logs = logs();
+    assert!(logs.contains(&key_id), "the logs name the key by its id");
+    forbidden.assert_absent_from(&logs);
+}
+
+/// With Redis behind a password, the password does not leak either: not when connecting,
+/// not in the errors of an outage.
+#[tokio::test]
+async fn the_redis_password_stays_out_of_the_logs_even_in_an_outage() {
+    capture_logs();
+    let password = Secret::random(32);
+    let mut redis = RedisServer::start_with(RedisOptions {
+        password: Some(password.expose().to_owned()),
+        ..RedisOptions::default()
+    })
+    .await;
+    let secrets = Secrets {
+        redis_password: Some(password),
+        ..support::secrets()
+    };
+    let app = App::build(support::config(Backend::Redis(&redis)), secrets.clone()).unwrap();
+    let envoy = app.envoy_service();
+    let mut forbidden = Forbidden::new(&secrets);
+    let warm = app.admin.create(support::reader_key()).await.unwrap();
+    let cold = app.admin.create(support::reader_key()).await.unwrap();
+    forbidden.token("warm token", &warm.token);
+    forbidden.token("cold token", &cold.token);
+
+    let check = |t: &str| support::outcome_of(&envoy, support::read_with(t));
+    assert_eq!(check(&warm.token).await, Outcome::Allowed);
+    redis.kill();
+    assert_eq!(
+        check(&cold.token).await,
+        Outcome::Error(tonic::Code::Unavailable)
+    );
+    assert!(app.admin.create(support::reader_key()).await.is_err());
+
+    let logs = logs();
+    assert!(
+        logs.contains(&cold.record.key_id),
+        "the outage is logged with the key id"
+    );
+    forbidden.assert_absent_from(&logs);
+}

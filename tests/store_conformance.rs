@@ -1,0 +1,582 @@
+//! One suite of `KeyStore` behaviours, run against every backend (the Limitador habit):
+//! the in-process `MemoryStore` and the `RedisStore` against a real `redis-server`.
+//! A backend that passes here can replace the other without a caller noticing.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate::apikey::{self, SecretHasher};
+use keygate::config::Argon2Config;
+use keygate::principal::{Environment, KeyKind};
+use keygate::secret::Secret;
+use keygate::server::App;
+use keygate::store::memory::MemoryStore;
+use keygate::store::redis::RedisStore;
+use keygate::store::{EventId, EventKind, KeyRecord, KeyStatus, KeyStore, StoreError};
+use support::{Backend, RedisServer, OTHER_TENANT, TENANT};
+
+/// A backend under test, and a way to read its revocation events.
+struct Subject {
+    store: Arc<dyn KeyStore>,
+    events: EventSource,
+}
+
+enum EventSource {
+    Memory(Arc<MemoryStore>),
+    /// The store, and the server it talks to (kept alive for the test).
+    Redis(Arc<RedisStore>, RedisServer),
+}
+
+impl Subject {
+    async fn memory() -> Subject {
+        let store = Arc::new(MemoryStore::new());
+        Subject {
+            store: store.clone(),
+            events: EventSource::Memory(store),
+        }
+    }
+
+    async fn redis() -> Subject {
+        let server = RedisServer::start().await;
+        let store = Arc::new(
+            RedisStore::new(&server.url(), None, "kgtest", Duration::from_secs(2))
+                .expect("redis store"),
+        );
+        Subject {
+            store: store.clone(),
+            events: EventSource::Redis(store, server),
+        }
+    }
+
+    /// Every event on the revocation stream, oldest first: (key id, kind, at_ms). For
+    /// Redis this reads the stream itself (XRANGE), not the store's view of it.
+    async fn events(&self) -> Vec<(String, EventKind, u64)> {
+        match &self.events {
+            EventSource::Memory(m) => m
+                .events()
+                .await
+                .into_iter()
+                .map(|e| (e.key_id, e.kind, e.at_ms))
+                .collect(),
+            EventSource::Redis(store, server) => {
+                let mut conn = server.connection().await;
+                support::stream_entries(&mut conn, &store.events_key())
+                    .await
+                    .into_iter()
+                    .map(|(id, fields)| {
+                        let field = |name: &str| {
+                            fields
+                                .iter()
+                                .find(|(k, _)| k == name)
+                                .map(|(_, v)| v.clone())
+                                .unwrap_or_else(|| panic!("event {id} has no {name}: {fields:?}"))
+                        };
+                        let kind = match field("kind").as_str() {
+                            "revoked" => EventKind::Revoked,
+                            "deleted" => EventKind::Deleted,
+                            other => panic!("event {id} has an unknown kind {other}"),
+                        };
+                        let at_ms = field("at_ms").parse().expect("at_ms is a number");
+                        (field("key_id"), kind, at_ms)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+fn hasher() -> SecretHasher {
+    SecretHasher::new(
+        Secret::new("conformance-pepper-".repeat(3)),
+        &Argon2Config {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+            verify_concurrency: 2,
+        },
+    )
+    .expect("hasher")
+}
+
+/// A record as `KeyAdmin::create` would store it, and the token it stands for.
+async fn new_record(tenant: &str, name: &str) -> (KeyRecord, String) {
+    let generated = apikey::generate("sk", Environment::Live);
+    let hash = hasher().hash(&generated.secret).await.expect("hash");
+    let now = keygate::store::now_ms();
+    let record = KeyRecord {
+        token_prefix: apikey::token::public_prefix("sk", Environment::Live, &generated.key_id),
+        key_id: generated.key_id,
+        tenant_id: tenant.to_owned(),
+        name: name.to_owned(),
+        kind: KeyKind::Tenant,
+        environment: Environment::Live,
+        scopes: vec!["contacts:read".into(), "contacts:write".into()],
+        plan: Some("starter".into()),
+        hash,
+        created_at_ms: now,
+        expires_at_ms: now + 86_400_000,
+        revoked_at_ms: None,
+    };
+    (record, generated.token)
+}
+
+async fn created(s: &Subject, tenant: &str, name: &str) -> KeyRecord {
+    let (record, _) = new_record(tenant, name).await;
+    s.store.create(&record).await.expect("create");
+    record
+}
+
+// ---------------------------------------------------------------------------------------
+// The suite
+// ---------------------------------------------------------------------------------------
+
+async fn created_key_reads_back_with_its_hash_and_never_its_secret(s: Subject) {
+    let (record, token) = new_record(TENANT, "roundtrip").await;
+    s.store.create(&record).await.expect("create");
+
+    let got = s.store.get(&record.key_id).await.expect("get");
+    assert_eq!(got.as_ref(), Some(&record));
+    let got = got.unwrap();
+    assert!(got.hash.starts_with("$argon2id$"), "stored: {}", got.hash);
+    let secret = support::secret_of(&token);
+    assert!(!got.hash.contains(secret));
+    assert!(!format!("{got:?}").contains(secret));
+    assert!(hasher().verify(secret, &got.hash).await.unwrap());
+    assert_eq!(got.status(keygate::store::now_ms()), KeyStatus::Active);
+
+    let unknown = apikey::token::new_key_id();
+    assert_eq!(s.store.get(&unknown).await.expect("get unknown"), None);
+}
+
+async fn creating_an_existing_key_id_is_a_conflict_that_changes_nothing(s: Subject) {
+    let original = created(&s, TENANT, "first").await;
+    let (mut impostor, _) = new_record(OTHER_TENANT, "second").await;
+    impostor.key_id = original.key_id.clone();
+
+    match s.store.create(&impostor).await {
+        Err(StoreError::Conflict(id)) => assert_eq!(id, original.key_id),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    assert_eq!(
+        s.store.get(&original.key_id).await.unwrap(),
+        Some(original.clone())
+    );
+    let other = s.store.list(OTHER_TENANT, None, 100).await.unwrap();
+    assert!(other.keys.is_empty(), "{:?}", other.keys);
+}
+
+async fn listing_pages_through_one_tenant_without_gaps_or_duplicates(s: Subject) {
+    let mut mine = Vec::new();
+    for i in 0..7 {
+        mine.push(created(&s, TENANT, &format!("mine {i}")).await);
+    }
+    let mut theirs = Vec::new();
+    for i in 0..3 {
+        theirs.push(created(&s, OTHER_TENANT, &format!("theirs {i}")).await);
+    }
+    let deleted = mine.remove(3);
+    s.store
+        .delete(&deleted.key_id, keygate::store::now_ms())
+        .await
+        .unwrap()
+        .expect("deleted");
+    let revoked_at = keygate::store::now_ms();
+    let revoked = s
+        .store
+        .revoke(&mine[1].key_id, revoked_at)
+        .await
+        .unwrap()
+        .expect("revoked");
+    mine[1] = revoked;
+
+    let mut pages = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.store.list(TENANT, after.as_deref(), 2).await.unwrap();
+        assert!(page.keys.len() <= 2, "page over its limit: {page:?}");
+        assert!(pages.len() < 10, "pagination does not end");
+        if let Some(next) = &page.next_after {
+            assert_eq!(
+                Some(next),
+                page.keys.last().map(|k| &k.key_id),
+                "next_after is the last id of the page"
+            );
+        }
+        after = page.next_after.clone();
+        pages.push(page.keys);
+        if after.is_none() {
+            break;
+        }
+    }
+    assert_eq!(pages.len(), 3, "6 keys in pages of 2: {pages:?}");
+
+    let listed: Vec<KeyRecord> = pages.into_iter().flatten().collect();
+    let ids: Vec<&str> = listed.iter().map(|k| k.key_id.as_str()).collect();
+    let mut expected: Vec<&str> = mine.iter().map(|k| k.key_id.as_str()).collect();
+    expected.sort();
+    assert_eq!(ids, expected, "every key once, in key-id order");
+    assert!(!ids.contains(&deleted.key_id.as_str()));
+    for t in &theirs {
+        assert!(!ids.contains(&t.key_id.as_str()), "another tenant's key");
+    }
+    // Listed records are whole, revocation included.
+    let listed_revoked = listed.iter().find(|k| k.key_id == mine[1].key_id).unwrap();
+    assert_eq!(listed_revoked.revoked_at_ms, Some(revoked_at));
+    for k in &listed {
+        assert_eq!(Some(k), mine.iter().find(|m| m.key_id == k.key_id));
+    }
+
+    let all = s.store.list(TENANT, None, 100).await.unwrap();
+    assert_eq!(all.keys.len(), 6);
+    assert_eq!(all.next_after, None);
+    let theirs_listed = s.store.list(OTHER_TENANT, None, 100).await.unwrap();
+    let theirs_ids: BTreeSet<&str> = theirs_listed
+        .keys
+        .iter()
+        .map(|k| k.key_id.as_str())
+        .collect();
+    assert_eq!(
+        theirs_ids,
+        theirs.iter().map(|k| k.key_id.as_str()).collect()
+    );
+    let nobody = s
+        .store
+        .list("5d1b8a9c-0000-4000-8000-000000000000", None, 100)
+        .await
+        .unwrap();
+    assert!(nobody.keys.is_empty());
+    assert_eq!(nobody.next_after, None);
+}
+
+async fn revoking_marks_the_key_once_and_appends_one_event(s: Subject) {
+    let record = created(&s, TENANT, "to revoke").await;
+    let other = created(&s, TENANT, "bystander").await;
+    let t1 = keygate::store::now_ms();
+
+    let revoked = s
+        .store
+        .revoke(&record.key_id, t1)
+        .await
+        .unwrap()
+        .expect("the key exists");
+    assert_eq!(revoked.revoked_at_ms, Some(t1));
+    assert_eq!(
+        KeyRecord {
+            revoked_at_ms: None,
+            ..revoked.clone()
+        },
+        record,
+        "revocation changes nothing else"
+    );
+    let stored = s.store.get(&record.key_id).await.unwrap().unwrap();
+    assert_eq!(stored.revoked_at_ms, Some(t1));
+    assert_eq!(stored.status(t1), KeyStatus::Revoked);
+
+    let again = s
+        .store
+        .revoke(&record.key_id, t1 + 5_000)
+        .await
+        .unwrap()
+        .expect("the key still exists");
+    assert_eq!(
+        again.revoked_at_ms,
+        Some(t1),
+        "a second revoke changes nothing"
+    );
+    assert_eq!(
+        s.store
+            .get(&record.key_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at_ms,
+        Some(t1)
+    );
+    assert_eq!(
+        s.store.get(&other.key_id).await.unwrap(),
+        Some(other),
+        "only the revoked key changes"
+    );
+    assert_eq!(
+        s.events().await,
+        vec![(record.key_id.clone(), EventKind::Revoked, t1)],
+        "exactly one event for two revokes"
+    );
+}
+
+async fn revoking_or_deleting_an_unknown_key_finds_nothing(s: Subject) {
+    let known = created(&s, TENANT, "known").await;
+    let unknown = apikey::token::new_key_id();
+    let now = keygate::store::now_ms();
+    assert_eq!(s.store.revoke(&unknown, now).await.unwrap(), None);
+    assert_eq!(s.store.delete(&unknown, now).await.unwrap(), None);
+    assert_eq!(s.store.get(&unknown).await.unwrap(), None);
+    assert_eq!(s.store.get(&known.key_id).await.unwrap(), Some(known));
+    assert!(s.events().await.is_empty(), "no event for an unknown key");
+}
+
+async fn deleting_removes_the_key_and_its_index_entry(s: Subject) {
+    let doomed = created(&s, TENANT, "doomed").await;
+    let kept = created(&s, TENANT, "kept").await;
+    let t_revoke = keygate::store::now_ms();
+    s.store.revoke(&doomed.key_id, t_revoke).await.unwrap();
+    let t_delete = t_revoke + 1;
+
+    let removed = s
+        .store
+        .delete(&doomed.key_id, t_delete)
+        .await
+        .unwrap()
+        .expect("the key existed");
+    assert_eq!(removed.key_id, doomed.key_id);
+    assert_eq!(removed.tenant_id, TENANT);
+    assert_eq!(s.store.get(&doomed.key_id).await.unwrap(), None);
+    let listed = s.store.list(TENANT, None, 100).await.unwrap();
+    assert_eq!(listed.keys, vec![kept.clone()]);
+    assert_eq!(
+        s.store.delete(&doomed.key_id, t_delete + 1).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.store.revoke(&doomed.key_id, t_delete + 2).await.unwrap(),
+        None
+    );
+
+    assert_eq!(
+        s.events().await,
+        vec![
+            (doomed.key_id.clone(), EventKind::Revoked, t_revoke),
+            (doomed.key_id.clone(), EventKind::Deleted, t_delete),
+        ],
+        "one event per revoke and per delete, none for no-ops"
+    );
+
+    // The last key of a tenant gone: the tenant lists empty.
+    s.store
+        .delete(&kept.key_id, t_delete + 3)
+        .await
+        .unwrap()
+        .unwrap();
+    let empty = s.store.list(TENANT, None, 100).await.unwrap();
+    assert!(empty.keys.is_empty());
+    assert_eq!(empty.next_after, None);
+}
+
+async fn revocation_events_read_back_in_order_from_any_position(s: Subject) {
+    let store = &s.store;
+    assert_eq!(store.latest_event_id().await.unwrap(), EventId::START);
+    assert!(store
+        .read_events(EventId::START, 100, None)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(!store.events_lost_after(EventId::START).await.unwrap());
+
+    let a = created(&s, TENANT, "a").await;
+    let b = created(&s, TENANT, "b").await;
+    let t = keygate::store::now_ms();
+    store.revoke(&a.key_id, t).await.unwrap().unwrap();
+    store.revoke(&b.key_id, t).await.unwrap().unwrap();
+    store.delete(&a.key_id, t + 1).await.unwrap().unwrap();
+
+    let all = store.read_events(EventId::START, 100, None).await.unwrap();
+    let summary: Vec<(&str, EventKind, u64)> = all
+        .iter()
+        .map(|e| (e.key_id.as_str(), e.kind, e.at_ms))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (a.key_id.as_str(), EventKind::Revoked, t),
+            (b.key_id.as_str(), EventKind::Revoked, t),
+            (a.key_id.as_str(), EventKind::Deleted, t + 1),
+        ]
+    );
+    let positions: Vec<EventId> = all.iter().map(|e| e.position()).collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "ids strictly increase: {positions:?}"
+    );
+    assert_eq!(store.latest_event_id().await.unwrap(), positions[2]);
+
+    // Resuming from any position yields exactly what came after it.
+    assert_eq!(
+        store.read_events(positions[0], 100, None).await.unwrap(),
+        all[1..].to_vec()
+    );
+    assert_eq!(
+        store.read_events(EventId::START, 2, None).await.unwrap(),
+        all[..2].to_vec()
+    );
+    assert!(store
+        .read_events(positions[2], 100, None)
+        .await
+        .unwrap()
+        .is_empty());
+    for p in [EventId::START, positions[0], positions[2]] {
+        assert!(
+            !store.events_lost_after(p).await.unwrap(),
+            "nothing lost after {p}"
+        );
+    }
+    // A position the stream never reached: the stream was reset under the reader.
+    let beyond = EventId {
+        ms: positions[2].ms + 60_000,
+        seq: 0,
+    };
+    assert!(store.events_lost_after(beyond).await.unwrap());
+
+    // A blocking read with nothing new waits, then returns empty.
+    let started = std::time::Instant::now();
+    let quiet = store
+        .read_events(positions[2], 100, Some(Duration::from_millis(200)))
+        .await
+        .unwrap();
+    assert!(quiet.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A blocking read returns the event appended while it waits (or just before).
+    let c = created(&s, TENANT, "c").await;
+    let reader = {
+        let store = store.clone();
+        let after = positions[2];
+        tokio::spawn(async move {
+            store
+                .read_events(after, 100, Some(Duration::from_secs(5)))
+                .await
+        })
+    };
+    store
+        .revoke(&c.key_id, keygate::store::now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    let woke = tokio::time::timeout(Duration::from_secs(4), reader)
+        .await
+        .expect("the blocked read wakes on the new event, before its block ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(woke.len(), 1);
+    assert_eq!(woke[0].key_id, c.key_id);
+    assert_eq!(woke[0].kind, EventKind::Revoked);
+}
+
+macro_rules! conformance {
+    ($($case:ident),+ $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::Subject::memory().await).await;
+                }
+            )+
+        }
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::Subject::redis().await).await;
+                }
+            )+
+        }
+    };
+}
+
+conformance!(
+    created_key_reads_back_with_its_hash_and_never_its_secret,
+    creating_an_existing_key_id_is_a_conflict_that_changes_nothing,
+    listing_pages_through_one_tenant_without_gaps_or_duplicates,
+    revoking_marks_the_key_once_and_appends_one_event,
+    revoking_or_deleting_an_unknown_key_finds_nothing,
+    deleting_removes_the_key_and_its_index_entry,
+    revocation_events_read_back_in_order_from_any_position,
+);
+
+// ---------------------------------------------------------------------------------------
+// Redis only
+// ---------------------------------------------------------------------------------------
+
+/// DESIGN.md, "At rest": a Redis dump alone must not let anyone use a key. Keys are made
+/// through the real admin path, used, guessed at and revoked before the dump is read.
+#[tokio::test]
+async fn redis_dump_holds_neither_token_nor_secret() {
+    let redis = RedisServer::start().await;
+    let secrets = support::secrets();
+    let app = App::build(support::config(Backend::Redis(&redis)), secrets.clone()).unwrap();
+    let envoy = app.envoy_service();
+
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        tokens.push(app.admin.create(support::reader_key()).await.unwrap());
+    }
+    let used = &tokens[0];
+    assert_eq!(
+        support::outcome(&envoy.decide(support::read_with(&used.token)).await),
+        support::Outcome::Allowed
+    );
+    let guess = support::wrong_secret_for(&used.token);
+    assert_eq!(
+        support::outcome(&envoy.decide(support::read_with(&guess)).await),
+        support::Outcome::denied("invalid_api_key", 401)
+    );
+    app.admin.revoke(&tokens[1].record.key_id).await.unwrap();
+    app.admin.delete(&tokens[2].record.key_id).await.unwrap();
+
+    let dump = support::dump(&mut redis.connection().await).await;
+    // The dump is real: it holds the live keys and their hashes.
+    for t in &tokens[..2] {
+        assert!(dump.contains(&t.record.key_id), "{dump}");
+        assert!(dump.contains(&t.record.hash), "{dump}");
+    }
+    assert!(dump.contains("$argon2id$"));
+    for t in &tokens {
+        let secret = support::secret_of(&t.token);
+        assert!(!dump.contains(&t.token), "a full token in Redis:\n{dump}");
+        assert!(!dump.contains(secret), "a key secret in Redis:\n{dump}");
+    }
+    assert!(!dump.contains(support::secret_of(&guess)));
+    assert!(
+        !dump.contains(secrets.pepper.expose()),
+        "the pepper in Redis"
+    );
+    assert!(!dump.contains(secrets.admin_token.expose()));
+}
+
+/// The stream carries what replicas need to act on, for keys revoked through the admin
+/// path: one `revoked` and one `deleted` event, in order, naming the key id.
+#[tokio::test]
+async fn admin_revoke_and_delete_each_append_one_stream_event() {
+    let redis = RedisServer::start().await;
+    let app = App::build(support::config(Backend::Redis(&redis)), support::secrets()).unwrap();
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let key_id = key.record.key_id.clone();
+    app.admin.revoke(&key_id).await.unwrap();
+    app.admin.revoke(&key_id).await.unwrap();
+    app.admin.delete(&key_id).await.unwrap();
+
+    let store = RedisStore::new(&redis.url(), None, "kgtest", Duration::from_secs(2)).unwrap();
+    let entries = support::stream_entries(&mut redis.connection().await, &store.events_key()).await;
+    let summary: Vec<(String, String)> = entries
+        .iter()
+        .map(|(_, fields)| {
+            let get = |n: &str| {
+                fields
+                    .iter()
+                    .find(|(k, _)| k == n)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            (get("key_id"), get("kind"))
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (key_id.clone(), "revoked".to_owned()),
+            (key_id, "deleted".to_owned()),
+        ]
+    );
+}
