@@ -110,6 +110,24 @@ pub enum KeysCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Change a key's name, scopes, plan or lifetime. Every replica stops using the old
+    /// values at once.
+    Update {
+        key_id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Replaces the scopes (comma-separated; "" for none).
+        #[arg(long, value_delimiter = ',')]
+        scopes: Option<Vec<String>>,
+        /// "" clears the plan.
+        #[arg(long)]
+        plan: Option<String>,
+        /// A new lifetime counted from now, e.g. 30d.
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Delete a key.
     Delete {
         key_id: String,
@@ -359,6 +377,16 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
+/// `--expires-in` as whole seconds; 0 when not given.
+fn expires_in_seconds(arg: Option<&str>) -> anyhow::Result<i64> {
+    let Some(s) = arg else { return Ok(0) };
+    let d = crate::config::parse_duration(s).map_err(|e| anyhow!("--expires-in: {e}"))?;
+    if d.as_secs() == 0 {
+        bail!("--expires-in: must be at least one second");
+    }
+    Ok(d.as_secs() as i64)
+}
+
 async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Create {
@@ -464,6 +492,30 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             let key = admin_client(&admin)
                 .await?
                 .revoke_key(proto::RevokeKeyRequest { key_id })
+                .await
+                .map_err(grpc_error)?
+                .into_inner();
+            print_key(&key, admin.json);
+        }
+        KeysCommand::Update {
+            key_id,
+            name,
+            scopes,
+            plan,
+            expires_in,
+            admin,
+        } => {
+            let key = admin_client(&admin)
+                .await?
+                .update_key(proto::UpdateKeyRequest {
+                    key_id,
+                    name,
+                    scopes: scopes.map(|s| proto::ScopeList {
+                        scopes: s.into_iter().filter(|s| !s.is_empty()).collect(),
+                    }),
+                    plan,
+                    expires_in_seconds: expires_in_seconds(expires_in.as_deref())?,
+                })
                 .await
                 .map_err(grpc_error)?
                 .into_inner();

@@ -10,7 +10,7 @@ use crate::cache::CredentialCache;
 use crate::config::ApiKeysConfig;
 use crate::policy::valid_scope;
 use crate::principal::{Environment, KeyKind};
-use crate::store::{now_ms, KeyPage, KeyRecord, KeyStore, StoreError};
+use crate::store::{now_ms, KeyChange, KeyPage, KeyRecord, KeyStore, StoreError};
 use crate::telemetry::metrics;
 use crate::tenant::parse_tenant;
 
@@ -62,6 +62,17 @@ pub struct NewKey {
     pub kind: String,
     pub expires_in: Option<Duration>,
     pub plan: String,
+}
+
+/// A request to change a key; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct KeyUpdate {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    /// Empty clears the plan.
+    pub plan: Option<String>,
+    /// A new lifetime, counted from now.
+    pub expires_in: Option<Duration>,
 }
 
 pub struct CreatedKey {
@@ -116,47 +127,10 @@ impl KeyAdmin {
                  come with delegation)",
             ));
         }
-        let name = req.name.trim().to_owned();
-        if name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
-            return Err(invalid(
-                "name",
-                format!("must be at most {MAX_NAME_LEN} printable characters"),
-            ));
-        }
-        if req.scopes.len() > MAX_SCOPES {
-            return Err(invalid("scopes", format!("at most {MAX_SCOPES} scopes")));
-        }
-        let mut scopes = Vec::with_capacity(req.scopes.len());
-        for s in &req.scopes {
-            let s = s.trim();
-            if !valid_scope(s) || (s.contains('*') && s != "*" && !s.ends_with(":*")) {
-                return Err(invalid(
-                    "scopes",
-                    format!("`{s}` is not a scope (`resource:action`, a-z 0-9 : - _ ., or a trailing `:*`)"),
-                ));
-            }
-            if !scopes.iter().any(|x: &String| x == s) {
-                scopes.push(s.to_owned());
-            }
-        }
-        let lifetime = req.expires_in.unwrap_or(self.cfg.default_lifetime);
-        if lifetime.is_zero() || lifetime > self.cfg.max_lifetime {
-            return Err(invalid(
-                "expires_in",
-                format!(
-                    "must be above zero and at most {}",
-                    humantime::format_duration(self.cfg.max_lifetime)
-                ),
-            ));
-        }
-        let plan = req.plan.trim();
-        if plan.len() > 64
-            || !plan
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(invalid("plan", "must be at most 64 of a-z A-Z 0-9 - _"));
-        }
+        let scopes = check_scopes(&req.scopes)?;
+        let lifetime = self.check_lifetime(req.expires_in.unwrap_or(self.cfg.default_lifetime))?;
+        let plan = check_plan(&req.plan)?;
+        let name = check_name(&req.name)?;
 
         let generated = apikey::generate(&self.cfg.prefix, environment);
         let hash = self
@@ -177,7 +151,7 @@ impl KeyAdmin {
             kind,
             environment,
             scopes,
-            plan: (!plan.is_empty()).then(|| plan.to_owned()),
+            plan,
             hash,
             created_at_ms: now,
             expires_at_ms: now.saturating_add(lifetime.as_millis() as u64),
@@ -190,6 +164,46 @@ impl KeyAdmin {
             record,
             token: generated.token,
         })
+    }
+
+    /// Changes a key's name, scopes, plan or lifetime. Replicas drop the cached
+    /// principal through the `updated` event written in the same step.
+    pub async fn update(&self, key_id: &str, req: KeyUpdate) -> Result<KeyRecord, AdminError> {
+        let key_id = check_key_id(key_id)?;
+        let change = KeyChange {
+            name: req.name.as_deref().map(check_name).transpose()?,
+            scopes: req.scopes.as_deref().map(check_scopes).transpose()?,
+            plan: req.plan.as_deref().map(check_plan).transpose()?,
+            expires_at_ms: req
+                .expires_in
+                .map(|d| self.check_lifetime(d))
+                .transpose()?
+                .map(|d| now_ms().saturating_add(d.as_millis() as u64)),
+        };
+        if change == KeyChange::default() {
+            return Err(invalid("update", "names no field to change"));
+        }
+        let record = self
+            .store
+            .update(key_id, &change, now_ms())
+            .await?
+            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
+        self.cache.invalidate_key(key_id).await;
+        tracing::info!(key_id, "API key updated");
+        Ok(record)
+    }
+
+    fn check_lifetime(&self, lifetime: Duration) -> Result<Duration, AdminError> {
+        if lifetime.is_zero() || lifetime > self.cfg.max_lifetime {
+            return Err(invalid(
+                "expires_in",
+                format!(
+                    "must be above zero and at most {}",
+                    humantime::format_duration(self.cfg.max_lifetime)
+                ),
+            ));
+        }
+        Ok(lifetime)
     }
 
     pub async fn get(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
@@ -250,6 +264,52 @@ impl KeyAdmin {
         tracing::info!(key_id, "API key deleted");
         Ok(record)
     }
+}
+
+fn check_name(name: &str) -> Result<String, AdminError> {
+    let name = name.trim();
+    if name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(invalid(
+            "name",
+            format!("must be at most {MAX_NAME_LEN} printable characters"),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// Validated, de-duplicated scopes. Empty is allowed and grants nothing.
+fn check_scopes(requested: &[String]) -> Result<Vec<String>, AdminError> {
+    if requested.len() > MAX_SCOPES {
+        return Err(invalid("scopes", format!("at most {MAX_SCOPES} scopes")));
+    }
+    let mut scopes: Vec<String> = Vec::with_capacity(requested.len());
+    for s in requested {
+        let s = s.trim();
+        if !valid_scope(s) || (s.contains('*') && s != "*" && !s.ends_with(":*")) {
+            return Err(invalid(
+                "scopes",
+                format!(
+                    "`{s}` is not a scope (`resource:action`, a-z 0-9 : - _ ., or a trailing `:*`)"
+                ),
+            ));
+        }
+        if !scopes.iter().any(|x| x == s) {
+            scopes.push(s.to_owned());
+        }
+    }
+    Ok(scopes)
+}
+
+fn check_plan(plan: &str) -> Result<Option<String>, AdminError> {
+    let plan = plan.trim();
+    if plan.len() > 64
+        || !plan
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid("plan", "must be at most 64 of a-z A-Z 0-9 - _"));
+    }
+    Ok((!plan.is_empty()).then(|| plan.to_owned()))
 }
 
 fn check_key_id(key_id: &str) -> Result<&str, AdminError> {

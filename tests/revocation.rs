@@ -597,3 +597,96 @@ async fn events_are_idempotent_when_delivered_twice() {
     assert_eq!(replica.check(&token).await, Outcome::Allowed);
     replica.running.shutdown().await.unwrap();
 }
+
+async fn narrowing_a_key_reaches_every_replica(backend_for: impl Fn() -> Config) {
+    let secrets = secrets();
+    let a = Replica::start(backend_for(), &secrets).await;
+    let b = Replica::start(backend_for(), &secrets).await;
+    b.following().await;
+    let (id, token) = create_key(&a.app).await;
+    assert_eq!(b.check(&token).await, Outcome::Allowed);
+    let mut feed = b.app.bus.subscribe();
+    let updated = a
+        .app
+        .admin
+        .update(
+            &id,
+            keygate::keys::KeyUpdate {
+                scopes: Some(vec!["contacts:write".into()]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.scopes, vec!["contacts:write".to_string()]);
+    match tokio::time::timeout(PATIENCE, feed.recv()).await {
+        Ok(Ok(FeedItem::Event(e))) => {
+            assert_eq!(e.key_id, id);
+            assert_eq!(e.kind, keygate::store::EventKind::Updated);
+        }
+        other => panic!("no update event: {other:?}"),
+    }
+    assert_eq!(
+        b.check(&token).await,
+        Outcome::denied("insufficient_permissions", 403),
+        "the removed scope no longer grants the route on the other replica"
+    );
+    a.running.shutdown().await.unwrap();
+    b.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_scope_reaches_every_replica_through_redis() {
+    let redis = RedisServer::start().await;
+    narrowing_a_key_reaches_every_replica(|| config(Backend::Redis(&redis))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_expiry_earlier_takes_effect_on_every_replica() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let a = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    let b = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    b.following().await;
+    let (id, token) = create_key(&a.app).await;
+    assert_eq!(b.check(&token).await, Outcome::Allowed);
+    a.app
+        .admin
+        .update(
+            &id,
+            keygate::keys::KeyUpdate {
+                expires_in: Some(Duration::from_secs(1)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    eventually(
+        PATIENCE,
+        "the other replica sees the earlier expiry",
+        || async {
+            (b.check(&token).await == Outcome::denied("expired_api_key", 401)).then_some(())
+        },
+    )
+    .await;
+    // Bad arguments change nothing and name the field.
+    let err = a
+        .app
+        .admin
+        .update(
+            &id,
+            keygate::keys::KeyUpdate {
+                scopes: Some(vec!["Not A Scope".into()]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().starts_with("scopes:"), "{err}");
+    assert_eq!(
+        a.app.admin.get(&id).await.unwrap().scopes,
+        vec!["contacts:read".to_string()]
+    );
+    a.running.shutdown().await.unwrap();
+    b.running.shutdown().await.unwrap();
+}

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::proto::{self, keys_server::Keys};
 use super::timestamp;
-use crate::keys::{AdminError, KeyAdmin, NewKey};
+use crate::keys::{AdminError, KeyAdmin, KeyUpdate, NewKey};
 use crate::secret::Secret;
 use crate::store::{now_ms, KeyRecord};
 
@@ -135,6 +135,27 @@ impl Keys for KeysService {
             .revoke(&request.into_inner().key_id)
             .await
             .map_err(status)?;
+        Ok(Response::new(key_proto(&rec)))
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<proto::UpdateKeyRequest>,
+    ) -> Result<Response<proto::Key>, Status> {
+        let r = request.into_inner();
+        if r.expires_in_seconds < 0 {
+            return Err(Status::invalid_argument(
+                "expires_in_seconds: must not be negative",
+            ));
+        }
+        let update = KeyUpdate {
+            name: r.name,
+            scopes: r.scopes.map(|s| s.scopes),
+            plan: r.plan,
+            expires_in: (r.expires_in_seconds > 0)
+                .then(|| Duration::from_secs(r.expires_in_seconds as u64)),
+        };
+        let rec = self.admin.update(&r.key_id, update).await.map_err(status)?;
         Ok(Response::new(key_proto(&rec)))
     }
 

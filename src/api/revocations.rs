@@ -45,6 +45,7 @@ fn event_proto(item: &FeedItem) -> proto::RevocationEvent {
             kind: match e.kind {
                 EventKind::Revoked => Kind::Revoked,
                 EventKind::Deleted => Kind::Deleted,
+                EventKind::Updated => Kind::Updated,
             } as i32,
             at: Some(timestamp(e.at_ms)),
         },
@@ -221,6 +222,7 @@ fn feed_item(msg: proto::RevocationEvent) -> Result<FeedItem, StoreError> {
         Ok(Kind::Reset) => return Ok(FeedItem::Reset(id)),
         Ok(Kind::Revoked) => EventKind::Revoked,
         Ok(Kind::Deleted) => EventKind::Deleted,
+        Ok(Kind::Updated) => EventKind::Updated,
         _ => {
             return Err(StoreError::Corrupt(format!(
                 "unknown event kind {}",

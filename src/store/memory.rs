@@ -8,7 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{Notify, RwLock};
 
-use super::{EventId, EventKind, KeyPage, KeyRecord, KeyStore, RevocationEvent, StoreError};
+use super::{
+    EventId, EventKind, KeyChange, KeyPage, KeyRecord, KeyStore, RevocationEvent, StoreError,
+};
 
 /// How many revocation events are kept, like the Redis stream's MAXLEN.
 const MAX_EVENTS: usize = 100_000;
@@ -155,6 +157,23 @@ impl KeyStore for MemoryStore {
         rec.revoked_at_ms = Some(at_ms);
         let rec = rec.clone();
         s.append_event(key_id, EventKind::Revoked, at_ms, self.max_events);
+        self.appended.notify_waiters();
+        Ok(Some(rec))
+    }
+
+    async fn update(
+        &self,
+        key_id: &str,
+        change: &KeyChange,
+        at_ms: u64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let mut s = self.state.write().await;
+        let Some(rec) = s.keys.get_mut(key_id) else {
+            return Ok(None);
+        };
+        change.apply(rec);
+        let rec = rec.clone();
+        s.append_event(key_id, EventKind::Updated, at_ms, self.max_events);
         self.appended.notify_waiters();
         Ok(Some(rec))
     }

@@ -69,6 +69,8 @@ impl KeyRecord {
 pub enum EventKind {
     Revoked,
     Deleted,
+    /// Scopes, expiry or other fields changed: cached principals are stale.
+    Updated,
 }
 
 impl EventKind {
@@ -76,6 +78,7 @@ impl EventKind {
         match self {
             EventKind::Revoked => "revoked",
             EventKind::Deleted => "deleted",
+            EventKind::Updated => "updated",
         }
     }
 }
@@ -130,6 +133,33 @@ impl std::fmt::Display for EventId {
     }
 }
 
+/// The fields an update may change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyChange {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    /// `Some(None)` clears the plan.
+    pub plan: Option<Option<String>>,
+    pub expires_at_ms: Option<u64>,
+}
+
+impl KeyChange {
+    pub fn apply(&self, record: &mut KeyRecord) {
+        if let Some(n) = &self.name {
+            record.name = n.clone();
+        }
+        if let Some(s) = &self.scopes {
+            record.scopes = s.clone();
+        }
+        if let Some(p) = &self.plan {
+            record.plan = p.clone();
+        }
+        if let Some(e) = self.expires_at_ms {
+            record.expires_at_ms = e;
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPage {
     pub keys: Vec<KeyRecord>,
@@ -168,6 +198,15 @@ pub trait KeyStore: Send + Sync + 'static {
     /// step. Returns the record as it now is; an already revoked key is returned
     /// unchanged and no event is appended. `None` if there is no such key.
     async fn revoke(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Applies `change` to the key's record (not its hash, tenant or revocation) and
+    /// appends an `updated` event, atomically. Returns the new record.
+    async fn update(
+        &self,
+        key_id: &str,
+        change: &KeyChange,
+        at_ms: u64,
+    ) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Removes the key and its index entry and appends a deletion event, atomically.
     /// Returns the removed record.

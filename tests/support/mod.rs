@@ -448,6 +448,16 @@ impl KeyStore for CountingStore {
         self.inner.revoke(key_id, at_ms).await
     }
 
+    async fn update(
+        &self,
+        key_id: &str,
+        change: &keygate::store::KeyChange,
+        at_ms: u64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.update(key_id, change, at_ms).await
+    }
+
     async fn delete(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.inner.delete(key_id, at_ms).await
