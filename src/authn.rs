@@ -78,10 +78,12 @@ impl Authenticator {
                 self.verify(parsed.key_id, parsed.secret, parsed.environment)
             })
             .await;
-        metrics()
-            .cache
-            .with_label_values(&[if lookup.hit { "hit" } else { "miss" }])
-            .inc();
+        let m = metrics();
+        if lookup.hit {
+            m.cache_hits.inc();
+        } else {
+            m.cache_misses.inc();
+        }
         match lookup.value {
             Ok(Verified::Valid(p)) => {
                 if p.expires_at.is_some_and(|exp| now_ms() >= exp) {

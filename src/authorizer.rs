@@ -44,7 +44,7 @@ impl Authorizer {
         let decision = self.decide(req).await;
         let m = metrics();
         m.check_duration.observe(started.elapsed().as_secs_f64());
-        m.decisions.with_label_values(&[decision.label()]).inc();
+        m.count_decision(decision.label());
         match &decision {
             Decision::Allow(a) => tracing::debug!(
                 method = %req.method,

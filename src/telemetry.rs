@@ -13,6 +13,10 @@ use crate::config::{LogFormat, LoggingConfig};
 pub struct Metrics {
     pub registry: Registry,
     pub decisions: IntCounterVec,
+    /// `decisions` resolved per result once, so the hot path does no label lookup.
+    decisions_by_label: Vec<(&'static str, IntCounter)>,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
     pub check_duration: Histogram,
     pub cache: IntCounterVec,
     pub argon2_verifications: IntCounter,
@@ -127,9 +131,19 @@ pub fn metrics() -> &'static Metrics {
         ] {
             registry.register(c).expect("metric registered once");
         }
+        let decisions_by_label = ["allow", "unavailable"]
+            .into_iter()
+            .chain(crate::decision::DenyReason::ALL.iter().map(|r| r.code()))
+            .map(|label| (label, decisions.with_label_values(&[label])))
+            .collect();
+        let cache_hits = cache.with_label_values(&["hit"]);
+        let cache_misses = cache.with_label_values(&["miss"]);
         Metrics {
             registry,
             decisions,
+            decisions_by_label,
+            cache_hits,
+            cache_misses,
             check_duration,
             cache,
             argon2_verifications,
@@ -145,6 +159,16 @@ pub fn metrics() -> &'static Metrics {
             revocation_connected,
         }
     })
+}
+
+impl Metrics {
+    /// Counts one decision under its label (`Decision::label`).
+    pub fn count_decision(&self, label: &'static str) {
+        match self.decisions_by_label.iter().find(|(l, _)| *l == label) {
+            Some((_, counter)) => counter.inc(),
+            None => self.decisions.with_label_values(&[label]).inc(),
+        }
+    }
 }
 
 /// The Prometheus text exposition of every metric.

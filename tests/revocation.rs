@@ -598,26 +598,27 @@ async fn events_are_idempotent_when_delivered_twice() {
     replica.running.shutdown().await.unwrap();
 }
 
-async fn narrowing_a_key_reaches_every_replica(backend_for: impl Fn() -> Config) {
+/// Two replicas on one Redis, and a key warm on the second.
+async fn two_replicas_with_a_warm_key(redis: &RedisServer) -> (Replica, Replica, String, String) {
     let secrets = secrets();
-    let a = Replica::start(backend_for(), &secrets).await;
-    let b = Replica::start(backend_for(), &secrets).await;
+    let a = Replica::start(config(Backend::Redis(redis)), &secrets).await;
+    let b = Replica::start(config(Backend::Redis(redis)), &secrets).await;
     b.following().await;
     let (id, token) = create_key(&a.app).await;
     assert_eq!(b.check(&token).await, Outcome::Allowed);
+    (a, b, id, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_scope_reaches_every_replica_through_redis() {
+    let redis = RedisServer::start().await;
+    let (a, b, id, token) = two_replicas_with_a_warm_key(&redis).await;
     let mut feed = b.app.bus.subscribe();
-    let updated = a
-        .app
-        .admin
-        .update(
-            &id,
-            keygate::keys::KeyUpdate {
-                scopes: Some(vec!["contacts:write".into()]),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let change = keygate::keys::KeyUpdate {
+        scopes: Some(vec!["contacts:write".into()]),
+        ..Default::default()
+    };
+    let updated = a.app.admin.update(&id, change).await.unwrap();
     assert_eq!(updated.scopes, vec!["contacts:write".to_string()]);
     match tokio::time::timeout(PATIENCE, feed.recv()).await {
         Ok(Ok(FeedItem::Event(e))) => {
@@ -636,31 +637,14 @@ async fn narrowing_a_key_reaches_every_replica(backend_for: impl Fn() -> Config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn removing_a_scope_reaches_every_replica_through_redis() {
-    let redis = RedisServer::start().await;
-    narrowing_a_key_reaches_every_replica(|| config(Backend::Redis(&redis))).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moving_expiry_earlier_takes_effect_on_every_replica() {
     let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let a = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
-    let b = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
-    b.following().await;
-    let (id, token) = create_key(&a.app).await;
-    assert_eq!(b.check(&token).await, Outcome::Allowed);
-    a.app
-        .admin
-        .update(
-            &id,
-            keygate::keys::KeyUpdate {
-                expires_in: Some(Duration::from_secs(1)),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let (a, b, id, token) = two_replicas_with_a_warm_key(&redis).await;
+    let change = keygate::keys::KeyUpdate {
+        expires_in: Some(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    a.app.admin.update(&id, change).await.unwrap();
     eventually(
         PATIENCE,
         "the other replica sees the earlier expiry",
@@ -670,18 +654,11 @@ async fn moving_expiry_earlier_takes_effect_on_every_replica() {
     )
     .await;
     // Bad arguments change nothing and name the field.
-    let err = a
-        .app
-        .admin
-        .update(
-            &id,
-            keygate::keys::KeyUpdate {
-                scopes: Some(vec!["Not A Scope".into()]),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
+    let bad = keygate::keys::KeyUpdate {
+        scopes: Some(vec!["Not A Scope".into()]),
+        ..Default::default()
+    };
+    let err = a.app.admin.update(&id, bad).await.unwrap_err();
     assert!(err.to_string().starts_with("scopes:"), "{err}");
     assert_eq!(
         a.app.admin.get(&id).await.unwrap().scopes,

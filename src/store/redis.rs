@@ -142,6 +142,9 @@ fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// A key record's raw hash fields: `data` (JSON) and `revoked_at_ms`.
+type RecordFields = (Option<String>, Option<u64>);
+
 /// What XINFO STREAM says of the revocation stream.
 struct StreamInfo {
     last_generated: EventId,
@@ -151,6 +154,18 @@ struct StreamInfo {
 }
 
 impl RedisStore {
+    async fn record_fields(&self, key_id: &str) -> Result<RecordFields, StoreError> {
+        let mut conn = self.conn().await?;
+        self.run(
+            redis::cmd("HMGET")
+                .arg(self.key_key(key_id))
+                .arg("data")
+                .arg("revoked_at_ms")
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
     /// `None` when the stream does not exist.
     async fn stream_info(&self) -> Result<Option<StreamInfo>, StoreError> {
         let mut conn = self.conn().await?;
@@ -227,7 +242,7 @@ fn decode_event(entry: &redis::streams::StreamId) -> Result<RevocationEvent, Sto
 }
 
 /// A record from its hash fields (`data`, `revoked_at_ms`).
-fn decode(fields: (Option<String>, Option<u64>)) -> Result<Option<KeyRecord>, StoreError> {
+fn decode(fields: RecordFields) -> Result<Option<KeyRecord>, StoreError> {
     let (Some(data), revoked) = fields else {
         return Ok(None);
     };
@@ -265,17 +280,7 @@ impl KeyStore for RedisStore {
     }
 
     async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let mut conn = self.conn().await?;
-        let fields: (Option<String>, Option<u64>) = self
-            .run(
-                redis::cmd("HMGET")
-                    .arg(self.key_key(key_id))
-                    .arg("data")
-                    .arg("revoked_at_ms")
-                    .query_async(&mut conn),
-            )
-            .await?;
-        decode(fields)
+        decode(self.record_fields(key_id).await?)
     }
 
     async fn list(
@@ -312,7 +317,7 @@ impl KeyStore for RedisStore {
                 .arg("data")
                 .arg("revoked_at_ms");
         }
-        let rows: Vec<(Option<String>, Option<u64>)> = if ids.is_empty() {
+        let rows: Vec<RecordFields> = if ids.is_empty() {
             Vec::new()
         } else {
             self.run(pipe.query_async(&mut conn)).await?
@@ -333,7 +338,7 @@ impl KeyStore for RedisStore {
 
     async fn revoke(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
         let mut conn = self.conn().await?;
-        let fields: Option<(Option<String>, Option<u64>)> = self
+        let fields: Option<RecordFields> = self
             .run(
                 self.revoke
                     .key(self.key_key(key_id))
@@ -357,16 +362,7 @@ impl KeyStore for RedisStore {
         // update makes us read again. Records are JSON written by keygate alone, so the
         // change is made here rather than in Lua.
         for _ in 0..8 {
-            let mut conn = self.conn().await?;
-            let (data, revoked): (Option<String>, Option<u64>) = self
-                .run(
-                    redis::cmd("HMGET")
-                        .arg(self.key_key(key_id))
-                        .arg("data")
-                        .arg("revoked_at_ms")
-                        .query_async(&mut conn),
-                )
-                .await?;
+            let (data, revoked) = self.record_fields(key_id).await?;
             let Some(data) = data else {
                 return Ok(None);
             };
@@ -375,6 +371,7 @@ impl KeyStore for RedisStore {
             change.apply(&mut record);
             let new_data =
                 serde_json::to_string(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let mut conn = self.conn().await?;
             let written: i64 = self
                 .run(
                     self.update
@@ -407,7 +404,7 @@ impl KeyStore for RedisStore {
             return Ok(None);
         };
         let mut conn = self.conn().await?;
-        let fields: Option<(Option<String>, Option<u64>)> = self
+        let fields: Option<RecordFields> = self
             .run(
                 self.delete
                     .key(self.key_key(key_id))
