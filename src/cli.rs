@@ -138,7 +138,8 @@ pub enum KeysCommand {
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
-    #[arg(long, hide_env_values = true)]
+    /// The credential (API key). Leave out to ask about a request without one.
+    #[arg(long, default_value = "")]
     pub token: String,
     #[arg(long, default_value = "GET")]
     pub method: String,
