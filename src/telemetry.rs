@@ -30,6 +30,7 @@ pub struct Metrics {
     pub revocation_reconnects: IntCounter,
     pub revocation_flushes: IntCounter,
     pub revocation_connected: IntGauge,
+    pub watch_streams: IntGauge,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -113,6 +114,11 @@ pub fn metrics() -> &'static Metrics {
             "1 while this replica follows the revocation stream, 0 otherwise.",
         )
         .expect("valid metric");
+        let watch_streams = IntGauge::new(
+            "watch_streams",
+            "Open keygate.v1.Revocations/Watch streams.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(check_duration.clone()),
@@ -128,6 +134,7 @@ pub fn metrics() -> &'static Metrics {
             Box::new(revocation_reconnects.clone()),
             Box::new(revocation_flushes.clone()),
             Box::new(revocation_connected.clone()),
+            Box::new(watch_streams.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -157,6 +164,7 @@ pub fn metrics() -> &'static Metrics {
             revocation_reconnects,
             revocation_flushes,
             revocation_connected,
+            watch_streams,
         }
     })
 }

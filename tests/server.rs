@@ -228,3 +228,26 @@ async fn admin_calls_with_bad_arguments_name_the_field() {
     );
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_watch_stream_is_released_when_its_client_goes_away() {
+    let (_, running, _) = start().await;
+    let open = || keygate::telemetry::metrics().watch_streams.get();
+    assert_eq!(open(), 0);
+    let mut client = keygate::api::proto::revocations_client::RevocationsClient::new(
+        channel(running.grpc).await,
+    );
+    let stream = client
+        .watch(proto::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(open(), 1);
+    drop(stream);
+    drop(client);
+    eventually(PATIENCE, "the server lets go of the stream", || async {
+        (open() == 0).then_some(())
+    })
+    .await;
+    running.shutdown().await.unwrap();
+}

@@ -120,6 +120,7 @@ impl Revocations for RevocationsService {
         let store = self.store.clone();
         let (tx, rx) = mpsc::channel(256);
         let mut stop = self.stop.clone();
+        let client = tx.clone();
         let serve = async move {
             let mut after = after;
             if lost {
@@ -160,11 +161,17 @@ impl Revocations for RevocationsService {
                 }
             }
         };
+        let open = crate::telemetry::metrics().watch_streams.clone();
+        open.inc();
         tokio::spawn(async move {
+            // Ends when the stream is done, the server stops, or the client goes away
+            // (which a quiet stream would otherwise notice only at the next event).
             tokio::select! {
                 _ = serve => {}
                 _ = stop.wait_for(|stopped| *stopped) => {}
+                _ = client.closed() => {}
             }
+            open.dec();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -181,6 +181,10 @@ pub struct RunReport {
     /// included), from /proc/<pid>/stat; set when the scenario knows the target's pid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_cpu_us_per_request: Option<f64>,
+    /// Cores' worth of CPU other processes on the machine used during the run: the
+    /// noise floor of a shared machine (set by the scenarios).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub foreign_cpu_cores: Option<f64>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub deny_reasons: BTreeMap<String, u64>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -582,6 +586,7 @@ fn report(
         errors,
         completed_all: rec.completed_all,
         target_cpu_us_per_request: None,
+        foreign_cpu_cores: None,
         deny_reasons: rec.deny,
         error_kinds: rec.errors,
         expect: plan.expect,

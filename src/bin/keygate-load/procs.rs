@@ -141,6 +141,61 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / 100.0)
 }
 
+/// CPU time used by the whole machine so far (all cores, idle and iowait excluded), from
+/// /proc/stat, in seconds.
+pub fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = f[0]
+        + f[1]
+        + f[2]
+        + f.get(5).unwrap_or(&0.0)
+        + f.get(6).unwrap_or(&0.0)
+        + f.get(7).unwrap_or(&0.0);
+    Ok(busy / 100.0)
+}
+
+/// CPU used by everything except the benchmark's own processes, over a run.
+pub struct ForeignCpu {
+    pids: Vec<u32>,
+    machine: f64,
+    ours: f64,
+    at: Instant,
+}
+
+impl ForeignCpu {
+    /// Starts counting; `pids` are the benchmark's processes (this one is added).
+    pub fn start(pids: &[u32]) -> anyhow::Result<ForeignCpu> {
+        let mut pids = pids.to_vec();
+        pids.push(std::process::id());
+        let ours = pids.iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
+        Ok(ForeignCpu {
+            pids,
+            machine: machine_busy_seconds()?,
+            ours,
+            at: Instant::now(),
+        })
+    }
+
+    /// Cores' worth of CPU that other processes (other builds and tests on a shared
+    /// machine, the hypervisor's steal) took while the run went on.
+    pub fn cores(&self) -> anyhow::Result<f64> {
+        let ours: f64 = self
+            .pids
+            .iter()
+            .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+            .sum();
+        let foreign = (machine_busy_seconds()? - self.machine) - (ours - self.ours);
+        Ok((foreign / self.at.elapsed().as_secs_f64()).max(0.0))
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();

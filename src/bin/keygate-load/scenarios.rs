@@ -129,6 +129,14 @@ impl Bench {
         }
     }
 
+    /// The benchmark's own processes (besides this one).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut p = vec![self.keygate.proc.pid()];
+        p.extend(self.noop.as_ref().map(|n| n.0.pid()));
+        p.extend(self._redis.as_ref().map(Proc::pid));
+        p
+    }
+
     fn noop_addr(&self) -> SocketAddr {
         self.noop.as_ref().expect("scenario started the baseline").1
     }
@@ -149,19 +157,22 @@ impl Bench {
         template: &Arc<Template>,
         tokens: &Tokens,
     ) -> anyhow::Result<RunReport> {
+        let foreign = procs::ForeignCpu::start(&self.pids())?;
         let cpu0 = procs::cpu_seconds(pid)?;
         let mut r = load::run(plan, template.clone(), tokens.clone()).await?;
         let cpu1 = procs::cpu_seconds(pid)?;
+        r.foreign_cpu_cores = foreign.cores().ok();
         if r.completed_all > 0 {
             r.target_cpu_us_per_request = Some((cpu1 - cpu0) * 1e6 / r.completed_all as f64);
         }
         eprintln!(
-            "  {:<28} {:>6} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  {}",
+            "  {:<28} {:>6} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  other load {:.2} cores  {}",
             r.label,
             r.mode,
             r.rps,
             r.latency_us.p50,
             r.latency_us.p99,
+            r.foreign_cpu_cores.unwrap_or(f64::NAN),
             if r.valid {
                 "ok".to_owned()
             } else {
@@ -246,7 +257,19 @@ impl Bench {
     }
 }
 
-fn finish(report: &ScenarioReport, json: bool) -> anyhow::Result<()> {
+fn finish(report: &mut ScenarioReport, json: bool) -> anyhow::Result<()> {
+    let foreign: Vec<f64> = report
+        .runs
+        .iter()
+        .filter_map(|r| r.foreign_cpu_cores)
+        .collect();
+    if !foreign.is_empty() {
+        let max = foreign.iter().cloned().fold(0.0, f64::max);
+        report.fact(
+            "CPU taken by other processes during the runs (median / max)",
+            format!("{:.2} / {max:.2} cores", median(foreign)),
+        );
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(report)?);
     } else {
@@ -348,7 +371,7 @@ pub async fn cache_hit(c: &Common) -> anyhow::Result<()> {
         format!("{r:.2}× ({:.0} µs vs {:.0} µs)", ok.p99_us, ob.p99_us),
         r <= 1.5,
     );
-    finish(&report, c.json)
+    finish(&mut report, c.json)
 }
 
 /// warm-keys: 10,000 distinct keys, all cached, in rotation.
@@ -400,7 +423,7 @@ pub async fn warm_keys(c: &Common, keys: usize) -> anyhow::Result<()> {
         ratio_text(k.rps, b.rps),
         k.rps / b.rps >= 0.8,
     );
-    finish(&report, c.json)
+    finish(&mut report, c.json)
 }
 
 /// cold-keys: every request a new valid key (argon2 defaults), in a closed loop, while
@@ -532,7 +555,7 @@ pub async fn cold_keys(c: &Common, cold_concurrency: usize, warm_rate: f64) -> a
         ),
         d.p99_us <= 2.0 * a.p99_us,
     );
-    finish(&report, c.json)
+    finish(&mut report, c.json)
 }
 
 /// single-flight: one new key, `n` requests at once; exactly one argon2 verification.
@@ -604,7 +627,7 @@ pub async fn single_flight(c: &Common, n: usize, connections: usize) -> anyhow::
     );
     report.runs.extend(base);
     report.runs.extend(kg);
-    finish(&report, c.json)
+    finish(&mut report, c.json)
 }
 
 /// memory: resident memory per cached principal, warming `keys` keys.
@@ -660,7 +683,7 @@ pub async fn memory(c: &Common, keys: usize) -> anyhow::Result<()> {
         format!("{per:.0} bytes"),
         per <= 1024.0,
     );
-    finish(&report, c.json)
+    finish(&mut report, c.json)
 }
 
 pub fn not_yet(scenario: &str, why: &str) -> anyhow::Result<()> {
