@@ -1,1 +1,261 @@
-fn main() {}
+//! Micro-benchmarks of the hot path, stage by stage, and of one argon2 verification with
+//! the default parameters. Short by design (1 s warm-up, 3 s per benchmark):
+//!
+//!   cargo bench --bench hot_path
+//!   cargo bench --bench hot_path -- argon2      (one group)
+//!
+//! The Envoy request used throughout is shaped like the ones Envoy 1.40 sends (the same
+//! headers as keygate-load's), so each figure is what one real Check costs in that stage.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use envoy_types::pb::envoy::config::core::v3::{address, socket_address, Address, SocketAddress};
+use envoy_types::pb::envoy::service::auth::v3::{
+    attribute_context::{HttpRequest, Peer, Request},
+    AttributeContext, CheckRequest,
+};
+
+use keygate::api::envoy::auth_request;
+use keygate::apikey::{self, SecretHasher};
+use keygate::cache::{CredentialCache, Verified};
+use keygate::config::{Argon2Config, Config, Secrets, DEV_CONFIG};
+use keygate::credential::CredentialSource;
+use keygate::keys::NewKey;
+use keygate::policy::Policy;
+use keygate::principal::{Environment, KeyKind, Principal};
+use keygate::secret::Secret;
+use keygate::server::App;
+use keygate::store::memory::MemoryStore;
+
+const TENANT: &str = "5a0c6f0e-8c1b-4f6e-9a57-3d2b1c0e9f11";
+const PATH: &str = "/v1/contacts/42?include=notes";
+
+fn pepper() -> Secret {
+    Secret::new("bench-pepper-bench-pepper-bench-pepper-00")
+}
+
+fn peer(ip: &str, port: u32) -> Peer {
+    Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: ip.into(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A CheckRequest as Envoy sends it for `GET PATH` with `authorization: Bearer <token>`.
+fn envoy_request(token: &str) -> CheckRequest {
+    let headers: HashMap<String, String> = [
+        (":authority", "api.example.com"),
+        (":method", "GET"),
+        (":path", PATH),
+        (":scheme", "https"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0 Safari/537.36",
+        ),
+        ("accept", "application/json, text/plain, */*"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("accept-language", "en-US,en;q=0.9"),
+        ("content-length", "0"),
+        ("x-request-id", "1723570b-6b7d-45c8-9dc7-ba3044eb9fb8"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+        ("x-envoy-expected-rq-timeout-ms", "15000"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("cache-control", "no-cache"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .chain([("authorization".to_owned(), format!("Bearer {token}"))])
+    .collect();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(peer("10.1.2.3", 51234)),
+            destination: Some(peer("10.0.0.10", 8443)),
+            request: Some(Request {
+                time: None,
+                http: Some(HttpRequest {
+                    id: "10237435042807699611".into(),
+                    method: "GET".into(),
+                    headers,
+                    path: PATH.into(),
+                    host: "api.example.com".into(),
+                    scheme: "https".into(),
+                    protocol: "HTTP/1.1".into(),
+                    ..Default::default()
+                }),
+            }),
+            metadata_context: Some(Default::default()),
+            route_metadata_context: Some(Default::default()),
+            ..Default::default()
+        }),
+    }
+}
+
+fn config() -> Config {
+    // The sample policy, with argon2 cheap enough to create a key quickly.
+    let env = [(
+        "KEYGATE_API_KEYS__ARGON2".to_owned(),
+        "{memory_kib: 64, iterations: 1, parallelism: 1}".to_owned(),
+    )];
+    Config::load(Some(DEV_CONFIG), env).expect("the dev config is valid")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn stages(c: &mut Criterion) {
+    let cfg = config();
+    let token = apikey::generate("sk", Environment::Live).token;
+    let req = auth_request(envoy_request(&token));
+
+    let source = CredentialSource::new(&cfg.policy);
+    c.bench_function("credential_extract", |b| {
+        b.iter(|| source.extract(black_box(&req)))
+    });
+
+    c.bench_function("apikey_parse", |b| {
+        b.iter(|| apikey::parse(black_box(&token), "sk"))
+    });
+
+    let policy = Policy::compile(&cfg.policy).expect("valid policy");
+    c.bench_function("policy_route", |b| {
+        b.iter(|| policy.route(black_box("GET"), black_box(PATH)).is_some())
+    });
+
+    let rt = runtime();
+    let cache = CredentialCache::new(&cfg.cache, &pepper());
+    let principal = Arc::new(Principal::new(
+        TENANT.into(),
+        "key:0123456789abcdef".into(),
+        KeyKind::Tenant,
+        Environment::Live,
+        vec!["contacts:read".into()],
+    ));
+    let digest = cache.digest(&token);
+    let fill = Verified::Valid(principal);
+    rt.block_on(async {
+        let first = cache
+            .get_or_verify(digest, "0123456789abcdef", || {
+                let v = fill.clone();
+                async move { Ok::<_, Infallible>(v) }
+            })
+            .await;
+        assert!(!first.hit);
+    });
+    c.bench_function("cache_digest", |b| {
+        b.iter(|| cache.digest(black_box(&token)))
+    });
+    c.bench_function("cache_hit", |b| {
+        b.to_async(&rt).iter(|| async {
+            let l = cache
+                .get_or_verify(black_box(digest), "0123456789abcdef", || async {
+                    unreachable!("the entry is cached")
+                })
+                .await;
+            let hit: Result<Verified, Arc<Infallible>> = l.value;
+            assert!(l.hit && hit.is_ok());
+        })
+    });
+
+    let envoy_req = envoy_request(&token);
+    c.bench_function("envoy_auth_request", |b| {
+        b.iter_batched(
+            || envoy_req.clone(),
+            |r| auth_request(black_box(r)),
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn decide(c: &mut Criterion) {
+    let rt = runtime();
+    let secrets = Secrets {
+        pepper: pepper(),
+        admin_token: Secret::new("bench-admin-token-0123"),
+        redis_password: None,
+    };
+    let app = App::with_store(config(), secrets, Arc::new(MemoryStore::new())).expect("app");
+    let token = rt
+        .block_on(app.admin.create(NewKey {
+            tenant_id: TENANT.into(),
+            scopes: vec!["contacts:read".into()],
+            ..Default::default()
+        }))
+        .expect("key created")
+        .token;
+    let envoy = app.envoy_service();
+    let req = envoy_request(&token);
+    let allowed = |r: &envoy_types::pb::envoy::service::auth::v3::CheckResponse| {
+        r.status.as_ref().is_some_and(|s| s.code == 0)
+    };
+    // First sight: argon2 runs once and the principal is cached.
+    let first = rt.block_on(envoy.decide(req.clone())).expect("decided");
+    assert!(allowed(&first), "{first:?}");
+    c.bench_function("envoy_decide_cache_hit", |b| {
+        b.to_async(&rt).iter_batched(
+            || req.clone(),
+            |r| async {
+                let resp = envoy.decide(r).await.expect("decided");
+                assert!(allowed(&resp));
+                resp
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    c.bench_function("envoy_check_request_clone", |b| {
+        b.iter(|| black_box(&req).clone())
+    });
+}
+
+fn argon2(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let defaults = Argon2Config::default();
+    let hasher = SecretHasher::new(pepper(), &defaults).expect("default parameters");
+    let secret = apikey::generate("sk", Environment::Live).secret;
+    let phc = rt.block_on(hasher.hash(&secret)).expect("hashed");
+    let mut g = c.benchmark_group("argon2");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    g.bench_function(
+        format!(
+            "argon2_verify_default_{}KiB_{}it_{}lane",
+            defaults.memory_kib, defaults.iterations, defaults.parallelism
+        ),
+        |b| {
+            b.to_async(&rt).iter(|| async {
+                assert!(hasher.verify(&secret, &phc).await.expect("verified"));
+            })
+        },
+    );
+    g.finish();
+}
+
+criterion_group! {
+    name = hot_path;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = stages, decide, argon2
+}
+criterion_main!(hot_path);

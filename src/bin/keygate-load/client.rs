@@ -80,15 +80,16 @@ impl Connection {
         })
     }
 
-    /// Sends one gRPC frame (see `shape::Template::frame`) and reads the answer.
-    pub async fn check(&self, frame: Bytes) -> Outcome {
+    /// Sends one gRPC frame (see `shape::Template::frame`) and reads the answer: the
+    /// outcome and the size of the response message in bytes (0 without one).
+    pub async fn check(&self, frame: Bytes) -> (Outcome, usize) {
         match self.round_trip(frame).await {
-            Ok(o) => o,
-            Err(e) => Outcome::Error(e),
+            Ok(answer) => answer,
+            Err(e) => (Outcome::Error(e), 0),
         }
     }
 
-    async fn round_trip(&self, frame: Bytes) -> Result<Outcome, String> {
+    async fn round_trip(&self, frame: Bytes) -> Result<(Outcome, usize), String> {
         let mut req = Request::new(());
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.uri.clone();
@@ -108,12 +109,12 @@ impl Connection {
         let response = response.await.map_err(|e| format!("response: {e}"))?;
         let (parts, mut body) = response.into_parts();
         if parts.status != http::StatusCode::OK {
-            return Ok(Outcome::Error(format!("HTTP {}", parts.status)));
+            return Ok((Outcome::Error(format!("HTTP {}", parts.status)), 0));
         }
         // A trailers-only response (an error) carries grpc-status in the headers.
         if let Some(code) = grpc_status(&parts.headers) {
             if code != 0 {
-                return Ok(Outcome::Error(grpc_error(code, &parts.headers)));
+                return Ok((Outcome::Error(grpc_error(code, &parts.headers)), 0));
             }
         }
         let mut buf = BytesMut::new();
@@ -129,10 +130,11 @@ impl Connection {
             .unwrap_or_default();
         match grpc_status(&trailers).or_else(|| grpc_status(&parts.headers)) {
             Some(0) => {}
-            Some(code) => return Ok(Outcome::Error(grpc_error(code, &trailers))),
+            Some(code) => return Ok((Outcome::Error(grpc_error(code, &trailers)), 0)),
             None => return Err("response without grpc-status".into()),
         }
-        decode(buf.freeze())
+        let size = buf.len().saturating_sub(5);
+        decode(buf.freeze()).map(|o| (o, size))
     }
 }
 

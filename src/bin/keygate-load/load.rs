@@ -113,6 +113,8 @@ pub struct Plan {
     pub expect: Expect,
     /// Open loop: requests that may be outstanding before the run counts as overloaded.
     pub max_in_flight: usize,
+    /// Whether the run may be repeated (false when it uses up single-use keys).
+    pub repeatable: bool,
 }
 
 /// When request `i` of an open-loop run is due, relative to the start.
@@ -177,6 +179,8 @@ pub struct RunReport {
     pub errors: u64,
     /// Every answer received, warm-up included (for CPU per request).
     pub completed_all: u64,
+    /// The largest response message (protobuf bytes) received.
+    pub response_bytes: u64,
     /// CPU time the target process spent per request over the whole run (warm-up
     /// included), from /proc/<pid>/stat; set when the scenario knows the target's pid.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -185,6 +189,8 @@ pub struct RunReport {
     /// noise floor of a shared machine (set by the scenarios).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub foreign_cpu_cores: Option<f64>,
+    /// How many times the run was made (repeated when the machine was busy).
+    pub attempts: u32,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub deny_reasons: BTreeMap<String, u64>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -204,6 +210,7 @@ struct Recorder {
     errors: BTreeMap<String, u64>,
     last_done: Option<Instant>,
     completed_all: u64,
+    response_bytes: u64,
 }
 
 impl Recorder {
@@ -218,6 +225,7 @@ impl Recorder {
             errors: BTreeMap::new(),
             last_done: None,
             completed_all: 0,
+            response_bytes: 0,
         }
     }
 
@@ -362,10 +370,11 @@ async fn closed_loop(
                     break;
                 };
                 let frame = template.frame(token, &Ids::for_sequence(n, salt));
-                let outcome = conn.check(frame).await;
+                let (outcome, size) = conn.check(frame).await;
                 let done = Instant::now();
                 let mut rec = recorder.lock().expect("recorder");
                 rec.completed_all += 1;
+                rec.response_bytes = rec.response_bytes.max(size as u64);
                 if counted {
                     rec.record(outcome, done - sent, None, done);
                 }
@@ -398,10 +407,11 @@ async fn burst(
         tasks.push(tokio::spawn(async move {
             start.wait().await;
             let sent = Instant::now();
-            let outcome = conn.check(frame).await;
+            let (outcome, size) = conn.check(frame).await;
             let done = Instant::now();
             let mut rec = recorder.lock().expect("recorder");
             rec.completed_all += 1;
+            rec.response_bytes = rec.response_bytes.max(size as u64);
             rec.record(outcome, done - sent, None, done);
         }));
     }
@@ -464,10 +474,11 @@ async fn open_loop(
                     let recorder = recorder.clone();
                     handle.spawn(async move {
                         let sent = Instant::now();
-                        let outcome = conn.check(frame).await;
+                        let (outcome, size) = conn.check(frame).await;
                         let done = Instant::now();
                         let mut rec = recorder.lock().expect("recorder");
                         rec.completed_all += 1;
+                        rec.response_bytes = rec.response_bytes.max(size as u64);
                         if due >= measure_from {
                             rec.record(
                                 outcome,
@@ -585,8 +596,10 @@ fn report(
         deny,
         errors,
         completed_all: rec.completed_all,
+        response_bytes: rec.response_bytes,
         target_cpu_us_per_request: None,
         foreign_cpu_cores: None,
+        attempts: 1,
         deny_reasons: rec.deny,
         error_kinds: rec.errors,
         expect: plan.expect,
@@ -661,6 +674,7 @@ mod tests {
             grpc_timeout: None,
             expect,
             max_in_flight: 10,
+            repeatable: true,
         }
     }
 

@@ -102,6 +102,9 @@ enum Cmd {
         /// today), to measure what Nagle's algorithm costs.
         #[arg(long)]
         nagle: bool,
+        /// Pad the OK answer to about this many bytes (keygate's is ~400).
+        #[arg(long, default_value_t = 0)]
+        response_bytes: usize,
     },
 }
 
@@ -150,11 +153,12 @@ fn main() {
             listen,
             dump_first,
             nagle,
+            response_bytes,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(noop::serve(listen, dump_first, nagle))),
+            .and_then(|rt| rt.block_on(noop::serve(listen, dump_first, nagle, response_bytes))),
         other => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -232,6 +236,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         grpc_timeout: Some(a.grpc_timeout),
         expect: a.expect,
         max_in_flight: 20_000,
+        repeatable: false,
     };
     let r = load::run(&plan, template, tokens).await?;
     if a.json {

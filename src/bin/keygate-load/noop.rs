@@ -6,18 +6,57 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::service::auth::v3::{
     authorization_server::{Authorization, AuthorizationServer},
     check_response::HttpResponse,
     CheckRequest, CheckResponse, OkHttpResponse,
 };
 use envoy_types::pb::google::rpc;
+use prost::Message;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 pub struct NoopAuthorization {
     /// Print the first request received (to compare with what Envoy sends).
     dump_first: AtomicBool,
+    /// The answer, built once.
+    response: CheckResponse,
+}
+
+/// An OK answer of (about) `size` bytes encoded: 4 bytes bare, padded with one upstream
+/// header to keygate's size when asked — so the transport cost of a bigger answer can be
+/// told apart from the cost of deciding.
+pub fn ok_response(size: usize) -> CheckResponse {
+    let mut r = CheckResponse {
+        status: Some(rpc::Status::default()),
+        http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+        dynamic_metadata: None,
+    };
+    let bare = r.encoded_len();
+    if size > bare {
+        let mut pad = size - bare;
+        // Varint lengths grow with the value; converge on the size in a few steps.
+        for _ in 0..4 {
+            r.http_response = Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers: vec![HeaderValueOption {
+                    header: Some(HeaderValue {
+                        key: "x-pad".into(),
+                        value: "p".repeat(pad.max(1)),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }));
+            let got = r.encoded_len();
+            if got == size {
+                break;
+            }
+            pad = (pad + size).saturating_sub(got);
+        }
+    }
+    r
 }
 
 #[tonic::async_trait]
@@ -30,11 +69,7 @@ impl Authorization for NoopAuthorization {
             eprintln!("first request metadata: {:?}", request.metadata());
             eprintln!("first request: {:#?}", request.get_ref());
         }
-        Ok(Response::new(CheckResponse {
-            status: Some(rpc::Status::default()),
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
-            dynamic_metadata: None,
-        }))
+        Ok(Response::new(self.response.clone()))
     }
 }
 
@@ -44,7 +79,12 @@ impl Authorization for NoopAuthorization {
 /// TCP_NODELAY is set on the accepted sockets here, through `TcpIncoming`: tonic ignores
 /// `Server::tcp_nodelay` for a stream of connections handed to `serve_with_incoming*`.
 /// `nagle: true` leaves it off, to show what that costs (BENCHMARKS.md).
-pub async fn serve(listen: SocketAddr, dump_first: bool, nagle: bool) -> anyhow::Result<()> {
+pub async fn serve(
+    listen: SocketAddr,
+    dump_first: bool,
+    nagle: bool,
+    response_bytes: usize,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!(
         "noop ext_authz server listening on {}",
@@ -56,10 +96,25 @@ pub async fn serve(listen: SocketAddr, dump_first: bool, nagle: bool) -> anyhow:
         .max_connection_age(Duration::from_secs(300))
         .add_service(AuthorizationServer::new(NoopAuthorization {
             dump_first: AtomicBool::new(dump_first),
+            response: ok_response(response_bytes),
         }))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padded_answers_have_the_asked_size() {
+        assert!(ok_response(0).encoded_len() < 16);
+        for size in [100, 257, 398, 1000] {
+            let got = ok_response(size).encoded_len();
+            assert!(got.abs_diff(size) <= 2, "asked {size}, got {got}");
+        }
+    }
 }

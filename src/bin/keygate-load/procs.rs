@@ -203,14 +203,23 @@ impl Drop for Proc {
     }
 }
 
-/// The no-op baseline, started from this very binary.
-pub async fn noop_server(scratch: &Scratch) -> anyhow::Result<(Proc, SocketAddr)> {
+/// The no-op baseline, started from this very binary; `response_bytes` pads its answer.
+pub async fn noop_server(
+    scratch: &Scratch,
+    response_bytes: u64,
+) -> anyhow::Result<(Proc, SocketAddr)> {
     let addr = free_port()?;
     let exe = std::env::current_exe()?;
     let mut p = Proc::spawn(
         "noop-server",
-        Command::new(exe).args(["noop-server", "--listen", &addr.to_string()]),
-        scratch.path().join("noop.log"),
+        Command::new(exe).args([
+            "noop-server",
+            "--listen",
+            &addr.to_string(),
+            "--response-bytes",
+            &response_bytes.to_string(),
+        ]),
+        scratch.path().join(format!("noop-{}.log", addr.port())),
     )?;
     p.wait_listening(&[addr]).await?;
     Ok((p, addr))
@@ -254,6 +263,8 @@ pub struct KeygateOptions {
     /// Use argon2's default (production) parameters instead of the bench config's
     /// cheap ones.
     pub default_argon2: bool,
+    /// Further `KEYGATE_…` configuration, applied last.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running keygate (release build), with its addresses and admin credential.
@@ -293,6 +304,7 @@ impl Keygate {
             // An empty mapping: every argon2 field at its default (19 MiB, 2 passes, 1 lane).
             cmd.env("KEYGATE_API_KEYS__ARGON2", "{}");
         }
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         let mut proc = Proc::spawn("keygate", &mut cmd, scratch.path().join("keygate.log"))?;
         proc.wait_listening(&[grpc, admin, http]).await?;
         Ok(Keygate {

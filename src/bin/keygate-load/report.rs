@@ -30,6 +30,23 @@ impl Machine {
     }
 }
 
+/// The command that produced a report (as `scripts/bench` ran it, when it did), without
+/// `--out FILE`, which changes nothing measured.
+fn command_line() -> String {
+    let full = std::env::var("KEYGATE_LOAD_COMMAND")
+        .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
+    let mut out = Vec::new();
+    let mut words = full.split(' ');
+    while let Some(w) = words.next() {
+        if w == "--out" {
+            words.next();
+        } else if !w.starts_with("--out=") {
+            out.push(w);
+        }
+    }
+    out.join(" ")
+}
+
 /// The medians of one target's repetitions.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -97,6 +114,8 @@ pub struct TargetCheck {
 pub struct ScenarioReport {
     pub scenario: String,
     pub command: String,
+    /// `git describe --always --dirty` of the tree the binaries were built from.
+    pub commit: String,
     pub date: String,
     pub machine: Machine,
     pub tables: Vec<Table>,
@@ -111,8 +130,14 @@ impl ScenarioReport {
     pub fn new(scenario: &str) -> ScenarioReport {
         ScenarioReport {
             scenario: scenario.into(),
-            command: std::env::var("KEYGATE_LOAD_COMMAND")
-                .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" ")),
+            command: command_line(),
+            commit: std::process::Command::new("git")
+                .args(["describe", "--always", "--dirty"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .unwrap_or_else(|| "unknown".into()),
             date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             machine: Machine::here(),
             tables: Vec::new(),
@@ -144,8 +169,13 @@ impl ScenarioReport {
         let mut out = String::new();
         out += &format!("### {}\n\n", self.scenario);
         out += &format!(
-            "`{}` — {} — {} cores, {}, Linux {}\n\n",
-            self.command, self.date, self.machine.cores, self.machine.cpu, self.machine.kernel
+            "`{}` — {} — commit {} — {} cores, {}, Linux {}\n\n",
+            self.command,
+            self.date,
+            self.commit,
+            self.machine.cores,
+            self.machine.cpu,
+            self.machine.kernel
         );
         for t in &self.tables {
             out += &table_markdown(t);
