@@ -1,4 +1,4 @@
-//! The two ways of loading a target.
+//! The ways of loading a target.
 //!
 //! - **Closed loop**: `concurrency` requests in flight, each sent as soon as the previous
 //!   one of its slot came back. Measures the most the target can do.
@@ -7,9 +7,11 @@
 //!   when it left: a target that stalls is charged for every request it held up (no
 //!   coordinated omission). A dedicated thread keeps the schedule; how late it sent each
 //!   request is reported as `send_lag`, the instrument's own floor.
+//! - **Burst**: a given number of requests, all sent at once (the single-flight test).
 //!
-//! Both run for `warmup` (not recorded) and then `duration`, stop by themselves, and
-//! count every outcome. A run whose outcomes are not what was expected is marked invalid.
+//! Runs last `warmup` (not recorded) and then `duration`, or a fixed count, stop by
+//! themselves, and count every outcome. A run whose outcomes are not what was expected is
+//! marked invalid.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -141,6 +141,39 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / 100.0)
 }
 
+/// Diagnosis only: lowers the CPU priority of keygate's blocking-pool threads (where
+/// argon2 runs): `priority` is a nice value (`renice`), or `idle` for SCHED_IDLE
+/// (`chrt --idle`). tokio names workers and blocking threads alike; the runtime starts its
+/// workers first, so the lowest thread ids of that name (one per core, keygate's
+/// `#[tokio::main]` runtime) are the workers and are left alone.
+pub fn lower_blocking_threads(pid: u32, priority: &str) -> anyhow::Result<usize> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut tids: Vec<u32> = fs::read_dir(format!("/proc/{pid}/task"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|tid| {
+            fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|c| matches!(c.trim(), "tokio-rt-worker" | "tokio-runtime-w"))
+        })
+        .collect();
+    tids.sort_unstable();
+    let blocking = tids.get(workers..).unwrap_or_default();
+    for tid in blocking {
+        let tid = tid.to_string();
+        let mut cmd = if priority == "idle" {
+            let mut c = Command::new("chrt");
+            c.args(["--idle", "-p", "0", &tid]);
+            c
+        } else {
+            let mut c = Command::new("renice");
+            c.args(["-n", priority, "-p", &tid]);
+            c
+        };
+        let ok = cmd.stdout(Stdio::null()).status()?.success();
+        anyhow::ensure!(ok, "cannot lower the priority of thread {tid}");
+    }
+    Ok(blocking.len())
+}
+
 /// CPU time used by the whole machine so far (all cores, idle and iowait excluded), from
 /// /proc/stat, in seconds.
 pub fn machine_busy_seconds() -> anyhow::Result<f64> {
