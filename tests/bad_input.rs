@@ -347,7 +347,7 @@ async fn wrong_secret_is_invalid_and_a_repeat_runs_no_second_argon2() {
     // The secret is checked before the key's state: a guess at a revoked key learns
     // nothing about the revocation.
     app.admin.revoke(&key.record.key_id).await.unwrap();
-    let other_guess = support::wrong_secret_for(&guess);
+    let other_guess = support::wrong_secret_at(&guess, 1);
     assert_eq!(
         outcome(&envoy.decide(read_with(&other_guess)).await),
         Outcome::denied("invalid_api_key", 401)

@@ -586,9 +586,15 @@ pub fn secret_of(token: &str) -> &str {
 
 /// The same key id with another secret, correctly checksummed: a guess at a real key.
 pub fn wrong_secret_for(token: &str) -> String {
+    wrong_secret_at(token, 0)
+}
+
+/// Like `wrong_secret_for`, changing the secret's character at `pos`: guesses made at
+/// different positions never turn back into the original.
+pub fn wrong_secret_at(token: &str, pos: usize) -> String {
     let (prefix, env, key_id, secret, _) = token_parts(token);
     let mut other: Vec<u8> = secret.bytes().collect();
-    other[0] = if other[0] == b'A' { b'B' } else { b'A' };
+    other[pos] = if other[pos] == b'A' { b'B' } else { b'A' };
     forge_token(
         prefix,
         env,
