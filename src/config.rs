@@ -168,7 +168,8 @@ pub struct Argon2Config {
     pub memory_kib: u32,
     pub iterations: u32,
     pub parallelism: u32,
-    /// How many verifications may run at once (threads of the blocking pool).
+    /// How many verifications may run at once (threads of the blocking pool). Default:
+    /// one less than the cores.
     pub verify_concurrency: usize,
 }
 
@@ -178,7 +179,10 @@ impl Default for Argon2Config {
             memory_kib: 19 * 1024,
             iterations: 2,
             parallelism: 1,
-            verify_concurrency: 2,
+            // One core stays free for cache hits: with every core on argon2, a flood of
+            // cold keys multiplied warm-key p99 by 15 (BENCHMARKS.md).
+            verify_concurrency: std::thread::available_parallelism()
+                .map_or(1, |n| n.get().saturating_sub(1).max(1)),
         }
     }
 }
