@@ -74,6 +74,18 @@ fn with_admin<T>(secrets: &Secrets, msg: T) -> tonic::Request<T> {
     req
 }
 
+/// Trims the revocation stream to nothing, as MAXLEN would after many events.
+async fn trim_all_events(redis: &RedisServer) {
+    let mut conn = redis.connection().await;
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(EVENTS)
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
 async fn create_key(app: &App) -> (String, String) {
     let created = app.admin.create(reader_key()).await.expect("key created");
     (created.record.key_id, created.token)
@@ -376,14 +388,7 @@ async fn stream_trimmed_past_the_last_applied_id_flushes_the_whole_cache() {
     .await;
     writer.app.admin.revoke(&id).await.unwrap();
     // Trim everything: the revocation event is gone before the reader could see it.
-    let mut conn = redis.connection().await;
-    let _: i64 = redis::cmd("XTRIM")
-        .arg(EVENTS)
-        .arg("MAXLEN")
-        .arg(0)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    trim_all_events(&redis).await;
     // While cut off, the stale entry is still served: TTL is the bound on staleness.
     assert_eq!(check(token.clone()).await, Outcome::Allowed);
 
@@ -511,14 +516,7 @@ async fn watch_after_a_trimmed_id_starts_with_reset() {
     replica.app.admin.revoke(&a).await.unwrap();
     let old = replica.app.store.latest_event_id().await.unwrap();
     replica.app.admin.revoke(&b).await.unwrap();
-    let mut conn = redis.connection().await;
-    let _: i64 = redis::cmd("XTRIM")
-        .arg(EVENTS)
-        .arg("MAXLEN")
-        .arg(0)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    trim_all_events(&redis).await;
     let mut client = watch_client(&replica).await;
     let mut stream = client
         .watch(proto::WatchRequest {
