@@ -11,8 +11,9 @@
 //!   once, and an epoch counter stops a verification that was already in flight from
 //!   putting back what was just invalidated.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -57,10 +58,86 @@ impl moka::Expiry<Digest, Verified> for EntryExpiry {
     }
 }
 
+/// Key id → the digest of its positive entry, so that a revocation, which names a key
+/// id, finds the entry of a token it never sees.
+///
+/// A plain map, not a second cache: a moka entry costs ~420 bytes, a slot here ~120
+/// (BENCHMARKS.md, memory). A key id has one valid token, so one digest. A mapping is
+/// kept for `keep` (longer than any entry can live) after it was last set, then swept;
+/// so it never goes missing while its entry is cached, and the map holds at most the
+/// keys verified within `keep` beyond those cached.
+struct KeyIndex {
+    inner: Mutex<IndexInner>,
+    keep_secs: u32,
+    origin: Instant,
+}
+
+struct IndexInner {
+    map: HashMap<Box<str>, (Digest, u32)>,
+    next_sweep: u32,
+}
+
+impl KeyIndex {
+    fn new(keep: Duration) -> Self {
+        let keep_secs = u32::try_from(keep.as_secs().max(1)).unwrap_or(u32::MAX);
+        KeyIndex {
+            inner: Mutex::new(IndexInner {
+                map: HashMap::new(),
+                next_sweep: keep_secs,
+            }),
+            keep_secs,
+            origin: Instant::now(),
+        }
+    }
+
+    fn now_secs(&self) -> u32 {
+        u32::try_from(self.origin.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, IndexInner> {
+        // The map holds no invariant a panicking holder could break halfway.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, key_id: &str, digest: Digest) {
+        self.set_at(key_id, digest, self.now_secs());
+    }
+
+    /// `set` at `now` seconds after the index was made.
+    fn set_at(&self, key_id: &str, digest: Digest, now: u32) {
+        let mut inner = self.lock();
+        if now >= inner.next_sweep {
+            let keep = self.keep_secs;
+            inner
+                .map
+                .retain(|_, (_, at)| now.saturating_sub(*at) <= keep);
+            inner.next_sweep = now.saturating_add(keep);
+        }
+        match inner.map.get_mut(key_id) {
+            Some(slot) => *slot = (digest, now),
+            None => {
+                inner.map.insert(key_id.into(), (digest, now));
+            }
+        }
+    }
+
+    fn take(&self, key_id: &str) -> Option<Digest> {
+        self.lock().map.remove(key_id).map(|(digest, _)| digest)
+    }
+
+    fn clear(&self) {
+        self.lock().map.clear();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+}
+
 pub struct CredentialCache {
     entries: Cache<Digest, Verified>,
-    /// key id → digest of its positive entry, to invalidate by key id.
-    by_key: moka::sync::Cache<Arc<str>, Digest>,
+    by_key: KeyIndex,
     /// key id → epoch at which it was last invalidated.
     invalidated: moka::sync::Cache<Arc<str>, u64>,
     epoch: AtomicU64,
@@ -89,10 +166,9 @@ impl CredentialCache {
                     negative_ttl: cfg.negative_ttl,
                 })
                 .build(),
-            by_key: moka::sync::Cache::builder()
-                .max_capacity(cfg.max_entries)
-                .time_to_live(cfg.ttl)
-                .build(),
+            // Entries live at most `ttl`; the margin covers the moment between the
+            // mapping being set and the entry being stored.
+            by_key: KeyIndex::new(cfg.ttl + Duration::from_secs(10)),
             invalidated: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(cfg.ttl + Duration::from_secs(1))
@@ -136,7 +212,7 @@ impl CredentialCache {
                 .try_get_with(digest, async {
                     let v = verify().await?;
                     if let Verified::Valid(_) = v {
-                        self.by_key.insert(Arc::from(key_id), digest);
+                        self.by_key.set(key_id, digest);
                     }
                     Ok(v)
                 })
@@ -158,9 +234,8 @@ impl CredentialCache {
     /// Drops what is cached for this key id, at once.
     pub async fn invalidate_key(&self, key_id: &str) {
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        let key: Arc<str> = Arc::from(key_id);
-        self.invalidated.insert(key.clone(), epoch);
-        if let Some(digest) = self.by_key.remove(&key) {
+        self.invalidated.insert(Arc::from(key_id), epoch);
+        if let Some(digest) = self.by_key.take(key_id) {
             self.entries.invalidate(&digest).await;
         }
     }
@@ -169,7 +244,7 @@ impl CredentialCache {
     pub fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.entries.invalidate_all();
-        self.by_key.invalidate_all();
+        self.by_key.clear();
     }
 
     pub fn entry_count(&self) -> u64 {
@@ -179,5 +254,41 @@ impl CredentialCache {
     /// Applies pending maintenance (for tests and memory measurements).
     pub async fn sync(&self) {
         self.entries.run_pending_tasks().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_index_keeps_a_mapping_for_its_whole_keep_then_sweeps_it() {
+        let index = KeyIndex::new(Duration::from_secs(10));
+        index.set_at("old", [1; 32], 0);
+        index.set_at("refreshed", [2; 32], 0);
+        index.set_at("refreshed", [2; 32], 8);
+        // At 10 s nothing is older than `keep` yet: the sweep must not drop anything.
+        index.set_at("new", [3; 32], 10);
+        assert_eq!(index.len(), 3);
+        // At 20 s "old" (set at 0) and "refreshed" (last set at 8) are past `keep`;
+        // "new" (set at 10) is not.
+        index.set_at("newer", [4; 32], 20);
+        assert_eq!(index.take("old"), None);
+        assert_eq!(index.take("refreshed"), None);
+        assert_eq!(index.take("new"), Some([3; 32]));
+        assert_eq!(index.take("newer"), Some([4; 32]));
+        assert_eq!(index.len(), 0);
+    }
+
+    #[test]
+    fn key_index_sweeps_at_most_once_per_keep() {
+        let index = KeyIndex::new(Duration::from_secs(10));
+        index.set_at("a", [1; 32], 0);
+        index.set_at("b", [2; 32], 10); // sweep at 10: "a" is exactly `keep` old, kept
+        index.set_at("c", [3; 32], 15); // next sweep not before 20: "a" stays for now
+        assert_eq!(index.len(), 3);
+        index.set_at("d", [4; 32], 20); // sweep: "a" (20 s old) goes, "b" (10 s) stays
+        assert_eq!(index.take("a"), None);
+        assert_eq!(index.take("b"), Some([2; 32]));
     }
 }

@@ -32,6 +32,7 @@ use crate::revocation::{EventFeed, RevocationBus, StoreFeed};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::KeyStore;
+use crate::transport::incoming;
 
 /// The core, built from configuration, without any listener.
 pub struct App {
@@ -148,12 +149,6 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
             return;
         }
     }
-}
-
-/// Accepted connections with TCP_NODELAY: `Server::tcp_nodelay` does not apply to
-/// `serve_with_incoming`, and without it Nagle and delayed ACKs add ~40 ms to answers.
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

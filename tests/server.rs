@@ -251,3 +251,159 @@ async fn a_watch_stream_is_released_when_its_client_goes_away() {
     .await;
     running.shutdown().await.unwrap();
 }
+
+/// A socket that counts the writes that carried bytes and, like a `TcpStream`, offers
+/// vectored writes.
+struct CountedWrites {
+    tcp: tokio::net::TcpStream,
+    writes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountedWrites {
+    fn count(&self, done: &std::task::Poll<std::io::Result<usize>>) {
+        if matches!(done, std::task::Poll::Ready(Ok(n)) if *n > 0) {
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for CountedWrites {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CountedWrites {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let done = std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.count(&done);
+        done
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let done = std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.count(&done);
+        done
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for CountedWrites {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tcp.connect_info()
+    }
+}
+
+/// Serves Envoy's Check for `app` on one accepted connection, wrapped by `wrap`, and
+/// returns how many writes each of `answers` sequential allow answers took.
+async fn writes_per_allow<S>(
+    app: &App,
+    token: &str,
+    answers: usize,
+    wrap: impl FnOnce(CountedWrites) -> S + Send + 'static,
+) -> f64
+where
+    S: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+{
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = writes.clone();
+    let accepted = async move {
+        let (tcp, _) = listener.accept().await?;
+        tcp.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(wrap(CountedWrites {
+            tcp,
+            writes: counter,
+        }))
+    };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AuthorizationServer::new(app.envoy_service()))
+            .serve_with_incoming(futures::stream::once(accepted)),
+    );
+    let mut client = AuthorizationClient::new(channel(addr).await);
+    let warm = client.check(read_with(token)).await.map(|r| r.into_inner());
+    assert_eq!(outcome(&warm), Outcome::Allowed);
+    let before = writes.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..answers {
+        let answer = client.check(read_with(token)).await.map(|r| r.into_inner());
+        assert_eq!(outcome(&answer), Outcome::Allowed);
+    }
+    let after = writes.load(std::sync::atomic::Ordering::Relaxed);
+    server.abort();
+    (after - before) as f64 / answers as f64
+}
+
+/// keygate's allow answer (identity headers and dynamic metadata) is over h2's 256-byte
+/// chaining threshold for vectored sockets; `transport::OneWrite` makes it one write.
+/// The same connection without it takes two, which shows the test can tell them apart.
+/// (A current-thread runtime, so a response's frames are all queued before the
+/// connection task writes: the counts are exact, not timing.)
+#[tokio::test]
+async fn an_allow_answer_leaves_in_one_write() {
+    let app = App::build(config(Backend::Memory), secrets()).unwrap();
+    let key = app.admin.create(reader_key()).await.unwrap();
+    let answer_len = {
+        use prost::Message;
+        let envoy = app.envoy_service();
+        let answer = envoy.decide(read_with(&key.token)).await.unwrap();
+        answer.encoded_len()
+    };
+    assert!(
+        (256..1019).contains(&answer_len),
+        "the answer ({answer_len} bytes) should sit between h2's two thresholds for this test to mean anything"
+    );
+
+    let through_keygate =
+        writes_per_allow(&app, &key.token, 50, keygate::transport::OneWrite).await;
+    let vectored = writes_per_allow(&app, &key.token, 50, |conn| conn).await;
+    assert_eq!(
+        through_keygate, 1.0,
+        "writes per allow answer through keygate's transport"
+    );
+    assert_eq!(
+        vectored, 2.0,
+        "writes per allow answer on a vectored socket"
+    );
+}

@@ -103,10 +103,6 @@ enum Cmd {
         /// Print the first request received.
         #[arg(long)]
         dump_first: bool,
-        /// Leave TCP_NODELAY off on accepted connections (as keygate's listener has it
-        /// today), to measure what Nagle's algorithm costs.
-        #[arg(long)]
-        nagle: bool,
         /// Pad the OK answer to about this many bytes (keygate's is ~400).
         #[arg(long, default_value_t = 0)]
         response_bytes: usize,
@@ -157,13 +153,12 @@ fn main() {
         Cmd::NoopServer {
             listen,
             dump_first,
-            nagle,
             response_bytes,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(noop::serve(listen, dump_first, nagle, response_bytes))),
+            .and_then(|rt| rt.block_on(noop::serve(listen, dump_first, response_bytes))),
         other => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -14,7 +14,6 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use envoy_types::pb::google::rpc;
 use prost::Message;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 pub struct NoopAuthorization {
@@ -73,16 +72,12 @@ impl Authorization for NoopAuthorization {
     }
 }
 
-/// Serves until the process is stopped. Same builder settings as keygate's gRPC
-/// listener (`src/server.rs`): TCP_NODELAY, a maximum connection age.
-///
-/// TCP_NODELAY is set on the accepted sockets here, through `TcpIncoming`: tonic ignores
-/// `Server::tcp_nodelay` for a stream of connections handed to `serve_with_incoming*`.
-/// `nagle: true` leaves it off, to show what that costs (BENCHMARKS.md).
+/// Serves until the process is stopped, on keygate's own transport
+/// (`keygate::transport::incoming`: TCP_NODELAY, one write per small answer) and with
+/// the builder settings of keygate's gRPC listener (`src/server.rs`).
 pub async fn serve(
     listen: SocketAddr,
     dump_first: bool,
-    nagle: bool,
     response_bytes: usize,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -90,9 +85,8 @@ pub async fn serve(
         "noop ext_authz server listening on {}",
         listener.local_addr()?
     );
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(!nagle));
+    let incoming = keygate::transport::incoming(listener);
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .max_connection_age(Duration::from_secs(300))
         .add_service(AuthorizationServer::new(NoopAuthorization {
             dump_first: AtomicBool::new(dump_first),
