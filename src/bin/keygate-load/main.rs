@@ -33,6 +33,11 @@ use load::{Expect, Mode, Plan, Tokens};
 use scenarios::Common;
 use shape::{Shape, Template};
 
+/// The allocator keygate runs on, so that the no-op baseline is measured on the same
+/// stack (and the generator's own cost per request stays as small as keygate's allows).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "keygate-load",
