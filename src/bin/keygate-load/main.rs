@@ -111,6 +111,10 @@ enum Cmd {
         /// Pad the OK answer to about this many bytes (keygate's is ~400).
         #[arg(long, default_value_t = 0)]
         response_bytes: usize,
+        /// Burn this much CPU per request before answering (e.g. 7us): a no-op that costs
+        /// what keygate's deciding costs.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        busy: Duration,
     },
 }
 
@@ -159,11 +163,12 @@ fn main() {
             listen,
             dump_first,
             response_bytes,
+            busy,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(noop::serve(listen, dump_first, response_bytes))),
+            .and_then(|rt| rt.block_on(noop::serve(listen, dump_first, response_bytes, busy))),
         other => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -19,6 +19,9 @@ use tonic::{Request, Response, Status};
 pub struct NoopAuthorization {
     /// Print the first request received (to compare with what Envoy sends).
     dump_first: AtomicBool,
+    /// CPU to burn per request before answering: a no-op that costs what keygate costs,
+    /// to tell keygate's work apart from anything else keygate does.
+    busy: Duration,
     /// The answer, built once.
     response: CheckResponse,
 }
@@ -68,6 +71,12 @@ impl Authorization for NoopAuthorization {
             eprintln!("first request metadata: {:?}", request.metadata());
             eprintln!("first request: {:#?}", request.get_ref());
         }
+        if !self.busy.is_zero() {
+            let started = std::time::Instant::now();
+            while started.elapsed() < self.busy {
+                std::hint::spin_loop();
+            }
+        }
         Ok(Response::new(self.response.clone()))
     }
 }
@@ -79,6 +88,7 @@ pub async fn serve(
     listen: SocketAddr,
     dump_first: bool,
     response_bytes: usize,
+    busy: Duration,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!(
@@ -90,6 +100,7 @@ pub async fn serve(
         .max_connection_age(Duration::from_secs(300))
         .add_service(AuthorizationServer::new(NoopAuthorization {
             dump_first: AtomicBool::new(dump_first),
+            busy,
             response: ok_response(response_bytes),
         }))
         .serve_with_incoming_shutdown(incoming, async {
