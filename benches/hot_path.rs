@@ -4,21 +4,16 @@
 //!   cargo bench --bench hot_path
 //!   cargo bench --bench hot_path -- argon2      (one group)
 //!
-//! The Envoy request used throughout is shaped like the ones Envoy 1.40 sends (the same
-//! headers as keygate-load's), so each figure is what one real Check costs in that stage.
+//! The Envoy request used throughout is keygate-load's (`shape.rs`, shaped like the ones
+//! Envoy 1.40 sends), so each figure is what one real Check costs in that stage.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use envoy_types::pb::envoy::config::core::v3::{address, socket_address, Address, SocketAddress};
-use envoy_types::pb::envoy::service::auth::v3::{
-    attribute_context::{HttpRequest, Peer, Request},
-    AttributeContext, CheckRequest,
-};
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 
 use keygate::api::envoy::auth_request;
 use keygate::apikey::{self, SecretHasher};
@@ -32,6 +27,14 @@ use keygate::secret::Secret;
 use keygate::server::App;
 use keygate::store::memory::MemoryStore;
 
+// keygate-load's request builder, shared rather than copied. The bench uses only `Shape`;
+// the rest of the file (the template, and its tests when clippy checks benches as tests)
+// is compiled here unused.
+#[allow(dead_code, unused_imports)]
+#[path = "../src/bin/keygate-load/shape.rs"]
+mod shape;
+use shape::Shape;
+
 const TENANT: &str = "5a0c6f0e-8c1b-4f6e-9a57-3d2b1c0e9f11";
 const PATH: &str = "/v1/contacts/42?include=notes";
 
@@ -39,70 +42,14 @@ fn pepper() -> Secret {
     Secret::new("bench-pepper-bench-pepper-bench-pepper-00")
 }
 
-fn peer(ip: &str, port: u32) -> Peer {
-    Peer {
-        address: Some(Address {
-            address: Some(address::Address::SocketAddress(SocketAddress {
-                address: ip.into(),
-                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
-                ..Default::default()
-            })),
-        }),
-        ..Default::default()
-    }
-}
-
-/// A CheckRequest as Envoy sends it for `GET PATH` with `authorization: Bearer <token>`.
+/// A CheckRequest as Envoy sends it for `GET PATH` with `authorization: Bearer <token>`:
+/// keygate-load's request, so a figure here is what one request of a load run costs.
 fn envoy_request(token: &str) -> CheckRequest {
-    let headers: HashMap<String, String> = [
-        (":authority", "api.example.com"),
-        (":method", "GET"),
-        (":path", PATH),
-        (":scheme", "https"),
-        (
-            "user-agent",
-            "Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0 Safari/537.36",
-        ),
-        ("accept", "application/json, text/plain, */*"),
-        ("accept-encoding", "gzip, deflate, br"),
-        ("accept-language", "en-US,en;q=0.9"),
-        ("content-length", "0"),
-        ("x-request-id", "1723570b-6b7d-45c8-9dc7-ba3044eb9fb8"),
-        ("x-forwarded-for", "203.0.113.7"),
-        ("x-forwarded-proto", "https"),
-        ("x-envoy-expected-rq-timeout-ms", "15000"),
-        (
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        ),
-        ("cache-control", "no-cache"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .chain([("authorization".to_owned(), format!("Bearer {token}"))])
-    .collect();
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            source: Some(peer("10.1.2.3", 51234)),
-            destination: Some(peer("10.0.0.10", 8443)),
-            request: Some(Request {
-                time: None,
-                http: Some(HttpRequest {
-                    id: "10237435042807699611".into(),
-                    method: "GET".into(),
-                    headers,
-                    path: PATH.into(),
-                    host: "api.example.com".into(),
-                    scheme: "https".into(),
-                    protocol: "HTTP/1.1".into(),
-                    ..Default::default()
-                }),
-            }),
-            metadata_context: Some(Default::default()),
-            route_metadata_context: Some(Default::default()),
-            ..Default::default()
-        }),
-    }
+    Shape::new("GET", PATH).check_request(
+        token,
+        "1723570b-6b7d-45c8-9dc7-ba3044eb9fb8",
+        "10237435042807699611",
+    )
 }
 
 fn config() -> Config {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -281,52 +282,34 @@ pub async fn run(
         tokens.uniform_len()? == template.token_len(),
         "the template was built for tokens of another length"
     );
-    let conns = Arc::new(connect(plan).await?);
-    let recorder = Arc::new(Mutex::new(Recorder::new()));
-    let salt = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as u64;
+    let traffic = Traffic {
+        conns: Arc::new(connect(plan).await?),
+        template,
+        tokens,
+        recorder: Arc::new(Mutex::new(Recorder::new())),
+        salt: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64,
+    };
     let start = Instant::now();
     let measure_from = start + plan.warmup;
     let measure_until = measure_from + plan.duration;
     let (scheduled_total, not_sent) = match plan.mode {
         Mode::Closed { concurrency } => {
-            closed_loop(
-                plan,
-                concurrency,
-                &conns,
-                &template,
-                &tokens,
-                &recorder,
-                salt,
-                measure_from,
-                measure_until,
-            )
-            .await;
+            closed_loop(plan, concurrency, &traffic, measure_from, measure_until).await;
             (None, 0)
         }
         Mode::Open { rate } => {
-            let (total, not_sent) = open_loop(
-                plan,
-                rate,
-                &conns,
-                &template,
-                &tokens,
-                &recorder,
-                salt,
-                start,
-                measure_from,
-            )
-            .await?;
+            let (total, not_sent) = open_loop(plan, rate, &traffic, start, measure_from).await?;
             (Some(total), not_sent)
         }
         Mode::Burst { requests } => {
-            burst(requests, &conns, &template, &tokens, &recorder, salt).await;
+            burst(requests, &traffic).await;
             (None, 0)
         }
     };
-    let rec = Arc::try_unwrap(recorder)
+    let rec = Arc::try_unwrap(traffic.recorder)
         .ok()
         .expect("every request task has finished")
         .into_inner()
@@ -334,15 +317,53 @@ pub async fn run(
     Ok(report(plan, rec, measure_from, scheduled_total, not_sent))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the requests of one run share: the connections they go over, what they carry,
+/// where their answers are counted.
+#[derive(Clone)]
+struct Traffic {
+    conns: Arc<Vec<Connection>>,
+    template: Arc<Template>,
+    tokens: Tokens,
+    recorder: Arc<Mutex<Recorder>>,
+    /// Makes the ids of this run differ from those of the runs before it.
+    salt: u64,
+}
+
+impl Traffic {
+    /// The connection the `i`-th worker or request uses: the load spread evenly.
+    fn conn(&self, i: usize) -> Connection {
+        self.conns[i % self.conns.len()].clone()
+    }
+
+    /// Request number `n`, carrying `token`.
+    fn frame(&self, n: u64, token: &[u8]) -> Bytes {
+        self.template.frame(token, &Ids::for_sequence(n, self.salt))
+    }
+}
+
+/// How a measured request is charged: its latency runs from `from` (when it was sent, or
+/// in open loop when it was due); `lag` is how late the generator sent it (open loop).
+struct Charge {
+    from: Instant,
+    lag: Option<Duration>,
+}
+
+/// Sends one request and counts its answer; `charge` is `None` for a warm-up request.
+async fn send(conn: &Connection, frame: Bytes, recorder: &Mutex<Recorder>, charge: Option<Charge>) {
+    let (outcome, size) = conn.check(frame).await;
+    let done = Instant::now();
+    let mut rec = recorder.lock().expect("recorder");
+    rec.completed_all += 1;
+    rec.response_bytes = rec.response_bytes.max(size as u64);
+    if let Some(c) = charge {
+        rec.record(outcome, done - c.from, c.lag, done);
+    }
+}
+
 async fn closed_loop(
     plan: &Plan,
     concurrency: usize,
-    conns: &Arc<Vec<Connection>>,
-    template: &Arc<Template>,
-    tokens: &Tokens,
-    recorder: &Arc<Mutex<Recorder>>,
-    salt: u64,
+    traffic: &Traffic,
     measure_from: Instant,
     measure_until: Instant,
 ) {
@@ -352,8 +373,7 @@ async fn closed_loop(
     let cap = plan.max_requests.unwrap_or(u64::MAX);
     let mut workers = Vec::with_capacity(concurrency);
     for w in 0..concurrency.max(1) {
-        let conn = conns[w % conns.len()].clone();
-        let (template, tokens, recorder) = (template.clone(), tokens.clone(), recorder.clone());
+        let (conn, traffic) = (traffic.conn(w), traffic.clone());
         let (seq, measured, stop) = (seq.clone(), measured.clone(), stop.clone());
         workers.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -367,19 +387,16 @@ async fn closed_loop(
                     break;
                 }
                 let n = seq.fetch_add(1, Ordering::Relaxed);
-                let Some(token) = tokens.get(n) else {
+                let Some(token) = traffic.tokens.get(n) else {
                     stop.store(true, Ordering::Relaxed);
                     break;
                 };
-                let frame = template.frame(token, &Ids::for_sequence(n, salt));
-                let (outcome, size) = conn.check(frame).await;
-                let done = Instant::now();
-                let mut rec = recorder.lock().expect("recorder");
-                rec.completed_all += 1;
-                rec.response_bytes = rec.response_bytes.max(size as u64);
-                if counted {
-                    rec.record(outcome, done - sent, None, done);
-                }
+                let frame = traffic.frame(n, token);
+                let charge = counted.then_some(Charge {
+                    from: sent,
+                    lag: None,
+                });
+                send(&conn, frame, &traffic.recorder, charge).await;
             }
         }));
     }
@@ -390,31 +407,22 @@ async fn closed_loop(
 
 /// Every request built first, then all sent at once: the single-flight test wants them
 /// in keygate together, not trickling in behind request construction.
-async fn burst(
-    requests: usize,
-    conns: &Arc<Vec<Connection>>,
-    template: &Arc<Template>,
-    tokens: &Tokens,
-    recorder: &Arc<Mutex<Recorder>>,
-    salt: u64,
-) {
+async fn burst(requests: usize, traffic: &Traffic) {
     let frames: Vec<_> = (0..requests as u64)
-        .filter_map(|n| Some(template.frame(tokens.get(n)?, &Ids::for_sequence(n, salt))))
+        .filter_map(|n| Some(traffic.frame(n, traffic.tokens.get(n)?)))
         .collect();
     let start = Arc::new(tokio::sync::Barrier::new(frames.len() + 1));
     let mut tasks = Vec::with_capacity(frames.len());
     for (i, frame) in frames.into_iter().enumerate() {
-        let conn = conns[i % conns.len()].clone();
-        let (recorder, start) = (recorder.clone(), start.clone());
+        let conn = traffic.conn(i);
+        let (recorder, start) = (traffic.recorder.clone(), start.clone());
         tasks.push(tokio::spawn(async move {
             start.wait().await;
-            let sent = Instant::now();
-            let (outcome, size) = conn.check(frame).await;
-            let done = Instant::now();
-            let mut rec = recorder.lock().expect("recorder");
-            rec.completed_all += 1;
-            rec.response_bytes = rec.response_bytes.max(size as u64);
-            rec.record(outcome, done - sent, None, done);
+            let charge = Charge {
+                from: Instant::now(),
+                lag: None,
+            };
+            send(&conn, frame, &recorder, Some(charge)).await;
         }));
     }
     start.wait().await;
@@ -423,15 +431,10 @@ async fn burst(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn open_loop(
     plan: &Plan,
     rate: f64,
-    conns: &Arc<Vec<Connection>>,
-    template: &Arc<Template>,
-    tokens: &Tokens,
-    recorder: &Arc<Mutex<Recorder>>,
-    salt: u64,
+    traffic: &Traffic,
     start: Instant,
     measure_from: Instant,
 ) -> anyhow::Result<(u64, u64)> {
@@ -440,13 +443,7 @@ async fn open_loop(
     let in_flight = Arc::new(Semaphore::new(plan.max_in_flight));
     let handle = tokio::runtime::Handle::current();
     let dispatch = {
-        let (conns, template, tokens, recorder, in_flight) = (
-            conns.clone(),
-            template.clone(),
-            tokens.clone(),
-            recorder.clone(),
-            in_flight.clone(),
-        );
+        let (traffic, in_flight) = (traffic.clone(), in_flight.clone());
         // The schedule is kept by a thread of its own: tokio's timer ticks in whole
         // milliseconds, far coarser than the latencies being measured.
         std::thread::Builder::new()
@@ -459,7 +456,7 @@ async fn open_loop(
                     if due > now {
                         std::thread::sleep(due - now);
                     }
-                    let Some(token) = tokens.get(i) else {
+                    let Some(token) = traffic.tokens.get(i) else {
                         not_sent += total - i;
                         break;
                     };
@@ -471,25 +468,16 @@ async fn open_loop(
                         }
                         continue;
                     };
-                    let frame = template.frame(token, &Ids::for_sequence(i, salt));
-                    let conn = conns[(i as usize) % conns.len()].clone();
-                    let recorder = recorder.clone();
+                    let frame = traffic.frame(i, token);
+                    let conn = traffic.conn(i as usize);
+                    let recorder = traffic.recorder.clone();
                     handle.spawn(async move {
                         let sent = Instant::now();
-                        let (outcome, size) = conn.check(frame).await;
-                        let done = Instant::now();
-                        let mut rec = recorder.lock().expect("recorder");
-                        rec.completed_all += 1;
-                        rec.response_bytes = rec.response_bytes.max(size as u64);
-                        if due >= measure_from {
-                            rec.record(
-                                outcome,
-                                done - due,
-                                Some(sent.saturating_duration_since(due)),
-                                done,
-                            );
-                        }
-                        drop(rec);
+                        let charge = (due >= measure_from).then(|| Charge {
+                            from: due,
+                            lag: Some(sent.saturating_duration_since(due)),
+                        });
+                        send(&conn, frame, &recorder, charge).await;
                         drop(permit);
                     });
                 }

@@ -33,8 +33,8 @@ use load::{Expect, Mode, Plan, Tokens};
 use scenarios::Common;
 use shape::{Shape, Template};
 
-/// The allocator keygate runs on, so that the no-op baseline is measured on the same
-/// stack (and the generator's own cost per request stays as small as keygate's allows).
+/// The allocator keygate runs on, so that the no-op baseline is measured on keygate's own
+/// stack; the generator's allocations get as cheap as keygate's too.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

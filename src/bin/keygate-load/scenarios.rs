@@ -326,10 +326,48 @@ impl Bench {
         Ok((started.elapsed().as_secs_f64(), r.response_bytes))
     }
 
+    /// Creates `n` keys for the scenarios' route, `parallel` at a time, and notes under
+    /// `fact` how long that took.
+    pub async fn create_keys_timed(
+        &self,
+        report: &mut ScenarioReport,
+        fact: &str,
+        n: usize,
+        parallel: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        let t = Instant::now();
+        let tokens = self
+            .keygate
+            .create_keys(n, &["contacts:read"], parallel)
+            .await?;
+        report.fact(fact, format!("{n} in {:.1} s", t.elapsed().as_secs_f64()));
+        Ok(tokens)
+    }
+
     pub async fn cache_misses(&self) -> anyhow::Result<f64> {
         self.keygate
             .metric("keygate_credential_cache_requests_total", "result=\"miss\"")
             .await
+    }
+
+    /// Notes the cache misses since `misses0`; any at all make keygate's runs invalid, as
+    /// the scenario (`kind`, e.g. "warm-key") measures cached keys only.
+    pub async fn expect_no_cache_misses(
+        &self,
+        report: &mut ScenarioReport,
+        misses0: f64,
+        kind: &str,
+    ) -> anyhow::Result<()> {
+        let misses = self.cache_misses().await? - misses0;
+        report.fact("cache misses during the measurements", misses);
+        if misses > 0.0 {
+            for r in report.runs.iter_mut().filter(|r| r.label == "keygate") {
+                r.valid = false;
+                r.problems
+                    .push(format!("{misses} cache misses in a {kind} run"));
+            }
+        }
+        Ok(())
     }
 
     pub async fn argon2_verifications(&self) -> anyhow::Result<f64> {
@@ -409,6 +447,15 @@ fn ratio_text(a: f64, b: f64) -> String {
     format!("{:.2}× ({a:.0} vs {b:.0})", a / b)
 }
 
+/// The median p99 send lag of the open-loop runs among `runs`: the generator's own delay.
+fn send_lag_p99(runs: &[RunReport]) -> f64 {
+    median(
+        runs.iter()
+            .filter_map(|r| r.send_lag_us.map(|l| l.p99))
+            .collect(),
+    )
+}
+
 /// cache-hit: one key, cached; closed loop for throughput, then open loop at half the
 /// baseline's maximum for latency.
 pub async fn cache_hit(c: &Common) -> anyhow::Result<()> {
@@ -457,25 +504,12 @@ pub async fn cache_hit(c: &Common) -> anyhow::Result<()> {
             &tokens,
         )
         .await?;
-    let misses = bench.cache_misses().await? - misses0;
-    report.fact("cache misses during the measurements", misses);
-    if misses > 0.0 {
-        report.runs.iter_mut().for_each(|r| {
-            if r.label == "keygate" {
-                r.valid = false;
-                r.problems
-                    .push(format!("{misses} cache misses in a cache-hit run"));
-            }
-        });
-    }
-    let lag: Vec<f64> = report
-        .runs
-        .iter()
-        .filter_map(|r| r.send_lag_us.map(|l| l.p99))
-        .collect();
+    bench
+        .expect_no_cache_misses(&mut report, misses0, "cache-hit")
+        .await?;
     report.fact(
         "generator send lag p99 in open loop (instrument floor)",
-        format!("{:.0} µs", median(lag)),
+        format!("{:.0} µs", send_lag_p99(&report.runs)),
     );
     let r = k.rps / b.rps;
     report.target(
@@ -496,15 +530,14 @@ pub async fn cache_hit(c: &Common) -> anyhow::Result<()> {
 pub async fn warm_keys(c: &Common, keys: usize) -> anyhow::Result<()> {
     let mut bench = Bench::start(c, false, true).await?;
     let mut report = ScenarioReport::new(&format!("{keys} warm keys in rotation"));
-    let t = Instant::now();
     let tokens = bench
-        .keygate
-        .create_keys(keys, &["contacts:read"], 16)
+        .create_keys_timed(
+            &mut report,
+            "keys created (admin API, cheap argon2)",
+            keys,
+            16,
+        )
         .await?;
-    report.fact(
-        "keys created (admin API, cheap argon2)",
-        format!("{keys} in {:.1} s", t.elapsed().as_secs_f64()),
-    );
     let template = bench.template(tokens[0].len());
     let (warm_s, answer) = bench.warm(&tokens, &template).await?;
     report.fact(
@@ -528,15 +561,9 @@ pub async fn warm_keys(c: &Common, keys: usize) -> anyhow::Result<()> {
             &tokens,
         )
         .await?;
-    let misses = bench.cache_misses().await? - misses0;
-    report.fact("cache misses during the measurements", misses);
-    if misses > 0.0 {
-        for r in report.runs.iter_mut().filter(|r| r.label == "keygate") {
-            r.valid = false;
-            r.problems
-                .push(format!("{misses} cache misses in a warm-key run"));
-        }
-    }
+    bench
+        .expect_no_cache_misses(&mut report, misses0, "warm-key")
+        .await?;
     report.target(
         "≥ 0.8 × baseline req/s",
         ratio_text(k.rps, b.rps),
@@ -670,17 +697,14 @@ pub async fn cold_keys(
         &during.iter().collect::<Vec<_>>(),
     );
     let k = Summary::of("keygate, cold keys", &cold_runs.iter().collect::<Vec<_>>());
-    let lag = |runs: &[RunReport]| {
-        median(
-            runs.iter()
-                .filter_map(|r| r.send_lag_us.map(|l| l.p99))
-                .collect(),
-        )
-    };
     report.fact(
         "generator send lag p99, warm only → beside the cold flood (the instrument's own delay, \
          included in the latencies above)",
-        format!("{:.0} µs → {:.0} µs", lag(&alone), lag(&during)),
+        format!(
+            "{:.0} µs → {:.0} µs",
+            send_lag_p99(&alone),
+            send_lag_p99(&during)
+        ),
     );
     report.tables.push(Table {
         title: format!(
@@ -832,15 +856,9 @@ pub async fn single_flight(c: &Common, n: usize, connections: usize) -> anyhow::
 pub async fn memory(c: &Common, keys: usize) -> anyhow::Result<()> {
     let bench = Bench::start(c, false, false).await?;
     let mut report = ScenarioReport::new(&format!("memory per cached principal ({keys} keys)"));
-    let t = Instant::now();
     let tokens = bench
-        .keygate
-        .create_keys(keys, &["contacts:read"], 32)
+        .create_keys_timed(&mut report, "keys created", keys, 32)
         .await?;
-    report.fact(
-        "keys created",
-        format!("{keys} in {:.1} s", t.elapsed().as_secs_f64()),
-    );
     let template = bench.template(tokens[0].len());
     // One warm key first, so that connection buffers, the runtime and the cache's own
     // structures exist before the "before" reading.
