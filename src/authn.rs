@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::apikey::{self, SecretHasher};
-use crate::cache::{CredentialCache, Verified};
+use crate::cache::{CredentialCache, Digest, Verified};
 use crate::credential::Credential;
 use crate::decision::DenyReason;
 use crate::principal::{Environment, Principal};
@@ -75,7 +75,7 @@ impl Authenticator {
         let lookup = self
             .cache
             .get_or_verify(digest, parsed.key_id, || {
-                self.verify(parsed.key_id, parsed.secret, parsed.environment)
+                self.verify(parsed.key_id, parsed.secret, parsed.environment, digest)
             })
             .await;
         let m = metrics();
@@ -99,12 +99,15 @@ impl Authenticator {
         }
     }
 
-    /// Store + argon2: what is true of this token now.
+    /// Store + argon2: what is true of this token now. argon2 is skipped when this token
+    /// was verified against the same stored hash before (its entry expired, the record
+    /// is read again for its state).
     async fn verify(
         &self,
         key_id: &str,
         secret: &str,
         environment: Environment,
+        digest: Digest,
     ) -> Result<Verified, StoreError> {
         let Some(record) = self.store.get(key_id).await? else {
             tracing::debug!(key_id, "API key id unknown");
@@ -113,8 +116,13 @@ impl Authenticator {
         if record.environment != environment {
             return Ok(Verified::Invalid(DenyReason::InvalidApiKey));
         }
-        match self.hasher.verify(secret, &record.hash).await {
-            Ok(true) => {}
+        let verified = if self.cache.verified_before(key_id, &digest, &record.hash) {
+            Ok(true)
+        } else {
+            self.hasher.verify(secret, &record.hash).await
+        };
+        match verified {
+            Ok(true) => self.cache.note_verified(key_id, digest, &record.hash),
             Ok(false) => {
                 metrics().bad_secrets.inc();
                 tracing::info!(key_id, "wrong secret presented for API key");

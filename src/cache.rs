@@ -10,8 +10,15 @@
 //! - `invalidate_key` is the entry point for revocation: it drops the entry of a key id at
 //!   once, and an epoch counter stops a verification that was already in flight from
 //!   putting back what was just invalidated.
+//! - When a valid entry's TTL runs out, the key's record is read again (its state may
+//!   have changed) but argon2 does not run again if the stored hash is the one this
+//!   token was verified against (`verified_before`): a key id's secret never changes,
+//!   and without this every active key would cost one argon2 per TTL, more than a
+//!   replica can pay beyond ~1,500 active keys.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +26,7 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use moka::future::Cache;
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
 use crate::config::CacheConfig;
 use crate::decision::DenyReason;
@@ -58,22 +66,31 @@ impl moka::Expiry<Digest, Verified> for EntryExpiry {
     }
 }
 
-/// Key id → the digest of its positive entry, so that a revocation, which names a key
-/// id, finds the entry of a token it never sees.
+/// Key id → the digest of the token verified for it, and a fingerprint of the stored
+/// hash it was verified against.
 ///
-/// A plain map, not a second cache: a moka entry costs ~420 bytes, a slot here ~120
-/// (BENCHMARKS.md, memory). A key id has one valid token, so one digest. A mapping is
-/// kept for `keep` (longer than any entry can live) after it was last set, then swept;
-/// so it never goes missing while its entry is cached, and the map holds at most the
-/// keys verified within `keep` beyond those cached.
+/// Two uses: a revocation, which names a key id, finds the entry of a token it never
+/// sees; and a record read again after its entry expired skips argon2 when its hash is
+/// unchanged. A plain map, not a second cache: a moka entry costs ~420 bytes, a slot here
+/// about half of that (BENCHMARKS.md, memory). A key id has one valid token, so one
+/// digest. A mapping is kept for `keep` (longer than any entry can live) after it was
+/// last set, then swept; so it never goes missing while its entry is cached, and the map
+/// holds at most the keys verified within `keep` beyond those cached.
 struct KeyIndex {
     inner: Mutex<IndexInner>,
     keep_secs: u32,
     origin: Instant,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Verification {
+    digest: Digest,
+    /// Keyed hash of the PHC string the token was verified against.
+    hash_fingerprint: u64,
+}
+
 struct IndexInner {
-    map: HashMap<Box<str>, (Digest, u32)>,
+    map: HashMap<Box<str>, (Verification, u32)>,
     next_sweep: u32,
 }
 
@@ -99,12 +116,12 @@ impl KeyIndex {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set(&self, key_id: &str, digest: Digest) {
-        self.set_at(key_id, digest, self.now_secs());
+    fn set(&self, key_id: &str, verification: Verification) {
+        self.set_at(key_id, verification, self.now_secs());
     }
 
     /// `set` at `now` seconds after the index was made.
-    fn set_at(&self, key_id: &str, digest: Digest, now: u32) {
+    fn set_at(&self, key_id: &str, verification: Verification, now: u32) {
         let mut inner = self.lock();
         if now >= inner.next_sweep {
             let keep = self.keep_secs;
@@ -114,15 +131,19 @@ impl KeyIndex {
             inner.next_sweep = now.saturating_add(keep);
         }
         match inner.map.get_mut(key_id) {
-            Some(slot) => *slot = (digest, now),
+            Some(slot) => *slot = (verification, now),
             None => {
-                inner.map.insert(key_id.into(), (digest, now));
+                inner.map.insert(key_id.into(), (verification, now));
             }
         }
     }
 
-    fn take(&self, key_id: &str) -> Option<Digest> {
-        self.lock().map.remove(key_id).map(|(digest, _)| digest)
+    fn get(&self, key_id: &str) -> Option<Verification> {
+        self.lock().map.get(key_id).map(|(v, _)| *v)
+    }
+
+    fn take(&self, key_id: &str) -> Option<Verification> {
+        self.lock().map.remove(key_id).map(|(v, _)| v)
     }
 
     fn clear(&self) {
@@ -138,6 +159,8 @@ impl KeyIndex {
 pub struct CredentialCache {
     entries: Cache<Digest, Verified>,
     by_key: KeyIndex,
+    /// Keys the stored-hash fingerprints, so that nobody can choose two hashes that match.
+    fingerprints: RandomState,
     /// key id → epoch at which it was last invalidated.
     invalidated: moka::sync::Cache<Arc<str>, u64>,
     epoch: AtomicU64,
@@ -166,9 +189,11 @@ impl CredentialCache {
                     negative_ttl: cfg.negative_ttl,
                 })
                 .build(),
-            // Entries live at most `ttl`; the margin covers the moment between the
-            // mapping being set and the entry being stored.
-            by_key: KeyIndex::new(cfg.ttl + Duration::from_secs(10)),
+            // Entries live at most `ttl`. The margin covers the moment between the
+            // mapping being set and the entry being stored, and lets a key used again
+            // within a minute of its entry's expiry skip argon2.
+            by_key: KeyIndex::new(cfg.ttl + Duration::from_secs(60)),
+            fingerprints: RandomState::new(),
             invalidated: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(cfg.ttl + Duration::from_secs(1))
@@ -207,16 +232,7 @@ impl CredentialCache {
         loop {
             attempts += 1;
             let started = self.epoch.load(Ordering::Acquire);
-            let value = self
-                .entries
-                .try_get_with(digest, async {
-                    let v = verify().await?;
-                    if let Verified::Valid(_) = v {
-                        self.by_key.set(key_id, digest);
-                    }
-                    Ok(v)
-                })
-                .await;
+            let value = self.entries.try_get_with(digest, verify()).await;
             // A revocation that raced the verification may have been applied before the
             // result was cached: drop it and verify once more against the store.
             if attempts == 1 && value.is_ok() && self.invalidated_since(key_id, started) {
@@ -227,6 +243,28 @@ impl CredentialCache {
         }
     }
 
+    /// Whether this token (`digest`) was verified for `key_id` against this stored hash
+    /// recently (within the index's `keep`), so argon2 would only say it again.
+    pub fn verified_before(&self, key_id: &str, digest: &Digest, stored_hash: &str) -> bool {
+        self.by_key.get(key_id).is_some_and(|v| {
+            bool::from(v.digest.ct_eq(digest))
+                && v.hash_fingerprint == self.fingerprints.hash_one(stored_hash)
+        })
+    }
+
+    /// Records that this token verified against this stored hash. Must be called, inside
+    /// `get_or_verify`'s `verify`, before a valid answer is returned: it is also how
+    /// `invalidate_key` finds the entry.
+    pub fn note_verified(&self, key_id: &str, digest: Digest, stored_hash: &str) {
+        self.by_key.set(
+            key_id,
+            Verification {
+                digest,
+                hash_fingerprint: self.fingerprints.hash_one(stored_hash),
+            },
+        );
+    }
+
     fn invalidated_since(&self, key_id: &str, epoch: u64) -> bool {
         self.invalidated.get(key_id).is_some_and(|at| at > epoch)
     }
@@ -235,8 +273,8 @@ impl CredentialCache {
     pub async fn invalidate_key(&self, key_id: &str) {
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.invalidated.insert(Arc::from(key_id), epoch);
-        if let Some(digest) = self.by_key.take(key_id) {
-            self.entries.invalidate(&digest).await;
+        if let Some(v) = self.by_key.take(key_id) {
+            self.entries.invalidate(&v.digest).await;
         }
     }
 
@@ -261,34 +299,68 @@ impl CredentialCache {
 mod tests {
     use super::*;
 
+    fn v(n: u8) -> Verification {
+        Verification {
+            digest: [n; 32],
+            hash_fingerprint: n.into(),
+        }
+    }
+
     #[test]
     fn key_index_keeps_a_mapping_for_its_whole_keep_then_sweeps_it() {
         let index = KeyIndex::new(Duration::from_secs(10));
-        index.set_at("old", [1; 32], 0);
-        index.set_at("refreshed", [2; 32], 0);
-        index.set_at("refreshed", [2; 32], 8);
+        index.set_at("old", v(1), 0);
+        index.set_at("refreshed", v(2), 0);
+        index.set_at("refreshed", v(2), 8);
         // At 10 s nothing is older than `keep` yet: the sweep must not drop anything.
-        index.set_at("new", [3; 32], 10);
+        index.set_at("new", v(3), 10);
         assert_eq!(index.len(), 3);
         // At 20 s "old" (set at 0) and "refreshed" (last set at 8) are past `keep`;
         // "new" (set at 10) is not.
-        index.set_at("newer", [4; 32], 20);
+        index.set_at("newer", v(4), 20);
         assert_eq!(index.take("old"), None);
         assert_eq!(index.take("refreshed"), None);
-        assert_eq!(index.take("new"), Some([3; 32]));
-        assert_eq!(index.take("newer"), Some([4; 32]));
+        assert_eq!(index.take("new"), Some(v(3)));
+        assert_eq!(index.take("newer"), Some(v(4)));
         assert_eq!(index.len(), 0);
     }
 
     #[test]
     fn key_index_sweeps_at_most_once_per_keep() {
         let index = KeyIndex::new(Duration::from_secs(10));
-        index.set_at("a", [1; 32], 0);
-        index.set_at("b", [2; 32], 10); // sweep at 10: "a" is exactly `keep` old, kept
-        index.set_at("c", [3; 32], 15); // next sweep not before 20: "a" stays for now
+        index.set_at("a", v(1), 0);
+        index.set_at("b", v(2), 10); // sweep at 10: "a" is exactly `keep` old, kept
+        index.set_at("c", v(3), 15); // next sweep not before 20: "a" stays for now
         assert_eq!(index.len(), 3);
-        index.set_at("d", [4; 32], 20); // sweep: "a" (20 s old) goes, "b" (10 s) stays
+        index.set_at("d", v(4), 20); // sweep: "a" (20 s old) goes, "b" (10 s) stays
         assert_eq!(index.take("a"), None);
-        assert_eq!(index.take("b"), Some([2; 32]));
+        assert_eq!(index.get("b"), Some(v(2)));
+    }
+
+    #[test]
+    fn a_verification_is_remembered_only_for_the_same_token_and_the_same_hash() {
+        let cache = CredentialCache::new(&CacheConfig::default(), &Secret::random(43));
+        let token = cache.digest("sk_live_token");
+        let other = cache.digest("sk_live_other");
+        assert!(!cache.verified_before("k1", &token, "$argon2id$a"));
+        cache.note_verified("k1", token, "$argon2id$a");
+        assert!(cache.verified_before("k1", &token, "$argon2id$a"));
+        assert!(
+            !cache.verified_before("k1", &other, "$argon2id$a"),
+            "another token"
+        );
+        assert!(
+            !cache.verified_before("k1", &token, "$argon2id$b"),
+            "another hash"
+        );
+        assert!(
+            !cache.verified_before("k2", &token, "$argon2id$a"),
+            "another key id"
+        );
+        cache.invalidate_all();
+        assert!(
+            !cache.verified_before("k1", &token, "$argon2id$a"),
+            "after a flush"
+        );
     }
 }

@@ -211,3 +211,79 @@ async fn an_expired_key_is_denied_as_expired_whether_cached_or_not() {
     );
     assert_eq!(store.gets(), gets + 1);
 }
+
+/// The TTL bounds how stale a key's state may be, not its secret: when an entry expires
+/// the record is read again, but a token already verified against that very hash is not
+/// put through argon2 again — otherwise every active key would cost one argon2 per TTL.
+#[tokio::test]
+async fn an_expired_entry_is_read_again_but_not_verified_again() {
+    let store = CountingStore::new();
+    let mut config = support::config(Backend::Memory);
+    config.cache.ttl = Duration::from_millis(100);
+    let app = app_on(store.clone(), config);
+    let envoy = app.envoy_service();
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let check = || async { outcome(&envoy.decide(read_with(&key.token)).await) };
+
+    assert_eq!(check().await, Outcome::Allowed);
+    assert_eq!((store.gets(), app.hasher.verifications()), (1, 1));
+    support::eventually(
+        PATIENCE,
+        "the entry expires and the record is read again",
+        || async {
+            assert_eq!(check().await, Outcome::Allowed);
+            (store.gets() >= 2).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        app.hasher.verifications(),
+        1,
+        "no argon2 for a known token and hash"
+    );
+
+    // Another secret for the same key id is still verified, and refused.
+    let wrong = support::wrong_secret_for(&key.token);
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&wrong)).await),
+        Outcome::denied("invalid_api_key", 401)
+    );
+    assert_eq!(app.hasher.verifications(), 2);
+
+    // A stored hash that changed (the secret hashed again) is verified again.
+    let secret = support::secret_of(&key.token);
+    store.replace_hash(app.hasher.hash(secret).await.unwrap());
+    let gets = store.gets();
+    support::eventually(PATIENCE, "the record with the new hash is read", || async {
+        assert_eq!(check().await, Outcome::Allowed);
+        (store.gets() > gets).then_some(())
+    })
+    .await;
+    assert_eq!(app.hasher.verifications(), 3, "argon2 against the new hash");
+}
+
+/// Revoking forgets that a token was verified: after a revocation, nothing about the key
+/// is taken from memory.
+#[tokio::test]
+async fn a_revocation_forgets_the_verification_too() {
+    let store = CountingStore::new();
+    let app = app_on(store.clone(), support::config(Backend::Memory));
+    let envoy = app.envoy_service();
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let (key_id, stored) = (key.record.key_id.clone(), key.record.hash.clone());
+    let digest = app.cache.digest(&key.token);
+
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&key.token)).await),
+        Outcome::Allowed
+    );
+    assert!(app.cache.verified_before(&key_id, &digest, &stored));
+    app.admin.revoke(&key_id).await.unwrap();
+    // What the revocation follower does when the event arrives.
+    app.cache.invalidate_key(&key_id).await;
+    assert!(!app.cache.verified_before(&key_id, &digest, &stored));
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&key.token)).await),
+        Outcome::denied("revoked_api_key", 401)
+    );
+}

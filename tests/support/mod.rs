@@ -379,6 +379,7 @@ pub struct CountingStore {
     writes: AtomicUsize,
     gate: Mutex<Option<Arc<Semaphore>>>,
     held: Notify,
+    hash: Mutex<Option<String>>,
 }
 
 impl CountingStore {
@@ -408,6 +409,12 @@ impl CountingStore {
             .expect("a held get within the patience");
     }
 
+    /// From now on, `get` answers with this stored hash instead of the record's own (as
+    /// after the secret was hashed again).
+    pub fn replace_hash(&self, phc: String) {
+        *self.hash.lock().unwrap() = Some(phc);
+    }
+
     /// Lets held `get`s answer, and stops holding new ones.
     pub fn resume(&self) {
         if let Some(gate) = self.gate.lock().unwrap().take() {
@@ -425,7 +432,10 @@ impl KeyStore for CountingStore {
 
     async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.gets.fetch_add(1, Ordering::SeqCst);
-        let answer = self.inner.get(key_id).await;
+        let mut answer = self.inner.get(key_id).await;
+        if let (Ok(Some(record)), Some(phc)) = (&mut answer, self.hash.lock().unwrap().as_ref()) {
+            record.hash = phc.clone();
+        }
         let gate = self.gate.lock().unwrap().clone();
         if let Some(gate) = gate {
             self.held.notify_one();
