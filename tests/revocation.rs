@@ -63,17 +63,6 @@ impl Replica {
     }
 }
 
-fn with_admin<T>(secrets: &Secrets, msg: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", secrets.admin_token.expose())
-            .parse()
-            .unwrap(),
-    );
-    req
-}
-
 /// Trims the revocation stream to nothing, as MAXLEN would after many events.
 async fn trim_all_events(redis: &RedisServer) {
     let mut conn = redis.connection().await;

@@ -12,7 +12,7 @@ use keygate::api::proto::{self, authorizer_client::AuthorizerClient, keys_client
 use keygate::config::Secrets;
 use keygate::secret::Secret;
 use keygate::server::{self, App};
-use support::{Backend, Outcome, RedisOptions, RedisServer};
+use support::{with_admin, Backend, Outcome, RedisOptions, RedisServer};
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -138,17 +138,6 @@ async fn the_core_logs_key_ids_but_no_secret() {
     );
     assert!(logs.contains("TRACE") || logs.contains("DEBUG"));
     forbidden.assert_absent_from(&logs);
-}
-
-fn with_admin<T>(secrets: &Secrets, msg: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    req.metadata_mut().insert(
-        "authorization",
-        support::bearer(secrets.admin_token.expose())
-            .parse()
-            .unwrap(),
-    );
-    req
 }
 
 /// The same over the wire: the admin API (with the admin credential in metadata), Envoy's

@@ -4,7 +4,11 @@
 
 mod support;
 
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use keygate::api::proto::{self, keys_client::KeysClient};
 use keygate::server::{self, App};
@@ -23,18 +27,6 @@ async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
         .connect()
         .await
         .unwrap()
-}
-
-/// `msg` with the admin credential attached.
-fn authed<T>(secrets: &keygate::config::Secrets, msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", secrets.admin_token.expose())
-            .parse()
-            .unwrap(),
-    );
-    r
 }
 
 async fn start() -> (Arc<App>, server::Running, keygate::config::Secrets) {
@@ -128,7 +120,7 @@ async fn admin_port_refuses_calls_without_the_admin_credential() {
         tonic::Code::Unauthenticated
     );
     let created = admin
-        .create_key(authed(&secrets, create()))
+        .create_key(with_admin(&secrets, create()))
         .await
         .unwrap()
         .into_inner();
@@ -184,7 +176,10 @@ async fn admin_calls_with_bad_arguments_name_the_field() {
         ),
     ];
     for (req, field) in cases {
-        let err = admin.create_key(authed(&secrets, req)).await.unwrap_err();
+        let err = admin
+            .create_key(with_admin(&secrets, req))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}");
         assert!(
             err.message().starts_with(field),
@@ -193,7 +188,7 @@ async fn admin_calls_with_bad_arguments_name_the_field() {
         );
     }
     let err = admin
-        .get_key(authed(
+        .get_key(with_admin(
             &secrets,
             proto::GetKeyRequest { key_id: "x".into() },
         ))
@@ -201,7 +196,7 @@ async fn admin_calls_with_bad_arguments_name_the_field() {
         .unwrap_err();
     assert!(err.message().starts_with("key_id"), "{}", err.message());
     let missing = admin
-        .revoke_key(authed(
+        .revoke_key(with_admin(
             &secrets,
             proto::RevokeKeyRequest {
                 key_id: "0123456789abcdef".into(),
@@ -211,7 +206,7 @@ async fn admin_calls_with_bad_arguments_name_the_field() {
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
     let page = admin
-        .list_keys(authed(
+        .list_keys(with_admin(
             &secrets,
             proto::ListKeysRequest {
                 tenant_id: TENANT.into(),
@@ -256,45 +251,44 @@ async fn a_watch_stream_is_released_when_its_client_goes_away() {
 /// vectored writes.
 struct CountedWrites {
     tcp: tokio::net::TcpStream,
-    writes: Arc<std::sync::atomic::AtomicUsize>,
+    writes: Arc<AtomicUsize>,
 }
 
 impl CountedWrites {
-    fn count(&self, done: &std::task::Poll<std::io::Result<usize>>) {
-        if matches!(done, std::task::Poll::Ready(Ok(n)) if *n > 0) {
-            self.writes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn count(&self, done: &Poll<io::Result<usize>>) {
+        if matches!(done, Poll::Ready(Ok(n)) if *n > 0) {
+            self.writes.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
 impl tokio::io::AsyncRead for CountedWrites {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
     }
 }
 
 impl tokio::io::AsyncWrite for CountedWrites {
     fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let done = std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf);
+    ) -> Poll<io::Result<usize>> {
+        let done = Pin::new(&mut self.tcp).poll_write(cx, buf);
         self.count(&done);
         done
     }
 
     fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let done = std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let done = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
         self.count(&done);
         done
     }
@@ -303,18 +297,12 @@ impl tokio::io::AsyncWrite for CountedWrites {
         true
     }
 
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
@@ -347,12 +335,12 @@ where
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writes = Arc::new(AtomicUsize::new(0));
     let counter = writes.clone();
     let accepted = async move {
         let (tcp, _) = listener.accept().await?;
         tcp.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(wrap(CountedWrites {
+        Ok::<_, io::Error>(wrap(CountedWrites {
             tcp,
             writes: counter,
         }))
@@ -365,12 +353,12 @@ where
     let mut client = AuthorizationClient::new(channel(addr).await);
     let warm = client.check(read_with(token)).await.map(|r| r.into_inner());
     assert_eq!(outcome(&warm), Outcome::Allowed);
-    let before = writes.load(std::sync::atomic::Ordering::Relaxed);
+    let before = writes.load(Ordering::Relaxed);
     for _ in 0..answers {
         let answer = client.check(read_with(token)).await.map(|r| r.into_inner());
         assert_eq!(outcome(&answer), Outcome::Allowed);
     }
-    let after = writes.load(std::sync::atomic::Ordering::Relaxed);
+    let after = writes.load(Ordering::Relaxed);
     server.abort();
     (after - before) as f64 / answers as f64
 }

@@ -728,6 +728,16 @@ pub fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
+/// An admin API request carrying the admin credential.
+pub fn with_admin<T>(secrets: &Secrets, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        bearer(secrets.admin_token.expose()).parse().unwrap(),
+    );
+    req
+}
+
 /// A GET on the read route carrying `token` the usual way.
 pub fn read_with(token: &str) -> CheckRequest {
     check_request("GET", READ_PATH, &[("authorization", &bearer(token))])
