@@ -5,8 +5,9 @@
 //! - **Open loop**: requests are due at fixed intervals (`rate` per second) whatever the
 //!   target does, and each latency is measured from when the request was *due*, not from
 //!   when it left: a target that stalls is charged for every request it held up (no
-//!   coordinated omission). A dedicated thread keeps the schedule; how late it sent each
-//!   request is reported as `send_lag`, the instrument's own floor.
+//!   coordinated omission). A timerfd in the generator's reactor keeps the schedule
+//!   (`timer.rs`); how late each request left is reported as `send_lag`, the instrument's
+//!   own floor.
 //! - **Burst**: a given number of requests, all sent at once (the single-flight test).
 //!
 //! Runs last `warmup` (not recorded) and then `duration`, or a fixed count, stop by
@@ -27,6 +28,7 @@ use tokio::sync::Semaphore;
 
 use crate::client::{Connection, Outcome};
 use crate::shape::{Ids, Template};
+use crate::timer::Timer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -441,52 +443,48 @@ async fn open_loop(
     anyhow::ensure!(rate > 0.0, "rate must be above zero");
     let total = scheduled(plan.warmup + plan.duration, rate);
     let in_flight = Arc::new(Semaphore::new(plan.max_in_flight));
-    let handle = tokio::runtime::Handle::current();
-    let dispatch = {
-        let (traffic, in_flight) = (traffic.clone(), in_flight.clone());
-        // The schedule is kept by a thread of its own: tokio's timer ticks in whole
-        // milliseconds, far coarser than the latencies being measured.
-        std::thread::Builder::new()
-            .name("keygate-load-schedule".into())
-            .spawn(move || {
-                let mut not_sent = 0u64;
-                for i in 0..total {
-                    let due = start + due_at(i, rate);
-                    let now = Instant::now();
-                    if due > now {
-                        std::thread::sleep(due - now);
-                    }
-                    let Some(token) = traffic.tokens.get(i) else {
-                        not_sent += total - i;
-                        break;
-                    };
-                    let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-                        // The target is so far behind that the generator would have to
-                        // hold more than max_in_flight requests: an overload, not a result.
-                        if due >= measure_from {
-                            not_sent += 1;
-                        }
-                        continue;
-                    };
-                    let frame = traffic.frame(i, token);
-                    let conn = traffic.conn(i as usize);
-                    let recorder = traffic.recorder.clone();
-                    handle.spawn(async move {
-                        let sent = Instant::now();
-                        let charge = (due >= measure_from).then(|| Charge {
-                            from: due,
-                            lag: Some(sent.saturating_duration_since(due)),
-                        });
-                        send(&conn, frame, &recorder, charge).await;
-                        drop(permit);
-                    });
-                }
-                not_sent
-            })?
-    };
-    let not_sent = tokio::task::spawn_blocking(move || dispatch.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the schedule thread panicked"))?;
+    // The schedule is kept on this thread by a timerfd (see timer.rs for why not tokio's
+    // timer or a thread of its own).
+    let timer = Timer::new().context("cannot create the open loop's timer")?;
+    let mut not_sent = 0u64;
+    let mut behind = 0u32;
+    for i in 0..total {
+        let due = start + due_at(i, rate);
+        if due > Instant::now() {
+            behind = 0;
+            timer.until(due).await?;
+        } else {
+            // Late: send at once, but let answers be read between runs of late requests.
+            behind += 1;
+            if behind.is_multiple_of(16) {
+                tokio::task::yield_now().await;
+            }
+        }
+        let Some(token) = traffic.tokens.get(i) else {
+            not_sent += total - i;
+            break;
+        };
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            // The target is so far behind that the generator would have to hold more than
+            // max_in_flight requests: an overload, not a result.
+            if due >= measure_from {
+                not_sent += 1;
+            }
+            continue;
+        };
+        let frame = traffic.frame(i, token);
+        let conn = traffic.conn(i as usize);
+        let recorder = traffic.recorder.clone();
+        tokio::spawn(async move {
+            let sent = Instant::now();
+            let charge = (due >= measure_from).then(|| Charge {
+                from: due,
+                lag: Some(sent.saturating_duration_since(due)),
+            });
+            send(&conn, frame, &recorder, charge).await;
+            drop(permit);
+        });
+    }
     // Wait for the stragglers, as long as the target may take to answer.
     let drain = plan.grpc_timeout.unwrap_or(Duration::from_secs(10)) + Duration::from_secs(5);
     let unanswered = match tokio::time::timeout(

@@ -7,8 +7,9 @@
 //! keygate-load noop-server --listen 127.0.0.1:50061
 //! ```
 //!
-//! The generator runs on one thread (a current-thread runtime, plus a schedule thread in
-//! open loop): on a small machine, every core it takes is taken from the target.
+//! The generator runs on one thread (a current-thread runtime; in open loop a timerfd in
+//! its reactor keeps the schedule): on a small machine, every core it takes is taken from
+//! the target.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ mod procs;
 mod report;
 mod scenarios;
 mod shape;
+mod timer;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
