@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::get;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::authorizer::AuthorizerService;
 use crate::api::envoy::EnvoyAuthorization;
+use crate::api::envoy_wire::AuthorizationServer;
 use crate::api::keys::{admin_auth, KeysService};
 use crate::api::proto::{
     authorizer_server::AuthorizerServer, keys_server::KeysServer,

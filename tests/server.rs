@@ -331,7 +331,7 @@ where
         + 'static,
 {
     use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-    use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+    use keygate::api::envoy_wire::AuthorizationServer;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

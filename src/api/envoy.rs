@@ -10,17 +10,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    address, header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::auth::v3::{
-    authorization_server::Authorization, check_response::HttpResponse, CheckRequest, CheckResponse,
-    DeniedHttpResponse, OkHttpResponse,
+    check_response::HttpResponse, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
+use super::envoy_wire::{self, Authorization, CheckAnswer, CheckRequestView, HeaderFilter};
 use crate::authorizer::Authorizer;
 use crate::decision::{Allowed, Decision, Denial, DenyReason};
 use crate::request::AuthRequest;
@@ -29,26 +29,43 @@ use crate::request::AuthRequest;
 pub const HEADER_SUBJECT: &str = "x-keygate-subject";
 pub const HEADER_KEY_ID: &str = "x-keygate-key-id";
 pub const HEADER_SCOPES: &str = "x-keygate-scopes";
-const IDENTITY_PREFIX: &str = "x-keygate-";
+pub const IDENTITY_PREFIX: &str = "x-keygate-";
 
 pub struct EnvoyAuthorization {
     authorizer: Arc<Authorizer>,
     opaque_errors: bool,
     strip_credentials: bool,
+    /// The request headers any decision or answer consults.
+    headers: HeaderFilter,
 }
 
 impl EnvoyAuthorization {
     pub fn new(authorizer: Arc<Authorizer>, opaque_errors: bool, strip_credentials: bool) -> Self {
+        // Credentials, the tenant, and identity headers (to strip the client's).
+        let headers = HeaderFilter::new(
+            authorizer
+                .credentials()
+                .header_names()
+                .chain([authorizer.tenant_header()]),
+            IDENTITY_PREFIX,
+        );
         EnvoyAuthorization {
             authorizer,
             opaque_errors,
             strip_credentials,
+            headers,
         }
     }
 
-    /// The answer for one CheckRequest: a response, or UNAVAILABLE.
+    /// The answer for an envoy-types CheckRequest (tests, benchmarks): decided as the same
+    /// bytes from Envoy would be.
     pub async fn decide(&self, req: CheckRequest) -> Result<CheckResponse, Status> {
-        let auth_req = auth_request(req);
+        self.decide_view(CheckRequestView::from(&req)).await
+    }
+
+    /// The answer for one CheckRequest: a response, or UNAVAILABLE.
+    pub async fn decide_view(&self, req: CheckRequestView) -> Result<CheckAnswer, Status> {
+        let auth_req = envoy_wire::auth_request(req, &self.headers);
         match self.authorizer.check(&auth_req).await {
             Decision::Allow(allowed) => Ok(self.allow(&auth_req, &allowed)),
             Decision::Deny(denial) => Ok(self.deny(&denial)),
@@ -159,9 +176,11 @@ impl EnvoyAuthorization {
 impl Authorization for EnvoyAuthorization {
     async fn check(
         &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        self.decide(request.into_inner()).await.map(Response::new)
+        request: Request<CheckRequestView>,
+    ) -> Result<Response<CheckAnswer>, Status> {
+        self.decide_view(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 
@@ -190,55 +209,5 @@ fn overwrite(key: &str, value: &str) -> HeaderValueOption {
 fn string_value(s: &str) -> Value {
     Value {
         kind: Some(Kind::StringValue(s.to_owned())),
-    }
-}
-
-/// Envoy's request, as the protocol-neutral `AuthRequest`. Reads both `headers` and, for
-/// `encode_raw_headers: true`, `header_map` (raw bytes; invalid UTF-8 is replaced).
-pub fn auth_request(req: CheckRequest) -> AuthRequest {
-    let attrs = req.attributes.unwrap_or_default();
-    let peer = attrs
-        .source
-        .and_then(|s| s.address)
-        .and_then(|a| a.address)
-        .and_then(|a| match a {
-            address::Address::SocketAddress(sa) => Some(sa.address),
-            _ => None,
-        });
-    let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
-    let mut headers = http.headers;
-    if let Some(map) = http.header_map {
-        for hv in map.headers {
-            let value = if hv.raw_value.is_empty() {
-                hv.value
-            } else {
-                String::from_utf8_lossy(&hv.raw_value).into_owned()
-            };
-            let key = hv.key.to_ascii_lowercase();
-            headers
-                .entry(key)
-                .and_modify(|v| {
-                    v.push(',');
-                    v.push_str(&value);
-                })
-                .or_insert(value);
-        }
-    }
-    let method = if http.method.is_empty() {
-        headers.get(":method").cloned().unwrap_or_default()
-    } else {
-        http.method
-    };
-    let path = if http.path.is_empty() {
-        headers.get(":path").cloned().unwrap_or_default()
-    } else {
-        http.path
-    };
-    AuthRequest {
-        method,
-        path,
-        headers,
-        peer,
-        credential: None,
     }
 }
