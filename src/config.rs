@@ -168,9 +168,12 @@ pub struct Argon2Config {
     pub memory_kib: u32,
     pub iterations: u32,
     pub parallelism: u32,
-    /// How many verifications may run at once (threads of the blocking pool). Default:
-    /// one less than the cores.
+    /// How many verifications may run at once (keygate's argon2 threads). Default: one
+    /// less than the cores.
     pub verify_concurrency: usize,
+    /// How much nicer than the rest of keygate the argon2 threads run (0–19; 0 = the same
+    /// priority). On contended cores, cached keys are served first.
+    pub nice: i32,
 }
 
 impl Default for Argon2Config {
@@ -183,6 +186,9 @@ impl Default for Argon2Config {
             // cold keys multiplied warm-key p99 by 15 (BENCHMARKS.md).
             verify_concurrency: std::thread::available_parallelism()
                 .map_or(1, |n| n.get().saturating_sub(1).max(1)),
+            // Weight 110 against 1024 (Linux CFS): beside busy cache hits argon2 gets about
+            // a tenth of a core, so a cold key still verifies in a few hundred ms.
+            nice: 10,
         }
     }
 }
@@ -460,6 +466,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if !(0..=19).contains(&a.nice) {
+            return Err(ConfigError::new(
+                "api_keys.argon2.nice",
+                "must be from 0 (keygate's own priority) to 19 (the lowest)",
+            ));
+        }
         if self.api_keys.default_lifetime.is_zero()
             || self.api_keys.default_lifetime > self.api_keys.max_lifetime
         {
@@ -628,6 +640,12 @@ mod tests {
         assert_eq!(e.field, "policy.routes[1].path");
         let e = load("api_keys:\n  prefix: SK\n").unwrap_err();
         assert_eq!(e.field, "api_keys.prefix");
+        for nice in ["-1", "20"] {
+            let e = load(&format!("api_keys:\n  argon2: {{nice: {nice}}}\n")).unwrap_err();
+            assert_eq!(e.field, "api_keys.argon2.nice");
+        }
+        let ok = load("api_keys:\n  argon2: {nice: 19}\n").unwrap();
+        assert_eq!(ok.api_keys.argon2.nice, 19);
     }
 
     #[test]

@@ -96,6 +96,7 @@ fn hasher() -> SecretHasher {
             iterations: 1,
             parallelism: 1,
             verify_concurrency: 2,
+            ..Default::default()
         },
     )
     .expect("hasher")

@@ -2,15 +2,17 @@
 //!
 //! The pepper is passed as argon2's secret input, so a Redis dump alone (hashes, salts,
 //! parameters) is not enough to test guesses offline. Verification is deliberately slow,
-//! so it runs on the blocking pool behind a semaphore: a flood of cold or wrong keys can
-//! occupy at most `concurrency` threads and never stalls the async runtime.
+//! so it runs on threads of its own, `verify_concurrency` of them, fed from one queue: a
+//! flood of cold or wrong keys occupies at most those threads and never stalls the async
+//! runtime. The threads run `nice` steps below the rest of keygate, so when the cores are
+//! contended the scheduler serves cached keys first and argon2 takes what is left.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use tokio::sync::Semaphore;
 
 use crate::config::Argon2Config;
 use crate::secret::Secret;
@@ -34,9 +36,15 @@ pub struct SecretHasher {
 struct Inner {
     pepper: Secret,
     params: Params,
-    permits: Semaphore,
+    /// The argon2 threads' queue. Dropping it (with the hasher) ends the threads.
+    jobs: mpsc::Sender<Job>,
     verifications: AtomicU64,
 }
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The name of the argon2 threads (seen in `top -H`, and by the tests).
+pub const THREAD_NAME: &str = "keygate-argon2";
 
 impl SecretHasher {
     pub fn new(pepper: Secret, cfg: &Argon2Config) -> Result<Self, HashError> {
@@ -50,11 +58,30 @@ impl SecretHasher {
             params.clone(),
         )
         .map_err(|e| HashError::Params(e.to_string()))?;
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..cfg.verify_concurrency.max(1) {
+            let (queue, nice) = (queue.clone(), cfg.nice);
+            std::thread::Builder::new()
+                .name(THREAD_NAME.into())
+                .spawn(move || {
+                    lower_priority(nice);
+                    // One thread waits on the queue while the others wait for the lock.
+                    while let Ok(job) = queue
+                        .lock()
+                        .map_err(drop)
+                        .and_then(|q| q.recv().map_err(drop))
+                    {
+                        job();
+                    }
+                })
+                .map_err(|e| HashError::Worker(format!("cannot start an argon2 thread: {e}")))?;
+        }
         Ok(SecretHasher {
             inner: Arc::new(Inner {
                 pepper,
                 params,
-                permits: Semaphore::new(cfg.verify_concurrency.max(1)),
+                jobs,
                 verifications: AtomicU64::new(0),
             }),
         })
@@ -101,24 +128,44 @@ impl SecretHasher {
         .await
     }
 
+    /// Runs `job` on an argon2 thread, after the jobs queued before it.
     async fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> Result<T, HashError> + Send + 'static,
     ) -> Result<T, HashError> {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.inner
+            .jobs
+            .send(Box::new(move || {
+                // A panic fails this job (its sender is dropped), not the thread.
+                if let Ok(r) = catch_unwind(AssertUnwindSafe(job)) {
+                    let _ = done.send(r);
+                }
+            }))
+            .map_err(|_| HashError::Worker("the argon2 threads have stopped".into()))?;
+        result
             .await
-            .map_err(|e| HashError::Worker(e.to_string()))?;
-        tokio::task::spawn_blocking(job)
-            .await
-            .map_err(|e| HashError::Worker(e.to_string()))?
+            .map_err(|_| HashError::Worker("an argon2 job panicked".into()))?
     }
 
     /// How many argon2 verifications this hasher has run.
     pub fn verifications(&self) -> u64 {
         self.inner.verifications.load(Ordering::Relaxed)
+    }
+}
+
+/// Makes the calling thread `nice` steps nicer (Linux keeps a nice value per thread).
+/// Lowering a priority needs no privilege; if it fails anyway, argon2 runs at keygate's.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    if let Err(e) = rustix::process::nice(nice) {
+        tracing::warn!(
+            error = %e,
+            nice,
+            "cannot lower the priority of an argon2 thread; it runs at keygate's"
+        );
     }
 }
 
@@ -132,7 +179,71 @@ mod tests {
             iterations: 1,
             parallelism: 1,
             verify_concurrency: 2,
+            nice: 7,
         }
+    }
+
+    /// The nice values of this process's argon2 threads, from /proc.
+    fn argon2_thread_nices() -> Vec<i64> {
+        let mut nices = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() != THREAD_NAME {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Fields after the parenthesised name: state is field 3, nice is field 19.
+            let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+            nices.push(after_name.split(' ').nth(16).unwrap().parse().unwrap());
+        }
+        nices
+    }
+
+    #[tokio::test]
+    async fn argon2_runs_on_its_own_threads_niced_as_configured_and_they_end_with_the_hasher() {
+        // Other tests' hashers run in this process too: count ours by their nice value,
+        // which no other test uses.
+        let cfg = Argon2Config {
+            nice: 13,
+            verify_concurrency: 3,
+            ..fast()
+        };
+        let h = SecretHasher::new(Secret::new("p".repeat(32)), &cfg).unwrap();
+        let phc = h.hash("s3cret").await.unwrap();
+        // The jobs have run, so every thread has set its nice value before waiting.
+        for _ in 0..6 {
+            assert!(h.verify("s3cret", &phc).await.unwrap());
+        }
+        let ours = || {
+            argon2_thread_nices()
+                .into_iter()
+                .filter(|&n| n == 13)
+                .count()
+        };
+        assert_eq!(ours(), 3, "three argon2 threads at nice 13");
+        drop(h);
+        // A thread ends when it next finds the queue closed; poll for that, bounded.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ours() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "argon2 threads outlived the hasher"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_fails_alone_and_the_thread_serves_on() {
+        let cfg = Argon2Config {
+            verify_concurrency: 1,
+            ..fast()
+        };
+        let h = SecretHasher::new(Secret::new("p".repeat(32)), &cfg).unwrap();
+        let failed = h.run(|| -> Result<(), HashError> { panic!("boom") }).await;
+        assert!(matches!(failed, Err(HashError::Worker(_))), "{failed:?}");
+        let phc = h.hash("s3cret").await.unwrap();
+        assert!(h.verify("s3cret", &phc).await.unwrap());
     }
 
     #[tokio::test]
