@@ -8,7 +8,9 @@ pub struct AuthRequest {
     pub method: String,
     /// As received, query string included.
     pub path: String,
-    /// Lower-cased names. Repeated headers arrive joined with commas.
+    /// Lower-cased names. Repeated headers arrive joined with commas. Only the headers
+    /// keygate consults need be here: the Envoy adapter keeps the credential headers, the
+    /// tenant header, `x-keygate-*`, `:method` and `:path` (`api::envoy_wire`).
     pub headers: HashMap<String, String>,
     /// The downstream peer address, for logs.
     pub peer: Option<String>,

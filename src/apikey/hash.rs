@@ -137,6 +137,11 @@ impl SecretHasher {
         self.inner
             .jobs
             .send(Box::new(move || {
+                // The caller stopped waiting while this was queued (its request was
+                // cancelled or timed out): a flood of abandoned requests costs no argon2.
+                if done.is_closed() {
+                    return;
+                }
                 // A panic fails this job (its sender is dropped), not the thread.
                 if let Ok(r) = catch_unwind(AssertUnwindSafe(job)) {
                     let _ = done.send(r);
@@ -231,6 +236,32 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    #[tokio::test]
+    async fn a_verification_abandoned_while_queued_is_never_run() {
+        use futures::FutureExt;
+        let cfg = Argon2Config {
+            verify_concurrency: 1,
+            ..fast()
+        };
+        let h = SecretHasher::new(Secret::new("p".repeat(32)), &cfg).unwrap();
+        let phc = h.hash("s3cret").await.unwrap();
+        // First in the queue: a job that holds the only thread until told to go on.
+        // Polling a job once queues it.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let mut held = Box::pin(h.run(move || {
+            let _ = wait.recv();
+            Ok(())
+        }));
+        assert!((&mut held).now_or_never().is_none());
+        // Second: a verification, given up on while it waits (queued, then dropped).
+        assert!(h.verify("s3cret", &phc).now_or_never().is_none());
+        go.send(()).unwrap();
+        held.await.unwrap();
+        // The queue is first in, first out: this one runs after the abandoned one.
+        assert!(h.verify("s3cret", &phc).await.unwrap());
+        assert_eq!(h.verifications(), 1, "the abandoned verification never ran");
     }
 
     #[tokio::test]
