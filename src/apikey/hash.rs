@@ -60,12 +60,15 @@ impl SecretHasher {
         .map_err(|e| HashError::Params(e.to_string()))?;
         let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
-        for _ in 0..cfg.verify_concurrency.max(1) {
-            let (queue, nice) = (queue.clone(), cfg.nice);
+        let threads = cfg.verify_concurrency.max(1);
+        let (started, all_started) = mpsc::channel::<()>();
+        for _ in 0..threads {
+            let (queue, nice, started) = (queue.clone(), cfg.nice, started.clone());
             std::thread::Builder::new()
                 .name(THREAD_NAME.into())
                 .spawn(move || {
                     lower_priority(nice);
+                    let _ = started.send(());
                     // One thread waits on the queue while the others wait for the lock.
                     while let Ok(job) = queue
                         .lock()
@@ -76,6 +79,12 @@ impl SecretHasher {
                     }
                 })
                 .map_err(|e| HashError::Worker(format!("cannot start an argon2 thread: {e}")))?;
+        }
+        // Every thread is at its priority before the hasher is used.
+        for _ in 0..threads {
+            all_started
+                .recv()
+                .map_err(|_| HashError::Worker("an argon2 thread ended at start".into()))?;
         }
         Ok(SecretHasher {
             inner: Arc::new(Inner {
@@ -215,10 +224,7 @@ mod tests {
         };
         let h = SecretHasher::new(Secret::new("p".repeat(32)), &cfg).unwrap();
         let phc = h.hash("s3cret").await.unwrap();
-        // The jobs have run, so every thread has set its nice value before waiting.
-        for _ in 0..6 {
-            assert!(h.verify("s3cret", &phc).await.unwrap());
-        }
+        assert!(h.verify("s3cret", &phc).await.unwrap());
         let ours = || {
             argon2_thread_nices()
                 .into_iter()
