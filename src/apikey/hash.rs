@@ -80,7 +80,9 @@ impl SecretHasher {
                 })
                 .map_err(|e| HashError::Worker(format!("cannot start an argon2 thread: {e}")))?;
         }
-        // Every thread is at its priority before the hasher is used.
+        // Every thread is at its priority before the hasher is used. (Only the threads
+        // hold a sender now, so one that died at start ends this wait with an error.)
+        drop(started);
         for _ in 0..threads {
             all_started
                 .recv()
