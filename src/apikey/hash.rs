@@ -80,8 +80,8 @@ impl SecretHasher {
                 })
                 .map_err(|e| HashError::Worker(format!("cannot start an argon2 thread: {e}")))?;
         }
-        // Every thread is at its priority before the hasher is used. (Only the threads
-        // hold a sender now, so one that died at start ends this wait with an error.)
+        // Every thread is at its priority before the hasher is used (nothing before the
+        // send can fail: lower_priority only logs).
         drop(started);
         for _ in 0..threads {
             all_started
