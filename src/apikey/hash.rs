@@ -246,14 +246,19 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_verification_abandoned_while_queued_is_never_run() {
-        use futures::FutureExt;
+    /// A hasher with a single argon2 thread, so the order of its jobs is known.
+    fn one_thread() -> SecretHasher {
         let cfg = Argon2Config {
             verify_concurrency: 1,
             ..fast()
         };
-        let h = SecretHasher::new(Secret::new("p".repeat(32)), &cfg).unwrap();
+        SecretHasher::new(Secret::new("p".repeat(32)), &cfg).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_verification_abandoned_while_queued_is_never_run() {
+        use futures::FutureExt;
+        let h = one_thread();
         let phc = h.hash("s3cret").await.unwrap();
         // First in the queue: a job that holds the only thread until told to go on.
         // Polling a job once queues it.
@@ -274,11 +279,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_job_fails_alone_and_the_thread_serves_on() {
-        let cfg = Argon2Config {
-            verify_concurrency: 1,
-            ..fast()
-        };
-        let h = SecretHasher::new(Secret::new("p".repeat(32)), &cfg).unwrap();
+        let h = one_thread();
         let failed = h.run(|| -> Result<(), HashError> { panic!("boom") }).await;
         assert!(matches!(failed, Err(HashError::Worker(_))), "{failed:?}");
         let phc = h.hash("s3cret").await.unwrap();
