@@ -137,8 +137,8 @@ impl From<&CheckRequest> for CheckRequestView {
 }
 
 /// The request headers keygate consults, by exact lower-case name or by prefix. Only these
-/// are turned into strings; `:method` and `:path` always are (the fallback when the
-/// request's `method` or `path` is empty).
+/// are turned into strings (and `:method` or `:path` when the request's own `method` or
+/// `path` is empty: see `auth_request`).
 #[derive(Debug, Clone)]
 pub struct HeaderFilter {
     names: Vec<String>,
@@ -148,11 +148,7 @@ pub struct HeaderFilter {
 impl HeaderFilter {
     /// `names` must be lower-case (configuration validation sees to it), as `prefix` must.
     pub fn new<'a>(names: impl IntoIterator<Item = &'a str>, prefix: &str) -> HeaderFilter {
-        let mut all: Vec<String> = [":method", ":path"]
-            .into_iter()
-            .chain(names)
-            .map(str::to_owned)
-            .collect();
+        let mut all: Vec<String> = names.into_iter().map(str::to_owned).collect();
         all.sort();
         all.dedup();
         HeaderFilter {
@@ -179,7 +175,9 @@ impl HeaderFilter {
 
 /// Envoy's request as the protocol-neutral `AuthRequest`, holding the headers `filter`
 /// consults. Reads both `headers` and `header_map`; repeated `header_map` entries are
-/// joined with commas, as Envoy joins them in `headers`.
+/// joined with commas, as Envoy joins them in `headers`. The `:method` and `:path`
+/// pseudo-headers are kept only when the request's own `method` or `path` is empty, as
+/// the fallback for it.
 pub fn auth_request(req: CheckRequestView, filter: &HeaderFilter) -> AuthRequest {
     let attrs = req.attributes.unwrap_or_default();
     let peer = attrs
@@ -188,14 +186,18 @@ pub fn auth_request(req: CheckRequestView, filter: &HeaderFilter) -> AuthRequest
         .and_then(|a| a.socket_address)
         .map(|sa| lossy(&sa.address));
     let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
+    let fallback = |name: &[u8]| {
+        (http.method.is_empty() && name.eq_ignore_ascii_case(b":method"))
+            || (http.path.is_empty() && name.eq_ignore_ascii_case(b":path"))
+    };
     let mut headers: HashMap<String, String> = HashMap::new();
     for h in &http.headers {
-        if filter.wants(&h.key) {
+        if filter.wants(&h.key) || fallback(&h.key) {
             headers.insert(lossy(&h.key), lossy(&h.value));
         }
     }
     for hv in http.header_map.iter().flat_map(|m| &m.headers) {
-        if !filter.wants_any_case(&hv.key) {
+        if !(filter.wants_any_case(&hv.key) || fallback(&hv.key)) {
             continue;
         }
         let value = lossy(if hv.raw_value.is_empty() {
@@ -318,16 +320,8 @@ mod tests {
         assert_eq!(r.header("x-keygate-subject"), Some("smuggled"));
         let mut names: Vec<_> = r.headers.keys().map(String::as_str).collect();
         names.sort();
-        assert_eq!(
-            names,
-            [
-                ":method",
-                ":path",
-                "authorization",
-                "x-keygate-subject",
-                "x-tenant-id"
-            ]
-        );
+        // No pseudo-header: the request's own method and path are set.
+        assert_eq!(names, ["authorization", "x-keygate-subject", "x-tenant-id"]);
     }
 
     #[test]
