@@ -204,15 +204,19 @@ mod tests {
         let mut nices = Vec::new();
         for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if comm.trim_end() != THREAD_NAME {
-                continue;
+            if comm.trim_end() == THREAD_NAME {
+                nices.extend(nice_in(&task.path().join("stat")));
             }
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            // Fields after the parenthesised name: state is field 3, nice is field 19.
-            let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-            nices.push(after_name.split(' ').nth(16).unwrap().parse().unwrap());
         }
         nices
+    }
+
+    /// The nice value in a `/proc/…/stat` file (field 19; the name before it may hold
+    /// spaces, so count from the closing parenthesis).
+    fn nice_in(stat: &std::path::Path) -> Option<i64> {
+        let stat = std::fs::read_to_string(stat).ok()?;
+        let after_name = &stat[stat.rfind(')')? + 2..];
+        after_name.split(' ').nth(16)?.parse().ok()
     }
 
     #[tokio::test]
@@ -224,9 +228,16 @@ mod tests {
             verify_concurrency: 3,
             ..fast()
         };
+        let own = || nice_in(std::path::Path::new("/proc/thread-self/stat")).unwrap();
+        let before = own();
         let h = SecretHasher::new(Secret::new("p".repeat(32)), &cfg).unwrap();
         let phc = h.hash("s3cret").await.unwrap();
         assert!(h.verify("s3cret", &phc).await.unwrap());
+        assert_eq!(
+            own(),
+            before,
+            "only the argon2 threads are niced, not their creator"
+        );
         let ours = || {
             argon2_thread_nices()
                 .into_iter()
