@@ -84,12 +84,23 @@ impl Connection {
     /// outcome and the size of the response message in bytes (0 without one).
     pub async fn check(&self, frame: Bytes) -> (Outcome, usize) {
         match self.round_trip(frame).await {
-            Ok(answer) => answer,
+            Ok((outcome, message)) => (outcome, message.len()),
             Err(e) => (Outcome::Error(e), 0),
         }
     }
 
-    async fn round_trip(&self, frame: Bytes) -> Result<(Outcome, usize), String> {
+    /// Sends one gRPC frame and returns the encoded CheckResponse of an allow (to replay
+    /// it from the no-op server); anything else is an error.
+    pub async fn allow_answer(&self, frame: Bytes) -> anyhow::Result<Bytes> {
+        match self.round_trip(frame).await {
+            Ok((Outcome::Allow, message)) => Ok(message),
+            Ok((other, _)) => anyhow::bail!("expected an allow, got {other:?}"),
+            Err(e) => anyhow::bail!("{e}"),
+        }
+    }
+
+    /// The outcome and the response message (empty without one).
+    async fn round_trip(&self, frame: Bytes) -> Result<(Outcome, Bytes), String> {
         let mut req = Request::new(());
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.uri.clone();
@@ -109,12 +120,18 @@ impl Connection {
         let response = response.await.map_err(|e| format!("response: {e}"))?;
         let (parts, mut body) = response.into_parts();
         if parts.status != http::StatusCode::OK {
-            return Ok((Outcome::Error(format!("HTTP {}", parts.status)), 0));
+            return Ok((
+                Outcome::Error(format!("HTTP {}", parts.status)),
+                Bytes::new(),
+            ));
         }
         // A trailers-only response (an error) carries grpc-status in the headers.
         if let Some(code) = grpc_status(&parts.headers) {
             if code != 0 {
-                return Ok((Outcome::Error(grpc_error(code, &parts.headers)), 0));
+                return Ok((
+                    Outcome::Error(grpc_error(code, &parts.headers)),
+                    Bytes::new(),
+                ));
             }
         }
         let mut buf = BytesMut::new();
@@ -130,11 +147,10 @@ impl Connection {
             .unwrap_or_default();
         match grpc_status(&trailers).or_else(|| grpc_status(&parts.headers)) {
             Some(0) => {}
-            Some(code) => return Ok((Outcome::Error(grpc_error(code, &trailers)), 0)),
+            Some(code) => return Ok((Outcome::Error(grpc_error(code, &trailers)), Bytes::new())),
             None => return Err("response without grpc-status".into()),
         }
-        let size = buf.len().saturating_sub(5);
-        decode(buf.freeze()).map(|o| (o, size))
+        decode(buf.freeze())
     }
 }
 
@@ -154,7 +170,8 @@ fn grpc_error(code: i32, headers: &HeaderMap) -> String {
         + message
 }
 
-fn decode(mut buf: Bytes) -> Result<Outcome, String> {
+/// Reads a gRPC response frame: the outcome, and the message it carried.
+fn decode(mut buf: Bytes) -> Result<(Outcome, Bytes), String> {
     if buf.len() < 5 {
         return Err("response without a message".into());
     }
@@ -166,12 +183,17 @@ fn decode(mut buf: Bytes) -> Result<Outcome, String> {
     if buf.len() != len {
         return Err(format!("message of {} bytes, frame says {len}", buf.len()));
     }
-    let head = CheckResponseHead::decode(buf).map_err(|e| format!("decode: {e}"))?;
+    let outcome =
+        outcome(CheckResponseHead::decode(buf.clone()).map_err(|e| format!("decode: {e}"))?);
+    Ok((outcome, buf))
+}
+
+fn outcome(head: CheckResponseHead) -> Outcome {
     // Envoy reads a missing status as OK (DESIGN.md); a target that omits it is broken.
     let Some(status) = head.status else {
-        return Ok(Outcome::Error("CheckResponse without status".into()));
+        return Outcome::Error("CheckResponse without status".into());
     };
-    Ok(if status.code == 0 {
+    if status.code == 0 {
         Outcome::Allow
     } else if head.denied_response.is_some() || !status.message.is_empty() {
         Outcome::Deny(if status.message.is_empty() {
@@ -181,7 +203,7 @@ fn decode(mut buf: Bytes) -> Result<Outcome, String> {
         })
     } else {
         Outcome::Deny(format!("code {}", status.code))
-    })
+    }
 }
 
 #[cfg(test)]
@@ -206,7 +228,11 @@ mod tests {
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
             ..Default::default()
         };
-        assert_eq!(decode(framed(&allow)), Ok(Outcome::Allow));
+        let message = allow.encode_to_vec();
+        assert_eq!(
+            decode(framed(&allow)),
+            Ok((Outcome::Allow, Bytes::from(message)))
+        );
         let deny = CheckResponse {
             status: Some(rpc::Status {
                 code: 16,
@@ -217,12 +243,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            decode(framed(&deny)),
+            decode(framed(&deny)).map(|r| r.0),
             Ok(Outcome::Deny("invalid_api_key".into()))
         );
         assert!(matches!(
             decode(framed(&CheckResponse::default())),
-            Ok(Outcome::Error(_))
+            Ok((Outcome::Error(_), _))
         ));
         assert!(decode(Bytes::from_static(&[0, 0, 0, 0, 9, 1])).is_err());
     }

@@ -1,6 +1,8 @@
-//! Through real Envoy: `wrk` against one Envoy with three listeners — no ext_authz,
-//! ext_authz to the no-op baseline, ext_authz to keygate — all answered by the same
-//! `direct_response`, so the only difference between them is the authorization hop.
+//! Through real Envoy: `wrk` against one Envoy with four listeners, all answered by the
+//! same `direct_response`, so the only difference between them is the authorization hop:
+//! no ext_authz; ext_authz to the no-op baseline; ext_authz to a second no-op that
+//! answers with the very bytes of keygate's allow (what Envoy pays for reading and
+//! applying keygate's answer, without keygate's deciding); ext_authz to keygate.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,9 +12,11 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::client::Connection;
 use crate::procs::{self, Proc};
 use crate::report::{median, ScenarioReport, Summary, Table};
 use crate::scenarios::{print_report, wait_quiet, Bench, Common};
+use crate::shape::Ids;
 
 const ENVOY_CONFIG: &str = include_str!("../../../benches/envoy.yaml");
 
@@ -164,7 +168,18 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     let template = bench.template(token.len());
     bench.warm(&tokens, &template).await?;
 
-    let (admin, off, noop, kg) = (
+    // keygate's allow, replayed by a second no-op.
+    let answer = Connection::open(bench.keygate.grpc, Some(c.grpc_timeout))
+        .await?
+        .allow_answer(template.frame(token.as_bytes(), &Ids::for_sequence(0, 0)))
+        .await
+        .context("keygate's allow answer")?;
+    let answer_path = bench.scratch.path().join("keygate-allow.pb");
+    std::fs::write(&answer_path, &answer)?;
+    let (replay, replay_grpc) = procs::noop_server_answering(&bench.scratch, &answer_path).await?;
+
+    let (admin, off, noop, replay_port, kg) = (
+        procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
@@ -175,6 +190,8 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         .replace("@ADMIN_PORT@", &admin.port().to_string())
         .replace("@OFF_PORT@", &off.port().to_string())
         .replace("@NOOP_PORT@", &noop.port().to_string())
+        .replace("@REPLAY_PORT@", &replay_port.port().to_string())
+        .replace("@REPLAY_GRPC_PORT@", &replay_grpc.port().to_string())
         .replace("@KEYGATE_PORT@", &kg.port().to_string())
         .replace(
             "@KEYGATE_GRPC_PORT@",
@@ -193,7 +210,9 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
             .args(["-l", "warning", "--use-dynamic-base-id"]),
         bench.scratch.path().join("envoy.log"),
     )?;
-    envoy.wait_listening(&[admin, off, noop, kg]).await?;
+    envoy
+        .wait_listening(&[admin, off, noop, replay_port, kg])
+        .await?;
 
     // The filter is really there: keygate refuses a request without a credential.
     let bearer = format!("Bearer {token}");
@@ -201,6 +220,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     for (addr, headers, want) in [
         (off, &auth[..], 200),
         (noop, &auth[..], 200),
+        (replay_port, &auth[..], 200),
         (kg, &auth[..], 200),
         (kg, &[][..], 401),
     ] {
@@ -224,6 +244,11 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
             Some(bench.noop.as_ref().unwrap().0.pid()),
         ),
         (
+            "Envoy + ext_authz → no-op, keygate's answer",
+            replay_port.port(),
+            Some(replay.pid()),
+        ),
+        (
             "Envoy + ext_authz → keygate",
             kg.port(),
             Some(bench.keygate.proc.pid()),
@@ -232,6 +257,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     let mut results: Vec<Vec<(Wrk, f64, Option<f64>)>> = vec![Vec::new(); listeners.len()];
     let mut pids = bench.pids();
     pids.push(envoy_pid);
+    pids.push(replay.pid());
     let mut others = Vec::new();
     for _ in 0..c.reps.max(1) {
         for (i, (label, port, authz_pid)) in listeners.iter().enumerate() {
@@ -305,7 +331,12 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
             format!("{:.0}", m(&|w| w.p75_us)),
         );
     }
-    let (off_s, noop_s, kg_s) = (rows[0].clone(), rows[1].clone(), rows[2].clone());
+    let (off_s, noop_s, replay_s, kg_s) = (
+        rows[0].clone(),
+        rows[1].clone(),
+        rows[2].clone(),
+        rows[3].clone(),
+    );
     let max_other = others.iter().cloned().fold(0.0, f64::max);
     report.fact(
         "CPU taken by other processes during the runs (median / max)",
@@ -329,6 +360,10 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     report.fact(
         "median with keygate / median with the no-op authorizer",
         format!("{:.2}×", kg_s.p50_us / noop_s.p50_us),
+    );
+    report.fact(
+        "median with keygate / median with the no-op answering keygate's answer",
+        format!("{:.2}×", kg_s.p50_us / replay_s.p50_us),
     );
     if args.wrk_connections > 1 {
         report.notes.push(format!(

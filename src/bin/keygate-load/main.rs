@@ -111,8 +111,11 @@ enum Cmd {
         #[arg(long)]
         dump_first: bool,
         /// Pad the OK answer to about this many bytes (keygate's is ~400).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, conflicts_with = "answer_file")]
         response_bytes: usize,
+        /// Answer with this encoded CheckResponse (e.g. one of keygate's allows).
+        #[arg(long)]
+        answer_file: Option<PathBuf>,
         /// Burn this much CPU per request before answering (e.g. 7us): a no-op that costs
         /// what keygate's deciding costs.
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
@@ -165,12 +168,19 @@ fn main() {
             listen,
             dump_first,
             response_bytes,
+            answer_file,
             busy,
-        } => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(noop::serve(listen, dump_first, response_bytes, busy))),
+        } => answer_file
+            .map_or_else(
+                || Ok(noop::ok_response(response_bytes)),
+                |path| noop::answer_from_file(&path),
+            )
+            .and_then(|response| {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(noop::serve(listen, dump_first, response, busy))
+            }),
         other => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

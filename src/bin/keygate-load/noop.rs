@@ -61,6 +61,15 @@ pub fn ok_response(size: usize) -> CheckResponse {
     r
 }
 
+/// The answer in `path`: an encoded CheckResponse (for instance keygate's own allow,
+/// saved by the `envoy` scenario), so that the no-op answers exactly what keygate does.
+pub fn answer_from_file(path: &std::path::Path) -> anyhow::Result<CheckResponse> {
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    CheckResponse::decode(bytes.as_slice())
+        .map_err(|e| anyhow::anyhow!("{} is not a CheckResponse: {e}", path.display()))
+}
+
 #[tonic::async_trait]
 impl Authorization for NoopAuthorization {
     async fn check(
@@ -87,7 +96,7 @@ impl Authorization for NoopAuthorization {
 pub async fn serve(
     listen: SocketAddr,
     dump_first: bool,
-    response_bytes: usize,
+    response: CheckResponse,
     busy: Duration,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -101,7 +110,7 @@ pub async fn serve(
         .add_service(AuthorizationServer::new(NoopAuthorization {
             dump_first: AtomicBool::new(dump_first),
             busy,
-            response: ok_response(response_bytes),
+            response,
         }))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = tokio::signal::ctrl_c().await;

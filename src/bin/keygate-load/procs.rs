@@ -241,17 +241,25 @@ pub async fn noop_server(
     scratch: &Scratch,
     response_bytes: u64,
 ) -> anyhow::Result<(Proc, SocketAddr)> {
+    noop_server_with(scratch, &["--response-bytes", &response_bytes.to_string()]).await
+}
+
+/// The no-op baseline answering with the encoded CheckResponse in `answer`.
+pub async fn noop_server_answering(
+    scratch: &Scratch,
+    answer: &Path,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    noop_server_with(scratch, &["--answer-file", &answer.display().to_string()]).await
+}
+
+async fn noop_server_with(scratch: &Scratch, args: &[&str]) -> anyhow::Result<(Proc, SocketAddr)> {
     let addr = free_port()?;
     let exe = std::env::current_exe()?;
     let mut p = Proc::spawn(
         "noop-server",
-        Command::new(exe).args([
-            "noop-server",
-            "--listen",
-            &addr.to_string(),
-            "--response-bytes",
-            &response_bytes.to_string(),
-        ]),
+        Command::new(exe)
+            .args(["noop-server", "--listen", &addr.to_string()])
+            .args(args),
         scratch.path().join(format!("noop-{}.log", addr.port())),
     )?;
     p.wait_listening(&[addr]).await?;
