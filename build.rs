@@ -21,7 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .name("check")
         .route_name("Check")
         .input_type("crate::api::envoy_wire::CheckRequestView")
-        .output_type("crate::api::envoy_wire::CheckAnswer")
+        .output_type("crate::api::envoy_answer::CheckAnswer")
         .codec_path("tonic_prost::ProstCodec")
         .build();
     tonic_build::manual::Builder::new()

@@ -6,7 +6,6 @@
 //! (UNAVAILABLE), so Envoy's own `failure_mode_allow` / `status_on_error` decides — never
 //! an allow, never a deny.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{
@@ -14,25 +13,25 @@ use envoy_types::pb::envoy::config::core::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::auth::v3::{
-    check_response::HttpResponse, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+    check_response::HttpResponse, CheckRequest, CheckResponse, DeniedHttpResponse,
 };
-use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use super::envoy_wire::{self, Authorization, CheckAnswer, CheckRequestView, HeaderFilter};
+use super::envoy_answer::{AllowAnswer, CheckAnswer, Identity};
+pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_SCOPES, HEADER_SUBJECT};
+use super::envoy_wire::{self, Authorization, CheckRequestView, HeaderFilter};
 use crate::authorizer::Authorizer;
 use crate::decision::{Allowed, Decision, Denial, DenyReason};
 use crate::request::AuthRequest;
 
-/// Identity headers keygate sets upstream. Client-sent values are always overwritten.
-pub const HEADER_SUBJECT: &str = "x-keygate-subject";
-pub const HEADER_KEY_ID: &str = "x-keygate-key-id";
-pub const HEADER_SCOPES: &str = "x-keygate-scopes";
+/// Headers under this prefix are keygate's to set; a client's are never passed on.
 pub const IDENTITY_PREFIX: &str = "x-keygate-";
 
 pub struct EnvoyAuthorization {
     authorizer: Arc<Authorizer>,
+    /// The tenant header's name, shared with every allow answer.
+    tenant_header: Arc<str>,
     opaque_errors: bool,
     strip_credentials: bool,
     /// The request headers any decision or answer consults.
@@ -50,6 +49,7 @@ impl EnvoyAuthorization {
             IDENTITY_PREFIX,
         );
         EnvoyAuthorization {
+            tenant_header: authorizer.tenant_header().into(),
             authorizer,
             opaque_errors,
             strip_credentials,
@@ -60,15 +60,18 @@ impl EnvoyAuthorization {
     /// The answer for an envoy-types CheckRequest (tests, benchmarks): decided as the same
     /// bytes from Envoy would be.
     pub async fn decide(&self, req: CheckRequest) -> Result<CheckResponse, Status> {
-        self.decide_view(CheckRequestView::from(&req)).await
+        let answer = self.decide_view(CheckRequestView::from(&req)).await?;
+        answer
+            .to_response()
+            .map_err(|e| Status::internal(format!("keygate's answer does not decode: {e}")))
     }
 
     /// The answer for one CheckRequest: a response, or UNAVAILABLE.
     pub async fn decide_view(&self, req: CheckRequestView) -> Result<CheckAnswer, Status> {
         let auth_req = envoy_wire::auth_request(req, &self.headers);
         match self.authorizer.check(&auth_req).await {
-            Decision::Allow(allowed) => Ok(self.allow(&auth_req, &allowed)),
-            Decision::Deny(denial) => Ok(self.deny(&denial)),
+            Decision::Allow(allowed) => Ok(CheckAnswer::Allow(self.allow(&auth_req, allowed))),
+            Decision::Deny(denial) => Ok(CheckAnswer::Message(self.deny(&denial))),
             Decision::Unavailable(u) => Err(Status::unavailable(format!(
                 "authorization backend unavailable: {}",
                 u.backend
@@ -76,17 +79,11 @@ impl EnvoyAuthorization {
         }
     }
 
-    fn allow(&self, req: &AuthRequest, allowed: &Allowed) -> CheckResponse {
+    fn allow(&self, req: &AuthRequest, allowed: Allowed) -> AllowAnswer {
         let tenant_header = self.authorizer.tenant_header();
-        let mut headers = Vec::with_capacity(4);
         let mut remove: Vec<String> = Vec::new();
-        match &allowed.principal {
-            Some(p) => {
-                let tenant = allowed.effective_tenant.as_deref().unwrap_or(&p.tenant_id);
-                headers.push(overwrite(tenant_header, tenant));
-                headers.push(overwrite(HEADER_SUBJECT, &p.subject));
-                headers.push(overwrite(HEADER_KEY_ID, p.key_id.as_deref().unwrap_or("")));
-                headers.push(overwrite(HEADER_SCOPES, &p.scopes_header));
+        let identity = match allowed.principal {
+            Some(principal) => {
                 // Any other x-keygate-* the client sent is not ours to vouch for.
                 for name in req.headers.keys() {
                     if name.starts_with(IDENTITY_PREFIX)
@@ -95,6 +92,13 @@ impl EnvoyAuthorization {
                         remove.push(name.clone());
                     }
                 }
+                Some(Identity {
+                    tenant: allowed
+                        .effective_tenant
+                        .unwrap_or_else(|| principal.tenant_id.clone()),
+                    principal,
+                    tenant_header: Arc::clone(&self.tenant_header),
+                })
             }
             None => {
                 // Public route: nothing vouched for, so no identity header may pass.
@@ -103,8 +107,9 @@ impl EnvoyAuthorization {
                         remove.push(name.clone());
                     }
                 }
+                None
             }
-        }
+        };
         if self.strip_credentials {
             for name in self.authorizer.credentials().header_names() {
                 if req.headers.contains_key(name) {
@@ -112,37 +117,7 @@ impl EnvoyAuthorization {
                 }
             }
         }
-        CheckResponse {
-            status: Some(rpc::Status {
-                code: tonic::Code::Ok as i32,
-                ..Default::default()
-            }),
-            dynamic_metadata: allowed.principal.as_ref().map(|p| {
-                let mut fields = HashMap::with_capacity(6);
-                let tenant = allowed.effective_tenant.as_deref().unwrap_or(&p.tenant_id);
-                fields.insert("tenant_id".into(), string_value(tenant));
-                fields.insert("subject".into(), string_value(&p.subject));
-                if let Some(k) = &p.key_id {
-                    fields.insert("key_id".into(), string_value(k));
-                }
-                fields.insert("kind".into(), string_value(p.kind.as_str()));
-                fields.insert("environment".into(), string_value(p.environment.as_str()));
-                fields.insert(
-                    "scopes".into(),
-                    Value {
-                        kind: Some(Kind::ListValue(ListValue {
-                            values: p.scopes.iter().map(|s| string_value(s)).collect(),
-                        })),
-                    },
-                );
-                Struct { fields }
-            }),
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers,
-                headers_to_remove: remove,
-                ..Default::default()
-            })),
-        }
+        AllowAnswer { identity, remove }
     }
 
     fn deny(&self, denial: &Denial) -> CheckResponse {
@@ -203,11 +178,5 @@ fn overwrite(key: &str, value: &str) -> HeaderValueOption {
         }),
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
         ..Default::default()
-    }
-}
-
-fn string_value(s: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s.to_owned())),
     }
 }

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use prost::Message;
 
 use crate::request::AuthRequest;
@@ -38,9 +38,6 @@ mod generated {
     ));
 }
 pub use generated::authorization_server::{Authorization, AuthorizationServer};
-
-/// What keygate answers a Check with.
-pub type CheckAnswer = CheckResponse;
 
 /// `envoy.service.auth.v3.CheckRequest`.
 #[derive(Clone, PartialEq, Message)]

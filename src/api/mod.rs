@@ -3,6 +3,7 @@
 
 pub mod authorizer;
 pub mod envoy;
+pub mod envoy_answer;
 pub mod envoy_wire;
 pub mod keys;
 pub mod revocations;

@@ -1,0 +1,437 @@
+//! keygate's answer to Envoy's `Check`, written to the wire straight from the decision.
+//!
+//! An allow carries four identity headers, the headers to remove and the principal as
+//! dynamic metadata. Built with envoy-types, that is a `CheckResponse` of a dozen owned
+//! strings, a `HashMap` and a list on every request, made only to be encoded and dropped.
+//! `AllowAnswer` holds the principal (shared with the cache) and the per-request parts,
+//! and writes the same protobuf from them: no copies, one buffer. Denials keep
+//! envoy-types' messages (`CheckAnswer::Message`).
+//!
+//! The field numbers are those of Envoy's `external_auth.proto`, `base.proto` and
+//! Google's `struct.proto`. The tests decode every shape of answer with envoy-types and
+//! compare it with the same answer built from envoy-types' own messages.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut};
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
+use prost::encoding::{
+    encode_key, encode_varint, encoded_len_varint, key_len, skip_field, DecodeContext, WireType,
+};
+use prost::{DecodeError, Message};
+
+use crate::principal::Principal;
+
+/// What keygate answers a Check with.
+#[derive(Debug, Clone)]
+pub enum CheckAnswer {
+    /// An allow, encoded from its parts.
+    Allow(AllowAnswer),
+    /// Any other answer, as envoy-types' message.
+    Message(CheckResponse),
+}
+
+/// An allow: `status` OK, an `ok_response` with the identity headers and the headers to
+/// remove, and the principal in `dynamic_metadata`.
+#[derive(Debug, Clone)]
+pub struct AllowAnswer {
+    /// Who was authenticated, and for which tenant; `None` on a public route.
+    pub identity: Option<Identity>,
+    /// Request headers Envoy removes before forwarding.
+    pub remove: Vec<String>,
+}
+
+/// The authenticated side of an allow.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub principal: Arc<Principal>,
+    /// The tenant the request acts for (the principal's own, or a delegated one).
+    pub tenant: String,
+    /// The name of the tenant header (configurable).
+    pub tenant_header: Arc<str>,
+}
+
+/// Identity headers keygate sets upstream. Client-sent values are always overwritten.
+pub const HEADER_SUBJECT: &str = "x-keygate-subject";
+pub const HEADER_KEY_ID: &str = "x-keygate-key-id";
+pub const HEADER_SCOPES: &str = "x-keygate-scopes";
+
+// CheckResponse
+const RESPONSE_STATUS: u32 = 1;
+const RESPONSE_OK: u32 = 3;
+const RESPONSE_METADATA: u32 = 4;
+// OkHttpResponse
+const OK_HEADERS: u32 = 2;
+const OK_HEADERS_TO_REMOVE: u32 = 5;
+// HeaderValueOption and HeaderValue
+const OPTION_HEADER: u32 = 1;
+const OPTION_APPEND_ACTION: u32 = 3;
+const HEADER_KEY: u32 = 1;
+const HEADER_VALUE: u32 = 2;
+const OVERWRITE: u64 = HeaderAppendAction::OverwriteIfExistsOrAdd as u64;
+// google.protobuf.Struct, its map entries, Value and ListValue
+const STRUCT_FIELDS: u32 = 1;
+const ENTRY_KEY: u32 = 1;
+const ENTRY_VALUE: u32 = 2;
+const VALUE_STRING: u32 = 3;
+const VALUE_LIST: u32 = 6;
+const LIST_VALUES: u32 = 1;
+
+impl Identity {
+    /// The headers set upstream, in order.
+    fn headers(&self) -> [(&str, &str); 4] {
+        let p = &self.principal;
+        [
+            (&*self.tenant_header, &self.tenant),
+            (HEADER_SUBJECT, &p.subject),
+            (HEADER_KEY_ID, p.key_id.as_deref().unwrap_or("")),
+            (HEADER_SCOPES, &p.scopes_header),
+        ]
+    }
+
+    /// The string fields of the metadata (`scopes`, a list, is written apart).
+    fn metadata(&self) -> impl Iterator<Item = (&str, &str)> {
+        let p = &self.principal;
+        [
+            Some(("tenant_id", self.tenant.as_str())),
+            Some(("subject", p.subject.as_str())),
+            p.key_id.as_deref().map(|k| ("key_id", k)),
+            Some(("kind", p.kind.as_str())),
+            Some(("environment", p.environment.as_str())),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    fn scopes(&self) -> &[String] {
+        &self.principal.scopes
+    }
+}
+
+/// A length-delimited field of `len` bytes, whole.
+fn delimited_len(tag: u32, len: usize) -> usize {
+    key_len(tag) + encoded_len_varint(len as u64) + len
+}
+
+/// The key and length of a length-delimited field; its `len` bytes follow.
+fn put_head(tag: u32, len: usize, buf: &mut impl BufMut) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(len as u64, buf);
+}
+
+fn put_str(tag: u32, s: &str, buf: &mut impl BufMut) {
+    put_head(tag, s.len(), buf);
+    buf.put_slice(s.as_bytes());
+}
+
+/// A proto3 `string` field: absent when empty.
+fn plain_str_len(tag: u32, s: &str) -> usize {
+    if s.is_empty() {
+        0
+    } else {
+        delimited_len(tag, s.len())
+    }
+}
+
+fn put_plain_str(tag: u32, s: &str, buf: &mut impl BufMut) {
+    if !s.is_empty() {
+        put_str(tag, s, buf);
+    }
+}
+
+/// `HeaderValue { key, value }`.
+fn header_value_len(key: &str, value: &str) -> usize {
+    plain_str_len(HEADER_KEY, key) + plain_str_len(HEADER_VALUE, value)
+}
+
+/// `HeaderValueOption { header, append_action: OVERWRITE_IF_EXISTS_OR_ADD }`.
+fn header_option_len(key: &str, value: &str) -> usize {
+    delimited_len(OPTION_HEADER, header_value_len(key, value))
+        + key_len(OPTION_APPEND_ACTION)
+        + encoded_len_varint(OVERWRITE)
+}
+
+fn put_header_option(key: &str, value: &str, buf: &mut impl BufMut) {
+    put_head(OK_HEADERS, header_option_len(key, value), buf);
+    put_head(OPTION_HEADER, header_value_len(key, value), buf);
+    put_plain_str(HEADER_KEY, key, buf);
+    put_plain_str(HEADER_VALUE, value, buf);
+    encode_key(OPTION_APPEND_ACTION, WireType::Varint, buf);
+    encode_varint(OVERWRITE, buf);
+}
+
+/// `Value { string_value }`: a oneof member, present even when empty.
+fn string_value_len(s: &str) -> usize {
+    delimited_len(VALUE_STRING, s.len())
+}
+
+/// `ListValue { values: [Value { string_value }] }`.
+fn list_len(items: &[String]) -> usize {
+    items
+        .iter()
+        .map(|s| delimited_len(LIST_VALUES, string_value_len(s)))
+        .sum()
+}
+
+/// A `Struct.fields` map entry `{ key, value }` whose value is `value_len` bytes.
+fn entry_len(key: &str, value_len: usize) -> usize {
+    plain_str_len(ENTRY_KEY, key) + delimited_len(ENTRY_VALUE, value_len)
+}
+
+fn put_entry_head(key: &str, value_len: usize, buf: &mut impl BufMut) {
+    put_head(STRUCT_FIELDS, entry_len(key, value_len), buf);
+    put_plain_str(ENTRY_KEY, key, buf);
+    put_head(ENTRY_VALUE, value_len, buf);
+}
+
+impl AllowAnswer {
+    fn ok_response_len(&self) -> usize {
+        let headers: usize = self
+            .identity
+            .iter()
+            .flat_map(Identity::headers)
+            .map(|(k, v)| delimited_len(OK_HEADERS, header_option_len(k, v)))
+            .sum();
+        let remove: usize = self
+            .remove
+            .iter()
+            .map(|h| delimited_len(OK_HEADERS_TO_REMOVE, h.len()))
+            .sum();
+        headers + remove
+    }
+
+    fn metadata_len(identity: &Identity) -> usize {
+        let strings: usize = identity
+            .metadata()
+            .map(|(k, v)| delimited_len(STRUCT_FIELDS, entry_len(k, string_value_len(v))))
+            .sum();
+        let scopes = delimited_len(VALUE_LIST, list_len(identity.scopes()));
+        strings + delimited_len(STRUCT_FIELDS, entry_len("scopes", scopes))
+    }
+
+    fn put_metadata(identity: &Identity, buf: &mut impl BufMut) {
+        put_head(RESPONSE_METADATA, Self::metadata_len(identity), buf);
+        for (key, value) in identity.metadata() {
+            put_entry_head(key, string_value_len(value), buf);
+            put_str(VALUE_STRING, value, buf);
+        }
+        let list = list_len(identity.scopes());
+        put_entry_head("scopes", delimited_len(VALUE_LIST, list), buf);
+        put_head(VALUE_LIST, list, buf);
+        for scope in identity.scopes() {
+            put_head(LIST_VALUES, string_value_len(scope), buf);
+            put_str(VALUE_STRING, scope, buf);
+        }
+    }
+}
+
+impl Message for CheckAnswer {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        let a = match self {
+            CheckAnswer::Message(m) => return m.encode_raw(buf),
+            CheckAnswer::Allow(a) => a,
+        };
+        // status: OK, which is every field at its default.
+        put_head(RESPONSE_STATUS, 0, buf);
+        put_head(RESPONSE_OK, a.ok_response_len(), buf);
+        for (key, value) in a.identity.iter().flat_map(Identity::headers) {
+            put_header_option(key, value, buf);
+        }
+        for name in &a.remove {
+            put_str(OK_HEADERS_TO_REMOVE, name, buf);
+        }
+        if let Some(identity) = &a.identity {
+            AllowAnswer::put_metadata(identity, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        // keygate only sends answers; read one back as envoy-types' message.
+        match self {
+            CheckAnswer::Message(m) => m.merge_field(tag, wire_type, buf, ctx),
+            CheckAnswer::Allow(_) => skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        match self {
+            CheckAnswer::Message(m) => m.encoded_len(),
+            CheckAnswer::Allow(a) => {
+                delimited_len(RESPONSE_STATUS, 0)
+                    + delimited_len(RESPONSE_OK, a.ok_response_len())
+                    + a.identity.as_ref().map_or(0, |i| {
+                        delimited_len(RESPONSE_METADATA, AllowAnswer::metadata_len(i))
+                    })
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = CheckAnswer::default();
+    }
+}
+
+impl Default for CheckAnswer {
+    fn default() -> Self {
+        CheckAnswer::Message(CheckResponse::default())
+    }
+}
+
+impl From<CheckResponse> for CheckAnswer {
+    fn from(m: CheckResponse) -> Self {
+        CheckAnswer::Message(m)
+    }
+}
+
+impl CheckAnswer {
+    /// The answer as envoy-types reads it off the wire (tests, benchmarks).
+    pub fn to_response(&self) -> Result<CheckResponse, DecodeError> {
+        match self {
+            CheckAnswer::Message(m) => Ok(m.clone()),
+            CheckAnswer::Allow(_) => CheckResponse::decode(self.encode_to_vec().as_slice()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+    use envoy_types::pb::envoy::service::auth::v3::{check_response::HttpResponse, OkHttpResponse};
+    use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
+    use envoy_types::pb::google::rpc;
+
+    use super::*;
+    use crate::principal::{Environment, KeyKind};
+
+    /// The same allow, built from envoy-types' messages: what keygate sent before it
+    /// wrote its answers itself.
+    fn reference(a: &AllowAnswer) -> CheckResponse {
+        let string = |s: &str| Value {
+            kind: Some(Kind::StringValue(s.to_owned())),
+        };
+        let headers = a
+            .identity
+            .iter()
+            .flat_map(Identity::headers)
+            .map(|(key, value)| HeaderValueOption {
+                header: Some(HeaderValue {
+                    key: key.to_owned(),
+                    value: value.to_owned(),
+                    ..Default::default()
+                }),
+                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                ..Default::default()
+            })
+            .collect();
+        let dynamic_metadata = a.identity.as_ref().map(|i| {
+            let mut fields: HashMap<String, Value> = i
+                .metadata()
+                .map(|(k, v)| (k.to_owned(), string(v)))
+                .collect();
+            let values = i.scopes().iter().map(|s| string(s)).collect();
+            fields.insert(
+                "scopes".into(),
+                Value {
+                    kind: Some(Kind::ListValue(ListValue { values })),
+                },
+            );
+            Struct { fields }
+        });
+        CheckResponse {
+            status: Some(rpc::Status::default()),
+            dynamic_metadata,
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers,
+                headers_to_remove: a.remove.clone(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn principal(key_id: Option<&str>, scopes: &[&str]) -> Arc<Principal> {
+        let mut p = Principal::new(
+            "5a0c6f0e-8c1b-4f6e-9a57-3d2b1c0e9f11".into(),
+            format!("key:{}", key_id.unwrap_or("none")),
+            KeyKind::Partner,
+            Environment::Test,
+            scopes.iter().map(|s| s.to_string()).collect(),
+        );
+        p.key_id = key_id.map(str::to_owned);
+        Arc::new(p)
+    }
+
+    fn identity(p: Arc<Principal>, tenant: &str) -> Option<Identity> {
+        Some(Identity {
+            tenant: tenant.to_owned(),
+            principal: p,
+            tenant_header: "x-tenant-id".into(),
+        })
+    }
+
+    #[test]
+    fn every_allow_reads_as_the_envoy_types_message_it_replaces() {
+        let remove = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let long = "s".repeat(300);
+        let cases = [
+            // A key, its own tenant, the credential stripped.
+            AllowAnswer {
+                identity: identity(principal(Some("k1"), &["contacts:read"]), "t1"),
+                remove: remove(&["authorization"]),
+            },
+            // No key id (the header is sent empty), no scopes, nothing to remove.
+            AllowAnswer {
+                identity: identity(principal(None, &[]), ""),
+                remove: vec![],
+            },
+            // Values past 127 and 16,383 bytes: two- and three-byte lengths.
+            AllowAnswer {
+                identity: identity(
+                    principal(Some("k2"), &["a:b", "", &long, "é"]),
+                    &"t".repeat(20_000),
+                ),
+                remove: remove(&["x-keygate-plan", "authorization", "x-api-key"]),
+            },
+            // A public route: no identity, only removals.
+            AllowAnswer {
+                identity: None,
+                remove: remove(&["x-keygate-subject", "x-tenant-id"]),
+            },
+            AllowAnswer {
+                identity: None,
+                remove: vec![],
+            },
+        ];
+        for case in cases {
+            let answer = CheckAnswer::Allow(case.clone());
+            let bytes = answer.encode_to_vec();
+            assert_eq!(bytes.len(), answer.encoded_len(), "{case:?}");
+            let read = CheckResponse::decode(bytes.as_slice()).unwrap();
+            assert_eq!(read, reference(&case), "{case:?}");
+            assert_eq!(read.encoded_len(), bytes.len(), "{case:?}");
+        }
+    }
+
+    #[test]
+    fn other_answers_are_envoy_types_messages() {
+        let deny = CheckResponse {
+            status: Some(rpc::Status {
+                code: 16,
+                message: "invalid_api_key".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let answer = CheckAnswer::from(deny.clone());
+        assert_eq!(answer.encode_to_vec(), deny.encode_to_vec());
+        assert_eq!(answer.to_response().unwrap(), deny);
+    }
+}
