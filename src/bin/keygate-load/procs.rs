@@ -133,11 +133,21 @@ impl Proc {
 
 /// User + system CPU time a process used so far, from /proc/<pid>/stat, in seconds.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    stat_cpu_seconds(pid, false)
+}
+
+/// `utime + stime`, and with `reaped` also `cutime + cstime`: the CPU of the children
+/// the process has waited for (here, each finished `wrk`).
+fn stat_cpu_seconds(pid: u32, reaped: bool) -> anyhow::Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')').context("malformed stat")? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    let fields = if reaped { &f[11..15] } else { &f[11..13] };
+    let ticks = fields
+        .iter()
+        .map(|t| t.parse::<f64>())
+        .sum::<Result<f64, _>>()?;
     Ok(ticks / 100.0)
 }
 
@@ -203,27 +213,26 @@ pub struct ForeignCpu {
 }
 
 impl ForeignCpu {
-    /// Starts counting; `pids` are the benchmark's processes (this one is added).
+    /// Starts counting; `pids` are the benchmark's processes. This one is added, with
+    /// the children it has waited for (`wrk`, which the `envoy` scenario runs to the end).
     pub fn start(pids: &[u32]) -> anyhow::Result<ForeignCpu> {
-        let mut pids = pids.to_vec();
-        pids.push(std::process::id());
-        let ours = pids.iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
         Ok(ForeignCpu {
-            pids,
+            pids: pids.to_vec(),
             machine: machine_busy_seconds()?,
-            ours,
+            ours: Self::ours(pids),
             at: Instant::now(),
         })
+    }
+
+    fn ours(pids: &[u32]) -> f64 {
+        let own = stat_cpu_seconds(std::process::id(), true).unwrap_or(0.0);
+        own + pids.iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum::<f64>()
     }
 
     /// Cores' worth of CPU that other processes (other builds and tests on a shared
     /// machine, the hypervisor's steal) took while the run went on.
     pub fn cores(&self) -> anyhow::Result<f64> {
-        let ours: f64 = self
-            .pids
-            .iter()
-            .map(|p| cpu_seconds(*p).unwrap_or(0.0))
-            .sum();
+        let ours = Self::ours(&self.pids);
         let foreign = (machine_busy_seconds()? - self.machine) - (ours - self.ours);
         Ok((foreign / self.at.elapsed().as_secs_f64()).max(0.0))
     }
