@@ -277,6 +277,10 @@ pub struct PolicyConfig {
     pub credential_headers: Vec<CredentialHeader>,
     /// Remove the credential headers before the request goes upstream.
     pub strip_credential_headers: bool,
+    /// Also hand the principal to Envoy as dynamic metadata (namespace
+    /// `envoy.filters.http.ext_authz`), for access logs, RBAC or rate-limit descriptors.
+    /// Envoy pays for reading it on every allow; without a use for it, turn it off.
+    pub dynamic_metadata: bool,
     pub tenant_header: String,
     /// Default for routes that do not say `tenant:`.
     pub require_tenant_header: bool,
@@ -304,6 +308,7 @@ impl Default for PolicyConfig {
                 },
             ],
             strip_credential_headers: true,
+            dynamic_metadata: true,
             tenant_header: "x-tenant-id".into(),
             require_tenant_header: false,
             unmatched: Unmatched::Deny,

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::authorizer::AuthorizerService;
-use crate::api::envoy::EnvoyAuthorization;
+use crate::api::envoy::{EnvoyAuthorization, EnvoyOptions};
 use crate::api::envoy_wire::AuthorizationServer;
 use crate::api::keys::{admin_auth, KeysService};
 use crate::api::proto::{
@@ -108,8 +108,11 @@ impl App {
     pub fn envoy_service(&self) -> EnvoyAuthorization {
         EnvoyAuthorization::new(
             self.authorizer.clone(),
-            self.config.errors.opaque,
-            self.config.policy.strip_credential_headers,
+            EnvoyOptions {
+                opaque_errors: self.config.errors.opaque,
+                strip_credentials: self.config.policy.strip_credential_headers,
+                dynamic_metadata: self.config.policy.dynamic_metadata,
+            },
         )
     }
 }

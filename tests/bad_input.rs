@@ -654,6 +654,25 @@ async fn an_allow_overwrites_identity_headers_and_strips_credentials_and_smuggle
     assert_eq!(removed, vec!["x-keygate-subject", "x-tenant-id"]);
 }
 
+/// `policy.dynamic_metadata: false` drops the metadata and nothing else: the same
+/// headers are set and removed.
+#[tokio::test]
+async fn without_dynamic_metadata_an_allow_sets_the_same_headers() {
+    let _meter = ARGON2_METER.lock().await;
+    let mut app = app();
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let req = read_with(&key.token);
+    assert!(app.config.policy.dynamic_metadata, "on by default");
+    let a = app.envoy_service().decide(req.clone()).await.unwrap();
+    app.config.policy.dynamic_metadata = false;
+    let b = app.envoy_service().decide(req).await.unwrap();
+    assert_eq!(outcome(&Ok(b.clone())), Outcome::Allowed);
+    assert!(a.dynamic_metadata.is_some());
+    assert_eq!(b.dynamic_metadata, None);
+    assert_eq!(a.http_response, b.http_response);
+    assert_eq!(a.status, b.status);
+}
+
 /// With `errors.opaque`, a client must not be able to tell an unknown key from a revoked
 /// or expired one (DESIGN.md, "Errors") — on Envoy's Check and on keygate.v1 Check alike.
 #[tokio::test]

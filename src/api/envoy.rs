@@ -32,14 +32,24 @@ pub struct EnvoyAuthorization {
     authorizer: Arc<Authorizer>,
     /// The tenant header's name, shared with every allow answer.
     tenant_header: Arc<str>,
-    opaque_errors: bool,
-    strip_credentials: bool,
+    options: EnvoyOptions,
     /// The request headers any decision or answer consults.
     headers: HeaderFilter,
 }
 
+/// How keygate's answers to Envoy are shaped (from `errors` and `policy`).
+#[derive(Debug, Clone, Copy)]
+pub struct EnvoyOptions {
+    /// Every 401 with one message (`errors.opaque`).
+    pub opaque_errors: bool,
+    /// Remove the credential headers upstream (`policy.strip_credential_headers`).
+    pub strip_credentials: bool,
+    /// The principal in Envoy's dynamic metadata (`policy.dynamic_metadata`).
+    pub dynamic_metadata: bool,
+}
+
 impl EnvoyAuthorization {
-    pub fn new(authorizer: Arc<Authorizer>, opaque_errors: bool, strip_credentials: bool) -> Self {
+    pub fn new(authorizer: Arc<Authorizer>, options: EnvoyOptions) -> Self {
         // Credentials, the tenant, and identity headers (to strip the client's).
         let headers = HeaderFilter::new(
             authorizer
@@ -51,8 +61,7 @@ impl EnvoyAuthorization {
         EnvoyAuthorization {
             tenant_header: authorizer.tenant_header().into(),
             authorizer,
-            opaque_errors,
-            strip_credentials,
+            options,
             headers,
         }
     }
@@ -98,6 +107,7 @@ impl EnvoyAuthorization {
                         .unwrap_or_else(|| principal.tenant_id.clone()),
                     principal,
                     tenant_header: Arc::clone(&self.tenant_header),
+                    metadata: self.options.dynamic_metadata,
                 })
             }
             None => {
@@ -110,7 +120,7 @@ impl EnvoyAuthorization {
                 None
             }
         };
-        if self.strip_credentials {
+        if self.options.strip_credentials {
             for name in self.authorizer.credentials().header_names() {
                 if req.headers.contains_key(name) {
                     remove.push(name.to_owned());
@@ -141,7 +151,7 @@ impl EnvoyAuthorization {
                     code: reason.http_status() as i32,
                 }),
                 headers,
-                body: denial.body(self.opaque_errors),
+                body: denial.body(self.options.opaque_errors),
             })),
         }
     }

@@ -50,6 +50,8 @@ pub struct Identity {
     pub tenant: String,
     /// The name of the tenant header (configurable).
     pub tenant_header: Arc<str>,
+    /// Whether the principal also goes into `dynamic_metadata`.
+    pub metadata: bool,
 }
 
 /// Identity headers keygate sets upstream. Client-sent values are always overwritten.
@@ -241,7 +243,7 @@ impl Message for CheckAnswer {
         for name in &a.remove {
             put_str(OK_HEADERS_TO_REMOVE, name, buf);
         }
-        if let Some(identity) = &a.identity {
+        if let Some(identity) = a.identity.as_ref().filter(|i| i.metadata) {
             AllowAnswer::put_metadata(identity, buf);
         }
     }
@@ -266,7 +268,7 @@ impl Message for CheckAnswer {
             CheckAnswer::Allow(a) => {
                 delimited_len(RESPONSE_STATUS, 0)
                     + delimited_len(RESPONSE_OK, a.ok_response_len())
-                    + a.identity.as_ref().map_or(0, |i| {
+                    + a.identity.as_ref().filter(|i| i.metadata).map_or(0, |i| {
                         delimited_len(RESPONSE_METADATA, AllowAnswer::metadata_len(i))
                     })
             }
@@ -332,7 +334,7 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        let dynamic_metadata = a.identity.as_ref().map(|i| {
+        let dynamic_metadata = a.identity.as_ref().filter(|i| i.metadata).map(|i| {
             let mut fields: HashMap<String, Value> = i
                 .metadata()
                 .map(|(k, v)| (k.to_owned(), string(v)))
@@ -374,6 +376,7 @@ mod tests {
             tenant: tenant.to_owned(),
             principal: p,
             tenant_header: "x-tenant-id".into(),
+            metadata: true,
         })
     }
 
@@ -399,6 +402,16 @@ mod tests {
                     &"t".repeat(20_000),
                 ),
                 remove: remove(&["x-keygate-plan", "authorization", "x-api-key"]),
+            },
+            // Without the dynamic metadata.
+            AllowAnswer {
+                identity: identity(principal(Some("k3"), &["contacts:read"]), "t3").map(|i| {
+                    Identity {
+                        metadata: false,
+                        ..i
+                    }
+                }),
+                remove: remove(&["authorization"]),
             },
             // A public route: no identity, only removals.
             AllowAnswer {

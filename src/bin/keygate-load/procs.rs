@@ -226,7 +226,10 @@ impl ForeignCpu {
 
     fn ours(pids: &[u32]) -> f64 {
         let own = stat_cpu_seconds(std::process::id(), true).unwrap_or(0.0);
-        own + pids.iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum::<f64>()
+        own + pids
+            .iter()
+            .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+            .sum::<f64>()
     }
 
     /// Cores' worth of CPU that other processes (other builds and tests on a shared
