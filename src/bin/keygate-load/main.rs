@@ -72,11 +72,6 @@ enum Cmd {
         /// Rate of the warm-key traffic (open loop), requests per second.
         #[arg(long, default_value_t = 1000.0)]
         warm_rate: f64,
-        /// Diagnosis: lower the CPU priority of keygate's blocking-pool threads (where
-        /// argon2 runs) during the cold phase — a nice value (e.g. 19) or `idle`
-        /// (SCHED_IDLE) — to show what a lower-priority argon2 pool would do.
-        #[arg(long)]
-        lower_blocking: Option<String>,
     },
     /// One new key from many concurrent requests: exactly one argon2 verification.
     SingleFlight {
@@ -201,8 +196,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             common,
             cold_concurrency,
             warm_rate,
-            lower_blocking,
-        } => scenarios::cold_keys(&common, cold_concurrency, warm_rate, lower_blocking).await,
+        } => scenarios::cold_keys(&common, cold_concurrency, warm_rate).await,
         Cmd::SingleFlight {
             common,
             requests,

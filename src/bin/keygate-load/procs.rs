@@ -139,7 +139,11 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 /// `utime + stime`, and with `reaped` also `cutime + cstime`: the CPU of the children
 /// the process has waited for (here, each finished `wrk`).
 fn stat_cpu_seconds(pid: u32, reaped: bool) -> anyhow::Result<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu_of(&fs::read_to_string(format!("/proc/{pid}/stat"))?, reaped)
+}
+
+/// The CPU seconds in the text of a process's or a thread's `stat`.
+fn stat_cpu_of(stat: &str, reaped: bool) -> anyhow::Result<f64> {
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')').context("malformed stat")? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -151,37 +155,19 @@ fn stat_cpu_seconds(pid: u32, reaped: bool) -> anyhow::Result<f64> {
     Ok(ticks / 100.0)
 }
 
-/// Diagnosis only: lowers the CPU priority of keygate's blocking-pool threads (where
-/// argon2 runs): `priority` is a nice value (`renice`), or `idle` for SCHED_IDLE
-/// (`chrt --idle`). tokio names workers and blocking threads alike; the runtime starts its
-/// workers first, so the lowest thread ids of that name (one per core, keygate's
-/// `#[tokio::main]` runtime) are the workers and are left alone.
-pub fn lower_blocking_threads(pid: u32, priority: &str) -> anyhow::Result<usize> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut tids: Vec<u32> = fs::read_dir(format!("/proc/{pid}/task"))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|tid| {
-            fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                .is_ok_and(|c| matches!(c.trim(), "tokio-rt-worker" | "tokio-runtime-w"))
-        })
-        .collect();
-    tids.sort_unstable();
-    let blocking = tids.get(workers..).unwrap_or_default();
-    for tid in blocking {
-        let tid = tid.to_string();
-        let mut cmd = if priority == "idle" {
-            let mut c = Command::new("chrt");
-            c.args(["--idle", "-p", "0", &tid]);
-            c
-        } else {
-            let mut c = Command::new("renice");
-            c.args(["-n", priority, "-p", &tid]);
-            c
-        };
-        let ok = cmd.stdout(Stdio::null()).status()?.success();
-        anyhow::ensure!(ok, "cannot lower the priority of thread {tid}");
+/// The threads of `pid` named `name` (their `comm`), and the CPU time they used so far,
+/// in seconds.
+pub fn threads_cpu_seconds(pid: u32, name: &str) -> anyhow::Result<(usize, f64)> {
+    let mut threads = 0;
+    let mut seconds = 0.0;
+    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = entry?.path();
+        if fs::read_to_string(task.join("comm")).is_ok_and(|c| c.trim() == name) {
+            threads += 1;
+            seconds += stat_cpu_of(&fs::read_to_string(task.join("stat"))?, false)?;
+        }
     }
-    Ok(blocking.len())
+    Ok((threads, seconds))
 }
 
 /// CPU time used by the whole machine so far (all cores, idle and iowait excluded), from
