@@ -179,7 +179,8 @@ fn grpc_code(reason: DenyReason) -> tonic::Code {
     }
 }
 
-fn overwrite(key: &str, value: &str) -> HeaderValueOption {
+/// A header Envoy sets, replacing any the request had (never appended to).
+pub(crate) fn overwrite(key: &str, value: &str) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: key.to_owned(),

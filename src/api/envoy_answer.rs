@@ -306,12 +306,12 @@ impl CheckAnswer {
 mod tests {
     use std::collections::HashMap;
 
-    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
     use envoy_types::pb::envoy::service::auth::v3::{check_response::HttpResponse, OkHttpResponse};
     use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
     use envoy_types::pb::google::rpc;
 
     use super::*;
+    use crate::api::envoy::overwrite;
     use crate::principal::{Environment, KeyKind};
 
     /// The same allow, built from envoy-types' messages: what keygate sent before it
@@ -324,15 +324,7 @@ mod tests {
             .identity
             .iter()
             .flat_map(Identity::headers)
-            .map(|(key, value)| HeaderValueOption {
-                header: Some(HeaderValue {
-                    key: key.to_owned(),
-                    value: value.to_owned(),
-                    ..Default::default()
-                }),
-                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-                ..Default::default()
-            })
+            .map(|(key, value)| overwrite(key, value))
             .collect();
         let dynamic_metadata = a.identity.as_ref().filter(|i| i.metadata).map(|i| {
             let mut fields: HashMap<String, Value> = i
