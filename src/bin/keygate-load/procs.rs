@@ -6,6 +6,7 @@ use std::fs;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -69,12 +70,20 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
         let out = fs::File::create(&log)?;
-        let child = cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("cannot start {name} ({cmd:?})"))?;
+            .stderr(out);
+        // A child starts on its parent thread's CPUs: with `--pin`, the servers' CPU.
+        let child = match PINNING.get() {
+            Some(&(servers, generator)) => {
+                run_on_cpu(servers)?;
+                let child = cmd.spawn();
+                run_on_cpu(generator)?;
+                child
+            }
+            None => cmd.spawn(),
+        }
+        .with_context(|| format!("cannot start {name} ({cmd:?})"))?;
         Ok(Proc {
             name: name.into(),
             child,
@@ -129,6 +138,34 @@ impl Proc {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .context("no VmRSS in /proc/<pid>/status")
     }
+}
+
+/// `--pin`: the CPU of every server this process starts, and the generator's own.
+static PINNING: OnceLock<(usize, usize)> = OnceLock::new();
+
+/// Gives the servers started from now on CPU `servers` and the generator (this thread,
+/// and the threads and programs it starts, `wrk` included) CPU `generator`.
+pub fn pin(servers: usize, generator: usize) -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    anyhow::ensure!(
+        servers.max(generator) < cpus && servers != generator,
+        "--pin needs two CPUs ({cpus} available)"
+    );
+    if PINNING.set((servers, generator)).is_err() {
+        anyhow::ensure!(
+            PINNING.get() == Some(&(servers, generator)),
+            "pinned already"
+        );
+    }
+    run_on_cpu(generator)
+}
+
+/// Moves the calling thread to one CPU.
+fn run_on_cpu(cpu: usize) -> anyhow::Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set)
+        .with_context(|| format!("cannot move to CPU {cpu}"))
 }
 
 /// User + system CPU time a process used so far, from /proc/<pid>/stat, in seconds.

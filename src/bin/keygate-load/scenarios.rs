@@ -59,6 +59,10 @@ pub struct Common {
     /// machine to be this quiet. 0 turns both off.
     #[arg(long, default_value_t = 0.25)]
     pub max_other_load: f64,
+    /// Give the servers (keygate, the baselines, Envoy) CPU 0 and the generator (and
+    /// wrk) CPU 1, so that each side has a core of its own. keygate then runs one worker.
+    #[arg(long)]
+    pub pin: bool,
     /// Print one JSON object instead of Markdown.
     #[arg(long)]
     pub json: bool,
@@ -90,6 +94,9 @@ pub struct Bench {
 
 impl Bench {
     pub async fn start(common: &Common, default_argon2: bool, noop: bool) -> anyhow::Result<Bench> {
+        if common.pin {
+            procs::pin(0, 1)?;
+        }
         let scratch = Scratch::new("scenario")?;
         let bin = match &common.keygate_bin {
             Some(b) => b.clone(),
