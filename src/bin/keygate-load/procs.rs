@@ -146,17 +146,16 @@ static PINNING: OnceLock<(usize, usize)> = OnceLock::new();
 /// Gives the servers started from now on CPU `servers` and the generator (this thread,
 /// and the threads and programs it starts, `wrk` included) CPU `generator`.
 pub fn pin(servers: usize, generator: usize) -> anyhow::Result<()> {
+    if let Some(&pinned) = PINNING.get() {
+        anyhow::ensure!(pinned == (servers, generator), "pinned otherwise already");
+        return Ok(());
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     anyhow::ensure!(
         servers.max(generator) < cpus && servers != generator,
         "--pin needs two CPUs ({cpus} available)"
     );
-    if PINNING.set((servers, generator)).is_err() {
-        anyhow::ensure!(
-            PINNING.get() == Some(&(servers, generator)),
-            "pinned already"
-        );
-    }
+    let _ = PINNING.set((servers, generator));
     run_on_cpu(generator)
 }
 

@@ -17,7 +17,11 @@ impl Machine {
     pub fn here() -> Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         Machine {
-            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            // The machine's, not this process's share (`--pin` gives the generator one).
+            cores: cpuinfo
+                .lines()
+                .filter(|l| l.starts_with("processor"))
+                .count(),
             cpu: cpuinfo
                 .lines()
                 .find_map(|l| l.strip_prefix("model name"))
