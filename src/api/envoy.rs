@@ -89,7 +89,6 @@ impl EnvoyAuthorization {
     }
 
     fn allow(&self, req: &AuthRequest, allowed: Allowed) -> AllowAnswer {
-        let tenant_header = self.authorizer.tenant_header();
         let mut remove: Vec<String> = Vec::new();
         let identity = match allowed.principal {
             Some(principal) => {
@@ -113,7 +112,7 @@ impl EnvoyAuthorization {
             None => {
                 // Public route: nothing vouched for, so no identity header may pass.
                 for name in req.headers.keys() {
-                    if name.starts_with(IDENTITY_PREFIX) || name == tenant_header {
+                    if name.starts_with(IDENTITY_PREFIX) || name.as_str() == &*self.tenant_header {
                         remove.push(name.clone());
                     }
                 }
