@@ -1,8 +1,12 @@
-//! Through real Envoy: `wrk` against one Envoy with four listeners, all answered by the
-//! same `direct_response`, so the only difference between them is the authorization hop:
-//! no ext_authz; ext_authz to the no-op baseline; ext_authz to a second no-op that
-//! answers with the very bytes of keygate's allow (what Envoy pays for reading and
-//! applying keygate's answer, without keygate's deciding); ext_authz to keygate.
+//! Through real Envoy: `wrk` against one Envoy with four listeners, all answered the
+//! same way, so the only difference between them is the authorization hop: no
+//! ext_authz; ext_authz to the no-op baseline; ext_authz to a second no-op that answers
+//! with the very bytes of keygate's allow (what Envoy pays for reading and applying
+//! keygate's answer, without keygate's deciding); ext_authz to keygate.
+//!
+//! The answer is Envoy's own `direct_response` by default (only the authorization hop is
+//! measured) or, with `--upstream`, a minimal HTTP/1.1 service behind Envoy (Envoy in
+//! front of an API, as it is deployed).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +39,10 @@ pub struct EnvoyArgs {
     pub wrk_connections: usize,
     #[arg(long, default_value_t = 1)]
     pub wrk_threads: usize,
+    /// Route every listener to a minimal HTTP/1.1 upstream (keygate-load
+    /// `upstream-server`) instead of Envoy's `direct_response`.
+    #[arg(long)]
+    pub upstream: bool,
 }
 
 /// What wrk printed, in numbers.
@@ -162,7 +170,11 @@ fn wrk(args: &EnvoyArgs, port: u16, token: &str, seconds: u64) -> anyhow::Result
 pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     let c = &args.common;
     let bench = Bench::start(c, false, true).await?;
-    let mut report = ScenarioReport::new("through Envoy (wrk)");
+    let mut report = ScenarioReport::new(if args.upstream {
+        "through Envoy (wrk), in front of an upstream"
+    } else {
+        "through Envoy (wrk)"
+    });
     let tokens = bench.keygate.create_keys(1, &["contacts:read"], 1).await?;
     let token = tokens[0].clone();
     let template = bench.template(token.len());
@@ -186,7 +198,21 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         procs::free_port()?,
     );
     let noop_grpc = bench.noop.as_ref().context("baseline")?.1;
+    // Without --upstream the `api` cluster is never used; its port is any free one.
+    let (upstream, upstream_addr) = if args.upstream {
+        let (p, a) = procs::upstream_server(&bench.scratch).await?;
+        (Some(p), a)
+    } else {
+        (None, procs::free_port()?)
+    };
+    let answer = if args.upstream {
+        "route: { cluster: api }"
+    } else {
+        r#"direct_response: { status: 200, body: { inline_string: "ok\n" } }"#
+    };
     let config = ENVOY_CONFIG
+        .replace("@ANSWER@", answer)
+        .replace("@UPSTREAM_PORT@", &upstream_addr.port().to_string())
         .replace("@ADMIN_PORT@", &admin.port().to_string())
         .replace("@OFF_PORT@", &off.port().to_string())
         .replace("@NOOP_PORT@", &noop.port().to_string())
@@ -258,6 +284,8 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     let mut pids = bench.pids();
     pids.push(envoy_pid);
     pids.push(replay.pid());
+    pids.extend(upstream.as_ref().map(Proc::pid));
+    let mut upstream_cpu = Vec::new();
     let mut others = Vec::new();
     for _ in 0..c.reps.max(1) {
         for (i, (label, port, authz_pid)) in listeners.iter().enumerate() {
@@ -269,9 +297,17 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
                 let foreign = procs::ForeignCpu::start(&pids)?;
                 let e0 = procs::cpu_seconds(envoy_pid)?;
                 let a0 = authz_pid.map(procs::cpu_seconds).transpose()?;
+                let u0 = upstream
+                    .as_ref()
+                    .map(|u| procs::cpu_seconds(u.pid()))
+                    .transpose()?;
                 let w = wrk(args, *port, &token, seconds)?;
                 let e1 = procs::cpu_seconds(envoy_pid)?;
                 let a1 = authz_pid.map(procs::cpu_seconds).transpose()?;
+                let u1 = upstream
+                    .as_ref()
+                    .map(|u| procs::cpu_seconds(u.pid()))
+                    .transpose()?;
                 let other = foreign.cores()?;
                 let n = w.requests.max(1) as f64;
                 let envoy_cpu = (e1 - e0) * 1e6 / n;
@@ -279,6 +315,9 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
                 if c.max_other_load > 0.0 && other > c.max_other_load && attempt < 3 {
                     eprintln!("  {label:<30} repeated: other processes used {other:.2} cores");
                     continue;
+                }
+                if let Some((u0, u1)) = u0.zip(u1) {
+                    upstream_cpu.push((u1 - u0) * 1e6 / n);
                 }
                 break (w, envoy_cpu, authz_cpu, other);
             };
@@ -342,11 +381,24 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         "CPU taken by other processes during the runs (median / max)",
         format!("{:.2} / {max_other:.2} cores", median(others)),
     );
+    if !upstream_cpu.is_empty() {
+        report.fact(
+            "upstream CPU µs per request (median over all listeners)",
+            format!("{:.1}", median(upstream_cpu)),
+        );
+    }
     report.tables.push(Table {
         title: format!(
-            "wrk -t{} -c{} -d{seconds}s --latency (closed loop, HTTP/1.1), Envoy --concurrency {}; \
-             target CPU = Envoy's CPU µs per request",
-            args.wrk_threads, args.wrk_connections, args.envoy_concurrency
+            "wrk -t{} -c{} -d{seconds}s --latency (closed loop, HTTP/1.1), Envoy --concurrency {}, \
+             answered by {}; target CPU = Envoy's CPU µs per request",
+            args.wrk_threads,
+            args.wrk_connections,
+            args.envoy_concurrency,
+            if args.upstream {
+                "a minimal HTTP/1.1 upstream"
+            } else {
+                "Envoy's direct_response"
+            }
         ),
         rows,
         baseline: 0,

@@ -22,6 +22,7 @@ mod report;
 mod scenarios;
 mod shape;
 mod timer;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -116,6 +117,12 @@ enum Cmd {
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         busy: Duration,
     },
+    /// A minimal HTTP/1.1 service answering every request `200 ok` (the upstream of
+    /// `envoy --upstream`).
+    UpstreamServer {
+        #[arg(long, default_value = "127.0.0.1:50071")]
+        listen: SocketAddr,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -176,6 +183,11 @@ fn main() {
                     .build()?;
                 rt.block_on(noop::serve(listen, dump_first, response, busy))
             }),
+        Cmd::UpstreamServer { listen } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(upstream::serve(listen))),
         other => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -215,7 +227,9 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
              measure keys with a plan, against real Redis",
         ),
         Cmd::Run(args) => run(args).await,
-        Cmd::NoopServer { .. } => unreachable!("served on its own runtime"),
+        Cmd::NoopServer { .. } | Cmd::UpstreamServer { .. } => {
+            unreachable!("served on its own runtime")
+        }
     }
 }
 

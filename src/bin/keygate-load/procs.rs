@@ -287,14 +287,30 @@ pub async fn noop_server_answering(
 }
 
 async fn noop_server_with(scratch: &Scratch, args: &[&str]) -> anyhow::Result<(Proc, SocketAddr)> {
+    own_server(scratch, "noop-server", args).await
+}
+
+/// keygate-load's minimal HTTP/1.1 upstream (`upstream-server`).
+pub async fn upstream_server(scratch: &Scratch) -> anyhow::Result<(Proc, SocketAddr)> {
+    own_server(scratch, "upstream-server", &[]).await
+}
+
+/// This binary's `subcommand --listen <free port> args…`, once it listens.
+async fn own_server(
+    scratch: &Scratch,
+    subcommand: &str,
+    args: &[&str],
+) -> anyhow::Result<(Proc, SocketAddr)> {
     let addr = free_port()?;
     let exe = std::env::current_exe()?;
     let mut p = Proc::spawn(
-        "noop-server",
+        subcommand,
         Command::new(exe)
-            .args(["noop-server", "--listen", &addr.to_string()])
+            .args([subcommand, "--listen", &addr.to_string()])
             .args(args),
-        scratch.path().join(format!("noop-{}.log", addr.port())),
+        scratch
+            .path()
+            .join(format!("{subcommand}-{}.log", addr.port())),
     )?;
     p.wait_listening(&[addr]).await?;
     Ok((p, addr))
