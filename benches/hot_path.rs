@@ -89,7 +89,7 @@ fn stages(c: &mut Criterion) {
     );
     let wire = envoy_wire(&token);
     let view = |w: bytes::Bytes| CheckRequestView::decode(w).expect("decodes");
-    let req = auth_request(view(wire.clone()), &filter);
+    let req = auth_request(view(wire.clone()), &filter).expect("reads");
 
     let source = CredentialSource::new(&cfg.policy);
     c.bench_function("credential_extract", |b| {
@@ -142,7 +142,7 @@ fn stages(c: &mut Criterion) {
 
     // What keygate does with the bytes, against what the no-op does with them.
     c.bench_function("envoy_request_to_auth_request", |b| {
-        b.iter(|| auth_request(view(black_box(&wire).clone()), &filter))
+        b.iter(|| auth_request(view(black_box(&wire).clone()), &filter).expect("reads"))
     });
     c.bench_function("envoy_request_full_decode", |b| {
         b.iter(|| CheckRequest::decode(black_box(&wire).clone()).expect("decodes"))

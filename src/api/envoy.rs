@@ -77,7 +77,8 @@ impl EnvoyAuthorization {
 
     /// The answer for one CheckRequest: a response, or UNAVAILABLE.
     pub async fn decide_view(&self, req: CheckRequestView) -> Result<CheckAnswer, Status> {
-        let auth_req = envoy_wire::auth_request(req, &self.headers);
+        let auth_req = envoy_wire::auth_request(req, &self.headers)
+            .map_err(|e| Status::invalid_argument(format!("malformed CheckRequest: {e}")))?;
         match self.authorizer.check(&auth_req).await {
             Decision::Allow(allowed) => Ok(CheckAnswer::Allow(self.allow(&auth_req, allowed))),
             Decision::Deny(denial) => Ok(CheckAnswer::Message(self.deny(&denial))),

@@ -6,25 +6,32 @@
 //! reads two or three of them. Decoding was the largest single item in keygate's CPU per
 //! request (BENCHMARKS.md, "Where the time goes").
 //!
-//! So keygate reads the same bytes through messages that declare only the fields it uses,
-//! with the field numbers and wire types of Envoy's `external_auth.proto`,
-//! `attribute_context.proto`, `address.proto` and `base.proto`. protobuf skips every
-//! other field without allocating. Strings are read as `Bytes`, slices of the received
-//! frame, and only the headers keygate consults become `String`s (see `HeaderFilter`).
+//! So keygate reads the same bytes itself, with the field numbers and wire types of
+//! Envoy's `external_auth.proto`, `attribute_context.proto`, `address.proto` and
+//! `base.proto`. tonic decodes only the outer message, keeping `attributes` as a slice of
+//! the received frame (`CheckRequestView`); `auth_request` then walks that slice for the
+//! few fields keygate uses and skips the rest by their lengths. Nothing is allocated for
+//! a header keygate does not consult, and no header is refcounted: only the consulted
+//! headers become `String`s (see `HeaderFilter`).
 //!
-//! Two things differ from decoding with envoy-types, both on purpose:
+//! Three things differ from decoding with envoy-types, all on purpose:
 //! - A `map<string, string>` is on the wire a repeated message (key = 1, value = 2), and
 //!   `headers` is read as one. As in a map, a later entry for a key replaces an earlier one.
 //! - A string field that is not UTF-8 no longer fails the whole request with a gRPC error
 //!   (which Envoy would turn into its `status_on_error`). A consulted header is read
 //!   lossily, as `header_map`'s `raw_value` already was, so a mangled credential is a
 //!   denial with a reason; fields keygate does not read are not looked at.
+//! - Fields keygate does not read are skipped by their length without being checked, and
+//!   a field keygate reads that arrives with another wire type than its own is ignored,
+//!   like an unknown field. Bytes that cannot be protobuf (a length past the end, a
+//!   truncated varint) are an error.
 
 use std::collections::HashMap;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
-use prost::Message;
+use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+use prost::{DecodeError, Message};
 
 use crate::request::AuthRequest;
 
@@ -39,89 +46,126 @@ mod generated {
 }
 pub use generated::authorization_server::{Authorization, AuthorizationServer};
 
-/// `envoy.service.auth.v3.CheckRequest`.
+/// `envoy.service.auth.v3.CheckRequest` with its `attributes` (an `AttributeContext`)
+/// left undecoded: slices of the received frame, one per occurrence on the wire (Envoy
+/// sends one; a message field sent twice is merged, which reading each in turn does).
 #[derive(Clone, PartialEq, Message)]
 pub struct CheckRequestView {
-    #[prost(message, optional, tag = "1")]
-    pub attributes: Option<AttributesView>,
+    #[prost(bytes = "bytes", repeated, tag = "1")]
+    pub attributes: Vec<Bytes>,
 }
 
-/// `AttributeContext`: its `source` peer and its `request`.
-#[derive(Clone, PartialEq, Message)]
-pub struct AttributesView {
-    #[prost(message, optional, tag = "1")]
-    pub source: Option<PeerView>,
-    #[prost(message, optional, tag = "4")]
-    pub request: Option<RequestView>,
+/// Field numbers keygate reads, by message.
+mod field {
+    /// `AttributeContext`
+    pub const SOURCE: u32 = 1;
+    pub const REQUEST: u32 = 4;
+    /// `AttributeContext.Peer`
+    pub const PEER_ADDRESS: u32 = 1;
+    /// `config.core.v3.Address`
+    pub const SOCKET_ADDRESS: u32 = 1;
+    /// `config.core.v3.SocketAddress`
+    pub const SOCKET_ADDRESS_ADDRESS: u32 = 2;
+    /// `AttributeContext.Request`
+    pub const HTTP: u32 = 2;
+    /// `AttributeContext.HttpRequest`
+    pub const METHOD: u32 = 2;
+    pub const HEADERS: u32 = 3;
+    pub const PATH: u32 = 4;
+    pub const HEADER_MAP: u32 = 13;
+    /// A `map<string, string>` entry, and `config.core.v3.HeaderValue`
+    pub const KEY: u32 = 1;
+    pub const VALUE: u32 = 2;
+    /// `config.core.v3.HeaderValue`
+    pub const RAW_VALUE: u32 = 3;
+    /// `config.core.v3.HeaderMap`
+    pub const HEADER_MAP_HEADERS: u32 = 1;
 }
 
-/// `AttributeContext.Peer`: its address.
-#[derive(Clone, PartialEq, Message)]
-pub struct PeerView {
-    #[prost(message, optional, tag = "1")]
-    pub address: Option<AddressView>,
+/// Bytes that cannot be the protobuf message they are read as.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("a field's length runs past the end of its message")]
+    PastTheEnd,
 }
 
-/// `config.core.v3.Address`: its `socket_address` arm.
-#[derive(Clone, PartialEq, Message)]
-pub struct AddressView {
-    #[prost(message, optional, tag = "1")]
-    pub socket_address: Option<SocketAddressView>,
+/// The length-delimited fields of one encoded message, in wire order, as
+/// (field number, contents). Fields of other wire types are skipped.
+struct Fields<'a> {
+    buf: &'a [u8],
 }
 
-/// `config.core.v3.SocketAddress`: its `address`.
-#[derive(Clone, PartialEq, Message)]
-pub struct SocketAddressView {
-    #[prost(bytes = "bytes", tag = "2")]
-    pub address: Bytes,
+impl<'a> Fields<'a> {
+    fn of(buf: &'a [u8]) -> Fields<'a> {
+        Fields { buf }
+    }
+
+    fn step(&mut self) -> Result<Option<(u32, &'a [u8])>, WireError> {
+        while !self.buf.is_empty() {
+            let (tag, wire_type) = decode_key(&mut self.buf)?;
+            if wire_type != WireType::LengthDelimited {
+                skip_field(wire_type, tag, &mut self.buf, DecodeContext::default())?;
+                continue;
+            }
+            let len = usize::try_from(decode_varint(&mut self.buf)?)
+                .ok()
+                .filter(|&len| len <= self.buf.len())
+                .ok_or(WireError::PastTheEnd)?;
+            let (contents, rest) = self.buf.split_at(len);
+            self.buf = rest;
+            return Ok(Some((tag, contents)));
+        }
+        Ok(None)
+    }
 }
 
-/// `AttributeContext.Request`: its `http` part.
-#[derive(Clone, PartialEq, Message)]
-pub struct RequestView {
-    #[prost(message, optional, tag = "2")]
-    pub http: Option<HttpRequestView>,
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<(u32, &'a [u8]), WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let item = self.step().transpose();
+        if matches!(item, Some(Err(_))) {
+            self.buf = &[];
+        }
+        item
+    }
 }
 
-/// `AttributeContext.HttpRequest`: method, headers, path, and `header_map` (sent instead
-/// of `headers` when Envoy's `encode_raw_headers` is on).
-#[derive(Clone, PartialEq, Message)]
-pub struct HttpRequestView {
-    #[prost(bytes = "bytes", tag = "2")]
-    pub method: Bytes,
-    #[prost(message, repeated, tag = "3")]
-    pub headers: Vec<HeaderEntry>,
-    #[prost(bytes = "bytes", tag = "4")]
-    pub path: Bytes,
-    #[prost(message, optional, tag = "13")]
-    pub header_map: Option<HeaderMapView>,
+/// Calls `f` with the contents of every field at `path` (field numbers, outermost first)
+/// below `buf`, in wire order: the last call is the value of a singular field, and every
+/// call one element of a repeated one.
+fn each_at<'a>(
+    buf: &'a [u8],
+    path: &[u32],
+    f: &mut impl FnMut(&'a [u8]) -> Result<(), WireError>,
+) -> Result<(), WireError> {
+    let Some((&first, rest)) = path.split_first() else {
+        return f(buf);
+    };
+    for field in Fields::of(buf) {
+        let (tag, contents) = field?;
+        if tag == first {
+            each_at(contents, rest, f)?;
+        }
+    }
+    Ok(())
 }
 
-/// One entry of the `headers` map.
-#[derive(Clone, PartialEq, Message)]
-pub struct HeaderEntry {
-    #[prost(bytes = "bytes", tag = "1")]
-    pub key: Bytes,
-    #[prost(bytes = "bytes", tag = "2")]
-    pub value: Bytes,
-}
-
-/// `config.core.v3.HeaderMap`.
-#[derive(Clone, PartialEq, Message)]
-pub struct HeaderMapView {
-    #[prost(message, repeated, tag = "1")]
-    pub headers: Vec<RawHeader>,
-}
-
-/// `config.core.v3.HeaderValue`: `value`, or the bytes of `raw_value` when set.
-#[derive(Clone, PartialEq, Message)]
-pub struct RawHeader {
-    #[prost(bytes = "bytes", tag = "1")]
-    pub key: Bytes,
-    #[prost(bytes = "bytes", tag = "2")]
-    pub value: Bytes,
-    #[prost(bytes = "bytes", tag = "3")]
-    pub raw_value: Bytes,
+/// A `map<string, string>` entry or a `HeaderValue`: (key, value, raw_value), each the
+/// last of its field, empty when absent.
+fn header_fields(entry: &[u8]) -> Result<(&[u8], &[u8], &[u8]), WireError> {
+    let (mut key, mut value, mut raw): (&[u8], &[u8], &[u8]) = (&[], &[], &[]);
+    for field in Fields::of(entry) {
+        match field? {
+            (field::KEY, b) => key = b,
+            (field::VALUE, b) => value = b,
+            (field::RAW_VALUE, b) => raw = b,
+            _ => {}
+        }
+    }
+    Ok((key, value, raw))
 }
 
 impl From<&CheckRequest> for CheckRequestView {
@@ -134,8 +178,7 @@ impl From<&CheckRequest> for CheckRequestView {
 }
 
 /// The request headers keygate consults, by exact lower-case name or by prefix. Only these
-/// are turned into strings (and `:method` or `:path` when the request's own `method` or
-/// `path` is empty: see `auth_request`).
+/// are turned into strings.
 #[derive(Debug, Clone)]
 pub struct HeaderFilter {
     names: Vec<String>,
@@ -173,59 +216,95 @@ impl HeaderFilter {
 /// Envoy's request as the protocol-neutral `AuthRequest`, holding the headers `filter`
 /// consults. Reads both `headers` and `header_map`; repeated `header_map` entries are
 /// joined with commas, as Envoy joins them in `headers`. The `:method` and `:path`
-/// pseudo-headers are kept only when the request's own `method` or `path` is empty, as
-/// the fallback for it.
-pub fn auth_request(req: CheckRequestView, filter: &HeaderFilter) -> AuthRequest {
-    let attrs = req.attributes.unwrap_or_default();
-    let peer = attrs
-        .source
-        .and_then(|s| s.address)
-        .and_then(|a| a.socket_address)
-        .map(|sa| lossy(&sa.address));
-    let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
-    let fallback = |name: &[u8]| {
-        (http.method.is_empty() && name.eq_ignore_ascii_case(b":method"))
-            || (http.path.is_empty() && name.eq_ignore_ascii_case(b":path"))
-    };
-    let mut headers: HashMap<String, String> = HashMap::new();
-    for h in &http.headers {
-        if filter.wants(&h.key) || fallback(&h.key) {
-            headers.insert(lossy(&h.key), lossy(&h.value));
-        }
+/// pseudo-headers stand in for the request's own `method` or `path` when that is empty.
+/// An error when the bytes are not protobuf.
+pub fn auth_request(
+    req: CheckRequestView,
+    filter: &HeaderFilter,
+) -> Result<AuthRequest, WireError> {
+    use field::*;
+    let mut peer = None;
+    let mut http = Http::default();
+    for attributes in &req.attributes {
+        each_at(
+            attributes,
+            &[SOURCE, PEER_ADDRESS, SOCKET_ADDRESS, SOCKET_ADDRESS_ADDRESS],
+            &mut |a| {
+                peer = Some(a);
+                Ok(())
+            },
+        )?;
+        each_at(attributes, &[REQUEST, HTTP], &mut |fields| {
+            http.read(fields, filter)
+        })?;
     }
-    for hv in http.header_map.iter().flat_map(|m| &m.headers) {
-        if !(filter.wants_any_case(&hv.key) || fallback(&hv.key)) {
-            continue;
-        }
-        let value = lossy(if hv.raw_value.is_empty() {
-            &hv.value
-        } else {
-            &hv.raw_value
-        });
-        headers
-            .entry(lossy(&hv.key).to_ascii_lowercase())
-            .and_modify(|v| {
-                v.push(',');
-                v.push_str(&value);
-            })
-            .or_insert(value);
-    }
-    let method = if http.method.is_empty() {
-        headers.get(":method").cloned().unwrap_or_default()
-    } else {
-        lossy(&http.method)
-    };
-    let path = if http.path.is_empty() {
-        headers.get(":path").cloned().unwrap_or_default()
-    } else {
-        lossy(&http.path)
-    };
-    AuthRequest {
-        method,
-        path,
-        headers,
-        peer,
+    let pick = |own: &[u8], pseudo: &[u8]| lossy(if own.is_empty() { pseudo } else { own });
+    Ok(AuthRequest {
+        method: pick(http.method, http.pseudo_method),
+        path: pick(http.path, http.pseudo_path),
+        headers: http.headers,
+        peer: peer.map(lossy),
         credential: None,
+    })
+}
+
+/// What `auth_request` keeps of `AttributeContext.HttpRequest`.
+#[derive(Default)]
+struct Http<'a> {
+    method: &'a [u8],
+    path: &'a [u8],
+    /// The `:method` and `:path` headers (the last seen of each).
+    pseudo_method: &'a [u8],
+    pseudo_path: &'a [u8],
+    headers: HashMap<String, String>,
+}
+
+impl<'a> Http<'a> {
+    fn read(&mut self, fields: &'a [u8], filter: &HeaderFilter) -> Result<(), WireError> {
+        use field::*;
+        for f in Fields::of(fields) {
+            match f? {
+                (METHOD, b) => self.method = b,
+                (PATH, b) => self.path = b,
+                (HEADERS, entry) => {
+                    let (key, value, _) = header_fields(entry)?;
+                    self.pseudo(key, value);
+                    if filter.wants(key) {
+                        self.headers.insert(lossy(key), lossy(value));
+                    }
+                }
+                (HEADER_MAP, map) => each_at(map, &[HEADER_MAP_HEADERS], &mut |hv| {
+                    let (key, value, raw_value) = header_fields(hv)?;
+                    let value = if raw_value.is_empty() {
+                        value
+                    } else {
+                        raw_value
+                    };
+                    self.pseudo(key, value);
+                    if filter.wants_any_case(key) {
+                        let value = lossy(value);
+                        self.headers
+                            .entry(lossy(key).to_ascii_lowercase())
+                            .and_modify(|v| {
+                                v.push(',');
+                                v.push_str(&value);
+                            })
+                            .or_insert(value);
+                    }
+                    Ok(())
+                })?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn pseudo(&mut self, key: &[u8], value: &'a [u8]) {
+        if key.eq_ignore_ascii_case(b":method") {
+            self.pseudo_method = value;
+        } else if key.eq_ignore_ascii_case(b":path") {
+            self.pseudo_path = value;
+        }
     }
 }
 
@@ -308,7 +387,7 @@ mod tests {
             ("accept", "*/*"),
             ("cookie", "session=secret"),
         ]);
-        let r = auth_request((&req).into(), &filter());
+        let r = auth_request((&req).into(), &filter()).unwrap();
         assert_eq!(r.method, "POST");
         assert_eq!(r.path, "/v1/contacts/42?x=1");
         assert_eq!(r.peer.as_deref(), Some("10.1.2.3"));
@@ -332,7 +411,7 @@ mod tests {
             .unwrap();
         http.method.clear();
         http.path.clear();
-        let r = auth_request((&req).into(), &filter());
+        let r = auth_request((&req).into(), &filter()).unwrap();
         assert_eq!((r.method.as_str(), r.path.as_str()), ("DELETE", "/v1/x"));
     }
 
@@ -358,31 +437,76 @@ mod tests {
                 hv("User-Agent", "", b"curl"),
             ],
         });
-        let r = auth_request((&req).into(), &filter());
+        let r = auth_request((&req).into(), &filter()).unwrap();
         assert_eq!(r.header("authorization"), Some("Bearer sk_live_\u{fffd}"));
         assert_eq!(r.header("x-keygate-scopes"), Some("a,b"));
         assert_eq!(r.header("user-agent"), None);
     }
 
+    /// Test-only messages, to put on the wire what envoy-types would refuse to encode.
+    #[derive(Clone, PartialEq, Message)]
+    struct WireCheck {
+        #[prost(message, optional, tag = "1")]
+        attributes: Option<WireAttributes>,
+    }
+    #[derive(Clone, PartialEq, Message)]
+    struct WireAttributes {
+        #[prost(message, optional, tag = "4")]
+        request: Option<WireRequest>,
+    }
+    #[derive(Clone, PartialEq, Message)]
+    struct WireRequest {
+        #[prost(message, optional, tag = "2")]
+        http: Option<WireHttp>,
+    }
+    #[derive(Clone, PartialEq, Message)]
+    struct WireHttp {
+        #[prost(bytes = "vec", tag = "2")]
+        method: Vec<u8>,
+        #[prost(message, repeated, tag = "3")]
+        headers: Vec<WireEntry>,
+        #[prost(bytes = "vec", tag = "4")]
+        path: Vec<u8>,
+    }
+    #[derive(Clone, PartialEq, Message)]
+    struct WireEntry {
+        #[prost(bytes = "vec", tag = "1")]
+        key: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        value: Vec<u8>,
+    }
+
+    fn wire(http: WireHttp) -> Vec<u8> {
+        WireCheck {
+            attributes: Some(WireAttributes {
+                request: Some(WireRequest { http: Some(http) }),
+            }),
+        }
+        .encode_to_vec()
+    }
+
+    fn read(wire: &[u8]) -> Result<AuthRequest, WireError> {
+        auth_request(CheckRequestView::decode(wire)?, &filter())
+    }
+
+    fn entry(k: &str, v: &[u8]) -> WireEntry {
+        WireEntry {
+            key: k.into(),
+            value: v.to_vec(),
+        }
+    }
+
     #[test]
     fn a_later_map_entry_replaces_an_earlier_one_as_in_a_protobuf_map() {
         // Two entries for one key, concatenated on the wire as a sender may emit them.
-        let entry = |v: &str| HeaderEntry {
-            key: Bytes::from_static(b"authorization"),
-            value: Bytes::copy_from_slice(v.as_bytes()),
-        };
-        let view = CheckRequestView {
-            attributes: Some(AttributesView {
-                source: None,
-                request: Some(RequestView {
-                    http: Some(HttpRequestView {
-                        headers: vec![entry("Bearer first"), entry("Bearer second")],
-                        ..Default::default()
-                    }),
-                }),
-            }),
-        };
-        let full = CheckRequest::decode(view.encode_to_vec().as_slice()).unwrap();
+        let wire = wire(WireHttp {
+            headers: vec![
+                entry("authorization", b"Bearer first"),
+                entry("authorization", b"Bearer second"),
+            ],
+            ..Default::default()
+        });
+        let full = CheckRequest::decode(wire.as_slice()).unwrap();
         let headers = &full
             .attributes
             .unwrap()
@@ -395,36 +519,122 @@ mod tests {
             headers["authorization"], "Bearer second",
             "envoy-types agrees"
         );
-        let r = auth_request(view, &filter());
+        let r = read(&wire).unwrap();
         assert_eq!(r.header("authorization"), Some("Bearer second"));
     }
 
     #[test]
     fn a_non_utf8_string_field_is_read_not_refused() {
         // `headers` values are protobuf strings; envoy-types refuses the whole message.
-        let view = CheckRequestView {
-            attributes: Some(AttributesView {
-                source: None,
-                request: Some(RequestView {
-                    http: Some(HttpRequestView {
-                        method: Bytes::from_static(b"GET"),
-                        path: Bytes::from_static(b"/v1/\xc3"),
-                        headers: vec![HeaderEntry {
-                            key: Bytes::from_static(b"x-api-key"),
-                            value: Bytes::from_static(b"\x80"),
-                        }],
-                        ..Default::default()
-                    }),
-                }),
-            }),
-        };
-        let wire = view.encode_to_vec();
+        let wire = wire(WireHttp {
+            method: b"GET".to_vec(),
+            path: b"/v1/\xc3".to_vec(),
+            headers: vec![entry("x-api-key", b"\x80")],
+        });
         assert!(CheckRequest::decode(wire.as_slice()).is_err());
-        let r = auth_request(
-            CheckRequestView::decode(wire.as_slice()).unwrap(),
-            &filter(),
-        );
+        let r = read(&wire).unwrap();
         assert_eq!(r.path, "/v1/\u{fffd}");
         assert_eq!(r.header("x-api-key"), Some("\u{fffd}"));
+    }
+
+    #[test]
+    fn bytes_that_are_not_protobuf_are_an_error() {
+        let good = wire(WireHttp {
+            method: b"GET".to_vec(),
+            headers: vec![entry("authorization", b"Bearer sk_live_abc")],
+            path: b"/v1/x".to_vec(),
+        });
+        assert!(read(&good).is_ok());
+        // Every strict prefix cuts a length-delimited field short somewhere.
+        for cut in 1..good.len() {
+            assert!(
+                read(&good[..cut]).is_err(),
+                "cut at {cut} of {}",
+                good.len()
+            );
+        }
+        // A length running past the end of the header entry.
+        let mut bad = good.clone();
+        let at = bad.iter().position(|&b| b == b'a').unwrap() - 1;
+        bad[at] = 0x7f;
+        assert!(read(&bad).is_err());
+    }
+
+    /// Every one-byte change of a request Envoy could send: keygate's reading either fails
+    /// or agrees with envoy-types' on every field it uses, and never panics.
+    #[test]
+    fn reads_what_envoy_types_reads_under_every_one_byte_change() {
+        let original = full_request(&[
+            (":method", "POST"),
+            (":path", "/v1/contacts/42?x=1"),
+            ("authorization", "Bearer sk_live_abc"),
+            ("x-tenant-id", "t-1"),
+            ("x-keygate-subject", "smuggled"),
+            ("user-agent", "curl/8"),
+        ])
+        .encode_to_vec();
+        let (mut agreed, mut refused) = (0, 0);
+        for at in 0..original.len() {
+            for byte in [
+                0x00,
+                0x01,
+                0x0a,
+                0x12,
+                0x7f,
+                0x80,
+                0xff,
+                original[at] ^ 0x20,
+            ] {
+                let mut wire = original.clone();
+                wire[at] = byte;
+                let ours = read(&wire);
+                let Ok(theirs) = CheckRequest::decode(wire.as_slice()) else {
+                    continue;
+                };
+                let http = theirs
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| a.request.as_ref())
+                    .and_then(|r| r.http.clone())
+                    .unwrap_or_default();
+                let Ok(ours) = ours else {
+                    refused += 1;
+                    continue;
+                };
+                let or_pseudo = |own: &str, name: &str| {
+                    if own.is_empty() {
+                        http.headers.get(name).cloned().unwrap_or_default()
+                    } else {
+                        own.to_owned()
+                    }
+                };
+                assert_eq!(ours.method, or_pseudo(&http.method, ":method"), "byte {at}");
+                assert_eq!(ours.path, or_pseudo(&http.path, ":path"), "byte {at}");
+                for name in ["authorization", "x-tenant-id", "x-keygate-subject"] {
+                    assert_eq!(
+                        ours.header(name),
+                        http.headers.get(name).map(String::as_str),
+                        "{name}, byte {at}"
+                    );
+                }
+                let peer = theirs
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| a.source.as_ref())
+                    .and_then(|s| s.address.as_ref())
+                    .and_then(|a| a.address.as_ref());
+                if let Some(address::Address::SocketAddress(sa)) = peer {
+                    assert_eq!(ours.peer.as_deref(), Some(sa.address.as_str()), "byte {at}");
+                }
+                agreed += 1;
+            }
+        }
+        // envoy-types refuses a wire type it does not expect for a field; keygate reads
+        // past it. Nothing else may differ, and most changes must have been compared.
+        assert!(
+            agreed > original.len(),
+            "{agreed} compared, {refused} refused"
+        );
+        assert_eq!(refused, 0, "keygate refused what envoy-types read");
     }
 }
