@@ -248,6 +248,52 @@ async fn non_utf8_header_bytes_are_denied_cleanly() {
     );
 }
 
+/// Bytes that cannot be Envoy's request are INVALID_ARGUMENT (Envoy answers its
+/// `status_on_error`), say what is wrong without repeating what was sent, and cost
+/// neither a store lookup nor argon2.
+#[tokio::test]
+async fn a_check_request_that_is_not_protobuf_is_invalid_argument() {
+    use keygate::api::envoy_wire::CheckRequestView;
+    use prost::Message;
+
+    let (app, store) = counted_app();
+    let envoy = app.envoy_service();
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let good = support::check_request(
+        "GET",
+        support::READ_PATH,
+        &[("authorization", &bearer(&key.token))],
+    );
+    let wire = CheckRequestView::from(&good).attributes[0].clone();
+    let gets = store.gets();
+    // Cut inside the token; and `request` holding an `http` whose length runs past it.
+    let at = wire.windows(7).position(|w| w == b"sk_live").unwrap() + 10;
+    let past = bytes::Bytes::from_static(&[0x22, 0x03, 0x12, 0x7f, 0x0a]);
+    for attributes in [wire.slice(..at), past] {
+        let req = CheckRequestView {
+            attributes: vec![attributes],
+        };
+        let err = envoy.decide_view(req).await.err().expect("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().starts_with("malformed CheckRequest"),
+            "{err:?}"
+        );
+        assert!(!err.message().contains(&key.token[..12]), "{err:?}");
+    }
+    assert_eq!(
+        store.gets(),
+        gets,
+        "no store lookup for bytes that are not a request"
+    );
+    // The same bytes whole are allowed.
+    let req = CheckRequestView::decode(good.encode_to_vec().as_slice()).unwrap();
+    assert!(matches!(
+        envoy.decide_view(req).await,
+        Ok(keygate::api::envoy_answer::CheckAnswer::Allow(_))
+    ));
+}
+
 #[tokio::test]
 async fn bad_checksums_and_unknown_prefixes_never_reach_the_store_or_argon2() {
     let _meter = ARGON2_METER.lock().await;
