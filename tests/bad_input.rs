@@ -273,7 +273,7 @@ async fn a_check_request_that_is_not_protobuf_is_invalid_argument() {
         let req = CheckRequestView {
             attributes: vec![attributes],
         };
-        let err = envoy.decide_view(req).await.err().expect("refused");
+        let err = envoy.decide_view(req).await.expect_err("refused");
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
         assert!(
             err.message().starts_with("malformed CheckRequest"),

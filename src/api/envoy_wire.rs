@@ -153,19 +153,29 @@ fn each_at<'a>(
     Ok(())
 }
 
-/// A `map<string, string>` entry or a `HeaderValue`: (key, value, raw_value), each the
-/// last of its field, empty when absent.
-fn header_fields(entry: &[u8]) -> Result<(&[u8], &[u8], &[u8]), WireError> {
-    let (mut key, mut value, mut raw): (&[u8], &[u8], &[u8]) = (&[], &[], &[]);
-    for field in Fields::of(entry) {
-        match field? {
-            (field::KEY, b) => key = b,
-            (field::VALUE, b) => value = b,
-            (field::RAW_VALUE, b) => raw = b,
-            _ => {}
+/// A `map<string, string>` entry or a `HeaderValue`; each field the last of its number,
+/// empty when absent.
+#[derive(Default)]
+struct Header<'a> {
+    key: &'a [u8],
+    value: &'a [u8],
+    /// `HeaderValue.raw_value` (a map entry has none).
+    raw_value: &'a [u8],
+}
+
+impl<'a> Header<'a> {
+    fn read(entry: &'a [u8]) -> Result<Header<'a>, WireError> {
+        let mut h = Header::default();
+        for field in Fields::of(entry) {
+            match field? {
+                (field::KEY, b) => h.key = b,
+                (field::VALUE, b) => h.value = b,
+                (field::RAW_VALUE, b) => h.raw_value = b,
+                _ => {}
+            }
         }
+        Ok(h)
     }
-    Ok((key, value, raw))
 }
 
 impl From<&CheckRequest> for CheckRequestView {
@@ -267,14 +277,18 @@ impl<'a> Http<'a> {
                 (METHOD, b) => self.method = b,
                 (PATH, b) => self.path = b,
                 (HEADERS, entry) => {
-                    let (key, value, _) = header_fields(entry)?;
+                    let Header { key, value, .. } = Header::read(entry)?;
                     self.pseudo(key, value);
                     if filter.wants(key) {
                         self.headers.insert(lossy(key), lossy(value));
                     }
                 }
                 (HEADER_MAP, map) => each_at(map, &[HEADER_MAP_HEADERS], &mut |hv| {
-                    let (key, value, raw_value) = header_fields(hv)?;
+                    let Header {
+                        key,
+                        value,
+                        raw_value,
+                    } = Header::read(hv)?;
                     let value = if raw_value.is_empty() {
                         value
                     } else {
