@@ -389,18 +389,21 @@ mod tests {
         }
     }
 
+    /// Headers as Envoy sends them: pseudo-headers, consulted ones and others.
+    const HEADERS: &[(&str, &str)] = &[
+        (":method", "POST"),
+        (":path", "/v1/contacts/42?x=1"),
+        ("authorization", "Bearer sk_live_abc"),
+        ("x-tenant-id", "t-1"),
+        ("x-keygate-subject", "smuggled"),
+        ("user-agent", "curl/8"),
+        ("accept", "*/*"),
+        ("cookie", "session=secret"),
+    ];
+
     #[test]
     fn reads_what_keygate_uses_and_only_the_consulted_headers() {
-        let req = full_request(&[
-            (":method", "POST"),
-            (":path", "/v1/contacts/42?x=1"),
-            ("authorization", "Bearer sk_live_abc"),
-            ("x-tenant-id", "t-1"),
-            ("x-keygate-subject", "smuggled"),
-            ("user-agent", "curl/8"),
-            ("accept", "*/*"),
-            ("cookie", "session=secret"),
-        ]);
+        let req = full_request(HEADERS);
         let r = auth_request((&req).into(), &filter()).unwrap();
         assert_eq!(r.method, "POST");
         assert_eq!(r.path, "/v1/contacts/42?x=1");
@@ -578,15 +581,7 @@ mod tests {
     /// or agrees with envoy-types' on every field it uses, and never panics.
     #[test]
     fn reads_what_envoy_types_reads_under_every_one_byte_change() {
-        let original = full_request(&[
-            (":method", "POST"),
-            (":path", "/v1/contacts/42?x=1"),
-            ("authorization", "Bearer sk_live_abc"),
-            ("x-tenant-id", "t-1"),
-            ("x-keygate-subject", "smuggled"),
-            ("user-agent", "curl/8"),
-        ])
-        .encode_to_vec();
+        let original = full_request(HEADERS).encode_to_vec();
         let (mut agreed, mut refused) = (0, 0);
         for at in 0..original.len() {
             for byte in [
