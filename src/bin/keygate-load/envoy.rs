@@ -2,7 +2,9 @@
 //! same way, so the only difference between them is the authorization hop: no
 //! ext_authz; ext_authz to the no-op baseline; ext_authz to a second no-op that answers
 //! with the very bytes of keygate's allow (what Envoy pays for reading and applying
-//! keygate's answer, without keygate's deciding); ext_authz to keygate.
+//! keygate's answer, without keygate's deciding); ext_authz to keygate. A fifth listener
+//! uses Envoy's HTTP flavour of ext_authz with a no-op HTTP authorizer, for scale: what
+//! the other protocol would cost Envoy.
 //!
 //! The answer is Envoy's own `direct_response` by default (only the authorization hop is
 //! measured) or, with `--upstream`, a minimal HTTP/1.1 service behind Envoy (Envoy in
@@ -190,13 +192,16 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     std::fs::write(&answer_path, &answer)?;
     let (replay, replay_grpc) = procs::noop_server_answering(&bench.scratch, &answer_path).await?;
 
-    let (admin, off, noop, replay_port, kg) = (
+    let (admin, off, noop, replay_port, kg, http_noop) = (
+        procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
     );
+    // The no-op HTTP authorizer: it answers 200 to everything, as the upstream does.
+    let (http_authz, http_authz_addr) = procs::upstream_server(&bench.scratch).await?;
     let noop_grpc = bench.noop.as_ref().context("baseline")?.1;
     // Without --upstream the `api` cluster is never used; its port is any free one.
     let (upstream, upstream_addr) = if args.upstream {
@@ -219,6 +224,11 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         .replace("@REPLAY_PORT@", &replay_port.port().to_string())
         .replace("@REPLAY_GRPC_PORT@", &replay_grpc.port().to_string())
         .replace("@KEYGATE_PORT@", &kg.port().to_string())
+        .replace("@HTTP_NOOP_PORT@", &http_noop.port().to_string())
+        .replace(
+            "@HTTP_NOOP_AUTHZ_PORT@",
+            &http_authz_addr.port().to_string(),
+        )
         .replace(
             "@KEYGATE_GRPC_PORT@",
             &bench.keygate.grpc.port().to_string(),
@@ -237,7 +247,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         bench.scratch.path().join("envoy.log"),
     )?;
     envoy
-        .wait_listening(&[admin, off, noop, replay_port, kg])
+        .wait_listening(&[admin, off, noop, replay_port, kg, http_noop])
         .await?;
 
     // The filter is really there: keygate refuses a request without a credential.
@@ -249,6 +259,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         (replay_port, &auth[..], 200),
         (kg, &auth[..], 200),
         (kg, &[][..], 401),
+        (http_noop, &auth[..], 200),
     ] {
         let got = get_status(addr, &c.path, headers).await?;
         if got != want {
@@ -279,11 +290,17 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
             kg.port(),
             Some(bench.keygate.proc.pid()),
         ),
+        (
+            "Envoy + HTTP ext_authz → no-op HTTP server",
+            http_noop.port(),
+            Some(http_authz.pid()),
+        ),
     ];
     let mut results: Vec<Vec<(Wrk, f64, Option<f64>)>> = vec![Vec::new(); listeners.len()];
     let mut pids = bench.pids();
     pids.push(envoy_pid);
     pids.push(replay.pid());
+    pids.push(http_authz.pid());
     pids.extend(upstream.as_ref().map(Proc::pid));
     let mut upstream_cpu = Vec::new();
     let mut others = Vec::new();
