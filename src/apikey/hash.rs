@@ -6,13 +6,21 @@
 //! flood of cold or wrong keys occupies at most those threads and never stalls the async
 //! runtime. The threads run `nice` steps below the rest of keygate, so when the cores are
 //! contended the scheduler serves cached keys first and argon2 takes what is left.
+//!
+//! Each thread keeps argon2's working memory (`memory_kib`) from one verification to the
+//! next, instead of allocating and zeroing it each time, with the page faults and the
+//! flushes of both cores' TLBs that come with the allocator handing it back to the
+//! kernel: 6% of a verification's CPU in keygate (BENCHMARKS.md, section 4). Hashing a
+//! new key (the admin path) still allocates its own.
 
+use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
+use subtle::ConstantTimeEq;
 
 use crate::config::Argon2Config;
 use crate::secret::Secret;
@@ -45,6 +53,11 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// The name of the argon2 threads (seen in `top -H`, and by the tests).
 pub const THREAD_NAME: &str = "keygate-argon2";
+
+thread_local! {
+    /// argon2's working memory, kept by each thread that verifies (see the module doc).
+    static KEPT_MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+}
 
 impl SecretHasher {
     pub fn new(pepper: Secret, cfg: &Argon2Config) -> Result<Self, HashError> {
@@ -131,12 +144,59 @@ impl SecretHasher {
             this.inner.verifications.fetch_add(1, Ordering::Relaxed);
             crate::telemetry::metrics().argon2_verifications.inc();
             let parsed = PasswordHash::new(&phc).map_err(|_| HashError::BadStoredHash)?;
-            Ok(this
-                .argon2()
-                .verify_password(secret.expose().as_bytes(), &parsed)
-                .is_ok())
+            this.matches(secret.expose().as_bytes(), &parsed)
         })
         .await
+    }
+
+    /// Whether `password`, with the pepper, hashes to `stored`'s output under `stored`'s
+    /// own algorithm, version, parameters and salt (what argon2's `verify_password`
+    /// computes), in the calling thread's kept memory. The output is compared in constant
+    /// time. A stored hash argon2 cannot compute with is `BadStoredHash`.
+    fn matches(&self, password: &[u8], stored: &PasswordHash<'_>) -> Result<bool, HashError> {
+        fn bad<E>(_: E) -> HashError {
+            HashError::BadStoredHash
+        }
+        let (Some(salt), Some(expected)) = (stored.salt, stored.hash) else {
+            return Err(HashError::BadStoredHash);
+        };
+        let algorithm = Algorithm::try_from(stored.algorithm).map_err(bad)?;
+        let version = stored
+            .version
+            .map(Version::try_from)
+            .transpose()
+            .map_err(bad)?
+            .unwrap_or_default();
+        let params = Params::try_from(stored).map_err(bad)?;
+        let mut salt_buf = [0u8; 64];
+        let salt = salt.decode_b64(&mut salt_buf).map_err(bad)?;
+        let blocks = params.block_count();
+        let argon2 = Argon2::new_with_secret(
+            self.inner.pepper.expose().as_bytes(),
+            algorithm,
+            version,
+            params,
+        )
+        .map_err(bad)?;
+        let mut out = [0u8; 64];
+        let out = out
+            .get_mut(..expected.len())
+            .ok_or(HashError::BadStoredHash)?;
+        let computed = if blocks <= self.inner.params.block_count() {
+            KEPT_MEMORY.with_borrow_mut(|kept| {
+                // Sized for this hasher's own parameters, so that a stored hash with
+                // bigger ones (written under an older setting, or tampered with) does
+                // not make the thread keep more than it was configured for.
+                if kept.len() < self.inner.params.block_count() {
+                    kept.resize(self.inner.params.block_count(), Block::default());
+                }
+                argon2.hash_password_into_with_memory(password, salt, out, &mut kept[..])
+            })
+        } else {
+            argon2.hash_password_into(password, salt, out)
+        };
+        computed.map_err(bad)?;
+        Ok(bool::from(expected.as_bytes().ct_eq(out)))
     }
 
     /// Runs `job` on an argon2 thread, after the jobs queued before it.
@@ -309,6 +369,40 @@ mod tests {
         let other = SecretHasher::new(Secret::new("q".repeat(32)), &fast()).unwrap();
         assert!(!other.verify("s3cret", &phc).await.unwrap());
         assert_eq!(h.verifications(), 2);
+    }
+
+    /// The kept memory serves hashes of any parameters: smaller ones in part of it,
+    /// bigger ones (an older setting) from memory of their own, and no verification sees
+    /// what the one before it left.
+    #[tokio::test]
+    async fn hashes_of_other_parameters_verify_in_turn() {
+        let pepper = || Secret::new("p".repeat(32));
+        let with = |memory_kib, iterations| {
+            SecretHasher::new(
+                pepper(),
+                &Argon2Config {
+                    memory_kib,
+                    iterations,
+                    verify_concurrency: 1,
+                    ..fast()
+                },
+            )
+            .unwrap()
+        };
+        let (small, this, big) = (with(32, 3), with(64, 1), with(256, 2));
+        let hashes = [
+            small.hash("one").await.unwrap(),
+            this.hash("two").await.unwrap(),
+            big.hash("three").await.unwrap(),
+        ];
+        assert!(hashes[2].contains("m=256,t=2"), "{}", hashes[2]);
+        for _ in 0..2 {
+            for (phc, secret) in hashes.iter().zip(["one", "two", "three"]) {
+                assert!(this.verify(secret, phc).await.unwrap(), "{phc}");
+                assert!(!this.verify("four", phc).await.unwrap(), "{phc}");
+            }
+        }
+        assert_eq!(this.verifications(), 12);
     }
 
     #[tokio::test]
