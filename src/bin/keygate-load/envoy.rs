@@ -1,10 +1,10 @@
-//! Through real Envoy: `wrk` against one Envoy with four listeners, all answered the
+//! Through real Envoy: `wrk` against one Envoy with five listeners, all answered the
 //! same way, so the only difference between them is the authorization hop: no
 //! ext_authz; ext_authz to the no-op baseline; ext_authz to a second no-op that answers
 //! with the very bytes of keygate's allow (what Envoy pays for reading and applying
-//! keygate's answer, without keygate's deciding); ext_authz to keygate. A fifth listener
-//! uses Envoy's HTTP flavour of ext_authz with a no-op HTTP authorizer, for scale: what
-//! the other protocol would cost Envoy.
+//! keygate's answer, without keygate's deciding); ext_authz to keygate; and Envoy's HTTP
+//! flavour of ext_authz with a no-op HTTP authorizer, for scale: what the other protocol
+//! would cost Envoy.
 //!
 //! The answer is Envoy's own `direct_response` by default (only the authorization hop is
 //! measured) or, with `--upstream`, a minimal HTTP/1.1 service behind Envoy (Envoy in
