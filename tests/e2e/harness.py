@@ -452,14 +452,19 @@ class Response:
 class Envoy:
     """Envoy running examples/envoy.yaml in front of `keygate_port` and `upstream`."""
 
-    def __init__(self, name: str, workdir: Path, keygate_port: int, upstream: Upstream):
+    def __init__(
+        self, name: str, workdir: Path, keygate_port: int, upstream: Upstream, edit_config=None
+    ):
         self.name = name
         self.upstream = upstream
         self.port = free_port()
         self.admin_port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"{name}.yaml"
-        self.config_path.write_text(render_envoy_config(self.port, keygate_port, upstream.port))
+        config = render_envoy_config(self.port, keygate_port, upstream.port)
+        if edit_config is not None:
+            config = edit_config(config)
+        self.config_path.write_text(config)
         # The admin address is not one of the example's three: move it with --config-yaml,
         # which Envoy merges over the file.
         admin = (
@@ -570,11 +575,23 @@ class Stack:
     """keygate (on the shared Redis) with an Envoy in front of it and the shared upstream
     behind it."""
 
-    def __init__(self, name: str, workdir: Path, redis: Redis, upstream: Upstream, keygate_env=None):
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        redis: Redis,
+        upstream: Upstream,
+        keygate_env=None,
+        edit_envoy_config=None,
+    ):
+        """`edit_envoy_config`: a function from examples/envoy.yaml's text (ports already
+        moved) to the text Envoy runs."""
         self.upstream = upstream
         self.keygate = Keygate(f"{name}-keygate", workdir, redis, keygate_env)
         try:
-            self.envoy = Envoy(f"{name}-envoy", workdir, self.keygate.grpc_port, upstream)
+            self.envoy = Envoy(
+                f"{name}-envoy", workdir, self.keygate.grpc_port, upstream, edit_envoy_config
+            )
         except BaseException:
             self.keygate.stop()
             raise
