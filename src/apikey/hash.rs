@@ -8,17 +8,17 @@
 //! contended the scheduler serves cached keys first and argon2 takes what is left.
 //!
 //! Each thread keeps argon2's working memory (`memory_kib`) from one verification to the
-//! next, instead of allocating and zeroing it each time, with the page faults and the
-//! flushes of both cores' TLBs that come with the allocator handing it back to the
-//! kernel: 6% of a verification's CPU in keygate (BENCHMARKS.md, section 4). Hashing a
-//! new key (the admin path) still allocates its own.
+//! next (verifying, or hashing a new key), instead of allocating and zeroing it each
+//! time, with the page faults and the flushes of both cores' TLBs that come with the
+//! allocator handing it back to the kernel: 6% of a verification's CPU in keygate
+//! (BENCHMARKS.md, section 4).
 
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::password_hash::{self, Output, ParamsString, PasswordHash, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use subtle::ConstantTimeEq;
 
@@ -126,13 +126,49 @@ impl SecretHasher {
         let this = self.clone();
         let secret = Secret::new(secret.to_owned());
         self.run(move || {
+            let invalid = |e: password_hash::Error| HashError::Params(e.to_string());
             let salt = SaltString::generate(&mut rand::rngs::OsRng);
-            this.argon2()
-                .hash_password(secret.expose().as_bytes(), &salt)
-                .map(|h| h.to_string())
-                .map_err(|e| HashError::Params(e.to_string()))
+            let mut salt_buf = [0u8; 64];
+            let salt_bytes = salt.as_salt().decode_b64(&mut salt_buf).map_err(invalid)?;
+            let argon2 = this.argon2();
+            let output = Output::init_with(Params::DEFAULT_OUTPUT_LEN, |out| {
+                Ok(this.compute(&argon2, secret.expose().as_bytes(), salt_bytes, out)?)
+            })
+            .map_err(invalid)?;
+            // The PHC string argon2's own `hash_password` writes.
+            let phc = PasswordHash {
+                algorithm: argon2::ARGON2ID_IDENT,
+                version: Some(Version::V0x13.into()),
+                params: ParamsString::try_from(argon2.params()).map_err(invalid)?,
+                salt: Some(salt.as_salt()),
+                hash: Some(output),
+            };
+            Ok(phc.to_string())
         })
         .await
+    }
+
+    /// argon2 of `password` and `salt` into `out`: in the calling thread's kept memory
+    /// when `argon2`'s parameters need no more than this hasher's own (see the module
+    /// doc), so that a stored hash with bigger ones (written under an older setting, or
+    /// tampered with) does not make the thread keep more than it was configured for.
+    fn compute(
+        &self,
+        argon2: &Argon2<'_>,
+        password: &[u8],
+        salt: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), argon2::Error> {
+        let configured = self.inner.params.block_count();
+        if argon2.params().block_count() > configured {
+            return argon2.hash_password_into(password, salt, out);
+        }
+        KEPT_MEMORY.with_borrow_mut(|kept| {
+            if kept.len() < configured {
+                kept.resize(configured, Block::default());
+            }
+            argon2.hash_password_into_with_memory(password, salt, out, &mut kept[..])
+        })
     }
 
     /// Whether `secret` matches the stored PHC string. Counts every verification.
@@ -170,7 +206,6 @@ impl SecretHasher {
         let params = Params::try_from(stored).map_err(bad)?;
         let mut salt_buf = [0u8; 64];
         let salt = salt.decode_b64(&mut salt_buf).map_err(bad)?;
-        let blocks = params.block_count();
         let argon2 = Argon2::new_with_secret(
             self.inner.pepper.expose().as_bytes(),
             algorithm,
@@ -182,20 +217,7 @@ impl SecretHasher {
         let out = out
             .get_mut(..expected.len())
             .ok_or(HashError::BadStoredHash)?;
-        let computed = if blocks <= self.inner.params.block_count() {
-            KEPT_MEMORY.with_borrow_mut(|kept| {
-                // Sized for this hasher's own parameters, so that a stored hash with
-                // bigger ones (written under an older setting, or tampered with) does
-                // not make the thread keep more than it was configured for.
-                if kept.len() < self.inner.params.block_count() {
-                    kept.resize(self.inner.params.block_count(), Block::default());
-                }
-                argon2.hash_password_into_with_memory(password, salt, out, &mut kept[..])
-            })
-        } else {
-            argon2.hash_password_into(password, salt, out)
-        };
-        computed.map_err(bad)?;
+        self.compute(&argon2, password, salt, out).map_err(bad)?;
         Ok(bool::from(expected.as_bytes().ct_eq(out)))
     }
 
@@ -403,6 +425,34 @@ mod tests {
             }
         }
         assert_eq!(this.verifications(), 12);
+    }
+
+    /// keygate's hashes are argon2's own: its `verify_password` accepts them, with the
+    /// pepper and the right secret only.
+    #[tokio::test]
+    async fn argon2s_own_verifier_accepts_keygates_hashes() {
+        use argon2::password_hash::PasswordVerifier;
+        let h = SecretHasher::new(Secret::new("p".repeat(32)), &fast()).unwrap();
+        let phc = h.hash("s3cret").await.unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{phc}");
+        let parsed = PasswordHash::new(&phc).unwrap();
+        let (pepper, other) = ("p".repeat(32), "q".repeat(32));
+        let verifies = |pepper: &str, secret: &[u8]| {
+            Argon2::new_with_secret(
+                pepper.as_bytes(),
+                Algorithm::Argon2id,
+                Version::V0x13,
+                Params::new(64, 1, 1, None).unwrap(),
+            )
+            .unwrap()
+            .verify_password(secret, &parsed)
+            .is_ok()
+        };
+        assert!(verifies(&pepper, b"s3cret"));
+        assert!(!verifies(&pepper, b"s3creT"));
+        assert!(!verifies(&other, b"s3cret"));
+        // Two hashes of one secret differ by their salt.
+        assert_ne!(h.hash("s3cret").await.unwrap(), phc);
     }
 
     #[tokio::test]
