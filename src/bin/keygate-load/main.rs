@@ -116,6 +116,10 @@ enum Cmd {
         /// what keygate's deciding costs.
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         busy: Duration,
+        /// On keygate's own server code: decode only the outer CheckRequest, keeping its
+        /// attributes undecoded, as keygate does before reading them.
+        #[arg(long, conflicts_with_all = ["dump_first", "busy"])]
+        outer_decode_only: bool,
     },
     /// A minimal HTTP/1.1 service answering every request `200 ok` (the upstream of
     /// `envoy --upstream`).
@@ -172,6 +176,7 @@ fn main() {
             response_bytes,
             answer_file,
             busy,
+            outer_decode_only,
         } => answer_file
             .map_or_else(
                 || Ok(noop::ok_response(response_bytes)),
@@ -181,7 +186,13 @@ fn main() {
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
                     .build()?;
-                rt.block_on(noop::serve(listen, dump_first, response, busy))
+                rt.block_on(noop::serve(
+                    listen,
+                    dump_first,
+                    response,
+                    busy,
+                    outer_decode_only,
+                ))
             }),
         Cmd::UpstreamServer { listen } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
     CheckRequest, CheckResponse, OkHttpResponse,
 };
 use envoy_types::pb::google::rpc;
+use keygate::api::envoy_answer::CheckAnswer;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -90,38 +91,112 @@ impl Authorization for NoopAuthorization {
     }
 }
 
+/// The no-op on keygate's own server code: tonic decodes only the outer `CheckRequest`,
+/// keeping its attributes as one slice of the frame (`envoy_wire::CheckRequestView`),
+/// and nothing reads them. keygate does all that and then reads what it uses, decides
+/// and answers: the difference is keygate's own work, with no decode it skips counted
+/// in its favour.
+struct OuterDecodeOnly {
+    response: CheckResponse,
+}
+
+#[tonic::async_trait]
+impl keygate::api::envoy_wire::Authorization for OuterDecodeOnly {
+    async fn check(
+        &self,
+        _request: Request<keygate::api::envoy_wire::CheckRequestView>,
+    ) -> Result<Response<CheckAnswer>, Status> {
+        Ok(Response::new(CheckAnswer::Message(self.response.clone())))
+    }
+}
+
 /// Serves until the process is stopped, on keygate's own transport
 /// (`keygate::transport::incoming`: TCP_NODELAY, one write per small answer) and with
-/// the builder settings of keygate's gRPC listener (`src/server.rs`).
+/// the builder settings of keygate's gRPC listener (`src/server.rs`). `outer_decode_only`
+/// serves `OuterDecodeOnly` instead of envoy-types' generated server.
 pub async fn serve(
     listen: SocketAddr,
     dump_first: bool,
     response: CheckResponse,
     busy: Duration,
+    outer_decode_only: bool,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!(
         "noop ext_authz server listening on {}",
         listener.local_addr()?
     );
+    serve_on(listener, dump_first, response, busy, outer_decode_only).await
+}
+
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    dump_first: bool,
+    response: CheckResponse,
+    busy: Duration,
+    outer_decode_only: bool,
+) -> anyhow::Result<()> {
     let incoming = keygate::transport::incoming(listener);
-    tonic::transport::Server::builder()
-        .max_connection_age(Duration::from_secs(300))
-        .add_service(AuthorizationServer::new(NoopAuthorization {
-            dump_first: AtomicBool::new(dump_first),
-            busy,
-            response,
-        }))
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let mut builder =
+        tonic::transport::Server::builder().max_connection_age(Duration::from_secs(300));
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    if outer_decode_only {
+        builder
+            .add_service(keygate::api::envoy_wire::AuthorizationServer::new(
+                OuterDecodeOnly { response },
+            ))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await?;
+    } else {
+        builder
+            .add_service(AuthorizationServer::new(NoopAuthorization {
+                dump_first: AtomicBool::new(dump_first),
+                busy,
+                response,
+            }))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await?;
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both no-ops answer a request shaped like Envoy's with the answer they were given.
+    #[tokio::test]
+    async fn both_servers_allow_with_their_answer() {
+        use crate::client::Connection;
+        use crate::shape::{Ids, Shape, Template};
+        let template = Template::new(&Shape::new("GET", "/v1/contacts/1"), 20);
+        for outer_decode_only in [false, true] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let response = ok_response(300);
+            let server = tokio::spawn(serve_on(
+                listener,
+                false,
+                response.clone(),
+                Duration::ZERO,
+                outer_decode_only,
+            ));
+            let answer = Connection::open(addr, None)
+                .await
+                .unwrap()
+                .allow_answer(template.frame(&[b'k'; 20], &Ids::for_sequence(0, 0)))
+                .await
+                .unwrap();
+            assert_eq!(
+                CheckResponse::decode(answer).unwrap(),
+                response,
+                "outer_decode_only: {outer_decode_only}"
+            );
+            server.abort();
+        }
+    }
 
     #[test]
     fn padded_answers_have_the_asked_size() {

@@ -278,6 +278,23 @@ pub async fn noop_server(
     noop_server_with(scratch, &["--response-bytes", &response_bytes.to_string()]).await
 }
 
+/// The no-op on keygate's own server code that decodes only the outer request
+/// (`noop-server --outer-decode-only`), padded to `response_bytes`.
+pub async fn noop_server_outer_decode_only(
+    scratch: &Scratch,
+    response_bytes: u64,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    noop_server_with(
+        scratch,
+        &[
+            "--outer-decode-only",
+            "--response-bytes",
+            &response_bytes.to_string(),
+        ],
+    )
+    .await
+}
+
 /// The no-op baseline answering with the encoded CheckResponse in `answer`.
 pub async fn noop_server_answering(
     scratch: &Scratch,

@@ -18,6 +18,7 @@ use crate::report::{median, ScenarioReport, Summary, Table};
 use crate::shape::{Shape, Template};
 
 const SIZED_LABEL: &str = "no-op, keygate-sized answer";
+const OUTER_LABEL: &str = "no-op, keygate-sized, outer decode only";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Common {
@@ -86,6 +87,9 @@ pub struct Bench {
     pub noop: Option<(Proc, SocketAddr)>,
     /// The no-op server padded to keygate's answer size (see `start_sized_baseline`).
     pub sized: Option<(Proc, SocketAddr)>,
+    /// The same, on keygate's server code, decoding only the outer request (see
+    /// `start_sized_baseline`).
+    pub outer: Option<(Proc, SocketAddr)>,
     pub keygate: Keygate,
     _redis: Option<Proc>,
     /// Dropped last: the processes above write their logs into it.
@@ -137,6 +141,7 @@ impl Bench {
             scratch,
             noop,
             sized: None,
+            outer: None,
             keygate,
             _redis: redis_proc,
         })
@@ -175,6 +180,7 @@ impl Bench {
         let mut p = vec![self.keygate.proc.pid()];
         p.extend(self.noop.as_ref().map(|n| n.0.pid()));
         p.extend(self.sized.as_ref().map(|n| n.0.pid()));
+        p.extend(self.outer.as_ref().map(|n| n.0.pid()));
         p.extend(self._redis.as_ref().map(Proc::pid));
         p
     }
@@ -268,6 +274,9 @@ impl Bench {
         if let Some((p, addr)) = &self.sized {
             targets.push((SIZED_LABEL, *addr, p.pid()));
         }
+        if let Some((p, addr)) = &self.outer {
+            targets.push((OUTER_LABEL, *addr, p.pid()));
+        }
         targets.push(("keygate", self.keygate.grpc, self.keygate.proc.pid()));
         let mut runs: Vec<Vec<RunReport>> = vec![Vec::new(); targets.len()];
         for _ in 0..self.common.reps.max(1) {
@@ -291,11 +300,15 @@ impl Bench {
         Ok((b, k))
     }
 
-    /// Adds a second baseline: the no-op server answering with as many bytes as keygate
+    /// Adds two baselines: the no-op server answering with as many bytes as keygate
     /// does, which tells the transport cost of keygate's bigger answer apart from the
-    /// cost of deciding.
+    /// cost of deciding; and the same answer from keygate's own server code decoding only
+    /// the outer request, which leaves exactly keygate's own work (reading what it uses,
+    /// deciding, writing its answer) as the difference.
     pub async fn start_sized_baseline(&mut self, response_bytes: u64) -> anyhow::Result<()> {
         self.sized = Some(procs::noop_server(&self.scratch, response_bytes).await?);
+        self.outer =
+            Some(procs::noop_server_outer_decode_only(&self.scratch, response_bytes).await?);
         Ok(())
     }
 
