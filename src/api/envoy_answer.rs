@@ -69,8 +69,7 @@ const OK_HEADERS_TO_REMOVE: u32 = 5;
 // HeaderValueOption and HeaderValue
 const OPTION_HEADER: u32 = 1;
 const OPTION_APPEND_ACTION: u32 = 3;
-const HEADER_KEY: u32 = 1;
-const HEADER_VALUE: u32 = 2;
+use super::envoy_wire::field::{KEY as HEADER_KEY, VALUE as HEADER_VALUE};
 const OVERWRITE: u64 = HeaderAppendAction::OverwriteIfExistsOrAdd as u64;
 // google.protobuf.Struct, its map entries, Value and ListValue
 const STRUCT_FIELDS: u32 = 1;

@@ -55,8 +55,9 @@ pub struct CheckRequestView {
     pub attributes: Vec<Bytes>,
 }
 
-/// Field numbers keygate reads, by message.
-mod field {
+/// Field numbers keygate reads, by message (`envoy_answer` writes `HeaderValue` with
+/// the same `KEY` and `VALUE`).
+pub(crate) mod field {
     /// `AttributeContext`
     pub const SOURCE: u32 = 1;
     pub const REQUEST: u32 = 4;
