@@ -55,6 +55,10 @@ pub enum Mode {
     },
 }
 
+/// The shortest token a run can carry: the request template finds where the token goes
+/// by a run of this many marker bytes, which a shorter run could match elsewhere too.
+pub const MIN_TOKEN_LEN: usize = 8;
+
 /// The tokens requests carry.
 #[derive(Debug, Clone)]
 pub struct Tokens {
@@ -93,6 +97,11 @@ impl Tokens {
     /// All tokens have the same length (the template's hole); `None` if empty.
     pub fn uniform_len(&self) -> anyhow::Result<usize> {
         let first = self.list.first().context("no tokens")?.len();
+        anyhow::ensure!(
+            first >= MIN_TOKEN_LEN,
+            "a token of {first} bytes is too short: the generator needs at least \
+             {MIN_TOKEN_LEN} (API keys and JWTs are longer)"
+        );
         if let Some(t) = self.list.iter().find(|t| t.len() != first) {
             anyhow::bail!(
                 "tokens differ in length ({} and {}); one run needs tokens of one shape",
@@ -194,6 +203,10 @@ pub struct RunReport {
     /// noise floor of a shared machine (set by the scenarios).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub foreign_cpu_cores: Option<f64>,
+    /// Retransmissions and out-of-order segments on the machine's TCP during the run
+    /// (set by the scenarios).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_trouble: Option<crate::procs::TcpTrouble>,
     /// How many times the run was made (repeated when the machine was busy).
     pub attempts: u32,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -587,6 +600,7 @@ fn report(
         response_bytes: rec.response_bytes,
         target_cpu_us_per_request: None,
         foreign_cpu_cores: None,
+        tcp_trouble: None,
         attempts: 1,
         deny_reasons: rec.deny,
         error_kinds: rec.errors,
@@ -638,15 +652,26 @@ mod tests {
     }
 
     #[test]
+    fn tokens_too_short_to_template_are_refused() {
+        let err = Tokens::rotate(vec!["x".into()]).uniform_len().unwrap_err();
+        assert!(err.to_string().contains("too short"), "{err}");
+        let ok = Tokens::rotate(vec!["x".repeat(MIN_TOKEN_LEN)]).uniform_len();
+        assert_eq!(ok.unwrap(), MIN_TOKEN_LEN);
+        // The shortest accepted token is found once in the template.
+        let _ = crate::shape::Template::new(&crate::shape::Shape::new("GET", "/"), MIN_TOKEN_LEN);
+    }
+
+    #[test]
     fn tokens_of_mixed_length_are_refused() {
-        assert!(Tokens::rotate(vec!["ab".into(), "abc".into()])
+        let err = Tokens::rotate(vec!["abcdefgh".into(), "abcdefghi".into()])
             .uniform_len()
-            .is_err());
+            .unwrap_err();
+        assert!(err.to_string().contains("differ in length"), "{err}");
         assert_eq!(
-            Tokens::rotate(vec!["ab".into(), "cd".into()])
+            Tokens::rotate(vec!["abcdefgh".into(), "ijklmnop".into()])
                 .uniform_len()
                 .unwrap(),
-            2
+            8
         );
     }
 

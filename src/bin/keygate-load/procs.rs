@@ -263,6 +263,65 @@ impl ForeignCpu {
     }
 }
 
+/// The kernel's TCP counters that tell a loopback run was disturbed below the processes
+/// measured: segments sent again, and segments that arrived out of order. On loopback
+/// nothing is lost, yet both happen under load on a 2-core VM (BENCHMARKS.md, section 13),
+/// and each stalls a connection for milliseconds. The counters are machine-wide: on a
+/// quiet machine, a run's difference is the run's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TcpTrouble {
+    /// `Tcp: RetransSegs`.
+    pub retransmitted: u64,
+    /// `TcpExt: TCPOFOQueue`: segments queued behind a gap.
+    pub out_of_order: u64,
+    /// `TcpExt: TCPLossProbes`: probes sent because an answer was late.
+    pub loss_probes: u64,
+}
+
+impl TcpTrouble {
+    /// The counters now (since boot).
+    pub fn read() -> anyhow::Result<TcpTrouble> {
+        let snmp = fs::read_to_string("/proc/net/snmp")?;
+        let netstat = fs::read_to_string("/proc/net/netstat")?;
+        let get = |text: &str, group: &str, name: &str| {
+            snmp_counter(text, group, name)
+                .with_context(|| format!("no {group} {name} in /proc/net"))
+        };
+        Ok(TcpTrouble {
+            retransmitted: get(&snmp, "Tcp", "RetransSegs")?,
+            out_of_order: get(&netstat, "TcpExt", "TCPOFOQueue")?,
+            loss_probes: get(&netstat, "TcpExt", "TCPLossProbes")?,
+        })
+    }
+
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &TcpTrouble) -> TcpTrouble {
+        TcpTrouble {
+            retransmitted: self.retransmitted.saturating_sub(earlier.retransmitted),
+            out_of_order: self.out_of_order.saturating_sub(earlier.out_of_order),
+            loss_probes: self.loss_probes.saturating_sub(earlier.loss_probes),
+        }
+    }
+
+    pub fn any(&self) -> bool {
+        *self != TcpTrouble::default()
+    }
+}
+
+/// One counter of /proc/net/snmp or /proc/net/netstat, where each group is a line of
+/// names followed by a line of values, both starting with `group:`.
+fn snmp_counter(text: &str, group: &str, name: &str) -> Option<u64> {
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        let at = names.split_whitespace().position(|n| n == name);
+        if let Some(at) = at {
+            return values.split_whitespace().nth(at)?.parse().ok();
+        }
+    }
+    None
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -519,6 +578,28 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_counters_are_read_by_name() {
+        let text = "Tcp: RtoAlgorithm RtoMin RetransSegs InErrs\n\
+                    Tcp: 1 200 94 0\n\
+                    Udp: InDatagrams RetransSegs\n\
+                    Udp: 5 6\n";
+        assert_eq!(snmp_counter(text, "Tcp", "RetransSegs"), Some(94));
+        assert_eq!(snmp_counter(text, "Udp", "RetransSegs"), Some(6));
+        assert_eq!(snmp_counter(text, "Tcp", "Absent"), None);
+        assert_eq!(snmp_counter(text, "Ip", "RetransSegs"), None);
+        let now = TcpTrouble::read().expect("this machine has /proc/net");
+        assert!(!now.since(&now).any());
+        let before = TcpTrouble {
+            retransmitted: now.retransmitted.saturating_sub(2),
+            ..now
+        };
+        assert_eq!(
+            now.since(&before).retransmitted,
+            now.retransmitted - before.retransmitted
+        );
+    }
 
     #[test]
     fn samples_are_read_from_the_exposition() {

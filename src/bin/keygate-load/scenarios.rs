@@ -236,21 +236,30 @@ impl Bench {
         tokens: &Tokens,
     ) -> anyhow::Result<RunReport> {
         let foreign = procs::ForeignCpu::start(&self.pids())?;
+        let tcp0 = procs::TcpTrouble::read().ok();
         let cpu0 = procs::cpu_seconds(pid)?;
         let mut r = load::run(plan, template.clone(), tokens.clone()).await?;
         let cpu1 = procs::cpu_seconds(pid)?;
         r.foreign_cpu_cores = foreign.cores().ok();
+        r.tcp_trouble = tcp0.and_then(|t0| Some(procs::TcpTrouble::read().ok()?.since(&t0)));
         if r.completed_all > 0 {
             r.target_cpu_us_per_request = Some((cpu1 - cpu0) * 1e6 / r.completed_all as f64);
         }
         eprintln!(
-            "  {:<28} {:>6} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  other load {:.2} cores  {}",
+            "  {:<28} {:>6} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  other load {:.2} cores  {}{}",
             r.label,
             r.mode,
             r.rps,
             r.latency_us.p50,
             r.latency_us.p99,
             r.foreign_cpu_cores.unwrap_or(f64::NAN),
+            match r.tcp_trouble {
+                Some(t) if t.any() => format!(
+                    "tcp: {} retransmitted, {} out of order, {} loss probes  ",
+                    t.retransmitted, t.out_of_order, t.loss_probes
+                ),
+                _ => String::new(),
+            },
             if r.valid {
                 "ok".to_owned()
             } else {
