@@ -131,9 +131,16 @@ pub struct Plan {
     pub repeatable: bool,
 }
 
-/// When request `i` of an open-loop run is due, relative to the start.
-pub fn due_at(i: u64, rate: f64) -> Duration {
-    Duration::from_secs_f64(i as f64 / rate)
+/// The interval between requests at `rate` per second, in whole nanoseconds: the
+/// period the kernel's timer keeps.
+pub fn period_of(rate: f64) -> Duration {
+    Duration::from_nanos(((1e9 / rate).round() as u64).max(1))
+}
+
+/// When request `i` of an open-loop run is due, relative to the start: the timer's
+/// `i`-th expiry, computed (not accumulated) so that it never drifts from it.
+pub fn due_at(i: u64, period: Duration) -> Duration {
+    Duration::from_nanos((period.as_nanos() as u64).saturating_mul(i))
 }
 
 /// How many requests an open-loop run of `span` at `rate` sends.
@@ -203,6 +210,11 @@ pub struct RunReport {
     /// noise floor of a shared machine (set by the scenarios).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub foreign_cpu_cores: Option<f64>,
+    /// Cores' worth of CPU the generator itself used during the run, warm-up included
+    /// (set by the scenarios). Near 1 the generator's one thread is saturated, and the
+    /// tail it measures is its own queue as much as the target's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generator_cpu_cores: Option<f64>,
     /// Retransmissions and out-of-order segments on the machine's TCP during the run
     /// (set by the scenarios).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -456,13 +468,14 @@ async fn open_loop(
     anyhow::ensure!(rate > 0.0, "rate must be above zero");
     let total = scheduled(plan.warmup + plan.duration, rate);
     let in_flight = Arc::new(Semaphore::new(plan.max_in_flight));
-    // The schedule is kept on this thread by a timerfd (see timer.rs for why not tokio's
-    // timer or a thread of its own).
-    let timer = Timer::new().context("cannot create the open loop's timer")?;
+    // The schedule is kept on this thread by a timerfd that expires when each request is
+    // due (see timer.rs for why not tokio's timer or a thread of its own).
+    let period = period_of(rate);
+    let timer = Timer::periodic(start, period).context("cannot create the open loop's timer")?;
     let mut not_sent = 0u64;
     let mut behind = 0u32;
     for i in 0..total {
-        let due = start + due_at(i, rate);
+        let due = start + due_at(i, period);
         if due > Instant::now() {
             behind = 0;
             timer.until(due).await?;
@@ -601,6 +614,7 @@ fn report(
         target_cpu_us_per_request: None,
         foreign_cpu_cores: None,
         tcp_trouble: None,
+        generator_cpu_cores: None,
         attempts: 1,
         deny_reasons: rec.deny,
         error_kinds: rec.errors,
@@ -624,14 +638,18 @@ mod tests {
 
     #[test]
     fn open_loop_requests_are_due_at_even_intervals() {
-        assert_eq!(due_at(0, 1000.0), Duration::ZERO);
-        assert_eq!(due_at(1, 1000.0), Duration::from_millis(1));
-        assert_eq!(due_at(2500, 1000.0), Duration::from_millis(2500));
-        assert_eq!(due_at(3, 4.0), Duration::from_millis(750));
-        // No drift over a long run: the i-th due time is computed, not accumulated.
-        let rate = 12_345.0;
-        let i = 10 * 12_345;
-        assert!((due_at(i, rate).as_secs_f64() - 10.0).abs() < 1e-9);
+        let ms = period_of(1000.0);
+        assert_eq!(ms, Duration::from_millis(1));
+        assert_eq!(due_at(0, ms), Duration::ZERO);
+        assert_eq!(due_at(1, ms), Duration::from_millis(1));
+        assert_eq!(due_at(2500, ms), Duration::from_millis(2500));
+        assert_eq!(due_at(3, period_of(4.0)), Duration::from_millis(750));
+        // Rounded to the nanosecond, the rate kept is the asked one to within 0.01%.
+        let rate = 37_561.0;
+        let kept = 37_561.0 / due_at(37_561, period_of(rate)).as_secs_f64();
+        assert!((kept / rate - 1.0).abs() < 1e-4, "{kept}");
+        // No rate so high that the period is zero.
+        assert_eq!(period_of(1e12), Duration::from_nanos(1));
     }
 
     #[test]

@@ -238,7 +238,10 @@ impl Bench {
         let foreign = procs::ForeignCpu::start(&self.pids())?;
         let tcp0 = procs::TcpTrouble::read().ok();
         let cpu0 = procs::cpu_seconds(pid)?;
+        let (own0, at0) = (procs::cpu_seconds(std::process::id())?, Instant::now());
         let mut r = load::run(plan, template.clone(), tokens.clone()).await?;
+        let own = procs::cpu_seconds(std::process::id())? - own0;
+        r.generator_cpu_cores = Some(own / at0.elapsed().as_secs_f64());
         let cpu1 = procs::cpu_seconds(pid)?;
         r.foreign_cpu_cores = foreign.cores().ok();
         r.tcp_trouble = tcp0.and_then(|t0| Some(procs::TcpTrouble::read().ok()?.since(&t0)));
@@ -246,12 +249,13 @@ impl Bench {
             r.target_cpu_us_per_request = Some((cpu1 - cpu0) * 1e6 / r.completed_all as f64);
         }
         eprintln!(
-            "  {:<28} {:>6} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  other load {:.2} cores  {}{}",
+            "  {:<28} {:>6} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  generator {:.2} cores  other load {:.2} cores  {}{}",
             r.label,
             r.mode,
             r.rps,
             r.latency_us.p50,
             r.latency_us.p99,
+            r.generator_cpu_cores.unwrap_or(f64::NAN),
             r.foreign_cpu_cores.unwrap_or(f64::NAN),
             match r.tcp_trouble {
                 Some(t) if t.any() => format!(
@@ -453,6 +457,21 @@ fn finish(report: &mut ScenarioReport, c: &Common) -> anyhow::Result<()> {
             "CPU taken by other processes during the runs (median / max)",
             format!("{:.2} / {max:.2} cores", median(foreign)),
         );
+    }
+    for mode in ["closed", "open"] {
+        let generator: Vec<f64> = report
+            .runs
+            .iter()
+            .filter(|r| r.mode == mode)
+            .filter_map(|r| r.generator_cpu_cores)
+            .collect();
+        if !generator.is_empty() {
+            let max = generator.iter().cloned().fold(0.0, f64::max);
+            report.fact(
+                &format!("generator's own CPU in {mode}-loop runs (median / max)"),
+                format!("{:.2} / {max:.2} cores", median(generator)),
+            );
+        }
     }
     print_report(report, c)?;
     let invalid = report.invalid_runs();
