@@ -263,11 +263,12 @@ impl ForeignCpu {
     }
 }
 
-/// The kernel's TCP counters that tell a loopback run was disturbed below the processes
-/// measured: segments sent again, and segments that arrived out of order. On loopback
-/// nothing is lost, yet both happen under load on a 2-core VM (BENCHMARKS.md, section 13),
-/// and each stalls a connection for milliseconds. The counters are machine-wide: on a
-/// quiet machine, a run's difference is the run's own.
+/// The kernel's TCP counters of trouble below the processes measured: segments sent
+/// again, segments that arrived out of order, and probes for acknowledgements that came
+/// late. On loopback nothing is lost, yet all three happen under load on a 2-core VM; they
+/// come in most runs and do not tell the runs with a long tail apart (BENCHMARKS.md,
+/// section 13), so they are a record of the machine's state, not a filter. The counters
+/// are machine-wide: on a quiet machine, a run's difference is the run's own.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TcpTrouble {
     /// `Tcp: RetransSegs`.
