@@ -18,7 +18,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -63,42 +63,6 @@ impl moka::Expiry<Digest, Verified> for EntryExpiry {
             Verified::Invalid(DenyReason::RevokedApiKey) => self.ttl,
             Verified::Invalid(_) => self.negative_ttl,
         })
-    }
-}
-
-/// Hashes the cache's keys, HMAC digests, by folding their bytes into one word.
-///
-/// A digest is already uniformly distributed, and nobody without the HMAC key (derived
-/// from the pepper) can choose a token whose digest lands in a given bucket. SipHash's
-/// defence against chosen keys buys nothing here; folding saves ~90 of the ~1,760
-/// instructions of a lookup (BENCHMARKS.md, section 12).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DigestHash;
-
-impl BuildHasher for DigestHash {
-    type Hasher = Fold;
-
-    fn build_hasher(&self) -> Fold {
-        Fold(0)
-    }
-}
-
-/// The hasher of `DigestHash`: every 8 bytes written are XORed into the state, turned
-/// between words so that equal words do not cancel.
-#[derive(Debug)]
-pub struct Fold(u64);
-
-impl Hasher for Fold {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(23) ^ u64::from_le_bytes(word);
-        }
     }
 }
 
@@ -193,7 +157,7 @@ impl KeyIndex {
 }
 
 pub struct CredentialCache {
-    entries: Cache<Digest, Verified, DigestHash>,
+    entries: Cache<Digest, Verified>,
     by_key: KeyIndex,
     /// Keys the stored-hash fingerprints, so that nobody can choose two hashes that match.
     fingerprints: RandomState,
@@ -224,7 +188,7 @@ impl CredentialCache {
                     ttl: cfg.ttl,
                     negative_ttl: cfg.negative_ttl,
                 })
-                .build_with_hasher(DigestHash),
+                .build(),
             // Entries live at most `ttl`. The margin covers the moment between the
             // mapping being set and the entry being stored, and lets a key used again
             // within a minute of its entry's expiry skip argon2.
@@ -339,39 +303,6 @@ mod tests {
         Verification {
             digest: [n; 32],
             hash_fingerprint: n.into(),
-        }
-    }
-
-    #[test]
-    fn digests_spread_evenly_and_any_changed_byte_changes_the_hash() {
-        let cache = CredentialCache::new(&CacheConfig::default(), &Secret::new("pepper"));
-        let digests: Vec<Digest> = (0..20_000)
-            .map(|i| cache.digest(&format!("sk_live_{i}")))
-            .collect();
-        // 20,000 digests into 1,024 buckets by the low bits (as a hash table takes them):
-        // ~19.5 each; a bucket with three times that means the bits are not spread.
-        let mut buckets = vec![0u32; 1024];
-        for d in &digests {
-            buckets[(DigestHash.hash_one(d) % 1024) as usize] += 1;
-        }
-        let fullest = *buckets.iter().max().unwrap();
-        assert!(fullest < 60, "a bucket holds {fullest} of 20,000 digests");
-        // The high bits too (moka shards and samples by them).
-        let mut high = vec![0u32; 1024];
-        for d in &digests {
-            high[(DigestHash.hash_one(d) >> 54) as usize] += 1;
-        }
-        assert!(*high.iter().max().unwrap() < 60);
-        // Every byte counts: change any one and the hash changes.
-        let d = digests[0];
-        for i in 0..d.len() {
-            let mut other = d;
-            other[i] ^= 0x5a;
-            assert_ne!(
-                DigestHash.hash_one(d),
-                DigestHash.hash_one(other),
-                "byte {i}"
-            );
         }
     }
 

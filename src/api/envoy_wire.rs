@@ -105,12 +105,12 @@ impl<'a> Fields<'a> {
 
     fn step(&mut self) -> Result<Option<(u32, &'a [u8])>, WireError> {
         while !self.buf.is_empty() {
-            let (tag, wire_type) = key(&mut self.buf)?;
+            let (tag, wire_type) = decode_key(&mut self.buf)?;
             if wire_type != WireType::LengthDelimited {
                 skip_field(wire_type, tag, &mut self.buf, DecodeContext::default())?;
                 continue;
             }
-            let len = usize::try_from(varint(&mut self.buf)?)
+            let len = usize::try_from(decode_varint(&mut self.buf)?)
                 .ok()
                 .filter(|&len| len <= self.buf.len())
                 .ok_or(WireError::PastTheEnd)?;
@@ -119,36 +119,6 @@ impl<'a> Fields<'a> {
             return Ok(Some((tag, contents)));
         }
         Ok(None)
-    }
-}
-
-/// A field's key. Almost every key in Envoy's request is one byte (field numbers below
-/// 16), read here without going through `bytes::Buf`; any other byte goes to prost's
-/// `decode_key`, which also gives its errors.
-#[inline]
-fn key(buf: &mut &[u8]) -> Result<(u32, WireType), WireError> {
-    if let Some((&b, rest)) = buf.split_first() {
-        // One byte, field number 1–15, a wire type that exists.
-        if (8..0x80).contains(&b) {
-            if let Ok(wire_type) = WireType::try_from(u64::from(b & 7)) {
-                *buf = rest;
-                return Ok((u32::from(b >> 3), wire_type));
-            }
-        }
-    }
-    Ok(decode_key(buf)?)
-}
-
-/// A varint: one byte (a length below 128, the common case) read here, longer ones by
-/// prost's `decode_varint`.
-#[inline]
-fn varint(buf: &mut &[u8]) -> Result<u64, WireError> {
-    match buf.split_first() {
-        Some((&b, rest)) if b < 0x80 => {
-            *buf = rest;
-            Ok(u64::from(b))
-        }
-        _ => Ok(decode_varint(buf)?),
     }
 }
 
@@ -375,31 +345,6 @@ mod tests {
 
     fn filter() -> HeaderFilter {
         HeaderFilter::new(["authorization", "x-api-key", "x-tenant-id"], "x-keygate-")
-    }
-
-    /// keygate's key and varint readers against prost's, on every first byte followed by
-    /// continuations, ends and truncations: the same values, the same bytes left, an
-    /// error exactly where prost has one.
-    #[test]
-    fn keys_and_varints_read_as_prost_reads_them() {
-        let tails: [&[u8]; 5] = [&[], &[0x01], &[0x81, 0x01], &[0xff; 9], &[0x80]];
-        for first in 0..=255u8 {
-            for tail in tails {
-                let bytes: Vec<u8> = std::iter::once(first).chain(tail.iter().copied()).collect();
-                let (mut ours, mut theirs) = (bytes.as_slice(), bytes.as_slice());
-                match (key(&mut ours), decode_key(&mut theirs)) {
-                    (Ok(a), Ok(b)) => assert_eq!((a, ours), (b, theirs), "key {bytes:02x?}"),
-                    (Err(_), Err(_)) => {}
-                    (a, b) => panic!("key {bytes:02x?}: keygate {a:?}, prost {b:?}"),
-                }
-                let (mut ours, mut theirs) = (bytes.as_slice(), bytes.as_slice());
-                match (varint(&mut ours), decode_varint(&mut theirs)) {
-                    (Ok(a), Ok(b)) => assert_eq!((a, ours), (b, theirs), "varint {bytes:02x?}"),
-                    (Err(_), Err(_)) => {}
-                    (a, b) => panic!("varint {bytes:02x?}: keygate {a:?}, prost {b:?}"),
-                }
-            }
-        }
     }
 
     /// A request as Envoy fills it: everything set, most of it of no interest to keygate.
