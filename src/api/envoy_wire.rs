@@ -325,6 +325,7 @@ impl<'a> Http<'a> {
 
 /// Bytes as a string; invalid UTF-8 is replaced (U+FFFD), so it can never match a valid
 /// token, tenant id or route.
+///
 /// Valid text (every request Envoy sends) is checked by `str::from_utf8`, which goes a
 /// word at a time over ASCII, before `from_utf8_lossy`, which goes a chunk at a time:
 /// ~350 instructions fewer per request (BENCHMARKS.md, section 12).
