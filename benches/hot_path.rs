@@ -7,7 +7,7 @@
 //! The Envoy request used throughout is keygate-load's (`shape.rs`, shaped like the ones
 //! Envoy 1.40 sends), so each figure is what one real Check costs in that stage.
 
-use std::convert::Infallible;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,7 @@ use keygate::principal::{Environment, KeyKind, Principal};
 use keygate::secret::Secret;
 use keygate::server::App;
 use keygate::store::memory::MemoryStore;
+use keygate::store::StoreError;
 use prost::Message;
 
 // keygate-load's request builder, shared rather than copied. The bench uses only `Shape`;
@@ -120,7 +121,7 @@ fn stages(c: &mut Criterion) {
         let first = cache
             .get_or_verify(digest, "0123456789abcdef", || {
                 let v = fill.clone();
-                async move { Ok::<_, Infallible>(v) }
+                async move { Ok::<_, StoreError>(v) }
             })
             .await;
         assert!(!first.hit);
@@ -135,7 +136,7 @@ fn stages(c: &mut Criterion) {
                     unreachable!("the entry is cached")
                 })
                 .await;
-            let hit: Result<Verified, Arc<Infallible>> = l.value;
+            let hit: Result<Verified, keygate::cache::VerifyError> = l.value;
             assert!(l.hit && hit.is_ok());
         })
     });
@@ -152,6 +153,7 @@ fn stages(c: &mut Criterion) {
 fn decide(c: &mut Criterion) {
     let rt = runtime();
     let secrets = Secrets {
+        watch_token: None,
         pepper: pepper(),
         admin_token: Secret::new("bench-admin-token-0123"),
         redis_password: None,

@@ -4,10 +4,12 @@
 //! The secret is checked before the key's state is looked at, so a caller without the
 //! secret learns nothing about whether a key id is revoked or expired.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::apikey::{self, SecretHasher};
+use crate::apikey::{self, HashError, SecretHasher};
 use crate::cache::{CredentialCache, Digest, Verified};
+use crate::config::Argon2Config;
 use crate::credential::Credential;
 use crate::decision::DenyReason;
 use crate::principal::{Environment, Principal};
@@ -28,6 +30,41 @@ pub struct Authenticator {
     cache: Arc<CredentialCache>,
     prefix: String,
     accept_test_keys: bool,
+    failures: FailureBudget,
+}
+
+/// Failed verifications per key id in a fixed window (`api_keys.argon2.failures_per_key`
+/// per `failure_window`): anyone who knows a key id can mint well-formed guesses (the
+/// checksum is public), and each would cost one argon2 run. Past the bound, unverified
+/// tokens for that key id are refused without argon2 until the window ends.
+struct FailureBudget {
+    counts: moka::sync::Cache<Box<str>, Arc<AtomicU32>>,
+    limit: u32,
+}
+
+impl FailureBudget {
+    fn new(cfg: &Argon2Config) -> Self {
+        FailureBudget {
+            // A window starts at a key id's first failure (time to live, not to idle).
+            counts: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(cfg.failure_window)
+                .build(),
+            limit: cfg.failures_per_key,
+        }
+    }
+
+    fn exhausted(&self, key_id: &str) -> bool {
+        self.counts
+            .get(key_id)
+            .is_some_and(|n| n.load(Ordering::Relaxed) >= self.limit)
+    }
+
+    fn failed(&self, key_id: &str) {
+        self.counts
+            .get_with(key_id.into(), Arc::default)
+            .fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Authenticator {
@@ -37,6 +74,7 @@ impl Authenticator {
         cache: Arc<CredentialCache>,
         prefix: String,
         accept_test_keys: bool,
+        argon2: &Argon2Config,
     ) -> Self {
         Authenticator {
             store,
@@ -44,6 +82,7 @@ impl Authenticator {
             cache,
             prefix,
             accept_test_keys,
+            failures: FailureBudget::new(argon2),
         }
     }
 
@@ -91,7 +130,9 @@ impl Authenticator {
                 }
                 Ok(p)
             }
-            Ok(Verified::Invalid(reason)) => Err(AuthnFailure::Deny(reason)),
+            Ok(Verified::Invalid(reason) | Verified::Refused(reason)) => {
+                Err(AuthnFailure::Deny(reason))
+            }
             Err(e) => {
                 tracing::warn!(key_id = parsed.key_id, error = %e, "cannot verify API key: store unavailable");
                 Err(AuthnFailure::Unavailable)
@@ -118,6 +159,10 @@ impl Authenticator {
         }
         let verified = if self.cache.verified_before(key_id, &digest, &record.hash) {
             Ok(true)
+        } else if self.failures.exhausted(key_id) {
+            metrics().argon2_refused.inc();
+            tracing::debug!(key_id, "API key verification refused: too many wrong secrets");
+            return Ok(Verified::Refused(DenyReason::InvalidApiKey));
         } else {
             self.hasher.verify(secret, &record.hash).await
         };
@@ -125,8 +170,13 @@ impl Authenticator {
             Ok(true) => self.cache.note_verified(key_id, digest, &record.hash),
             Ok(false) => {
                 metrics().bad_secrets.inc();
+                self.failures.failed(key_id);
                 tracing::info!(key_id, "wrong secret presented for API key");
                 return Ok(Verified::Invalid(DenyReason::InvalidApiKey));
+            }
+            Err(e @ HashError::Busy(_)) => {
+                tracing::warn!(key_id, error = %e, "cannot verify API key now");
+                return Err(StoreError::Unavailable(e.to_string()));
             }
             Err(e) => {
                 tracing::error!(key_id, error = %e, "API key hash cannot be verified");

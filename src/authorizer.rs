@@ -9,7 +9,7 @@ use crate::config::PolicyConfig;
 use crate::credential::CredentialSource;
 use crate::decision::{Allowed, Decision, DenyReason, Unavailable};
 use crate::policy::{Policy, Requirement};
-use crate::request::AuthRequest;
+use crate::request::{normalize_path, AuthRequest};
 use crate::telemetry::metrics;
 use crate::tenant;
 
@@ -69,7 +69,16 @@ impl Authorizer {
     }
 
     async fn decide(&self, req: &AuthRequest) -> Decision {
-        let route = self.policy.route(&req.method, &req.path);
+        // Routes are matched on the path the upstream will route, not on its raw bytes,
+        // whatever the proxy in front normalised or did not.
+        let path = match normalize_path(&req.path) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(reason = %e, "request path refused");
+                return Decision::deny(DenyReason::InvalidPath);
+            }
+        };
+        let route = self.policy.route(&req.method, &path);
         if let Some(r) = route {
             if r.requirement == Requirement::Public {
                 return Decision::Allow(Allowed {

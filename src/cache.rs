@@ -3,13 +3,18 @@
 //!
 //! - Keyed by HMAC-SHA-256(pepper-derived key, token): the cache never holds a token, and
 //!   a memory dump does not give one away.
-//! - Single flight: concurrent misses for one token share one verification (moka's
-//!   `try_get_with` runs one init future per key and hands its result to every waiter).
+//! - Single flight: concurrent misses for one token share one verification. The first
+//!   caller leads it; the others wait for its answer. If the leader is cancelled (its
+//!   request timed out), a waiter takes over.
 //! - Failed verifications are remembered for a short `negative_ttl`, so repeating a bad
-//!   guess costs no argon2. Backend failures are never cached.
-//! - `invalidate_key` is the entry point for revocation: it drops the entry of a key id at
-//!   once, and an epoch counter stops a verification that was already in flight from
-//!   putting back what was just invalidated.
+//!   guess costs no argon2. Backend failures and `Verified::Refused` are never cached.
+//! - Invalidation (`invalidate_key`, `invalidate_all`) and the caching of a finished
+//!   verification take one lock, and a verification is cached only if no invalidation of
+//!   its key (and no flush) happened after it started; otherwise it runs again against the
+//!   store. So an invalidation that happened after a verification started always wins,
+//!   however the two interleave.
+//! - A revocation leaves a tombstone: the token's digest is known, so its entry becomes
+//!   `revoked_api_key` at once, and the next check answers without argon2 or the store.
 //! - When a valid entry's TTL runs out, the key's record is read again (its state may
 //!   have changed) but argon2 does not run again if the stored hash is the one this
 //!   token was verified against (`verified_before`): a key id's secret never changes,
@@ -17,22 +22,22 @@
 //!   replica can pay beyond ~1,500 active keys.
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
-use moka::future::Cache;
+use moka::sync::Cache;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
+use tokio::sync::watch;
 
 use crate::config::CacheConfig;
 use crate::decision::DenyReason;
 use crate::principal::Principal;
 use crate::secret::Secret;
-use crate::store::now_ms;
+use crate::store::{now_ms, EventKind, StoreError};
 
 pub type Digest = [u8; 32];
 
@@ -41,7 +46,13 @@ pub type Digest = [u8; 32];
 pub enum Verified {
     Valid(Arc<Principal>),
     Invalid(DenyReason),
+    /// A denial that is not remembered: it holds only for now (a key id whose failed
+    /// verifications are over their bound).
+    Refused(DenyReason),
 }
+
+/// Why a verification has no answer: the store (or argon2's queue) could not be asked.
+pub type VerifyError = Arc<StoreError>;
 
 struct EntryExpiry {
     ttl: Duration,
@@ -61,7 +72,7 @@ impl moka::Expiry<Digest, Verified> for EntryExpiry {
             }
             // A revoked key stays revoked; remembering that longer is safe.
             Verified::Invalid(DenyReason::RevokedApiKey) => self.ttl,
-            Verified::Invalid(_) => self.negative_ttl,
+            Verified::Invalid(_) | Verified::Refused(_) => self.negative_ttl,
         })
     }
 }
@@ -146,31 +157,100 @@ impl KeyIndex {
         self.lock().map.remove(key_id).map(|(v, _)| v)
     }
 
-    fn clear(&self) {
-        self.lock().map.clear();
-    }
-
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().map.len()
     }
 }
 
+/// What invalidations happened, in the order of one counter, so that a verification can
+/// tell whether one happened after it started.
+#[derive(Default)]
+struct Invalidations {
+    /// Bumped by every invalidation and by every verification's start.
+    epoch: u64,
+    /// The epoch of the last `invalidate_all`.
+    flushed_at: u64,
+    /// Key id → epoch of its last invalidation. Only needed while a verification that
+    /// started before it is running: pruned against `running`.
+    keys: HashMap<Box<str>, u64>,
+    /// Start epochs of the verifications running now (epoch → how many).
+    running: BTreeMap<u64, usize>,
+}
+
+impl Invalidations {
+    fn since(&self, key_id: &str, started: u64) -> bool {
+        self.flushed_at > started || self.keys.get(key_id).is_some_and(|&at| at > started)
+    }
+
+    fn invalidated(&mut self, key_id: &str) {
+        self.epoch += 1;
+        let epoch = self.epoch;
+        match self.running.keys().next() {
+            // Nobody can ask about an older invalidation.
+            None => self.keys.clear(),
+            Some(&oldest) if self.keys.len() >= 1024 => self.keys.retain(|_, at| *at > oldest),
+            Some(_) => {}
+        }
+        self.keys.insert(key_id.into(), epoch);
+    }
+}
+
+/// An answer shared between the leader of a verification and its waiters.
+type Shared = Option<Result<Verified, VerifyError>>;
+
 pub struct CredentialCache {
     entries: Cache<Digest, Verified>,
     by_key: KeyIndex,
     /// Keys the stored-hash fingerprints, so that nobody can choose two hashes that match.
     fingerprints: RandomState,
-    /// key id → epoch at which it was last invalidated.
-    invalidated: moka::sync::Cache<Arc<str>, u64>,
-    epoch: AtomicU64,
+    invalidations: Mutex<Invalidations>,
+    /// Verifications in flight, by digest: their waiters' end of the answer.
+    flights: Mutex<HashMap<Digest, watch::Receiver<Shared>>>,
     mac: Hmac<Sha256>,
 }
 
 /// The result of a lookup: the value and whether it came from the cache.
-pub struct Lookup<E> {
-    pub value: Result<Verified, Arc<E>>,
+pub struct Lookup {
+    pub value: Result<Verified, VerifyError>,
     pub hit: bool,
+}
+
+/// Ends a flight however its leader stops: its waiters see the answer, or (a cancelled
+/// leader) the sender dropped, and one of them leads again.
+struct Flight<'a> {
+    cache: &'a CredentialCache,
+    digest: Digest,
+    answer: watch::Sender<Shared>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        lock(&self.cache.flights).remove(&self.digest);
+    }
+}
+
+/// Deregisters a verification's start epoch however it ends.
+struct Running<'a> {
+    cache: &'a CredentialCache,
+    started: u64,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut inv = self.cache.invalidations();
+        if let Some(n) = inv.running.get_mut(&self.started) {
+            *n -= 1;
+            if *n == 0 {
+                inv.running.remove(&self.started);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing under these locks can be left half-changed by a panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl CredentialCache {
@@ -194,13 +274,14 @@ impl CredentialCache {
             // within a minute of its entry's expiry skip argon2.
             by_key: KeyIndex::new(cfg.ttl + Duration::from_secs(60)),
             fingerprints: RandomState::new(),
-            invalidated: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(cfg.ttl + Duration::from_secs(1))
-                .build(),
-            epoch: AtomicU64::new(0),
+            invalidations: Mutex::default(),
+            flights: Mutex::default(),
             mac: <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key length"),
         }
+    }
+
+    fn invalidations(&self) -> MutexGuard<'_, Invalidations> {
+        lock(&self.invalidations)
     }
 
     pub fn digest(&self, token: &str) -> Digest {
@@ -210,36 +291,91 @@ impl CredentialCache {
     }
 
     /// The cached answer for `digest`, or the answer of `verify` (shared with every
-    /// concurrent caller for the same digest), cached unless it is an error.
-    pub async fn get_or_verify<E, F, Fut>(
-        &self,
-        digest: Digest,
-        key_id: &str,
-        verify: F,
-    ) -> Lookup<E>
+    /// concurrent caller for the same digest), cached unless it is an error or `Refused`.
+    pub async fn get_or_verify<F, Fut>(&self, digest: Digest, key_id: &str, verify: F) -> Lookup
     where
-        E: Send + Sync + 'static,
         F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<Verified, E>>,
+        Fut: std::future::Future<Output = Result<Verified, StoreError>>,
     {
-        if let Some(v) = self.entries.get(&digest).await {
+        if let Some(v) = self.entries.get(&digest) {
             return Lookup {
                 value: Ok(v),
                 hit: true,
             };
         }
-        let mut attempts = 0;
         loop {
-            attempts += 1;
-            let started = self.epoch.load(Ordering::Acquire);
-            let value = self.entries.try_get_with(digest, verify()).await;
-            // A revocation that raced the verification may have been applied before the
-            // result was cached: drop it and verify once more against the store.
-            if attempts == 1 && value.is_ok() && self.invalidated_since(key_id, started) {
-                self.entries.invalidate(&digest).await;
+            let joined = {
+                let mut flights = lock(&self.flights);
+                match flights.get(&digest) {
+                    Some(rx) => Err(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        flights.insert(digest, rx);
+                        Ok(Flight {
+                            cache: self,
+                            digest,
+                            answer: tx,
+                        })
+                    }
+                }
+            };
+            match joined {
+                Ok(flight) => {
+                    // A flight that ended between our miss and taking the lead has
+                    // cached its answer already.
+                    let value = match self.entries.get(&digest) {
+                        Some(v) => Ok(v),
+                        None => self.lead(digest, key_id, &verify).await,
+                    };
+                    flight.answer.send_replace(Some(value.clone()));
+                    return Lookup { value, hit: false };
+                }
+                Err(mut rx) => {
+                    if let Ok(answer) = rx.wait_for(Option::is_some).await {
+                        let value = answer.clone().expect("waited for an answer");
+                        return Lookup { value, hit: false };
+                    }
+                    // The leader was cancelled before it answered: lead (or join) anew.
+                }
+            }
+        }
+    }
+
+    /// Verifies until no invalidation of `key_id` overtook the verification, then caches
+    /// the answer, under the lock that invalidations take.
+    async fn lead<F, Fut>(
+        &self,
+        digest: Digest,
+        key_id: &str,
+        verify: &F,
+    ) -> Result<Verified, VerifyError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Verified, StoreError>>,
+    {
+        loop {
+            let running = {
+                let mut inv = self.invalidations();
+                inv.epoch += 1;
+                let started = inv.epoch;
+                *inv.running.entry(started).or_default() += 1;
+                Running {
+                    cache: self,
+                    started,
+                }
+            };
+            let value = verify().await.map_err(Arc::new)?;
+            let inv = self.invalidations();
+            if inv.since(key_id, running.started) {
+                // What was read may predate the invalidation: read again.
+                drop(inv);
                 continue;
             }
-            return Lookup { value, hit: false };
+            if !matches!(value, Verified::Refused(_)) {
+                self.entries.insert(digest, value.clone());
+            }
+            drop(inv);
+            return Ok(value);
         }
     }
 
@@ -265,24 +401,42 @@ impl CredentialCache {
         );
     }
 
-    fn invalidated_since(&self, key_id: &str, epoch: u64) -> bool {
-        self.invalidated.get(key_id).is_some_and(|at| at > epoch)
-    }
-
-    /// Drops what is cached for this key id, at once.
-    pub async fn invalidate_key(&self, key_id: &str) {
-        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        self.invalidated.insert(Arc::from(key_id), epoch);
-        if let Some(v) = self.by_key.take(key_id) {
-            self.entries.invalidate(&v.digest).await;
+    /// Applies what happened to a key, at once. A revoked or deleted key's token (if it
+    /// was verified here) is remembered as denied, so its next check costs nothing; any
+    /// other change drops the entry, and the next check reads the record again (without
+    /// argon2: the secret has not changed). `None`: a change this version cannot read,
+    /// which drops the entry too.
+    pub fn invalidate_key(&self, key_id: &str, kind: Option<EventKind>) {
+        let mut inv = self.invalidations();
+        inv.invalidated(key_id);
+        let Some(v) = self.by_key.get(key_id) else {
+            return;
+        };
+        match kind {
+            Some(EventKind::Revoked) => {
+                let tombstone = Verified::Invalid(DenyReason::RevokedApiKey);
+                self.entries.insert(v.digest, tombstone);
+            }
+            Some(EventKind::Deleted) => {
+                // The id no longer exists: what an unknown id answers.
+                self.by_key.take(key_id);
+                let tombstone = Verified::Invalid(DenyReason::InvalidApiKey);
+                self.entries.insert(v.digest, tombstone);
+            }
+            Some(EventKind::Updated) | None => self.entries.invalidate(&v.digest),
         }
+        drop(inv);
     }
 
-    /// Drops everything (the revocation stream was lost past what can be replayed).
+    /// Drops every entry (the revocation stream was lost past what can be replayed).
+    /// What is known of secrets stays: a key id's secret never changes, and every record
+    /// is read again from the store before it is trusted.
     pub fn invalidate_all(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let mut inv = self.invalidations();
+        inv.epoch += 1;
+        inv.flushed_at = inv.epoch;
         self.entries.invalidate_all();
-        self.by_key.clear();
+        drop(inv);
     }
 
     pub fn entry_count(&self) -> u64 {
@@ -291,7 +445,7 @@ impl CredentialCache {
 
     /// Applies pending maintenance (for tests and memory measurements).
     pub async fn sync(&self) {
-        self.entries.run_pending_tasks().await;
+        self.entries.run_pending_tasks();
     }
 }
 
@@ -359,8 +513,8 @@ mod tests {
         );
         cache.invalidate_all();
         assert!(
-            !cache.verified_before("k1", &token, "$argon2id$a"),
-            "after a flush"
+            cache.verified_before("k1", &token, "$argon2id$a"),
+            "a flush forgets entries, not what a secret hashes to"
         );
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! One YAML file; every field can be overridden by an environment variable
 //! `KEYGATE_<SECTION>__<FIELD>` (double underscore between levels, value parsed as YAML).
-//! Secrets never come from the YAML: the pepper, the admin token and the Redis password
-//! are read from `KEYGATE_PEPPER`, `KEYGATE_ADMIN_TOKEN`, `KEYGATE_REDIS_PASSWORD` or the
-//! files named by the same variables with `_FILE` appended. Any error names the field.
+//! Secrets never come from the YAML: the pepper, the admin token, the watch token and the
+//! Redis password are read from `KEYGATE_PEPPER`, `KEYGATE_ADMIN_TOKEN`,
+//! `KEYGATE_WATCH_TOKEN`, `KEYGATE_REDIS_PASSWORD` or the files named by the same
+//! variables with `_FILE` appended. Any error names the field.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -174,6 +175,15 @@ pub struct Argon2Config {
     /// How much nicer than the rest of keygate the argon2 threads run (0–19; 0 = the same
     /// priority). On contended cores, cached keys are served first.
     pub nice: i32,
+    /// Most verifications waiting for an argon2 thread. A cold key that finds the queue
+    /// full is answered UNAVAILABLE (never allowed, never denied), at once.
+    pub queue_depth: usize,
+    /// Most failed verifications (wrong secrets) of one key id per `failure_window`.
+    /// Beyond it, an unverified token for that key id is denied `invalid_api_key` without
+    /// argon2 until the window ends. A token already verified here is never affected.
+    pub failures_per_key: u32,
+    #[serde(deserialize_with = "duration")]
+    pub failure_window: Duration,
 }
 
 impl Default for Argon2Config {
@@ -189,6 +199,12 @@ impl Default for Argon2Config {
             // Weight 110 against 1024 (Linux CFS): beside busy cache hits argon2 gets about
             // a tenth of a core, so a cold key still verifies in a few hundred ms.
             nice: 10,
+            // At ~15 ms a verification, 64 queued jobs are about half a second of one
+            // thread: past Envoy's 200 ms default, a longer queue only holds answers that
+            // nobody waits for any more.
+            queue_depth: 64,
+            failures_per_key: 10,
+            failure_window: Duration::from_secs(60),
         }
     }
 }
@@ -342,6 +358,10 @@ pub struct Secrets {
     pub pepper: Secret,
     pub admin_token: Secret,
     pub redis_password: Option<Secret>,
+    /// `KEYGATE_WATCH_TOKEN`: what `Revocations/Watch` on the public gRPC port asks for
+    /// (without it, Watch is served on the admin port only), and what this replica
+    /// presents to another keygate with `revocation.source: watch`.
+    pub watch_token: Option<Secret>,
 }
 
 impl Secrets {
@@ -380,10 +400,18 @@ impl Secrets {
                 "must be at least 16 characters long",
             ));
         }
+        let watch_token = env_secret("KEYGATE_WATCH_TOKEN")?;
+        if watch_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return Err(ConfigError::new(
+                "KEYGATE_WATCH_TOKEN",
+                "must be at least 16 characters long",
+            ));
+        }
         Ok(Secrets {
             pepper,
             admin_token,
             redis_password: env_secret("KEYGATE_REDIS_PASSWORD")?,
+            watch_token,
         })
     }
 }
@@ -435,7 +463,7 @@ impl Config {
                 apply_override(&mut root, &path, &value)?;
             }
         }
-        for secret_field in ["pepper", "admin_token", "redis_password", "password"] {
+        for secret_field in ["pepper", "admin_token", "watch_token", "redis_password", "password"] {
             if find_key(&root, secret_field) {
                 return Err(ConfigError::new(
                     secret_field,
@@ -477,6 +505,24 @@ impl Config {
                 "must be from 0 (keygate's own priority) to 19 (the lowest)",
             ));
         }
+        if a.queue_depth == 0 {
+            return Err(ConfigError::new(
+                "api_keys.argon2.queue_depth",
+                "must be at least 1",
+            ));
+        }
+        if a.failures_per_key == 0 {
+            return Err(ConfigError::new(
+                "api_keys.argon2.failures_per_key",
+                "must be at least 1",
+            ));
+        }
+        if a.failure_window.is_zero() {
+            return Err(ConfigError::new(
+                "api_keys.argon2.failure_window",
+                "must be above zero",
+            ));
+        }
         if self.api_keys.default_lifetime.is_zero()
             || self.api_keys.default_lifetime > self.api_keys.max_lifetime
         {
@@ -488,14 +534,25 @@ impl Config {
         if self.cache.ttl.is_zero() {
             return Err(ConfigError::new("cache.ttl", "must be above zero"));
         }
-        if self.store.backend == StoreBackend::Redis
-            && !self.store.redis_url.starts_with("redis://")
-            && !self.store.redis_url.starts_with("rediss://")
-        {
-            return Err(ConfigError::new(
-                "store.redis_url",
-                "must start with redis:// or rediss://",
-            ));
+        if self.store.backend == StoreBackend::Redis {
+            // Only what this build can connect to: TLS to Redis is not compiled in, and
+            // would otherwise fail later, at the first connection, with a library message.
+            let url = &self.store.redis_url;
+            if url.starts_with("rediss://") {
+                return Err(ConfigError::new(
+                    "store.redis_url",
+                    "rediss:// (TLS) is not supported by this build; use redis:// (or \
+                     redis+unix:// for a local socket) behind a TLS tunnel",
+                ));
+            }
+            if !url.starts_with("redis://") && !url.starts_with("redis+unix://") {
+                return Err(ConfigError::new(
+                    "store.redis_url",
+                    "must start with redis:// or redis+unix://",
+                ));
+            }
+            url.parse::<redis::ConnectionInfo>()
+                .map_err(|e| ConfigError::new("store.redis_url", e.to_string()))?;
         }
         if self.store.redis_url.contains('@') {
             return Err(ConfigError::new(

@@ -23,10 +23,12 @@ pub enum DenyReason {
     InvalidTenant,
     TenantForbidden,
     RateLimited,
+    /// The path cannot be normalised safely (`request::normalize_path`).
+    InvalidPath,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 10] = [
+    pub const ALL: [DenyReason; 11] = [
         DenyReason::MissingCredentials,
         DenyReason::InvalidApiKey,
         DenyReason::ExpiredApiKey,
@@ -37,6 +39,7 @@ impl DenyReason {
         DenyReason::InvalidTenant,
         DenyReason::TenantForbidden,
         DenyReason::RateLimited,
+        DenyReason::InvalidPath,
     ];
 
     /// The public error code, as it appears in response bodies, logs and metrics.
@@ -52,6 +55,7 @@ impl DenyReason {
             DenyReason::InvalidTenant => "invalid_tenant",
             DenyReason::TenantForbidden => "tenant_forbidden",
             DenyReason::RateLimited => "rate_limited",
+            DenyReason::InvalidPath => "invalid_path",
         }
     }
 
@@ -63,7 +67,9 @@ impl DenyReason {
             | DenyReason::RevokedApiKey
             | DenyReason::InvalidToken => 401,
             DenyReason::InsufficientPermissions | DenyReason::TenantForbidden => 403,
-            DenyReason::TenantRequired | DenyReason::InvalidTenant => 400,
+            DenyReason::TenantRequired | DenyReason::InvalidTenant | DenyReason::InvalidPath => {
+                400
+            }
             DenyReason::RateLimited => 429,
         }
     }
@@ -84,6 +90,7 @@ impl DenyReason {
             DenyReason::InvalidTenant => "The X-Tenant-Id header must be a UUID.",
             DenyReason::TenantForbidden => "The credential may not act for this tenant.",
             DenyReason::RateLimited => "Too many requests.",
+            DenyReason::InvalidPath => "The request path cannot be interpreted safely.",
         }
     }
 

@@ -10,7 +10,7 @@ use crate::cache::CredentialCache;
 use crate::config::ApiKeysConfig;
 use crate::policy::valid_scope;
 use crate::principal::{Environment, KeyKind};
-use crate::store::{now_ms, KeyChange, KeyPage, KeyRecord, KeyStore, StoreError};
+use crate::store::{now_ms, EventKind, KeyChange, KeyPage, KeyRecord, KeyStore, StoreError};
 use crate::telemetry::metrics;
 use crate::tenant::parse_tenant;
 
@@ -188,7 +188,7 @@ impl KeyAdmin {
             .update(key_id, &change, now_ms())
             .await?
             .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
-        self.cache.invalidate_key(key_id).await;
+        self.cache.invalidate_key(key_id, Some(EventKind::Updated));
         tracing::info!(key_id, "API key updated");
         Ok(record)
     }
@@ -247,7 +247,7 @@ impl KeyAdmin {
             .revoke(key_id, now_ms())
             .await?
             .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
-        self.cache.invalidate_key(key_id).await;
+        self.cache.invalidate_key(key_id, Some(EventKind::Revoked));
         metrics().keys_revoked.inc();
         tracing::info!(key_id, "API key revoked");
         Ok(record)
@@ -260,7 +260,7 @@ impl KeyAdmin {
             .delete(key_id, now_ms())
             .await?
             .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
-        self.cache.invalidate_key(key_id).await;
+        self.cache.invalidate_key(key_id, Some(EventKind::Deleted));
         tracing::info!(key_id, "API key deleted");
         Ok(record)
     }
@@ -314,9 +314,7 @@ fn check_plan(plan: &str) -> Result<Option<String>, AdminError> {
 
 fn check_key_id(key_id: &str) -> Result<&str, AdminError> {
     let key_id = key_id.trim();
-    if key_id.len() != apikey::token::KEY_ID_LEN
-        || !key_id.bytes().all(|b| b.is_ascii_alphanumeric())
-    {
+    if !apikey::token::valid_key_id(key_id) {
         return Err(invalid(
             "key_id",
             format!("must be {} base62 characters", apikey::token::KEY_ID_LEN),

@@ -1,12 +1,14 @@
 //! `AuthRequest`: the protocol-neutral view of the request being authorized. Adapters
 //! build it from Envoy's `CheckRequest` or keygate's own; the core never sees a protobuf.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, Default)]
 pub struct AuthRequest {
     pub method: String,
-    /// As received, query string included.
+    /// As received, query string included; `normalize_path` gives the path routes are
+    /// matched on.
     pub path: String,
     /// Lower-cased names. Repeated headers arrive joined with commas. Only the headers
     /// keygate consults need be here: the Envoy adapter keeps the credential headers, the
@@ -22,5 +24,203 @@ pub struct AuthRequest {
 impl AuthRequest {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// Why a request path cannot be decided on: no server could be trusted to route it the
+/// way keygate reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path does not start with `/`")]
+    NotAbsolute,
+    #[error("the path encodes `/`, `\\` or NUL, or holds a backslash or control character")]
+    Ambiguous,
+    #[error("the path has a `%` that is not followed by two hex digits")]
+    BadPercent,
+    #[error("a segment is a dot segment with path parameters (`..;`)")]
+    DotParameters,
+}
+
+/// The path a server would route, without the query: percent-encoded unreserved
+/// characters decoded, runs of `/` merged, then dot segments removed (RFC 3986, 5.2.4).
+/// `/public/../v1/contacts` and `/public/%2e%2e/v1/contacts` are `/v1/contacts`.
+///
+/// Refused, because servers disagree on what they mean and one of them would route past
+/// the policy: an encoded `/`, `\` or NUL, a raw `\` or control character, a `%` without
+/// two hex digits, and a dot segment carrying path parameters (`..;x`, which some Java
+/// servers read as `..`). Slashes are merged before dots are resolved because common
+/// proxies and servers merge them: `/public//../v1` is then `/v1`, whichever way a
+/// server reads it, the stricter of the two readings for any route below `/public`.
+///
+/// A path with nothing to change (nearly every request) is borrowed, not copied.
+pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
+    let path = raw.split(['?', '#']).next().unwrap_or("");
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let bytes = path.as_bytes();
+    let mut plain = true;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'\\' | 0..=0x1f | 0x7f => return Err(PathError::Ambiguous),
+            b'%' => plain = false,
+            b'/' if matches!(bytes.get(i + 1), Some(b'/' | b'.')) => plain = false,
+            b';' => plain = false,
+            _ => {}
+        }
+    }
+    if plain {
+        return Ok(Cow::Borrowed(path));
+    }
+    let decoded = decode_unreserved(path)?;
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded[1..].split('/').collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        let bare = seg.split(';').next().unwrap_or("");
+        if (bare == "." || bare == "..") && bare.len() != seg.len() {
+            return Err(PathError::DotParameters);
+        }
+        match *seg {
+            // A merged slash; a trailing one is kept, as it is part of the route.
+            "" if i < last => {}
+            "." => {
+                if i == last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                out.pop();
+                if i == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let mut normal = String::with_capacity(decoded.len());
+    for seg in &out {
+        normal.push('/');
+        normal.push_str(seg);
+    }
+    if normal.is_empty() {
+        normal.push('/');
+    }
+    Ok(Cow::Owned(normal))
+}
+
+/// `%XX` of an unreserved character (`A-Z a-z 0-9 - . _ ~`) decoded; any other `%XX`
+/// kept, with its hex digits upper-cased so that equal paths are equal strings.
+fn decode_unreserved(path: &str) -> Result<String, PathError> {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b != b'%' {
+            // Copy the run up to the next `%` as it is (it may hold non-ASCII text).
+            let end = bytes[i..]
+                .iter()
+                .position(|&c| c == b'%')
+                .map_or(bytes.len(), |p| i + p);
+            out.push_str(&path[i..end]);
+            i = end;
+            continue;
+        }
+        let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
+        let (Some(hi), Some(lo)) = (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) else {
+            return Err(PathError::BadPercent);
+        };
+        let c = (hi * 16 + lo) as u8;
+        match c {
+            b'/' | b'\\' | 0 => return Err(PathError::Ambiguous),
+            c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
+                out.push(c as char)
+            }
+            c => {
+                out.push('%');
+                out.push_str(&format!("{c:02X}"));
+            }
+        }
+        i += 3;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(p: &str) -> Result<String, PathError> {
+        normalize_path(p).map(Cow::into_owned)
+    }
+
+    #[test]
+    fn dot_segments_and_encoded_unreserved_characters_resolve_to_the_routed_path() {
+        for (raw, want) in [
+            ("/v1/contacts/42?fields=name", "/v1/contacts/42"),
+            ("/public/../v1/contacts/42", "/v1/contacts/42"),
+            ("/public/%2e%2e/v1/contacts/42", "/v1/contacts/42"),
+            ("/public/%2E./v1/contacts/42", "/v1/contacts/42"),
+            ("/public/./../v1/contacts", "/v1/contacts"),
+            ("/../../v1/contacts", "/v1/contacts"),
+            ("/public//../v1/contacts", "/v1/contacts"),
+            ("//v1//contacts", "/v1/contacts"),
+            ("/v1/contacts/", "/v1/contacts/"),
+            ("/v1/contacts/.", "/v1/contacts/"),
+            ("/v1/contacts/x/..", "/v1/contacts/"),
+            ("/v1/%63ontacts", "/v1/contacts"),
+            ("/v1/contacts/a%20b", "/v1/contacts/a%20b"),
+            ("/v1/contacts/a%3fb", "/v1/contacts/a%3Fb"),
+            ("/v1/contacts/..a", "/v1/contacts/..a"),
+            ("/v1/contacts;v=1", "/v1/contacts;v=1"),
+            ("/..", "/"),
+            ("/", "/"),
+        ] {
+            assert_eq!(norm(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn a_plain_path_is_borrowed() {
+        assert!(matches!(
+            normalize_path("/v1/contacts/42?x=/../y"),
+            Ok(Cow::Borrowed("/v1/contacts/42"))
+        ));
+    }
+
+    #[test]
+    fn paths_servers_read_differently_are_refused() {
+        for (raw, why) in [
+            ("/public/..%2fv1/contacts/42", PathError::Ambiguous),
+            ("/public/..%2Fv1/contacts/42", PathError::Ambiguous),
+            ("/public/..%5cv1/contacts/42", PathError::Ambiguous),
+            ("/public/..\\v1/contacts/42", PathError::Ambiguous),
+            ("/public/%00/x", PathError::Ambiguous),
+            ("/public/\0/x", PathError::Ambiguous),
+            ("/public/\t/x", PathError::Ambiguous),
+            ("/public/%zz", PathError::BadPercent),
+            ("/public/%2", PathError::BadPercent),
+            ("/public/..;/v1/contacts", PathError::DotParameters),
+            ("/public/.;x/v1/contacts", PathError::DotParameters),
+            ("v1/contacts", PathError::NotAbsolute),
+            ("", PathError::NotAbsolute),
+            ("*", PathError::NotAbsolute),
+        ] {
+            assert_eq!(norm(raw), Err(why), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn normalising_twice_changes_nothing() {
+        for raw in [
+            "/a/%2e%2e/b/./c//d/",
+            "/a/%252e%252e/b",
+            "/%7e/~/x/../y",
+            "/a/b/../../../c",
+        ] {
+            let once = norm(raw).unwrap();
+            assert_eq!(norm(&once).unwrap(), once, "{raw}");
+        }
     }
 }

@@ -16,15 +16,44 @@ use async_trait::async_trait;
 use tokio::sync::{broadcast, watch};
 
 use crate::cache::CredentialCache;
-use crate::store::{now_ms, EventId, KeyStore, RevocationEvent, StoreError};
+use crate::store::{now_ms, EventId, KeyStore, RevocationEvent, StoreError, StreamEntry};
 use crate::telemetry::metrics;
 
 /// What a feed yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeedItem {
     Event(RevocationEvent),
-    /// Events were lost; flush everything and continue after this id.
+    /// An event this version cannot read (a newer keygate's kind, a corrupt entry) naming
+    /// a key: the key is dropped, as for any change to it. Without a readable key id an
+    /// entry is a `Reset`.
+    Unknown { id: EventId, key_id: String },
+    /// Events were lost (or unreadable); flush everything and continue after this id.
     Reset(EventId),
+}
+
+impl FeedItem {
+    /// The stream position after this item.
+    pub fn position(&self) -> EventId {
+        match self {
+            FeedItem::Event(e) => e.position(),
+            FeedItem::Unknown { id, .. } | FeedItem::Reset(id) => *id,
+        }
+    }
+
+    /// A stream entry as the safe side of what it says: an unreadable entry never stops
+    /// a reader; it drops its key, or everything.
+    pub fn from_entry(entry: StreamEntry) -> FeedItem {
+        match entry {
+            StreamEntry::Event(e) => FeedItem::Event(e),
+            StreamEntry::Unreadable { id, key_id, detail } => {
+                tracing::warn!(%id, key_id = key_id.as_deref().unwrap_or(""), detail, "revocation stream entry cannot be read; taking the safe side");
+                match key_id {
+                    Some(key_id) => FeedItem::Unknown { id, key_id },
+                    None => FeedItem::Reset(id),
+                }
+            }
+        }
+    }
 }
 
 /// A source of revocation events.
@@ -64,11 +93,17 @@ impl EventFeed for StoreFeed {
         if resync && self.store.events_lost_after(after).await? {
             return Ok(vec![FeedItem::Reset(self.store.latest_event_id().await?)]);
         }
-        let events = self
+        let entries = self
             .store
             .read_events(after, BATCH, Some(self.block))
             .await?;
-        Ok(events.into_iter().map(FeedItem::Event).collect())
+        // A reader that fell behind while connected may have had events trimmed from
+        // under it: what it read then starts after a gap. Asked after each batch, not
+        // each request: events are rare next to checks.
+        if !entries.is_empty() && self.store.events_lost_after(after).await? {
+            return Ok(vec![FeedItem::Reset(self.store.latest_event_id().await?)]);
+        }
+        Ok(entries.into_iter().map(FeedItem::from_entry).collect())
     }
 }
 
@@ -77,6 +112,9 @@ pub struct RevocationBus {
     cache: Arc<CredentialCache>,
     published: broadcast::Sender<FeedItem>,
     connected: AtomicBool,
+    /// Set once the follower knows where in the stream it starts: before that, nothing
+    /// verified may be answered, or a revocation in between would be missed.
+    positioned: AtomicBool,
     last_applied: Mutex<EventId>,
     reconnects: AtomicU64,
     flushes: AtomicU64,
@@ -88,6 +126,7 @@ impl RevocationBus {
             cache,
             published: broadcast::channel(4096).0,
             connected: AtomicBool::new(false),
+            positioned: AtomicBool::new(false),
             last_applied: Mutex::new(EventId::START),
             reconnects: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
@@ -97,6 +136,12 @@ impl RevocationBus {
     /// Whether the follower is currently following its feed.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
+    }
+
+    /// Whether the follower has its starting position (and so any revocation from now on
+    /// reaches the cache).
+    pub fn has_position(&self) -> bool {
+        self.positioned.load(Ordering::Acquire)
     }
 
     pub fn last_applied(&self) -> EventId {
@@ -137,21 +182,25 @@ impl RevocationBus {
         let m = metrics();
         match &item {
             FeedItem::Event(e) => {
-                self.cache.invalidate_key(&e.key_id).await;
+                self.cache.invalidate_key(&e.key_id, Some(e.kind));
                 m.revocation_events.inc();
                 m.revocation_lag
                     .observe(now_ms().saturating_sub(e.at_ms) as f64 / 1000.0);
                 tracing::debug!(key_id = %e.key_id, kind = e.kind.as_str(), id = %e.id, "revocation applied");
-                *self.last_applied.lock().expect("not poisoned") = e.position();
+            }
+            FeedItem::Unknown { id, key_id } => {
+                self.cache.invalidate_key(key_id, None);
+                m.revocation_unreadable.inc();
+                tracing::warn!(%key_id, %id, "revocation event of an unknown kind: dropped the key from the cache");
             }
             FeedItem::Reset(id) => {
                 self.cache.invalidate_all();
                 m.revocation_flushes.inc();
                 self.flushes.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(resume_after = %id, "revocation events were lost; flushed the credential cache");
-                *self.last_applied.lock().expect("not poisoned") = *id;
+                tracing::warn!(resume_after = %id, "revocation events were lost or unreadable; flushed the credential cache");
             }
         }
+        *self.last_applied.lock().expect("not poisoned") = item.position();
         let _ = self.published.send(item);
     }
 
@@ -175,6 +224,7 @@ impl RevocationBus {
             }
         };
         *self.last_applied.lock().expect("not poisoned") = after;
+        self.positioned.store(true, Ordering::Release);
         self.set_connected(true);
         let mut resync = false;
         loop {
@@ -191,10 +241,7 @@ impl RevocationBus {
                     backoff = Backoff::default();
                     self.set_connected(true);
                     for item in items {
-                        after = match &item {
-                            FeedItem::Event(e) => e.position(),
-                            FeedItem::Reset(id) => *id,
-                        };
+                        after = item.position();
                         self.apply(item).await;
                     }
                 }

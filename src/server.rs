@@ -1,6 +1,10 @@
 //! Wiring: builds the core from configuration and serves it on its three listeners —
-//! gRPC (Envoy Check, keygate.v1.Authorizer, health, reflection), admin gRPC
-//! (keygate.v1.Keys, behind the admin credential) and HTTP (/metrics, /healthz, /readyz).
+//! gRPC (Envoy Check, keygate.v1.Authorizer, Revocations/Watch behind the watch token,
+//! health, reflection), admin gRPC (keygate.v1.Keys and Revocations/Watch, behind the
+//! admin credential) and HTTP (/metrics, /healthz, /readyz).
+//!
+//! Checks are answered only once the revocation follower knows its position in the
+//! stream, and `grpc.health.v1` says per service what `/readyz` says.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::api::authorizer::AuthorizerService;
 use crate::api::envoy::{EnvoyAuthorization, EnvoyOptions};
 use crate::api::envoy_wire::AuthorizationServer;
-use crate::api::keys::{admin_auth, KeysService};
+use crate::api::keys::{admin_auth, bearer_auth, KeysService};
 use crate::api::proto::{
     authorizer_server::AuthorizerServer, keys_server::KeysServer,
     revocations_server::RevocationsServer,
@@ -44,6 +48,7 @@ pub struct App {
     pub admin: Arc<KeyAdmin>,
     pub bus: Arc<RevocationBus>,
     admin_token: crate::secret::Secret,
+    watch_token: Option<crate::secret::Secret>,
 }
 
 impl App {
@@ -66,6 +71,13 @@ impl App {
         secrets: Secrets,
         store: Arc<dyn KeyStore>,
     ) -> anyhow::Result<App> {
+        if config.revocation.source == RevocationSource::Watch && secrets.watch_token.is_none() {
+            return Err(crate::config::ConfigError::new(
+                "KEYGATE_WATCH_TOKEN",
+                "revocation.source is watch: set the other keygate's watch token",
+            )
+            .into());
+        }
         let hasher = SecretHasher::new(secrets.pepper.clone(), &config.api_keys.argon2)?;
         let cache = Arc::new(CredentialCache::new(&config.cache, &secrets.pepper));
         let authn = Authenticator::new(
@@ -74,6 +86,7 @@ impl App {
             cache.clone(),
             config.api_keys.prefix.clone(),
             config.api_keys.accept_test_keys,
+            &config.api_keys.argon2,
         );
         let policy = Policy::compile(&config.policy)?;
         let authorizer = Arc::new(Authorizer::new(&config.policy, policy, authn));
@@ -93,6 +106,7 @@ impl App {
             admin,
             bus,
             admin_token: secrets.admin_token,
+            watch_token: secrets.watch_token,
         })
     }
 
@@ -101,8 +115,16 @@ impl App {
         let r = &self.config.revocation;
         match r.source {
             RevocationSource::Store => Arc::new(StoreFeed::new(self.store.clone(), r.read_block)),
-            RevocationSource::Watch => Arc::new(WatchFeed::new(r.watch_url.clone(), r.read_block)),
+            RevocationSource::Watch => Arc::new(WatchFeed::new(
+                r.watch_url.clone(),
+                self.watch_token.clone().expect("checked in App::with_store"),
+                r.read_block,
+            )),
         }
+    }
+
+    fn revocations_service(&self, stop: watch::Receiver<bool>) -> RevocationsService {
+        RevocationsService::new(self.store.clone(), self.bus.clone(), stop)
     }
 
     pub fn envoy_service(&self) -> EnvoyAuthorization {
@@ -160,6 +182,52 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (listen.{what}): {e}"))
 }
 
+/// Keeps `grpc.health.v1` in step with `/readyz`: each served service (and the server as
+/// a whole, `""`) is SERVING only while `/readyz` would answer 200, so native gRPC probes
+/// mean what the HTTP one does; everything is NOT_SERVING once the server drains.
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    store: Arc<dyn KeyStore>,
+    bus: Arc<RevocationBus>,
+    stop: watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    let names = [
+        "",
+        <AuthorizationServer<EnvoyAuthorization> as tonic::server::NamedService>::NAME,
+        <AuthorizerServer<AuthorizerService> as tonic::server::NamedService>::NAME,
+        <RevocationsServer<RevocationsService> as tonic::server::NamedService>::NAME,
+    ];
+    let mut last = None;
+    let mut stopped_rx = std::pin::pin!(stopped(stop));
+    loop {
+        let ready = readiness(store.as_ref(), &bus).await.0 == StatusCode::OK;
+        if last != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for name in names {
+                health.set_service_status(name, status).await;
+            }
+            last = Some(ready);
+        }
+        tokio::select! {
+            _ = &mut stopped_rx => break,
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+    }
+    for name in names {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// How often the gRPC health status is brought in step with readiness.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+
 /// `/readyz`: the store answers and the revocation stream is followed.
 async fn readiness(store: &dyn KeyStore, bus: &RevocationBus) -> (StatusCode, String) {
     let not_ready = |why: String| {
@@ -191,15 +259,13 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     let mut tasks = Vec::new();
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<AuthorizationServer<EnvoyAuthorization>>()
-        .await;
-    health
-        .set_serving::<AuthorizerServer<AuthorizerService>>()
-        .await;
-    health
-        .set_serving::<RevocationsServer<RevocationsService>>()
-        .await;
+    tasks.push(tokio::spawn({
+        let (store, bus, stop) = (app.store.clone(), app.bus.clone(), stop_rx.clone());
+        async move {
+            report_health(health, store, bus, stop).await;
+            Ok(())
+        }
+    }));
 
     let follower = tokio::spawn(
         app.bus
@@ -218,22 +284,30 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
         .max_connection_age(cfg.listen.max_connection_age)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AuthorizationServer::new(app.envoy_service()))
-        .add_service(AuthorizerServer::new(AuthorizerService::new(
-            app.authorizer.clone(),
-            cfg.errors.opaque,
-        )))
-        .add_service(RevocationsServer::new(RevocationsService::new(
-            app.store.clone(),
-            app.bus.clone(),
-            stop_rx.clone(),
-        )))
+        .add_service(AuthorizationServer::new(
+            app.envoy_service().gated(app.bus.clone()),
+        ))
+        .add_service(AuthorizerServer::new(
+            AuthorizerService::new(app.authorizer.clone(), cfg.errors.opaque)
+                .gated(app.bus.clone()),
+        ))
+        .add_service(RevocationsServer::with_interceptor(
+            app.revocations_service(stop_rx.clone()),
+            bearer_auth(
+                app.watch_token.iter().cloned().collect(),
+                "Watch needs the watch token (KEYGATE_WATCH_TOKEN) on this port",
+            ),
+        ))
         .serve_with_incoming_shutdown(incoming(grpc_listener), stopped(stop_rx.clone()));
     tasks.push(tokio::spawn(async move { Ok(grpc_server.await?) }));
 
     let admin_server = tonic::transport::Server::builder()
         .add_service(KeysServer::with_interceptor(
             KeysService::new(app.admin.clone()),
+            admin_auth(app.admin_token.clone()),
+        ))
+        .add_service(RevocationsServer::with_interceptor(
+            app.revocations_service(stop_rx.clone()),
             admin_auth(app.admin_token.clone()),
         ))
         .serve_with_incoming_shutdown(incoming(admin_listener), stopped(stop_rx.clone()));

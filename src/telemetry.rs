@@ -31,6 +31,9 @@ pub struct Metrics {
     pub revocation_flushes: IntCounter,
     pub revocation_connected: IntGauge,
     pub watch_streams: IntGauge,
+    pub argon2_queue_full: IntCounter,
+    pub argon2_refused: IntCounter,
+    pub revocation_unreadable: IntCounter,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -119,6 +122,21 @@ pub fn metrics() -> &'static Metrics {
             "Open keygate.v1.Revocations/Watch streams.",
         )
         .expect("valid metric");
+        let argon2_queue_full = IntCounter::new(
+            "argon2_queue_full_total",
+            "Cold-key verifications answered UNAVAILABLE because the argon2 queue was full.",
+        )
+        .expect("valid metric");
+        let argon2_refused = IntCounter::new(
+            "api_key_verifications_refused_total",
+            "Unverified tokens denied without argon2: their key id had too many failed verifications in the window.",
+        )
+        .expect("valid metric");
+        let revocation_unreadable = IntCounter::new(
+            "revocation_events_unreadable_total",
+            "Revocation stream entries this version could not read: their key (or, with no key id, the whole cache) was dropped.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(check_duration.clone()),
@@ -135,6 +153,9 @@ pub fn metrics() -> &'static Metrics {
             Box::new(revocation_flushes.clone()),
             Box::new(revocation_connected.clone()),
             Box::new(watch_streams.clone()),
+            Box::new(argon2_queue_full.clone()),
+            Box::new(argon2_refused.clone()),
+            Box::new(revocation_unreadable.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -165,6 +186,9 @@ pub fn metrics() -> &'static Metrics {
             revocation_flushes,
             revocation_connected,
             watch_streams,
+            argon2_queue_full,
+            argon2_refused,
+            revocation_unreadable,
         }
     })
 }

@@ -143,7 +143,7 @@ async fn revoked_key_is_denied_on_every_replica_in_order_and_completely() {
                 .expect("bus open");
             match item {
                 FeedItem::Event(e) => seen.push(e.key_id),
-                FeedItem::Reset(_) => panic!("replica {i} flushed instead of applying events"),
+                other => panic!("replica {i} did not apply an event: {other:?}"),
             }
         }
         let expected: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();

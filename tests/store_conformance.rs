@@ -386,6 +386,7 @@ async fn revocation_events_read_back_in_order_from_any_position(s: Subject) {
     let all = store.read_events(EventId::START, 100, None).await.unwrap();
     let summary: Vec<(&str, EventKind, u64)> = all
         .iter()
+        .map(|e| e.event().expect("an event keygate wrote reads back"))
         .map(|e| (e.key_id.as_str(), e.kind, e.at_ms))
         .collect();
     assert_eq!(
@@ -461,8 +462,9 @@ async fn revocation_events_read_back_in_order_from_any_position(s: Subject) {
         .unwrap()
         .unwrap();
     assert_eq!(woke.len(), 1);
-    assert_eq!(woke[0].key_id, c.key_id);
-    assert_eq!(woke[0].kind, EventKind::Revoked);
+    let woke = woke[0].event().expect("an event keygate wrote reads back");
+    assert_eq!(woke.key_id, c.key_id);
+    assert_eq!(woke.kind, EventKind::Revoked);
 }
 
 macro_rules! conformance {

@@ -10,10 +10,12 @@ use crate::authorizer::Authorizer;
 use crate::decision::Decision;
 use crate::principal::Principal;
 use crate::request::AuthRequest;
+use crate::revocation::RevocationBus;
 
 pub struct AuthorizerService {
     authorizer: Arc<Authorizer>,
     opaque_errors: bool,
+    gate: Option<Arc<RevocationBus>>,
 }
 
 impl AuthorizerService {
@@ -21,7 +23,14 @@ impl AuthorizerService {
         AuthorizerService {
             authorizer,
             opaque_errors,
+            gate: None,
         }
+    }
+
+    /// Answers only once `bus` has its position in the revocation stream.
+    pub fn gated(mut self, bus: Arc<RevocationBus>) -> Self {
+        self.gate = Some(bus);
+        self
     }
 }
 
@@ -44,6 +53,7 @@ impl AuthorizerApi for AuthorizerService {
         &self,
         request: Request<proto::CheckRequest>,
     ) -> Result<Response<proto::CheckResponse>, Status> {
+        super::starting(&self.gate)?;
         let r = request.into_inner();
         if r.method.is_empty() {
             return Err(Status::invalid_argument("method: must not be empty"));

@@ -24,6 +24,7 @@ use super::envoy_wire::{self, Authorization, CheckRequestView, HeaderFilter};
 use crate::authorizer::Authorizer;
 use crate::decision::{Allowed, Decision, Denial, DenyReason};
 use crate::request::AuthRequest;
+use crate::revocation::RevocationBus;
 
 /// Headers under this prefix are keygate's to set; a client's are never passed on.
 pub const IDENTITY_PREFIX: &str = "x-keygate-";
@@ -35,6 +36,7 @@ pub struct EnvoyAuthorization {
     options: EnvoyOptions,
     /// The request headers any decision or answer consults.
     headers: HeaderFilter,
+    gate: Option<Arc<RevocationBus>>,
 }
 
 /// How keygate's answers to Envoy are shaped (from `errors` and `policy`).
@@ -63,7 +65,14 @@ impl EnvoyAuthorization {
             authorizer,
             options,
             headers,
+            gate: None,
         }
+    }
+
+    /// Answers only once `bus` has its position in the revocation stream.
+    pub fn gated(mut self, bus: Arc<RevocationBus>) -> Self {
+        self.gate = Some(bus);
+        self
     }
 
     /// The answer for an envoy-types CheckRequest (tests, benchmarks): decided as the same
@@ -77,6 +86,7 @@ impl EnvoyAuthorization {
 
     /// The answer for one CheckRequest: a response, or UNAVAILABLE.
     pub async fn decide_view(&self, req: CheckRequestView) -> Result<CheckAnswer, Status> {
+        super::starting(&self.gate)?;
         let auth_req = envoy_wire::auth_request(req, &self.headers)
             .map_err(|e| Status::invalid_argument(format!("malformed CheckRequest: {e}")))?;
         match self.authorizer.check(&auth_req).await {

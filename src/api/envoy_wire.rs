@@ -26,6 +26,7 @@
 //!   like an unknown field. Bytes that cannot be protobuf (a length past the end, a
 //!   truncated varint) are an error.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use bytes::Bytes;
@@ -226,9 +227,14 @@ impl HeaderFilter {
 
 /// Envoy's request as the protocol-neutral `AuthRequest`, holding the headers `filter`
 /// consults. Reads both `headers` and `header_map`; repeated `header_map` entries are
-/// joined with commas, as Envoy joins them in `headers`. The `:method` and `:path`
-/// pseudo-headers stand in for the request's own `method` or `path` when that is empty.
-/// An error when the bytes are not protobuf.
+/// joined with commas, as Envoy joins them in `headers`, after the `headers` value of the
+/// same name if there is one. The `:method` and `:path` pseudo-headers (`header_map`'s
+/// last, else `headers`') stand in for the request's own `method` or `path` when that is
+/// empty. An error when the bytes are not protobuf.
+///
+/// What is read depends on the message only, not on the order of its fields on the
+/// wire, which protobuf gives no meaning: a sender may put `header_map` before `headers`,
+/// or split a message across occurrences, and the request reads the same.
 pub fn auth_request(
     req: CheckRequestView,
     filter: &HeaderFilter,
@@ -249,25 +255,51 @@ pub fn auth_request(
             http.read(fields, filter)
         })?;
     }
-    let pick = |own: &[u8], pseudo: &[u8]| lossy(if own.is_empty() { pseudo } else { own });
+    let pick = |own: &[u8], pseudo: Pseudo| lossy(if own.is_empty() { pseudo.get() } else { own });
     Ok(AuthRequest {
         method: pick(http.method, http.pseudo_method),
         path: pick(http.path, http.pseudo_path),
-        headers: http.headers,
+        headers: http.headers(),
         peer: peer.map(lossy),
         credential: None,
     })
 }
 
 /// What `auth_request` keeps of `AttributeContext.HttpRequest`.
+///
+/// `headers` and `header_map` are kept apart until the end: reading them into one map as
+/// they came, a `headers` entry after a `header_map` one of its name replaced it, where
+/// before it the two were joined, and a message's reading depended on its fields' order.
 #[derive(Default)]
 struct Http<'a> {
     method: &'a [u8],
     path: &'a [u8],
-    /// The `:method` and `:path` headers (the last seen of each).
-    pseudo_method: &'a [u8],
-    pseudo_path: &'a [u8],
+    pseudo_method: Pseudo<'a>,
+    pseudo_path: Pseudo<'a>,
+    /// The consulted `headers` entries (a later one replaces an earlier one).
     headers: HashMap<String, String>,
+    /// The consulted `header_map` entries, lower-cased and joined by name, in the order
+    /// their names first came. A list, not a map: there are two or three, and a scan is
+    /// cheaper than hashing (they are hashed once, into `headers`, at the end).
+    joined: Vec<(String, String)>,
+}
+
+/// A pseudo-header as `headers` and `header_map` carry it.
+#[derive(Default, Clone, Copy)]
+struct Pseudo<'a> {
+    /// `headers`' entry, by its exact name as every `headers` name is matched: matched in
+    /// any case, two entries (`:method`, `:METHOD`) would be two map keys and which one
+    /// counted would be the order the sender's map iterated in.
+    headers: &'a [u8],
+    /// `header_map`'s last entry of the name in any case (`header_map` keeps the case
+    /// Envoy received). It wins over `headers`', as it did when read last.
+    header_map: Option<&'a [u8]>,
+}
+
+impl<'a> Pseudo<'a> {
+    fn get(self) -> &'a [u8] {
+        self.header_map.unwrap_or(self.headers)
+    }
 }
 
 impl<'a> Http<'a> {
@@ -279,7 +311,11 @@ impl<'a> Http<'a> {
                 (PATH, b) => self.path = b,
                 (HEADERS, entry) => {
                     let Header { key, value, .. } = Header::read(entry)?;
-                    self.pseudo(key, value);
+                    match key {
+                        b":method" => self.pseudo_method.headers = value,
+                        b":path" => self.pseudo_path.headers = value,
+                        _ => {}
+                    }
                     if filter.wants(key) {
                         self.headers.insert(lossy(key), lossy(value));
                     }
@@ -295,16 +331,21 @@ impl<'a> Http<'a> {
                     } else {
                         raw_value
                     };
-                    self.pseudo(key, value);
+                    if key.eq_ignore_ascii_case(b":method") {
+                        self.pseudo_method.header_map = Some(value);
+                    } else if key.eq_ignore_ascii_case(b":path") {
+                        self.pseudo_path.header_map = Some(value);
+                    }
                     if filter.wants_any_case(key) {
+                        let name = lossy(key).to_ascii_lowercase();
                         let value = lossy(value);
-                        self.headers
-                            .entry(lossy(key).to_ascii_lowercase())
-                            .and_modify(|v| {
-                                v.push(',');
-                                v.push_str(&value);
-                            })
-                            .or_insert(value);
+                        match self.joined.iter_mut().find(|(n, _)| *n == name) {
+                            Some((_, joined)) => {
+                                joined.push(',');
+                                joined.push_str(&value);
+                            }
+                            None => self.joined.push((name, value)),
+                        }
                     }
                     Ok(())
                 })?,
@@ -314,12 +355,22 @@ impl<'a> Http<'a> {
         Ok(())
     }
 
-    fn pseudo(&mut self, key: &[u8], value: &'a [u8]) {
-        if key.eq_ignore_ascii_case(b":method") {
-            self.pseudo_method = value;
-        } else if key.eq_ignore_ascii_case(b":path") {
-            self.pseudo_path = value;
+    /// The consulted headers: `headers`' value of a name, then `header_map`'s, joined.
+    fn headers(self) -> HashMap<String, String> {
+        let mut headers = self.headers;
+        for (name, value) in self.joined {
+            match headers.entry(name) {
+                Entry::Occupied(mut e) => {
+                    let joined = e.get_mut();
+                    joined.push(',');
+                    joined.push_str(&value);
+                }
+                Entry::Vacant(e) => {
+                    e.insert(value);
+                }
+            }
         }
+        headers
     }
 }
 

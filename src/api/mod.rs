@@ -18,7 +18,22 @@ pub mod proto {
         tonic::include_file_descriptor_set!("keygate_descriptor");
 }
 
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
+
+use crate::revocation::RevocationBus;
+
+/// UNAVAILABLE while the replica that answers does not yet know where it starts in the
+/// revocation stream: a key verified and cached before then could miss a revocation made
+/// in between. `None` (no gate) for adapters that are not served (tests, benchmarks).
+pub(crate) fn starting(gate: &Option<Arc<RevocationBus>>) -> Result<(), tonic::Status> {
+    match gate {
+        Some(bus) if !bus.has_position() => Err(tonic::Status::unavailable(
+            "starting: the revocation stream's position is not known yet",
+        )),
+        _ => Ok(()),
+    }
+}
 
 pub(crate) fn timestamp(ms: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {

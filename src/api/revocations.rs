@@ -1,6 +1,12 @@
 //! `keygate.v1.Revocations/Watch` (server) and the feed that follows another keygate's
 //! Watch stream (client), so a replica in another region can stay in step without
 //! reaching the primary's Redis.
+//!
+//! Watch hands out key ids and events, so it always needs a credential (`server.rs`
+//! puts it behind the watch token on the public port and the admin token on the admin
+//! port). Every stream's response metadata names the position it starts after
+//! (`x-keygate-after`), so a client that reconnects before any event arrived resumes
+//! from there: no replay of the whole stream, no needless flush.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,7 +23,11 @@ use super::proto::{
 };
 use super::timestamp;
 use crate::revocation::{EventFeed, FeedItem, RevocationBus};
+use crate::secret::Secret;
 use crate::store::{EventId, EventKind, KeyStore, RevocationEvent, StoreError};
+
+/// Response metadata: the position a Watch stream starts after.
+pub const AFTER_METADATA: &str = "x-keygate-after";
 
 pub struct RevocationsService {
     store: Arc<dyn KeyStore>,
@@ -49,6 +59,13 @@ fn event_proto(item: &FeedItem) -> proto::RevocationEvent {
             } as i32,
             at: Some(timestamp(e.at_ms)),
         },
+        // A kind this server cannot read: its clients drop the key, as this server did.
+        FeedItem::Unknown { id, key_id } => proto::RevocationEvent {
+            id: id.to_string(),
+            key_id: key_id.clone(),
+            kind: Kind::Unspecified as i32,
+            at: None,
+        },
         FeedItem::Reset(id) => proto::RevocationEvent {
             id: id.to_string(),
             key_id: String::new(),
@@ -62,21 +79,29 @@ fn unavailable(e: StoreError) -> Status {
     Status::unavailable(format!("revocation stream unavailable: {e}"))
 }
 
-/// Sends everything the store holds after `after`; returns the new position, or `None`
-/// when the client has gone.
+/// Sends everything the store holds after `after` (first a RESET if some of it was lost);
+/// returns the new position, or `None` when the client has gone.
 async fn replay(
     store: &dyn KeyStore,
     tx: &mpsc::Sender<Result<proto::RevocationEvent, Status>>,
     mut after: EventId,
 ) -> Result<Option<EventId>, StoreError> {
     loop {
-        let events = store.read_events(after, 1000, None).await?;
-        if events.is_empty() {
+        if store.events_lost_after(after).await? {
+            let reset = FeedItem::Reset(store.latest_event_id().await?);
+            after = reset.position();
+            if tx.send(Ok(event_proto(&reset))).await.is_err() {
+                return Ok(None);
+            }
+        }
+        let entries = store.read_events(after, 1000, None).await?;
+        if entries.is_empty() {
             return Ok(Some(after));
         }
-        for e in events {
-            after = e.position();
-            if tx.send(Ok(event_proto(&FeedItem::Event(e)))).await.is_err() {
+        for entry in entries {
+            let item = FeedItem::from_entry(entry);
+            after = item.position();
+            if tx.send(Ok(event_proto(&item))).await.is_err() {
                 return Ok(None);
             }
         }
@@ -112,25 +137,15 @@ impl Revocations for RevocationsService {
         // Subscribe before replaying, so nothing published meanwhile is missed; what is
         // seen twice is skipped by id.
         let mut live = self.bus.subscribe();
-        let lost = self
-            .store
-            .events_lost_after(after)
-            .await
-            .map_err(unavailable)?;
         let store = self.store.clone();
         let (tx, rx) = mpsc::channel(256);
         let mut stop = self.stop.clone();
         let client = tx.clone();
         let serve = async move {
             let mut after = after;
-            if lost {
-                let reset = FeedItem::Reset(latest);
-                if tx.send(Ok(event_proto(&reset))).await.is_err() {
-                    return;
-                }
-                after = latest;
-            }
             loop {
+                // Also after falling behind the live feed: what was missed meanwhile
+                // may have been trimmed, and `replay` says so with a RESET.
                 match replay(store.as_ref(), &tx, after).await {
                     Ok(Some(pos)) => after = pos,
                     Ok(None) => return,
@@ -146,10 +161,7 @@ impl Revocations for RevocationsService {
                         Err(broadcast::error::RecvError::Lagged(_)) => break,
                         Err(broadcast::error::RecvError::Closed) => return,
                     };
-                    let pos = match &item {
-                        FeedItem::Event(e) => e.position(),
-                        FeedItem::Reset(id) => *id,
-                    };
+                    let pos = item.position();
                     let fresh = matches!(item, FeedItem::Reset(_)) || pos > after;
                     if !fresh {
                         continue;
@@ -173,44 +185,59 @@ impl Revocations for RevocationsService {
             }
             open.dec();
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut response = Response::new(Box::pin(ReceiverStream::new(rx)) as WatchStream);
+        if let Ok(v) = after.to_string().parse() {
+            response.metadata_mut().insert(AFTER_METADATA, v);
+        }
+        Ok(response)
     }
 }
 
 /// Follows another keygate's `Watch` stream.
 pub struct WatchFeed {
     url: String,
+    /// Sent as `authorization: Bearer …` (the remote's watch token).
+    token: Secret,
     stream: Mutex<Option<Streaming<proto::RevocationEvent>>>,
     /// How long one `read` waits for a message before returning empty.
     wait: Duration,
 }
 
 impl WatchFeed {
-    pub fn new(url: String, wait: Duration) -> Self {
+    pub fn new(url: String, token: Secret, wait: Duration) -> Self {
         WatchFeed {
             url,
+            token,
             stream: Mutex::new(None),
             wait,
         }
     }
 
+    /// Opens a stream after `after` (`None`: from now), and the position it starts after.
     async fn open(
         &self,
         after: Option<EventId>,
-    ) -> Result<Streaming<proto::RevocationEvent>, Status> {
+    ) -> Result<(Streaming<proto::RevocationEvent>, Option<EventId>), Status> {
         let channel = tonic::transport::Endpoint::from_shared(self.url.clone())
             .map_err(|e| Status::unavailable(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
             .map_err(|e| Status::unavailable(format!("cannot reach {}: {e}", self.url)))?;
-        let req = proto::WatchRequest {
+        let mut req = tonic::Request::new(proto::WatchRequest {
             after_id: after.map(|a| a.to_string()).unwrap_or_default(),
-        };
-        Ok(RevocationsClient::new(channel)
-            .watch(req)
-            .await?
-            .into_inner())
+        });
+        let bearer = format!("Bearer {}", self.token.expose())
+            .parse()
+            .map_err(|_| Status::invalid_argument("the watch token is not a valid header value"))?;
+        req.metadata_mut().insert("authorization", bearer);
+        let response = RevocationsClient::new(channel).watch(req).await?;
+        let start = response
+            .metadata()
+            .get(AFTER_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(EventId::parse);
+        Ok((response.into_inner(), start))
     }
 }
 
@@ -218,40 +245,56 @@ fn feed_error(s: Status) -> StoreError {
     StoreError::Unavailable(format!("Watch: {}", s.message()))
 }
 
-fn feed_item(msg: proto::RevocationEvent) -> Result<FeedItem, StoreError> {
-    let id = EventId::parse(&msg.id)
-        .ok_or_else(|| StoreError::Corrupt(format!("bad event id {}", msg.id)))?;
+/// A Watch message as a feed item. What cannot be read takes the safe side, as for the
+/// store's own entries: an unknown kind drops its key, and a message without a readable
+/// key id or position flushes everything (staying at `after` when the id is unreadable).
+fn feed_item(msg: proto::RevocationEvent, after: EventId) -> FeedItem {
+    let Some(id) = EventId::parse(&msg.id) else {
+        tracing::warn!(id = %msg.id, "Watch message with an unreadable id; flushing");
+        return FeedItem::Reset(after);
+    };
     let at_ms = msg
         .at
         .map(|t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000)
         .unwrap_or(0);
     let kind = match Kind::try_from(msg.kind) {
-        Ok(Kind::Reset) => return Ok(FeedItem::Reset(id)),
-        Ok(Kind::Revoked) => EventKind::Revoked,
-        Ok(Kind::Deleted) => EventKind::Deleted,
-        Ok(Kind::Updated) => EventKind::Updated,
-        _ => {
-            return Err(StoreError::Corrupt(format!(
-                "unknown event kind {}",
-                msg.kind
-            )))
-        }
+        Ok(Kind::Reset) => return FeedItem::Reset(id),
+        Ok(Kind::Revoked) => Some(EventKind::Revoked),
+        Ok(Kind::Deleted) => Some(EventKind::Deleted),
+        Ok(Kind::Updated) => Some(EventKind::Updated),
+        Ok(Kind::Unspecified) | Err(_) => None,
     };
-    Ok(FeedItem::Event(RevocationEvent {
-        id: msg.id,
-        key_id: msg.key_id,
-        kind,
-        at_ms,
-    }))
+    let entry = match (kind, crate::apikey::token::valid_key_id(&msg.key_id)) {
+        (Some(kind), true) => crate::store::StreamEntry::Event(RevocationEvent {
+            id: msg.id,
+            key_id: msg.key_id,
+            kind,
+            at_ms,
+        }),
+        (kind, readable) => crate::store::StreamEntry::Unreadable {
+            id,
+            key_id: readable.then_some(msg.key_id),
+            detail: match kind {
+                None => format!("Watch event of unknown kind {}", msg.kind),
+                Some(_) => "Watch event without a readable key id".into(),
+            },
+        },
+    };
+    FeedItem::from_entry(entry)
 }
 
 #[async_trait]
 impl EventFeed for WatchFeed {
     async fn start_position(&self) -> Result<EventId, StoreError> {
-        // Open "from now": the first message read continues from there.
-        let stream = self.open(None).await.map_err(feed_error)?;
+        // Open "from now"; the remote says where "now" is.
+        let (stream, start) = self.open(None).await.map_err(feed_error)?;
         *self.stream.lock().await = Some(stream);
-        Ok(EventId::START)
+        start.ok_or_else(|| {
+            StoreError::Unavailable(format!(
+                "{} did not say where its Watch stream starts (an older keygate?)",
+                self.url
+            ))
+        })
     }
 
     async fn read(&self, after: EventId, resync: bool) -> Result<Vec<FeedItem>, StoreError> {
@@ -259,12 +302,13 @@ impl EventFeed for WatchFeed {
         if resync || guard.is_none() {
             // The remote replays what we missed, or sends RESET if it cannot.
             match self.open(Some(after)).await {
-                Ok(stream) => *guard = Some(stream),
+                Ok((stream, _)) => *guard = Some(stream),
                 // The remote has no such event: its stream was reset (e.g. Redis lost
                 // it). Nothing after our position can be replayed, so flush.
                 Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                    *guard = Some(self.open(None).await.map_err(feed_error)?);
-                    return Ok(vec![FeedItem::Reset(EventId::START)]);
+                    let (stream, start) = self.open(None).await.map_err(feed_error)?;
+                    *guard = Some(stream);
+                    return Ok(vec![FeedItem::Reset(start.unwrap_or(EventId::START))]);
                 }
                 Err(s) => return Err(feed_error(s)),
             }
@@ -272,7 +316,7 @@ impl EventFeed for WatchFeed {
         let stream = guard.as_mut().expect("opened above");
         match tokio::time::timeout(self.wait, stream.message()).await {
             Err(_) => Ok(Vec::new()),
-            Ok(Ok(Some(msg))) => Ok(vec![feed_item(msg)?]),
+            Ok(Ok(Some(msg))) => Ok(vec![feed_item(msg, after)]),
             Ok(Ok(None)) => {
                 *guard = None;
                 Err(StoreError::Unavailable("Watch stream ended".into()))

@@ -33,6 +33,9 @@ pub enum HashError {
     BadStoredHash,
     #[error("argon2 worker failed: {0}")]
     Worker(String),
+    /// Every argon2 thread is busy and the queue is full: try again later.
+    #[error("every argon2 thread is busy and {0} verifications are waiting")]
+    Busy(usize),
 }
 
 /// Hashes and verifies secrets. Cheap to clone.
@@ -44,8 +47,9 @@ pub struct SecretHasher {
 struct Inner {
     pepper: Secret,
     params: Params,
-    /// The argon2 threads' queue. Dropping it (with the hasher) ends the threads.
-    jobs: mpsc::Sender<Job>,
+    /// The argon2 threads' queue, bounded. Dropping it (with the hasher) ends the threads.
+    jobs: mpsc::SyncSender<Job>,
+    queue_depth: usize,
     verifications: AtomicU64,
 }
 
@@ -71,7 +75,7 @@ impl SecretHasher {
             params.clone(),
         )
         .map_err(|e| HashError::Params(e.to_string()))?;
-        let (jobs, queue) = mpsc::channel::<Job>();
+        let (jobs, queue) = mpsc::sync_channel::<Job>(cfg.queue_depth.max(1));
         let queue = Arc::new(Mutex::new(queue));
         let threads = cfg.verify_concurrency.max(1);
         let (started, all_started) = mpsc::channel::<()>();
@@ -106,6 +110,7 @@ impl SecretHasher {
                 pepper,
                 params,
                 jobs,
+                queue_depth: cfg.queue_depth.max(1),
                 verifications: AtomicU64::new(0),
             }),
         })
@@ -221,7 +226,8 @@ impl SecretHasher {
         Ok(bool::from(expected.as_bytes().ct_eq(out)))
     }
 
-    /// Runs `job` on an argon2 thread, after the jobs queued before it.
+    /// Runs `job` on an argon2 thread, after the jobs queued before it; `Busy` at once if
+    /// `queue_depth` jobs are already waiting.
     async fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> Result<T, HashError> + Send + 'static,
@@ -229,7 +235,7 @@ impl SecretHasher {
         let (done, result) = tokio::sync::oneshot::channel();
         self.inner
             .jobs
-            .send(Box::new(move || {
+            .try_send(Box::new(move || {
                 // The caller stopped waiting while this was queued (its request was
                 // cancelled or timed out): a flood of abandoned requests costs no argon2.
                 if done.is_closed() {
@@ -240,7 +246,15 @@ impl SecretHasher {
                     let _ = done.send(r);
                 }
             }))
-            .map_err(|_| HashError::Worker("the argon2 threads have stopped".into()))?;
+            .map_err(|e| match e {
+                mpsc::TrySendError::Full(_) => {
+                    crate::telemetry::metrics().argon2_queue_full.inc();
+                    HashError::Busy(self.inner.queue_depth)
+                }
+                mpsc::TrySendError::Disconnected(_) => {
+                    HashError::Worker("the argon2 threads have stopped".into())
+                }
+            })?;
         result
             .await
             .map_err(|_| HashError::Worker("an argon2 job panicked".into()))?
@@ -278,6 +292,7 @@ mod tests {
             parallelism: 1,
             verify_concurrency: 2,
             nice: 7,
+            ..Argon2Config::default()
         }
     }
 
@@ -368,6 +383,45 @@ mod tests {
         // The queue is first in, first out: this one runs after the abandoned one.
         assert!(h.verify("s3cret", &phc).await.unwrap());
         assert_eq!(h.verifications(), 1, "the abandoned verification never ran");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_and_the_hasher_serves_on_after() {
+        use futures::FutureExt;
+        let h = SecretHasher::new(
+            Secret::new("p".repeat(32)),
+            &Argon2Config {
+                verify_concurrency: 1,
+                queue_depth: 2,
+                ..fast()
+            },
+        )
+        .unwrap();
+        let phc = h.hash("s3cret").await.unwrap();
+        // The only thread is held; the queue then takes two jobs and refuses the third.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (taken, thread_took) = std::sync::mpsc::channel::<()>();
+        let mut held = Box::pin(h.run(move || {
+            let _ = taken.send(());
+            let _ = wait.recv();
+            Ok(())
+        }));
+        assert!((&mut held).now_or_never().is_none());
+        thread_took.recv().unwrap();
+        let mut queued: Vec<_> = (0..2).map(|_| Box::pin(h.verify("s3cret", &phc))).collect();
+        for q in &mut queued {
+            assert!(q.now_or_never().is_none(), "queued");
+        }
+        assert!(matches!(
+            h.verify("s3cret", &phc).await,
+            Err(HashError::Busy(2))
+        ));
+        go.send(()).unwrap();
+        held.await.unwrap();
+        for q in queued {
+            assert!(q.await.unwrap());
+        }
+        assert!(h.verify("s3cret", &phc).await.unwrap());
     }
 
     #[tokio::test]

@@ -56,6 +56,11 @@ pub fn valid_prefix(prefix: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
+/// Whether `s` is shaped like a key id: `KEY_ID_LEN` base62 characters.
+pub fn valid_key_id(s: &str) -> bool {
+    s.len() == KEY_ID_LEN && is_base62(s)
+}
+
 fn is_base62(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_alphanumeric())
 }

@@ -10,6 +10,7 @@ use tokio::sync::{Notify, RwLock};
 
 use super::{
     EventId, EventKind, KeyChange, KeyPage, KeyRecord, KeyStore, RevocationEvent, StoreError,
+    StreamEntry,
 };
 
 /// How many revocation events are kept, like the Redis stream's MAXLEN.
@@ -207,12 +208,13 @@ impl KeyStore for MemoryStore {
         after: EventId,
         count: usize,
         block: Option<Duration>,
-    ) -> Result<Vec<RevocationEvent>, StoreError> {
+    ) -> Result<Vec<StreamEntry>, StoreError> {
         let deadline = block.map(|b| tokio::time::Instant::now() + b);
         loop {
             // Register for the wake-up before looking, so an append in between is seen.
             let appended = self.appended.notified();
             let events = self.state.read().await.events_after(after, count);
+            let events: Vec<StreamEntry> = events.into_iter().map(StreamEntry::Event).collect();
             let Some(deadline) = deadline else {
                 return Ok(events);
             };

@@ -99,6 +99,38 @@ impl RevocationEvent {
     }
 }
 
+/// One entry of the revocation stream, as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEntry {
+    Event(RevocationEvent),
+    /// An entry this version cannot read: a kind from a newer keygate (during a rolling
+    /// upgrade), or a corrupt entry. Readers must take the safe side — drop `key_id`, or
+    /// everything when no key id can be read — and move past it, never stop at it.
+    Unreadable {
+        id: EventId,
+        key_id: Option<String>,
+        /// What was wrong, for the log (no secret is ever written to the stream).
+        detail: String,
+    },
+}
+
+impl StreamEntry {
+    /// The event, if this entry could be read as one.
+    pub fn event(&self) -> Option<&RevocationEvent> {
+        match self {
+            StreamEntry::Event(e) => Some(e),
+            StreamEntry::Unreadable { .. } => None,
+        }
+    }
+
+    pub fn position(&self) -> EventId {
+        match self {
+            StreamEntry::Event(e) => e.position(),
+            StreamEntry::Unreadable { id, .. } => *id,
+        }
+    }
+}
+
 /// A position in the revocation stream: Redis stream id `ms-seq`. `0-0` is the start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId {
@@ -225,7 +257,7 @@ pub trait KeyStore: Send + Sync + 'static {
         after: EventId,
         count: usize,
         block: Option<std::time::Duration>,
-    ) -> Result<Vec<RevocationEvent>, StoreError>;
+    ) -> Result<Vec<StreamEntry>, StoreError>;
 
     /// Whether events after `after` may have been lost: trimmed from the bounded stream,
     /// or the stream itself was reset (a Redis restart without persistence). A reader

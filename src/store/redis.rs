@@ -21,6 +21,7 @@ use tokio::sync::OnceCell;
 
 use super::{
     EventId, EventKind, KeyChange, KeyPage, KeyRecord, KeyStore, RevocationEvent, StoreError,
+    StreamEntry,
 };
 use crate::secret::Secret;
 
@@ -148,9 +149,9 @@ type RecordFields = (Option<String>, Option<u64>);
 /// What XINFO STREAM says of the revocation stream.
 struct StreamInfo {
     last_generated: EventId,
-    length: u64,
-    entries_added: u64,
-    first_entry: Option<EventId>,
+    /// The newest id trimmed (or deleted) from the stream: Redis 7's
+    /// `max-deleted-entry-id`.
+    max_deleted: EventId,
 }
 
 impl RedisStore {
@@ -181,38 +182,33 @@ impl RedisStore {
                     .query_async(&mut conn),
             )
             .await?;
-        let mut last_generated = EventId::START;
-        let mut length: u64 = 0;
-        let mut entries_added: u64 = 0;
-        let mut first_entry = None;
+        let mut last_generated = None;
+        let mut max_deleted = None;
         for pair in info.chunks(2) {
             let [name, value] = pair else { continue };
             let name: String = redis::from_redis_value(name).unwrap_or_default();
+            let id = || -> Result<EventId, StoreError> {
+                let id: String = redis::from_redis_value(value)
+                    .map_err(|e| StoreError::Corrupt(format!("XINFO STREAM {name}: {e}")))?;
+                event_id(&id)
+            };
             match name.as_str() {
-                "last-generated-id" => {
-                    let id: String = redis::from_redis_value(value).unwrap_or_default();
-                    last_generated = event_id(&id)?;
-                }
-                "length" => length = redis::from_redis_value(value).unwrap_or(0),
-                "entries-added" => entries_added = redis::from_redis_value(value).unwrap_or(0),
-                "first-entry" => {
-                    // [id, [field, value, …]] or nil when the stream is empty.
-                    if let redis::Value::Array(entry) = value {
-                        if let Some(id) = entry.first() {
-                            let id: String = redis::from_redis_value(id).unwrap_or_default();
-                            first_entry = Some(event_id(&id)?);
-                        }
-                    }
-                }
+                "last-generated-id" => last_generated = Some(id()?),
+                "max-deleted-entry-id" => max_deleted = Some(id()?),
                 _ => {}
             }
         }
-        Ok(Some(StreamInfo {
-            last_generated,
-            length,
-            entries_added,
-            first_entry,
-        }))
+        match (last_generated, max_deleted) {
+            (Some(last_generated), Some(max_deleted)) => Ok(Some(StreamInfo {
+                last_generated,
+                max_deleted,
+            })),
+            // Redis before 7.0 does not say what it trimmed.
+            _ => Err(StoreError::Corrupt(
+                "XINFO STREAM has no max-deleted-entry-id: keygate needs Redis 7.0 or newer"
+                    .into(),
+            )),
+        }
     }
 }
 
@@ -220,25 +216,33 @@ fn event_id(s: &str) -> Result<EventId, StoreError> {
     EventId::parse(s).ok_or_else(|| StoreError::Corrupt(format!("bad stream id {s}")))
 }
 
-/// A revocation event from an XREAD/XRANGE entry.
-fn decode_event(entry: &redis::streams::StreamId) -> Result<RevocationEvent, StoreError> {
-    let field = |name: &str| -> Result<String, StoreError> {
-        entry
-            .get::<String>(name)
-            .ok_or_else(|| StoreError::Corrupt(format!("event {} has no {name}", entry.id)))
+/// A stream entry from XREAD: an event, or what keygate cannot read of it (a newer
+/// version's kind, a missing field), never an error that would stop the reader there.
+fn decode_entry(entry: &redis::streams::StreamId) -> Result<StreamEntry, StoreError> {
+    let id = event_id(&entry.id)?;
+    let text = |name: &str| entry.get::<String>(name);
+    let key_id = text("key_id").filter(|k| crate::apikey::token::valid_key_id(k));
+    let unreadable = |detail: String| StreamEntry::Unreadable {
+        id,
+        key_id: key_id.clone(),
+        detail,
     };
-    let kind = match field("kind")?.as_str() {
-        "revoked" => EventKind::Revoked,
-        "deleted" => EventKind::Deleted,
-        "updated" => EventKind::Updated,
-        other => return Err(StoreError::Corrupt(format!("event kind {other}"))),
+    let kind = match text("kind").as_deref() {
+        Some("revoked") => EventKind::Revoked,
+        Some("deleted") => EventKind::Deleted,
+        Some("updated") => EventKind::Updated,
+        Some(other) => return Ok(unreadable(format!("unknown event kind {other:?}"))),
+        None => return Ok(unreadable("no event kind".into())),
     };
-    Ok(RevocationEvent {
+    let Some(key) = key_id.clone() else {
+        return Ok(unreadable("no readable key id".into()));
+    };
+    Ok(StreamEntry::Event(RevocationEvent {
         id: entry.id.clone(),
-        key_id: field("key_id")?,
+        key_id: key,
         kind,
-        at_ms: field("at_ms")?.parse().unwrap_or(0),
-    })
+        at_ms: text("at_ms").and_then(|t| t.parse().ok()).unwrap_or(0),
+    }))
 }
 
 /// A record from its hash fields (`data`, `revoked_at_ms`).
@@ -438,7 +442,7 @@ impl KeyStore for RedisStore {
         after: EventId,
         count: usize,
         block: Option<Duration>,
-    ) -> Result<Vec<RevocationEvent>, StoreError> {
+    ) -> Result<Vec<StreamEntry>, StoreError> {
         let mut opts = redis::streams::StreamReadOptions::default().count(count);
         let (mut conn, limit) = match block {
             Some(b) => {
@@ -457,7 +461,7 @@ impl KeyStore for RedisStore {
         let mut events = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in &key.ids {
-                events.push(decode_event(entry)?);
+                events.push(decode_entry(entry)?);
             }
         }
         Ok(events)
@@ -469,24 +473,9 @@ impl KeyStore for RedisStore {
             // or Redis lost it (a restart without persistence).
             return Ok(after != EventId::START);
         };
-        let StreamInfo {
-            last_generated,
-            length,
-            entries_added,
-            first_entry,
-        } = info;
-        if last_generated < after {
-            // The stream went backwards: it was reset.
-            return Ok(true);
-        }
-        if entries_added <= length || last_generated == after {
-            // Nothing was ever trimmed, or nothing came after `after`.
-            return Ok(false);
-        }
-        // Something was trimmed. Events after `after` are intact only if the oldest one
-        // kept is not newer than `after` (so everything after it is still here). When the
-        // trim stopped exactly at `after` this flushes once more than needed: the price
-        // of never missing one.
-        Ok(first_entry.is_none_or(|first| first > after))
+        // The stream went backwards (it was reset), or something after `after` was
+        // trimmed: trimming takes the oldest entries first, so the newest one trimmed
+        // says whether any after `after` went.
+        Ok(info.last_generated < after || info.max_deleted > after)
     }
 }

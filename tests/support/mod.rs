@@ -32,7 +32,7 @@ use keygate::config::{Config, Secrets};
 use keygate::keys::NewKey;
 use keygate::secret::Secret;
 use keygate::store::memory::MemoryStore;
-use keygate::store::{EventId, KeyPage, KeyRecord, KeyStore, RevocationEvent, StoreError};
+use keygate::store::{EventId, KeyPage, KeyRecord, KeyStore, StoreError, StreamEntry};
 use tokio::sync::{Notify, Semaphore};
 
 /// The tenant test keys belong to.
@@ -486,7 +486,7 @@ impl KeyStore for CountingStore {
         after: EventId,
         count: usize,
         block: Option<Duration>,
-    ) -> Result<Vec<RevocationEvent>, StoreError> {
+    ) -> Result<Vec<StreamEntry>, StoreError> {
         self.inner.read_events(after, count, block).await
     }
 
@@ -548,6 +548,7 @@ pub fn secrets() -> Secrets {
         pepper: Secret::random(43),
         admin_token: Secret::random(32),
         redis_password: None,
+        watch_token: Some(Secret::random(32)),
     }
 }
 
