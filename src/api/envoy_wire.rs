@@ -636,6 +636,82 @@ mod tests {
         assert!(read(&bad).is_err());
     }
 
+    /// The bytes of a CheckRequest whose `attributes.request.http` is `http`, which may be
+    /// the concatenation of several encodings (protobuf merges them).
+    fn with_http(http: Vec<u8>) -> Vec<u8> {
+        let nest = |tag: u32, inner: Vec<u8>| {
+            let mut out = Vec::new();
+            prost::encoding::encode_key(tag, WireType::LengthDelimited, &mut out);
+            prost::encoding::encode_varint(inner.len() as u64, &mut out);
+            out.extend(inner);
+            out
+        };
+        nest(1, nest(field::REQUEST, nest(field::HTTP, http)))
+    }
+
+    #[test]
+    fn a_request_reads_the_same_whatever_the_order_of_its_fields() {
+        let headers = attribute_context::HttpRequest {
+            headers: [("authorization", "Bearer a"), (":method", "GET")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let hv = |k: &str, raw: &[u8]| HeaderValue {
+            key: k.into(),
+            raw_value: raw.to_vec(),
+            ..Default::default()
+        };
+        let header_map = attribute_context::HttpRequest {
+            header_map: Some(HeaderMap {
+                headers: vec![hv("Authorization", b"Bearer b"), hv(":METHOD", b"POST")],
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        // prost writes `headers` (3) before `header_map` (13); another sender may not.
+        for http in [
+            [&headers[..], &header_map].concat(),
+            [&header_map[..], &headers].concat(),
+        ] {
+            let wire = with_http(http);
+            let full = CheckRequest::decode(wire.as_slice()).unwrap();
+            assert_eq!(
+                full,
+                CheckRequest::decode(with_http([&headers[..], &header_map].concat()).as_slice())
+                    .unwrap()
+            );
+            let r = read(&wire).unwrap();
+            assert_eq!(r.header("authorization"), Some("Bearer a,Bearer b"));
+            assert_eq!(r.method, "POST", "header_map's :method wins");
+        }
+    }
+
+    #[test]
+    fn in_headers_only_the_lower_case_pseudo_header_names_stand_in() {
+        // Two map keys for envoy-types; which one came last would be the order the
+        // sender's map iterated in.
+        for entries in [
+            vec![entry(":METHOD", b"PUT"), entry(":method", b"GET")],
+            vec![entry(":method", b"GET"), entry(":METHOD", b"PUT")],
+        ] {
+            let r = read(&wire(WireHttp {
+                headers: entries,
+                path: b"/v1/x".to_vec(),
+                ..Default::default()
+            }))
+            .unwrap();
+            assert_eq!(r.method, "GET");
+        }
+        let r = read(&wire(WireHttp {
+            headers: vec![entry(":Method", b"PUT"), entry(":PATH", b"/v1/x")],
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!((r.method.as_str(), r.path.as_str()), ("", ""));
+    }
+
     /// Every one-byte change of a request Envoy could send: keygate's reading either fails
     /// or agrees with envoy-types' on every field it uses, and never panics.
     #[test]
