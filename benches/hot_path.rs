@@ -7,7 +7,6 @@
 //! The Envoy request used throughout is keygate-load's (`shape.rs`, shaped like the ones
 //! Envoy 1.40 sends), so each figure is what one real Check costs in that stage.
 
-
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;

@@ -161,7 +161,10 @@ impl Authenticator {
             Ok(true)
         } else if self.failures.exhausted(key_id) {
             metrics().argon2_refused.inc();
-            tracing::debug!(key_id, "API key verification refused: too many wrong secrets");
+            tracing::debug!(
+                key_id,
+                "API key verification refused: too many wrong secrets"
+            );
             return Ok(Verified::Refused(DenyReason::InvalidApiKey));
         } else {
             self.hasher.verify(secret, &record.hash).await

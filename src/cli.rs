@@ -13,6 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::api::proto::{self, authorizer_client::AuthorizerClient, keys_client::KeysClient};
 use crate::api::rfc3339;
 use crate::config::{Config, Secrets, DEV_CONFIG};
+use crate::secret::Secret;
 use crate::server;
 
 /// Exit code of `keygate check` when the request is denied.
@@ -63,7 +64,7 @@ pub struct AdminArgs {
         global = true,
         hide_env_values = true
     )]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Print one JSON object.
     #[arg(long, global = true)]
     pub json: bool,
@@ -140,7 +141,7 @@ pub enum KeysCommand {
 pub struct CheckArgs {
     /// The credential (API key). Leave out to ask about a request without one.
     #[arg(long, default_value = "")]
-    pub token: String,
+    pub token: Secret,
     #[arg(long, default_value = "GET")]
     pub method: String,
     #[arg(long)]
@@ -309,10 +310,10 @@ async fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
         .clone()
         .or_else(|| from_dev("admin_url"))
         .unwrap_or_else(|| "http://127.0.0.1:50052".into());
-    let token = args.admin_token.clone().or_else(|| from_dev("admin_token")).ok_or_else(|| {
+    let token = args.admin_token.clone().or_else(|| from_dev("admin_token").map(Secret::new)).ok_or_else(|| {
         anyhow!("no admin credential: set KEYGATE_ADMIN_TOKEN (or --admin-token), or run `keygate serve --dev` on this machine")
     })?;
-    let header: MetadataValue<_> = format!("Bearer {token}")
+    let header: MetadataValue<_> = format!("Bearer {}", token.expose())
         .parse()
         .map_err(|_| anyhow!("the admin token contains characters not allowed in a header"))?;
     let channel = channel(&url).await?;
@@ -558,7 +559,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<i32> {
     let mut client = AuthorizerClient::new(channel(&url).await?);
     let resp = client
         .check(proto::CheckRequest {
-            credential: args.token,
+            credential: args.token.expose().to_owned(),
             method: args.method,
             path: args.path,
             tenant_id: args.tenant.unwrap_or_default(),
@@ -607,4 +608,35 @@ async fn check(args: CheckArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(if resp.allowed { 0 } else { EXIT_DENIED })
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn parsed_arguments_never_show_a_credential_in_debug() {
+        let cli = Cli::parse_from([
+            "keygate",
+            "check",
+            "--token",
+            "sk_live_0123456789abcdef_SECRETSECRET",
+            "--path",
+            "/v1",
+        ]);
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("SECRETSECRET"), "{shown}");
+        let cli = Cli::parse_from([
+            "keygate",
+            "keys",
+            "list",
+            "--tenant",
+            "t",
+            "--admin-token",
+            "hunter2hunter2xx",
+        ]);
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("hunter2hunter2xx"), "{shown}");
+    }
 }

@@ -463,7 +463,13 @@ impl Config {
                 apply_override(&mut root, &path, &value)?;
             }
         }
-        for secret_field in ["pepper", "admin_token", "watch_token", "redis_password", "password"] {
+        for secret_field in [
+            "pepper",
+            "admin_token",
+            "watch_token",
+            "redis_password",
+            "password",
+        ] {
             if find_key(&root, secret_field) {
                 return Err(ConfigError::new(
                     secret_field,
@@ -668,6 +674,28 @@ mod tests {
 
     fn load(yaml: &str) -> Result<Config, ConfigError> {
         Config::load(Some(yaml), Vec::new())
+    }
+
+    #[test]
+    fn redis_urls_this_build_cannot_use_are_refused_naming_the_field() {
+        for url in [
+            "rediss://127.0.0.1:6379",
+            "http://127.0.0.1:6379",
+            "redis://[::1",
+        ] {
+            let e = load(&format!(
+                "store: {{backend: redis, redis_url: \"{url}\"}}\n"
+            ))
+            .unwrap_err();
+            assert_eq!(e.field, "store.redis_url", "{url}");
+        }
+        let e = load("store: {backend: redis, redis_url: \"rediss://h:6379\"}\n").unwrap_err();
+        assert!(
+            e.message.contains("not supported by this build"),
+            "{}",
+            e.message
+        );
+        assert!(load("store: {backend: redis, redis_url: \"redis://10.0.0.1:6379/2\"}\n").is_ok());
     }
 
     #[test]

@@ -6,14 +6,25 @@ use crate::apikey::token::looks_like_api_key;
 use crate::config::PolicyConfig;
 use crate::request::AuthRequest;
 
-/// What the caller presented, borrowed from the request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the caller presented, borrowed from the request. `Debug` never shows a token.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Credential<'a> {
     ApiKey(&'a str),
     Jwt(&'a str),
     /// Something was presented, but it has neither shape.
     Unrecognized,
     None,
+}
+
+impl std::fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Credential::ApiKey(_) => "ApiKey([redacted])",
+            Credential::Jwt(_) => "Jwt([redacted])",
+            Credential::Unrecognized => "Unrecognized",
+            Credential::None => "None",
+        })
+    }
 }
 
 /// Where credentials are looked for, compiled from the policy.
@@ -163,6 +174,12 @@ mod tests {
         );
         assert_eq!(src.extract(&req(&[("x-api-key", "")])), Credential::None);
         assert_eq!(src.extract(&req(&[])), Credential::None);
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        assert_eq!(format!("{:?}", classify(KEY)), "ApiKey([redacted])");
+        assert_eq!(format!("{:?}", classify("a.b.c")), "Jwt([redacted])");
     }
 
     #[test]

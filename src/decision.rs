@@ -67,9 +67,7 @@ impl DenyReason {
             | DenyReason::RevokedApiKey
             | DenyReason::InvalidToken => 401,
             DenyReason::InsufficientPermissions | DenyReason::TenantForbidden => 403,
-            DenyReason::TenantRequired | DenyReason::InvalidTenant | DenyReason::InvalidPath => {
-                400
-            }
+            DenyReason::TenantRequired | DenyReason::InvalidTenant | DenyReason::InvalidPath => 400,
             DenyReason::RateLimited => 429,
         }
     }

@@ -4,7 +4,9 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-#[derive(Debug, Clone, Default)]
+/// `Debug` shows header names but no header value, and not the credential: any of them
+/// may carry a secret.
+#[derive(Clone, Default)]
 pub struct AuthRequest {
     pub method: String,
     /// As received, query string included; `normalize_path` gives the path routes are
@@ -19,6 +21,23 @@ pub struct AuthRequest {
     /// A credential handed over outside the headers (keygate.v1 Check's `credential`).
     /// Read before any header.
     pub credential: Option<String>,
+}
+
+impl std::fmt::Debug for AuthRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&str> = self.headers.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        f.debug_struct("AuthRequest")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("headers", &names)
+            .field("peer", &self.peer)
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|_| "[redacted]"),
+            )
+            .finish()
+    }
 }
 
 impl AuthRequest {
@@ -179,6 +198,24 @@ mod tests {
         ] {
             assert_eq!(norm(raw).as_deref(), Ok(want), "{raw}");
         }
+    }
+
+    #[test]
+    fn debug_shows_no_header_value_and_no_credential() {
+        let req = AuthRequest {
+            method: "GET".into(),
+            path: "/v1".into(),
+            headers: [(
+                "authorization".to_owned(),
+                "Bearer sk_live_SECRET".to_owned(),
+            )]
+            .into(),
+            peer: None,
+            credential: Some("sk_live_OTHERSECRET".into()),
+        };
+        let shown = format!("{req:?}");
+        assert!(!shown.contains("SECRET"), "{shown}");
+        assert!(shown.contains("authorization"), "{shown}");
     }
 
     #[test]

@@ -26,7 +26,10 @@ pub enum FeedItem {
     /// An event this version cannot read (a newer keygate's kind, a corrupt entry) naming
     /// a key: the key is dropped, as for any change to it. Without a readable key id an
     /// entry is a `Reset`.
-    Unknown { id: EventId, key_id: String },
+    Unknown {
+        id: EventId,
+        key_id: String,
+    },
     /// Events were lost (or unreadable); flush everything and continue after this id.
     Reset(EventId),
 }
@@ -118,6 +121,8 @@ pub struct RevocationBus {
     last_applied: Mutex<EventId>,
     reconnects: AtomicU64,
     flushes: AtomicU64,
+    /// Woken when `connected` changes (for the health reporter).
+    changed: tokio::sync::Notify,
 }
 
 impl RevocationBus {
@@ -130,6 +135,7 @@ impl RevocationBus {
             last_applied: Mutex::new(EventId::START),
             reconnects: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -163,8 +169,16 @@ impl RevocationBus {
         self.published.subscribe()
     }
 
+    /// Completes the next time the follower connects or loses its feed.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
     fn set_connected(&self, connected: bool) {
         let was = self.connected.swap(connected, Ordering::AcqRel);
+        if was != connected {
+            self.changed.notify_waiters();
+        }
         metrics()
             .revocation_connected
             .set(if connected { 1 } else { 0 });

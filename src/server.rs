@@ -117,7 +117,9 @@ impl App {
             RevocationSource::Store => Arc::new(StoreFeed::new(self.store.clone(), r.read_block)),
             RevocationSource::Watch => Arc::new(WatchFeed::new(
                 r.watch_url.clone(),
-                self.watch_token.clone().expect("checked in App::with_store"),
+                self.watch_token
+                    .clone()
+                    .expect("checked in App::with_store"),
                 r.read_block,
             )),
         }
@@ -192,15 +194,12 @@ async fn report_health(
     stop: watch::Receiver<bool>,
 ) {
     use tonic_health::ServingStatus;
-    let names = [
-        "",
-        <AuthorizationServer<EnvoyAuthorization> as tonic::server::NamedService>::NAME,
-        <AuthorizerServer<AuthorizerService> as tonic::server::NamedService>::NAME,
-        <RevocationsServer<RevocationsService> as tonic::server::NamedService>::NAME,
-    ];
+    let names = HEALTH_SERVICES;
     let mut last = None;
     let mut stopped_rx = std::pin::pin!(stopped(stop));
     loop {
+        // Registered before readiness is read, so a change meanwhile is not missed.
+        let changed = bus.changed();
         let ready = readiness(store.as_ref(), &bus).await.0 == StatusCode::OK;
         if last != Some(ready) {
             let status = if ready {
@@ -215,6 +214,7 @@ async fn report_health(
         }
         tokio::select! {
             _ = &mut stopped_rx => break,
+            _ = changed => {}
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
         }
     }
@@ -224,6 +224,15 @@ async fn report_health(
             .await;
     }
 }
+
+/// The services `grpc.health.v1` reports on: the server as a whole (`""`) and each one
+/// the main port serves.
+const HEALTH_SERVICES: [&str; 4] = [
+    "",
+    <AuthorizationServer<EnvoyAuthorization> as tonic::server::NamedService>::NAME,
+    <AuthorizerServer<AuthorizerService> as tonic::server::NamedService>::NAME,
+    <RevocationsServer<RevocationsService> as tonic::server::NamedService>::NAME,
+];
 
 /// How often the gRPC health status is brought in step with readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
@@ -259,6 +268,12 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     let mut tasks = Vec::new();
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Known from the first probe on, as not serving until readiness says otherwise.
+    for name in HEALTH_SERVICES {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
     tasks.push(tokio::spawn({
         let (store, bus, stop) = (app.store.clone(), app.bus.clone(), stop_rx.clone());
         async move {

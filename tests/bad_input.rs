@@ -773,3 +773,56 @@ async fn opaque_errors_hide_which_401_it_was_on_both_apis() {
         "keygate.v1: one denial (code and message) for every 401"
     );
 }
+
+/// Routes are matched on the path a server would route: dot segments (plain or
+/// percent-encoded) cannot walk from a public route to a protected one, and a path
+/// servers would read differently (an encoded `/`, `\` or NUL) is refused, whatever the
+/// proxy in front normalised.
+#[tokio::test]
+async fn a_path_cannot_walk_from_a_public_route_to_a_protected_one() {
+    let app = app();
+    let envoy = app.envoy_service();
+    let plain = |path: &str| check_request("GET", path, &[]);
+    for path in [
+        "/public/../v1/contacts/42",
+        "/public/%2e%2e/v1/contacts/42",
+        "/public/.%2E/v1/contacts/42?x=1",
+        "/public//../v1/contacts/42",
+    ] {
+        assert_eq!(
+            support::outcome_of(&envoy, plain(path)).await,
+            Outcome::denied("missing_credentials", 401),
+            "{path}"
+        );
+    }
+    for path in [
+        "/public/..%2fv1/contacts/42",
+        "/public/..%5Cv1/contacts/42",
+        "/public/..\\v1/contacts/42",
+        "/public/%00",
+        "/public/..;/v1/contacts/42",
+        "/public/%zz",
+    ] {
+        assert_eq!(
+            support::outcome_of(&envoy, plain(path)).await,
+            Outcome::denied("invalid_path", 400),
+            "{path}"
+        );
+    }
+    // What is public stays public, encoded or not.
+    assert_eq!(
+        support::outcome_of(&envoy, plain("/public/%64ocs/./x")).await,
+        Outcome::Allowed
+    );
+    // And a key's own route still works through dot segments that stay inside it.
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let token = support::bearer(&key.token);
+    assert_eq!(
+        support::outcome_of(
+            &envoy,
+            check_request("GET", "/v1/contacts/7/../42", &[("authorization", &token)])
+        )
+        .await,
+        Outcome::Allowed
+    );
+}

@@ -124,7 +124,11 @@ async fn a_key_revoked_through_the_admin_api_is_denied_on_the_next_check() {
         Outcome::denied("invalid_api_key", 401),
         "a deleted key is unknown"
     );
-    assert_eq!(store.gets(), gets + 1);
+    assert_eq!(
+        store.gets(),
+        gets,
+        "the deleted key's tombstone answers without the store"
+    );
 }
 
 /// A verification that read the key just before a revocation must not put the stale
@@ -158,6 +162,178 @@ async fn a_revocation_during_an_in_flight_verification_still_wins() {
         Outcome::denied("revoked_api_key", 401),
         "the stale verification was not cached"
     );
+}
+
+/// A flush (the revocation stream lost events) while a verification is in flight: what
+/// that verification read may predate a revocation among the lost events, so it must
+/// not be cached, nor answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_during_an_in_flight_verification_wins_over_it() {
+    let store = CountingStore::new();
+    let app = Arc::new(app_on(store.clone(), support::config(Backend::Memory)));
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+
+    store.hold_gets();
+    let in_flight = {
+        let (app, token) = (app.clone(), key.token.clone());
+        tokio::spawn(async move { outcome(&app.envoy_service().decide(read_with(&token)).await) })
+    };
+    store.a_get_is_held().await;
+    // Revoked on another replica, and its event is among those lost: this replica only
+    // learns of a flush.
+    keygate::store::KeyStore::revoke(&*store, &key.record.key_id, now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    app.cache.invalidate_all();
+    store.resume();
+    let first = tokio::time::timeout(PATIENCE, in_flight)
+        .await
+        .expect("the in-flight check finishes")
+        .unwrap();
+    assert_eq!(first, Outcome::denied("revoked_api_key", 401));
+    assert_eq!(
+        outcome(&app.envoy_service().decide(read_with(&key.token)).await),
+        Outcome::denied("revoked_api_key", 401)
+    );
+}
+
+/// Two invalidations during one verification: the first makes it read the store again,
+/// and the second, arriving while that second read is in flight, must win as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_invalidation_during_a_verification_wins_not_only_the_first() {
+    use keygate::store::EventKind;
+    let store = CountingStore::new();
+    let app = Arc::new(app_on(store.clone(), support::config(Backend::Memory)));
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let key_id = key.record.key_id.clone();
+
+    store.hold_gets();
+    let in_flight = {
+        let (app, token) = (app.clone(), key.token.clone());
+        tokio::spawn(async move { outcome(&app.envoy_service().decide(read_with(&token)).await) })
+    };
+    store.a_get_is_held().await;
+    // First: the key's scopes changed (say). The verification reads again…
+    app.cache.invalidate_key(&key_id, Some(EventKind::Updated));
+    let reads = store.gets();
+    store.release_one();
+    store.a_get_is_held().await;
+    assert_eq!(
+        store.gets(),
+        reads + 1,
+        "the verification read the key again"
+    );
+    // …and while that read is in flight, the key is revoked. The second read saw the
+    // record before the revocation: it must not be answered either.
+    app.admin.revoke(&key_id).await.unwrap();
+    store.resume();
+    let first = tokio::time::timeout(PATIENCE, in_flight)
+        .await
+        .expect("the in-flight check finishes")
+        .unwrap();
+    assert_eq!(first, Outcome::denied("revoked_api_key", 401));
+}
+
+/// Anyone who knows a key id can mint well-formed guesses; past
+/// `failures_per_key` wrong secrets in the window, guesses cost no argon2, while the
+/// key's real token, verified before, is never slowed.
+#[tokio::test]
+async fn guesses_at_one_key_id_stop_costing_argon2_past_the_bound() {
+    let store = CountingStore::new();
+    let mut config = support::config(Backend::Memory);
+    config.api_keys.argon2.failures_per_key = 3;
+    let app = app_on(store.clone(), config);
+    let envoy = app.envoy_service();
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&key.token)).await),
+        Outcome::Allowed
+    );
+    let before = app.hasher.verifications();
+    for pos in 0..10 {
+        assert_eq!(
+            outcome(
+                &envoy
+                    .decide(read_with(&support::wrong_secret_at(&key.token, pos)))
+                    .await
+            ),
+            Outcome::denied("invalid_api_key", 401)
+        );
+    }
+    assert_eq!(
+        app.hasher.verifications(),
+        before + 3,
+        "argon2 ran for three guesses only"
+    );
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&key.token)).await),
+        Outcome::Allowed,
+        "the real token still passes"
+    );
+    // Its entry gone (say, at the end of its TTL), the real token is read again and not
+    // refused: this replica knows it verified before.
+    app.cache
+        .invalidate_key(&key.record.key_id, Some(keygate::store::EventKind::Updated));
+    assert_eq!(
+        outcome(&envoy.decide(read_with(&key.token)).await),
+        Outcome::Allowed
+    );
+    // Another key id's guesses are not affected.
+    let other = app.admin.create(support::reader_key()).await.unwrap();
+    let before = app.hasher.verifications();
+    assert_eq!(
+        outcome(
+            &envoy
+                .decide(read_with(&support::wrong_secret_for(&other.token)))
+                .await
+        ),
+        Outcome::denied("invalid_api_key", 401)
+    );
+    assert_eq!(app.hasher.verifications(), before + 1);
+}
+
+/// With argon2's queue full, a cold key is answered UNAVAILABLE at once: never allowed,
+/// never denied. One argon2 thread, one queue slot, verifications that take a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_keys_beyond_argon2s_queue_are_unavailable_never_denied() {
+    let store = CountingStore::new();
+    let mut config = support::config(Backend::Memory);
+    config.api_keys.argon2 = Argon2Config {
+        memory_kib: 32 * 1024,
+        iterations: 4,
+        verify_concurrency: 1,
+        queue_depth: 1,
+        ..Argon2Config::default()
+    };
+    let app = Arc::new(app_on(store.clone(), config));
+    let mut tokens = Vec::new();
+    for _ in 0..12 {
+        tokens.push(app.admin.create(support::reader_key()).await.unwrap().token);
+    }
+    let outcomes = futures::future::join_all(tokens.iter().map(|t| {
+        let app = app.clone();
+        async move { outcome(&app.envoy_service().decide(read_with(t)).await) }
+    }))
+    .await;
+    let unavailable = outcomes
+        .iter()
+        .filter(|o| **o == Outcome::Error(tonic::Code::Unavailable))
+        .count();
+    for o in &outcomes {
+        assert!(
+            *o == Outcome::Allowed || *o == Outcome::Error(tonic::Code::Unavailable),
+            "{o:?}"
+        );
+    }
+    assert!(unavailable >= 1, "{outcomes:?}");
+    // Nothing of the refusal was remembered: each key passes once argon2 is free.
+    for t in &tokens {
+        assert_eq!(
+            outcome(&app.envoy_service().decide(read_with(t)).await),
+            Outcome::Allowed
+        );
+    }
 }
 
 #[tokio::test]
@@ -292,7 +468,11 @@ async fn a_revoked_keys_next_check_costs_no_argon2_and_no_store_read() {
     // A wrong secret for the revoked key id is still just an invalid key: the tombstone
     // is the verified token's, not the key id's.
     assert_eq!(
-        outcome(&envoy.decide(read_with(&support::wrong_secret_for(&key.token))).await),
+        outcome(
+            &envoy
+                .decide(read_with(&support::wrong_secret_for(&key.token)))
+                .await
+        ),
         Outcome::denied("invalid_api_key", 401)
     );
 }

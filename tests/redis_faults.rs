@@ -196,7 +196,9 @@ async fn over_grpc_an_outage_is_an_unavailable_status_and_readyz_fails() {
     let app = App::build(support::config(Backend::Redis(&redis)), support::secrets()).unwrap();
     let warm = app.admin.create(support::reader_key()).await.unwrap();
     let cold = app.admin.create(support::reader_key()).await.unwrap();
-    let running = server::start(Arc::new(app)).await.unwrap();
+    let app = Arc::new(app);
+    let running = server::start(app.clone()).await.unwrap();
+    support::positioned(&app).await;
     let client = AuthorizationClient::connect(format!("http://{}", running.grpc))
         .await
         .unwrap();
@@ -263,4 +265,66 @@ async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     tokio::time::timeout(PROMPT, exchange)
         .await
         .expect("HTTP answer in time")
+}
+
+/// Native gRPC probes mean what `/readyz` means: with Redis gone, each service reports
+/// NOT_SERVING; with Redis back, SERVING again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_follows_readiness_per_service() {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let mut redis = durable_redis().await;
+    let app =
+        Arc::new(App::build(support::config(Backend::Redis(&redis)), support::secrets()).unwrap());
+    let running = server::start(app.clone()).await.unwrap();
+    let health = HealthClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", running.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let services = [
+        "",
+        "envoy.service.auth.v3.Authorization",
+        "keygate.v1.Authorizer",
+    ];
+    let all_are = |want: ServingStatus| {
+        let health = health.clone();
+        async move {
+            for service in services {
+                let status = health
+                    .clone()
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .expect("health answers")
+                    .into_inner()
+                    .status;
+                if status != want as i32 {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    };
+    support::eventually(support::PATIENCE, "every service serving", || {
+        all_are(ServingStatus::Serving)
+    })
+    .await;
+    assert_eq!(http_status(running.http, "/readyz").await, 200);
+    redis.kill();
+    support::eventually(support::PATIENCE, "every service not serving", || {
+        all_are(ServingStatus::NotServing)
+    })
+    .await;
+    assert_eq!(http_status(running.http, "/readyz").await, 503);
+    redis.restart().await;
+    support::eventually(support::PATIENCE, "every service serving again", || {
+        all_are(ServingStatus::Serving)
+    })
+    .await;
+    running.shutdown().await.unwrap();
 }

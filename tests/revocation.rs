@@ -29,13 +29,24 @@ const EVENTS: &str = "kgtest:{keys}:events";
 struct Replica {
     app: Arc<App>,
     running: Running,
+    watch_token: String,
 }
 
 impl Replica {
     async fn start(config: Config, secrets: &Secrets) -> Replica {
         let app = Arc::new(App::build(config, secrets.clone()).expect("replica builds"));
         let running = server::start(app.clone()).await.expect("replica starts");
-        Replica { app, running }
+        let watch_token = secrets
+            .watch_token
+            .as_ref()
+            .expect("the test secrets have a watch token")
+            .expose()
+            .to_owned();
+        Replica {
+            app,
+            running,
+            watch_token,
+        }
     }
 
     async fn check(&self, token: &str) -> Outcome {
@@ -80,11 +91,29 @@ async fn create_key(app: &App) -> (String, String) {
     (created.record.key_id, created.token)
 }
 
-async fn watch_client(replica: &Replica) -> RevocationsClient<tonic::transport::Channel> {
-    RevocationsClient::connect(format!("http://{}", replica.running.grpc))
-        .await
-        .expect("grpc listener answers")
+/// A Watch client on the public port, presenting the watch token.
+async fn watch_client(replica: &Replica) -> WatchClient {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", replica.running.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .expect("grpc listener answers");
+    let token = replica.watch_token.clone();
+    let authorize: WatchAuth = Box::new(move |mut req: tonic::Request<()>| {
+        req.metadata_mut()
+            .insert("authorization", bearer(&token).parse().unwrap());
+        Ok(req)
+    });
+    RevocationsClient::with_interceptor(channel, authorize)
 }
+
+type WatchAuth =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
+type WatchClient = RevocationsClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, WatchAuth>,
+>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_key_is_denied_on_every_replica_in_order_and_completely() {
@@ -390,9 +419,10 @@ async fn stream_trimmed_past_the_last_applied_id_flushes_the_whole_cache() {
         check(token.clone()).await,
         Outcome::denied("revoked_api_key", 401)
     );
-    // The flush dropped everything, so even the untouched key is verified again.
+    // The flush dropped every entry, so the untouched key is read from the store again,
+    // without argon2: what its secret hashes to is still known.
     assert_eq!(check(bystander.clone()).await, Outcome::Allowed);
-    assert!(reader.hasher.verifications() > warm_verifications);
+    assert_eq!(reader.hasher.verifications(), warm_verifications);
 
     stop.send(true).unwrap();
     follower.await.unwrap();
@@ -570,19 +600,183 @@ async fn events_are_idempotent_when_delivered_twice() {
     let secrets = secrets();
     let replica = Replica::start(config(Backend::Memory), &secrets).await;
     let (id, token) = create_key(&replica.app).await;
+    let (_, bystander) = create_key(&replica.app).await;
     assert_eq!(replica.check(&token).await, Outcome::Allowed);
-    let event = keygate::store::RevocationEvent {
-        id: "1-0".into(),
-        key_id: id.clone(),
-        kind: keygate::store::EventKind::Revoked,
-        at_ms: 1,
+    assert_eq!(replica.check(&bystander).await, Outcome::Allowed);
+    let event = |kind| {
+        FeedItem::Event(keygate::store::RevocationEvent {
+            id: "1-0".into(),
+            key_id: id.clone(),
+            kind,
+            at_ms: 1,
+        })
     };
-    // An event for a key that was never revoked in the store only drops the cache entry;
-    // applying it twice changes nothing more.
-    replica.app.bus.apply(FeedItem::Event(event.clone())).await;
-    replica.app.bus.apply(FeedItem::Event(event)).await;
-    assert_eq!(replica.check(&token).await, Outcome::Allowed);
+    // The first delivery of a revocation denies the key, and a second changes nothing:
+    // the same answer, no argon2, nothing else touched.
+    replica
+        .app
+        .bus
+        .apply(event(keygate::store::EventKind::Revoked))
+        .await;
+    assert_eq!(
+        replica.check(&token).await,
+        Outcome::denied("revoked_api_key", 401)
+    );
+    let verifications = replica.app.hasher.verifications();
+    replica
+        .app
+        .bus
+        .apply(event(keygate::store::EventKind::Revoked))
+        .await;
+    assert_eq!(
+        replica.check(&token).await,
+        Outcome::denied("revoked_api_key", 401)
+    );
+    assert_eq!(replica.app.hasher.verifications(), verifications);
+    assert_eq!(replica.check(&bystander).await, Outcome::Allowed);
+    assert_eq!(replica.app.bus.flushes(), 0);
     replica.running.shutdown().await.unwrap();
+}
+
+/// An event this version cannot read (a newer keygate's kind during a rolling upgrade,
+/// or a corrupt entry) never stops the bus: its key is dropped (or, without a readable
+/// key id, the whole cache), and the revocations after it are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_event_is_passed_safely_and_later_revocations_still_apply() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let replica = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    replica.following().await;
+    let (odd, odd_token) = create_key(&replica.app).await;
+    let (later, later_token) = create_key(&replica.app).await;
+    assert_eq!(replica.check(&odd_token).await, Outcome::Allowed);
+    assert_eq!(replica.check(&later_token).await, Outcome::Allowed);
+    let unreadable = keygate::telemetry::metrics().revocation_unreadable.get();
+
+    let mut conn = redis.connection().await;
+    let _: String = redis::cmd("XADD")
+        .arg(EVENTS)
+        .arg("*")
+        .arg("key_id")
+        .arg(&odd)
+        .arg("kind")
+        .arg("suspended")
+        .arg("at_ms")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(EVENTS)
+        .arg("*")
+        .arg("garbage")
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Written by another replica, through Redis: this one learns of it from the stream.
+    replica
+        .app
+        .store
+        .revoke(&later, keygate::store::now_ms())
+        .await
+        .unwrap();
+
+    eventually(
+        PATIENCE,
+        "the revocation after the odd events applies",
+        || async {
+            (replica.check(&later_token).await == Outcome::denied("revoked_api_key", 401))
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        replica.app.bus.flushes(),
+        1,
+        "the entry without a key id flushed"
+    );
+    assert!(keygate::telemetry::metrics().revocation_unreadable.get() > unreadable);
+    assert!(replica.app.bus.is_connected());
+    // The key named by the unknown kind was only dropped: it is read again, and valid.
+    assert_eq!(replica.check(&odd_token).await, Outcome::Allowed);
+    replica.running.shutdown().await.unwrap();
+}
+
+/// A reader that fell behind while connected, and had events trimmed from under it,
+/// flushes rather than silently skip them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_trimmed_while_connected_flushes() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let app = App::build(config(Backend::Redis(&redis)), secrets.clone()).unwrap();
+    let feed = StoreFeed::new(app.store.clone(), Duration::from_millis(200));
+    let (a, _) = create_key(&app).await;
+    let (b, _) = create_key(&app).await;
+    let (c, _) = create_key(&app).await;
+    let start = feed.start_position().await.unwrap();
+    let now = keygate::store::now_ms();
+    app.store.revoke(&a, now).await.unwrap();
+    app.store.revoke(&b, now).await.unwrap();
+    // Both revocations are trimmed before the reader reads; then one more arrives.
+    trim_all_events(&redis).await;
+    app.store.revoke(&c, now).await.unwrap();
+    let items = feed.read(start, false).await.unwrap();
+    assert!(
+        matches!(items.as_slice(), [FeedItem::Reset(_)]),
+        "{items:?}"
+    );
+    // Nothing was lost after the reset's position.
+    let resumed = items[0].position();
+    assert!(feed.read(resumed, false).await.unwrap().is_empty());
+}
+
+/// The follower takes its position before the first check is answered: until then a
+/// check is UNAVAILABLE, so nothing can be verified and cached in a window whose
+/// revocations the follower would never see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_wait_for_the_followers_position() {
+    let store = CountingStore::new();
+    let secrets = secrets();
+    let app = Arc::new(App::with_store(config(Backend::Memory), secrets, store.clone()).unwrap());
+    let (_, token) = create_key(&app).await;
+    store.hold_positions();
+    let running = server::start(app.clone()).await.unwrap();
+    let mut client = envoy_client(running.grpc).await;
+    let answer = client.check(read_with(&token)).await;
+    assert_eq!(
+        answer.map(|_| ()).unwrap_err().code(),
+        tonic::Code::Unavailable
+    );
+    store.answer_positions();
+    eventually(PATIENCE, "the replica answers once positioned", || async {
+        let answer = client.clone().check(read_with(&token)).await;
+        (outcome(&answer.map(|r| r.into_inner())) == Outcome::Allowed).then_some(())
+    })
+    .await;
+    running.shutdown().await.unwrap();
+}
+
+/// A client following another keygate's Watch learns where "now" is when it connects,
+/// so reconnecting before any event neither replays the stream nor flushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_follower_starts_at_the_remotes_newest_event() {
+    let secrets = secrets();
+    let primary = Replica::start(config(Backend::Memory), &secrets).await;
+    for _ in 0..3 {
+        let (id, _) = create_key(&primary.app).await;
+        primary.app.admin.revoke(&id).await.unwrap();
+    }
+    let newest = primary.app.store.latest_event_id().await.unwrap();
+    let feed = keygate::api::revocations::WatchFeed::new(
+        format!("http://{}", primary.running.grpc),
+        secrets.watch_token.clone().unwrap(),
+        Duration::from_millis(200),
+    );
+    assert_eq!(feed.start_position().await.unwrap(), newest);
+    // Reconnecting from there (as after a lost connection): nothing to replay, no reset.
+    assert!(feed.read(newest, true).await.unwrap().is_empty());
+    primary.running.shutdown().await.unwrap();
 }
 
 /// Two replicas on one Redis, and a key warm on the second.

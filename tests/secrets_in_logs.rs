@@ -146,8 +146,9 @@ async fn the_core_logs_key_ids_but_no_secret() {
 async fn the_server_logs_key_ids_but_no_secret() {
     capture_logs();
     let secrets = support::secrets();
-    let app = App::build(support::config(Backend::Memory), secrets.clone()).unwrap();
-    let running = server::start(Arc::new(app)).await.unwrap();
+    let app = Arc::new(App::build(support::config(Backend::Memory), secrets.clone()).unwrap());
+    let running = server::start(app.clone()).await.unwrap();
+    support::positioned(&app).await;
     let mut forbidden = Forbidden::new(&secrets);
 
     let mut admin = KeysClient::connect(format!("http://{}", running.admin))

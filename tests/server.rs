@@ -33,6 +33,7 @@ async fn start() -> (Arc<App>, server::Running, keygate::config::Secrets) {
     let secrets = secrets();
     let app = Arc::new(App::build(config(Backend::Memory), secrets.clone()).unwrap());
     let running = server::start(app.clone()).await.unwrap();
+    positioned(&app).await;
     (app, running, secrets)
 }
 
@@ -46,15 +47,20 @@ async fn health_reports_every_service_on_the_main_port_as_serving() {
         "keygate.v1.Authorizer",
         "keygate.v1.Revocations",
     ] {
-        let status = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("health of {service:?}: {e}"))
-            .into_inner()
-            .status;
-        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+        // Readiness is brought to the health service as it changes: wait for it.
+        eventually(PATIENCE, "the service reports SERVING", || async {
+            let status = health
+                .clone()
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("health of {service:?}: {e}"))
+                .into_inner()
+                .status;
+            (status == ServingStatus::Serving as i32).then_some(())
+        })
+        .await;
     }
     let unknown = health
         .check(HealthCheckRequest {
@@ -226,14 +232,14 @@ async fn admin_calls_with_bad_arguments_name_the_field() {
 
 #[tokio::test]
 async fn a_watch_stream_is_released_when_its_client_goes_away() {
-    let (_, running, _) = start().await;
+    let (_, running, secrets) = start().await;
     let open = || keygate::telemetry::metrics().watch_streams.get();
     assert_eq!(open(), 0);
     let mut client = keygate::api::proto::revocations_client::RevocationsClient::new(
         channel(running.grpc).await,
     );
     let stream = client
-        .watch(proto::WatchRequest::default())
+        .watch(watch_with(secrets.watch_token.as_ref().unwrap().expose()))
         .await
         .unwrap()
         .into_inner();
@@ -394,4 +400,71 @@ async fn an_allow_answer_leaves_in_one_write() {
         vectored, 2.0,
         "writes per allow answer on a vectored socket"
     );
+}
+
+/// A Watch request from now on, presenting `token`.
+fn watch_with(token: &str) -> tonic::Request<proto::WatchRequest> {
+    let mut req = tonic::Request::new(proto::WatchRequest::default());
+    req.metadata_mut()
+        .insert("authorization", bearer(token).parse().unwrap());
+    req
+}
+
+/// Watch lists every key id and event: on the public port it needs the watch token, on
+/// the admin port the admin token; nothing else opens it.
+#[tokio::test]
+async fn watch_needs_its_credential_on_each_port() {
+    use keygate::api::proto::revocations_client::RevocationsClient;
+    let (_, running, secrets) = start().await;
+    let watch_token = secrets.watch_token.as_ref().unwrap().expose();
+    let admin_token = secrets.admin_token.expose();
+    let mut public = RevocationsClient::new(channel(running.grpc).await);
+    let mut admin = RevocationsClient::new(channel(running.admin).await);
+    let code = |r: Result<
+        tonic::Response<tonic::Streaming<proto::RevocationEvent>>,
+        tonic::Status,
+    >| { r.map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()) };
+    let no_credential = tonic::Request::new(proto::WatchRequest::default());
+    assert_eq!(
+        code(public.watch(no_credential).await),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        code(public.watch(watch_with("not-the-token")).await),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        code(public.watch(watch_with(admin_token)).await),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        code(public.watch(watch_with(watch_token)).await),
+        tonic::Code::Ok
+    );
+    assert_eq!(
+        code(admin.watch(watch_with(watch_token)).await),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        code(admin.watch(watch_with(admin_token)).await),
+        tonic::Code::Ok
+    );
+    running.shutdown().await.unwrap();
+}
+
+/// Without a watch token configured, the public port serves Watch to nobody.
+#[tokio::test]
+async fn without_a_watch_token_watch_is_closed_on_the_public_port() {
+    use keygate::api::proto::revocations_client::RevocationsClient;
+    let mut secrets = secrets();
+    secrets.watch_token = None;
+    let app = Arc::new(App::build(config(Backend::Memory), secrets.clone()).unwrap());
+    let running = server::start(app.clone()).await.unwrap();
+    let mut public = RevocationsClient::new(channel(running.grpc).await);
+    let err = public
+        .watch(watch_with(secrets.admin_token.expose()))
+        .await
+        .expect_err("no credential opens Watch here");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    running.shutdown().await.unwrap();
 }

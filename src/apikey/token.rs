@@ -19,13 +19,24 @@ pub const MAX_TOKEN_LEN: usize = MAX_PREFIX_LEN + 6 + KEY_ID_LEN + 1 + SECRET_LE
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
-/// A syntactically valid token, borrowed from the request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A syntactically valid token, borrowed from the request. `Debug` leaves out the secret.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct ParsedToken<'a> {
     pub prefix: &'a str,
     pub environment: Environment,
     pub key_id: &'a str,
     pub secret: &'a str,
+}
+
+impl std::fmt::Debug for ParsedToken<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParsedToken")
+            .field("prefix", &self.prefix)
+            .field("environment", &self.environment)
+            .field("key_id", &self.key_id)
+            .field("secret", &"[redacted]")
+            .finish()
+    }
 }
 
 /// Why a string is not a token. Only for logs and tests: the client always sees
@@ -161,6 +172,15 @@ pub fn public_prefix(prefix: &str, environment: Environment, key_id: &str) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_of_a_parsed_token_leaves_out_the_secret() {
+        let t = generate("sk", Environment::Live);
+        let parsed = parse(&t.token, "sk").unwrap();
+        let shown = format!("{parsed:?}");
+        assert!(!shown.contains(parsed.secret), "{shown}");
+        assert!(shown.contains(parsed.key_id), "{shown}");
+    }
 
     #[test]
     fn generated_tokens_parse_back() {

@@ -149,9 +149,9 @@ type RecordFields = (Option<String>, Option<u64>);
 /// What XINFO STREAM says of the revocation stream.
 struct StreamInfo {
     last_generated: EventId,
-    /// The newest id trimmed (or deleted) from the stream: Redis 7's
-    /// `max-deleted-entry-id`.
-    max_deleted: EventId,
+    length: u64,
+    entries_added: u64,
+    first_entry: Option<EventId>,
 }
 
 impl RedisStore {
@@ -182,33 +182,44 @@ impl RedisStore {
                     .query_async(&mut conn),
             )
             .await?;
-        let mut last_generated = None;
-        let mut max_deleted = None;
+        let mut last_generated = EventId::START;
+        let mut length: u64 = 0;
+        let mut entries_added = None;
+        let mut first_entry = None;
         for pair in info.chunks(2) {
             let [name, value] = pair else { continue };
             let name: String = redis::from_redis_value(name).unwrap_or_default();
-            let id = || -> Result<EventId, StoreError> {
-                let id: String = redis::from_redis_value(value)
-                    .map_err(|e| StoreError::Corrupt(format!("XINFO STREAM {name}: {e}")))?;
-                event_id(&id)
-            };
             match name.as_str() {
-                "last-generated-id" => last_generated = Some(id()?),
-                "max-deleted-entry-id" => max_deleted = Some(id()?),
+                "last-generated-id" => {
+                    let id: String = redis::from_redis_value(value).unwrap_or_default();
+                    last_generated = event_id(&id)?;
+                }
+                "length" => length = redis::from_redis_value(value).unwrap_or(0),
+                "entries-added" => entries_added = redis::from_redis_value(value).ok(),
+                "first-entry" => {
+                    // [id, [field, value, …]] or nil when the stream is empty.
+                    if let redis::Value::Array(entry) = value {
+                        if let Some(id) = entry.first() {
+                            let id: String = redis::from_redis_value(id).unwrap_or_default();
+                            first_entry = Some(event_id(&id)?);
+                        }
+                    }
+                }
                 _ => {}
             }
         }
-        match (last_generated, max_deleted) {
-            (Some(last_generated), Some(max_deleted)) => Ok(Some(StreamInfo {
-                last_generated,
-                max_deleted,
-            })),
-            // Redis before 7.0 does not say what it trimmed.
-            _ => Err(StoreError::Corrupt(
-                "XINFO STREAM has no max-deleted-entry-id: keygate needs Redis 7.0 or newer"
-                    .into(),
-            )),
-        }
+        let Some(entries_added) = entries_added else {
+            // Redis before 7.0 does not say how much it trimmed.
+            return Err(StoreError::Corrupt(
+                "XINFO STREAM has no entries-added: keygate needs Redis 7.0 or newer".into(),
+            ));
+        };
+        Ok(Some(StreamInfo {
+            last_generated,
+            length,
+            entries_added,
+            first_entry,
+        }))
     }
 }
 
@@ -473,9 +484,24 @@ impl KeyStore for RedisStore {
             // or Redis lost it (a restart without persistence).
             return Ok(after != EventId::START);
         };
-        // The stream went backwards (it was reset), or something after `after` was
-        // trimmed: trimming takes the oldest entries first, so the newest one trimmed
-        // says whether any after `after` went.
-        Ok(info.last_generated < after || info.max_deleted > after)
+        let StreamInfo {
+            last_generated,
+            length,
+            entries_added,
+            first_entry,
+        } = info;
+        if last_generated < after {
+            // The stream went backwards: it was reset.
+            return Ok(true);
+        }
+        if entries_added <= length || last_generated == after {
+            // Nothing was ever trimmed, or nothing came after `after`.
+            return Ok(false);
+        }
+        // Something was trimmed (XTRIM and MAXLEN do not move `max-deleted-entry-id`, so
+        // it cannot say what). Events after `after` are intact only if the oldest one
+        // kept is not newer than `after`. When the trim stopped exactly at `after` this
+        // flushes once more than needed: the price of never missing one.
+        Ok(first_entry.is_none_or(|first| first > after))
     }
 }

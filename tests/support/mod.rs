@@ -380,6 +380,7 @@ pub struct CountingStore {
     gate: Mutex<Option<Arc<Semaphore>>>,
     held: Notify,
     hash: Mutex<Option<String>>,
+    positions: Mutex<Option<Arc<Semaphore>>>,
 }
 
 impl CountingStore {
@@ -415,6 +416,25 @@ impl CountingStore {
         *self.hash.lock().unwrap() = Some(phc);
     }
 
+    /// Lets one held `get` answer, and goes on holding the others and new ones.
+    pub fn release_one(&self) {
+        if let Some(gate) = self.gate.lock().unwrap().as_ref() {
+            gate.add_permits(1);
+        }
+    }
+
+    /// From now on, `latest_event_id` (where a revocation follower starts) does not
+    /// answer until `answer_positions`.
+    pub fn hold_positions(&self) {
+        *self.positions.lock().unwrap() = Some(Arc::new(Semaphore::new(0)));
+    }
+
+    pub fn answer_positions(&self) {
+        if let Some(gate) = self.positions.lock().unwrap().take() {
+            gate.add_permits(Semaphore::MAX_PERMITS / 2);
+        }
+    }
+
     /// Lets held `get`s answer, and stops holding new ones.
     pub fn resume(&self) {
         if let Some(gate) = self.gate.lock().unwrap().take() {
@@ -439,7 +459,11 @@ impl KeyStore for CountingStore {
         let gate = self.gate.lock().unwrap().clone();
         if let Some(gate) = gate {
             self.held.notify_one();
-            let _permit = gate.acquire().await.expect("the gate is never closed");
+            // Each permit lets exactly one held `get` answer (`release_one`).
+            gate.acquire()
+                .await
+                .expect("the gate is never closed")
+                .forget();
         }
         answer
     }
@@ -478,6 +502,10 @@ impl KeyStore for CountingStore {
     }
 
     async fn latest_event_id(&self) -> Result<EventId, StoreError> {
+        let gate = self.positions.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            let _permit = gate.acquire().await.expect("the gate is never closed");
+        }
         self.inner.latest_event_id().await
     }
 
@@ -722,6 +750,28 @@ fn envelope(http: HttpRequest) -> CheckRequest {
             ..Default::default()
         }),
     }
+}
+
+/// Waits until the replica's revocation follower has its position: a served replica
+/// answers checks only from then on.
+pub async fn positioned(app: &keygate::server::App) {
+    eventually(PATIENCE, "the follower has its position", || async {
+        app.bus.has_position().then_some(())
+    })
+    .await;
+}
+
+/// An Envoy ext_authz client of the gRPC listener at `addr`.
+pub async fn envoy_client(
+    addr: std::net::SocketAddr,
+) -> envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient<
+    tonic::transport::Channel,
+> {
+    envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(
+        format!("http://{addr}"),
+    )
+    .await
+    .expect("the gRPC listener answers")
 }
 
 /// `authorization: Bearer <token>`.
