@@ -93,9 +93,17 @@ async fn create_key(app: &App) -> (String, String) {
 
 /// A Watch client on the public port, presenting the watch token.
 async fn watch_client(replica: &Replica) -> WatchClient {
+    watch_client_with(replica, None).await
+}
+
+/// The same, with the HTTP/2 receive windows set (small ones make a client that does
+/// not read fall behind quickly).
+async fn watch_client_with(replica: &Replica, window: Option<u32>) -> WatchClient {
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{}", replica.running.grpc))
             .unwrap()
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(window)
             .connect()
             .await
             .expect("grpc listener answers");
@@ -847,4 +855,78 @@ async fn moving_expiry_earlier_takes_effect_on_every_replica() {
     );
     a.running.shutdown().await.unwrap();
     b.running.shutdown().await.unwrap();
+}
+
+/// A Watch subscriber that falls behind the live feed is caught up from the store; if
+/// what it missed was trimmed meanwhile, it is told so with a RESET, not handed the
+/// events after the gap as if nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_watch_subscriber_whose_events_were_trimmed_gets_a_reset() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let replica = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    replica.following().await;
+    let app = replica.app.clone();
+    let mut client = watch_client_with(&replica, Some(65_535)).await;
+    let mut stream = client
+        .watch(proto::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // More events than the live feed and the transport's windows hold for a subscriber
+    // that does not read. The follower itself keeps up (nothing is trimmed yet).
+    let (id, _) = create_key(&app).await;
+    let mut pipe = redis::pipe();
+    for _ in 0..40_000 {
+        pipe.cmd("XADD")
+            .arg(EVENTS)
+            .arg("*")
+            .arg("key_id")
+            .arg(&id)
+            .arg("kind")
+            .arg("updated")
+            .arg("at_ms")
+            .arg(1)
+            .ignore();
+    }
+    let mut conn = redis.connection().await;
+    let () = pipe.query_async(&mut conn).await.unwrap();
+    eventually(PATIENCE, "the follower applied every event", || async {
+        (app.bus.last_applied() == app.store.latest_event_id().await.unwrap()).then_some(())
+    })
+    .await;
+    assert_eq!(app.bus.flushes(), 0, "the follower kept up");
+    // Now what the subscriber has not been sent yet is trimmed away, all but the newest
+    // event (the follower's position, so the follower itself has lost nothing); one
+    // more event marks the end.
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(EVENTS)
+        .arg("MAXLEN")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (last, _) = create_key(&app).await;
+    app.admin.revoke(&last).await.unwrap();
+    let mut reset = false;
+    let mut received = 0;
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .expect("Watch message in time")
+            .expect("Watch stream healthy")
+            .expect("Watch stream open");
+        received += 1;
+        // A RESET covers everything up to its id, the last revocation included.
+        reset = msg.kind == Kind::Reset as i32;
+        if reset || msg.key_id == last {
+            break;
+        }
+    }
+    assert!(
+        reset,
+        "the subscriber was told that events were lost ({received} messages)"
+    );
+    assert_eq!(app.bus.flushes(), 0, "the RESET was the subscriber's alone");
+    replica.running.shutdown().await.unwrap();
 }
