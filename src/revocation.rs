@@ -277,7 +277,9 @@ impl RevocationBus {
     }
 }
 
-/// Retry delays: 50 ms doubling to 2 s.
+/// Retry delays: 50 ms doubling to 500 ms. The bound is also how late revocations made
+/// just after Redis comes back can reach this replica (a reconnect attempt to a Redis
+/// that is down costs next to nothing).
 struct Backoff(Duration);
 
 impl Default for Backoff {
@@ -289,7 +291,7 @@ impl Default for Backoff {
 impl Backoff {
     fn next(&mut self) -> Duration {
         let d = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+        self.0 = (self.0 * 2).min(Duration::from_millis(500));
         d
     }
 }

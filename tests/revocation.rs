@@ -908,9 +908,8 @@ async fn a_lagging_watch_subscriber_whose_events_were_trimmed_gets_a_reset() {
         .unwrap();
     let (last, _) = create_key(&app).await;
     app.admin.revoke(&last).await.unwrap();
-    let mut reset = false;
     let mut received = 0;
-    loop {
+    let reset = loop {
         let msg = tokio::time::timeout(PATIENCE, stream.message())
             .await
             .expect("Watch message in time")
@@ -918,11 +917,11 @@ async fn a_lagging_watch_subscriber_whose_events_were_trimmed_gets_a_reset() {
             .expect("Watch stream open");
         received += 1;
         // A RESET covers everything up to its id, the last revocation included.
-        reset = msg.kind == Kind::Reset as i32;
+        let reset = msg.kind == Kind::Reset as i32;
         if reset || msg.key_id == last {
-            break;
+            break reset;
         }
-    }
+    };
     assert!(
         reset,
         "the subscriber was told that events were lost ({received} messages)"
