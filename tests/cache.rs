@@ -17,6 +17,20 @@ fn app_on(store: Arc<CountingStore>, config: Config) -> App {
     App::with_store(config, support::secrets(), store).unwrap()
 }
 
+/// A check of `token` on its own task, to be held in flight by the store.
+fn check_in_background(app: &Arc<App>, token: &str) -> tokio::task::JoinHandle<Outcome> {
+    let (app, token) = (app.clone(), token.to_owned());
+    tokio::spawn(async move { outcome(&app.envoy_service().decide(read_with(&token)).await) })
+}
+
+/// The outcome of a check started with `check_in_background`.
+async fn finished(check: tokio::task::JoinHandle<Outcome>) -> Outcome {
+    tokio::time::timeout(PATIENCE, check)
+        .await
+        .expect("the in-flight check finishes")
+        .expect("the check does not panic")
+}
+
 /// argon2 at its real cost: the verification must take long enough for the concurrent
 /// checks to pile up behind it.
 fn production_argon2() -> Config {
@@ -140,19 +154,13 @@ async fn a_revocation_during_an_in_flight_verification_still_wins() {
     let key = app.admin.create(support::reader_key()).await.unwrap();
 
     store.hold_gets();
-    let in_flight = {
-        let (app, token) = (app.clone(), key.token.clone());
-        tokio::spawn(async move { outcome(&app.envoy_service().decide(read_with(&token)).await) })
-    };
+    let in_flight = check_in_background(&app, &key.token);
     // The check has read the still-active record and is waiting for its answer.
     store.a_get_is_held().await;
     app.admin.revoke(&key.record.key_id).await.unwrap();
     store.resume();
 
-    let first = tokio::time::timeout(PATIENCE, in_flight)
-        .await
-        .expect("the in-flight check finishes")
-        .unwrap();
+    let first = finished(in_flight).await;
     assert!(
         first == Outcome::Allowed || first == Outcome::denied("revoked_api_key", 401),
         "{first:?}"
@@ -174,10 +182,7 @@ async fn a_flush_during_an_in_flight_verification_wins_over_it() {
     let key = app.admin.create(support::reader_key()).await.unwrap();
 
     store.hold_gets();
-    let in_flight = {
-        let (app, token) = (app.clone(), key.token.clone());
-        tokio::spawn(async move { outcome(&app.envoy_service().decide(read_with(&token)).await) })
-    };
+    let in_flight = check_in_background(&app, &key.token);
     store.a_get_is_held().await;
     // Revoked on another replica, and its event is among those lost: this replica only
     // learns of a flush.
@@ -187,10 +192,7 @@ async fn a_flush_during_an_in_flight_verification_wins_over_it() {
         .unwrap();
     app.cache.invalidate_all();
     store.resume();
-    let first = tokio::time::timeout(PATIENCE, in_flight)
-        .await
-        .expect("the in-flight check finishes")
-        .unwrap();
+    let first = finished(in_flight).await;
     assert_eq!(first, Outcome::denied("revoked_api_key", 401));
     assert_eq!(
         outcome(&app.envoy_service().decide(read_with(&key.token)).await),
@@ -209,10 +211,7 @@ async fn every_invalidation_during_a_verification_wins_not_only_the_first() {
     let key_id = key.record.key_id.clone();
 
     store.hold_gets();
-    let in_flight = {
-        let (app, token) = (app.clone(), key.token.clone());
-        tokio::spawn(async move { outcome(&app.envoy_service().decide(read_with(&token)).await) })
-    };
+    let in_flight = check_in_background(&app, &key.token);
     store.a_get_is_held().await;
     // First: the key's scopes changed (say). The verification reads again…
     app.cache.invalidate_key(&key_id, Some(EventKind::Updated));
@@ -228,10 +227,7 @@ async fn every_invalidation_during_a_verification_wins_not_only_the_first() {
     // record before the revocation: it must not be answered either.
     app.admin.revoke(&key_id).await.unwrap();
     store.resume();
-    let first = tokio::time::timeout(PATIENCE, in_flight)
-        .await
-        .expect("the in-flight check finishes")
-        .unwrap();
+    let first = finished(in_flight).await;
     assert_eq!(first, Outcome::denied("revoked_api_key", 401));
 }
 

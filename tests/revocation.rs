@@ -53,6 +53,13 @@ impl Replica {
         outcome(&self.app.envoy_service().decide(read_with(token)).await)
     }
 
+    /// A replica on `redis`, with fresh secrets, once it follows the stream.
+    async fn following_on(redis: &RedisServer) -> Replica {
+        let replica = Replica::start(config(Backend::Redis(redis)), &secrets()).await;
+        replica.following().await;
+        replica
+    }
+
     /// Waits until this replica follows its revocation feed.
     async fn following(&self) {
         eventually(
@@ -652,9 +659,7 @@ async fn events_are_idempotent_when_delivered_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_event_is_passed_safely_and_later_revocations_still_apply() {
     let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let replica = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
-    replica.following().await;
+    let replica = Replica::following_on(&redis).await;
     let (odd, odd_token) = create_key(&replica.app).await;
     let (later, later_token) = create_key(&replica.app).await;
     assert_eq!(replica.check(&odd_token).await, Outcome::Allowed);
@@ -863,9 +868,7 @@ async fn moving_expiry_earlier_takes_effect_on_every_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_watch_subscriber_whose_events_were_trimmed_gets_a_reset() {
     let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let replica = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
-    replica.following().await;
+    let replica = Replica::following_on(&redis).await;
     let app = replica.app.clone();
     let mut client = watch_client_with(&replica, Some(65_535)).await;
     let mut stream = client
