@@ -1,0 +1,3 @@
+//! What the fuzz targets share with keygate's property tests.
+
+pub mod envoy_oracle;
