@@ -4,8 +4,8 @@
 //!
 //! Load: `--clients` tasks (default 8), each sending Checks back to back, alternately to
 //! the two replicas, for `--seconds` (default 24): warm keys (checked on both replicas
-//! before the run), cold keys (never seen before, each used once), and keys revoked
-//! during the run. Schedule (fractions of the run): revoke a third of the revocable keys
+//! before the run), cold keys (never seen before, each used once; a third of them for
+//! each phase: before, during and after the outage), and keys revoked during the run. Schedule (fractions of the run): revoke a third of the revocable keys
 //! at 0.2; kill Redis at 0.3; try to revoke a third at 0.4 (refused: no store); restart
 //! Redis at 0.55; revoke the rest at 0.65.
 //!
@@ -115,7 +115,9 @@ async fn main() {
     };
     let warm = Arc::new(warm);
     let cold = Arc::new(cold);
-    let next_cold = Arc::new(AtomicUsize::new(0));
+    let next_cold: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
+    // 0 before the outage, 1 during it, 2 after it.
+    let phase = Arc::new(AtomicUsize::new(0));
     let revocable = Arc::new(Revocable {
         tokens: revocable,
         revoked_at: Mutex::new(HashMap::new()),
@@ -142,13 +144,14 @@ async fn main() {
 
     let mut load = Vec::new();
     for c in 0..clients {
-        let (warm, cold, next_cold, revocable, tally, redis_down) = (
+        let (warm, cold, next_cold, revocable, tally, redis_down, phase) = (
             warm.clone(),
             cold.clone(),
             next_cold.clone(),
             revocable.clone(),
             tally.clone(),
             redis_down.clone(),
+            phase.clone(),
         );
         let replicas = clients_of.clone();
         load.push(tokio::spawn(async move {
@@ -157,17 +160,24 @@ async fn main() {
                 i += 1;
                 let r = i % replicas.len();
                 let mut client = replicas[r].clone();
-                // Per 8 requests: 5 warm, 2 revocable, 1 cold.
-                let (token, key_id, is_cold) = match i % 8 {
+                // Per 16 requests: 13 warm, 2 revocable, 1 cold.
+                let (token, key_id, is_cold) = match i % 16 {
                     0 => {
-                        let n = next_cold.fetch_add(1, Ordering::Relaxed);
-                        match cold.get(n) {
+                        // Each phase (before, during, after the outage) has its own third
+                        // of the cold keys, so that none runs out of them early.
+                        let phase = match phase.load(Ordering::Acquire) {
+                            p @ 0..=2 => p,
+                            _ => 2,
+                        };
+                        let n = next_cold[phase].fetch_add(1, Ordering::Relaxed);
+                        let third = (cold.len() - 64) / 3;
+                        match (n < third).then(|| &cold[phase * third + n]) {
                             Some(t) => (t.clone(), None, true),
                             None => (warm[i % warm.len()].clone(), None, false),
                         }
                     }
                     1 | 2 => {
-                        let (id, t) = &revocable.tokens[(i / 8) % revocable.tokens.len()];
+                        let (id, t) = &revocable.tokens[(i / 16) % revocable.tokens.len()];
                         (t.clone(), Some(id.clone()), false)
                     }
                     _ => (warm[i % warm.len()].clone(), None, false),
@@ -251,6 +261,7 @@ async fn main() {
     tokio::time::sleep_until(at(0.2).into()).await;
     let first = revoke_third(0).await;
     tokio::time::sleep_until(at(0.3).into()).await;
+    phase.store(1, Ordering::Release);
     redis_down.store(true, Ordering::Release);
     redis.kill();
     let killed = Instant::now();
@@ -260,16 +271,12 @@ async fn main() {
     redis.restart().await;
     let back = Instant::now();
     redis_down.store(false, Ordering::Release);
+    phase.store(2, Ordering::Release);
     // Full service: a key never seen before is allowed on both replicas.
     let mut full_service = None;
-    let probe_cold: Vec<String> = (0..64)
-        .map(|_| {
-            cold[next_cold
-                .fetch_add(1, Ordering::Relaxed)
-                .min(cold.len() - 1)]
-            .clone()
-        })
-        .collect();
+    // The probes' keys are the last 64 cold ones, which the load never reaches (each
+    // phase takes from its own third, which ends before them).
+    let probe_cold: Vec<String> = cold[cold.len() - 64..].to_vec();
     let mut probes = probe_cold.into_iter();
     while full_service.is_none() && Instant::now() < deadline {
         let mut all = true;
