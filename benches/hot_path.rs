@@ -30,13 +30,8 @@ use keygate::store::memory::MemoryStore;
 use keygate::store::StoreError;
 use prost::Message;
 
-// keygate-load's request builder, shared rather than copied. The bench uses only `Shape`;
-// the rest of the file (the template, and its tests when clippy checks benches as tests)
-// is compiled here unused.
-#[allow(dead_code, unused_imports)]
-#[path = "../src/bin/keygate-load/shape.rs"]
-mod shape;
-use shape::Shape;
+// keygate-load's request builder, shared rather than copied.
+use keygate_load::shape::Shape;
 
 const TENANT: &str = "5a0c6f0e-8c1b-4f6e-9a57-3d2b1c0e9f11";
 const PATH: &str = "/v1/contacts/42?include=notes";

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use crate::secret::Secret;
 
@@ -446,7 +446,7 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let mut root: Value = match yaml {
-            Some(text) => serde_yaml::from_str(text).map_err(|e| {
+            Some(text) => serde_yaml_ng::from_str(text).map_err(|e| {
                 let at = e
                     .location()
                     .map(|l| format!("line {}, column {}", l.line(), l.column()))
@@ -627,7 +627,7 @@ fn override_path(name: &str) -> Option<Vec<String>> {
 
 fn apply_override(root: &mut Value, path: &[String], raw: &str) -> Result<(), ConfigError> {
     let field = path.join(".");
-    let value: Value = serde_yaml::from_str(raw).unwrap_or_else(|_| Value::String(raw.into()));
+    let value: Value = serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.into()));
     let mut node = root;
     for (i, part) in path.iter().enumerate() {
         let Value::Mapping(map) = node else {

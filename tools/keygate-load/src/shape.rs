@@ -6,8 +6,9 @@
 //! holes. Filling them is a copy, which keeps the generator's cost per request small and
 //! the same for every target, while each request still carries its own ids.
 //!
-//! Self-contained (nothing from the rest of keygate-load): `benches/hot_path.rs` includes
-//! this file, so that the micro-benchmarks decide the very request the generator sends.
+//! Self-contained (nothing from the rest of keygate-load): it is the library part of
+//! keygate-load, which keygate's `benches/hot_path.rs` uses, so that the micro-benchmarks
+//! decide the very request the generator sends.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

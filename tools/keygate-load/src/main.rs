@@ -20,7 +20,7 @@ mod noop;
 mod procs;
 mod report;
 mod scenarios;
-mod shape;
+use keygate_load::shape;
 mod timer;
 mod upstream;
 
