@@ -1,6 +1,6 @@
 //! keygate: external authorization for Envoy and internal callers.
 //!
-//! The request flows through one straight line (see DESIGN.md): an adapter in `api`
+//! The request flows through one straight line (see docs/architecture.md): an adapter in `api`
 //! builds an [`request::AuthRequest`]; [`authorizer::Authorizer`] extracts the credential,
 //! authenticates it (through the [`cache`]), resolves the tenant, checks the route's
 //! scope, and returns a [`decision::Decision`] that the adapter turns back into its wire

@@ -720,7 +720,7 @@ async fn without_dynamic_metadata_an_allow_sets_the_same_headers() {
 }
 
 /// With `errors.opaque`, a client must not be able to tell an unknown key from a revoked
-/// or expired one (DESIGN.md, "Errors") — on Envoy's Check and on keygate.v1 Check alike.
+/// or expired one (`errors.opaque`) — on Envoy's Check and on keygate.v1 Check alike.
 #[tokio::test]
 async fn opaque_errors_hide_which_401_it_was_on_both_apis() {
     use keygate::api::authorizer::AuthorizerService;

@@ -1,4 +1,4 @@
-//! The verified-credential cache (DESIGN.md, "Hot path"): argon2 never runs per request.
+//! The verified-credential cache (docs/architecture.md): argon2 never runs per request.
 //! One verification per new token however many requests wait for it, no store access on
 //! a hit, and a revocation or an expiry wins over whatever the cache remembers.
 

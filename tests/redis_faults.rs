@@ -1,5 +1,5 @@
 //! keygate against a Redis that dies and comes back (SIGKILL, then a restart on the same
-//! port). What must hold (DESIGN.md, "Errors"): a backend failure is never a denial and
+//! port). What must hold (docs/operations.md): a backend failure is never a denial and
 //! never an allow. Keys verified before the outage keep working from the cache; a key
 //! that needs the store gets UNAVAILABLE, so Envoy's own failure policy decides; and once
 //! Redis is back, keygate answers again without a restart of its own.

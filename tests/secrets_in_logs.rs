@@ -1,4 +1,4 @@
-//! DESIGN.md, "Observability": no secret — token, key secret, pepper, admin credential,
+//! docs/security.md: no secret — token, key secret, pepper, admin credential,
 //! Redis password — ever appears in a log line or span, at any level. Every test here
 //! logs at TRACE (keygate and every library under it) into one buffer, in both the text
 //! and the JSON format, runs keys through their whole life, and searches the buffer.

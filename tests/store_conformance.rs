@@ -502,7 +502,7 @@ conformance!(
 // Redis only
 // ---------------------------------------------------------------------------------------
 
-/// DESIGN.md, "At rest": a Redis dump alone must not let anyone use a key. Keys are made
+/// At rest, a Redis dump alone must not let anyone use a key. Keys are made
 /// through the real admin path, used, guessed at and revoked before the dump is read.
 #[tokio::test]
 async fn redis_dump_holds_neither_token_nor_secret() {

@@ -1,6 +1,6 @@
 //! Envoy's `envoy.service.auth.v3.Authorization/Check`.
 //!
-//! What Envoy does with our answer (DESIGN.md, "Envoy facts that bite"): `status` is
+//! What Envoy does with our answer (docs/architecture.md): `status` is
 //! always set, because a response without it reads as OK; a deny carries the HTTP status,
 //! JSON body and headers the client sees; an undecidable request is a gRPC error
 //! (UNAVAILABLE), so Envoy's own `failure_mode_allow` / `status_on_error` decides — never

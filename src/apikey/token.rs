@@ -10,7 +10,7 @@ use rand::Rng;
 use crate::principal::Environment;
 
 pub const KEY_ID_LEN: usize = 16;
-/// 28 base62 characters carry 166 bits: above the 160 DESIGN.md asks for.
+/// 28 base62 characters carry 166 bits: above the 160 bits a key's secret must have.
 pub const SECRET_LEN: usize = 28;
 pub const CHECKSUM_LEN: usize = 6;
 pub const MAX_PREFIX_LEN: usize = 16;

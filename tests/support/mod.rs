@@ -597,7 +597,7 @@ pub fn reader_key() -> NewKey {
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// A token of the documented shape with a *correct* checksum for any parts, written from
-/// DESIGN.md rather than with keygate's code: `<prefix>_<env>_<key_id>_<secret><crc>`,
+/// the documented format rather than with keygate's code: `<prefix>_<env>_<key_id>_<secret><crc>`,
 /// the CRC-32 of everything before it in six base62 characters.
 pub fn forge_token(prefix: &str, env: &str, key_id: &str, secret: &str) -> String {
     let body = format!("{prefix}_{env}_{key_id}_{secret}");

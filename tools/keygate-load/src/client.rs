@@ -189,7 +189,7 @@ fn decode(mut buf: Bytes) -> Result<(Outcome, Bytes), String> {
 }
 
 fn outcome(head: CheckResponseHead) -> Outcome {
-    // Envoy reads a missing status as OK (DESIGN.md); a target that omits it is broken.
+    // Envoy reads a missing status as OK (docs/architecture.md); a target that omits it is broken.
     let Some(status) = head.status else {
         return Outcome::Error("CheckResponse without status".into());
     };

@@ -234,7 +234,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         ),
         Cmd::RateLimited(_) => scenarios::not_yet(
             "rate-limited keys",
-            "keygate has no rate limiting yet (DESIGN.md, GCRA in Redis); the scenario will \
+            "keygate has no rate limiting yet (GCRA in Redis is planned); the scenario will \
              measure keys with a plan, against real Redis",
         ),
         Cmd::Run(args) => run(args).await,
