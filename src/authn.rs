@@ -125,7 +125,7 @@ impl Authenticator {
         }
         match lookup.value {
             Ok(Verified::Valid(p)) => {
-                if p.expires_at.is_some_and(|exp| now_ms() >= exp) {
+                if p.is_expired(now_ms()) {
                     return Err(AuthnFailure::Deny(DenyReason::ExpiredApiKey));
                 }
                 Ok(p)

@@ -64,11 +64,7 @@ impl moka::Expiry<Digest, Verified> for EntryExpiry {
         Some(match value {
             Verified::Valid(p) => {
                 // Never trust an entry past the key's own expiry.
-                let left = p
-                    .expires_at
-                    .map(|exp| Duration::from_millis(exp.saturating_sub(now_ms())))
-                    .unwrap_or(self.ttl);
-                left.min(self.ttl)
+                p.life_left(now_ms()).unwrap_or(self.ttl).min(self.ttl)
             }
             // A revoked key stays revoked; remembering that longer is safe.
             Verified::Invalid(DenyReason::RevokedApiKey) => self.ttl,

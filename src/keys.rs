@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::apikey::{self, SecretHasher};
 use crate::cache::CredentialCache;
 use crate::config::ApiKeysConfig;
-use crate::policy::valid_scope;
+use crate::policy::valid_held_scope;
 use crate::principal::{Environment, KeyKind};
 use crate::store::{now_ms, EventKind, KeyChange, KeyPage, KeyRecord, KeyStore, StoreError};
 use crate::telemetry::metrics;
@@ -285,7 +285,7 @@ fn check_scopes(requested: &[String]) -> Result<Vec<String>, AdminError> {
     let mut scopes: Vec<String> = Vec::with_capacity(requested.len());
     for s in requested {
         let s = s.trim();
-        if !valid_scope(s) || (s.contains('*') && s != "*" && !s.ends_with(":*")) {
+        if !valid_held_scope(s) {
             return Err(invalid(
                 "scopes",
                 format!(

@@ -70,7 +70,7 @@ impl Policy {
                     ))
                 }
                 (Some(s), false) => {
-                    if !valid_scope(s) || s.contains('*') {
+                    if !valid_required_scope(s) {
                         return Err(ConfigError::new(
                             field("scope"),
                             "must look like `resource:action` (a-z, 0-9, `-`, `_`, `.`)",
@@ -105,7 +105,7 @@ impl Policy {
             });
         }
         for (i, s) in cfg.opt_in_scopes.iter().enumerate() {
-            if !valid_scope(s) || s.contains('*') {
+            if !valid_required_scope(s) {
                 return Err(ConfigError::new(
                     format!("policy.opt_in_scopes[{i}]"),
                     "must be a scope without wildcards",
@@ -207,7 +207,20 @@ fn compile_path(path: &str) -> Result<Vec<Segment>, String> {
     Ok(out)
 }
 
-pub fn valid_scope(s: &str) -> bool {
+/// A scope a route can require (or the policy mark opt-in): no wildcard.
+pub fn valid_required_scope(s: &str) -> bool {
+    valid_scope(s) && !s.contains('*')
+}
+
+/// A scope a key can hold: a required scope, `*`, or `resource:*` (a trailing `:*`,
+/// which `grants` reads as every scope under `resource:`).
+pub fn valid_held_scope(s: &str) -> bool {
+    valid_scope(s)
+        && (!s.contains('*') || s == "*" || (s.ends_with(":*") && s.matches('*').count() == 1))
+}
+
+/// The characters and length of any scope.
+fn valid_scope(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && s.bytes().all(|b| {
@@ -300,6 +313,26 @@ mod tests {
             &held(&["billing:partner:allocate"]),
             "billing:partner:allocate"
         ));
+    }
+
+    #[test]
+    fn a_key_holds_wildcards_only_whole_or_trailing_and_a_route_requires_none() {
+        for held in ["contacts:read", "*", "contacts:*", "billing:partner:*"] {
+            assert!(valid_held_scope(held), "{held}");
+        }
+        for bad in [
+            "contacts*",
+            "*:read",
+            "con*tacts:read",
+            "contacts:*:*",
+            "",
+            "A:b",
+        ] {
+            assert!(!valid_held_scope(bad), "{bad}");
+        }
+        assert!(valid_required_scope("contacts:read"));
+        assert!(!valid_required_scope("contacts:*"));
+        assert!(!valid_required_scope("*"));
     }
 
     #[test]

@@ -70,7 +70,23 @@ pub struct Principal {
     pub scopes_header: String,
 }
 
+/// The one expiry rule: a credential expiring at `expires_at_ms` is expired from that
+/// millisecond on.
+pub fn expired(expires_at_ms: u64, now_ms: u64) -> bool {
+    now_ms >= expires_at_ms
+}
+
 impl Principal {
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at.is_some_and(|exp| expired(exp, now_ms))
+    }
+
+    /// How long until it expires (`None`: it does not).
+    pub fn life_left(&self, now_ms: u64) -> Option<std::time::Duration> {
+        self.expires_at
+            .map(|exp| std::time::Duration::from_millis(exp.saturating_sub(now_ms)))
+    }
+
     /// A principal with no key id, plan or expiry; set those fields as they apply.
     pub fn new(
         tenant_id: String,

@@ -15,7 +15,7 @@ use keygate::secret::Secret;
 use keygate::server::App;
 use keygate::store::memory::MemoryStore;
 use keygate::store::redis::RedisStore;
-use keygate::store::{EventId, EventKind, KeyRecord, KeyStatus, KeyStore, StoreError};
+use keygate::store::{EventId, EventKind, KeyChange, KeyRecord, KeyStatus, KeyStore, StoreError};
 use support::{Backend, RedisServer, OTHER_TENANT, TENANT};
 
 /// A backend under test, and a way to read its revocation events.
@@ -77,6 +77,7 @@ impl Subject {
                         let kind = match field("kind").as_str() {
                             "revoked" => EventKind::Revoked,
                             "deleted" => EventKind::Deleted,
+                            "updated" => EventKind::Updated,
                             other => panic!("event {id} has an unknown kind {other}"),
                         };
                         let at_ms = field("at_ms").parse().expect("at_ms is a number");
@@ -467,6 +468,92 @@ async fn revocation_events_read_back_in_order_from_any_position(s: Subject) {
     assert_eq!(woke.kind, EventKind::Revoked);
 }
 
+async fn updating_changes_only_the_named_fields_and_appends_one_event(s: Subject) {
+    let record = created(&s, TENANT, "to update").await;
+    let other = created(&s, TENANT, "bystander").await;
+    let t = keygate::store::now_ms();
+    let change = KeyChange {
+        name: Some("renamed".into()),
+        scopes: Some(vec!["contacts:write".into()]),
+        plan: Some(Some("pro".into())),
+        expires_at_ms: None,
+    };
+    let updated = s
+        .store
+        .update(&record.key_id, &change, t)
+        .await
+        .unwrap()
+        .expect("the key exists");
+    let expected = KeyRecord {
+        name: "renamed".into(),
+        scopes: vec!["contacts:write".into()],
+        plan: Some("pro".into()),
+        ..record.clone()
+    };
+    assert_eq!(updated, expected);
+    assert_eq!(
+        s.store.get(&record.key_id).await.unwrap(),
+        Some(expected.clone())
+    );
+    assert_eq!(s.store.get(&other.key_id).await.unwrap(), Some(other));
+    // Clearing the plan and moving the expiry; the hash, tenant and kind never change.
+    let cleared = KeyChange {
+        plan: Some(None),
+        expires_at_ms: Some(t + 60_000),
+        ..KeyChange::default()
+    };
+    let updated = s
+        .store
+        .update(&record.key_id, &cleared, t + 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.plan, None);
+    assert_eq!(updated.expires_at_ms, t + 60_000);
+    assert_eq!(updated.hash, record.hash);
+    assert_eq!(updated.tenant_id, record.tenant_id);
+    // An update keeps a revocation: it is not a way back.
+    s.store
+        .revoke(&record.key_id, t + 2)
+        .await
+        .unwrap()
+        .unwrap();
+    let after_revoke = s
+        .store
+        .update(&record.key_id, &change, t + 3)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after_revoke.revoked_at_ms, Some(t + 2));
+    assert_eq!(
+        s.store
+            .get(&record.key_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status(t + 3),
+        KeyStatus::Revoked
+    );
+    assert_eq!(
+        s.events().await,
+        vec![
+            (record.key_id.clone(), EventKind::Updated, t),
+            (record.key_id.clone(), EventKind::Updated, t + 1),
+            (record.key_id.clone(), EventKind::Revoked, t + 2),
+            (record.key_id.clone(), EventKind::Updated, t + 3),
+        ]
+    );
+    // An unknown key: nothing changes, no event.
+    assert_eq!(
+        s.store
+            .update("ZZZZZZZZZZZZZZZZ", &change, t + 4)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(s.events().await.len(), 4);
+}
+
 macro_rules! conformance {
     ($($case:ident),+ $(,)?) => {
         mod memory {
@@ -496,6 +583,7 @@ conformance!(
     revoking_or_deleting_an_unknown_key_finds_nothing,
     deleting_removes_the_key_and_its_index_entry,
     revocation_events_read_back_in_order_from_any_position,
+    updating_changes_only_the_named_fields_and_appends_one_event,
 );
 
 // ---------------------------------------------------------------------------------------

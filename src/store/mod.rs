@@ -55,7 +55,7 @@ impl KeyRecord {
     pub fn status(&self, now_ms: u64) -> KeyStatus {
         if self.revoked_at_ms.is_some() {
             KeyStatus::Revoked
-        } else if now_ms >= self.expires_at_ms {
+        } else if crate::principal::expired(self.expires_at_ms, now_ms) {
             KeyStatus::Expired
         } else {
             KeyStatus::Active
@@ -64,8 +64,7 @@ impl KeyRecord {
 }
 
 /// What happened to a key, as carried on the revocation stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     Revoked,
     Deleted,
@@ -74,12 +73,20 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    pub const ALL: [EventKind; 3] = [EventKind::Revoked, EventKind::Deleted, EventKind::Updated];
+
+    /// The name on the stream (and in logs). The one mapping: the stores write it, and
+    /// read it back with `parse`.
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Revoked => "revoked",
             EventKind::Deleted => "deleted",
             EventKind::Updated => "updated",
         }
+    }
+
+    pub fn parse(name: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == name)
     }
 }
 

@@ -238,11 +238,11 @@ fn decode_entry(entry: &redis::streams::StreamId) -> Result<StreamEntry, StoreEr
         key_id: key_id.clone(),
         detail,
     };
-    let kind = match text("kind").as_deref() {
-        Some("revoked") => EventKind::Revoked,
-        Some("deleted") => EventKind::Deleted,
-        Some("updated") => EventKind::Updated,
-        Some(other) => return Ok(unreadable(format!("unknown event kind {other:?}"))),
+    let kind = match text("kind") {
+        Some(name) => match EventKind::parse(&name) {
+            Some(kind) => kind,
+            None => return Ok(unreadable(format!("unknown event kind {name:?}"))),
+        },
         None => return Ok(unreadable("no event kind".into())),
     };
     let Some(key) = key_id.clone() else {
@@ -361,6 +361,7 @@ impl KeyStore for RedisStore {
                     .arg(at_ms)
                     .arg(key_id)
                     .arg(STREAM_MAX_LEN)
+                    .arg(EventKind::Revoked.as_str())
                     .invoke_async(&mut conn),
             )
             .await?;
@@ -397,6 +398,7 @@ impl KeyStore for RedisStore {
                         .arg(at_ms)
                         .arg(key_id)
                         .arg(STREAM_MAX_LEN)
+                        .arg(EventKind::Updated.as_str())
                         .invoke_async(&mut conn),
                 )
                 .await?;
@@ -428,6 +430,7 @@ impl KeyStore for RedisStore {
                     .arg(at_ms)
                     .arg(key_id)
                     .arg(STREAM_MAX_LEN)
+                    .arg(EventKind::Deleted.as_str())
                     .invoke_async(&mut conn),
             )
             .await?;

@@ -3,7 +3,8 @@
 -- the moment a key's scopes or expiry change.
 -- KEYS[1] key record (hash), KEYS[2] revocation stream
 -- ARGV[1] record JSON as read, ARGV[2] new record JSON, ARGV[3] at (unix ms),
--- ARGV[4] key id, ARGV[5] stream max length (approximate)
+-- ARGV[4] key id, ARGV[5] stream max length (approximate), ARGV[6] the event kind's name
+-- (EventKind::as_str: keygate's one mapping)
 local current = redis.call('HGET', KEYS[1], 'data')
 if not current then
   return -1
@@ -13,5 +14,5 @@ if current ~= ARGV[1] then
 end
 redis.call('HSET', KEYS[1], 'data', ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-  'key_id', ARGV[4], 'kind', 'updated', 'at_ms', ARGV[3])
+  'key_id', ARGV[4], 'kind', ARGV[6], 'at_ms', ARGV[3])
 return 1
