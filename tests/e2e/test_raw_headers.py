@@ -3,6 +3,8 @@
 instead of the `headers` map: keygate reads both off the wire itself
 (src/api/envoy_wire.rs), so both must give the same answers."""
 
+import json
+
 import pytest
 
 import harness
@@ -31,8 +33,35 @@ def key(raw_stack):
     )
 
 
-def test_the_envoy_of_this_module_sends_raw_headers(raw_stack):
-    assert "encode_raw_headers: true" in raw_stack.envoy.config_path.read_text()
+def running_ext_authz(envoy: harness.Envoy) -> dict:
+    """The ext_authz filter configuration the running Envoy holds, as its admin
+    interface's /config_dump reports it (not as the file it was started with says)."""
+    status, body = harness.http_get(
+        f"http://127.0.0.1:{envoy.admin_port}/config_dump?resource=static_listeners"
+    )
+    assert status == 200, f"{envoy.name} /config_dump answered {status}:\n{body[:1000]}"
+    filters = [
+        http_filter["typed_config"]
+        for config in json.loads(body)["configs"]
+        for chain in config["listener"]["filter_chains"]
+        for network_filter in chain["filters"]
+        for http_filter in network_filter["typed_config"].get("http_filters", [])
+        if http_filter["name"] == "envoy.filters.http.ext_authz"
+    ]
+    assert len(filters) == 1, f"{envoy.name} runs {len(filters)} ext_authz filters: {filters}"
+    return filters[0]
+
+
+# Nothing the client or the upstream sees tells `header_map` from `headers`: keygate
+# reads both into the same request on purpose (joined repeats, any-case names). So what
+# is checked is what the running Envoy was configured to send.
+def test_the_envoy_of_this_module_runs_ext_authz_with_raw_headers(raw_stack):
+    assert running_ext_authz(raw_stack.envoy).get("encode_raw_headers") is True
+
+
+def test_the_default_envoy_runs_ext_authz_with_the_headers_map(stack):
+    # Envoy leaves a false field out of the dump; either way, not raw headers.
+    assert running_ext_authz(stack.envoy).get("encode_raw_headers", False) is False
 
 
 @pytest.mark.parametrize("name", ["Authorization", "X-Api-Key"])
