@@ -1,0 +1,34 @@
+//! `listen`: the three listeners' addresses, and how long a connection may live.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Envoy ext_authz, keygate.v1.Authorizer, health, reflection.
+    pub grpc: SocketAddr,
+    /// keygate.v1.Keys; loopback by default, since it manages credentials.
+    pub admin: SocketAddr,
+    /// /metrics, /healthz, /readyz.
+    pub http: SocketAddr,
+    /// Connections older than this are closed gracefully so that long-lived Envoy
+    /// connections spread over new replicas.
+    #[serde(deserialize_with = "duration")]
+    pub max_connection_age: Duration,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            grpc: "0.0.0.0:50051".parse().expect("literal"),
+            admin: "127.0.0.1:50052".parse().expect("literal"),
+            http: "0.0.0.0:9090".parse().expect("literal"),
+            max_connection_age: Duration::from_secs(300),
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! `policy`: where credentials are read, the tenant header, and the route families.
+
+use serde::Deserialize;
+
+use super::{valid_header_name, ConfigError};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialHeader {
+    pub header: String,
+    /// For `authorization`-style headers: the scheme before the token (`Bearer`).
+    #[serde(default)]
+    pub scheme: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    /// Deny requests that match no route family (403).
+    Deny,
+    /// Allow any authenticated caller on unmatched routes.
+    Authenticated,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantRule {
+    Required,
+    Optional,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub credential_headers: Vec<CredentialHeader>,
+    /// Remove the credential headers before the request goes upstream.
+    pub strip_credential_headers: bool,
+    /// Also hand the principal to Envoy as dynamic metadata (namespace
+    /// `envoy.filters.http.ext_authz`), for access logs, RBAC or rate-limit descriptors.
+    /// Envoy pays for reading it on every allow; without a use for it, turn it off.
+    pub dynamic_metadata: bool,
+    pub tenant_header: String,
+    /// Default for routes that do not say `tenant:`.
+    pub require_tenant_header: bool,
+    pub unmatched: Unmatched,
+    /// Scopes that wildcards never grant; a key must name them.
+    pub opt_in_scopes: Vec<String>,
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            credential_headers: vec![
+                CredentialHeader {
+                    header: "authorization".into(),
+                    scheme: Some("Bearer".into()),
+                },
+                CredentialHeader {
+                    header: "x-access-token".into(),
+                    scheme: None,
+                },
+                CredentialHeader {
+                    header: "x-api-key".into(),
+                    scheme: None,
+                },
+            ],
+            strip_credential_headers: true,
+            dynamic_metadata: true,
+            tenant_header: "x-tenant-id".into(),
+            require_tenant_header: false,
+            unmatched: Unmatched::Deny,
+            opt_in_scopes: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Empty: any method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// `/v1/contacts/*/notes/**`: `*` is one segment, a trailing `**` any rest.
+    pub path: String,
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// No credential needed.
+    #[serde(default)]
+    pub public: bool,
+    #[serde(default)]
+    pub tenant: Option<TenantRule>,
+}
+
+impl PolicyConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.credential_headers.is_empty() {
+            return Err(ConfigError::new(
+                "policy.credential_headers",
+                "must name at least one header",
+            ));
+        }
+        for (i, h) in self.credential_headers.iter().enumerate() {
+            if !valid_header_name(&h.header) {
+                return Err(ConfigError::new(
+                    format!("policy.credential_headers[{i}].header"),
+                    "must be a lower-case HTTP header name",
+                ));
+            }
+        }
+        if !valid_header_name(&self.tenant_header) {
+            return Err(ConfigError::new(
+                "policy.tenant_header",
+                "must be a lower-case HTTP header name",
+            ));
+        }
+        crate::policy::Policy::compile(self)?;
+        Ok(())
+    }
+}
