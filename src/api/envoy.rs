@@ -8,9 +8,6 @@
 
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::{
-    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
-};
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::auth::v3::{
     check_response::HttpResponse, CheckRequest, CheckResponse, DeniedHttpResponse,
@@ -18,7 +15,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use super::envoy_answer::{AllowAnswer, CheckAnswer, Identity};
+use super::envoy_answer::{overwrite, AllowAnswer, CheckAnswer, Identity};
 pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_SCOPES, HEADER_SUBJECT};
 use super::envoy_wire::{self, Authorization, CheckRequestView, HeaderFilter};
 use crate::authorizer::Authorizer;
@@ -186,18 +183,5 @@ fn grpc_code(reason: DenyReason) -> tonic::Code {
         400 => tonic::Code::InvalidArgument,
         429 => tonic::Code::ResourceExhausted,
         _ => tonic::Code::PermissionDenied,
-    }
-}
-
-/// A header Envoy sets, replacing any the request had (never appended to).
-pub(crate) fn overwrite(key: &str, value: &str) -> HeaderValueOption {
-    HeaderValueOption {
-        header: Some(HeaderValue {
-            key: key.to_owned(),
-            value: value.to_owned(),
-            ..Default::default()
-        }),
-        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-        ..Default::default()
     }
 }

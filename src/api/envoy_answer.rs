@@ -14,7 +14,9 @@
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut};
-use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{
+    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+};
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use prost::encoding::{
     encode_key, encode_varint, encoded_len_varint, key_len, skip_field, DecodeContext, WireType,
@@ -70,7 +72,25 @@ const OK_HEADERS_TO_REMOVE: u32 = 5;
 const OPTION_HEADER: u32 = 1;
 const OPTION_APPEND_ACTION: u32 = 3;
 use super::envoy_wire::field::{KEY as HEADER_KEY, VALUE as HEADER_VALUE};
-const OVERWRITE: u64 = HeaderAppendAction::OverwriteIfExistsOrAdd as u64;
+/// The one rule for every header keygate sets, on allows and denials alike: it replaces
+/// whatever the request or response had, never appends to it (a client must not be able
+/// to add its own value beside keygate's).
+const HEADER_ACTION: HeaderAppendAction = HeaderAppendAction::OverwriteIfExistsOrAdd;
+const OVERWRITE: u64 = HEADER_ACTION as u64;
+
+/// A header option with `HEADER_ACTION`, as envoy-types' message (denials, which are not
+/// on the hot path, are built as messages).
+pub(crate) fn overwrite(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            ..Default::default()
+        }),
+        append_action: HEADER_ACTION as i32,
+        ..Default::default()
+    }
+}
 // google.protobuf.Struct, its map entries, Value and ListValue
 const STRUCT_FIELDS: u32 = 1;
 const ENTRY_KEY: u32 = 1;
@@ -310,7 +330,6 @@ mod tests {
     use envoy_types::pb::google::rpc;
 
     use super::*;
-    use crate::api::envoy::overwrite;
     use crate::principal::{Environment, KeyKind};
 
     /// The same allow, built from envoy-types' messages: what keygate sent before it
