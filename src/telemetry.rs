@@ -134,7 +134,7 @@ pub fn metrics() -> &'static Metrics {
         .expect("valid metric");
         let revocation_unreadable = IntCounter::new(
             "revocation_events_unreadable_total",
-            "Revocation stream entries this version could not read: their key (or, with no key id, the whole cache) was dropped.",
+            "Revocation stream entries this version could not read that named a key, which was dropped (one without a readable key id flushes the cache and counts as a flush).",
         )
         .expect("valid metric");
         for c in [

@@ -75,6 +75,9 @@ impl Forbidden {
         if let Some(p) = &secrets.redis_password {
             f.add("redis password", p.expose());
         }
+        if let Some(w) = &secrets.watch_token {
+            f.add("watch token", w.expose());
+        }
         f
     }
 

@@ -209,6 +209,16 @@ impl SecretHasher {
             .map_err(bad)?
             .unwrap_or_default();
         let params = Params::try_from(stored).map_err(bad)?;
+        // A stored hash sets its own cost; one written by someone with write access to
+        // Redis could ask for any. Within 4× of this hasher's settings (room for an older,
+        // costlier setting), else refused rather than computed.
+        let own = &self.inner.params;
+        if params.m_cost() > own.m_cost().saturating_mul(4)
+            || params.t_cost() > own.t_cost().saturating_mul(4)
+            || params.p_cost() > own.p_cost().saturating_mul(4)
+        {
+            return Err(HashError::BadStoredHash);
+        }
         let mut salt_buf = [0u8; 64];
         let salt = salt.decode_b64(&mut salt_buf).map_err(bad)?;
         let argon2 = Argon2::new_with_secret(
@@ -507,6 +517,20 @@ mod tests {
         assert!(!verifies(&other, b"s3cret"));
         // Two hashes of one secret differ by their salt.
         assert_ne!(h.hash("s3cret").await.unwrap(), phc);
+    }
+
+    #[tokio::test]
+    async fn a_stored_hash_far_costlier_than_the_setting_is_refused_not_computed() {
+        let h = SecretHasher::new(Secret::new("p".repeat(32)), &fast()).unwrap();
+        let phc = h.hash("s3cret").await.unwrap();
+        let costly = phc.replace("m=64,t=1,p=1", "m=4194304,t=1,p=1");
+        assert_ne!(costly, phc);
+        assert!(matches!(
+            h.verify("s3cret", &costly).await,
+            Err(HashError::BadStoredHash)
+        ));
+        let four_times = phc.replace("m=64,t=1,p=1", "m=256,t=4,p=1");
+        assert!(matches!(h.verify("s3cret", &four_times).await, Ok(false)));
     }
 
     #[tokio::test]

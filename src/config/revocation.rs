@@ -38,12 +38,10 @@ impl Default for RevocationConfig {
 
 impl RevocationConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        if self.source == RevocationSource::Watch
-            && !(self.watch_url.starts_with("http://") || self.watch_url.starts_with("https://"))
-        {
+        if self.source == RevocationSource::Watch && !self.watch_url.starts_with("http://") {
             return Err(ConfigError::new(
                 "revocation.watch_url",
-                "must be an http:// or https:// URL when revocation.source is watch",
+                "must be an http:// URL when revocation.source is watch (this build has no TLS)",
             ));
         }
         if self.read_block.is_zero() || self.read_block > Duration::from_secs(30) {
