@@ -148,6 +148,7 @@ fn decide(c: &mut Criterion) {
     let rt = runtime();
     let secrets = Secrets {
         watch_token: None,
+        named: Default::default(),
         pepper: pepper(),
         admin_token: Secret::new("bench-admin-token-0123"),
         redis_password: None,

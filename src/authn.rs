@@ -31,6 +31,7 @@ pub struct Authenticator {
     prefix: String,
     accept_test_keys: bool,
     failures: FailureBudget,
+    jwt: crate::jwt::JwtVerifier,
 }
 
 /// Failed verifications per key id in a fixed window (`api_keys.argon2.failures_per_key`
@@ -75,6 +76,7 @@ impl Authenticator {
         prefix: String,
         accept_test_keys: bool,
         argon2: &Argon2Config,
+        jwt: crate::jwt::JwtVerifier,
     ) -> Self {
         Authenticator {
             store,
@@ -83,6 +85,7 @@ impl Authenticator {
             prefix,
             accept_test_keys,
             failures: FailureBudget::new(argon2),
+            jwt,
         }
     }
 
@@ -93,8 +96,7 @@ impl Authenticator {
         match credential {
             Credential::None => Err(AuthnFailure::Deny(DenyReason::MissingCredentials)),
             Credential::ApiKey(token) => self.api_key(token).await,
-            // JWT issuers are not configured in this version: a JWT is never valid.
-            Credential::Jwt(_) => Err(AuthnFailure::Deny(DenyReason::InvalidToken)),
+            Credential::Jwt(token) => self.jwt_token(token).await,
             Credential::Unrecognized => Err(AuthnFailure::Deny(DenyReason::InvalidApiKey)),
         }
     }
@@ -137,6 +139,43 @@ impl Authenticator {
                 tracing::warn!(key_id = parsed.key_id, error = %e, "cannot verify API key: store unavailable");
                 Err(AuthnFailure::Unavailable)
             }
+        }
+    }
+
+    /// A JWT: validated once (shared by concurrent first uses), then answered from the
+    /// cache until its `exp` (bounded by `cache.ttl`), like an API key.
+    async fn jwt_token(&self, token: &str) -> Result<Arc<Principal>, AuthnFailure> {
+        if self.jwt.is_empty() {
+            return Err(AuthnFailure::Deny(DenyReason::InvalidToken));
+        }
+        let digest = self.cache.digest(token);
+        let lookup = self
+            .cache
+            .get_or_verify(digest, JWT_CACHE_KEY, || async {
+                Ok(match self.jwt.verify(token, now_ms()) {
+                    Ok(p) => Verified::Valid(Arc::new(p)),
+                    Err(e) => {
+                        tracing::info!(reason = %e, "JWT rejected");
+                        Verified::Invalid(DenyReason::InvalidToken)
+                    }
+                })
+            })
+            .await;
+        let m = metrics();
+        if lookup.hit {
+            m.cache_hits.inc();
+        } else {
+            m.cache_misses.inc();
+        }
+        match lookup.value {
+            Ok(Verified::Valid(p)) if p.is_expired(now_ms()) => {
+                Err(AuthnFailure::Deny(DenyReason::InvalidToken))
+            }
+            Ok(Verified::Valid(p)) => Ok(p),
+            Ok(Verified::Invalid(_) | Verified::Refused(_)) => {
+                Err(AuthnFailure::Deny(DenyReason::InvalidToken))
+            }
+            Err(_) => Err(AuthnFailure::Unavailable),
         }
     }
 
@@ -193,6 +232,10 @@ impl Authenticator {
         })
     }
 }
+
+/// The cache's invalidation name for JWT entries: no API key id has this shape, so no
+/// key's revocation touches them (a flush does).
+const JWT_CACHE_KEY: &str = "jwt";
 
 pub fn principal_of(record: &KeyRecord) -> Principal {
     let mut p = Principal::new(

@@ -99,6 +99,9 @@ impl Authorizer {
         let Some(route) = route else {
             return Decision::deny(DenyReason::InsufficientPermissions);
         };
+        if !route.accepts(principal.credential) {
+            return Decision::deny(DenyReason::InsufficientPermissions);
+        }
         let effective_tenant =
             match tenant::resolve(&principal, route.tenant, req.header(&self.tenant_header)) {
                 Ok(t) => t,

@@ -97,12 +97,14 @@ pub fn classify(token: &str) -> Credential<'_> {
     }
 }
 
+/// Three dot-separated base64url segments. The signature may be empty, so that an
+/// unsigned (`alg: none`) token is judged as a JWT — and refused as one, `invalid_token`.
 fn is_jwt_shaped(token: &str) -> bool {
     let mut n = 0;
     for part in token.split('.') {
         n += 1;
         if n > 3
-            || part.is_empty()
+            || (part.is_empty() && n < 3)
             || !part
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
@@ -190,6 +192,12 @@ mod tests {
         );
         assert_eq!(classify("a.b"), Credential::Unrecognized);
         assert_eq!(classify("a..c"), Credential::Unrecognized);
+        assert_eq!(
+            classify("a.b."),
+            Credential::Jwt("a.b."),
+            "unsigned: a JWT, refused as one"
+        );
+        assert_eq!(classify(".b.c"), Credential::Unrecognized);
         assert_eq!(classify("hello world"), Credential::Unrecognized);
         assert_eq!(classify("!!!!"), Credential::Unrecognized);
     }

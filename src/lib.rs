@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod credential;
 pub mod decision;
+pub mod jwt;
 pub mod keys;
 pub mod policy;
 pub mod principal;

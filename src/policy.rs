@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use crate::config::{ConfigError, PolicyConfig, TenantRule, Unmatched};
+use crate::principal::CredentialKind;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -25,6 +26,15 @@ pub struct Route {
     segments: Vec<Segment>,
     pub requirement: Requirement,
     pub tenant: TenantRule,
+    /// `None`: any credential kind.
+    pub credentials: Option<Vec<CredentialKind>>,
+}
+
+impl Route {
+    /// Whether this route takes a credential of this kind.
+    pub fn accepts(&self, kind: CredentialKind) -> bool {
+        self.credentials.as_ref().is_none_or(|k| k.contains(&kind))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +112,7 @@ impl Policy {
                 segments,
                 requirement,
                 tenant: r.tenant.unwrap_or(default_tenant),
+                credentials: r.credentials.clone(),
             });
         }
         for (i, s) in cfg.opt_in_scopes.iter().enumerate() {
@@ -118,6 +129,7 @@ impl Policy {
             segments: vec![Segment::Rest],
             requirement: Requirement::Authenticated,
             tenant: default_tenant,
+            credentials: None,
         });
         Ok(Policy {
             routes,
@@ -243,6 +255,7 @@ mod tests {
             scope: scope.map(Into::into),
             public: scope.is_none(),
             tenant: None,
+            credentials: None,
         }
     }
 

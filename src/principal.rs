@@ -50,7 +50,16 @@ macro_rules! str_enum {
     };
 }
 
+/// What the caller presented: routes can accept only some (`policy.routes[].credentials`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    ApiKey,
+    Jwt,
+}
+
 str_enum!(KeyKind { Tenant => "tenant", Partner => "partner", Runtime => "runtime" });
+str_enum!(CredentialKind { ApiKey => "api_key", Jwt => "jwt" });
 str_enum!(Environment { Live => "live", Test => "test" });
 
 /// An authenticated caller.
@@ -68,6 +77,9 @@ pub struct Principal {
     pub expires_at: Option<u64>,
     /// `scopes` joined by commas, computed once: it is sent upstream on every allow.
     pub scopes_header: String,
+    pub credential: CredentialKind,
+    /// The JWT issuer's configured name (`jwt.issuers[].name`); `None` for API keys.
+    pub issuer: Option<std::sync::Arc<str>>,
 }
 
 /// The one expiry rule: a credential expiring at `expires_at_ms` is expired from that
@@ -106,6 +118,8 @@ impl Principal {
             plan: None,
             expires_at: None,
             scopes_header,
+            credential: CredentialKind::ApiKey,
+            issuer: None,
         }
     }
 }

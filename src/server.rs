@@ -87,6 +87,7 @@ impl App {
             config.api_keys.prefix.clone(),
             config.api_keys.accept_test_keys,
             &config.api_keys.argon2,
+            crate::jwt::JwtVerifier::new(&config.jwt, |var| secrets.named(var))?,
         );
         let policy = Policy::compile(&config.policy)?;
         let authorizer = Arc::new(Authorizer::new(&config.policy, policy, authn));

@@ -14,6 +14,7 @@ use serde_yaml_ng::Value;
 
 mod api_keys;
 mod cache;
+mod jwt;
 mod listen;
 mod logging;
 mod policy;
@@ -23,6 +24,7 @@ mod store;
 
 pub use api_keys::{ApiKeysConfig, Argon2Config};
 pub use cache::CacheConfig;
+pub use jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
 pub use listen::ListenConfig;
 pub use logging::{ErrorsConfig, LogFormat, LoggingConfig};
 pub use policy::{CredentialHeader, PolicyConfig, RouteConfig, TenantRule, Unmatched};
@@ -60,6 +62,7 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub policy: PolicyConfig,
     pub revocation: RevocationConfig,
+    pub jwt: JwtConfig,
 }
 
 impl Config {
@@ -120,6 +123,7 @@ impl Config {
         self.store.validate()?;
         self.policy.validate()?;
         self.revocation.validate()?;
+        self.jwt.validate()?;
         Ok(())
     }
 }

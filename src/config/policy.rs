@@ -92,6 +92,10 @@ pub struct RouteConfig {
     pub public: bool,
     #[serde(default)]
     pub tenant: Option<TenantRule>,
+    /// The credential kinds accepted (`[jwt]` for JWT-only routes, `[api_key]`); any when
+    /// left out. Another kind there is 403 `insufficient_permissions`.
+    #[serde(default)]
+    pub credentials: Option<Vec<crate::principal::CredentialKind>>,
 }
 
 impl PolicyConfig {

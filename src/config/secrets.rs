@@ -13,6 +13,19 @@ pub struct Secrets {
     /// (without it, Watch is served on the admin port only), and what this replica
     /// presents to another keygate with `revocation.source: watch`.
     pub watch_token: Option<Secret>,
+    /// Secrets the configuration names by variable (a JWT issuer's `secret_env`), given
+    /// directly; any not here is read from the environment by `named`.
+    pub named: std::collections::HashMap<String, Secret>,
+}
+
+impl Secrets {
+    /// The secret the configuration names `var`: given in `named`, or `var` / `var_FILE`.
+    pub fn named(&self, var: &str) -> Result<Option<Secret>, ConfigError> {
+        match self.named.get(var) {
+            Some(s) => Ok(Some(s.clone())),
+            None => env_secret(var),
+        }
+    }
 }
 
 impl Secrets {
@@ -63,6 +76,7 @@ impl Secrets {
             admin_token,
             redis_password: env_secret("KEYGATE_REDIS_PASSWORD")?,
             watch_token,
+            named: Default::default(),
         })
     }
 }

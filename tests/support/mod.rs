@@ -577,6 +577,7 @@ pub fn secrets() -> Secrets {
         admin_token: Secret::random(32),
         redis_password: None,
         watch_token: Some(Secret::random(32)),
+        named: Default::default(),
     }
 }
 

@@ -1,0 +1,190 @@
+//! `jwt`: the issuers whose JWTs keygate accepts, one by one, and how their claims become a
+//! principal.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{duration, ConfigError};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// Longer tokens are refused unread (`invalid_token`).
+    pub max_token_bytes: usize,
+    pub issuers: Vec<IssuerConfig>,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            max_token_bytes: 8192,
+            issuers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// A short name: metric label and log field (never a claim's value).
+    pub name: String,
+    /// The `iss` claim this issuer's tokens carry.
+    pub issuer: String,
+    /// Accepted `aud` values; a token must name one of them.
+    pub audiences: Vec<String>,
+    /// `RS256` … `PS512`, `ES256`, `ES384`, `EdDSA`; `HS256/384/512` only with `secret_env`.
+    pub algorithms: Vec<String>,
+    /// A JWKS document (`{"keys": [...]}`) with the issuer's public keys.
+    #[serde(default)]
+    pub jwks_file: Option<String>,
+    /// For HS*: the environment variable that holds the shared secret (or, with `_FILE`
+    /// appended, names the file that does). Never the secret itself.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", deserialize_with = "duration")]
+    pub leeway: Duration,
+    #[serde(default)]
+    pub claims: ClaimsConfig,
+    /// A claim holding the caller's roles (a string or an array), mapped by `roles`.
+    #[serde(default)]
+    pub roles_claim: Option<String>,
+    /// Role → the scopes it grants, added to those of the scopes claim.
+    #[serde(default)]
+    pub roles: HashMap<String, Vec<String>>,
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Which claims carry the principal.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClaimsConfig {
+    pub subject: String,
+    /// A token without it is refused (`invalid_token`).
+    pub tenant: String,
+    /// A space-separated string (`scope`) or an array (`scp`, `permissions`).
+    pub scopes: String,
+}
+
+impl Default for ClaimsConfig {
+    fn default() -> Self {
+        ClaimsConfig {
+            subject: "sub".into(),
+            tenant: "tenant_id".into(),
+            scopes: "scope".into(),
+        }
+    }
+}
+
+/// Algorithm names keygate accepts, and whether each needs a shared secret.
+pub const ALGORITHMS: [(&str, bool); 12] = [
+    ("HS256", true),
+    ("HS384", true),
+    ("HS512", true),
+    ("RS256", false),
+    ("RS384", false),
+    ("RS512", false),
+    ("PS256", false),
+    ("PS384", false),
+    ("PS512", false),
+    ("ES256", false),
+    ("ES384", false),
+    ("EdDSA", false),
+];
+
+impl JwtConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_token_bytes < 64 {
+            return Err(ConfigError::new(
+                "jwt.max_token_bytes",
+                "must be at least 64",
+            ));
+        }
+        for (i, iss) in self.issuers.iter().enumerate() {
+            let field = |f: &str| format!("jwt.issuers[{i}].{f}");
+            if iss.name.is_empty()
+                || !iss
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                return Err(ConfigError::new(field("name"), "must be 1+ of a-z 0-9 - _"));
+            }
+            if self.issuers[..i].iter().any(|o| o.name == iss.name) {
+                return Err(ConfigError::new(
+                    field("name"),
+                    "is used by an earlier issuer",
+                ));
+            }
+            if iss.issuer.is_empty() {
+                return Err(ConfigError::new(field("issuer"), "must not be empty"));
+            }
+            if self.issuers[..i].iter().any(|o| o.issuer == iss.issuer) {
+                return Err(ConfigError::new(
+                    field("issuer"),
+                    "is used by an earlier issuer",
+                ));
+            }
+            if iss.audiences.is_empty() {
+                return Err(ConfigError::new(
+                    field("audiences"),
+                    "must name at least one audience",
+                ));
+            }
+            if iss.algorithms.is_empty() {
+                return Err(ConfigError::new(
+                    field("algorithms"),
+                    "must name at least one algorithm",
+                ));
+            }
+            let mut shared = None;
+            for (j, a) in iss.algorithms.iter().enumerate() {
+                let Some((_, needs_secret)) = ALGORITHMS.iter().find(|(n, _)| n == a) else {
+                    return Err(ConfigError::new(
+                        format!("jwt.issuers[{i}].algorithms[{j}]"),
+                        "must be one of HS256 HS384 HS512 RS256 RS384 RS512 PS256 PS384 PS512 \
+                         ES256 ES384 EdDSA (`none` is never accepted)",
+                    ));
+                };
+                if shared.is_some_and(|s| s != *needs_secret) {
+                    return Err(ConfigError::new(
+                        field("algorithms"),
+                        "must not mix HS* (shared secret) with public-key algorithms",
+                    ));
+                }
+                shared = Some(*needs_secret);
+            }
+            match (shared == Some(true), &iss.jwks_file, &iss.secret_env) {
+                (true, None, Some(_)) | (false, Some(_), None) => {}
+                (true, _, _) => {
+                    return Err(ConfigError::new(
+                        field("secret_env"),
+                        "HS* algorithms need secret_env (and no jwks_file)",
+                    ))
+                }
+                (false, _, _) => {
+                    return Err(ConfigError::new(
+                        field("jwks_file"),
+                        "public-key algorithms need jwks_file (and no secret_env)",
+                    ))
+                }
+            }
+            for (role, scopes) in &iss.roles {
+                for s in scopes {
+                    if !crate::policy::valid_held_scope(s) {
+                        return Err(ConfigError::new(
+                            format!("jwt.issuers[{i}].roles.{role}"),
+                            format!("`{s}` is not a scope"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,277 @@
+//! JWTs from configured issuers: a token → a principal, or why not.
+//!
+//! Owns signature and claim validation (with `jsonwebtoken`) and the mapping of claims to
+//! a principal. It does no I/O per token: keys are loaded when the verifier is built.
+//! It must not guess: the issuer is chosen by the token's `iss`, the key by its `kid`,
+//! and the algorithm must be one the issuer allows *and* match the key's kind, so an
+//! RSA public key can never be used as an HMAC secret, and `alg: none` is never accepted
+//! (`jsonwebtoken` has no such algorithm). Every failure is one public code,
+//! `invalid_token`; the reason stays in the log.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+use crate::config::{ClaimsConfig, ConfigError, IssuerConfig, JwtConfig};
+use crate::principal::{CredentialKind, Environment, KeyKind, Principal};
+use crate::secret::Secret;
+
+/// Why a token is not valid. Only for logs and tests: the client sees `invalid_token`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    #[error("token longer than jwt.max_token_bytes")]
+    TooLarge,
+    #[error("token is not a well-formed JWT: {0}")]
+    Malformed(String),
+    #[error("no configured issuer has this iss")]
+    UnknownIssuer,
+    #[error("issuer {issuer}: no key with this kid")]
+    UnknownKey { issuer: Arc<str> },
+    #[error("issuer {issuer}: {reason}")]
+    Rejected { issuer: Arc<str>, reason: String },
+    #[error("issuer {issuer}: claim {claim} missing or not a string")]
+    MissingClaim { issuer: Arc<str>, claim: String },
+}
+
+/// The issuers' keys and rules, built once from the configuration.
+pub struct JwtVerifier {
+    issuers: Vec<Issuer>,
+    max_token_bytes: usize,
+}
+
+struct Issuer {
+    name: Arc<str>,
+    iss: String,
+    /// One per allowed algorithm: `jsonwebtoken` checks a token against one key family
+    /// at a time, and the token's own `alg` picks it (only from this list).
+    validations: Vec<(Algorithm, Validation)>,
+    keys: Keys,
+    claims: ClaimsConfig,
+    roles_claim: Option<String>,
+    roles: HashMap<String, Vec<String>>,
+    leeway_secs: u64,
+}
+
+enum Keys {
+    Shared(DecodingKey),
+    /// By `kid`; a set of one key also serves tokens without a `kid`.
+    Set(HashMap<String, DecodingKey>, Option<DecodingKey>),
+}
+
+/// Only what is read before the signature is checked: which issuer to ask.
+#[derive(serde::Deserialize)]
+struct Unverified {
+    iss: Option<String>,
+}
+
+impl JwtVerifier {
+    /// `secret` gives an HS* issuer's shared secret by the name in its `secret_env`.
+    pub fn new(
+        cfg: &JwtConfig,
+        secret: impl Fn(&str) -> Result<Option<Secret>, ConfigError>,
+    ) -> Result<Self, ConfigError> {
+        let mut issuers = Vec::with_capacity(cfg.issuers.len());
+        for (i, c) in cfg.issuers.iter().enumerate() {
+            issuers.push(Issuer::new(i, c, &secret)?);
+        }
+        Ok(JwtVerifier {
+            issuers,
+            max_token_bytes: cfg.max_token_bytes,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.issuers.is_empty()
+    }
+
+    /// The principal a valid token names.
+    pub fn verify(&self, token: &str, now_ms: u64) -> Result<Principal, JwtError> {
+        if token.len() > self.max_token_bytes {
+            return Err(JwtError::TooLarge);
+        }
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
+        let peek: Unverified = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|e| JwtError::Malformed(e.to_string()))?;
+        let issuer = peek
+            .iss
+            .and_then(|iss| self.issuers.iter().find(|i| i.iss == iss))
+            .ok_or(JwtError::UnknownIssuer)?;
+        let key = issuer
+            .key(header.kid.as_deref())
+            .ok_or_else(|| JwtError::UnknownKey {
+                issuer: issuer.name.clone(),
+            })?;
+        let validation = issuer
+            .validations
+            .iter()
+            .find(|(alg, _)| *alg == header.alg)
+            .map(|(_, v)| v)
+            .ok_or_else(|| JwtError::Rejected {
+                issuer: issuer.name.clone(),
+                reason: format!("algorithm {:?} is not allowed for this issuer", header.alg),
+            })?;
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, key, validation).map_err(|e| {
+                JwtError::Rejected {
+                    issuer: issuer.name.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        issuer.principal(&data.claims, now_ms)
+    }
+}
+
+impl Issuer {
+    fn new(
+        i: usize,
+        c: &IssuerConfig,
+        secret: &impl Fn(&str) -> Result<Option<Secret>, ConfigError>,
+    ) -> Result<Self, ConfigError> {
+        let field = |f: &str| format!("jwt.issuers[{i}].{f}");
+        let algorithms: Vec<Algorithm> = c
+            .algorithms
+            .iter()
+            .map(|a| {
+                Algorithm::from_str(a)
+                    .map_err(|e| ConfigError::new(field("algorithms"), e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        let keys = match (&c.secret_env, &c.jwks_file) {
+            (Some(var), _) => {
+                let value = secret(var)?.ok_or_else(|| {
+                    ConfigError::new(
+                        var.clone(),
+                        format!("not set: the shared secret of JWT issuer {}", c.name),
+                    )
+                })?;
+                if value.expose().len() < 32 {
+                    return Err(ConfigError::new(
+                        var.clone(),
+                        "must be at least 32 bytes long",
+                    ));
+                }
+                Keys::Shared(
+                    DecodingKey::from_secret(value.expose().as_bytes())
+                        .map_err(|e| ConfigError::new(var.clone(), e.to_string()))?,
+                )
+            }
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new(field("jwks_file"), format!("cannot read {path}: {e}"))
+                })?;
+                Keys::from_jwks(&text).map_err(|e| ConfigError::new(field("jwks_file"), e))?
+            }
+            (None, None) => return Err(ConfigError::new(field("jwks_file"), "no key source")),
+        };
+        let validations = algorithms
+            .into_iter()
+            .map(|alg| {
+                let mut v = Validation::new(alg);
+                v.leeway = c.leeway.as_secs();
+                v.validate_nbf = true;
+                v.set_issuer(&[c.issuer.as_str()]);
+                v.set_audience(&c.audiences);
+                v.set_required_spec_claims(&["exp", "iss", "aud"]);
+                (alg, v)
+            })
+            .collect();
+        Ok(Issuer {
+            name: Arc::from(c.name.as_str()),
+            iss: c.issuer.clone(),
+            validations,
+            keys,
+            claims: c.claims.clone(),
+            roles_claim: c.roles_claim.clone(),
+            roles: c.roles.clone(),
+            leeway_secs: c.leeway.as_secs(),
+        })
+    }
+
+    fn key(&self, kid: Option<&str>) -> Option<&DecodingKey> {
+        match (&self.keys, kid) {
+            (Keys::Shared(k), _) => Some(k),
+            (Keys::Set(by_kid, _), Some(kid)) => by_kid.get(kid),
+            (Keys::Set(_, only), None) => only.as_ref(),
+        }
+    }
+
+    fn principal(&self, claims: &Map<String, Value>, now_ms: u64) -> Result<Principal, JwtError> {
+        let text = |claim: &str| -> Result<String, JwtError> {
+            claims
+                .get(claim)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .ok_or_else(|| JwtError::MissingClaim {
+                    issuer: self.name.clone(),
+                    claim: claim.to_owned(),
+                })
+        };
+        let subject = text(&self.claims.subject)?;
+        let tenant = text(&self.claims.tenant)?;
+        let mut scopes = strings(claims.get(&self.claims.scopes));
+        if let Some(roles_claim) = &self.roles_claim {
+            for role in strings(claims.get(roles_claim)) {
+                if let Some(granted) = self.roles.get(&role) {
+                    scopes.extend(granted.iter().cloned());
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        scopes.retain(|s| crate::policy::valid_held_scope(s) && seen.insert(s.clone()));
+        let mut p = Principal::new(tenant, subject, KeyKind::Tenant, Environment::Live, scopes);
+        p.credential = CredentialKind::Jwt;
+        p.issuer = Some(self.name.clone());
+        // `exp` is required and checked above, with the leeway; the principal expires when
+        // the validation would fail, so the cache never outlives it.
+        p.expires_at = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .map(|exp| exp.saturating_add(self.leeway_secs).saturating_mul(1000))
+            .or(Some(now_ms));
+        Ok(p)
+    }
+}
+
+/// A claim as a list of strings: a space-separated string, or an array of strings.
+fn strings(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl Keys {
+    fn from_jwks(text: &str) -> Result<Keys, String> {
+        let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+        if set.keys.is_empty() {
+            return Err("holds no key".into());
+        }
+        let mut by_kid = HashMap::new();
+        let mut only = None;
+        for (n, jwk) in set.keys.iter().enumerate() {
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("keys[{n}]: {e}"))?;
+            if set.keys.len() == 1 {
+                only = Some(key.clone());
+            }
+            if let Some(kid) = &jwk.common.key_id {
+                by_kid.insert(kid.clone(), key);
+            } else if set.keys.len() > 1 {
+                return Err(format!(
+                    "keys[{n}] has no kid (needed with more than one key)"
+                ));
+            }
+        }
+        Ok(Keys::Set(by_kid, only))
+    }
+}

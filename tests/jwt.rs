@@ -1,0 +1,449 @@
+//! JWTs from configured issuers, through the Envoy adapter: what is allowed, every way a
+//! token is refused (`invalid_token`, 401), the tenant claim against `X-Tenant-Id`, and
+//! routes that take only one credential kind. The keys are test fixtures
+//! (`tests/fixtures/jwt/`); each test writes its issuers' JWKS files itself.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use keygate::config::{ClaimsConfig, Config, IssuerConfig, RouteConfig, TenantRule};
+use keygate::principal::CredentialKind;
+use keygate::secret::Secret;
+use keygate::server::App;
+use serde_json::{json, Value};
+use support::{bearer, check_request, outcome_of, Backend, Outcome, READ_PATH, TENANT};
+
+const ISSUER: &str = "https://login.example.com/";
+const AUDIENCE: &str = "https://api.example.com";
+const HS_SECRET_VAR: &str = "KEYGATE_TEST_JWT_SECRET";
+const HS_SECRET: &str = "an-hs256-secret-of-at-least-32-bytes!!";
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/jwt")
+            .join(name),
+    )
+    .expect("fixture")
+}
+
+fn signing(alg: Algorithm) -> EncodingKey {
+    match alg {
+        Algorithm::RS256 | Algorithm::RS384 | Algorithm::PS256 => {
+            EncodingKey::from_rsa_pem(&fixture("rsa.pem")).unwrap()
+        }
+        Algorithm::ES256 => EncodingKey::from_ec_pem(&fixture("ec256.pem")).unwrap(),
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(&fixture("ed25519.pem")).unwrap(),
+        Algorithm::HS256 => EncodingKey::from_secret(HS_SECRET.as_bytes()).unwrap(),
+        other => panic!("no fixture for {other:?}"),
+    }
+}
+
+/// The public JWK of a fixture key, named `kid`.
+fn public_jwk(key: &EncodingKey, alg: Algorithm, kid: &str) -> Jwk {
+    let mut jwk = Jwk::from_encoding_key(key, alg).unwrap();
+    jwk.common.key_id = Some(kid.into());
+    jwk
+}
+
+struct Fixture {
+    app: App,
+    _dir: tempfile::TempDir,
+}
+
+/// An app with two issuers — `main` (RS256, ES256, EdDSA from a JWKS file) and `shared`
+/// (HS256) — a JWT-only route and an API-key-only route, and `x-access-token` read too.
+fn fixture_app() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = JwkSet {
+        keys: vec![
+            public_jwk(&signing(Algorithm::RS256), Algorithm::RS256, "rsa-1"),
+            public_jwk(&signing(Algorithm::ES256), Algorithm::ES256, "ec-1"),
+            public_jwk(&signing(Algorithm::EdDSA), Algorithm::EdDSA, "ed-1"),
+        ],
+    };
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, serde_json::to_string(&jwks).unwrap()).unwrap();
+    let mut config: Config = support::config(Backend::Memory);
+    config
+        .policy
+        .credential_headers
+        .push(keygate::config::CredentialHeader {
+            header: "x-access-token".into(),
+            scheme: None,
+        });
+    let route = |name: &str, path: &str, kinds: Vec<CredentialKind>, tenant| RouteConfig {
+        name: name.into(),
+        methods: vec!["GET".into()],
+        path: path.into(),
+        scope: Some("contacts:read".into()),
+        public: false,
+        tenant,
+        credentials: Some(kinds),
+    };
+    config.policy.routes.insert(
+        0,
+        route("app-only", "/app/**", vec![CredentialKind::Jwt], None),
+    );
+    config.policy.routes.insert(
+        0,
+        route("keys-only", "/keys/**", vec![CredentialKind::ApiKey], None),
+    );
+    config.policy.routes.insert(
+        0,
+        route(
+            "tenanted",
+            "/tenanted/**",
+            vec![CredentialKind::Jwt],
+            Some(TenantRule::Required),
+        ),
+    );
+    let issuer = |name: &str, iss: &str, algorithms: &[&str]| IssuerConfig {
+        name: name.into(),
+        issuer: iss.into(),
+        audiences: vec![AUDIENCE.into()],
+        algorithms: algorithms.iter().map(|a| a.to_string()).collect(),
+        jwks_file: None,
+        secret_env: None,
+        leeway: Duration::from_secs(5),
+        claims: ClaimsConfig::default(),
+        roles_claim: Some("roles".into()),
+        roles: [("reader".to_owned(), vec!["contacts:read".to_owned()])].into(),
+    };
+    let mut main = issuer("main", ISSUER, &["RS256", "ES256", "EdDSA"]);
+    main.jwks_file = Some(jwks_path.display().to_string());
+    let mut shared = issuer("shared", "https://shared.example.com/", &["HS256"]);
+    shared.secret_env = Some(HS_SECRET_VAR.into());
+    config.jwt.issuers = vec![main, shared];
+    let mut secrets = support::secrets();
+    secrets
+        .named
+        .insert(HS_SECRET_VAR.into(), Secret::new(HS_SECRET));
+    let app = App::with_store(
+        config,
+        secrets,
+        std::sync::Arc::new(keygate::store::memory::MemoryStore::new()),
+    )
+    .expect("the JWT configuration is valid");
+    Fixture { app, _dir: dir }
+}
+
+fn now() -> u64 {
+    keygate::store::now_ms() / 1000
+}
+
+/// Claims of a valid token of `main`: it may read contacts for `TENANT`.
+fn claims() -> Value {
+    json!({
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "user-42",
+        "tenant_id": TENANT,
+        "scope": "contacts:read profile",
+        "iat": now(),
+        "exp": now() + 1800,
+    })
+}
+
+fn token(alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = kid.map(Into::into);
+    jsonwebtoken::encode(&header, claims, &signing(alg)).unwrap()
+}
+
+fn rs256(claims: &Value) -> String {
+    token(Algorithm::RS256, Some("rsa-1"), claims)
+}
+
+async fn get(f: &Fixture, path: &str, headers: &[(&str, &str)]) -> Outcome {
+    outcome_of(&f.app.envoy_service(), check_request("GET", path, headers)).await
+}
+
+async fn read_with_jwt(f: &Fixture, jwt: &str) -> Outcome {
+    get(f, READ_PATH, &[("authorization", &bearer(jwt))]).await
+}
+
+fn b64(v: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+}
+
+#[tokio::test]
+async fn a_valid_token_of_each_algorithm_is_allowed_in_either_header() {
+    let f = fixture_app();
+    for (alg, kid) in [
+        (Algorithm::RS256, Some("rsa-1")),
+        (Algorithm::ES256, Some("ec-1")),
+        (Algorithm::EdDSA, Some("ed-1")),
+    ] {
+        let jwt = token(alg, kid, &claims());
+        assert_eq!(read_with_jwt(&f, &jwt).await, Outcome::Allowed, "{alg:?}");
+        assert_eq!(
+            get(&f, READ_PATH, &[("x-access-token", &jwt)]).await,
+            Outcome::Allowed,
+            "{alg:?} in x-access-token"
+        );
+    }
+    let mut shared = claims();
+    shared["iss"] = json!("https://shared.example.com/");
+    assert_eq!(
+        read_with_jwt(&f, &token(Algorithm::HS256, None, &shared)).await,
+        Outcome::Allowed,
+        "HS256 with the shared secret"
+    );
+}
+
+#[tokio::test]
+async fn the_principal_comes_from_the_claims_and_roles_grant_scopes() {
+    let f = fixture_app();
+    let envoy = f.app.envoy_service();
+    let answer = envoy
+        .decide(check_request(
+            "GET",
+            READ_PATH,
+            &[("authorization", &bearer(&rs256(&claims())))],
+        ))
+        .await
+        .unwrap();
+    let headers = support_ok_headers(&answer);
+    assert_eq!(
+        headers.get("x-keygate-subject").map(String::as_str),
+        Some("user-42")
+    );
+    assert_eq!(headers.get("x-tenant-id").map(String::as_str), Some(TENANT));
+    assert_eq!(
+        headers.get("x-keygate-scopes").map(String::as_str),
+        Some("contacts:read,profile")
+    );
+    // No scope claim, but a role that grants the route's scope.
+    let mut by_role = claims();
+    by_role.as_object_mut().unwrap().remove("scope");
+    by_role["roles"] = json!(["reader", "unknown-role"]);
+    assert_eq!(read_with_jwt(&f, &rs256(&by_role)).await, Outcome::Allowed);
+    // Neither: authenticated, but without the scope.
+    by_role["roles"] = json!("unknown-role");
+    assert_eq!(
+        read_with_jwt(&f, &rs256(&by_role)).await,
+        Outcome::denied("insufficient_permissions", 403)
+    );
+}
+
+/// The identity headers of an allow, by name.
+fn support_ok_headers(
+    answer: &envoy_types::pb::envoy::service::auth::v3::CheckResponse,
+) -> std::collections::HashMap<String, String> {
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    match &answer.http_response {
+        Some(HttpResponse::OkResponse(ok)) => ok
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect(),
+        other => panic!("not an allow: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn every_bad_token_is_invalid_token() {
+    let f = fixture_app();
+    let with = |edit: &dyn Fn(&mut Value)| {
+        let mut c = claims();
+        edit(&mut c);
+        rs256(&c)
+    };
+    let rsa_public = fixture("rsa.pub.pem");
+    let header_none = b64(br#"{"alg":"none","typ":"JWT"}"#);
+    let payload = b64(claims().to_string().as_bytes());
+    let confused = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims(),
+        &EncodingKey::from_secret(&rsa_public).unwrap(),
+    )
+    .unwrap();
+    let other_key = jsonwebtoken::encode(
+        &{
+            let mut h = Header::new(Algorithm::RS256);
+            h.kid = Some("rsa-1".into());
+            h
+        },
+        &claims(),
+        &EncodingKey::from_rsa_pem(&fixture("rsa2.pem")).unwrap(),
+    )
+    .unwrap();
+    let mut shared_for_main = claims();
+    shared_for_main["iss"] = json!(ISSUER);
+    let cases: Vec<(&str, String)> = vec![
+        ("alg none, unsigned", format!("{header_none}.{payload}.")),
+        (
+            "alg none, with a signature",
+            format!("{header_none}.{payload}.c2ln"),
+        ),
+        ("HS256 with the RSA public key as secret", confused),
+        (
+            "HS256 for an issuer of public keys",
+            token(Algorithm::HS256, None, &shared_for_main),
+        ),
+        ("signed by another key under a known kid", other_key),
+        ("expired", with(&|c| c["exp"] = json!(now() - 60))),
+        ("not yet valid", with(&|c| c["nbf"] = json!(now() + 600))),
+        (
+            "unknown issuer",
+            with(&|c| c["iss"] = json!("https://evil.example.com/")),
+        ),
+        (
+            "no issuer",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("iss");
+            }),
+        ),
+        (
+            "wrong audience",
+            with(&|c| c["aud"] = json!("https://other.example.com")),
+        ),
+        (
+            "no audience",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("aud");
+            }),
+        ),
+        (
+            "no exp",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("exp");
+            }),
+        ),
+        (
+            "no tenant claim",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("tenant_id");
+            }),
+        ),
+        (
+            "unknown kid",
+            token(Algorithm::RS256, Some("rsa-9"), &claims()),
+        ),
+        (
+            "payload not JSON",
+            format!("{}.{}.c2ln", b64(br#"{"alg":"RS256"}"#), b64(b"not json")),
+        ),
+        (
+            "header not JSON",
+            format!("{}.{payload}.c2ln", b64(b"{alg")),
+        ),
+        ("too large", with(&|c| c["pad"] = json!("x".repeat(9000)))),
+    ];
+    for (what, jwt) in cases {
+        assert_eq!(
+            read_with_jwt(&f, &jwt).await,
+            Outcome::denied("invalid_token", 401),
+            "{what}"
+        );
+    }
+    // Within the leeway, an expired token still passes (clock skew).
+    assert_eq!(
+        read_with_jwt(&f, &with(&|c| c["exp"] = json!(now() - 2))).await,
+        Outcome::Allowed
+    );
+}
+
+#[tokio::test]
+async fn a_route_that_takes_one_kind_refuses_the_other() {
+    let f = fixture_app();
+    let key = f.app.admin.create(support::reader_key()).await.unwrap();
+    let jwt = rs256(&claims());
+    assert_eq!(
+        get(&f, "/app/contacts", &[("authorization", &bearer(&jwt))]).await,
+        Outcome::Allowed
+    );
+    assert_eq!(
+        get(
+            &f,
+            "/app/contacts",
+            &[("authorization", &bearer(&key.token))]
+        )
+        .await,
+        Outcome::denied("insufficient_permissions", 403),
+        "an API key on a JWT-only route"
+    );
+    assert_eq!(
+        get(
+            &f,
+            "/keys/contacts",
+            &[("authorization", &bearer(&key.token))]
+        )
+        .await,
+        Outcome::Allowed
+    );
+    assert_eq!(
+        get(&f, "/keys/contacts", &[("authorization", &bearer(&jwt))]).await,
+        Outcome::denied("insufficient_permissions", 403),
+        "a JWT on an API-key-only route"
+    );
+}
+
+#[tokio::test]
+async fn the_tenant_claim_must_match_x_tenant_id_and_a_required_header_stays_required() {
+    let f = fixture_app();
+    let jwt = bearer(&rs256(&claims()));
+    let auth = ("authorization", jwt.as_str());
+    assert_eq!(
+        get(&f, "/tenanted/x", &[auth, ("x-tenant-id", TENANT)]).await,
+        Outcome::Allowed
+    );
+    assert_eq!(
+        get(
+            &f,
+            "/tenanted/x",
+            &[auth, ("x-tenant-id", support::OTHER_TENANT)]
+        )
+        .await,
+        Outcome::denied("tenant_forbidden", 403)
+    );
+    assert_eq!(
+        get(&f, "/tenanted/x", &[auth]).await,
+        Outcome::denied("tenant_required", 400)
+    );
+    assert_eq!(
+        get(&f, "/tenanted/x", &[auth, ("x-tenant-id", "not-a-uuid")]).await,
+        Outcome::denied("invalid_tenant", 400)
+    );
+}
+
+#[tokio::test]
+async fn an_issuer_that_cannot_work_stops_startup_naming_the_field() {
+    let mut config = support::config(Backend::Memory);
+    config.jwt.issuers = vec![IssuerConfig {
+        name: "hs".into(),
+        issuer: "https://hs.example.com/".into(),
+        audiences: vec![AUDIENCE.into()],
+        algorithms: vec!["HS256".into()],
+        jwks_file: None,
+        secret_env: Some("KEYGATE_TEST_JWT_SECRET_NOT_SET".into()),
+        leeway: Duration::from_secs(5),
+        claims: ClaimsConfig::default(),
+        roles_claim: None,
+        roles: Default::default(),
+    }];
+    let err = App::build(config, support::secrets())
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("KEYGATE_TEST_JWT_SECRET_NOT_SET"),
+        "{err}"
+    );
+    for (yaml, field) in [
+        ("{jwt: {issuers: [{name: a, issuer: i, audiences: [x], algorithms: [none], jwks_file: f}]}}", "jwt.issuers[0].algorithms[0]"),
+        ("{jwt: {issuers: [{name: a, issuer: i, audiences: [x], algorithms: [HS256], jwks_file: f}]}}", "jwt.issuers[0].secret_env"),
+        ("{jwt: {issuers: [{name: a, issuer: i, audiences: [x], algorithms: [RS256, HS256], jwks_file: f}]}}", "jwt.issuers[0].algorithms"),
+        ("{jwt: {issuers: [{name: a, issuer: i, audiences: [], algorithms: [RS256], jwks_file: f}]}}", "jwt.issuers[0].audiences"),
+        ("{jwt: {issuers: [{name: a, issuer: i, audiences: [x], algorithms: [RS256], jwks_file: f, secret: s}]}}", "jwt.issuers[0].secret"),
+    ] {
+        let e = Config::load(Some(yaml), Vec::new()).unwrap_err();
+        assert_eq!(e.field, field, "{yaml}: {e}");
+    }
+}
