@@ -1,0 +1,86 @@
+"""JWTs through the real Envoy: keygate configured (by environment overrides alone) with
+one HS256 issuer, its shared secret from the environment. A valid token passes in
+`x-access-token` or `authorization: Bearer`; an unsigned, expired or wrongly addressed one
+is 401 `invalid_token` and never reaches the upstream."""
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import uuid
+
+import pytest
+
+import harness
+from harness import assert_allowed, assert_denied
+
+ISSUER = "https://login.e2e.example/"
+AUDIENCE = "https://api.e2e.example"
+SECRET = "e2e-shared-secret-of-more-than-32-bytes"
+TENANT = str(uuid.uuid4())
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt(claims: dict, alg: str = "HS256") -> str:
+    head = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    if alg == "none":
+        return f"{head}.{body}."
+    sig = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+def claims(**over) -> dict:
+    now = int(time.time())
+    c = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "user-7",
+        "tenant_id": TENANT,
+        "scope": "contacts:read",
+        "iat": now,
+        "exp": now + 1800,
+    }
+    c.update(over)
+    return c
+
+
+@pytest.fixture(scope="module")
+def jwt_stack(workdir, redis, upstream):
+    issuers = (
+        f"[{{name: e2e, issuer: '{ISSUER}', audiences: ['{AUDIENCE}'], "
+        "algorithms: [HS256], secret_env: KEYGATE_E2E_JWT_SECRET, leeway: 5s}]"
+    )
+    env = {"KEYGATE_JWT__ISSUERS": issuers, "KEYGATE_E2E_JWT_SECRET": SECRET}
+    s = harness.Stack("jwt", workdir, redis, upstream, keygate_env=env)
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("header", ["x-access-token", "authorization"])
+def test_a_valid_jwt_passes_with_its_identity_and_without_itself(jwt_stack, header):
+    token = jwt(claims())
+    value = f"Bearer {token}" if header == "authorization" else token
+    resp = jwt_stack.request("GET", "/v1/contacts/42", [(header, value)])
+    assert_allowed(resp)
+    assert resp.upstream_headers("x-keygate-subject") == ["user-7"], str(resp)
+    assert resp.upstream_headers("x-tenant-id") == [TENANT], str(resp)
+    for name, v in resp.upstream[0]["headers"]:
+        assert token not in v, f"the JWT reached the upstream in {name}:\n{resp}"
+
+
+@pytest.mark.parametrize(
+    "what,token",
+    [
+        ("alg none", jwt(claims(), alg="none")),
+        ("expired", jwt(claims(exp=int(time.time()) - 3600))),
+        ("wrong audience", jwt(claims(aud="https://elsewhere.example"))),
+    ],
+)
+def test_a_bad_jwt_is_invalid_token(jwt_stack, what, token):
+    resp = jwt_stack.request("GET", "/v1/contacts/42", [("x-access-token", token)])
+    assert_denied(resp, 401, "invalid_token")
