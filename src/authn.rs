@@ -31,7 +31,7 @@ pub struct Authenticator {
     prefix: String,
     accept_test_keys: bool,
     failures: FailureBudget,
-    jwt: crate::jwt::JwtVerifier,
+    jwt: Arc<crate::jwt::JwtVerifier>,
 }
 
 /// Failed verifications per key id in a fixed window (`api_keys.argon2.failures_per_key`
@@ -76,7 +76,7 @@ impl Authenticator {
         prefix: String,
         accept_test_keys: bool,
         argon2: &Argon2Config,
-        jwt: crate::jwt::JwtVerifier,
+        jwt: Arc<crate::jwt::JwtVerifier>,
     ) -> Self {
         Authenticator {
             store,
@@ -152,7 +152,7 @@ impl Authenticator {
         let lookup = self
             .cache
             .get_or_verify(digest, JWT_CACHE_KEY, || async {
-                Ok(match self.jwt.verify(token, now_ms()) {
+                Ok(match self.jwt.verify(token, now_ms()).await {
                     Ok(p) => Verified::Valid(Arc::new(p)),
                     Err(e) => {
                         tracing::info!(reason = %e, "JWT rejected");

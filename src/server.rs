@@ -47,6 +47,7 @@ pub struct App {
     pub authorizer: Arc<Authorizer>,
     pub admin: Arc<KeyAdmin>,
     pub bus: Arc<RevocationBus>,
+    pub jwt: Arc<crate::jwt::JwtVerifier>,
     admin_token: crate::secret::Secret,
     watch_token: Option<crate::secret::Secret>,
 }
@@ -79,6 +80,9 @@ impl App {
             .into());
         }
         let hasher = SecretHasher::new(secrets.pepper.clone(), &config.api_keys.argon2)?;
+        let jwt = Arc::new(crate::jwt::JwtVerifier::new(&config.jwt, |var| {
+            secrets.named(var)
+        })?);
         let cache = Arc::new(CredentialCache::new(&config.cache, &secrets.pepper));
         let authn = Authenticator::new(
             store.clone(),
@@ -87,7 +91,7 @@ impl App {
             config.api_keys.prefix.clone(),
             config.api_keys.accept_test_keys,
             &config.api_keys.argon2,
-            crate::jwt::JwtVerifier::new(&config.jwt, |var| secrets.named(var))?,
+            jwt.clone(),
         );
         let policy = Policy::compile(&config.policy)?;
         let authorizer = Arc::new(Authorizer::new(&config.policy, policy, authn));
@@ -106,6 +110,7 @@ impl App {
             authorizer,
             admin,
             bus,
+            jwt,
             admin_token: secrets.admin_token,
             watch_token: secrets.watch_token,
         })
@@ -283,6 +288,13 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
         }
     }));
 
+    tasks.push(tokio::spawn({
+        let (jwt, stop) = (app.jwt.clone(), stop_rx.clone());
+        async move {
+            jwt.refresh_in_background(stop).await;
+            Ok(())
+        }
+    }));
     let follower = tokio::spawn(
         app.bus
             .clone()

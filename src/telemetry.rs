@@ -31,6 +31,7 @@ pub struct Metrics {
     pub revocation_flushes: IntCounter,
     pub revocation_connected: IntGauge,
     pub watch_streams: IntGauge,
+    pub jwks_fetches: IntCounterVec,
     pub argon2_queue_full: IntCounter,
     pub argon2_refused: IntCounter,
     pub revocation_unreadable: IntCounter,
@@ -137,6 +138,14 @@ pub fn metrics() -> &'static Metrics {
             "Revocation stream entries this version could not read that named a key, which was dropped (one without a readable key id flushes the cache and counts as a flush).",
         )
         .expect("valid metric");
+        let jwks_fetches = IntCounterVec::new(
+            Opts::new(
+                "jwks_fetches_total",
+                "JWKS fetches by issuer (its configured name) and result (ok, error).",
+            ),
+            &["issuer", "result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(check_duration.clone()),
@@ -153,6 +162,7 @@ pub fn metrics() -> &'static Metrics {
             Box::new(revocation_flushes.clone()),
             Box::new(revocation_connected.clone()),
             Box::new(watch_streams.clone()),
+            Box::new(jwks_fetches.clone()),
             Box::new(argon2_queue_full.clone()),
             Box::new(argon2_refused.clone()),
             Box::new(revocation_unreadable.clone()),
@@ -186,6 +196,7 @@ pub fn metrics() -> &'static Metrics {
             revocation_flushes,
             revocation_connected,
             watch_streams,
+            jwks_fetches,
             argon2_queue_full,
             argon2_refused,
             revocation_unreadable,

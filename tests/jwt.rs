@@ -108,6 +108,9 @@ fn fixture_app() -> Fixture {
         audiences: vec![AUDIENCE.into()],
         algorithms: algorithms.iter().map(|a| a.to_string()).collect(),
         jwks_file: None,
+        jwks_url: None,
+        jwks_refresh: Duration::from_secs(300),
+        jwks_refetch_min: Duration::from_secs(30),
         secret_env: None,
         leeway: Duration::from_secs(5),
         claims: ClaimsConfig::default(),
@@ -423,6 +426,9 @@ async fn an_issuer_that_cannot_work_stops_startup_naming_the_field() {
         audiences: vec![AUDIENCE.into()],
         algorithms: vec!["HS256".into()],
         jwks_file: None,
+        jwks_url: None,
+        jwks_refresh: Duration::from_secs(300),
+        jwks_refetch_min: Duration::from_secs(30),
         secret_env: Some("KEYGATE_TEST_JWT_SECRET_NOT_SET".into()),
         leeway: Duration::from_secs(5),
         claims: ClaimsConfig::default(),
@@ -446,4 +452,174 @@ async fn an_issuer_that_cannot_work_stops_startup_naming_the_field() {
         let e = Config::load(Some(yaml), Vec::new()).unwrap_err();
         assert_eq!(e.field, field, "{yaml}: {e}");
     }
+}
+
+/// A JWKS endpoint the test controls: it serves whatever set it holds now, counts the
+/// requests, and can be stopped (its port then refuses connections).
+struct JwksServer {
+    url: String,
+    body: std::sync::Arc<std::sync::Mutex<String>>,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    async fn start(set: &JwkSet) -> JwksServer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        let body = std::sync::Arc::new(std::sync::Mutex::new(serde_json::to_string(set).unwrap()));
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (b, h) = (body.clone(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let text = b.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                        text.len()
+                    );
+                    let _ = conn.write_all(resp.as_bytes()).await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        JwksServer {
+            url,
+            body,
+            hits,
+            task,
+        }
+    }
+
+    fn serve(&self, set: &JwkSet) {
+        *self.body.lock().unwrap() = serde_json::to_string(set).unwrap();
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+fn rsa2_key() -> EncodingKey {
+    EncodingKey::from_rsa_pem(&fixture("rsa2.pem")).unwrap()
+}
+
+/// An app whose one issuer gets its keys from `url`.
+fn remote_app(url: &str, refetch_min: Duration) -> App {
+    let mut config = support::config(Backend::Memory);
+    config.jwt.issuers = vec![IssuerConfig {
+        name: "remote".into(),
+        issuer: ISSUER.into(),
+        audiences: vec![AUDIENCE.into()],
+        algorithms: vec!["RS256".into()],
+        jwks_file: None,
+        jwks_url: Some(url.into()),
+        jwks_refresh: Duration::from_secs(300),
+        jwks_refetch_min: refetch_min,
+        secret_env: None,
+        leeway: Duration::from_secs(5),
+        claims: ClaimsConfig::default(),
+        roles_claim: None,
+        roles: Default::default(),
+    }];
+    App::build(config, support::secrets()).unwrap()
+}
+
+fn signed_by(key: &EncodingKey, kid: &str) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, &claims(), key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotated_at_the_jwks_url_are_taken_without_a_restart() {
+    let old = public_jwk(&signing(Algorithm::RS256), Algorithm::RS256, "old");
+    let server = JwksServer::start(&JwkSet {
+        keys: vec![old.clone()],
+    })
+    .await;
+    let app = remote_app(&server.url, Duration::ZERO);
+    let envoy = app.envoy_service();
+    let check = |jwt: String| {
+        let envoy = &envoy;
+        async move {
+            outcome_of(
+                envoy,
+                check_request("GET", READ_PATH, &[("authorization", &bearer(&jwt))]),
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        check(signed_by(&signing(Algorithm::RS256), "old")).await,
+        Outcome::Allowed
+    );
+    // The issuer rotates: a new key beside the old one. A token under the new kid makes
+    // keygate fetch the set again, and passes.
+    let new = public_jwk(&rsa2_key(), Algorithm::RS256, "new");
+    server.serve(&JwkSet {
+        keys: vec![old, new],
+    });
+    assert_eq!(check(signed_by(&rsa2_key(), "new")).await, Outcome::Allowed);
+    // The URL goes away: the last good set keeps working.
+    server.stop();
+    let mut fresh = claims();
+    fresh["sub"] = json!("another-user");
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("new".into());
+    let still = jsonwebtoken::encode(&header, &fresh, &rsa2_key()).unwrap();
+    assert_eq!(check(still).await, Outcome::Allowed);
+    // A kid nobody has served while the URL is down: invalid_token, not UNAVAILABLE.
+    assert_eq!(
+        check(signed_by(&rsa2_key(), "newer")).await,
+        Outcome::denied("invalid_token", 401)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_kids_cost_at_most_one_fetch_per_interval() {
+    let key = public_jwk(&signing(Algorithm::RS256), Algorithm::RS256, "k1");
+    let server = JwksServer::start(&JwkSet { keys: vec![key] }).await;
+    let app = remote_app(&server.url, Duration::from_secs(3600));
+    let envoy = app.envoy_service();
+    // The first token fetches the set (nothing was fetched before: no server runs the
+    // background refresh in this test).
+    let ok = signed_by(&signing(Algorithm::RS256), "k1");
+    assert_eq!(
+        outcome_of(
+            &envoy,
+            check_request("GET", READ_PATH, &[("authorization", &bearer(&ok))])
+        )
+        .await,
+        Outcome::Allowed
+    );
+    let after_first = server.hits();
+    assert_eq!(after_first, 1);
+    for n in 0..20 {
+        let jwt = signed_by(&signing(Algorithm::RS256), &format!("made-up-{n}"));
+        assert_eq!(
+            outcome_of(
+                &envoy,
+                check_request("GET", READ_PATH, &[("authorization", &bearer(&jwt))])
+            )
+            .await,
+            Outcome::denied("invalid_token", 401)
+        );
+    }
+    assert_eq!(
+        server.hits(),
+        after_first,
+        "no refetch within jwks_refetch_min"
+    );
 }

@@ -39,6 +39,15 @@ pub struct IssuerConfig {
     /// A JWKS document (`{"keys": [...]}`) with the issuer's public keys.
     #[serde(default)]
     pub jwks_file: Option<String>,
+    /// The issuer's JWKS URL: fetched at start, refreshed every `jwks_refresh` and when a
+    /// token names an unknown `kid` (at most once per `jwks_refetch_min`); while it fails,
+    /// the last good set is kept. `https://`, or `http://` to a loopback address.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh", deserialize_with = "duration")]
+    pub jwks_refresh: Duration,
+    #[serde(default = "default_jwks_refetch_min", deserialize_with = "duration")]
+    pub jwks_refetch_min: Duration,
     /// For HS*: the environment variable that holds the shared secret (or, with `_FILE`
     /// appended, names the file that does). Never the secret itself.
     #[serde(default)]
@@ -54,6 +63,14 @@ pub struct IssuerConfig {
     /// Role → the scopes it grants, added to those of the scopes claim.
     #[serde(default)]
     pub roles: HashMap<String, Vec<String>>,
+}
+
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_jwks_refetch_min() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_leeway() -> Duration {
@@ -159,20 +176,42 @@ impl JwtConfig {
                 }
                 shared = Some(*needs_secret);
             }
-            match (shared == Some(true), &iss.jwks_file, &iss.secret_env) {
-                (true, None, Some(_)) | (false, Some(_), None) => {}
-                (true, _, _) => {
+            let sources = [
+                iss.jwks_file.is_some(),
+                iss.jwks_url.is_some(),
+                iss.secret_env.is_some(),
+            ]
+            .iter()
+            .filter(|s| **s)
+            .count();
+            if shared == Some(true) && (iss.secret_env.is_none() || sources != 1) {
+                return Err(ConfigError::new(
+                    field("secret_env"),
+                    "HS* algorithms need secret_env (and no jwks_file or jwks_url)",
+                ));
+            }
+            if shared == Some(false) && (iss.secret_env.is_some() || sources != 1) {
+                return Err(ConfigError::new(
+                    field("jwks_file"),
+                    "public-key algorithms need one of jwks_file or jwks_url (and no secret_env)",
+                ));
+            }
+            if let Some(url) = &iss.jwks_url {
+                let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+                    .iter()
+                    .any(|p| url.starts_with(p));
+                if !url.starts_with("https://") && !loopback {
                     return Err(ConfigError::new(
-                        field("secret_env"),
-                        "HS* algorithms need secret_env (and no jwks_file)",
-                    ))
+                        field("jwks_url"),
+                        "must be https:// (http:// only to a loopback address)",
+                    ));
                 }
-                (false, _, _) => {
-                    return Err(ConfigError::new(
-                        field("jwks_file"),
-                        "public-key algorithms need jwks_file (and no secret_env)",
-                    ))
-                }
+            }
+            if iss.jwks_refresh < Duration::from_secs(1) {
+                return Err(ConfigError::new(
+                    field("jwks_refresh"),
+                    "must be at least 1s",
+                ));
             }
             for (role, scopes) in &iss.roles {
                 for s in scopes {

@@ -1,7 +1,10 @@
 //! JWTs from configured issuers: a token → a principal, or why not.
 //!
-//! Owns signature and claim validation (with `jsonwebtoken`) and the mapping of claims to
-//! a principal. It does no I/O per token: keys are loaded when the verifier is built.
+//! Owns signature and claim validation (with `jsonwebtoken`), the issuers' key sets, and
+//! the mapping of claims to a principal. A token costs no I/O, except one whose `kid` its
+//! issuer's JWKS URL does not have yet: that refetches the set (rate-limited, shared by
+//! concurrent callers) before the token is judged. A failing URL keeps the last good set,
+//! and an unknown `kid` is `invalid_token` then, never UNAVAILABLE.
 //! It must not guess: the issuer is chosen by the token's `iss`, the key by its `kid`,
 //! and the algorithm must be one the issuer allows *and* match the key's kind, so an
 //! RSA public key can never be used as an HMAC secret, and `alg: none` is never accepted
@@ -10,7 +13,8 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -58,8 +62,82 @@ struct Issuer {
 
 enum Keys {
     Shared(DecodingKey),
-    /// By `kid`; a set of one key also serves tokens without a `kid`.
-    Set(HashMap<String, DecodingKey>, Option<DecodingKey>),
+    Set(Arc<KeySet>),
+    Remote(Arc<RemoteJwks>),
+}
+
+/// By `kid`; a set of one key also serves tokens without a `kid`.
+#[derive(Default)]
+struct KeySet {
+    by_kid: HashMap<String, DecodingKey>,
+    only: Option<DecodingKey>,
+}
+
+impl KeySet {
+    fn get(&self, kid: Option<&str>) -> Option<&DecodingKey> {
+        match kid {
+            Some(kid) => self.by_kid.get(kid),
+            None => self.only.as_ref(),
+        }
+    }
+}
+
+/// An issuer's JWKS URL and the last set it served.
+struct RemoteJwks {
+    issuer: Arc<str>,
+    url: String,
+    client: reqwest::Client,
+    set: RwLock<Arc<KeySet>>,
+    /// When the last fetch was tried; held across a fetch, so concurrent callers share it.
+    last_try: tokio::sync::Mutex<Option<Instant>>,
+    refetch_min: Duration,
+    refresh: Duration,
+}
+
+impl RemoteJwks {
+    fn current(&self) -> Arc<KeySet> {
+        self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Fetches the set unless one was tried within `min` (then the caller uses what is
+    /// there). A failure keeps the last good set.
+    async fn refetch(&self, min: Duration) {
+        let mut last = self.last_try.lock().await;
+        if last.is_some_and(|at| at.elapsed() < min) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let m = crate::telemetry::metrics();
+        match self.fetch().await {
+            Ok(set) => {
+                *self.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+                m.jwks_fetches
+                    .with_label_values(&[&self.issuer, "ok"])
+                    .inc();
+                tracing::debug!(issuer = %self.issuer, "JWKS fetched");
+            }
+            Err(e) => {
+                m.jwks_fetches
+                    .with_label_values(&[&self.issuer, "error"])
+                    .inc();
+                tracing::warn!(issuer = %self.issuer, url = %self.url, error = %e, "JWKS fetch failed; keeping the last good set");
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<KeySet, String> {
+        let resp = self
+            .client
+            .get(&self.url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("HTTP {}", resp.status()));
+        }
+        let text = resp.text().await.map_err(|e| e.to_string())?;
+        KeySet::from_jwks(&text)
+    }
 }
 
 /// Only what is read before the signature is checked: which issuer to ask.
@@ -88,8 +166,41 @@ impl JwtVerifier {
         self.issuers.is_empty()
     }
 
+    /// Keeps every JWKS URL's set fresh: fetched now, then every `jwks_refresh`, until
+    /// `stop` turns true.
+    pub async fn refresh_in_background(
+        self: Arc<Self>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let remotes: Vec<Arc<RemoteJwks>> = self
+            .issuers
+            .iter()
+            .filter_map(|i| match &i.keys {
+                Keys::Remote(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        if remotes.is_empty() {
+            return;
+        }
+        let refresh = remotes
+            .iter()
+            .map(|r| r.refresh)
+            .min()
+            .unwrap_or(Duration::from_secs(300));
+        loop {
+            for r in &remotes {
+                r.refetch(r.refresh / 2).await;
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(refresh) => {}
+            }
+        }
+    }
+
     /// The principal a valid token names.
-    pub fn verify(&self, token: &str, now_ms: u64) -> Result<Principal, JwtError> {
+    pub async fn verify(&self, token: &str, now_ms: u64) -> Result<Principal, JwtError> {
         if token.len() > self.max_token_bytes {
             return Err(JwtError::TooLarge);
         }
@@ -101,11 +212,29 @@ impl JwtVerifier {
             .iss
             .and_then(|iss| self.issuers.iter().find(|i| i.iss == iss))
             .ok_or(JwtError::UnknownIssuer)?;
-        let key = issuer
-            .key(header.kid.as_deref())
-            .ok_or_else(|| JwtError::UnknownKey {
-                issuer: issuer.name.clone(),
-            })?;
+        let kid = header.kid.as_deref();
+        let set = match &issuer.keys {
+            Keys::Shared(_) => None,
+            Keys::Set(set) => Some(set.clone()),
+            Keys::Remote(remote) => {
+                let mut set = remote.current();
+                if set.get(kid).is_none() {
+                    // A rotation this replica has not seen yet, or a made-up kid: ask the
+                    // URL again, at most once per `jwks_refetch_min`.
+                    remote.refetch(remote.refetch_min).await;
+                    set = remote.current();
+                }
+                Some(set)
+            }
+        };
+        let key = match (&issuer.keys, &set) {
+            (Keys::Shared(k), _) => Some(k),
+            (_, Some(set)) => set.get(kid),
+            _ => None,
+        }
+        .ok_or_else(|| JwtError::UnknownKey {
+            issuer: issuer.name.clone(),
+        })?;
         let validation = issuer
             .validations
             .iter()
@@ -142,6 +271,18 @@ impl Issuer {
             })
             .collect::<Result<_, _>>()?;
         let keys = match (&c.secret_env, &c.jwks_file) {
+            (None, None) if c.jwks_url.is_some() => Keys::Remote(Arc::new(RemoteJwks {
+                issuer: Arc::from(c.name.as_str()),
+                url: c.jwks_url.clone().unwrap_or_default(),
+                client: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .map_err(|e| ConfigError::new(field("jwks_url"), e.to_string()))?,
+                set: RwLock::default(),
+                last_try: tokio::sync::Mutex::new(None),
+                refetch_min: c.jwks_refetch_min,
+                refresh: c.jwks_refresh,
+            })),
             (Some(var), _) => {
                 let value = secret(var)?.ok_or_else(|| {
                     ConfigError::new(
@@ -164,7 +305,10 @@ impl Issuer {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     ConfigError::new(field("jwks_file"), format!("cannot read {path}: {e}"))
                 })?;
-                Keys::from_jwks(&text).map_err(|e| ConfigError::new(field("jwks_file"), e))?
+                Keys::Set(Arc::new(
+                    KeySet::from_jwks(&text)
+                        .map_err(|e| ConfigError::new(field("jwks_file"), e))?,
+                ))
             }
             (None, None) => return Err(ConfigError::new(field("jwks_file"), "no key source")),
         };
@@ -190,14 +334,6 @@ impl Issuer {
             roles: c.roles.clone(),
             leeway_secs: c.leeway.as_secs(),
         })
-    }
-
-    fn key(&self, kid: Option<&str>) -> Option<&DecodingKey> {
-        match (&self.keys, kid) {
-            (Keys::Shared(k), _) => Some(k),
-            (Keys::Set(by_kid, _), Some(kid)) => by_kid.get(kid),
-            (Keys::Set(_, only), None) => only.as_ref(),
-        }
     }
 
     fn principal(&self, claims: &Map<String, Value>, now_ms: u64) -> Result<Principal, JwtError> {
@@ -251,8 +387,8 @@ fn strings(v: Option<&Value>) -> Vec<String> {
     }
 }
 
-impl Keys {
-    fn from_jwks(text: &str) -> Result<Keys, String> {
+impl KeySet {
+    fn from_jwks(text: &str) -> Result<KeySet, String> {
         let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
         if set.keys.is_empty() {
             return Err("holds no key".into());
@@ -272,6 +408,6 @@ impl Keys {
                 ));
             }
         }
-        Ok(Keys::Set(by_kid, only))
+        Ok(KeySet { by_kid, only })
     }
 }
