@@ -32,6 +32,7 @@ pub struct Metrics {
     pub revocation_connected: IntGauge,
     pub watch_streams: IntGauge,
     pub jwks_fetches: IntCounterVec,
+    pub jwt_validations: IntCounterVec,
     pub argon2_queue_full: IntCounter,
     pub argon2_refused: IntCounter,
     pub revocation_unreadable: IntCounter,
@@ -146,6 +147,14 @@ pub fn metrics() -> &'static Metrics {
             &["issuer", "result"],
         )
         .expect("valid metric");
+        let jwt_validations = IntCounterVec::new(
+            Opts::new(
+                "jwt_validations_total",
+                "JWT validations (cache misses) by issuer (its configured name, or unknown) and result (valid, invalid).",
+            ),
+            &["issuer", "result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(check_duration.clone()),
@@ -163,6 +172,7 @@ pub fn metrics() -> &'static Metrics {
             Box::new(revocation_connected.clone()),
             Box::new(watch_streams.clone()),
             Box::new(jwks_fetches.clone()),
+            Box::new(jwt_validations.clone()),
             Box::new(argon2_queue_full.clone()),
             Box::new(argon2_refused.clone()),
             Box::new(revocation_unreadable.clone()),
@@ -197,6 +207,7 @@ pub fn metrics() -> &'static Metrics {
             revocation_connected,
             watch_streams,
             jwks_fetches,
+            jwt_validations,
             argon2_queue_full,
             argon2_refused,
             revocation_unreadable,

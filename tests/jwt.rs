@@ -606,6 +606,13 @@ async fn made_up_kids_cost_at_most_one_fetch_per_interval() {
     );
     let after_first = server.hits();
     assert_eq!(after_first, 1);
+    let invalid = || {
+        keygate::telemetry::metrics()
+            .jwt_validations
+            .with_label_values(&["remote", "invalid"])
+            .get()
+    };
+    let invalid_before = invalid();
     for n in 0..20 {
         let jwt = signed_by(&signing(Algorithm::RS256), &format!("made-up-{n}"));
         assert_eq!(
@@ -622,4 +629,56 @@ async fn made_up_kids_cost_at_most_one_fetch_per_interval() {
         after_first,
         "no refetch within jwks_refetch_min"
     );
+    // Counted by the issuer's configured name (other tests may add their own).
+    assert!(invalid() >= invalid_before + 20);
+}
+
+/// A JWKS file is re-read when it changes, on a served replica: a key added to it is
+/// taken without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_to_the_jwks_file_is_taken_without_a_restart() {
+    let f = fixture_app();
+    let path = f._dir.path().join("jwks.json");
+    let app = std::sync::Arc::new(f.app);
+    let running = keygate::server::start(app.clone()).await.unwrap();
+    support::positioned(&app).await;
+    let jwt = jsonwebtoken::encode(
+        &{
+            let mut h = Header::new(Algorithm::RS256);
+            h.kid = Some("rsa-2".into());
+            h
+        },
+        &claims(),
+        &rsa2_key(),
+    )
+    .unwrap();
+    let check = || async {
+        outcome_of(
+            &app.envoy_service(),
+            check_request("GET", READ_PATH, &[("authorization", &bearer(&jwt))]),
+        )
+        .await
+    };
+    assert_eq!(check().await, Outcome::denied("invalid_token", 401));
+    let mut set: JwkSet = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    set.keys
+        .push(public_jwk(&rsa2_key(), Algorithm::RS256, "rsa-2"));
+    // A new file, moved into place (as a deployment writes it), with a later mtime.
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, serde_json::to_string(&set).unwrap()).unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    // The cached denial (negative_ttl) and the file check both pass with time.
+    support::eventually(support::PATIENCE * 2, "the new key is taken", || async {
+        app.cache.invalidate_all();
+        (check().await == Outcome::Allowed).then_some(())
+    })
+    .await;
+    running.shutdown().await.unwrap();
 }

@@ -41,6 +41,18 @@ pub enum JwtError {
     MissingClaim { issuer: Arc<str>, claim: String },
 }
 
+impl JwtError {
+    /// The configured name of the issuer the token was judged by, if it got that far.
+    pub fn issuer(&self) -> Option<&str> {
+        match self {
+            JwtError::UnknownKey { issuer }
+            | JwtError::Rejected { issuer, .. }
+            | JwtError::MissingClaim { issuer, .. } => Some(issuer),
+            JwtError::TooLarge | JwtError::Malformed(_) | JwtError::UnknownIssuer => None,
+        }
+    }
+}
+
 /// The issuers' keys and rules, built once from the configuration.
 pub struct JwtVerifier {
     issuers: Vec<Issuer>,
@@ -62,8 +74,50 @@ struct Issuer {
 
 enum Keys {
     Shared(DecodingKey),
-    Set(Arc<KeySet>),
+    File(Arc<FileJwks>),
     Remote(Arc<RemoteJwks>),
+}
+
+/// A JWKS file, re-read when it changes (checked every `FILE_CHECK`).
+struct FileJwks {
+    issuer: Arc<str>,
+    path: String,
+    set: RwLock<Arc<KeySet>>,
+    modified: std::sync::Mutex<Option<std::time::SystemTime>>,
+}
+
+/// How often JWKS files are checked for a change.
+const FILE_CHECK: Duration = Duration::from_secs(2);
+
+impl FileJwks {
+    fn current(&self) -> Arc<KeySet> {
+        self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Re-reads the file if its modification time moved. A file that no longer reads as a
+    /// JWKS keeps the last good set (and says so in the log).
+    fn reload_if_changed(&self) {
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        let mut last = self.modified.lock().unwrap_or_else(|e| e.into_inner());
+        if modified.is_none() || modified == *last {
+            return;
+        }
+        *last = modified;
+        match std::fs::read_to_string(&self.path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| KeySet::from_jwks(&t))
+        {
+            Ok(set) => {
+                *self.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+                tracing::info!(issuer = %self.issuer, path = %self.path, "JWKS file re-read");
+            }
+            Err(e) => {
+                tracing::warn!(issuer = %self.issuer, path = %self.path, error = %e, "JWKS file changed but cannot be read; keeping the last good set")
+            }
+        }
+    }
 }
 
 /// By `kid`; a set of one key also serves tokens without a `kid`.
@@ -166,12 +220,34 @@ impl JwtVerifier {
         self.issuers.is_empty()
     }
 
-    /// Keeps every JWKS URL's set fresh: fetched now, then every `jwks_refresh`, until
-    /// `stop` turns true.
+    /// Keeps every key set fresh until `stop` turns true: JWKS URLs fetched now, then
+    /// every `jwks_refresh`; JWKS files re-read when they change.
     pub async fn refresh_in_background(
         self: Arc<Self>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
+        let files: Vec<Arc<FileJwks>> = self
+            .issuers
+            .iter()
+            .filter_map(|i| match &i.keys {
+                Keys::File(f) => Some(f.clone()),
+                _ => None,
+            })
+            .collect();
+        if !files.is_empty() {
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return,
+                        _ = tokio::time::sleep(FILE_CHECK) => {}
+                    }
+                    for f in &files {
+                        f.reload_if_changed();
+                    }
+                }
+            });
+        }
         let remotes: Vec<Arc<RemoteJwks>> = self
             .issuers
             .iter()
@@ -199,8 +275,22 @@ impl JwtVerifier {
         }
     }
 
-    /// The principal a valid token names.
+    /// The principal a valid token names. Counted by issuer and result
+    /// (`keygate_jwt_validations_total`; a token no issuer claims counts as `unknown`).
     pub async fn verify(&self, token: &str, now_ms: u64) -> Result<Principal, JwtError> {
+        let result = self.validate(token, now_ms).await;
+        let (issuer, outcome) = match &result {
+            Ok(p) => (p.issuer.as_deref().unwrap_or("unknown"), "valid"),
+            Err(e) => (e.issuer().unwrap_or("unknown"), "invalid"),
+        };
+        crate::telemetry::metrics()
+            .jwt_validations
+            .with_label_values(&[issuer, outcome])
+            .inc();
+        result
+    }
+
+    async fn validate(&self, token: &str, now_ms: u64) -> Result<Principal, JwtError> {
         if token.len() > self.max_token_bytes {
             return Err(JwtError::TooLarge);
         }
@@ -215,7 +305,7 @@ impl JwtVerifier {
         let kid = header.kid.as_deref();
         let set = match &issuer.keys {
             Keys::Shared(_) => None,
-            Keys::Set(set) => Some(set.clone()),
+            Keys::File(file) => Some(file.current()),
             Keys::Remote(remote) => {
                 let mut set = remote.current();
                 if set.get(kid).is_none() {
@@ -305,10 +395,15 @@ impl Issuer {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     ConfigError::new(field("jwks_file"), format!("cannot read {path}: {e}"))
                 })?;
-                Keys::Set(Arc::new(
-                    KeySet::from_jwks(&text)
-                        .map_err(|e| ConfigError::new(field("jwks_file"), e))?,
-                ))
+                let set = KeySet::from_jwks(&text)
+                    .map_err(|e| ConfigError::new(field("jwks_file"), e))?;
+                let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                Keys::File(Arc::new(FileJwks {
+                    issuer: Arc::from(c.name.as_str()),
+                    path: path.clone(),
+                    set: RwLock::new(Arc::new(set)),
+                    modified: std::sync::Mutex::new(modified),
+                }))
             }
             (None, None) => return Err(ConfigError::new(field("jwks_file"), "no key source")),
         };
