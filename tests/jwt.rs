@@ -208,11 +208,29 @@ async fn the_principal_comes_from_the_claims_and_roles_grant_scopes() {
         .decide(check_request(
             "GET",
             READ_PATH,
-            &[("authorization", &bearer(&rs256(&claims())))],
+            &[
+                ("authorization", &bearer(&rs256(&claims()))),
+                ("x-keygate-key-id", "forged"),
+            ],
         ))
         .await
         .unwrap();
     let headers = support_ok_headers(&answer);
+    assert_eq!(
+        headers.get("x-keygate-kind").map(String::as_str),
+        Some("jwt")
+    );
+    assert_eq!(headers.get("x-keygate-key-id"), None, "no key id for a JWT");
+    assert!(
+        removed_headers(&answer).contains(&"x-keygate-key-id".to_owned()),
+        "the client's own x-keygate-key-id does not pass"
+    );
+    let metadata = answer.dynamic_metadata.as_ref().expect("metadata");
+    let issuer = metadata.fields.get("issuer").and_then(|v| v.kind.as_ref());
+    assert!(
+        matches!(issuer, Some(prost_types_kind::StringValue(s)) if s == "main"),
+        "{issuer:?}"
+    );
     assert_eq!(
         headers.get("x-keygate-subject").map(String::as_str),
         Some("user-42")
@@ -233,6 +251,19 @@ async fn the_principal_comes_from_the_claims_and_roles_grant_scopes() {
         read_with_jwt(&f, &rs256(&by_role)).await,
         Outcome::denied("insufficient_permissions", 403)
     );
+}
+
+use envoy_types::pb::google::protobuf::value::Kind as prost_types_kind;
+
+/// The headers an allow removes before forwarding.
+fn removed_headers(
+    answer: &envoy_types::pb::envoy::service::auth::v3::CheckResponse,
+) -> Vec<String> {
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    match &answer.http_response {
+        Some(HttpResponse::OkResponse(ok)) => ok.headers_to_remove.clone(),
+        other => panic!("not an allow: {other:?}"),
+    }
 }
 
 /// The identity headers of an allow, by name.

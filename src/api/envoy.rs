@@ -16,7 +16,7 @@ use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
 use super::envoy_answer::{overwrite, AllowAnswer, CheckAnswer, Identity};
-pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_SCOPES, HEADER_SUBJECT};
+pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_KIND, HEADER_SCOPES, HEADER_SUBJECT};
 use super::envoy_wire::{self, Authorization, CheckRequestView, HeaderFilter};
 use crate::authorizer::Authorizer;
 use crate::decision::{Allowed, Decision, Denial, DenyReason};
@@ -100,22 +100,23 @@ impl EnvoyAuthorization {
         let mut remove: Vec<String> = Vec::new();
         let identity = match allowed.principal {
             Some(principal) => {
-                // Any other x-keygate-* the client sent is not ours to vouch for.
-                for name in req.headers.keys() {
-                    if name.starts_with(IDENTITY_PREFIX)
-                        && ![HEADER_SUBJECT, HEADER_KEY_ID, HEADER_SCOPES].contains(&name.as_str())
-                    {
-                        remove.push(name.clone());
-                    }
-                }
-                Some(Identity {
+                let identity = Identity {
                     tenant: allowed
                         .effective_tenant
                         .unwrap_or_else(|| principal.tenant_id.clone()),
                     principal,
                     tenant_header: Arc::clone(&self.tenant_header),
                     metadata: self.options.dynamic_metadata,
-                })
+                };
+                // Any other x-keygate-* the client sent is not ours to vouch for: only the
+                // ones this answer overwrites may stay.
+                let set = identity.headers();
+                for name in req.headers.keys() {
+                    if name.starts_with(IDENTITY_PREFIX) && !set.iter().any(|(n, _)| n == name) {
+                        remove.push(name.clone());
+                    }
+                }
+                Some(identity)
             }
             None => {
                 // Public route: nothing vouched for, so no identity header may pass.

@@ -23,7 +23,7 @@ use prost::encoding::{
 };
 use prost::{DecodeError, Message};
 
-use crate::principal::Principal;
+use crate::principal::{CredentialKind, Principal};
 
 /// What keygate answers a Check with.
 #[derive(Debug, Clone)]
@@ -60,6 +60,8 @@ pub struct Identity {
 pub const HEADER_SUBJECT: &str = "x-keygate-subject";
 pub const HEADER_KEY_ID: &str = "x-keygate-key-id";
 pub const HEADER_SCOPES: &str = "x-keygate-scopes";
+/// Set instead of the key id when the credential is a JWT.
+pub const HEADER_KIND: &str = "x-keygate-kind";
 
 // CheckResponse
 const RESPONSE_STATUS: u32 = 1;
@@ -100,13 +102,18 @@ const VALUE_LIST: u32 = 6;
 const LIST_VALUES: u32 = 1;
 
 impl Identity {
-    /// The headers set upstream, in order.
-    fn headers(&self) -> [(&str, &str); 4] {
+    /// The headers set upstream, in order: the tenant, the subject, the key id (API keys)
+    /// or `x-keygate-kind: jwt` (JWTs), the scopes.
+    pub fn headers(&self) -> [(&str, &str); 4] {
         let p = &self.principal;
+        let credential = match p.credential {
+            CredentialKind::ApiKey => (HEADER_KEY_ID, p.key_id.as_deref().unwrap_or("")),
+            CredentialKind::Jwt => (HEADER_KIND, CredentialKind::Jwt.as_str()),
+        };
         [
             (&*self.tenant_header, &self.tenant),
             (HEADER_SUBJECT, &p.subject),
-            (HEADER_KEY_ID, p.key_id.as_deref().unwrap_or("")),
+            credential,
             (HEADER_SCOPES, &p.scopes_header),
         ]
     }
@@ -120,6 +127,7 @@ impl Identity {
             p.key_id.as_deref().map(|k| ("key_id", k)),
             Some(("kind", p.kind.as_str())),
             Some(("environment", p.environment.as_str())),
+            p.issuer.as_deref().map(|i| ("issuer", i)),
         ]
         .into_iter()
         .flatten()

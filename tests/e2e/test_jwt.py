@@ -69,6 +69,8 @@ def test_a_valid_jwt_passes_with_its_identity_and_without_itself(jwt_stack, head
     assert_allowed(resp)
     assert resp.upstream_headers("x-keygate-subject") == ["user-7"], str(resp)
     assert resp.upstream_headers("x-tenant-id") == [TENANT], str(resp)
+    assert resp.upstream_headers("x-keygate-kind") == ["jwt"], str(resp)
+    assert resp.upstream_headers("x-keygate-key-id") == [], str(resp)
     for name, v in resp.upstream[0]["headers"]:
         assert token not in v, f"the JWT reached the upstream in {name}:\n{resp}"
 
