@@ -213,11 +213,162 @@ fn argon2(c: &mut Criterion) {
     g.finish();
 }
 
+/// JWTs: an uncached validation by keygate (`JwtVerifier::verify`: header, issuer, key,
+/// signature, claims, principal) next to the bare signature check of the crypto library
+/// underneath (`jsonwebtoken::crypto::verify`), per algorithm; and a cached JWT through
+/// the whole Envoy path.
+fn jwt(c: &mut Criterion) {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use keygate::config::{ClaimsConfig, IssuerConfig};
+    let fixture = |name: &str| {
+        std::fs::read(format!(
+            "{}/tests/fixtures/jwt/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("fixture")
+    };
+    let secret = "a-benchmark-hs256-secret-of-32-bytes-or-more";
+    let keys = [
+        (
+            Algorithm::RS256,
+            EncodingKey::from_rsa_pem(&fixture("rsa.pem")).unwrap(),
+        ),
+        (
+            Algorithm::ES256,
+            EncodingKey::from_ec_pem(&fixture("ec256.pem")).unwrap(),
+        ),
+        (
+            Algorithm::EdDSA,
+            EncodingKey::from_ed_pem(&fixture("ed25519.pem")).unwrap(),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = JwkSet {
+        keys: keys
+            .iter()
+            .map(|(alg, k)| {
+                let mut jwk = Jwk::from_encoding_key(k, *alg).unwrap();
+                jwk.common.key_id = Some(format!("{alg:?}"));
+                jwk
+            })
+            .collect(),
+    };
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, serde_json::to_string(&jwks).unwrap()).unwrap();
+    let issuer = |name: &str, iss: &str, algs: &[&str]| IssuerConfig {
+        name: name.into(),
+        issuer: iss.into(),
+        audiences: vec!["api".into()],
+        algorithms: algs.iter().map(|a| a.to_string()).collect(),
+        jwks_file: None,
+        jwks_url: None,
+        jwks_refresh: Duration::from_secs(300),
+        jwks_refetch_min: Duration::from_secs(30),
+        secret_env: None,
+        leeway: Duration::from_secs(30),
+        claims: ClaimsConfig::default(),
+        roles_claim: None,
+        roles: Default::default(),
+    };
+    let mut cfg = config();
+    let mut public = issuer(
+        "public",
+        "https://pk.example/",
+        &["RS256", "ES256", "EdDSA"],
+    );
+    public.jwks_file = Some(path.display().to_string());
+    let mut shared = issuer("shared", "https://hs.example/", &["HS256"]);
+    shared.secret_env = Some("BENCH_JWT_SECRET".into());
+    cfg.jwt.issuers = vec![public, shared];
+    let mut secrets = Secrets {
+        watch_token: None,
+        named: Default::default(),
+        pepper: pepper(),
+        admin_token: Secret::new("bench-admin-token-0000"),
+        redis_password: None,
+    };
+    secrets
+        .named
+        .insert("BENCH_JWT_SECRET".into(), Secret::new(secret));
+    let verifier = keygate::jwt::JwtVerifier::new(&cfg.jwt, |v| secrets.named(v)).unwrap();
+    let exp = keygate::store::now_ms() / 1000 + 3600;
+    let claims = |iss: &str| {
+        serde_json::json!({"iss": iss, "aud": "api", "sub": "user-1", "tenant_id": TENANT,
+            "scope": "contacts:read", "exp": exp})
+    };
+    let mut tokens: Vec<(Algorithm, String, jsonwebtoken::DecodingKey)> = keys
+        .iter()
+        .map(|(alg, k)| {
+            let mut h = Header::new(*alg);
+            h.kid = Some(format!("{alg:?}"));
+            let token = jsonwebtoken::encode(&h, &claims("https://pk.example/"), k).unwrap();
+            let jwk = jwks.find(&format!("{alg:?}")).unwrap();
+            (
+                *alg,
+                token,
+                jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap(),
+            )
+        })
+        .collect();
+    tokens.push((
+        Algorithm::HS256,
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims("https://hs.example/"),
+            &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+        )
+        .unwrap(),
+        jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()).unwrap(),
+    ));
+    let rt = runtime();
+    for (alg, token, key) in &tokens {
+        let (message, signature) = token.rsplit_once('.').unwrap();
+        c.bench_function(&format!("jwt_signature_{alg:?}"), |b| {
+            b.iter(|| {
+                assert!(
+                    jsonwebtoken::crypto::verify(signature, message.as_bytes(), key, *alg).unwrap()
+                )
+            })
+        });
+        c.bench_function(&format!("jwt_validate_{alg:?}"), |b| {
+            b.iter(|| {
+                rt.block_on(verifier.verify(black_box(token), keygate::store::now_ms()))
+                    .expect("valid")
+            })
+        });
+    }
+    // A cached RS256 JWT, request bytes to encoded answer.
+    let app = App::with_store(cfg, secrets, Arc::new(MemoryStore::new())).expect("app");
+    let envoy = app.envoy_service();
+    let rs = &tokens[0].1;
+    let wire = envoy_wire(rs);
+    rt.block_on(async {
+        let first = envoy
+            .decide_view(CheckRequestView::decode(wire.clone()).unwrap())
+            .await
+            .unwrap();
+        assert!(matches!(first, CheckAnswer::Allow(_)), "the JWT is allowed");
+    });
+    c.bench_function("envoy_decide_and_encode_jwt_cache_hit", |b| {
+        let mut out = Vec::with_capacity(1024);
+        b.iter(|| {
+            let answer = rt
+                .block_on(
+                    envoy.decide_view(CheckRequestView::decode(black_box(wire.clone())).unwrap()),
+                )
+                .unwrap();
+            out.clear();
+            answer.encode(&mut out).unwrap();
+        })
+    });
+}
+
 criterion_group! {
     name = hot_path;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = stages, decide, argon2
+    targets = stages, decide, jwt, argon2
 }
 criterion_main!(hot_path);
