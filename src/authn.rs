@@ -119,12 +119,6 @@ impl Authenticator {
                 self.verify(parsed.key_id, parsed.secret, parsed.environment, digest)
             })
             .await;
-        let m = metrics();
-        if lookup.hit {
-            m.cache_hits.inc();
-        } else {
-            m.cache_misses.inc();
-        }
         match lookup.value {
             Ok(Verified::Valid(p)) => {
                 if p.is_expired(now_ms()) {
@@ -161,12 +155,6 @@ impl Authenticator {
                 })
             })
             .await;
-        let m = metrics();
-        if lookup.hit {
-            m.cache_hits.inc();
-        } else {
-            m.cache_misses.inc();
-        }
         match lookup.value {
             Ok(Verified::Valid(p)) if p.is_expired(now_ms()) => {
                 Err(AuthnFailure::Deny(DenyReason::InvalidToken))

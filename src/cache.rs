@@ -293,12 +293,15 @@ impl CredentialCache {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Verified, StoreError>>,
     {
+        let m = crate::telemetry::metrics();
         if let Some(v) = self.entries.get(&digest) {
+            m.cache_hits.inc();
             return Lookup {
                 value: Ok(v),
                 hit: true,
             };
         }
+        m.cache_misses.inc();
         loop {
             let joined = {
                 let mut flights = lock(&self.flights);

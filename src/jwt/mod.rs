@@ -226,14 +226,14 @@ impl JwtVerifier {
         self: Arc<Self>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        let files: Vec<Arc<FileJwks>> = self
-            .issuers
-            .iter()
-            .filter_map(|i| match &i.keys {
-                Keys::File(f) => Some(f.clone()),
-                _ => None,
-            })
-            .collect();
+        let (mut files, mut remotes) = (Vec::new(), Vec::new());
+        for issuer in &self.issuers {
+            match &issuer.keys {
+                Keys::File(f) => files.push(f.clone()),
+                Keys::Remote(r) => remotes.push(r.clone()),
+                Keys::Shared(_) => {}
+            }
+        }
         if !files.is_empty() {
             let mut stop = stop.clone();
             tokio::spawn(async move {
@@ -248,14 +248,6 @@ impl JwtVerifier {
                 }
             });
         }
-        let remotes: Vec<Arc<RemoteJwks>> = self
-            .issuers
-            .iter()
-            .filter_map(|i| match &i.keys {
-                Keys::Remote(r) => Some(r.clone()),
-                _ => None,
-            })
-            .collect();
         if remotes.is_empty() {
             return;
         }
