@@ -93,7 +93,7 @@ enum Cmd {
     },
     /// wrk through real Envoy: no ext_authz vs ext_authz → no-op vs ext_authz → keygate.
     Envoy(envoy::EnvoyArgs),
-    /// JWT validation (not yet implemented in keygate).
+    /// One cached RS256 JWT, closed loop and open loop, against the no-op baselines.
     Jwt(Common),
     /// Rate-limited keys (not yet implemented in keygate).
     RateLimited(Common),
@@ -227,11 +227,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         } => scenarios::single_flight(&common, requests, burst_connections).await,
         Cmd::Memory { common, keys } => scenarios::memory(&common, keys).await,
         Cmd::Envoy(args) => envoy::through_envoy(&args).await,
-        Cmd::Jwt(_) => scenarios::not_yet(
-            "JWT",
-            "keygate does not validate JWTs yet (src/authn.rs denies every JWT); the scenario \
-             will mint tokens for a configured issuer and measure the validated-JWT cache",
-        ),
+        Cmd::Jwt(c) => scenarios::jwt(&c).await,
         Cmd::RateLimited(_) => scenarios::not_yet(
             "rate-limited keys",
             "keygate has no rate limiting yet (GCRA in Redis is planned); the scenario will \

@@ -507,9 +507,62 @@ fn send_lag_p99(runs: &[RunReport]) -> f64 {
 /// cache-hit: one key, cached; closed loop for throughput, then open loop at half the
 /// baseline's maximum for latency.
 pub async fn cache_hit(c: &Common) -> anyhow::Result<()> {
-    let mut bench = Bench::start(c, false, true).await?;
-    let mut report = ScenarioReport::new("cache-hit API key");
+    let bench = Bench::start(c, false, true).await?;
     let tokens = bench.keygate.create_keys(1, &["contacts:read"], 1).await?;
+    cached(c, bench, "cache-hit API key", tokens).await
+}
+
+/// jwt: one RS256 JWT of an issuer configured for the run (its JWKS written to a scratch
+/// file), cached after its first validation, against the same baselines as cache-hit.
+pub async fn jwt(c: &Common) -> anyhow::Result<()> {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let pem = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/jwt/rsa.pem"
+    ))
+    .context("the RS256 test key (tests/fixtures/jwt/rsa.pem)")?;
+    let key = EncodingKey::from_rsa_pem(&pem)?;
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256)?;
+    jwk.common.key_id = Some("load".into());
+    let dir = std::env::temp_dir().join(format!("keygate-load-jwt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let jwks = dir.join("jwks.json");
+    std::fs::write(&jwks, serde_json::to_string(&JwkSet { keys: vec![jwk] })?)?;
+    let mut c = c.clone();
+    c.keygate_env.push((
+        "KEYGATE_JWT__ISSUERS".into(),
+        format!(
+            "[{{name: load, issuer: 'https://load.keygate.test/', audiences: [load], \
+             algorithms: [RS256], jwks_file: '{}'}}]",
+            jwks.display()
+        ),
+    ));
+    let bench = Bench::start(&c, false, true).await?;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 86_400;
+    let claims = serde_json::json!({
+        "iss": "https://load.keygate.test/", "aud": "load", "sub": "load-user",
+        "tenant_id": "5a0c6f0e-8c1b-4f6e-9a57-3d2b1c0e9f11", "scope": "contacts:read", "exp": exp,
+    });
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("load".into());
+    let token = jsonwebtoken::encode(&header, &claims, &key)?;
+    let result = cached(&c, bench, "cache-hit JWT (RS256)", vec![token]).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The cache-hit measurement for `tokens` (one credential, cached after its first use).
+async fn cached(
+    c: &Common,
+    mut bench: Bench,
+    name: &str,
+    tokens: Vec<String>,
+) -> anyhow::Result<()> {
+    let mut report = ScenarioReport::new(name);
     let template = bench.template(tokens[0].len());
     report.fact(
         "Check request size (protobuf, as Envoy would send it)",
