@@ -33,6 +33,7 @@ pub struct Metrics {
     pub watch_streams: IntGauge,
     pub jwks_fetches: IntCounterVec,
     pub jwt_validations: IntCounterVec,
+    pub jwks_fetched_at: prometheus::IntGaugeVec,
     pub argon2_queue_full: IntCounter,
     pub argon2_refused: IntCounter,
     pub revocation_unreadable: IntCounter,
@@ -155,6 +156,14 @@ pub fn metrics() -> &'static Metrics {
             &["issuer", "result"],
         )
         .expect("valid metric");
+        let jwks_fetched_at = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "jwks_last_success_timestamp_seconds",
+                "Unix time of each JWKS URL's last successful fetch, by issuer (age: time() minus this).",
+            ),
+            &["issuer"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(check_duration.clone()),
@@ -173,6 +182,7 @@ pub fn metrics() -> &'static Metrics {
             Box::new(watch_streams.clone()),
             Box::new(jwks_fetches.clone()),
             Box::new(jwt_validations.clone()),
+            Box::new(jwks_fetched_at.clone()),
             Box::new(argon2_queue_full.clone()),
             Box::new(argon2_refused.clone()),
             Box::new(revocation_unreadable.clone()),
@@ -208,6 +218,7 @@ pub fn metrics() -> &'static Metrics {
             watch_streams,
             jwks_fetches,
             jwt_validations,
+            jwks_fetched_at,
             argon2_queue_full,
             argon2_refused,
             revocation_unreadable,

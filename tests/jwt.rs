@@ -637,6 +637,14 @@ async fn made_up_kids_cost_at_most_one_fetch_per_interval() {
     );
     let after_first = server.hits();
     assert_eq!(after_first, 1);
+    let fetched_at = keygate::telemetry::metrics()
+        .jwks_fetched_at
+        .with_label_values(&["remote"])
+        .get();
+    assert!(
+        fetched_at > 1_700_000_000,
+        "the last good fetch's time: {fetched_at}"
+    );
     let invalid = || {
         keygate::telemetry::metrics()
             .jwt_validations

@@ -168,6 +168,9 @@ impl RemoteJwks {
                 m.jwks_fetches
                     .with_label_values(&[&self.issuer, "ok"])
                     .inc();
+                m.jwks_fetched_at
+                    .with_label_values(&[&self.issuer])
+                    .set((crate::store::now_ms() / 1000) as i64);
                 tracing::debug!(issuer = %self.issuer, "JWKS fetched");
             }
             Err(e) => {
