@@ -24,6 +24,12 @@ use keygate::revocation::FeedItem;
 use keygate::server::{self, App};
 use support::*;
 
+/// A duration in a microsecond histogram (at least 1 µs: the histogram's lowest bound).
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    h.record(d.as_micros().max(1) as u64)
+        .expect("within the histogram's bounds");
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut args = std::env::args().skip(1);
@@ -118,8 +124,7 @@ async fn main() {
         admin.revoke_key(req).await.unwrap();
         let returned = Instant::now();
         go.send(returned).unwrap();
-        call.record((returned - sent).as_micros().max(1) as u64)
-            .unwrap();
+        record(&mut call, returned - sent);
         let mut slowest = Duration::ZERO;
         for (r, feed) in feeds.iter_mut().enumerate() {
             // Replica 0 drops the key itself before answering; the others learn it from
@@ -133,13 +138,9 @@ async fn main() {
             };
             let took = applied.saturating_duration_since(returned);
             slowest = slowest.max(took);
-            per_replica[r]
-                .record(took.as_micros().max(1) as u64)
-                .unwrap();
+            record(&mut per_replica[r], took);
         }
-        slowest_all
-            .record(slowest.as_micros().max(1) as u64)
-            .unwrap();
+        record(&mut slowest_all, slowest);
         let mut slowest_deny = Duration::ZERO;
         for (r, denier) in deniers.into_iter().enumerate() {
             let took = tokio::time::timeout(PATIENCE, denier)
@@ -147,13 +148,9 @@ async fn main() {
                 .unwrap_or_else(|_| panic!("replica {r} denies revoked key {i}"))
                 .unwrap();
             slowest_deny = slowest_deny.max(took);
-            deny_per_replica[r]
-                .record(took.as_micros().max(1) as u64)
-                .unwrap();
+            record(&mut deny_per_replica[r], took);
         }
-        deny_slowest
-            .record(slowest_deny.as_micros().max(1) as u64)
-            .unwrap();
+        record(&mut deny_slowest, slowest_deny);
         for (r, (app, _)) in replicas.iter().enumerate() {
             argon2_for_denials += app.hasher.verifications() - verifications[r];
         }

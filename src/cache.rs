@@ -408,7 +408,13 @@ impl CredentialCache {
     pub fn invalidate_key(&self, key_id: &str, kind: Option<EventKind>) {
         let mut inv = self.invalidations();
         inv.invalidated(key_id);
-        let Some(v) = self.by_key.get(key_id) else {
+        // A deleted id no longer exists: its mapping goes, and its token answers what an
+        // unknown id answers.
+        let known = match kind {
+            Some(EventKind::Deleted) => self.by_key.take(key_id),
+            _ => self.by_key.get(key_id),
+        };
+        let Some(v) = known else {
             return;
         };
         match kind {
@@ -417,8 +423,6 @@ impl CredentialCache {
                 self.entries.insert(v.digest, tombstone);
             }
             Some(EventKind::Deleted) => {
-                // The id no longer exists: what an unknown id answers.
-                self.by_key.take(key_id);
                 let tombstone = Verified::Invalid(DenyReason::InvalidApiKey);
                 self.entries.insert(v.digest, tombstone);
             }

@@ -39,18 +39,19 @@ pub struct Metrics {
     pub revocation_unreadable: IntCounter,
 }
 
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(|| {
         let registry = Registry::new_custom(Some("keygate".into()), None).expect("valid prefix");
-        let decisions = IntCounterVec::new(
-            Opts::new(
-                "decisions_total",
-                "Check decisions by result: allow, a deny code, or unavailable.",
-            ),
-            &["result"],
-        )
-        .expect("valid metric");
+        let decisions = counter_vec("decisions_total", "Check decisions by result: allow, a deny code, or unavailable.", &["result"]);
         let check_duration = Histogram::with_opts(
             HistogramOpts::new("check_duration_seconds", "Time to decide one Check.").buckets(
                 vec![
@@ -60,41 +61,21 @@ pub fn metrics() -> &'static Metrics {
             ),
         )
         .expect("valid metric");
-        let cache = IntCounterVec::new(
-            Opts::new(
-                "credential_cache_requests_total",
-                "Verified-credential cache lookups by result.",
-            ),
-            &["result"],
-        )
-        .expect("valid metric");
-        let argon2_verifications = IntCounter::new(
-            "argon2_verifications_total",
-            "argon2id verifications run (cache misses that reached a stored key).",
-        )
-        .expect("valid metric");
-        let bad_secrets = IntCounter::new(
-            "api_key_wrong_secret_total",
-            "Verifications of a known key id with a wrong secret.",
-        )
-        .expect("valid metric");
+        let cache = counter_vec("credential_cache_requests_total", "Verified-credential cache lookups by result.", &["result"]);
+        let argon2_verifications = counter("argon2_verifications_total", "argon2id verifications run (cache misses that reached a stored key).");
+        let bad_secrets = counter("api_key_wrong_secret_total", "Verifications of a known key id with a wrong secret.");
         let store_errors =
-            IntCounter::new("store_errors_total", "Store (Redis) calls that failed.")
-                .expect("valid metric");
+            counter("store_errors_total", "Store (Redis) calls that failed.");
         let keys_created =
-            IntCounter::new("keys_created_total", "API keys created.").expect("valid metric");
+            counter("keys_created_total", "API keys created.");
         let keys_revoked =
-            IntCounter::new("keys_revoked_total", "API keys revoked.").expect("valid metric");
+            counter("keys_revoked_total", "API keys revoked.");
         let cache_entries = IntGauge::new(
             "credential_cache_entries",
             "Entries in the verified-credential cache.",
         )
         .expect("valid metric");
-        let revocation_events = IntCounter::new(
-            "revocation_events_applied_total",
-            "Revocation events applied to this replica's cache.",
-        )
-        .expect("valid metric");
+        let revocation_events = counter("revocation_events_applied_total", "Revocation events applied to this replica's cache.");
         let revocation_lag = Histogram::with_opts(
             HistogramOpts::new(
                 "revocation_lag_seconds",
@@ -105,16 +86,8 @@ pub fn metrics() -> &'static Metrics {
             ]),
         )
         .expect("valid metric");
-        let revocation_reconnects = IntCounter::new(
-            "revocation_stream_reconnects_total",
-            "Times the revocation stream was lost and reconnected.",
-        )
-        .expect("valid metric");
-        let revocation_flushes = IntCounter::new(
-            "revocation_cache_flushes_total",
-            "Whole-cache flushes because revocation events were lost.",
-        )
-        .expect("valid metric");
+        let revocation_reconnects = counter("revocation_stream_reconnects_total", "Times the revocation stream was lost and reconnected.");
+        let revocation_flushes = counter("revocation_cache_flushes_total", "Whole-cache flushes because revocation events were lost.");
         let revocation_connected = IntGauge::new(
             "revocation_stream_connected",
             "1 while this replica follows the revocation stream, 0 otherwise.",
@@ -125,37 +98,11 @@ pub fn metrics() -> &'static Metrics {
             "Open keygate.v1.Revocations/Watch streams.",
         )
         .expect("valid metric");
-        let argon2_queue_full = IntCounter::new(
-            "argon2_queue_full_total",
-            "Cold-key verifications answered UNAVAILABLE because the argon2 queue was full.",
-        )
-        .expect("valid metric");
-        let argon2_refused = IntCounter::new(
-            "api_key_verifications_refused_total",
-            "Unverified tokens denied without argon2: their key id had too many failed verifications in the window.",
-        )
-        .expect("valid metric");
-        let revocation_unreadable = IntCounter::new(
-            "revocation_events_unreadable_total",
-            "Revocation stream entries this version could not read that named a key, which was dropped (one without a readable key id flushes the cache and counts as a flush).",
-        )
-        .expect("valid metric");
-        let jwks_fetches = IntCounterVec::new(
-            Opts::new(
-                "jwks_fetches_total",
-                "JWKS fetches by issuer (its configured name) and result (ok, error).",
-            ),
-            &["issuer", "result"],
-        )
-        .expect("valid metric");
-        let jwt_validations = IntCounterVec::new(
-            Opts::new(
-                "jwt_validations_total",
-                "JWT validations (cache misses) by issuer (its configured name, or unknown) and result (valid, invalid).",
-            ),
-            &["issuer", "result"],
-        )
-        .expect("valid metric");
+        let argon2_queue_full = counter("argon2_queue_full_total", "Cold-key verifications answered UNAVAILABLE because the argon2 queue was full.");
+        let argon2_refused = counter("api_key_verifications_refused_total", "Unverified tokens denied without argon2: their key id had too many failed verifications in the window.");
+        let revocation_unreadable = counter("revocation_events_unreadable_total", "Revocation stream entries this version could not read that named a key, which was dropped (one without a readable key id flushes the cache and counts as a flush).");
+        let jwks_fetches = counter_vec("jwks_fetches_total", "JWKS fetches by issuer (its configured name) and result (ok, error).", &["issuer", "result"]);
+        let jwt_validations = counter_vec("jwt_validations_total", "JWT validations (cache misses) by issuer (its configured name, or unknown) and result (valid, invalid).", &["issuer", "result"]);
         let jwks_fetched_at = prometheus::IntGaugeVec::new(
             Opts::new(
                 "jwks_last_success_timestamp_seconds",

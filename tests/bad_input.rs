@@ -783,29 +783,23 @@ async fn a_path_cannot_walk_from_a_public_route_to_a_protected_one() {
     let app = app();
     let envoy = app.envoy_service();
     let plain = |path: &str| check_request("GET", path, &[]);
-    for path in [
-        "/public/../v1/contacts/42",
-        "/public/%2e%2e/v1/contacts/42",
-        "/public/.%2E/v1/contacts/42?x=1",
-        "/public//../v1/contacts/42",
+    let walks = Outcome::denied("missing_credentials", 401);
+    let refused = Outcome::denied("invalid_path", 400);
+    for (path, expected) in [
+        ("/public/../v1/contacts/42", &walks),
+        ("/public/%2e%2e/v1/contacts/42", &walks),
+        ("/public/.%2E/v1/contacts/42?x=1", &walks),
+        ("/public//../v1/contacts/42", &walks),
+        ("/public/..%2fv1/contacts/42", &refused),
+        ("/public/..%5Cv1/contacts/42", &refused),
+        ("/public/..\\v1/contacts/42", &refused),
+        ("/public/%00", &refused),
+        ("/public/..;/v1/contacts/42", &refused),
+        ("/public/%zz", &refused),
     ] {
         assert_eq!(
-            support::outcome_of(&envoy, plain(path)).await,
-            Outcome::denied("missing_credentials", 401),
-            "{path}"
-        );
-    }
-    for path in [
-        "/public/..%2fv1/contacts/42",
-        "/public/..%5Cv1/contacts/42",
-        "/public/..\\v1/contacts/42",
-        "/public/%00",
-        "/public/..;/v1/contacts/42",
-        "/public/%zz",
-    ] {
-        assert_eq!(
-            support::outcome_of(&envoy, plain(path)).await,
-            Outcome::denied("invalid_path", 400),
+            &support::outcome_of(&envoy, plain(path)).await,
+            expected,
             "{path}"
         );
     }
