@@ -12,6 +12,7 @@ use crate::cache::{CredentialCache, Digest, Verified};
 use crate::config::Argon2Config;
 use crate::credential::Credential;
 use crate::decision::DenyReason;
+use crate::jwt::revoked::RevokedTokens;
 use crate::principal::{Environment, Principal};
 use crate::store::{now_ms, KeyRecord, KeyStatus, KeyStore, StoreError};
 use crate::telemetry::metrics;
@@ -32,6 +33,7 @@ pub struct Authenticator {
     accept_test_keys: bool,
     failures: FailureBudget,
     jwt: Arc<crate::jwt::JwtVerifier>,
+    revoked_tokens: Arc<RevokedTokens>,
 }
 
 /// Failed verifications per key id in a fixed window (`api_keys.argon2.failures_per_key`
@@ -77,6 +79,7 @@ impl Authenticator {
         accept_test_keys: bool,
         argon2: &Argon2Config,
         jwt: Arc<crate::jwt::JwtVerifier>,
+        revoked_tokens: Arc<RevokedTokens>,
     ) -> Self {
         Authenticator {
             store,
@@ -86,6 +89,7 @@ impl Authenticator {
             accept_test_keys,
             failures: FailureBudget::new(argon2),
             jwt,
+            revoked_tokens,
         }
     }
 
@@ -137,7 +141,9 @@ impl Authenticator {
     }
 
     /// A JWT: validated once (shared by concurrent first uses), then answered from the
-    /// cache until its `exp` (bounded by `cache.ttl`), like an API key.
+    /// cache until its `exp` (bounded by `cache.ttl`), like an API key. Every answer, cached
+    /// or not, is checked against the JWT revocations: they name no token digest, so they
+    /// cannot drop cache entries the way a key's revocation does.
     async fn jwt_token(&self, token: &str) -> Result<Arc<Principal>, AuthnFailure> {
         if self.jwt.is_empty() {
             return Err(AuthnFailure::Deny(DenyReason::InvalidToken));
@@ -156,10 +162,23 @@ impl Authenticator {
             })
             .await;
         match lookup.value {
-            Ok(Verified::Valid(p)) if p.is_expired(now_ms()) => {
-                Err(AuthnFailure::Deny(DenyReason::InvalidToken))
+            Ok(Verified::Valid(p)) => {
+                let now = now_ms();
+                if p.is_expired(now) {
+                    return Err(AuthnFailure::Deny(DenyReason::InvalidToken));
+                }
+                match self.revoked_tokens.is_revoked(&p, now) {
+                    Ok(false) => Ok(p),
+                    Ok(true) => {
+                        tracing::info!(issuer = p.issuer.as_deref().unwrap_or(""), "JWT rejected: revoked");
+                        Err(AuthnFailure::Deny(DenyReason::InvalidToken))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot judge a JWT now");
+                        Err(AuthnFailure::Unavailable)
+                    }
+                }
             }
-            Ok(Verified::Valid(p)) => Ok(p),
             Ok(Verified::Invalid(_) | Verified::Refused(_)) => {
                 Err(AuthnFailure::Deny(DenyReason::InvalidToken))
             }

@@ -37,6 +37,9 @@ pub enum Command {
     /// Administer API keys (talks to the admin listener).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Revoke JWTs of a configured issuer (talks to the admin listener).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
     /// Ask a running keygate whether a request with this token may pass.
     Check(CheckArgs),
 }
@@ -137,6 +140,30 @@ pub enum KeysCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum TokensCommand {
+    /// Revoke one token by its `jti`, or every token of a subject issued before a time.
+    /// Every replica denies them at once.
+    #[command(group = clap::ArgGroup::new("which").required(true).args(["jti", "subject"]))]
+    Revoke {
+        /// The issuer's configured name (jwt.issuers[].name).
+        #[arg(long)]
+        issuer: String,
+        /// The token's `jti` claim.
+        #[arg(long)]
+        jti: Option<String>,
+        /// The subject whose tokens are revoked.
+        #[arg(long)]
+        subject: Option<String>,
+        /// With --subject: revoke tokens issued before this (RFC 3339, e.g.
+        /// 2026-12-01T10:00:00Z, or unix seconds). Default: now.
+        #[arg(long, requires = "subject")]
+        before: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
 #[derive(Args, Debug)]
 pub struct CheckArgs {
     /// The credential (API key). Leave out to ask about a request without one.
@@ -160,6 +187,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => serve(args).await.map(|_| 0),
         Command::Keys(cmd) => keys(cmd).await.map(|_| 0),
+        Command::Tokens(cmd) => tokens(cmd).await.map(|_| 0),
         Command::Check(args) => check(args).await,
     }
 }
@@ -324,11 +352,12 @@ async fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
     Ok(KeysClient::with_interceptor(channel, interceptor))
 }
 
+/// An optional protobuf timestamp as RFC 3339, for output.
+fn ts(t: &Option<prost_types::Timestamp>) -> Option<String> {
+    t.as_ref().map(|t| rfc3339(crate::api::timestamp_ms(t)))
+}
+
 fn key_json(k: &proto::Key) -> serde_json::Value {
-    let ts = |t: &Option<prost_types::Timestamp>| {
-        t.as_ref()
-            .map(|t| rfc3339(t.seconds as u64 * 1000 + (t.nanos / 1_000_000) as u64))
-    };
     json!({
         "key_id": k.key_id,
         "tenant_id": k.tenant_id,
@@ -538,6 +567,82 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// tokens
+
+/// `--before`: RFC 3339 or unix seconds.
+fn instant_arg(name: &str, s: &str) -> anyhow::Result<prost_types::Timestamp> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        let secs: i64 = s.parse().map_err(|_| anyhow!("{name}: too large"))?;
+        return Ok(prost_types::Timestamp {
+            seconds: secs,
+            nanos: 0,
+        });
+    }
+    let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
+        anyhow!("{name}: must be RFC 3339 (e.g. 2026-12-01T10:00:00Z) or unix seconds")
+    })?;
+    let d = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| anyhow!("{name}: must be after 1970"))?;
+    Ok(prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
+}
+
+async fn tokens(cmd: TokensCommand) -> anyhow::Result<()> {
+    let TokensCommand::Revoke {
+        issuer,
+        jti,
+        subject,
+        before,
+        admin,
+    } = cmd;
+    let issued_before = before
+        .as_deref()
+        .map(|b| instant_arg("--before", b))
+        .transpose()?;
+    let r = admin_client(&admin)
+        .await?
+        .revoke_tokens(proto::RevokeTokensRequest {
+            issuer,
+            jti: jti.unwrap_or_default(),
+            subject: subject.unwrap_or_default(),
+            issued_before,
+        })
+        .await
+        .map_err(grpc_error)?
+        .into_inner();
+    let text = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let v = json!({
+        "issuer": r.issuer,
+        "jti": text(&r.jti),
+        "subject": text(&r.subject),
+        "issued_before": ts(&r.issued_before),
+        "revoked_at": ts(&r.revoked_at),
+        "expires_at": ts(&r.expires_at),
+    });
+    if admin.json {
+        println!("{v}");
+        return Ok(());
+    }
+    println!("issuer:        {}", r.issuer);
+    if let Some(j) = v["jti"].as_str() {
+        println!("jti:           {j}");
+    }
+    if let Some(s) = v["subject"].as_str() {
+        println!("subject:       {s}");
+        println!(
+            "issued before: {}",
+            v["issued_before"].as_str().unwrap_or("-")
+        );
+    }
+    println!("revoked at:    {}", v["revoked_at"].as_str().unwrap_or("-"));
+    println!("kept until:    {}", v["expires_at"].as_str().unwrap_or("-"));
     Ok(())
 }
 

@@ -80,6 +80,9 @@ pub struct Principal {
     pub credential: CredentialKind,
     /// The JWT issuer's configured name (`jwt.issuers[].name`); `None` for API keys.
     pub issuer: Option<std::sync::Arc<str>>,
+    /// A JWT's `jti` and `iat` (unix seconds), for revocations that name them.
+    pub jti: Option<Box<str>>,
+    pub issued_at: Option<u64>,
 }
 
 /// The one expiry rule: a credential expiring at `expires_at_ms` is expired from that
@@ -120,6 +123,8 @@ impl Principal {
             scopes_header,
             credential: CredentialKind::ApiKey,
             issuer: None,
+            jti: None,
+            issued_at: None,
         }
     }
 }

@@ -1,10 +1,11 @@
 //! The revocation bus of one replica: follow the event feed, drop revoked keys from the
-//! cache the moment their event arrives, and re-publish applied events to local `Watch`
-//! clients.
+//! cache and add JWT revocations to the replica's set the moment their event arrives, and
+//! re-publish applied events to local `Watch` clients.
 //!
 //! The feed is the store's stream (Redis XREAD on a dedicated connection) or another
 //! keygate's `Watch` stream. After a lost connection the follower resumes from the last id
-//! it applied; if events after that id were lost, it flushes the whole cache. While it
+//! it applied; if events after that id were lost, it flushes the whole cache and loads the
+//! JWT revocations afresh (no JWT is judged until it has them). While it
 //! cannot follow, cached entries keep only their TTL as the bound on staleness, and the
 //! replica says so in `/readyz` and the `revocation_stream_connected` metric.
 
@@ -16,13 +17,19 @@ use async_trait::async_trait;
 use tokio::sync::{broadcast, watch};
 
 use crate::cache::CredentialCache;
-use crate::store::{now_ms, EventId, KeyStore, RevocationEvent, StoreError, StreamEntry};
+use crate::jwt::revoked::RevokedTokens;
+use crate::store::{
+    now_ms, EventId, KeyStore, RevocationEvent, StoreError, StreamEntry, TokenRevocation,
+    TokenRevocationEvent,
+};
 use crate::telemetry::metrics;
 
 /// What a feed yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeedItem {
     Event(RevocationEvent),
+    /// JWTs revoked by `jti` or by subject.
+    Tokens(TokenRevocationEvent),
     /// An event this version cannot read (a newer keygate's kind, a corrupt entry) naming
     /// a key: the key is dropped, as for any change to it. Without a readable key id an
     /// entry is a `Reset`.
@@ -39,6 +46,7 @@ impl FeedItem {
     pub fn position(&self) -> EventId {
         match self {
             FeedItem::Event(e) => e.position(),
+            FeedItem::Tokens(t) => t.id,
             FeedItem::Unknown { id, .. } | FeedItem::Reset(id) => *id,
         }
     }
@@ -48,6 +56,7 @@ impl FeedItem {
     pub fn from_entry(entry: StreamEntry) -> FeedItem {
         match entry {
             StreamEntry::Event(e) => FeedItem::Event(e),
+            StreamEntry::Tokens(t) => FeedItem::Tokens(t),
             StreamEntry::Unreadable { id, key_id, detail } => {
                 tracing::warn!(%id, key_id = key_id.as_deref().unwrap_or(""), detail, "revocation stream entry cannot be read; taking the safe side");
                 match key_id {
@@ -69,6 +78,10 @@ pub trait EventFeed: Send + Sync + 'static {
     /// fine). `resync` is set after a failure: the feed must then check whether events
     /// after `after` were lost and, if so, yield a `Reset` first.
     async fn read(&self, after: EventId, resync: bool) -> Result<Vec<FeedItem>, StoreError>;
+
+    /// Every JWT revocation in force now. Asked after `start_position` and after each
+    /// `Reset`: it holds at least every revocation up to that position.
+    async fn token_revocations(&self) -> Result<Vec<TokenRevocation>, StoreError>;
 }
 
 /// The store's own stream.
@@ -108,11 +121,16 @@ impl EventFeed for StoreFeed {
         }
         Ok(entries.into_iter().map(FeedItem::from_entry).collect())
     }
+
+    async fn token_revocations(&self) -> Result<Vec<TokenRevocation>, StoreError> {
+        self.store.token_revocations(now_ms()).await
+    }
 }
 
 /// One replica's revocation state.
 pub struct RevocationBus {
     cache: Arc<CredentialCache>,
+    tokens: Arc<RevokedTokens>,
     published: broadcast::Sender<FeedItem>,
     connected: AtomicBool,
     /// Set once the follower knows where in the stream it starts: before that, nothing
@@ -126,9 +144,10 @@ pub struct RevocationBus {
 }
 
 impl RevocationBus {
-    pub fn new(cache: Arc<CredentialCache>) -> Self {
+    pub fn new(cache: Arc<CredentialCache>, tokens: Arc<RevokedTokens>) -> Self {
         RevocationBus {
             cache,
+            tokens,
             published: broadcast::channel(4096).0,
             connected: AtomicBool::new(false),
             positioned: AtomicBool::new(false),
@@ -202,12 +221,25 @@ impl RevocationBus {
                     .observe(now_ms().saturating_sub(e.at_ms) as f64 / 1000.0);
                 tracing::debug!(key_id = %e.key_id, kind = e.kind.as_str(), id = %e.id, "revocation applied");
             }
+            FeedItem::Tokens(t) => {
+                let now = now_ms();
+                self.tokens.prune(now);
+                self.tokens.apply(&t.revocation);
+                m.jwt_revocations.set(self.tokens.len() as i64);
+                m.revocation_events.inc();
+                m.revocation_lag
+                    .observe(now.saturating_sub(t.revocation.at_ms) as f64 / 1000.0);
+                tracing::info!(issuer = %t.revocation.issuer, id = %t.id, "JWT revocation applied");
+            }
             FeedItem::Unknown { id, key_id } => {
                 self.cache.invalidate_key(key_id, None);
                 m.revocation_unreadable.inc();
                 tracing::warn!(%key_id, %id, "revocation event of an unknown kind: dropped the key from the cache");
             }
             FeedItem::Reset(id) => {
+                // JWT revocations may have been among the lost events: none is judged
+                // until they are loaded again (`follow` does that next).
+                self.tokens.mark_incomplete();
                 self.cache.invalidate_all();
                 m.revocation_flushes.inc();
                 self.flushes.fetch_add(1, Ordering::Relaxed);
@@ -238,12 +270,38 @@ impl RevocationBus {
             }
         };
         *self.last_applied.lock().expect("not poisoned") = after;
+        // Revocations up to the position, before anything is answered; later ones come
+        // on the feed.
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                loaded = self.load_tokens(feed.as_ref()) => match loaded {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot load the JWT revocations");
+                        tokio::time::sleep(backoff.next()).await;
+                    }
+                }
+            }
+        }
         self.positioned.store(true, Ordering::Release);
         self.set_connected(true);
         let mut resync = false;
         loop {
             if *stop.borrow() {
                 return;
+            }
+            if !self.tokens.is_complete() {
+                // After a reset: no JWT is judged until this succeeds.
+                if let Err(e) = self.load_tokens(feed.as_ref()).await {
+                    tracing::warn!(error = %e, "cannot reload the JWT revocations");
+                    self.set_connected(false);
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        _ = tokio::time::sleep(backoff.next()) => {}
+                    }
+                    continue;
+                }
             }
             let read = tokio::select! {
                 _ = stop.changed() => return,
@@ -274,6 +332,16 @@ impl RevocationBus {
                 }
             }
         }
+    }
+}
+
+impl RevocationBus {
+    async fn load_tokens(&self, feed: &dyn EventFeed) -> Result<(), StoreError> {
+        let all = feed.token_revocations().await?;
+        self.tokens.load(&all);
+        metrics().jwt_revocations.set(self.tokens.len() as i64);
+        tracing::debug!(held = all.len(), "JWT revocations loaded");
+        Ok(())
     }
 }
 

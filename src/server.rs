@@ -46,6 +46,7 @@ pub struct App {
     pub hasher: SecretHasher,
     pub authorizer: Arc<Authorizer>,
     pub admin: Arc<KeyAdmin>,
+    pub token_admin: Arc<crate::keys::TokenAdmin>,
     pub bus: Arc<RevocationBus>,
     pub jwt: Arc<crate::jwt::JwtVerifier>,
     admin_token: crate::secret::Secret,
@@ -84,6 +85,7 @@ impl App {
             secrets.named(var)
         })?);
         let cache = Arc::new(CredentialCache::new(&config.cache, &secrets.pepper));
+        let revoked_tokens = Arc::new(crate::jwt::revoked::RevokedTokens::new());
         let authn = Authenticator::new(
             store.clone(),
             hasher.clone(),
@@ -92,6 +94,7 @@ impl App {
             config.api_keys.accept_test_keys,
             &config.api_keys.argon2,
             jwt.clone(),
+            revoked_tokens.clone(),
         );
         let policy = Policy::compile(&config.policy)?;
         let authorizer = Arc::new(Authorizer::new(&config.policy, policy, authn));
@@ -101,7 +104,12 @@ impl App {
             cache.clone(),
             config.api_keys.clone(),
         ));
-        let bus = Arc::new(RevocationBus::new(cache.clone()));
+        let token_admin = Arc::new(crate::keys::TokenAdmin::new(
+            store.clone(),
+            jwt.clone(),
+            revoked_tokens.clone(),
+        ));
+        let bus = Arc::new(RevocationBus::new(cache.clone(), revoked_tokens));
         Ok(App {
             config,
             store,
@@ -109,6 +117,7 @@ impl App {
             hasher,
             authorizer,
             admin,
+            token_admin,
             bus,
             jwt,
             admin_token: secrets.admin_token,
@@ -331,7 +340,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
 
     let admin_server = tonic::transport::Server::builder()
         .add_service(KeysServer::with_interceptor(
-            KeysService::new(app.admin.clone()),
+            KeysService::new(app.admin.clone(), app.token_admin.clone()),
             admin_auth(app.admin_token.clone()),
         ))
         .add_service(RevocationsServer::with_interceptor(

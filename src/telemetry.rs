@@ -37,6 +37,7 @@ pub struct Metrics {
     pub argon2_queue_full: IntCounter,
     pub argon2_refused: IntCounter,
     pub revocation_unreadable: IntCounter,
+    pub jwt_revocations: IntGauge,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -111,6 +112,11 @@ pub fn metrics() -> &'static Metrics {
             &["issuer"],
         )
         .expect("valid metric");
+        let jwt_revocations = IntGauge::new(
+            "jwt_revocations",
+            "JWT revocations (by jti or subject) this replica holds and checks every JWT against.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(check_duration.clone()),
@@ -133,6 +139,7 @@ pub fn metrics() -> &'static Metrics {
             Box::new(argon2_queue_full.clone()),
             Box::new(argon2_refused.clone()),
             Box::new(revocation_unreadable.clone()),
+            Box::new(jwt_revocations.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -169,6 +176,7 @@ pub fn metrics() -> &'static Metrics {
             argon2_queue_full,
             argon2_refused,
             revocation_unreadable,
+            jwt_revocations,
         }
     })
 }

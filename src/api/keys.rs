@@ -8,17 +8,18 @@ use tonic::{Request, Response, Status};
 
 use super::proto::{self, keys_server::Keys};
 use super::timestamp;
-use crate::keys::{AdminError, KeyAdmin, KeyUpdate, NewKey};
+use crate::keys::{AdminError, KeyAdmin, KeyUpdate, NewKey, RevokeTokens, TokenAdmin};
 use crate::secret::Secret;
 use crate::store::{now_ms, KeyRecord};
 
 pub struct KeysService {
     admin: Arc<KeyAdmin>,
+    tokens: Arc<TokenAdmin>,
 }
 
 impl KeysService {
-    pub fn new(admin: Arc<KeyAdmin>) -> Self {
-        KeysService { admin }
+    pub fn new(admin: Arc<KeyAdmin>, tokens: Arc<TokenAdmin>) -> Self {
+        KeysService { admin, tokens }
     }
 }
 
@@ -181,5 +182,26 @@ impl Keys for KeysService {
             .await
             .map_err(status)?;
         Ok(Response::new(proto::DeleteKeyResponse {}))
+    }
+
+    async fn revoke_tokens(
+        &self,
+        request: Request<proto::RevokeTokensRequest>,
+    ) -> Result<Response<proto::TokenRevocation>, Status> {
+        let r = request.into_inner();
+        let given = |s: String| (!s.is_empty()).then_some(s);
+        let stored = self
+            .tokens
+            .revoke(RevokeTokens {
+                issuer: r.issuer,
+                jti: given(r.jti),
+                subject: given(r.subject),
+                before_ms: r.issued_before.as_ref().map(super::timestamp_ms),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(super::revocations::token_revocation_proto(
+            &stored,
+        )))
     }
 }

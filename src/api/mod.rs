@@ -42,6 +42,11 @@ pub(crate) fn timestamp(ms: u64) -> prost_types::Timestamp {
     }
 }
 
+/// A protobuf timestamp as unix milliseconds (before 1970: 0).
+pub(crate) fn timestamp_ms(t: &prost_types::Timestamp) -> u64 {
+    (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000
+}
+
 /// RFC 3339 (UTC, seconds) for a unix-millisecond instant.
 pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()

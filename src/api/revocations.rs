@@ -21,10 +21,13 @@ use super::proto::{
     self, revocation_event::Kind, revocations_client::RevocationsClient,
     revocations_server::Revocations,
 };
-use super::timestamp;
+use super::{timestamp, timestamp_ms};
 use crate::revocation::{EventFeed, FeedItem, RevocationBus};
 use crate::secret::Secret;
-use crate::store::{EventId, EventKind, KeyStore, RevocationEvent, StoreError};
+use crate::store::{
+    now_ms, EventId, EventKind, KeyStore, RevocationEvent, StoreError, TokenRevocation,
+    TokenRevocationEvent, TokenTarget,
+};
 
 /// Response metadata: the position a Watch stream starts after.
 pub const AFTER_METADATA: &str = "x-keygate-after";
@@ -58,6 +61,14 @@ fn event_proto(item: &FeedItem) -> proto::RevocationEvent {
                 EventKind::Updated => Kind::Updated,
             } as i32,
             at: Some(timestamp(e.at_ms)),
+            tokens: None,
+        },
+        FeedItem::Tokens(t) => proto::RevocationEvent {
+            id: t.id.to_string(),
+            key_id: String::new(),
+            kind: Kind::TokensRevoked as i32,
+            at: Some(timestamp(t.revocation.at_ms)),
+            tokens: Some(token_revocation_proto(&t.revocation)),
         },
         // A kind this server cannot read: its clients drop the key, as this server did.
         FeedItem::Unknown { id, key_id } => proto::RevocationEvent {
@@ -65,14 +76,54 @@ fn event_proto(item: &FeedItem) -> proto::RevocationEvent {
             key_id: key_id.clone(),
             kind: Kind::Unspecified as i32,
             at: None,
+            tokens: None,
         },
         FeedItem::Reset(id) => proto::RevocationEvent {
             id: id.to_string(),
             key_id: String::new(),
             kind: Kind::Reset as i32,
             at: None,
+            tokens: None,
         },
     }
+}
+
+pub fn token_revocation_proto(r: &TokenRevocation) -> proto::TokenRevocation {
+    let (jti, subject, issued_before) = match &r.target {
+        TokenTarget::Jti { jti } => (jti.clone(), String::new(), None),
+        TokenTarget::Subject { subject, before_ms } => {
+            (String::new(), subject.clone(), Some(timestamp(*before_ms)))
+        }
+    };
+    proto::TokenRevocation {
+        issuer: r.issuer.clone(),
+        jti,
+        subject,
+        issued_before,
+        revoked_at: Some(timestamp(r.at_ms)),
+        expires_at: Some(timestamp(r.expires_at_ms)),
+    }
+}
+
+/// A revocation as another keygate sent it; `None` when it does not say what it revokes.
+fn token_revocation(p: proto::TokenRevocation) -> Option<TokenRevocation> {
+    let target = match (p.jti.is_empty(), p.subject.is_empty()) {
+        (false, true) => TokenTarget::Jti { jti: p.jti },
+        (true, false) => TokenTarget::Subject {
+            subject: p.subject,
+            before_ms: timestamp_ms(p.issued_before.as_ref()?),
+        },
+        _ => return None,
+    };
+    if p.issuer.is_empty() {
+        return None;
+    }
+    Some(TokenRevocation {
+        issuer: p.issuer,
+        target,
+        at_ms: p.revoked_at.as_ref().map_or(0, timestamp_ms),
+        expires_at_ms: timestamp_ms(p.expires_at.as_ref()?),
+    })
 }
 
 fn unavailable(e: StoreError) -> Status {
@@ -191,6 +242,20 @@ impl Revocations for RevocationsService {
         }
         Ok(response)
     }
+
+    async fn list_token_revocations(
+        &self,
+        _: Request<proto::ListTokenRevocationsRequest>,
+    ) -> Result<Response<proto::ListTokenRevocationsResponse>, Status> {
+        let all = self
+            .store
+            .token_revocations(now_ms())
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(proto::ListTokenRevocationsResponse {
+            revocations: all.iter().map(token_revocation_proto).collect(),
+        }))
+    }
 }
 
 /// Follows another keygate's `Watch` stream.
@@ -213,25 +278,35 @@ impl WatchFeed {
         }
     }
 
-    /// Opens a stream after `after` (`None`: from now), and the position it starts after.
-    async fn open(
-        &self,
-        after: Option<EventId>,
-    ) -> Result<(Streaming<proto::RevocationEvent>, Option<EventId>), Status> {
+    async fn client(&self) -> Result<RevocationsClient<tonic::transport::Channel>, Status> {
         let channel = tonic::transport::Endpoint::from_shared(self.url.clone())
             .map_err(|e| Status::unavailable(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
             .map_err(|e| Status::unavailable(format!("cannot reach {}: {e}", self.url)))?;
-        let mut req = tonic::Request::new(proto::WatchRequest {
-            after_id: after.map(|a| a.to_string()).unwrap_or_default(),
-        });
+        Ok(RevocationsClient::new(channel))
+    }
+
+    /// `msg` with the watch token.
+    fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, Status> {
+        let mut req = tonic::Request::new(msg);
         let bearer = format!("Bearer {}", self.token.expose())
             .parse()
             .map_err(|_| Status::invalid_argument("the watch token is not a valid header value"))?;
         req.metadata_mut().insert("authorization", bearer);
-        let response = RevocationsClient::new(channel).watch(req).await?;
+        Ok(req)
+    }
+
+    /// Opens a stream after `after` (`None`: from now), and the position it starts after.
+    async fn open(
+        &self,
+        after: Option<EventId>,
+    ) -> Result<(Streaming<proto::RevocationEvent>, Option<EventId>), Status> {
+        let req = self.request(proto::WatchRequest {
+            after_id: after.map(|a| a.to_string()).unwrap_or_default(),
+        })?;
+        let response = self.client().await?.watch(req).await?;
         let start = response
             .metadata()
             .get(AFTER_METADATA)
@@ -253,12 +328,19 @@ fn feed_item(msg: proto::RevocationEvent, after: EventId) -> FeedItem {
         tracing::warn!(id = %msg.id, "Watch message with an unreadable id; flushing");
         return FeedItem::Reset(after);
     };
-    let at_ms = msg
-        .at
-        .map(|t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000)
-        .unwrap_or(0);
+    let at_ms = msg.at.as_ref().map_or(0, timestamp_ms);
     let kind = match Kind::try_from(msg.kind) {
         Ok(Kind::Reset) => return FeedItem::Reset(id),
+        Ok(Kind::TokensRevoked) => {
+            return match msg.tokens.and_then(token_revocation) {
+                Some(revocation) => FeedItem::Tokens(TokenRevocationEvent { id, revocation }),
+                None => FeedItem::from_entry(crate::store::StreamEntry::Unreadable {
+                    id,
+                    key_id: None,
+                    detail: "Watch token revocation that names no token".into(),
+                }),
+            }
+        }
         Ok(Kind::Revoked) => Some(EventKind::Revoked),
         Ok(Kind::Deleted) => Some(EventKind::Deleted),
         Ok(Kind::Updated) => Some(EventKind::Updated),
@@ -326,5 +408,29 @@ impl EventFeed for WatchFeed {
                 Err(feed_error(status))
             }
         }
+    }
+
+    async fn token_revocations(&self) -> Result<Vec<TokenRevocation>, StoreError> {
+        let req = self
+            .request(proto::ListTokenRevocationsRequest {})
+            .map_err(feed_error)?;
+        let all = self
+            .client()
+            .await
+            .map_err(feed_error)?
+            .list_token_revocations(req)
+            .await
+            .map_err(feed_error)?
+            .into_inner()
+            .revocations;
+        // One the remote cannot describe is lost: as for a lost event, refuse to judge
+        // rather than go on without it.
+        all.into_iter()
+            .map(|p| {
+                token_revocation(p).ok_or_else(|| {
+                    StoreError::Corrupt("a token revocation from Watch names no token".into())
+                })
+            })
+            .collect()
     }
 }

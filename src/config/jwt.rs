@@ -55,6 +55,10 @@ pub struct IssuerConfig {
     /// Clock skew allowed on `exp` and `nbf`.
     #[serde(default = "default_leeway", deserialize_with = "duration")]
     pub leeway: Duration,
+    /// The longest life a token may claim: `exp - iat` (or, without `iat`, `exp` - now).
+    /// A longer-lived token is refused. It bounds how long a revocation must be kept.
+    #[serde(default = "default_max_token_lifetime", deserialize_with = "duration")]
+    pub max_token_lifetime: Duration,
     #[serde(default)]
     pub claims: ClaimsConfig,
     /// A claim holding the caller's roles (a string or an array), mapped by `roles`.
@@ -71,6 +75,11 @@ fn default_jwks_refresh() -> Duration {
 
 fn default_jwks_refetch_min() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_max_token_lifetime() -> Duration {
+    // 30 days: the longest access-token lifetime the common identity providers allow.
+    Duration::from_secs(30 * 24 * 3600)
 }
 
 fn default_leeway() -> Duration {
@@ -211,6 +220,14 @@ impl JwtConfig {
                 return Err(ConfigError::new(
                     field("jwks_refresh"),
                     "must be at least 1s",
+                ));
+            }
+            if iss.max_token_lifetime < Duration::from_secs(1)
+                || iss.max_token_lifetime > Duration::from_secs(10 * 365 * 24 * 3600)
+            {
+                return Err(ConfigError::new(
+                    field("max_token_lifetime"),
+                    "must be between 1s and 10 years",
                 ));
             }
             for (role, scopes) in &iss.roles {

@@ -11,6 +11,8 @@
 //! (`jsonwebtoken` has no such algorithm). Every failure is one public code,
 //! `invalid_token`; the reason stays in the log.
 
+pub mod revoked;
+
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
@@ -70,6 +72,7 @@ struct Issuer {
     roles_claim: Option<String>,
     roles: HashMap<String, Vec<String>>,
     leeway_secs: u64,
+    max_lifetime_secs: u64,
 }
 
 enum Keys {
@@ -221,6 +224,21 @@ impl JwtVerifier {
 
     pub fn is_empty(&self) -> bool {
         self.issuers.is_empty()
+    }
+
+    /// How long after its cut-off a revocation of `issuer`'s tokens (by configured name)
+    /// must be kept: no token it matches is valid later (`max_token_lifetime` + `leeway`).
+    /// `None` if no issuer has that name.
+    pub fn revocation_lifetime(&self, issuer: &str) -> Option<Duration> {
+        self.issuers
+            .iter()
+            .find(|i| &*i.name == issuer)
+            .map(|i| Duration::from_secs(i.max_lifetime_secs + i.leeway_secs))
+    }
+
+    /// The configured issuers' names, for messages.
+    pub fn issuer_names(&self) -> Vec<&str> {
+        self.issuers.iter().map(|i| &*i.name).collect()
     }
 
     /// Keeps every key set fresh until `stop` turns true: JWKS URLs fetched now, then
@@ -423,6 +441,7 @@ impl Issuer {
             roles_claim: c.roles_claim.clone(),
             roles: c.roles.clone(),
             leeway_secs: c.leeway.as_secs(),
+            max_lifetime_secs: c.max_token_lifetime.as_secs(),
         })
     }
 
@@ -450,16 +469,37 @@ impl Issuer {
         }
         let mut seen = std::collections::HashSet::new();
         scopes.retain(|s| crate::policy::valid_held_scope(s) && seen.insert(s.clone()));
+        let seconds = |claim: &str| claims.get(claim).and_then(Value::as_u64);
+        // `exp` is required and was checked, with the leeway.
+        let exp = seconds("exp").ok_or_else(|| JwtError::MissingClaim {
+            issuer: self.name.clone(),
+            claim: "exp".into(),
+        })?;
+        let issued_at = seconds("iat");
+        // A bounded lifetime is what lets a revocation be forgotten once every token it
+        // matches has expired.
+        let life = exp.saturating_sub(issued_at.unwrap_or(now_ms / 1000));
+        if life > self.max_lifetime_secs {
+            return Err(JwtError::Rejected {
+                issuer: self.name.clone(),
+                reason: format!(
+                    "lifetime of {life}s is over max_token_lifetime ({}s)",
+                    self.max_lifetime_secs
+                ),
+            });
+        }
         let mut p = Principal::new(tenant, subject, KeyKind::Tenant, Environment::Live, scopes);
         p.credential = CredentialKind::Jwt;
         p.issuer = Some(self.name.clone());
-        // `exp` is required and checked above, with the leeway; the principal expires when
-        // the validation would fail, so the cache never outlives it.
-        p.expires_at = claims
-            .get("exp")
-            .and_then(Value::as_u64)
-            .map(|exp| exp.saturating_add(self.leeway_secs).saturating_mul(1000))
-            .or(Some(now_ms));
+        p.jti = claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .filter(|j| !j.is_empty())
+            .map(Into::into);
+        p.issued_at = issued_at;
+        // The principal expires when the validation would fail, so the cache never
+        // outlives it.
+        p.expires_at = Some(exp.saturating_add(self.leeway_secs).saturating_mul(1000));
         Ok(p)
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::{Notify, RwLock};
 
 use super::{
     EventId, EventKind, KeyChange, KeyPage, KeyRecord, KeyStore, RevocationEvent, StoreError,
-    StreamEntry,
+    StreamEntry, TokenRevocation, TokenRevocationEvent,
 };
 
 /// How many revocation events are kept, like the Redis stream's MAXLEN.
@@ -32,7 +32,9 @@ impl Default for MemoryStore {
 struct State {
     keys: HashMap<String, KeyRecord>,
     by_tenant: BTreeMap<String, BTreeSet<String>>,
-    events: VecDeque<RevocationEvent>,
+    events: VecDeque<StreamEntry>,
+    /// JWT revocations by `rule_key`.
+    token_rules: HashMap<String, TokenRevocation>,
     last_event: EventId,
     /// The newest id trimmed away, like Redis's `max-deleted-entry-id`.
     max_deleted: EventId,
@@ -40,7 +42,20 @@ struct State {
 
 impl State {
     fn append_event(&mut self, key_id: &str, kind: EventKind, at_ms: u64, max: usize) {
-        // Stream-style ids: milliseconds, then a sequence within the millisecond.
+        let id = self.next_id(at_ms);
+        self.push(
+            StreamEntry::Event(RevocationEvent {
+                id: id.to_string(),
+                key_id: key_id.to_owned(),
+                kind,
+                at_ms,
+            }),
+            max,
+        );
+    }
+
+    /// Stream-style ids: milliseconds, then a sequence within the millisecond.
+    fn next_id(&mut self, at_ms: u64) -> EventId {
         let last = self.last_event;
         let id = if at_ms > last.ms {
             EventId { ms: at_ms, seq: 0 }
@@ -51,12 +66,11 @@ impl State {
             }
         };
         self.last_event = id;
-        self.events.push_back(RevocationEvent {
-            id: id.to_string(),
-            key_id: key_id.to_owned(),
-            kind,
-            at_ms,
-        });
+        id
+    }
+
+    fn push(&mut self, entry: StreamEntry, max: usize) {
+        self.events.push_back(entry);
         while self.events.len() > max {
             if let Some(old) = self.events.pop_front() {
                 self.max_deleted = old.position();
@@ -64,7 +78,7 @@ impl State {
         }
     }
 
-    fn events_after(&self, after: EventId, count: usize) -> Vec<RevocationEvent> {
+    fn events_after(&self, after: EventId, count: usize) -> Vec<StreamEntry> {
         // Ids are increasing: binary search for the first one past `after`.
         let start = self.events.partition_point(|e| e.position() <= after);
         self.events
@@ -90,9 +104,10 @@ impl MemoryStore {
         }
     }
 
-    /// Every retained event, oldest first.
+    /// Every retained key event, oldest first.
     pub async fn events(&self) -> Vec<RevocationEvent> {
-        self.state.read().await.events.iter().cloned().collect()
+        let s = self.state.read().await;
+        s.events.iter().filter_map(|e| e.event().cloned()).collect()
     }
 }
 
@@ -195,6 +210,43 @@ impl KeyStore for MemoryStore {
         Ok(Some(rec))
     }
 
+    async fn revoke_tokens(
+        &self,
+        revocation: &TokenRevocation,
+    ) -> Result<TokenRevocation, StoreError> {
+        let mut s = self.state.write().await;
+        let now = revocation.at_ms;
+        s.token_rules.retain(|_, r| !r.expired(now));
+        let key = revocation.rule_key();
+        let stored = match s.token_rules.get(&key) {
+            None => revocation.clone(),
+            Some(old) => match old.merged_with(revocation) {
+                Some(merged) => merged,
+                None => return Ok(old.clone()),
+            },
+        };
+        s.token_rules.insert(key, stored.clone());
+        let id = s.next_id(revocation.at_ms);
+        s.push(
+            StreamEntry::Tokens(TokenRevocationEvent {
+                id,
+                revocation: stored.clone(),
+            }),
+            self.max_events,
+        );
+        self.appended.notify_waiters();
+        Ok(stored)
+    }
+
+    async fn token_revocations(&self, now_ms: u64) -> Result<Vec<TokenRevocation>, StoreError> {
+        let s = self.state.read().await;
+        Ok(s.token_rules
+            .values()
+            .filter(|r| !r.expired(now_ms))
+            .cloned()
+            .collect())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
@@ -214,7 +266,6 @@ impl KeyStore for MemoryStore {
             // Register for the wake-up before looking, so an append in between is seen.
             let appended = self.appended.notified();
             let events = self.state.read().await.events_after(after, count);
-            let events: Vec<StreamEntry> = events.into_iter().map(StreamEntry::Event).collect();
             let Some(deadline) = deadline else {
                 return Ok(events);
             };

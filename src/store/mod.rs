@@ -1,4 +1,5 @@
-//! The store of record: key records, tenant indexes and the revocation stream.
+//! The store of record: key records, tenant indexes, JWT revocations and the revocation
+//! stream.
 //!
 //! One trait, two backends: Redis for production and an in-process store for
 //! `keygate serve --dev` and single-node use. Both pass the same conformance suite
@@ -106,10 +107,89 @@ impl RevocationEvent {
     }
 }
 
+/// Which JWTs a revocation matches, all from one issuer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum TokenTarget {
+    /// The token whose `jti` claim is this.
+    Jti { jti: String },
+    /// Every token of this subject issued before `before_ms`, compared in whole seconds as
+    /// `iat` is: a token whose `iat` is in the second of `before_ms` or later passes. A
+    /// token without `iat` cannot show it is newer and is matched.
+    Subject { subject: String, before_ms: u64 },
+}
+
+/// A revocation of JWTs: stored, carried on the stream, held by every replica until
+/// `expires_at_ms`, when no token it matches can still be valid (the issuer's
+/// `max_token_lifetime` and `leeway` bound that).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRevocation {
+    /// The issuer's configured name (`jwt.issuers[].name`).
+    pub issuer: String,
+    #[serde(flatten)]
+    pub target: TokenTarget,
+    pub at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
+impl TokenRevocation {
+    /// The one name of what this revocation is about: a later revocation of the same
+    /// subject (or the same `jti`) replaces it, merged by `merged_with`.
+    pub fn rule_key(&self) -> String {
+        match &self.target {
+            TokenTarget::Jti { jti } => format!("jti\u{1f}{}\u{1f}{jti}", self.issuer),
+            TokenTarget::Subject { subject, .. } => {
+                format!("sub\u{1f}{}\u{1f}{subject}", self.issuer)
+            }
+        }
+    }
+
+    /// This revocation with `newer` folded in (same `rule_key`): the later cut-off and
+    /// the later expiry win, so revoking never un-revokes. `None` if `newer` adds nothing.
+    pub fn merged_with(&self, newer: &TokenRevocation) -> Option<TokenRevocation> {
+        let mut merged = self.clone();
+        let mut changed = false;
+        if let (
+            TokenTarget::Subject { before_ms, .. },
+            TokenTarget::Subject {
+                before_ms: newer_before,
+                ..
+            },
+        ) = (&mut merged.target, &newer.target)
+        {
+            if newer_before > before_ms {
+                *before_ms = *newer_before;
+                merged.at_ms = newer.at_ms;
+                changed = true;
+            }
+        }
+        if newer.expires_at_ms > merged.expires_at_ms {
+            merged.expires_at_ms = newer.expires_at_ms;
+            changed = true;
+        }
+        changed.then_some(merged)
+    }
+
+    pub fn expired(&self, now_ms: u64) -> bool {
+        crate::principal::expired(self.expires_at_ms, now_ms)
+    }
+}
+
+/// A token revocation as read from the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRevocationEvent {
+    pub id: EventId,
+    pub revocation: TokenRevocation,
+}
+
+/// The stream's name for token revocations (beside `EventKind`'s, which name a key).
+pub const TOKENS_REVOKED: &str = "tokens_revoked";
+
 /// One entry of the revocation stream, as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEntry {
     Event(RevocationEvent),
+    Tokens(TokenRevocationEvent),
     /// An entry this version cannot read: a kind from a newer keygate (during a rolling
     /// upgrade), or a corrupt entry. Readers must take the safe side — drop `key_id`, or
     /// everything when no key id can be read — and move past it, never stop at it.
@@ -126,13 +206,14 @@ impl StreamEntry {
     pub fn event(&self) -> Option<&RevocationEvent> {
         match self {
             StreamEntry::Event(e) => Some(e),
-            StreamEntry::Unreadable { .. } => None,
+            StreamEntry::Tokens(_) | StreamEntry::Unreadable { .. } => None,
         }
     }
 
     pub fn position(&self) -> EventId {
         match self {
             StreamEntry::Event(e) => e.position(),
+            StreamEntry::Tokens(t) => t.id,
             StreamEntry::Unreadable { id, .. } => *id,
         }
     }
@@ -250,6 +331,18 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Removes the key and its index entry and appends a deletion event, atomically.
     /// Returns the removed record.
     async fn delete(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Records a JWT revocation (merged into an earlier one of the same `rule_key`) and
+    /// appends it to the stream, atomically. Returns the revocation as it now stands; when
+    /// it adds nothing to what is stored, nothing is appended. Expired revocations are
+    /// dropped along the way.
+    async fn revoke_tokens(
+        &self,
+        revocation: &TokenRevocation,
+    ) -> Result<TokenRevocation, StoreError>;
+
+    /// Every JWT revocation not expired at `now_ms`.
+    async fn token_revocations(&self, now_ms: u64) -> Result<Vec<TokenRevocation>, StoreError>;
 
     /// Whether the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;

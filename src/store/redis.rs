@@ -6,6 +6,8 @@
 //!
 //! - `<ns>:{keys}:key:<key_id>`   hash: `data` (record JSON, no secret), `revoked_at_ms`
 //! - `<ns>:{keys}:tenant:<id>`    sorted set of key ids (score 0, ordered by id)
+//! - `<ns>:{keys}:tokens`         hash: JWT revocations, rule key → JSON
+//! - `<ns>:{keys}:tokens:expiry`  sorted set: rule key by expiry (unix ms), for pruning
 //! - `<ns>:{keys}:events`         the revocation stream (XADD MAXLEN ~)
 //!
 //! Writes that touch more than one key are Lua scripts rather than MULTI/EXEC: a script
@@ -21,7 +23,7 @@ use tokio::sync::OnceCell;
 
 use super::{
     EventId, EventKind, KeyChange, KeyPage, KeyRecord, KeyStore, RevocationEvent, StoreError,
-    StreamEntry,
+    StreamEntry, TokenRevocation, TokenRevocationEvent, TOKENS_REVOKED,
 };
 use crate::secret::Secret;
 
@@ -40,6 +42,7 @@ pub struct RedisStore {
     revoke: Script,
     update: Script,
     delete: Script,
+    revoke_tokens: Script,
 }
 
 impl RedisStore {
@@ -69,6 +72,7 @@ impl RedisStore {
             revoke: Script::new(include_str!("lua/revoke.lua")),
             update: Script::new(include_str!("lua/update.lua")),
             delete: Script::new(include_str!("lua/delete.lua")),
+            revoke_tokens: Script::new(include_str!("lua/revoke_tokens.lua")),
         })
     }
 
@@ -78,6 +82,14 @@ impl RedisStore {
 
     fn tenant_key(&self, tenant_id: &str) -> String {
         format!("{}:{{keys}}:tenant:{tenant_id}", self.ns)
+    }
+
+    fn tokens_key(&self) -> String {
+        format!("{}:{{keys}}:tokens", self.ns)
+    }
+
+    fn tokens_expiry_key(&self) -> String {
+        format!("{}:{{keys}}:tokens:expiry", self.ns)
     }
 
     pub fn events_key(&self) -> String {
@@ -238,6 +250,15 @@ fn decode_entry(entry: &redis::streams::StreamId) -> Result<StreamEntry, StoreEr
         key_id: key_id.clone(),
         detail,
     };
+    if text("kind").as_deref() == Some(TOKENS_REVOKED) {
+        return Ok(
+            match text("rule").map(|r| serde_json::from_str::<TokenRevocation>(&r)) {
+                Some(Ok(revocation)) => StreamEntry::Tokens(TokenRevocationEvent { id, revocation }),
+                Some(Err(e)) => unreadable(format!("token revocation cannot be read: {e}")),
+                None => unreadable("token revocation without its rule".into()),
+            },
+        );
+    }
     let kind = match text("kind") {
         Some(name) => match EventKind::parse(&name) {
             Some(kind) => kind,
@@ -435,6 +456,68 @@ impl KeyStore for RedisStore {
             )
             .await?;
         fields.map(decode).transpose().map(Option::flatten)
+    }
+
+    async fn revoke_tokens(
+        &self,
+        revocation: &TokenRevocation,
+    ) -> Result<TokenRevocation, StoreError> {
+        let key = revocation.rule_key();
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
+        // Read, merge, and write only if the rule is still what was read (as `update`).
+        for _ in 0..8 {
+            let mut conn = self.conn().await?;
+            let current: Option<String> = self.run(conn.hget(self.tokens_key(), &key)).await?;
+            let old = match &current {
+                Some(json) => Some(serde_json::from_str::<TokenRevocation>(json).map_err(corrupt)?),
+                None => None,
+            };
+            let stored = match old.filter(|o| !o.expired(revocation.at_ms)) {
+                None => revocation.clone(),
+                Some(old) => match old.merged_with(revocation) {
+                    Some(merged) => merged,
+                    None => return Ok(old),
+                },
+            };
+            let json = serde_json::to_string(&stored).map_err(corrupt)?;
+            let written: i64 = self
+                .run(
+                    self.revoke_tokens
+                        .key(self.tokens_key())
+                        .key(self.tokens_expiry_key())
+                        .key(self.events_key())
+                        .arg(&key)
+                        .arg(current.as_deref().unwrap_or(""))
+                        .arg(json)
+                        .arg(stored.expires_at_ms)
+                        .arg(revocation.at_ms)
+                        .arg(STREAM_MAX_LEN)
+                        .arg(TOKENS_REVOKED)
+                        .invoke_async(&mut conn),
+                )
+                .await?;
+            if written == 1 {
+                return Ok(stored);
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "token revocation {} kept changing while being written",
+            revocation.issuer
+        )))
+    }
+
+    async fn token_revocations(&self, now_ms: u64) -> Result<Vec<TokenRevocation>, StoreError> {
+        let mut conn = self.conn().await?;
+        let all: Vec<String> = self.run(conn.hvals(self.tokens_key())).await?;
+        let mut live = Vec::with_capacity(all.len());
+        for json in all {
+            let r: TokenRevocation =
+                serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if !r.expired(now_ms) {
+                live.push(r);
+            }
+        }
+        Ok(live)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
