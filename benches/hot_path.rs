@@ -267,6 +267,7 @@ fn jwt(c: &mut Criterion) {
         jwks_refetch_min: Duration::from_secs(30),
         secret_env: None,
         leeway: Duration::from_secs(30),
+        max_token_lifetime: Duration::from_secs(24 * 3600),
         claims: ClaimsConfig::default(),
         roles_claim: None,
         roles: Default::default(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::apikey::{self, HashError, SecretHasher};
 use crate::cache::{CredentialCache, Digest, Verified};
-use crate::config::Argon2Config;
+use crate::config::{ApiKeysConfig, Argon2Config};
 use crate::credential::Credential;
 use crate::decision::DenyReason;
 use crate::jwt::revoked::RevokedTokens;
@@ -75,9 +75,7 @@ impl Authenticator {
         store: Arc<dyn KeyStore>,
         hasher: SecretHasher,
         cache: Arc<CredentialCache>,
-        prefix: String,
-        accept_test_keys: bool,
-        argon2: &Argon2Config,
+        api_keys: &ApiKeysConfig,
         jwt: Arc<crate::jwt::JwtVerifier>,
         revoked_tokens: Arc<RevokedTokens>,
     ) -> Self {
@@ -85,9 +83,9 @@ impl Authenticator {
             store,
             hasher,
             cache,
-            prefix,
-            accept_test_keys,
-            failures: FailureBudget::new(argon2),
+            prefix: api_keys.prefix.clone(),
+            accept_test_keys: api_keys.accept_test_keys,
+            failures: FailureBudget::new(&api_keys.argon2),
             jwt,
             revoked_tokens,
         }
@@ -170,7 +168,10 @@ impl Authenticator {
                 match self.revoked_tokens.is_revoked(&p, now) {
                     Ok(false) => Ok(p),
                     Ok(true) => {
-                        tracing::info!(issuer = p.issuer.as_deref().unwrap_or(""), "JWT rejected: revoked");
+                        tracing::info!(
+                            issuer = p.issuer.as_deref().unwrap_or(""),
+                            "JWT rejected: revoked"
+                        );
                         Err(AuthnFailure::Deny(DenyReason::InvalidToken))
                     }
                     Err(e) => {

@@ -354,7 +354,11 @@ pub struct TokenAdmin {
 }
 
 impl TokenAdmin {
-    pub fn new(store: Arc<dyn KeyStore>, jwt: Arc<JwtVerifier>, revoked: Arc<RevokedTokens>) -> Self {
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        jwt: Arc<JwtVerifier>,
+        revoked: Arc<RevokedTokens>,
+    ) -> Self {
         TokenAdmin {
             store,
             jwt,
@@ -389,7 +393,10 @@ impl TokenAdmin {
         })?;
         let claim = |field: &'static str, value: String| {
             if value.is_empty() || value.len() > MAX_CLAIM_LEN {
-                Err(invalid(field, format!("must be 1 to {MAX_CLAIM_LEN} bytes")))
+                Err(invalid(
+                    field,
+                    format!("must be 1 to {MAX_CLAIM_LEN} bytes"),
+                ))
             } else {
                 Ok(value)
             }
@@ -403,7 +410,12 @@ impl TokenAdmin {
                 }
                 // A token carrying this jti was issued by now, so it expires within its
                 // issuer's bound from now.
-                (TokenTarget::Jti { jti: claim("jti", jti)? }, now)
+                (
+                    TokenTarget::Jti {
+                        jti: claim("jti", jti)?,
+                    },
+                    now,
+                )
             }
             (None, Some(subject)) => {
                 let before_ms = req.before_ms.unwrap_or(now);

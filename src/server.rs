@@ -90,9 +90,7 @@ impl App {
             store.clone(),
             hasher.clone(),
             cache.clone(),
-            config.api_keys.prefix.clone(),
-            config.api_keys.accept_test_keys,
-            &config.api_keys.argon2,
+            &config.api_keys,
             jwt.clone(),
             revoked_tokens.clone(),
         );

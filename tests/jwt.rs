@@ -59,6 +59,25 @@ struct Fixture {
 /// (HS256) — a JWT-only route and an API-key-only route, and `x-access-token` read too.
 fn fixture_app() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
+    let app = App::with_store(
+        jwt_config(Backend::Memory, dir.path()),
+        jwt_secrets(),
+        std::sync::Arc::new(keygate::store::memory::MemoryStore::new()),
+    )
+    .expect("the JWT configuration is valid");
+    Fixture { app, _dir: dir }
+}
+
+fn jwt_secrets() -> keygate::config::Secrets {
+    let mut secrets = support::secrets();
+    secrets
+        .named
+        .insert(HS_SECRET_VAR.into(), Secret::new(HS_SECRET));
+    secrets
+}
+
+/// The configuration of `fixture_app` on `backend`, its JWKS file written into `dir`.
+fn jwt_config(backend: Backend<'_>, dir: &Path) -> Config {
     let jwks = JwkSet {
         keys: vec![
             public_jwk(&signing(Algorithm::RS256), Algorithm::RS256, "rsa-1"),
@@ -66,9 +85,9 @@ fn fixture_app() -> Fixture {
             public_jwk(&signing(Algorithm::EdDSA), Algorithm::EdDSA, "ed-1"),
         ],
     };
-    let jwks_path = dir.path().join("jwks.json");
+    let jwks_path = dir.join("jwks.json");
     std::fs::write(&jwks_path, serde_json::to_string(&jwks).unwrap()).unwrap();
-    let mut config: Config = support::config(Backend::Memory);
+    let mut config: Config = support::config(backend);
     config
         .policy
         .credential_headers
@@ -113,6 +132,7 @@ fn fixture_app() -> Fixture {
         jwks_refetch_min: Duration::from_secs(30),
         secret_env: None,
         leeway: Duration::from_secs(5),
+        max_token_lifetime: Duration::from_secs(24 * 3600),
         claims: ClaimsConfig::default(),
         roles_claim: Some("roles".into()),
         roles: [("reader".to_owned(), vec!["contacts:read".to_owned()])].into(),
@@ -122,17 +142,7 @@ fn fixture_app() -> Fixture {
     let mut shared = issuer("shared", "https://shared.example.com/", &["HS256"]);
     shared.secret_env = Some(HS_SECRET_VAR.into());
     config.jwt.issuers = vec![main, shared];
-    let mut secrets = support::secrets();
-    secrets
-        .named
-        .insert(HS_SECRET_VAR.into(), Secret::new(HS_SECRET));
-    let app = App::with_store(
-        config,
-        secrets,
-        std::sync::Arc::new(keygate::store::memory::MemoryStore::new()),
-    )
-    .expect("the JWT configuration is valid");
-    Fixture { app, _dir: dir }
+    config
 }
 
 fn now() -> u64 {
@@ -462,6 +472,7 @@ async fn an_issuer_that_cannot_work_stops_startup_naming_the_field() {
         jwks_refetch_min: Duration::from_secs(30),
         secret_env: Some("KEYGATE_TEST_JWT_SECRET_NOT_SET".into()),
         leeway: Duration::from_secs(5),
+        max_token_lifetime: Duration::from_secs(24 * 3600),
         claims: ClaimsConfig::default(),
         roles_claim: None,
         roles: Default::default(),
@@ -560,6 +571,7 @@ fn remote_app(url: &str, refetch_min: Duration) -> App {
         jwks_refetch_min: refetch_min,
         secret_env: None,
         leeway: Duration::from_secs(5),
+        max_token_lifetime: Duration::from_secs(24 * 3600),
         claims: ClaimsConfig::default(),
         roles_claim: None,
         roles: Default::default(),
@@ -720,4 +732,375 @@ async fn a_key_added_to_the_jwks_file_is_taken_without_a_restart() {
     })
     .await;
     running.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Revocation: by subject before a time, by jti, on every replica
+// ---------------------------------------------------------------------------------------
+
+/// A served replica of the JWT configuration on a shared Redis, following its stream.
+struct JwtReplica {
+    app: std::sync::Arc<App>,
+    running: keygate::server::Running,
+    secrets: keygate::config::Secrets,
+}
+
+impl JwtReplica {
+    /// Replicas of one deployment share `secrets` (the admin and watch tokens).
+    async fn start(config: Config, secrets: &keygate::config::Secrets) -> JwtReplica {
+        let app = std::sync::Arc::new(App::build(config, secrets.clone()).expect("replica builds"));
+        let running = keygate::server::start(app.clone())
+            .await
+            .expect("replica starts");
+        support::positioned(&app).await;
+        JwtReplica {
+            app,
+            running,
+            secrets: secrets.clone(),
+        }
+    }
+
+    /// A `contacts:read` request with `jwt` in `x-access-token`.
+    async fn read(&self, jwt: &str) -> Outcome {
+        outcome_of(
+            &self.app.envoy_service(),
+            check_request("GET", READ_PATH, &[("x-access-token", jwt)]),
+        )
+        .await
+    }
+
+    async fn revoke(
+        &self,
+        req: keygate::api::proto::RevokeTokensRequest,
+    ) -> Result<keygate::api::proto::TokenRevocation, tonic::Status> {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.running.admin))
+                .unwrap()
+                .connect()
+                .await
+                .expect("admin listener answers");
+        keygate::api::proto::keys_client::KeysClient::new(channel)
+            .revoke_tokens(support::with_admin(&self.secrets, req))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}
+
+/// Waits until `bus` has applied a JWT revocation (from its feed, not its own admin call).
+async fn a_token_revocation_arrives(
+    events: &mut tokio::sync::broadcast::Receiver<keygate::revocation::FeedItem>,
+) -> keygate::store::TokenRevocation {
+    tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            if let keygate::revocation::FeedItem::Tokens(t) = events.recv().await.unwrap() {
+                return t.revocation;
+            }
+        }
+    })
+    .await
+    .expect("the revocation reaches the replica")
+}
+
+fn user_token(subject: &str, iat: u64, jti: Option<&str>) -> String {
+    let mut c = claims();
+    c["sub"] = json!(subject);
+    c["iat"] = json!(iat);
+    if let Some(jti) = jti {
+        c["jti"] = json!(jti);
+    }
+    rs256(&c)
+}
+
+fn seconds(unix: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: unix as i64,
+        nanos: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_by_subject_before_t_is_denied_on_a_second_replica_and_a_newer_one_passes()
+{
+    let redis = support::RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = || jwt_config(Backend::Redis(&redis), dir.path());
+    let secrets = jwt_secrets();
+    let first = JwtReplica::start(config(), &secrets).await;
+    let second = JwtReplica::start(config(), &secrets).await;
+    let t = now();
+    let old = user_token("dashboard-7", t - 600, None);
+    let newer = user_token("dashboard-7", t - 10, None);
+    let bystander = user_token("dashboard-8", t - 600, None);
+    for r in [&first, &second] {
+        for token in [&old, &newer, &bystander] {
+            assert_eq!(
+                r.read(token).await,
+                Outcome::Allowed,
+                "before the revocation"
+            );
+        }
+    }
+
+    let mut second_events = second.app.bus.subscribe();
+    let stored = first
+        .revoke(keygate::api::proto::RevokeTokensRequest {
+            issuer: "main".into(),
+            subject: "dashboard-7".into(),
+            issued_before: Some(seconds(t - 60)),
+            ..Default::default()
+        })
+        .await
+        .expect("the revocation is accepted");
+    assert_eq!(stored.subject, "dashboard-7");
+    assert_eq!(stored.issued_before, Some(seconds(t - 60)));
+    // Kept until no token issued before T can be valid: T + max_token_lifetime + leeway.
+    assert_eq!(
+        stored.expires_at.map(|e| e.seconds),
+        Some((t - 60 + 24 * 3600 + 5) as i64)
+    );
+    let arrived = a_token_revocation_arrives(&mut second_events).await;
+    assert_eq!(arrived.issuer, "main");
+
+    for r in [&first, &second] {
+        // The old token was cached on both: the revocation reaches the cached answer.
+        assert_eq!(r.read(&old).await, Outcome::denied("invalid_token", 401));
+        assert_eq!(r.read(&newer).await, Outcome::Allowed, "issued after T");
+        assert_eq!(
+            r.read(&bystander).await,
+            Outcome::Allowed,
+            "another subject"
+        );
+    }
+    // A replica that starts afterwards loads the revocation before it answers.
+    let third = JwtReplica::start(config(), &secrets).await;
+    assert_eq!(
+        third.read(&old).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    assert_eq!(third.read(&newer).await, Outcome::Allowed);
+    for r in [first, second, third] {
+        r.running.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_by_jti_is_denied_on_a_replica_that_follows_watch() {
+    let redis = support::RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = jwt_secrets();
+    let primary = JwtReplica::start(jwt_config(Backend::Redis(&redis), dir.path()), &secrets).await;
+    let t = now();
+    let early = user_token("user-1", t - 30, Some("jti-early"));
+    let late = user_token("user-1", t - 30, Some("jti-late"));
+    let kept = user_token("user-1", t - 30, Some("jti-kept"));
+    // One revocation before the remote replica starts: it must load it from its remote.
+    primary
+        .revoke(keygate::api::proto::RevokeTokensRequest {
+            issuer: "main".into(),
+            jti: "jti-early".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let remote_redis = support::RedisServer::start().await;
+    let mut remote_cfg = jwt_config(Backend::Redis(&remote_redis), dir.path());
+    remote_cfg.revocation.source = keygate::config::RevocationSource::Watch;
+    remote_cfg.revocation.watch_url = format!("http://{}", primary.running.grpc);
+    let remote = JwtReplica::start(remote_cfg, &secrets).await;
+    assert_eq!(
+        remote.read(&early).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    assert_eq!(remote.read(&late).await, Outcome::Allowed);
+
+    let mut remote_events = remote.app.bus.subscribe();
+    primary
+        .revoke(keygate::api::proto::RevokeTokensRequest {
+            issuer: "main".into(),
+            jti: "jti-late".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let arrived = a_token_revocation_arrives(&mut remote_events).await;
+    assert_eq!(
+        arrived.target,
+        keygate::store::TokenTarget::Jti {
+            jti: "jti-late".into()
+        }
+    );
+    assert_eq!(
+        remote.read(&late).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    assert_eq!(remote.read(&kept).await, Outcome::Allowed);
+    remote.running.shutdown().await.unwrap();
+    primary.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_revocation_names_the_field_and_changes_nothing() {
+    let redis = support::RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let replica = JwtReplica::start(
+        jwt_config(Backend::Redis(&redis), dir.path()),
+        &jwt_secrets(),
+    )
+    .await;
+    let req = |issuer: &str, jti: &str, subject: &str, before: Option<u64>| {
+        keygate::api::proto::RevokeTokensRequest {
+            issuer: issuer.into(),
+            jti: jti.into(),
+            subject: subject.into(),
+            issued_before: before.map(seconds),
+        }
+    };
+    let t = now();
+    for (request, field) in [
+        (req("nobody", "j", "", None), "issuer:"),
+        (req("", "j", "", None), "issuer:"),
+        (req("main", "j", "s", None), "jti:"),
+        (req("main", "", "", None), "subject:"),
+        (req("main", "j", "", Some(t - 10)), "before:"),
+        (req("main", "", "s", Some(t + 3600)), "before:"),
+        (req("main", &"j".repeat(2000), "", None), "jti:"),
+    ] {
+        let status = replica.revoke(request).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(field), "{status:?}");
+    }
+    // Nothing was stored, and no event was appended.
+    let store = replica.app.store.clone();
+    assert_eq!(
+        store
+            .token_revocations(keygate::store::now_ms())
+            .await
+            .unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        store.latest_event_id().await.unwrap(),
+        keygate::store::EventId::START
+    );
+    // Without the admin credential, nothing either.
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", replica.running.admin))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let refused = keygate::api::proto::keys_client::KeysClient::new(channel)
+        .revoke_tokens(req("main", "j", "", None))
+        .await
+        .expect_err("no admin credential");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    replica.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_token_living_longer_than_its_issuer_allows_is_invalid_token() {
+    let f = fixture_app();
+    let mut c = claims();
+    // max_token_lifetime is 24h in the fixture.
+    c["iat"] = json!(now() - 60);
+    c["exp"] = json!(now() + 24 * 3600);
+    assert_eq!(
+        read_with_jwt(&f, &rs256(&c)).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    // Without iat the lifetime is counted from now.
+    let mut c = claims();
+    c.as_object_mut().unwrap().remove("iat");
+    c["exp"] = json!(now() + 25 * 3600);
+    assert_eq!(
+        read_with_jwt(&f, &rs256(&c)).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    c["exp"] = json!(now() + 23 * 3600);
+    assert_eq!(read_with_jwt(&f, &rs256(&c)).await, Outcome::Allowed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revocation_lost_from_the_stream_is_loaded_again_before_any_jwt_is_judged() {
+    let redis = support::RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = jwt_secrets();
+    let config = || jwt_config(Backend::Redis(&redis), dir.path());
+    let writer = JwtReplica::start(config(), &secrets).await;
+    // The reader follows the stream through a feed the test can cut.
+    let reader = std::sync::Arc::new(App::build(config(), secrets.clone()).unwrap());
+    let feed = std::sync::Arc::new(support::SwitchableFeed::new(
+        keygate::revocation::StoreFeed::new(reader.store.clone(), Duration::from_millis(200)),
+    ));
+    let (down, revocations_down) = (feed.down.clone(), feed.revocations_down.clone());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let follower = tokio::spawn(reader.bus.clone().follow(feed, stop_rx));
+    support::positioned(&reader).await;
+    let read = |jwt: String| {
+        let reader = reader.clone();
+        async move {
+            outcome_of(
+                &reader.envoy_service(),
+                check_request("GET", READ_PATH, &[("x-access-token", &jwt)]),
+            )
+            .await
+        }
+    };
+    let t = now();
+    let old = user_token("user-9", t - 600, None);
+    assert_eq!(read(old.clone()).await, Outcome::Allowed);
+
+    let on = std::sync::atomic::Ordering::SeqCst;
+    down.store(true, on);
+    support::eventually(
+        support::PATIENCE,
+        "the reader notices it is cut off",
+        || async { (!reader.bus.is_connected()).then_some(()) },
+    )
+    .await;
+    writer
+        .revoke(keygate::api::proto::RevokeTokensRequest {
+            issuer: "main".into(),
+            subject: "user-9".into(),
+            issued_before: Some(seconds(t - 60)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The event is trimmed away before the reader could read it.
+    redis.trim_all_events().await;
+
+    // Back, but the revocations cannot be loaded: the loss is noticed (a flush), and no
+    // JWT is judged without them — UNAVAILABLE, neither allowed nor denied.
+    revocations_down.store(true, on);
+    down.store(false, on);
+    support::eventually(support::PATIENCE, "the reader flushes", || async {
+        (reader.bus.flushes() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        read(old.clone()).await,
+        Outcome::Error(tonic::Code::Unavailable)
+    );
+    assert_eq!(
+        read(user_token("user-10", t, None)).await,
+        Outcome::Error(tonic::Code::Unavailable)
+    );
+
+    revocations_down.store(false, on);
+    let answer = support::eventually(support::PATIENCE, "the revocations are loaded", || {
+        let old = old.clone();
+        let read = &read;
+        async move {
+            let o = read(old).await;
+            (o != Outcome::Error(tonic::Code::Unavailable)).then_some(o)
+        }
+    })
+    .await;
+    assert_eq!(answer, Outcome::denied("invalid_token", 401));
+    assert_eq!(read(user_token("user-9", t, None)).await, Outcome::Allowed);
+    stop.send(true).unwrap();
+    follower.await.unwrap();
+    writer.running.shutdown().await.unwrap();
 }

@@ -8,18 +8,17 @@
 mod support;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use keygate::api::proto::{
     self, keys_client::KeysClient, revocation_event::Kind, revocations_client::RevocationsClient,
 };
 use keygate::config::{Config, RevocationSource, Secrets};
 use keygate::revocation::{EventFeed, FeedItem, StoreFeed};
 use keygate::server::{self, App, Running};
-use keygate::store::{EventId, StoreError};
+use keygate::store::EventId;
 use support::*;
 use tokio::sync::watch;
 
@@ -79,18 +78,6 @@ impl Replica {
                 .expect("admin listener answers");
         KeysClient::new(channel)
     }
-}
-
-/// Trims the revocation stream to nothing, as MAXLEN would after many events.
-async fn trim_all_events(redis: &RedisServer) {
-    let mut conn = redis.connection().await;
-    let _: i64 = redis::cmd("XTRIM")
-        .arg(EVENTS)
-        .arg("MAXLEN")
-        .arg(0)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
 }
 
 /// Waits for `feed` (a replica's bus, subscribed before the change was made) to apply
@@ -384,27 +371,6 @@ async fn replica_resumes_after_a_redis_restart_and_flushes_when_the_stream_was_l
     }
 }
 
-/// A feed that can be cut off on demand, to make "while disconnected" deterministic.
-struct SwitchableFeed {
-    inner: StoreFeed,
-    down: Arc<AtomicBool>,
-}
-
-#[async_trait]
-impl EventFeed for SwitchableFeed {
-    async fn start_position(&self) -> Result<EventId, StoreError> {
-        self.inner.start_position().await
-    }
-
-    async fn read(&self, after: EventId, resync: bool) -> Result<Vec<FeedItem>, StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            return Err(StoreError::Unavailable("switched off by the test".into()));
-        }
-        self.inner.read(after, resync).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_trimmed_past_the_last_applied_id_flushes_the_whole_cache() {
     let redis = RedisServer::start().await;
@@ -412,11 +378,11 @@ async fn stream_trimmed_past_the_last_applied_id_flushes_the_whole_cache() {
     // The writer serves normally; the reader runs its follower on a switchable feed.
     let writer = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
     let reader = Arc::new(App::build(config(Backend::Redis(&redis)), secrets.clone()).unwrap());
-    let down = Arc::new(AtomicBool::new(false));
-    let feed = Arc::new(SwitchableFeed {
-        inner: StoreFeed::new(reader.store.clone(), Duration::from_millis(200)),
-        down: down.clone(),
-    });
+    let feed = Arc::new(SwitchableFeed::new(StoreFeed::new(
+        reader.store.clone(),
+        Duration::from_millis(200),
+    )));
+    let down = feed.down.clone();
     let (stop, stop_rx) = watch::channel(false);
     let follower = tokio::spawn(reader.bus.clone().follow(feed, stop_rx));
 
@@ -437,7 +403,7 @@ async fn stream_trimmed_past_the_last_applied_id_flushes_the_whole_cache() {
     .await;
     writer.app.admin.revoke(&id).await.unwrap();
     // Trim everything: the revocation event is gone before the reader could see it.
-    trim_all_events(&redis).await;
+    redis.trim_all_events().await;
     // While cut off, the stale entry is still served: TTL is the bound on staleness.
     assert_eq!(check(token.clone()).await, Outcome::Allowed);
 
@@ -566,7 +532,7 @@ async fn watch_after_a_trimmed_id_starts_with_reset() {
     replica.app.admin.revoke(&a).await.unwrap();
     let old = replica.app.store.latest_event_id().await.unwrap();
     replica.app.admin.revoke(&b).await.unwrap();
-    trim_all_events(&redis).await;
+    redis.trim_all_events().await;
     let mut client = watch_client(&replica).await;
     let mut stream = client
         .watch(proto::WatchRequest {
@@ -740,7 +706,7 @@ async fn a_gap_trimmed_while_connected_flushes() {
     app.store.revoke(&a, now).await.unwrap();
     app.store.revoke(&b, now).await.unwrap();
     // Both revocations are trimmed before the reader reads; then one more arrives.
-    trim_all_events(&redis).await;
+    redis.trim_all_events().await;
     app.store.revoke(&c, now).await.unwrap();
     let items = feed.read(start, false).await.unwrap();
     assert!(

@@ -15,7 +15,10 @@ use keygate::secret::Secret;
 use keygate::server::App;
 use keygate::store::memory::MemoryStore;
 use keygate::store::redis::RedisStore;
-use keygate::store::{EventId, EventKind, KeyChange, KeyRecord, KeyStatus, KeyStore, StoreError};
+use keygate::store::{
+    now_ms, EventId, EventKind, KeyChange, KeyRecord, KeyStatus, KeyStore, StoreError, StreamEntry,
+    TokenRevocation, TokenTarget,
+};
 use support::{Backend, RedisServer, OTHER_TENANT, TENANT};
 
 /// A backend under test, and a way to read its revocation events.
@@ -554,6 +557,65 @@ async fn updating_changes_only_the_named_fields_and_appends_one_event(s: Subject
     assert_eq!(s.events().await.len(), 4);
 }
 
+fn revoked_subject(before_ms: u64, at_ms: u64, expires_at_ms: u64) -> TokenRevocation {
+    TokenRevocation {
+        issuer: "idp".into(),
+        target: TokenTarget::Subject {
+            subject: "alice".into(),
+            before_ms,
+        },
+        at_ms,
+        expires_at_ms,
+    }
+}
+
+fn revoked_jti(jti: &str, at_ms: u64, expires_at_ms: u64) -> TokenRevocation {
+    TokenRevocation {
+        issuer: "idp".into(),
+        target: TokenTarget::Jti { jti: jti.into() },
+        at_ms,
+        expires_at_ms,
+    }
+}
+
+async fn token_revocations_merge_and_append_one_event_per_change(s: Subject) {
+    let now = now_ms();
+    let first = revoked_subject(now - 5_000, now, now + 60_000);
+    assert_eq!(s.store.revoke_tokens(&first).await.unwrap(), first);
+    // An earlier cut-off with an earlier expiry adds nothing: no change, no event.
+    let weaker = revoked_subject(now - 9_000, now + 1, now + 30_000);
+    assert_eq!(s.store.revoke_tokens(&weaker).await.unwrap(), first);
+    // A later cut-off wins, with its own expiry.
+    let later = revoked_subject(now - 1_000, now + 2, now + 90_000);
+    assert_eq!(s.store.revoke_tokens(&later).await.unwrap(), later);
+    let jti = revoked_jti("t-1", now + 3, now + 60_000);
+    assert_eq!(s.store.revoke_tokens(&jti).await.unwrap(), jti);
+    // One that no token can match any more is not listed.
+    let spent = revoked_jti("t-0", now + 4, now - 1);
+    s.store.revoke_tokens(&spent).await.unwrap();
+
+    let mut listed = s.store.token_revocations(now + 5).await.unwrap();
+    listed.sort_by_key(TokenRevocation::rule_key);
+    assert_eq!(listed, vec![jti.clone(), later.clone()]);
+
+    let entries = s
+        .store
+        .read_events(EventId::START, 100, None)
+        .await
+        .unwrap();
+    let carried: Vec<TokenRevocation> = entries
+        .iter()
+        .map(|e| match e {
+            StreamEntry::Tokens(t) => t.revocation.clone(),
+            other => panic!("not a token revocation: {other:?}"),
+        })
+        .collect();
+    assert_eq!(carried, vec![first, later, jti, spent]);
+    let positions: Vec<EventId> = entries.iter().map(StreamEntry::position).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    assert_eq!(s.store.latest_event_id().await.unwrap(), positions[3]);
+}
+
 macro_rules! conformance {
     ($($case:ident),+ $(,)?) => {
         mod memory {
@@ -584,7 +646,37 @@ conformance!(
     deleting_removes_the_key_and_its_index_entry,
     revocation_events_read_back_in_order_from_any_position,
     updating_changes_only_the_named_fields_and_appends_one_event,
+    token_revocations_merge_and_append_one_event_per_change,
 );
+
+/// A token revocation this version cannot read (corrupt, or a newer shape) names no key:
+/// a reader must flush everything, which `Unreadable` without a key id tells it to do.
+#[tokio::test]
+async fn an_unreadable_token_revocation_on_the_stream_is_unreadable_without_a_key() {
+    let s = Subject::redis().await;
+    let EventSource::Redis(store, server) = &s.events else {
+        unreachable!()
+    };
+    let mut conn = server.connection().await;
+    let _: String = ::redis::cmd("XADD")
+        .arg(store.events_key())
+        .arg("*")
+        .arg("kind")
+        .arg(keygate::store::TOKENS_REVOKED)
+        .arg("rule")
+        .arg("{\"issuer\": \"idp\"")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let entries = s.store.read_events(EventId::START, 10, None).await.unwrap();
+    assert!(
+        matches!(
+            entries.as_slice(),
+            [StreamEntry::Unreadable { key_id: None, .. }]
+        ),
+        "{entries:?}"
+    );
+}
 
 // ---------------------------------------------------------------------------------------
 // Redis only

@@ -2,9 +2,11 @@
 //! after events were lost), kept current by the revocation stream, and asked on every
 //! JWT check, cached or not, so a revocation takes effect the moment it arrives.
 //!
-//! While the set is not known to be complete (before the first load, and between a lost
-//! stretch of events and the reload), a JWT can be neither allowed nor denied: the
-//! caller gets `Incomplete` and answers UNAVAILABLE, never a guess.
+//! While the set is not known to be complete (between a lost stretch of events and the
+//! reload), a JWT can be neither allowed nor denied: the caller gets `Incomplete` and
+//! answers UNAVAILABLE, never a guess. A new set is empty and complete: nothing is
+//! answered before the first load anyway, because the served adapters wait for the
+//! follower's position (`api::starting`), which it takes only after loading.
 //! It must not hold anything but what revocations name: issuer names, `jti`s, subjects.
 
 use std::collections::HashMap;
@@ -19,7 +21,6 @@ use crate::store::{TokenRevocation, TokenTarget};
 #[error("the JWT revocations are not loaded yet")]
 pub struct Incomplete;
 
-#[derive(Default)]
 pub struct RevokedTokens {
     by_issuer: RwLock<HashMap<String, IssuerRevocations>>,
     /// How many revocations are held: with none (the usual case) a check is two loads.
@@ -33,6 +34,16 @@ struct IssuerRevocations {
     jtis: HashMap<String, u64>,
     /// subject → (cut-off, expiry), unix ms.
     subjects: HashMap<String, (u64, u64)>,
+}
+
+impl Default for RevokedTokens {
+    fn default() -> Self {
+        RevokedTokens {
+            by_issuer: RwLock::default(),
+            held: AtomicUsize::new(0),
+            complete: AtomicBool::new(true),
+        }
+    }
 }
 
 impl RevokedTokens {
@@ -153,7 +164,12 @@ mod tests {
     use super::*;
     use crate::principal::{CredentialKind, Environment, KeyKind};
 
-    fn jwt_principal(issuer: &str, subject: &str, jti: Option<&str>, iat: Option<u64>) -> Principal {
+    fn jwt_principal(
+        issuer: &str,
+        subject: &str,
+        jti: Option<&str>,
+        iat: Option<u64>,
+    ) -> Principal {
         let mut p = Principal::new(
             "t".into(),
             subject.into(),
@@ -168,7 +184,12 @@ mod tests {
         p
     }
 
-    fn by_subject(issuer: &str, subject: &str, before_ms: u64, expires_at_ms: u64) -> TokenRevocation {
+    fn by_subject(
+        issuer: &str,
+        subject: &str,
+        before_ms: u64,
+        expires_at_ms: u64,
+    ) -> TokenRevocation {
         TokenRevocation {
             issuer: issuer.into(),
             target: TokenTarget::Subject {
@@ -181,14 +202,14 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_judged_before_the_first_load() {
+    fn nothing_is_judged_between_a_loss_and_the_reload() {
         let set = RevokedTokens::new();
         let p = jwt_principal("idp", "alice", None, Some(10));
-        assert_eq!(set.is_revoked(&p, 0), Err(Incomplete));
-        set.load(&[]);
         assert_eq!(set.is_revoked(&p, 0), Ok(false));
         set.mark_incomplete();
         assert_eq!(set.is_revoked(&p, 0), Err(Incomplete));
+        set.load(&[by_subject("idp", "alice", 20_000, 1_000_000)]);
+        assert_eq!(set.is_revoked(&p, 0), Ok(true));
     }
 
     #[test]

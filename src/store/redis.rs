@@ -253,7 +253,9 @@ fn decode_entry(entry: &redis::streams::StreamId) -> Result<StreamEntry, StoreEr
     if text("kind").as_deref() == Some(TOKENS_REVOKED) {
         return Ok(
             match text("rule").map(|r| serde_json::from_str::<TokenRevocation>(&r)) {
-                Some(Ok(revocation)) => StreamEntry::Tokens(TokenRevocationEvent { id, revocation }),
+                Some(Ok(revocation)) => {
+                    StreamEntry::Tokens(TokenRevocationEvent { id, revocation })
+                }
                 Some(Err(e)) => unreadable(format!("token revocation cannot be read: {e}")),
                 None => unreadable("token revocation without its rule".into()),
             },

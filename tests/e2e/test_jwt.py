@@ -1,9 +1,12 @@
 """JWTs through the real Envoy: keygate configured (by environment overrides alone) with
 one HS256 issuer, its shared secret from the environment. A valid token passes in
 `x-access-token` or `authorization: Bearer`; an unsigned, expired or wrongly addressed one
-is 401 `invalid_token` and never reaches the upstream."""
+is 401 `invalid_token` and never reaches the upstream. `keygate tokens revoke` stops a
+token through Envoy at once: by subject before a time (a dashboard rotation), or by
+`jti`."""
 
 import base64
+import datetime
 import hashlib
 import hmac
 import json
@@ -86,3 +89,61 @@ def test_a_valid_jwt_passes_with_its_identity_and_without_itself(jwt_stack, head
 def test_a_bad_jwt_is_invalid_token(jwt_stack, what, token):
     resp = jwt_stack.request("GET", "/v1/contacts/42", [("x-access-token", token)])
     assert_denied(resp, 401, "invalid_token")
+
+
+def rfc3339(unix: int) -> str:
+    return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_a_rotation_revokes_the_old_token_and_the_new_one_passes(jwt_stack):
+    now = int(time.time())
+    old = jwt(claims(sub="dashboard-1", iat=now - 600))
+    newer = jwt(claims(sub="dashboard-1", iat=now - 10))
+    other = jwt(claims(sub="dashboard-2", iat=now - 600))
+    for token in (old, newer, other):
+        assert_allowed(jwt_stack.request("GET", "/v1/contacts/1", [("x-access-token", token)]))
+    cut = rfc3339(now - 60)
+    result = jwt_stack.keygate.cli(
+        "tokens", "revoke", "--issuer", "e2e", "--subject", "dashboard-1", "--before", cut, "--json"
+    )
+    assert result.code == 0, str(result)
+    revocation = result.json()
+    assert revocation["issuer"] == "e2e", str(result)
+    assert revocation["subject"] == "dashboard-1", str(result)
+    assert revocation["issued_before"] == cut, str(result)
+    assert revocation["jti"] is None, str(result)
+    # Cached a moment ago, denied now: the revocation reaches the cached answer.
+    assert_denied(jwt_stack.request("GET", "/v1/contacts/1", [("x-access-token", old)]), 401, "invalid_token")
+    assert_allowed(jwt_stack.request("GET", "/v1/contacts/1", [("x-access-token", newer)]))
+    assert_allowed(jwt_stack.request("GET", "/v1/contacts/1", [("x-access-token", other)]))
+
+
+def test_a_token_revoked_by_jti_is_denied_and_its_siblings_pass(jwt_stack):
+    doomed = jwt(claims(sub="user-jti", jti="tok-doomed"))
+    sibling = jwt(claims(sub="user-jti", jti="tok-kept"))
+    for token in (doomed, sibling):
+        assert_allowed(jwt_stack.request("GET", "/v1/contacts/2", [("authorization", f"Bearer {token}")]))
+    result = jwt_stack.keygate.cli("tokens", "revoke", "--issuer", "e2e", "--jti", "tok-doomed")
+    assert result.code == 0, str(result)
+    assert "tok-doomed" in result.stdout, str(result)
+    assert_denied(
+        jwt_stack.request("GET", "/v1/contacts/2", [("authorization", f"Bearer {doomed}")]), 401, "invalid_token"
+    )
+    assert_allowed(jwt_stack.request("GET", "/v1/contacts/2", [("authorization", f"Bearer {sibling}")]))
+
+
+@pytest.mark.parametrize(
+    "args,names",
+    [
+        (["--issuer", "nobody", "--jti", "x"], "issuer"),
+        (["--issuer", "e2e", "--jti", "x", "--subject", "y"], "--subject"),
+        (["--issuer", "e2e"], "--jti"),
+        (["--issuer", "e2e", "--jti", "x", "--before", "1700000000"], "--subject"),
+        (["--issuer", "e2e", "--subject", "y", "--before", "yesterday"], "--before"),
+        (["--issuer", "e2e", "--subject", "y", "--before", "4102444800"], "before"),
+    ],
+)
+def test_a_bad_revocation_names_what_is_wrong(jwt_stack, args, names):
+    result = jwt_stack.keygate.cli("tokens", "revoke", *args)
+    assert result.code != 0, str(result)
+    assert names in result.stderr, str(result)

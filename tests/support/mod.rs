@@ -137,6 +137,19 @@ impl RedisServer {
     }
 
     /// A direct connection, for tests that inspect what keygate wrote.
+    /// Trims the test namespace's revocation stream to nothing, as MAXLEN would after
+    /// many events.
+    pub async fn trim_all_events(&self) {
+        let mut conn = self.connection().await;
+        let _: i64 = redis::cmd("XTRIM")
+            .arg("kgtest:{keys}:events")
+            .arg("MAXLEN")
+            .arg(0)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         let client = redis::Client::open(self.connection_info()).expect("valid redis url");
         tokio::time::timeout(PATIENCE, client.get_multiplexed_async_connection())
@@ -497,6 +510,21 @@ impl KeyStore for CountingStore {
         self.inner.delete(key_id, at_ms).await
     }
 
+    async fn revoke_tokens(
+        &self,
+        revocation: &keygate::store::TokenRevocation,
+    ) -> Result<keygate::store::TokenRevocation, StoreError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.revoke_tokens(revocation).await
+    }
+
+    async fn token_revocations(
+        &self,
+        now_ms: u64,
+    ) -> Result<Vec<keygate::store::TokenRevocation>, StoreError> {
+        self.inner.token_revocations(now_ms).await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
@@ -520,6 +548,59 @@ impl KeyStore for CountingStore {
 
     async fn events_lost_after(&self, after: EventId) -> Result<bool, StoreError> {
         self.inner.events_lost_after(after).await
+    }
+}
+
+/// A feed that can be cut off on demand, to make "while disconnected" deterministic.
+pub struct SwitchableFeed {
+    inner: keygate::revocation::StoreFeed,
+    pub down: Arc<std::sync::atomic::AtomicBool>,
+    /// Only the loading of JWT revocations fails.
+    pub revocations_down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SwitchableFeed {
+    pub fn new(inner: keygate::revocation::StoreFeed) -> SwitchableFeed {
+        SwitchableFeed {
+            inner,
+            down: Arc::default(),
+            revocations_down: Arc::default(),
+        }
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("switched off by the test".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl keygate::revocation::EventFeed for SwitchableFeed {
+    async fn start_position(&self) -> Result<EventId, StoreError> {
+        self.inner.start_position().await
+    }
+
+    async fn read(
+        &self,
+        after: EventId,
+        resync: bool,
+    ) -> Result<Vec<keygate::revocation::FeedItem>, StoreError> {
+        if let Err(e) = self.check() {
+            // As a real feed would, take a moment to fail.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Err(e);
+        }
+        self.inner.read(after, resync).await
+    }
+
+    async fn token_revocations(&self) -> Result<Vec<keygate::store::TokenRevocation>, StoreError> {
+        self.check()?;
+        if self.revocations_down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("switched off by the test".into()));
+        }
+        self.inner.token_revocations().await
     }
 }
 
