@@ -157,7 +157,7 @@ pub enum TokensCommand {
         subject: Option<String>,
         /// With --subject: revoke tokens issued before this (RFC 3339, e.g.
         /// 2026-12-01T10:00:00Z, or unix seconds). Default: now.
-        #[arg(long, requires = "subject")]
+        #[arg(long)]
         before: Option<String>,
         #[command(flatten)]
         admin: AdminArgs,

@@ -138,7 +138,7 @@ def test_a_token_revoked_by_jti_is_denied_and_its_siblings_pass(jwt_stack):
         (["--issuer", "nobody", "--jti", "x"], "issuer"),
         (["--issuer", "e2e", "--jti", "x", "--subject", "y"], "--subject"),
         (["--issuer", "e2e"], "--jti"),
-        (["--issuer", "e2e", "--jti", "x", "--before", "1700000000"], "--subject"),
+        (["--issuer", "e2e", "--jti", "x", "--before", "1700000000"], "before: only with subject"),
         (["--issuer", "e2e", "--subject", "y", "--before", "yesterday"], "--before"),
         (["--issuer", "e2e", "--subject", "y", "--before", "4102444800"], "before"),
     ],
