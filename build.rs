@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/keygate/v1/authorizer.proto",
                 "proto/keygate/v1/keys.proto",
+                "proto/keygate/v1/partners.proto",
                 "proto/keygate/v1/revocations.proto",
             ],
             &["proto"],

@@ -254,6 +254,8 @@ pub fn principal_of(record: &KeyRecord) -> Principal {
         record.scopes.clone(),
     );
     p.key_id = Some(record.key_id.clone());
+    p.partner_id = record.partner_id.clone();
+    p.service = record.service.clone();
     p.plan = record.plan.clone();
     p.expires_at = Some(record.expires_at_ms);
     p

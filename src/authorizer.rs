@@ -11,21 +11,28 @@ use crate::decision::{Allowed, Decision, DenyReason, Unavailable};
 use crate::policy::{Policy, Requirement};
 use crate::request::{normalize_path, AuthRequest};
 use crate::telemetry::metrics;
-use crate::tenant;
+use crate::tenant::{self, Delegations, TenantFailure};
 
 pub struct Authorizer {
     policy: Policy,
     credentials: CredentialSource,
     authn: Authenticator,
+    delegations: Arc<Delegations>,
     tenant_header: String,
 }
 
 impl Authorizer {
-    pub fn new(policy_cfg: &PolicyConfig, policy: Policy, authn: Authenticator) -> Self {
+    pub fn new(
+        policy_cfg: &PolicyConfig,
+        policy: Policy,
+        authn: Authenticator,
+        delegations: Arc<Delegations>,
+    ) -> Self {
         Authorizer {
             policy,
             credentials: CredentialSource::new(policy_cfg),
             authn,
+            delegations,
             tenant_header: policy_cfg.tenant_header.clone(),
         }
     }
@@ -99,22 +106,26 @@ impl Authorizer {
         let Some(route) = route else {
             return Decision::deny(DenyReason::InsufficientPermissions);
         };
-        if !route.accepts(principal.credential) {
+        if !route.accepts(&principal) {
             return Decision::deny(DenyReason::InsufficientPermissions);
         }
+        let header = req.header(&self.tenant_header);
         let effective_tenant =
-            match tenant::resolve(&principal, route.tenant, req.header(&self.tenant_header)) {
+            match tenant::resolve(&principal, route.tenant, header, &self.delegations).await {
                 Ok(t) => t,
-                Err(reason) => return Decision::deny(reason),
+                Err(TenantFailure::Deny(reason)) => return Decision::deny(reason),
+                Err(TenantFailure::Unavailable) => {
+                    return Decision::Unavailable(Unavailable { backend: "store" })
+                }
             };
         if let Requirement::Scope(scope) = &route.requirement {
-            if !self.policy.grants(&principal.scopes, scope) {
+            if !self.policy.grants_to(&principal, scope) {
                 return Decision::deny(DenyReason::InsufficientPermissions);
             }
         }
         Decision::Allow(Allowed {
             principal: Some(Arc::clone(&principal)),
-            effective_tenant: Some(effective_tenant),
+            effective_tenant,
             route: route.name.clone(),
         })
     }

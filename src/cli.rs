@@ -40,6 +40,9 @@ pub enum Command {
     /// Revoke JWTs of a configured issuer (talks to the admin listener).
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Which tenants partners may act for (talks to the admin listener).
+    #[command(subcommand)]
+    Partners(PartnersCommand),
     /// Ask a running keygate whether a request with this token may pass.
     Check(CheckArgs),
 }
@@ -77,8 +80,18 @@ pub struct AdminArgs {
 pub enum KeysCommand {
     /// Create a key. The token is printed once and cannot be shown again.
     Create {
-        #[arg(long)]
+        /// tenant (with --tenant), partner (with --partner) or runtime (with --service).
+        #[arg(long, default_value = "tenant")]
+        kind: String,
+        /// The tenant a tenant key belongs to.
+        #[arg(long, default_value = "")]
         tenant: String,
+        /// The partner a partner key belongs to; it acts for the tenants delegated to it.
+        #[arg(long, default_value = "")]
+        partner: String,
+        /// The internal service a runtime key belongs to.
+        #[arg(long, default_value = "")]
+        service: String,
         /// Comma-separated scopes, e.g. contacts:read,contacts:write.
         #[arg(long, value_delimiter = ',')]
         scopes: Vec<String>,
@@ -95,10 +108,14 @@ pub enum KeysCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// List a tenant's keys (metadata only).
+    /// List the keys of a tenant, a partner or a service (metadata only).
     List {
-        #[arg(long)]
+        #[arg(long, default_value = "")]
         tenant: String,
+        #[arg(long, default_value = "")]
+        partner: String,
+        #[arg(long, default_value = "")]
+        service: String,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -135,6 +152,34 @@ pub enum KeysCommand {
     /// Delete a key.
     Delete {
         key_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PartnersCommand {
+    /// Let PARTNER's keys act for TENANT (naming it in X-Tenant-Id).
+    Delegate {
+        partner: String,
+        tenant: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Withdraw it: every replica refuses PARTNER in TENANT at once.
+    Undelegate {
+        partner: String,
+        tenant: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List a partner's tenants, or a tenant's partners.
+    #[command(group = clap::ArgGroup::new("of").required(true).args(["partner", "tenant"]))]
+    Delegations {
+        #[arg(long)]
+        partner: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -188,6 +233,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve(args) => serve(args).await.map(|_| 0),
         Command::Keys(cmd) => keys(cmd).await.map(|_| 0),
         Command::Tokens(cmd) => tokens(cmd).await.map(|_| 0),
+        Command::Partners(cmd) => partners(cmd).await.map(|_| 0),
         Command::Check(args) => check(args).await,
     }
 }
@@ -325,7 +371,10 @@ type AdminInterceptor =
 type AdminClient =
     KeysClient<tonic::service::interceptor::InterceptedService<Channel, AdminInterceptor>>;
 
-async fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+/// The admin listener's channel with the admin credential on every call.
+async fn admin_channel(
+    args: &AdminArgs,
+) -> anyhow::Result<tonic::service::interceptor::InterceptedService<Channel, AdminInterceptor>> {
     let dev = read_dev_state();
     let from_dev = |field: &str| {
         dev.as_ref()
@@ -349,7 +398,14 @@ async fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
         req.metadata_mut().insert("authorization", header.clone());
         Ok(req)
     });
-    Ok(KeysClient::with_interceptor(channel, interceptor))
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel,
+        interceptor,
+    ))
+}
+
+async fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+    Ok(KeysClient::new(admin_channel(args).await?))
 }
 
 /// An optional protobuf timestamp as RFC 3339, for output.
@@ -361,6 +417,8 @@ fn key_json(k: &proto::Key) -> serde_json::Value {
     json!({
         "key_id": k.key_id,
         "tenant_id": k.tenant_id,
+        "partner_id": (!k.partner_id.is_empty()).then_some(&k.partner_id),
+        "service": (!k.service.is_empty()).then_some(&k.service),
         "name": k.name,
         "kind": k.kind,
         "environment": k.environment,
@@ -381,7 +439,16 @@ fn print_key(k: &proto::Key, json_out: bool) {
         return;
     }
     println!("key_id:      {}", k.key_id);
-    println!("tenant_id:   {}", k.tenant_id);
+    if !k.tenant_id.is_empty() {
+        println!("tenant_id:   {}", k.tenant_id);
+    }
+    if !k.partner_id.is_empty() {
+        println!("partner_id:  {}", k.partner_id);
+    }
+    if !k.service.is_empty() {
+        println!("service:     {}", k.service);
+    }
+    println!("kind:        {}", k.kind);
     if !k.name.is_empty() {
         println!("name:        {}", k.name);
     }
@@ -421,7 +488,10 @@ fn expires_in_seconds(arg: Option<&str>) -> anyhow::Result<i64> {
 async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Create {
+            kind,
             tenant,
+            partner,
+            service,
             scopes,
             env,
             name,
@@ -429,17 +499,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             plan,
             admin,
         } => {
-            let expires_in_seconds = match expires_in {
-                Some(s) => {
-                    let d = crate::config::parse_duration(&s)
-                        .map_err(|e| anyhow!("--expires-in: {e}"))?;
-                    if d.as_secs() == 0 {
-                        bail!("--expires-in: must be at least one second");
-                    }
-                    d.as_secs() as i64
-                }
-                None => 0,
-            };
+            let expires_in_seconds = expires_in_seconds(expires_in.as_deref())?;
             let mut client = admin_client(&admin).await?;
             let resp = client
                 .create_key(proto::CreateKeyRequest {
@@ -447,9 +507,11 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                     name,
                     scopes: scopes.into_iter().filter(|s| !s.is_empty()).collect(),
                     environment: env,
-                    kind: String::new(),
+                    kind,
                     expires_in_seconds,
                     plan,
+                    partner_id: partner,
+                    service,
                 })
                 .await
                 .map_err(grpc_error)?
@@ -467,7 +529,12 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        KeysCommand::List { tenant, admin } => {
+        KeysCommand::List {
+            tenant,
+            partner,
+            service,
+            admin,
+        } => {
             let mut client = admin_client(&admin).await?;
             let mut all = Vec::new();
             let mut page_token = String::new();
@@ -475,6 +542,8 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 let resp = client
                     .list_keys(proto::ListKeysRequest {
                         tenant_id: tenant.clone(),
+                        partner_id: partner.clone(),
+                        service: service.clone(),
                         page_size: 1000,
                         page_token: page_token.clone(),
                     })
@@ -566,6 +635,80 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 println!("deleted {key_id}");
             }
         }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// partners
+
+async fn partners(cmd: PartnersCommand) -> anyhow::Result<()> {
+    use crate::api::proto::partners_client::PartnersClient;
+    let delegation_json =
+        |d: &proto::Delegation| json!({"partner_id": d.partner_id, "tenant_id": d.tenant_id});
+    let (partner, tenant, admin, granted) = match cmd {
+        PartnersCommand::Delegations {
+            partner,
+            tenant,
+            admin,
+        } => {
+            let all = PartnersClient::new(admin_channel(&admin).await?)
+                .list_delegations(proto::ListDelegationsRequest {
+                    partner_id: partner.unwrap_or_default(),
+                    tenant_id: tenant.unwrap_or_default(),
+                })
+                .await
+                .map_err(grpc_error)?
+                .into_inner()
+                .delegations;
+            if admin.json {
+                let list: Vec<_> = all.iter().map(delegation_json).collect();
+                println!("{}", json!({ "delegations": list }));
+            } else {
+                println!("{:<40} TENANT", "PARTNER");
+                for d in &all {
+                    println!("{:<40} {}", d.partner_id, d.tenant_id);
+                }
+            }
+            return Ok(());
+        }
+        PartnersCommand::Delegate {
+            partner,
+            tenant,
+            admin,
+        } => (partner, tenant, admin, true),
+        PartnersCommand::Undelegate {
+            partner,
+            tenant,
+            admin,
+        } => (partner, tenant, admin, false),
+    };
+    let mut client = PartnersClient::new(admin_channel(&admin).await?);
+    let req = proto::DelegationRequest {
+        partner_id: partner,
+        tenant_id: tenant,
+    };
+    let resp = if granted {
+        client.delegate(req).await
+    } else {
+        client.undelegate(req).await
+    }
+    .map_err(grpc_error)?
+    .into_inner();
+    let d = resp.delegation.unwrap_or_default();
+    if admin.json {
+        let mut v = delegation_json(&d);
+        v["delegated"] = json!(granted);
+        v["changed"] = json!(resp.changed);
+        println!("{v}");
+    } else {
+        let what = if granted {
+            "may act for"
+        } else {
+            "may no longer act for"
+        };
+        let note = if resp.changed { "" } else { " (unchanged)" };
+        println!("{} {what} {}{note}", d.partner_id, d.tenant_id);
     }
     Ok(())
 }

@@ -14,11 +14,12 @@ use crate::jwt::JwtVerifier;
 use crate::policy::valid_held_scope;
 use crate::principal::{Environment, KeyKind};
 use crate::store::{
-    now_ms, EventKind, KeyChange, KeyPage, KeyRecord, KeyStore, StoreError, TokenRevocation,
-    TokenTarget,
+    now_ms, Delegation, DelegationsOf, EventKind, KeyChange, KeyPage, KeyRecord, KeyStore, Owner,
+    StoreError, TokenRevocation, TokenTarget,
 };
 use crate::telemetry::metrics;
 use crate::tenant::parse_tenant;
+use crate::tenant::Delegations;
 
 pub const MAX_PAGE_SIZE: usize = 1000;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -66,6 +67,10 @@ pub struct NewKey {
     pub environment: String,
     /// Empty: tenant.
     pub kind: String,
+    /// For partner keys: the partner they belong to.
+    pub partner_id: String,
+    /// For runtime keys: the internal service they belong to.
+    pub service: String,
     pub expires_in: Option<Duration>,
     pub plan: String,
 }
@@ -92,6 +97,8 @@ pub struct KeyAdmin {
     hasher: SecretHasher,
     cache: Arc<CredentialCache>,
     cfg: ApiKeysConfig,
+    /// `policy.partner_scopes`: only partner keys may hold them.
+    partner_scopes: Vec<String>,
 }
 
 impl KeyAdmin {
@@ -100,18 +107,41 @@ impl KeyAdmin {
         hasher: SecretHasher,
         cache: Arc<CredentialCache>,
         cfg: ApiKeysConfig,
+        partner_scopes: Vec<String>,
     ) -> Self {
         KeyAdmin {
             store,
             hasher,
             cache,
             cfg,
+            partner_scopes,
         }
     }
 
+    /// Scopes for a key of `kind`: valid, de-duplicated, and partner scopes only for
+    /// partner keys.
+    fn scopes_for(&self, kind: KeyKind, requested: &[String]) -> Result<Vec<String>, AdminError> {
+        let scopes = check_scopes(requested)?;
+        if kind != KeyKind::Partner {
+            if let Some(s) = scopes
+                .iter()
+                .find(|s| crate::policy::partner_only(&self.partner_scopes, s))
+            {
+                return Err(invalid(
+                    "scopes",
+                    format!("`{s}` is a partner scope: only partner keys may hold it"),
+                ));
+            }
+        }
+        Ok(scopes)
+    }
+
     pub async fn create(&self, req: NewKey) -> Result<CreatedKey, AdminError> {
-        let tenant_id = parse_tenant(req.tenant_id.trim())
-            .ok_or_else(|| invalid("tenant_id", "must be a UUID"))?;
+        let kind = match req.kind.as_str() {
+            "" => KeyKind::Tenant,
+            k => k.parse().map_err(|m: String| invalid("kind", m))?,
+        };
+        let owner = owner_of_new(kind, &req)?;
         let environment = match req.environment.as_str() {
             "" => Environment::Live,
             e => e.parse().map_err(|m: String| invalid("environment", m))?,
@@ -122,18 +152,7 @@ impl KeyAdmin {
                 "this deployment does not accept test keys",
             ));
         }
-        let kind = match req.kind.as_str() {
-            "" => KeyKind::Tenant,
-            k => k.parse().map_err(|m: String| invalid("kind", m))?,
-        };
-        if kind != KeyKind::Tenant {
-            return Err(invalid(
-                "kind",
-                "only tenant keys can be created in this version (partner and runtime keys \
-                 come with delegation)",
-            ));
-        }
-        let scopes = check_scopes(&req.scopes)?;
+        let scopes = self.scopes_for(kind, &req.scopes)?;
         let lifetime = self.check_lifetime(req.expires_in.unwrap_or(self.cfg.default_lifetime))?;
         let plan = check_plan(&req.plan)?;
         let name = check_name(&req.name)?;
@@ -152,7 +171,18 @@ impl KeyAdmin {
                 &generated.key_id,
             ),
             key_id: generated.key_id,
-            tenant_id,
+            tenant_id: match &owner {
+                Owner::Tenant(t) => t.clone(),
+                _ => String::new(),
+            },
+            partner_id: match &owner {
+                Owner::Partner(p) => Some(p.clone()),
+                _ => None,
+            },
+            service: match &owner {
+                Owner::Service(s) => Some(s.clone()),
+                _ => None,
+            },
             name,
             kind,
             environment,
@@ -165,7 +195,7 @@ impl KeyAdmin {
         };
         self.store.create(&record).await?;
         metrics().keys_created.inc();
-        tracing::info!(key_id = %record.key_id, tenant = %record.tenant_id, "API key created");
+        tracing::info!(key_id = %record.key_id, owner = %owner.index_name(), "API key created");
         Ok(CreatedKey {
             record,
             token: generated.token,
@@ -176,9 +206,21 @@ impl KeyAdmin {
     /// principal through the `updated` event written in the same step.
     pub async fn update(&self, key_id: &str, req: KeyUpdate) -> Result<KeyRecord, AdminError> {
         let key_id = check_key_id(key_id)?;
+        let scopes = match req.scopes.as_deref() {
+            // Which scopes a key may hold depends on its kind.
+            Some(requested) => {
+                let current = self
+                    .store
+                    .get(key_id)
+                    .await?
+                    .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
+                Some(self.scopes_for(current.kind, requested)?)
+            }
+            None => None,
+        };
         let change = KeyChange {
             name: req.name.as_deref().map(check_name).transpose()?,
-            scopes: req.scopes.as_deref().map(check_scopes).transpose()?,
+            scopes,
             plan: req.plan.as_deref().map(check_plan).transpose()?,
             expires_at_ms: req
                 .expires_in
@@ -220,14 +262,14 @@ impl KeyAdmin {
             .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))
     }
 
+    /// One owner's keys: give exactly one of a tenant, a partner or a service.
     pub async fn list(
         &self,
-        tenant_id: &str,
+        owner: &KeyOwner,
         page_size: usize,
         after: Option<&str>,
     ) -> Result<KeyPage, AdminError> {
-        let tenant_id =
-            parse_tenant(tenant_id.trim()).ok_or_else(|| invalid("tenant_id", "must be a UUID"))?;
+        let owner = owner.check()?;
         let limit = match page_size {
             0 => DEFAULT_PAGE_SIZE,
             n if n <= MAX_PAGE_SIZE => n,
@@ -243,7 +285,7 @@ impl KeyAdmin {
                 return Err(invalid("page_token", "is not a token this API returned"));
             }
         }
-        Ok(self.store.list(&tenant_id, after, limit).await?)
+        Ok(self.store.list(&owner, after, limit).await?)
     }
 
     pub async fn revoke(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
@@ -270,6 +312,92 @@ impl KeyAdmin {
         tracing::info!(key_id, "API key deleted");
         Ok(record)
     }
+}
+
+/// Whose keys to list, as given by the caller (unvalidated; empty means not given).
+#[derive(Debug, Clone, Default)]
+pub struct KeyOwner {
+    pub tenant_id: String,
+    pub partner_id: String,
+    pub service: String,
+}
+
+impl KeyOwner {
+    fn check(&self) -> Result<Owner, AdminError> {
+        let given = |s: &str| !s.trim().is_empty();
+        match (
+            given(&self.tenant_id),
+            given(&self.partner_id),
+            given(&self.service),
+        ) {
+            (true, false, false) => Ok(Owner::Tenant(check_tenant(&self.tenant_id)?)),
+            (false, true, false) => Ok(Owner::Partner(
+                check_id("partner_id", &self.partner_id)?.to_owned(),
+            )),
+            (false, false, true) => Ok(Owner::Service(
+                check_id("service", &self.service)?.to_owned(),
+            )),
+            _ => Err(invalid(
+                "tenant_id",
+                "give exactly one of tenant_id, partner_id and service",
+            )),
+        }
+    }
+}
+
+/// Whom a new key of `kind` belongs to: a tenant key to a tenant, a partner key to a
+/// partner, a runtime key to a service, and nothing else given.
+fn owner_of_new(kind: KeyKind, req: &NewKey) -> Result<Owner, AdminError> {
+    let not_for = |field: &'static str, value: &str, what: &str| {
+        if value.trim().is_empty() {
+            Ok(())
+        } else {
+            Err(invalid(field, format!("must be empty for {what}")))
+        }
+    };
+    match kind {
+        KeyKind::Tenant => {
+            not_for("partner_id", &req.partner_id, "a tenant key")?;
+            not_for("service", &req.service, "a tenant key")?;
+            Ok(Owner::Tenant(check_tenant(&req.tenant_id)?))
+        }
+        KeyKind::Partner => {
+            not_for(
+                "tenant_id",
+                &req.tenant_id,
+                "a partner key (it acts for the tenants delegated to its partner)",
+            )?;
+            not_for("service", &req.service, "a partner key")?;
+            Ok(Owner::Partner(
+                check_id("partner_id", &req.partner_id)?.to_owned(),
+            ))
+        }
+        KeyKind::Runtime => {
+            not_for("tenant_id", &req.tenant_id, "a runtime key")?;
+            not_for("partner_id", &req.partner_id, "a runtime key")?;
+            Ok(Owner::Service(
+                check_id("service", &req.service)?.to_owned(),
+            ))
+        }
+    }
+}
+
+fn check_tenant(tenant_id: &str) -> Result<String, AdminError> {
+    parse_tenant(tenant_id.trim()).ok_or_else(|| invalid("tenant_id", "must be a UUID"))
+}
+
+/// A partner id or service name: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+fn check_id<'a>(field: &'static str, id: &'a str) -> Result<&'a str, AdminError> {
+    let id = id.trim();
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(invalid(field, "must be 1 to 64 of A-Z a-z 0-9 . _ -"));
+    }
+    Ok(id)
 }
 
 fn check_name(name: &str) -> Result<String, AdminError> {
@@ -432,5 +560,56 @@ impl TokenAdmin {
             at_ms: now,
             expires_at_ms: cutoff.saturating_add(lifetime.as_millis() as u64),
         })
+    }
+}
+
+/// Delegations: which tenants a partner's keys may act for. A change is written with its
+/// stream event and forgotten here at once (other replicas forget on the event).
+pub struct PartnerAdmin {
+    store: Arc<dyn KeyStore>,
+    delegations: Arc<Delegations>,
+}
+
+impl PartnerAdmin {
+    pub fn new(store: Arc<dyn KeyStore>, delegations: Arc<Delegations>) -> Self {
+        PartnerAdmin { store, delegations }
+    }
+
+    /// Grants (`granted`) or withdraws; returns whether anything changed.
+    pub async fn set(
+        &self,
+        partner_id: &str,
+        tenant_id: &str,
+        granted: bool,
+    ) -> Result<(Delegation, bool), AdminError> {
+        let d = Delegation {
+            partner_id: check_id("partner_id", partner_id)?.to_owned(),
+            tenant_id: check_tenant(tenant_id)?,
+        };
+        let changed = self.store.set_delegation(&d, granted, now_ms()).await?;
+        if changed {
+            self.delegations.changed();
+        }
+        tracing::info!(partner = %d.partner_id, tenant = %d.tenant_id, granted, changed, "delegation set");
+        Ok((d, changed))
+    }
+
+    /// A partner's tenants, or a tenant's partners: exactly one of the two.
+    pub async fn list(
+        &self,
+        partner_id: &str,
+        tenant_id: &str,
+    ) -> Result<Vec<Delegation>, AdminError> {
+        let of = match (partner_id.trim().is_empty(), tenant_id.trim().is_empty()) {
+            (false, true) => DelegationsOf::Partner(check_id("partner_id", partner_id)?.to_owned()),
+            (true, false) => DelegationsOf::Tenant(check_tenant(tenant_id)?),
+            _ => {
+                return Err(invalid(
+                    "partner_id",
+                    "give exactly one of partner_id and tenant_id",
+                ))
+            }
+        };
+        Ok(self.store.delegations(&of).await?)
     }
 }

@@ -3,12 +3,12 @@
 //!
 //! Empty scopes grant nothing. A key scope `contacts:*` grants every `contacts:…` scope
 //! and `*` grants everything, except the policy's opt-in scopes, which only a key that
-//! names them exactly holds.
+//! names them exactly holds, and its partner scopes, which only partner keys hold.
 
 use std::sync::Arc;
 
 use crate::config::{ConfigError, PolicyConfig, TenantRule, Unmatched};
-use crate::principal::CredentialKind;
+use crate::principal::{CredentialKind, Environment, KeyKind, Principal};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -28,12 +28,25 @@ pub struct Route {
     pub tenant: TenantRule,
     /// `None`: any credential kind.
     pub credentials: Option<Vec<CredentialKind>>,
+    /// Runtime keys only, and runtime keys nowhere else.
+    pub internal: bool,
+    /// `None`: any environment.
+    pub environments: Option<Vec<Environment>>,
 }
 
 impl Route {
-    /// Whether this route takes a credential of this kind.
-    pub fn accepts(&self, kind: CredentialKind) -> bool {
-        self.credentials.as_ref().is_none_or(|k| k.contains(&kind))
+    /// Whether this route takes this caller at all (before its tenant and scopes): its
+    /// credential kind, runtime keys exactly on internal routes, its environment.
+    pub fn accepts(&self, p: &Principal) -> bool {
+        let runtime = p.credential == CredentialKind::ApiKey && p.kind == KeyKind::Runtime;
+        self.credentials
+            .as_ref()
+            .is_none_or(|k| k.contains(&p.credential))
+            && self.internal == runtime
+            && self
+                .environments
+                .as_ref()
+                .is_none_or(|e| e.contains(&p.environment))
     }
 }
 
@@ -50,6 +63,7 @@ pub struct Policy {
     routes: Vec<Route>,
     fallback: Option<Route>,
     opt_in_scopes: Vec<String>,
+    partner_scopes: Vec<String>,
 }
 
 impl Policy {
@@ -106,6 +120,22 @@ impl Policy {
                 }
                 methods.push(m.to_ascii_uppercase());
             }
+            if r.internal
+                && r.credentials
+                    .as_ref()
+                    .is_some_and(|k| !k.contains(&CredentialKind::ApiKey))
+            {
+                return Err(ConfigError::new(
+                    field("credentials"),
+                    "an internal route takes runtime keys, so its credentials must include api_key",
+                ));
+            }
+            if r.environments.as_ref().is_some_and(Vec::is_empty) {
+                return Err(ConfigError::new(
+                    field("environments"),
+                    "must name at least one environment",
+                ));
+            }
             routes.push(Route {
                 name: Arc::from(r.name.as_str()),
                 methods,
@@ -113,6 +143,8 @@ impl Policy {
                 requirement,
                 tenant: r.tenant.unwrap_or(default_tenant),
                 credentials: r.credentials.clone(),
+                internal: r.internal,
+                environments: r.environments.clone().or_else(|| cfg.environments.clone()),
             });
         }
         for (i, s) in cfg.opt_in_scopes.iter().enumerate() {
@@ -123,6 +155,20 @@ impl Policy {
                 ));
             }
         }
+        for (i, s) in cfg.partner_scopes.iter().enumerate() {
+            if !valid_held_scope(s) || s == "*" {
+                return Err(ConfigError::new(
+                    format!("policy.partner_scopes[{i}]"),
+                    "must be a scope or a family like `billing:partner:*`",
+                ));
+            }
+        }
+        if cfg.environments.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ConfigError::new(
+                "policy.environments",
+                "must name at least one environment",
+            ));
+        }
         let fallback = (cfg.unmatched == Unmatched::Authenticated).then(|| Route {
             name: Arc::from("unmatched"),
             methods: Vec::new(),
@@ -130,11 +176,14 @@ impl Policy {
             requirement: Requirement::Authenticated,
             tenant: default_tenant,
             credentials: None,
+            internal: false,
+            environments: cfg.environments.clone(),
         });
         Ok(Policy {
             routes,
             fallback,
             opt_in_scopes: cfg.opt_in_scopes.clone(),
+            partner_scopes: cfg.partner_scopes.clone(),
         })
     }
 
@@ -145,6 +194,14 @@ impl Policy {
             .iter()
             .find(|r| r.matches(method, path))
             .or(self.fallback.as_ref())
+    }
+
+    /// Whether `principal` holds `required`: a partner scope only a partner key can.
+    pub fn grants_to(&self, principal: &Principal, required: &str) -> bool {
+        let partner =
+            principal.credential == CredentialKind::ApiKey && principal.kind == KeyKind::Partner;
+        (partner || !partner_only(&self.partner_scopes, required))
+            && self.grants(&principal.scopes, required)
     }
 
     /// Whether `held` grants `required`.
@@ -219,6 +276,17 @@ fn compile_path(path: &str) -> Result<Vec<Segment>, String> {
     Ok(out)
 }
 
+/// Whether `scope` (held or required) falls under one of the policy's partner scopes:
+/// the same scope, or inside a `family:*` (a held `billing:partner:*` is inside
+/// `billing:*`'s family only if the pattern is that wide).
+pub fn partner_only(patterns: &[String], scope: &str) -> bool {
+    patterns.iter().any(|p| {
+        p == scope
+            || p.strip_suffix('*')
+                .is_some_and(|stem| scope.starts_with(stem))
+    })
+}
+
 /// A scope a route can require (or the policy mark opt-in): no wildcard.
 pub fn valid_required_scope(s: &str) -> bool {
     valid_scope(s) && !s.contains('*')
@@ -256,6 +324,8 @@ mod tests {
             public: scope.is_none(),
             tenant: None,
             credentials: None,
+            internal: false,
+            environments: None,
         }
     }
 

@@ -65,6 +65,8 @@ str_enum!(Environment { Live => "live", Test => "test" });
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
+    /// The tenant a tenant key or JWT belongs to; empty for partner and runtime keys,
+    /// which act for the tenant the request names (or none).
     pub tenant_id: String,
     /// `key:<key_id>` for API keys; the `sub` claim for JWTs.
     pub subject: String,
@@ -80,6 +82,9 @@ pub struct Principal {
     pub credential: CredentialKind,
     /// The JWT issuer's configured name (`jwt.issuers[].name`); `None` for API keys.
     pub issuer: Option<std::sync::Arc<str>>,
+    /// The partner a partner key belongs to, and the service a runtime key belongs to.
+    pub partner_id: Option<String>,
+    pub service: Option<String>,
     /// A JWT's `jti` and `iat` (unix seconds), for revocations that name them.
     pub jti: Option<Box<str>>,
     pub issued_at: Option<u64>,
@@ -92,6 +97,14 @@ pub fn expired(expires_at_ms: u64, now_ms: u64) -> bool {
 }
 
 impl Principal {
+    /// What the caller is, as sent upstream (`x-keygate-kind`): the key's kind, or `jwt`.
+    pub fn kind_label(&self) -> &'static str {
+        match self.credential {
+            CredentialKind::Jwt => CredentialKind::Jwt.as_str(),
+            CredentialKind::ApiKey => self.kind.as_str(),
+        }
+    }
+
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_at.is_some_and(|exp| expired(exp, now_ms))
     }
@@ -123,6 +136,8 @@ impl Principal {
             scopes_header,
             credential: CredentialKind::ApiKey,
             issuer: None,
+            partner_id: None,
+            service: None,
             jti: None,
             issued_at: None,
         }

@@ -19,10 +19,11 @@ use tokio::sync::{broadcast, watch};
 use crate::cache::CredentialCache;
 use crate::jwt::revoked::RevokedTokens;
 use crate::store::{
-    now_ms, EventId, KeyStore, RevocationEvent, StoreError, StreamEntry, TokenRevocation,
-    TokenRevocationEvent,
+    now_ms, DelegationEvent, EventId, KeyStore, RevocationEvent, StoreError, StreamEntry,
+    TokenRevocation, TokenRevocationEvent,
 };
 use crate::telemetry::metrics;
+use crate::tenant::Delegations;
 
 /// What a feed yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +31,8 @@ pub enum FeedItem {
     Event(RevocationEvent),
     /// JWTs revoked by `jti` or by subject.
     Tokens(TokenRevocationEvent),
+    /// A partner's delegation to a tenant granted or withdrawn.
+    Delegation(DelegationEvent),
     /// An event this version cannot read (a newer keygate's kind, a corrupt entry) naming
     /// a key: the key is dropped, as for any change to it. Without a readable key id an
     /// entry is a `Reset`.
@@ -47,6 +50,7 @@ impl FeedItem {
         match self {
             FeedItem::Event(e) => e.position(),
             FeedItem::Tokens(t) => t.id,
+            FeedItem::Delegation(d) => d.id,
             FeedItem::Unknown { id, .. } | FeedItem::Reset(id) => *id,
         }
     }
@@ -57,6 +61,7 @@ impl FeedItem {
         match entry {
             StreamEntry::Event(e) => FeedItem::Event(e),
             StreamEntry::Tokens(t) => FeedItem::Tokens(t),
+            StreamEntry::Delegation(d) => FeedItem::Delegation(d),
             StreamEntry::Unreadable { id, key_id, detail } => {
                 tracing::warn!(%id, key_id = key_id.as_deref().unwrap_or(""), detail, "revocation stream entry cannot be read; taking the safe side");
                 match key_id {
@@ -131,6 +136,7 @@ impl EventFeed for StoreFeed {
 pub struct RevocationBus {
     cache: Arc<CredentialCache>,
     tokens: Arc<RevokedTokens>,
+    delegations: Arc<Delegations>,
     published: broadcast::Sender<FeedItem>,
     connected: AtomicBool,
     /// Set once the follower knows where in the stream it starts: before that, nothing
@@ -144,10 +150,15 @@ pub struct RevocationBus {
 }
 
 impl RevocationBus {
-    pub fn new(cache: Arc<CredentialCache>, tokens: Arc<RevokedTokens>) -> Self {
+    pub fn new(
+        cache: Arc<CredentialCache>,
+        tokens: Arc<RevokedTokens>,
+        delegations: Arc<Delegations>,
+    ) -> Self {
         RevocationBus {
             cache,
             tokens,
+            delegations,
             published: broadcast::channel(4096).0,
             connected: AtomicBool::new(false),
             positioned: AtomicBool::new(false),
@@ -231,6 +242,13 @@ impl RevocationBus {
                     .observe(now.saturating_sub(t.revocation.at_ms) as f64 / 1000.0);
                 tracing::info!(issuer = %t.revocation.issuer, id = %t.id, "JWT revocation applied");
             }
+            FeedItem::Delegation(d) => {
+                self.delegations.changed();
+                m.revocation_events.inc();
+                m.revocation_lag
+                    .observe(now_ms().saturating_sub(d.at_ms) as f64 / 1000.0);
+                tracing::info!(partner = %d.partner_id, tenant = %d.tenant_id, granted = d.granted, id = %d.id, "delegation change applied");
+            }
             FeedItem::Unknown { id, key_id } => {
                 self.cache.invalidate_key(key_id, None);
                 m.revocation_unreadable.inc();
@@ -240,6 +258,7 @@ impl RevocationBus {
                 // JWT revocations may have been among the lost events: none is judged
                 // until they are loaded again (`follow` does that next).
                 self.tokens.mark_incomplete();
+                self.delegations.changed();
                 self.cache.invalidate_all();
                 m.revocation_flushes.inc();
                 self.flushes.fetch_add(1, Ordering::Relaxed);

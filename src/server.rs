@@ -21,7 +21,7 @@ use crate::api::envoy::{EnvoyAuthorization, EnvoyOptions};
 use crate::api::envoy_wire::AuthorizationServer;
 use crate::api::keys::{admin_auth, bearer_auth, KeysService};
 use crate::api::proto::{
-    authorizer_server::AuthorizerServer, keys_server::KeysServer,
+    authorizer_server::AuthorizerServer, keys_server::KeysServer, partners_server::PartnersServer,
     revocations_server::RevocationsServer,
 };
 use crate::api::revocations::{RevocationsService, WatchFeed};
@@ -47,6 +47,7 @@ pub struct App {
     pub authorizer: Arc<Authorizer>,
     pub admin: Arc<KeyAdmin>,
     pub token_admin: Arc<crate::keys::TokenAdmin>,
+    pub partners: Arc<crate::keys::PartnerAdmin>,
     pub bus: Arc<RevocationBus>,
     pub jwt: Arc<crate::jwt::JwtVerifier>,
     admin_token: crate::secret::Secret,
@@ -95,19 +96,37 @@ impl App {
             revoked_tokens.clone(),
         );
         let policy = Policy::compile(&config.policy)?;
-        let authorizer = Arc::new(Authorizer::new(&config.policy, policy, authn));
+        let delegations = Arc::new(crate::tenant::Delegations::new(
+            store.clone(),
+            config.cache.ttl,
+        ));
+        let authorizer = Arc::new(Authorizer::new(
+            &config.policy,
+            policy,
+            authn,
+            delegations.clone(),
+        ));
         let admin = Arc::new(KeyAdmin::new(
             store.clone(),
             hasher.clone(),
             cache.clone(),
             config.api_keys.clone(),
+            config.policy.partner_scopes.clone(),
         ));
         let token_admin = Arc::new(crate::keys::TokenAdmin::new(
             store.clone(),
             jwt.clone(),
             revoked_tokens.clone(),
         ));
-        let bus = Arc::new(RevocationBus::new(cache.clone(), revoked_tokens));
+        let partners = Arc::new(crate::keys::PartnerAdmin::new(
+            store.clone(),
+            delegations.clone(),
+        ));
+        let bus = Arc::new(RevocationBus::new(
+            cache.clone(),
+            revoked_tokens,
+            delegations,
+        ));
         Ok(App {
             config,
             store,
@@ -116,6 +135,7 @@ impl App {
             authorizer,
             admin,
             token_admin,
+            partners,
             bus,
             jwt,
             admin_token: secrets.admin_token,
@@ -337,6 +357,10 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     tasks.push(tokio::spawn(async move { Ok(grpc_server.await?) }));
 
     let admin_server = tonic::transport::Server::builder()
+        .add_service(PartnersServer::with_interceptor(
+            crate::api::partners::PartnersService::new(app.partners.clone()),
+            admin_auth(app.admin_token.clone()),
+        ))
         .add_service(KeysServer::with_interceptor(
             KeysService::new(app.admin.clone(), app.token_admin.clone()),
             admin_auth(app.admin_token.clone()),

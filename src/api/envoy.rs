@@ -101,18 +101,18 @@ impl EnvoyAuthorization {
         let identity = match allowed.principal {
             Some(principal) => {
                 let identity = Identity {
-                    tenant: allowed
-                        .effective_tenant
-                        .unwrap_or_else(|| principal.tenant_id.clone()),
+                    tenant: allowed.effective_tenant,
                     principal,
                     tenant_header: Arc::clone(&self.tenant_header),
                     metadata: self.options.dynamic_metadata,
                 };
                 // Any other x-keygate-* the client sent is not ours to vouch for: only the
                 // ones this answer overwrites may stay.
-                let set = identity.headers();
+                // Acting for no tenant: a client-sent tenant header must not pass either.
                 for name in req.headers.keys() {
-                    if name.starts_with(IDENTITY_PREFIX) && !set.iter().any(|(n, _)| n == name) {
+                    let ours = name.starts_with(IDENTITY_PREFIX)
+                        || (identity.tenant.is_none() && name.as_str() == &*self.tenant_header);
+                    if ours && !identity.headers().any(|(n, _)| n == name) {
                         remove.push(name.clone());
                     }
                 }

@@ -23,7 +23,7 @@ use prost::encoding::{
 };
 use prost::{DecodeError, Message};
 
-use crate::principal::{CredentialKind, Principal};
+use crate::principal::Principal;
 
 /// What keygate answers a Check with.
 #[derive(Debug, Clone)]
@@ -48,8 +48,9 @@ pub struct AllowAnswer {
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub principal: Arc<Principal>,
-    /// The tenant the request acts for (the principal's own, or a delegated one).
-    pub tenant: String,
+    /// The tenant the request acts for (the principal's own, or a delegated one); `None`
+    /// for a partner or runtime key acting as itself (no tenant header goes upstream).
+    pub tenant: Option<String>,
     /// The name of the tenant header (configurable).
     pub tenant_header: Arc<str>,
     /// Whether the principal also goes into `dynamic_metadata`.
@@ -60,8 +61,11 @@ pub struct Identity {
 pub const HEADER_SUBJECT: &str = "x-keygate-subject";
 pub const HEADER_KEY_ID: &str = "x-keygate-key-id";
 pub const HEADER_SCOPES: &str = "x-keygate-scopes";
-/// Set instead of the key id when the credential is a JWT.
+/// `tenant`, `partner`, `runtime` or `jwt`.
 pub const HEADER_KIND: &str = "x-keygate-kind";
+pub const HEADER_ENVIRONMENT: &str = "x-keygate-environment";
+/// The partner a partner key belongs to.
+pub const HEADER_PARTNER: &str = "x-keygate-partner";
 
 // CheckResponse
 const RESPONSE_STATUS: u32 = 1;
@@ -102,31 +106,35 @@ const VALUE_LIST: u32 = 6;
 const LIST_VALUES: u32 = 1;
 
 impl Identity {
-    /// The headers set upstream, in order: the tenant, the subject, the key id (API keys)
-    /// or `x-keygate-kind: jwt` (JWTs), the scopes.
-    pub fn headers(&self) -> [(&str, &str); 4] {
+    /// The headers set upstream, in order: the tenant (if the request acts for one), the
+    /// subject, the key id (API keys), the kind, the environment, the partner (partner
+    /// keys), the scopes.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
         let p = &self.principal;
-        let credential = match p.credential {
-            CredentialKind::ApiKey => (HEADER_KEY_ID, p.key_id.as_deref().unwrap_or("")),
-            CredentialKind::Jwt => (HEADER_KIND, CredentialKind::Jwt.as_str()),
-        };
         [
-            (&*self.tenant_header, &self.tenant),
-            (HEADER_SUBJECT, &p.subject),
-            credential,
-            (HEADER_SCOPES, &p.scopes_header),
+            self.tenant.as_deref().map(|t| (&*self.tenant_header, t)),
+            Some((HEADER_SUBJECT, p.subject.as_str())),
+            p.key_id.as_deref().map(|k| (HEADER_KEY_ID, k)),
+            Some((HEADER_KIND, p.kind_label())),
+            Some((HEADER_ENVIRONMENT, p.environment.as_str())),
+            p.partner_id.as_deref().map(|k| (HEADER_PARTNER, k)),
+            Some((HEADER_SCOPES, p.scopes_header.as_str())),
         ]
+        .into_iter()
+        .flatten()
     }
 
     /// The string fields of the metadata (`scopes`, a list, is written apart).
     fn metadata(&self) -> impl Iterator<Item = (&str, &str)> {
         let p = &self.principal;
         [
-            Some(("tenant_id", self.tenant.as_str())),
+            self.tenant.as_deref().map(|t| ("tenant_id", t)),
             Some(("subject", p.subject.as_str())),
             p.key_id.as_deref().map(|k| ("key_id", k)),
-            Some(("kind", p.kind.as_str())),
+            Some(("kind", p.kind_label())),
             Some(("environment", p.environment.as_str())),
+            p.partner_id.as_deref().map(|k| ("partner_id", k)),
+            p.service.as_deref().map(|k| ("service", k)),
             p.issuer.as_deref().map(|i| ("issuer", i)),
         ]
         .into_iter()

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::proto::{self, keys_server::Keys};
 use super::timestamp;
-use crate::keys::{AdminError, KeyAdmin, KeyUpdate, NewKey, RevokeTokens, TokenAdmin};
+use crate::keys::{AdminError, KeyAdmin, KeyOwner, KeyUpdate, NewKey, RevokeTokens, TokenAdmin};
 use crate::secret::Secret;
 use crate::store::{now_ms, KeyRecord};
 
@@ -53,7 +53,7 @@ pub fn bearer_auth(
     }
 }
 
-fn status(e: AdminError) -> Status {
+pub(crate) fn status(e: AdminError) -> Status {
     match e {
         AdminError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
         AdminError::NotFound(_) => Status::not_found(e.to_string()),
@@ -76,6 +76,8 @@ pub fn key_proto(r: &KeyRecord) -> proto::Key {
         revoked_at: r.revoked_at_ms.map(timestamp),
         status: r.status(now_ms()).as_str().to_owned(),
         token_prefix: r.token_prefix.clone(),
+        partner_id: r.partner_id.clone().unwrap_or_default(),
+        service: r.service.clone().unwrap_or_default(),
     }
 }
 
@@ -99,6 +101,8 @@ impl Keys for KeysService {
                 scopes: r.scopes,
                 environment: r.environment,
                 kind: r.kind,
+                partner_id: r.partner_id,
+                service: r.service,
                 expires_in: (r.expires_in_seconds > 0)
                     .then(|| Duration::from_secs(r.expires_in_seconds as u64)),
                 plan: r.plan,
@@ -131,7 +135,15 @@ impl Keys for KeysService {
         let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
         let page = self
             .admin
-            .list(&r.tenant_id, r.page_size as usize, after)
+            .list(
+                &KeyOwner {
+                    tenant_id: r.tenant_id.clone(),
+                    partner_id: r.partner_id.clone(),
+                    service: r.service.clone(),
+                },
+                r.page_size as usize,
+                after,
+            )
             .await
             .map_err(status)?;
         Ok(Response::new(proto::ListKeysResponse {

@@ -6,6 +6,7 @@ pub mod envoy;
 pub mod envoy_answer;
 pub mod envoy_wire;
 pub mod keys;
+pub mod partners;
 pub mod revocations;
 
 /// keygate's own gRPC API, generated from `proto/keygate/v1`.

@@ -25,8 +25,8 @@ use super::{timestamp, timestamp_ms};
 use crate::revocation::{EventFeed, FeedItem, RevocationBus};
 use crate::secret::Secret;
 use crate::store::{
-    now_ms, EventId, EventKind, KeyStore, RevocationEvent, StoreError, TokenRevocation,
-    TokenRevocationEvent, TokenTarget,
+    now_ms, DelegationEvent, EventId, EventKind, KeyStore, RevocationEvent, StoreError,
+    TokenRevocation, TokenRevocationEvent, TokenTarget,
 };
 
 /// Response metadata: the position a Watch stream starts after.
@@ -61,7 +61,7 @@ fn event_proto(item: &FeedItem) -> proto::RevocationEvent {
                 EventKind::Updated => Kind::Updated,
             } as i32,
             at: Some(timestamp(e.at_ms)),
-            tokens: None,
+            ..Default::default()
         },
         FeedItem::Tokens(t) => proto::RevocationEvent {
             id: t.id.to_string(),
@@ -69,21 +69,32 @@ fn event_proto(item: &FeedItem) -> proto::RevocationEvent {
             kind: Kind::TokensRevoked as i32,
             at: Some(timestamp(t.revocation.at_ms)),
             tokens: Some(token_revocation_proto(&t.revocation)),
+            ..Default::default()
+        },
+        FeedItem::Delegation(d) => proto::RevocationEvent {
+            id: d.id.to_string(),
+            kind: if d.granted {
+                Kind::Delegated
+            } else {
+                Kind::Undelegated
+            } as i32,
+            at: Some(timestamp(d.at_ms)),
+            partner_id: d.partner_id.clone(),
+            tenant_id: d.tenant_id.clone(),
+            ..Default::default()
         },
         // A kind this server cannot read: its clients drop the key, as this server did.
         FeedItem::Unknown { id, key_id } => proto::RevocationEvent {
             id: id.to_string(),
             key_id: key_id.clone(),
             kind: Kind::Unspecified as i32,
-            at: None,
-            tokens: None,
+            ..Default::default()
         },
         FeedItem::Reset(id) => proto::RevocationEvent {
             id: id.to_string(),
             key_id: String::new(),
             kind: Kind::Reset as i32,
-            at: None,
-            tokens: None,
+            ..Default::default()
         },
     }
 }
@@ -340,6 +351,22 @@ fn feed_item(msg: proto::RevocationEvent, after: EventId) -> FeedItem {
                     detail: "Watch token revocation that names no token".into(),
                 }),
             }
+        }
+        Ok(kind @ (Kind::Delegated | Kind::Undelegated)) => {
+            if msg.partner_id.is_empty() || msg.tenant_id.is_empty() {
+                return FeedItem::from_entry(crate::store::StreamEntry::Unreadable {
+                    id,
+                    key_id: None,
+                    detail: "Watch delegation change without its partner and tenant".into(),
+                });
+            }
+            return FeedItem::Delegation(DelegationEvent {
+                id,
+                partner_id: msg.partner_id,
+                tenant_id: msg.tenant_id,
+                granted: kind == Kind::Delegated,
+                at_ms,
+            });
         }
         Ok(Kind::Revoked) => Some(EventKind::Revoked),
         Ok(Kind::Deleted) => Some(EventKind::Deleted),

@@ -45,6 +45,13 @@ pub struct PolicyConfig {
     pub unmatched: Unmatched,
     /// Scopes that wildcards never grant; a key must name them.
     pub opt_in_scopes: Vec<String>,
+    /// Scopes only partner keys hold: exact (`billing:partner:read`) or a family
+    /// (`billing:partner:*`). Tenant keys cannot be given them, and JWTs and tenant keys
+    /// are never granted them.
+    pub partner_scopes: Vec<String>,
+    /// The key environments the whole deployment accepts (`[live]` refuses test keys with
+    /// 403); routes may narrow it. Any when left out.
+    pub environments: Option<Vec<crate::principal::Environment>>,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -71,6 +78,8 @@ impl Default for PolicyConfig {
             require_tenant_header: false,
             unmatched: Unmatched::Deny,
             opt_in_scopes: Vec::new(),
+            partner_scopes: Vec::new(),
+            environments: None,
             routes: Vec::new(),
         }
     }
@@ -96,6 +105,12 @@ pub struct RouteConfig {
     /// left out. Another kind there is 403 `insufficient_permissions`.
     #[serde(default)]
     pub credentials: Option<Vec<crate::principal::CredentialKind>>,
+    /// An internal route: runtime keys only, and runtime keys nowhere else.
+    #[serde(default)]
+    pub internal: bool,
+    /// The key environments accepted here (`[live]`); the policy's when left out.
+    #[serde(default)]
+    pub environments: Option<Vec<crate::principal::Environment>>,
 }
 
 impl PolicyConfig {

@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, RwLock};
 
 use super::{
-    EventId, EventKind, KeyChange, KeyPage, KeyRecord, KeyStore, RevocationEvent, StoreError,
-    StreamEntry, TokenRevocation, TokenRevocationEvent,
+    Delegation, DelegationEvent, DelegationsOf, EventId, EventKind, KeyChange, KeyPage, KeyRecord,
+    KeyStore, Owner, RevocationEvent, StoreError, StreamEntry, TokenRevocation,
+    TokenRevocationEvent,
 };
 
 /// How many revocation events are kept, like the Redis stream's MAXLEN.
@@ -31,7 +32,10 @@ impl Default for MemoryStore {
 #[derive(Default)]
 struct State {
     keys: HashMap<String, KeyRecord>,
-    by_tenant: BTreeMap<String, BTreeSet<String>>,
+    by_owner: BTreeMap<Owner, BTreeSet<String>>,
+    /// (partner, tenant), and the same pairs as (tenant, partner).
+    delegations: BTreeSet<(String, String)>,
+    delegated_tenants: BTreeSet<(String, String)>,
     events: VecDeque<StreamEntry>,
     /// JWT revocations by `rule_key`.
     token_rules: HashMap<String, TokenRevocation>,
@@ -118,8 +122,8 @@ impl KeyStore for MemoryStore {
         if s.keys.contains_key(&record.key_id) {
             return Err(StoreError::Conflict(record.key_id.clone()));
         }
-        s.by_tenant
-            .entry(record.tenant_id.clone())
+        s.by_owner
+            .entry(record.owner())
             .or_default()
             .insert(record.key_id.clone());
         s.keys.insert(record.key_id.clone(), record.clone());
@@ -132,12 +136,12 @@ impl KeyStore for MemoryStore {
 
     async fn list(
         &self,
-        tenant_id: &str,
+        owner: &Owner,
         after: Option<&str>,
         limit: usize,
     ) -> Result<KeyPage, StoreError> {
         let s = self.state.read().await;
-        let Some(ids) = s.by_tenant.get(tenant_id) else {
+        let Some(ids) = s.by_owner.get(owner) else {
             return Ok(KeyPage {
                 keys: Vec::new(),
                 next_after: None,
@@ -199,15 +203,77 @@ impl KeyStore for MemoryStore {
         let Some(rec) = s.keys.remove(key_id) else {
             return Ok(None);
         };
-        if let Some(ids) = s.by_tenant.get_mut(&rec.tenant_id) {
+        let owner = rec.owner();
+        if let Some(ids) = s.by_owner.get_mut(&owner) {
             ids.remove(key_id);
             if ids.is_empty() {
-                s.by_tenant.remove(&rec.tenant_id);
+                s.by_owner.remove(&owner);
             }
         }
         s.append_event(key_id, EventKind::Deleted, at_ms, self.max_events);
         self.appended.notify_waiters();
         Ok(Some(rec))
+    }
+
+    async fn set_delegation(
+        &self,
+        d: &Delegation,
+        granted: bool,
+        at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let mut s = self.state.write().await;
+        let pair = (d.partner_id.clone(), d.tenant_id.clone());
+        let reverse = (d.tenant_id.clone(), d.partner_id.clone());
+        let changed = if granted {
+            s.delegated_tenants.insert(reverse);
+            s.delegations.insert(pair)
+        } else {
+            s.delegated_tenants.remove(&reverse);
+            s.delegations.remove(&pair)
+        };
+        if changed {
+            let id = s.next_id(at_ms);
+            s.push(
+                StreamEntry::Delegation(DelegationEvent {
+                    id,
+                    partner_id: d.partner_id.clone(),
+                    tenant_id: d.tenant_id.clone(),
+                    granted,
+                    at_ms,
+                }),
+                self.max_events,
+            );
+            self.appended.notify_waiters();
+        }
+        Ok(changed)
+    }
+
+    async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError> {
+        let s = self.state.read().await;
+        Ok(s.delegations
+            .contains(&(partner_id.to_owned(), tenant_id.to_owned())))
+    }
+
+    async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError> {
+        let s = self.state.read().await;
+        let (set, first) = match of {
+            DelegationsOf::Partner(p) => (&s.delegations, p),
+            DelegationsOf::Tenant(t) => (&s.delegated_tenants, t),
+        };
+        Ok(set
+            .range((first.clone(), String::new())..)
+            .take_while(|(a, _)| a == first)
+            .map(|(a, b)| match of {
+                DelegationsOf::Partner(_) => Delegation {
+                    partner_id: a.clone(),
+                    tenant_id: b.clone(),
+                },
+                DelegationsOf::Tenant(_) => Delegation {
+                    partner_id: b.clone(),
+                    tenant_id: a.clone(),
+                },
+            })
+            .collect())
     }
 
     async fn revoke_tokens(

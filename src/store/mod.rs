@@ -1,5 +1,5 @@
-//! The store of record: key records, tenant indexes, JWT revocations and the revocation
-//! stream.
+//! The store of record: key records, owner indexes (tenant, partner, service), partner
+//! delegations, JWT revocations and the revocation stream.
 //!
 //! One trait, two backends: Redis for production and an in-process store for
 //! `keygate serve --dev` and single-node use. Both pass the same conformance suite
@@ -18,7 +18,15 @@ use crate::principal::{Environment, KeyKind};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {
     pub key_id: String,
+    /// The tenant a tenant key belongs to; empty for partner and runtime keys.
+    #[serde(default)]
     pub tenant_id: String,
+    /// The partner a partner key belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner_id: Option<String>,
+    /// The internal service a runtime key belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     pub name: String,
     pub kind: KeyKind,
     pub environment: Environment,
@@ -52,7 +60,34 @@ impl KeyStatus {
     }
 }
 
+/// Whose keys: the index a key is listed under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Owner {
+    Tenant(String),
+    Partner(String),
+    Service(String),
+}
+
+impl Owner {
+    /// The index's name in the store (`tenant:<id>`, `partner:<id>`, `service:<name>`).
+    pub fn index_name(&self) -> String {
+        match self {
+            Owner::Tenant(t) => format!("tenant:{t}"),
+            Owner::Partner(p) => format!("partner:{p}"),
+            Owner::Service(s) => format!("service:{s}"),
+        }
+    }
+}
+
 impl KeyRecord {
+    pub fn owner(&self) -> Owner {
+        match (&self.partner_id, &self.service) {
+            (Some(p), _) => Owner::Partner(p.clone()),
+            (None, Some(s)) => Owner::Service(s.clone()),
+            (None, None) => Owner::Tenant(self.tenant_id.clone()),
+        }
+    }
+
     pub fn status(&self, now_ms: u64) -> KeyStatus {
         if self.revoked_at_ms.is_some() {
             KeyStatus::Revoked
@@ -175,6 +210,34 @@ impl TokenRevocation {
     }
 }
 
+/// A partner's right to act for a tenant, granted or withdrawn, as read from the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelegationEvent {
+    pub id: EventId,
+    pub partner_id: String,
+    pub tenant_id: String,
+    pub granted: bool,
+    pub at_ms: u64,
+}
+
+/// The stream's names for delegation changes.
+pub const DELEGATED: &str = "delegated";
+pub const UNDELEGATED: &str = "undelegated";
+
+/// One delegation: `partner_id` may act for `tenant_id`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Delegation {
+    pub partner_id: String,
+    pub tenant_id: String,
+}
+
+/// Which delegations to list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DelegationsOf {
+    Partner(String),
+    Tenant(String),
+}
+
 /// A token revocation as read from the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRevocationEvent {
@@ -190,6 +253,7 @@ pub const TOKENS_REVOKED: &str = "tokens_revoked";
 pub enum StreamEntry {
     Event(RevocationEvent),
     Tokens(TokenRevocationEvent),
+    Delegation(DelegationEvent),
     /// An entry this version cannot read: a kind from a newer keygate (during a rolling
     /// upgrade), or a corrupt entry. Readers must take the safe side — drop `key_id`, or
     /// everything when no key id can be read — and move past it, never stop at it.
@@ -206,7 +270,9 @@ impl StreamEntry {
     pub fn event(&self) -> Option<&RevocationEvent> {
         match self {
             StreamEntry::Event(e) => Some(e),
-            StreamEntry::Tokens(_) | StreamEntry::Unreadable { .. } => None,
+            StreamEntry::Tokens(_)
+            | StreamEntry::Delegation(_)
+            | StreamEntry::Unreadable { .. } => None,
         }
     }
 
@@ -214,6 +280,7 @@ impl StreamEntry {
         match self {
             StreamEntry::Event(e) => e.position(),
             StreamEntry::Tokens(t) => t.id,
+            StreamEntry::Delegation(d) => d.id,
             StreamEntry::Unreadable { id, .. } => *id,
         }
     }
@@ -301,15 +368,15 @@ pub enum StoreError {
 
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
-    /// Stores a new key and adds it to its tenant's index. Fails on an existing id.
+    /// Stores a new key and adds it to its owner's index. Fails on an existing id.
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError>;
 
     async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError>;
 
-    /// A tenant's keys in key-id order, starting after `after`.
+    /// An owner's keys in key-id order, starting after `after`.
     async fn list(
         &self,
-        tenant_id: &str,
+        owner: &Owner,
         after: Option<&str>,
         limit: usize,
     ) -> Result<KeyPage, StoreError>;
@@ -331,6 +398,21 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Removes the key and its index entry and appends a deletion event, atomically.
     /// Returns the removed record.
     async fn delete(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Grants (`granted`) or withdraws a partner's right to act for a tenant, and appends
+    /// the change to the stream, atomically. Returns whether anything changed; nothing is
+    /// appended when it did not.
+    async fn set_delegation(
+        &self,
+        delegation: &Delegation,
+        granted: bool,
+        at_ms: u64,
+    ) -> Result<bool, StoreError>;
+
+    async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError>;
+
+    /// A partner's tenants, or a tenant's partners, in order.
+    async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError>;
 
     /// Records a JWT revocation (merged into an earlier one of the same `rule_key`) and
     /// appends it to the stream, atomically. Returns the revocation as it now stands; when

@@ -5,7 +5,10 @@
 //! writes here):
 //!
 //! - `<ns>:{keys}:key:<key_id>`   hash: `data` (record JSON, no secret), `revoked_at_ms`
-//! - `<ns>:{keys}:tenant:<id>`    sorted set of key ids (score 0, ordered by id)
+//! - `<ns>:{keys}:tenant:<id>`    sorted set of key ids (score 0, ordered by id); likewise
+//!   `partner:<id>` and `service:<name>` for partner and runtime keys
+//! - `<ns>:{keys}:deleg:partner:<id>` / `deleg:tenant:<id>`  sets: a partner's tenants, a
+//!   tenant's partners
 //! - `<ns>:{keys}:tokens`         hash: JWT revocations, rule key → JSON
 //! - `<ns>:{keys}:tokens:expiry`  sorted set: rule key by expiry (unix ms), for pruning
 //! - `<ns>:{keys}:events`         the revocation stream (XADD MAXLEN ~)
@@ -22,8 +25,9 @@ use redis::{AsyncCommands, Script};
 use tokio::sync::OnceCell;
 
 use super::{
-    EventId, EventKind, KeyChange, KeyPage, KeyRecord, KeyStore, RevocationEvent, StoreError,
-    StreamEntry, TokenRevocation, TokenRevocationEvent, TOKENS_REVOKED,
+    Delegation, DelegationEvent, DelegationsOf, EventId, EventKind, KeyChange, KeyPage, KeyRecord,
+    KeyStore, Owner, RevocationEvent, StoreError, StreamEntry, TokenRevocation,
+    TokenRevocationEvent, DELEGATED, TOKENS_REVOKED, UNDELEGATED,
 };
 use crate::secret::Secret;
 
@@ -43,6 +47,7 @@ pub struct RedisStore {
     update: Script,
     delete: Script,
     revoke_tokens: Script,
+    delegation: Script,
 }
 
 impl RedisStore {
@@ -73,6 +78,7 @@ impl RedisStore {
             update: Script::new(include_str!("lua/update.lua")),
             delete: Script::new(include_str!("lua/delete.lua")),
             revoke_tokens: Script::new(include_str!("lua/revoke_tokens.lua")),
+            delegation: Script::new(include_str!("lua/delegation.lua")),
         })
     }
 
@@ -80,8 +86,15 @@ impl RedisStore {
         format!("{}:{{keys}}:key:{key_id}", self.ns)
     }
 
-    fn tenant_key(&self, tenant_id: &str) -> String {
-        format!("{}:{{keys}}:tenant:{tenant_id}", self.ns)
+    fn index_key(&self, owner: &Owner) -> String {
+        format!("{}:{{keys}}:{}", self.ns, owner.index_name())
+    }
+
+    fn delegation_key(&self, of: &DelegationsOf) -> String {
+        match of {
+            DelegationsOf::Partner(p) => format!("{}:{{keys}}:deleg:partner:{p}", self.ns),
+            DelegationsOf::Tenant(t) => format!("{}:{{keys}}:deleg:tenant:{t}", self.ns),
+        }
     }
 
     fn tokens_key(&self) -> String {
@@ -250,7 +263,24 @@ fn decode_entry(entry: &redis::streams::StreamId) -> Result<StreamEntry, StoreEr
         key_id: key_id.clone(),
         detail,
     };
-    if text("kind").as_deref() == Some(TOKENS_REVOKED) {
+    let kind_name = text("kind");
+    if let Some(granted) = match kind_name.as_deref() {
+        Some(DELEGATED) => Some(true),
+        Some(UNDELEGATED) => Some(false),
+        _ => None,
+    } {
+        return Ok(match (text("partner_id"), text("tenant_id")) {
+            (Some(partner_id), Some(tenant_id)) => StreamEntry::Delegation(DelegationEvent {
+                id,
+                partner_id,
+                tenant_id,
+                granted,
+                at_ms: text("at_ms").and_then(|t| t.parse().ok()).unwrap_or(0),
+            }),
+            _ => unreadable("delegation change without its partner and tenant".into()),
+        });
+    }
+    if kind_name.as_deref() == Some(TOKENS_REVOKED) {
         return Ok(
             match text("rule").map(|r| serde_json::from_str::<TokenRevocation>(&r)) {
                 Some(Ok(revocation)) => {
@@ -304,7 +334,7 @@ impl KeyStore for RedisStore {
             .run(
                 self.create
                     .key(self.key_key(&record.key_id))
-                    .key(self.tenant_key(&record.tenant_id))
+                    .key(self.index_key(&record.owner()))
                     .arg(json)
                     .arg(&record.key_id)
                     .invoke_async(&mut conn),
@@ -323,7 +353,7 @@ impl KeyStore for RedisStore {
 
     async fn list(
         &self,
-        tenant_id: &str,
+        owner: &Owner,
         after: Option<&str>,
         limit: usize,
     ) -> Result<KeyPage, StoreError> {
@@ -339,13 +369,7 @@ impl KeyStore for RedisStore {
             None => "-".to_owned(),
         };
         let ids: Vec<String> = self
-            .run(conn.zrangebylex_limit(
-                self.tenant_key(tenant_id),
-                min,
-                "+",
-                0,
-                limit as isize + 1,
-            ))
+            .run(conn.zrangebylex_limit(self.index_key(owner), min, "+", 0, limit as isize + 1))
             .await?;
         let more = ids.len() > limit;
         let mut pipe = redis::pipe();
@@ -449,7 +473,7 @@ impl KeyStore for RedisStore {
                 self.delete
                     .key(self.key_key(key_id))
                     .key(self.events_key())
-                    .key(self.tenant_key(&existing.tenant_id))
+                    .key(self.index_key(&existing.owner()))
                     .arg(at_ms)
                     .arg(key_id)
                     .arg(STREAM_MAX_LEN)
@@ -458,6 +482,56 @@ impl KeyStore for RedisStore {
             )
             .await?;
         fields.map(decode).transpose().map(Option::flatten)
+    }
+
+    async fn set_delegation(
+        &self,
+        d: &Delegation,
+        granted: bool,
+        at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let changed: i64 = self
+            .run(
+                self.delegation
+                    .key(self.delegation_key(&DelegationsOf::Partner(d.partner_id.clone())))
+                    .key(self.delegation_key(&DelegationsOf::Tenant(d.tenant_id.clone())))
+                    .key(self.events_key())
+                    .arg(&d.partner_id)
+                    .arg(&d.tenant_id)
+                    .arg(if granted { "1" } else { "0" })
+                    .arg(at_ms)
+                    .arg(STREAM_MAX_LEN)
+                    .arg(if granted { DELEGATED } else { UNDELEGATED })
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let key = self.delegation_key(&DelegationsOf::Partner(partner_id.to_owned()));
+        self.run(conn.sismember(key, tenant_id)).await
+    }
+
+    async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError> {
+        let mut conn = self.conn().await?;
+        let mut others: Vec<String> = self.run(conn.smembers(self.delegation_key(of))).await?;
+        others.sort();
+        Ok(others
+            .into_iter()
+            .map(|other| match of {
+                DelegationsOf::Partner(p) => Delegation {
+                    partner_id: p.clone(),
+                    tenant_id: other,
+                },
+                DelegationsOf::Tenant(t) => Delegation {
+                    partner_id: other,
+                    tenant_id: t.clone(),
+                },
+            })
+            .collect())
     }
 
     async fn revoke_tokens(
