@@ -659,7 +659,9 @@ async fn an_allow_overwrites_identity_headers_and_strips_credentials_and_smuggle
         assert_eq!(
             set,
             vec![
+                ("x-keygate-environment".to_owned(), "live".to_owned()),
                 ("x-keygate-key-id".to_owned(), key_id.clone()),
+                ("x-keygate-kind".to_owned(), "tenant".to_owned()),
                 ("x-keygate-scopes".to_owned(), "contacts:read".to_owned()),
                 ("x-keygate-subject".to_owned(), format!("key:{key_id}")),
                 ("x-tenant-id".to_owned(), support::TENANT.to_owned()),

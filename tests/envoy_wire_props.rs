@@ -707,7 +707,15 @@ fn identity() -> impl Strategy<Value = Identity> {
         prop::sample::select(&[KeyKind::Tenant, KeyKind::Partner, KeyKind::Runtime][..]),
         prop::sample::select(&[Environment::Live, Environment::Test][..]),
         vec(answer_text(), 0..6),
-        (answer_text(), answer_text(), any::<bool>()),
+        (
+            prop::option::of(answer_text()),
+            answer_text(),
+            any::<bool>(),
+        ),
+        (
+            prop::option::of(answer_text()),
+            prop::option::of(answer_text()),
+        ),
     )
         .prop_map(
             |(
@@ -716,9 +724,12 @@ fn identity() -> impl Strategy<Value = Identity> {
                 environment,
                 scopes,
                 (tenant, header, metadata),
+                (partner_id, service),
             )| {
                 let mut principal = Principal::new(tenant_id, subject, kind, environment, scopes);
                 principal.key_id = key_id;
+                principal.partner_id = partner_id;
+                principal.service = service;
                 Identity {
                     principal: Arc::new(principal),
                     tenant,
@@ -739,7 +750,8 @@ fn allow_answer() -> impl Strategy<Value = AllowAnswer> {
 
 /// The CheckResponse an allow stands for, from envoy-types' messages (as keygate built
 /// it before it wrote answers itself): status OK; an ok_response that overwrites the
-/// tenant, subject, key id and scopes headers and removes `remove`; and, if asked for,
+/// tenant (if any), subject, key id (if any), kind, environment, partner (if any) and
+/// scopes headers and removes `remove`; and, if asked for,
 /// the principal as dynamic metadata.
 fn intended(a: &AllowAnswer) -> CheckResponse {
     let overwrite = |key: &str, value: &str| HeaderValueOption {
@@ -760,17 +772,25 @@ fn intended(a: &AllowAnswer) -> CheckResponse {
         .flat_map(|i| {
             let p = &i.principal;
             [
-                overwrite(&i.tenant_header, &i.tenant),
-                overwrite("x-keygate-subject", &p.subject),
-                overwrite("x-keygate-key-id", p.key_id.as_deref().unwrap_or("")),
-                overwrite("x-keygate-scopes", &p.scopes.join(",")),
+                i.tenant.as_deref().map(|t| overwrite(&i.tenant_header, t)),
+                Some(overwrite("x-keygate-subject", &p.subject)),
+                p.key_id
+                    .as_deref()
+                    .map(|k| overwrite("x-keygate-key-id", k)),
+                Some(overwrite("x-keygate-kind", p.kind.as_str())),
+                Some(overwrite("x-keygate-environment", p.environment.as_str())),
+                p.partner_id
+                    .as_deref()
+                    .map(|k| overwrite("x-keygate-partner", k)),
+                Some(overwrite("x-keygate-scopes", &p.scopes.join(","))),
             ]
+            .into_iter()
+            .flatten()
         })
         .collect();
     let dynamic_metadata = a.identity.as_ref().filter(|i| i.metadata).map(|i| {
         let p = &i.principal;
         let mut fields: HashMap<String, Value> = [
-            ("tenant_id", string(&i.tenant)),
             ("subject", string(&p.subject)),
             ("kind", string(p.kind.as_str())),
             ("environment", string(p.environment.as_str())),
@@ -786,8 +806,15 @@ fn intended(a: &AllowAnswer) -> CheckResponse {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        if let Some(key_id) = &p.key_id {
-            fields.insert("key_id".into(), string(key_id));
+        for (name, value) in [
+            ("tenant_id", &i.tenant),
+            ("key_id", &p.key_id),
+            ("partner_id", &p.partner_id),
+            ("service", &p.service),
+        ] {
+            if let Some(v) = value {
+                fields.insert(name.into(), string(v));
+            }
         }
         Struct { fields }
     });

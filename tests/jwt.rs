@@ -103,6 +103,8 @@ fn jwt_config(backend: Backend<'_>, dir: &Path) -> Config {
         public: false,
         tenant,
         credentials: Some(kinds),
+        internal: false,
+        environments: None,
     };
     config.policy.routes.insert(
         0,

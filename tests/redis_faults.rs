@@ -127,7 +127,16 @@ async fn admin_calls_while_redis_is_down_are_unavailable() {
         Err(AdminError::Unavailable(_))
     ));
     assert!(matches!(
-        app.admin.list(support::TENANT, 10, None).await,
+        app.admin
+            .list(
+                &keygate::keys::KeyOwner {
+                    tenant_id: support::TENANT.into(),
+                    ..Default::default()
+                },
+                10,
+                None
+            )
+            .await,
         Err(AdminError::Unavailable(_))
     ));
     assert!(

@@ -218,6 +218,7 @@ async fn admin_calls_with_bad_arguments_name_the_field() {
                 tenant_id: TENANT.into(),
                 page_size: 5000,
                 page_token: String::new(),
+                ..Default::default()
             },
         ))
         .await

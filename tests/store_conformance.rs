@@ -16,8 +16,8 @@ use keygate::server::App;
 use keygate::store::memory::MemoryStore;
 use keygate::store::redis::RedisStore;
 use keygate::store::{
-    now_ms, EventId, EventKind, KeyChange, KeyRecord, KeyStatus, KeyStore, StoreError, StreamEntry,
-    TokenRevocation, TokenTarget,
+    now_ms, Delegation, DelegationsOf, EventId, EventKind, KeyChange, KeyRecord, KeyStatus,
+    KeyStore, Owner, StoreError, StreamEntry, TokenRevocation, TokenTarget,
 };
 use support::{Backend, RedisServer, OTHER_TENANT, TENANT};
 
@@ -115,6 +115,8 @@ async fn new_record(tenant: &str, name: &str) -> (KeyRecord, String) {
         token_prefix: apikey::token::public_prefix("sk", Environment::Live, &generated.key_id),
         key_id: generated.key_id,
         tenant_id: tenant.to_owned(),
+        partner_id: None,
+        service: None,
         name: name.to_owned(),
         kind: KeyKind::Tenant,
         environment: Environment::Live,
@@ -169,7 +171,11 @@ async fn creating_an_existing_key_id_is_a_conflict_that_changes_nothing(s: Subje
         s.store.get(&original.key_id).await.unwrap(),
         Some(original.clone())
     );
-    let other = s.store.list(OTHER_TENANT, None, 100).await.unwrap();
+    let other = s
+        .store
+        .list(&tenant(OTHER_TENANT), None, 100)
+        .await
+        .unwrap();
     assert!(other.keys.is_empty(), "{:?}", other.keys);
 }
 
@@ -200,7 +206,11 @@ async fn listing_pages_through_one_tenant_without_gaps_or_duplicates(s: Subject)
     let mut pages = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let page = s.store.list(TENANT, after.as_deref(), 2).await.unwrap();
+        let page = s
+            .store
+            .list(&tenant(TENANT), after.as_deref(), 2)
+            .await
+            .unwrap();
         assert!(page.keys.len() <= 2, "page over its limit: {page:?}");
         assert!(pages.len() < 10, "pagination does not end");
         if let Some(next) = &page.next_after {
@@ -234,10 +244,14 @@ async fn listing_pages_through_one_tenant_without_gaps_or_duplicates(s: Subject)
         assert_eq!(Some(k), mine.iter().find(|m| m.key_id == k.key_id));
     }
 
-    let all = s.store.list(TENANT, None, 100).await.unwrap();
+    let all = s.store.list(&tenant(TENANT), None, 100).await.unwrap();
     assert_eq!(all.keys.len(), 6);
     assert_eq!(all.next_after, None);
-    let theirs_listed = s.store.list(OTHER_TENANT, None, 100).await.unwrap();
+    let theirs_listed = s
+        .store
+        .list(&tenant(OTHER_TENANT), None, 100)
+        .await
+        .unwrap();
     let theirs_ids: BTreeSet<&str> = theirs_listed
         .keys
         .iter()
@@ -249,7 +263,7 @@ async fn listing_pages_through_one_tenant_without_gaps_or_duplicates(s: Subject)
     );
     let nobody = s
         .store
-        .list("5d1b8a9c-0000-4000-8000-000000000000", None, 100)
+        .list(&tenant("5d1b8a9c-0000-4000-8000-000000000000"), None, 100)
         .await
         .unwrap();
     assert!(nobody.keys.is_empty());
@@ -339,7 +353,7 @@ async fn deleting_removes_the_key_and_its_index_entry(s: Subject) {
     assert_eq!(removed.key_id, doomed.key_id);
     assert_eq!(removed.tenant_id, TENANT);
     assert_eq!(s.store.get(&doomed.key_id).await.unwrap(), None);
-    let listed = s.store.list(TENANT, None, 100).await.unwrap();
+    let listed = s.store.list(&tenant(TENANT), None, 100).await.unwrap();
     assert_eq!(listed.keys, vec![kept.clone()]);
     assert_eq!(
         s.store.delete(&doomed.key_id, t_delete + 1).await.unwrap(),
@@ -365,7 +379,7 @@ async fn deleting_removes_the_key_and_its_index_entry(s: Subject) {
         .await
         .unwrap()
         .unwrap();
-    let empty = s.store.list(TENANT, None, 100).await.unwrap();
+    let empty = s.store.list(&tenant(TENANT), None, 100).await.unwrap();
     assert!(empty.keys.is_empty());
     assert_eq!(empty.next_after, None);
 }
@@ -557,6 +571,134 @@ async fn updating_changes_only_the_named_fields_and_appends_one_event(s: Subject
     assert_eq!(s.events().await.len(), 4);
 }
 
+async fn keys_of_partners_and_services_are_listed_under_their_owner_only(s: Subject) {
+    let (mut partner_key, _) = new_record("", "partner").await;
+    partner_key.kind = KeyKind::Partner;
+    partner_key.partner_id = Some("acme".into());
+    let (mut runtime_key, _) = new_record("", "runtime").await;
+    runtime_key.kind = KeyKind::Runtime;
+    runtime_key.service = Some("billing-worker".into());
+    s.store.create(&partner_key).await.unwrap();
+    s.store.create(&runtime_key).await.unwrap();
+    let ids =
+        |page: keygate::store::KeyPage| page.keys.into_iter().map(|k| k.key_id).collect::<Vec<_>>();
+    let partner = Owner::Partner("acme".into());
+    let service = Owner::Service("billing-worker".into());
+    assert_eq!(
+        ids(s.store.list(&partner, None, 10).await.unwrap()),
+        vec![partner_key.key_id.clone()]
+    );
+    assert_eq!(
+        ids(s.store.list(&service, None, 10).await.unwrap()),
+        vec![runtime_key.key_id.clone()]
+    );
+    // Read back whole, owner included.
+    assert_eq!(
+        s.store.get(&partner_key.key_id).await.unwrap(),
+        Some(partner_key.clone())
+    );
+    assert_eq!(
+        ids(s.store.list(&tenant(""), None, 10).await.unwrap()),
+        Vec::<String>::new()
+    );
+    s.store.delete(&partner_key.key_id, 1).await.unwrap();
+    assert_eq!(
+        ids(s.store.list(&partner, None, 10).await.unwrap()),
+        Vec::<String>::new()
+    );
+}
+
+async fn delegations_are_granted_and_withdrawn_once_each_with_one_event(s: Subject) {
+    let d = |p: &str, t: &str| Delegation {
+        partner_id: p.into(),
+        tenant_id: t.into(),
+    };
+    assert!(!s.store.is_delegated("acme", TENANT).await.unwrap());
+    assert!(s
+        .store
+        .set_delegation(&d("acme", TENANT), true, 10)
+        .await
+        .unwrap());
+    assert!(
+        !s.store
+            .set_delegation(&d("acme", TENANT), true, 11)
+            .await
+            .unwrap(),
+        "granted twice: no change"
+    );
+    assert!(s
+        .store
+        .set_delegation(&d("acme", OTHER_TENANT), true, 12)
+        .await
+        .unwrap());
+    assert!(s
+        .store
+        .set_delegation(&d("globex", TENANT), true, 13)
+        .await
+        .unwrap());
+    assert!(s.store.is_delegated("acme", TENANT).await.unwrap());
+    assert!(!s.store.is_delegated("globex", OTHER_TENANT).await.unwrap());
+    let mut acme_tenants = vec![d("acme", TENANT), d("acme", OTHER_TENANT)];
+    acme_tenants.sort();
+    assert_eq!(
+        s.store
+            .delegations(&DelegationsOf::Partner("acme".into()))
+            .await
+            .unwrap(),
+        acme_tenants
+    );
+    assert_eq!(
+        s.store
+            .delegations(&DelegationsOf::Tenant(TENANT.into()))
+            .await
+            .unwrap(),
+        vec![d("acme", TENANT), d("globex", TENANT)]
+    );
+    assert!(s
+        .store
+        .set_delegation(&d("acme", TENANT), false, 14)
+        .await
+        .unwrap());
+    assert!(!s
+        .store
+        .set_delegation(&d("acme", TENANT), false, 15)
+        .await
+        .unwrap());
+    assert!(!s.store.is_delegated("acme", TENANT).await.unwrap());
+    assert_eq!(
+        s.store
+            .delegations(&DelegationsOf::Tenant(TENANT.into()))
+            .await
+            .unwrap(),
+        vec![d("globex", TENANT)]
+    );
+    let changes: Vec<(String, String, bool)> = s
+        .store
+        .read_events(EventId::START, 100, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| match e {
+            StreamEntry::Delegation(d) => (d.partner_id, d.tenant_id, d.granted),
+            other => panic!("not a delegation change: {other:?}"),
+        })
+        .collect();
+    let change = |p: &str, t: &str, g| (p.to_owned(), t.to_owned(), g);
+    assert_eq!(
+        changes,
+        vec![
+            change("acme", TENANT, true),
+            change("acme", OTHER_TENANT, true),
+            change("globex", TENANT, true),
+            change("acme", TENANT, false),
+        ]
+    );
+}
+
+fn tenant(id: &str) -> Owner {
+    Owner::Tenant(id.to_owned())
+}
+
 fn revoked_subject(before_ms: u64, at_ms: u64, expires_at_ms: u64) -> TokenRevocation {
     TokenRevocation {
         issuer: "idp".into(),
@@ -647,6 +789,8 @@ conformance!(
     revocation_events_read_back_in_order_from_any_position,
     updating_changes_only_the_named_fields_and_appends_one_event,
     token_revocations_merge_and_append_one_event_per_change,
+    keys_of_partners_and_services_are_listed_under_their_owner_only,
+    delegations_are_granted_and_withdrawn_once_each_with_one_event,
 );
 
 /// A token revocation this version cannot read (corrupt, or a newer shape) names no key:

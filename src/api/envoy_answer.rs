@@ -399,7 +399,7 @@ mod tests {
 
     fn identity(p: Arc<Principal>, tenant: &str) -> Option<Identity> {
         Some(Identity {
-            tenant: tenant.to_owned(),
+            tenant: Some(tenant.to_owned()),
             principal: p,
             tenant_header: "x-tenant-id".into(),
             metadata: true,

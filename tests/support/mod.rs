@@ -483,11 +483,32 @@ impl KeyStore for CountingStore {
 
     async fn list(
         &self,
-        tenant_id: &str,
+        owner: &keygate::store::Owner,
         after: Option<&str>,
         limit: usize,
     ) -> Result<KeyPage, StoreError> {
-        self.inner.list(tenant_id, after, limit).await
+        self.inner.list(owner, after, limit).await
+    }
+
+    async fn set_delegation(
+        &self,
+        d: &keygate::store::Delegation,
+        granted: bool,
+        at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.set_delegation(d, granted, at_ms).await
+    }
+
+    async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError> {
+        self.inner.is_delegated(partner_id, tenant_id).await
+    }
+
+    async fn delegations(
+        &self,
+        of: &keygate::store::DelegationsOf,
+    ) -> Result<Vec<keygate::store::Delegation>, StoreError> {
+        self.inner.delegations(of).await
     }
 
     async fn revoke(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
