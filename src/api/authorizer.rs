@@ -39,11 +39,14 @@ pub fn principal_proto(p: &Principal) -> proto::Principal {
         tenant_id: p.tenant_id.clone(),
         subject: p.subject.clone(),
         key_id: p.key_id.clone().unwrap_or_default(),
-        kind: p.kind.as_str().to_owned(),
+        kind: p.kind_label().to_owned(),
         environment: p.environment.as_str().to_owned(),
         scopes: p.scopes.clone(),
         expires_at: p.expires_at.map(super::timestamp),
         plan: p.plan.clone().unwrap_or_default(),
+        partner_id: p.partner_id.clone().unwrap_or_default(),
+        service: p.service.clone().unwrap_or_default(),
+        issuer: p.issuer.as_deref().unwrap_or_default().to_owned(),
     }
 }
 
