@@ -740,52 +740,26 @@ async fn a_key_added_to_the_jwks_file_is_taken_without_a_restart() {
 // Revocation: by subject before a time, by jti, on every replica
 // ---------------------------------------------------------------------------------------
 
-/// A served replica of the JWT configuration on a shared Redis, following its stream.
-struct JwtReplica {
-    app: std::sync::Arc<App>,
-    running: keygate::server::Running,
-    secrets: keygate::config::Secrets,
+use support::Replica;
+
+/// A `contacts:read` request with `jwt` in `x-access-token`.
+async fn read_on(r: &Replica, jwt: &str) -> Outcome {
+    outcome_of(
+        &r.app.envoy_service(),
+        check_request("GET", READ_PATH, &[("x-access-token", jwt)]),
+    )
+    .await
 }
 
-impl JwtReplica {
-    /// Replicas of one deployment share `secrets` (the admin and watch tokens).
-    async fn start(config: Config, secrets: &keygate::config::Secrets) -> JwtReplica {
-        let app = std::sync::Arc::new(App::build(config, secrets.clone()).expect("replica builds"));
-        let running = keygate::server::start(app.clone())
-            .await
-            .expect("replica starts");
-        support::positioned(&app).await;
-        JwtReplica {
-            app,
-            running,
-            secrets: secrets.clone(),
-        }
-    }
-
-    /// A `contacts:read` request with `jwt` in `x-access-token`.
-    async fn read(&self, jwt: &str) -> Outcome {
-        outcome_of(
-            &self.app.envoy_service(),
-            check_request("GET", READ_PATH, &[("x-access-token", jwt)]),
-        )
+async fn revoke_on(
+    r: &Replica,
+    req: keygate::api::proto::RevokeTokensRequest,
+) -> Result<keygate::api::proto::TokenRevocation, tonic::Status> {
+    r.admin()
         .await
-    }
-
-    async fn revoke(
-        &self,
-        req: keygate::api::proto::RevokeTokensRequest,
-    ) -> Result<keygate::api::proto::TokenRevocation, tonic::Status> {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.running.admin))
-                .unwrap()
-                .connect()
-                .await
-                .expect("admin listener answers");
-        keygate::api::proto::keys_client::KeysClient::new(channel)
-            .revoke_tokens(support::with_admin(&self.secrets, req))
-            .await
-            .map(tonic::Response::into_inner)
-    }
+        .revoke_tokens(support::with_admin(&r.secrets, req))
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 /// Waits until `bus` has applied a JWT revocation (from its feed, not its own admin call).
@@ -827,8 +801,8 @@ async fn a_token_revoked_by_subject_before_t_is_denied_on_a_second_replica_and_a
     let dir = tempfile::tempdir().unwrap();
     let config = || jwt_config(Backend::Redis(&redis), dir.path());
     let secrets = jwt_secrets();
-    let first = JwtReplica::start(config(), &secrets).await;
-    let second = JwtReplica::start(config(), &secrets).await;
+    let first = Replica::serving(config(), &secrets).await;
+    let second = Replica::serving(config(), &secrets).await;
     let t = now();
     let old = user_token("dashboard-7", t - 600, None);
     let newer = user_token("dashboard-7", t - 10, None);
@@ -836,7 +810,7 @@ async fn a_token_revoked_by_subject_before_t_is_denied_on_a_second_replica_and_a
     for r in [&first, &second] {
         for token in [&old, &newer, &bystander] {
             assert_eq!(
-                r.read(token).await,
+                read_on(r, token).await,
                 Outcome::Allowed,
                 "before the revocation"
             );
@@ -844,15 +818,17 @@ async fn a_token_revoked_by_subject_before_t_is_denied_on_a_second_replica_and_a
     }
 
     let mut second_events = second.app.bus.subscribe();
-    let stored = first
-        .revoke(keygate::api::proto::RevokeTokensRequest {
+    let stored = revoke_on(
+        &first,
+        keygate::api::proto::RevokeTokensRequest {
             issuer: "main".into(),
             subject: "dashboard-7".into(),
             issued_before: Some(seconds(t - 60)),
             ..Default::default()
-        })
-        .await
-        .expect("the revocation is accepted");
+        },
+    )
+    .await
+    .expect("the revocation is accepted");
     assert_eq!(stored.subject, "dashboard-7");
     assert_eq!(stored.issued_before, Some(seconds(t - 60)));
     // Kept until no token issued before T can be valid: T + max_token_lifetime + leeway.
@@ -865,21 +841,28 @@ async fn a_token_revoked_by_subject_before_t_is_denied_on_a_second_replica_and_a
 
     for r in [&first, &second] {
         // The old token was cached on both: the revocation reaches the cached answer.
-        assert_eq!(r.read(&old).await, Outcome::denied("invalid_token", 401));
-        assert_eq!(r.read(&newer).await, Outcome::Allowed, "issued after T");
         assert_eq!(
-            r.read(&bystander).await,
+            read_on(r, &old).await,
+            Outcome::denied("invalid_token", 401)
+        );
+        assert_eq!(
+            read_on(r, &newer).await,
+            Outcome::Allowed,
+            "issued after T"
+        );
+        assert_eq!(
+            read_on(r, &bystander).await,
             Outcome::Allowed,
             "another subject"
         );
     }
     // A replica that starts afterwards loads the revocation before it answers.
-    let third = JwtReplica::start(config(), &secrets).await;
+    let third = Replica::serving(config(), &secrets).await;
     assert_eq!(
-        third.read(&old).await,
+        read_on(&third, &old).await,
         Outcome::denied("invalid_token", 401)
     );
-    assert_eq!(third.read(&newer).await, Outcome::Allowed);
+    assert_eq!(read_on(&third, &newer).await, Outcome::Allowed);
     for r in [first, second, third] {
         r.running.shutdown().await.unwrap();
     }
@@ -890,41 +873,45 @@ async fn a_token_revoked_by_jti_is_denied_on_a_replica_that_follows_watch() {
     let redis = support::RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let secrets = jwt_secrets();
-    let primary = JwtReplica::start(jwt_config(Backend::Redis(&redis), dir.path()), &secrets).await;
+    let primary = Replica::serving(jwt_config(Backend::Redis(&redis), dir.path()), &secrets).await;
     let t = now();
     let early = user_token("user-1", t - 30, Some("jti-early"));
     let late = user_token("user-1", t - 30, Some("jti-late"));
     let kept = user_token("user-1", t - 30, Some("jti-kept"));
     // One revocation before the remote replica starts: it must load it from its remote.
-    primary
-        .revoke(keygate::api::proto::RevokeTokensRequest {
+    revoke_on(
+        &primary,
+        keygate::api::proto::RevokeTokensRequest {
             issuer: "main".into(),
             jti: "jti-early".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await
+    .unwrap();
 
     let remote_redis = support::RedisServer::start().await;
     let mut remote_cfg = jwt_config(Backend::Redis(&remote_redis), dir.path());
     remote_cfg.revocation.source = keygate::config::RevocationSource::Watch;
     remote_cfg.revocation.watch_url = format!("http://{}", primary.running.grpc);
-    let remote = JwtReplica::start(remote_cfg, &secrets).await;
+    let remote = Replica::serving(remote_cfg, &secrets).await;
     assert_eq!(
-        remote.read(&early).await,
+        read_on(&remote, &early).await,
         Outcome::denied("invalid_token", 401)
     );
-    assert_eq!(remote.read(&late).await, Outcome::Allowed);
+    assert_eq!(read_on(&remote, &late).await, Outcome::Allowed);
 
     let mut remote_events = remote.app.bus.subscribe();
-    primary
-        .revoke(keygate::api::proto::RevokeTokensRequest {
+    revoke_on(
+        &primary,
+        keygate::api::proto::RevokeTokensRequest {
             issuer: "main".into(),
             jti: "jti-late".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await
+    .unwrap();
     let arrived = a_token_revocation_arrives(&mut remote_events).await;
     assert_eq!(
         arrived.target,
@@ -933,10 +920,10 @@ async fn a_token_revoked_by_jti_is_denied_on_a_replica_that_follows_watch() {
         }
     );
     assert_eq!(
-        remote.read(&late).await,
+        read_on(&remote, &late).await,
         Outcome::denied("invalid_token", 401)
     );
-    assert_eq!(remote.read(&kept).await, Outcome::Allowed);
+    assert_eq!(read_on(&remote, &kept).await, Outcome::Allowed);
     remote.running.shutdown().await.unwrap();
     primary.running.shutdown().await.unwrap();
 }
@@ -945,7 +932,7 @@ async fn a_token_revoked_by_jti_is_denied_on_a_replica_that_follows_watch() {
 async fn a_bad_revocation_names_the_field_and_changes_nothing() {
     let redis = support::RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let replica = JwtReplica::start(
+    let replica = Replica::serving(
         jwt_config(Backend::Redis(&redis), dir.path()),
         &jwt_secrets(),
     )
@@ -968,7 +955,7 @@ async fn a_bad_revocation_names_the_field_and_changes_nothing() {
         (req("main", "", "s", Some(t + 3600)), "before:"),
         (req("main", &"j".repeat(2000), "", None), "jti:"),
     ] {
-        let status = replica.revoke(request).await.expect_err("refused");
+        let status = revoke_on(&replica, request).await.expect_err("refused");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         assert!(status.message().starts_with(field), "{status:?}");
     }
@@ -1029,7 +1016,7 @@ async fn a_token_revocation_lost_from_the_stream_is_loaded_again_before_any_jwt_
     let dir = tempfile::tempdir().unwrap();
     let secrets = jwt_secrets();
     let config = || jwt_config(Backend::Redis(&redis), dir.path());
-    let writer = JwtReplica::start(config(), &secrets).await;
+    let writer = Replica::serving(config(), &secrets).await;
     // The reader follows the stream through a feed the test can cut.
     let reader = std::sync::Arc::new(App::build(config(), secrets.clone()).unwrap());
     let feed = std::sync::Arc::new(support::SwitchableFeed::new(
@@ -1061,15 +1048,17 @@ async fn a_token_revocation_lost_from_the_stream_is_loaded_again_before_any_jwt_
         || async { (!reader.bus.is_connected()).then_some(()) },
     )
     .await;
-    writer
-        .revoke(keygate::api::proto::RevokeTokensRequest {
+    revoke_on(
+        &writer,
+        keygate::api::proto::RevokeTokensRequest {
             issuer: "main".into(),
             subject: "user-9".into(),
             issued_before: Some(seconds(t - 60)),
             ..Default::default()
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await
+    .unwrap();
     // The event is trimmed away before the reader could read it.
     redis.trim_all_events().await;
 

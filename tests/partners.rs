@@ -4,18 +4,15 @@
 
 mod support;
 
-use std::sync::Arc;
-
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use keygate::api::proto::{self, partners_client::PartnersClient};
-use keygate::config::{Config, RouteConfig, Secrets, TenantRule};
+use keygate::config::{Config, RouteConfig, TenantRule};
 use keygate::keys::{AdminError, KeyUpdate, NewKey};
 use keygate::principal::Environment;
 use keygate::revocation::FeedItem;
-use keygate::server::{self, App, Running};
 use support::{
-    bearer, check_request, config, outcome, secrets, Backend, Outcome, RedisServer, OTHER_TENANT,
-    PATIENCE, TENANT,
+    bearer, check_request, config, outcome, secrets, Backend, Outcome, RedisServer, Replica,
+    OTHER_TENANT, PATIENCE, TENANT,
 };
 
 const PARTNER: &str = "acme-partners";
@@ -78,92 +75,67 @@ fn new_key(kind: &str, scopes: &[&str]) -> NewKey {
     }
 }
 
-struct Replica {
-    app: Arc<App>,
-    running: Running,
-    secrets: Secrets,
+async fn create(r: &Replica, kind: &str, scopes: &[&str]) -> String {
+    r.app
+        .admin
+        .create(new_key(kind, scopes))
+        .await
+        .expect("the key is created")
+        .token
 }
 
-impl Replica {
-    async fn start(cfg: Config, secrets: &Secrets) -> Replica {
-        let app = Arc::new(App::build(cfg, secrets.clone()).expect("replica builds"));
-        let running = server::start(app.clone()).await.expect("replica starts");
-        support::positioned(&app).await;
-        Replica {
-            app,
-            running,
-            secrets: secrets.clone(),
-        }
+/// GET `path` with `token`, and `X-Tenant-Id: tenant` if given: the outcome and, on an
+/// allow, the headers set upstream and those removed.
+async fn get(
+    r: &Replica,
+    token: &str,
+    path: &str,
+    tenant: Option<&str>,
+) -> (Outcome, Vec<(String, String)>, Vec<String>) {
+    let auth = bearer(token);
+    let mut headers = vec![("authorization", auth.as_str())];
+    if let Some(t) = tenant {
+        headers.push(("x-tenant-id", t));
     }
-
-    async fn create(&self, kind: &str, scopes: &[&str]) -> String {
-        self.app
-            .admin
-            .create(new_key(kind, scopes))
-            .await
-            .expect("the key is created")
-            .token
-    }
-
-    /// GET `path` with `token`, and `X-Tenant-Id: tenant` if given: the outcome and, on
-    /// an allow, the headers set upstream and those removed.
-    async fn get(
-        &self,
-        token: &str,
-        path: &str,
-        tenant: Option<&str>,
-    ) -> (Outcome, Vec<(String, String)>, Vec<String>) {
-        let auth = bearer(token);
-        let mut headers = vec![("authorization", auth.as_str())];
-        if let Some(t) = tenant {
-            headers.push(("x-tenant-id", t));
-        }
-        let result = self
-            .app
-            .envoy_service()
-            .decide(check_request("GET", path, &headers))
-            .await;
-        let verdict = outcome(&result);
-        let (mut set, mut removed) = (Vec::new(), Vec::new());
-        if let Ok(resp) = result {
-            if let Some(HttpResponse::OkResponse(ok)) = resp.http_response {
-                for h in ok.headers {
-                    let h = h.header.unwrap();
-                    set.push((h.key, h.value));
-                }
-                removed = ok.headers_to_remove;
+    let result = r
+        .app
+        .envoy_service()
+        .decide(check_request("GET", path, &headers))
+        .await;
+    let verdict = outcome(&result);
+    let (mut set, mut removed) = (Vec::new(), Vec::new());
+    if let Ok(resp) = result {
+        if let Some(HttpResponse::OkResponse(ok)) = resp.http_response {
+            for h in ok.headers {
+                let h = h.header.unwrap();
+                set.push((h.key, h.value));
             }
+            removed = ok.headers_to_remove;
         }
-        set.sort();
-        (verdict, set, removed)
     }
+    set.sort();
+    (verdict, set, removed)
+}
 
-    async fn partners(&self) -> PartnersClient<tonic::transport::Channel> {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.running.admin))
-                .unwrap()
-                .connect()
-                .await
-                .expect("admin listener answers");
-        PartnersClient::new(channel)
-    }
+async fn partners(r: &Replica) -> PartnersClient<tonic::transport::Channel> {
+    PartnersClient::new(r.admin_channel().await)
+}
 
-    async fn delegation(&self, tenant: &str, granted: bool) -> proto::DelegationResponse {
-        let req = support::with_admin(
-            &self.secrets,
-            proto::DelegationRequest {
-                partner_id: PARTNER.into(),
-                tenant_id: tenant.into(),
-            },
-        );
-        let mut client = self.partners().await;
-        let resp = if granted {
-            client.delegate(req).await
-        } else {
-            client.undelegate(req).await
-        };
-        resp.expect("the delegation call succeeds").into_inner()
-    }
+async fn delegation(r: &Replica, tenant: &str, granted: bool) -> proto::DelegationResponse {
+    let req = support::with_admin(
+        &r.secrets,
+        proto::DelegationRequest {
+            partner_id: PARTNER.into(),
+            tenant_id: tenant.into(),
+        },
+    );
+    let mut client = partners(r).await;
+    let resp = if granted {
+        client.delegate(req).await
+    } else {
+        client.undelegate(req).await
+    };
+    resp.expect("the delegation call succeeds").into_inner()
 }
 
 fn header<'a>(set: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -173,36 +145,37 @@ fn header<'a>(set: &'a [(String, String)], name: &str) -> Option<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_acts_for_delegated_tenants_only_or_as_itself_where_no_tenant_is_needed() {
     let redis = RedisServer::start().await;
-    let r = Replica::start(partner_config(Backend::Redis(&redis)), &secrets()).await;
-    let partner = r
-        .create(
-            "partner",
-            &["contacts:read", "projects:read", "billing:partner:read"],
-        )
-        .await;
+    let r = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets()).await;
+    let partner = create(
+        &r,
+        "partner",
+        &["contacts:read", "projects:read", "billing:partner:read"],
+    )
+    .await;
     // Not delegated yet: the tenant is forbidden.
-    let (o, _, _) = r.get(&partner, support::READ_PATH, Some(TENANT)).await;
+    let (o, _, _) = get(&r, &partner, support::READ_PATH, Some(TENANT)).await;
     assert_eq!(o, Outcome::denied("tenant_forbidden", 403));
-    let granted = r.delegation(TENANT, true).await;
+    let granted = delegation(&r, TENANT, true).await;
     assert!(granted.changed);
-    assert!(!r.delegation(TENANT, true).await.changed, "granting twice");
+    assert!(
+        !delegation(&r, TENANT, true).await.changed,
+        "granting twice"
+    );
 
-    let (o, set, _) = r.get(&partner, support::READ_PATH, Some(TENANT)).await;
+    let (o, set, _) = get(&r, &partner, support::READ_PATH, Some(TENANT)).await;
     assert_eq!(o, Outcome::Allowed);
     assert_eq!(header(&set, "x-tenant-id"), Some(TENANT));
     assert_eq!(header(&set, "x-keygate-partner"), Some(PARTNER));
     assert_eq!(header(&set, "x-keygate-kind"), Some("partner"));
     assert_eq!(header(&set, "x-keygate-environment"), Some("live"));
 
-    let (o, _, _) = r
-        .get(&partner, support::READ_PATH, Some(OTHER_TENANT))
-        .await;
+    let (o, _, _) = get(&r, &partner, support::READ_PATH, Some(OTHER_TENANT)).await;
     assert_eq!(o, Outcome::denied("tenant_forbidden", 403));
-    let (o, _, _) = r.get(&partner, "/v1/projects/7", None).await;
+    let (o, _, _) = get(&r, &partner, "/v1/projects/7", None).await;
     assert_eq!(o, Outcome::denied("tenant_required", 400));
 
     // A partner-level route: the partner acts as itself, and no tenant goes upstream.
-    let (o, set, removed) = r.get(&partner, "/v1/billing/partner/invoices", None).await;
+    let (o, set, removed) = get(&r, &partner, "/v1/billing/partner/invoices", None).await;
     assert_eq!(o, Outcome::Allowed);
     assert_eq!(header(&set, "x-tenant-id"), None, "{set:?}");
     assert_eq!(header(&set, "x-keygate-partner"), Some(PARTNER));
@@ -214,25 +187,25 @@ async fn a_partner_acts_for_delegated_tenants_only_or_as_itself_where_no_tenant_
 async fn a_withdrawn_delegation_is_refused_on_another_replica_and_on_a_watch_follower() {
     let redis = RedisServer::start().await;
     let secrets = secrets();
-    let a = Replica::start(partner_config(Backend::Redis(&redis)), &secrets).await;
-    let b = Replica::start(partner_config(Backend::Redis(&redis)), &secrets).await;
+    let a = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets).await;
+    let b = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets).await;
     let remote_redis = RedisServer::start().await;
     let mut remote_cfg = partner_config(Backend::Redis(&remote_redis));
     remote_cfg.revocation.source = keygate::config::RevocationSource::Watch;
     remote_cfg.revocation.watch_url = format!("http://{}", a.running.grpc);
     // A replica in another region follows A's Watch (its own keys live in its own
     // Redis): the withdrawal must reach it too.
-    let remote = Replica::start(remote_cfg, &secrets).await;
+    let remote = Replica::serving(remote_cfg, &secrets).await;
 
-    let partner = a.create("partner", &["contacts:read"]).await;
-    a.delegation(TENANT, true).await;
+    let partner = create(&a, "partner", &["contacts:read"]).await;
+    delegation(&a, TENANT, true).await;
     for r in [&a, &b] {
-        let (o, _, _) = r.get(&partner, support::READ_PATH, Some(TENANT)).await;
+        let (o, _, _) = get(r, &partner, support::READ_PATH, Some(TENANT)).await;
         assert_eq!(o, Outcome::Allowed, "delegated");
     }
     let mut b_events = b.app.bus.subscribe();
     let mut remote_events = remote.app.bus.subscribe();
-    assert!(a.delegation(TENANT, false).await.changed);
+    assert!(delegation(&a, TENANT, false).await.changed);
     for events in [&mut b_events, &mut remote_events] {
         let change = tokio::time::timeout(PATIENCE, async {
             loop {
@@ -250,7 +223,7 @@ async fn a_withdrawn_delegation_is_refused_on_another_replica_and_on_a_watch_fol
     }
     for r in [&a, &b] {
         // B had the delegation remembered: the withdrawal made it forget.
-        let (o, _, _) = r.get(&partner, support::READ_PATH, Some(TENANT)).await;
+        let (o, _, _) = get(r, &partner, support::READ_PATH, Some(TENANT)).await;
         assert_eq!(o, Outcome::denied("tenant_forbidden", 403));
     }
     for r in [a, b, remote] {
@@ -261,28 +234,28 @@ async fn a_withdrawn_delegation_is_refused_on_another_replica_and_on_a_watch_fol
 #[tokio::test]
 async fn runtime_keys_pass_on_internal_routes_only_and_nothing_else_passes_there() {
     let redis = RedisServer::start().await;
-    let r = Replica::start(partner_config(Backend::Redis(&redis)), &secrets()).await;
-    let runtime = r.create("runtime", &["jobs:run", "contacts:read"]).await;
-    let tenant = r.create("tenant", &["jobs:run", "contacts:read"]).await;
-    let partner = r.create("partner", &["jobs:run"]).await;
+    let r = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets()).await;
+    let runtime = create(&r, "runtime", &["jobs:run", "contacts:read"]).await;
+    let tenant = create(&r, "tenant", &["jobs:run", "contacts:read"]).await;
+    let partner = create(&r, "partner", &["jobs:run"]).await;
 
-    let (o, set, _) = r.get(&runtime, "/internal/jobs/run", None).await;
+    let (o, set, _) = get(&r, &runtime, "/internal/jobs/run", None).await;
     assert_eq!(o, Outcome::Allowed);
     assert_eq!(header(&set, "x-keygate-kind"), Some("runtime"));
     assert_eq!(header(&set, "x-tenant-id"), None);
     // Acting for a tenant it names.
-    let (o, set, _) = r.get(&runtime, "/internal/jobs/run", Some(TENANT)).await;
+    let (o, set, _) = get(&r, &runtime, "/internal/jobs/run", Some(TENANT)).await;
     assert_eq!(o, Outcome::Allowed);
     assert_eq!(header(&set, "x-tenant-id"), Some(TENANT));
 
-    let (o, _, _) = r.get(&runtime, support::READ_PATH, None).await;
+    let (o, _, _) = get(&r, &runtime, support::READ_PATH, None).await;
     assert_eq!(
         o,
         Outcome::denied("insufficient_permissions", 403),
         "customer route"
     );
     for other in [&tenant, &partner] {
-        let (o, _, _) = r.get(other, "/internal/jobs/run", None).await;
+        let (o, _, _) = get(&r, other, "/internal/jobs/run", None).await;
         assert_eq!(o, Outcome::denied("insufficient_permissions", 403));
     }
     r.running.shutdown().await.unwrap();
@@ -291,7 +264,7 @@ async fn runtime_keys_pass_on_internal_routes_only_and_nothing_else_passes_there
 #[tokio::test]
 async fn partner_scopes_are_for_partner_keys_only() {
     let redis = RedisServer::start().await;
-    let r = Replica::start(partner_config(Backend::Redis(&redis)), &secrets()).await;
+    let r = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets()).await;
     for scopes in [&["billing:partner:read"][..], &["billing:partner:*"][..]] {
         let refused = r.app.admin.create(new_key("tenant", scopes)).await;
         assert!(
@@ -321,7 +294,7 @@ async fn partner_scopes_are_for_partner_keys_only() {
 
     // A tenant key with a wide wildcard still does not reach a partner scope.
     let wide = r.app.admin.create(new_key("tenant", &["*"])).await.unwrap();
-    let (o, _, _) = r.get(&wide.token, "/v1/billing/partner/x", None).await;
+    let (o, _, _) = get(&r, &wide.token, "/v1/billing/partner/x", None).await;
     assert_eq!(o, Outcome::denied("insufficient_permissions", 403));
     // Nor can it be updated into one.
     let update = r
@@ -343,8 +316,8 @@ async fn partner_scopes_are_for_partner_keys_only() {
         })
     ));
 
-    let partner = r.create("partner", &["billing:partner:*"]).await;
-    let (o, _, _) = r.get(&partner, "/v1/billing/partner/x", None).await;
+    let partner = create(&r, "partner", &["billing:partner:*"]).await;
+    let (o, _, _) = get(&r, &partner, "/v1/billing/partner/x", None).await;
     assert_eq!(o, Outcome::Allowed);
     r.running.shutdown().await.unwrap();
 }
@@ -352,8 +325,8 @@ async fn partner_scopes_are_for_partner_keys_only() {
 #[tokio::test]
 async fn a_test_key_is_refused_on_a_live_only_route() {
     let redis = RedisServer::start().await;
-    let r = Replica::start(partner_config(Backend::Redis(&redis)), &secrets()).await;
-    let live = r.create("tenant", &["payments:read"]).await;
+    let r = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets()).await;
+    let live = create(&r, "tenant", &["payments:read"]).await;
     let test = r
         .app
         .admin
@@ -364,10 +337,10 @@ async fn a_test_key_is_refused_on_a_live_only_route() {
         .await
         .unwrap()
         .token;
-    let (o, set, _) = r.get(&live, "/v1/payments/1", None).await;
+    let (o, set, _) = get(&r, &live, "/v1/payments/1", None).await;
     assert_eq!(o, Outcome::Allowed);
     assert_eq!(header(&set, "x-keygate-environment"), Some("live"));
-    let (o, _, _) = r.get(&test, "/v1/payments/1", None).await;
+    let (o, _, _) = get(&r, &test, "/v1/payments/1", None).await;
     assert_eq!(o, Outcome::denied("insufficient_permissions", 403));
     // Elsewhere the test key passes, and says so upstream.
     let elsewhere = r.app.admin.create(NewKey {
@@ -375,7 +348,7 @@ async fn a_test_key_is_refused_on_a_live_only_route() {
         ..new_key("tenant", &["contacts:read"])
     });
     let elsewhere = elsewhere.await.unwrap().token;
-    let (o, set, _) = r.get(&elsewhere, support::READ_PATH, None).await;
+    let (o, set, _) = get(&r, &elsewhere, support::READ_PATH, None).await;
     assert_eq!(o, Outcome::Allowed);
     assert_eq!(header(&set, "x-keygate-environment"), Some("test"));
     r.running.shutdown().await.unwrap();
@@ -384,7 +357,7 @@ async fn a_test_key_is_refused_on_a_live_only_route() {
 #[tokio::test]
 async fn bad_key_owners_and_delegations_name_the_field_and_change_nothing() {
     let redis = RedisServer::start().await;
-    let r = Replica::start(partner_config(Backend::Redis(&redis)), &secrets()).await;
+    let r = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets()).await;
     let field_of = |e: Result<_, AdminError>| match e {
         Err(AdminError::InvalidArgument { field, .. }) => field,
         other => panic!("not refused: {:?}", other.err()),
@@ -430,7 +403,7 @@ async fn bad_key_owners_and_delegations_name_the_field_and_change_nothing() {
         .unwrap();
     assert!(page.keys.is_empty(), "nothing was created");
 
-    let mut client = r.partners().await;
+    let mut client = partners(&r).await;
     for (partner, tenant, field) in [("", TENANT, "partner_id"), (PARTNER, "acme", "tenant_id")] {
         let status = client
             .delegate(support::with_admin(

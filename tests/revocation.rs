@@ -12,73 +12,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keygate::api::proto::{
-    self, keys_client::KeysClient, revocation_event::Kind, revocations_client::RevocationsClient,
-};
-use keygate::config::{Config, RevocationSource, Secrets};
+use keygate::api::proto::{self, revocation_event::Kind, revocations_client::RevocationsClient};
+use keygate::config::RevocationSource;
 use keygate::revocation::{EventFeed, FeedItem, StoreFeed};
-use keygate::server::{self, App, Running};
+use keygate::server::{self, App};
 use keygate::store::EventId;
 use support::*;
 use tokio::sync::watch;
 
 const EVENTS: &str = "kgtest:{keys}:events";
-
-/// One keygate replica, serving on ephemeral ports.
-struct Replica {
-    app: Arc<App>,
-    running: Running,
-    watch_token: String,
-}
-
-impl Replica {
-    async fn start(config: Config, secrets: &Secrets) -> Replica {
-        let app = Arc::new(App::build(config, secrets.clone()).expect("replica builds"));
-        let running = server::start(app.clone()).await.expect("replica starts");
-        let watch_token = secrets
-            .watch_token
-            .as_ref()
-            .expect("the test secrets have a watch token")
-            .expose()
-            .to_owned();
-        Replica {
-            app,
-            running,
-            watch_token,
-        }
-    }
-
-    async fn check(&self, token: &str) -> Outcome {
-        outcome(&self.app.envoy_service().decide(read_with(token)).await)
-    }
-
-    /// A replica on `redis`, with fresh secrets, once it follows the stream.
-    async fn following_on(redis: &RedisServer) -> Replica {
-        let replica = Replica::start(config(Backend::Redis(redis)), &secrets()).await;
-        replica.following().await;
-        replica
-    }
-
-    /// Waits until this replica follows its revocation feed.
-    async fn following(&self) {
-        eventually(
-            PATIENCE,
-            "replica follows the revocation stream",
-            || async { self.app.bus.is_connected().then_some(()) },
-        )
-        .await;
-    }
-
-    async fn admin(&self) -> KeysClient<tonic::transport::Channel> {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.running.admin))
-                .unwrap()
-                .connect()
-                .await
-                .expect("admin listener answers");
-        KeysClient::new(channel)
-    }
-}
 
 /// Waits for `feed` (a replica's bus, subscribed before the change was made) to apply
 /// an event for `key_id`: the cache's own signal, not a poll of its answers.
@@ -117,7 +59,7 @@ async fn watch_client_with(replica: &Replica, window: Option<u32>) -> WatchClien
             .connect()
             .await
             .expect("grpc listener answers");
-    let token = replica.watch_token.clone();
+    let token = replica.watch_token();
     let authorize: WatchAuth = Box::new(move |mut req: tonic::Request<()>| {
         req.metadata_mut()
             .insert("authorization", bearer(&token).parse().unwrap());

@@ -263,16 +263,7 @@ impl KeyStore for MemoryStore {
         Ok(set
             .range((first.clone(), String::new())..)
             .take_while(|(a, _)| a == first)
-            .map(|(a, b)| match of {
-                DelegationsOf::Partner(_) => Delegation {
-                    partner_id: a.clone(),
-                    tenant_id: b.clone(),
-                },
-                DelegationsOf::Tenant(_) => Delegation {
-                    partner_id: b.clone(),
-                    tenant_id: a.clone(),
-                },
-            })
+            .map(|(_, other)| of.with(other.clone()))
             .collect())
     }
 

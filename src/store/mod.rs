@@ -238,6 +238,23 @@ pub enum DelegationsOf {
     Tenant(String),
 }
 
+impl DelegationsOf {
+    /// The delegation between the one listed and `other` (a tenant of the partner, or a
+    /// partner of the tenant).
+    pub fn with(&self, other: String) -> Delegation {
+        match self {
+            DelegationsOf::Partner(p) => Delegation {
+                partner_id: p.clone(),
+                tenant_id: other,
+            },
+            DelegationsOf::Tenant(t) => Delegation {
+                partner_id: other,
+                tenant_id: t.clone(),
+            },
+        }
+    }
+}
+
 /// A token revocation as read from the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRevocationEvent {

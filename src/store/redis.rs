@@ -519,19 +519,7 @@ impl KeyStore for RedisStore {
         let mut conn = self.conn().await?;
         let mut others: Vec<String> = self.run(conn.smembers(self.delegation_key(of))).await?;
         others.sort();
-        Ok(others
-            .into_iter()
-            .map(|other| match of {
-                DelegationsOf::Partner(p) => Delegation {
-                    partner_id: p.clone(),
-                    tenant_id: other,
-                },
-                DelegationsOf::Tenant(t) => Delegation {
-                    partner_id: other,
-                    tenant_id: t.clone(),
-                },
-            })
-            .collect())
+        Ok(others.into_iter().map(|other| of.with(other)).collect())
     }
 
     async fn revoke_tokens(

@@ -625,6 +625,82 @@ impl keygate::revocation::EventFeed for SwitchableFeed {
     }
 }
 
+/// One keygate replica, serving on ephemeral ports. Replicas of one deployment share
+/// their `secrets` (pepper, admin and watch tokens).
+pub struct Replica {
+    pub app: Arc<keygate::server::App>,
+    pub running: keygate::server::Running,
+    pub secrets: Secrets,
+}
+
+impl Replica {
+    pub async fn start(config: Config, secrets: &Secrets) -> Replica {
+        let app =
+            Arc::new(keygate::server::App::build(config, secrets.clone()).expect("replica builds"));
+        let running = keygate::server::start(app.clone())
+            .await
+            .expect("replica starts");
+        Replica {
+            app,
+            running,
+            secrets: secrets.clone(),
+        }
+    }
+
+    /// `start`, then wait until it answers checks (its follower has its position).
+    pub async fn serving(config: Config, secrets: &Secrets) -> Replica {
+        let replica = Replica::start(config, secrets).await;
+        positioned(&replica.app).await;
+        replica
+    }
+
+    /// A replica on `redis`, with fresh secrets, once it follows the stream.
+    pub async fn following_on(redis: &RedisServer) -> Replica {
+        let replica = Replica::start(config(Backend::Redis(redis)), &secrets()).await;
+        replica.following().await;
+        replica
+    }
+
+    /// Waits until this replica follows its revocation feed.
+    pub async fn following(&self) {
+        eventually(
+            PATIENCE,
+            "replica follows the revocation stream",
+            || async { self.app.bus.is_connected().then_some(()) },
+        )
+        .await;
+    }
+
+    /// A `contacts:read` request with `token` as a Bearer credential.
+    pub async fn check(&self, token: &str) -> Outcome {
+        outcome(&self.app.envoy_service().decide(read_with(token)).await)
+    }
+
+    pub fn watch_token(&self) -> String {
+        self.secrets
+            .watch_token
+            .as_ref()
+            .expect("the test secrets have a watch token")
+            .expose()
+            .to_owned()
+    }
+
+    /// A channel to the admin listener (calls still need `with_admin`).
+    pub async fn admin_channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.running.admin))
+            .unwrap()
+            .connect()
+            .await
+            .expect("admin listener answers")
+    }
+
+    pub async fn admin(
+        &self,
+    ) -> keygate::api::proto::keys_client::KeysClient<tonic::transport::Channel> {
+        keygate::api::proto::keys_client::KeysClient::new(self.admin_channel().await)
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Configuration and secrets
 // ---------------------------------------------------------------------------------------
