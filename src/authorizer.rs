@@ -7,8 +7,9 @@ use std::time::Instant;
 use crate::authn::{Authenticator, AuthnFailure};
 use crate::config::PolicyConfig;
 use crate::credential::CredentialSource;
-use crate::decision::{Allowed, Decision, DenyReason, Unavailable};
+use crate::decision::{Allowed, Decision, Denial, DenyReason, Unavailable};
 use crate::policy::{Policy, Requirement};
+use crate::ratelimit::{Limiter, Verdict};
 use crate::request::{normalize_path, AuthRequest};
 use crate::telemetry::metrics;
 use crate::tenant::{self, Delegations, TenantFailure};
@@ -18,6 +19,7 @@ pub struct Authorizer {
     credentials: CredentialSource,
     authn: Authenticator,
     delegations: Arc<Delegations>,
+    limiter: Arc<Limiter>,
     tenant_header: String,
 }
 
@@ -27,18 +29,39 @@ impl Authorizer {
         policy: Policy,
         authn: Authenticator,
         delegations: Arc<Delegations>,
+        limiter: Arc<Limiter>,
     ) -> Self {
         Authorizer {
             policy,
             credentials: CredentialSource::new(policy_cfg),
             authn,
             delegations,
+            limiter,
             tenant_header: policy_cfg.tenant_header.clone(),
         }
     }
 
     pub fn credentials(&self) -> &CredentialSource {
         &self.credentials
+    }
+
+    /// Who `token` is (an API key or a JWT), without a route: for calls that act on the
+    /// caller itself, such as taking a lease.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+    ) -> Result<Arc<crate::principal::Principal>, AuthnFailure> {
+        let token = token.trim();
+        let credential = if token.is_empty() {
+            crate::credential::Credential::None
+        } else {
+            crate::credential::classify(token)
+        };
+        self.authn.authenticate(credential).await
+    }
+
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
     }
 
     pub fn tenant_header(&self) -> &str {
@@ -92,6 +115,7 @@ impl Authorizer {
                     principal: None,
                     effective_tenant: None,
                     route: r.name.clone(),
+                    rate: None,
                 });
             }
         }
@@ -123,10 +147,18 @@ impl Authorizer {
                 return Decision::deny(DenyReason::InsufficientPermissions);
             }
         }
+        // Last: only a request that would otherwise pass spends an admission.
+        let rate = match self.limiter.check(&principal).await {
+            Verdict::Unlimited => None,
+            Verdict::Admitted(info) => Some(info),
+            Verdict::Limited(info) => return Decision::Deny(Denial::rate_limited(info)),
+            Verdict::Unavailable => return Decision::Unavailable(Unavailable { backend: "store" }),
+        };
         Decision::Allow(Allowed {
             principal: Some(Arc::clone(&principal)),
             effective_tenant,
             route: route.name.clone(),
+            rate,
         })
     }
 }

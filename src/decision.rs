@@ -107,12 +107,39 @@ impl fmt::Display for DenyReason {
     }
 }
 
+/// A key's rate limit as the client is told it (`x-ratelimit-*`, `retry-after`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateInfo {
+    /// The plan's requests per minute.
+    pub limit: u32,
+    /// About how many more would be admitted now (exact at the edge, where every
+    /// admission is asked of the store).
+    pub remaining: u32,
+    /// Seconds until the whole burst is available again.
+    pub reset: u64,
+    /// On a denial: seconds after which one request will be admitted.
+    pub retry_after: Option<u64>,
+}
+
+impl RateInfo {
+    /// The headers the client is sent, on allows and on 429s alike.
+    pub fn headers(&self) -> [(&'static str, String); 3] {
+        [
+            ("x-ratelimit-limit", self.limit.to_string()),
+            ("x-ratelimit-remaining", self.remaining.to_string()),
+            ("x-ratelimit-reset", self.reset.to_string()),
+        ]
+    }
+}
+
 /// A denial as the client will see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
     pub reason: DenyReason,
     /// Seconds after which a retry may succeed (rate limits).
     pub retry_after: Option<u64>,
+    /// With `rate_limited`: the limit, for the `x-ratelimit-*` headers.
+    pub rate: Option<RateInfo>,
 }
 
 impl Denial {
@@ -120,6 +147,16 @@ impl Denial {
         Denial {
             reason,
             retry_after: None,
+            rate: None,
+        }
+    }
+
+    /// 429 `rate_limited`, with the limit and when to retry.
+    pub fn rate_limited(rate: RateInfo) -> Self {
+        Denial {
+            reason: DenyReason::RateLimited,
+            retry_after: rate.retry_after,
+            rate: Some(rate),
         }
     }
 
@@ -148,6 +185,8 @@ pub struct Allowed {
     pub effective_tenant: Option<String>,
     /// The route family that matched, for logs and metrics.
     pub route: Arc<str>,
+    /// The key's rate limit, when its plan has one: sent to the client.
+    pub rate: Option<RateInfo>,
 }
 
 /// A backend needed for the answer could not be reached. Never a denial, never an allow:

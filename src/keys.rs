@@ -99,6 +99,8 @@ pub struct KeyAdmin {
     cfg: ApiKeysConfig,
     /// `policy.partner_scopes`: only partner keys may hold them.
     partner_scopes: Vec<String>,
+    /// The names of `policy.plans`: a key's plan must be one.
+    plans: Vec<String>,
 }
 
 impl KeyAdmin {
@@ -107,14 +109,32 @@ impl KeyAdmin {
         hasher: SecretHasher,
         cache: Arc<CredentialCache>,
         cfg: ApiKeysConfig,
-        partner_scopes: Vec<String>,
+        policy: &crate::config::PolicyConfig,
     ) -> Self {
         KeyAdmin {
             store,
             hasher,
             cache,
             cfg,
-            partner_scopes,
+            partner_scopes: policy.partner_scopes.clone(),
+            plans: policy.plans.keys().cloned().collect(),
+        }
+    }
+
+    /// A plan named by the caller: empty for none (the environment's default applies),
+    /// else one of `policy.plans`.
+    fn plan(&self, plan: &str) -> Result<Option<String>, AdminError> {
+        let plan = check_plan(plan)?;
+        match plan {
+            Some(p) if !self.plans.contains(&p) => Err(invalid(
+                "plan",
+                if self.plans.is_empty() {
+                    format!("no plan named {p:?}: policy.plans is empty")
+                } else {
+                    format!("no plan named {p:?} (plans: {})", self.plans.join(", "))
+                },
+            )),
+            other => Ok(other),
         }
     }
 
@@ -154,7 +174,7 @@ impl KeyAdmin {
         }
         let scopes = self.scopes_for(kind, &req.scopes)?;
         let lifetime = self.check_lifetime(req.expires_in.unwrap_or(self.cfg.default_lifetime))?;
-        let plan = check_plan(&req.plan)?;
+        let plan = self.plan(&req.plan)?;
         let name = check_name(&req.name)?;
 
         let generated = apikey::generate(&self.cfg.prefix, environment);
@@ -221,7 +241,7 @@ impl KeyAdmin {
         let change = KeyChange {
             name: req.name.as_deref().map(check_name).transpose()?,
             scopes,
-            plan: req.plan.as_deref().map(check_plan).transpose()?,
+            plan: req.plan.as_deref().map(|p| self.plan(p)).transpose()?,
             expires_at_ms: req
                 .expires_in
                 .map(|d| self.check_lifetime(d))

@@ -21,6 +21,7 @@ pub mod jwt;
 pub mod keys;
 pub mod policy;
 pub mod principal;
+pub mod ratelimit;
 pub mod request;
 pub mod revocation;
 pub mod secret;

@@ -100,18 +100,24 @@ impl App {
             store.clone(),
             config.cache.ttl,
         ));
+        let limiter = Arc::new(crate::ratelimit::Limiter::new(
+            store.clone(),
+            &config.policy,
+            &config.rate_limits,
+        ));
         let authorizer = Arc::new(Authorizer::new(
             &config.policy,
             policy,
             authn,
             delegations.clone(),
+            limiter,
         ));
         let admin = Arc::new(KeyAdmin::new(
             store.clone(),
             hasher.clone(),
             cache.clone(),
             config.api_keys.clone(),
-            config.policy.partner_scopes.clone(),
+            &config.policy,
         ));
         let token_admin = Arc::new(crate::keys::TokenAdmin::new(
             store.clone(),

@@ -38,6 +38,11 @@ pub struct Metrics {
     pub argon2_refused: IntCounter,
     pub revocation_unreadable: IntCounter,
     pub jwt_revocations: IntGauge,
+    pub rate_limit_decisions: IntCounterVec,
+    pub rate_limit_reservations: IntCounter,
+    pub rate_limit_returned: IntCounter,
+    pub rate_limit_store_errors: IntCounter,
+    pub lease_operations: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -117,6 +122,11 @@ pub fn metrics() -> &'static Metrics {
             "JWT revocations (by jti or subject) this replica holds and checks every JWT against.",
         )
         .expect("valid metric");
+        let rate_limit_decisions = counter_vec("rate_limit_decisions_total", "Rate-limited requests by plan (its configured name) and result (admitted, limited).", &["plan", "result"]);
+        let rate_limit_reservations = counter("rate_limit_reservations_total", "Budgets of admissions reserved from the store (one store call each).");
+        let rate_limit_returned = counter("rate_limit_budget_returned_total", "Reserved admissions given back unspent.");
+        let rate_limit_store_errors = counter("rate_limit_store_errors_total", "Limit checks the store could not answer (answered as rate_limits.on_store_error says).");
+        let lease_operations = counter_vec("lease_operations_total", "Concurrent-session lease operations by result (acquired, refused, renewed, released).", &["result"]);
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(check_duration.clone()),
@@ -140,6 +150,11 @@ pub fn metrics() -> &'static Metrics {
             Box::new(argon2_refused.clone()),
             Box::new(revocation_unreadable.clone()),
             Box::new(jwt_revocations.clone()),
+            Box::new(rate_limit_decisions.clone()),
+            Box::new(rate_limit_reservations.clone()),
+            Box::new(rate_limit_returned.clone()),
+            Box::new(rate_limit_store_errors.clone()),
+            Box::new(lease_operations.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -177,6 +192,11 @@ pub fn metrics() -> &'static Metrics {
             argon2_refused,
             revocation_unreadable,
             jwt_revocations,
+            rate_limit_decisions,
+            rate_limit_reservations,
+            rate_limit_returned,
+            rate_limit_store_errors,
+            lease_operations,
         }
     })
 }

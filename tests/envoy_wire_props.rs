@@ -744,8 +744,24 @@ fn allow_answer() -> impl Strategy<Value = AllowAnswer> {
     (
         prop::option::weighted(0.8, identity()),
         vec(answer_text(), 0..5),
+        prop::option::of((any::<u32>(), any::<u32>(), any::<u64>())),
     )
-        .prop_map(|(identity, remove)| AllowAnswer { identity, remove })
+        .prop_map(|(identity, remove, rate)| AllowAnswer {
+            identity,
+            remove,
+            response_headers: rate
+                .map(|(limit, remaining, reset)| {
+                    keygate::decision::RateInfo {
+                        limit,
+                        remaining,
+                        reset,
+                        retry_after: None,
+                    }
+                    .headers()
+                    .to_vec()
+                })
+                .unwrap_or_default(),
+        })
 }
 
 /// The CheckResponse an allow stands for, from envoy-types' messages (as keygate built
@@ -824,6 +840,11 @@ fn intended(a: &AllowAnswer) -> CheckResponse {
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
             headers,
             headers_to_remove: a.remove.clone(),
+            response_headers_to_add: a
+                .response_headers
+                .iter()
+                .map(|(k, v)| overwrite(k, v))
+                .collect(),
             ..Default::default()
         })),
     }

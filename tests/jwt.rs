@@ -845,11 +845,7 @@ async fn a_token_revoked_by_subject_before_t_is_denied_on_a_second_replica_and_a
             read_on(r, &old).await,
             Outcome::denied("invalid_token", 401)
         );
-        assert_eq!(
-            read_on(r, &newer).await,
-            Outcome::Allowed,
-            "issued after T"
-        );
+        assert_eq!(read_on(r, &newer).await, Outcome::Allowed, "issued after T");
         assert_eq!(
             read_on(r, &bystander).await,
             Outcome::Allowed,

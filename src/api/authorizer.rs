@@ -1,14 +1,18 @@
-//! `keygate.v1.Authorizer/Check`: the same decision as Envoy's Check, for internal callers
-//! that hold a credential and want keygate's verdict in keygate's terms.
+//! `keygate.v1.Authorizer`: the same decision as Envoy's Check, for internal callers that
+//! hold a credential and want keygate's verdict in keygate's terms; and the concurrent-
+//! session leases of a key's plan.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
 use super::proto::{self, authorizer_server::Authorizer as AuthorizerApi};
+use crate::authn::AuthnFailure;
 use crate::authorizer::Authorizer;
-use crate::decision::Decision;
+use crate::decision::{Decision, Denial, DenyReason, RateInfo};
 use crate::principal::Principal;
+use crate::ratelimit::LeaseError;
 use crate::request::AuthRequest;
 use crate::revocation::RevocationBus;
 
@@ -85,20 +89,15 @@ impl AuthorizerApi for AuthorizerService {
                 principal: a.principal.as_deref().map(principal_proto),
                 effective_tenant: a.effective_tenant.unwrap_or_default(),
                 denial: None,
+                rate_limit: a.rate.map(rate_proto),
             },
-            Decision::Deny(d) => {
-                let (code, message) = d.public(self.opaque_errors);
-                proto::CheckResponse {
-                    allowed: false,
-                    principal: None,
-                    effective_tenant: String::new(),
-                    denial: Some(proto::Denial {
-                        code: code.to_owned(),
-                        message: message.to_owned(),
-                        http_status: d.reason.http_status() as u32,
-                    }),
-                }
-            }
+            Decision::Deny(d) => proto::CheckResponse {
+                allowed: false,
+                principal: None,
+                effective_tenant: String::new(),
+                denial: Some(self.denial(&d)),
+                rate_limit: d.rate.map(rate_proto),
+            },
             Decision::Unavailable(u) => {
                 return Err(Status::unavailable(format!(
                     "authorization backend unavailable: {}",
@@ -107,5 +106,110 @@ impl AuthorizerApi for AuthorizerService {
             }
         };
         Ok(Response::new(response))
+    }
+
+    async fn acquire_lease(
+        &self,
+        request: Request<proto::AcquireLeaseRequest>,
+    ) -> Result<Response<proto::AcquireLeaseResponse>, Status> {
+        super::starting(&self.gate)?;
+        let r = request.into_inner();
+        let ttl = lease_ttl(r.ttl_seconds)?;
+        let principal = match self.authorizer.authenticate(&r.credential).await {
+            Ok(p) => p,
+            Err(AuthnFailure::Deny(reason)) => {
+                return Ok(Response::new(proto::AcquireLeaseResponse {
+                    denial: Some(self.denial(&Denial::new(reason))),
+                    ..Default::default()
+                }))
+            }
+            Err(AuthnFailure::Unavailable) => {
+                return Err(Status::unavailable(
+                    "authorization backend unavailable: store",
+                ))
+            }
+        };
+        match self.authorizer.limiter().acquire(&principal, ttl).await {
+            Ok(lease_id) => Ok(Response::new(proto::AcquireLeaseResponse {
+                lease_id,
+                expires_at: Some(super::timestamp(
+                    crate::store::now_ms() + ttl.as_millis() as u64,
+                )),
+                denial: None,
+            })),
+            Err(e @ LeaseError::Full { .. }) => Ok(Response::new(proto::AcquireLeaseResponse {
+                denial: Some(proto::Denial {
+                    code: DenyReason::RateLimited.code().to_owned(),
+                    message: e.to_string(),
+                    http_status: DenyReason::RateLimited.http_status() as u32,
+                }),
+                ..Default::default()
+            })),
+            Err(e) => Err(lease_status(e)),
+        }
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<proto::RenewLeaseRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        let r = request.into_inner();
+        let ttl = lease_ttl(r.ttl_seconds)?;
+        self.authorizer
+            .limiter()
+            .renew_or_release(&r.lease_id, Some(ttl))
+            .await
+            .map_err(lease_status)?;
+        Ok(Response::new(proto::LeaseResponse {}))
+    }
+
+    async fn release_lease(
+        &self,
+        request: Request<proto::ReleaseLeaseRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        let r = request.into_inner();
+        self.authorizer
+            .limiter()
+            .renew_or_release(&r.lease_id, None)
+            .await
+            .map_err(lease_status)?;
+        Ok(Response::new(proto::LeaseResponse {}))
+    }
+}
+
+impl AuthorizerService {
+    fn denial(&self, d: &Denial) -> proto::Denial {
+        let (code, message) = d.public(self.opaque_errors);
+        proto::Denial {
+            code: code.to_owned(),
+            message: message.to_owned(),
+            http_status: d.reason.http_status() as u32,
+        }
+    }
+}
+
+fn rate_proto(r: RateInfo) -> proto::RateLimit {
+    proto::RateLimit {
+        limit: r.limit,
+        remaining: r.remaining,
+        reset_seconds: r.reset,
+        retry_after_seconds: r.retry_after.unwrap_or(0),
+    }
+}
+
+/// A lease's ttl: 1 s to a day.
+fn lease_ttl(seconds: u32) -> Result<Duration, Status> {
+    if seconds == 0 || seconds > 86_400 {
+        return Err(Status::invalid_argument("ttl_seconds: must be 1 to 86400"));
+    }
+    Ok(Duration::from_secs(u64::from(seconds)))
+}
+
+fn lease_status(e: LeaseError) -> Status {
+    match e {
+        LeaseError::NoSessions => Status::failed_precondition(e.to_string()),
+        LeaseError::Full { .. } => Status::resource_exhausted(e.to_string()),
+        LeaseError::Unknown => Status::not_found(format!("lease_id: {e}")),
+        LeaseError::Unavailable(_) => Status::unavailable(e.to_string()),
     }
 }

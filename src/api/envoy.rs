@@ -135,7 +135,15 @@ impl EnvoyAuthorization {
                 }
             }
         }
-        AllowAnswer { identity, remove }
+        let response_headers = allowed
+            .rate
+            .map(|r| r.headers().to_vec())
+            .unwrap_or_default();
+        AllowAnswer {
+            identity,
+            remove,
+            response_headers,
+        }
     }
 
     fn deny(&self, denial: &Denial) -> CheckResponse {
@@ -146,6 +154,9 @@ impl EnvoyAuthorization {
         }
         if let Some(secs) = denial.retry_after {
             headers.push(overwrite("retry-after", &secs.to_string()));
+        }
+        for (name, value) in denial.rate.iter().flat_map(|r| r.headers()) {
+            headers.push(overwrite(name, &value));
         }
         CheckResponse {
             status: Some(rpc::Status {

@@ -42,6 +42,8 @@ pub struct AllowAnswer {
     pub identity: Option<Identity>,
     /// Request headers Envoy removes before forwarding.
     pub remove: Vec<String>,
+    /// Headers Envoy adds to the response the client gets (the `x-ratelimit-*`).
+    pub response_headers: Vec<(&'static str, String)>,
 }
 
 /// The authenticated side of an allow.
@@ -74,6 +76,7 @@ const RESPONSE_METADATA: u32 = 4;
 // OkHttpResponse
 const OK_HEADERS: u32 = 2;
 const OK_HEADERS_TO_REMOVE: u32 = 5;
+const OK_RESPONSE_HEADERS_TO_ADD: u32 = 6;
 // HeaderValueOption and HeaderValue
 const OPTION_HEADER: u32 = 1;
 const OPTION_APPEND_ACTION: u32 = 3;
@@ -189,8 +192,8 @@ fn header_option_len(key: &str, value: &str) -> usize {
         + encoded_len_varint(OVERWRITE)
 }
 
-fn put_header_option(key: &str, value: &str, buf: &mut impl BufMut) {
-    put_head(OK_HEADERS, header_option_len(key, value), buf);
+fn put_header_option(tag: u32, key: &str, value: &str, buf: &mut impl BufMut) {
+    put_head(tag, header_option_len(key, value), buf);
     put_head(OPTION_HEADER, header_value_len(key, value), buf);
     put_plain_str(HEADER_KEY, key, buf);
     put_plain_str(HEADER_VALUE, value, buf);
@@ -235,7 +238,12 @@ impl AllowAnswer {
             .iter()
             .map(|h| delimited_len(OK_HEADERS_TO_REMOVE, h.len()))
             .sum();
-        headers + remove
+        let response: usize = self
+            .response_headers
+            .iter()
+            .map(|(k, v)| delimited_len(OK_RESPONSE_HEADERS_TO_ADD, header_option_len(k, v)))
+            .sum();
+        headers + remove + response
     }
 
     fn metadata_len(identity: &Identity) -> usize {
@@ -273,10 +281,13 @@ impl Message for CheckAnswer {
         put_head(RESPONSE_STATUS, 0, buf);
         put_head(RESPONSE_OK, a.ok_response_len(), buf);
         for (key, value) in a.identity.iter().flat_map(Identity::headers) {
-            put_header_option(key, value, buf);
+            put_header_option(OK_HEADERS, key, value, buf);
         }
         for name in &a.remove {
             put_str(OK_HEADERS_TO_REMOVE, name, buf);
+        }
+        for (key, value) in &a.response_headers {
+            put_header_option(OK_RESPONSE_HEADERS_TO_ADD, key, value, buf);
         }
         if let Some(identity) = a.identity.as_ref().filter(|i| i.metadata) {
             AllowAnswer::put_metadata(identity, buf);
@@ -380,6 +391,11 @@ mod tests {
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers,
                 headers_to_remove: a.remove.clone(),
+                response_headers_to_add: a
+                    .response_headers
+                    .iter()
+                    .map(|(k, v)| overwrite(k, v))
+                    .collect(),
                 ..Default::default()
             })),
         }
@@ -415,11 +431,13 @@ mod tests {
             AllowAnswer {
                 identity: identity(principal(Some("k1"), &["contacts:read"]), "t1"),
                 remove: remove(&["authorization"]),
+                response_headers: vec![],
             },
             // No key id (the header is sent empty), no scopes, nothing to remove.
             AllowAnswer {
                 identity: identity(principal(None, &[]), ""),
                 remove: vec![],
+                response_headers: vec![],
             },
             // Values past 127 and 16,383 bytes: two- and three-byte lengths.
             AllowAnswer {
@@ -428,6 +446,7 @@ mod tests {
                     &"t".repeat(20_000),
                 ),
                 remove: remove(&["x-keygate-plan", "authorization", "x-api-key"]),
+                response_headers: vec![],
             },
             // Without the dynamic metadata.
             AllowAnswer {
@@ -438,15 +457,31 @@ mod tests {
                     }
                 }),
                 remove: remove(&["authorization"]),
+                response_headers: vec![],
+            },
+            // With a rate limit: the x-ratelimit-* go to the client.
+            AllowAnswer {
+                identity: identity(principal(Some("k4"), &["contacts:read"]), "t4"),
+                remove: vec![],
+                response_headers: crate::decision::RateInfo {
+                    limit: 120,
+                    remaining: 7,
+                    reset: 30,
+                    retry_after: None,
+                }
+                .headers()
+                .to_vec(),
             },
             // A public route: no identity, only removals.
             AllowAnswer {
                 identity: None,
                 remove: remove(&["x-keygate-subject", "x-tenant-id"]),
+                response_headers: vec![],
             },
             AllowAnswer {
                 identity: None,
                 remove: vec![],
+                response_headers: vec![],
             },
         ];
         for case in cases {

@@ -18,6 +18,7 @@ mod jwt;
 mod listen;
 mod logging;
 mod policy;
+mod rate_limits;
 mod revocation;
 mod secrets;
 mod store;
@@ -27,7 +28,10 @@ pub use cache::CacheConfig;
 pub use jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
 pub use listen::ListenConfig;
 pub use logging::{ErrorsConfig, LogFormat, LoggingConfig};
-pub use policy::{CredentialHeader, PolicyConfig, RouteConfig, TenantRule, Unmatched};
+pub use policy::{
+    CredentialHeader, DefaultPlans, PlanConfig, PolicyConfig, RouteConfig, TenantRule, Unmatched,
+};
+pub use rate_limits::{OnStoreError, RateLimitConfig};
 pub use revocation::{RevocationConfig, RevocationSource};
 pub use secrets::Secrets;
 pub use store::{StoreBackend, StoreConfig};
@@ -63,6 +67,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub revocation: RevocationConfig,
     pub jwt: JwtConfig,
+    pub rate_limits: RateLimitConfig,
 }
 
 impl Config {
@@ -124,6 +129,7 @@ impl Config {
         self.policy.validate()?;
         self.revocation.validate()?;
         self.jwt.validate()?;
+        self.rate_limits.validate()?;
         Ok(())
     }
 }

@@ -1,5 +1,7 @@
 //! `policy`: where credentials are read, the tenant header, and the route families.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 use super::{valid_header_name, ConfigError};
@@ -52,7 +54,32 @@ pub struct PolicyConfig {
     /// The key environments the whole deployment accepts (`[live]` refuses test keys with
     /// 403); routes may narrow it. Any when left out.
     pub environments: Option<Vec<crate::principal::Environment>>,
+    /// Plans by name: a key's rate limit and concurrent sessions.
+    pub plans: BTreeMap<String, PlanConfig>,
+    /// The plan of a key that names none, by environment.
+    pub default_plans: DefaultPlans,
     pub routes: Vec<RouteConfig>,
+}
+
+/// What a plan allows one key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    /// The sustained rate.
+    pub requests_per_minute: u32,
+    /// How many may come at once; the rate per minute when left out.
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Concurrent-session leases the key may hold; none when left out.
+    #[serde(default)]
+    pub concurrent_sessions: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultPlans {
+    pub live: Option<String>,
+    pub test: Option<String>,
 }
 
 impl Default for PolicyConfig {
@@ -80,6 +107,8 @@ impl Default for PolicyConfig {
             opt_in_scopes: Vec::new(),
             partner_scopes: Vec::new(),
             environments: None,
+            plans: BTreeMap::new(),
+            default_plans: DefaultPlans::default(),
             routes: Vec::new(),
         }
     }
@@ -134,6 +163,53 @@ impl PolicyConfig {
                 "policy.tenant_header",
                 "must be a lower-case HTTP header name",
             ));
+        }
+        for (name, plan) in &self.plans {
+            let field = |f: &str| format!("policy.plans.{name}.{f}");
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(ConfigError::new(
+                    format!("policy.plans.{name}"),
+                    "a plan's name must be 1 to 64 of a-z A-Z 0-9 - _",
+                ));
+            }
+            const MAX: u32 = 10_000_000;
+            if plan.requests_per_minute == 0 || plan.requests_per_minute > MAX {
+                return Err(ConfigError::new(
+                    field("requests_per_minute"),
+                    format!("must be 1 to {MAX}"),
+                ));
+            }
+            if plan.burst.is_some_and(|b| b == 0 || b > MAX) {
+                return Err(ConfigError::new(
+                    field("burst"),
+                    format!("must be 1 to {MAX}"),
+                ));
+            }
+            if plan
+                .concurrent_sessions
+                .is_some_and(|c| c == 0 || c > 100_000)
+            {
+                return Err(ConfigError::new(
+                    field("concurrent_sessions"),
+                    "must be 1 to 100000",
+                ));
+            }
+        }
+        for (env, plan) in [
+            ("live", &self.default_plans.live),
+            ("test", &self.default_plans.test),
+        ] {
+            if let Some(p) = plan.as_ref().filter(|p| !self.plans.contains_key(*p)) {
+                return Err(ConfigError::new(
+                    format!("policy.default_plans.{env}"),
+                    format!("names no plan in policy.plans: {p}"),
+                ));
+            }
         }
         crate::policy::Policy::compile(self)?;
         Ok(())

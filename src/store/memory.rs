@@ -10,8 +10,8 @@ use tokio::sync::{Notify, RwLock};
 
 use super::{
     Delegation, DelegationEvent, DelegationsOf, EventId, EventKind, KeyChange, KeyPage, KeyRecord,
-    KeyStore, Owner, RevocationEvent, StoreError, StreamEntry, TokenRevocation,
-    TokenRevocationEvent,
+    KeyStore, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest, RevocationEvent, StoreError,
+    StreamEntry, TokenRevocation, TokenRevocationEvent,
 };
 
 /// How many revocation events are kept, like the Redis stream's MAXLEN.
@@ -37,6 +37,10 @@ struct State {
     delegations: BTreeSet<(String, String)>,
     delegated_tenants: BTreeSet<(String, String)>,
     events: VecDeque<StreamEntry>,
+    /// Each key's GCRA state (theoretical arrival time, unix ms).
+    rates: HashMap<String, u64>,
+    /// Each key's leases: id → expiry (unix ms).
+    leases: HashMap<String, HashMap<String, u64>>,
     /// JWT revocations by `rule_key`.
     token_rules: HashMap<String, TokenRevocation>,
     last_event: EventId,
@@ -213,6 +217,51 @@ impl KeyStore for MemoryStore {
         s.append_event(key_id, EventKind::Deleted, at_ms, self.max_events);
         self.appended.notify_waiters();
         Ok(Some(rec))
+    }
+
+    async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError> {
+        let mut s = self.state.write().await;
+        let now = super::now_ms();
+        let (tat, grant) = crate::ratelimit::gcra::reserve(s.rates.get(key_id).copied(), now, req);
+        match tat {
+            Some(t) => s.rates.insert(key_id.to_owned(), t),
+            None => s.rates.remove(key_id),
+        };
+        Ok(grant)
+    }
+
+    async fn lease(
+        &self,
+        key_id: &str,
+        lease_id: &str,
+        op: LeaseOp,
+    ) -> Result<LeaseResult, StoreError> {
+        let mut s = self.state.write().await;
+        let now = super::now_ms();
+        let leases = s.leases.entry(key_id.to_owned()).or_default();
+        leases.retain(|_, expiry| *expiry > now);
+        let done = match op {
+            LeaseOp::Acquire { ttl_ms, limit } => {
+                let room = leases.len() < limit as usize && !leases.contains_key(lease_id);
+                if room {
+                    leases.insert(lease_id.to_owned(), now + ttl_ms);
+                }
+                room
+            }
+            LeaseOp::Renew { ttl_ms } => match leases.get_mut(lease_id) {
+                Some(expiry) => {
+                    *expiry = now + ttl_ms;
+                    true
+                }
+                None => false,
+            },
+            LeaseOp::Release => leases.remove(lease_id).is_some(),
+        };
+        let held = leases.len() as u32;
+        if held == 0 {
+            s.leases.remove(key_id);
+        }
+        Ok(LeaseResult { done, held })
     }
 
     async fn set_delegation(

@@ -255,6 +255,51 @@ impl DelegationsOf {
     }
 }
 
+/// A reservation asked of a key's GCRA state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateRequest {
+    /// Milliseconds per admission at the sustained rate.
+    pub interval_ms: u64,
+    pub burst: u32,
+    pub want: u32,
+    /// Admissions reserved earlier and not spent, returned first.
+    pub give_back: u32,
+}
+
+/// What a reservation got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateGrant {
+    pub granted: u32,
+    /// Admissions that would still fit now, after this grant.
+    pub remaining: u32,
+    /// With nothing granted: when one would fit again.
+    pub retry_after_ms: u64,
+    /// When the whole burst would fit again.
+    pub full_in_ms: u64,
+}
+
+/// The outcome of a lease operation: whether it was done, and how many the key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseResult {
+    pub done: bool,
+    pub held: u32,
+}
+
+/// What to do with a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseOp {
+    /// Take a new lease for `ttl` if fewer than `limit` are held.
+    Acquire {
+        ttl_ms: u64,
+        limit: u32,
+    },
+    /// Extend a held lease to `ttl` from now.
+    Renew {
+        ttl_ms: u64,
+    },
+    Release,
+}
+
 /// A token revocation as read from the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRevocationEvent {
@@ -430,6 +475,19 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// A partner's tenants, or a tenant's partners, in order.
     async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError>;
+
+    /// Reserves admissions from `key_id`'s rate-limit state, atomically, on the store's own
+    /// clock (one clock for every replica).
+    async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError>;
+
+    /// Acquires, renews or releases one of `key_id`'s concurrent-session leases,
+    /// atomically; expired leases are dropped first.
+    async fn lease(
+        &self,
+        key_id: &str,
+        lease_id: &str,
+        op: LeaseOp,
+    ) -> Result<LeaseResult, StoreError>;
 
     /// Records a JWT revocation (merged into an earlier one of the same `rule_key`) and
     /// appends it to the stream, atomically. Returns the revocation as it now stands; when

@@ -13,6 +13,12 @@
 //! - `<ns>:{keys}:tokens:expiry`  sorted set: rule key by expiry (unix ms), for pruning
 //! - `<ns>:{keys}:events`         the revocation stream (XADD MAXLEN ~)
 //!
+//! A key's rate-limit state and leases sit under a hash tag of their own key id, so a
+//! Cluster spreads them (they are what requests write):
+//!
+//! - `<ns>:{<key_id>}:rate`       the GCRA state (theoretical arrival time, unix ms)
+//! - `<ns>:{<key_id>}:leases`     sorted set: lease id by expiry
+//!
 //! Writes that touch more than one key are Lua scripts rather than MULTI/EXEC: a script
 //! can read and decide (does the key exist? is it already revoked?) inside the same atomic
 //! step, which MULTI cannot without WATCH retries.
@@ -26,8 +32,8 @@ use tokio::sync::OnceCell;
 
 use super::{
     Delegation, DelegationEvent, DelegationsOf, EventId, EventKind, KeyChange, KeyPage, KeyRecord,
-    KeyStore, Owner, RevocationEvent, StoreError, StreamEntry, TokenRevocation,
-    TokenRevocationEvent, DELEGATED, TOKENS_REVOKED, UNDELEGATED,
+    KeyStore, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest, RevocationEvent, StoreError,
+    StreamEntry, TokenRevocation, TokenRevocationEvent, DELEGATED, TOKENS_REVOKED, UNDELEGATED,
 };
 use crate::secret::Secret;
 
@@ -48,6 +54,8 @@ pub struct RedisStore {
     delete: Script,
     revoke_tokens: Script,
     delegation: Script,
+    reserve: Script,
+    lease: Script,
 }
 
 impl RedisStore {
@@ -79,6 +87,8 @@ impl RedisStore {
             delete: Script::new(include_str!("lua/delete.lua")),
             revoke_tokens: Script::new(include_str!("lua/revoke_tokens.lua")),
             delegation: Script::new(include_str!("lua/delegation.lua")),
+            reserve: Script::new(include_str!("lua/reserve.lua")),
+            lease: Script::new(include_str!("lua/lease.lua")),
         })
     }
 
@@ -482,6 +492,56 @@ impl KeyStore for RedisStore {
             )
             .await?;
         fields.map(decode).transpose().map(Option::flatten)
+    }
+
+    async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError> {
+        let mut conn = self.conn().await?;
+        let (granted, remaining, retry_after_ms, full_in_ms): (u32, u32, u64, u64) = self
+            .run(
+                self.reserve
+                    .key(format!("{}:{{{key_id}}}:rate", self.ns))
+                    .arg(req.interval_ms)
+                    .arg(req.burst)
+                    .arg(req.want)
+                    .arg(req.give_back)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(RateGrant {
+            granted,
+            remaining,
+            retry_after_ms,
+            full_in_ms,
+        })
+    }
+
+    async fn lease(
+        &self,
+        key_id: &str,
+        lease_id: &str,
+        op: LeaseOp,
+    ) -> Result<LeaseResult, StoreError> {
+        let (name, ttl_ms, limit) = match op {
+            LeaseOp::Acquire { ttl_ms, limit } => ("acquire", ttl_ms, limit),
+            LeaseOp::Renew { ttl_ms } => ("renew", ttl_ms, 0),
+            LeaseOp::Release => ("release", 0, 0),
+        };
+        let mut conn = self.conn().await?;
+        let (done, held): (i64, u32) = self
+            .run(
+                self.lease
+                    .key(format!("{}:{{{key_id}}}:leases", self.ns))
+                    .arg(name)
+                    .arg(lease_id)
+                    .arg(ttl_ms)
+                    .arg(limit)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(LeaseResult {
+            done: done == 1,
+            held,
+        })
     }
 
     async fn set_delegation(

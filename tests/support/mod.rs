@@ -504,6 +504,23 @@ impl KeyStore for CountingStore {
         self.inner.is_delegated(partner_id, tenant_id).await
     }
 
+    async fn reserve(
+        &self,
+        key_id: &str,
+        req: &keygate::store::RateRequest,
+    ) -> Result<keygate::store::RateGrant, StoreError> {
+        self.inner.reserve(key_id, req).await
+    }
+
+    async fn lease(
+        &self,
+        key_id: &str,
+        lease_id: &str,
+        op: keygate::store::LeaseOp,
+    ) -> Result<keygate::store::LeaseResult, StoreError> {
+        self.inner.lease(key_id, lease_id, op).await
+    }
+
     async fn delegations(
         &self,
         of: &keygate::store::DelegationsOf,
