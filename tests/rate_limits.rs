@@ -1,0 +1,370 @@
+//! Plans: rate limits exact across replicas on one Redis, the answers that say so, the
+//! plans of test and live keys, concurrent-session leases, and what a limit check does
+//! when Redis is gone.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
+use keygate::api::authorizer::AuthorizerService;
+use keygate::api::proto::{self, authorizer_server::Authorizer as _};
+use keygate::config::{Config, OnStoreError, PlanConfig};
+use keygate::keys::{AdminError, KeyUpdate, NewKey};
+use keygate::server::App;
+use support::{config, outcome, read_with, secrets, Backend, Outcome, RedisServer};
+
+/// Plans: `tiny` (20 a minute, one per 3 s), `small` (10 a minute, 2 sessions), `test`
+/// (3 a minute), and `big`; test keys default to `test`.
+fn plan_config(backend: Backend<'_>) -> Config {
+    let mut cfg = config(backend);
+    let plan = |rpm, sessions| PlanConfig {
+        requests_per_minute: rpm,
+        burst: None,
+        concurrent_sessions: sessions,
+    };
+    cfg.policy.plans = [
+        ("tiny".to_owned(), plan(20, None)),
+        ("small".to_owned(), plan(10, Some(2))),
+        ("test".to_owned(), plan(3, None)),
+        ("big".to_owned(), plan(1_000_000, None)),
+    ]
+    .into();
+    cfg.policy.default_plans.test = Some("test".into());
+    cfg
+}
+
+fn key_on(plan: &str) -> NewKey {
+    NewKey {
+        plan: plan.into(),
+        ..support::reader_key()
+    }
+}
+
+/// The x-ratelimit-* and retry-after headers of an answer (allow or deny), by name.
+fn rate_headers(resp: &CheckResponse) -> Vec<(String, String)> {
+    let headers = match &resp.http_response {
+        Some(HttpResponse::OkResponse(ok)) => &ok.response_headers_to_add,
+        Some(HttpResponse::DeniedResponse(d)) => &d.headers,
+        _ => return vec![],
+    };
+    let mut out: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .filter(|h| h.key.starts_with("x-ratelimit-") || h.key == "retry-after")
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect();
+    out.sort();
+    out
+}
+
+fn header(headers: &[(String, String)], name: &str) -> Option<u64> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.parse().expect("a number"))
+}
+
+/// Sends `n` reads with each token, spread over `replicas` round-robin, all at once;
+/// counts each token's admissions and checks every denial is a well-formed 429.
+async fn flood(replicas: &[Arc<App>], tokens: &[(&str, u64)], n: usize) -> Vec<usize> {
+    let mut calls = Vec::new();
+    for i in 0..n {
+        for (t, (token, interval_ms)) in tokens.iter().enumerate() {
+            let app = replicas[(i + t) % replicas.len()].clone();
+            let token = token.to_string();
+            let interval_ms = *interval_ms;
+            calls.push(tokio::spawn(async move {
+                let result = app.envoy_service().decide(read_with(&token)).await;
+                let verdict = outcome(&result);
+                let headers = result.as_ref().map(rate_headers).unwrap_or_default();
+                if verdict != Outcome::Allowed {
+                    assert_eq!(verdict, Outcome::denied("rate_limited", 429));
+                    let retry = header(&headers, "retry-after").expect("retry-after on a 429");
+                    // One more fits within one interval of the GCRA state.
+                    assert!(
+                        (1..=interval_ms.div_ceil(1000)).contains(&retry),
+                        "retry-after {retry}"
+                    );
+                    assert_eq!(header(&headers, "x-ratelimit-remaining"), Some(0));
+                }
+                (t, verdict == Outcome::Allowed)
+            }));
+        }
+    }
+    let mut admitted = vec![0; tokens.len()];
+    for c in calls {
+        let (t, ok) = c.await.unwrap();
+        admitted[t] += usize::from(ok);
+    }
+    admitted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_together_admit_exactly_the_plan_for_each_key() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let replicas: Vec<Arc<App>> = (0..3)
+        .map(|_| {
+            Arc::new(App::build(plan_config(Backend::Redis(&redis)), secrets.clone()).unwrap())
+        })
+        .collect();
+    let tiny = replicas[0]
+        .admin
+        .create(key_on("tiny"))
+        .await
+        .unwrap()
+        .token;
+    let small = replicas[1]
+        .admin
+        .create(key_on("small"))
+        .await
+        .unwrap()
+        .token;
+    // Warm the credential cache on every replica first: the flood measures the limiter.
+    let warm_big = replicas[0].admin.create(key_on("big")).await.unwrap().token;
+    for r in &replicas {
+        assert_eq!(
+            outcome(&r.envoy_service().decide(read_with(&warm_big)).await),
+            Outcome::Allowed
+        );
+    }
+    let started = Instant::now();
+    // 3×N for each key, on two plans at once.
+    let admitted = flood(&replicas, &[(&tiny, 3000), (&small, 6000)], 60).await;
+    let elapsed = started.elapsed().as_millis() as usize;
+    // Exactly the burst, plus what the sustained rate added while the flood ran (nothing,
+    // on any machine that sends 180 checks in under 3 s).
+    assert_eq!(admitted[0], 20 + elapsed / 3000, "tiny, over {elapsed} ms");
+    assert_eq!(admitted[1], 10 + elapsed / 6000, "small, over {elapsed} ms");
+}
+
+#[tokio::test]
+async fn allows_and_429s_carry_the_rate_limit_headers() {
+    let redis = RedisServer::start().await;
+    let app = App::build(plan_config(Backend::Redis(&redis)), secrets()).unwrap();
+    let token = app.admin.create(key_on("test")).await.unwrap().token;
+    let envoy = app.envoy_service();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let resp = envoy.decide(read_with(&token)).await;
+        seen.push((outcome(&resp), rate_headers(&resp.unwrap())));
+    }
+    for (i, (verdict, headers)) in seen.iter().take(3).enumerate() {
+        assert_eq!(*verdict, Outcome::Allowed, "request {i}");
+        assert_eq!(header(headers, "x-ratelimit-limit"), Some(3));
+        assert_eq!(header(headers, "retry-after"), None);
+        assert!(header(headers, "x-ratelimit-reset").is_some());
+    }
+    assert_eq!(header(&seen[2].1, "x-ratelimit-remaining"), Some(0));
+    let (verdict, headers) = &seen[3];
+    assert_eq!(*verdict, Outcome::denied("rate_limited", 429));
+    assert_eq!(header(headers, "x-ratelimit-limit"), Some(3));
+    assert_eq!(header(headers, "retry-after"), Some(20), "one every 20 s");
+}
+
+/// keygate.v1 Check over the app's own authorizer.
+fn v1(app: &App) -> AuthorizerService {
+    AuthorizerService::new(app.authorizer.clone(), false)
+}
+
+#[tokio::test]
+async fn keygate_v1_check_returns_the_limit_as_fields() {
+    let redis = RedisServer::start().await;
+    let app = App::build(plan_config(Backend::Redis(&redis)), secrets()).unwrap();
+    let token = app.admin.create(key_on("test")).await.unwrap().token;
+    let check = || proto::CheckRequest {
+        credential: token.clone(),
+        method: "GET".into(),
+        path: support::READ_PATH.into(),
+        ..Default::default()
+    };
+    let mut last = None;
+    for _ in 0..4 {
+        last = Some(
+            v1(&app)
+                .check(tonic::Request::new(check()))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let denied = last.unwrap();
+    assert!(!denied.allowed);
+    assert_eq!(denied.denial.unwrap().code, "rate_limited");
+    let rate = denied.rate_limit.expect("the limit on a 429");
+    assert_eq!(
+        (rate.limit, rate.remaining, rate.retry_after_seconds),
+        (3, 0, 20)
+    );
+}
+
+#[tokio::test]
+async fn a_test_key_is_on_the_test_plan_and_a_live_key_on_its_own() {
+    let redis = RedisServer::start().await;
+    let app = App::build(plan_config(Backend::Redis(&redis)), secrets()).unwrap();
+    let test = app
+        .admin
+        .create(NewKey {
+            environment: "test".into(),
+            ..support::reader_key()
+        })
+        .await
+        .unwrap()
+        .token;
+    let live = app.admin.create(key_on("tiny")).await.unwrap().token;
+    let unplanned = app.admin.create(support::reader_key()).await.unwrap().token;
+    let limit_of = |token: String| {
+        let envoy = app.envoy_service();
+        async move {
+            let resp = envoy.decide(read_with(&token)).await.unwrap();
+            header(&rate_headers(&resp), "x-ratelimit-limit")
+        }
+    };
+    assert_eq!(limit_of(test).await, Some(3));
+    assert_eq!(limit_of(live).await, Some(20));
+    assert_eq!(
+        limit_of(unplanned).await,
+        None,
+        "no live default: unlimited"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_plan_is_refused_naming_plan() {
+    let app = App::build(plan_config(Backend::Memory), secrets()).unwrap();
+    let refused = app.admin.create(key_on("platinum")).await;
+    assert!(matches!(
+        refused,
+        Err(AdminError::InvalidArgument { field: "plan", .. })
+    ));
+    let key = app.admin.create(key_on("tiny")).await.unwrap();
+    let update = app
+        .admin
+        .update(
+            &key.record.key_id,
+            KeyUpdate {
+                plan: Some("platinum".into()),
+                ..KeyUpdate::default()
+            },
+        )
+        .await;
+    assert!(matches!(
+        update,
+        Err(AdminError::InvalidArgument { field: "plan", .. })
+    ));
+    assert_eq!(
+        app.admin
+            .get(&key.record.key_id)
+            .await
+            .unwrap()
+            .plan
+            .as_deref(),
+        Some("tiny")
+    );
+}
+
+async fn acquire(app: &App, token: &str, ttl: u32) -> proto::AcquireLeaseResponse {
+    v1(app)
+        .acquire_lease(tonic::Request::new(proto::AcquireLeaseRequest {
+            credential: token.into(),
+            ttl_seconds: ttl,
+        }))
+        .await
+        .expect("the call succeeds")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_limited_across_replicas_and_expire_when_not_renewed() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let a = App::build(plan_config(Backend::Redis(&redis)), secrets.clone()).unwrap();
+    let b = App::build(plan_config(Backend::Redis(&redis)), secrets.clone()).unwrap();
+    let token = a.admin.create(key_on("small")).await.unwrap().token;
+
+    let first = acquire(&a, &token, 3600).await;
+    let second = acquire(&b, &token, 1).await;
+    assert!(!first.lease_id.is_empty() && !second.lease_id.is_empty());
+    assert!(!first.lease_id.contains(support::secret_of(&token)));
+    let third = acquire(&a, &token, 3600).await;
+    let denial = third.denial.expect("both sessions are in use");
+    assert_eq!(denial.code, "rate_limited");
+    assert!(denial.message.contains('2'), "{}", denial.message);
+
+    // Released: the session is free again, on either replica.
+    v1(&b)
+        .release_lease(tonic::Request::new(proto::ReleaseLeaseRequest {
+            lease_id: first.lease_id.clone(),
+        }))
+        .await
+        .unwrap();
+    let again = acquire(&b, &token, 3600).await;
+    assert!(again.denial.is_none(), "{again:?}");
+    let renewed = v1(&a)
+        .renew_lease(tonic::Request::new(proto::RenewLeaseRequest {
+            lease_id: first.lease_id.clone(),
+            ttl_seconds: 60,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(renewed.code(), tonic::Code::NotFound, "released is gone");
+
+    // The one-second lease is not renewed: it lapses, and its session is free again.
+    let freed = support::eventually(
+        support::PATIENCE,
+        "the lapsed lease frees its session",
+        || async {
+            let r = acquire(&a, &token, 3600).await;
+            r.denial.is_none().then_some(r)
+        },
+    )
+    .await;
+    assert!(!freed.lease_id.is_empty());
+    let renew_lapsed = v1(&b)
+        .renew_lease(tonic::Request::new(proto::RenewLeaseRequest {
+            lease_id: second.lease_id,
+            ttl_seconds: 60,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(renew_lapsed.code(), tonic::Code::NotFound);
+    // Renewing a held one works.
+    v1(&a)
+        .renew_lease(tonic::Request::new(proto::RenewLeaseRequest {
+            lease_id: again.lease_id,
+            ttl_seconds: 60,
+        }))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_check_without_redis_is_unavailable_or_allowed_as_configured() {
+    for mode in [OnStoreError::Unavailable, OnStoreError::Allow] {
+        let mut redis = RedisServer::start().await;
+        let mut cfg = plan_config(Backend::Redis(&redis));
+        cfg.rate_limits.on_store_error = mode;
+        // Every admission asked of Redis, so the next one needs it.
+        cfg.rate_limits.max_reservation = 1;
+        let app = App::build(cfg, secrets()).unwrap();
+        let token = app.admin.create(key_on("big")).await.unwrap().token;
+        let envoy = app.envoy_service();
+        assert_eq!(
+            outcome(&envoy.decide(read_with(&token)).await),
+            Outcome::Allowed
+        );
+        redis.kill();
+        let errors_before = keygate::telemetry::metrics().rate_limit_store_errors.get();
+        let verdict = outcome(&envoy.decide(read_with(&token)).await);
+        match mode {
+            OnStoreError::Unavailable => {
+                assert_eq!(verdict, Outcome::Error(tonic::Code::Unavailable))
+            }
+            OnStoreError::Allow => assert_eq!(verdict, Outcome::Allowed),
+        }
+        assert!(keygate::telemetry::metrics().rate_limit_store_errors.get() > errors_before);
+    }
+}
