@@ -695,6 +695,74 @@ async fn delegations_are_granted_and_withdrawn_once_each_with_one_event(s: Subje
     );
 }
 
+async fn rate_reservations_follow_gcra_and_leases_their_limit(s: Subject) {
+    use keygate::store::{LeaseOp, RateRequest};
+    // One a minute, a burst of 3: nothing refills while the test runs.
+    let req = |want, give_back| RateRequest {
+        interval_ms: 60_000,
+        burst: 3,
+        want,
+        give_back,
+    };
+    let g = s.store.reserve("k1", &req(2, 0)).await.unwrap();
+    assert_eq!((g.granted, g.remaining), (2, 1));
+    let g = s.store.reserve("k1", &req(5, 0)).await.unwrap();
+    assert_eq!((g.granted, g.remaining), (1, 0));
+    let g = s.store.reserve("k1", &req(1, 0)).await.unwrap();
+    assert_eq!(g.granted, 0);
+    assert!((59_000..=60_000).contains(&g.retry_after_ms), "{g:?}");
+    assert!((179_000..=180_000).contains(&g.full_in_ms), "{g:?}");
+    // Given back, it can be reserved again; another key is untouched.
+    let g = s.store.reserve("k1", &req(1, 1)).await.unwrap();
+    assert_eq!((g.granted, g.remaining), (1, 0));
+    let g = s.store.reserve("k2", &req(3, 0)).await.unwrap();
+    assert_eq!(g.granted, 3);
+
+    let acquire = LeaseOp::Acquire {
+        ttl_ms: 60_000,
+        limit: 2,
+    };
+    let l = |done, held| keygate::store::LeaseResult { done, held };
+    assert_eq!(
+        s.store.lease("k1", "k1.a", acquire).await.unwrap(),
+        l(true, 1)
+    );
+    assert_eq!(
+        s.store.lease("k1", "k1.b", acquire).await.unwrap(),
+        l(true, 2)
+    );
+    assert_eq!(
+        s.store.lease("k1", "k1.c", acquire).await.unwrap(),
+        l(false, 2)
+    );
+    let renew = LeaseOp::Renew { ttl_ms: 60_000 };
+    assert_eq!(
+        s.store.lease("k1", "k1.a", renew).await.unwrap(),
+        l(true, 2)
+    );
+    assert_eq!(
+        s.store.lease("k1", "k1.c", renew).await.unwrap(),
+        l(false, 2)
+    );
+    assert_eq!(
+        s.store.lease("k1", "k1.a", LeaseOp::Release).await.unwrap(),
+        l(true, 1)
+    );
+    assert_eq!(
+        s.store.lease("k1", "k1.a", LeaseOp::Release).await.unwrap(),
+        l(false, 1)
+    );
+    assert_eq!(
+        s.store.lease("k1", "k1.c", acquire).await.unwrap(),
+        l(true, 2)
+    );
+    // A lease of another key does not count here.
+    assert_eq!(
+        s.store.lease("k2", "k2.a", acquire).await.unwrap(),
+        l(true, 1)
+    );
+}
+
 fn tenant(id: &str) -> Owner {
     Owner::Tenant(id.to_owned())
 }
@@ -791,6 +859,7 @@ conformance!(
     token_revocations_merge_and_append_one_event_per_change,
     keys_of_partners_and_services_are_listed_under_their_owner_only,
     delegations_are_granted_and_withdrawn_once_each_with_one_event,
+    rate_reservations_follow_gcra_and_leases_their_limit,
 );
 
 /// A token revocation this version cannot read (corrupt, or a newer shape) names no key:
