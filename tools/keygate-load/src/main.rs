@@ -95,7 +95,8 @@ enum Cmd {
     Envoy(envoy::EnvoyArgs),
     /// One cached RS256 JWT, closed loop and open loop, against the no-op baselines.
     Jwt(Common),
-    /// Rate-limited keys (not yet implemented in keygate).
+    /// A cached key under a plan it never reaches (Redis store), against the no-op
+    /// baselines, and the limiter's store calls per 1,000 admissions.
     RateLimited(Common),
     /// Load any ext_authz server with Envoy-shaped Check requests.
     Run(RunArgs),
@@ -228,11 +229,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Memory { common, keys } => scenarios::memory(&common, keys).await,
         Cmd::Envoy(args) => envoy::through_envoy(&args).await,
         Cmd::Jwt(c) => scenarios::jwt(&c).await,
-        Cmd::RateLimited(_) => scenarios::not_yet(
-            "rate-limited keys",
-            "keygate has no rate limiting yet (GCRA in Redis is planned); the scenario will \
-             measure keys with a plan, against real Redis",
-        ),
+        Cmd::RateLimited(c) => scenarios::rate_limited(&c).await,
         Cmd::Run(args) => run(args).await,
         Cmd::NoopServer { .. } | Cmd::UpstreamServer { .. } => {
             unreachable!("served on its own runtime")

@@ -509,7 +509,33 @@ fn send_lag_p99(runs: &[RunReport]) -> f64 {
 pub async fn cache_hit(c: &Common) -> anyhow::Result<()> {
     let bench = Bench::start(c, false, true).await?;
     let tokens = bench.keygate.create_keys(1, &["contacts:read"], 1).await?;
-    cached(c, bench, "cache-hit API key", tokens).await
+    cached(c, bench, "cache-hit API key", tokens, false).await
+}
+
+/// rate-limited: a cached key under a plan it never reaches, on the Redis store (the
+/// limit's state lives there), against the same baselines as cache-hit; and how many
+/// store calls the limiter made per 1,000 admissions.
+pub async fn rate_limited(c: &Common) -> anyhow::Result<()> {
+    let mut c = c.clone();
+    c.store = StoreKind::Redis;
+    c.keygate_env.push((
+        "KEYGATE_POLICY__PLANS".into(),
+        "{unreached: {requests_per_minute: 10000000}}".into(),
+    ));
+    c.keygate_env.push((
+        "KEYGATE_POLICY__DEFAULT_PLANS".into(),
+        "{live: unreached}".into(),
+    ));
+    let bench = Bench::start(&c, false, true).await?;
+    let tokens = bench.keygate.create_keys(1, &["contacts:read"], 1).await?;
+    cached(
+        &c,
+        bench,
+        "rate-limited API key (a plan it never reaches, Redis store)",
+        tokens,
+        true,
+    )
+    .await
 }
 
 /// jwt: one RS256 JWT of an issuer configured for the run (its JWKS written to a scratch
@@ -550,17 +576,19 @@ pub async fn jwt(c: &Common) -> anyhow::Result<()> {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("load".into());
     let token = jsonwebtoken::encode(&header, &claims, &key)?;
-    let result = cached(&c, bench, "cache-hit JWT (RS256)", vec![token]).await;
+    let result = cached(&c, bench, "cache-hit JWT (RS256)", vec![token], false).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-/// The cache-hit measurement for `tokens` (one credential, cached after its first use).
+/// The cache-hit measurement for `tokens` (one credential, cached after its first use);
+/// with `limited`, also the limiter's store calls per 1,000 admissions.
 async fn cached(
     c: &Common,
     mut bench: Bench,
     name: &str,
     tokens: Vec<String>,
+    limited: bool,
 ) -> anyhow::Result<()> {
     let mut report = ScenarioReport::new(name);
     let template = bench.template(tokens[0].len());
@@ -576,6 +604,7 @@ async fn cached(
     bench.start_sized_baseline(answer).await?;
     let tokens = Tokens::rotate(tokens);
     let misses0 = bench.cache_misses().await?;
+    let limiter0 = limiter_counts(&bench).await?;
     let closed = Mode::Closed {
         concurrency: c.concurrency,
     };
@@ -608,6 +637,29 @@ async fn cached(
     bench
         .expect_no_cache_misses(&mut report, misses0, "cache-hit")
         .await?;
+    if limited {
+        let (reservations, admitted, limited_n) = limiter_counts(&bench).await?;
+        let (r, a, l) = (
+            reservations - limiter0.0,
+            admitted - limiter0.1,
+            limited_n - limiter0.2,
+        );
+        anyhow::ensure!(
+            a > 0.0,
+            "the limiter admitted nothing: the plan did not apply"
+        );
+        anyhow::ensure!(
+            l == 0.0,
+            "{l} requests were rate-limited: the plan was reached"
+        );
+        report.fact(
+            "store calls by the limiter per 1,000 admissions",
+            format!(
+                "{:.1} ({r:.0} reservations for {a:.0} admissions)",
+                r / a * 1000.0
+            ),
+        );
+    }
     report.fact(
         "generator send lag p99 in open loop (instrument floor)",
         format!("{:.0} µs", send_lag_p99(&report.runs)),
@@ -625,6 +677,19 @@ async fn cached(
         r <= 1.5,
     );
     finish(&mut report, c)
+}
+
+/// The limiter's counters: reservations, admissions, rate-limited requests.
+async fn limiter_counts(bench: &Bench) -> anyhow::Result<(f64, f64, f64)> {
+    let k = &bench.keygate;
+    Ok((
+        k.metric("keygate_rate_limit_reservations_total", "")
+            .await?,
+        k.metric("keygate_rate_limit_decisions_total", "result=\"admitted\"")
+            .await?,
+        k.metric("keygate_rate_limit_decisions_total", "result=\"limited\"")
+            .await?,
+    ))
 }
 
 /// warm-keys: 10,000 distinct keys, all cached, in rotation.
@@ -1010,9 +1075,4 @@ pub async fn memory(c: &Common, keys: usize) -> anyhow::Result<()> {
         per <= 1024.0,
     );
     finish(&mut report, c)
-}
-
-pub fn not_yet(scenario: &str, why: &str) -> anyhow::Result<()> {
-    println!("### {scenario}\n\nnot yet implemented: {why}\n");
-    Ok(())
 }
