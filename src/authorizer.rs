@@ -9,7 +9,7 @@ use crate::config::PolicyConfig;
 use crate::credential::CredentialSource;
 use crate::decision::{Allowed, Decision, Denial, DenyReason, Unavailable};
 use crate::policy::{Policy, Requirement};
-use crate::ratelimit::{Limiter, Verdict};
+use crate::ratelimit::{LeaseError, Limiter, Verdict};
 use crate::request::{normalize_path, AuthRequest};
 use crate::telemetry::metrics;
 use crate::tenant::{self, Delegations, TenantFailure};
@@ -116,6 +116,7 @@ impl Authorizer {
                     effective_tenant: None,
                     route: r.name.clone(),
                     rate: None,
+                    lease_id: None,
                 });
             }
         }
@@ -154,11 +155,29 @@ impl Authorizer {
             Verdict::Limited(info) => return Decision::Deny(Denial::rate_limited(info)),
             Verdict::Unavailable => return Decision::Unavailable(Unavailable { backend: "store" }),
         };
+        let lease_id = match route.lease_ttl {
+            None => None,
+            Some(ttl) => match self.limiter.acquire(&principal, ttl).await {
+                Ok(id) => Some(id),
+                // No concurrency limit on this key's plan: nothing to count.
+                Err(LeaseError::NoSessions) => None,
+                Err(LeaseError::Full { .. }) | Err(LeaseError::Unknown) => {
+                    return Decision::Deny(Denial::new(DenyReason::RateLimited))
+                }
+                Err(LeaseError::Unavailable(_)) => match self.limiter.on_store_error() {
+                    crate::config::OnStoreError::Allow => None,
+                    crate::config::OnStoreError::Unavailable => {
+                        return Decision::Unavailable(Unavailable { backend: "store" })
+                    }
+                },
+            },
+        };
         Decision::Allow(Allowed {
             principal: Some(Arc::clone(&principal)),
             effective_tenant,
             route: route.name.clone(),
             rate,
+            lease_id,
         })
     }
 }

@@ -187,6 +187,8 @@ pub struct Allowed {
     pub route: Arc<str>,
     /// The key's rate limit, when its plan has one: sent to the client.
     pub rate: Option<RateInfo>,
+    /// The concurrent-session lease this request took (routes with `lease_ttl`).
+    pub lease_id: Option<String>,
 }
 
 /// A backend needed for the answer could not be reached. Never a denial, never an allow:

@@ -32,6 +32,8 @@ pub struct Route {
     pub internal: bool,
     /// `None`: any environment.
     pub environments: Option<Vec<Environment>>,
+    /// Each allowed request takes a concurrent-session lease for this long.
+    pub lease_ttl: Option<std::time::Duration>,
 }
 
 impl Route {
@@ -130,6 +132,14 @@ impl Policy {
                     "an internal route takes runtime keys, so its credentials must include api_key",
                 ));
             }
+            if r.lease_ttl
+                .is_some_and(|t| t.is_zero() || t > std::time::Duration::from_secs(86_400))
+            {
+                return Err(ConfigError::new(
+                    field("lease_ttl"),
+                    "must be above zero and at most 24h",
+                ));
+            }
             if r.environments.as_ref().is_some_and(Vec::is_empty) {
                 return Err(ConfigError::new(
                     field("environments"),
@@ -145,6 +155,7 @@ impl Policy {
                 credentials: r.credentials.clone(),
                 internal: r.internal,
                 environments: r.environments.clone().or_else(|| cfg.environments.clone()),
+                lease_ttl: r.lease_ttl,
             });
         }
         for (i, s) in cfg.opt_in_scopes.iter().enumerate() {
@@ -178,6 +189,7 @@ impl Policy {
             credentials: None,
             internal: false,
             environments: cfg.environments.clone(),
+            lease_ttl: None,
         });
         Ok(Policy {
             routes,
@@ -326,6 +338,7 @@ mod tests {
             credentials: None,
             internal: false,
             environments: None,
+            lease_ttl: None,
         }
     }
 

@@ -715,6 +715,7 @@ fn identity() -> impl Strategy<Value = Identity> {
         (
             prop::option::of(answer_text()),
             prop::option::of(answer_text()),
+            prop::option::of(answer_text()),
         ),
     )
         .prop_map(
@@ -724,7 +725,7 @@ fn identity() -> impl Strategy<Value = Identity> {
                 environment,
                 scopes,
                 (tenant, header, metadata),
-                (partner_id, service),
+                (partner_id, service, lease_id),
             )| {
                 let mut principal = Principal::new(tenant_id, subject, kind, environment, scopes);
                 principal.key_id = key_id;
@@ -735,6 +736,7 @@ fn identity() -> impl Strategy<Value = Identity> {
                     tenant,
                     tenant_header: header.into(),
                     metadata,
+                    lease_id,
                 }
             },
         )
@@ -799,6 +801,9 @@ fn intended(a: &AllowAnswer) -> CheckResponse {
                     .as_deref()
                     .map(|k| overwrite("x-keygate-partner", k)),
                 Some(overwrite("x-keygate-scopes", &p.scopes.join(","))),
+                i.lease_id
+                    .as_deref()
+                    .map(|l| overwrite("x-keygate-lease-id", l)),
             ]
             .into_iter()
             .flatten()

@@ -105,6 +105,7 @@ fn jwt_config(backend: Backend<'_>, dir: &Path) -> Config {
         credentials: Some(kinds),
         internal: false,
         environments: None,
+        lease_ttl: None,
     };
     config.policy.routes.insert(
         0,

@@ -32,6 +32,7 @@ fn partner_config(backend: Backend<'_>) -> Config {
         credentials: None,
         internal: false,
         environments: None,
+        lease_ttl: None,
     };
     let mut billing = route(
         "partner-billing",

@@ -368,3 +368,67 @@ async fn a_limit_check_without_redis_is_unavailable_or_allowed_as_configured() {
         assert!(keygate::telemetry::metrics().rate_limit_store_errors.get() > errors_before);
     }
 }
+
+#[tokio::test]
+async fn a_route_that_takes_a_lease_admits_only_the_plans_sessions() {
+    let redis = RedisServer::start().await;
+    let mut cfg = plan_config(Backend::Redis(&redis));
+    cfg.policy.routes.insert(
+        0,
+        keygate::config::RouteConfig {
+            name: "session-create".into(),
+            methods: vec!["POST".into()],
+            path: "/v1/sessions".into(),
+            scope: Some("contacts:read".into()),
+            public: false,
+            tenant: None,
+            credentials: None,
+            internal: false,
+            environments: None,
+            lease_ttl: Some(std::time::Duration::from_secs(3600)),
+        },
+    );
+    let app = App::build(cfg, secrets()).unwrap();
+    // `small`: two sessions.
+    let token = app.admin.create(key_on("small")).await.unwrap().token;
+    let envoy = app.envoy_service();
+    let create = || {
+        support::check_request(
+            "POST",
+            "/v1/sessions",
+            &[("authorization", &support::bearer(&token))],
+        )
+    };
+    let lease_of = |resp: &CheckResponse| match &resp.http_response {
+        Some(HttpResponse::OkResponse(ok)) => ok
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .find(|h| h.key == "x-keygate-lease-id")
+            .map(|h| h.value.clone()),
+        _ => None,
+    };
+    let mut leases = Vec::new();
+    for _ in 0..2 {
+        let resp = envoy.decide(create()).await;
+        assert_eq!(outcome(&resp), Outcome::Allowed);
+        leases.push(lease_of(&resp.unwrap()).expect("the lease id goes upstream"));
+    }
+    assert_ne!(leases[0], leases[1]);
+    assert_eq!(
+        outcome(&envoy.decide(create()).await),
+        Outcome::denied("rate_limited", 429),
+        "both sessions are in use"
+    );
+    // Other routes do not take one.
+    let read = envoy.decide(read_with(&token)).await;
+    assert_eq!(outcome(&read), Outcome::Allowed);
+    assert_eq!(lease_of(&read.unwrap()), None);
+    v1(&app)
+        .release_lease(tonic::Request::new(proto::ReleaseLeaseRequest {
+            lease_id: leases[0].clone(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(outcome(&envoy.decide(create()).await), Outcome::Allowed);
+}

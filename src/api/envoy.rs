@@ -105,6 +105,7 @@ impl EnvoyAuthorization {
                     principal,
                     tenant_header: Arc::clone(&self.tenant_header),
                     metadata: self.options.dynamic_metadata,
+                    lease_id: allowed.lease_id.clone(),
                 };
                 // Any other x-keygate-* the client sent is not ours to vouch for: only the
                 // ones this answer overwrites may stay.

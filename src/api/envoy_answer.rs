@@ -57,6 +57,8 @@ pub struct Identity {
     pub tenant_header: Arc<str>,
     /// Whether the principal also goes into `dynamic_metadata`.
     pub metadata: bool,
+    /// The concurrent-session lease the request took, if its route takes one.
+    pub lease_id: Option<String>,
 }
 
 /// Identity headers keygate sets upstream. Client-sent values are always overwritten.
@@ -68,6 +70,8 @@ pub const HEADER_KIND: &str = "x-keygate-kind";
 pub const HEADER_ENVIRONMENT: &str = "x-keygate-environment";
 /// The partner a partner key belongs to.
 pub const HEADER_PARTNER: &str = "x-keygate-partner";
+/// The lease a route with `lease_ttl` took: the upstream hands it back to release it.
+pub const HEADER_LEASE: &str = "x-keygate-lease-id";
 
 // CheckResponse
 const RESPONSE_STATUS: u32 = 1;
@@ -111,7 +115,7 @@ const LIST_VALUES: u32 = 1;
 impl Identity {
     /// The headers set upstream, in order: the tenant (if the request acts for one), the
     /// subject, the key id (API keys), the kind, the environment, the partner (partner
-    /// keys), the scopes.
+    /// keys), the scopes, the lease (routes that take one).
     pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
         let p = &self.principal;
         [
@@ -122,6 +126,7 @@ impl Identity {
             Some((HEADER_ENVIRONMENT, p.environment.as_str())),
             p.partner_id.as_deref().map(|k| (HEADER_PARTNER, k)),
             Some((HEADER_SCOPES, p.scopes_header.as_str())),
+            self.lease_id.as_deref().map(|l| (HEADER_LEASE, l)),
         ]
         .into_iter()
         .flatten()
@@ -419,6 +424,7 @@ mod tests {
             principal: p,
             tenant_header: "x-tenant-id".into(),
             metadata: true,
+            lease_id: Some(format!("k.lease-{tenant}")),
         })
     }
 

@@ -140,6 +140,11 @@ pub struct RouteConfig {
     /// The key environments accepted here (`[live]`); the policy's when left out.
     #[serde(default)]
     pub environments: Option<Vec<crate::principal::Environment>>,
+    /// Each allowed request takes one of the key's concurrent sessions for this long (an
+    /// API whose "create session" is an ordinary request); the lease id goes upstream
+    /// in `x-keygate-lease-id`, and `keygate.v1.Authorizer/ReleaseLease` gives it back.
+    #[serde(default, deserialize_with = "super::optional_duration")]
+    pub lease_ttl: Option<std::time::Duration>,
 }
 
 impl PolicyConfig {

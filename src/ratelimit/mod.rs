@@ -114,9 +114,9 @@ impl Limiter {
         }
     }
 
-    /// The names of the configured plans.
-    pub fn has_plan(&self, name: &str) -> bool {
-        self.plans.contains_key(name)
+    /// What a limit check does when the store cannot be asked.
+    pub fn on_store_error(&self) -> OnStoreError {
+        self.cfg.on_store_error
     }
 
     /// The plan that applies to `p`: its own, else its environment's default. JWTs have
