@@ -664,12 +664,14 @@ async fn cached(
         "generator send lag p99 in open loop (instrument floor)",
         format!("{:.0} µs", send_lag_p99(&report.runs)),
     );
+    // A limited key pays for its plan (issue 16's target: 0.8×), a plain one does not.
+    let (floor, floor_text) = if limited {
+        (0.8, "closed loop ≥ 0.8 × baseline req/s")
+    } else {
+        (0.85, "closed loop ≥ 0.85 × baseline req/s")
+    };
     let r = k.rps / b.rps;
-    report.target(
-        "closed loop ≥ 0.85 × baseline req/s",
-        ratio_text(k.rps, b.rps),
-        r >= 0.85,
-    );
+    report.target(floor_text, ratio_text(k.rps, b.rps), r >= floor);
     let r = ok.p99_us / ob.p99_us;
     report.target(
         "open loop at 50%: p99 ≤ 1.5 × baseline p99",
