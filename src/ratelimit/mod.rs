@@ -8,7 +8,9 @@
 //! eighth of what still fits, at most `rate_limits.max_reservation` — down to one per
 //! request at the edge; what was not spent when it lapses goes back with the next
 //! reservation. So replicas together never admit more than the store granted, and a key
-//! far from its limit costs one store call per budget, not per request. Under-admission
+//! far from its limit costs one store call per budget, not per request. A refusal is
+//! remembered until the store said one would fit again, so a key far over its limit
+//! costs one store call per interval and replica, not per request either. Under-admission
 //! is bounded by what replicas hold unspent (an eighth of what fits, each), for at most
 //! the reservation's life and then only until GCRA's own refill covers it.
 //!
@@ -69,6 +71,9 @@ struct Budget {
     /// What still fitted in the store after the last reservation.
     remaining: u32,
     full_in_ms: u64,
+    /// After a refusal: nothing fits before this, so nothing is asked before it either
+    /// (a key far over its plan would otherwise cost a store call per request).
+    refused_until: Option<Instant>,
 }
 
 pub struct Limiter {
@@ -143,6 +148,14 @@ impl Limiter {
         let budget = self.budgets.get_with_by_ref(key_id, Arc::default);
         let mut b = budget.lock().await;
         let now = Instant::now();
+        if let Some(until) = b.refused_until.filter(|u| now < *u) {
+            m.rate_limit_decisions
+                .with_label_values(&[&plan.name, "limited"])
+                .inc();
+            let mut i = info(plan, 0, b.full_in_ms);
+            i.retry_after = Some((until - now).as_millis().div_ceil(1000).max(1) as u64);
+            return Verdict::Limited(i);
+        }
         let fresh = b.until.is_some_and(|until| now < until);
         if fresh && b.left > 0 {
             b.left -= 1;
@@ -173,6 +186,7 @@ impl Limiter {
         if grant.granted == 0 {
             b.left = 0;
             b.until = None;
+            b.refused_until = Some(now + Duration::from_millis(grant.retry_after_ms));
             m.rate_limit_decisions
                 .with_label_values(&[&plan.name, "limited"])
                 .inc();
@@ -182,6 +196,7 @@ impl Limiter {
         }
         b.left = grant.granted - 1;
         b.until = Some(now + self.cfg.reservation_ttl);
+        b.refused_until = None;
         m.rate_limit_decisions
             .with_label_values(&[&plan.name, "admitted"])
             .inc();
