@@ -20,6 +20,7 @@ pub struct Authorizer {
     authn: Authenticator,
     delegations: Arc<Delegations>,
     limiter: Arc<Limiter>,
+    usage: Arc<crate::usage::UsageCounter>,
     tenant_header: String,
 }
 
@@ -30,6 +31,7 @@ impl Authorizer {
         authn: Authenticator,
         delegations: Arc<Delegations>,
         limiter: Arc<Limiter>,
+        usage: Arc<crate::usage::UsageCounter>,
     ) -> Self {
         Authorizer {
             policy,
@@ -37,6 +39,7 @@ impl Authorizer {
             authn,
             delegations,
             limiter,
+            usage,
             tenant_header: policy_cfg.tenant_header.clone(),
         }
     }
@@ -127,6 +130,24 @@ impl Authorizer {
                 return Decision::Unavailable(Unavailable { backend: "store" })
             }
         };
+        let decision = self.authorize(req, route, &principal).await;
+        if let Some(key_id) = principal.key_id.as_deref() {
+            match decision {
+                Decision::Allow(_) => self.usage.record(key_id, true),
+                Decision::Deny(_) => self.usage.record(key_id, false),
+                Decision::Unavailable(_) => {}
+            }
+        }
+        decision
+    }
+
+    /// What an authenticated caller may do here: route admission, tenant, scope, rate.
+    async fn authorize(
+        &self,
+        req: &AuthRequest,
+        route: Option<&crate::policy::Route>,
+        principal: &Arc<crate::principal::Principal>,
+    ) -> Decision {
         // Authenticated, but no route family covers the request.
         let Some(route) = route else {
             return Decision::deny(DenyReason::InsufficientPermissions);
@@ -173,7 +194,7 @@ impl Authorizer {
             },
         };
         Decision::Allow(Allowed {
-            principal: Some(Arc::clone(&principal)),
+            principal: Some(Arc::clone(principal)),
             effective_tenant,
             route: route.name.clone(),
             rate,

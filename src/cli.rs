@@ -100,7 +100,8 @@ pub enum KeysCommand {
         env: String,
         #[arg(long, default_value = "")]
         name: String,
-        /// Lifetime, e.g. 90d, 12h (default: the server's default lifetime).
+        /// Lifetime, e.g. 90d, 12h (default: the server's default lifetime), or `never`
+        /// where the deployment allows keys that never expire.
         #[arg(long)]
         expires_in: Option<String>,
         #[arg(long, default_value = "")]
@@ -108,8 +109,21 @@ pub enum KeysCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Replace a key: a successor with the same owner, scopes, plan and name (its token
+    /// printed once); the old key keeps working for the grace, then expires.
+    Rotate {
+        key_id: String,
+        /// How long the old key keeps working, e.g. 1h, 0s (default 24h).
+        #[arg(long, default_value = "24h")]
+        grace: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// List the keys of a tenant, a partner or a service (metadata only).
     List {
+        /// active, expired, revoked or all (default: active and expired).
+        #[arg(long, default_value = "")]
+        status: String,
         #[arg(long, default_value = "")]
         tenant: String,
         #[arg(long, default_value = "")]
@@ -429,6 +443,10 @@ fn key_json(k: &proto::Key) -> serde_json::Value {
         "created_at": ts(&k.created_at),
         "expires_at": ts(&k.expires_at),
         "revoked_at": ts(&k.revoked_at),
+        "rotated_from": (!k.rotated_from.is_empty()).then_some(&k.rotated_from),
+        "requests_allowed": k.requests_allowed,
+        "requests_denied": k.requests_denied,
+        "last_used_at": ts(&k.last_used_at),
     })
 }
 
@@ -455,7 +473,16 @@ fn print_key(k: &proto::Key, json_out: bool) {
     println!("environment: {}", k.environment);
     println!("scopes:      {}", k.scopes.join(","));
     println!("status:      {}", k.status);
-    println!("expires_at:  {}", v["expires_at"].as_str().unwrap_or("-"));
+    println!(
+        "expires_at:  {}",
+        v["expires_at"].as_str().unwrap_or("never")
+    );
+    println!(
+        "requests:    {} allowed, {} denied (last used {})",
+        k.requests_allowed,
+        k.requests_denied,
+        v["last_used_at"].as_str().unwrap_or("never")
+    );
     if let Some(r) = v["revoked_at"].as_str() {
         println!("revoked_at:  {r}");
     }
@@ -499,7 +526,12 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             plan,
             admin,
         } => {
-            let expires_in_seconds = expires_in_seconds(expires_in.as_deref())?;
+            let never_expires = expires_in.as_deref() == Some("never");
+            let expires_in_seconds = if never_expires {
+                0
+            } else {
+                expires_in_seconds(expires_in.as_deref())?
+            };
             let mut client = admin_client(&admin).await?;
             let resp = client
                 .create_key(proto::CreateKeyRequest {
@@ -512,6 +544,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                     plan,
                     partner_id: partner,
                     service,
+                    never_expires,
                 })
                 .await
                 .map_err(grpc_error)?
@@ -530,6 +563,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::List {
+            status,
             tenant,
             partner,
             service,
@@ -544,6 +578,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                         tenant_id: tenant.clone(),
                         partner_id: partner.clone(),
                         service: service.clone(),
+                        status: status.clone(),
                         page_size: 1000,
                         page_token: page_token.clone(),
                     })
@@ -587,6 +622,39 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 .map_err(grpc_error)?
                 .into_inner();
             print_key(&key, admin.json);
+        }
+        KeysCommand::Rotate {
+            key_id,
+            grace,
+            admin,
+        } => {
+            let grace =
+                crate::config::parse_duration(&grace).map_err(|e| anyhow!("--grace: {e}"))?;
+            let resp = admin_client(&admin)
+                .await?
+                .rotate_key(proto::RotateKeyRequest {
+                    key_id,
+                    grace_seconds: grace.as_secs() as i64,
+                })
+                .await
+                .map_err(grpc_error)?
+                .into_inner();
+            let key = resp.key.ok_or_else(|| anyhow!("server returned no key"))?;
+            let previous = resp.previous.unwrap_or_default();
+            if admin.json {
+                let mut v = key_json(&key);
+                v["token"] = json!(resp.token);
+                v["previous"] = key_json(&previous);
+                println!("{v}");
+            } else {
+                print_key(&key, false);
+                println!("token:       {}", resp.token);
+                println!(
+                    "\nThe old key {} works until {}. Store the new token now: keygate keeps only its hash.",
+                    previous.key_id,
+                    ts(&previous.expires_at).unwrap_or_else(|| "-".into())
+                );
+            }
         }
         KeysCommand::Revoke { key_id, admin } => {
             let key = admin_client(&admin)

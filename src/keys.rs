@@ -14,8 +14,8 @@ use crate::jwt::JwtVerifier;
 use crate::policy::valid_held_scope;
 use crate::principal::{Environment, KeyKind};
 use crate::store::{
-    now_ms, Delegation, DelegationsOf, EventKind, KeyChange, KeyPage, KeyRecord, KeyStore, Owner,
-    StoreError, TokenRevocation, TokenTarget,
+    now_ms, Delegation, DelegationsOf, EventKind, KeyChange, KeyPage, KeyRecord, KeyStatus,
+    KeyStore, Owner, StoreError, TokenRevocation, TokenTarget, NEVER,
 };
 use crate::telemetry::metrics;
 use crate::tenant::parse_tenant;
@@ -72,6 +72,8 @@ pub struct NewKey {
     /// For runtime keys: the internal service they belong to.
     pub service: String,
     pub expires_in: Option<Duration>,
+    /// A key that never expires, where `api_keys.allow_non_expiring` allows it.
+    pub never_expires: bool,
     pub plan: String,
 }
 
@@ -84,6 +86,51 @@ pub struct KeyUpdate {
     pub plan: Option<String>,
     /// A new lifetime, counted from now.
     pub expires_in: Option<Duration>,
+}
+
+/// Which keys a listing shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StatusFilter {
+    /// Active and expired keys: revoked ones vanish from the list (they stay readable by id).
+    #[default]
+    Listed,
+    Only(KeyStatus),
+    All,
+}
+
+impl std::str::FromStr for StatusFilter {
+    type Err = AdminError;
+    fn from_str(s: &str) -> Result<Self, AdminError> {
+        Ok(match s {
+            "" => StatusFilter::Listed,
+            "all" => StatusFilter::All,
+            "active" => StatusFilter::Only(KeyStatus::Active),
+            "expired" => StatusFilter::Only(KeyStatus::Expired),
+            "revoked" => StatusFilter::Only(KeyStatus::Revoked),
+            _ => {
+                return Err(invalid(
+                    "status",
+                    "must be active, expired, revoked or all (empty: active and expired)",
+                ))
+            }
+        })
+    }
+}
+
+impl StatusFilter {
+    fn shows(self, status: KeyStatus) -> bool {
+        match self {
+            StatusFilter::Listed => status != KeyStatus::Revoked,
+            StatusFilter::Only(s) => s == status,
+            StatusFilter::All => true,
+        }
+    }
+}
+
+/// A rotation: the successor (its token shown once) and the old key as it now is.
+pub struct Rotated {
+    pub successor: CreatedKey,
+    pub previous: KeyRecord,
 }
 
 pub struct CreatedKey {
@@ -173,10 +220,50 @@ impl KeyAdmin {
             ));
         }
         let scopes = self.scopes_for(kind, &req.scopes)?;
-        let lifetime = self.check_lifetime(req.expires_in.unwrap_or(self.cfg.default_lifetime))?;
+        let expires_in = match (req.never_expires, req.expires_in) {
+            (true, Some(_)) => {
+                return Err(invalid("expires_in", "give a lifetime or never, not both"))
+            }
+            (true, None) if !self.cfg.allow_non_expiring => {
+                return Err(invalid(
+                    "expires_in",
+                    "this deployment does not allow keys that never expire \
+                     (api_keys.allow_non_expiring)",
+                ))
+            }
+            (true, None) => None,
+            (false, lifetime) => {
+                Some(self.check_lifetime(lifetime.unwrap_or(self.cfg.default_lifetime))?)
+            }
+        };
         let plan = self.plan(&req.plan)?;
         let name = check_name(&req.name)?;
+        self.mint(
+            owner,
+            kind,
+            environment,
+            scopes,
+            plan,
+            name,
+            expires_in,
+            None,
+        )
+        .await
+    }
 
+    /// Makes and stores a key from validated parts. `expires_in: None` never expires.
+    #[allow(clippy::too_many_arguments)]
+    async fn mint(
+        &self,
+        owner: Owner,
+        kind: KeyKind,
+        environment: Environment,
+        scopes: Vec<String>,
+        plan: Option<String>,
+        name: String,
+        expires_in: Option<Duration>,
+        rotated_from: Option<String>,
+    ) -> Result<CreatedKey, AdminError> {
         let generated = apikey::generate(&self.cfg.prefix, environment);
         let hash = self
             .hasher
@@ -210,8 +297,10 @@ impl KeyAdmin {
             plan,
             hash,
             created_at_ms: now,
-            expires_at_ms: now.saturating_add(lifetime.as_millis() as u64),
+            expires_at_ms: expires_in.map_or(NEVER, |d| now.saturating_add(d.as_millis() as u64)),
             revoked_at_ms: None,
+            rotated_from,
+            usage: Default::default(),
         };
         self.store.create(&record).await?;
         metrics().keys_created.inc();
@@ -219,6 +308,64 @@ impl KeyAdmin {
         Ok(CreatedKey {
             record,
             token: generated.token,
+        })
+    }
+
+    /// Replaces an active key: a successor with the same owner, kind, environment, scopes,
+    /// plan and name (and the default lifetime), and the old key set to expire at the end
+    /// of `grace` (sooner if it expired sooner anyway). Both work until then; replicas
+    /// learn the old key's new expiry from its `updated` event.
+    pub async fn rotate(&self, key_id: &str, grace: Duration) -> Result<Rotated, AdminError> {
+        let key_id = check_key_id(key_id)?;
+        let old = self
+            .store
+            .get(key_id)
+            .await?
+            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
+        let now = now_ms();
+        let status = old.status(now);
+        if status != KeyStatus::Active {
+            return Err(invalid(
+                "key_id",
+                format!(
+                    "only an active key can be rotated (this one is {})",
+                    status.as_str()
+                ),
+            ));
+        }
+        if grace > self.cfg.max_lifetime {
+            return Err(invalid("grace", "must be at most api_keys.max_lifetime"));
+        }
+        let lifetime = (old.expires_at_ms != NEVER).then_some(self.cfg.default_lifetime);
+        let successor = self
+            .mint(
+                old.owner(),
+                old.kind,
+                old.environment,
+                old.scopes.clone(),
+                old.plan.clone(),
+                old.name.clone(),
+                lifetime,
+                Some(old.key_id.clone()),
+            )
+            .await?;
+        let ends = now
+            .saturating_add(grace.as_millis() as u64)
+            .min(old.expires_at_ms);
+        let change = KeyChange {
+            expires_at_ms: Some(ends),
+            ..KeyChange::default()
+        };
+        let previous = self
+            .store
+            .update(key_id, &change, now)
+            .await?
+            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
+        self.cache.invalidate_key(key_id, Some(EventKind::Updated));
+        tracing::info!(key_id, successor = %successor.record.key_id, "API key rotated");
+        Ok(Rotated {
+            successor,
+            previous,
         })
     }
 
@@ -289,6 +436,19 @@ impl KeyAdmin {
         page_size: usize,
         after: Option<&str>,
     ) -> Result<KeyPage, AdminError> {
+        self.list_with(owner, StatusFilter::All, page_size, after)
+            .await
+    }
+
+    /// `list`, showing only the keys `status` lets through (a page may then hold fewer
+    /// than `page_size`; `next_after` still pages on).
+    pub async fn list_with(
+        &self,
+        owner: &KeyOwner,
+        status: StatusFilter,
+        page_size: usize,
+        after: Option<&str>,
+    ) -> Result<KeyPage, AdminError> {
         let owner = owner.check()?;
         let limit = match page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -305,7 +465,10 @@ impl KeyAdmin {
                 return Err(invalid("page_token", "is not a token this API returned"));
             }
         }
-        Ok(self.store.list(&owner, after, limit).await?)
+        let mut page = self.store.list(&owner, after, limit).await?;
+        let now = now_ms();
+        page.keys.retain(|k| status.shows(k.status(now)));
+        Ok(page)
     }
 
     pub async fn revoke(&self, key_id: &str) -> Result<KeyRecord, AdminError> {

@@ -30,3 +30,4 @@ pub mod store;
 pub mod telemetry;
 pub mod tenant;
 pub mod transport;
+pub mod usage;

@@ -48,6 +48,8 @@ pub struct App {
     pub admin: Arc<KeyAdmin>,
     pub token_admin: Arc<crate::keys::TokenAdmin>,
     pub partners: Arc<crate::keys::PartnerAdmin>,
+    /// Requests per key, flushed to the store every `api_keys.usage_flush_interval`.
+    pub usage: Arc<crate::usage::UsageCounter>,
     pub bus: Arc<RevocationBus>,
     pub jwt: Arc<crate::jwt::JwtVerifier>,
     admin_token: crate::secret::Secret,
@@ -105,12 +107,14 @@ impl App {
             &config.policy,
             &config.rate_limits,
         ));
+        let usage = Arc::new(crate::usage::UsageCounter::new(store.clone()));
         let authorizer = Arc::new(Authorizer::new(
             &config.policy,
             policy,
             authn,
             delegations.clone(),
             limiter,
+            usage.clone(),
         ));
         let admin = Arc::new(KeyAdmin::new(
             store.clone(),
@@ -142,6 +146,7 @@ impl App {
             admin,
             token_admin,
             partners,
+            usage,
             bus,
             jwt,
             admin_token: secrets.admin_token,
@@ -333,6 +338,15 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
             .clone()
             .follow(app.revocation_feed(), stop_rx.clone()),
     );
+    let usage = tokio::spawn(
+        app.usage
+            .clone()
+            .run(cfg.api_keys.usage_flush_interval, stop_rx.clone()),
+    );
+    tasks.push(tokio::spawn(async move {
+        usage.await?;
+        Ok(())
+    }));
     tasks.push(tokio::spawn(async move {
         follower.await?;
         Ok(())

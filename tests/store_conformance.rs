@@ -126,6 +126,8 @@ async fn new_record(tenant: &str, name: &str) -> (KeyRecord, String) {
         created_at_ms: now,
         expires_at_ms: now + 86_400_000,
         revoked_at_ms: None,
+        rotated_from: None,
+        usage: Default::default(),
     };
     (record, generated.token)
 }

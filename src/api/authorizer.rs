@@ -46,7 +46,10 @@ pub fn principal_proto(p: &Principal) -> proto::Principal {
         kind: p.kind_label().to_owned(),
         environment: p.environment.as_str().to_owned(),
         scopes: p.scopes.clone(),
-        expires_at: p.expires_at.map(super::timestamp),
+        expires_at: p
+            .expires_at
+            .filter(|e| *e != crate::store::NEVER)
+            .map(super::timestamp),
         plan: p.plan.clone().unwrap_or_default(),
         partner_id: p.partner_id.clone().unwrap_or_default(),
         service: p.service.clone().unwrap_or_default(),

@@ -8,7 +8,9 @@ use tonic::{Request, Response, Status};
 
 use super::proto::{self, keys_server::Keys};
 use super::timestamp;
-use crate::keys::{AdminError, KeyAdmin, KeyOwner, KeyUpdate, NewKey, RevokeTokens, TokenAdmin};
+use crate::keys::{
+    AdminError, KeyAdmin, KeyOwner, KeyUpdate, NewKey, RevokeTokens, StatusFilter, TokenAdmin,
+};
 use crate::secret::Secret;
 use crate::store::{now_ms, KeyRecord};
 
@@ -72,12 +74,16 @@ pub fn key_proto(r: &KeyRecord) -> proto::Key {
         scopes: r.scopes.clone(),
         plan: r.plan.clone().unwrap_or_default(),
         created_at: Some(timestamp(r.created_at_ms)),
-        expires_at: Some(timestamp(r.expires_at_ms)),
+        expires_at: (r.expires_at_ms != crate::store::NEVER).then(|| timestamp(r.expires_at_ms)),
         revoked_at: r.revoked_at_ms.map(timestamp),
         status: r.status(now_ms()).as_str().to_owned(),
         token_prefix: r.token_prefix.clone(),
         partner_id: r.partner_id.clone().unwrap_or_default(),
         service: r.service.clone().unwrap_or_default(),
+        rotated_from: r.rotated_from.clone().unwrap_or_default(),
+        requests_allowed: r.usage.allowed,
+        requests_denied: r.usage.denied,
+        last_used_at: r.usage.last_used_at_ms.map(timestamp),
     }
 }
 
@@ -105,6 +111,7 @@ impl Keys for KeysService {
                 service: r.service,
                 expires_in: (r.expires_in_seconds > 0)
                     .then(|| Duration::from_secs(r.expires_in_seconds as u64)),
+                never_expires: r.never_expires,
                 plan: r.plan,
             })
             .await
@@ -133,14 +140,16 @@ impl Keys for KeysService {
     ) -> Result<Response<proto::ListKeysResponse>, Status> {
         let r = request.into_inner();
         let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+        let shown: StatusFilter = r.status.parse().map_err(status)?;
         let page = self
             .admin
-            .list(
+            .list_with(
                 &KeyOwner {
                     tenant_id: r.tenant_id.clone(),
                     partner_id: r.partner_id.clone(),
                     service: r.service.clone(),
                 },
+                shown,
                 r.page_size as usize,
                 after,
             )
@@ -194,6 +203,28 @@ impl Keys for KeysService {
             .await
             .map_err(status)?;
         Ok(Response::new(proto::DeleteKeyResponse {}))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<proto::RotateKeyRequest>,
+    ) -> Result<Response<proto::RotateKeyResponse>, Status> {
+        let r = request.into_inner();
+        if r.grace_seconds < 0 {
+            return Err(Status::invalid_argument(
+                "grace_seconds: must not be negative",
+            ));
+        }
+        let rotated = self
+            .admin
+            .rotate(&r.key_id, Duration::from_secs(r.grace_seconds as u64))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::RotateKeyResponse {
+            key: Some(key_proto(&rotated.successor.record)),
+            token: rotated.successor.token,
+            previous: Some(key_proto(&rotated.previous)),
+        }))
     }
 
     async fn revoke_tokens(

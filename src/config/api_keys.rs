@@ -18,6 +18,12 @@ pub struct ApiKeysConfig {
     /// The longest lifetime the admin API will grant.
     #[serde(deserialize_with = "duration")]
     pub max_lifetime: Duration,
+    /// Whether keys that never expire (`keys create --expires-in never`) may be created.
+    pub allow_non_expiring: bool,
+    /// How often each replica writes the usage it counted (`keys get`'s requests and
+    /// last use are accurate to this), and once more on shutdown.
+    #[serde(deserialize_with = "duration")]
+    pub usage_flush_interval: Duration,
     pub argon2: Argon2Config,
 }
 
@@ -28,6 +34,8 @@ impl Default for ApiKeysConfig {
             accept_test_keys: true,
             default_lifetime: Duration::from_secs(180 * 86_400),
             max_lifetime: Duration::from_secs(2 * 365 * 86_400),
+            allow_non_expiring: false,
+            usage_flush_interval: Duration::from_secs(10),
             argon2: Argon2Config::default(),
         }
     }
@@ -83,6 +91,14 @@ impl Default for Argon2Config {
 
 impl ApiKeysConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.usage_flush_interval < Duration::from_millis(100)
+            || self.usage_flush_interval > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::new(
+                "api_keys.usage_flush_interval",
+                "must be between 100ms and 1h",
+            ));
+        }
         if !crate::apikey::token::valid_prefix(&self.prefix) {
             return Err(ConfigError::new(
                 "api_keys.prefix",

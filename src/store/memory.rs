@@ -11,7 +11,7 @@ use tokio::sync::{Notify, RwLock};
 use super::{
     Delegation, DelegationEvent, DelegationsOf, EventId, EventKind, KeyChange, KeyPage, KeyRecord,
     KeyStore, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest, RevocationEvent, StoreError,
-    StreamEntry, TokenRevocation, TokenRevocationEvent,
+    StreamEntry, TokenRevocation, TokenRevocationEvent, UsageDelta,
 };
 
 /// How many revocation events are kept, like the Redis stream's MAXLEN.
@@ -217,6 +217,18 @@ impl KeyStore for MemoryStore {
         s.append_event(key_id, EventKind::Deleted, at_ms, self.max_events);
         self.appended.notify_waiters();
         Ok(Some(rec))
+    }
+
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+        let mut s = self.state.write().await;
+        for d in batch {
+            if let Some(rec) = s.keys.get_mut(&d.key_id) {
+                rec.usage.allowed += d.allowed;
+                rec.usage.denied += d.denied;
+                rec.usage.last_used_at_ms = rec.usage.last_used_at_ms.max(Some(d.last_used_at_ms));
+            }
+        }
+        Ok(())
     }
 
     async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError> {

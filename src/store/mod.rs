@@ -41,7 +41,33 @@ pub struct KeyRecord {
     pub expires_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at_ms: Option<u64>,
+    /// The key this one replaced (`keys rotate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_from: Option<String>,
+    /// Kept beside the record, not in it (`add_usage`); never written by `create`.
+    #[serde(skip)]
+    pub usage: KeyUsage,
 }
+
+/// A key's use, as flushed by the replicas (accurate to their flush interval).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub allowed: u64,
+    pub denied: u64,
+    pub last_used_at_ms: Option<u64>,
+}
+
+/// Usage of one key since the last flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub key_id: String,
+    pub allowed: u64,
+    pub denied: u64,
+    pub last_used_at_ms: u64,
+}
+
+/// `expires_at_ms` of a key that never expires.
+pub const NEVER: u64 = u64::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyStatus {
@@ -475,6 +501,9 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// A partner's tenants, or a tenant's partners, in order.
     async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError>;
+
+    /// Adds usage counts to their keys' records (a deleted key's are dropped).
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError>;
 
     /// Reserves admissions from `key_id`'s rate-limit state, atomically, on the store's own
     /// clock (one clock for every replica).

@@ -32,8 +32,9 @@ use tokio::sync::OnceCell;
 
 use super::{
     Delegation, DelegationEvent, DelegationsOf, EventId, EventKind, KeyChange, KeyPage, KeyRecord,
-    KeyStore, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest, RevocationEvent, StoreError,
-    StreamEntry, TokenRevocation, TokenRevocationEvent, DELEGATED, TOKENS_REVOKED, UNDELEGATED,
+    KeyStore, KeyUsage, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest, RevocationEvent,
+    StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent, UsageDelta, DELEGATED,
+    TOKENS_REVOKED, UNDELEGATED,
 };
 use crate::secret::Secret;
 
@@ -56,6 +57,7 @@ pub struct RedisStore {
     delegation: Script,
     reserve: Script,
     lease: Script,
+    usage: Script,
 }
 
 impl RedisStore {
@@ -89,6 +91,7 @@ impl RedisStore {
             delegation: Script::new(include_str!("lua/delegation.lua")),
             reserve: Script::new(include_str!("lua/reserve.lua")),
             lease: Script::new(include_str!("lua/lease.lua")),
+            usage: Script::new(include_str!("lua/usage.lua")),
         })
     }
 
@@ -178,8 +181,25 @@ fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// A key record's raw hash fields: `data` (JSON) and `revoked_at_ms`.
-type RecordFields = (Option<String>, Option<u64>);
+/// A key record's raw hash fields, as `RECORD_FIELDS` names them: `data` (JSON),
+/// `revoked_at_ms`, and the usage counters.
+type RecordFields = (
+    Option<String>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+);
+
+/// The hash fields a record is read from (the scripts that return a record read the
+/// same, in this order).
+const RECORD_FIELDS: [&str; 5] = [
+    "data",
+    "revoked_at_ms",
+    "used_allowed",
+    "used_denied",
+    "last_used_ms",
+];
 
 /// What XINFO STREAM says of the revocation stream.
 struct StreamInfo {
@@ -195,8 +215,7 @@ impl RedisStore {
         self.run(
             redis::cmd("HMGET")
                 .arg(self.key_key(key_id))
-                .arg("data")
-                .arg("revoked_at_ms")
+                .arg(&RECORD_FIELDS[..])
                 .query_async(&mut conn),
         )
         .await
@@ -321,7 +340,7 @@ fn decode_entry(entry: &redis::streams::StreamId) -> Result<StreamEntry, StoreEr
 
 /// A record from its hash fields (`data`, `revoked_at_ms`).
 fn decode(fields: RecordFields) -> Result<Option<KeyRecord>, StoreError> {
-    let (Some(data), revoked) = fields else {
+    let (Some(data), revoked, allowed, denied, last_used) = fields else {
         return Ok(None);
     };
     let mut rec: KeyRecord =
@@ -329,6 +348,11 @@ fn decode(fields: RecordFields) -> Result<Option<KeyRecord>, StoreError> {
     if revoked.is_some() {
         rec.revoked_at_ms = revoked;
     }
+    rec.usage = KeyUsage {
+        allowed: allowed.unwrap_or(0),
+        denied: denied.unwrap_or(0),
+        last_used_at_ms: last_used,
+    };
     Ok(Some(rec))
 }
 
@@ -386,8 +410,7 @@ impl KeyStore for RedisStore {
         for id in ids.iter().take(limit) {
             pipe.cmd("HMGET")
                 .arg(self.key_key(id))
-                .arg("data")
-                .arg("revoked_at_ms");
+                .arg(&RECORD_FIELDS[..]);
         }
         let rows: Vec<RecordFields> = if ids.is_empty() {
             Vec::new()
@@ -435,7 +458,7 @@ impl KeyStore for RedisStore {
         // update makes us read again. Records are JSON written by keygate alone, so the
         // change is made here rather than in Lua.
         for _ in 0..8 {
-            let (data, revoked) = self.record_fields(key_id).await?;
+            let (data, revoked, ..) = self.record_fields(key_id).await?;
             let Some(data) = data else {
                 return Ok(None);
             };
@@ -492,6 +515,23 @@ impl KeyStore for RedisStore {
             )
             .await?;
         fields.map(decode).transpose().map(Option::flatten)
+    }
+
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        let mut invocation = self.usage.prepare_invoke();
+        for d in batch {
+            invocation
+                .key(self.key_key(&d.key_id))
+                .arg(d.allowed)
+                .arg(d.denied)
+                .arg(d.last_used_at_ms);
+        }
+        let _: i64 = self.run(invocation.invoke_async(&mut conn)).await?;
+        Ok(())
     }
 
     async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError> {

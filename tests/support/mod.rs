@@ -406,7 +406,7 @@ impl CountingStore {
         self.gets.load(Ordering::SeqCst)
     }
 
-    /// `create`, `revoke` and `delete` calls so far.
+    /// Write calls so far (`create`, `revoke`, `update`, `delete`, `add_usage`, …).
     pub fn writes(&self) -> usize {
         self.writes.load(Ordering::SeqCst)
     }
@@ -502,6 +502,11 @@ impl KeyStore for CountingStore {
 
     async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError> {
         self.inner.is_delegated(partner_id, tenant_id).await
+    }
+
+    async fn add_usage(&self, batch: &[keygate::store::UsageDelta]) -> Result<(), StoreError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.add_usage(batch).await
     }
 
     async fn reserve(

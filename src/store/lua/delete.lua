@@ -3,7 +3,8 @@
 -- KEYS[1] key record (hash), KEYS[2] revocation stream, KEYS[3] tenant index
 -- ARGV[1] deleted-at (unix ms), ARGV[2] key id, ARGV[3] stream max length (approximate),
 -- ARGV[4] the event kind's name (EventKind::as_str: keygate's one mapping)
-local fields = redis.call('HMGET', KEYS[1], 'data', 'revoked_at_ms')
+local fields = redis.call('HMGET', KEYS[1], 'data', 'revoked_at_ms', 'used_allowed',
+  'used_denied', 'last_used_ms')
 if not fields[1] then
   return false
 end

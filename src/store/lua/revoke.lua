@@ -11,4 +11,5 @@ if redis.call('HSETNX', KEYS[1], 'revoked_at_ms', ARGV[1]) == 1 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',
     'key_id', ARGV[2], 'kind', ARGV[4], 'at_ms', ARGV[1])
 end
-return redis.call('HMGET', KEYS[1], 'data', 'revoked_at_ms')
+return redis.call('HMGET', KEYS[1], 'data', 'revoked_at_ms', 'used_allowed', 'used_denied',
+  'last_used_ms')
