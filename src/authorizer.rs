@@ -152,12 +152,12 @@ impl Authorizer {
         let Some(route) = route else {
             return Decision::deny(DenyReason::InsufficientPermissions);
         };
-        if !route.accepts(&principal) {
+        if !route.accepts(principal) {
             return Decision::deny(DenyReason::InsufficientPermissions);
         }
         let header = req.header(&self.tenant_header);
         let effective_tenant =
-            match tenant::resolve(&principal, route.tenant, header, &self.delegations).await {
+            match tenant::resolve(principal, route.tenant, header, &self.delegations).await {
                 Ok(t) => t,
                 Err(TenantFailure::Deny(reason)) => return Decision::deny(reason),
                 Err(TenantFailure::Unavailable) => {
@@ -165,12 +165,12 @@ impl Authorizer {
                 }
             };
         if let Requirement::Scope(scope) = &route.requirement {
-            if !self.policy.grants_to(&principal, scope) {
+            if !self.policy.grants_to(principal, scope) {
                 return Decision::deny(DenyReason::InsufficientPermissions);
             }
         }
         // Last: only a request that would otherwise pass spends an admission.
-        let rate = match self.limiter.check(&principal).await {
+        let rate = match self.limiter.check(principal).await {
             Verdict::Unlimited => None,
             Verdict::Admitted(info) => Some(info),
             Verdict::Limited(info) => return Decision::Deny(Denial::rate_limited(info)),
@@ -178,7 +178,7 @@ impl Authorizer {
         };
         let lease_id = match route.lease_ttl {
             None => None,
-            Some(ttl) => match self.limiter.acquire(&principal, ttl).await {
+            Some(ttl) => match self.limiter.acquire(principal, ttl).await {
                 Ok(id) => Some(id),
                 // No concurrency limit on this key's plan: nothing to count.
                 Err(LeaseError::NoSessions) => None,
