@@ -34,6 +34,7 @@ pub struct Authenticator {
     failures: FailureBudget,
     jwt: Arc<crate::jwt::JwtVerifier>,
     revoked_tokens: Arc<RevokedTokens>,
+    audit: Arc<crate::audit::Audit>,
 }
 
 /// Failed verifications per key id in a fixed window (`api_keys.argon2.failures_per_key`
@@ -63,10 +64,15 @@ impl FailureBudget {
             .is_some_and(|n| n.load(Ordering::Relaxed) >= self.limit)
     }
 
-    fn failed(&self, key_id: &str) {
-        self.counts
+    /// Counts one failure; returns whether it used up the window's budget (once per
+    /// window).
+    fn failed(&self, key_id: &str) -> bool {
+        let n = self
+            .counts
             .get_with(key_id.into(), Arc::default)
-            .fetch_add(1, Ordering::Relaxed);
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        n == self.limit
     }
 }
 
@@ -78,6 +84,7 @@ impl Authenticator {
         api_keys: &ApiKeysConfig,
         jwt: Arc<crate::jwt::JwtVerifier>,
         revoked_tokens: Arc<RevokedTokens>,
+        audit: Arc<crate::audit::Audit>,
     ) -> Self {
         Authenticator {
             store,
@@ -88,6 +95,7 @@ impl Authenticator {
             failures: FailureBudget::new(&api_keys.argon2),
             jwt,
             revoked_tokens,
+            audit,
         }
     }
 
@@ -220,7 +228,24 @@ impl Authenticator {
             Ok(true) => self.cache.note_verified(key_id, digest, &record.hash),
             Ok(false) => {
                 metrics().bad_secrets.inc();
-                self.failures.failed(key_id);
+                if self.failures.failed(key_id) {
+                    // Someone is guessing at this key: say so once per window.
+                    let subject = crate::audit::Subject {
+                        key_id: Some(key_id.to_owned()),
+                        tenant_id: (!record.tenant_id.is_empty()).then(|| record.tenant_id.clone()),
+                        partner_id: record.partner_id.clone(),
+                    };
+                    self.audit
+                        .system(
+                            "key.failures",
+                            subject,
+                            format!(
+                                "{} wrong secrets within the failure window; further guesses are refused without argon2",
+                                self.failures.limit
+                            ),
+                        )
+                        .await;
+                }
                 tracing::info!(key_id, "wrong secret presented for API key");
                 return Ok(Verified::Invalid(DenyReason::InvalidApiKey));
             }

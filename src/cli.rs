@@ -43,6 +43,9 @@ pub enum Command {
     /// Which tenants partners may act for (talks to the admin listener).
     #[command(subcommand)]
     Partners(PartnersCommand),
+    /// The audit trail (talks to the admin listener).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Ask a running keygate whether a request with this token may pass.
     Check(CheckArgs),
 }
@@ -172,6 +175,25 @@ pub enum KeysCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Entries oldest first: key and delegation changes, JWT revocations, guessed keys.
+    List {
+        #[arg(long, default_value = "")]
+        key: String,
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// From this time on (RFC 3339 or unix seconds).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum PartnersCommand {
     /// Let PARTNER's keys act for TENANT (naming it in X-Tenant-Id).
     Delegate {
@@ -248,6 +270,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Keys(cmd) => keys(cmd).await.map(|_| 0),
         Command::Tokens(cmd) => tokens(cmd).await.map(|_| 0),
         Command::Partners(cmd) => partners(cmd).await.map(|_| 0),
+        Command::Audit(cmd) => audit(cmd).await.map(|_| 0),
         Command::Check(args) => check(args).await,
     }
 }
@@ -703,6 +726,70 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 println!("deleted {key_id}");
             }
         }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// audit
+
+async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
+    let AuditCommand::List {
+        key,
+        tenant,
+        since,
+        limit,
+        admin,
+    } = cmd;
+    let since = since
+        .as_deref()
+        .map(|s| instant_arg("--since", s))
+        .transpose()?;
+    let entries = admin_client(&admin)
+        .await?
+        .list_audit(proto::ListAuditRequest {
+            key_id: key,
+            tenant_id: tenant,
+            since,
+            limit,
+        })
+        .await
+        .map_err(grpc_error)?
+        .into_inner()
+        .entries;
+    let text = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let rows: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "id": e.id,
+                "at": ts(&e.at),
+                "action": e.action,
+                "key_id": text(&e.key_id),
+                "tenant_id": text(&e.tenant_id),
+                "partner_id": text(&e.partner_id),
+                "actor": e.actor,
+                "outcome": e.outcome,
+            })
+        })
+        .collect();
+    if admin.json {
+        println!("{}", json!({ "entries": rows }));
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<20} {:<18} {:<24} OUTCOME",
+        "AT", "ACTION", "KEY ID", "ACTOR"
+    );
+    for e in &entries {
+        println!(
+            "{:<20} {:<20} {:<18} {:<24} {}",
+            ts(&e.at).unwrap_or_default(),
+            e.action,
+            e.key_id,
+            e.actor,
+            e.outcome
+        );
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::apikey::{self, SecretHasher};
+use crate::audit::{Audit, AuditEntry, AuditQuery, Subject};
 use crate::cache::CredentialCache;
 use crate::config::ApiKeysConfig;
 use crate::jwt::revoked::RevokedTokens;
@@ -146,6 +147,7 @@ pub struct KeyAdmin {
     cfg: ApiKeysConfig,
     /// `policy.partner_scopes`: only partner keys may hold them.
     partner_scopes: Vec<String>,
+    audit: Arc<Audit>,
     /// The names of `policy.plans`: a key's plan must be one.
     plans: Vec<String>,
 }
@@ -157,15 +159,84 @@ impl KeyAdmin {
         cache: Arc<CredentialCache>,
         cfg: ApiKeysConfig,
         policy: &crate::config::PolicyConfig,
+        audit: Arc<Audit>,
     ) -> Self {
         KeyAdmin {
             store,
             hasher,
             cache,
             cfg,
+            audit,
             partner_scopes: policy.partner_scopes.clone(),
             plans: policy.plans.keys().cloned().collect(),
         }
+    }
+
+    /// Creates a key; the response holds its token, shown once. Audited.
+    pub async fn create(&self, req: NewKey) -> Result<CreatedKey, AdminError> {
+        let named = Subject {
+            key_id: None,
+            tenant_id: (!req.tenant_id.is_empty()).then(|| req.tenant_id.trim().to_owned()),
+            partner_id: (!req.partner_id.is_empty()).then(|| req.partner_id.trim().to_owned()),
+        };
+        let r = self.create_key(req).await;
+        let subject = match &r {
+            Ok(c) => subject_of(&c.record),
+            Err(_) => named,
+        };
+        self.audit.admin("key.created", subject, &r).await;
+        r
+    }
+
+    /// See `rotate_key`. Audited (the entry names the old key).
+    pub async fn rotate(&self, key_id: &str, grace: Duration) -> Result<Rotated, AdminError> {
+        let r = self.rotate_key(key_id, grace).await;
+        let subject = match &r {
+            Ok(rot) => subject_of(&rot.previous),
+            Err(_) => by_id(key_id),
+        };
+        self.audit.admin("key.rotated", subject, &r).await;
+        r
+    }
+
+    /// See `update_key`. Audited.
+    pub async fn update(&self, key_id: &str, req: KeyUpdate) -> Result<KeyRecord, AdminError> {
+        let r = self.update_key(key_id, req).await;
+        self.audit_key("key.updated", key_id, &r).await;
+        r
+    }
+
+    /// Revokes a key at once. Audited.
+    pub async fn revoke(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
+        let r = self.revoke_key(key_id).await;
+        self.audit_key("key.revoked", key_id, &r).await;
+        r
+    }
+
+    /// Deletes a key. Audited.
+    pub async fn delete(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
+        let r = self.delete_key(key_id).await;
+        self.audit_key("key.deleted", key_id, &r).await;
+        r
+    }
+
+    async fn audit_key(&self, action: &str, key_id: &str, r: &Result<KeyRecord, AdminError>) {
+        let subject = match r {
+            Ok(rec) => subject_of(rec),
+            Err(_) => by_id(key_id),
+        };
+        self.audit.admin(action, subject, r).await;
+    }
+
+    /// The audit trail.
+    pub async fn audit_log(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, AdminError> {
+        if q.limit == 0 || q.limit > MAX_PAGE_SIZE {
+            return Err(invalid("limit", format!("must be 1 to {MAX_PAGE_SIZE}")));
+        }
+        if let Some(k) = &q.key_id {
+            check_key_id(k)?;
+        }
+        Ok(self.audit.list(q).await?)
     }
 
     /// A plan named by the caller: empty for none (the environment's default applies),
@@ -203,7 +274,7 @@ impl KeyAdmin {
         Ok(scopes)
     }
 
-    pub async fn create(&self, req: NewKey) -> Result<CreatedKey, AdminError> {
+    async fn create_key(&self, req: NewKey) -> Result<CreatedKey, AdminError> {
         let kind = match req.kind.as_str() {
             "" => KeyKind::Tenant,
             k => k.parse().map_err(|m: String| invalid("kind", m))?,
@@ -315,7 +386,7 @@ impl KeyAdmin {
     /// plan and name (and the default lifetime), and the old key set to expire at the end
     /// of `grace` (sooner if it expired sooner anyway). Both work until then; replicas
     /// learn the old key's new expiry from its `updated` event.
-    pub async fn rotate(&self, key_id: &str, grace: Duration) -> Result<Rotated, AdminError> {
+    async fn rotate_key(&self, key_id: &str, grace: Duration) -> Result<Rotated, AdminError> {
         let key_id = check_key_id(key_id)?;
         let old = self
             .store
@@ -371,7 +442,7 @@ impl KeyAdmin {
 
     /// Changes a key's name, scopes, plan or lifetime. Replicas drop the cached
     /// principal through the `updated` event written in the same step.
-    pub async fn update(&self, key_id: &str, req: KeyUpdate) -> Result<KeyRecord, AdminError> {
+    async fn update_key(&self, key_id: &str, req: KeyUpdate) -> Result<KeyRecord, AdminError> {
         let key_id = check_key_id(key_id)?;
         let scopes = match req.scopes.as_deref() {
             // Which scopes a key may hold depends on its kind.
@@ -471,7 +542,7 @@ impl KeyAdmin {
         Ok(page)
     }
 
-    pub async fn revoke(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
+    async fn revoke_key(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
         let key_id = check_key_id(key_id)?;
         let record = self
             .store
@@ -484,7 +555,7 @@ impl KeyAdmin {
         Ok(record)
     }
 
-    pub async fn delete(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
+    async fn delete_key(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
         let key_id = check_key_id(key_id)?;
         let record = self
             .store
@@ -494,6 +565,23 @@ impl KeyAdmin {
         self.cache.invalidate_key(key_id, Some(EventKind::Deleted));
         tracing::info!(key_id, "API key deleted");
         Ok(record)
+    }
+}
+
+/// What an audit entry names of a key.
+fn subject_of(r: &KeyRecord) -> Subject {
+    Subject {
+        key_id: Some(r.key_id.clone()),
+        tenant_id: (!r.tenant_id.is_empty()).then(|| r.tenant_id.clone()),
+        partner_id: r.partner_id.clone(),
+    }
+}
+
+/// A key named only by id (the call was refused before it was read), if it is one.
+fn by_id(key_id: &str) -> Subject {
+    Subject {
+        key_id: apikey::token::valid_key_id(key_id.trim()).then(|| key_id.trim().to_owned()),
+        ..Subject::default()
     }
 }
 
@@ -662,6 +750,7 @@ pub struct TokenAdmin {
     store: Arc<dyn KeyStore>,
     jwt: Arc<JwtVerifier>,
     revoked: Arc<RevokedTokens>,
+    audit: Arc<Audit>,
 }
 
 impl TokenAdmin {
@@ -669,15 +758,26 @@ impl TokenAdmin {
         store: Arc<dyn KeyStore>,
         jwt: Arc<JwtVerifier>,
         revoked: Arc<RevokedTokens>,
+        audit: Arc<Audit>,
     ) -> Self {
         TokenAdmin {
             store,
             jwt,
             revoked,
+            audit,
         }
     }
 
+    /// Revokes JWTs. Audited.
     pub async fn revoke(&self, req: RevokeTokens) -> Result<TokenRevocation, AdminError> {
+        let r = self.revoke_tokens(req).await;
+        self.audit
+            .admin("tokens.revoked", Subject::default(), &r)
+            .await;
+        r
+    }
+
+    async fn revoke_tokens(&self, req: RevokeTokens) -> Result<TokenRevocation, AdminError> {
         let now = now_ms();
         let revocation = self.revocation(req, now)?;
         let stored = self.store.revoke_tokens(&revocation).await?;
@@ -751,15 +851,41 @@ impl TokenAdmin {
 pub struct PartnerAdmin {
     store: Arc<dyn KeyStore>,
     delegations: Arc<Delegations>,
+    audit: Arc<Audit>,
 }
 
 impl PartnerAdmin {
-    pub fn new(store: Arc<dyn KeyStore>, delegations: Arc<Delegations>) -> Self {
-        PartnerAdmin { store, delegations }
+    pub fn new(store: Arc<dyn KeyStore>, delegations: Arc<Delegations>, audit: Arc<Audit>) -> Self {
+        PartnerAdmin {
+            store,
+            delegations,
+            audit,
+        }
     }
 
-    /// Grants (`granted`) or withdraws; returns whether anything changed.
+    /// Grants (`granted`) or withdraws; returns whether anything changed. Audited.
     pub async fn set(
+        &self,
+        partner_id: &str,
+        tenant_id: &str,
+        granted: bool,
+    ) -> Result<(Delegation, bool), AdminError> {
+        let r = self.set_delegation(partner_id, tenant_id, granted).await;
+        let subject = Subject {
+            key_id: None,
+            tenant_id: Some(tenant_id.trim().to_owned()).filter(|t| !t.is_empty()),
+            partner_id: Some(partner_id.trim().to_owned()).filter(|p| !p.is_empty()),
+        };
+        let action = if granted {
+            "delegation.granted"
+        } else {
+            "delegation.withdrawn"
+        };
+        self.audit.admin(action, subject, &r).await;
+        r
+    }
+
+    async fn set_delegation(
         &self,
         partner_id: &str,
         tenant_id: &str,

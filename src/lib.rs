@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod apikey;
+pub mod audit;
 pub mod authn;
 pub mod authorizer;
 pub mod cache;

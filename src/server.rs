@@ -89,6 +89,10 @@ impl App {
         })?);
         let cache = Arc::new(CredentialCache::new(&config.cache, &secrets.pepper));
         let revoked_tokens = Arc::new(crate::jwt::revoked::RevokedTokens::new());
+        let audit = Arc::new(crate::audit::Audit::new(
+            store.clone(),
+            &secrets.admin_token,
+        ));
         let authn = Authenticator::new(
             store.clone(),
             hasher.clone(),
@@ -96,6 +100,7 @@ impl App {
             &config.api_keys,
             jwt.clone(),
             revoked_tokens.clone(),
+            audit.clone(),
         );
         let policy = Policy::compile(&config.policy)?;
         let delegations = Arc::new(crate::tenant::Delegations::new(
@@ -122,15 +127,18 @@ impl App {
             cache.clone(),
             config.api_keys.clone(),
             &config.policy,
+            audit.clone(),
         ));
         let token_admin = Arc::new(crate::keys::TokenAdmin::new(
             store.clone(),
             jwt.clone(),
             revoked_tokens.clone(),
+            audit.clone(),
         ));
         let partners = Arc::new(crate::keys::PartnerAdmin::new(
             store.clone(),
             delegations.clone(),
+            audit.clone(),
         ));
         let bus = Arc::new(RevocationBus::new(
             cache.clone(),

@@ -227,6 +227,36 @@ impl Keys for KeysService {
         }))
     }
 
+    async fn list_audit(
+        &self,
+        request: Request<proto::ListAuditRequest>,
+    ) -> Result<Response<proto::ListAuditResponse>, Status> {
+        let r = request.into_inner();
+        let given = |s: String| (!s.trim().is_empty()).then(|| s.trim().to_owned());
+        let q = crate::audit::AuditQuery {
+            key_id: given(r.key_id),
+            tenant_id: given(r.tenant_id),
+            since_ms: r.since.as_ref().map_or(0, super::timestamp_ms),
+            limit: if r.limit == 0 { 100 } else { r.limit as usize },
+        };
+        let entries = self.admin.audit_log(&q).await.map_err(status)?;
+        Ok(Response::new(proto::ListAuditResponse {
+            entries: entries
+                .into_iter()
+                .map(|e| proto::AuditEntry {
+                    id: e.id,
+                    at: Some(timestamp(e.at_ms)),
+                    action: e.action,
+                    key_id: e.key_id.unwrap_or_default(),
+                    tenant_id: e.tenant_id.unwrap_or_default(),
+                    partner_id: e.partner_id.unwrap_or_default(),
+                    actor: e.actor,
+                    outcome: e.outcome,
+                })
+                .collect(),
+        }))
+    }
+
     async fn revoke_tokens(
         &self,
         request: Request<proto::RevokeTokensRequest>,

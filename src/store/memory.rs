@@ -37,6 +37,9 @@ struct State {
     delegations: BTreeSet<(String, String)>,
     delegated_tenants: BTreeSet<(String, String)>,
     events: VecDeque<StreamEntry>,
+    /// The audit trail, oldest first, bounded like the event log.
+    audit: VecDeque<crate::audit::AuditEntry>,
+    audit_seq: u64,
     /// Each key's GCRA state (theoretical arrival time, unix ms).
     rates: HashMap<String, u64>,
     /// Each key's leases: id → expiry (unix ms).
@@ -217,6 +220,31 @@ impl KeyStore for MemoryStore {
         s.append_event(key_id, EventKind::Deleted, at_ms, self.max_events);
         self.appended.notify_waiters();
         Ok(Some(rec))
+    }
+
+    async fn append_audit(&self, entry: &crate::audit::AuditEntry) -> Result<(), StoreError> {
+        let mut s = self.state.write().await;
+        s.audit_seq += 1;
+        let mut e = entry.clone();
+        e.id = format!("{}-{}", e.at_ms, s.audit_seq);
+        s.audit.push_back(e);
+        while s.audit.len() > self.max_events {
+            s.audit.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn audit(
+        &self,
+        q: &crate::audit::AuditQuery,
+    ) -> Result<Vec<crate::audit::AuditEntry>, StoreError> {
+        let s = self.state.read().await;
+        Ok(s.audit
+            .iter()
+            .filter(|e| q.matches(e))
+            .take(q.limit)
+            .cloned()
+            .collect())
     }
 
     async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {

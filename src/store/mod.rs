@@ -502,6 +502,15 @@ pub trait KeyStore: Send + Sync + 'static {
     /// A partner's tenants, or a tenant's partners, in order.
     async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError>;
 
+    /// Appends an entry to the bounded audit stream.
+    async fn append_audit(&self, entry: &crate::audit::AuditEntry) -> Result<(), StoreError>;
+
+    /// Audit entries matching `q`, oldest first, at most `q.limit`.
+    async fn audit(
+        &self,
+        q: &crate::audit::AuditQuery,
+    ) -> Result<Vec<crate::audit::AuditEntry>, StoreError>;
+
     /// Adds usage counts to their keys' records (a deleted key's are dropped).
     async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError>;
 

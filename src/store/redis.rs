@@ -12,6 +12,7 @@
 //! - `<ns>:{keys}:tokens`         hash: JWT revocations, rule key → JSON
 //! - `<ns>:{keys}:tokens:expiry`  sorted set: rule key by expiry (unix ms), for pruning
 //! - `<ns>:{keys}:events`         the revocation stream (XADD MAXLEN ~)
+//! - `<ns>:{keys}:audit`          the audit trail (XADD MAXLEN ~), entry JSON
 //!
 //! A key's rate-limit state and leases sit under a hash tag of their own key id, so a
 //! Cluster spreads them (they are what requests write):
@@ -515,6 +516,62 @@ impl KeyStore for RedisStore {
             )
             .await?;
         fields.map(decode).transpose().map(Option::flatten)
+    }
+
+    async fn append_audit(&self, entry: &crate::audit::AuditEntry) -> Result<(), StoreError> {
+        let json = serde_json::to_string(entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut conn = self.conn().await?;
+        let _: String = self
+            .run(
+                redis::cmd("XADD")
+                    .arg(format!("{}:{{keys}}:audit", self.ns))
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(STREAM_MAX_LEN)
+                    .arg("*")
+                    .arg("entry")
+                    .arg(json)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn audit(
+        &self,
+        q: &crate::audit::AuditQuery,
+    ) -> Result<Vec<crate::audit::AuditEntry>, StoreError> {
+        let mut conn = self.conn().await?;
+        let key = format!("{}:{{keys}}:audit", self.ns);
+        let mut out = Vec::new();
+        let mut start = format!("{}-0", q.since_ms);
+        // Pages of the stream, filtered here: the trail is bounded, the filters are few.
+        loop {
+            let reply: redis::streams::StreamRangeReply =
+                self.run(conn.xrange_count(&key, &start, "+", 500)).await?;
+            let Some(last) = reply.ids.last().map(|e| e.id.clone()) else {
+                break;
+            };
+            for e in &reply.ids {
+                let Some(json) = e.get::<String>("entry") else {
+                    continue;
+                };
+                let mut entry: crate::audit::AuditEntry = serde_json::from_str(&json)
+                    .map_err(|err| StoreError::Corrupt(err.to_string()))?;
+                entry.id = e.id.clone();
+                if q.matches(&entry) {
+                    out.push(entry);
+                    if out.len() >= q.limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if reply.ids.len() < 500 {
+                break;
+            }
+            start = format!("({last}");
+        }
+        Ok(out)
     }
 
     async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {

@@ -504,6 +504,18 @@ impl KeyStore for CountingStore {
         self.inner.is_delegated(partner_id, tenant_id).await
     }
 
+    async fn append_audit(&self, entry: &keygate::audit::AuditEntry) -> Result<(), StoreError> {
+        // The audit trail is not a write these tests count.
+        self.inner.append_audit(entry).await
+    }
+
+    async fn audit(
+        &self,
+        q: &keygate::audit::AuditQuery,
+    ) -> Result<Vec<keygate::audit::AuditEntry>, StoreError> {
+        self.inner.audit(q).await
+    }
+
     async fn add_usage(&self, batch: &[keygate::store::UsageDelta]) -> Result<(), StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.inner.add_usage(batch).await
