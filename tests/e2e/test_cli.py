@@ -114,3 +114,32 @@ def test_check_exits_1_when_the_server_cannot_be_reached(keygate, reader):
     assert result.code == 1, str(result)
     assert reader["token"] not in result.stdout + result.stderr
 
+
+
+def test_rotate_gives_a_successor_and_the_old_key_works_through_its_grace(keygate, stack, tenant):
+    old = keygate.create_key(tenant, ["contacts:read"], "--name", "rotating")
+    result = keygate.cli("keys", "rotate", old["key_id"], "--grace", "1h", "--json")
+    assert result.code == 0, str(result)
+    new = result.json()
+    assert new["key_id"] != old["key_id"] and new["rotated_from"] == old["key_id"], str(result)
+    assert new["name"] == "rotating" and new["scopes"] == ["contacts:read"], str(result)
+    assert new["previous"]["key_id"] == old["key_id"], str(result)
+    for token in (old["token"], new["token"]):
+        resp = stack.request("GET", "/v1/contacts/1", [("authorization", f"Bearer {token}")])
+        assert resp.status == 200, str(resp)
+
+
+def test_revoked_keys_leave_the_list_and_the_audit_trail_names_each_change(keygate, tenant):
+    kept = keygate.create_key(tenant, ["contacts:read"])
+    gone = keygate.create_key(tenant, ["contacts:read"])
+    assert keygate.cli("keys", "revoke", gone["key_id"]).code == 0
+    listed = keygate.cli("keys", "list", "--tenant", tenant, "--json").json()["keys"]
+    assert [k["key_id"] for k in listed] == [kept["key_id"]], listed
+    revoked = keygate.cli("keys", "list", "--tenant", tenant, "--status", "revoked", "--json").json()["keys"]
+    assert [k["key_id"] for k in revoked] == [gone["key_id"]], revoked
+    result = keygate.cli("audit", "list", "--key", gone["key_id"], "--json")
+    assert result.code == 0, str(result)
+    actions = [e["action"] for e in result.json()["entries"]]
+    assert actions == ["key.created", "key.revoked"], str(result)
+    assert gone["token"] not in result.stdout
+    assert all(e["actor"].startswith("admin:") for e in result.json()["entries"]), str(result)
