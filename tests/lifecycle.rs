@@ -352,3 +352,32 @@ async fn the_audit_trail_says_who_did_what_in_order_and_never_holds_a_token() {
         assert!(!dump.contains(secret), "a secret in Redis");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reaches_redis_within_a_flush_interval_from_two_served_replicas() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let cfg = || {
+        let mut c = config(Backend::Redis(&redis));
+        c.api_keys.usage_flush_interval = Duration::from_millis(200);
+        c
+    };
+    let a = Replica::serving(cfg(), &secrets).await;
+    let b = Replica::serving(cfg(), &secrets).await;
+    let key = a.app.admin.create(reader_key()).await.unwrap();
+    for i in 0..10 {
+        let r = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(r.check(&key.token).await, Outcome::Allowed);
+    }
+    // No explicit flush: each replica's own task writes within its interval.
+    let store = a.app.store.clone();
+    let usage = eventually(PATIENCE, "both replicas' usage is flushed", || async {
+        let u = store.get(&key.record.key_id).await.unwrap().unwrap().usage;
+        (u.allowed == 10).then_some(u)
+    })
+    .await;
+    assert!(usage.last_used_at_ms.is_some());
+    for r in [a, b] {
+        r.running.shutdown().await.unwrap();
+    }
+}
