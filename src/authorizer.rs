@@ -9,7 +9,7 @@ use crate::config::PolicyConfig;
 use crate::credential::CredentialSource;
 use crate::decision::{Allowed, Decision, Denial, DenyReason, Unavailable};
 use crate::policy::{Policy, Requirement};
-use crate::ratelimit::{LeaseError, Limiter, Verdict};
+use crate::ratelimit::{Limiter, RouteLeaseRefused, Verdict};
 use crate::request::{normalize_path, AuthRequest};
 use crate::telemetry::metrics;
 use crate::tenant::{self, Delegations, TenantFailure};
@@ -178,19 +178,14 @@ impl Authorizer {
         };
         let lease_id = match route.lease_ttl {
             None => None,
-            Some(ttl) => match self.limiter.acquire(principal, ttl).await {
-                Ok(id) => Some(id),
-                // No concurrency limit on this key's plan: nothing to count.
-                Err(LeaseError::NoSessions) => None,
-                Err(LeaseError::Full { .. }) | Err(LeaseError::Unknown) => {
+            Some(ttl) => match self.limiter.route_lease(principal, ttl).await {
+                Ok(id) => id,
+                Err(RouteLeaseRefused::Full) => {
                     return Decision::Deny(Denial::new(DenyReason::RateLimited))
                 }
-                Err(LeaseError::Unavailable(_)) => match self.limiter.on_store_error() {
-                    crate::config::OnStoreError::Allow => None,
-                    crate::config::OnStoreError::Unavailable => {
-                        return Decision::Unavailable(Unavailable { backend: "store" })
-                    }
-                },
+                Err(RouteLeaseRefused::Unavailable) => {
+                    return Decision::Unavailable(Unavailable { backend: "store" })
+                }
             },
         };
         Decision::Allow(Allowed {

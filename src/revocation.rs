@@ -227,26 +227,19 @@ impl RevocationBus {
         match &item {
             FeedItem::Event(e) => {
                 self.cache.invalidate_key(&e.key_id, Some(e.kind));
-                m.revocation_events.inc();
-                m.revocation_lag
-                    .observe(now_ms().saturating_sub(e.at_ms) as f64 / 1000.0);
+                applied(e.at_ms);
                 tracing::debug!(key_id = %e.key_id, kind = e.kind.as_str(), id = %e.id, "revocation applied");
             }
             FeedItem::Tokens(t) => {
-                let now = now_ms();
-                self.tokens.prune(now);
+                self.tokens.prune(now_ms());
                 self.tokens.apply(&t.revocation);
                 m.jwt_revocations.set(self.tokens.len() as i64);
-                m.revocation_events.inc();
-                m.revocation_lag
-                    .observe(now.saturating_sub(t.revocation.at_ms) as f64 / 1000.0);
+                applied(t.revocation.at_ms);
                 tracing::info!(issuer = %t.revocation.issuer, id = %t.id, "JWT revocation applied");
             }
             FeedItem::Delegation(d) => {
                 self.delegations.changed();
-                m.revocation_events.inc();
-                m.revocation_lag
-                    .observe(now_ms().saturating_sub(d.at_ms) as f64 / 1000.0);
+                applied(d.at_ms);
                 tracing::info!(partner = %d.partner_id, tenant = %d.tenant_id, granted = d.granted, id = %d.id, "delegation change applied");
             }
             FeedItem::Unknown { id, key_id } => {
@@ -362,6 +355,14 @@ impl RevocationBus {
         tracing::debug!(held = all.len(), "JWT revocations loaded");
         Ok(())
     }
+}
+
+/// Counts an applied event, and how long after it was made it arrived.
+fn applied(at_ms: u64) {
+    let m = metrics();
+    m.revocation_events.inc();
+    m.revocation_lag
+        .observe(now_ms().saturating_sub(at_ms) as f64 / 1000.0);
 }
 
 /// Retry delays: 50 ms doubling to 500 ms. The bound is also how late revocations made

@@ -37,11 +37,17 @@ pub struct Plan {
     pub burst: u32,
     pub interval_ms: u64,
     pub concurrent_sessions: Option<u32>,
+    /// This plan's `keygate_rate_limit_decisions_total` series, looked up once.
+    admitted: prometheus::IntCounter,
+    limited: prometheus::IntCounter,
 }
 
 impl Plan {
     fn new(name: &str, c: &PlanConfig) -> Plan {
+        let decisions = &metrics().rate_limit_decisions;
         Plan {
+            admitted: decisions.with_label_values(&[name, "admitted"]),
+            limited: decisions.with_label_values(&[name, "limited"]),
             name: Arc::from(name),
             per_minute: c.requests_per_minute,
             burst: c.burst.unwrap_or(c.requests_per_minute),
@@ -59,6 +65,15 @@ pub enum Verdict {
     Unlimited,
     Admitted(RateInfo),
     Limited(RateInfo),
+    /// The store could not be asked and `on_store_error` is `unavailable`.
+    Unavailable,
+}
+
+/// Why a route's per-request lease was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteLeaseRefused {
+    /// Every concurrent session of the plan is in use.
+    Full,
     /// The store could not be asked and `on_store_error` is `unavailable`.
     Unavailable,
 }
@@ -119,9 +134,28 @@ impl Limiter {
         }
     }
 
-    /// What a limit check does when the store cannot be asked.
-    pub fn on_store_error(&self) -> OnStoreError {
-        self.cfg.on_store_error
+    /// The lease a route with `lease_ttl` takes for one request of `p`: `Ok(Some(id))`,
+    /// `Ok(None)` when there is nothing to count (the plan has no concurrent sessions, or
+    /// the store is down and `on_store_error` allows), `Err(Verdict::Limited)` when every
+    /// session is in use, `Err(Verdict::Unavailable)`.
+    pub async fn route_lease(
+        &self,
+        p: &Principal,
+        ttl: Duration,
+    ) -> Result<Option<String>, RouteLeaseRefused> {
+        match self.acquire(p, ttl).await {
+            Ok(id) => Ok(Some(id)),
+            Err(LeaseError::NoSessions) => Ok(None),
+            Err(LeaseError::Full { .. } | LeaseError::Unknown) => Err(RouteLeaseRefused::Full),
+            Err(LeaseError::Unavailable(e)) => {
+                metrics().rate_limit_store_errors.inc();
+                tracing::warn!(error = %e, "cannot take the route's lease: store unavailable");
+                match self.cfg.on_store_error {
+                    OnStoreError::Allow => Ok(None),
+                    OnStoreError::Unavailable => Err(RouteLeaseRefused::Unavailable),
+                }
+            }
+        }
     }
 
     /// The plan that applies to `p`: its own, else its environment's default. JWTs have
@@ -139,29 +173,33 @@ impl Limiter {
         }
     }
 
-    /// Admits one request of `p`, or says why not.
+    /// Admits one request of `p`, or says why not; counted by plan.
     pub async fn check(&self, p: &Principal) -> Verdict {
         let (Some(plan), Some(key_id)) = (self.plan_of(p), p.key_id.as_deref()) else {
             return Verdict::Unlimited;
         };
+        let verdict = self.spend(plan, key_id).await;
+        match &verdict {
+            Verdict::Admitted(_) => plan.admitted.inc(),
+            Verdict::Limited(_) => plan.limited.inc(),
+            Verdict::Unlimited | Verdict::Unavailable => {}
+        }
+        verdict
+    }
+
+    /// One admission from the key's budget on this replica, reserving anew when it is
+    /// spent or lapsed.
+    async fn spend(&self, plan: &Plan, key_id: &str) -> Verdict {
         let m = metrics();
         let budget = self.budgets.get_with_by_ref(key_id, Arc::default);
         let mut b = budget.lock().await;
         let now = Instant::now();
         if let Some(until) = b.refused_until.filter(|u| now < *u) {
-            m.rate_limit_decisions
-                .with_label_values(&[&plan.name, "limited"])
-                .inc();
-            let mut i = info(plan, 0, b.full_in_ms);
-            i.retry_after = Some((until - now).as_millis().div_ceil(1000).max(1) as u64);
-            return Verdict::Limited(i);
+            return limited(plan, (until - now).as_millis() as u64, b.full_in_ms);
         }
         let fresh = b.until.is_some_and(|until| now < until);
         if fresh && b.left > 0 {
             b.left -= 1;
-            m.rate_limit_decisions
-                .with_label_values(&[&plan.name, "admitted"])
-                .inc();
             return Verdict::Admitted(info(plan, b.remaining + b.left, b.full_in_ms));
         }
         // Spend what fits in an eighth of what is left, down to one at the edge.
@@ -187,19 +225,11 @@ impl Limiter {
             b.left = 0;
             b.until = None;
             b.refused_until = Some(now + Duration::from_millis(grant.retry_after_ms));
-            m.rate_limit_decisions
-                .with_label_values(&[&plan.name, "limited"])
-                .inc();
-            let mut i = info(plan, 0, grant.full_in_ms);
-            i.retry_after = Some(grant.retry_after_ms.div_ceil(1000).max(1));
-            return Verdict::Limited(i);
+            return limited(plan, grant.retry_after_ms, grant.full_in_ms);
         }
         b.left = grant.granted - 1;
         b.until = Some(now + self.cfg.reservation_ttl);
         b.refused_until = None;
-        m.rate_limit_decisions
-            .with_label_values(&[&plan.name, "admitted"])
-            .inc();
         Verdict::Admitted(info(plan, b.remaining + b.left, b.full_in_ms))
     }
 
@@ -281,6 +311,13 @@ impl Limiter {
             Err(LeaseError::Unknown)
         }
     }
+}
+
+/// A refusal: nothing fits for `retry_ms`.
+fn limited(plan: &Plan, retry_ms: u64, full_in_ms: u64) -> Verdict {
+    let mut i = info(plan, 0, full_in_ms);
+    i.retry_after = Some(retry_ms.div_ceil(1000).max(1));
+    Verdict::Limited(i)
 }
 
 fn info(plan: &Plan, remaining: u32, full_in_ms: u64) -> RateInfo {
