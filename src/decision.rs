@@ -8,6 +8,9 @@
 use std::fmt;
 use std::sync::Arc;
 
+use serde_yaml_ng::Value;
+
+use crate::config::{ConfigError, ErrorsConfig};
 use crate::principal::Principal;
 
 /// A public error code, with its HTTP status and the message a client sees.
@@ -99,6 +102,10 @@ impl DenyReason {
     pub fn from_code(code: &str) -> Option<DenyReason> {
         DenyReason::ALL.into_iter().find(|r| r.code() == code)
     }
+
+    fn index(self) -> usize {
+        self as usize
+    }
 }
 
 impl fmt::Display for DenyReason {
@@ -159,21 +166,208 @@ impl Denial {
             rate: Some(rate),
         }
     }
+}
 
-    /// The JSON error body. With `opaque`, every 401 carries one message so that a client
-    /// cannot tell an unknown key from a revoked or expired one.
-    pub fn body(&self, opaque: bool) -> String {
-        let (code, message) = self.public(opaque);
-        serde_json::json!({"error": {"code": code, "message": message}}).to_string()
+/// What a client is shown for one denial: every part fixed at startup, so a denial
+/// formats nothing and can echo nothing from the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicError {
+    /// The code shown (`unauthorized` for every authentication failure when opaque).
+    pub code: &'static str,
+    pub message: Arc<str>,
+    pub status: u16,
+    /// The whole JSON body.
+    pub body: Arc<str>,
+}
+
+/// The deployment's error answers (`errors`), compiled once: for each public code its
+/// status, message and body.
+#[derive(Debug, Clone)]
+pub struct ErrorShape {
+    answers: Vec<PublicError>,
+    www_authenticate: Option<Arc<str>>,
+}
+
+/// The code every authentication failure shows with `errors.opaque`.
+pub const OPAQUE_CODE: &str = "unauthorized";
+
+const PLACEHOLDERS: [&str; 3] = ["code", "message", "status"];
+
+impl ErrorShape {
+    /// The answer to `reason`.
+    pub fn answer(&self, reason: DenyReason) -> &PublicError {
+        &self.answers[reason.index()]
     }
 
-    /// The code and message a client is shown.
-    pub fn public(&self, opaque: bool) -> (&'static str, &'static str) {
-        if opaque && self.reason.is_unauthenticated() {
-            ("unauthorized", "The request could not be authenticated.")
-        } else {
-            (self.reason.code(), self.reason.message())
+    /// The `www-authenticate` value for a 401, if one is sent.
+    pub fn www_authenticate(&self, error: &PublicError) -> Option<&str> {
+        (error.status == 401)
+            .then_some(self.www_authenticate.as_deref())
+            .flatten()
+    }
+
+    /// Compiles `errors`; any mistake names its field.
+    pub fn compile(cfg: &ErrorsConfig) -> Result<ErrorShape, ConfigError> {
+        let template = match &cfg.body {
+            Value::String(text) => serde_yaml_ng::from_str(text)
+                .map_err(|e| ConfigError::new("errors.body", format!("not JSON: {e}")))?,
+            other => other.clone(),
+        };
+        if !matches!(template, Value::Mapping(_)) {
+            return Err(ConfigError::new("errors.body", "must be a JSON object"));
         }
+        check_placeholders(&template)?;
+        for (code, over) in &cfg.codes {
+            let field = |f: &str| format!("errors.codes.{code}{f}");
+            let reason = DenyReason::from_code(code).ok_or_else(|| {
+                let known: Vec<_> = DenyReason::ALL.iter().map(|r| r.code()).collect();
+                ConfigError::new(
+                    field(""),
+                    format!("not a public error code; one of {}", known.join(", ")),
+                )
+            })?;
+            if let Some(status) = over.status {
+                if !(400..=499).contains(&status) {
+                    return Err(ConfigError::new(
+                        field(".status"),
+                        "must be a 4xx status (a backend failure is never a denial)",
+                    ));
+                }
+            }
+            if let Some(m) = &over.message {
+                if m.trim().is_empty() || m.len() > 1024 {
+                    return Err(ConfigError::new(
+                        field(".message"),
+                        "must be 1 to 1024 bytes",
+                    ));
+                }
+            }
+            if cfg.opaque && reason.is_unauthenticated() {
+                return Err(ConfigError::new(
+                    field(""),
+                    "has no effect with errors.opaque: every authentication failure \
+                     answers with errors.opaque_message",
+                ));
+            }
+        }
+        if cfg.opaque_message.trim().is_empty() || cfg.opaque_message.len() > 1024 {
+            return Err(ConfigError::new(
+                "errors.opaque_message",
+                "must be 1 to 1024 bytes",
+            ));
+        }
+        if cfg
+            .www_authenticate
+            .bytes()
+            .any(|b| !(b == b' ' || b == b'\t' || (0x21..0x7f).contains(&b)))
+        {
+            return Err(ConfigError::new(
+                "errors.www_authenticate",
+                "is not a valid header value",
+            ));
+        }
+        let answers = DenyReason::ALL
+            .into_iter()
+            .map(|reason| {
+                let over = cfg.codes.get(reason.code()).cloned().unwrap_or_default();
+                let (code, message, status) = if cfg.opaque && reason.is_unauthenticated() {
+                    (OPAQUE_CODE, cfg.opaque_message.clone(), 401)
+                } else {
+                    (
+                        reason.code(),
+                        over.message.unwrap_or_else(|| reason.message().to_owned()),
+                        over.status.unwrap_or(reason.http_status()),
+                    )
+                };
+                let body = render(&template, code, &message, status);
+                let body = serde_json::to_string(&body).map_err(|e| {
+                    ConfigError::new("errors.body", format!("cannot be written as JSON: {e}"))
+                })?;
+                Ok(PublicError {
+                    code,
+                    message: message.into(),
+                    status,
+                    body: body.into(),
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        Ok(ErrorShape {
+            answers,
+            www_authenticate: (!cfg.www_authenticate.is_empty())
+                .then(|| cfg.www_authenticate.as_str().into()),
+        })
+    }
+}
+
+impl Default for ErrorShape {
+    fn default() -> Self {
+        ErrorShape::compile(&ErrorsConfig::default()).expect("the default shape compiles")
+    }
+}
+
+/// Refuses a `{name}` in a string of the template that is not a placeholder: a typo would
+/// otherwise reach every client verbatim.
+fn check_placeholders(v: &Value) -> Result<(), ConfigError> {
+    match v {
+        Value::String(s) => {
+            let mut rest = s.as_str();
+            while let Some(open) = rest.find('{') {
+                let after = &rest[open + 1..];
+                if let Some(close) = after.find('}') {
+                    let name = &after[..close];
+                    let looks_like_one = !name.is_empty()
+                        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                    if looks_like_one && !PLACEHOLDERS.contains(&name) {
+                        return Err(ConfigError::new(
+                            "errors.body",
+                            format!("unknown placeholder {{{name}}}; use {{code}}, {{message}} or {{status}}"),
+                        ));
+                    }
+                }
+                rest = after;
+            }
+            Ok(())
+        }
+        Value::Mapping(m) => {
+            for (k, v) in m {
+                if !k.is_string() {
+                    return Err(ConfigError::new(
+                        "errors.body",
+                        "object keys must be strings",
+                    ));
+                }
+                check_placeholders(v)?;
+            }
+            Ok(())
+        }
+        Value::Sequence(items) => items.iter().try_for_each(check_placeholders),
+        Value::Tagged(_) => Err(ConfigError::new("errors.body", "YAML tags are not JSON")),
+        _ => Ok(()),
+    }
+}
+
+/// The template with its placeholders filled: a string that is exactly `{status}` becomes
+/// the number.
+fn render(v: &Value, code: &str, message: &str, status: u16) -> Value {
+    match v {
+        Value::String(s) if s == "{status}" => Value::Number(status.into()),
+        Value::String(s) => Value::String(
+            s.replace("{code}", code)
+                .replace("{message}", message)
+                .replace("{status}", &status.to_string()),
+        ),
+        Value::Mapping(m) => Value::Mapping(
+            m.iter()
+                .map(|(k, v)| (k.clone(), render(v, code, message, status)))
+                .collect(),
+        ),
+        Value::Sequence(items) => Value::Sequence(
+            items
+                .iter()
+                .map(|v| render(v, code, message, status))
+                .collect(),
+        ),
+        other => other.clone(),
     }
 }
 
@@ -245,20 +439,118 @@ mod tests {
         }
     }
 
+    fn shape(yaml: &str) -> Result<ErrorShape, ConfigError> {
+        let cfg = crate::config::Config::load(Some(yaml), Vec::new())?;
+        ErrorShape::compile(&cfg.errors)
+    }
+
     #[test]
-    fn body_is_the_documented_json_shape() {
-        let body = Denial::new(DenyReason::TenantForbidden).body(false);
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    fn default_body_is_the_documented_json_shape() {
+        let shape = ErrorShape::default();
+        let e = shape.answer(DenyReason::TenantForbidden);
+        let v: serde_json::Value = serde_json::from_str(&e.body).unwrap();
         assert_eq!(v["error"]["code"], "tenant_forbidden");
-        assert!(v["error"]["message"].as_str().unwrap().len() > 5);
+        assert_eq!(v["error"]["message"], DenyReason::TenantForbidden.message());
+        assert_eq!(e.status, 403);
+        assert_eq!(shape.www_authenticate(e), None);
+        let unauth = shape.answer(DenyReason::RevokedApiKey);
+        assert_eq!(shape.www_authenticate(unauth), Some("Bearer"));
     }
 
     #[test]
     fn opaque_errors_hide_which_401_it_was_but_not_403s() {
-        let revoked = Denial::new(DenyReason::RevokedApiKey).body(true);
-        let unknown = Denial::new(DenyReason::InvalidApiKey).body(true);
+        let shape = shape("errors: {opaque: true}").unwrap();
+        let revoked = shape.answer(DenyReason::RevokedApiKey);
+        let unknown = shape.answer(DenyReason::InvalidApiKey);
         assert_eq!(revoked, unknown);
-        let forbidden = Denial::new(DenyReason::TenantForbidden).body(true);
-        assert!(forbidden.contains("tenant_forbidden"));
+        assert_eq!(revoked.code, OPAQUE_CODE);
+        let forbidden = shape.answer(DenyReason::TenantForbidden);
+        assert!(forbidden.body.contains("tenant_forbidden"));
+    }
+
+    #[test]
+    fn a_message_only_body_is_exactly_that() {
+        let shape = shape(
+            "errors: {opaque: true, opaque_message: Unauthenticated., body: {message: '{message}'}}",
+        )
+        .unwrap();
+        for reason in [
+            DenyReason::MissingCredentials,
+            DenyReason::InvalidApiKey,
+            DenyReason::ExpiredApiKey,
+            DenyReason::RevokedApiKey,
+        ] {
+            assert_eq!(
+                &*shape.answer(reason).body,
+                r#"{"message":"Unauthenticated."}"#
+            );
+            assert_eq!(shape.answer(reason).status, 401);
+        }
+    }
+
+    #[test]
+    fn per_code_status_and_message_and_key_order_are_kept() {
+        let shape = shape(
+            r#"
+errors:
+  body: '{"status": "{status}", "error_code": "{code}", "detail": "{message} ({code})"}'
+  codes:
+    insufficient_permissions: {status: 401, message: The API key lacks required permissions}
+"#,
+        )
+        .unwrap();
+        let e = shape.answer(DenyReason::InsufficientPermissions);
+        assert_eq!(e.status, 401);
+        assert_eq!(
+            &*e.body,
+            r#"{"status":401,"error_code":"insufficient_permissions","detail":"The API key lacks required permissions (insufficient_permissions)"}"#
+        );
+        assert_eq!(shape.www_authenticate(e), Some("Bearer"));
+    }
+
+    #[test]
+    fn a_message_with_quotes_stays_valid_json() {
+        let shape =
+            shape(r#"errors: {codes: {rate_limited: {message: 'Slow "down" \ please'}}}"#).unwrap();
+        let body = &shape.answer(DenyReason::RateLimited).body;
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["message"], r#"Slow "down" \ please"#);
+    }
+
+    #[test]
+    fn mistakes_in_errors_name_their_field() {
+        for (yaml, field) in [
+            (
+                "errors: {codes: {no_such_code: {status: 401}}}",
+                "errors.codes.no_such_code",
+            ),
+            (
+                "errors: {codes: {rate_limited: {status: 503}}}",
+                "errors.codes.rate_limited.status",
+            ),
+            (
+                "errors: {codes: {rate_limited: {message: ' '}}}",
+                "errors.codes.rate_limited.message",
+            ),
+            (
+                "errors: {opaque: true, codes: {expired_api_key: {message: x}}}",
+                "errors.codes.expired_api_key",
+            ),
+            (
+                "errors: {body: '{\"message\": \"{mesage}\"}'}",
+                "errors.body",
+            ),
+            ("errors: {body: '[1'}", "errors.body"),
+            ("errors: {body: [1, 2]}", "errors.body"),
+            (
+                "errors: {www_authenticate: \"a\\nb\"}",
+                "errors.www_authenticate",
+            ),
+        ] {
+            let err = shape(yaml)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {yaml}"));
+            assert_eq!(err.field, field, "{yaml}: {err}");
+        }
     }
 }

@@ -30,6 +30,7 @@ use crate::authn::Authenticator;
 use crate::authorizer::Authorizer;
 use crate::cache::CredentialCache;
 use crate::config::{Config, RevocationSource, Secrets, StoreBackend};
+use crate::decision::ErrorShape;
 use crate::keys::KeyAdmin;
 use crate::policy::Policy;
 use crate::revocation::{EventFeed, RevocationBus, StoreFeed};
@@ -52,6 +53,8 @@ pub struct App {
     pub usage: Arc<crate::usage::UsageCounter>,
     pub bus: Arc<RevocationBus>,
     pub jwt: Arc<crate::jwt::JwtVerifier>,
+    /// How denials look to clients (`errors`), on every API.
+    pub errors: Arc<ErrorShape>,
     admin_token: crate::secret::Secret,
     watch_token: Option<crate::secret::Secret>,
 }
@@ -103,6 +106,7 @@ impl App {
             audit.clone(),
         );
         let policy = Policy::compile(&config.policy)?;
+        let errors = Arc::new(ErrorShape::compile(&config.errors)?);
         let delegations = Arc::new(crate::tenant::Delegations::new(
             store.clone(),
             config.cache.ttl,
@@ -157,6 +161,7 @@ impl App {
             usage,
             bus,
             jwt,
+            errors,
             admin_token: secrets.admin_token,
             watch_token: secrets.watch_token,
         })
@@ -184,12 +189,16 @@ impl App {
     pub fn envoy_service(&self) -> EnvoyAuthorization {
         EnvoyAuthorization::new(
             self.authorizer.clone(),
+            self.errors.clone(),
             EnvoyOptions {
-                opaque_errors: self.config.errors.opaque,
                 strip_credentials: self.config.policy.strip_credential_headers,
                 dynamic_metadata: self.config.policy.dynamic_metadata,
             },
         )
+    }
+
+    pub fn authorizer_service(&self) -> AuthorizerService {
+        AuthorizerService::new(self.authorizer.clone(), self.errors.clone())
     }
 }
 
@@ -371,8 +380,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
             app.envoy_service().gated(app.bus.clone()),
         ))
         .add_service(AuthorizerServer::new(
-            AuthorizerService::new(app.authorizer.clone(), cfg.errors.opaque)
-                .gated(app.bus.clone()),
+            app.authorizer_service().gated(app.bus.clone()),
         ))
         .add_service(RevocationsServer::with_interceptor(
             app.revocations_service(stop_rx.clone()),

@@ -725,7 +725,6 @@ async fn without_dynamic_metadata_an_allow_sets_the_same_headers() {
 /// or expired one (`errors.opaque`) — on Envoy's Check and on keygate.v1 Check alike.
 #[tokio::test]
 async fn opaque_errors_hide_which_401_it_was_on_both_apis() {
-    use keygate::api::authorizer::AuthorizerService;
     use keygate::api::proto::{self, authorizer_server::Authorizer as _};
 
     let _meter = ARGON2_METER.lock().await;
@@ -733,7 +732,7 @@ async fn opaque_errors_hide_which_401_it_was_on_both_apis() {
     config.errors.opaque = true;
     let app = App::build(config, support::secrets()).unwrap();
     let envoy = app.envoy_service();
-    let internal = AuthorizerService::new(app.authorizer.clone(), true);
+    let internal = app.authorizer_service();
     let revoked = app.admin.create(support::reader_key()).await.unwrap();
     app.admin.revoke(&revoked.record.key_id).await.unwrap();
     let unknown = support::forge_token(

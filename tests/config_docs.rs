@@ -98,3 +98,26 @@ fn the_probe_of_a_section_names_the_field_it_is_refused_at() {
     let err = Config::load(Some("{api_keys: {argon2: {zz_probe: 1}}}"), Vec::new()).unwrap_err();
     assert_eq!(err.field, "api_keys.argon2.zz_probe");
 }
+
+/// The table of public error codes in docs/configuration.md is the code's own: each code
+/// with its default status and message.
+#[test]
+fn the_error_code_table_is_the_codes_defaults() {
+    let docs = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .expect("docs/configuration.md exists");
+    for reason in keygate::decision::DenyReason::ALL {
+        let row = format!(
+            "| `{}` | {} | {} |",
+            reason.code(),
+            reason.http_status(),
+            reason.message()
+        );
+        assert!(
+            docs.contains(&row),
+            "docs/configuration.md lacks the row {row}"
+        );
+    }
+}

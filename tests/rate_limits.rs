@@ -167,7 +167,7 @@ async fn allows_and_429s_carry_the_rate_limit_headers() {
 
 /// keygate.v1 Check over the app's own authorizer.
 fn v1(app: &App) -> AuthorizerService {
-    AuthorizerService::new(app.authorizer.clone(), false)
+    app.authorizer_service()
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::proto::{self, authorizer_server::Authorizer as AuthorizerApi};
 use crate::authn::AuthnFailure;
 use crate::authorizer::Authorizer;
-use crate::decision::{Decision, Denial, DenyReason, RateInfo};
+use crate::decision::{Decision, Denial, DenyReason, ErrorShape, RateInfo};
 use crate::principal::Principal;
 use crate::ratelimit::LeaseError;
 use crate::request::AuthRequest;
@@ -18,15 +18,15 @@ use crate::revocation::RevocationBus;
 
 pub struct AuthorizerService {
     authorizer: Arc<Authorizer>,
-    opaque_errors: bool,
+    errors: Arc<ErrorShape>,
     gate: Option<Arc<RevocationBus>>,
 }
 
 impl AuthorizerService {
-    pub fn new(authorizer: Arc<Authorizer>, opaque_errors: bool) -> Self {
+    pub fn new(authorizer: Arc<Authorizer>, errors: Arc<ErrorShape>) -> Self {
         AuthorizerService {
             authorizer,
-            opaque_errors,
+            errors,
             gate: None,
         }
     }
@@ -182,11 +182,11 @@ impl AuthorizerApi for AuthorizerService {
 
 impl AuthorizerService {
     fn denial(&self, d: &Denial) -> proto::Denial {
-        let (code, message) = d.public(self.opaque_errors);
+        let error = self.errors.answer(d.reason);
         proto::Denial {
-            code: code.to_owned(),
-            message: message.to_owned(),
-            http_status: d.reason.http_status() as u32,
+            code: error.code.to_owned(),
+            message: error.message.to_string(),
+            http_status: u32::from(error.status),
         }
     }
 }

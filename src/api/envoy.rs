@@ -19,7 +19,7 @@ use super::envoy_answer::{overwrite, AllowAnswer, CheckAnswer, Identity};
 pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_KIND, HEADER_SCOPES, HEADER_SUBJECT};
 use super::envoy_wire::{self, Authorization, CheckRequestView, HeaderFilter};
 use crate::authorizer::Authorizer;
-use crate::decision::{Allowed, Decision, Denial, DenyReason};
+use crate::decision::{Allowed, Decision, Denial, ErrorShape};
 use crate::request::AuthRequest;
 use crate::revocation::RevocationBus;
 
@@ -33,14 +33,13 @@ pub struct EnvoyAuthorization {
     options: EnvoyOptions,
     /// The request headers any decision or answer consults.
     headers: HeaderFilter,
+    errors: Arc<ErrorShape>,
     gate: Option<Arc<RevocationBus>>,
 }
 
 /// How keygate's answers to Envoy are shaped (from `errors` and `policy`).
 #[derive(Debug, Clone, Copy)]
 pub struct EnvoyOptions {
-    /// Every 401 with one message (`errors.opaque`).
-    pub opaque_errors: bool,
     /// Remove the credential headers upstream (`policy.strip_credential_headers`).
     pub strip_credentials: bool,
     /// The principal in Envoy's dynamic metadata (`policy.dynamic_metadata`).
@@ -48,7 +47,11 @@ pub struct EnvoyOptions {
 }
 
 impl EnvoyAuthorization {
-    pub fn new(authorizer: Arc<Authorizer>, options: EnvoyOptions) -> Self {
+    pub fn new(
+        authorizer: Arc<Authorizer>,
+        errors: Arc<ErrorShape>,
+        options: EnvoyOptions,
+    ) -> Self {
         // Credentials, the tenant, and identity headers (to strip the client's).
         let headers = HeaderFilter::new(
             authorizer
@@ -62,6 +65,7 @@ impl EnvoyAuthorization {
             authorizer,
             options,
             headers,
+            errors,
             gate: None,
         }
     }
@@ -148,10 +152,10 @@ impl EnvoyAuthorization {
     }
 
     fn deny(&self, denial: &Denial) -> CheckResponse {
-        let reason = denial.reason;
+        let error = self.errors.answer(denial.reason);
         let mut headers = vec![overwrite("content-type", "application/json")];
-        if reason.is_unauthenticated() {
-            headers.push(overwrite("www-authenticate", "Bearer"));
+        if let Some(challenge) = self.errors.www_authenticate(error) {
+            headers.push(overwrite("www-authenticate", challenge));
         }
         if let Some(secs) = denial.retry_after {
             headers.push(overwrite("retry-after", &secs.to_string()));
@@ -161,17 +165,17 @@ impl EnvoyAuthorization {
         }
         CheckResponse {
             status: Some(rpc::Status {
-                code: grpc_code(reason) as i32,
-                message: reason.code().to_owned(),
+                code: grpc_code(error.status) as i32,
+                message: error.code.to_owned(),
                 ..Default::default()
             }),
             dynamic_metadata: None,
             http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
                 status: Some(HttpStatus {
-                    code: reason.http_status() as i32,
+                    code: i32::from(error.status),
                 }),
                 headers,
-                body: denial.body(self.options.opaque_errors),
+                body: error.body.to_string(),
             })),
         }
     }
@@ -190,8 +194,8 @@ impl Authorization for EnvoyAuthorization {
 }
 
 /// The gRPC status code carried in a denial's `status` (any non-zero code denies).
-fn grpc_code(reason: DenyReason) -> tonic::Code {
-    match reason.http_status() {
+fn grpc_code(http_status: u16) -> tonic::Code {
+    match http_status {
         401 => tonic::Code::Unauthenticated,
         400 => tonic::Code::InvalidArgument,
         429 => tonic::Code::ResourceExhausted,

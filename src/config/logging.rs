@@ -1,13 +1,6 @@
-//! `errors` and `logging`: how denials and log lines are shaped.
+//! `logging`: how log lines are shaped.
 
 use serde::Deserialize;
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ErrorsConfig {
-    /// One message for every 401, so clients cannot tell unknown from revoked keys.
-    pub opaque: bool,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -14,6 +14,7 @@ use serde_yaml_ng::Value;
 
 mod api_keys;
 mod cache;
+mod errors;
 mod jwt;
 mod listen;
 mod logging;
@@ -25,9 +26,10 @@ mod store;
 
 pub use api_keys::{ApiKeysConfig, Argon2Config};
 pub use cache::CacheConfig;
+pub use errors::{CodeConfig, ErrorsConfig};
 pub use jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
 pub use listen::ListenConfig;
-pub use logging::{ErrorsConfig, LogFormat, LoggingConfig};
+pub use logging::{LogFormat, LoggingConfig};
 pub use policy::{
     CredentialHeader, DefaultPlans, PlanConfig, PolicyConfig, RouteConfig, TenantRule, Unmatched,
 };
@@ -125,6 +127,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.api_keys.validate()?;
         self.cache.validate()?;
+        self.errors.validate()?;
         self.store.validate()?;
         self.policy.validate()?;
         self.revocation.validate()?;
