@@ -292,7 +292,7 @@ fn jwt(c: &mut Criterion) {
     secrets
         .named
         .insert("BENCH_JWT_SECRET".into(), Secret::new(secret));
-    let verifier = keygate::jwt::JwtVerifier::new(&cfg.jwt, |v| secrets.named(v)).unwrap();
+    let verifier = keygate::jwt::JwtVerifier::new(&cfg.jwt, None, |v| secrets.named(v)).unwrap();
     let exp = keygate::store::now_ms() / 1000 + 3600;
     let claims = |iss: &str| {
         serde_json::json!({"iss": iss, "aud": "api", "sub": "user-1", "tenant_id": TENANT,

@@ -2,13 +2,16 @@
 //! One straight line, each stage in its own module; this file only wires them.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::authn::{Authenticator, AuthnFailure};
 use crate::config::PolicyConfig;
+use crate::config::TenantRule;
 use crate::credential::CredentialSource;
 use crate::decision::{Allowed, Decision, Denial, DenyReason, Unavailable};
+use crate::jwt::session::{SessionKeys, SessionToken};
 use crate::policy::{Policy, Requirement};
+use crate::principal::{CredentialKind, KeyKind, Principal};
 use crate::ratelimit::{Limiter, RouteLeaseRefused, Verdict};
 use crate::request::{normalize_path, AuthRequest};
 use crate::telemetry::metrics;
@@ -22,6 +25,43 @@ pub struct Authorizer {
     limiter: Arc<Limiter>,
     usage: Arc<crate::usage::UsageCounter>,
     tenant_header: String,
+    sessions: Option<Arc<SessionKeys>>,
+}
+
+/// A session token asked for (`keygate.v1.Authorizer/MintSessionToken`), unvalidated.
+#[derive(Debug, Clone, Default)]
+pub struct SessionRequest {
+    /// The API key it is minted from.
+    pub credential: String,
+    /// The tenant it acts for (a partner key's delegated tenant); the key's own if empty.
+    pub tenant_id: String,
+    /// A subset of the key's scopes; all of them (but partner-only ones) if empty.
+    pub scopes: Vec<String>,
+    /// `sessions.lifetime` if `None`.
+    pub ttl: Option<Duration>,
+}
+
+/// A minted session token, with what it grants.
+#[derive(Debug, Clone)]
+pub struct MintedSession {
+    pub token: SessionToken,
+    pub tenant_id: String,
+    pub scopes: Vec<String>,
+}
+
+/// Why no session token was minted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MintFailure {
+    /// `sessions` is not configured.
+    Disabled,
+    /// A bad argument, named.
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    /// The credential's (or the request's) denial.
+    Deny(DenyReason),
+    Unavailable,
 }
 
 impl Authorizer {
@@ -32,6 +72,7 @@ impl Authorizer {
         delegations: Arc<Delegations>,
         limiter: Arc<Limiter>,
         usage: Arc<crate::usage::UsageCounter>,
+        sessions: Option<Arc<SessionKeys>>,
     ) -> Self {
         Authorizer {
             policy,
@@ -41,7 +82,116 @@ impl Authorizer {
             limiter,
             usage,
             tenant_header: policy_cfg.tenant_header.clone(),
+            sessions,
         }
+    }
+
+    /// Mints a session token from an API key: for the key's tenant (or a partner key's
+    /// delegated one), a subset of its scopes, `sessions.lifetime` unless asked otherwise,
+    /// never past the key's own expiry.
+    pub async fn mint_session(&self, r: SessionRequest) -> Result<MintedSession, MintFailure> {
+        let keys = self.sessions.as_deref().ok_or(MintFailure::Disabled)?;
+        let invalid = |field, message: String| MintFailure::Invalid { field, message };
+        let ttl = r.ttl.unwrap_or(keys.lifetime);
+        if ttl < Duration::from_secs(1) || ttl > keys.max_lifetime {
+            return Err(invalid(
+                "ttl_seconds",
+                format!(
+                    "must be 1 to {} (sessions.max_lifetime)",
+                    keys.max_lifetime.as_secs()
+                ),
+            ));
+        }
+        if let Some(bad) = r
+            .scopes
+            .iter()
+            .find(|s| !crate::policy::valid_held_scope(s))
+        {
+            return Err(invalid("scopes", format!("{bad:?} is not a scope")));
+        }
+        let principal = match self.authenticate(&r.credential).await {
+            Ok(p) => p,
+            Err(AuthnFailure::Deny(reason)) => return Err(MintFailure::Deny(reason)),
+            Err(AuthnFailure::Unavailable) => return Err(MintFailure::Unavailable),
+        };
+        if principal.credential != CredentialKind::ApiKey {
+            return Err(invalid(
+                "credential",
+                "session tokens are minted from an API key".into(),
+            ));
+        }
+        let requested = (!r.tenant_id.trim().is_empty()).then_some(r.tenant_id.as_str());
+        let rule = if principal.kind == KeyKind::Partner {
+            TenantRule::Required
+        } else {
+            TenantRule::Optional
+        };
+        let tenant = match tenant::resolve(&principal, rule, requested, &self.delegations).await {
+            Ok(t) => t,
+            Err(TenantFailure::Deny(reason)) => return Err(MintFailure::Deny(reason)),
+            Err(TenantFailure::Unavailable) => return Err(MintFailure::Unavailable),
+        };
+        let scopes = if r.scopes.is_empty() {
+            self.session_scopes(&principal)
+        } else {
+            let granted = |s: &String| {
+                !self.policy.is_partner_scope(s) && self.policy.grants(&principal.scopes, s)
+            };
+            if !r.scopes.iter().all(granted) {
+                return Err(MintFailure::Deny(DenyReason::InsufficientPermissions));
+            }
+            r.scopes
+        };
+        let minted = self
+            .issue_session(keys, &principal, tenant, scopes, ttl)
+            .map_err(MintFailure::Deny)?;
+        if let Some(key_id) = principal.key_id.as_deref() {
+            self.usage.record(key_id, true);
+        }
+        Ok(minted)
+    }
+
+    /// What a session token of `parent` holds unless asked for less: its scopes but the
+    /// partner-only ones (a session token never acts as a partner).
+    fn session_scopes(&self, parent: &Principal) -> Vec<String> {
+        parent
+            .scopes
+            .iter()
+            .filter(|s| !self.policy.is_partner_scope(s))
+            .cloned()
+            .collect()
+    }
+
+    /// Signs a session token for an authenticated API key acting in `tenant`.
+    fn issue_session(
+        &self,
+        keys: &SessionKeys,
+        parent: &Principal,
+        tenant: Option<String>,
+        scopes: Vec<String>,
+        ttl: Duration,
+    ) -> Result<MintedSession, DenyReason> {
+        // A runtime key serves internal routes only; a session token is for clients.
+        if parent.kind == KeyKind::Runtime {
+            return Err(DenyReason::InsufficientPermissions);
+        }
+        let tenant_id = tenant.ok_or(DenyReason::TenantRequired)?;
+        let now = crate::store::now_ms();
+        let mut expires = now.saturating_add(ttl.as_millis() as u64);
+        if let Some(key_expiry) = parent.expires_at {
+            expires = expires.min(key_expiry);
+        }
+        let token = keys.sign(parent, &tenant_id, &scopes, now, expires);
+        tracing::info!(
+            key_id = parent.key_id.as_deref().unwrap_or(""),
+            tenant = %tenant_id,
+            "session token minted"
+        );
+        Ok(MintedSession {
+            token,
+            tenant_id,
+            scopes,
+        })
     }
 
     pub fn credentials(&self) -> &CredentialSource {
@@ -120,6 +270,7 @@ impl Authorizer {
                     route: r.name.clone(),
                     rate: None,
                     lease_id: None,
+                    session: None,
                 });
             }
         }
@@ -188,12 +339,26 @@ impl Authorizer {
                 }
             },
         };
+        let session = match (&self.sessions, route.mint_session) {
+            (Some(keys), true) => match self.issue_session(
+                keys,
+                principal,
+                effective_tenant.clone(),
+                self.session_scopes(principal),
+                keys.lifetime,
+            ) {
+                Ok(m) => Some(m.token),
+                Err(reason) => return Decision::deny(reason),
+            },
+            _ => None,
+        };
         Decision::Allow(Allowed {
             principal: Some(Arc::clone(principal)),
             effective_tenant,
             route: route.name.clone(),
             rate,
             lease_id,
+            session,
         })
     }
 }

@@ -48,6 +48,34 @@ pub enum Command {
     Audit(AuditCommand),
     /// Ask a running keygate whether a request with this token may pass.
     Check(CheckArgs),
+    /// keygate's own session tokens (talks to the gRPC listener).
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SessionsCommand {
+    /// Mint a session token from an API key: for its tenant, with a subset of its
+    /// scopes, for one hour unless --ttl says otherwise. Printed once.
+    Mint {
+        /// The API key.
+        #[arg(long)]
+        token: Secret,
+        /// Comma-separated; default: all of the key's scopes.
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// Lifetime, e.g. 15m (default: sessions.lifetime).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// A partner key's delegated tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// keygate's gRPC listener, e.g. http://127.0.0.1:50051.
+        #[arg(long, env = "KEYGATE_URL")]
+        url: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -272,6 +300,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Partners(cmd) => partners(cmd).await.map(|_| 0),
         Command::Audit(cmd) => audit(cmd).await.map(|_| 0),
         Command::Check(args) => check(args).await,
+        Command::Sessions(cmd) => sessions(cmd).await,
     }
 }
 
@@ -947,10 +976,9 @@ async fn tokens(cmd: TokensCommand) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------
 // check
 
-async fn check(args: CheckArgs) -> anyhow::Result<i32> {
-    let url = args
-        .url
-        .clone()
+/// The gRPC listener: `--url`/`KEYGATE_URL`, else the dev server's, else the default.
+async fn authorizer_client(url: Option<String>) -> anyhow::Result<AuthorizerClient<Channel>> {
+    let url = url
         .or_else(|| {
             read_dev_state().and_then(|d| {
                 d.get("grpc_url")
@@ -959,7 +987,11 @@ async fn check(args: CheckArgs) -> anyhow::Result<i32> {
             })
         })
         .unwrap_or_else(|| "http://127.0.0.1:50051".into());
-    let mut client = AuthorizerClient::new(channel(&url).await?);
+    Ok(AuthorizerClient::new(channel(&url).await?))
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<i32> {
+    let mut client = authorizer_client(args.url.clone()).await?;
     let resp = client
         .check(proto::CheckRequest {
             credential: args.token.expose().to_owned(),
@@ -1011,6 +1043,69 @@ async fn check(args: CheckArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(if resp.allowed { 0 } else { EXIT_DENIED })
+}
+
+// ---------------------------------------------------------------------------------------
+// sessions
+
+async fn sessions(cmd: SessionsCommand) -> anyhow::Result<i32> {
+    let SessionsCommand::Mint {
+        token,
+        scopes,
+        ttl,
+        tenant,
+        url,
+        json,
+    } = cmd;
+    let ttl_seconds = match ttl.as_deref() {
+        None => 0,
+        Some(t) => {
+            let d = crate::config::parse_duration(t).map_err(|e| anyhow!("--ttl: {e}"))?;
+            u32::try_from(d.as_secs())
+                .ok()
+                .filter(|s| *s > 0)
+                .ok_or_else(|| anyhow!("--ttl: must be at least 1s"))?
+        }
+    };
+    let r = authorizer_client(url)
+        .await?
+        .mint_session_token(proto::MintSessionTokenRequest {
+            credential: token.expose().to_owned(),
+            scopes,
+            ttl_seconds,
+            tenant_id: tenant.unwrap_or_default(),
+        })
+        .await
+        .map_err(grpc_error)?
+        .into_inner();
+    if let Some(d) = r.denial {
+        if json {
+            println!(
+                "{}",
+                json!({"code": d.code, "http_status": d.http_status, "message": d.message})
+            );
+        } else {
+            println!("denied: {} ({}) {}", d.code, d.http_status, d.message);
+        }
+        return Ok(EXIT_DENIED);
+    }
+    if json {
+        println!(
+            "{}",
+            json!({
+                "token": r.token,
+                "expires_at": ts(&r.expires_at),
+                "tenant_id": r.tenant_id,
+                "scopes": r.scopes,
+            })
+        );
+    } else {
+        println!("token:      {}", r.token);
+        println!("expires at: {}", ts(&r.expires_at).unwrap_or_default());
+        println!("tenant:     {}", r.tenant_id);
+        println!("scopes:     {}", r.scopes.join(","));
+    }
+    Ok(0)
 }
 
 #[cfg(test)]

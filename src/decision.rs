@@ -383,6 +383,8 @@ pub struct Allowed {
     pub rate: Option<RateInfo>,
     /// The concurrent-session lease this request took (routes with `lease_ttl`).
     pub lease_id: Option<String>,
+    /// The session token this request minted (routes with `mint_session`).
+    pub session: Option<crate::jwt::session::SessionToken>,
 }
 
 /// A backend needed for the answer could not be reached. Never a denial, never an allow:

@@ -150,6 +150,8 @@ pub struct KeyAdmin {
     audit: Arc<Audit>,
     /// The names of `policy.plans`: a key's plan must be one.
     plans: Vec<String>,
+    /// With session tokens on: what revokes a key's session tokens.
+    sessions: Option<Arc<TokenAdmin>>,
 }
 
 impl KeyAdmin {
@@ -169,7 +171,41 @@ impl KeyAdmin {
             audit,
             partner_scopes: policy.partner_scopes.clone(),
             plans: policy.plans.keys().cloned().collect(),
+            sessions: None,
         }
+    }
+
+    /// Revoking, rotating or deleting a key revokes its session tokens through `tokens`.
+    pub fn with_sessions(mut self, tokens: Arc<TokenAdmin>) -> Self {
+        self.sessions = Some(tokens);
+        self
+    }
+
+    /// Revokes every session token minted from `key_id` so far. Done before the key's own
+    /// change, so a failure leaves the key as it was (and the call can be repeated); the
+    /// cut-off is the next whole second, as `iat` is in seconds and a token minted in this
+    /// one must not survive (the key mints none once changed).
+    async fn revoke_sessions(&self, key_id: &str) -> Result<(), AdminError> {
+        let Some(tokens) = &self.sessions else {
+            return Ok(());
+        };
+        tokens
+            .revoke_tokens(RevokeTokens {
+                issuer: crate::jwt::session::ISSUER_NAME.to_owned(),
+                jti: None,
+                subject: Some(format!("key:{key_id}")),
+                before_ms: Some((now_ms() / 1000 + 1) * 1000),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The key, or NotFound: read before a change that first revokes its sessions.
+    async fn existing(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
+        self.store
+            .get(key_id)
+            .await?
+            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))
     }
 
     /// Creates a key; the response holds its token, shown once. Audited.
@@ -388,11 +424,7 @@ impl KeyAdmin {
     /// learn the old key's new expiry from its `updated` event.
     async fn rotate_key(&self, key_id: &str, grace: Duration) -> Result<Rotated, AdminError> {
         let key_id = check_key_id(key_id)?;
-        let old = self
-            .store
-            .get(key_id)
-            .await?
-            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
+        let old = self.existing(key_id).await?;
         let now = now_ms();
         let status = old.status(now);
         if status != KeyStatus::Active {
@@ -407,6 +439,7 @@ impl KeyAdmin {
         if grace > self.cfg.max_lifetime {
             return Err(invalid("grace", "must be at most api_keys.max_lifetime"));
         }
+        self.revoke_sessions(key_id).await?;
         let lifetime = (old.expires_at_ms != NEVER).then_some(self.cfg.default_lifetime);
         let successor = self
             .mint(
@@ -544,6 +577,10 @@ impl KeyAdmin {
 
     async fn revoke_key(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
         let key_id = check_key_id(key_id)?;
+        if self.sessions.is_some() {
+            self.existing(key_id).await?;
+            self.revoke_sessions(key_id).await?;
+        }
         let record = self
             .store
             .revoke(key_id, now_ms())
@@ -557,6 +594,10 @@ impl KeyAdmin {
 
     async fn delete_key(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
         let key_id = check_key_id(key_id)?;
+        if self.sessions.is_some() {
+            self.existing(key_id).await?;
+            self.revoke_sessions(key_id).await?;
+        }
         let record = self
             .store
             .delete(key_id, now_ms())
@@ -777,7 +818,10 @@ impl TokenAdmin {
         r
     }
 
-    async fn revoke_tokens(&self, req: RevokeTokens) -> Result<TokenRevocation, AdminError> {
+    pub(crate) async fn revoke_tokens(
+        &self,
+        req: RevokeTokens,
+    ) -> Result<TokenRevocation, AdminError> {
         let now = now_ms();
         let revocation = self.revocation(req, now)?;
         let stored = self.store.revoke_tokens(&revocation).await?;

@@ -34,6 +34,8 @@ pub struct Route {
     pub environments: Option<Vec<Environment>>,
     /// Each allowed request takes a concurrent-session lease for this long.
     pub lease_ttl: Option<std::time::Duration>,
+    /// Each allowed request mints a session token.
+    pub mint_session: bool,
 }
 
 impl Route {
@@ -140,6 +142,12 @@ impl Policy {
                     "must be above zero and at most 24h",
                 ));
             }
+            if r.mint_session && r.credentials.as_deref() != Some(&[CredentialKind::ApiKey]) {
+                return Err(ConfigError::new(
+                    field("mint_session"),
+                    "session tokens are minted from API keys: set `credentials: [api_key]`",
+                ));
+            }
             if r.environments.as_ref().is_some_and(Vec::is_empty) {
                 return Err(ConfigError::new(
                     field("environments"),
@@ -156,6 +164,7 @@ impl Policy {
                 internal: r.internal,
                 environments: r.environments.clone().or_else(|| cfg.environments.clone()),
                 lease_ttl: r.lease_ttl,
+                mint_session: r.mint_session,
             });
         }
         for (i, s) in cfg.opt_in_scopes.iter().enumerate() {
@@ -190,6 +199,7 @@ impl Policy {
             internal: false,
             environments: cfg.environments.clone(),
             lease_ttl: None,
+            mint_session: false,
         });
         Ok(Policy {
             routes,
@@ -214,6 +224,11 @@ impl Policy {
             principal.credential == CredentialKind::ApiKey && principal.kind == KeyKind::Partner;
         (partner || !partner_only(&self.partner_scopes, required))
             && self.grants(&principal.scopes, required)
+    }
+
+    /// Whether only partner keys may hold `scope` (`policy.partner_scopes`).
+    pub fn is_partner_scope(&self, scope: &str) -> bool {
+        partner_only(&self.partner_scopes, scope)
     }
 
     /// Whether `held` grants `required`.
@@ -339,6 +354,7 @@ mod tests {
             internal: false,
             environments: None,
             lease_ttl: None,
+            ..Default::default()
         }
     }
 

@@ -56,10 +56,12 @@ macro_rules! str_enum {
 pub enum CredentialKind {
     ApiKey,
     Jwt,
+    /// keygate's own session token, minted from an API key.
+    Session,
 }
 
 str_enum!(KeyKind { Tenant => "tenant", Partner => "partner", Runtime => "runtime" });
-str_enum!(CredentialKind { ApiKey => "api_key", Jwt => "jwt" });
+str_enum!(CredentialKind { ApiKey => "api_key", Jwt => "jwt", Session => "session" });
 str_enum!(Environment { Live => "live", Test => "test" });
 
 /// An authenticated caller.
@@ -97,11 +99,12 @@ pub fn expired(expires_at_ms: u64, now_ms: u64) -> bool {
 }
 
 impl Principal {
-    /// What the caller is, as sent upstream (`x-keygate-kind`): the key's kind, or `jwt`.
+    /// What the caller is, as sent upstream (`x-keygate-kind`): the key's kind, `jwt` or
+    /// `session`.
     pub fn kind_label(&self) -> &'static str {
         match self.credential {
-            CredentialKind::Jwt => CredentialKind::Jwt.as_str(),
             CredentialKind::ApiKey => self.kind.as_str(),
+            other => other.as_str(),
         }
     }
 

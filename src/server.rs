@@ -1,7 +1,7 @@
 //! Wiring: builds the core from configuration and serves it on its three listeners —
 //! gRPC (Envoy Check, keygate.v1.Authorizer, Revocations/Watch behind the watch token,
 //! health, reflection), admin gRPC (keygate.v1.Keys and Revocations/Watch, behind the
-//! admin credential) and HTTP (/metrics, /healthz, /readyz).
+//! admin credential) and HTTP (/metrics, /healthz, /readyz, /.well-known/jwks.json).
 //!
 //! Checks are answered only once the revocation follower knows its position in the
 //! stream, and `grpc.health.v1` says per service what `/readyz` says.
@@ -55,6 +55,8 @@ pub struct App {
     pub jwt: Arc<crate::jwt::JwtVerifier>,
     /// How denials look to clients (`errors`), on every API.
     pub errors: Arc<ErrorShape>,
+    /// keygate's own session-token keys, when `sessions` is configured.
+    pub sessions: Option<Arc<crate::jwt::session::SessionKeys>>,
     admin_token: crate::secret::Secret,
     watch_token: Option<crate::secret::Secret>,
 }
@@ -87,9 +89,14 @@ impl App {
             .into());
         }
         let hasher = SecretHasher::new(secrets.pepper.clone(), &config.api_keys.argon2)?;
-        let jwt = Arc::new(crate::jwt::JwtVerifier::new(&config.jwt, |var| {
-            secrets.named(var)
-        })?);
+        let sessions =
+            crate::jwt::session::SessionKeys::load(&config.sessions, |var| secrets.named(var))?
+                .map(Arc::new);
+        let jwt = Arc::new(crate::jwt::JwtVerifier::new(
+            &config.jwt,
+            sessions.as_deref(),
+            |var| secrets.named(var),
+        )?);
         let cache = Arc::new(CredentialCache::new(&config.cache, &secrets.pepper));
         let revoked_tokens = Arc::new(crate::jwt::revoked::RevokedTokens::new());
         let audit = Arc::new(crate::audit::Audit::new(
@@ -124,14 +131,7 @@ impl App {
             delegations.clone(),
             limiter,
             usage.clone(),
-        ));
-        let admin = Arc::new(KeyAdmin::new(
-            store.clone(),
-            hasher.clone(),
-            cache.clone(),
-            config.api_keys.clone(),
-            &config.policy,
-            audit.clone(),
+            sessions.clone(),
         ));
         let token_admin = Arc::new(crate::keys::TokenAdmin::new(
             store.clone(),
@@ -139,6 +139,18 @@ impl App {
             revoked_tokens.clone(),
             audit.clone(),
         ));
+        let mut admin = KeyAdmin::new(
+            store.clone(),
+            hasher.clone(),
+            cache.clone(),
+            config.api_keys.clone(),
+            &config.policy,
+            audit.clone(),
+        );
+        if sessions.is_some() {
+            admin = admin.with_sessions(token_admin.clone());
+        }
+        let admin = Arc::new(admin);
         let partners = Arc::new(crate::keys::PartnerAdmin::new(
             store.clone(),
             delegations.clone(),
@@ -162,6 +174,7 @@ impl App {
             bus,
             jwt,
             errors,
+            sessions,
             admin_token: secrets.admin_token,
             watch_token: secrets.watch_token,
         })
@@ -411,6 +424,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     let store = app.store.clone();
     let cache = app.cache.clone();
     let bus = app.bus.clone();
+    let jwks = app.sessions.as_ref().map(|k| k.jwks());
     let router = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -433,6 +447,35 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
                         [("content-type", "text/plain; version=0.0.4")],
                         crate::telemetry::render(),
                     )
+                }
+            }),
+        )
+        .route(
+            "/.well-known/jwks.json",
+            get(move || {
+                let jwks = jwks.clone();
+                async move {
+                    match jwks {
+                        Some(body) => (
+                            StatusCode::OK,
+                            [
+                                ("content-type", "application/json"),
+                                // Replicas and clients may keep it a while; a rotation adds
+                                // the new key well before it signs.
+                                ("cache-control", "public, max-age=300"),
+                            ],
+                            body.to_string(),
+                        ),
+                        None => (
+                            StatusCode::NOT_FOUND,
+                            [
+                                ("content-type", "text/plain"),
+                                ("cache-control", "no-cache"),
+                            ],
+                            "session tokens are not configured (sessions.signing_keys)\n"
+                                .to_owned(),
+                        ),
+                    }
                 }
             }),
         );

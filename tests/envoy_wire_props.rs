@@ -716,6 +716,7 @@ fn identity() -> impl Strategy<Value = Identity> {
             prop::option::of(answer_text()),
             prop::option::of(answer_text()),
             prop::option::of(answer_text()),
+            prop::option::of((answer_text(), answer_text())),
         ),
     )
         .prop_map(
@@ -725,7 +726,7 @@ fn identity() -> impl Strategy<Value = Identity> {
                 environment,
                 scopes,
                 (tenant, header, metadata),
-                (partner_id, service, lease_id),
+                (partner_id, service, lease_id, session),
             )| {
                 let mut principal = Principal::new(tenant_id, subject, kind, environment, scopes);
                 principal.key_id = key_id;
@@ -737,6 +738,7 @@ fn identity() -> impl Strategy<Value = Identity> {
                     tenant_header: header.into(),
                     metadata,
                     lease_id,
+                    session,
                 }
             },
         )

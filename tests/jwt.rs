@@ -106,6 +106,7 @@ fn jwt_config(backend: Backend<'_>, dir: &Path) -> Config {
         internal: false,
         environments: None,
         lease_ttl: None,
+        ..Default::default()
     };
     config.policy.routes.insert(
         0,

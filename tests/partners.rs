@@ -33,6 +33,7 @@ fn partner_config(backend: Backend<'_>) -> Config {
         internal: false,
         environments: None,
         lease_ttl: None,
+        ..Default::default()
     };
     let mut billing = route(
         "partner-billing",

@@ -386,6 +386,7 @@ async fn a_route_that_takes_a_lease_admits_only_the_plans_sessions() {
             internal: false,
             environments: None,
             lease_ttl: Some(std::time::Duration::from_secs(3600)),
+            ..Default::default()
         },
     );
     let app = App::build(cfg, secrets()).unwrap();

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::proto::{self, authorizer_server::Authorizer as AuthorizerApi};
 use crate::authn::AuthnFailure;
-use crate::authorizer::Authorizer;
+use crate::authorizer::{Authorizer, MintFailure, SessionRequest};
 use crate::decision::{Decision, Denial, DenyReason, ErrorShape, RateInfo};
 use crate::principal::Principal;
 use crate::ratelimit::LeaseError;
@@ -164,6 +164,42 @@ impl AuthorizerApi for AuthorizerService {
             .await
             .map_err(lease_status)?;
         Ok(Response::new(proto::LeaseResponse {}))
+    }
+
+    async fn mint_session_token(
+        &self,
+        request: Request<proto::MintSessionTokenRequest>,
+    ) -> Result<Response<proto::MintSessionTokenResponse>, Status> {
+        super::starting(&self.gate)?;
+        let r = request.into_inner();
+        let req = SessionRequest {
+            credential: r.credential,
+            tenant_id: r.tenant_id,
+            scopes: r.scopes,
+            ttl: (r.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(r.ttl_seconds))),
+        };
+        match self.authorizer.mint_session(req).await {
+            Ok(m) => Ok(Response::new(proto::MintSessionTokenResponse {
+                token: m.token.token.expose().to_owned(),
+                expires_at: Some(super::timestamp(m.token.expires_at_ms)),
+                tenant_id: m.tenant_id,
+                scopes: m.scopes,
+                denial: None,
+            })),
+            Err(MintFailure::Deny(reason)) => Ok(Response::new(proto::MintSessionTokenResponse {
+                denial: Some(self.denial(&Denial::new(reason))),
+                ..Default::default()
+            })),
+            Err(MintFailure::Invalid { field, message }) => {
+                Err(Status::invalid_argument(format!("{field}: {message}")))
+            }
+            Err(MintFailure::Disabled) => Err(Status::failed_precondition(
+                "session tokens are not configured (sessions.signing_keys)",
+            )),
+            Err(MintFailure::Unavailable) => Err(Status::unavailable(
+                "authorization backend unavailable: store",
+            )),
+        }
     }
 
     async fn release_lease(

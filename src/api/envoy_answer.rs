@@ -59,6 +59,9 @@ pub struct Identity {
     pub metadata: bool,
     /// The concurrent-session lease the request took, if its route takes one.
     pub lease_id: Option<String>,
+    /// The session token the request minted (`mint_session` routes): the token and its
+    /// expiry (RFC 3339).
+    pub session: Option<(String, String)>,
 }
 
 /// Identity headers keygate sets upstream. Client-sent values are always overwritten.
@@ -72,6 +75,10 @@ pub const HEADER_ENVIRONMENT: &str = "x-keygate-environment";
 pub const HEADER_PARTNER: &str = "x-keygate-partner";
 /// The lease a route with `lease_ttl` took: the upstream hands it back to release it.
 pub const HEADER_LEASE: &str = "x-keygate-lease-id";
+/// A session token minted on a `mint_session` route, and when it expires (RFC 3339):
+/// sent upstream (to put in its own answer) and to the client.
+pub const HEADER_SESSION_TOKEN: &str = "x-keygate-session-token";
+pub const HEADER_SESSION_EXPIRES: &str = "x-keygate-session-expires-at";
 
 // CheckResponse
 const RESPONSE_STATUS: u32 = 1;
@@ -115,9 +122,11 @@ const LIST_VALUES: u32 = 1;
 impl Identity {
     /// The headers set upstream, in order: the tenant (if the request acts for one), the
     /// subject, the key id (API keys), the kind, the environment, the partner (partner
-    /// keys), the scopes, the lease (routes that take one).
+    /// keys), the scopes, the lease (routes that take one), the session token and its
+    /// expiry (routes that mint one).
     pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
         let p = &self.principal;
+        let session = self.session.as_ref();
         [
             self.tenant.as_deref().map(|t| (&*self.tenant_header, t)),
             Some((HEADER_SUBJECT, p.subject.as_str())),
@@ -127,6 +136,8 @@ impl Identity {
             p.partner_id.as_deref().map(|k| (HEADER_PARTNER, k)),
             Some((HEADER_SCOPES, p.scopes_header.as_str())),
             self.lease_id.as_deref().map(|l| (HEADER_LEASE, l)),
+            session.map(|(token, _)| (HEADER_SESSION_TOKEN, token.as_str())),
+            session.map(|(_, expires)| (HEADER_SESSION_EXPIRES, expires.as_str())),
         ]
         .into_iter()
         .flatten()
@@ -425,6 +436,7 @@ mod tests {
             tenant_header: "x-tenant-id".into(),
             metadata: true,
             lease_id: Some(format!("k.lease-{tenant}")),
+            session: Some(("eyJ.session.token".into(), "2026-12-01T15:00:00Z".into())),
         })
     }
 

@@ -22,6 +22,7 @@ mod policy;
 mod rate_limits;
 mod revocation;
 mod secrets;
+mod sessions;
 mod store;
 
 pub use api_keys::{ApiKeysConfig, Argon2Config};
@@ -36,6 +37,7 @@ pub use policy::{
 pub use rate_limits::{OnStoreError, RateLimitConfig};
 pub use revocation::{RevocationConfig, RevocationSource};
 pub use secrets::Secrets;
+pub use sessions::{SessionsConfig, SigningKeyConfig};
 pub use store::{StoreBackend, StoreConfig};
 
 /// The sample configuration `keygate serve --dev` runs on.
@@ -70,6 +72,7 @@ pub struct Config {
     pub revocation: RevocationConfig,
     pub jwt: JwtConfig,
     pub rate_limits: RateLimitConfig,
+    pub sessions: SessionsConfig,
 }
 
 impl Config {
@@ -133,6 +136,48 @@ impl Config {
         self.revocation.validate()?;
         self.jwt.validate()?;
         self.rate_limits.validate()?;
+        self.sessions.validate()?;
+        for (i, r) in self.policy.routes.iter().enumerate() {
+            let sessions_only =
+                r.credentials.as_deref() == Some(&[crate::principal::CredentialKind::Session]);
+            if (r.mint_session || sessions_only) && !self.sessions.enabled() {
+                return Err(ConfigError::new(
+                    format!(
+                        "policy.routes[{i}].{}",
+                        if r.mint_session {
+                            "mint_session"
+                        } else {
+                            "credentials"
+                        }
+                    ),
+                    "needs session tokens: configure sessions.signing_keys",
+                ));
+            }
+        }
+        if self.sessions.enabled()
+            && self
+                .jwt
+                .issuers
+                .iter()
+                .any(|i| i.name == crate::jwt::session::ISSUER_NAME)
+        {
+            return Err(ConfigError::new(
+                "jwt.issuers[].name",
+                "`session` names keygate's own session tokens while sessions are enabled",
+            ));
+        }
+        if self.sessions.enabled()
+            && self
+                .jwt
+                .issuers
+                .iter()
+                .any(|i| i.issuer == self.sessions.issuer)
+        {
+            return Err(ConfigError::new(
+                "sessions.issuer",
+                "is the issuer of a configured JWT issuer; keygate's session tokens need their own",
+            ));
+        }
         Ok(())
     }
 }

@@ -114,7 +114,7 @@ impl Default for PolicyConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub name: String,
@@ -145,6 +145,12 @@ pub struct RouteConfig {
     /// in `x-keygate-lease-id`, and `keygate.v1.Authorizer/ReleaseLease` gives it back.
     #[serde(default, deserialize_with = "super::optional_duration")]
     pub lease_ttl: Option<std::time::Duration>,
+    /// Each allowed request mints a session token from its API key (an API whose
+    /// "create session" is an HTTP call): `x-keygate-session-token` and
+    /// `x-keygate-session-expires-at` go upstream and back to the client. Needs
+    /// `sessions` and `credentials: [api_key]`.
+    #[serde(default)]
+    pub mint_session: bool,
 }
 
 impl PolicyConfig {

@@ -12,6 +12,7 @@
 //! `invalid_token`; the reason stays in the log.
 
 pub mod revoked;
+pub mod session;
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -73,10 +74,14 @@ struct Issuer {
     roles: HashMap<String, Vec<String>>,
     leeway_secs: u64,
     max_lifetime_secs: u64,
+    /// keygate's own session tokens: their principal acts for the parent key.
+    session: bool,
 }
 
 enum Keys {
     Shared(DecodingKey),
+    /// keygate's own session keys: fixed for the life of the process.
+    Own(Arc<KeySet>),
     File(Arc<FileJwks>),
     Remote(Arc<RemoteJwks>),
 }
@@ -208,14 +213,17 @@ struct Unverified {
 
 impl JwtVerifier {
     /// `secret` gives an HS* issuer's shared secret by the name in its `secret_env`.
+    /// `sessions`: keygate's own session keys, accepted as the issuer `session`.
     pub fn new(
         cfg: &JwtConfig,
+        sessions: Option<&session::SessionKeys>,
         secret: impl Fn(&str) -> Result<Option<Secret>, ConfigError>,
     ) -> Result<Self, ConfigError> {
-        let mut issuers = Vec::with_capacity(cfg.issuers.len());
+        let mut issuers = Vec::with_capacity(cfg.issuers.len() + 1);
         for (i, c) in cfg.issuers.iter().enumerate() {
             issuers.push(Issuer::new(i, c, &secret)?);
         }
+        issuers.extend(sessions.map(Issuer::session));
         Ok(JwtVerifier {
             issuers,
             max_token_bytes: cfg.max_token_bytes,
@@ -252,7 +260,7 @@ impl JwtVerifier {
             match &issuer.keys {
                 Keys::File(f) => files.push(f.clone()),
                 Keys::Remote(r) => remotes.push(r.clone()),
-                Keys::Shared(_) => {}
+                Keys::Shared(_) | Keys::Own(_) => {}
             }
         }
         if !files.is_empty() {
@@ -318,6 +326,7 @@ impl JwtVerifier {
         let kid = header.kid.as_deref();
         let set = match &issuer.keys {
             Keys::Shared(_) => None,
+            Keys::Own(set) => Some(set.clone()),
             Keys::File(file) => Some(file.current()),
             Keys::Remote(remote) => {
                 let mut set = remote.current();
@@ -442,7 +451,35 @@ impl Issuer {
             roles: c.roles.clone(),
             leeway_secs: c.leeway.as_secs(),
             max_lifetime_secs: c.max_token_lifetime.as_secs(),
+            session: false,
         })
+    }
+
+    /// keygate's own issuer: EdDSA only, every configured session key by `kid`.
+    fn session(keys: &session::SessionKeys) -> Issuer {
+        let by_kid = keys
+            .public_keys()
+            .map(|(kid, k)| (kid.to_owned(), k.clone()))
+            .collect();
+        let mut v = Validation::new(Algorithm::EdDSA);
+        v.leeway = keys.leeway.as_secs();
+        v.validate_nbf = true;
+        v.set_issuer(&[keys.issuer.as_str()]);
+        v.set_audience(&[keys.audience.as_str()]);
+        v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        Issuer {
+            name: Arc::from(session::ISSUER_NAME),
+            iss: keys.issuer.clone(),
+            validations: vec![(Algorithm::EdDSA, v)],
+            // Every session token names its key: no "only key" fallback.
+            keys: Keys::Own(Arc::new(KeySet { by_kid, only: None })),
+            claims: ClaimsConfig::default(),
+            roles_claim: None,
+            roles: HashMap::new(),
+            leeway_secs: keys.leeway.as_secs(),
+            max_lifetime_secs: keys.max_lifetime.as_secs(),
+            session: true,
+        }
     }
 
     fn principal(&self, claims: &Map<String, Value>, now_ms: u64) -> Result<Principal, JwtError> {
@@ -490,6 +527,22 @@ impl Issuer {
         }
         let mut p = Principal::new(tenant, subject, KeyKind::Tenant, Environment::Live, scopes);
         p.credential = CredentialKind::Jwt;
+        if self.session {
+            // Signed by keygate: the parent key's id, environment and plan, as minted.
+            p.credential = CredentialKind::Session;
+            p.key_id = Some(text(session::CLAIM_KEY_ID)?);
+            p.environment =
+                text(session::CLAIM_ENVIRONMENT)?
+                    .parse()
+                    .map_err(|e| JwtError::Rejected {
+                        issuer: self.name.clone(),
+                        reason: format!("claim env: {e}"),
+                    })?;
+            p.plan = claims
+                .get(session::CLAIM_PLAN)
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+        }
         p.issuer = Some(self.name.clone());
         p.jti = claims
             .get("jti")

@@ -158,10 +158,10 @@ impl Limiter {
         }
     }
 
-    /// The plan that applies to `p`: its own, else its environment's default. JWTs have
-    /// none in this version.
+    /// The plan that applies to `p`: its own, else its environment's default. A session
+    /// token spends its parent key's; JWTs have none in this version.
     pub fn plan_of(&self, p: &Principal) -> Option<&Plan> {
-        if p.credential != CredentialKind::ApiKey {
+        if p.credential == CredentialKind::Jwt {
             return None;
         }
         match p.plan.as_deref().and_then(|n| self.plans.get(n)) {

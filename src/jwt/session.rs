@@ -1,0 +1,206 @@
+//! keygate's own session tokens: short-lived EdDSA JWTs minted from an API key, for
+//! clients (WebSockets, browsers) that must not hold the key itself.
+//!
+//! Owns the signing keys (the first signs, all verify), their public JWKS, and the claims
+//! a session token carries. Verification is the JWT issuer machinery's: the verifier
+//! gets these keys as one more issuer, named `session`, whose tokens become principals
+//! that act for their parent key (its id, environment and plan). Revoking or rotating
+//! the parent revokes the issuer's tokens of subject `key:<id>` (`keys.rs`). What may be
+//! minted (which key, which tenant, which scopes) is the authorizer's decision, not this
+//! module's.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
+use serde::Serialize;
+
+use crate::config::{ConfigError, SessionsConfig};
+use crate::principal::Principal;
+use crate::secret::Secret;
+
+/// The configured name of keygate's own issuer: in revocations, metrics and logs.
+pub const ISSUER_NAME: &str = "session";
+
+/// Claims a session token carries beyond the usual ones; read back by the verifier.
+pub const CLAIM_KEY_ID: &str = "key_id";
+pub const CLAIM_ENVIRONMENT: &str = "env";
+pub const CLAIM_PLAN: &str = "plan";
+
+/// The signing keys and the rules of keygate's session tokens.
+pub struct SessionKeys {
+    signing_kid: String,
+    signing: EncodingKey,
+    /// Every configured key's public half, by `kid`.
+    public: Vec<(String, DecodingKey)>,
+    jwks: Arc<str>,
+    pub issuer: String,
+    pub audience: String,
+    pub lifetime: Duration,
+    pub max_lifetime: Duration,
+    pub leeway: Duration,
+}
+
+impl std::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionKeys")
+            .field("signing_kid", &self.signing_kid)
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A minted token and when it expires (unix ms).
+#[derive(Clone)]
+pub struct SessionToken {
+    pub token: Secret,
+    pub expires_at_ms: u64,
+}
+
+impl std::fmt::Debug for SessionToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionToken")
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    aud: &'a str,
+    sub: &'a str,
+    tenant_id: &'a str,
+    scope: String,
+    iat: u64,
+    exp: u64,
+    jti: String,
+    key_id: &'a str,
+    env: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plan: Option<&'a str>,
+}
+
+/// The PKCS#8 DER prefix of an Ed25519 private key (RFC 8410); the 32-byte seed follows.
+const ED25519_PKCS8_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+impl SessionKeys {
+    /// The configured keys (`None` when sessions are off). `secret` reads a key by the
+    /// variable named in its `key_env`.
+    pub fn load(
+        cfg: &SessionsConfig,
+        secret: impl Fn(&str) -> Result<Option<Secret>, ConfigError>,
+    ) -> Result<Option<SessionKeys>, ConfigError> {
+        if !cfg.enabled() {
+            return Ok(None);
+        }
+        let mut keys = Vec::new();
+        if cfg.ephemeral_key {
+            use rand::RngCore;
+            let mut der = ED25519_PKCS8_PREFIX.to_vec();
+            let mut seed = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut seed);
+            der.extend_from_slice(&seed);
+            keys.push(("ephemeral".to_owned(), EncodingKey::from_ed_der(&der)));
+        }
+        for (i, k) in cfg.signing_keys.iter().enumerate() {
+            let field = format!("sessions.signing_keys[{i}].key_env");
+            let pem = secret(&k.key_env)?.ok_or_else(|| {
+                ConfigError::new(
+                    &field,
+                    format!(
+                        "{} (or {}_FILE) is not set: it holds the Ed25519 private key `{}`",
+                        k.key_env, k.key_env, k.kid
+                    ),
+                )
+            })?;
+            let key = EncodingKey::from_ed_pem(pem.expose().as_bytes()).map_err(|_| {
+                ConfigError::new(
+                    &field,
+                    format!(
+                        "{} is not an Ed25519 private key in PKCS#8 PEM \
+                         (openssl genpkey -algorithm ed25519)",
+                        k.key_env
+                    ),
+                )
+            })?;
+            keys.push((k.kid.clone(), key));
+        }
+        let mut public = Vec::new();
+        let mut jwks = JwkSet { keys: Vec::new() };
+        for (kid, key) in &keys {
+            let mut jwk = Jwk::from_encoding_key(key, Algorithm::EdDSA).map_err(|e| {
+                ConfigError::new("sessions.signing_keys", format!("key {kid}: {e}"))
+            })?;
+            jwk.common.key_id = Some(kid.clone());
+            jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+            jwk.common.key_algorithm = Some(KeyAlgorithm::EdDSA);
+            let decoding = DecodingKey::from_jwk(&jwk).map_err(|e| {
+                ConfigError::new("sessions.signing_keys", format!("key {kid}: {e}"))
+            })?;
+            public.push((kid.clone(), decoding));
+            jwks.keys.push(jwk);
+        }
+        let jwks = serde_json::to_string(&jwks).expect("a JWKS serializes");
+        let (signing_kid, signing) = keys.swap_remove(0);
+        Ok(Some(SessionKeys {
+            signing_kid,
+            signing,
+            public,
+            jwks: jwks.into(),
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            lifetime: cfg.lifetime,
+            max_lifetime: cfg.max_lifetime,
+            leeway: cfg.leeway,
+        }))
+    }
+
+    /// The public keys, as served at `/.well-known/jwks.json`.
+    pub fn jwks(&self) -> Arc<str> {
+        self.jwks.clone()
+    }
+
+    /// The keys tokens are verified with, by `kid`.
+    pub(super) fn public_keys(&self) -> impl Iterator<Item = (&str, &DecodingKey)> {
+        self.public.iter().map(|(kid, k)| (kid.as_str(), k))
+    }
+
+    /// Signs a token for `parent` acting in `tenant` with `scopes`, issued at `now_ms`
+    /// and expiring at `expires_at_ms` (both already decided by the caller).
+    pub fn sign(
+        &self,
+        parent: &Principal,
+        tenant: &str,
+        scopes: &[String],
+        now_ms: u64,
+        expires_at_ms: u64,
+    ) -> SessionToken {
+        let key_id = parent.key_id.as_deref().unwrap_or_default();
+        let claims = Claims {
+            iss: &self.issuer,
+            aud: &self.audience,
+            sub: &parent.subject,
+            tenant_id: tenant,
+            scope: scopes.join(" "),
+            iat: now_ms / 1000,
+            exp: expires_at_ms / 1000,
+            jti: crate::apikey::token::random_base62(22),
+            key_id,
+            env: parent.environment.as_str(),
+            plan: parent.plan.as_deref(),
+        };
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.signing_kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &self.signing)
+            .expect("an Ed25519 key signs any claims");
+        SessionToken {
+            token: Secret::new(token),
+            // Whole seconds, as `exp` says.
+            expires_at_ms: (expires_at_ms / 1000) * 1000,
+        }
+    }
+}

@@ -1,0 +1,644 @@
+//! keygate's own session tokens: minted from an API key (`keygate.v1.Authorizer/
+//! MintSessionToken`, or a `mint_session` route), accepted as the issuer `session` on the
+//! routes that take them, published at `/.well-known/jwks.json`, and dead on every replica
+//! once their parent key is revoked, rotated or deleted. Signing keys rotate with overlap.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use keygate::api::proto::{self, authorizer_server::Authorizer as _};
+use keygate::config::{Config, Secrets};
+use keygate::keys::NewKey;
+use keygate::secret::Secret;
+use keygate::server::App;
+use support::{bearer, check_request, outcome_of, Backend, Outcome, Replica, TENANT};
+
+const STREAM_PATH: &str = "/v1/stream/calls/7";
+
+const SESSION_ROUTES: &str = r#"
+    - { name: sessions-create, methods: [POST], path: /v1/sessions, scope: "contacts:read", credentials: [api_key], mint_session: true }
+    - { name: stream, methods: [GET], path: "/v1/stream/**", scope: "contacts:read", credentials: [session] }
+"#;
+
+/// A fresh Ed25519 private key in PKCS#8 PEM (what `openssl genpkey -algorithm ed25519`
+/// writes): the RFC 8410 prefix and a random seed.
+fn ed25519_pem() -> String {
+    let mut der = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    der.extend(rand::random::<[u8; 32]>());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
+}
+
+/// Listeners on ephemeral ports, cheap argon2, the usual routes, and — with signing keys
+/// (`kid`s, first signs, each read from `KEYGATE_TEST_SESSION_KEY_<KID>`) — the session
+/// routes, without leeway.
+fn session_config(backend: Backend<'_>, kids: &[&str]) -> Config {
+    let store = match backend {
+        Backend::Memory => "{ backend: memory }".to_owned(),
+        Backend::Redis(r) => format!(
+            "{{ backend: redis, redis_url: \"{}\", namespace: kgtest, timeout: 300ms }}",
+            r.url()
+        ),
+    };
+    let mut yaml = format!(
+        "listen: {{ grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n\
+         store: {store}\n\
+         api_keys: {{ prefix: sk, argon2: {{ memory_kib: 64, iterations: 1, parallelism: 1 }} }}\n\
+         policy:\n  credential_headers:\n    - {{ header: authorization, scheme: Bearer }}\n  \
+         partner_scopes: [\"billing:partner:*\"]\n  unmatched: deny\n  routes:\n{ROUTES}"
+    );
+    if !kids.is_empty() {
+        yaml.push_str(SESSION_ROUTES);
+        yaml.push_str("sessions:\n  leeway: 0s\n  signing_keys:\n");
+        for kid in kids {
+            yaml.push_str(&format!(
+                "    - {{ kid: {kid}, key_env: KEYGATE_TEST_SESSION_KEY_{} }}\n",
+                kid.to_uppercase()
+            ));
+        }
+    }
+    Config::load(Some(&yaml), Vec::new()).expect("the session test configuration is valid")
+}
+
+const ROUTES: &str = r#"    - { name: public, methods: [GET], path: "/public/**", public: true }
+    - { name: contacts-read, methods: [GET, HEAD], path: "/v1/contacts/**", scope: "contacts:read" }
+    - { name: contacts-write, methods: [POST, PUT, PATCH, DELETE], path: "/v1/contacts/**", scope: "contacts:write", tenant: required }
+"#;
+
+/// Test secrets holding one PEM per kid.
+fn session_secrets(keys: &[(&str, &str)]) -> Secrets {
+    let mut s = support::secrets();
+    for (kid, pem) in keys {
+        s.named.insert(
+            format!("KEYGATE_TEST_SESSION_KEY_{}", kid.to_uppercase()),
+            Secret::new(*pem),
+        );
+    }
+    s
+}
+
+async fn mint(
+    app: &App,
+    key: &str,
+    scopes: &[&str],
+    ttl_seconds: u32,
+) -> proto::MintSessionTokenResponse {
+    mint_as(app, key, scopes, ttl_seconds, "")
+        .await
+        .expect("the call is answered")
+}
+
+async fn mint_as(
+    app: &App,
+    key: &str,
+    scopes: &[&str],
+    ttl_seconds: u32,
+    tenant: &str,
+) -> Result<proto::MintSessionTokenResponse, tonic::Status> {
+    app.authorizer_service()
+        .mint_session_token(tonic::Request::new(proto::MintSessionTokenRequest {
+            credential: key.to_owned(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            ttl_seconds,
+            tenant_id: tenant.to_owned(),
+        }))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// A minted token (the test fails on a denial).
+async fn minted(app: &App, key: &str) -> String {
+    let r = mint(app, key, &[], 0).await;
+    assert!(r.denial.is_none(), "minted: {:?}", r.denial);
+    assert!(!r.token.is_empty());
+    r.token
+}
+
+async fn stream_on(app: &App, token: &str) -> Outcome {
+    outcome_of(
+        &app.envoy_service(),
+        check_request("GET", STREAM_PATH, &[("authorization", &bearer(token))]),
+    )
+    .await
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The headers an allow sets upstream, and the ones it adds to the client's response.
+async fn allow_headers(
+    app: &App,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (Vec<(String, String)>, Vec<(String, String)>) {
+    let resp = app
+        .envoy_service()
+        .decide(check_request(
+            method,
+            path,
+            &[("authorization", &bearer(token))],
+        ))
+        .await
+        .unwrap();
+    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+        panic!("expected an allow: {resp:?}");
+    };
+    let pairs = |hs: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOption]| {
+        hs.iter()
+            .filter_map(|h| h.header.as_ref())
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect::<Vec<_>>()
+    };
+    (pairs(&ok.headers), pairs(&ok.response_headers_to_add))
+}
+
+fn now_s() -> i64 {
+    (keygate::store::now_ms() / 1000) as i64
+}
+
+fn memory_app(kids: &[&str], keys: &[(&str, &str)]) -> App {
+    App::build(session_config(Backend::Memory, kids), session_secrets(keys)).unwrap()
+}
+
+#[tokio::test]
+async fn a_session_token_acts_for_its_key_on_the_routes_that_take_it() {
+    let pem = ed25519_pem();
+    let app = memory_app(&["k1"], &[("k1", &pem)]);
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let r = mint(&app, &key.token, &[], 0).await;
+    assert!(r.denial.is_none(), "{:?}", r.denial);
+    assert_eq!(r.tenant_id, TENANT);
+    assert_eq!(r.scopes, vec!["contacts:read".to_string()]);
+    // One hour by default.
+    let expires = r.expires_at.unwrap().seconds;
+    assert!((expires - now_s() - 3600).abs() <= 2, "expires {expires}");
+
+    assert_eq!(stream_on(&app, &r.token).await, Outcome::Allowed);
+    let (upstream, _) = allow_headers(&app, "GET", STREAM_PATH, &r.token).await;
+    assert_eq!(header(&upstream, "x-keygate-kind"), Some("session"));
+    assert_eq!(
+        header(&upstream, "x-keygate-key-id"),
+        Some(key.record.key_id.as_str())
+    );
+    assert_eq!(header(&upstream, "x-tenant-id"), Some(TENANT));
+    assert_eq!(header(&upstream, "x-keygate-scopes"), Some("contacts:read"));
+    // Any route that takes every credential kind takes it too.
+    assert_eq!(
+        outcome_of(&app.envoy_service(), support::read_with(&r.token)).await,
+        Outcome::Allowed
+    );
+    // A sessions-only route refuses the API key itself.
+    assert_eq!(
+        stream_on(&app, &key.token).await,
+        Outcome::denied("insufficient_permissions", 403)
+    );
+}
+
+#[tokio::test]
+async fn a_session_token_holds_no_more_than_its_key_and_lives_no_longer() {
+    let pem = ed25519_pem();
+    let app = memory_app(&["k1"], &[("k1", &pem)]);
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+
+    let wider = mint(&app, &key.token, &["contacts:write"], 0).await;
+    assert_eq!(
+        wider.denial.map(|d| (d.code, d.http_status)),
+        Some(("insufficient_permissions".to_owned(), 403))
+    );
+    assert!(wider.token.is_empty());
+    let bad = mint_as(&app, &key.token, &["not a scope"], 0, "")
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().starts_with("scopes:"), "{}", bad.message());
+    let long = mint_as(&app, &key.token, &[], 25 * 3600, "")
+        .await
+        .unwrap_err();
+    assert_eq!(long.code(), tonic::Code::InvalidArgument);
+    assert!(
+        long.message().starts_with("ttl_seconds:"),
+        "{}",
+        long.message()
+    );
+
+    // A key that expires in ten minutes mints tokens that expire with it.
+    let short_key = app
+        .admin
+        .create(NewKey {
+            expires_in: Some(Duration::from_secs(600)),
+            ..support::reader_key()
+        })
+        .await
+        .unwrap();
+    let r = mint(&app, &short_key.token, &[], 0).await;
+    assert_eq!(
+        r.expires_at.unwrap().seconds,
+        (short_key.record.expires_at_ms / 1000) as i64
+    );
+
+    // A token with fewer scopes than its key is held to them.
+    let writer = app
+        .admin
+        .create(NewKey {
+            scopes: vec!["contacts:read".into(), "contacts:write".into()],
+            ..support::reader_key()
+        })
+        .await
+        .unwrap();
+    let r = mint(&app, &writer.token, &["contacts:read"], 60).await;
+    assert_eq!(r.scopes, vec!["contacts:read".to_string()]);
+    let write = check_request(
+        "POST",
+        "/v1/contacts",
+        &[
+            ("authorization", &bearer(&r.token)),
+            ("x-tenant-id", TENANT),
+        ],
+    );
+    assert_eq!(
+        outcome_of(&app.envoy_service(), write.clone()).await,
+        Outcome::denied("insufficient_permissions", 403)
+    );
+    let full = mint(&app, &writer.token, &[], 60).await;
+    let write_full = check_request(
+        "POST",
+        "/v1/contacts",
+        &[
+            ("authorization", &bearer(&full.token)),
+            ("x-tenant-id", TENANT),
+        ],
+    );
+    assert_eq!(
+        outcome_of(&app.envoy_service(), write_full).await,
+        Outcome::Allowed
+    );
+}
+
+#[tokio::test]
+async fn only_an_api_key_mints_and_a_bad_one_gets_its_denial() {
+    let pem = ed25519_pem();
+    let app = memory_app(&["k1"], &[("k1", &pem)]);
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let session = minted(&app, &key.token).await;
+    let again = mint_as(&app, &session, &[], 0, "").await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::InvalidArgument);
+    assert!(
+        again.message().starts_with("credential:"),
+        "{}",
+        again.message()
+    );
+
+    let wrong = mint(&app, &support::wrong_secret_for(&key.token), &[], 0).await;
+    assert_eq!(wrong.denial.unwrap().code, "invalid_api_key");
+    app.admin.revoke(&key.record.key_id).await.unwrap();
+    let revoked = mint(&app, &key.token, &[], 0).await;
+    assert_eq!(revoked.denial.unwrap().code, "revoked_api_key");
+
+    // A partner key mints for a delegated tenant only; a runtime key not at all.
+    let partner = app
+        .admin
+        .create(NewKey {
+            tenant_id: String::new(),
+            kind: "partner".into(),
+            partner_id: "acme".into(),
+            ..support::reader_key()
+        })
+        .await
+        .unwrap();
+    let no_tenant = mint(&app, &partner.token, &[], 0).await;
+    assert_eq!(no_tenant.denial.unwrap().code, "tenant_required");
+    let not_delegated = mint_as(&app, &partner.token, &[], 0, TENANT).await.unwrap();
+    assert_eq!(not_delegated.denial.unwrap().code, "tenant_forbidden");
+    app.partners.set("acme", TENANT, true).await.unwrap();
+    let delegated = mint_as(&app, &partner.token, &[], 0, TENANT).await.unwrap();
+    assert!(delegated.denial.is_none(), "{:?}", delegated.denial);
+    assert_eq!(delegated.tenant_id, TENANT);
+    assert_eq!(stream_on(&app, &delegated.token).await, Outcome::Allowed);
+
+    let runtime = app
+        .admin
+        .create(NewKey {
+            tenant_id: String::new(),
+            kind: "runtime".into(),
+            service: "billing-worker".into(),
+            ..support::reader_key()
+        })
+        .await
+        .unwrap();
+    let r = mint(&app, &runtime.token, &[], 0).await;
+    assert_eq!(r.denial.unwrap().code, "insufficient_permissions");
+}
+
+#[tokio::test]
+async fn an_expired_or_foreign_session_token_is_invalid() {
+    let pem = ed25519_pem();
+    let app = memory_app(&["k1"], &[("k1", &pem)]);
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let parent = keygate::authn::principal_of(&key.record);
+    let now = keygate::store::now_ms();
+    let keys = app.sessions.as_ref().unwrap();
+    let expired = keys.sign(
+        &parent,
+        TENANT,
+        &["contacts:read".into()],
+        now - 120_000,
+        now - 1000,
+    );
+    assert_eq!(
+        stream_on(&app, expired.token.expose()).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    // The same claims signed by a key this deployment does not have.
+    let other = memory_app(&["k1"], &[("k1", &ed25519_pem())]);
+    let foreign = other.sessions.as_ref().unwrap().sign(
+        &parent,
+        TENANT,
+        &["contacts:read".into()],
+        now,
+        now + 60_000,
+    );
+    assert_eq!(
+        stream_on(&app, foreign.token.expose()).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    let fresh = keys.sign(
+        &parent,
+        TENANT,
+        &["contacts:read".into()],
+        now,
+        now + 60_000,
+    );
+    assert_eq!(
+        stream_on(&app, fresh.token.expose()).await,
+        Outcome::Allowed
+    );
+}
+
+#[tokio::test]
+async fn a_create_session_route_hands_the_token_upstream_and_to_the_client() {
+    let pem = ed25519_pem();
+    let app = memory_app(&["k1"], &[("k1", &pem)]);
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let (upstream, client) = allow_headers(&app, "POST", "/v1/sessions", &key.token).await;
+    let token = header(&upstream, "x-keygate-session-token").expect("the token goes upstream");
+    assert_eq!(header(&client, "x-keygate-session-token"), Some(token));
+    let expires = header(&upstream, "x-keygate-session-expires-at").unwrap();
+    assert_eq!(
+        header(&client, "x-keygate-session-expires-at"),
+        Some(expires)
+    );
+    let at = humantime::parse_rfc3339(expires).unwrap();
+    let in_s = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap()
+        .as_secs();
+    assert!((3590..=3600).contains(&in_s), "expires in {in_s}s");
+    assert_eq!(stream_on(&app, token).await, Outcome::Allowed);
+    // Anywhere else, a client-sent session header does not pass.
+    let (upstream, client) = allow_headers(&app, "GET", "/v1/contacts/1", &key.token).await;
+    assert_eq!(header(&upstream, "x-keygate-session-token"), None);
+    assert_eq!(header(&client, "x-keygate-session-token"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_another_replica() {
+    let redis = support::RedisServer::start().await;
+    let pem = ed25519_pem();
+    let secrets = session_secrets(&[("k1", &pem)]);
+    let config = || session_config(Backend::Redis(&redis), &["k1"]);
+    let first = Replica::serving(config(), &secrets).await;
+    let second = Replica::serving(config(), &secrets).await;
+    for change in ["revoke", "rotate", "delete"] {
+        let key = first.app.admin.create(support::reader_key()).await.unwrap();
+        let session = minted(&first.app, &key.token).await;
+        let bystander_key = first.app.admin.create(support::reader_key()).await.unwrap();
+        let bystander = minted(&first.app, &bystander_key.token).await;
+        for token in [&session, &bystander] {
+            assert_eq!(
+                stream_on(&second.app, token).await,
+                Outcome::Allowed,
+                "{change}: before"
+            );
+        }
+        let mut events = second.app.bus.subscribe();
+        let id = &key.record.key_id;
+        match change {
+            "revoke" => drop(first.app.admin.revoke(id).await.unwrap()),
+            "rotate" => drop(
+                first
+                    .app
+                    .admin
+                    .rotate(id, Duration::from_secs(3600))
+                    .await
+                    .unwrap(),
+            ),
+            _ => drop(first.app.admin.delete(id).await.unwrap()),
+        }
+        // The token revocation is on the stream before the key's own event.
+        tokio::time::timeout(support::PATIENCE, async {
+            loop {
+                if let Ok(keygate::revocation::FeedItem::Tokens(_)) = events.recv().await {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{change}: no token revocation reached the second replica"));
+        assert_eq!(
+            stream_on(&second.app, &session).await,
+            Outcome::denied("invalid_token", 401),
+            "{change}: the session token of the changed key"
+        );
+        assert_eq!(
+            stream_on(&second.app, &bystander).await,
+            Outcome::Allowed,
+            "{change}: another key's session token"
+        );
+    }
+    // A replica started afterwards loads the revocations before it answers.
+    let third = Replica::serving(config(), &secrets).await;
+    let key = first.app.admin.create(support::reader_key()).await.unwrap();
+    let session = minted(&first.app, &key.token).await;
+    first.app.admin.revoke(&key.record.key_id).await.unwrap();
+    let late = Replica::serving(config(), &secrets).await;
+    assert_eq!(
+        stream_on(&late.app, &session).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    for r in [first, second, third, late] {
+        r.running.shutdown().await.unwrap();
+    }
+}
+
+async fn jwks_of(replica: &Replica) -> (u16, serde_json::Value) {
+    let resp = reqwest::get(format!(
+        "http://{}/.well-known/jwks.json",
+        replica.running.http
+    ))
+    .await
+    .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn kids(jwks: &serde_json::Value) -> Vec<String> {
+    jwks["keys"]
+        .as_array()
+        .expect("a JWKS has keys")
+        .iter()
+        .map(|k| {
+            assert_eq!(k["kty"], "OKP");
+            assert_eq!(k["crv"], "Ed25519");
+            assert!(k.get("d").is_none(), "a private part in the JWKS: {k}");
+            k["kid"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+fn kid_of(token: &str) -> String {
+    jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_key_rotates_with_overlap() {
+    let (old_pem, new_pem) = (ed25519_pem(), ed25519_pem());
+    let secrets = session_secrets(&[("old", &old_pem), ("new", &new_pem)]);
+    let before = Replica::serving(session_config(Backend::Memory, &["old"]), &secrets).await;
+    let (status, jwks) = jwks_of(&before).await;
+    assert_eq!(status, 200);
+    assert_eq!(kids(&jwks), vec!["old"]);
+    let key = before
+        .app
+        .admin
+        .create(support::reader_key())
+        .await
+        .unwrap();
+    let old_token = minted(&before.app, &key.token).await;
+    assert_eq!(kid_of(&old_token), "old");
+
+    // The overlap: the new key signs, the old one still verifies; both are published.
+    let store = before.app.store.clone();
+    let overlap = App::with_store(
+        session_config(Backend::Memory, &["new", "old"]),
+        secrets.clone(),
+        store.clone(),
+    )
+    .unwrap();
+    let new_token = minted(&overlap, &key.token).await;
+    assert_eq!(kid_of(&new_token), "new");
+    assert_eq!(stream_on(&overlap, &old_token).await, Outcome::Allowed);
+    assert_eq!(stream_on(&overlap, &new_token).await, Outcome::Allowed);
+    let overlap_replica =
+        Replica::serving(session_config(Backend::Memory, &["new", "old"]), &secrets).await;
+    assert_eq!(kids(&jwks_of(&overlap_replica).await.1), vec!["new", "old"]);
+
+    // Once the old key is gone, its tokens are too.
+    let after = App::with_store(session_config(Backend::Memory, &["new"]), secrets, store).unwrap();
+    assert_eq!(
+        stream_on(&after, &old_token).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    assert_eq!(stream_on(&after, &new_token).await, Outcome::Allowed);
+    for r in [before, overlap_replica] {
+        r.running.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_sessions_minting_is_refused_and_no_jwks_is_served() {
+    let replica = Replica::serving(session_config(Backend::Memory, &[]), &support::secrets()).await;
+    let key = replica
+        .app
+        .admin
+        .create(support::reader_key())
+        .await
+        .unwrap();
+    let refused = mint_as(&replica.app, &key.token, &[], 0, "")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(jwks_of(&replica).await.0, 404);
+    replica.running.shutdown().await.unwrap();
+}
+
+#[test]
+fn mistakes_in_sessions_stop_startup_naming_the_field() {
+    let with = |sessions: &str, route: &str| {
+        let base = format!(
+            "listen: {{ grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n\
+             policy:\n  routes:\n    - {route}\n{sessions}"
+        );
+        Config::load(Some(&base), Vec::new()).err().map(|e| e.field)
+    };
+    let plain = "{ name: r, path: /x, scope: \"a:b\" }";
+    let keys = "sessions: { signing_keys: [{ kid: k1, key_env: KEYGATE_X }] }";
+    for (sessions, route, field) in [
+        (
+            "",
+            "{ name: r, path: /s, scope: \"a:b\", credentials: [api_key], mint_session: true }",
+            "policy.routes[0].mint_session",
+        ),
+        (
+            "",
+            "{ name: r, path: /s, scope: \"a:b\", credentials: [session] }",
+            "policy.routes[0].credentials",
+        ),
+        (
+            keys,
+            "{ name: r, path: /s, scope: \"a:b\", mint_session: true }",
+            "policy.routes[0].mint_session",
+        ),
+        (
+            "sessions: { signing_keys: [{ kid: k1, key_env: A }, { kid: k1, key_env: B }] }",
+            plain,
+            "sessions.signing_keys[1].kid",
+        ),
+        (
+            "sessions: { signing_keys: [{ kid: 'a b', key_env: A }] }",
+            plain,
+            "sessions.signing_keys[0].kid",
+        ),
+        (
+            "sessions: { ephemeral_key: true, signing_keys: [{ kid: k1, key_env: A }] }",
+            plain,
+            "sessions.ephemeral_key",
+        ),
+        (
+            "sessions: { ephemeral_key: true, lifetime: 2h, max_lifetime: 1h }",
+            plain,
+            "sessions.max_lifetime",
+        ),
+    ] {
+        assert_eq!(
+            with(sessions, route).as_deref(),
+            Some(field),
+            "{sessions} / {route}"
+        );
+    }
+    // A key that is missing or not an Ed25519 PEM stops the build, naming its field.
+    let config = session_config(Backend::Memory, &["k1"]);
+    for secrets in [support::secrets(), session_secrets(&[("k1", "not a pem")])] {
+        let err = App::build(config.clone(), secrets).err().expect("refused");
+        let err = err.downcast::<keygate::config::ConfigError>().unwrap();
+        assert_eq!(err.field, "sessions.signing_keys[0].key_env", "{err}");
+        assert!(
+            !err.message.contains("not a pem"),
+            "the value is never echoed: {err}"
+        );
+    }
+}
