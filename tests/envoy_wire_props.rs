@@ -35,6 +35,7 @@ use keygate::api::envoy_answer::{AllowAnswer, CheckAnswer, Identity};
 use keygate::api::envoy_wire::{auth_request, CheckRequestView, WireError};
 use keygate::principal::{Environment, KeyKind, Principal};
 use keygate::request::AuthRequest;
+use keygate::secret::Secret;
 use proptest::collection::{hash_map, vec};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
@@ -716,7 +717,7 @@ fn identity() -> impl Strategy<Value = Identity> {
             prop::option::of(answer_text()),
             prop::option::of(answer_text()),
             prop::option::of(answer_text()),
-            prop::option::of((answer_text(), answer_text())),
+            prop::option::of((answer_text(), answer_text()).prop_map(|(t, e)| (Secret::new(t), e))),
         ),
     )
         .prop_map(
@@ -806,6 +807,12 @@ fn intended(a: &AllowAnswer) -> CheckResponse {
                 i.lease_id
                     .as_deref()
                     .map(|l| overwrite("x-keygate-lease-id", l)),
+                i.session
+                    .as_ref()
+                    .map(|(t, _)| overwrite("x-keygate-session-token", t.expose())),
+                i.session
+                    .as_ref()
+                    .map(|(_, e)| overwrite("x-keygate-session-expires-at", e)),
             ]
             .into_iter()
             .flatten()
@@ -851,6 +858,14 @@ fn intended(a: &AllowAnswer) -> CheckResponse {
                 .response_headers
                 .iter()
                 .map(|(k, v)| overwrite(k, v))
+                .chain(a.identity.iter().flat_map(|i| {
+                    i.session.iter().flat_map(|(t, e)| {
+                        [
+                            overwrite("x-keygate-session-token", t.expose()),
+                            overwrite("x-keygate-session-expires-at", e),
+                        ]
+                    })
+                }))
                 .collect(),
             ..Default::default()
         })),

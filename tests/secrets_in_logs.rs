@@ -143,6 +143,98 @@ async fn the_core_logs_key_ids_but_no_secret() {
     forbidden.assert_absent_from(&logs);
 }
 
+/// Session tokens: the signing key, the API key a token is minted from, and the token
+/// itself (minted over keygate.v1 and on a `mint_session` route, used, revoked with its
+/// key) stay out of the logs, and out of the answers' `Debug`.
+#[tokio::test]
+async fn session_tokens_and_their_signing_key_stay_out_of_the_logs() {
+    use keygate::api::proto::authorizer_server::Authorizer as _;
+
+    capture_logs();
+    let pem = support::ed25519_pem();
+    let mut secrets = support::secrets();
+    secrets
+        .named
+        .insert("KEYGATE_TEST_SESSION_KEY".into(), Secret::new(pem.as_str()));
+    let mut config = support::config(Backend::Memory);
+    config
+        .sessions
+        .signing_keys
+        .push(keygate::config::SigningKeyConfig {
+            kid: "k1".into(),
+            key_env: "KEYGATE_TEST_SESSION_KEY".into(),
+        });
+    config.policy.routes.push(keygate::config::RouteConfig {
+        name: "sessions-create".into(),
+        methods: vec!["POST".into()],
+        path: "/v1/sessions".into(),
+        scope: Some("contacts:read".into()),
+        credentials: Some(vec![keygate::principal::CredentialKind::ApiKey]),
+        mint_session: true,
+        ..Default::default()
+    });
+    let app = App::build(config, secrets.clone()).unwrap();
+    let envoy = app.envoy_service();
+    let mut forbidden = Forbidden::new(&secrets);
+    let seed = pem.lines().nth(1).expect("the PEM's base64 line");
+    forbidden.add("session signing key", seed);
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    forbidden.token("token", &key.token);
+
+    let minted = app
+        .authorizer_service()
+        .mint_session_token(tonic::Request::new(proto::MintSessionTokenRequest {
+            credential: key.token.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let session = minted.token;
+    forbidden.add("session token", &session);
+    forbidden.add(
+        "session token signature",
+        session.rsplit('.').next().unwrap(),
+    );
+    let route = envoy
+        .decide_view(keygate::api::envoy_wire::CheckRequestView::from(
+            &support::check_request(
+                "POST",
+                "/v1/sessions",
+                &[("authorization", &support::bearer(&key.token))],
+            ),
+        ))
+        .await
+        .unwrap();
+    let shown = format!("{route:?}");
+    let keygate::api::envoy_answer::CheckAnswer::Allow(answer) = route else {
+        panic!("the create-session route allows: {shown}");
+    };
+    let (routed, _) = answer
+        .identity
+        .as_ref()
+        .and_then(|i| i.session.clone())
+        .expect("the route minted a token");
+    forbidden.add("session token of the route", routed.expose());
+    assert!(
+        !shown.contains(routed.expose()),
+        "Debug of the answer: {shown}"
+    );
+
+    let check = |t: &str| support::outcome_of(&envoy, support::read_with(t));
+    assert_eq!(check(&session).await, Outcome::Allowed);
+    assert_eq!(check(routed.expose()).await, Outcome::Allowed);
+    app.admin.revoke(&key.record.key_id).await.unwrap();
+    assert_eq!(check(&session).await, Outcome::denied("invalid_token", 401));
+
+    let logs = logs();
+    assert!(
+        logs.contains("session token minted"),
+        "minting is logged (by key id)"
+    );
+    forbidden.assert_absent_from(&logs);
+}
+
 /// The same over the wire: the admin API (with the admin credential in metadata), Envoy's
 /// Check and keygate.v1 Check, and an admin call with a wrong credential.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

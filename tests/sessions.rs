@@ -7,14 +7,13 @@ mod support;
 
 use std::time::Duration;
 
-use base64::Engine;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use keygate::api::proto::{self, authorizer_server::Authorizer as _};
 use keygate::config::{Config, Secrets};
 use keygate::keys::NewKey;
 use keygate::secret::Secret;
 use keygate::server::App;
-use support::{bearer, check_request, outcome_of, Backend, Outcome, Replica, TENANT};
+use support::{bearer, check_request, ed25519_pem, outcome_of, Backend, Outcome, Replica, TENANT};
 
 const STREAM_PATH: &str = "/v1/stream/calls/7";
 
@@ -22,18 +21,6 @@ const SESSION_ROUTES: &str = r#"
     - { name: sessions-create, methods: [POST], path: /v1/sessions, scope: "contacts:read", credentials: [api_key], mint_session: true }
     - { name: stream, methods: [GET], path: "/v1/stream/**", scope: "contacts:read", credentials: [session] }
 "#;
-
-/// A fresh Ed25519 private key in PKCS#8 PEM (what `openssl genpkey -algorithm ed25519`
-/// writes): the RFC 8410 prefix and a random seed.
-fn ed25519_pem() -> String {
-    let mut der = vec![
-        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
-        0x20,
-    ];
-    der.extend(rand::random::<[u8; 32]>());
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
-}
 
 /// Listeners on ephemeral ports, cheap argon2, the usual routes, and — with signing keys
 /// (`kid`s, first signs, each read from `KEYGATE_TEST_SESSION_KEY_<KID>`) — the session

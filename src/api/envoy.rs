@@ -15,9 +15,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use super::envoy_answer::{
-    overwrite, AllowAnswer, CheckAnswer, Identity, HEADER_SESSION_EXPIRES, HEADER_SESSION_TOKEN,
-};
+use super::envoy_answer::{overwrite, AllowAnswer, CheckAnswer, Identity};
 pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_KIND, HEADER_SCOPES, HEADER_SUBJECT};
 use super::envoy_wire::{self, Authorization, CheckRequestView, HeaderFilter};
 use crate::authorizer::Authorizer;
@@ -115,7 +113,7 @@ impl EnvoyAuthorization {
                     session: allowed
                         .session
                         .as_ref()
-                        .map(|t| (t.token.expose().to_owned(), super::rfc3339(t.expires_at_ms))),
+                        .map(|t| (t.token.clone(), super::rfc3339(t.expires_at_ms))),
                 };
                 // Any other x-keygate-* the client sent is not ours to vouch for: only the
                 // ones this answer overwrites may stay.
@@ -146,14 +144,10 @@ impl EnvoyAuthorization {
                 }
             }
         }
-        let mut response_headers = allowed
+        let response_headers = allowed
             .rate
             .map(|r| r.headers().to_vec())
             .unwrap_or_default();
-        if let Some((token, expires)) = identity.as_ref().and_then(|i| i.session.as_ref()) {
-            response_headers.push((HEADER_SESSION_TOKEN, token.clone()));
-            response_headers.push((HEADER_SESSION_EXPIRES, expires.clone()));
-        }
         AllowAnswer {
             identity,
             remove,

@@ -24,6 +24,7 @@ use prost::encoding::{
 use prost::{DecodeError, Message};
 
 use crate::principal::Principal;
+use crate::secret::Secret;
 
 /// What keygate answers a Check with.
 #[derive(Debug, Clone)]
@@ -42,7 +43,8 @@ pub struct AllowAnswer {
     pub identity: Option<Identity>,
     /// Request headers Envoy removes before forwarding.
     pub remove: Vec<String>,
-    /// Headers Envoy adds to the response the client gets (the `x-ratelimit-*`).
+    /// Headers Envoy adds to the response the client gets (the `x-ratelimit-*`); a minted
+    /// session token (in `identity`) is added after them.
     pub response_headers: Vec<(&'static str, String)>,
 }
 
@@ -61,7 +63,7 @@ pub struct Identity {
     pub lease_id: Option<String>,
     /// The session token the request minted (`mint_session` routes): the token and its
     /// expiry (RFC 3339).
-    pub session: Option<(String, String)>,
+    pub session: Option<(Secret, String)>,
 }
 
 /// Identity headers keygate sets upstream. Client-sent values are always overwritten.
@@ -136,7 +138,7 @@ impl Identity {
             p.partner_id.as_deref().map(|k| (HEADER_PARTNER, k)),
             Some((HEADER_SCOPES, p.scopes_header.as_str())),
             self.lease_id.as_deref().map(|l| (HEADER_LEASE, l)),
-            session.map(|(token, _)| (HEADER_SESSION_TOKEN, token.as_str())),
+            session.map(|(token, _)| (HEADER_SESSION_TOKEN, token.expose())),
             session.map(|(_, expires)| (HEADER_SESSION_EXPIRES, expires.as_str())),
         ]
         .into_iter()
@@ -242,6 +244,17 @@ fn put_entry_head(key: &str, value_len: usize, buf: &mut impl BufMut) {
 }
 
 impl AllowAnswer {
+    /// What is added to the client's response: `response_headers`, then the session token
+    /// and its expiry, if the request minted one.
+    fn client_headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        let session = self.identity.as_ref().and_then(|i| i.session.as_ref());
+        self.response_headers
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain(session.map(|(token, _)| (HEADER_SESSION_TOKEN, token.expose())))
+            .chain(session.map(|(_, expires)| (HEADER_SESSION_EXPIRES, expires.as_str())))
+    }
+
     fn ok_response_len(&self) -> usize {
         let headers: usize = self
             .identity
@@ -255,8 +268,7 @@ impl AllowAnswer {
             .map(|h| delimited_len(OK_HEADERS_TO_REMOVE, h.len()))
             .sum();
         let response: usize = self
-            .response_headers
-            .iter()
+            .client_headers()
             .map(|(k, v)| delimited_len(OK_RESPONSE_HEADERS_TO_ADD, header_option_len(k, v)))
             .sum();
         headers + remove + response
@@ -302,7 +314,7 @@ impl Message for CheckAnswer {
         for name in &a.remove {
             put_str(OK_HEADERS_TO_REMOVE, name, buf);
         }
-        for (key, value) in &a.response_headers {
+        for (key, value) in a.client_headers() {
             put_header_option(OK_RESPONSE_HEADERS_TO_ADD, key, value, buf);
         }
         if let Some(identity) = a.identity.as_ref().filter(|i| i.metadata) {
@@ -407,11 +419,7 @@ mod tests {
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers,
                 headers_to_remove: a.remove.clone(),
-                response_headers_to_add: a
-                    .response_headers
-                    .iter()
-                    .map(|(k, v)| overwrite(k, v))
-                    .collect(),
+                response_headers_to_add: a.client_headers().map(|(k, v)| overwrite(k, v)).collect(),
                 ..Default::default()
             })),
         }
@@ -436,7 +444,10 @@ mod tests {
             tenant_header: "x-tenant-id".into(),
             metadata: true,
             lease_id: Some(format!("k.lease-{tenant}")),
-            session: Some(("eyJ.session.token".into(), "2026-12-01T15:00:00Z".into())),
+            session: Some((
+                Secret::new("eyJ.session.token"),
+                "2026-12-01T15:00:00Z".into(),
+            )),
         })
     }
 

@@ -793,6 +793,19 @@ pub fn secrets() -> Secrets {
     }
 }
 
+/// A fresh Ed25519 private key in PKCS#8 PEM (what `openssl genpkey -algorithm ed25519`
+/// writes): the RFC 8410 prefix and a random seed. For `sessions.signing_keys`.
+pub fn ed25519_pem() -> String {
+    use base64::Engine;
+    let mut der = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    der.extend(rand::random::<[u8; 32]>());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
+}
+
 /// A key of `TENANT` that may read contacts.
 pub fn reader_key() -> NewKey {
     NewKey {
