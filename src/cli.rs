@@ -75,6 +75,9 @@ pub enum SessionsCommand {
         url: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Print only the token (for `SESSION=$(keygate sessions mint … --quiet)`).
+        #[arg(long, short, conflicts_with = "json")]
+        quiet: bool,
     },
 }
 
@@ -137,6 +140,9 @@ pub enum KeysCommand {
         expires_in: Option<String>,
         #[arg(long, default_value = "")]
         plan: String,
+        /// Print only the token (for `TOKEN=$(keygate keys create … --quiet)`).
+        #[arg(long, short, conflicts_with = "json")]
+        quiet: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -576,6 +582,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             name,
             expires_in,
             plan,
+            quiet,
             admin,
         } => {
             let never_expires = expires_in.as_deref() == Some("never");
@@ -602,7 +609,9 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 .map_err(grpc_error)?
                 .into_inner();
             let key = resp.key.ok_or_else(|| anyhow!("server returned no key"))?;
-            if admin.json {
+            if quiet {
+                println!("{}", resp.token);
+            } else if admin.json {
                 let mut v = key_json(&key);
                 v["token"] = json!(resp.token);
                 println!("{v}");
@@ -1056,6 +1065,7 @@ async fn sessions(cmd: SessionsCommand) -> anyhow::Result<i32> {
         tenant,
         url,
         json,
+        quiet,
     } = cmd;
     let ttl_seconds = match ttl.as_deref() {
         None => 0,
@@ -1089,7 +1099,9 @@ async fn sessions(cmd: SessionsCommand) -> anyhow::Result<i32> {
         }
         return Ok(EXIT_DENIED);
     }
-    if json {
+    if quiet {
+        println!("{}", r.token);
+    } else if json {
         println!(
             "{}",
             json!({

@@ -342,24 +342,36 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = CLI_TIMEOUT) 
 class Keygate:
     """`keygate serve --config FILE` against a Redis, with its own secrets and ports."""
 
-    def __init__(self, name: str, workdir: Path, redis: Redis, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        redis: Redis,
+        env: dict[str, str] | None = None,
+        config=keygate_config,
+        pepper: str | None = None,
+        admin_token: str | None = None,
+    ):
+        """`config(grpc, admin, http, redis_url)` gives the YAML to run. Replicas of one
+        deployment share `pepper` and `admin_token`."""
         self.name = name
         self.workdir = workdir
         self.grpc_port, self.admin_port, self.http_port = free_port(), free_port(), free_port()
         self.grpc_url = f"http://127.0.0.1:{self.grpc_port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.http_url = f"http://127.0.0.1:{self.http_port}"
-        self.pepper = secrets.token_urlsafe(48)
-        self.admin_token = secrets.token_urlsafe(32)
+        self.pepper = pepper or secrets.token_urlsafe(48)
+        self.admin_token = admin_token or secrets.token_urlsafe(32)
+        self.env = env or {}
+        self.config = config
+        self.redis = redis
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"{name}.yaml"
-        self.config_path.write_text(
-            keygate_config(self.grpc_port, self.admin_port, self.http_port, redis.url)
-        )
+        self.config_path.write_text(config(self.grpc_port, self.admin_port, self.http_port, redis.url))
         self.proc = Proc(
             name,
             [keygate_bin(), "serve", "--config", str(self.config_path)],
-            clean_env(KEYGATE_PEPPER=self.pepper, KEYGATE_ADMIN_TOKEN=self.admin_token, **(env or {})),
+            clean_env(KEYGATE_PEPPER=self.pepper, KEYGATE_ADMIN_TOKEN=self.admin_token, **self.env),
             workdir,
         )
         wait_for(f"{name} to answer GET /readyz with 200", self._ready)
@@ -401,23 +413,55 @@ class Keygate:
     def stop(self, sig: int = signal.SIGTERM) -> int:
         return self.proc.stop(sig)
 
+    def replica(self, name: str) -> "Keygate":
+        """Another replica of this deployment: the same configuration, secrets and store."""
+        return Keygate(
+            name, self.workdir, self.redis, self.env, self.config, self.pepper, self.admin_token
+        )
+
+
+# --------------------------------------------------------------------------- examples
+
+EXAMPLES = REPO / "examples"
+
+
+def example_keygate_config(provider: str):
+    """`examples/<provider>/keygate.yaml` as shipped, its listeners and Redis moved to the
+    test's (each named exactly once there), as a `Keygate` config function."""
+
+    def render(grpc: int, admin: int, http: int, redis_url: str) -> str:
+        text = (EXAMPLES / provider / "keygate.yaml").read_text()
+        for old, new in (
+            ("127.0.0.1:50051", f"127.0.0.1:{grpc}"),
+            ("127.0.0.1:50052", f"127.0.0.1:{admin}"),
+            ("127.0.0.1:9090", f"127.0.0.1:{http}"),
+            ("redis://127.0.0.1:6379", redis_url),
+        ):
+            count = text.count(old)
+            if count != 1:
+                raise AssertionError(f"examples/{provider}/keygate.yaml should name {old} once, found {count}")
+            text = text.replace(old, new)
+        return text
+
+    return render
+
 
 # --------------------------------------------------------------------------- envoy
 
-def render_envoy_config(listener: int, keygate: int, upstream: int) -> str:
-    """examples/envoy.yaml with its three addresses moved to the given ports."""
-    text = EXAMPLE_ENVOY.read_text()
-    for old, new in (
-        (EXAMPLE_LISTENER_PORT, listener),
-        (EXAMPLE_KEYGATE_PORT, keygate),
-        (EXAMPLE_UPSTREAM_PORT, upstream),
-    ):
-        text, count = re.subn(rf"\bport_value: {old}\b", f"port_value: {new}", text)
+def render_envoy_config(listener: int, keygate: int, upstream: int, template: Path = EXAMPLE_ENVOY) -> str:
+    """An Envoy example (examples/envoy.yaml by default) with its three addresses moved to
+    the given ports."""
+    text = template.read_text()
+    moves = {EXAMPLE_LISTENER_PORT: listener, EXAMPLE_KEYGATE_PORT: keygate, EXAMPLE_UPSTREAM_PORT: upstream}
+    for old in moves:
+        count = len(re.findall(rf"\bport_value: {old}\b", text))
         if count != 1:
             raise AssertionError(
-                f"examples/envoy.yaml should name port {old} exactly once, found {count}"
+                f"{template.relative_to(REPO)} should name port {old} exactly once, found {count}"
             )
-    return text
+    # All at once: a new port may be one of the old ones.
+    pattern = r"\bport_value: (" + "|".join(str(p) for p in moves) + r")\b"
+    return re.sub(pattern, lambda m: f"port_value: {moves[int(m.group(1))]}", text)
 
 
 @dataclass
@@ -453,7 +497,13 @@ class Envoy:
     """Envoy running examples/envoy.yaml in front of `keygate_port` and `upstream`."""
 
     def __init__(
-        self, name: str, workdir: Path, keygate_port: int, upstream: Upstream, edit_config=None
+        self,
+        name: str,
+        workdir: Path,
+        keygate_port: int,
+        upstream: Upstream,
+        edit_config=None,
+        template: Path = EXAMPLE_ENVOY,
     ):
         self.name = name
         self.upstream = upstream
@@ -461,7 +511,7 @@ class Envoy:
         self.admin_port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"{name}.yaml"
-        config = render_envoy_config(self.port, keygate_port, upstream.port)
+        config = render_envoy_config(self.port, keygate_port, upstream.port, template)
         if edit_config is not None:
             config = edit_config(config)
         self.config_path.write_text(config)
@@ -583,14 +633,23 @@ class Stack:
         upstream: Upstream,
         keygate_env=None,
         edit_envoy_config=None,
+        example: str | None = None,
     ):
         """`edit_envoy_config`: a function from examples/envoy.yaml's text (ports already
-        moved) to the text Envoy runs."""
+        moved) to the text Envoy runs. `example`: run `examples/<example>/`'s keygate.yaml
+        and envoy.yaml as shipped (ports moved) instead of the test configuration."""
         self.upstream = upstream
-        self.keygate = Keygate(f"{name}-keygate", workdir, redis, keygate_env)
+        config = example_keygate_config(example) if example else keygate_config
+        template = EXAMPLES / example / "envoy.yaml" if example else EXAMPLE_ENVOY
+        self.keygate = Keygate(f"{name}-keygate", workdir, redis, keygate_env, config)
         try:
             self.envoy = Envoy(
-                f"{name}-envoy", workdir, self.keygate.grpc_port, upstream, edit_envoy_config
+                f"{name}-envoy",
+                workdir,
+                self.keygate.grpc_port,
+                upstream,
+                edit_envoy_config,
+                template,
             )
         except BaseException:
             self.keygate.stop()
