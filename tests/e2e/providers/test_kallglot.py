@@ -1,0 +1,157 @@
+"""examples/kallglot as shipped, through its Envoy: Kallglot's page, promise by promise.
+sk_live_ and sk_test_ keys, its permission scopes, its four error codes, per-plan requests
+per minute and concurrent sessions (test 60/5, starter 120/10, pro 600/50), one-hour
+session tokens for WebSockets checked at connection time, Idempotency-Key untouched."""
+
+import calendar
+import subprocess
+import time
+import uuid
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+import harness
+import walkthrough
+from harness import wait_for, with_wrong_secret
+
+EXAMPLE = harness.EXAMPLES / "kallglot"
+ENV = {
+    "KALLGLOT_SESSION_KEY": subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "ed25519"], check=True, capture_output=True, text=True
+    ).stdout
+}
+SCOPES = {
+    ("GET", "/v1/sessions/s-1"): "sessions:read",
+    ("DELETE", "/v1/sessions/s-1"): "sessions:write",
+    ("GET", "/v1/recordings/r-1"): "recordings:read",
+    ("DELETE", "/v1/recordings/r-1"): "recordings:delete",
+    ("GET", "/v1/analysis/a-1"): "analysis:read",
+    ("POST", "/v1/analysis/a-1"): "analysis:write",
+    ("PUT", "/v1/webhooks/w-1"): "webhooks:manage",
+}
+
+
+@pytest.fixture(scope="module")
+def kallglot(workdir, redis, upstream):
+    s = harness.Stack("kallglot", workdir, redis, upstream, keygate_env=ENV, example="kallglot")
+    yield s
+    s.stop()
+
+
+def key(stack, scopes, *extra) -> dict:
+    return stack.keygate.create_key(str(uuid.uuid4()), scopes, *extra)
+
+
+def call(stack, method, path, token, *headers):
+    return stack.request(method, path, [("authorization", f"Bearer {token}"), *headers])
+
+
+def error(resp) -> tuple[int, str, str]:
+    e = resp.json()["error"]
+    return resp.status, e["code"], e["message"]
+
+
+def test_the_readme_walkthrough_runs_as_written(kallglot):
+    walkthrough.run(EXAMPLE / "README.md", kallglot, ENV)
+
+
+def test_live_and_test_keys_each_on_their_plan(kallglot):
+    live = key(kallglot, ["sessions:read"])["token"]
+    test = key(kallglot, ["sessions:read"], "--env", "test")["token"]
+    pro = key(kallglot, ["sessions:read"], "--plan", "pro")["token"]
+    assert live.startswith("sk_live_") and test.startswith("sk_test_")
+    for token, limit in [(live, "120"), (test, "60"), (pro, "600")]:
+        resp = call(kallglot, "GET", "/v1/sessions/s-1", token)
+        assert resp.status == 200, str(resp)
+        assert resp.header("x-ratelimit-limit") == limit, str(resp)
+        assert resp.upstream_headers("x-keygate-environment") == [
+            "test" if token is test else "live"
+        ]
+
+
+def test_each_route_family_needs_its_permission(kallglot):
+    everything = key(kallglot, sorted(set(SCOPES.values())))["token"]
+    for (method, path), scope in SCOPES.items():
+        assert call(kallglot, method, path, everything).status == 200, f"{method} {path}"
+        others = key(kallglot, sorted(set(SCOPES.values()) - {scope}))["token"]
+        assert error(call(kallglot, method, path, others)) == (
+            401, "insufficient_permissions", "The API key lacks required permissions."
+        ), f"{method} {path} without {scope}"
+    # No scopes, no access.
+    assert call(kallglot, "GET", "/v1/sessions/s-1", key(kallglot, [])["token"]).status == 401
+
+
+def test_the_four_error_codes(kallglot):
+    valid = key(kallglot, ["sessions:read"])
+    assert error(call(kallglot, "GET", "/v1/sessions/s-1", "sk_live_garbage")) == (
+        401, "invalid_api_key", "The API key is malformed or doesn't exist."
+    )
+    assert error(call(kallglot, "GET", "/v1/sessions/s-1", with_wrong_secret(valid["token"])))[1] == "invalid_api_key"
+    short = key(kallglot, ["sessions:read"], "--expires-in", "1s")
+
+    def expired():
+        return kallglot.keygate.cli("keys", "get", short["key_id"], "--json").json()["status"] == "expired"
+
+    wait_for("the key to expire", expired, timeout=15, interval=0.1)
+    assert error(call(kallglot, "GET", "/v1/sessions/s-1", short["token"])) == (
+        401, "expired_api_key", "The API key has expired."
+    )
+    assert kallglot.keygate.cli("keys", "revoke", valid["key_id"]).code == 0
+    resp = call(kallglot, "GET", "/v1/sessions/s-1", valid["token"])
+    assert error(resp) == (401, "revoked_api_key", "The API key has been revoked.")
+    assert resp.header("www-authenticate") == "Bearer"
+
+
+def test_a_test_key_gets_60_requests_a_minute(kallglot):
+    test = key(kallglot, ["sessions:read"], "--env", "test")["token"]
+    statuses = [call(kallglot, "GET", "/v1/sessions/s-1", test).status for _ in range(61)]
+    assert statuses[:60] == [200] * 60, statuses
+    last = call(kallglot, "GET", "/v1/sessions/s-1", test)
+    assert statuses[60] == 429 and last.status == 429, str(last)
+    assert last.json()["error"]["code"] == "rate_limited"
+    assert int(last.header("retry-after")) >= 1, str(last)
+
+
+def test_a_test_key_holds_five_concurrent_sessions(kallglot):
+    test = key(kallglot, ["sessions:write"], "--env", "test")["token"]
+    created = [call(kallglot, "POST", "/v1/sessions", test) for _ in range(5)]
+    assert [r.status for r in created] == [200] * 5, [str(r) for r in created]
+    leases = {r.upstream_headers("x-keygate-lease-id")[0] for r in created}
+    assert len(leases) == 5
+    sixth = call(kallglot, "POST", "/v1/sessions", test)
+    assert sixth.status == 429 and sixth.json()["error"]["code"] == "rate_limited", str(sixth)
+
+
+def test_idempotency_key_passes_through_untouched(kallglot):
+    token = key(kallglot, ["sessions:write"])["token"]
+    resp = call(kallglot, "POST", "/v1/sessions/s-1/end", token, ("idempotency-key", "Abc-123_x"))
+    assert resp.status == 200, str(resp)
+    assert resp.upstream_headers("idempotency-key") == ["Abc-123_x"]
+
+
+def ws(stack, token):
+    return connect(
+        f"ws://127.0.0.1:{stack.envoy.port}/v1/stream/s-1",
+        additional_headers={"authorization": f"Bearer {token}"},
+        open_timeout=10,
+    )
+
+
+def test_a_created_sessions_stream_token_opens_the_websocket_for_an_hour(kallglot):
+    live = key(kallglot, ["sessions:read", "sessions:write"])["token"]
+    created = call(kallglot, "POST", "/v1/sessions", live)
+    assert created.status == 200, str(created)
+    token = created.upstream_headers("x-keygate-session-token")[0]
+    assert created.header("x-keygate-session-token") == token
+    expires = created.header("x-keygate-session-expires-at")
+    left = calendar.timegm(time.strptime(expires, "%Y-%m-%dT%H:%M:%SZ")) - time.time()
+    assert 3590 < left <= 3600, expires
+    with ws(kallglot, token) as conn:
+        conn.send("hola")
+        assert conn.recv(timeout=5) == "hola"
+    with pytest.raises(InvalidStatus) as refused:
+        with ws(kallglot, live):
+            pass
+    assert refused.value.response.status_code == 401
