@@ -1,0 +1,110 @@
+"""examples/callaba as shipped, through its Envoy: Callaba's page, promise by promise.
+The dashboard-issued JWT in `x-access-token` on every call; without it, or in another
+header, refused; after a rotation the old token stops on every replica at once while the
+new one works."""
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+import uuid
+
+import pytest
+
+import harness
+import walkthrough
+from harness import wait_for
+
+EXAMPLE = harness.EXAMPLES / "callaba"
+SECRET = secrets.token_hex(32)
+ENV = {"CALLABA_JWT_SECRET": SECRET}
+
+
+@pytest.fixture(scope="module")
+def callaba(workdir, redis, upstream):
+    s = harness.Stack("callaba", workdir, redis, upstream, keygate_env=ENV, example="callaba")
+    yield s
+    s.stop()
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def api_token(instance: str, jti: str, sub: str = "instance-admin") -> str:
+    now = int(time.time())
+    claims = {"iss": "https://dashboard.callaba.example/", "aud": "callaba-engine", "sub": sub,
+              "tenant_id": instance, "iat": now, "exp": now + 365 * 86400, "jti": jti}
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+def call(stack, headers, path="/api/streams"):
+    return stack.request("GET", path, headers)
+
+
+def test_the_readme_walkthrough_runs_as_written(callaba):
+    walkthrough.run(EXAMPLE / "README.md", callaba, ENV)
+
+
+def test_the_token_in_x_access_token_works_on_every_call(callaba):
+    instance = str(uuid.uuid4())
+    token = api_token(instance, "t-" + uuid.uuid4().hex)
+    for path in ["/api/streams", "/api/ingests/7", "/api/delivery/config"]:
+        resp = call(callaba, [("x-access-token", token)], path)
+        assert resp.status == 200, str(resp)
+        assert resp.upstream_headers("x-tenant-id") == [instance]
+        assert resp.upstream_headers("x-access-token") == [], "the token reached the engine"
+
+
+@pytest.mark.parametrize("header", [None, "authorization", "x-api-key", "x-access-token-2"])
+def test_without_x_access_token_the_request_is_refused(callaba, header):
+    token = api_token(str(uuid.uuid4()), "t-" + uuid.uuid4().hex)
+    headers = []
+    if header == "authorization":
+        headers = [("authorization", f"Bearer {token}")]
+    elif header:
+        headers = [(header, token)]
+    resp = call(callaba, headers)
+    assert resp.status == 401 and resp.json()["error"]["code"] == "missing_credentials", str(resp)
+    assert resp.upstream == []
+
+
+def test_a_rotation_stops_the_old_token_on_every_replica_at_once(callaba):
+    instance = str(uuid.uuid4())
+    old, new = api_token(instance, "old-" + uuid.uuid4().hex), api_token(instance, "new-" + uuid.uuid4().hex)
+    replica = callaba.keygate.replica("callaba-replica-2")
+    envoy2 = harness.Envoy(
+        "callaba-envoy-2", callaba.keygate.workdir, replica.grpc_port, callaba.upstream,
+        template=EXAMPLE / "envoy.yaml",
+    )
+    try:
+        for stack_envoy in (callaba.envoy, envoy2):
+            assert stack_envoy.request("GET", "/api/streams", [("x-access-token", old)]).status == 200
+        old_jti = json.loads(base64.urlsafe_b64decode(old.split(".")[1] + "=="))["jti"]
+        revoked = callaba.keygate.cli("tokens", "revoke", "--issuer", "callaba-dashboard", "--jti", old_jti)
+        assert revoked.code == 0, str(revoked)
+        assert callaba.envoy.request("GET", "/api/streams", [("x-access-token", old)]).status == 401
+        wait_for(
+            "the second replica to refuse the old token",
+            lambda: envoy2.request("GET", "/api/streams", [("x-access-token", old)]).status == 401,
+            timeout=10,
+        )
+        for stack_envoy in (callaba.envoy, envoy2):
+            resp = stack_envoy.request("GET", "/api/streams", [("x-access-token", new)])
+            assert resp.status == 200, str(resp)
+    finally:
+        envoy2.stop()
+        replica.stop()
+
+
+def test_a_token_of_another_dashboard_is_refused(callaba):
+    token = api_token(str(uuid.uuid4()), "t-1")
+    head, body, _ = token.split(".")
+    forged = f"{head}.{body}.{b64(hmac.new(b'another-secret', f'{head}.{body}'.encode(), hashlib.sha256).digest())}"
+    resp = call(callaba, [("x-access-token", forged)])
+    assert resp.status == 401 and resp.json()["error"]["code"] == "invalid_token", str(resp)
