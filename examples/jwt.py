@@ -3,7 +3,8 @@
 (the one that shares its secret with keygate's `jwt.issuers[].secret_env`).
 
     python3 examples/jwt.py --secret-env CALLABA_JWT_SECRET --iss https://dashboard.callaba.example/ \\
-        --aud callaba-engine --sub instance-1 --tenant 6f1c... [--scope "a:b c:d"] [--ttl 30m] [--jti id]
+        --aud callaba-engine --sub instance-1 --tenant 6f1c... [--scope "a:b c:d"] [--ttl 30m] [--jti id] \\
+        [--claim role=operator ...]
 
 Prints the token. `--ttl` is the life from now (`90s`, `30m`, `12h`); a negative one
 (`--ttl=-1m`) makes a token that has already expired. Standard library only.
@@ -48,6 +49,7 @@ def main():
     p.add_argument("--scope", default="", help="space-separated scopes")
     p.add_argument("--ttl", type=seconds, default=seconds("30m"))
     p.add_argument("--jti")
+    p.add_argument("--claim", action="append", default=[], metavar="NAME=VALUE", help="another string claim")
     args = p.parse_args()
     secret = os.environ.get(args.secret_env)
     if not secret:
@@ -65,6 +67,11 @@ def main():
         claims["scope"] = args.scope
     if args.jti:
         claims["jti"] = args.jti
+    for extra in args.claim:
+        name, sep, value = extra.partition("=")
+        if not sep:
+            sys.exit(f"--claim {extra!r}: expected NAME=VALUE")
+        claims[name] = value
     print(sign(secret, claims))
 
 

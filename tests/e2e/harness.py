@@ -413,10 +413,11 @@ class Keygate:
     def stop(self, sig: int = signal.SIGTERM) -> int:
         return self.proc.stop(sig)
 
-    def replica(self, name: str) -> "Keygate":
-        """Another replica of this deployment: the same configuration, secrets and store."""
+    def replica(self, name: str, **env: str) -> "Keygate":
+        """Another replica of this deployment: the same configuration (with `env` over
+        it), secrets and store."""
         return Keygate(
-            name, self.workdir, self.redis, self.env, self.config, self.pepper, self.admin_token
+            name, self.workdir, self.redis, {**self.env, **env}, self.config, self.pepper, self.admin_token
         )
 
 
