@@ -90,6 +90,11 @@ pub struct ServeArgs {
     /// generated pepper and admin token (unless set), and a state file the CLI reads.
     #[arg(long)]
     pub dev: bool,
+    /// Check the configuration (every section, the policy, the error shapes) and exit:
+    /// 0 and `configuration ok`, or the error naming its field. Needs no secret and no
+    /// store.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -323,6 +328,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let config = Config::load(yaml.as_deref(), std::env::vars())?;
+    if args.check {
+        crate::policy::Policy::compile(&config.policy)?;
+        println!("configuration ok");
+        return Ok(());
+    }
     let secrets = Secrets::from_env(args.dev)?;
     crate::telemetry::init_logging(&config.logging).map_err(|e| anyhow!(e))?;
     if !args.dev && config.store.backend == crate::config::StoreBackend::Memory {
@@ -348,11 +358,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let stop = running.stopper();
+    let drainer = running.drainer();
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down");
-        let _ = stop.send(true);
+        drainer.drain().await;
     });
     let result = running.wait().await;
     if let Some(path) = state {

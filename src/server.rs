@@ -221,14 +221,32 @@ pub struct Running {
     pub admin: SocketAddr,
     pub http: SocketAddr,
     stop: watch::Sender<bool>,
+    draining: watch::Sender<bool>,
+    drain_delay: Duration,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Running {
     /// Stops accepting, lets in-flight calls finish, and waits for the listeners.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.draining.send(true);
         let _ = self.stop.send(true);
         self.wait().await
+    }
+
+    /// What stops this server the way SIGTERM should (see `Drainer::drain`), usable
+    /// while something else waits on the server.
+    pub fn drainer(&self) -> Drainer {
+        Drainer {
+            stop: self.stop.clone(),
+            draining: self.draining.clone(),
+            delay: self.drain_delay,
+        }
+    }
+
+    /// Whether `drain` or `shutdown` has begun.
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     /// Waits until every listener has stopped (after `shutdown` or a failure).
@@ -241,6 +259,25 @@ impl Running {
 
     pub fn stopper(&self) -> watch::Sender<bool> {
         self.stop.clone()
+    }
+}
+
+/// Drains a running server.
+pub struct Drainer {
+    stop: watch::Sender<bool>,
+    draining: watch::Sender<bool>,
+    delay: Duration,
+}
+
+impl Drainer {
+    /// Reports NOT_SERVING at once, keeps serving for `listen.drain_delay` while load
+    /// balancers take this replica out, then stops accepting; in-flight calls finish,
+    /// usage is flushed and Watch streams end before the server's tasks do.
+    pub async fn drain(self) {
+        let _ = self.draining.send(true);
+        tracing::info!(delay = ?self.delay, "draining: reporting NOT_SERVING, still serving");
+        tokio::time::sleep(self.delay).await;
+        let _ = self.stop.send(true);
     }
 }
 
@@ -260,44 +297,48 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 /// Keeps `grpc.health.v1` in step with `/readyz`: each served service (and the server as
 /// a whole, `""`) is SERVING only while `/readyz` would answer 200, so native gRPC probes
-/// mean what the HTTP one does; everything is NOT_SERVING once the server drains.
+/// mean what the HTTP one does; everything is NOT_SERVING from the start of a drain.
+/// (`LIVENESS` is set SERVING once, at start, and stays so.)
 async fn report_health(
     health: tonic_health::server::HealthReporter,
-    store: Arc<dyn KeyStore>,
     bus: Arc<RevocationBus>,
-    stop: watch::Receiver<bool>,
+    mut draining: watch::Receiver<bool>,
 ) {
     use tonic_health::ServingStatus;
-    let names = HEALTH_SERVICES;
     let mut last = None;
-    let mut stopped_rx = std::pin::pin!(stopped(stop));
     loop {
         // Registered before readiness is read, so a change meanwhile is not missed.
         let changed = bus.changed();
-        let ready = readiness(store.as_ref(), &bus).await.0 == StatusCode::OK;
+        if *draining.borrow_and_update() {
+            break;
+        }
+        let ready = ready(&bus, false).is_ok();
         if last != Some(ready) {
             let status = if ready {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
             };
-            for name in names {
+            for name in HEALTH_SERVICES {
                 health.set_service_status(name, status).await;
             }
             last = Some(ready);
         }
         tokio::select! {
-            _ = &mut stopped_rx => break,
+            r = draining.changed() => if r.is_err() { break },
             _ = changed => {}
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
         }
     }
-    for name in names {
+    for name in HEALTH_SERVICES {
         health
             .set_service_status(name, ServingStatus::NotServing)
             .await;
     }
 }
+
+/// The gRPC health service a liveness probe asks: it never depends on the store.
+pub const LIVENESS: &str = "liveness";
 
 /// The services `grpc.health.v1` reports on: the server as a whole (`""`) and each one
 /// the main port serves.
@@ -311,22 +352,50 @@ const HEALTH_SERVICES: [&str; 4] = [
 /// How often the gRPC health status is brought in step with readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 
-/// `/readyz`: the store answers and the revocation stream is followed.
-async fn readiness(store: &dyn KeyStore, bus: &RevocationBus) -> (StatusCode, String) {
-    let not_ready = |why: String| {
-        (
+/// Whether this replica can serve: it knows its position in the revocation stream (so
+/// it cannot miss a revocation) and is not draining. A store outage after that does not
+/// count: warm keys are still answered, cold ones get UNAVAILABLE, and taking every
+/// replica out of the Service at once would turn a blip into an outage. The stream's
+/// health is a metric (`keygate_revocation_stream_connected`), not readiness.
+fn ready(bus: &RevocationBus, draining: bool) -> Result<(), &'static str> {
+    if draining {
+        Err("draining")
+    } else if !bus.has_position() {
+        Err("starting: the revocation stream's position is not known yet")
+    } else {
+        Ok(())
+    }
+}
+
+/// `/readyz`: `ready`, with what degrades service meanwhile in the body.
+async fn readiness(
+    store: &dyn KeyStore,
+    bus: &RevocationBus,
+    draining: bool,
+) -> (StatusCode, String) {
+    if let Err(why) = ready(bus, draining) {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),
-        )
-    };
-    match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
-        Err(_) => not_ready("store timed out".into()),
-        Ok(Err(e)) => not_ready(e.to_string()),
-        Ok(Ok(())) if !bus.is_connected() => {
-            not_ready("not following the revocation stream".into())
-        }
-        Ok(Ok(())) => (StatusCode::OK, "ready\n".into()),
+        );
     }
+    let store = match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+        Err(_) => Some("store timed out".to_owned()),
+        Ok(Err(e)) => Some(e.to_string()),
+        Ok(Ok(())) => None,
+    };
+    let mut body = "ready\n".to_owned();
+    if let Some(e) = store {
+        body.push_str(&format!(
+            "degraded: store unreachable ({e}); cold keys answer UNAVAILABLE\n"
+        ));
+    }
+    if !bus.is_connected() {
+        body.push_str(
+            "degraded: not following the revocation stream (cache.ttl bounds staleness)\n",
+        );
+    }
+    (StatusCode::OK, body)
 }
 
 /// Binds the three listeners and serves until `shutdown` is called.
@@ -348,10 +417,14 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
             .set_service_status(name, tonic_health::ServingStatus::NotServing)
             .await;
     }
+    health
+        .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
+        .await;
+    let (draining_tx, draining_rx) = watch::channel(false);
     tasks.push(tokio::spawn({
-        let (store, bus, stop) = (app.store.clone(), app.bus.clone(), stop_rx.clone());
+        let (bus, draining) = (app.bus.clone(), draining_rx.clone());
         async move {
-            report_health(health, store, bus, stop).await;
+            report_health(health, bus, draining).await;
             Ok(())
         }
     }));
@@ -424,6 +497,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     let store = app.store.clone();
     let cache = app.cache.clone();
     let bus = app.bus.clone();
+    let draining = draining_rx.clone();
     let jwks = app.sessions.as_ref().map(|k| k.jwks());
     let router = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -432,7 +506,8 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
             get(move || {
                 let store = store.clone();
                 let bus = bus.clone();
-                async move { readiness(store.as_ref(), &bus).await }
+                let draining = *draining.borrow();
+                async move { readiness(store.as_ref(), &bus, draining).await }
             }),
         )
         .route(
@@ -493,6 +568,8 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
         admin,
         http,
         stop,
+        draining: draining_tx,
+        drain_delay: cfg.listen.drain_delay,
         tasks,
     })
 }

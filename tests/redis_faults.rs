@@ -195,10 +195,12 @@ async fn redis_down_before_first_use_is_unavailable_not_a_denial() {
     assert_eq!(answer, Outcome::denied("invalid_api_key", 401));
 }
 
-/// The same over the wire: Envoy's Check gets a gRPC UNAVAILABLE status (not an OK
-/// response with a denial), and /readyz says not ready until Redis is back.
+/// The same over the wire: Envoy's Check gets a gRPC UNAVAILABLE status for a cold key
+/// (not an OK response with a denial) while warm keys keep passing, and the replica stays
+/// ready: a Redis blip must not take every replica out of the Service at once. /readyz
+/// says what is degraded.
 #[tokio::test]
-async fn over_grpc_an_outage_is_an_unavailable_status_and_readyz_fails() {
+async fn over_grpc_an_outage_is_unavailable_for_cold_keys_and_the_replica_stays_ready() {
     use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 
     let mut redis = durable_redis().await;
@@ -229,12 +231,15 @@ async fn over_grpc_an_outage_is_an_unavailable_status_and_readyz_fails() {
         check(cold.token.clone()).await,
         Outcome::Error(tonic::Code::Unavailable)
     );
-    assert_eq!(http_status(running.http, "/readyz").await, 503);
+    let (status, body) = http_get(running.http, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("degraded: store unreachable"), "{body}");
     assert_eq!(http_status(running.http, "/healthz").await, 200);
 
     redis.restart().await;
-    support::eventually(PATIENCE, "ready after Redis came back", || async {
-        (http_status(running.http, "/readyz").await == 200).then_some(())
+    support::eventually(PATIENCE, "/readyz no longer degraded", || async {
+        let (status, body) = http_get(running.http, "/readyz").await;
+        (status == 200 && !body.contains("degraded: store")).then_some(())
     })
     .await;
     support::eventually(PATIENCE, "cold key allowed over gRPC", || async {
@@ -254,6 +259,11 @@ async fn over_grpc_an_outage_is_an_unavailable_status_and_readyz_fails() {
 
 /// The status code of a plain HTTP/1.1 GET (keygate's HTTP listener).
 async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
+    http_get(addr, path).await.0
+}
+
+/// The status code and body of a plain HTTP/1.1 GET.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         stream
@@ -265,27 +275,34 @@ async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
             .unwrap();
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.unwrap();
-        let text = String::from_utf8_lossy(&response);
-        text.split(' ')
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status = text
+            .split(' ')
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP response: {text}"))
+            .unwrap_or_else(|| panic!("not an HTTP response: {text}"));
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        (status, body)
     };
     tokio::time::timeout(PROMPT, exchange)
         .await
         .expect("HTTP answer in time")
 }
 
-/// Native gRPC probes mean what `/readyz` means: with Redis gone, each service reports
-/// NOT_SERVING; with Redis back, SERVING again.
+/// Native gRPC probes mean what `/readyz` means, per service: NOT_SERVING while the
+/// replica has never reached its store (it cannot know the revocations), SERVING once it
+/// has, and still SERVING through a Redis outage after that; NOT_SERVING from the first
+/// moment of a drain, while the listener still answers. `liveness` is SERVING throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_health_follows_readiness_per_service() {
+async fn grpc_health_is_not_serving_only_while_the_replica_cannot_serve() {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
     let mut redis = durable_redis().await;
-    let app =
-        Arc::new(App::build(support::config(Backend::Redis(&redis)), support::secrets()).unwrap());
+    redis.kill();
+    let mut config = support::config(Backend::Redis(&redis));
+    config.listen.drain_delay = Duration::from_secs(3600);
+    let app = Arc::new(App::build(config, support::secrets()).unwrap());
     let running = server::start(app.clone()).await.unwrap();
     let health = HealthClient::new(
         tonic::transport::Endpoint::from_shared(format!("http://{}", running.grpc))
@@ -294,46 +311,74 @@ async fn grpc_health_follows_readiness_per_service() {
             .await
             .unwrap(),
     );
+    let status_of = |service: &'static str| {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .expect("health answers")
+                .into_inner()
+                .status
+        }
+    };
     let services = [
         "",
         "envoy.service.auth.v3.Authorization",
         "keygate.v1.Authorizer",
     ];
-    let all_are = |want: ServingStatus| {
-        let health = health.clone();
-        async move {
-            for service in services {
-                let status = health
-                    .clone()
-                    .check(HealthCheckRequest {
-                        service: service.into(),
-                    })
-                    .await
-                    .expect("health answers")
-                    .into_inner()
-                    .status;
-                if status != want as i32 {
-                    return None;
-                }
+    let all_are = |want: ServingStatus| async move {
+        for service in services {
+            if status_of(service).await != want as i32 {
+                return None;
             }
-            Some(())
         }
+        Some(())
     };
-    support::eventually(support::PATIENCE, "every service serving", || {
+    // Never reached its store.
+    support::eventually(PATIENCE, "every service not serving", || {
+        all_are(ServingStatus::NotServing)
+    })
+    .await;
+    assert_eq!(
+        status_of(server::LIVENESS).await,
+        ServingStatus::Serving as i32
+    );
+    assert_eq!(http_status(running.http, "/readyz").await, 503);
+
+    redis.restart().await;
+    support::eventually(PATIENCE, "every service serving", || {
         all_are(ServingStatus::Serving)
     })
     .await;
     assert_eq!(http_status(running.http, "/readyz").await, 200);
+
+    // A blip after start: the follower notices, the probes do not fail.
     redis.kill();
-    support::eventually(support::PATIENCE, "every service not serving", || {
+    support::eventually(PATIENCE, "the follower notices the outage", || async {
+        (!app.bus.is_connected()).then_some(())
+    })
+    .await;
+    assert_eq!(all_are(ServingStatus::Serving).await, Some(()));
+    assert_eq!(http_status(running.http, "/readyz").await, 200);
+    assert_eq!(
+        status_of(server::LIVENESS).await,
+        ServingStatus::Serving as i32
+    );
+
+    // Draining: NOT_SERVING at once, while the listener still answers.
+    let drain = tokio::spawn(running.drainer().drain());
+    support::eventually(PATIENCE, "every service not serving while draining", || {
         all_are(ServingStatus::NotServing)
     })
     .await;
     assert_eq!(http_status(running.http, "/readyz").await, 503);
-    redis.restart().await;
-    support::eventually(support::PATIENCE, "every service serving again", || {
-        all_are(ServingStatus::Serving)
-    })
-    .await;
+    assert_eq!(
+        status_of(server::LIVENESS).await,
+        ServingStatus::Serving as i32
+    );
+    drain.abort();
     running.shutdown().await.unwrap();
 }

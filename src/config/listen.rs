@@ -20,6 +20,10 @@ pub struct ListenConfig {
     /// connections spread over new replicas.
     #[serde(deserialize_with = "duration")]
     pub max_connection_age: Duration,
+    /// On SIGTERM, how long keygate keeps serving while reporting NOT_SERVING, so that
+    /// load balancers stop sending before the listeners close.
+    #[serde(deserialize_with = "duration")]
+    pub drain_delay: Duration,
 }
 
 impl Default for ListenConfig {
@@ -29,6 +33,7 @@ impl Default for ListenConfig {
             admin: "127.0.0.1:50052".parse().expect("literal"),
             http: "0.0.0.0:9090".parse().expect("literal"),
             max_connection_age: Duration::from_secs(300),
+            drain_delay: Duration::from_secs(5),
         }
     }
 }
