@@ -438,14 +438,49 @@ fn read_dev_state() -> Option<serde_json::Value> {
 // ---------------------------------------------------------------------------------------
 // keys
 
+/// A channel to `url`. An `https://` URL is TLS, trusting the CA in `KEYGATE_TLS_CA_FILE`,
+/// and presenting the client certificate in
+/// `KEYGATE_TLS_CERT_FILE` / `KEYGATE_TLS_KEY_FILE` where the listener requires one.
 async fn channel(url: &str) -> anyhow::Result<Channel> {
-    Endpoint::from_shared(url.to_owned())
-        .map_err(|e| anyhow!("invalid URL {url}: {e}"))?
+    let mut endpoint =
+        Endpoint::from_shared(url.to_owned()).map_err(|e| anyhow!("invalid URL {url}: {e}"))?;
+    if url.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(client_tls()?)
+            .map_err(|e| anyhow!("TLS to {url}: {e}"))?;
+    }
+    endpoint
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .connect()
         .await
         .map_err(|e| anyhow!("cannot reach keygate at {url}: {e}"))
+}
+
+fn client_tls() -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |var: &str| -> anyhow::Result<Option<Vec<u8>>> {
+        match std::env::var_os(var) {
+            None => Ok(None),
+            Some(path) => std::fs::read(&path)
+                .map(Some)
+                .with_context(|| format!("{var}: cannot read {}", Path::new(&path).display())),
+        }
+    };
+    let mut tls = ClientTlsConfig::new();
+    let ca = read("KEYGATE_TLS_CA_FILE")?.ok_or_else(|| {
+        anyhow!("an https:// URL needs KEYGATE_TLS_CA_FILE: the CA keygate's certificate chains to")
+    })?;
+    tls = tls.ca_certificate(Certificate::from_pem(ca));
+    match (
+        read("KEYGATE_TLS_CERT_FILE")?,
+        read("KEYGATE_TLS_KEY_FILE")?,
+    ) {
+        (Some(cert), Some(key)) => tls = tls.identity(Identity::from_pem(cert, key)),
+        (None, None) => {}
+        _ => bail!("KEYGATE_TLS_CERT_FILE and KEYGATE_TLS_KEY_FILE go together"),
+    }
+    Ok(tls)
 }
 
 type AdminInterceptor =
@@ -557,6 +592,18 @@ fn print_key(k: &proto::Key, json_out: bool) {
 }
 
 fn grpc_error(e: tonic::Status) -> anyhow::Error {
+    let closed = e.code() == tonic::Code::Cancelled
+        || (e.code() == tonic::Code::Unknown && e.message() == "transport error");
+    if closed {
+        // What a TLS 1.3 listener's refusal of the client certificate looks like from here:
+        // the handshake seemed done, then the connection closed.
+        return anyhow!(
+            "the connection was closed before keygate answered (a listener that requires a \
+             client certificate closes it when none, or an untrusted one, is presented: see \
+             KEYGATE_TLS_CERT_FILE): {}",
+            e.message()
+        );
+    }
     anyhow!("{}: {}", code_name(e.code()), e.message())
 }
 

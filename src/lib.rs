@@ -30,5 +30,6 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tenant;
+pub mod tls;
 pub mod transport;
 pub mod usage;

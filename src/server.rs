@@ -65,12 +65,27 @@ impl App {
     pub fn build(config: Config, secrets: Secrets) -> anyhow::Result<App> {
         let store: Arc<dyn KeyStore> = match config.store.backend {
             StoreBackend::Memory => Arc::new(MemoryStore::new()),
-            StoreBackend::Redis => Arc::new(RedisStore::new(
-                &config.store.redis_url,
-                secrets.redis_password.as_ref(),
-                &config.store.namespace,
-                config.store.timeout,
-            )?),
+            StoreBackend::Redis => {
+                let tls_ca = match &config.store.tls_ca_file {
+                    None => None,
+                    Some(path) => Some(std::fs::read(path).map_err(|e| {
+                        crate::config::ConfigError::new(
+                            "store.tls_ca_file",
+                            format!("cannot read {path}: {e}"),
+                        )
+                    })?),
+                };
+                Arc::new(RedisStore::with_options(
+                    &config.store.redis_url,
+                    secrets.redis_password.as_ref(),
+                    &config.store.namespace,
+                    config.store.timeout,
+                    &crate::store::redis::RedisOptions {
+                        username: config.store.username.clone(),
+                        tls_ca,
+                    },
+                )?)
+            }
         };
         App::with_store(config, secrets, store)
     }
@@ -401,6 +416,13 @@ async fn readiness(
 /// Binds the three listeners and serves until `shutdown` is called.
 pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     let cfg = &app.config;
+    let tls = |t: &Option<crate::config::TlsConfig>, field: &str| {
+        t.as_ref()
+            .map(|t| crate::tls::acceptor(t, field))
+            .transpose()
+    };
+    let grpc_tls = tls(&cfg.listen.grpc_tls, "listen.grpc_tls")?;
+    let admin_tls = tls(&cfg.listen.admin_tls, "listen.admin_tls")?;
     let grpc_listener = bind(cfg.listen.grpc, "grpc").await?;
     let admin_listener = bind(cfg.listen.admin, "admin").await?;
     let http_listener = bind(cfg.listen.http, "http").await?;
@@ -475,7 +497,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
                 "Watch needs the watch token (KEYGATE_WATCH_TOKEN) on this port",
             ),
         ))
-        .serve_with_incoming_shutdown(incoming(grpc_listener), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(incoming(grpc_listener, grpc_tls), stopped(stop_rx.clone()));
     tasks.push(tokio::spawn(async move { Ok(grpc_server.await?) }));
 
     let admin_server = tonic::transport::Server::builder()
@@ -491,7 +513,10 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
             app.revocations_service(stop_rx.clone()),
             admin_auth(app.admin_token.clone()),
         ))
-        .serve_with_incoming_shutdown(incoming(admin_listener), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            incoming(admin_listener, admin_tls),
+            stopped(stop_rx.clone()),
+        );
     tasks.push(tokio::spawn(async move { Ok(admin_server.await?) }));
 
     let store = app.store.clone();

@@ -1,4 +1,5 @@
-//! Accepted gRPC connections: TCP_NODELAY, and one write per small answer.
+//! Accepted gRPC connections: TCP_NODELAY, TLS where the listener has it, and one write
+//! per small answer.
 //!
 //! Owns only how bytes leave the socket; it knows nothing of what they mean. Used by
 //! every gRPC listener of keygate and by the load generator's no-op baseline, so both
@@ -8,21 +9,144 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures::{Stream, StreamExt};
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tonic::transport::server::{Connected, TcpIncoming};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
-/// The connections accepted on `listener`, ready for `serve_with_incoming*`.
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connections accepted on `listener` (through a TLS handshake with `tls`), ready
+/// for `serve_with_incoming*`.
 ///
 /// TCP_NODELAY is set here because `Server::tcp_nodelay` does not apply to
 /// `serve_with_incoming`, and without it Nagle and delayed ACKs add ~40 ms to answers.
+/// Handshakes run each on a task of their own, so a slow or silent client holds up no
+/// other; one that fails (a plain-text client, no or a wrong client certificate) is
+/// dropped and logged, never served.
 pub fn incoming(
     listener: TcpListener,
-) -> impl Stream<Item = io::Result<OneWrite<TcpStream>>> + Send + 'static {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(|conn| conn.map(OneWrite))
+    tls: Option<TlsAcceptor>,
+) -> BoxStream<'static, io::Result<OneWrite<Conn>>> {
+    let tcp = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let Some(acceptor) = tls else {
+        return tcp
+            .map(|conn| conn.map(|c| OneWrite(Conn::Plain(c))))
+            .boxed();
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(128);
+    tokio::spawn(async move {
+        let mut tcp = std::pin::pin!(tcp);
+        loop {
+            let conn = tokio::select! {
+                c = tcp.next() => c,
+                // The server is gone: stop listening.
+                _ = tx.closed() => return,
+            };
+            let stream = match conn {
+                None => return,
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                    continue;
+                }
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let peer = stream.peer_addr().ok();
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(OneWrite(Conn::Tls(Box::new(tls))))).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(?peer, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::info!(?peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
+}
+
+/// An accepted connection, in plain text or TLS.
+#[derive(Debug)]
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        match self {
+            Conn::Plain(s) => s.connect_info(),
+            Conn::Tls(s) => s.get_ref().0.connect_info(),
+        }
+    }
 }
 
 /// A connection that tells HTTP/2 it has no vectored writes, so that a small answer

@@ -24,6 +24,22 @@ pub struct ListenConfig {
     /// load balancers stop sending before the listeners close.
     #[serde(deserialize_with = "duration")]
     pub drain_delay: Duration,
+    /// TLS on the gRPC listener; plain text when left out.
+    pub grpc_tls: Option<TlsConfig>,
+    /// TLS on the admin listener (with `client_ca_file`: mTLS).
+    pub admin_tls: Option<TlsConfig>,
+}
+
+/// A listener's TLS: its certificate chain and key (PEM files, re-read when they
+/// change), and optionally the CA its clients' certificates must chain to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: String,
+    pub key_file: String,
+    /// With it, every client must present a certificate signed by this CA (mTLS).
+    #[serde(default)]
+    pub client_ca_file: Option<String>,
 }
 
 impl Default for ListenConfig {
@@ -34,6 +50,8 @@ impl Default for ListenConfig {
             http: "0.0.0.0:9090".parse().expect("literal"),
             max_connection_age: Duration::from_secs(300),
             drain_delay: Duration::from_secs(5),
+            grpc_tls: None,
+            admin_tls: None,
         }
     }
 }

@@ -25,6 +25,11 @@ pub struct StoreConfig {
     /// Upper bound on one Redis command on the request path.
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
+    /// The Redis ACL user (its password: KEYGATE_REDIS_PASSWORD). `default` when left out.
+    pub username: Option<String>,
+    /// With `rediss://`: the CA (PEM) the server's certificate must chain to; the system's
+    /// roots when left out.
+    pub tls_ca_file: Option<String>,
 }
 
 impl Default for StoreConfig {
@@ -34,6 +39,8 @@ impl Default for StoreConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
             namespace: "keygate".into(),
             timeout: Duration::from_millis(500),
+            username: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -41,20 +48,35 @@ impl Default for StoreConfig {
 impl StoreConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if self.backend == StoreBackend::Redis {
-            // Only what this build can connect to: TLS to Redis is not compiled in, and
-            // would otherwise fail later, at the first connection, with a library message.
             let url = &self.redis_url;
-            if url.starts_with("rediss://") {
+            if !["redis://", "rediss://", "redis+unix://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme))
+            {
                 return Err(ConfigError::new(
                     "store.redis_url",
-                    "rediss:// (TLS) is not supported by this build; use redis:// (or \
-                     redis+unix:// for a local socket) behind a TLS tunnel",
+                    "must start with redis://, rediss:// (TLS) or redis+unix://",
                 ));
             }
-            if !url.starts_with("redis://") && !url.starts_with("redis+unix://") {
+            if self.tls_ca_file.is_some() && !url.starts_with("rediss://") {
                 return Err(ConfigError::new(
-                    "store.redis_url",
-                    "must start with redis:// or redis+unix://",
+                    "store.tls_ca_file",
+                    "only with a rediss:// store.redis_url",
+                ));
+            }
+            if let Some(path) = &self.tls_ca_file {
+                std::fs::metadata(path).map_err(|e| {
+                    ConfigError::new("store.tls_ca_file", format!("cannot read {path}: {e}"))
+                })?;
+            }
+            if self
+                .username
+                .as_deref()
+                .is_some_and(|u| u.is_empty() || u.contains(char::is_whitespace))
+            {
+                return Err(ConfigError::new(
+                    "store.username",
+                    "must be an ACL user name",
                 ));
             }
             url.parse::<redis::ConnectionInfo>()

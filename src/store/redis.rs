@@ -61,6 +61,15 @@ pub struct RedisStore {
     usage: Script,
 }
 
+/// How to reach Redis beyond its URL.
+#[derive(Debug, Clone, Default)]
+pub struct RedisOptions {
+    /// The ACL user.
+    pub username: Option<String>,
+    /// PEM of the CA a `rediss://` server's certificate must chain to.
+    pub tls_ca: Option<Vec<u8>>,
+}
+
 impl RedisStore {
     /// Prepares a store; the connection is made on first use, so keygate can start (and
     /// report itself not ready) while Redis is still coming up.
@@ -70,14 +79,36 @@ impl RedisStore {
         namespace: &str,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let mut info: redis::ConnectionInfo = url
-            .parse()
-            .map_err(|e: redis::RedisError| StoreError::Unavailable(e.to_string()))?;
+        Self::with_options(url, password, namespace, timeout, &RedisOptions::default())
+    }
+
+    /// `new`, as an ACL user, and over TLS checked against a CA of its own.
+    pub fn with_options(
+        url: &str,
+        password: Option<&Secret>,
+        namespace: &str,
+        timeout: Duration,
+        opts: &RedisOptions,
+    ) -> Result<Self, StoreError> {
+        let unavailable = |e: redis::RedisError| StoreError::Unavailable(e.to_string());
+        let mut info: redis::ConnectionInfo = url.parse().map_err(unavailable)?;
         if let Some(p) = password {
             info.redis.password = Some(p.expose().to_owned());
         }
-        let client =
-            redis::Client::open(info).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        if let Some(user) = &opts.username {
+            info.redis.username = Some(user.clone());
+        }
+        let client = match &opts.tls_ca {
+            None => redis::Client::open(info).map_err(unavailable)?,
+            Some(ca) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            )
+            .map_err(unavailable)?,
+        };
         Ok(RedisStore {
             client,
             conn: OnceCell::new(),

@@ -217,30 +217,38 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 # --------------------------------------------------------------------------- redis
 
 class Redis:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, tls: dict[str, Path] | None = None, user: tuple[str, str] | None = None):
+        """`tls`: `cert`, `key` and `ca` files: TLS only (no plain-text port). `user`: an
+        ACL user and password, the default user switched off."""
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = Proc(
-            "redis",
-            [
-                redis_bin(),
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(workdir),
-            ],
-            clean_env(),
-            workdir,
-        )
-        wait_for(f"redis-server on port {self.port} to answer PING", self._pong)
+        argv = [redis_bin(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+        if tls:
+            argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(tls["cert"]),
+                     "--tls-key-file", str(tls["key"]), "--tls-ca-cert-file", str(tls["ca"]),
+                     "--tls-auth-clients", "no"]
+        else:
+            argv += ["--port", str(self.port)]
+        if user:
+            # Each word its own argument: redis-server joins them into the config line.
+            argv += ["--user", user[0], "on", f">{user[1]}", "~*", "&*", "+@all", "--user", "default", "off"]
+        self.proc = Proc("redis-tls" if tls else "redis", argv, clean_env(), workdir)
+        wait_for(f"redis-server on port {self.port} to answer", self._answers)
 
-    def _pong(self) -> bool:
+    def _answers(self) -> bool:
         self.proc.ensure_alive()
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+            s = raw
+            if self.tls:
+                import ssl
+
+                ctx = ssl.create_default_context(cafile=str(self.tls["ca"]))
+                s = ctx.wrap_socket(raw, server_hostname="localhost")
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            # +PONG, or -NOAUTH when only an ACL user may talk: either way it answers.
+            return s.recv(64)[:1] in (b"+", b"-")
 
     def stop(self):
         self.proc.stop()

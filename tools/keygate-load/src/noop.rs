@@ -136,7 +136,7 @@ async fn serve_on(
     busy: Duration,
     outer_decode_only: bool,
 ) -> anyhow::Result<()> {
-    let incoming = keygate::transport::incoming(listener);
+    let incoming = keygate::transport::incoming(listener, None);
     let mut builder =
         tonic::transport::Server::builder().max_connection_age(Duration::from_secs(300));
     let shutdown = async {
