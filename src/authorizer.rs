@@ -226,7 +226,11 @@ impl Authorizer {
         let started = Instant::now();
         let decision = self.decide(req).await;
         let m = metrics();
-        m.check_duration.observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        m.check_duration.observe(took.as_secs_f64());
+        if crate::telemetry::tracing_enabled() {
+            tracing::Span::current().record("keygate.check_us", micros(took));
+        }
         m.count_decision(decision.label());
         match &decision {
             Decision::Allow(a) => tracing::debug!(
@@ -274,7 +278,11 @@ impl Authorizer {
                 });
             }
         }
-        let principal = match self.authn.authenticate(self.credentials.extract(req)).await {
+        let traced = crate::telemetry::tracing_enabled();
+        let started = traced.then(Instant::now);
+        let principal = self.authn.authenticate(self.credentials.extract(req)).await;
+        let authenticated = traced.then(Instant::now);
+        let principal = match principal {
             Ok(p) => p,
             Err(AuthnFailure::Deny(reason)) => return Decision::deny(reason),
             Err(AuthnFailure::Unavailable) => {
@@ -282,6 +290,12 @@ impl Authorizer {
             }
         };
         let decision = self.authorize(req, route, &principal).await;
+        if let (Some(started), Some(authenticated)) = (started, authenticated) {
+            // The check's span (the adapter's), when traced.
+            let span = tracing::Span::current();
+            span.record("keygate.authn_us", micros(authenticated - started));
+            span.record("keygate.authorize_us", micros(authenticated.elapsed()));
+        }
         if let Some(key_id) = principal.key_id.as_deref() {
             match decision {
                 Decision::Allow(_) => self.usage.record(key_id, true),
@@ -361,4 +375,9 @@ impl Authorizer {
             session,
         })
     }
+}
+
+/// Microseconds, as an OpenTelemetry integer attribute (i64).
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }

@@ -334,7 +334,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let secrets = Secrets::from_env(args.dev)?;
-    crate::telemetry::init_logging(&config.logging).map_err(|e| anyhow!(e))?;
+    crate::telemetry::init_logging(&config.logging, &config.traces).map_err(|e| anyhow!(e))?;
     if !args.dev && config.store.backend == crate::config::StoreBackend::Memory {
         tracing::warn!("store.backend is memory: keys live only as long as this process");
     }
@@ -365,6 +365,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         drainer.drain().await;
     });
     let result = running.wait().await;
+    crate::telemetry::flush_traces();
     if let Some(path) = state {
         let _ = std::fs::remove_file(path);
     }

@@ -1,6 +1,10 @@
-//! Logging and metrics. Metric names and labels are chosen so that no label can carry a
-//! secret or an unbounded value: decisions are labelled by result code, never by key.
+//! Logging, traces and metrics. Metric names and labels are chosen so that no label can
+//! carry a secret or an unbounded value: decisions are labelled by result code, never by
+//! key. Traces (OpenTelemetry over OTLP) exist only when an endpoint is configured; then
+//! each check is a span parented on the request's `traceparent`, with its stage timings as
+//! attributes and never a credential. Without one, no span is created on the request path.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use prometheus::{
@@ -8,7 +12,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::config::{LogFormat, LoggingConfig};
+use crate::config::{LogFormat, LoggingConfig, TracesConfig};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -222,7 +226,11 @@ pub fn render() -> String {
 
 /// Installs the global tracing subscriber (logs to stderr). `RUST_LOG` wins over the
 /// configured level when set.
-pub fn init_logging(cfg: &LoggingConfig) -> Result<(), String> {
+pub fn init_logging(cfg: &LoggingConfig, traces: &TracesConfig) -> Result<(), String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = match std::env::var("RUST_LOG") {
         Ok(f) if !f.is_empty() => f,
         _ => cfg.level.clone(),
@@ -230,13 +238,120 @@ pub fn init_logging(cfg: &LoggingConfig) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .map_err(|e| format!("invalid configuration: logging.level: {e}"))?;
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let result = match cfg.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    let fmt = match cfg.format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
     };
-    result.map_err(|e| e.to_string())
+    let otel = traces
+        .endpoint(|var| std::env::var(var).ok())
+        .map(|endpoint| otel_layer(traces, &endpoint))
+        .transpose()?;
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init()
+        .map_err(|e| e.to_string())
 }
+
+/// Whether checks are traced (an OTLP endpoint is configured).
+pub fn tracing_enabled() -> bool {
+    TRACING.load(Ordering::Relaxed)
+}
+
+static TRACING: AtomicBool = AtomicBool::new(false);
+static PROVIDER: OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> = OnceLock::new();
+
+/// The layer that turns keygate's spans into OpenTelemetry spans sent to `endpoint` in
+/// batches. Only keygate's own spans are exported, whatever `logging.level` says.
+fn otel_layer<S>(
+    traces: &TracesConfig,
+    endpoint: &str,
+) -> Result<impl tracing_subscriber::Layer<S>, String>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::trace::Sampler;
+    use tracing_subscriber::Layer;
+
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| format!("invalid configuration: traces.otlp_endpoint: {e}"))?;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            traces.sample_ratio,
+        ))))
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(traces.service_name.clone())
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("keygate");
+    let _ = PROVIDER.set(provider);
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    TRACING.store(true, Ordering::Relaxed);
+    let only_keygate =
+        tracing_subscriber::filter::Targets::new().with_target("keygate", tracing::Level::INFO);
+    Ok(tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(only_keygate))
+}
+
+/// Sends the spans not yet exported (at exit).
+pub fn flush_traces() {
+    if let Some(p) = PROVIDER.get() {
+        if let Err(e) = p.shutdown() {
+            tracing::warn!(error = %e, "traces could not all be exported at exit");
+        }
+    }
+}
+
+/// The span of one check, parented on the request's trace context (`traceparent`,
+/// `tracestate` in `headers`), or a disabled span when checks are not traced. Its fields
+/// are filled in by the stages (`record_stage`) and the adapter; the trace id is one of
+/// them, so JSON log lines written inside it carry it.
+pub fn check_span(headers: &std::collections::HashMap<String, String>) -> tracing::Span {
+    if !tracing_enabled() {
+        return tracing::Span::none();
+    }
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    struct Headers<'a>(&'a std::collections::HashMap<String, String>);
+    impl opentelemetry::propagation::Extractor for Headers<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).map(String::as_str)
+        }
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys().map(String::as_str).collect()
+        }
+    }
+    let span = tracing::info_span!(
+        "ext_authz.check",
+        otel.kind = "server",
+        trace_id = tracing::field::Empty,
+        keygate.decision = tracing::field::Empty,
+        keygate.route = tracing::field::Empty,
+        keygate.authn_us = tracing::field::Empty,
+        keygate.authorize_us = tracing::field::Empty,
+        keygate.check_us = tracing::field::Empty,
+    );
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(headers)));
+    let _ = span.set_parent(parent);
+    let trace_id = span.context().span().span_context().trace_id();
+    span.record("trace_id", tracing::field::display(trace_id));
+    span
+}
+
+/// The trace-context headers a traced check reads.
+pub const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];

@@ -14,6 +14,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::envoy_answer::{overwrite, AllowAnswer, CheckAnswer, Identity};
 pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_KIND, HEADER_SCOPES, HEADER_SUBJECT};
@@ -53,11 +54,17 @@ impl EnvoyAuthorization {
         options: EnvoyOptions,
     ) -> Self {
         // Credentials, the tenant, and identity headers (to strip the client's).
+        // Traced, the trace context too.
+        let trace = crate::telemetry::tracing_enabled()
+            .then_some(crate::telemetry::TRACE_HEADERS)
+            .into_iter()
+            .flatten();
         let headers = HeaderFilter::new(
             authorizer
                 .credentials()
                 .header_names()
-                .chain([authorizer.tenant_header()]),
+                .chain([authorizer.tenant_header()])
+                .chain(trace),
             IDENTITY_PREFIX,
         );
         EnvoyAuthorization {
@@ -90,7 +97,19 @@ impl EnvoyAuthorization {
         super::starting(&self.gate)?;
         let auth_req = envoy_wire::auth_request(req, &self.headers)
             .map_err(|e| Status::invalid_argument(format!("malformed CheckRequest: {e}")))?;
-        match self.authorizer.check(&auth_req).await {
+        let span = crate::telemetry::check_span(&auth_req.headers);
+        let decision = self
+            .authorizer
+            .check(&auth_req)
+            .instrument(span.clone())
+            .await;
+        if !span.is_disabled() {
+            span.record("keygate.decision", decision.label());
+            if let Decision::Allow(a) = &decision {
+                span.record("keygate.route", &*a.route);
+            }
+        }
+        match decision {
             Decision::Allow(allowed) => Ok(CheckAnswer::Allow(self.allow(&auth_req, allowed))),
             Decision::Deny(denial) => Ok(CheckAnswer::Message(self.deny(&denial))),
             Decision::Unavailable(u) => Err(Status::unavailable(format!(

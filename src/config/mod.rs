@@ -24,6 +24,7 @@ mod revocation;
 mod secrets;
 mod sessions;
 mod store;
+mod traces;
 
 pub use api_keys::{ApiKeysConfig, Argon2Config};
 pub use cache::CacheConfig;
@@ -39,6 +40,7 @@ pub use revocation::{RevocationConfig, RevocationSource};
 pub use secrets::Secrets;
 pub use sessions::{SessionsConfig, SigningKeyConfig};
 pub use store::{StoreBackend, StoreConfig};
+pub use traces::TracesConfig;
 
 /// The sample configuration `keygate serve --dev` runs on.
 pub const DEV_CONFIG: &str = include_str!("../../config/dev.yaml");
@@ -73,6 +75,7 @@ pub struct Config {
     pub jwt: JwtConfig,
     pub rate_limits: RateLimitConfig,
     pub sessions: SessionsConfig,
+    pub traces: TracesConfig,
 }
 
 impl Config {
@@ -137,6 +140,7 @@ impl Config {
         self.jwt.validate()?;
         self.rate_limits.validate()?;
         self.sessions.validate()?;
+        self.traces.validate()?;
         for (i, r) in self.policy.routes.iter().enumerate() {
             let sessions_only =
                 r.credentials.as_deref() == Some(&[crate::principal::CredentialKind::Session]);
