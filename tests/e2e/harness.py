@@ -256,11 +256,21 @@ class Redis:
 
 # --------------------------------------------------------------------------- upstream
 
-def _load_upstream_module():
-    spec = importlib.util.spec_from_file_location("keygate_example_upstream", REPO / "examples" / "upstream.py")
+def _example_module(name: str):
+    """examples/<name>.py, imported: the tests use the examples' own code."""
+    spec = importlib.util.spec_from_file_location(f"keygate_example_{name}", REPO / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_upstream_module():
+    return _example_module("upstream")
+
+
+def hs256(secret: str, claims: dict) -> str:
+    """An HS256 JWT of `claims`, signed as examples/jwt.py signs."""
+    return _example_module("jwt").sign(secret, claims)
 
 
 class Upstream:

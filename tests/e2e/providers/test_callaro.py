@@ -4,10 +4,6 @@ X-Tenant-Id, runtime server keys on internal routes only, scopes per route famil
 the two opt-in scopes never granted by default, empty scopes allowing nothing, sandbox and
 production keys apart (the sandbox: the same file with KEYGATE_POLICY__ENVIRONMENTS=[test])."""
 
-import base64
-import hashlib
-import hmac
-import json
 import secrets
 import time
 import uuid
@@ -43,17 +39,11 @@ def sandbox(callaro):
     keygate.stop()
 
 
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def app_jwt(tenant: str, role: str) -> str:
     now = int(time.time())
     claims = {"iss": "https://app.callaro.example/", "aud": "callaro-api", "sub": f"{role}@t",
               "tenant_id": tenant, "role": role, "iat": now, "exp": now + 3600}
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(json.dumps(claims).encode())
-    return f"{head}.{body}.{b64(hmac.new(SECRET.encode(), f'{head}.{body}'.encode(), hashlib.sha256).digest())}"
+    return harness.hs256(SECRET, claims)
 
 
 def key(stack, *args) -> str:

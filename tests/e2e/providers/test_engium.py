@@ -3,10 +3,6 @@
 a UUID on every request (400 without it), 30-minute access tokens refused once expired,
 login and refresh reachable without a credential."""
 
-import base64
-import hashlib
-import hmac
-import json
 import secrets
 import time
 import uuid
@@ -29,18 +25,11 @@ def engium(workdir, redis, upstream):
     s.stop()
 
 
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def access_token(tenant: str, life: int = 1800, issued_ago: int = 0, **over) -> str:
     now = int(time.time()) - issued_ago
     claims = {"iss": "https://api.engium.app/", "aud": "engium-api", "sub": "user-1",
               "tenant_id": tenant, "iat": now, "exp": now + life, **over}
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(json.dumps(claims).encode())
-    sig = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{b64(sig)}"
+    return harness.hs256(SECRET, claims)
 
 
 def call(stack, token: str | None, tenant: str | None, method="GET", path=BOOKINGS):
