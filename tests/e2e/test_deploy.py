@@ -5,8 +5,8 @@ configuration keygate accepts), the Dockerfile (parsed: it builds and copies the
 beside the chart (the Envoy one run for real), and SIGTERM under load (no in-flight check
 dropped, NOT_SERVING before the listener closes)."""
 
+import json
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -218,3 +218,23 @@ def test_sigterm_under_load_drops_no_in_flight_check(workdir, redis):
     refused = [o for o in outcomes if o != "allowed"]
     cut_off = [o for o in refused if not o.startswith("error UNAVAILABLE") or "connect" not in o.lower()]
     assert not cut_off, cut_off[:10]
+
+
+def test_the_chart_readme_lists_every_value():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text()
+
+    def leaves(node, path):
+        # `config` is keygate.yaml itself (docs/configuration.md), `resources` Kubernetes'
+        # own, and a Secret reference `{name, key}` one value each.
+        whole = path in ("config", "resources") or (isinstance(node, dict) and set(node) == {"name", "key"})
+        if isinstance(node, dict) and node and not whole:
+            for k, v in node.items():
+                yield from leaves(v, f"{path}.{k}" if path else k)
+        else:
+            yield path
+
+    missing = [p for p in leaves(values, "") if f"`{p}`" not in readme]
+    assert not missing, f"helm/keygate/README.md does not list: {missing}"
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(values) == set(schema["properties"]), "values.schema.json covers every top-level value"
