@@ -259,21 +259,12 @@ impl Running {
         }
     }
 
-    /// Whether `drain` or `shutdown` has begun.
-    pub fn draining(&self) -> watch::Receiver<bool> {
-        self.draining.subscribe()
-    }
-
     /// Waits until every listener has stopped (after `shutdown` or a failure).
     pub async fn wait(self) -> anyhow::Result<()> {
         for t in self.tasks {
             t.await??;
         }
         Ok(())
-    }
-
-    pub fn stopper(&self) -> watch::Sender<bool> {
-        self.stop.clone()
     }
 }
 

@@ -101,12 +101,7 @@ impl AuthorizerApi for AuthorizerService {
                 denial: Some(self.denial(&d)),
                 rate_limit: d.rate.map(rate_proto),
             },
-            Decision::Unavailable(u) => {
-                return Err(Status::unavailable(format!(
-                    "authorization backend unavailable: {}",
-                    u.backend
-                )))
-            }
+            Decision::Unavailable(u) => return Err(super::unavailable(u.backend)),
         };
         Ok(Response::new(response))
     }
@@ -126,11 +121,7 @@ impl AuthorizerApi for AuthorizerService {
                     ..Default::default()
                 }))
             }
-            Err(AuthnFailure::Unavailable) => {
-                return Err(Status::unavailable(
-                    "authorization backend unavailable: store",
-                ))
-            }
+            Err(AuthnFailure::Unavailable) => return Err(super::unavailable("store")),
         };
         match self.authorizer.limiter().acquire(&principal, ttl).await {
             Ok(lease_id) => Ok(Response::new(proto::AcquireLeaseResponse {
@@ -196,9 +187,7 @@ impl AuthorizerApi for AuthorizerService {
             Err(MintFailure::Disabled) => Err(Status::failed_precondition(
                 "session tokens are not configured (sessions.signing_keys)",
             )),
-            Err(MintFailure::Unavailable) => Err(Status::unavailable(
-                "authorization backend unavailable: store",
-            )),
+            Err(MintFailure::Unavailable) => Err(super::unavailable("store")),
         }
     }
 

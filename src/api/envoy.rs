@@ -98,24 +98,25 @@ impl EnvoyAuthorization {
         let auth_req = envoy_wire::auth_request(req, &self.headers)
             .map_err(|e| Status::invalid_argument(format!("malformed CheckRequest: {e}")))?;
         let span = crate::telemetry::check_span(&auth_req.headers);
-        let decision = self
-            .authorizer
-            .check(&auth_req)
-            .instrument(span.clone())
-            .await;
-        if !span.is_disabled() {
+        // Untraced (no OTLP endpoint), the check runs as it is: no span to enter.
+        let decision = if span.is_disabled() {
+            self.authorizer.check(&auth_req).await
+        } else {
+            let decision = self
+                .authorizer
+                .check(&auth_req)
+                .instrument(span.clone())
+                .await;
             span.record("keygate.decision", decision.label());
             if let Decision::Allow(a) = &decision {
                 span.record("keygate.route", &*a.route);
             }
-        }
+            decision
+        };
         match decision {
             Decision::Allow(allowed) => Ok(CheckAnswer::Allow(self.allow(&auth_req, allowed))),
             Decision::Deny(denial) => Ok(CheckAnswer::Message(self.deny(&denial))),
-            Decision::Unavailable(u) => Err(Status::unavailable(format!(
-                "authorization backend unavailable: {}",
-                u.backend
-            ))),
+            Decision::Unavailable(u) => Err(super::unavailable(u.backend)),
         }
     }
 

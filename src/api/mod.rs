@@ -27,6 +27,12 @@ use crate::revocation::RevocationBus;
 /// UNAVAILABLE while the replica that answers does not yet know where it starts in the
 /// revocation stream: a key verified and cached before then could miss a revocation made
 /// in between. `None` (no gate) for adapters that are not served (tests, benchmarks).
+/// UNAVAILABLE because `backend` (the store, in practice) could not be asked: never a
+/// denial and never an allow, so the caller's own failure policy decides.
+pub(crate) fn unavailable(backend: &str) -> tonic::Status {
+    tonic::Status::unavailable(format!("authorization backend unavailable: {backend}"))
+}
+
 pub(crate) fn starting(gate: &Option<Arc<RevocationBus>>) -> Result<(), tonic::Status> {
     match gate {
         Some(bus) if !bus.has_position() => Err(tonic::Status::unavailable(
