@@ -127,7 +127,7 @@ async fn main() {
         let (mut feed, revocable) = (app.bus.subscribe(), revocable.clone());
         tokio::spawn(async move {
             while let Ok(item) = feed.recv().await {
-                if let keygate::revocation::FeedItem::Event(e) = item {
+                if let keygate::revocation::FeedItem::Event(e) = item.item {
                     revocable.applied_at[r]
                         .lock()
                         .unwrap()

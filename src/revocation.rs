@@ -2,10 +2,11 @@
 //! cache and add JWT revocations to the replica's set the moment their event arrives, and
 //! re-publish applied events to local `Watch` clients.
 //!
-//! The feed is the store's stream (Redis XREAD on a dedicated connection) or another
-//! keygate's `Watch` stream. After a lost connection the follower resumes from the last id
-//! it applied; if events after that id were lost, it flushes the whole cache and loads the
-//! JWT revocations afresh (no JWT is judged until it has them). While it
+//! The feed is the store's stream (Redis XREAD, one dedicated connection per stream
+//! partition) or another keygate's `Watch` stream. The follower keeps a position per
+//! partition (a `Cursor`). After a lost connection it resumes each partition from the last
+//! id it applied there; if events of a partition after that id were lost, it flushes the
+//! whole cache and loads the JWT revocations afresh (no JWT is judged until it has them). While it
 //! cannot follow, cached entries keep only their TTL as the bound on staleness, and the
 //! replica says so in `/readyz` and the `revocation_stream_connected` metric.
 
@@ -19,8 +20,8 @@ use tokio::sync::{broadcast, watch};
 use crate::cache::CredentialCache;
 use crate::jwt::revoked::RevokedTokens;
 use crate::store::{
-    now_ms, DelegationEvent, EventId, KeyStore, RevocationEvent, StoreError, StreamEntry,
-    TokenRevocation, TokenRevocationEvent,
+    latest_cursor, now_ms, Cursor, DelegationEvent, EventId, KeyStore, RevocationEvent,
+    StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent,
 };
 use crate::telemetry::metrics;
 use crate::tenant::Delegations;
@@ -44,8 +45,27 @@ pub enum FeedItem {
     Reset(EventId),
 }
 
+/// A feed item, the partition it came from, and the feed's whole position after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedEntry {
+    pub partition: usize,
+    pub item: FeedItem,
+    pub cursor: Cursor,
+}
+
+impl FeedEntry {
+    /// `item` of `partition`, read when the feed stood at `before`.
+    pub fn after(before: &Cursor, partition: usize, item: FeedItem) -> FeedEntry {
+        FeedEntry {
+            cursor: before.with(partition, item.position()),
+            partition,
+            item,
+        }
+    }
+}
+
 impl FeedItem {
-    /// The stream position after this item.
+    /// The position after this item in its partition.
     pub fn position(&self) -> EventId {
         match self {
             FeedItem::Event(e) => e.position(),
@@ -76,28 +96,67 @@ impl FeedItem {
 /// A source of revocation events.
 #[async_trait]
 pub trait EventFeed: Send + Sync + 'static {
-    /// The position to start from when nothing was applied yet: the newest event now.
-    async fn start_position(&self) -> Result<EventId, StoreError>;
+    /// The position to start from when nothing was applied yet: the newest events now.
+    async fn start_position(&self) -> Result<Cursor, StoreError>;
 
     /// The next items after `after`, waiting a bounded time for them (an empty result is
-    /// fine). `resync` is set after a failure: the feed must then check whether events
-    /// after `after` were lost and, if so, yield a `Reset` first.
-    async fn read(&self, after: EventId, resync: bool) -> Result<Vec<FeedItem>, StoreError>;
+    /// fine), each with the cursor after it. `resync` is set after a failure: the feed
+    /// must then check whether events after `after` were lost and, if so, yield a `Reset`
+    /// first.
+    async fn read(&self, after: &Cursor, resync: bool) -> Result<Vec<FeedEntry>, StoreError>;
 
     /// Every JWT revocation in force now. Asked after `start_position` and after each
     /// `Reset`: it holds at least every revocation up to that position.
     async fn token_revocations(&self) -> Result<Vec<TokenRevocation>, StoreError>;
 }
 
-/// The store's own stream.
+/// The store's own stream, every partition of it.
+///
+/// Each partition is read by a blocking read of its own, kept running across `read`
+/// calls: a quiet partition's read waits in Redis while another's events are applied, so
+/// no read is ever cancelled and re-sent (which would pile up blocked reads on a
+/// connection).
 pub struct StoreFeed {
     store: Arc<dyn KeyStore>,
     block: Duration,
+    reads: tokio::sync::Mutex<Vec<Option<PartitionRead>>>,
+}
+
+/// A partition's read in flight, and where it reads from.
+struct PartitionRead {
+    after: EventId,
+    task: tokio::task::JoinHandle<Result<Vec<StreamEntry>, StoreError>>,
 }
 
 impl StoreFeed {
     pub fn new(store: Arc<dyn KeyStore>, block: Duration) -> Self {
-        StoreFeed { store, block }
+        let partitions = store.partitions();
+        StoreFeed {
+            store,
+            block,
+            reads: tokio::sync::Mutex::new((0..partitions).map(|_| None).collect()),
+        }
+    }
+
+    /// A `Reset` for every partition of `after` whose events since were lost.
+    async fn lost(&self, after: &Cursor) -> Result<Vec<FeedEntry>, StoreError> {
+        let mut resets = Vec::new();
+        for p in 0..self.store.partitions() {
+            if self.store.events_lost_after(p, after.at(p)).await? {
+                let latest = self.store.latest_event_id(p).await?;
+                let before = resets.last().map_or(after, |r: &FeedEntry| &r.cursor);
+                resets.push(FeedEntry::after(before, p, FeedItem::Reset(latest)));
+            }
+        }
+        Ok(resets)
+    }
+}
+
+impl Drop for StoreFeed {
+    fn drop(&mut self) {
+        for read in self.reads.get_mut().iter().flatten() {
+            read.task.abort();
+        }
     }
 }
 
@@ -106,25 +165,63 @@ const BATCH: usize = 1000;
 
 #[async_trait]
 impl EventFeed for StoreFeed {
-    async fn start_position(&self) -> Result<EventId, StoreError> {
-        self.store.latest_event_id().await
+    async fn start_position(&self) -> Result<Cursor, StoreError> {
+        latest_cursor(self.store.as_ref()).await
     }
 
-    async fn read(&self, after: EventId, resync: bool) -> Result<Vec<FeedItem>, StoreError> {
-        if resync && self.store.events_lost_after(after).await? {
-            return Ok(vec![FeedItem::Reset(self.store.latest_event_id().await?)]);
+    async fn read(&self, after: &Cursor, resync: bool) -> Result<Vec<FeedEntry>, StoreError> {
+        if resync {
+            let resets = self.lost(after).await?;
+            if !resets.is_empty() {
+                return Ok(resets);
+            }
         }
-        let entries = self
-            .store
-            .read_events(after, BATCH, Some(self.block))
-            .await?;
+        let mut reads = self.reads.lock().await;
+        for (p, slot) in reads.iter_mut().enumerate() {
+            let from = after.at(p);
+            if slot.as_ref().is_some_and(|r| r.after != from) {
+                // The follower moved on (a reset, a restart): that read is stale.
+                if let Some(stale) = slot.take() {
+                    stale.task.abort();
+                }
+            }
+            if slot.is_none() {
+                let store = self.store.clone();
+                let block = self.block;
+                *slot = Some(PartitionRead {
+                    after: from,
+                    task: tokio::spawn(async move {
+                        store.read_events(p, from, BATCH, Some(block)).await
+                    }),
+                });
+            }
+        }
+        // The first partition to answer; the others keep waiting.
+        let (done, p, _) = futures::future::select_all(
+            reads
+                .iter_mut()
+                .map(|r| &mut r.as_mut().expect("started above").task),
+        )
+        .await;
+        reads[p] = None;
+        drop(reads);
+        let entries = done.map_err(|e| StoreError::Unavailable(format!("stream read: {e}")))??;
         // A reader that fell behind while connected may have had events trimmed from
         // under it: what it read then starts after a gap. Asked after each batch, not
         // each request: events are rare next to checks.
-        if !entries.is_empty() && self.store.events_lost_after(after).await? {
-            return Ok(vec![FeedItem::Reset(self.store.latest_event_id().await?)]);
+        if !entries.is_empty() && self.store.events_lost_after(p, after.at(p)).await? {
+            let latest = self.store.latest_event_id(p).await?;
+            return Ok(vec![FeedEntry::after(after, p, FeedItem::Reset(latest))]);
         }
-        Ok(entries.into_iter().map(FeedItem::from_entry).collect())
+        let mut cursor = after.clone();
+        Ok(entries
+            .into_iter()
+            .map(|entry| {
+                let fed = FeedEntry::after(&cursor, p, FeedItem::from_entry(entry));
+                cursor = fed.cursor.clone();
+                fed
+            })
+            .collect())
     }
 
     async fn token_revocations(&self) -> Result<Vec<TokenRevocation>, StoreError> {
@@ -137,12 +234,12 @@ pub struct RevocationBus {
     cache: Arc<CredentialCache>,
     tokens: Arc<RevokedTokens>,
     delegations: Arc<Delegations>,
-    published: broadcast::Sender<FeedItem>,
+    published: broadcast::Sender<FeedEntry>,
     connected: AtomicBool,
     /// Set once the follower knows where in the stream it starts: before that, nothing
     /// verified may be answered, or a revocation in between would be missed.
     positioned: AtomicBool,
-    last_applied: Mutex<EventId>,
+    last_applied: Mutex<Cursor>,
     reconnects: AtomicU64,
     flushes: AtomicU64,
     /// Woken when `connected` changes (for the health reporter).
@@ -162,7 +259,7 @@ impl RevocationBus {
             published: broadcast::channel(4096).0,
             connected: AtomicBool::new(false),
             positioned: AtomicBool::new(false),
-            last_applied: Mutex::new(EventId::START),
+            last_applied: Mutex::new(Cursor::default()),
             reconnects: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
@@ -180,8 +277,9 @@ impl RevocationBus {
         self.positioned.load(Ordering::Acquire)
     }
 
-    pub fn last_applied(&self) -> EventId {
-        *self.last_applied.lock().expect("not poisoned")
+    /// The position after the last item applied, in every partition.
+    pub fn last_applied(&self) -> Cursor {
+        self.last_applied.lock().expect("not poisoned").clone()
     }
 
     /// Times this replica lost its feed (the metric sums over replicas in one process).
@@ -195,7 +293,7 @@ impl RevocationBus {
     }
 
     /// Items applied from now on (for `Watch`).
-    pub fn subscribe(&self) -> broadcast::Receiver<FeedItem> {
+    pub fn subscribe(&self) -> broadcast::Receiver<FeedEntry> {
         self.published.subscribe()
     }
 
@@ -222,9 +320,9 @@ impl RevocationBus {
     }
 
     /// Applies one item: the cache first, then local watchers.
-    pub async fn apply(&self, item: FeedItem) {
+    pub async fn apply(&self, entry: FeedEntry) {
         let m = metrics();
-        match &item {
+        match &entry.item {
             FeedItem::Event(e) => {
                 self.cache.invalidate_key(&e.key_id, Some(e.kind));
                 applied(e.at_ms);
@@ -258,8 +356,8 @@ impl RevocationBus {
                 tracing::warn!(resume_after = %id, "revocation events were lost or unreadable; flushed the credential cache");
             }
         }
-        *self.last_applied.lock().expect("not poisoned") = item.position();
-        let _ = self.published.send(item);
+        *self.last_applied.lock().expect("not poisoned") = entry.cursor.clone();
+        let _ = self.published.send(entry);
     }
 
     /// Follows `feed` until `stop` turns true.
@@ -281,7 +379,7 @@ impl RevocationBus {
                 }
             }
         };
-        *self.last_applied.lock().expect("not poisoned") = after;
+        *self.last_applied.lock().expect("not poisoned") = after.clone();
         // Revocations up to the position, before anything is answered; later ones come
         // on the feed.
         loop {
@@ -317,16 +415,16 @@ impl RevocationBus {
             }
             let read = tokio::select! {
                 _ = stop.changed() => return,
-                r = feed.read(after, resync) => r,
+                r = feed.read(&after, resync) => r,
             };
             match read {
                 Ok(items) => {
                     resync = false;
                     backoff = Backoff::default();
                     self.set_connected(true);
-                    for item in items {
-                        after = item.position();
-                        self.apply(item).await;
+                    for entry in items {
+                        after = entry.cursor.clone();
+                        self.apply(entry).await;
                     }
                 }
                 Err(e) => {

@@ -83,6 +83,8 @@ impl App {
                     &crate::store::redis::RedisOptions {
                         username: config.store.username.clone(),
                         tls_ca,
+                        cluster_nodes: config.store.cluster_nodes.clone(),
+                        partitions: config.store.partitions(),
                     },
                 )?)
             }
@@ -407,6 +409,11 @@ async fn readiness(
 /// Binds the three listeners and serves until `shutdown` is called.
 pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     let cfg = &app.config;
+    // A store written with another layout stops startup here, naming the setting; one
+    // that cannot be reached yet is waited for (the replica is not ready meanwhile).
+    if let Err(crate::store::StoreError::Corrupt(e)) = app.store.ping().await {
+        anyhow::bail!("{e}");
+    }
     let tls = |t: &Option<crate::config::TlsConfig>, field: &str| {
         t.as_ref()
             .map(|t| crate::tls::acceptor(t, field))

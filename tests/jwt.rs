@@ -766,11 +766,11 @@ async fn revoke_on(
 
 /// Waits until `bus` has applied a JWT revocation (from its feed, not its own admin call).
 async fn a_token_revocation_arrives(
-    events: &mut tokio::sync::broadcast::Receiver<keygate::revocation::FeedItem>,
+    events: &mut tokio::sync::broadcast::Receiver<keygate::revocation::FeedEntry>,
 ) -> keygate::store::TokenRevocation {
     tokio::time::timeout(support::PATIENCE, async {
         loop {
-            if let keygate::revocation::FeedItem::Tokens(t) = events.recv().await.unwrap() {
+            if let keygate::revocation::FeedItem::Tokens(t) = events.recv().await.unwrap().item {
                 return t.revocation;
             }
         }
@@ -967,7 +967,7 @@ async fn a_bad_revocation_names_the_field_and_changes_nothing() {
         vec![]
     );
     assert_eq!(
-        store.latest_event_id().await.unwrap(),
+        store.latest_event_id(0).await.unwrap(),
         keygate::store::EventId::START
     );
     // Without the admin credential, nothing either.

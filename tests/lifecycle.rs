@@ -51,7 +51,7 @@ async fn a_rotated_key_works_through_its_grace_on_every_replica_then_expires() {
     // B hears of the old key's new expiry.
     tokio::time::timeout(PATIENCE, async {
         loop {
-            if let keygate::revocation::FeedItem::Event(e) = b_events.recv().await.unwrap() {
+            if let keygate::revocation::FeedItem::Event(e) = b_events.recv().await.unwrap().item {
                 if e.key_id == old.record.key_id {
                     return;
                 }

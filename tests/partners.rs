@@ -211,7 +211,7 @@ async fn a_withdrawn_delegation_is_refused_on_another_replica_and_on_a_watch_fol
     for events in [&mut b_events, &mut remote_events] {
         let change = tokio::time::timeout(PATIENCE, async {
             loop {
-                if let FeedItem::Delegation(d) = events.recv().await.unwrap() {
+                if let FeedItem::Delegation(d) = events.recv().await.unwrap().item {
                     return d;
                 }
             }

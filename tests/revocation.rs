@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use keygate::api::proto::{self, revocation_event::Kind, revocations_client::RevocationsClient};
 use keygate::config::RevocationSource;
-use keygate::revocation::{EventFeed, FeedItem, StoreFeed};
+use keygate::revocation::{EventFeed, FeedEntry, FeedItem, StoreFeed};
 use keygate::server::{self, App};
-use keygate::store::EventId;
+use keygate::store::{Cursor, EventId};
 use support::*;
 use tokio::sync::watch;
 
@@ -24,13 +24,13 @@ const EVENTS: &str = "kgtest:{keys}:events";
 
 /// Waits for `feed` (a replica's bus, subscribed before the change was made) to apply
 /// an event for `key_id`: the cache's own signal, not a poll of its answers.
-async fn applied(feed: &mut tokio::sync::broadcast::Receiver<FeedItem>, key_id: &str) {
+async fn applied(feed: &mut tokio::sync::broadcast::Receiver<FeedEntry>, key_id: &str) {
     loop {
         let item = tokio::time::timeout(PATIENCE, feed.recv())
             .await
             .unwrap_or_else(|_| panic!("an event for {key_id} in time"))
             .expect("the bus is open");
-        match item {
+        match item.item {
             FeedItem::Event(e) if e.key_id == key_id => return,
             FeedItem::Unknown { key_id: k, .. } if k == key_id => return,
             _ => continue,
@@ -124,7 +124,7 @@ async fn revoked_key_is_denied_on_every_replica_in_order_and_completely() {
                 .await
                 .expect("event in time")
                 .expect("bus open");
-            match item {
+            match item.item {
                 FeedItem::Event(e) => seen.push(e.key_id),
                 other => panic!("replica {i} did not apply an event: {other:?}"),
             }
@@ -295,7 +295,7 @@ async fn replica_resumes_after_a_redis_restart_and_flushes_when_the_stream_was_l
     eventually(
         PATIENCE,
         "the follower has a position in the stream",
-        || async { (reader2.app.bus.last_applied() != EventId::START).then_some(()) },
+        || async { (reader2.app.bus.last_applied() != Cursor::start(1)).then_some(()) },
     )
     .await;
     volatile.restart().await;
@@ -472,7 +472,7 @@ async fn watch_after_a_trimmed_id_starts_with_reset() {
     let (a, _) = create_key(&replica.app).await;
     let (b, _) = create_key(&replica.app).await;
     replica.app.admin.revoke(&a).await.unwrap();
-    let old = replica.app.store.latest_event_id().await.unwrap();
+    let old = replica.app.store.latest_event_id(0).await.unwrap();
     replica.app.admin.revoke(&b).await.unwrap();
     redis.trim_all_events().await;
     let mut client = watch_client(&replica).await;
@@ -545,12 +545,16 @@ async fn events_are_idempotent_when_delivered_twice() {
     assert_eq!(replica.check(&token).await, Outcome::Allowed);
     assert_eq!(replica.check(&bystander).await, Outcome::Allowed);
     let event = |kind| {
-        FeedItem::Event(keygate::store::RevocationEvent {
-            id: "1-0".into(),
-            key_id: id.clone(),
-            kind,
-            at_ms: 1,
-        })
+        FeedEntry::after(
+            &Cursor::start(1),
+            0,
+            FeedItem::Event(keygate::store::RevocationEvent {
+                id: "1-0".into(),
+                key_id: id.clone(),
+                kind,
+                at_ms: 1,
+            }),
+        )
     };
     // The first delivery of a revocation denies the key, and a second changes nothing:
     // the same answer, no argon2, nothing else touched.
@@ -650,14 +654,20 @@ async fn a_gap_trimmed_while_connected_flushes() {
     // Both revocations are trimmed before the reader reads; then one more arrives.
     redis.trim_all_events().await;
     app.store.revoke(&c, now).await.unwrap();
-    let items = feed.read(start, false).await.unwrap();
+    let items = feed.read(&start, false).await.unwrap();
     assert!(
-        matches!(items.as_slice(), [FeedItem::Reset(_)]),
+        matches!(
+            items.as_slice(),
+            [FeedEntry {
+                item: FeedItem::Reset(_),
+                ..
+            }]
+        ),
         "{items:?}"
     );
     // Nothing was lost after the reset's position.
-    let resumed = items[0].position();
-    assert!(feed.read(resumed, false).await.unwrap().is_empty());
+    let resumed = items[0].cursor.clone();
+    assert!(feed.read(&resumed, false).await.unwrap().is_empty());
 }
 
 /// The follower takes its position before the first check is answered: until then a
@@ -696,7 +706,9 @@ async fn a_watch_follower_starts_at_the_remotes_newest_event() {
         let (id, _) = create_key(&primary.app).await;
         primary.app.admin.revoke(&id).await.unwrap();
     }
-    let newest = primary.app.store.latest_event_id().await.unwrap();
+    let newest = keygate::store::latest_cursor(primary.app.store.as_ref())
+        .await
+        .unwrap();
     let feed = keygate::api::revocations::WatchFeed::new(
         format!("http://{}", primary.running.grpc),
         secrets.watch_token.clone().unwrap(),
@@ -704,7 +716,7 @@ async fn a_watch_follower_starts_at_the_remotes_newest_event() {
     );
     assert_eq!(feed.start_position().await.unwrap(), newest);
     // Reconnecting from there (as after a lost connection): nothing to replay, no reset.
-    assert!(feed.read(newest, true).await.unwrap().is_empty());
+    assert!(feed.read(&newest, true).await.unwrap().is_empty());
     primary.running.shutdown().await.unwrap();
 }
 
@@ -730,7 +742,10 @@ async fn removing_a_scope_reaches_every_replica_through_redis() {
     };
     let updated = a.app.admin.update(&id, change).await.unwrap();
     assert_eq!(updated.scopes, vec!["contacts:write".to_string()]);
-    match tokio::time::timeout(PATIENCE, feed.recv()).await {
+    match tokio::time::timeout(PATIENCE, feed.recv())
+        .await
+        .map(|r| r.map(|e| e.item))
+    {
         Ok(Ok(FeedItem::Event(e))) => {
             assert_eq!(e.key_id, id);
             assert_eq!(e.kind, keygate::store::EventKind::Updated);
@@ -811,7 +826,8 @@ async fn a_lagging_watch_subscriber_whose_events_were_trimmed_gets_a_reset() {
     let mut conn = redis.connection().await;
     let () = pipe.query_async(&mut conn).await.unwrap();
     eventually(PATIENCE, "the follower applied every event", || async {
-        (app.bus.last_applied() == app.store.latest_event_id().await.unwrap()).then_some(())
+        (app.bus.last_applied() == keygate::store::latest_cursor(app.store.as_ref()).await.unwrap())
+            .then_some(())
     })
     .await;
     assert_eq!(app.bus.flushes(), 0, "the follower kept up");

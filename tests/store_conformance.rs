@@ -29,8 +29,24 @@ struct Subject {
 
 enum EventSource {
     Memory(Arc<MemoryStore>),
-    /// The store, and the server it talks to (kept alive for the test).
-    Redis(Arc<RedisStore>, RedisServer),
+    /// The store, a connection of the test's own to its Redis, and the server (or
+    /// Cluster) it talks to, kept alive for the test.
+    Redis(Arc<RedisStore>, Raw, Box<dyn std::any::Any + Send + Sync>),
+}
+
+/// The test's own connection, to read what keygate wrote.
+enum Raw {
+    Single(::redis::aio::MultiplexedConnection),
+    Cluster(::redis::cluster_async::ClusterConnection),
+}
+
+impl Raw {
+    async fn stream_entries(&self, key: &str) -> Vec<(String, Vec<(String, String)>)> {
+        match self {
+            Raw::Single(c) => support::stream_entries(&mut c.clone(), key).await,
+            Raw::Cluster(c) => support::stream_entries(&mut c.clone(), key).await,
+        }
+    }
 }
 
 impl Subject {
@@ -48,9 +64,41 @@ impl Subject {
             RedisStore::new(&server.url(), None, "kgtest", Duration::from_secs(2))
                 .expect("redis store"),
         );
+        let raw = Raw::Single(server.connection().await);
         Subject {
             store: store.clone(),
-            events: EventSource::Redis(store, server),
+            events: EventSource::Redis(store, raw, Box::new(server)),
+        }
+    }
+
+    /// The shared Redis Cluster (three masters, three replicas), in a namespace of the
+    /// test's own, with the default partitions.
+    async fn cluster() -> Subject {
+        let cluster = support::shared_cluster().await;
+        let store = Arc::new(
+            RedisStore::with_options(
+                "redis://unused",
+                None,
+                &support::fresh_namespace(),
+                Duration::from_secs(2),
+                &keygate::store::redis::RedisOptions {
+                    cluster_nodes: cluster.urls(),
+                    partitions: keygate::store::redis::CLUSTER_PARTITIONS,
+                    ..Default::default()
+                },
+            )
+            .expect("cluster store"),
+        );
+        let raw = Raw::Cluster(
+            ::redis::cluster::ClusterClient::new(cluster.urls())
+                .unwrap()
+                .get_async_connection()
+                .await
+                .expect("a connection to the test cluster"),
+        );
+        Subject {
+            store: store.clone(),
+            events: EventSource::Redis(store, raw, Box::new(())),
         }
     }
 
@@ -64,10 +112,12 @@ impl Subject {
                 .into_iter()
                 .map(|e| (e.key_id, e.kind, e.at_ms))
                 .collect(),
-            EventSource::Redis(store, server) => {
-                let mut conn = server.connection().await;
-                support::stream_entries(&mut conn, &store.events_key())
-                    .await
+            EventSource::Redis(store, raw, _) => {
+                let mut entries = Vec::new();
+                for p in 0..store.partitions() {
+                    entries.extend(raw.stream_entries(&store.events_key(p)).await);
+                }
+                entries
                     .into_iter()
                     .map(|(id, fields)| {
                         let field = |name: &str| {
@@ -106,6 +156,15 @@ fn hasher() -> SecretHasher {
     .expect("hasher")
 }
 
+/// Every entry of every partition: each partition oldest first, partitions in order.
+async fn all_entries(store: &dyn KeyStore) -> Vec<StreamEntry> {
+    let mut all = Vec::new();
+    for p in 0..store.partitions() {
+        all.extend(store.read_events(p, EventId::START, 1000, None).await.unwrap());
+    }
+    all
+}
+
 /// A record as `KeyAdmin::create` would store it, and the token it stands for.
 async fn new_record(tenant: &str, name: &str) -> (KeyRecord, String) {
     let generated = apikey::generate("sk", Environment::Live);
@@ -136,6 +195,17 @@ async fn created(s: &Subject, tenant: &str, name: &str) -> KeyRecord {
     let (record, _) = new_record(tenant, name).await;
     s.store.create(&record).await.expect("create");
     record
+}
+
+/// A new key whose events go to `partition` (key ids are random: a few tries).
+async fn created_in(s: &Subject, partition: usize, name: &str) -> KeyRecord {
+    loop {
+        let (record, _) = new_record(TENANT, name).await;
+        if s.store.key_partition(&record.key_id) == partition {
+            s.store.create(&record).await.expect("create");
+            return record;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -388,22 +458,31 @@ async fn deleting_removes_the_key_and_its_index_entry(s: Subject) {
 
 async fn revocation_events_read_back_in_order_from_any_position(s: Subject) {
     let store = &s.store;
-    assert_eq!(store.latest_event_id().await.unwrap(), EventId::START);
-    assert!(store
-        .read_events(EventId::START, 100, None)
-        .await
-        .unwrap()
-        .is_empty());
-    assert!(!store.events_lost_after(EventId::START).await.unwrap());
+    for p in 0..store.partitions() {
+        assert_eq!(store.latest_event_id(p).await.unwrap(), EventId::START);
+        assert!(store
+            .read_events(p, EventId::START, 100, None)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(!store.events_lost_after(p, EventId::START).await.unwrap());
+    }
 
-    let a = created(&s, TENANT, "a").await;
-    let b = created(&s, TENANT, "b").await;
+    // Order holds within a partition: two keys of the last one (partition 0 on one
+    // partition).
+    let part = store.partitions() - 1;
+    let a = created_in(&s, part, "a").await;
+    let b = created_in(&s, part, "b").await;
     let t = keygate::store::now_ms();
     store.revoke(&a.key_id, t).await.unwrap().unwrap();
     store.revoke(&b.key_id, t).await.unwrap().unwrap();
     store.delete(&a.key_id, t + 1).await.unwrap().unwrap();
 
-    let all = store.read_events(EventId::START, 100, None).await.unwrap();
+    let all = store
+        .read_events(part, EventId::START, 100, None)
+        .await
+        .unwrap();
+    assert_eq!(all, all_entries(store.as_ref()).await, "nothing elsewhere");
     let summary: Vec<(&str, EventKind, u64)> = all
         .iter()
         .map(|e| e.event().expect("an event keygate wrote reads back"))
@@ -422,25 +501,28 @@ async fn revocation_events_read_back_in_order_from_any_position(s: Subject) {
         positions.windows(2).all(|w| w[0] < w[1]),
         "ids strictly increase: {positions:?}"
     );
-    assert_eq!(store.latest_event_id().await.unwrap(), positions[2]);
+    assert_eq!(store.latest_event_id(part).await.unwrap(), positions[2]);
 
     // Resuming from any position yields exactly what came after it.
     assert_eq!(
-        store.read_events(positions[0], 100, None).await.unwrap(),
+        store.read_events(part, positions[0], 100, None).await.unwrap(),
         all[1..].to_vec()
     );
     assert_eq!(
-        store.read_events(EventId::START, 2, None).await.unwrap(),
+        store
+            .read_events(part, EventId::START, 2, None)
+            .await
+            .unwrap(),
         all[..2].to_vec()
     );
     assert!(store
-        .read_events(positions[2], 100, None)
+        .read_events(part, positions[2], 100, None)
         .await
         .unwrap()
         .is_empty());
     for p in [EventId::START, positions[0], positions[2]] {
         assert!(
-            !store.events_lost_after(p).await.unwrap(),
+            !store.events_lost_after(part, p).await.unwrap(),
             "nothing lost after {p}"
         );
     }
@@ -449,25 +531,25 @@ async fn revocation_events_read_back_in_order_from_any_position(s: Subject) {
         ms: positions[2].ms + 60_000,
         seq: 0,
     };
-    assert!(store.events_lost_after(beyond).await.unwrap());
+    assert!(store.events_lost_after(part, beyond).await.unwrap());
 
     // A blocking read with nothing new waits, then returns empty.
     let started = std::time::Instant::now();
     let quiet = store
-        .read_events(positions[2], 100, Some(Duration::from_millis(200)))
+        .read_events(part, positions[2], 100, Some(Duration::from_millis(200)))
         .await
         .unwrap();
     assert!(quiet.is_empty());
     assert!(started.elapsed() < Duration::from_secs(5));
 
     // A blocking read returns the event appended while it waits (or just before).
-    let c = created(&s, TENANT, "c").await;
+    let c = created_in(&s, part, "c").await;
     let reader = {
         let store = store.clone();
         let after = positions[2];
         tokio::spawn(async move {
             store
-                .read_events(after, 100, Some(Duration::from_secs(5)))
+                .read_events(part, after, 100, Some(Duration::from_secs(5)))
                 .await
         })
     };
@@ -674,11 +756,9 @@ async fn delegations_are_granted_and_withdrawn_once_each_with_one_event(s: Subje
             .unwrap(),
         vec![d("globex", TENANT)]
     );
-    let changes: Vec<(String, String, bool)> = s
-        .store
-        .read_events(EventId::START, 100, None)
+    // In order per partner (a partner's changes share its partition).
+    let changes: Vec<(String, String, bool)> = all_entries(s.store.as_ref())
         .await
-        .unwrap()
         .into_iter()
         .map(|e| match e {
             StreamEntry::Delegation(d) => (d.partner_id, d.tenant_id, d.granted),
@@ -686,15 +766,19 @@ async fn delegations_are_granted_and_withdrawn_once_each_with_one_event(s: Subje
         })
         .collect();
     let change = |p: &str, t: &str, g| (p.to_owned(), t.to_owned(), g);
+    let of = |partner: &str| -> Vec<(String, String, bool)> {
+        changes.iter().filter(|c| c.0 == partner).cloned().collect()
+    };
+    assert_eq!(changes.len(), 4, "{changes:?}");
     assert_eq!(
-        changes,
+        of("acme"),
         vec![
             change("acme", TENANT, true),
             change("acme", OTHER_TENANT, true),
-            change("globex", TENANT, true),
             change("acme", TENANT, false),
         ]
     );
+    assert_eq!(of("globex"), vec![change("globex", TENANT, true)]);
 }
 
 async fn rate_reservations_follow_gcra_and_leases_their_limit(s: Subject) {
@@ -810,11 +894,8 @@ async fn token_revocations_merge_and_append_one_event_per_change(s: Subject) {
     listed.sort_by_key(TokenRevocation::rule_key);
     assert_eq!(listed, vec![jti.clone(), later.clone()]);
 
-    let entries = s
-        .store
-        .read_events(EventId::START, 100, None)
-        .await
-        .unwrap();
+    // One event per change, in order per rule (a rule's events share its partition).
+    let entries = all_entries(s.store.as_ref()).await;
     let carried: Vec<TokenRevocation> = entries
         .iter()
         .map(|e| match e {
@@ -822,10 +903,30 @@ async fn token_revocations_merge_and_append_one_event_per_change(s: Subject) {
             other => panic!("not a token revocation: {other:?}"),
         })
         .collect();
-    assert_eq!(carried, vec![first, later, jti, spent]);
-    let positions: Vec<EventId> = entries.iter().map(StreamEntry::position).collect();
-    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
-    assert_eq!(s.store.latest_event_id().await.unwrap(), positions[3]);
+    assert_eq!(carried.len(), 4, "{carried:?}");
+    let of = |rule: &TokenRevocation| -> Vec<TokenRevocation> {
+        carried
+            .iter()
+            .filter(|c| c.rule_key() == rule.rule_key())
+            .cloned()
+            .collect()
+    };
+    assert_eq!(of(&first), vec![first.clone(), later]);
+    assert_eq!(of(&jti), vec![jti.clone()]);
+    assert_eq!(of(&spent), vec![spent.clone()]);
+    for p in 0..s.store.partitions() {
+        let mine = s
+            .store
+            .read_events(p, EventId::START, 100, None)
+            .await
+            .unwrap();
+        let positions: Vec<EventId> = mine.iter().map(StreamEntry::position).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        assert_eq!(
+            s.store.latest_event_id(p).await.unwrap(),
+            positions.last().copied().unwrap_or(EventId::START)
+        );
+    }
 }
 
 macro_rules! conformance {
@@ -843,6 +944,14 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $case() {
                     super::$case(super::Subject::redis().await).await;
+                }
+            )+
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::Subject::cluster().await).await;
                 }
             )+
         }
@@ -869,12 +978,12 @@ conformance!(
 #[tokio::test]
 async fn an_unreadable_token_revocation_on_the_stream_is_unreadable_without_a_key() {
     let s = Subject::redis().await;
-    let EventSource::Redis(store, server) = &s.events else {
+    let EventSource::Redis(store, Raw::Single(conn), _) = &s.events else {
         unreachable!()
     };
-    let mut conn = server.connection().await;
+    let mut conn = conn.clone();
     let _: String = ::redis::cmd("XADD")
-        .arg(store.events_key())
+        .arg(store.events_key(0))
         .arg("*")
         .arg("kind")
         .arg(keygate::store::TOKENS_REVOKED)
@@ -883,7 +992,11 @@ async fn an_unreadable_token_revocation_on_the_stream_is_unreadable_without_a_ke
         .query_async(&mut conn)
         .await
         .unwrap();
-    let entries = s.store.read_events(EventId::START, 10, None).await.unwrap();
+    let entries = s
+        .store
+        .read_events(0, EventId::START, 10, None)
+        .await
+        .unwrap();
     assert!(
         matches!(
             entries.as_slice(),
@@ -956,7 +1069,7 @@ async fn admin_revoke_and_delete_each_append_one_stream_event() {
     app.admin.delete(&key_id).await.unwrap();
 
     let store = RedisStore::new(&redis.url(), None, "kgtest", Duration::from_secs(2)).unwrap();
-    let entries = support::stream_entries(&mut redis.connection().await, &store.events_key()).await;
+    let entries = support::stream_entries(&mut redis.connection().await, &store.events_key(0)).await;
     let summary: Vec<(String, String)> = entries
         .iter()
         .map(|(_, fields)| {

@@ -4,9 +4,10 @@
 //!
 //! Watch hands out key ids and events, so it always needs a credential (`server.rs`
 //! puts it behind the watch token on the public port and the admin token on the admin
-//! port). Every stream's response metadata names the position it starts after
-//! (`x-keygate-after`), so a client that reconnects before any event arrived resumes
-//! from there: no replay of the whole stream, no needless flush.
+//! port). Positions are cursors over every partition of the stream: each message's `id`
+//! is the cursor after it, and every stream's response metadata names the cursor it
+//! starts after (`x-keygate-after`), so a client that reconnects before any event arrived
+//! resumes from there: no replay of the whole stream, no needless flush.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,14 +23,14 @@ use super::proto::{
     revocations_server::Revocations,
 };
 use super::{timestamp, timestamp_ms};
-use crate::revocation::{EventFeed, FeedItem, RevocationBus};
+use crate::revocation::{EventFeed, FeedEntry, FeedItem, RevocationBus};
 use crate::secret::Secret;
 use crate::store::{
-    now_ms, DelegationEvent, EventId, EventKind, KeyStore, RevocationEvent, StoreError,
-    TokenRevocation, TokenRevocationEvent, TokenTarget,
+    latest_cursor, now_ms, Cursor, DelegationEvent, EventId, EventKind, KeyStore,
+    RevocationEvent, StoreError, TokenRevocation, TokenRevocationEvent, TokenTarget,
 };
 
-/// Response metadata: the position a Watch stream starts after.
+/// Response metadata: the cursor a Watch stream starts after.
 pub const AFTER_METADATA: &str = "x-keygate-after";
 
 pub struct RevocationsService {
@@ -50,10 +51,17 @@ impl RevocationsService {
     }
 }
 
-fn event_proto(item: &FeedItem) -> proto::RevocationEvent {
+/// `item` of `partition`, with the cursor after it as its id.
+fn event_proto(item: &FeedItem, partition: usize, cursor: &Cursor) -> proto::RevocationEvent {
+    let mut msg = item_proto(item);
+    msg.id = cursor.to_string();
+    msg.partition = partition as u32;
+    msg
+}
+
+fn item_proto(item: &FeedItem) -> proto::RevocationEvent {
     match item {
         FeedItem::Event(e) => proto::RevocationEvent {
-            id: e.id.clone(),
             key_id: e.key_id.clone(),
             kind: match e.kind {
                 EventKind::Revoked => Kind::Revoked,
@@ -64,7 +72,6 @@ fn event_proto(item: &FeedItem) -> proto::RevocationEvent {
             ..Default::default()
         },
         FeedItem::Tokens(t) => proto::RevocationEvent {
-            id: t.id.to_string(),
             key_id: String::new(),
             kind: Kind::TokensRevoked as i32,
             at: Some(timestamp(t.revocation.at_ms)),
@@ -72,7 +79,6 @@ fn event_proto(item: &FeedItem) -> proto::RevocationEvent {
             ..Default::default()
         },
         FeedItem::Delegation(d) => proto::RevocationEvent {
-            id: d.id.to_string(),
             kind: if d.granted {
                 Kind::Delegated
             } else {
@@ -84,14 +90,12 @@ fn event_proto(item: &FeedItem) -> proto::RevocationEvent {
             ..Default::default()
         },
         // A kind this server cannot read: its clients drop the key, as this server did.
-        FeedItem::Unknown { id, key_id } => proto::RevocationEvent {
-            id: id.to_string(),
+        FeedItem::Unknown { key_id, .. } => proto::RevocationEvent {
             key_id: key_id.clone(),
             kind: Kind::Unspecified as i32,
             ..Default::default()
         },
-        FeedItem::Reset(id) => proto::RevocationEvent {
-            id: id.to_string(),
+        FeedItem::Reset(_) => proto::RevocationEvent {
             key_id: String::new(),
             kind: Kind::Reset as i32,
             ..Default::default()
@@ -141,33 +145,61 @@ fn unavailable(e: StoreError) -> Status {
     Status::unavailable(format!("revocation stream unavailable: {e}"))
 }
 
-/// Sends everything the store holds after `after` (first a RESET if some of it was lost);
-/// returns the new position, or `None` when the client has gone.
+/// Sends everything the store holds after `cursor`, partition by partition (first a
+/// RESET where some of it was lost); returns the new cursor, or `None` when the client
+/// has gone.
 async fn replay(
     store: &dyn KeyStore,
     tx: &mpsc::Sender<Result<proto::RevocationEvent, Status>>,
-    mut after: EventId,
-) -> Result<Option<EventId>, StoreError> {
-    loop {
-        if store.events_lost_after(after).await? {
-            let reset = FeedItem::Reset(store.latest_event_id().await?);
-            after = reset.position();
-            if tx.send(Ok(event_proto(&reset))).await.is_err() {
-                return Ok(None);
+    mut cursor: Cursor,
+) -> Result<Option<Cursor>, StoreError> {
+    for p in 0..store.partitions() {
+        loop {
+            if store.events_lost_after(p, cursor.at(p)).await? {
+                let reset = FeedItem::Reset(store.latest_event_id(p).await?);
+                cursor = cursor.with(p, reset.position());
+                if tx.send(Ok(event_proto(&reset, p, &cursor))).await.is_err() {
+                    return Ok(None);
+                }
             }
-        }
-        let entries = store.read_events(after, 1000, None).await?;
-        if entries.is_empty() {
-            return Ok(Some(after));
-        }
-        for entry in entries {
-            let item = FeedItem::from_entry(entry);
-            after = item.position();
-            if tx.send(Ok(event_proto(&item))).await.is_err() {
-                return Ok(None);
+            let entries = store.read_events(p, cursor.at(p), 1000, None).await?;
+            if entries.is_empty() {
+                break;
+            }
+            for entry in entries {
+                let item = FeedItem::from_entry(entry);
+                cursor = cursor.with(p, item.position());
+                if tx.send(Ok(event_proto(&item, p, &cursor))).await.is_err() {
+                    return Ok(None);
+                }
             }
         }
     }
+    Ok(Some(cursor))
+}
+
+/// `after_id` as a cursor of this store: as many ids as it has partitions, none past
+/// the partition's newest event.
+fn requested_cursor(raw: &str, latest: &Cursor) -> Result<Cursor, Status> {
+    let cursor = Cursor::parse(raw.trim()).ok_or_else(|| {
+        Status::invalid_argument(
+            "after_id: must be a cursor from this stream, like 1763900000000-0 (one id per \
+             stream partition, comma-separated)",
+        )
+    })?;
+    if cursor.partitions() != latest.partitions() {
+        return Err(Status::invalid_argument(format!(
+            "after_id: names {} stream partition(s); this stream has {}",
+            cursor.partitions(),
+            latest.partitions()
+        )));
+    }
+    if cursor.0.iter().zip(&latest.0).any(|(id, newest)| id > newest) {
+        return Err(Status::invalid_argument(
+            "after_id: no such event (newer than the newest event)",
+        ));
+    }
+    Ok(cursor)
 }
 
 type WatchStream =
@@ -182,20 +214,15 @@ impl Revocations for RevocationsService {
         request: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let raw = request.into_inner().after_id;
-        let latest = self.store.latest_event_id().await.map_err(unavailable)?;
+        let latest = latest_cursor(self.store.as_ref())
+            .await
+            .map_err(unavailable)?;
         let after = if raw.is_empty() {
             latest
         } else {
-            let id = EventId::parse(raw.trim()).ok_or_else(|| {
-                Status::invalid_argument("after_id: must be a stream id like 1763900000000-0")
-            })?;
-            if id > latest {
-                return Err(Status::invalid_argument(
-                    "after_id: no such event (newer than the newest event)",
-                ));
-            }
-            id
+            requested_cursor(&raw, &latest)?
         };
+        let start = after.to_string();
         // Subscribe before replaying, so nothing published meanwhile is missed; what is
         // seen twice is skipped by id.
         let mut live = self.bus.subscribe();
@@ -208,7 +235,7 @@ impl Revocations for RevocationsService {
             loop {
                 // Also after falling behind the live feed: what was missed meanwhile
                 // may have been trimmed, and `replay` says so with a RESET.
-                match replay(store.as_ref(), &tx, after).await {
+                match replay(store.as_ref(), &tx, after.clone()).await {
                     Ok(Some(pos)) => after = pos,
                     Ok(None) => return,
                     Err(e) => {
@@ -217,19 +244,19 @@ impl Revocations for RevocationsService {
                     }
                 }
                 loop {
-                    let item = match live.recv().await {
-                        Ok(item) => item,
+                    let entry = match live.recv().await {
+                        Ok(entry) => entry,
                         // Too slow for the live feed: catch up from the store again.
                         Err(broadcast::error::RecvError::Lagged(_)) => break,
                         Err(broadcast::error::RecvError::Closed) => return,
                     };
-                    let pos = item.position();
-                    let fresh = matches!(item, FeedItem::Reset(_)) || pos > after;
+                    let (p, pos) = (entry.partition, entry.item.position());
+                    let fresh = matches!(entry.item, FeedItem::Reset(_)) || pos > after.at(p);
                     if !fresh {
                         continue;
                     }
-                    after = pos;
-                    if tx.send(Ok(event_proto(&item))).await.is_err() {
+                    after = after.with(p, pos);
+                    if tx.send(Ok(event_proto(&entry.item, p, &after))).await.is_err() {
                         return;
                     }
                 }
@@ -248,7 +275,7 @@ impl Revocations for RevocationsService {
             open.dec();
         });
         let mut response = Response::new(Box::pin(ReceiverStream::new(rx)) as WatchStream);
-        if let Ok(v) = after.to_string().parse() {
+        if let Ok(v) = start.parse() {
             response.metadata_mut().insert(AFTER_METADATA, v);
         }
         Ok(response)
@@ -309,11 +336,11 @@ impl WatchFeed {
         Ok(req)
     }
 
-    /// Opens a stream after `after` (`None`: from now), and the position it starts after.
+    /// Opens a stream after `after` (`None`: from now), and the cursor it starts after.
     async fn open(
         &self,
-        after: Option<EventId>,
-    ) -> Result<(Streaming<proto::RevocationEvent>, Option<EventId>), Status> {
+        after: Option<&Cursor>,
+    ) -> Result<(Streaming<proto::RevocationEvent>, Option<Cursor>), Status> {
         let req = self.request(proto::WatchRequest {
             after_id: after.map(|a| a.to_string()).unwrap_or_default(),
         })?;
@@ -322,7 +349,7 @@ impl WatchFeed {
             .metadata()
             .get(AFTER_METADATA)
             .and_then(|v| v.to_str().ok())
-            .and_then(EventId::parse);
+            .and_then(Cursor::parse);
         Ok((response.into_inner(), start))
     }
 }
@@ -331,14 +358,31 @@ fn feed_error(s: Status) -> StoreError {
     StoreError::Unavailable(format!("Watch: {}", s.message()))
 }
 
-/// A Watch message as a feed item. What cannot be read takes the safe side, as for the
+/// A Watch message as a feed entry. What cannot be read takes the safe side, as for the
 /// store's own entries: an unknown kind drops its key, and a message without a readable
-/// key id or position flushes everything (staying at `after` when the id is unreadable).
-fn feed_item(msg: proto::RevocationEvent, after: EventId) -> FeedItem {
-    let Some(id) = EventId::parse(&msg.id) else {
-        tracing::warn!(id = %msg.id, "Watch message with an unreadable id; flushing");
-        return FeedItem::Reset(after);
+/// key id or cursor flushes everything (staying at `after` when the cursor is unreadable).
+fn feed_entry(msg: proto::RevocationEvent, after: &Cursor) -> FeedEntry {
+    let partition = msg.partition as usize;
+    let cursor = Cursor::parse(&msg.id)
+        .filter(|c| c.partitions() == after.partitions() && partition < c.partitions());
+    let Some(cursor) = cursor else {
+        tracing::warn!(id = %msg.id, "Watch message with an unreadable cursor; flushing");
+        return FeedEntry {
+            partition: 0,
+            item: FeedItem::Reset(after.at(0)),
+            cursor: after.clone(),
+        };
     };
+    let item = feed_item(msg, cursor.at(partition));
+    FeedEntry {
+        partition,
+        item,
+        cursor,
+    }
+}
+
+/// A Watch message's item, at `id` in its partition.
+fn feed_item(msg: proto::RevocationEvent, id: EventId) -> FeedItem {
     let at_ms = msg.at.as_ref().map_or(0, timestamp_ms);
     let kind = match Kind::try_from(msg.kind) {
         Ok(Kind::Reset) => return FeedItem::Reset(id),
@@ -375,7 +419,7 @@ fn feed_item(msg: proto::RevocationEvent, after: EventId) -> FeedItem {
     };
     let entry = match (kind, crate::apikey::token::valid_key_id(&msg.key_id)) {
         (Some(kind), true) => crate::store::StreamEntry::Event(RevocationEvent {
-            id: msg.id,
+            id: id.to_string(),
             key_id: msg.key_id,
             kind,
             at_ms,
@@ -394,7 +438,7 @@ fn feed_item(msg: proto::RevocationEvent, after: EventId) -> FeedItem {
 
 #[async_trait]
 impl EventFeed for WatchFeed {
-    async fn start_position(&self) -> Result<EventId, StoreError> {
+    async fn start_position(&self) -> Result<Cursor, StoreError> {
         // Open "from now"; the remote says where "now" is.
         let (stream, start) = self.open(None).await.map_err(feed_error)?;
         *self.stream.lock().await = Some(stream);
@@ -406,7 +450,7 @@ impl EventFeed for WatchFeed {
         })
     }
 
-    async fn read(&self, after: EventId, resync: bool) -> Result<Vec<FeedItem>, StoreError> {
+    async fn read(&self, after: &Cursor, resync: bool) -> Result<Vec<FeedEntry>, StoreError> {
         let mut guard = self.stream.lock().await;
         if resync || guard.is_none() {
             // The remote replays what we missed, or sends RESET if it cannot.
@@ -417,7 +461,12 @@ impl EventFeed for WatchFeed {
                 Err(s) if s.code() == tonic::Code::InvalidArgument => {
                     let (stream, start) = self.open(None).await.map_err(feed_error)?;
                     *guard = Some(stream);
-                    return Ok(vec![FeedItem::Reset(start.unwrap_or(EventId::START))]);
+                    let cursor = start.unwrap_or_else(|| Cursor::start(1));
+                    return Ok(vec![FeedEntry {
+                        partition: 0,
+                        item: FeedItem::Reset(cursor.at(0)),
+                        cursor,
+                    }]);
                 }
                 Err(s) => return Err(feed_error(s)),
             }
@@ -425,7 +474,7 @@ impl EventFeed for WatchFeed {
         let stream = guard.as_mut().expect("opened above");
         match tokio::time::timeout(self.wait, stream.message()).await {
             Err(_) => Ok(Vec::new()),
-            Ok(Ok(Some(msg))) => Ok(vec![feed_item(msg, after)]),
+            Ok(Ok(Some(msg))) => Ok(vec![feed_entry(msg, after)]),
             Ok(Ok(None)) => {
                 *guard = None;
                 Err(StoreError::Unavailable("Watch stream ended".into()))

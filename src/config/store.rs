@@ -30,6 +30,11 @@ pub struct StoreConfig {
     /// With `rediss://`: the CA (PEM) the server's certificate must chain to; the system's
     /// roots when left out.
     pub tls_ca_file: Option<String>,
+    /// A Redis Cluster's seed nodes; when given, `redis_url` is not used.
+    pub cluster_nodes: Vec<String>,
+    /// The revocation stream's partitions, fixed for the life of the data: 1 on one Redis,
+    /// `CLUSTER_PARTITIONS` on a Cluster, unless set.
+    pub stream_partitions: Option<usize>,
 }
 
 impl Default for StoreConfig {
@@ -41,12 +46,53 @@ impl Default for StoreConfig {
             timeout: Duration::from_millis(500),
             username: None,
             tls_ca_file: None,
+            cluster_nodes: Vec::new(),
+            stream_partitions: None,
         }
     }
 }
 
 impl StoreConfig {
+    /// The stream partitions this store is written with.
+    pub fn partitions(&self) -> usize {
+        self.stream_partitions.unwrap_or(if self.cluster_nodes.is_empty() {
+            1
+        } else {
+            crate::store::redis::CLUSTER_PARTITIONS
+        })
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let max = crate::store::redis::MAX_PARTITIONS;
+        if !(1..=max).contains(&self.partitions()) {
+            return Err(ConfigError::new(
+                "store.stream_partitions",
+                format!("must be 1 to {max}"),
+            ));
+        }
+        if self.backend == StoreBackend::Memory && self.partitions() != 1 {
+            return Err(ConfigError::new(
+                "store.stream_partitions",
+                "the memory store has one partition",
+            ));
+        }
+        for (i, node) in self.cluster_nodes.iter().enumerate() {
+            let field = format!("store.cluster_nodes[{i}]");
+            if !["redis://", "rediss://"].iter().any(|s| node.starts_with(s)) {
+                return Err(ConfigError::new(
+                    &field,
+                    "must start with redis:// or rediss:// (TLS)",
+                ));
+            }
+            if node.contains('@') {
+                return Err(ConfigError::new(
+                    &field,
+                    "must not carry credentials; use KEYGATE_REDIS_PASSWORD",
+                ));
+            }
+            node.parse::<redis::ConnectionInfo>()
+                .map_err(|e| ConfigError::new(&field, e.to_string()))?;
+        }
         if self.backend == StoreBackend::Redis {
             let url = &self.redis_url;
             if !["redis://", "rediss://", "redis+unix://"]
@@ -58,10 +104,15 @@ impl StoreConfig {
                     "must start with redis://, rediss:// (TLS) or redis+unix://",
                 ));
             }
-            if self.tls_ca_file.is_some() && !url.starts_with("rediss://") {
+            let tls = if self.cluster_nodes.is_empty() {
+                url.starts_with("rediss://")
+            } else {
+                self.cluster_nodes.iter().all(|n| n.starts_with("rediss://"))
+            };
+            if self.tls_ca_file.is_some() && !tls {
                 return Err(ConfigError::new(
                     "store.tls_ca_file",
-                    "only with a rediss:// store.redis_url",
+                    "only with rediss:// URLs (store.redis_url, or every store.cluster_nodes)",
                 ));
             }
             if let Some(path) = &self.tls_ca_file {

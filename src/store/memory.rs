@@ -397,12 +397,13 @@ impl KeyStore for MemoryStore {
         Ok(())
     }
 
-    async fn latest_event_id(&self) -> Result<EventId, StoreError> {
+    async fn latest_event_id(&self, _partition: usize) -> Result<EventId, StoreError> {
         Ok(self.state.read().await.last_event)
     }
 
     async fn read_events(
         &self,
+        _partition: usize,
         after: EventId,
         count: usize,
         block: Option<Duration>,
@@ -424,7 +425,11 @@ impl KeyStore for MemoryStore {
         }
     }
 
-    async fn events_lost_after(&self, after: EventId) -> Result<bool, StoreError> {
+    async fn events_lost_after(
+        &self,
+        _partition: usize,
+        after: EventId,
+    ) -> Result<bool, StoreError> {
         let s = self.state.read().await;
         Ok(s.max_deleted > after || s.last_event < after)
     }

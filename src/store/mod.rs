@@ -408,6 +408,66 @@ impl std::fmt::Display for EventId {
     }
 }
 
+/// A position in every partition of the revocation stream, one `EventId` each, in
+/// partition order. Written `ms-seq,ms-seq,…`; with one partition it is just that
+/// partition's id, so a single-stream position reads as a cursor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Cursor(pub Vec<EventId>);
+
+impl Cursor {
+    /// The start of `partitions` partitions.
+    pub fn start(partitions: usize) -> Cursor {
+        Cursor(vec![EventId::START; partitions])
+    }
+
+    /// Parses `ms-seq[,ms-seq…]`, whatever the number of partitions.
+    pub fn parse(s: &str) -> Option<Cursor> {
+        s.split(',')
+            .map(|part| EventId::parse(part.trim()))
+            .collect::<Option<Vec<_>>>()
+            .map(Cursor)
+    }
+
+    pub fn partitions(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The position in `partition`; the start when there is no such partition.
+    pub fn at(&self, partition: usize) -> EventId {
+        self.0.get(partition).copied().unwrap_or_default()
+    }
+
+    /// This cursor moved to `id` in `partition`.
+    pub fn with(&self, partition: usize, id: EventId) -> Cursor {
+        let mut next = self.clone();
+        if let Some(slot) = next.0.get_mut(partition) {
+            *slot = id;
+        }
+        next
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, id) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{id}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where every partition of `store`'s stream is now: its newest event ids.
+pub async fn latest_cursor(store: &dyn KeyStore) -> Result<Cursor, StoreError> {
+    let ids = futures::future::try_join_all(
+        (0..store.partitions()).map(|p| store.latest_event_id(p)),
+    )
+    .await?;
+    Ok(Cursor(ids))
+}
+
 /// The fields an update may change; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyChange {
@@ -542,22 +602,37 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Whether the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// The id of the newest event, or `START` if there is none.
-    async fn latest_event_id(&self) -> Result<EventId, StoreError>;
+    /// How many partitions the revocation stream has (fixed for the life of the store).
+    /// Each is ordered on its own; together they carry every event. Partitions are
+    /// numbered from 0.
+    fn partitions(&self) -> usize {
+        1
+    }
 
-    /// Up to `count` events after `after`, oldest first. With `block`, waits up to that
-    /// long for at least one (on a connection of its own, so other calls are not held).
+    /// The partition `key_id`'s events are appended to.
+    fn key_partition(&self, _key_id: &str) -> usize {
+        0
+    }
+
+    /// The id of the newest event in `partition`, or `START` if there is none.
+    async fn latest_event_id(&self, partition: usize) -> Result<EventId, StoreError>;
+
+    /// Up to `count` events of `partition` after `after`, oldest first. With `block`,
+    /// waits up to that long for at least one (on a connection of that partition's own, so
+    /// other calls are not held).
     async fn read_events(
         &self,
+        partition: usize,
         after: EventId,
         count: usize,
         block: Option<std::time::Duration>,
     ) -> Result<Vec<StreamEntry>, StoreError>;
 
-    /// Whether events after `after` may have been lost: trimmed from the bounded stream,
-    /// or the stream itself was reset (a Redis restart without persistence). A reader
-    /// resuming from `after` must then flush everything it cached.
-    async fn events_lost_after(&self, after: EventId) -> Result<bool, StoreError>;
+    /// Whether events of `partition` after `after` may have been lost: trimmed from the
+    /// bounded stream, or the stream itself was reset (a Redis restart without
+    /// persistence). A reader resuming from `after` must then flush everything it cached.
+    async fn events_lost_after(&self, partition: usize, after: EventId)
+        -> Result<bool, StoreError>;
 }
 
 pub fn now_ms() -> u64 {

@@ -1,21 +1,27 @@
-//! The Redis store.
+//! The Redis store: one Redis, or a Redis Cluster.
 //!
-//! Layout (every key under one hash tag, so each multi-key script stays in one Redis
-//! Cluster slot; key records are small and few next to the request traffic, which never
-//! writes here):
+//! Layout. Records, their indexes and the revocation stream are split into a fixed number
+//! of partitions (`store.stream_partitions`: 1 on one Redis, 16 by default on a Cluster),
+//! each under a hash tag of its own, so that a Cluster spreads them while every script
+//! that writes state and appends its event touches one slot. A key id, a partner id and a
+//! JWT revocation's rule key each belong to partition `crc32(name) % partitions`. With one
+//! partition the tag is `keys`, the layout of every earlier keygate.
 //!
-//! - `<ns>:{keys}:key:<key_id>`   hash: `data` (record JSON, no secret), `revoked_at_ms`
-//! - `<ns>:{keys}:tenant:<id>`    sorted set of key ids (score 0, ordered by id); likewise
-//!   `partner:<id>` and `service:<name>` for partner and runtime keys
-//! - `<ns>:{keys}:deleg:partner:<id>` / `deleg:tenant:<id>`  sets: a partner's tenants, a
-//!   tenant's partners
-//! - `<ns>:{keys}:tokens`         hash: JWT revocations, rule key → JSON
-//! - `<ns>:{keys}:tokens:expiry`  sorted set: rule key by expiry (unix ms), for pruning
-//! - `<ns>:{keys}:events`         the revocation stream (XADD MAXLEN ~)
-//! - `<ns>:{keys}:audit`          the audit trail (XADD MAXLEN ~), entry JSON
+//! - `<ns>:{<p>}:key:<key_id>`   hash: `data` (record JSON, no secret), `revoked_at_ms`,
+//!   usage counters
+//! - `<ns>:{<p>}:tenant:<id>`    sorted set of the partition's key ids of that owner
+//!   (score 0, ordered by id); likewise `partner:<id>` and `service:<name>`. Listing an
+//!   owner's keys merges the partitions.
+//! - `<ns>:{<p>}:deleg:partner:<id>` / `deleg:tenant:<id>`  sets, in the partner's
+//!   partition: a partner's tenants, a tenant's partners
+//! - `<ns>:{<p>}:tokens`         hash: JWT revocations, rule key → JSON
+//! - `<ns>:{<p>}:tokens:expiry`  sorted set: rule key by expiry (unix ms), for pruning
+//! - `<ns>:{<p>}:events`         the partition's revocation stream (XADD MAXLEN ~)
+//! - `<ns>:{keys}:audit`         the audit trail (XADD MAXLEN ~), entry JSON
+//! - `<ns>:{keys}:layout`        the number of partitions the data was written with
 //!
 //! A key's rate-limit state and leases sit under a hash tag of their own key id, so a
-//! Cluster spreads them (they are what requests write):
+//! Cluster spreads them over every slot (they are what requests write):
 //!
 //! - `<ns>:{<key_id>}:rate`       the GCRA state (theoretical arrival time, unix ms)
 //! - `<ns>:{<key_id>}:leases`     sorted set: lease id by expiry
@@ -28,6 +34,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, Script};
 use tokio::sync::OnceCell;
 
@@ -39,17 +46,24 @@ use super::{
 };
 use crate::secret::Secret;
 
-/// Approximate bound on the revocation stream's length.
+/// Approximate bound on each partition's revocation stream.
 pub const STREAM_MAX_LEN: usize = 100_000;
 
+/// Most stream partitions: each is followed on a connection of its own by every replica.
+pub const MAX_PARTITIONS: usize = 256;
+
+/// Stream partitions on a Redis Cluster unless configured: enough to spread over 16
+/// masters, few enough that each replica's followers stay cheap.
+pub const CLUSTER_PARTITIONS: usize = 16;
+
 pub struct RedisStore {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
-    /// Blocking stream reads get a connection of their own: a blocked XREAD would
+    client: Client,
+    conn: OnceCell<Conn>,
+    /// Blocking stream reads get a connection per partition: a blocked XREAD would
     /// otherwise hold up every request multiplexed on the shared one.
-    blocking: OnceCell<ConnectionManager>,
+    blocking: Vec<OnceCell<Conn>>,
     timeout: Duration,
-    ns: String,
+    layout: Layout,
     create: Script,
     revoke: Script,
     update: Script,
@@ -62,17 +76,136 @@ pub struct RedisStore {
 }
 
 /// How to reach Redis beyond its URL.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RedisOptions {
     /// The ACL user.
     pub username: Option<String>,
     /// PEM of the CA a `rediss://` server's certificate must chain to.
     pub tls_ca: Option<Vec<u8>>,
+    /// A Redis Cluster's seed nodes (`redis://host:port`). Empty: the URL names one Redis.
+    pub cluster_nodes: Vec<String>,
+    /// The revocation stream's partitions (1..=`MAX_PARTITIONS`).
+    pub partitions: usize,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            username: None,
+            tls_ca: None,
+            cluster_nodes: Vec::new(),
+            partitions: 1,
+        }
+    }
+}
+
+enum Client {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A connection to one Redis or to a Cluster (which follows MOVED, ASK and failovers
+/// itself); every command below goes through one of these.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where each Redis key lives: the partitions' hash tags.
+struct Layout {
+    ns: String,
+    tags: Vec<String>,
+}
+
+/// Redis Cluster's slots (CRC16 of the hash tag, modulo this).
+const SLOTS: u16 = 16384;
+
+/// The slot a hash tag puts its keys in.
+pub fn slot_of_tag(tag: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % SLOTS
+}
+
+impl Layout {
+    /// With one partition the tag is `keys`. With more, partition `i`'s tag is the first of
+    /// `k<i>.0`, `k<i>.1`, … whose slot falls in the `i`-th of `partitions` equal ranges of
+    /// the slots: however a Cluster splits its slots into ranges, the partitions spread as
+    /// evenly as the ranges do (a tag hashed at random would leave that to chance).
+    fn new(ns: &str, partitions: usize) -> Layout {
+        let tags = if partitions <= 1 {
+            vec!["keys".to_owned()]
+        } else {
+            (0..partitions)
+                .map(|i| {
+                    let width = usize::from(SLOTS) / partitions;
+                    let band = (i * width)..((i + 1) * width);
+                    (0u32..)
+                        .map(|n| format!("k{i}.{n}"))
+                        .find(|tag| band.contains(&usize::from(slot_of_tag(tag))))
+                        .expect("a range of at least 64 slots is hit within a few thousand tries")
+                })
+                .collect()
+        };
+        Layout {
+            ns: ns.to_owned(),
+            tags,
+        }
+    }
+
+    fn partitions(&self) -> usize {
+        self.tags.len()
+    }
+
+    /// The partition a key id, partner id or rule key belongs to.
+    fn partition_of(&self, name: &str) -> usize {
+        crc32fast::hash(name.as_bytes()) as usize % self.partitions()
+    }
+
+    fn key(&self, partition: usize, rest: &str) -> String {
+        format!("{}:{{{}}}:{rest}", self.ns, self.tags[partition])
+    }
+
+    /// Keys outside the partitions (the audit trail, the layout marker), under the tag of
+    /// every earlier keygate.
+    fn global(&self, rest: &str) -> String {
+        format!("{}:{{keys}}:{rest}", self.ns)
+    }
 }
 
 impl RedisStore {
-    /// Prepares a store; the connection is made on first use, so keygate can start (and
-    /// report itself not ready) while Redis is still coming up.
+    /// Prepares a store on one Redis; the connection is made on first use, so keygate can
+    /// start (and report itself not ready) while Redis is still coming up.
     pub fn new(
         url: &str,
         password: Option<&Secret>,
@@ -82,7 +215,8 @@ impl RedisStore {
         Self::with_options(url, password, namespace, timeout, &RedisOptions::default())
     }
 
-    /// `new`, as an ACL user, and over TLS checked against a CA of its own.
+    /// `new`, as an ACL user, over TLS checked against a CA of its own, on a Cluster, with
+    /// more partitions.
     pub fn with_options(
         url: &str,
         password: Option<&Secret>,
@@ -91,30 +225,62 @@ impl RedisStore {
         opts: &RedisOptions,
     ) -> Result<Self, StoreError> {
         let unavailable = |e: redis::RedisError| StoreError::Unavailable(e.to_string());
-        let mut info: redis::ConnectionInfo = url.parse().map_err(unavailable)?;
-        if let Some(p) = password {
-            info.redis.password = Some(p.expose().to_owned());
+        if !(1..=MAX_PARTITIONS).contains(&opts.partitions) {
+            return Err(StoreError::Corrupt(format!(
+                "{} stream partitions: must be 1 to {MAX_PARTITIONS}",
+                opts.partitions
+            )));
         }
-        if let Some(user) = &opts.username {
-            info.redis.username = Some(user.clone());
-        }
-        let client = match &opts.tls_ca {
-            None => redis::Client::open(info).map_err(unavailable)?,
-            Some(ca) => redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(ca.clone()),
-                },
-            )
-            .map_err(unavailable)?,
+        let certificates = |ca: &Vec<u8>| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.clone()),
+        };
+        let client = if opts.cluster_nodes.is_empty() {
+            let mut info: redis::ConnectionInfo = url.parse().map_err(unavailable)?;
+            if let Some(p) = password {
+                info.redis.password = Some(p.expose().to_owned());
+            }
+            if let Some(user) = &opts.username {
+                info.redis.username = Some(user.clone());
+            }
+            Client::Single(match &opts.tls_ca {
+                None => redis::Client::open(info).map_err(unavailable)?,
+                Some(ca) => {
+                    redis::Client::build_with_tls(info, certificates(ca)).map_err(unavailable)?
+                }
+            })
+        } else {
+            let nodes = opts
+                .cluster_nodes
+                .iter()
+                .map(|n| n.parse::<redis::ConnectionInfo>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable)?;
+            // Retries are few and short: a command that cannot be answered within the
+            // store's timeout is UNAVAILABLE, and the caller (Envoy) decides.
+            let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+                .retries(2)
+                .min_retry_wait(10)
+                .max_retry_wait(100)
+                .connection_timeout(timeout)
+                .response_timeout(timeout);
+            if let Some(p) = password {
+                builder = builder.password(p.expose().to_owned());
+            }
+            if let Some(user) = &opts.username {
+                builder = builder.username(user.clone());
+            }
+            if let Some(ca) = &opts.tls_ca {
+                builder = builder.certs(certificates(ca));
+            }
+            Client::Cluster(builder.build().map_err(unavailable)?)
         };
         Ok(RedisStore {
             client,
             conn: OnceCell::new(),
-            blocking: OnceCell::new(),
+            blocking: (0..opts.partitions).map(|_| OnceCell::new()).collect(),
             timeout,
-            ns: namespace.to_owned(),
+            layout: Layout::new(namespace, opts.partitions),
             create: Script::new(include_str!("lua/create.lua")),
             revoke: Script::new(include_str!("lua/revoke.lua")),
             update: Script::new(include_str!("lua/update.lua")),
@@ -127,63 +293,155 @@ impl RedisStore {
         })
     }
 
+    /// The partition `key_id`'s record and events are in.
+    pub fn partition_of(&self, key_id: &str) -> usize {
+        self.layout.partition_of(key_id)
+    }
+
+    /// Partition `partition`'s hash tag (what decides its Cluster slot).
+    pub fn partition_tag(&self, partition: usize) -> &str {
+        &self.layout.tags[partition]
+    }
+
     pub fn key_key(&self, key_id: &str) -> String {
-        format!("{}:{{keys}}:key:{key_id}", self.ns)
+        self.layout
+            .key(self.partition_of(key_id), &format!("key:{key_id}"))
     }
 
-    fn index_key(&self, owner: &Owner) -> String {
-        format!("{}:{{keys}}:{}", self.ns, owner.index_name())
+    fn index_key(&self, partition: usize, owner: &Owner) -> String {
+        self.layout.key(partition, &owner.index_name())
     }
 
-    fn delegation_key(&self, of: &DelegationsOf) -> String {
+    /// Both sets of a delegation live in the partner's partition.
+    fn delegation_key(&self, partition: usize, of: &DelegationsOf) -> String {
         match of {
-            DelegationsOf::Partner(p) => format!("{}:{{keys}}:deleg:partner:{p}", self.ns),
-            DelegationsOf::Tenant(t) => format!("{}:{{keys}}:deleg:tenant:{t}", self.ns),
+            DelegationsOf::Partner(p) => self.layout.key(partition, &format!("deleg:partner:{p}")),
+            DelegationsOf::Tenant(t) => self.layout.key(partition, &format!("deleg:tenant:{t}")),
         }
     }
 
-    fn tokens_key(&self) -> String {
-        format!("{}:{{keys}}:tokens", self.ns)
+    fn tokens_key(&self, partition: usize) -> String {
+        self.layout.key(partition, "tokens")
     }
 
-    fn tokens_expiry_key(&self) -> String {
-        format!("{}:{{keys}}:tokens:expiry", self.ns)
+    fn tokens_expiry_key(&self, partition: usize) -> String {
+        self.layout.key(partition, "tokens:expiry")
     }
 
-    pub fn events_key(&self) -> String {
-        format!("{}:{{keys}}:events", self.ns)
+    pub fn events_key(&self, partition: usize) -> String {
+        self.layout.key(partition, "events")
     }
 
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    fn audit_key(&self) -> String {
+        self.layout.global("audit")
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        self.connect(&self.conn, self.timeout).await
+    fn layout_key(&self) -> String {
+        self.layout.global("layout")
     }
 
-    async fn connect(
-        &self,
-        cell: &OnceCell<ConnectionManager>,
-        response_timeout: Duration,
-    ) -> Result<ConnectionManager, StoreError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(self.timeout)
-            .set_response_timeout(response_timeout)
-            .set_number_of_retries(1)
-            .set_max_delay(200);
-        let conn = cell
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        let conn = self
+            .conn
             .get_or_try_init(|| async {
-                tokio::time::timeout(
-                    self.timeout,
-                    ConnectionManager::new_with_config(self.client.clone(), config),
-                )
-                .await
-                .map_err(|_| StoreError::Unavailable("timed out connecting to Redis".into()))?
-                .map_err(unavailable)
+                let mut conn = self.open(self.timeout).await?;
+                self.check_layout(&mut conn).await?;
+                Ok::<_, StoreError>(conn)
             })
             .await?;
         Ok(conn.clone())
+    }
+
+    /// A connection of its own for blocking reads of `partition`.
+    async fn blocking_conn(
+        &self,
+        partition: usize,
+        response_timeout: Duration,
+    ) -> Result<Conn, StoreError> {
+        // The shared connection first: it checks the layout.
+        self.conn().await?;
+        let conn = self.blocking[partition]
+            .get_or_try_init(|| self.open(response_timeout))
+            .await?;
+        Ok(conn.clone())
+    }
+
+    async fn open(&self, response_timeout: Duration) -> Result<Conn, StoreError> {
+        let connect = async {
+            match &self.client {
+                Client::Single(client) => {
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(self.timeout)
+                        .set_response_timeout(response_timeout)
+                        .set_number_of_retries(1)
+                        .set_max_delay(200);
+                    ConnectionManager::new_with_config(client.clone(), config)
+                        .await
+                        .map(Conn::Single)
+                }
+                Client::Cluster(client) => {
+                    let config = redis::cluster::ClusterConfig::new()
+                        .set_connection_timeout(self.timeout)
+                        .set_response_timeout(response_timeout);
+                    client
+                        .get_async_connection_with_config(config)
+                        .await
+                        .map(Conn::Cluster)
+                }
+            }
+        };
+        tokio::time::timeout(self.timeout, connect)
+            .await
+            .map_err(|_| StoreError::Unavailable("timed out connecting to Redis".into()))?
+            .map_err(unavailable)
+    }
+
+    /// Refuses data written with another number of partitions: its records and events
+    /// would be looked for in the wrong places, and revocations missed. The first keygate
+    /// to reach an empty store records its number.
+    async fn check_layout(&self, conn: &mut Conn) -> Result<(), StoreError> {
+        let want = self.layout.partitions();
+        let set: bool = self
+            .run(
+                redis::cmd("SET")
+                    .arg(self.layout_key())
+                    .arg(want)
+                    .arg("NX")
+                    .query_async(conn),
+            )
+            .await?;
+        let found: usize = if set {
+            // A store written before the layout was recorded has one partition.
+            let legacy: usize = self
+                .run(
+                    redis::cmd("EXISTS")
+                        .arg(self.layout.global("events"))
+                        .arg(self.audit_key())
+                        .query_async(conn),
+                )
+                .await?;
+            if legacy > 0 && want != 1 {
+                let _: () = self.run(conn.del(self.layout_key())).await?;
+                1
+            } else {
+                want
+            }
+        } else {
+            let stored: String = self.run(conn.get(self.layout_key())).await?;
+            stored.parse().map_err(|_| {
+                StoreError::Corrupt(format!("{} is not a number", self.layout_key()))
+            })?
+        };
+        if found == want {
+            return Ok(());
+        }
+        Err(StoreError::Corrupt(format!(
+            "the store under namespace {:?} was written with {found} stream partition(s), and \
+             store.stream_partitions is {want}: keygate would look for keys and revocations \
+             in the wrong places. Keep {found}, or move the data with `keygate store \
+             migrate` (docs/operations.md, \"Changing the stream partitions\")",
+            self.layout.ns
+        )))
     }
 
     /// Runs one Redis exchange under the store's timeout.
@@ -253,10 +511,11 @@ impl RedisStore {
         .await
     }
 
-    /// `None` when the stream does not exist.
-    async fn stream_info(&self) -> Result<Option<StreamInfo>, StoreError> {
+    /// `None` when the partition's stream does not exist.
+    async fn stream_info(&self, partition: usize) -> Result<Option<StreamInfo>, StoreError> {
         let mut conn = self.conn().await?;
-        let exists: bool = self.run(conn.exists(self.events_key())).await?;
+        let events = self.events_key(partition);
+        let exists: bool = self.run(conn.exists(&events)).await?;
         if !exists {
             return Ok(None);
         }
@@ -264,7 +523,7 @@ impl RedisStore {
             .run(
                 redis::cmd("XINFO")
                     .arg("STREAM")
-                    .arg(self.events_key())
+                    .arg(&events)
                     .query_async(&mut conn),
             )
             .await?;
@@ -400,7 +659,7 @@ impl KeyStore for RedisStore {
             .run(
                 self.create
                     .key(self.key_key(&record.key_id))
-                    .key(self.index_key(&record.owner()))
+                    .key(self.index_key(self.partition_of(&record.key_id), &record.owner()))
                     .arg(json)
                     .arg(&record.key_id)
                     .invoke_async(&mut conn),
@@ -429,37 +688,61 @@ impl KeyStore for RedisStore {
                 next_after: None,
             });
         }
-        let mut conn = self.conn().await?;
+        let conn = self.conn().await?;
         let min = match after {
             Some(a) => format!("({a}"),
             None => "-".to_owned(),
         };
-        let ids: Vec<String> = self
-            .run(conn.zrangebylex_limit(self.index_key(owner), min, "+", 0, limit as isize + 1))
-            .await?;
+        // Each partition's next ids, merged: the first `limit + 1` of the union are among
+        // the first `limit + 1` of each.
+        let per_partition = futures::future::try_join_all((0..self.layout.partitions()).map(|p| {
+            let mut conn = conn.clone();
+            let index = self.index_key(p, owner);
+            let min = min.clone();
+            async move {
+                self.run(conn.zrangebylex_limit::<_, _, _, Vec<String>>(
+                    index,
+                    min,
+                    "+",
+                    0,
+                    limit as isize + 1,
+                ))
+                .await
+            }
+        }))
+        .await?;
+        let mut ids: Vec<String> = per_partition.into_iter().flatten().collect();
+        ids.sort_unstable();
         let more = ids.len() > limit;
-        let mut pipe = redis::pipe();
-        for id in ids.iter().take(limit) {
-            pipe.cmd("HMGET")
-                .arg(self.key_key(id))
-                .arg(&RECORD_FIELDS[..]);
+        ids.truncate(limit);
+        // One pipeline per partition (a pipeline stays in one slot), in id order after.
+        let mut by_partition: std::collections::BTreeMap<usize, Vec<&String>> =
+            std::collections::BTreeMap::new();
+        for id in &ids {
+            by_partition.entry(self.partition_of(id)).or_default().push(id);
         }
-        let rows: Vec<RecordFields> = if ids.is_empty() {
-            Vec::new()
-        } else {
-            self.run(pipe.query_async(&mut conn)).await?
-        };
-        let mut keys = Vec::with_capacity(rows.len());
-        for row in rows {
+        let fetched = futures::future::try_join_all(by_partition.into_values().map(|group| {
+            let mut conn = conn.clone();
+            let mut pipe = redis::pipe();
+            for id in &group {
+                pipe.cmd("HMGET")
+                    .arg(self.key_key(id))
+                    .arg(&RECORD_FIELDS[..]);
+            }
+            async move {
+                let rows: Vec<RecordFields> = self.run(pipe.query_async(&mut conn)).await?;
+                Ok::<_, StoreError>(rows)
+            }
+        }))
+        .await?;
+        let mut keys = Vec::with_capacity(ids.len());
+        for row in fetched.into_iter().flatten() {
             if let Some(rec) = decode(row)? {
                 keys.push(rec);
             }
         }
-        let next_after = if more {
-            ids.get(limit - 1).cloned()
-        } else {
-            None
-        };
+        keys.sort_unstable_by(|a, b| a.key_id.cmp(&b.key_id));
+        let next_after = if more { ids.last().cloned() } else { None };
         Ok(KeyPage { keys, next_after })
     }
 
@@ -469,7 +752,7 @@ impl KeyStore for RedisStore {
             .run(
                 self.revoke
                     .key(self.key_key(key_id))
-                    .key(self.events_key())
+                    .key(self.events_key(self.partition_of(key_id)))
                     .arg(at_ms)
                     .arg(key_id)
                     .arg(STREAM_MAX_LEN)
@@ -504,7 +787,7 @@ impl KeyStore for RedisStore {
                 .run(
                     self.update
                         .key(self.key_key(key_id))
-                        .key(self.events_key())
+                        .key(self.events_key(self.partition_of(key_id)))
                         .arg(&data)
                         .arg(new_data)
                         .arg(at_ms)
@@ -537,8 +820,8 @@ impl KeyStore for RedisStore {
             .run(
                 self.delete
                     .key(self.key_key(key_id))
-                    .key(self.events_key())
-                    .key(self.index_key(&existing.owner()))
+                    .key(self.events_key(self.partition_of(key_id)))
+                    .key(self.index_key(self.partition_of(key_id), &existing.owner()))
                     .arg(at_ms)
                     .arg(key_id)
                     .arg(STREAM_MAX_LEN)
@@ -555,7 +838,7 @@ impl KeyStore for RedisStore {
         let _: String = self
             .run(
                 redis::cmd("XADD")
-                    .arg(format!("{}:{{keys}}:audit", self.ns))
+                    .arg(self.audit_key())
                     .arg("MAXLEN")
                     .arg("~")
                     .arg(STREAM_MAX_LEN)
@@ -573,7 +856,7 @@ impl KeyStore for RedisStore {
         q: &crate::audit::AuditQuery,
     ) -> Result<Vec<crate::audit::AuditEntry>, StoreError> {
         let mut conn = self.conn().await?;
-        let key = format!("{}:{{keys}}:audit", self.ns);
+        let key = self.audit_key();
         let mut out = Vec::new();
         let mut start = format!("{}-0", q.since_ms);
         // Pages of the stream, filtered here: the trail is bounded, the filters are few.
@@ -609,16 +892,32 @@ impl KeyStore for RedisStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn().await?;
-        let mut invocation = self.usage.prepare_invoke();
+        let conn = self.conn().await?;
+        // One script per partition: a script's keys stay in one slot.
+        let mut by_partition: std::collections::BTreeMap<usize, Vec<&UsageDelta>> =
+            std::collections::BTreeMap::new();
         for d in batch {
-            invocation
-                .key(self.key_key(&d.key_id))
-                .arg(d.allowed)
-                .arg(d.denied)
-                .arg(d.last_used_at_ms);
+            by_partition
+                .entry(self.partition_of(&d.key_id))
+                .or_default()
+                .push(d);
         }
-        let _: i64 = self.run(invocation.invoke_async(&mut conn)).await?;
+        futures::future::try_join_all(by_partition.into_values().map(|group| {
+            let mut conn = conn.clone();
+            let mut invocation = self.usage.prepare_invoke();
+            for d in group {
+                invocation
+                    .key(self.key_key(&d.key_id))
+                    .arg(d.allowed)
+                    .arg(d.denied)
+                    .arg(d.last_used_at_ms);
+            }
+            async move {
+                let _: i64 = self.run(invocation.invoke_async(&mut conn)).await?;
+                Ok::<_, StoreError>(())
+            }
+        }))
+        .await?;
         Ok(())
     }
 
@@ -627,7 +926,7 @@ impl KeyStore for RedisStore {
         let (granted, remaining, retry_after_ms, full_in_ms): (u32, u32, u64, u64) = self
             .run(
                 self.reserve
-                    .key(format!("{}:{{{key_id}}}:rate", self.ns))
+                    .key(format!("{}:{{{key_id}}}:rate", self.layout.ns))
                     .arg(req.interval_ms)
                     .arg(req.burst)
                     .arg(req.want)
@@ -658,7 +957,7 @@ impl KeyStore for RedisStore {
         let (done, held): (i64, u32) = self
             .run(
                 self.lease
-                    .key(format!("{}:{{{key_id}}}:leases", self.ns))
+                    .key(format!("{}:{{{key_id}}}:leases", self.layout.ns))
                     .arg(name)
                     .arg(lease_id)
                     .arg(ttl_ms)
@@ -679,12 +978,13 @@ impl KeyStore for RedisStore {
         at_ms: u64,
     ) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
+        let p = self.layout.partition_of(&d.partner_id);
         let changed: i64 = self
             .run(
                 self.delegation
-                    .key(self.delegation_key(&DelegationsOf::Partner(d.partner_id.clone())))
-                    .key(self.delegation_key(&DelegationsOf::Tenant(d.tenant_id.clone())))
-                    .key(self.events_key())
+                    .key(self.delegation_key(p, &DelegationsOf::Partner(d.partner_id.clone())))
+                    .key(self.delegation_key(p, &DelegationsOf::Tenant(d.tenant_id.clone())))
+                    .key(self.events_key(p))
                     .arg(&d.partner_id)
                     .arg(&d.tenant_id)
                     .arg(if granted { "1" } else { "0" })
@@ -699,14 +999,29 @@ impl KeyStore for RedisStore {
 
     async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
-        let key = self.delegation_key(&DelegationsOf::Partner(partner_id.to_owned()));
+        let key = self.delegation_key(
+            self.layout.partition_of(partner_id),
+            &DelegationsOf::Partner(partner_id.to_owned()),
+        );
         self.run(conn.sismember(key, tenant_id)).await
     }
 
     async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError> {
-        let mut conn = self.conn().await?;
-        let mut others: Vec<String> = self.run(conn.smembers(self.delegation_key(of))).await?;
+        let conn = self.conn().await?;
+        // A partner's tenants are in its partition; a tenant's partners in each of theirs.
+        let partitions = match of {
+            DelegationsOf::Partner(p) => vec![self.layout.partition_of(p)],
+            DelegationsOf::Tenant(_) => (0..self.layout.partitions()).collect(),
+        };
+        let sets = futures::future::try_join_all(partitions.into_iter().map(|p| {
+            let mut conn = conn.clone();
+            let key = self.delegation_key(p, of);
+            async move { self.run(conn.smembers::<_, Vec<String>>(key)).await }
+        }))
+        .await?;
+        let mut others: Vec<String> = sets.into_iter().flatten().collect();
         others.sort();
+        others.dedup();
         Ok(others.into_iter().map(|other| of.with(other)).collect())
     }
 
@@ -715,11 +1030,12 @@ impl KeyStore for RedisStore {
         revocation: &TokenRevocation,
     ) -> Result<TokenRevocation, StoreError> {
         let key = revocation.rule_key();
+        let p = self.layout.partition_of(&key);
         let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
         // Read, merge, and write only if the rule is still what was read (as `update`).
         for _ in 0..8 {
             let mut conn = self.conn().await?;
-            let current: Option<String> = self.run(conn.hget(self.tokens_key(), &key)).await?;
+            let current: Option<String> = self.run(conn.hget(self.tokens_key(p), &key)).await?;
             let old = match &current {
                 Some(json) => Some(serde_json::from_str::<TokenRevocation>(json).map_err(corrupt)?),
                 None => None,
@@ -735,9 +1051,9 @@ impl KeyStore for RedisStore {
             let written: i64 = self
                 .run(
                     self.revoke_tokens
-                        .key(self.tokens_key())
-                        .key(self.tokens_expiry_key())
-                        .key(self.events_key())
+                        .key(self.tokens_key(p))
+                        .key(self.tokens_expiry_key(p))
+                        .key(self.events_key(p))
                         .arg(&key)
                         .arg(current.as_deref().unwrap_or(""))
                         .arg(json)
@@ -759,8 +1075,14 @@ impl KeyStore for RedisStore {
     }
 
     async fn token_revocations(&self, now_ms: u64) -> Result<Vec<TokenRevocation>, StoreError> {
-        let mut conn = self.conn().await?;
-        let all: Vec<String> = self.run(conn.hvals(self.tokens_key())).await?;
+        let conn = self.conn().await?;
+        let all = futures::future::try_join_all((0..self.layout.partitions()).map(|p| {
+            let mut conn = conn.clone();
+            let key = self.tokens_key(p);
+            async move { self.run(conn.hvals::<_, Vec<String>>(key)).await }
+        }))
+        .await?;
+        let all: Vec<String> = all.into_iter().flatten().collect();
         let mut live = Vec::with_capacity(all.len());
         for json in all {
             let r: TokenRevocation =
@@ -778,16 +1100,25 @@ impl KeyStore for RedisStore {
         Ok(())
     }
 
-    async fn latest_event_id(&self) -> Result<EventId, StoreError> {
+    fn partitions(&self) -> usize {
+        self.layout.partitions()
+    }
+
+    fn key_partition(&self, key_id: &str) -> usize {
+        self.partition_of(key_id)
+    }
+
+    async fn latest_event_id(&self, partition: usize) -> Result<EventId, StoreError> {
         // The last id ever generated, even if trimming has emptied the stream since.
         Ok(self
-            .stream_info()
+            .stream_info(partition)
             .await?
             .map_or(EventId::START, |i| i.last_generated))
     }
 
     async fn read_events(
         &self,
+        partition: usize,
         after: EventId,
         count: usize,
         block: Option<Duration>,
@@ -797,14 +1128,18 @@ impl KeyStore for RedisStore {
             Some(b) => {
                 opts = opts.block(b.as_millis().max(1) as usize);
                 let limit = b + self.timeout;
-                (self.connect(&self.blocking, limit).await?, limit)
+                (self.blocking_conn(partition, limit).await?, limit)
             }
             None => (self.conn().await?, self.timeout),
         };
         let reply: Option<redis::streams::StreamReadReply> = self
             .run_for(
                 limit,
-                conn.xread_options(&[self.events_key()], &[after.to_string()], &opts),
+                conn.xread_options(
+                    &[self.events_key(partition)],
+                    &[after.to_string()],
+                    &opts,
+                ),
             )
             .await?;
         let mut events = Vec::new();
@@ -816,8 +1151,12 @@ impl KeyStore for RedisStore {
         Ok(events)
     }
 
-    async fn events_lost_after(&self, after: EventId) -> Result<bool, StoreError> {
-        let Some(info) = self.stream_info().await? else {
+    async fn events_lost_after(
+        &self,
+        partition: usize,
+        after: EventId,
+    ) -> Result<bool, StoreError> {
+        let Some(info) = self.stream_info(partition).await? else {
             // No stream at all: either nothing was ever revoked (we are at the start),
             // or Redis lost it (a restart without persistence).
             return Ok(after != EventId::START);

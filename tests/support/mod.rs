@@ -142,7 +142,7 @@ impl RedisServer {
     pub async fn trim_all_events(&self) {
         let mut conn = self.connection().await;
         let _: i64 = redis::cmd("XTRIM")
-            .arg("kgtest:{keys}:events")
+            .arg("kgtest:{keys}:events") // the one partition's stream
             .arg("MAXLEN")
             .arg(0)
             .query_async(&mut conn)
@@ -350,7 +350,7 @@ pub async fn dump(conn: &mut redis::aio::MultiplexedConnection) -> String {
 
 /// A stream's entries (XRANGE - +): id and field/value pairs.
 pub async fn stream_entries(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut impl redis::aio::ConnectionLike,
     key: &str,
 ) -> Vec<(String, Vec<(String, String)>)> {
     let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
@@ -584,25 +584,38 @@ impl KeyStore for CountingStore {
         self.inner.ping().await
     }
 
-    async fn latest_event_id(&self) -> Result<EventId, StoreError> {
+    fn partitions(&self) -> usize {
+        self.inner.partitions()
+    }
+
+    fn key_partition(&self, key_id: &str) -> usize {
+        self.inner.key_partition(key_id)
+    }
+
+    async fn latest_event_id(&self, partition: usize) -> Result<EventId, StoreError> {
         let gate = self.positions.lock().unwrap().clone();
         if let Some(gate) = gate {
             let _permit = gate.acquire().await.expect("the gate is never closed");
         }
-        self.inner.latest_event_id().await
+        self.inner.latest_event_id(partition).await
     }
 
     async fn read_events(
         &self,
+        partition: usize,
         after: EventId,
         count: usize,
         block: Option<Duration>,
     ) -> Result<Vec<StreamEntry>, StoreError> {
-        self.inner.read_events(after, count, block).await
+        self.inner.read_events(partition, after, count, block).await
     }
 
-    async fn events_lost_after(&self, after: EventId) -> Result<bool, StoreError> {
-        self.inner.events_lost_after(after).await
+    async fn events_lost_after(
+        &self,
+        partition: usize,
+        after: EventId,
+    ) -> Result<bool, StoreError> {
+        self.inner.events_lost_after(partition, after).await
     }
 }
 
@@ -633,15 +646,15 @@ impl SwitchableFeed {
 
 #[async_trait::async_trait]
 impl keygate::revocation::EventFeed for SwitchableFeed {
-    async fn start_position(&self) -> Result<EventId, StoreError> {
+    async fn start_position(&self) -> Result<keygate::store::Cursor, StoreError> {
         self.inner.start_position().await
     }
 
     async fn read(
         &self,
-        after: EventId,
+        after: &keygate::store::Cursor,
         resync: bool,
-    ) -> Result<Vec<keygate::revocation::FeedItem>, StoreError> {
+    ) -> Result<Vec<keygate::revocation::FeedEntry>, StoreError> {
         if let Err(e) = self.check() {
             // As a real feed would, take a moment to fail.
             tokio::time::sleep(Duration::from_millis(20)).await;
