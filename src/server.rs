@@ -85,6 +85,7 @@ impl App {
                         tls_ca,
                         cluster_nodes: config.store.cluster_nodes.clone(),
                         partitions: config.store.partitions(),
+                        replica_acks: config.store.replica_acks(),
                     },
                 )?)
             }

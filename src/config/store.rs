@@ -35,6 +35,9 @@ pub struct StoreConfig {
     /// The revocation stream's partitions, fixed for the life of the data: 1 on one Redis,
     /// `CLUSTER_PARTITIONS` on a Cluster, unless set.
     pub stream_partitions: Option<usize>,
+    /// How many replicas must have a change (a revocation, a new key) before the admin
+    /// call returns: 1 on a Cluster, 0 on one Redis, unless set.
+    pub replica_acks: Option<u32>,
 }
 
 impl Default for StoreConfig {
@@ -48,6 +51,7 @@ impl Default for StoreConfig {
             tls_ca_file: None,
             cluster_nodes: Vec::new(),
             stream_partitions: None,
+            replica_acks: None,
         }
     }
 }
@@ -60,6 +64,12 @@ impl StoreConfig {
         } else {
             crate::store::redis::CLUSTER_PARTITIONS
         })
+    }
+
+    /// Replicas a change waits for.
+    pub fn replica_acks(&self) -> u32 {
+        self.replica_acks
+            .unwrap_or(u32::from(!self.cluster_nodes.is_empty()))
     }
 
     pub(super) fn validate(&self) -> Result<(), ConfigError> {

@@ -62,6 +62,9 @@ pub struct RedisStore {
     /// Blocking stream reads get a connection per partition: a blocked XREAD would
     /// otherwise hold up every request multiplexed on the shared one.
     blocking: Vec<OnceCell<Conn>>,
+    /// Changes of state, which wait for replicas (`write`).
+    writes: OnceCell<Conn>,
+    replica_acks: u32,
     timeout: Duration,
     layout: Layout,
     create: Script,
@@ -86,6 +89,8 @@ pub struct RedisOptions {
     pub cluster_nodes: Vec<String>,
     /// The revocation stream's partitions (1..=`MAX_PARTITIONS`).
     pub partitions: usize,
+    /// Replicas that must have a change before it is acknowledged (0: the master's word).
+    pub replica_acks: u32,
 }
 
 impl Default for RedisOptions {
@@ -95,6 +100,7 @@ impl Default for RedisOptions {
             tls_ca: None,
             cluster_nodes: Vec::new(),
             partitions: 1,
+            replica_acks: 0,
         }
     }
 }
@@ -279,6 +285,8 @@ impl RedisStore {
             client,
             conn: OnceCell::new(),
             blocking: (0..opts.partitions).map(|_| OnceCell::new()).collect(),
+            writes: OnceCell::new(),
+            replica_acks: opts.replica_acks,
             timeout,
             layout: Layout::new(namespace, opts.partitions),
             create: Script::new(include_str!("lua/create.lua")),
@@ -442,6 +450,61 @@ impl RedisStore {
              migrate` (docs/operations.md, \"Changing the stream partitions\")",
             self.layout.ns
         )))
+    }
+
+    /// Runs a script that changes state in `partition` on the writes' own connection, then
+    /// waits until `replica_acks` replicas of that partition's master have it: a change
+    /// acknowledged to the caller survives the master's failover. The wait blocks its
+    /// connection, which is why writes do not share the request path's.
+    async fn write<T: redis::FromRedisValue>(
+        &self,
+        partition: usize,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.writes_conn().await?;
+        let out = self.run(invocation.invoke_async(&mut conn)).await?;
+        if self.replica_acks == 0 {
+            return Ok(out);
+        }
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(self.replica_acks)
+            .arg(self.timeout.as_millis() as u64);
+        let limit = self.timeout * 2;
+        let acked: u32 = match &mut conn {
+            Conn::Single(c) => self.run_for(limit, wait.query_async(c)).await?,
+            Conn::Cluster(c) => {
+                // WAIT names no key: sent to the master of the partition's slot, on the
+                // connection the script went through (WAIT counts that connection's writes).
+                use redis::cluster_routing::{
+                    Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+                };
+                let slot = slot_of_tag(&self.layout.tags[partition]);
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::new(slot, SlotAddr::Master),
+                ));
+                let value = self.run_for(limit, c.route_command(&wait, route)).await?;
+                redis::from_redis_value(&value).map_err(unavailable)?
+            }
+        };
+        if acked < self.replica_acks {
+            crate::telemetry::metrics().store_errors.inc();
+            return Err(StoreError::Unavailable(format!(
+                "the change is on the master, but {acked} of {} replica(s) acknowledged it in \
+                 time (store.replica_acks): a failover now could lose it; retry (the call is \
+                 idempotent)",
+                self.replica_acks
+            )));
+        }
+        Ok(out)
+    }
+
+    async fn writes_conn(&self) -> Result<Conn, StoreError> {
+        self.conn().await?;
+        let conn = self
+            .writes
+            .get_or_try_init(|| self.open(self.timeout * 2))
+            .await?;
+        Ok(conn.clone())
     }
 
     /// Runs one Redis exchange under the store's timeout.
@@ -650,19 +713,19 @@ fn decode(fields: RecordFields) -> Result<Option<KeyRecord>, StoreError> {
 #[async_trait]
 impl KeyStore for RedisStore {
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
         let mut stored = record.clone();
         stored.revoked_at_ms = None;
         let json =
             serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let p = self.partition_of(&record.key_id);
         let created: i64 = self
-            .run(
+            .write(
+                p,
                 self.create
                     .key(self.key_key(&record.key_id))
-                    .key(self.index_key(self.partition_of(&record.key_id), &record.owner()))
+                    .key(self.index_key(p, &record.owner()))
                     .arg(json)
-                    .arg(&record.key_id)
-                    .invoke_async(&mut conn),
+                    .arg(&record.key_id),
             )
             .await?;
         if created == 1 {
@@ -747,17 +810,17 @@ impl KeyStore for RedisStore {
     }
 
     async fn revoke(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
-        let mut conn = self.conn().await?;
+        let p = self.partition_of(key_id);
         let fields: Option<RecordFields> = self
-            .run(
+            .write(
+                p,
                 self.revoke
                     .key(self.key_key(key_id))
-                    .key(self.events_key(self.partition_of(key_id)))
+                    .key(self.events_key(p))
                     .arg(at_ms)
                     .arg(key_id)
                     .arg(STREAM_MAX_LEN)
-                    .arg(EventKind::Revoked.as_str())
-                    .invoke_async(&mut conn),
+                    .arg(EventKind::Revoked.as_str()),
             )
             .await?;
         fields.map(decode).transpose().map(Option::flatten)
@@ -782,19 +845,19 @@ impl KeyStore for RedisStore {
             change.apply(&mut record);
             let new_data =
                 serde_json::to_string(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let mut conn = self.conn().await?;
+            let p = self.partition_of(key_id);
             let written: i64 = self
-                .run(
+                .write(
+                    p,
                     self.update
                         .key(self.key_key(key_id))
-                        .key(self.events_key(self.partition_of(key_id)))
+                        .key(self.events_key(p))
                         .arg(&data)
                         .arg(new_data)
                         .arg(at_ms)
                         .arg(key_id)
                         .arg(STREAM_MAX_LEN)
-                        .arg(EventKind::Updated.as_str())
-                        .invoke_async(&mut conn),
+                        .arg(EventKind::Updated.as_str()),
                 )
                 .await?;
             match written {
@@ -815,18 +878,18 @@ impl KeyStore for RedisStore {
         let Some(existing) = self.get(key_id).await? else {
             return Ok(None);
         };
-        let mut conn = self.conn().await?;
+        let p = self.partition_of(key_id);
         let fields: Option<RecordFields> = self
-            .run(
+            .write(
+                p,
                 self.delete
                     .key(self.key_key(key_id))
-                    .key(self.events_key(self.partition_of(key_id)))
-                    .key(self.index_key(self.partition_of(key_id), &existing.owner()))
+                    .key(self.events_key(p))
+                    .key(self.index_key(p, &existing.owner()))
                     .arg(at_ms)
                     .arg(key_id)
                     .arg(STREAM_MAX_LEN)
-                    .arg(EventKind::Deleted.as_str())
-                    .invoke_async(&mut conn),
+                    .arg(EventKind::Deleted.as_str()),
             )
             .await?;
         fields.map(decode).transpose().map(Option::flatten)
@@ -977,10 +1040,10 @@ impl KeyStore for RedisStore {
         granted: bool,
         at_ms: u64,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
         let p = self.layout.partition_of(&d.partner_id);
         let changed: i64 = self
-            .run(
+            .write(
+                p,
                 self.delegation
                     .key(self.delegation_key(p, &DelegationsOf::Partner(d.partner_id.clone())))
                     .key(self.delegation_key(p, &DelegationsOf::Tenant(d.tenant_id.clone())))
@@ -990,8 +1053,7 @@ impl KeyStore for RedisStore {
                     .arg(if granted { "1" } else { "0" })
                     .arg(at_ms)
                     .arg(STREAM_MAX_LEN)
-                    .arg(if granted { DELEGATED } else { UNDELEGATED })
-                    .invoke_async(&mut conn),
+                    .arg(if granted { DELEGATED } else { UNDELEGATED }),
             )
             .await?;
         Ok(changed == 1)
@@ -1049,7 +1111,8 @@ impl KeyStore for RedisStore {
             };
             let json = serde_json::to_string(&stored).map_err(corrupt)?;
             let written: i64 = self
-                .run(
+                .write(
+                    p,
                     self.revoke_tokens
                         .key(self.tokens_key(p))
                         .key(self.tokens_expiry_key(p))
@@ -1060,8 +1123,7 @@ impl KeyStore for RedisStore {
                         .arg(stored.expires_at_ms)
                         .arg(revocation.at_ms)
                         .arg(STREAM_MAX_LEN)
-                        .arg(TOKENS_REVOKED)
-                        .invoke_async(&mut conn),
+                        .arg(TOKENS_REVOKED),
                 )
                 .await?;
             if written == 1 {
