@@ -26,13 +26,7 @@ const SESSION_ROUTES: &str = r#"
 /// (`kid`s, first signs, each read from `KEYGATE_TEST_SESSION_KEY_<KID>`) — the session
 /// routes, without leeway.
 fn session_config(backend: Backend<'_>, kids: &[&str]) -> Config {
-    let store = match backend {
-        Backend::Memory => "{ backend: memory }".to_owned(),
-        Backend::Redis(r) => format!(
-            "{{ backend: redis, redis_url: \"{}\", namespace: kgtest, timeout: 300ms }}",
-            r.url()
-        ),
-    };
+    let store = support::store_yaml(backend);
     let mut yaml = format!(
         "listen: {{ grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n\
          store: {store}\n\

@@ -31,7 +31,7 @@ enum EventSource {
     Memory(Arc<MemoryStore>),
     /// The store, a connection of the test's own to its Redis, and the server (or
     /// Cluster) it talks to, kept alive for the test.
-    Redis(Arc<RedisStore>, Raw, Box<dyn std::any::Any + Send + Sync>),
+    Redis(Arc<RedisStore>, Raw, #[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>),
 }
 
 /// The test's own connection, to read what keygate wrote.

@@ -36,6 +36,10 @@
 //! - A `--port` above 55535 makes redis-server exit at start ("Redis port number too
 //!   high", the bus is port+10000); a bus port already taken makes it exit too ("Failed
 //!   listening on port ... (cluster), aborting"). Both end in the retry below.
+//! - Through this harness: `start` took ~2.1 s (6 nodes, create, sync); `await_failover`
+//!   returned ~2.6 s after the kill of a master (~1.2 s for a replica); keys written
+//!   through a cluster client were all on the new master afterwards. Replicas write the
+//!   initial sync to `dump.rdb` in their `--dir` despite `--save ""` (a temp dir).
 
 use std::collections::HashSet;
 use std::net::TcpListener;
@@ -144,10 +148,13 @@ impl RedisCluster {
     pub async fn node_connection(&self, port: u16) -> redis::aio::MultiplexedConnection {
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}").as_str())
             .expect("valid redis url");
-        tokio::time::timeout(NODE_START_PATIENCE, client.get_multiplexed_async_connection())
-            .await
-            .unwrap_or_else(|_| panic!("connection to cluster node {port} in time"))
-            .unwrap_or_else(|e| panic!("connection to cluster node {port}: {e}"))
+        tokio::time::timeout(
+            NODE_START_PATIENCE,
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("connection to cluster node {port} in time"))
+        .unwrap_or_else(|e| panic!("connection to cluster node {port}: {e}"))
     }
 
     /// SIGKILL the node on `port`: no shutdown, no save. Returns once the process is gone.
@@ -355,6 +362,12 @@ impl Drop for RedisCluster {
     }
 }
 
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 impl ClusterNode {
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("redis.log")
@@ -535,8 +548,8 @@ async fn cluster_ask(port: u16, args: &[&str]) -> Result<String, String> {
         for arg in &args[1..] {
             cmd.arg(*arg);
         }
-        let reply: String = cmd
-            .query_async(&mut conn)
+        let reply = cmd
+            .query_async::<String>(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
         Ok::<String, String>(reply)
@@ -618,7 +631,9 @@ fn agreed_view(view: &[NodeEntry]) -> Result<(), String> {
     }
     let slots: u32 = masters.iter().map(|m| m.slot_count()).sum();
     if slots != CLUSTER_SLOTS {
-        return Err(format!("sees {slots} slots on masters, not {CLUSTER_SLOTS}"));
+        return Err(format!(
+            "sees {slots} slots on masters, not {CLUSTER_SLOTS}"
+        ));
     }
     for master in &masters {
         let replicas = view
@@ -659,7 +674,7 @@ impl NodeEntry {
     }
 
     fn owns(&self, slot: u16) -> bool {
-        self.slots.iter().any(|&(a, b)| a <= slot && slot <= b)
+        self.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
     }
 
     fn first_slot(&self) -> Option<u16> {

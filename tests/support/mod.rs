@@ -35,6 +35,23 @@ use keygate::store::memory::MemoryStore;
 use keygate::store::{EventId, KeyPage, KeyRecord, KeyStore, StoreError, StreamEntry};
 use tokio::sync::{Notify, Semaphore};
 
+mod cluster;
+pub use cluster::*;
+
+/// One Redis Cluster for the tests of a binary that leave it whole (each in a namespace of
+/// its own, `fresh_namespace`); tests that kill nodes start their own. Its servers go with
+/// the test process (the watchdogs).
+pub async fn shared_cluster() -> &'static RedisCluster {
+    static CLUSTER: tokio::sync::OnceCell<RedisCluster> = tokio::sync::OnceCell::const_new();
+    CLUSTER.get_or_init(RedisCluster::start).await
+}
+
+/// A store namespace no other test of this process uses.
+pub fn fresh_namespace() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("kgtest{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// The tenant test keys belong to.
 pub const TENANT: &str = "9f1c7d4e-2b7a-4c1e-9d55-0b3f6a2e8c11";
 /// Another tenant, whose keys must never show up in `TENANT`'s answers.
@@ -757,6 +774,8 @@ impl Replica {
 pub enum Backend<'a> {
     Memory,
     Redis(&'a RedisServer),
+    /// A Redis Cluster, in the namespace given (replicas of one deployment share it).
+    Cluster(&'a RedisCluster, &'a str),
 }
 
 /// The policy every test runs on: a public family, a read family, a write family that
@@ -779,13 +798,7 @@ policy:
 /// (the tests measure keygate, not argon2; set `api_keys.argon2` back to the default where
 /// the cost matters), and the small policy above.
 pub fn config(backend: Backend<'_>) -> Config {
-    let store = match backend {
-        Backend::Memory => "store: { backend: memory }\n".to_owned(),
-        Backend::Redis(r) => format!(
-            "store: {{ backend: redis, redis_url: \"{}\", namespace: kgtest, timeout: 300ms }}\n",
-            r.url()
-        ),
-    };
+    let store = format!("store: {}\n", store_yaml(backend));
     let yaml = format!(
         "listen: {{ grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n\
          {store}\
@@ -793,6 +806,21 @@ pub fn config(backend: Backend<'_>) -> Config {
          {POLICY}"
     );
     Config::load(Some(&yaml), Vec::new()).expect("the test configuration is valid")
+}
+
+/// The `store` section for `backend`, as a YAML flow mapping.
+pub fn store_yaml(backend: Backend<'_>) -> String {
+    match backend {
+        Backend::Memory => "{ backend: memory }".to_owned(),
+        Backend::Redis(r) => format!(
+            "{{ backend: redis, redis_url: \"{}\", namespace: kgtest, timeout: 300ms }}",
+            r.url()
+        ),
+        Backend::Cluster(c, ns) => format!(
+            "{{ backend: redis, cluster_nodes: [{}], namespace: {ns}, timeout: 500ms }}",
+            c.urls().join(", ")
+        ),
+    }
 }
 
 /// Fresh random secrets, distinct per test so that a leak can be searched for.
