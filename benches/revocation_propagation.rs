@@ -130,7 +130,10 @@ async fn main() {
             // Replica 0 drops the key itself before answering; the others learn it from
             // the stream. Either way, wait for the event to be applied here.
             let applied = loop {
-                match tokio::time::timeout(PATIENCE, feed.recv()).await.map(|r| r.map(|e| e.item)) {
+                match tokio::time::timeout(PATIENCE, feed.recv())
+                    .await
+                    .map(|r| r.map(|e| e.item))
+                {
                     Ok(Ok(FeedItem::Event(e))) if e.key_id == key_id => break Instant::now(),
                     Ok(Ok(_)) => continue,
                     other => panic!("replica {r} did not apply revocation {i}: {other:?}"),

@@ -20,8 +20,8 @@ use tokio::sync::{broadcast, watch};
 use crate::cache::CredentialCache;
 use crate::jwt::revoked::RevokedTokens;
 use crate::store::{
-    latest_cursor, now_ms, Cursor, DelegationEvent, EventId, KeyStore, RevocationEvent,
-    StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent,
+    latest_cursor, now_ms, Cursor, DelegationEvent, EventId, KeyStore, RevocationEvent, StoreError,
+    StreamEntry, TokenRevocation, TokenRevocationEvent,
 };
 use crate::telemetry::metrics;
 use crate::tenant::Delegations;

@@ -826,8 +826,11 @@ async fn a_lagging_watch_subscriber_whose_events_were_trimmed_gets_a_reset() {
     let mut conn = redis.connection().await;
     let () = pipe.query_async(&mut conn).await.unwrap();
     eventually(PATIENCE, "the follower applied every event", || async {
-        (app.bus.last_applied() == keygate::store::latest_cursor(app.store.as_ref()).await.unwrap())
-            .then_some(())
+        (app.bus.last_applied()
+            == keygate::store::latest_cursor(app.store.as_ref())
+                .await
+                .unwrap())
+        .then_some(())
     })
     .await;
     assert_eq!(app.bus.flushes(), 0, "the follower kept up");

@@ -429,7 +429,9 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
         // The token revocation is on the stream before the key's own event.
         tokio::time::timeout(support::PATIENCE, async {
             loop {
-                if let Ok(keygate::revocation::FeedItem::Tokens(_)) = events.recv().await.map(|e| e.item) {
+                if let Ok(keygate::revocation::FeedItem::Tokens(_)) =
+                    events.recv().await.map(|e| e.item)
+                {
                     return;
                 }
             }

@@ -31,7 +31,11 @@ enum EventSource {
     Memory(Arc<MemoryStore>),
     /// The store, a connection of the test's own to its Redis, and the server (or
     /// Cluster) it talks to, kept alive for the test.
-    Redis(Arc<RedisStore>, Raw, #[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>),
+    Redis(
+        Arc<RedisStore>,
+        Raw,
+        #[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>,
+    ),
 }
 
 /// The test's own connection, to read what keygate wrote.
@@ -160,7 +164,12 @@ fn hasher() -> SecretHasher {
 async fn all_entries(store: &dyn KeyStore) -> Vec<StreamEntry> {
     let mut all = Vec::new();
     for p in 0..store.partitions() {
-        all.extend(store.read_events(p, EventId::START, 1000, None).await.unwrap());
+        all.extend(
+            store
+                .read_events(p, EventId::START, 1000, None)
+                .await
+                .unwrap(),
+        );
     }
     all
 }
@@ -505,7 +514,10 @@ async fn revocation_events_read_back_in_order_from_any_position(s: Subject) {
 
     // Resuming from any position yields exactly what came after it.
     assert_eq!(
-        store.read_events(part, positions[0], 100, None).await.unwrap(),
+        store
+            .read_events(part, positions[0], 100, None)
+            .await
+            .unwrap(),
         all[1..].to_vec()
     );
     assert_eq!(
@@ -1069,7 +1081,8 @@ async fn admin_revoke_and_delete_each_append_one_stream_event() {
     app.admin.delete(&key_id).await.unwrap();
 
     let store = RedisStore::new(&redis.url(), None, "kgtest", Duration::from_secs(2)).unwrap();
-    let entries = support::stream_entries(&mut redis.connection().await, &store.events_key(0)).await;
+    let entries =
+        support::stream_entries(&mut redis.connection().await, &store.events_key(0)).await;
     let summary: Vec<(String, String)> = entries
         .iter()
         .map(|(_, fields)| {

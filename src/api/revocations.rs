@@ -26,8 +26,8 @@ use super::{timestamp, timestamp_ms};
 use crate::revocation::{EventFeed, FeedEntry, FeedItem, RevocationBus};
 use crate::secret::Secret;
 use crate::store::{
-    latest_cursor, now_ms, Cursor, DelegationEvent, EventId, EventKind, KeyStore,
-    RevocationEvent, StoreError, TokenRevocation, TokenRevocationEvent, TokenTarget,
+    latest_cursor, now_ms, Cursor, DelegationEvent, EventId, EventKind, KeyStore, RevocationEvent,
+    StoreError, TokenRevocation, TokenRevocationEvent, TokenTarget,
 };
 
 /// Response metadata: the cursor a Watch stream starts after.
@@ -194,7 +194,12 @@ fn requested_cursor(raw: &str, latest: &Cursor) -> Result<Cursor, Status> {
             latest.partitions()
         )));
     }
-    if cursor.0.iter().zip(&latest.0).any(|(id, newest)| id > newest) {
+    if cursor
+        .0
+        .iter()
+        .zip(&latest.0)
+        .any(|(id, newest)| id > newest)
+    {
         return Err(Status::invalid_argument(
             "after_id: no such event (newer than the newest event)",
         ));
@@ -256,7 +261,11 @@ impl Revocations for RevocationsService {
                         continue;
                     }
                     after = after.with(p, pos);
-                    if tx.send(Ok(event_proto(&entry.item, p, &after))).await.is_err() {
+                    if tx
+                        .send(Ok(event_proto(&entry.item, p, &after)))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

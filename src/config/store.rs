@@ -59,11 +59,12 @@ impl Default for StoreConfig {
 impl StoreConfig {
     /// The stream partitions this store is written with.
     pub fn partitions(&self) -> usize {
-        self.stream_partitions.unwrap_or(if self.cluster_nodes.is_empty() {
-            1
-        } else {
-            crate::store::redis::CLUSTER_PARTITIONS
-        })
+        self.stream_partitions
+            .unwrap_or(if self.cluster_nodes.is_empty() {
+                1
+            } else {
+                crate::store::redis::CLUSTER_PARTITIONS
+            })
     }
 
     /// Replicas a change waits for.
@@ -88,7 +89,10 @@ impl StoreConfig {
         }
         for (i, node) in self.cluster_nodes.iter().enumerate() {
             let field = format!("store.cluster_nodes[{i}]");
-            if !["redis://", "rediss://"].iter().any(|s| node.starts_with(s)) {
+            if !["redis://", "rediss://"]
+                .iter()
+                .any(|s| node.starts_with(s))
+            {
                 return Err(ConfigError::new(
                     &field,
                     "must start with redis:// or rediss:// (TLS)",
@@ -117,7 +121,9 @@ impl StoreConfig {
             let tls = if self.cluster_nodes.is_empty() {
                 url.starts_with("rediss://")
             } else {
-                self.cluster_nodes.iter().all(|n| n.starts_with("rediss://"))
+                self.cluster_nodes
+                    .iter()
+                    .all(|n| n.starts_with("rediss://"))
             };
             if self.tls_ca_file.is_some() && !tls {
                 return Err(ConfigError::new(

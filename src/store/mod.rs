@@ -461,10 +461,9 @@ impl std::fmt::Display for Cursor {
 
 /// Where every partition of `store`'s stream is now: its newest event ids.
 pub async fn latest_cursor(store: &dyn KeyStore) -> Result<Cursor, StoreError> {
-    let ids = futures::future::try_join_all(
-        (0..store.partitions()).map(|p| store.latest_event_id(p)),
-    )
-    .await?;
+    let ids =
+        futures::future::try_join_all((0..store.partitions()).map(|p| store.latest_event_id(p)))
+            .await?;
     Ok(Cursor(ids))
 }
 

@@ -163,29 +163,30 @@ pub fn slot_of_tag(tag: &str) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % SLOTS
 }
 
+/// The hash tag of `partition` of `partitions` (see `Layout::new`).
+pub fn partition_tag(partitions: usize, partition: usize) -> String {
+    if partitions <= 1 {
+        return "keys".to_owned();
+    }
+    let width = usize::from(SLOTS) / partitions;
+    let band = (partition * width)..((partition + 1) * width);
+    (0u32..)
+        .map(|n| format!("k{partition}.{n}"))
+        .find(|tag| band.contains(&usize::from(slot_of_tag(tag))))
+        .expect("a range of at least 64 slots is hit within a few thousand tries")
+}
+
 impl Layout {
     /// With one partition the tag is `keys`. With more, partition `i`'s tag is the first of
     /// `k<i>.0`, `k<i>.1`, … whose slot falls in the `i`-th of `partitions` equal ranges of
     /// the slots: however a Cluster splits its slots into ranges, the partitions spread as
     /// evenly as the ranges do (a tag hashed at random would leave that to chance).
     fn new(ns: &str, partitions: usize) -> Layout {
-        let tags = if partitions <= 1 {
-            vec!["keys".to_owned()]
-        } else {
-            (0..partitions)
-                .map(|i| {
-                    let width = usize::from(SLOTS) / partitions;
-                    let band = (i * width)..((i + 1) * width);
-                    (0u32..)
-                        .map(|n| format!("k{i}.{n}"))
-                        .find(|tag| band.contains(&usize::from(slot_of_tag(tag))))
-                        .expect("a range of at least 64 slots is hit within a few thousand tries")
-                })
-                .collect()
-        };
         Layout {
             ns: ns.to_owned(),
-            tags,
+            tags: (0..partitions.max(1))
+                .map(|i| partition_tag(partitions, i))
+                .collect(),
         }
     }
 
@@ -469,33 +470,61 @@ impl RedisStore {
         let mut wait = redis::cmd("WAIT");
         wait.arg(self.replica_acks)
             .arg(self.timeout.as_millis() as u64);
+        let acked: u32 = self.on_master(&mut conn, partition, &wait).await?;
+        if acked >= self.replica_acks {
+            return Ok(out);
+        }
+        // Fewer answered than asked: wait for the replicas there are. A master left with
+        // none (its replica failed over to it, or died) has nobody to copy to; refusing
+        // then would report a revocation that is in force as failed.
+        let info: String = self
+            .on_master(&mut conn, partition, redis::cmd("INFO").arg("replication"))
+            .await?;
+        let connected: u32 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_slaves:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        if acked >= self.replica_acks.min(connected) {
+            tracing::warn!(
+                partition,
+                acked,
+                wanted = self.replica_acks,
+                "a change was acknowledged by fewer replicas than store.replica_acks: its master has no more connected"
+            );
+            return Ok(out);
+        }
+        crate::telemetry::metrics().store_errors.inc();
+        Err(StoreError::Unavailable(format!(
+            "the change is on the master, but {acked} of its {connected} replica(s) \
+             acknowledged it in time (store.replica_acks is {}): a failover now could lose \
+             it; retry (the call is idempotent)",
+            self.replica_acks
+        )))
+    }
+
+    /// `cmd` (which names no key) on the master of `partition`'s slot, through `conn`.
+    async fn on_master<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Conn,
+        partition: usize,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
         let limit = self.timeout * 2;
-        let acked: u32 = match &mut conn {
-            Conn::Single(c) => self.run_for(limit, wait.query_async(c)).await?,
+        match conn {
+            Conn::Single(c) => self.run_for(limit, cmd.query_async(c)).await,
             Conn::Cluster(c) => {
-                // WAIT names no key: sent to the master of the partition's slot, on the
-                // connection the script went through (WAIT counts that connection's writes).
-                use redis::cluster_routing::{
-                    Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
-                };
+                // Sent to the master of the partition's slot, on the connection the script
+                // went through (WAIT counts that connection's writes).
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
                 let slot = slot_of_tag(&self.layout.tags[partition]);
                 let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
                     Route::new(slot, SlotAddr::Master),
                 ));
-                let value = self.run_for(limit, c.route_command(&wait, route)).await?;
-                redis::from_redis_value(&value).map_err(unavailable)?
+                let value = self.run_for(limit, c.route_command(cmd, route)).await?;
+                redis::from_redis_value(&value).map_err(unavailable)
             }
-        };
-        if acked < self.replica_acks {
-            crate::telemetry::metrics().store_errors.inc();
-            return Err(StoreError::Unavailable(format!(
-                "the change is on the master, but {acked} of {} replica(s) acknowledged it in \
-                 time (store.replica_acks): a failover now could lose it; retry (the call is \
-                 idempotent)",
-                self.replica_acks
-            )));
         }
-        Ok(out)
     }
 
     async fn writes_conn(&self) -> Result<Conn, StoreError> {
@@ -782,7 +811,10 @@ impl KeyStore for RedisStore {
         let mut by_partition: std::collections::BTreeMap<usize, Vec<&String>> =
             std::collections::BTreeMap::new();
         for id in &ids {
-            by_partition.entry(self.partition_of(id)).or_default().push(id);
+            by_partition
+                .entry(self.partition_of(id))
+                .or_default()
+                .push(id);
         }
         let fetched = futures::future::try_join_all(by_partition.into_values().map(|group| {
             let mut conn = conn.clone();
@@ -1197,11 +1229,7 @@ impl KeyStore for RedisStore {
         let reply: Option<redis::streams::StreamReadReply> = self
             .run_for(
                 limit,
-                conn.xread_options(
-                    &[self.events_key(partition)],
-                    &[after.to_string()],
-                    &opts,
-                ),
+                conn.xread_options(&[self.events_key(partition)], &[after.to_string()], &opts),
             )
             .await?;
         let mut events = Vec::new();

@@ -1,0 +1,375 @@
+//! keygate on a real Redis Cluster (three masters, three replicas, on loopback): key
+//! records spread over the masters, revocations reach every replica through every stream
+//! partition, `Watch` gives one resumable cursor over all of them, and a master killed
+//! under load fails over without a revocation lost, a revoked key allowed, or keygate
+//! restarted.
+//!
+//! The store's own behaviour on the Cluster is `store_conformance.rs`'s `cluster` suite.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use keygate::api::proto::{self, revocations_client::RevocationsClient};
+use keygate::config::Secrets;
+use keygate::revocation::{FeedEntry, FeedItem};
+use keygate::store::Cursor;
+use support::*;
+
+/// Creates `n` keys through the admin path, a few at a time.
+async fn create_keys(app: &keygate::server::App, n: usize) -> Vec<(String, String)> {
+    futures::stream::iter(0..n)
+        .map(|_| async {
+            let created = app.admin.create(reader_key()).await.expect("key created");
+            (created.record.key_id, created.token)
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await
+}
+
+/// The next message of a Watch stream.
+async fn next(stream: &mut tonic::Streaming<proto::RevocationEvent>) -> proto::RevocationEvent {
+    tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("a message in time")
+        .unwrap()
+        .expect("the stream stays open")
+}
+
+/// Waits until `feed` has carried an event for each of `keys`.
+async fn all_applied(feed: &mut tokio::sync::broadcast::Receiver<FeedEntry>, keys: &[String]) {
+    let mut missing: HashSet<&str> = keys.iter().map(String::as_str).collect();
+    tokio::time::timeout(PATIENCE, async {
+        while !missing.is_empty() {
+            if let FeedItem::Event(e) = feed.recv().await.expect("the bus is open").item {
+                missing.remove(e.key_id.as_str());
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} revocation(s) never arrived", missing.len()));
+}
+
+async fn cluster_replica(cluster: &RedisCluster, ns: &str, secrets: &Secrets) -> Replica {
+    let replica = Replica::serving(config(Backend::Cluster(cluster, ns)), secrets).await;
+    replica.following().await;
+    replica
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_keys_spread_over_every_master() {
+    let cluster = shared_cluster().await;
+    let ns = fresh_namespace();
+    let replica = cluster_replica(cluster, &ns, &secrets()).await;
+    let keys = create_keys(&replica.app, 10_000).await;
+    assert_eq!(keys.len(), 10_000);
+
+    let per_master = cluster.keys_per_master(&format!("{ns}:*:key:*")).await;
+    assert_eq!(per_master.len(), 3, "{per_master:?}");
+    let total: usize = per_master.iter().map(|(_, n)| n).sum();
+    assert_eq!(
+        total, 10_000,
+        "every record is on some master: {per_master:?}"
+    );
+    for (port, n) in &per_master {
+        let share = *n as f64 / total as f64;
+        assert!(
+            (0.25..=0.42).contains(&share),
+            "master {port} holds {:.1}% of the keys: {per_master:?}",
+            share * 100.0
+        );
+    }
+    // Each tenant index entry sits beside its record: listing the tenant finds them all.
+    let mut listed = 0;
+    let mut after = None;
+    loop {
+        let page = replica
+            .app
+            .store
+            .list(
+                &keygate::store::Owner::Tenant(TENANT.into()),
+                after.as_deref(),
+                1000,
+            )
+            .await
+            .unwrap();
+        listed += page.keys.len();
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(listed, 10_000);
+    replica.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_reach_every_replica_through_every_partition() {
+    let cluster = shared_cluster().await;
+    let ns = fresh_namespace();
+    let secrets = secrets();
+    let writer = cluster_replica(cluster, &ns, &secrets).await;
+    let reader = cluster_replica(cluster, &ns, &secrets).await;
+    let store = writer.app.store.clone();
+    assert_eq!(store.partitions(), 16);
+
+    let keys = create_keys(&writer.app, 64).await;
+    let partitions: HashSet<usize> = keys.iter().map(|(id, _)| store.key_partition(id)).collect();
+    assert!(
+        partitions.len() >= 8,
+        "keys in {} partitions",
+        partitions.len()
+    );
+    for (_, token) in &keys {
+        assert_eq!(reader.check(token).await, Outcome::Allowed, "warm");
+    }
+    let mut feed = reader.app.bus.subscribe();
+    for (id, _) in &keys {
+        writer.app.admin.revoke(id).await.unwrap();
+    }
+    let ids: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();
+    all_applied(&mut feed, &ids).await;
+    for (_, token) in &keys {
+        assert_eq!(
+            reader.check(token).await,
+            Outcome::denied("revoked_api_key", 401)
+        );
+    }
+    // The follower's cursor is where every partition's stream now ends.
+    assert_eq!(
+        reader.app.bus.last_applied(),
+        keygate::store::latest_cursor(store.as_ref()).await.unwrap()
+    );
+    writer.running.shutdown().await.unwrap();
+    reader.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_gives_one_resumable_cursor_over_every_partition() {
+    let cluster = shared_cluster().await;
+    let ns = fresh_namespace();
+    let secrets = secrets();
+    let replica = cluster_replica(cluster, &ns, &secrets).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", replica.running.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let watch = |after: String| {
+        let mut client = RevocationsClient::new(channel.clone());
+        let token = replica.watch_token();
+        async move {
+            let mut req = tonic::Request::new(proto::WatchRequest { after_id: after });
+            req.metadata_mut()
+                .insert("authorization", bearer(&token).parse().unwrap());
+            client.watch(req).await.unwrap().into_inner()
+        }
+    };
+
+    let keys = create_keys(&replica.app, 12).await;
+    let mut live = watch(String::new()).await;
+    for (id, _) in &keys {
+        replica.app.admin.revoke(id).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    for _ in 0..keys.len() {
+        seen.push(next(&mut live).await);
+    }
+    let store = replica.app.store.clone();
+    for m in &seen {
+        let cursor = Cursor::parse(&m.id).expect("each id is a cursor");
+        assert_eq!(cursor.partitions(), 16, "{}", m.id);
+        assert_eq!(m.partition as usize, store.key_partition(&m.key_id));
+    }
+    let by_partition: BTreeMap<u32, usize> = seen.iter().fold(BTreeMap::new(), |mut m, e| {
+        *m.entry(e.partition).or_default() += 1;
+        m
+    });
+    assert!(by_partition.len() > 1, "{by_partition:?}");
+
+    // Resuming from the cursor of the fifth message replays exactly the ones after it.
+    let mut resumed = watch(seen[4].id.clone()).await;
+    let mut replayed = HashSet::new();
+    for _ in 5..seen.len() {
+        replayed.insert(next(&mut resumed).await.key_id);
+    }
+    let expected: HashSet<String> = seen[5..].iter().map(|m| m.key_id.clone()).collect();
+    assert_eq!(replayed, expected);
+    // …and nothing more: one new revocation is the next message.
+    let extra = create_keys(&replica.app, 1).await;
+    replica.app.admin.revoke(&extra[0].0).await.unwrap();
+    assert_eq!(next(&mut resumed).await.key_id, extra[0].0);
+
+    // A single-stream id does not name this stream's partitions.
+    let mut client = RevocationsClient::new(channel.clone());
+    let mut req = tonic::Request::new(proto::WatchRequest {
+        after_id: "0-0".into(),
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        bearer(&replica.watch_token()).parse().unwrap(),
+    );
+    let refused = client.watch(req).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("16"), "{}", refused.message());
+    replica.running.shutdown().await.unwrap();
+}
+
+/// A master is killed while a replica answers checks; its replica takes over. Revocations
+/// acknowledged before the kill are not lost, no revoked key is allowed at any moment,
+/// cold keys are UNAVAILABLE (never denied, never allowed unverified) only until the
+/// failover is over, and keygate serves again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_under_load_fails_over_without_losing_a_revocation() {
+    let mut cluster = RedisCluster::start().await;
+    let ns = fresh_namespace();
+    let secrets = secrets();
+    let admin = cluster_replica(&cluster, &ns, &secrets).await;
+    let checker = cluster_replica(&cluster, &ns, &secrets).await;
+    let store = admin.app.store.clone();
+
+    let keys = create_keys(&admin.app, 90).await;
+    let (revoked, rest) = keys.split_at(30);
+    let (warm, cold) = rest.split_at(30);
+    for (_, token) in revoked.iter().chain(warm) {
+        assert_eq!(checker.check(token).await, Outcome::Allowed);
+    }
+    let mut feed = checker.app.bus.subscribe();
+    for (id, _) in revoked {
+        admin.app.admin.revoke(id).await.unwrap();
+    }
+    let revoked_ids: Vec<String> = revoked.iter().map(|(id, _)| id.clone()).collect();
+    all_applied(&mut feed, &revoked_ids).await;
+
+    // The master that holds the first revoked key's partition.
+    let tag = keygate::store::redis::partition_tag(
+        store.partitions(),
+        store.key_partition(&revoked[0].0),
+    );
+    let victim = cluster
+        .master_of_slot(keygate::store::redis::slot_of_tag(&tag))
+        .await;
+
+    // Load: the checker answers for revoked and warm keys all the time and, from the kill
+    // on, for cold keys (never checked before, so each needs Redis) until each is allowed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<(&'static str, Outcome)>>> = Arc::default();
+    let load = {
+        let checker_app = checker.app.clone();
+        let (stop, killed, seen) = (stop.clone(), killed.clone(), seen.clone());
+        let known: Vec<(&'static str, String)> = revoked
+            .iter()
+            .map(|(_, t)| ("revoked", t.clone()))
+            .chain(warm.iter().map(|(_, t)| ("warm", t.clone())))
+            .collect();
+        let mut pending: Vec<String> = cold.iter().map(|(_, t)| t.clone()).collect();
+        tokio::spawn(async move {
+            let answer = |token: &str| {
+                let request = read_with(token);
+                let app = checker_app.clone();
+                async move { outcome(&app.envoy_service().decide(request).await) }
+            };
+            while !stop.load(Ordering::SeqCst) {
+                for (kind, token) in &known {
+                    let a = answer(token).await;
+                    seen.lock().unwrap().push((*kind, a));
+                }
+                if killed.load(Ordering::SeqCst) {
+                    let mut still = Vec::new();
+                    for token in pending {
+                        let a = answer(&token).await;
+                        if a != Outcome::Allowed {
+                            still.push(token);
+                        }
+                        seen.lock().unwrap().push(("cold", a));
+                    }
+                    pending = still;
+                }
+            }
+            pending.len()
+        })
+    };
+    eventually(PATIENCE, "the load is running", || async {
+        (seen.lock().unwrap().len() > 60).then_some(())
+    })
+    .await;
+    cluster.kill(victim);
+    killed.store(true, Ordering::SeqCst);
+    cluster.await_failover(victim).await;
+
+    // Service returns on its own, in the same keygate: every cold key is allowed.
+    eventually(
+        PATIENCE,
+        "every cold key is allowed after the failover",
+        || async {
+            let s = seen.lock().unwrap();
+            let allowed = s
+                .iter()
+                .filter(|(k, a)| *k == "cold" && *a == Outcome::Allowed)
+                .count();
+            (allowed == cold.len()).then_some(())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(load.await.unwrap(), 0, "cold keys left unanswered");
+
+    let seen = seen.lock().unwrap().clone();
+    let unavailable = seen
+        .iter()
+        .filter(|(_, a)| *a == Outcome::Error(tonic::Code::Unavailable))
+        .count();
+    assert!(
+        unavailable > 0,
+        "cold keys on the killed master's slots were UNAVAILABLE while it failed over"
+    );
+    for (kind, answer) in &seen {
+        match *kind {
+            "revoked" => assert_eq!(
+                *answer,
+                Outcome::denied("revoked_api_key", 401),
+                "a revoked key, at any moment"
+            ),
+            "warm" => assert_eq!(*answer, Outcome::Allowed, "a warm key needs no Redis"),
+            _ => assert!(
+                matches!(
+                    answer,
+                    Outcome::Allowed | Outcome::Error(tonic::Code::Unavailable)
+                ),
+                "a cold key is allowed or UNAVAILABLE, never denied: {answer:?}"
+            ),
+        }
+    }
+
+    // Nothing acknowledged before the kill was lost: the promoted replica has every
+    // revocation, and a replica that starts now (nothing cached) denies each key.
+    for id in &revoked_ids {
+        let record = store.get(id).await.unwrap().expect("the key survived");
+        assert!(record.revoked_at_ms.is_some(), "{id} lost its revocation");
+    }
+    let fresh = cluster_replica(&cluster, &ns, &secrets).await;
+    for (_, token) in revoked {
+        assert_eq!(
+            fresh.check(token).await,
+            Outcome::denied("revoked_api_key", 401)
+        );
+    }
+    // The followers found the promoted master: a new revocation still reaches the checker.
+    let mut feed = checker.app.bus.subscribe();
+    let (late, late_token) = &warm[0];
+    admin.app.admin.revoke(late).await.unwrap();
+    all_applied(&mut feed, std::slice::from_ref(late)).await;
+    assert_eq!(
+        checker.check(late_token).await,
+        Outcome::denied("revoked_api_key", 401)
+    );
+    for r in [admin, checker, fresh] {
+        r.running.shutdown().await.unwrap();
+    }
+}
