@@ -1,0 +1,255 @@
+//! keygate on a Redis Cluster beside one Redis, in the same run.
+//!
+//! 1. Memory: N key records (default 1,000,000; realistic records: an argon2id PHC string
+//!    of the production cost, a tenant UUID, one scope, a short name) written through the
+//!    store, then Redis's own `used_memory` delta per key (summed over the masters on the
+//!    Cluster), and `MEMORY USAGE` of one record and of its tenant-index entry.
+//! 2. Cold-key verification: the first check of each of K new keys (argon2 at its
+//!    production cost), and the store read alone, single Redis and Cluster.
+//! 3. Revocation propagation: R revocations made through replica A, timed until replica B
+//!    has applied each (its follower's event), single Redis and Cluster.
+//!
+//! Run: `scripts/bench cluster` (`cargo bench --bench cluster -- --keys 100000` for fewer).
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use keygate::revocation::FeedItem;
+use keygate::server::{self, App};
+use keygate::store::redis::{RedisOptions, RedisStore, CLUSTER_PARTITIONS};
+use keygate::store::{KeyRecord, KeyStore};
+use support::*;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("a number"))
+        .unwrap_or(default)
+}
+
+fn ms(d: u64) -> String {
+    format!("{:.2} ms", d as f64 / 1000.0)
+}
+
+fn summary(h: &Histogram<u64>) -> String {
+    format!(
+        "p50 {}, p99 {}, max {}",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.max())
+    )
+}
+
+/// Redis's `used_memory` on each of `ports`, summed.
+async fn used_memory(ports: &[u16]) -> u64 {
+    let mut total = 0;
+    for port in ports {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("INFO memory has used_memory");
+    }
+    total
+}
+
+/// A record as `keys create` writes it, with a fresh key id.
+fn record(template: &KeyRecord) -> KeyRecord {
+    let mut r = template.clone();
+    r.key_id = keygate::apikey::token::new_key_id();
+    r.token_prefix = format!("sk_live_{}", r.key_id);
+    r
+}
+
+async fn fill(store: &RedisStore, template: &KeyRecord, n: usize) -> Duration {
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|_| {
+            let r = record(template);
+            async move { store.create(&r).await.expect("create") }
+        })
+        .buffer_unordered(256)
+        .collect::<Vec<()>>()
+        .await;
+    started.elapsed()
+}
+
+/// MEMORY USAGE of a key's record (on whichever node holds it).
+async fn memory_usage(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> u64 {
+    redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(key)
+        .arg("SAMPLES")
+        .arg(0)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+struct Setup {
+    name: &'static str,
+    backend: Backend<'static>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let keys = arg("--keys", 1_000_000);
+    let cold = arg("--cold", 100);
+    let revocations = arg("--revocations", 200);
+    let single: &'static RedisServer = Box::leak(Box::new(RedisServer::start().await));
+    let cluster: &'static RedisCluster = Box::leak(Box::new(RedisCluster::start().await));
+
+    // One realistic record: what `keys create` stores, hash of the production cost.
+    let secrets = secrets();
+    let mut cfg = config(Backend::Memory);
+    cfg.api_keys.argon2 = keygate::config::Argon2Config::default();
+    let template_app = App::build(cfg, secrets.clone()).unwrap();
+    let template = template_app
+        .admin
+        .create(reader_key())
+        .await
+        .unwrap()
+        .record;
+    let json = serde_json::to_string(&template).unwrap();
+    println!("record JSON: {} bytes", json.len());
+
+    println!("\n## Memory, {keys} keys");
+    let single_store = RedisStore::new(&single.url(), None, "kgbench", Duration::from_secs(5))
+        .unwrap();
+    let cluster_store = RedisStore::with_options(
+        "redis://unused",
+        None,
+        "kgbench",
+        Duration::from_secs(5),
+        &RedisOptions {
+            cluster_nodes: cluster.urls(),
+            partitions: CLUSTER_PARTITIONS,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // The layout marker and empty structures first, so the delta is the keys alone.
+    single_store.ping().await.unwrap();
+    cluster_store.ping().await.unwrap();
+    let masters = cluster.masters().await;
+    for (name, store, ports) in [
+        ("single Redis", &single_store, vec![single.port()]),
+        ("Cluster (16 partitions, 3 masters)", &cluster_store, masters.clone()),
+    ] {
+        let before = used_memory(&ports).await;
+        let took = fill(store, &template, keys).await;
+        let after = used_memory(&ports).await;
+        let per_key = (after - before) as f64 / keys as f64;
+        println!(
+            "{name}: {per_key:.0} bytes per key (used_memory +{} MiB over {keys} keys, written in {:.1} s); at 10,000,000 keys: {:.2} GiB{}",
+            (after - before) / (1 << 20),
+            took.as_secs_f64(),
+            per_key * 1e7 / (1u64 << 30) as f64,
+            if ports.len() > 1 { " of masters (replicas hold as much again)" } else { "" },
+        );
+    }
+    {
+        let sample = record(&template);
+        single_store.create(&sample).await.unwrap();
+        let mut conn = single.connection().await;
+        let rec = memory_usage(&mut conn, &single_store.key_key(&sample.key_id)).await;
+        println!("MEMORY USAGE of one record hash: {rec} bytes (the index entry is inside the tenant's sorted set)");
+    }
+
+    // Cold keys and propagation: two replicas on each store, argon2 at its production cost.
+    for setup in [
+        Setup {
+            name: "single Redis",
+            backend: Backend::Redis(single),
+        },
+        Setup {
+            name: "Cluster",
+            backend: Backend::Cluster(cluster, Box::leak(fresh_namespace().into_boxed_str())),
+        },
+    ] {
+        let mut replicas = Vec::new();
+        for _ in 0..2 {
+            let mut cfg = config(setup.backend);
+            cfg.api_keys.argon2 = keygate::config::Argon2Config::default();
+            let app = Arc::new(App::build(cfg, secrets.clone()).unwrap());
+            let running = server::start(app.clone()).await.unwrap();
+            replicas.push((app, running));
+        }
+        for (app, _) in &replicas {
+            eventually(PATIENCE, "replica follows the stream", || async {
+                (app.bus.has_position() && app.bus.is_connected()).then_some(())
+            })
+            .await;
+        }
+        let (a, b) = (&replicas[0].0, &replicas[1].0);
+
+        let mut check = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        let mut get = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        let mut tokens = Vec::new();
+        for _ in 0..cold {
+            let created = a.admin.create(reader_key()).await.unwrap();
+            let started = Instant::now();
+            b.store.get(&created.record.key_id).await.unwrap().unwrap();
+            get.record(started.elapsed().as_micros().max(1) as u64).unwrap();
+            tokens.push(created);
+        }
+        for created in &tokens {
+            let started = Instant::now();
+            let answer = outcome(&b.envoy_service().decide(read_with(&created.token)).await);
+            check
+                .record(started.elapsed().as_micros().max(1) as u64)
+                .unwrap();
+            assert_eq!(answer, Outcome::Allowed);
+        }
+        println!("\n## {} ({cold} cold keys, {revocations} revocations)", setup.name);
+        println!("store read of a key record: {}", summary(&get));
+        println!("cold check (store read + argon2 defaults): {}", summary(&check));
+
+        let mut propagation = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        let mut feed = b.bus.subscribe();
+        for i in 0..revocations {
+            let created = &tokens[i % tokens.len()];
+            let key = if i < tokens.len() {
+                created.record.key_id.clone()
+            } else {
+                a.admin.create(reader_key()).await.unwrap().record.key_id
+            };
+            let started = Instant::now();
+            a.admin.revoke(&key).await.unwrap();
+            loop {
+                let entry = tokio::time::timeout(PATIENCE, feed.recv())
+                    .await
+                    .expect("applied in time")
+                    .unwrap();
+                if matches!(&entry.item, FeedItem::Event(e) if e.key_id == key) {
+                    break;
+                }
+            }
+            propagation
+                .record(started.elapsed().as_micros().max(1) as u64)
+                .unwrap();
+        }
+        println!(
+            "revocation, admin call made → applied on the other replica: {}",
+            summary(&propagation)
+        );
+        for (_, running) in replicas {
+            running.shutdown().await.unwrap();
+        }
+    }
+}
