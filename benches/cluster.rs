@@ -129,8 +129,8 @@ async fn main() {
     println!("record JSON: {} bytes", json.len());
 
     println!("\n## Memory, {keys} keys");
-    let single_store = RedisStore::new(&single.url(), None, "kgbench", Duration::from_secs(5))
-        .unwrap();
+    let single_store =
+        RedisStore::new(&single.url(), None, "kgbench", Duration::from_secs(5)).unwrap();
     let cluster_store = RedisStore::with_options(
         "redis://unused",
         None,
@@ -149,7 +149,11 @@ async fn main() {
     let masters = cluster.masters().await;
     for (name, store, ports) in [
         ("single Redis", &single_store, vec![single.port()]),
-        ("Cluster (16 partitions, 3 masters)", &cluster_store, masters.clone()),
+        (
+            "Cluster (16 partitions, 3 masters)",
+            &cluster_store,
+            masters.clone(),
+        ),
     ] {
         let before = used_memory(&ports).await;
         let took = fill(store, &template, keys).await;
@@ -205,7 +209,8 @@ async fn main() {
             let created = a.admin.create(reader_key()).await.unwrap();
             let started = Instant::now();
             b.store.get(&created.record.key_id).await.unwrap().unwrap();
-            get.record(started.elapsed().as_micros().max(1) as u64).unwrap();
+            get.record(started.elapsed().as_micros().max(1) as u64)
+                .unwrap();
             tokens.push(created);
         }
         for created in &tokens {
@@ -216,9 +221,15 @@ async fn main() {
                 .unwrap();
             assert_eq!(answer, Outcome::Allowed);
         }
-        println!("\n## {} ({cold} cold keys, {revocations} revocations)", setup.name);
+        println!(
+            "\n## {} ({cold} cold keys, {revocations} revocations)",
+            setup.name
+        );
         println!("store read of a key record: {}", summary(&get));
-        println!("cold check (store read + argon2 defaults): {}", summary(&check));
+        println!(
+            "cold check (store read + argon2 defaults): {}",
+            summary(&check)
+        );
 
         let mut propagation = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
         let mut feed = b.bus.subscribe();

@@ -447,8 +447,8 @@ impl RedisStore {
         Err(StoreError::Corrupt(format!(
             "the store under namespace {:?} was written with {found} stream partition(s), and \
              store.stream_partitions is {want}: keygate would look for keys and revocations \
-             in the wrong places. Keep {found}, or move the data with `keygate store \
-             migrate` (docs/operations.md, \"Changing the stream partitions\")",
+             in the wrong places and miss them. Set store.stream_partitions: {found} (see \
+             \"Changing the stream partitions\" in docs/operations.md)",
             self.layout.ns
         )))
     }

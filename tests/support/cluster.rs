@@ -84,7 +84,7 @@ impl RedisCluster {
     /// slots on every node, every node agreeing on 3 masters with one replica each, and
     /// every replica through its initial sync (`master_link_status:up`).
     pub async fn start() -> RedisCluster {
-        let server = cluster_server_bin();
+        let server = super::redis_server_bin();
         let cli = cluster_cli_bin(&server);
         // Built before the nodes start, so that a panic part way kills those started.
         let mut cluster = RedisCluster {
@@ -423,7 +423,7 @@ impl ClusterNode {
                     bin.display()
                 )
             })?;
-        self.watchdog = cluster_watchdog(child.id());
+        self.watchdog = super::watchdog(child.id());
         self.child = Some(child);
 
         let deadline = Instant::now() + NODE_START_PATIENCE;
@@ -493,29 +493,6 @@ fn free_cluster_port() -> u16 {
         }
     }
     panic!("no free loopback port p with p+{BUS_OFFSET} free too");
-}
-
-/// The same watchdog as `RedisServer`'s: a shell that SIGKILLs `redis_pid` once this
-/// test process is gone.
-fn cluster_watchdog(redis_pid: u32) -> Option<Child> {
-    Command::new("sh")
-        .arg("-c")
-        .arg(r#"while kill -0 "$1" 2>/dev/null; do sleep 0.5; done; kill -9 "$2" 2>/dev/null"#)
-        .arg("redis-watchdog")
-        .arg(std::process::id().to_string())
-        .arg(redis_pid.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()
-}
-
-/// `REDIS_SERVER`, else `redis-server` (from PATH), as `RedisServer` does.
-fn cluster_server_bin() -> PathBuf {
-    std::env::var_os("REDIS_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("redis-server"))
 }
 
 /// `REDIS_CLI`, else a `redis-cli` beside the redis-server binary (its directory, or the

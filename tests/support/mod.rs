@@ -96,9 +96,7 @@ impl RedisServer {
     }
 
     pub async fn start_with(opts: RedisOptions) -> RedisServer {
-        let bin = std::env::var_os("REDIS_SERVER")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("redis-server"));
+        let bin = redis_server_bin();
         let mut last_error = String::new();
         // A free port can be taken between our probe and Redis binding it: try again.
         for _ in 0..5 {
@@ -223,17 +221,7 @@ impl RedisServer {
                     self.bin.display()
                 )
             })?;
-        self.watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(r#"while kill -0 "$1" 2>/dev/null; do sleep 0.5; done; kill -9 "$2" 2>/dev/null"#)
-            .arg("redis-watchdog")
-            .arg(std::process::id().to_string())
-            .arg(child.id().to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok();
+        self.watchdog = watchdog(child.id());
         self.child = Some(child);
 
         let deadline = Instant::now() + PATIENCE;
@@ -274,6 +262,28 @@ impl RedisServer {
             Ok(Some(pong)) if pong == "PONG"
         )
     }
+}
+
+/// `REDIS_SERVER`, else `redis-server` from PATH.
+fn redis_server_bin() -> PathBuf {
+    std::env::var_os("REDIS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("redis-server"))
+}
+
+/// A shell that SIGKILLs `redis_pid` once this test process is gone.
+fn watchdog(redis_pid: u32) -> Option<Child> {
+    Command::new("sh")
+        .arg("-c")
+        .arg(r#"while kill -0 "$1" 2>/dev/null; do sleep 0.5; done; kill -9 "$2" 2>/dev/null"#)
+        .arg("redis-watchdog")
+        .arg(std::process::id().to_string())
+        .arg(redis_pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
 }
 
 impl Drop for RedisServer {
