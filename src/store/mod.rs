@@ -7,6 +7,7 @@
 //! record: callers must not be able to mistake "Redis is down" for "no such key".
 
 pub mod memory;
+pub mod packed;
 pub mod redis;
 
 use async_trait::async_trait;

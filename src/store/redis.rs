@@ -76,6 +76,8 @@ pub struct RedisStore {
     reserve: Script,
     lease: Script,
     usage: Script,
+    record: Script,
+    format: RecordFormat,
 }
 
 /// How to reach Redis beyond its URL.
@@ -299,6 +301,12 @@ impl RedisStore {
             reserve: Script::new(include_str!("lua/reserve.lua")),
             lease: Script::new(include_str!("lua/lease.lua")),
             usage: Script::new(include_str!("lua/usage.lua")),
+            record: Script::new(include_str!("lua/record.lua")),
+            format: if opts.partitions > 1 {
+                RecordFormat::Packed
+            } else {
+                RecordFormat::Hash
+            },
         })
     }
 
@@ -319,6 +327,12 @@ impl RedisStore {
 
     fn index_key(&self, partition: usize, owner: &Owner) -> String {
         self.layout.key(partition, &owner.index_name())
+    }
+
+    /// An owner's index lives in the owner's partition: one sorted set per owner, whatever
+    /// the partitions of its keys.
+    fn index_partition(&self, owner: &Owner) -> usize {
+        self.layout.partition_of(&owner.index_name())
     }
 
     /// Both sets of a delegation live in the partner's partition.
@@ -460,10 +474,13 @@ impl RedisStore {
     async fn write<T: redis::FromRedisValue>(
         &self,
         partition: usize,
-        invocation: &redis::ScriptInvocation<'_>,
+        change: Change<'_>,
     ) -> Result<T, StoreError> {
         let mut conn = self.writes_conn().await?;
-        let out = self.run(invocation.invoke_async(&mut conn)).await?;
+        let out = match change {
+            Change::Script(invocation) => self.run(invocation.invoke_async(&mut conn)).await?,
+            Change::Command(cmd) => self.run(cmd.query_async(&mut conn)).await?,
+        };
         if self.replica_acks == 0 {
             return Ok(out);
         }
@@ -591,18 +608,97 @@ struct StreamInfo {
     first_entry: Option<EventId>,
 }
 
+/// How key records are kept: the hash of every earlier keygate (one partition), or the
+/// packed string of partitioned layouts (`record.lua`, `packed.rs`), a third of the
+/// memory. A layout with more than one partition is new (no earlier keygate could write
+/// one), so it starts packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecordFormat {
+    Hash,
+    Packed,
+}
+
+/// A change for `RedisStore::write`.
+enum Change<'a> {
+    Script(&'a redis::ScriptInvocation<'a>),
+    Command(&'a redis::Cmd),
+}
+
 impl RedisStore {
-    async fn record_fields(&self, key_id: &str) -> Result<RecordFields, StoreError> {
-        let mut conn = self.conn().await?;
-        self.run(
-            redis::cmd("HMGET")
-                .arg(self.key_key(key_id))
-                .arg(&RECORD_FIELDS[..])
-                .query_async(&mut conn),
-        )
-        .await
+    /// The command that reads `key_id`'s record (as `decode_raw` reads its answer).
+    fn read_cmd(&self, key_id: &str) -> redis::Cmd {
+        let key = self.key_key(key_id);
+        match self.format {
+            RecordFormat::Hash => {
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(key).arg(&RECORD_FIELDS[..]);
+                cmd
+            }
+            RecordFormat::Packed => {
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(key);
+                cmd
+            }
+        }
     }
 
+    /// A record as Redis answered it (`read_cmd`, or a script returning the record), and
+    /// what an update compares to know nobody wrote in between. `None`: no such key.
+    fn decode_raw(
+        &self,
+        key_id: &str,
+        raw: redis::Value,
+    ) -> Result<Option<(KeyRecord, Vec<u8>)>, StoreError> {
+        let corrupt = |e: redis::RedisError| StoreError::Corrupt(e.to_string());
+        match self.format {
+            RecordFormat::Hash => {
+                if raw == redis::Value::Nil {
+                    return Ok(None);
+                }
+                let fields: RecordFields = redis::from_redis_value(&raw).map_err(corrupt)?;
+                let data = fields.0.clone().unwrap_or_default().into_bytes();
+                Ok(decode(fields)?.map(|record| (record, data)))
+            }
+            RecordFormat::Packed => {
+                let Some(bytes): Option<Vec<u8>> =
+                    redis::from_redis_value(&raw).map_err(corrupt)?
+                else {
+                    return Ok(None);
+                };
+                decode_packed(key_id, &bytes).map(Some)
+            }
+        }
+    }
+}
+
+/// A packed record string, `<revoked_at_ms>|<allowed>|<denied>|<last_used_ms>|<packed>`.
+fn decode_packed(key_id: &str, bytes: &[u8]) -> Result<(KeyRecord, Vec<u8>), StoreError> {
+    let corrupt = || StoreError::Corrupt(format!("key {key_id}: malformed record"));
+    let mut parts = bytes.splitn(5, |b| *b == b'|');
+    let mut number = || -> Result<Option<u64>, StoreError> {
+        let field = parts.next().ok_or_else(corrupt)?;
+        if field.is_empty() {
+            return Ok(None);
+        }
+        std::str::from_utf8(field)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .map(Some)
+            .ok_or_else(corrupt)
+    };
+    let (revoked, allowed, denied, last_used) = (number()?, number()?, number()?, number()?);
+    let packed = parts.next().ok_or_else(corrupt)?;
+    let mut record = super::packed::decode(key_id, packed)?;
+    record.revoked_at_ms = revoked;
+    record.usage = KeyUsage {
+        allowed: allowed.unwrap_or(0),
+        denied: denied.unwrap_or(0),
+        last_used_at_ms: last_used,
+    };
+    Ok((record, packed.to_vec()))
+}
+
+impl RedisStore {
     /// `None` when the partition's stream does not exist.
     async fn stream_info(&self, partition: usize) -> Result<Option<StreamInfo>, StoreError> {
         let mut conn = self.conn().await?;
@@ -744,20 +840,63 @@ impl KeyStore for RedisStore {
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let mut stored = record.clone();
         stored.revoked_at_ms = None;
-        let json =
-            serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let p = self.partition_of(&record.key_id);
-        let created: i64 = self
-            .write(
-                p,
-                self.create
-                    .key(self.key_key(&record.key_id))
-                    .key(self.index_key(p, &record.owner()))
-                    .arg(json)
-                    .arg(&record.key_id),
-            )
-            .await?;
-        if created == 1 {
+        let index = self.index_key(self.index_partition(&record.owner()), &record.owner());
+        let created: bool = match self.format {
+            RecordFormat::Hash => {
+                let json = serde_json::to_string(&stored)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let created: i64 = self
+                    .write(
+                        p,
+                        Change::Script(
+                            self.create
+                                .key(self.key_key(&record.key_id))
+                                .key(index)
+                                .arg(json)
+                                .arg(&record.key_id),
+                        ),
+                    )
+                    .await?;
+                created == 1
+            }
+            RecordFormat::Packed => {
+                // The index entry first, in the owner's partition: a record is never
+                // without one, and an entry whose record is missing (a crash in between)
+                // is skipped by `list`.
+                let mut value = b"||||".to_vec();
+                value.extend(super::packed::encode(&stored)?);
+                let index_partition = self.index_partition(&record.owner());
+                let added: i64 = self
+                    .write(
+                        index_partition,
+                        Change::Command(redis::cmd("ZADD").arg(&index).arg(0).arg(&record.key_id)),
+                    )
+                    .await?;
+                let set: Option<String> = self
+                    .write(
+                        p,
+                        Change::Command(
+                            redis::cmd("SET")
+                                .arg(self.key_key(&record.key_id))
+                                .arg(value)
+                                .arg("NX"),
+                        ),
+                    )
+                    .await?;
+                if set.is_none() && added == 1 {
+                    // Another key has this id: its owner's index is not ours to add to.
+                    let _: i64 = self
+                        .write(
+                            index_partition,
+                            Change::Command(redis::cmd("ZREM").arg(&index).arg(&record.key_id)),
+                        )
+                        .await?;
+                }
+                set.is_some()
+            }
+        };
+        if created {
             Ok(())
         } else {
             Err(StoreError::Conflict(record.key_id.clone()))
@@ -765,7 +904,11 @@ impl KeyStore for RedisStore {
     }
 
     async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        decode(self.record_fields(key_id).await?)
+        let mut conn = self.conn().await?;
+        let raw: redis::Value = self
+            .run(self.read_cmd(key_id).query_async(&mut conn))
+            .await?;
+        Ok(self.decode_raw(key_id, raw)?.map(|(record, _)| record))
     }
 
     async fn list(
@@ -780,34 +923,18 @@ impl KeyStore for RedisStore {
                 next_after: None,
             });
         }
-        let conn = self.conn().await?;
+        let mut conn = self.conn().await?;
         let min = match after {
             Some(a) => format!("({a}"),
             None => "-".to_owned(),
         };
-        // Each partition's next ids, merged: the first `limit + 1` of the union are among
-        // the first `limit + 1` of each.
-        let per_partition = futures::future::try_join_all((0..self.layout.partitions()).map(|p| {
-            let mut conn = conn.clone();
-            let index = self.index_key(p, owner);
-            let min = min.clone();
-            async move {
-                self.run(conn.zrangebylex_limit::<_, _, _, Vec<String>>(
-                    index,
-                    min,
-                    "+",
-                    0,
-                    limit as isize + 1,
-                ))
-                .await
-            }
-        }))
-        .await?;
-        let mut ids: Vec<String> = per_partition.into_iter().flatten().collect();
-        ids.sort_unstable();
+        let index = self.index_key(self.index_partition(owner), owner);
+        let mut ids: Vec<String> = self
+            .run(conn.zrangebylex_limit(index, min, "+", 0, limit as isize + 1))
+            .await?;
         let more = ids.len() > limit;
         ids.truncate(limit);
-        // One pipeline per partition (a pipeline stays in one slot), in id order after.
+        // The records, one pipeline per partition (a pipeline stays in one slot).
         let mut by_partition: std::collections::BTreeMap<usize, Vec<&String>> =
             std::collections::BTreeMap::new();
         for id in &ids {
@@ -820,20 +947,21 @@ impl KeyStore for RedisStore {
             let mut conn = conn.clone();
             let mut pipe = redis::pipe();
             for id in &group {
-                pipe.cmd("HMGET")
-                    .arg(self.key_key(id))
-                    .arg(&RECORD_FIELDS[..]);
+                pipe.add_command(self.read_cmd(id));
             }
             async move {
-                let rows: Vec<RecordFields> = self.run(pipe.query_async(&mut conn)).await?;
-                Ok::<_, StoreError>(rows)
+                let rows: Vec<redis::Value> = self.run(pipe.query_async(&mut conn)).await?;
+                Ok::<_, StoreError>(group.into_iter().zip(rows).collect::<Vec<_>>())
             }
         }))
         .await?;
         let mut keys = Vec::with_capacity(ids.len());
-        for row in fetched.into_iter().flatten() {
-            if let Some(rec) = decode(row)? {
-                keys.push(rec);
+        for (id, row) in fetched.into_iter().flatten() {
+            // An index entry whose record is gone, or is another owner's, is not listed.
+            if let Some((record, _)) = self.decode_raw(id, row)? {
+                if record.owner() == *owner {
+                    keys.push(record);
+                }
             }
         }
         keys.sort_unstable_by(|a, b| a.key_id.cmp(&b.key_id));
@@ -843,19 +971,42 @@ impl KeyStore for RedisStore {
 
     async fn revoke(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
         let p = self.partition_of(key_id);
-        let fields: Option<RecordFields> = self
-            .write(
-                p,
-                self.revoke
-                    .key(self.key_key(key_id))
-                    .key(self.events_key(p))
-                    .arg(at_ms)
-                    .arg(key_id)
-                    .arg(STREAM_MAX_LEN)
-                    .arg(EventKind::Revoked.as_str()),
-            )
-            .await?;
-        fields.map(decode).transpose().map(Option::flatten)
+        let (key, events) = (self.key_key(key_id), self.events_key(p));
+        let kind = EventKind::Revoked.as_str();
+        let raw: redis::Value = match self.format {
+            RecordFormat::Hash => {
+                self.write(
+                    p,
+                    Change::Script(
+                        self.revoke
+                            .key(key)
+                            .key(events)
+                            .arg(at_ms)
+                            .arg(key_id)
+                            .arg(STREAM_MAX_LEN)
+                            .arg(kind),
+                    ),
+                )
+                .await?
+            }
+            RecordFormat::Packed => {
+                self.write(
+                    p,
+                    Change::Script(
+                        self.record
+                            .key(key)
+                            .key(events)
+                            .arg("revoke")
+                            .arg(at_ms)
+                            .arg(key_id)
+                            .arg(STREAM_MAX_LEN)
+                            .arg(kind),
+                    ),
+                )
+                .await?
+            }
+        };
+        Ok(self.decode_raw(key_id, raw)?.map(|(record, _)| record))
     }
 
     async fn update(
@@ -865,38 +1016,66 @@ impl KeyStore for RedisStore {
         at_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
         // Read, change, and write back only if nobody wrote in between; a concurrent
-        // update makes us read again. Records are JSON written by keygate alone, so the
-        // change is made here rather than in Lua.
+        // update makes us read again. Records are written by keygate alone, so the change
+        // is made here rather than in Lua.
+        let p = self.partition_of(key_id);
         for _ in 0..8 {
-            let (data, revoked, ..) = self.record_fields(key_id).await?;
-            let Some(data) = data else {
+            let mut conn = self.conn().await?;
+            let raw: redis::Value = self
+                .run(self.read_cmd(key_id).query_async(&mut conn))
+                .await?;
+            let Some((mut record, as_read)) = self.decode_raw(key_id, raw)? else {
                 return Ok(None);
             };
-            let mut record: KeyRecord =
-                serde_json::from_str(&data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             change.apply(&mut record);
-            let new_data =
-                serde_json::to_string(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let p = self.partition_of(key_id);
-            let written: i64 = self
-                .write(
-                    p,
-                    self.update
-                        .key(self.key_key(key_id))
-                        .key(self.events_key(p))
-                        .arg(&data)
-                        .arg(new_data)
-                        .arg(at_ms)
-                        .arg(key_id)
-                        .arg(STREAM_MAX_LEN)
-                        .arg(EventKind::Updated.as_str()),
-                )
-                .await?;
-            match written {
-                1 => {
-                    record.revoked_at_ms = revoked;
-                    return Ok(Some(record));
+            let mut stored = record.clone();
+            stored.revoked_at_ms = None;
+            let (key, events, kind) = (
+                self.key_key(key_id),
+                self.events_key(p),
+                EventKind::Updated.as_str(),
+            );
+            let written: i64 = match self.format {
+                RecordFormat::Hash => {
+                    let new_data = serde_json::to_string(&stored)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    self.write(
+                        p,
+                        Change::Script(
+                            self.update
+                                .key(key)
+                                .key(events)
+                                .arg(as_read)
+                                .arg(new_data)
+                                .arg(at_ms)
+                                .arg(key_id)
+                                .arg(STREAM_MAX_LEN)
+                                .arg(kind),
+                        ),
+                    )
+                    .await?
                 }
+                RecordFormat::Packed => {
+                    self.write(
+                        p,
+                        Change::Script(
+                            self.record
+                                .key(key)
+                                .key(events)
+                                .arg("update")
+                                .arg(as_read)
+                                .arg(super::packed::encode(&stored)?)
+                                .arg(at_ms)
+                                .arg(key_id)
+                                .arg(STREAM_MAX_LEN)
+                                .arg(kind),
+                        ),
+                    )
+                    .await?
+                }
+            };
+            match written {
+                1 => return Ok(Some(record)),
                 -1 => return Ok(None),
                 _ => continue,
             }
@@ -911,20 +1090,54 @@ impl KeyStore for RedisStore {
             return Ok(None);
         };
         let p = self.partition_of(key_id);
-        let fields: Option<RecordFields> = self
-            .write(
-                p,
-                self.delete
-                    .key(self.key_key(key_id))
-                    .key(self.events_key(p))
-                    .key(self.index_key(p, &existing.owner()))
-                    .arg(at_ms)
-                    .arg(key_id)
-                    .arg(STREAM_MAX_LEN)
-                    .arg(EventKind::Deleted.as_str()),
-            )
-            .await?;
-        fields.map(decode).transpose().map(Option::flatten)
+        let owner = existing.owner();
+        let index = self.index_key(self.index_partition(&owner), &owner);
+        let (key, events) = (self.key_key(key_id), self.events_key(p));
+        let kind = EventKind::Deleted.as_str();
+        let raw: redis::Value = match self.format {
+            RecordFormat::Hash => {
+                self.write(
+                    p,
+                    Change::Script(
+                        self.delete
+                            .key(key)
+                            .key(events)
+                            .key(index)
+                            .arg(at_ms)
+                            .arg(key_id)
+                            .arg(STREAM_MAX_LEN)
+                            .arg(kind),
+                    ),
+                )
+                .await?
+            }
+            RecordFormat::Packed => {
+                let raw = self
+                    .write(
+                        p,
+                        Change::Script(
+                            self.record
+                                .key(key)
+                                .key(events)
+                                .arg("delete")
+                                .arg(at_ms)
+                                .arg(key_id)
+                                .arg(STREAM_MAX_LEN)
+                                .arg(kind),
+                        ),
+                    )
+                    .await?;
+                // The record went first: an index entry left by a crash here is skipped.
+                let _: i64 = self
+                    .write(
+                        self.index_partition(&owner),
+                        Change::Command(redis::cmd("ZREM").arg(index).arg(key_id)),
+                    )
+                    .await?;
+                raw
+            }
+        };
+        Ok(self.decode_raw(key_id, raw)?.map(|(record, _)| record))
     }
 
     async fn append_audit(&self, entry: &crate::audit::AuditEntry) -> Result<(), StoreError> {
@@ -999,7 +1212,14 @@ impl KeyStore for RedisStore {
         }
         futures::future::try_join_all(by_partition.into_values().map(|group| {
             let mut conn = conn.clone();
-            let mut invocation = self.usage.prepare_invoke();
+            let mut invocation = match self.format {
+                RecordFormat::Hash => self.usage.prepare_invoke(),
+                RecordFormat::Packed => {
+                    let mut invocation = self.record.prepare_invoke();
+                    invocation.arg("usage");
+                    invocation
+                }
+            };
             for d in group {
                 invocation
                     .key(self.key_key(&d.key_id))
@@ -1076,16 +1296,18 @@ impl KeyStore for RedisStore {
         let changed: i64 = self
             .write(
                 p,
-                self.delegation
-                    .key(self.delegation_key(p, &DelegationsOf::Partner(d.partner_id.clone())))
-                    .key(self.delegation_key(p, &DelegationsOf::Tenant(d.tenant_id.clone())))
-                    .key(self.events_key(p))
-                    .arg(&d.partner_id)
-                    .arg(&d.tenant_id)
-                    .arg(if granted { "1" } else { "0" })
-                    .arg(at_ms)
-                    .arg(STREAM_MAX_LEN)
-                    .arg(if granted { DELEGATED } else { UNDELEGATED }),
+                Change::Script(
+                    self.delegation
+                        .key(self.delegation_key(p, &DelegationsOf::Partner(d.partner_id.clone())))
+                        .key(self.delegation_key(p, &DelegationsOf::Tenant(d.tenant_id.clone())))
+                        .key(self.events_key(p))
+                        .arg(&d.partner_id)
+                        .arg(&d.tenant_id)
+                        .arg(if granted { "1" } else { "0" })
+                        .arg(at_ms)
+                        .arg(STREAM_MAX_LEN)
+                        .arg(if granted { DELEGATED } else { UNDELEGATED }),
+                ),
             )
             .await?;
         Ok(changed == 1)
@@ -1145,17 +1367,19 @@ impl KeyStore for RedisStore {
             let written: i64 = self
                 .write(
                     p,
-                    self.revoke_tokens
-                        .key(self.tokens_key(p))
-                        .key(self.tokens_expiry_key(p))
-                        .key(self.events_key(p))
-                        .arg(&key)
-                        .arg(current.as_deref().unwrap_or(""))
-                        .arg(json)
-                        .arg(stored.expires_at_ms)
-                        .arg(revocation.at_ms)
-                        .arg(STREAM_MAX_LEN)
-                        .arg(TOKENS_REVOKED),
+                    Change::Script(
+                        self.revoke_tokens
+                            .key(self.tokens_key(p))
+                            .key(self.tokens_expiry_key(p))
+                            .key(self.events_key(p))
+                            .arg(&key)
+                            .arg(current.as_deref().unwrap_or(""))
+                            .arg(json)
+                            .arg(stored.expires_at_ms)
+                            .arg(revocation.at_ms)
+                            .arg(STREAM_MAX_LEN)
+                            .arg(TOKENS_REVOKED),
+                    ),
                 )
                 .await?;
             if written == 1 {
