@@ -48,7 +48,8 @@ fn summary(h: &Histogram<u64>) -> String {
     )
 }
 
-/// Redis's `used_memory` on each of `ports`, summed.
+/// What the data takes on each of `ports`, summed: Redis's `used_memory` less its
+/// buffers for clients and replicas (which a burst of writes fills for a while).
 async fn used_memory(ports: &[u16]) -> u64 {
     let mut total = 0;
     for port in ports {
@@ -59,28 +60,39 @@ async fn used_memory(ports: &[u16]) -> u64 {
             .query_async(&mut conn)
             .await
             .unwrap();
-        total += info
-            .lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .expect("INFO memory has used_memory");
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("INFO memory has {name}"))
+        };
+        total += field("used_memory")
+            - field("mem_clients_slaves")
+            - field("mem_clients_normal")
+            - field("mem_replication_backlog")
+            - field("mem_aof_buffer");
     }
     total
 }
 
-/// A record as `keys create` writes it, with a fresh key id.
-fn record(template: &KeyRecord) -> KeyRecord {
+/// A record as `keys create` writes it, with a fresh key id, of the `i / per_tenant`-th
+/// tenant.
+fn record(template: &KeyRecord, i: usize, per_tenant: usize) -> KeyRecord {
     let mut r = template.clone();
     r.key_id = keygate::apikey::token::new_key_id();
     r.token_prefix = format!("sk_live_{}", r.key_id);
+    let t = (i / per_tenant) as u128;
+    r.tenant_id = uuid::Uuid::from_u128(0x9f1c7d4e_2b7a_4c1e_9d55_000000000000 + t)
+        .hyphenated()
+        .to_string();
     r
 }
 
-async fn fill(store: &RedisStore, template: &KeyRecord, n: usize) -> Duration {
+async fn fill(store: &RedisStore, template: &KeyRecord, n: usize, per_tenant: usize) -> Duration {
     let started = Instant::now();
     futures::stream::iter(0..n)
-        .map(|_| {
-            let r = record(template);
+        .map(|i| {
+            let r = record(template, i, per_tenant);
             async move { store.create(&r).await.expect("create") }
         })
         .buffer_unordered(256)
@@ -109,6 +121,7 @@ struct Setup {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let keys = arg("--keys", 1_000_000);
+    let per_tenant = arg("--keys-per-tenant", 10);
     let cold = arg("--cold", 100);
     let revocations = arg("--revocations", 200);
     let single: &'static RedisServer = Box::leak(Box::new(RedisServer::start().await));
@@ -126,9 +139,13 @@ async fn main() {
         .unwrap()
         .record;
     let json = serde_json::to_string(&template).unwrap();
-    println!("record JSON: {} bytes", json.len());
+    println!(
+        "record JSON: {} bytes; packed: {} bytes",
+        json.len(),
+        keygate::store::packed::encode(&template).unwrap().len()
+    );
 
-    println!("\n## Memory, {keys} keys");
+    println!("\n## Memory, {keys} keys, {per_tenant} per tenant");
     let single_store =
         RedisStore::new(&single.url(), None, "kgbench", Duration::from_secs(5)).unwrap();
     let cluster_store = RedisStore::with_options(
@@ -156,7 +173,7 @@ async fn main() {
         ),
     ] {
         let before = used_memory(&ports).await;
-        let took = fill(store, &template, keys).await;
+        let took = fill(store, &template, keys, per_tenant).await;
         let after = used_memory(&ports).await;
         let per_key = (after - before) as f64 / keys as f64;
         println!(
@@ -168,11 +185,20 @@ async fn main() {
         );
     }
     {
-        let sample = record(&template);
+        let sample = record(&template, 0, 1);
         single_store.create(&sample).await.unwrap();
+        cluster_store.create(&sample).await.unwrap();
         let mut conn = single.connection().await;
-        let rec = memory_usage(&mut conn, &single_store.key_key(&sample.key_id)).await;
-        println!("MEMORY USAGE of one record hash: {rec} bytes (the index entry is inside the tenant's sorted set)");
+        let hash = memory_usage(&mut conn, &single_store.key_key(&sample.key_id)).await;
+        let mut conn = redis::cluster::ClusterClient::new(cluster.urls())
+            .unwrap()
+            .get_async_connection()
+            .await
+            .unwrap();
+        let packed = memory_usage(&mut conn, &cluster_store.key_key(&sample.key_id)).await;
+        println!(
+            "MEMORY USAGE of one record: {hash} bytes as a hash (one partition), {packed} packed (partitioned); the index entry is in its tenant's sorted set"
+        );
     }
 
     // Cold keys and propagation: two replicas on each store, argon2 at its production cost.
