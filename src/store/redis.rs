@@ -7,11 +7,15 @@
 //! JWT revocation's rule key each belong to partition `crc32(name) % partitions`. With one
 //! partition the tag is `keys`, the layout of every earlier keygate.
 //!
-//! - `<ns>:{<p>}:key:<key_id>`   hash: `data` (record JSON, no secret), `revoked_at_ms`,
-//!   usage counters
-//! - `<ns>:{<p>}:tenant:<id>`    sorted set of the partition's key ids of that owner
-//!   (score 0, ordered by id); likewise `partner:<id>` and `service:<name>`. Listing an
-//!   owner's keys merges the partitions.
+//! - `<ns>:{<p>}:key:<key_id>`   with one partition a hash: `data` (record JSON, no
+//!   secret), `revoked_at_ms`, usage counters. With more, one string:
+//!   `<revoked_at_ms>|<allowed>|<denied>|<last_used_ms>|<packed record>` (`packed.rs`,
+//!   `record.lua`), a third of the memory; a layout of several partitions is new (no
+//!   earlier keygate wrote one), so it starts packed.
+//! - `<ns>:{<p>}:tenant:<id>`    sorted set of the owner's key ids (score 0, ordered by id),
+//!   in the owner's partition; likewise `partner:<id>` and `service:<name>`. Where that is
+//!   not the key's partition, the entry is added before the record and removed after it,
+//!   so a crash in between leaves at worst an entry without a record, which `list` skips.
 //! - `<ns>:{<p>}:deleg:partner:<id>` / `deleg:tenant:<id>`  sets, in the partner's
 //!   partition: a partner's tenants, a tenant's partners
 //! - `<ns>:{<p>}:tokens`         hash: JWT revocations, rule key → JSON
