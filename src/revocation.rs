@@ -10,7 +10,7 @@
 //! cannot follow, cached entries keep only their TTL as the bound on staleness, and the
 //! replica says so in `/readyz` and the `revocation_stream_connected` metric.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -108,6 +108,12 @@ pub trait EventFeed: Send + Sync + 'static {
     /// Every JWT revocation in force now. Asked after `start_position` and after each
     /// `Reset`: it holds at least every revocation up to that position.
     async fn token_revocations(&self) -> Result<Vec<TokenRevocation>, StoreError>;
+
+    /// Whether every part of the feed is followed now (after a successful `read`, some
+    /// partitions may still be failing and retried: the follower is then not connected).
+    fn following(&self) -> bool {
+        true
+    }
 }
 
 /// The store's own stream, every partition of it.
@@ -115,17 +121,38 @@ pub trait EventFeed: Send + Sync + 'static {
 /// Each partition is read by a blocking read of its own, kept running across `read`
 /// calls: a quiet partition's read waits in Redis while another's events are applied, so
 /// no read is ever cancelled and re-sent (which would pile up blocked reads on a
-/// connection).
+/// connection). A partition that fails (its master down, failing over) is retried on its
+/// own backoff while the others go on: one shard's outage never holds up the revocations
+/// of the rest.
 pub struct StoreFeed {
     store: Arc<dyn KeyStore>,
     block: Duration,
-    reads: tokio::sync::Mutex<Vec<Option<PartitionRead>>>,
+    parts: tokio::sync::Mutex<Vec<Partition>>,
+    /// Partitions whose last read failed.
+    failing: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Partition {
+    read: Option<PartitionRead>,
+    /// Check for lost events before the next read (after a failure).
+    resync: bool,
+    /// While failing: when to read again.
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Backoff,
 }
 
 /// A partition's read in flight, and where it reads from.
 struct PartitionRead {
     after: EventId,
-    task: tokio::task::JoinHandle<Result<Vec<StreamEntry>, StoreError>>,
+    task: tokio::task::JoinHandle<Result<PartitionBatch, StoreError>>,
+}
+
+/// What one partition's read brought.
+enum PartitionBatch {
+    Entries(Vec<StreamEntry>),
+    /// Events after the position were lost: the partition's newest id now.
+    Lost(EventId),
 }
 
 impl StoreFeed {
@@ -134,28 +161,39 @@ impl StoreFeed {
         StoreFeed {
             store,
             block,
-            reads: tokio::sync::Mutex::new((0..partitions).map(|_| None).collect()),
+            parts: tokio::sync::Mutex::new((0..partitions).map(|_| Partition::default()).collect()),
+            failing: AtomicUsize::new(0),
         }
     }
 
-    /// A `Reset` for every partition of `after` whose events since were lost.
-    async fn lost(&self, after: &Cursor) -> Result<Vec<FeedEntry>, StoreError> {
-        let mut resets = Vec::new();
-        for p in 0..self.store.partitions() {
-            if self.store.events_lost_after(p, after.at(p)).await? {
-                let latest = self.store.latest_event_id(p).await?;
-                let before = resets.last().map_or(after, |r: &FeedEntry| &r.cursor);
-                resets.push(FeedEntry::after(before, p, FeedItem::Reset(latest)));
-            }
+    /// One partition's next batch after `from`, checking first for lost events when asked.
+    async fn read_partition(
+        store: Arc<dyn KeyStore>,
+        p: usize,
+        from: EventId,
+        resync: bool,
+        block: Duration,
+    ) -> Result<PartitionBatch, StoreError> {
+        if resync && store.events_lost_after(p, from).await? {
+            return Ok(PartitionBatch::Lost(store.latest_event_id(p).await?));
         }
-        Ok(resets)
+        let entries = store.read_events(p, from, BATCH, Some(block)).await?;
+        // A reader that fell behind while connected may have had events trimmed from
+        // under it: what it read then starts after a gap. Asked after each batch, not
+        // each request: events are rare next to checks.
+        if !entries.is_empty() && store.events_lost_after(p, from).await? {
+            return Ok(PartitionBatch::Lost(store.latest_event_id(p).await?));
+        }
+        Ok(PartitionBatch::Entries(entries))
     }
 }
 
 impl Drop for StoreFeed {
     fn drop(&mut self) {
-        for read in self.reads.get_mut().iter().flatten() {
-            read.task.abort();
+        for part in self.parts.get_mut().iter() {
+            if let Some(read) = &part.read {
+                read.task.abort();
+            }
         }
     }
 }
@@ -170,58 +208,116 @@ impl EventFeed for StoreFeed {
     }
 
     async fn read(&self, after: &Cursor, resync: bool) -> Result<Vec<FeedEntry>, StoreError> {
+        let mut parts = self.parts.lock().await;
         if resync {
-            let resets = self.lost(after).await?;
-            if !resets.is_empty() {
-                return Ok(resets);
+            for part in parts.iter_mut() {
+                part.resync = true;
             }
         }
-        let mut reads = self.reads.lock().await;
-        for (p, slot) in reads.iter_mut().enumerate() {
-            let from = after.at(p);
-            if slot.as_ref().is_some_and(|r| r.after != from) {
-                // The follower moved on (a reset, a restart): that read is stale.
-                if let Some(stale) = slot.take() {
-                    stale.task.abort();
+        loop {
+            let now = tokio::time::Instant::now();
+            for (p, part) in parts.iter_mut().enumerate() {
+                let from = after.at(p);
+                if part.read.as_ref().is_some_and(|r| r.after != from) {
+                    // The follower moved on (a reset, a restart): that read is stale.
+                    if let Some(stale) = part.read.take() {
+                        stale.task.abort();
+                    }
+                }
+                if part.read.is_none() && part.retry_at.is_none_or(|t| t <= now) {
+                    let task = tokio::spawn(Self::read_partition(
+                        self.store.clone(),
+                        p,
+                        from,
+                        part.resync,
+                        self.block,
+                    ));
+                    part.read = Some(PartitionRead { after: from, task });
                 }
             }
-            if slot.is_none() {
-                let store = self.store.clone();
-                let block = self.block;
-                *slot = Some(PartitionRead {
-                    after: from,
-                    task: tokio::spawn(async move {
-                        store.read_events(p, from, BATCH, Some(block)).await
-                    }),
-                });
+            let retry = parts
+                .iter()
+                .filter(|part| part.read.is_none())
+                .filter_map(|part| part.retry_at)
+                .min();
+            let (which, tasks): (Vec<usize>, Vec<_>) = parts
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(p, part)| part.read.as_mut().map(|r| (p, &mut r.task)))
+                .unzip();
+            let wake = async {
+                match retry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // The first partition to answer (the others keep waiting), or a failed
+            // partition's time to be read again.
+            let first = async {
+                if tasks.is_empty() {
+                    // Every partition is failing: only `wake` can end this.
+                    return std::future::pending().await;
+                }
+                let (done, i, _) = futures::future::select_all(tasks).await;
+                (which[i], done)
+            };
+            let done = tokio::select! {
+                done = first => Some(done),
+                _ = wake => None,
+            };
+            let Some((p, done)) = done else { continue };
+            let part = &mut parts[p];
+            part.read = None;
+            let batch = done
+                .map_err(|e| StoreError::Unavailable(format!("stream read: {e}")))
+                .and_then(|r| r);
+            let before = after.clone();
+            match batch {
+                Ok(batch) => {
+                    if part.retry_at.take().is_some() {
+                        self.failing.fetch_sub(1, Ordering::AcqRel);
+                        tracing::info!(
+                            partition = p,
+                            "following the revocation stream partition again"
+                        );
+                    }
+                    part.resync = false;
+                    part.backoff = Backoff::default();
+                    return Ok(match batch {
+                        PartitionBatch::Lost(latest) => {
+                            vec![FeedEntry::after(&before, p, FeedItem::Reset(latest))]
+                        }
+                        PartitionBatch::Entries(entries) => {
+                            let mut cursor = before;
+                            entries
+                                .into_iter()
+                                .map(|entry| {
+                                    let fed =
+                                        FeedEntry::after(&cursor, p, FeedItem::from_entry(entry));
+                                    cursor = fed.cursor.clone();
+                                    fed
+                                })
+                                .collect()
+                        }
+                    });
+                }
+                Err(e) => {
+                    part.resync = true;
+                    let first = part.retry_at.is_none();
+                    part.retry_at = Some(tokio::time::Instant::now() + part.backoff.next());
+                    if first {
+                        self.failing.fetch_add(1, Ordering::AcqRel);
+                        tracing::warn!(partition = p, error = %e, "cannot read a revocation stream partition; following the others meanwhile");
+                        return Err(e);
+                    }
+                    // Still failing: it is retried on its own backoff.
+                }
             }
         }
-        // The first partition to answer; the others keep waiting.
-        let (done, p, _) = futures::future::select_all(
-            reads
-                .iter_mut()
-                .map(|r| &mut r.as_mut().expect("started above").task),
-        )
-        .await;
-        reads[p] = None;
-        drop(reads);
-        let entries = done.map_err(|e| StoreError::Unavailable(format!("stream read: {e}")))??;
-        // A reader that fell behind while connected may have had events trimmed from
-        // under it: what it read then starts after a gap. Asked after each batch, not
-        // each request: events are rare next to checks.
-        if !entries.is_empty() && self.store.events_lost_after(p, after.at(p)).await? {
-            let latest = self.store.latest_event_id(p).await?;
-            return Ok(vec![FeedEntry::after(after, p, FeedItem::Reset(latest))]);
-        }
-        let mut cursor = after.clone();
-        Ok(entries
-            .into_iter()
-            .map(|entry| {
-                let fed = FeedEntry::after(&cursor, p, FeedItem::from_entry(entry));
-                cursor = fed.cursor.clone();
-                fed
-            })
-            .collect())
+    }
+
+    fn following(&self) -> bool {
+        self.failing.load(Ordering::Acquire) == 0
     }
 
     async fn token_revocations(&self) -> Result<Vec<TokenRevocation>, StoreError> {
@@ -421,7 +517,7 @@ impl RevocationBus {
                 Ok(items) => {
                     resync = false;
                     backoff = Backoff::default();
-                    self.set_connected(true);
+                    self.set_connected(feed.following());
                     for entry in items {
                         after = entry.cursor.clone();
                         self.apply(entry).await;
@@ -466,6 +562,7 @@ fn applied(at_ms: u64) {
 /// Retry delays: 50 ms doubling to 500 ms. The bound is also how late revocations made
 /// just after Redis comes back can reach this replica (a reconnect attempt to a Redis
 /// that is down costs next to nothing).
+#[derive(Debug)]
 struct Backoff(Duration);
 
 impl Default for Backoff {
