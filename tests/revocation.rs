@@ -78,10 +78,23 @@ type WatchClient = RevocationsClient<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_key_is_denied_on_every_replica_in_order_and_completely() {
     let redis = RedisServer::start().await;
+    revoked_keys_reach_every_replica(Backend::Redis(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_key_is_denied_on_every_replica_through_the_cluster() {
+    let ns = fresh_namespace();
+    revoked_keys_reach_every_replica(Backend::Cluster(shared_cluster().await, &ns)).await;
+}
+
+/// Three replicas, ten warm keys revoked through the first: every replica applies each
+/// revocation once, in the order they were made within each stream partition (all of
+/// them on one Redis), and denies every key.
+async fn revoked_keys_reach_every_replica(backend: Backend<'_>) {
     let secrets = secrets();
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        replicas.push(Replica::start(config(Backend::Redis(&redis)), &secrets).await);
+        replicas.push(Replica::start(config(backend), &secrets).await);
     }
     for r in &replicas {
         r.following().await;
@@ -117,7 +130,8 @@ async fn revoked_key_is_denied_on_every_replica_in_order_and_completely() {
     }
 
     for (i, r) in replicas.iter().enumerate() {
-        // Every event arrived, once, in the order the revocations were made…
+        // Every event arrived, once, in the order the revocations were made (per
+        // partition)…
         let mut seen = Vec::new();
         while seen.len() < keys.len() {
             let item = tokio::time::timeout(PATIENCE, feeds[i].recv())
@@ -129,11 +143,21 @@ async fn revoked_key_is_denied_on_every_replica_in_order_and_completely() {
                 other => panic!("replica {i} did not apply an event: {other:?}"),
             }
         }
-        let expected: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();
-        assert_eq!(
-            seen, expected,
-            "replica {i} applied every revocation in order"
-        );
+        let store = &r.app.store;
+        for p in 0..store.partitions() {
+            let of = |ids: Vec<String>| -> Vec<String> {
+                ids.into_iter()
+                    .filter(|id| store.key_partition(id) == p)
+                    .collect()
+            };
+            let expected = of(keys.iter().map(|(id, _)| id.clone()).collect());
+            assert_eq!(
+                of(seen.clone()),
+                expected,
+                "replica {i} applied every revocation of partition {p} in order"
+            );
+        }
+        assert_eq!(seen.len(), keys.len());
         // …and once applied, every revoked key is denied there.
         for (_, token) in &keys {
             assert_eq!(
@@ -516,21 +540,48 @@ async fn watch_rejects_malformed_and_unknown_ids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_can_follow_another_keygates_watch_stream() {
     let redis = RedisServer::start().await;
+    follow_another_keygates_watch(Backend::Redis(&redis)).await;
+}
+
+/// The remote's Watch carries a cursor over 16 partitions, which the follower resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_can_follow_the_watch_of_a_keygate_on_a_cluster() {
+    let ns = fresh_namespace();
+    follow_another_keygates_watch(Backend::Cluster(shared_cluster().await, &ns)).await;
+}
+
+async fn follow_another_keygates_watch(backend: Backend<'_>) {
     let secrets = secrets();
-    let primary = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
-    let mut remote_cfg = config(Backend::Redis(&redis));
+    let primary = Replica::start(config(backend), &secrets).await;
+    let mut remote_cfg = config(backend);
     remote_cfg.revocation.source = RevocationSource::Watch;
     remote_cfg.revocation.watch_url = format!("http://{}", primary.running.grpc);
     let remote = Replica::start(remote_cfg, &secrets).await;
     remote.following().await;
-    let (id, token) = create_key(&primary.app).await;
-    assert_eq!(remote.check(&token).await, Outcome::Allowed);
+    let mut keys = Vec::new();
+    for _ in 0..8 {
+        keys.push(create_key(&primary.app).await);
+    }
+    for (_, token) in &keys {
+        assert_eq!(remote.check(token).await, Outcome::Allowed);
+    }
     let mut feed = remote.app.bus.subscribe();
-    primary.app.admin.revoke(&id).await.unwrap();
-    applied(&mut feed, &id).await;
+    for (id, _) in &keys {
+        primary.app.admin.revoke(id).await.unwrap();
+        applied(&mut feed, id).await;
+    }
+    for (_, token) in &keys {
+        assert_eq!(
+            remote.check(token).await,
+            Outcome::denied("revoked_api_key", 401)
+        );
+    }
+    // The follower's cursor is the primary's, over all of its partitions.
     assert_eq!(
-        remote.check(&token).await,
-        Outcome::denied("revoked_api_key", 401)
+        remote.app.bus.last_applied(),
+        keygate::store::latest_cursor(primary.app.store.as_ref())
+            .await
+            .unwrap()
     );
     remote.running.shutdown().await.unwrap();
     primary.running.shutdown().await.unwrap();
@@ -720,11 +771,11 @@ async fn a_watch_follower_starts_at_the_remotes_newest_event() {
     primary.running.shutdown().await.unwrap();
 }
 
-/// Two replicas on one Redis, and a key warm on the second.
-async fn two_replicas_with_a_warm_key(redis: &RedisServer) -> (Replica, Replica, String, String) {
+/// Two replicas on one store, and a key warm on the second.
+async fn two_replicas_with_a_warm_key(backend: Backend<'_>) -> (Replica, Replica, String, String) {
     let secrets = secrets();
-    let a = Replica::start(config(Backend::Redis(redis)), &secrets).await;
-    let b = Replica::start(config(Backend::Redis(redis)), &secrets).await;
+    let a = Replica::start(config(backend), &secrets).await;
+    let b = Replica::start(config(backend), &secrets).await;
     b.following().await;
     let (id, token) = create_key(&a.app).await;
     assert_eq!(b.check(&token).await, Outcome::Allowed);
@@ -734,7 +785,17 @@ async fn two_replicas_with_a_warm_key(redis: &RedisServer) -> (Replica, Replica,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_scope_reaches_every_replica_through_redis() {
     let redis = RedisServer::start().await;
-    let (a, b, id, token) = two_replicas_with_a_warm_key(&redis).await;
+    removing_a_scope_reaches_every_replica(Backend::Redis(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_scope_reaches_every_replica_through_the_cluster() {
+    let ns = fresh_namespace();
+    removing_a_scope_reaches_every_replica(Backend::Cluster(shared_cluster().await, &ns)).await;
+}
+
+async fn removing_a_scope_reaches_every_replica(backend: Backend<'_>) {
+    let (a, b, id, token) = two_replicas_with_a_warm_key(backend).await;
     let mut feed = b.app.bus.subscribe();
     let change = keygate::keys::KeyUpdate {
         scopes: Some(vec!["contacts:write".into()]),
@@ -764,7 +825,17 @@ async fn removing_a_scope_reaches_every_replica_through_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moving_expiry_earlier_takes_effect_on_every_replica() {
     let redis = RedisServer::start().await;
-    let (a, b, id, token) = two_replicas_with_a_warm_key(&redis).await;
+    moving_expiry_earlier_takes_effect(Backend::Redis(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_expiry_earlier_takes_effect_on_every_replica_of_the_cluster() {
+    let ns = fresh_namespace();
+    moving_expiry_earlier_takes_effect(Backend::Cluster(shared_cluster().await, &ns)).await;
+}
+
+async fn moving_expiry_earlier_takes_effect(backend: Backend<'_>) {
+    let (a, b, id, token) = two_replicas_with_a_warm_key(backend).await;
     let change = keygate::keys::KeyUpdate {
         expires_in: Some(Duration::from_secs(1)),
         ..Default::default()
