@@ -53,6 +53,11 @@ use crate::secret::Secret;
 /// Approximate bound on each partition's revocation stream.
 pub const STREAM_MAX_LEN: usize = 100_000;
 
+/// The hashes a partition's packed records are spread over: enough that none grows large
+/// (ten million keys in 16 partitions are ~600 a hash), few enough that a small store's
+/// are not mostly empty overhead. Part of the packed layout: fixed.
+pub const RECORD_BUCKETS: usize = 1024;
+
 /// Most stream partitions: each is followed on a connection of its own by every replica.
 pub const MAX_PARTITIONS: usize = 256;
 
@@ -200,9 +205,13 @@ impl Layout {
         self.tags.len()
     }
 
+    fn hash_of(&self, name: &str) -> usize {
+        crc32fast::hash(name.as_bytes()) as usize
+    }
+
     /// The partition a key id, partner id or rule key belongs to.
     fn partition_of(&self, name: &str) -> usize {
-        crc32fast::hash(name.as_bytes()) as usize % self.partitions()
+        self.hash_of(name) % self.partitions()
     }
 
     fn key(&self, partition: usize, rest: &str) -> String {
@@ -324,9 +333,19 @@ impl RedisStore {
         &self.layout.tags[partition]
     }
 
+    /// The Redis key that holds `key_id`'s record: its own hash with one partition; with
+    /// more, one of its partition's `RECORD_BUCKETS` hashes, where the record is the field
+    /// named by the key id (a field costs a third of what a Redis key does).
     pub fn key_key(&self, key_id: &str) -> String {
-        self.layout
-            .key(self.partition_of(key_id), &format!("key:{key_id}"))
+        let p = self.partition_of(key_id);
+        match self.format {
+            RecordFormat::Hash => self.layout.key(p, &format!("key:{key_id}")),
+            RecordFormat::Packed => {
+                let bucket =
+                    self.layout.hash_of(key_id) / self.layout.partitions() % RECORD_BUCKETS;
+                self.layout.key(p, &format!("keys:{bucket}"))
+            }
+        }
     }
 
     fn index_key(&self, partition: usize, owner: &Owner) -> String {
@@ -639,8 +658,8 @@ impl RedisStore {
                 cmd
             }
             RecordFormat::Packed => {
-                let mut cmd = redis::cmd("GET");
-                cmd.arg(key);
+                let mut cmd = redis::cmd("HGET");
+                cmd.arg(key).arg(key_id);
                 cmd
             }
         }
@@ -877,18 +896,18 @@ impl KeyStore for RedisStore {
                         Change::Command(redis::cmd("ZADD").arg(&index).arg(0).arg(&record.key_id)),
                     )
                     .await?;
-                let set: Option<String> = self
+                let set: i64 = self
                     .write(
                         p,
                         Change::Command(
-                            redis::cmd("SET")
+                            redis::cmd("HSETNX")
                                 .arg(self.key_key(&record.key_id))
-                                .arg(value)
-                                .arg("NX"),
+                                .arg(&record.key_id)
+                                .arg(value),
                         ),
                     )
                     .await?;
-                if set.is_none() && added == 1 {
+                if set == 0 && added == 1 {
                     // Another key has this id: its owner's index is not ours to add to.
                     let _: i64 = self
                         .write(
@@ -897,7 +916,7 @@ impl KeyStore for RedisStore {
                         )
                         .await?;
                 }
-                set.is_some()
+                set == 1
             }
         };
         if created {
@@ -1001,6 +1020,7 @@ impl KeyStore for RedisStore {
                             .key(key)
                             .key(events)
                             .arg("revoke")
+                            .arg(key_id)
                             .arg(at_ms)
                             .arg(key_id)
                             .arg(STREAM_MAX_LEN)
@@ -1067,6 +1087,7 @@ impl KeyStore for RedisStore {
                                 .key(key)
                                 .key(events)
                                 .arg("update")
+                                .arg(key_id)
                                 .arg(as_read)
                                 .arg(super::packed::encode(&stored)?)
                                 .arg(at_ms)
@@ -1124,6 +1145,7 @@ impl KeyStore for RedisStore {
                                 .key(key)
                                 .key(events)
                                 .arg("delete")
+                                .arg(key_id)
                                 .arg(at_ms)
                                 .arg(key_id)
                                 .arg(STREAM_MAX_LEN)
@@ -1225,6 +1247,9 @@ impl KeyStore for RedisStore {
                 }
             };
             for d in group {
+                if self.format == RecordFormat::Packed {
+                    invocation.arg(&d.key_id);
+                }
                 invocation
                     .key(self.key_key(&d.key_id))
                     .arg(d.allowed)
