@@ -7,10 +7,12 @@
 //! JWT revocation's rule key each belong to partition `crc32(name) % partitions`. With one
 //! partition the tag is `keys`, the layout of every earlier keygate.
 //!
-//! - `<ns>:{<p>}:key:<key_id>`   with one partition a hash: `data` (record JSON, no
-//!   secret), `revoked_at_ms`, usage counters. With more, one string:
+//! - `<ns>:{<p>}:key:<key_id>`   with one partition, a hash: `data` (record JSON, no
+//!   secret), `revoked_at_ms`, usage counters.
+//! - `<ns>:{<p>}:keys:<n>`       with more, `RECORD_BUCKETS` hashes per partition, whose
+//!   fields are key ids and values
 //!   `<revoked_at_ms>|<allowed>|<denied>|<last_used_ms>|<packed record>` (`packed.rs`,
-//!   `record.lua`), a third of the memory; a layout of several partitions is new (no
+//!   `record.lua`): under half the memory. A layout of several partitions is new (no
 //!   earlier keygate wrote one), so it starts packed.
 //! - `<ns>:{<p>}:tenant:<id>`    sorted set of the owner's key ids (score 0, ordered by id),
 //!   in the owner's partition; likewise `partner:<id>` and `service:<name>`. Where that is
