@@ -408,3 +408,57 @@ async fn a_master_killed_under_load_fails_over_without_losing_a_revocation() {
         r.running.shutdown().await.unwrap();
     }
 }
+
+/// The partitions are part of where data lives: a keygate configured with another number
+/// than its store was written with refuses to start and names the setting, also for data
+/// an earlier keygate wrote before the number was recorded. Nothing is written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_written_with_other_partitions_is_refused_at_startup() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let one = Replica::serving(config(Backend::Redis(&redis)), &secrets).await;
+    let (id, token) = {
+        let created = one.app.admin.create(reader_key()).await.unwrap();
+        (created.record.key_id, created.token)
+    };
+    one.app.admin.revoke(&id).await.unwrap();
+    one.running.shutdown().await.unwrap();
+
+    let refused = |forget_marker: bool| {
+        let redis = &redis;
+        let secrets = secrets.clone();
+        async move {
+            let mut conn = redis.connection().await;
+            if forget_marker {
+                // As an earlier keygate left it: data, and no record of the layout.
+                let _: i64 = redis::cmd("DEL")
+                    .arg("kgtest:{keys}:layout")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            let before = support::dump(&mut conn).await;
+            let mut cfg = config(Backend::Redis(redis));
+            cfg.store.stream_partitions = Some(16);
+            let app = std::sync::Arc::new(keygate::server::App::build(cfg, secrets).unwrap());
+            let err = keygate::server::start(app)
+                .await
+                .err()
+                .expect("refused at startup")
+                .to_string();
+            assert!(err.contains("store.stream_partitions"), "{err}");
+            assert!(err.contains("written with 1 stream partition"), "{err}");
+            assert_eq!(support::dump(&mut conn).await, before, "nothing written");
+        }
+    };
+    refused(false).await;
+    refused(true).await;
+
+    // With the number it was written with, the data is all there.
+    let again = Replica::serving(config(Backend::Redis(&redis)), &secrets).await;
+    assert_eq!(
+        again.check(&token).await,
+        Outcome::denied("revoked_api_key", 401)
+    );
+    again.running.shutdown().await.unwrap();
+}

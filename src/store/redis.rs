@@ -449,37 +449,19 @@ impl RedisStore {
     /// to reach an empty store records its number.
     async fn check_layout(&self, conn: &mut Conn) -> Result<(), StoreError> {
         let want = self.layout.partitions();
-        let set: bool = self
+        let recorded: String = self
             .run(
-                redis::cmd("SET")
-                    .arg(self.layout_key())
+                Script::new(include_str!("lua/layout.lua"))
+                    .key(self.layout_key())
+                    .key(self.layout.global("events"))
+                    .key(self.audit_key())
                     .arg(want)
-                    .arg("NX")
-                    .query_async(conn),
+                    .invoke_async(conn),
             )
             .await?;
-        let found: usize = if set {
-            // A store written before the layout was recorded has one partition.
-            let legacy: usize = self
-                .run(
-                    redis::cmd("EXISTS")
-                        .arg(self.layout.global("events"))
-                        .arg(self.audit_key())
-                        .query_async(conn),
-                )
-                .await?;
-            if legacy > 0 && want != 1 {
-                let _: () = self.run(conn.del(self.layout_key())).await?;
-                1
-            } else {
-                want
-            }
-        } else {
-            let stored: String = self.run(conn.get(self.layout_key())).await?;
-            stored.parse().map_err(|_| {
-                StoreError::Corrupt(format!("{} is not a number", self.layout_key()))
-            })?
-        };
+        let found: usize = recorded
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("{} is not a number", self.layout_key())))?;
         if found == want {
             return Ok(());
         }
