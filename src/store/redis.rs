@@ -632,6 +632,29 @@ enum Change<'a> {
 }
 
 impl RedisStore {
+    /// The script that changes `key_id`'s record: `hash_script` with one partition, else
+    /// `record.lua`'s `op`; its keys (the record's, the partition's stream) and the
+    /// operation's leading arguments given, the rest for the caller to add.
+    fn record_change<'a>(
+        &'a self,
+        hash_script: &'a Script,
+        op: &str,
+        key_id: &str,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut invocation = match self.format {
+            RecordFormat::Hash => hash_script.prepare_invoke(),
+            RecordFormat::Packed => {
+                let mut invocation = self.record.prepare_invoke();
+                invocation.arg(op).arg(key_id);
+                invocation
+            }
+        };
+        invocation
+            .key(self.key_key(key_id))
+            .key(self.events_key(self.partition_of(key_id)));
+        invocation
+    }
+
     /// The command that reads `key_id`'s record (as `decode_raw` reads its answer).
     fn read_cmd(&self, key_id: &str) -> redis::Cmd {
         let key = self.key_key(key_id);
@@ -977,43 +1000,15 @@ impl KeyStore for RedisStore {
     }
 
     async fn revoke(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
-        let p = self.partition_of(key_id);
-        let (key, events) = (self.key_key(key_id), self.events_key(p));
-        let kind = EventKind::Revoked.as_str();
-        let raw: redis::Value = match self.format {
-            RecordFormat::Hash => {
-                self.write(
-                    p,
-                    Change::Script(
-                        self.revoke
-                            .key(key)
-                            .key(events)
-                            .arg(at_ms)
-                            .arg(key_id)
-                            .arg(STREAM_MAX_LEN)
-                            .arg(kind),
-                    ),
-                )
-                .await?
-            }
-            RecordFormat::Packed => {
-                self.write(
-                    p,
-                    Change::Script(
-                        self.record
-                            .key(key)
-                            .key(events)
-                            .arg("revoke")
-                            .arg(key_id)
-                            .arg(at_ms)
-                            .arg(key_id)
-                            .arg(STREAM_MAX_LEN)
-                            .arg(kind),
-                    ),
-                )
-                .await?
-            }
-        };
+        let mut revoke = self.record_change(&self.revoke, "revoke", key_id);
+        revoke
+            .arg(at_ms)
+            .arg(key_id)
+            .arg(STREAM_MAX_LEN)
+            .arg(EventKind::Revoked.as_str());
+        let raw: redis::Value = self
+            .write(self.partition_of(key_id), Change::Script(&revoke))
+            .await?;
         Ok(self.decode_raw(key_id, raw)?.map(|(record, _)| record))
     }
 
@@ -1038,51 +1033,21 @@ impl KeyStore for RedisStore {
             change.apply(&mut record);
             let mut stored = record.clone();
             stored.revoked_at_ms = None;
-            let (key, events, kind) = (
-                self.key_key(key_id),
-                self.events_key(p),
-                EventKind::Updated.as_str(),
-            );
-            let written: i64 = match self.format {
+            let new_value = match self.format {
                 RecordFormat::Hash => {
-                    let new_data = serde_json::to_string(&stored)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    self.write(
-                        p,
-                        Change::Script(
-                            self.update
-                                .key(key)
-                                .key(events)
-                                .arg(as_read)
-                                .arg(new_data)
-                                .arg(at_ms)
-                                .arg(key_id)
-                                .arg(STREAM_MAX_LEN)
-                                .arg(kind),
-                        ),
-                    )
-                    .await?
+                    serde_json::to_vec(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?
                 }
-                RecordFormat::Packed => {
-                    self.write(
-                        p,
-                        Change::Script(
-                            self.record
-                                .key(key)
-                                .key(events)
-                                .arg("update")
-                                .arg(key_id)
-                                .arg(as_read)
-                                .arg(super::packed::encode(&stored)?)
-                                .arg(at_ms)
-                                .arg(key_id)
-                                .arg(STREAM_MAX_LEN)
-                                .arg(kind),
-                        ),
-                    )
-                    .await?
-                }
+                RecordFormat::Packed => super::packed::encode(&stored)?,
             };
+            let mut update = self.record_change(&self.update, "update", key_id);
+            update
+                .arg(as_read)
+                .arg(new_value)
+                .arg(at_ms)
+                .arg(key_id)
+                .arg(STREAM_MAX_LEN)
+                .arg(EventKind::Updated.as_str());
+            let written: i64 = self.write(p, Change::Script(&update)).await?;
             match written {
                 1 => return Ok(Some(record)),
                 -1 => return Ok(None),
@@ -1101,52 +1066,26 @@ impl KeyStore for RedisStore {
         let p = self.partition_of(key_id);
         let owner = existing.owner();
         let index = self.index_key(self.index_partition(&owner), &owner);
-        let (key, events) = (self.key_key(key_id), self.events_key(p));
-        let kind = EventKind::Deleted.as_str();
-        let raw: redis::Value = match self.format {
-            RecordFormat::Hash => {
-                self.write(
-                    p,
-                    Change::Script(
-                        self.delete
-                            .key(key)
-                            .key(events)
-                            .key(index)
-                            .arg(at_ms)
-                            .arg(key_id)
-                            .arg(STREAM_MAX_LEN)
-                            .arg(kind),
-                    ),
+        let mut delete = self.record_change(&self.delete, "delete", key_id);
+        if self.format == RecordFormat::Hash {
+            // One partition: the index entry goes in the same step.
+            delete.key(&index);
+        }
+        delete
+            .arg(at_ms)
+            .arg(key_id)
+            .arg(STREAM_MAX_LEN)
+            .arg(EventKind::Deleted.as_str());
+        let raw: redis::Value = self.write(p, Change::Script(&delete)).await?;
+        if self.format == RecordFormat::Packed {
+            // The record went first: an index entry left by a crash here is skipped.
+            let _: i64 = self
+                .write(
+                    self.index_partition(&owner),
+                    Change::Command(redis::cmd("ZREM").arg(&index).arg(key_id)),
                 )
-                .await?
-            }
-            RecordFormat::Packed => {
-                let raw = self
-                    .write(
-                        p,
-                        Change::Script(
-                            self.record
-                                .key(key)
-                                .key(events)
-                                .arg("delete")
-                                .arg(key_id)
-                                .arg(at_ms)
-                                .arg(key_id)
-                                .arg(STREAM_MAX_LEN)
-                                .arg(kind),
-                        ),
-                    )
-                    .await?;
-                // The record went first: an index entry left by a crash here is skipped.
-                let _: i64 = self
-                    .write(
-                        self.index_partition(&owner),
-                        Change::Command(redis::cmd("ZREM").arg(index).arg(key_id)),
-                    )
-                    .await?;
-                raw
-            }
-        };
+                .await?;
+        }
         Ok(self.decode_raw(key_id, raw)?.map(|(record, _)| record))
     }
 
