@@ -39,6 +39,9 @@ ALL_ON = {
     "secrets.extra[0].env": "KEYGATE_SESSION_KEY",
     "secrets.extra[0].name": "keygate-session",
     "secrets.extra[0].key": "ed25519.pem",
+    # A Redis Cluster instead of one Redis.
+    "config.store.cluster_nodes[0]": "redis://redis-cluster-0.redis-cluster:6379",
+    "config.store.cluster_nodes[1]": "redis://redis-cluster-1.redis-cluster:6379",
 }
 
 
