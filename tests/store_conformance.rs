@@ -941,6 +941,80 @@ async fn token_revocations_merge_and_append_one_event_per_change(s: Subject) {
     }
 }
 
+async fn usage_adds_up_per_key_and_never_recreates_a_deleted_key(s: Subject) {
+    use keygate::store::{KeyUsage, UsageDelta};
+    let a = created(&s, TENANT, "a").await;
+    let b = created(&s, TENANT, "b").await;
+    let delta = |key: &KeyRecord, allowed, denied, last| UsageDelta {
+        key_id: key.key_id.clone(),
+        allowed,
+        denied,
+        last_used_at_ms: last,
+    };
+    s.store
+        .add_usage(&[delta(&a, 3, 1, 2_000), delta(&b, 2, 0, 3_000)])
+        .await
+        .unwrap();
+    // A later batch adds; an older last use does not move it back.
+    s.store.add_usage(&[delta(&a, 1, 1, 1_000)]).await.unwrap();
+    let usage = |r: Option<KeyRecord>| r.expect("the key exists").usage;
+    assert_eq!(
+        usage(s.store.get(&a.key_id).await.unwrap()),
+        KeyUsage {
+            allowed: 4,
+            denied: 2,
+            last_used_at_ms: Some(2_000)
+        }
+    );
+    // Revoking keeps the counts, and counting keeps the revocation.
+    let revoked = s.store.revoke(&a.key_id, 5_000).await.unwrap().unwrap();
+    assert_eq!(
+        (revoked.revoked_at_ms, revoked.usage.allowed),
+        (Some(5_000), 4)
+    );
+    s.store.add_usage(&[delta(&a, 1, 0, 6_000)]).await.unwrap();
+    let after = s.store.get(&a.key_id).await.unwrap().unwrap();
+    assert_eq!(after.revoked_at_ms, Some(5_000));
+    assert_eq!(
+        (after.usage.allowed, after.usage.last_used_at_ms),
+        (5, Some(6_000))
+    );
+    // An update changes the record, not its counts.
+    let renamed = s
+        .store
+        .update(
+            &a.key_id,
+            &KeyChange {
+                name: Some("renamed".into()),
+                ..Default::default()
+            },
+            7_000,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (renamed.name.as_str(), renamed.usage.allowed),
+        ("renamed", 5)
+    );
+    assert_eq!(
+        s.store.get(&a.key_id).await.unwrap().unwrap().usage.allowed,
+        5
+    );
+    // Usage of a key deleted meanwhile is dropped, not a new record.
+    s.store.delete(&b.key_id, 8_000).await.unwrap().unwrap();
+    s.store.add_usage(&[delta(&b, 9, 9, 9_000)]).await.unwrap();
+    assert_eq!(s.store.get(&b.key_id).await.unwrap(), None);
+    assert!(s
+        .store
+        .list(&tenant(TENANT), None, 10)
+        .await
+        .unwrap()
+        .keys
+        .iter()
+        .all(|k| k.key_id != b.key_id));
+}
+
 macro_rules! conformance {
     ($($case:ident),+ $(,)?) => {
         mod memory {
@@ -983,6 +1057,7 @@ conformance!(
     keys_of_partners_and_services_are_listed_under_their_owner_only,
     delegations_are_granted_and_withdrawn_once_each_with_one_event,
     rate_reservations_follow_gcra_and_leases_their_limit,
+    usage_adds_up_per_key_and_never_recreates_a_deleted_key,
 );
 
 /// A token revocation this version cannot read (corrupt, or a newer shape) names no key:
