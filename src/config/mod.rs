@@ -278,6 +278,49 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_that_cannot_work_are_refused_naming_the_field() {
+        for (yaml, field) in [
+            (
+                "{backend: redis, cluster_nodes: [\"http://h:1\"]}",
+                "store.cluster_nodes[0]",
+            ),
+            (
+                "{backend: redis, cluster_nodes: [\"redis://a:1\", \"redis://u:p@b:2\"]}",
+                "store.cluster_nodes[1]",
+            ),
+            (
+                "{backend: redis, stream_partitions: 0}",
+                "store.stream_partitions",
+            ),
+            (
+                "{backend: redis, stream_partitions: 257}",
+                "store.stream_partitions",
+            ),
+            (
+                "{backend: memory, cluster_nodes: [\"redis://a:1\"]}",
+                "store.cluster_nodes",
+            ),
+            (
+                "{backend: memory, stream_partitions: 16}",
+                "store.stream_partitions",
+            ),
+            (
+                "{backend: redis, cluster_nodes: [\"redis://a:1\"], tls_ca_file: /x}",
+                "store.tls_ca_file",
+            ),
+        ] {
+            let e = load(&format!("store: {yaml}\n")).unwrap_err();
+            assert_eq!(e.field, field, "{yaml}");
+        }
+        let c = load("store: {backend: redis, cluster_nodes: [\"redis://a:1\"]}\n").unwrap();
+        assert_eq!((c.store.partitions(), c.store.replica_acks()), (16, 1));
+        let c = load("store: {backend: redis}\n").unwrap();
+        assert_eq!((c.store.partitions(), c.store.replica_acks()), (1, 0));
+        let c = load("store: {backend: redis, stream_partitions: 16, replica_acks: 2}\n").unwrap();
+        assert_eq!((c.store.partitions(), c.store.replica_acks()), (16, 2));
+    }
+
+    #[test]
     fn the_dev_config_is_valid() {
         let c = load(DEV_CONFIG).unwrap();
         assert!(!c.policy.routes.is_empty());

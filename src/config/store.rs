@@ -81,6 +81,12 @@ impl StoreConfig {
                 format!("must be 1 to {max}"),
             ));
         }
+        if self.backend == StoreBackend::Memory && !self.cluster_nodes.is_empty() {
+            return Err(ConfigError::new(
+                "store.cluster_nodes",
+                "only with store.backend: redis",
+            ));
+        }
         if self.backend == StoreBackend::Memory && self.partitions() != 1 {
             return Err(ConfigError::new(
                 "store.stream_partitions",
