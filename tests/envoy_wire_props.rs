@@ -280,6 +280,10 @@ const AT_ATTRIBUTES: &[u32] = &[ATTR_SOURCE, ATTR_REQUEST];
 const AT_REQUEST: &[u32] = &[REQUEST_HTTP];
 const AT_HTTP: &[u32] = &[HTTP_METHOD, HTTP_HEADERS, HTTP_PATH, HTTP_HEADER_MAP];
 const AT_HEADER_MAP: &[u32] = &[MAP_HEADERS];
+/// A `headers` map entry: `map<string, string>` has no field 3, so a field 3 there is an
+/// unknown field (which envoy-types skips too), not a foreign one.
+const AT_MAP_ENTRY: &[u32] = &[KEY, VALUE];
+/// A `HeaderValue` of `header_map`.
 const AT_HEADER: &[u32] = &[KEY, VALUE, RAW_VALUE];
 /// The outer CheckRequest: tonic's generated view refuses a foreign `attributes`, as
 /// envoy-types does, so none goes there.
@@ -395,10 +399,10 @@ impl Dice {
 /// A `map<string, string>` entry: key and value in either order, between unknown
 /// fields, sometimes after an earlier value the later one replaces.
 fn map_entry(name: &str, value: &str, dice: &mut Dice) -> Vec<u8> {
-    let mut e = dice.pad(AT_HEADER);
+    let mut e = dice.pad(AT_MAP_ENTRY);
     if dice.roll(4) == 0 {
         e.extend(delimited(VALUE, b"decoy"));
-        e.extend(dice.pad(AT_HEADER));
+        e.extend(dice.pad(AT_MAP_ENTRY));
     }
     let (k, v) = (
         delimited(KEY, name.as_bytes()),
@@ -406,9 +410,9 @@ fn map_entry(name: &str, value: &str, dice: &mut Dice) -> Vec<u8> {
     );
     let (first, second) = if dice.coin() { (k, v) } else { (v, k) };
     e.extend(first);
-    e.extend(dice.pad(AT_HEADER));
+    e.extend(dice.pad(AT_MAP_ENTRY));
     e.extend(second);
-    e.extend(dice.pad(AT_HEADER));
+    e.extend(dice.pad(AT_MAP_ENTRY));
     e
 }
 
