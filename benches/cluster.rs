@@ -15,13 +15,12 @@
 #[allow(dead_code)]
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use keygate::revocation::FeedItem;
-use keygate::server::{self, App};
+use keygate::server::App;
 use keygate::store::redis::{RedisOptions, RedisStore, CLUSTER_PARTITIONS};
 use keygate::store::{KeyRecord, KeyStore};
 use support::*;
@@ -205,20 +204,7 @@ async fn main() {
             backend: Backend::Cluster(cluster, Box::leak(fresh_namespace().into_boxed_str())),
         },
     ] {
-        let mut replicas = Vec::new();
-        for _ in 0..2 {
-            let mut cfg = config(setup.backend);
-            cfg.api_keys.argon2 = keygate::config::Argon2Config::default();
-            let app = Arc::new(App::build(cfg, secrets.clone()).unwrap());
-            let running = server::start(app.clone()).await.unwrap();
-            replicas.push((app, running));
-        }
-        for (app, _) in &replicas {
-            eventually(PATIENCE, "replica follows the stream", || async {
-                (app.bus.has_position() && app.bus.is_connected()).then_some(())
-            })
-            .await;
-        }
+        let replicas = replicas_at_production_cost(setup.backend, &secrets, 2).await;
         let (a, b) = (&replicas[0].0, &replicas[1].0);
 
         let mut check = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();

@@ -15,13 +15,12 @@
 #[allow(dead_code)]
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use keygate::api::proto::{self, keys_client::KeysClient};
 use keygate::revocation::FeedItem;
-use keygate::server::{self, App};
+
 use support::*;
 
 /// A duration in a microsecond histogram (at least 1 µs: the histogram's lowest bound).
@@ -44,20 +43,7 @@ async fn main() {
     }
     let redis = RedisServer::start().await;
     let secrets = secrets();
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let mut cfg = config(Backend::Redis(&redis));
-        cfg.api_keys.argon2 = keygate::config::Argon2Config::default();
-        let app = Arc::new(App::build(cfg, secrets.clone()).unwrap());
-        let running = server::start(app.clone()).await.unwrap();
-        replicas.push((app, running));
-    }
-    for (app, _) in &replicas {
-        eventually(PATIENCE, "replica follows the stream", || async {
-            app.bus.is_connected().then_some(())
-        })
-        .await;
-    }
+    let replicas = replicas_at_production_cost(Backend::Redis(&redis), &secrets, 3).await;
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{}", replicas[0].1.admin))
             .unwrap()

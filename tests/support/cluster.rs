@@ -44,7 +44,7 @@
 use std::collections::HashSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long the cluster harness waits for the cluster to form or to heal (a failover
@@ -390,40 +390,28 @@ impl ClusterNode {
 
     /// Starts the server (as `RedisServer::launch` does) and waits until it answers PING.
     async fn launch(&mut self, bin: &Path) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(|e| format!("cannot open redis log: {e}"))?;
-        let child = Command::new(bin)
-            .arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
-            .arg("127.0.0.1")
-            .arg("--save")
-            .arg("")
-            .args(["--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args(["--cluster-enabled", "yes"])
-            // Relative to --dir (redis-server chdirs there).
-            .args(["--cluster-config-file", "nodes.conf"])
-            .arg("--cluster-node-timeout")
-            .arg(NODE_TIMEOUT_MS.to_string())
-            // Without this a master waits 5 s (the default) for more replicas before the
-            // initial full sync of a replica, and `start` would wait with it.
-            .args(["--repl-diskless-sync-delay", "0"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| {
-                format!(
-                    "cannot run {} (set REDIS_SERVER or put redis-server on PATH): {e}",
-                    bin.display()
-                )
-            })?;
-        self.watchdog = super::watchdog(child.id());
+        let node_timeout = NODE_TIMEOUT_MS.to_string();
+        let (child, watchdog) = super::spawn_redis(
+            bin,
+            self.port,
+            self.dir.path(),
+            &[
+                "--appendonly",
+                "no",
+                "--cluster-enabled",
+                "yes",
+                // Relative to --dir (redis-server chdirs there).
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                &node_timeout,
+                // Without this a master waits 5 s (the default) for more replicas before
+                // the initial full sync of a replica, and `start` would wait with it.
+                "--repl-diskless-sync-delay",
+                "0",
+            ],
+        )?;
+        self.watchdog = watchdog;
         self.child = Some(child);
 
         let deadline = Instant::now() + NODE_START_PATIENCE;

@@ -188,40 +188,17 @@ impl RedisServer {
     }
 
     async fn launch(&mut self) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(|e| format!("cannot open redis log: {e}"))?;
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
-            .arg("127.0.0.1")
-            .arg("--save")
-            .arg("")
-            .arg("--dir")
-            .arg(self.dir.path());
+        let mut args = vec!["--appendonly"];
         if self.opts.append_only {
-            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+            args.extend(["yes", "--appendfsync", "always"]);
         } else {
-            cmd.args(["--appendonly", "no"]);
+            args.push("no");
         }
         if let Some(p) = &self.opts.password {
-            cmd.arg("--requirepass").arg(p);
+            args.extend(["--requirepass", p]);
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| {
-                format!(
-                    "cannot run {} (set REDIS_SERVER or put redis-server on PATH): {e}",
-                    self.bin.display()
-                )
-            })?;
-        self.watchdog = watchdog(child.id());
+        let (child, watchdog) = spawn_redis(&self.bin, self.port, self.dir.path(), &args)?;
+        self.watchdog = watchdog;
         self.child = Some(child);
 
         let deadline = Instant::now() + PATIENCE;
@@ -269,6 +246,43 @@ fn redis_server_bin() -> PathBuf {
     std::env::var_os("REDIS_SERVER")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("redis-server"))
+}
+
+/// `redis-server` on `port` of the loopback, its files in `dir` (its log `redis.log`), no
+/// snapshots, and `args`; with a `watchdog`.
+fn spawn_redis(
+    bin: &std::path::Path,
+    port: u16,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> Result<(Child, Option<Child>), String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("redis.log"))
+        .map_err(|e| format!("cannot open redis log: {e}"))?;
+    let child = Command::new(bin)
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--bind")
+        .arg("127.0.0.1")
+        .arg("--save")
+        .arg("")
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot run {} (set REDIS_SERVER or put redis-server on PATH): {e}",
+                bin.display()
+            )
+        })?;
+    let watchdog = watchdog(child.id());
+    Ok((child, watchdog))
 }
 
 /// A shell that SIGKILLs `redis_pid` once this test process is gone.
@@ -705,6 +719,30 @@ pub struct Replica {
     pub app: Arc<keygate::server::App>,
     pub running: keygate::server::Running,
     pub secrets: Secrets,
+}
+
+/// `n` replicas on `backend` with argon2 at its production cost (what the benchmarks
+/// measure), once each follows its revocation stream.
+pub async fn replicas_at_production_cost(
+    backend: Backend<'_>,
+    secrets: &Secrets,
+    n: usize,
+) -> Vec<(Arc<keygate::server::App>, keygate::server::Running)> {
+    let mut replicas = Vec::new();
+    for _ in 0..n {
+        let mut cfg = config(backend);
+        cfg.api_keys.argon2 = keygate::config::Argon2Config::default();
+        let app = Arc::new(keygate::server::App::build(cfg, secrets.clone()).expect("builds"));
+        let running = keygate::server::start(app.clone()).await.expect("starts");
+        replicas.push((app, running));
+    }
+    for (app, _) in &replicas {
+        eventually(PATIENCE, "replica follows the stream", || async {
+            (app.bus.has_position() && app.bus.is_connected()).then_some(())
+        })
+        .await;
+    }
+    replicas
 }
 
 impl Replica {
