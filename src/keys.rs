@@ -175,7 +175,8 @@ impl KeyAdmin {
         }
     }
 
-    /// Revoking, rotating or deleting a key revokes its session tokens through `tokens`.
+    /// Revoking, rotating or deleting a key, narrowing its scopes or moving its expiry
+    /// earlier revokes its session tokens through `tokens`.
     pub fn with_sessions(mut self, tokens: Arc<TokenAdmin>) -> Self {
         self.sessions = Some(tokens);
         self
@@ -477,17 +478,16 @@ impl KeyAdmin {
     /// principal through the `updated` event written in the same step.
     async fn update_key(&self, key_id: &str, req: KeyUpdate) -> Result<KeyRecord, AdminError> {
         let key_id = check_key_id(key_id)?;
-        let scopes = match req.scopes.as_deref() {
-            // Which scopes a key may hold depends on its kind.
-            Some(requested) => {
-                let current = self
-                    .store
-                    .get(key_id)
-                    .await?
-                    .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
-                Some(self.scopes_for(current.kind, requested)?)
-            }
-            None => None,
+        // Which scopes a key may hold depends on its kind; whether its session tokens
+        // outlive the change, on what it had.
+        let current = if req.scopes.is_some() || self.sessions.is_some() {
+            Some(self.existing(key_id).await?)
+        } else {
+            None
+        };
+        let scopes = match (req.scopes.as_deref(), &current) {
+            (Some(requested), Some(current)) => Some(self.scopes_for(current.kind, requested)?),
+            _ => None,
         };
         let change = KeyChange {
             name: req.name.as_deref().map(check_name).transpose()?,
@@ -501,6 +501,21 @@ impl KeyAdmin {
         };
         if change == KeyChange::default() {
             return Err(invalid("update", "names no field to change"));
+        }
+        if let Some(current) = current.as_ref().filter(|_| self.sessions.is_some()) {
+            // A session token holds the scopes and at most the expiry its key had when it
+            // was minted: taking a scope away or moving the expiry earlier revokes them,
+            // as revoking the key does (widening, renaming or a new plan leaves them).
+            let narrowed = change
+                .scopes
+                .as_ref()
+                .is_some_and(|new| current.scopes.iter().any(|s| !new.contains(s)));
+            let shortened = change
+                .expires_at_ms
+                .is_some_and(|at| at < current.expires_at_ms);
+            if narrowed || shortened {
+                self.revoke_sessions(key_id).await?;
+            }
         }
         let record = self
             .store

@@ -400,7 +400,7 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
     let config = || session_config(Backend::Redis(&redis), &["k1"]);
     let first = Replica::serving(config(), &secrets).await;
     let second = Replica::serving(config(), &secrets).await;
-    for change in ["revoke", "rotate", "delete"] {
+    for change in ["revoke", "rotate", "delete", "narrow", "shorten"] {
         let key = first.app.admin.create(support::reader_key()).await.unwrap();
         let session = minted(&first.app, &key.token).await;
         let bystander_key = first.app.admin.create(support::reader_key()).await.unwrap();
@@ -424,7 +424,37 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
                     .await
                     .unwrap(),
             ),
-            _ => drop(first.app.admin.delete(id).await.unwrap()),
+            "delete" => drop(first.app.admin.delete(id).await.unwrap()),
+            // The key loses the scope its session tokens hold…
+            "narrow" => drop(
+                first
+                    .app
+                    .admin
+                    .update(
+                        id,
+                        keygate::keys::KeyUpdate {
+                            scopes: Some(vec!["contacts:write".into()]),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap(),
+            ),
+            // …or expires before they do.
+            _ => drop(
+                first
+                    .app
+                    .admin
+                    .update(
+                        id,
+                        keygate::keys::KeyUpdate {
+                            expires_in: Some(Duration::from_secs(60)),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap(),
+            ),
         }
         // The token revocation is on the stream before the key's own event.
         tokio::time::timeout(support::PATIENCE, async {
@@ -449,6 +479,32 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
             "{change}: another key's session token"
         );
     }
+    // Renaming or widening the key leaves its session tokens be.
+    let key = first.app.admin.create(support::reader_key()).await.unwrap();
+    let session = minted(&first.app, &key.token).await;
+    let wider = keygate::keys::KeyUpdate {
+        name: Some("renamed".into()),
+        scopes: Some(
+            key.record
+                .scopes
+                .iter()
+                .cloned()
+                .chain(["contacts:write".to_owned()])
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    first
+        .app
+        .admin
+        .update(&key.record.key_id, wider)
+        .await
+        .unwrap();
+    assert_eq!(
+        stream_on(&second.app, &session).await,
+        Outcome::Allowed,
+        "a wider key keeps its session tokens"
+    );
     // A replica started afterwards loads the revocations before it answers.
     let third = Replica::serving(config(), &secrets).await;
     let key = first.app.admin.create(support::reader_key()).await.unwrap();
