@@ -187,18 +187,10 @@ impl KeyAdmin {
     /// cut-off is the next whole second, as `iat` is in seconds and a token minted in this
     /// one must not survive (the key mints none once changed).
     async fn revoke_sessions(&self, key_id: &str) -> Result<(), AdminError> {
-        let Some(tokens) = &self.sessions else {
-            return Ok(());
-        };
-        tokens
-            .revoke_tokens(RevokeTokens {
-                issuer: crate::jwt::session::ISSUER_NAME.to_owned(),
-                jti: None,
-                subject: Some(format!("key:{key_id}")),
-                before_ms: Some((now_ms() / 1000 + 1) * 1000),
-            })
-            .await?;
-        Ok(())
+        match &self.sessions {
+            Some(tokens) => revoke_sessions_of(tokens, key_id).await,
+            None => Ok(()),
+        }
     }
 
     /// The key, or NotFound: read before a change that first revokes its sessions.
@@ -624,6 +616,19 @@ impl KeyAdmin {
     }
 }
 
+/// Revokes every session token minted from `key_id` so far (see `KeyAdmin::revoke_sessions`).
+async fn revoke_sessions_of(tokens: &TokenAdmin, key_id: &str) -> Result<(), AdminError> {
+    tokens
+        .revoke_tokens(RevokeTokens {
+            issuer: crate::jwt::session::ISSUER_NAME.to_owned(),
+            jti: None,
+            subject: Some(format!("key:{key_id}")),
+            before_ms: Some((now_ms() / 1000 + 1) * 1000),
+        })
+        .await?;
+    Ok(())
+}
+
 /// What an audit entry names of a key.
 fn subject_of(r: &KeyRecord) -> Subject {
     Subject {
@@ -911,6 +916,8 @@ pub struct PartnerAdmin {
     store: Arc<dyn KeyStore>,
     delegations: Arc<Delegations>,
     audit: Arc<Audit>,
+    /// With session tokens on: what revokes the partner keys' session tokens.
+    sessions: Option<Arc<TokenAdmin>>,
 }
 
 impl PartnerAdmin {
@@ -919,6 +926,38 @@ impl PartnerAdmin {
             store,
             delegations,
             audit,
+            sessions: None,
+        }
+    }
+
+    /// Withdrawing a delegation revokes the session tokens of the partner's keys.
+    pub fn with_sessions(mut self, tokens: Arc<TokenAdmin>) -> Self {
+        self.sessions = Some(tokens);
+        self
+    }
+
+    /// Revokes the session tokens of every key of `partner_id`. A session token names its
+    /// key, not the delegation it was minted under, so all of them go (for every tenant:
+    /// the partner mints again where it still may). Done before the delegation changes, so
+    /// a failure leaves it as it was.
+    async fn revoke_partner_sessions(&self, partner_id: &str) -> Result<(), AdminError> {
+        let Some(tokens) = &self.sessions else {
+            return Ok(());
+        };
+        let owner = crate::store::Owner::Partner(partner_id.to_owned());
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .list(&owner, after.as_deref(), MAX_PAGE_SIZE)
+                .await?;
+            for key in &page.keys {
+                revoke_sessions_of(tokens, &key.key_id).await?;
+            }
+            match page.next_after {
+                Some(next) => after = Some(next),
+                None => return Ok(()),
+            }
         }
     }
 
@@ -954,6 +993,9 @@ impl PartnerAdmin {
             partner_id: check_id("partner_id", partner_id)?.to_owned(),
             tenant_id: check_tenant(tenant_id)?,
         };
+        if !granted && self.store.is_delegated(&d.partner_id, &d.tenant_id).await? {
+            self.revoke_partner_sessions(&d.partner_id).await?;
+        }
         let changed = self.store.set_delegation(&d, granted, now_ms()).await?;
         if changed {
             self.delegations.changed();

@@ -169,11 +169,12 @@ impl App {
             admin = admin.with_sessions(token_admin.clone());
         }
         let admin = Arc::new(admin);
-        let partners = Arc::new(crate::keys::PartnerAdmin::new(
-            store.clone(),
-            delegations.clone(),
-            audit.clone(),
-        ));
+        let mut partners =
+            crate::keys::PartnerAdmin::new(store.clone(), delegations.clone(), audit.clone());
+        if sessions.is_some() {
+            partners = partners.with_sessions(token_admin.clone());
+        }
+        let partners = Arc::new(partners);
         let bus = Arc::new(RevocationBus::new(
             cache.clone(),
             revoked_tokens,

@@ -520,6 +520,81 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
     }
 }
 
+/// A partner's session token for a tenant acts under the delegation it was minted with:
+/// withdrawing that delegation revokes the partner keys' session tokens on every replica
+/// (all of them: a token names its key, not the delegation), and nobody else's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_replica() {
+    let redis = support::RedisServer::start().await;
+    let pem = ed25519_pem();
+    let secrets = session_secrets(&[("k1", &pem)]);
+    let config = || session_config(Backend::Redis(&redis), &["k1"]);
+    let first = Replica::serving(config(), &secrets).await;
+    let second = Replica::serving(config(), &secrets).await;
+    let partner = first
+        .app
+        .admin
+        .create(NewKey {
+            tenant_id: String::new(),
+            kind: "partner".into(),
+            partner_id: "acme".into(),
+            ..support::reader_key()
+        })
+        .await
+        .unwrap();
+    first.app.partners.set("acme", TENANT, true).await.unwrap();
+    let session = mint_as(&first.app, &partner.token, &[], 0, TENANT)
+        .await
+        .unwrap()
+        .token;
+    let tenant_key = first.app.admin.create(support::reader_key()).await.unwrap();
+    let bystander = minted(&first.app, &tenant_key.token).await;
+    for token in [&session, &bystander] {
+        assert_eq!(stream_on(&second.app, token).await, Outcome::Allowed);
+    }
+    let mut events = second.app.bus.subscribe();
+    first.app.partners.set("acme", TENANT, false).await.unwrap();
+    tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            if let Ok(keygate::revocation::FeedItem::Delegation(_)) =
+                events.recv().await.map(|e| e.item)
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the withdrawal reaches the second replica");
+    assert_eq!(
+        stream_on(&second.app, &session).await,
+        Outcome::denied("invalid_token", 401),
+        "the partner's session token for the tenant it may no longer act for"
+    );
+    assert_eq!(stream_on(&second.app, &bystander).await, Outcome::Allowed);
+    // Withdrawing what was not granted revokes nothing.
+    let again = mint_as(&first.app, &partner.token, &[], 0, TENANT)
+        .await
+        .unwrap();
+    assert_eq!(again.denial.unwrap().code, "tenant_forbidden");
+    let before = first
+        .app
+        .store
+        .token_revocations(keygate::store::now_ms())
+        .await
+        .unwrap();
+    first.app.partners.set("acme", TENANT, false).await.unwrap();
+    let after = first
+        .app
+        .store
+        .token_revocations(keygate::store::now_ms())
+        .await
+        .unwrap();
+    assert_eq!(before.len(), after.len());
+    for r in [first, second] {
+        r.running.shutdown().await.unwrap();
+    }
+}
+
 async fn jwks_of(replica: &Replica) -> (u16, serde_json::Value) {
     let resp = reqwest::get(format!(
         "http://{}/.well-known/jwks.json",
