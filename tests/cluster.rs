@@ -54,41 +54,6 @@ async fn all_applied(feed: &mut tokio::sync::broadcast::Receiver<FeedEntry>, key
     .unwrap_or_else(|_| panic!("{} revocation(s) never arrived", missing.len()));
 }
 
-/// Key records on each master: the fields of the namespace's record hashes there.
-async fn records_per_master(cluster: &RedisCluster, ns: &str) -> Vec<(u16, usize)> {
-    let mut out = Vec::new();
-    for port in cluster.masters().await {
-        let mut conn = cluster.node_connection(port).await;
-        let mut cursor: u64 = 0;
-        let mut records = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{ns}:*:keys:*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            for key in keys {
-                let n: usize = redis::cmd("HLEN")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                records += n;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        out.push((port, records));
-    }
-    out
-}
-
 async fn cluster_replica(cluster: &RedisCluster, ns: &str, secrets: &Secrets) -> Replica {
     let replica = Replica::serving(config(Backend::Cluster(cluster, ns)), secrets).await;
     replica.following().await;
@@ -103,7 +68,10 @@ async fn ten_thousand_keys_spread_over_every_master() {
     let keys = create_keys(&replica.app, 10_000).await;
     assert_eq!(keys.len(), 10_000);
 
-    let per_master = records_per_master(cluster, &ns).await;
+    // Records are fields of their partition's record hashes.
+    let per_master = cluster
+        .hash_fields_per_master(&format!("{ns}:*:keys:*"))
+        .await;
     assert_eq!(per_master.len(), 3, "{per_master:?}");
     let total: usize = per_master.iter().map(|(_, n)| n).sum();
     assert_eq!(
@@ -461,4 +429,98 @@ async fn a_store_written_with_other_partitions_is_refused_at_startup() {
         Outcome::denied("revoked_api_key", 401)
     );
     again.running.shutdown().await.unwrap();
+}
+
+/// A partition's slot moves to another master while a replica answers (resharding): keys
+/// already moved are read through ASK, the rest where they were, so a cold key is allowed
+/// or UNAVAILABLE, never denied; once the slot has moved, every key is read at its new
+/// master (MOVED) and a revocation in that partition reaches the other replica, whose
+/// blocking read of the partition followed the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_resharded_to_another_master_keeps_serving_and_revoking() {
+    let cluster = RedisCluster::start().await;
+    let ns = fresh_namespace();
+    let secrets = secrets();
+    let admin = cluster_replica(&cluster, &ns, &secrets).await;
+    let checker = cluster_replica(&cluster, &ns, &secrets).await;
+    let store = admin.app.store.clone();
+    let keys = create_keys(&admin.app, 160).await;
+    // The partition with the most keys, and its slot.
+    let mut by_partition: BTreeMap<usize, Vec<(String, String)>> = BTreeMap::new();
+    for key in &keys {
+        by_partition
+            .entry(store.key_partition(&key.0))
+            .or_default()
+            .push(key.clone());
+    }
+    let (p, mine) = by_partition
+        .into_iter()
+        .max_by_key(|(_, k)| k.len())
+        .unwrap();
+    assert!(mine.len() >= 6, "{} keys in partition {p}", mine.len());
+    let slot = keygate::store::redis::slot_of_tag(&keygate::store::redis::partition_tag(
+        store.partitions(),
+        p,
+    ));
+    let (warm, cold) = mine.split_at(mine.len() / 2);
+    for (_, token) in warm {
+        assert_eq!(checker.check(token).await, Outcome::Allowed);
+    }
+    let from = cluster.master_of_slot(slot).await;
+    let to = *cluster
+        .masters()
+        .await
+        .iter()
+        .find(|m| **m != from)
+        .unwrap();
+
+    let migration = cluster.begin_migration(slot, to).await;
+    assert!(
+        cluster.migrate_keys(&migration, 3).await > 0,
+        "some keys moved"
+    );
+    for (_, token) in cold {
+        let answer = checker.check(token).await;
+        assert!(
+            matches!(
+                answer,
+                Outcome::Allowed | Outcome::Error(tonic::Code::Unavailable)
+            ),
+            "a cold key while its slot moves: {answer:?}"
+        );
+    }
+    cluster.finish_migration(migration).await;
+    assert_eq!(cluster.master_of_slot(slot).await, to);
+
+    for (_, token) in cold {
+        eventually(
+            PATIENCE,
+            "a cold key is allowed at its new master",
+            || async { (checker.check(token).await == Outcome::Allowed).then_some(()) },
+        )
+        .await;
+    }
+    let mut feed = checker.app.bus.subscribe();
+    let (id, token) = &warm[0];
+    eventually(PATIENCE, "the revocation is written", || async {
+        admin.app.admin.revoke(id).await.ok()
+    })
+    .await;
+    all_applied(&mut feed, std::slice::from_ref(id)).await;
+    assert_eq!(
+        checker.check(token).await,
+        Outcome::denied("revoked_api_key", 401)
+    );
+    assert!(admin
+        .app
+        .store
+        .get(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_at_ms
+        .is_some());
+    for r in [admin, checker] {
+        r.running.shutdown().await.unwrap();
+    }
 }

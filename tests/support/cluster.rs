@@ -198,9 +198,9 @@ impl RedisCluster {
         }
     }
 
-    /// `(port, number of keys matching pattern)` for each master (as `masters`), counted
-    /// with SCAN MATCH ... COUNT 1000 on that master's own connection.
-    pub async fn keys_per_master(&self, pattern: &str) -> Vec<(u16, usize)> {
+    /// `(port, fields)` for each master (as `masters`): the fields of the hashes whose
+    /// names match `pattern` there (SCAN MATCH … COUNT 1000, then HLEN of each).
+    pub async fn hash_fields_per_master(&self, pattern: &str) -> Vec<(u16, usize)> {
         let mut counts = Vec::new();
         for port in self.masters().await {
             let mut conn = self.node_connection(port).await;
@@ -223,9 +223,117 @@ impl RedisCluster {
                 }
                 cursor = next;
             }
-            counts.push((port, keys.len()));
+            let mut fields = 0;
+            for key in keys {
+                let n: usize = redis::cmd("HLEN")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_else(|e| panic!("HLEN on cluster node {port}: {e}"));
+                fields += n;
+            }
+            counts.push((port, fields));
         }
         counts
+    }
+
+    /// Starts moving `slot` to the master on `to`, as `redis-cli --cluster reshard` does:
+    /// the slot is then importing there and migrating on its owner, which answers ASK for
+    /// keys already moved. Move keys with `migrate_keys`, end with `finish_migration`.
+    pub async fn begin_migration(&self, slot: u16, to: u16) -> Migration {
+        let from = self.master_of_slot(slot).await;
+        assert_ne!(from, to, "slot {slot} is on {to} already");
+        let id = |port: u16| async move {
+            cluster_ask(port, &["CLUSTER", "MYID"])
+                .await
+                .unwrap_or_else(|e| panic!("CLUSTER MYID on {port}: {e}"))
+        };
+        let m = Migration {
+            slot,
+            from,
+            to,
+            from_id: id(from).await,
+            to_id: id(to).await,
+        };
+        let slot_arg = slot.to_string();
+        for (port, state, other) in [(to, "IMPORTING", &m.from_id), (from, "MIGRATING", &m.to_id)] {
+            cluster_ask(port, &["CLUSTER", "SETSLOT", &slot_arg, state, other])
+                .await
+                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {state} on {port}: {e}"));
+        }
+        m
+    }
+
+    /// Moves up to `n` of the slot's keys; returns how many it moved (0: none left).
+    pub async fn migrate_keys(&self, m: &Migration, n: usize) -> usize {
+        let mut conn = self.node_connection(m.from).await;
+        let keys: Vec<Vec<u8>> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(m.slot)
+            .arg(n)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("CLUSTER GETKEYSINSLOT on {}: {e}", m.from));
+        if keys.is_empty() {
+            return 0;
+        }
+        let _: redis::Value = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(m.to)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("MIGRATE from {} to {}: {e}", m.from, m.to));
+        keys.len()
+    }
+
+    /// Moves the rest of the slot's keys and gives the slot to its new master on every
+    /// master; returns once every live node says so.
+    pub async fn finish_migration(&self, m: Migration) {
+        while self.migrate_keys(&m, 100).await > 0 {}
+        let slot_arg = m.slot.to_string();
+        let others: Vec<u16> = self
+            .masters()
+            .await
+            .into_iter()
+            .filter(|p| *p != m.to && *p != m.from)
+            .collect();
+        let order = [vec![m.to, m.from], others].concat();
+        for port in order {
+            cluster_ask(port, &["CLUSTER", "SETSLOT", &slot_arg, "NODE", &m.to_id])
+                .await
+                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT NODE on {port}: {e}"));
+        }
+        let deadline = Instant::now() + CLUSTER_PATIENCE;
+        loop {
+            let mut agreed = true;
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let view = match cluster_ask(node.port, &["CLUSTER", "NODES"]).await {
+                    Ok(text) => parse_cluster_nodes(&text),
+                    Err(_) => {
+                        agreed = false;
+                        break;
+                    }
+                };
+                agreed &= view
+                    .iter()
+                    .any(|e| e.port == m.to && e.is_master() && e.owns(m.slot));
+            }
+            if agreed {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not agree that slot {} is on {}",
+                m.slot,
+                m.to
+            );
+            tokio::time::sleep(CLUSTER_POLL).await;
+        }
     }
 
     /// `redis-cli --cluster create <all nodes> --cluster-replicas 1 --cluster-yes`.
@@ -619,6 +727,15 @@ fn agreed_view(view: &[NodeEntry]) -> Result<(), String> {
 /// `<id> <ip:port@cport[,hostname]> <flags> <master-id|-> <ping-sent> <pong-recv>
 /// <config-epoch> <link-state> <slot> <slot> ...`
 #[derive(Debug, Clone)]
+/// A slot on its way from one master to another (`RedisCluster::begin_migration`).
+pub struct Migration {
+    pub slot: u16,
+    pub from: u16,
+    pub to: u16,
+    from_id: String,
+    to_id: String,
+}
+
 struct NodeEntry {
     id: String,
     port: u16,
