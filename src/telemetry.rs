@@ -317,10 +317,14 @@ pub fn flush_traces() {
 }
 
 /// The span of one check, parented on the request's trace context (`traceparent`,
-/// `tracestate` in `headers`), or a disabled span when checks are not traced. Its fields
-/// are filled in by the stages (`record_stage`) and the adapter; the trace id is one of
-/// them, so JSON log lines written inside it carry it.
-pub fn check_span(headers: &std::collections::HashMap<String, String>) -> tracing::Span {
+/// `tracestate` in `headers`), or a disabled span when checks are not traced. `api` says
+/// which adapter asked (`envoy`, `keygate.v1`). Its fields are filled in by the stages
+/// and the adapter; the trace id is one of them, so JSON log lines written inside it
+/// carry it.
+pub fn check_span(
+    headers: &std::collections::HashMap<String, String>,
+    api: &'static str,
+) -> tracing::Span {
     if !tracing_enabled() {
         return tracing::Span::none();
     }
@@ -339,6 +343,7 @@ pub fn check_span(headers: &std::collections::HashMap<String, String>) -> tracin
     let span = tracing::info_span!(
         "ext_authz.check",
         otel.kind = "server",
+        keygate.api = api,
         trace_id = tracing::field::Empty,
         keygate.decision = tracing::field::Empty,
         keygate.route = tracing::field::Empty,

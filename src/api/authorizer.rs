@@ -64,6 +64,20 @@ impl AuthorizerApi for AuthorizerService {
         request: Request<proto::CheckRequest>,
     ) -> Result<Response<proto::CheckResponse>, Status> {
         super::starting(&self.gate)?;
+        // The caller's trace context comes as gRPC metadata, as OpenTelemetry's gRPC
+        // instrumentations send it.
+        let trace_context: std::collections::HashMap<String, String> =
+            if crate::telemetry::tracing_enabled() {
+                crate::telemetry::TRACE_HEADERS
+                    .iter()
+                    .filter_map(|name| {
+                        let value = request.metadata().get(*name)?.to_str().ok()?;
+                        Some((name.to_string(), value.to_owned()))
+                    })
+                    .collect()
+            } else {
+                Default::default()
+            };
         let r = request.into_inner();
         if r.method.is_empty() {
             return Err(Status::invalid_argument("method: must not be empty"));
@@ -86,7 +100,8 @@ impl AuthorizerApi for AuthorizerService {
             peer: None,
             credential: Some(r.credential),
         };
-        let response = match self.authorizer.check(&req).await {
+        let span = crate::telemetry::check_span(&trace_context, "keygate.v1");
+        let response = match super::traced_check(&self.authorizer, &req, span).await {
             Decision::Allow(a) => proto::CheckResponse {
                 allowed: true,
                 principal: a.principal.as_deref().map(principal_proto),

@@ -14,7 +14,6 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use super::envoy_answer::{overwrite, AllowAnswer, CheckAnswer, Identity};
 pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_KIND, HEADER_SCOPES, HEADER_SUBJECT};
@@ -97,22 +96,8 @@ impl EnvoyAuthorization {
         super::starting(&self.gate)?;
         let auth_req = envoy_wire::auth_request(req, &self.headers)
             .map_err(|e| Status::invalid_argument(format!("malformed CheckRequest: {e}")))?;
-        let span = crate::telemetry::check_span(&auth_req.headers);
-        // Untraced (no OTLP endpoint), the check runs as it is: no span to enter.
-        let decision = if span.is_disabled() {
-            self.authorizer.check(&auth_req).await
-        } else {
-            let decision = self
-                .authorizer
-                .check(&auth_req)
-                .instrument(span.clone())
-                .await;
-            span.record("keygate.decision", decision.label());
-            if let Decision::Allow(a) = &decision {
-                span.record("keygate.route", &*a.route);
-            }
-            decision
-        };
+        let span = crate::telemetry::check_span(&auth_req.headers, "envoy");
+        let decision = super::traced_check(&self.authorizer, &auth_req, span).await;
         match decision {
             Decision::Allow(allowed) => Ok(CheckAnswer::Allow(self.allow(&auth_req, allowed))),
             Decision::Deny(denial) => Ok(CheckAnswer::Message(self.deny(&denial))),

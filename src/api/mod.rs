@@ -24,15 +24,34 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use crate::revocation::RevocationBus;
 
-/// UNAVAILABLE while the replica that answers does not yet know where it starts in the
-/// revocation stream: a key verified and cached before then could miss a revocation made
-/// in between. `None` (no gate) for adapters that are not served (tests, benchmarks).
 /// UNAVAILABLE because `backend` (the store, in practice) could not be asked: never a
 /// denial and never an allow, so the caller's own failure policy decides.
 pub(crate) fn unavailable(backend: &str) -> tonic::Status {
     tonic::Status::unavailable(format!("authorization backend unavailable: {backend}"))
 }
 
+/// `req` decided inside `span` (`telemetry::check_span`), which gets the decision and the
+/// route. Untraced (no OTLP endpoint) the span is disabled and the check runs as it is.
+pub(crate) async fn traced_check(
+    authorizer: &crate::authorizer::Authorizer,
+    req: &crate::request::AuthRequest,
+    span: tracing::Span,
+) -> crate::decision::Decision {
+    use tracing::Instrument as _;
+    if span.is_disabled() {
+        return authorizer.check(req).await;
+    }
+    let decision = authorizer.check(req).instrument(span.clone()).await;
+    span.record("keygate.decision", decision.label());
+    if let crate::decision::Decision::Allow(a) = &decision {
+        span.record("keygate.route", &*a.route);
+    }
+    decision
+}
+
+/// UNAVAILABLE while the replica that answers does not yet know where it starts in the
+/// revocation stream: a key verified and cached before then could miss a revocation made
+/// in between. `None` (no gate) for adapters that are not served (tests, benchmarks).
 pub(crate) fn starting(gate: &Option<Arc<RevocationBus>>) -> Result<(), tonic::Status> {
     match gate {
         Some(bus) if !bus.has_position() => Err(tonic::Status::unavailable(
