@@ -11,6 +11,7 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use keygate::api::proto::{self, authorizer_server::Authorizer as _};
 use keygate::config::{Config, Secrets};
 use keygate::keys::NewKey;
+use keygate::revocation::FeedItem;
 use keygate::secret::Secret;
 use keygate::server::App;
 use support::{bearer, check_request, ed25519_pem, outcome_of, Backend, Outcome, Replica, TENANT};
@@ -457,17 +458,12 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
             ),
         }
         // The token revocation is on the stream before the key's own event.
-        tokio::time::timeout(support::PATIENCE, async {
-            loop {
-                if let Ok(keygate::revocation::FeedItem::Tokens(_)) =
-                    events.recv().await.map(|e| e.item)
-                {
-                    return;
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{change}: no token revocation reached the second replica"));
+        arrives(
+            &mut events,
+            |item| matches!(item, FeedItem::Tokens(_)),
+            &format!("{change}: the token revocation at the second replica"),
+        )
+        .await;
         assert_eq!(
             stream_on(&second.app, &session).await,
             Outcome::denied("invalid_token", 401),
@@ -554,17 +550,12 @@ async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_
     }
     let mut events = second.app.bus.subscribe();
     first.app.partners.set("acme", TENANT, false).await.unwrap();
-    tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            if let Ok(keygate::revocation::FeedItem::Delegation(_)) =
-                events.recv().await.map(|e| e.item)
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the withdrawal reaches the second replica");
+    arrives(
+        &mut events,
+        |item| matches!(item, FeedItem::Delegation(_)),
+        "the withdrawal at the second replica",
+    )
+    .await;
     assert_eq!(
         stream_on(&second.app, &session).await,
         Outcome::denied("invalid_token", 401),
@@ -593,6 +584,25 @@ async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_
     for r in [first, second] {
         r.running.shutdown().await.unwrap();
     }
+}
+
+/// Waits until `events` (a replica's bus) carries an item `wanted` accepts.
+async fn arrives(
+    events: &mut tokio::sync::broadcast::Receiver<keygate::revocation::FeedEntry>,
+    wanted: impl Fn(&FeedItem) -> bool,
+    what: &str,
+) {
+    tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            if let Ok(entry) = events.recv().await {
+                if wanted(&entry.item) {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: never arrived"));
 }
 
 async fn jwks_of(replica: &Replica) -> (u16, serde_json::Value) {
