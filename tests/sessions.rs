@@ -288,16 +288,7 @@ async fn only_an_api_key_mints_and_a_bad_one_gets_its_denial() {
     assert_eq!(revoked.denial.unwrap().code, "revoked_api_key");
 
     // A partner key mints for a delegated tenant only; a runtime key not at all.
-    let partner = app
-        .admin
-        .create(NewKey {
-            tenant_id: String::new(),
-            kind: "partner".into(),
-            partner_id: "acme".into(),
-            ..support::reader_key()
-        })
-        .await
-        .unwrap();
+    let partner = app.admin.create(partner_key("acme")).await.unwrap();
     let no_tenant = mint(&app, &partner.token, &[], 0).await;
     assert_eq!(no_tenant.denial.unwrap().code, "tenant_required");
     let not_delegated = mint_as(&app, &partner.token, &[], 0, TENANT).await.unwrap();
@@ -527,17 +518,7 @@ async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_
     let config = || session_config(Backend::Redis(&redis), &["k1"]);
     let first = Replica::serving(config(), &secrets).await;
     let second = Replica::serving(config(), &secrets).await;
-    let partner = first
-        .app
-        .admin
-        .create(NewKey {
-            tenant_id: String::new(),
-            kind: "partner".into(),
-            partner_id: "acme".into(),
-            ..support::reader_key()
-        })
-        .await
-        .unwrap();
+    let partner = first.app.admin.create(partner_key("acme")).await.unwrap();
     first.app.partners.set("acme", TENANT, true).await.unwrap();
     let session = mint_as(&first.app, &partner.token, &[], 0, TENANT)
         .await
@@ -583,6 +564,16 @@ async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_
     assert_eq!(before.len(), after.len());
     for r in [first, second] {
         r.running.shutdown().await.unwrap();
+    }
+}
+
+/// A reader key of `partner`, for the tenants delegated to it.
+fn partner_key(partner: &str) -> NewKey {
+    NewKey {
+        tenant_id: String::new(),
+        kind: "partner".into(),
+        partner_id: partner.into(),
+        ..support::reader_key()
     }
 }
 

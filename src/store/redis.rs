@@ -88,7 +88,6 @@ pub struct RedisStore {
     lease: Script,
     usage: Script,
     record: Script,
-    format: RecordFormat,
 }
 
 /// How to reach Redis beyond its URL.
@@ -317,12 +316,16 @@ impl RedisStore {
             lease: Script::new(include_str!("lua/lease.lua")),
             usage: Script::new(include_str!("lua/usage.lua")),
             record: Script::new(include_str!("lua/record.lua")),
-            format: if opts.partitions > 1 {
-                RecordFormat::Packed
-            } else {
-                RecordFormat::Hash
-            },
         })
+    }
+
+    /// How this layout keeps key records (see `RecordFormat`).
+    fn format(&self) -> RecordFormat {
+        if self.layout.partitions() > 1 {
+            RecordFormat::Packed
+        } else {
+            RecordFormat::Hash
+        }
     }
 
     /// The partition `key_id`'s record and events are in.
@@ -340,7 +343,7 @@ impl RedisStore {
     /// named by the key id (a field costs a third of what a Redis key does).
     pub fn key_key(&self, key_id: &str) -> String {
         let p = self.partition_of(key_id);
-        match self.format {
+        match self.format() {
             RecordFormat::Hash => self.layout.key(p, &format!("key:{key_id}")),
             RecordFormat::Packed => {
                 let bucket =
@@ -641,7 +644,7 @@ impl RedisStore {
         op: &str,
         key_id: &str,
     ) -> redis::ScriptInvocation<'a> {
-        let mut invocation = match self.format {
+        let mut invocation = match self.format() {
             RecordFormat::Hash => hash_script.prepare_invoke(),
             RecordFormat::Packed => {
                 let mut invocation = self.record.prepare_invoke();
@@ -658,7 +661,7 @@ impl RedisStore {
     /// The command that reads `key_id`'s record (as `decode_raw` reads its answer).
     fn read_cmd(&self, key_id: &str) -> redis::Cmd {
         let key = self.key_key(key_id);
-        match self.format {
+        match self.format() {
             RecordFormat::Hash => {
                 let mut cmd = redis::cmd("HMGET");
                 cmd.arg(key).arg(&RECORD_FIELDS[..]);
@@ -680,7 +683,7 @@ impl RedisStore {
         raw: redis::Value,
     ) -> Result<Option<(KeyRecord, Vec<u8>)>, StoreError> {
         let corrupt = |e: redis::RedisError| StoreError::Corrupt(e.to_string());
-        match self.format {
+        match self.format() {
             RecordFormat::Hash => {
                 if raw == redis::Value::Nil {
                     return Ok(None);
@@ -872,7 +875,7 @@ impl KeyStore for RedisStore {
         stored.revoked_at_ms = None;
         let p = self.partition_of(&record.key_id);
         let index = self.index_key(self.index_partition(&record.owner()), &record.owner());
-        let created: bool = match self.format {
+        let created: bool = match self.format() {
             RecordFormat::Hash => {
                 let json = serde_json::to_string(&stored)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -1033,7 +1036,7 @@ impl KeyStore for RedisStore {
             change.apply(&mut record);
             let mut stored = record.clone();
             stored.revoked_at_ms = None;
-            let new_value = match self.format {
+            let new_value = match self.format() {
                 RecordFormat::Hash => {
                     serde_json::to_vec(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?
                 }
@@ -1067,7 +1070,7 @@ impl KeyStore for RedisStore {
         let owner = existing.owner();
         let index = self.index_key(self.index_partition(&owner), &owner);
         let mut delete = self.record_change(&self.delete, "delete", key_id);
-        if self.format == RecordFormat::Hash {
+        if self.format() == RecordFormat::Hash {
             // One partition: the index entry goes in the same step.
             delete.key(&index);
         }
@@ -1077,7 +1080,7 @@ impl KeyStore for RedisStore {
             .arg(STREAM_MAX_LEN)
             .arg(EventKind::Deleted.as_str());
         let raw: redis::Value = self.write(p, Change::Script(&delete)).await?;
-        if self.format == RecordFormat::Packed {
+        if self.format() == RecordFormat::Packed {
             // The record went first: an index entry left by a crash here is skipped.
             let _: i64 = self
                 .write(
@@ -1161,7 +1164,7 @@ impl KeyStore for RedisStore {
         }
         futures::future::try_join_all(by_partition.into_values().map(|group| {
             let mut conn = conn.clone();
-            let mut invocation = match self.format {
+            let mut invocation = match self.format() {
                 RecordFormat::Hash => self.usage.prepare_invoke(),
                 RecordFormat::Packed => {
                     let mut invocation = self.record.prepare_invoke();
@@ -1170,7 +1173,7 @@ impl KeyStore for RedisStore {
                 }
             };
             for d in group {
-                if self.format == RecordFormat::Packed {
+                if self.format() == RecordFormat::Packed {
                     invocation.arg(&d.key_id);
                 }
                 invocation
