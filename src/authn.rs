@@ -195,6 +195,40 @@ impl Authenticator {
         }
     }
 
+    /// The current state of the key a session token was minted from, as this replica
+    /// knows it: its principal while it is active, `invalid_token` once it is revoked,
+    /// deleted or expired. Read from the key's record (never from a secret), cached under
+    /// the key's own state entry and dropped by the key's events like its token's entry,
+    /// so once a replica has applied a key's change, no session token of that key is
+    /// judged here on the key's old state.
+    pub async fn session_parent(&self, key_id: &str) -> Result<Arc<Principal>, AuthnFailure> {
+        let digest = self.cache.state_digest(key_id);
+        let lookup = self
+            .cache
+            .get_or_verify(digest, key_id, || async {
+                Ok(match self.store.get(key_id).await? {
+                    None => Verified::Invalid(DenyReason::InvalidApiKey),
+                    Some(record) => match record.status(now_ms()) {
+                        KeyStatus::Revoked => Verified::Invalid(DenyReason::RevokedApiKey),
+                        KeyStatus::Expired => Verified::Invalid(DenyReason::ExpiredApiKey),
+                        KeyStatus::Active => Verified::Valid(Arc::new(principal_of(&record))),
+                    },
+                })
+            })
+            .await;
+        match lookup.value {
+            Ok(Verified::Valid(p)) if !p.is_expired(now_ms()) => Ok(p),
+            Ok(_) => {
+                tracing::debug!(key_id, "session token refused: its key is no longer active");
+                Err(AuthnFailure::Deny(DenyReason::InvalidToken))
+            }
+            Err(e) => {
+                tracing::warn!(key_id, error = %e, "cannot read a session token's key: store unavailable");
+                Err(AuthnFailure::Unavailable)
+            }
+        }
+    }
+
     /// Store + argon2: what is true of this token now. argon2 is skipped when this token
     /// was verified against the same stored hash before (its entry expired, the record
     /// is read again for its state).

@@ -142,9 +142,8 @@ impl Authorizer {
             }
             r.scopes
         };
-        let minted = self
-            .issue_session(keys, &principal, tenant, scopes, ttl)
-            .map_err(MintFailure::Deny)?;
+        let tenant = Self::session_tenant(&principal, tenant).map_err(MintFailure::Deny)?;
+        let minted = self.sign_session(keys, &principal, tenant, scopes, ttl);
         if let Some(key_id) = principal.key_id.as_deref() {
             self.usage.record(key_id, true);
         }
@@ -162,20 +161,27 @@ impl Authorizer {
             .collect()
     }
 
-    /// Signs a session token for an authenticated API key acting in `tenant`.
-    fn issue_session(
+    /// The tenant a session token of `parent` would act in, or why it may not be minted.
+    /// Checked before anything is spent (an admission, a lease), so a refusal leaves
+    /// nothing behind.
+    fn session_tenant(parent: &Principal, tenant: Option<String>) -> Result<String, DenyReason> {
+        // A runtime key serves internal routes only; a session token is for clients.
+        if parent.kind == KeyKind::Runtime || parent.credential != CredentialKind::ApiKey {
+            return Err(DenyReason::InsufficientPermissions);
+        }
+        tenant.ok_or(DenyReason::TenantRequired)
+    }
+
+    /// Signs a session token for an authenticated API key acting in `tenant_id` (already
+    /// checked by `session_tenant`).
+    fn sign_session(
         &self,
         keys: &SessionKeys,
         parent: &Principal,
-        tenant: Option<String>,
+        tenant_id: String,
         scopes: Vec<String>,
         ttl: Duration,
-    ) -> Result<MintedSession, DenyReason> {
-        // A runtime key serves internal routes only; a session token is for clients.
-        if parent.kind == KeyKind::Runtime {
-            return Err(DenyReason::InsufficientPermissions);
-        }
-        let tenant_id = tenant.ok_or(DenyReason::TenantRequired)?;
+    ) -> MintedSession {
         let now = crate::store::now_ms();
         let mut expires = now.saturating_add(ttl.as_millis() as u64);
         if let Some(key_expiry) = parent.expires_at {
@@ -187,11 +193,90 @@ impl Authorizer {
             tenant = %tenant_id,
             "session token minted"
         );
-        Ok(MintedSession {
+        MintedSession {
             token,
             tenant_id,
             scopes,
-        })
+        }
+    }
+
+    /// Who a credential is. A session token is judged on its key's state as this replica
+    /// knows it now, not on what the key was when the token was minted: it passes only
+    /// while its key is active (and, for a partner key, still delegated the token's
+    /// tenant), holds only the scopes both it and its key hold now, and spends its key's
+    /// current plan.
+    async fn principal_of(
+        &self,
+        credential: crate::credential::Credential<'_>,
+    ) -> Result<Arc<Principal>, AuthnFailure> {
+        let principal = self.authn.authenticate(credential).await?;
+        if principal.credential != CredentialKind::Session {
+            return Ok(principal);
+        }
+        self.session_principal(&principal).await
+    }
+
+    async fn session_principal(&self, token: &Principal) -> Result<Arc<Principal>, AuthnFailure> {
+        let invalid = || AuthnFailure::Deny(DenyReason::InvalidToken);
+        let key_id = token.key_id.as_deref().ok_or_else(invalid)?;
+        let parent = self.authn.session_parent(key_id).await?;
+        if parent.environment != token.environment {
+            return Err(invalid());
+        }
+        match parent.kind {
+            KeyKind::Tenant if parent.tenant_id == token.tenant_id => {}
+            KeyKind::Partner => {
+                let partner = parent.partner_id.as_deref().unwrap_or("");
+                match self.delegations.allows(partner, &token.tenant_id).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::debug!(
+                            key_id,
+                            "session token refused: its tenant is no longer delegated"
+                        );
+                        return Err(invalid());
+                    }
+                    Err(e) => {
+                        tracing::warn!(partner, error = %e, "cannot read a delegation: store unavailable");
+                        return Err(AuthnFailure::Unavailable);
+                    }
+                }
+            }
+            _ => return Err(invalid()),
+        }
+        // What both hold: the token's scopes its key still grants, and the key's scopes
+        // the token grants (a token's `contacts:*` and a key narrowed to `contacts:read`
+        // leave `contacts:read`).
+        let mut scopes: Vec<String> = Vec::with_capacity(token.scopes.len());
+        let pairs = [
+            (&token.scopes, &parent.scopes),
+            (&parent.scopes, &token.scopes),
+        ];
+        for (candidates, granter) in pairs {
+            for s in candidates {
+                if self.policy.grants(granter, s) && !scopes.contains(s) {
+                    scopes.push(s.clone());
+                }
+            }
+        }
+        let mut p = Principal::new(
+            token.tenant_id.clone(),
+            token.subject.clone(),
+            KeyKind::Tenant,
+            parent.environment,
+            scopes,
+        );
+        p.credential = CredentialKind::Session;
+        p.key_id = token.key_id.clone();
+        p.plan = parent.plan.clone();
+        p.expires_at = match (token.expires_at, parent.expires_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        p.issuer = token.issuer.clone();
+        p.jti = token.jti.clone();
+        p.issued_at = token.issued_at;
+        Ok(Arc::new(p))
     }
 
     pub fn credentials(&self) -> &CredentialSource {
@@ -210,7 +295,7 @@ impl Authorizer {
         } else {
             crate::credential::classify(token)
         };
-        self.authn.authenticate(credential).await
+        self.principal_of(credential).await
     }
 
     pub fn limiter(&self) -> &Arc<Limiter> {
@@ -280,7 +365,7 @@ impl Authorizer {
         }
         let traced = crate::telemetry::tracing_enabled();
         let started = traced.then(Instant::now);
-        let principal = self.authn.authenticate(self.credentials.extract(req)).await;
+        let principal = self.principal_of(self.credentials.extract(req)).await;
         let authenticated = traced.then(Instant::now);
         let principal = match principal {
             Ok(p) => p,
@@ -334,7 +419,17 @@ impl Authorizer {
                 return Decision::deny(DenyReason::InsufficientPermissions);
             }
         }
-        // Last: only a request that would otherwise pass spends an admission.
+        // A session this route mints, checked before anything is spent.
+        let mint = match (&self.sessions, route.mint_session) {
+            (Some(keys), true) => match Self::session_tenant(principal, effective_tenant.clone()) {
+                Ok(tenant) => Some((keys, tenant)),
+                Err(reason) => return Decision::deny(reason),
+            },
+            _ => None,
+        };
+        // Last: only a request that would otherwise pass spends an admission, and nothing
+        // after the lease can deny (a lease taken for a denied request would be held
+        // until it expires).
         let rate = match self.limiter.check(principal).await {
             Verdict::Unlimited => None,
             Verdict::Admitted(info) => Some(info),
@@ -353,19 +448,11 @@ impl Authorizer {
                 }
             },
         };
-        let session = match (&self.sessions, route.mint_session) {
-            (Some(keys), true) => match self.issue_session(
-                keys,
-                principal,
-                effective_tenant.clone(),
-                self.session_scopes(principal),
-                keys.lifetime,
-            ) {
-                Ok(m) => Some(m.token),
-                Err(reason) => return Decision::deny(reason),
-            },
-            _ => None,
-        };
+        let session = mint.map(|(keys, tenant)| {
+            let scopes = self.session_scopes(principal);
+            self.sign_session(keys, principal, tenant, scopes, keys.lifetime)
+                .token
+        });
         Decision::Allow(Allowed {
             principal: Some(Arc::clone(principal)),
             effective_tenant,

@@ -204,6 +204,9 @@ pub struct CredentialCache {
     /// Verifications in flight, by digest: their waiters' end of the answer.
     flights: Mutex<HashMap<Digest, watch::Receiver<Shared>>>,
     mac: Hmac<Sha256>,
+    /// Names the entries that hold a key's state (`state_digest`): a key of its own, so no
+    /// token, whatever its bytes, can digest to a key's state entry.
+    state_mac: Hmac<Sha256>,
 }
 
 /// The result of a lookup: the value and whether it came from the cache.
@@ -255,8 +258,11 @@ impl CredentialCache {
         // never share key material directly.
         let mut derive = <Hmac<Sha256> as Mac>::new_from_slice(pepper.expose().as_bytes())
             .expect("HMAC takes any key length");
+        let mut derive_state = derive.clone();
         derive.update(b"keygate credential cache v1");
         let key = derive.finalize().into_bytes();
+        derive_state.update(b"keygate key state cache v1");
+        let state_key = derive_state.finalize().into_bytes();
         CredentialCache {
             entries: Cache::builder()
                 .max_capacity(cfg.max_entries)
@@ -273,6 +279,8 @@ impl CredentialCache {
             invalidations: Mutex::default(),
             flights: Mutex::default(),
             mac: <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key length"),
+            state_mac: <Hmac<Sha256> as Mac>::new_from_slice(&state_key)
+                .expect("HMAC takes any key length"),
         }
     }
 
@@ -283,6 +291,15 @@ impl CredentialCache {
     pub fn digest(&self, token: &str) -> Digest {
         let mut mac = self.mac.clone();
         mac.update(token.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The name of the entry that holds what is known of `key_id`'s current state (read
+    /// from its record, never from a secret): what a session token minted from that key
+    /// is checked against. Invalidated with the key's token entry (`invalidate_key`).
+    pub fn state_digest(&self, key_id: &str) -> Digest {
+        let mut mac = self.state_mac.clone();
+        mac.update(key_id.as_bytes());
         mac.finalize().into_bytes().into()
     }
 
@@ -408,6 +425,9 @@ impl CredentialCache {
     pub fn invalidate_key(&self, key_id: &str, kind: Option<EventKind>) {
         let mut inv = self.invalidations();
         inv.invalidated(key_id);
+        // The key's state entry, if a session token had it read here: read again on next
+        // use (no tombstone: most keys never had one, and a revoked key is one read away).
+        self.entries.invalidate(&self.state_digest(key_id));
         // A deleted id no longer exists: its mapping goes, and its token answers what an
         // unknown id answers.
         let known = match kind {

@@ -150,8 +150,6 @@ pub struct KeyAdmin {
     audit: Arc<Audit>,
     /// The names of `policy.plans`: a key's plan must be one.
     plans: Vec<String>,
-    /// With session tokens on: what revokes a key's session tokens.
-    sessions: Option<Arc<TokenAdmin>>,
 }
 
 impl KeyAdmin {
@@ -171,29 +169,10 @@ impl KeyAdmin {
             audit,
             partner_scopes: policy.partner_scopes.clone(),
             plans: policy.plans.keys().cloned().collect(),
-            sessions: None,
         }
     }
 
-    /// Revoking, rotating or deleting a key, narrowing its scopes or moving its expiry
-    /// earlier revokes its session tokens through `tokens`.
-    pub fn with_sessions(mut self, tokens: Arc<TokenAdmin>) -> Self {
-        self.sessions = Some(tokens);
-        self
-    }
-
-    /// Revokes every session token minted from `key_id` so far. Done before the key's own
-    /// change, so a failure leaves the key as it was (and the call can be repeated); the
-    /// cut-off is the next whole second, as `iat` is in seconds and a token minted in this
-    /// one must not survive (the key mints none once changed).
-    async fn revoke_sessions(&self, key_id: &str) -> Result<(), AdminError> {
-        match &self.sessions {
-            Some(tokens) => revoke_sessions_of(tokens, key_id).await,
-            None => Ok(()),
-        }
-    }
-
-    /// The key, or NotFound: read before a change that first revokes its sessions.
+    /// The key, or NotFound.
     async fn existing(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
         self.store
             .get(key_id)
@@ -432,7 +411,6 @@ impl KeyAdmin {
         if grace > self.cfg.max_lifetime {
             return Err(invalid("grace", "must be at most api_keys.max_lifetime"));
         }
-        self.revoke_sessions(key_id).await?;
         let lifetime = (old.expires_at_ms != NEVER).then_some(self.cfg.default_lifetime);
         let successor = self
             .mint(
@@ -470,9 +448,8 @@ impl KeyAdmin {
     /// principal through the `updated` event written in the same step.
     async fn update_key(&self, key_id: &str, req: KeyUpdate) -> Result<KeyRecord, AdminError> {
         let key_id = check_key_id(key_id)?;
-        // Which scopes a key may hold depends on its kind; whether its session tokens
-        // outlive the change, on what it had.
-        let current = if req.scopes.is_some() || self.sessions.is_some() {
+        // Which scopes a key may hold depends on its kind.
+        let current = if req.scopes.is_some() {
             Some(self.existing(key_id).await?)
         } else {
             None
@@ -493,21 +470,6 @@ impl KeyAdmin {
         };
         if change == KeyChange::default() {
             return Err(invalid("update", "names no field to change"));
-        }
-        if let Some(current) = current.as_ref().filter(|_| self.sessions.is_some()) {
-            // A session token holds the scopes and at most the expiry its key had when it
-            // was minted: taking a scope away or moving the expiry earlier revokes them,
-            // as revoking the key does (widening, renaming or a new plan leaves them).
-            let narrowed = change
-                .scopes
-                .as_ref()
-                .is_some_and(|new| current.scopes.iter().any(|s| !new.contains(s)));
-            let shortened = change
-                .expires_at_ms
-                .is_some_and(|at| at < current.expires_at_ms);
-            if narrowed || shortened {
-                self.revoke_sessions(key_id).await?;
-            }
         }
         let record = self
             .store
@@ -584,10 +546,6 @@ impl KeyAdmin {
 
     async fn revoke_key(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
         let key_id = check_key_id(key_id)?;
-        if self.sessions.is_some() {
-            self.existing(key_id).await?;
-            self.revoke_sessions(key_id).await?;
-        }
         let record = self
             .store
             .revoke(key_id, now_ms())
@@ -601,10 +559,6 @@ impl KeyAdmin {
 
     async fn delete_key(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
         let key_id = check_key_id(key_id)?;
-        if self.sessions.is_some() {
-            self.existing(key_id).await?;
-            self.revoke_sessions(key_id).await?;
-        }
         let record = self
             .store
             .delete(key_id, now_ms())
@@ -614,19 +568,6 @@ impl KeyAdmin {
         tracing::info!(key_id, "API key deleted");
         Ok(record)
     }
-}
-
-/// Revokes every session token minted from `key_id` so far (see `KeyAdmin::revoke_sessions`).
-async fn revoke_sessions_of(tokens: &TokenAdmin, key_id: &str) -> Result<(), AdminError> {
-    tokens
-        .revoke_tokens(RevokeTokens {
-            issuer: crate::jwt::session::ISSUER_NAME.to_owned(),
-            jti: None,
-            subject: Some(format!("key:{key_id}")),
-            before_ms: Some((now_ms() / 1000 + 1) * 1000),
-        })
-        .await?;
-    Ok(())
 }
 
 /// What an audit entry names of a key.
@@ -916,8 +857,6 @@ pub struct PartnerAdmin {
     store: Arc<dyn KeyStore>,
     delegations: Arc<Delegations>,
     audit: Arc<Audit>,
-    /// With session tokens on: what revokes the partner keys' session tokens.
-    sessions: Option<Arc<TokenAdmin>>,
 }
 
 impl PartnerAdmin {
@@ -926,38 +865,6 @@ impl PartnerAdmin {
             store,
             delegations,
             audit,
-            sessions: None,
-        }
-    }
-
-    /// Withdrawing a delegation revokes the session tokens of the partner's keys.
-    pub fn with_sessions(mut self, tokens: Arc<TokenAdmin>) -> Self {
-        self.sessions = Some(tokens);
-        self
-    }
-
-    /// Revokes the session tokens of every key of `partner_id`. A session token names its
-    /// key, not the delegation it was minted under, so all of them go (for every tenant:
-    /// the partner mints again where it still may). Done before the delegation changes, so
-    /// a failure leaves it as it was.
-    async fn revoke_partner_sessions(&self, partner_id: &str) -> Result<(), AdminError> {
-        let Some(tokens) = &self.sessions else {
-            return Ok(());
-        };
-        let owner = crate::store::Owner::Partner(partner_id.to_owned());
-        let mut after = None;
-        loop {
-            let page = self
-                .store
-                .list(&owner, after.as_deref(), MAX_PAGE_SIZE)
-                .await?;
-            for key in &page.keys {
-                revoke_sessions_of(tokens, &key.key_id).await?;
-            }
-            match page.next_after {
-                Some(next) => after = Some(next),
-                None => return Ok(()),
-            }
         }
     }
 
@@ -993,9 +900,6 @@ impl PartnerAdmin {
             partner_id: check_id("partner_id", partner_id)?.to_owned(),
             tenant_id: check_tenant(tenant_id)?,
         };
-        if !granted && self.store.is_delegated(&d.partner_id, &d.tenant_id).await? {
-            self.revoke_partner_sessions(&d.partner_id).await?;
-        }
         let changed = self.store.set_delegation(&d, granted, now_ms()).await?;
         if changed {
             self.delegations.changed();

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::get;
+use futures::FutureExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -37,6 +38,7 @@ use crate::revocation::{EventFeed, RevocationBus, StoreFeed};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::KeyStore;
+use crate::tls::ListenerTls;
 use crate::transport::incoming;
 
 /// The core, built from configuration, without any listener.
@@ -57,11 +59,17 @@ pub struct App {
     pub errors: Arc<ErrorShape>,
     /// keygate's own session-token keys, when `sessions` is configured.
     pub sessions: Option<Arc<crate::jwt::session::SessionKeys>>,
+    /// TLS of the gRPC and admin listeners (`listen.grpc_tls`, `listen.admin_tls`).
+    pub grpc_tls: Option<ListenerTls>,
+    pub admin_tls: Option<ListenerTls>,
     admin_token: crate::secret::Secret,
     watch_token: Option<crate::secret::Secret>,
 }
 
 impl App {
+    /// Everything `serve` needs, read and checked, short of the store and the listeners:
+    /// secrets, keys, issuers, TLS files, policy, error shapes. It binds no port and does
+    /// not reach the store (`serve --check` stops after it, so both refuse the same).
     pub fn build(config: Config, secrets: Secrets) -> anyhow::Result<App> {
         let store: Arc<dyn KeyStore> = match config.store.backend {
             StoreBackend::Memory => Arc::new(MemoryStore::new()),
@@ -132,6 +140,11 @@ impl App {
         );
         let policy = Policy::compile(&config.policy)?;
         let errors = Arc::new(ErrorShape::compile(&config.errors)?);
+        let tls = |t: &Option<crate::config::TlsConfig>, field: &str| {
+            t.as_ref().map(|t| ListenerTls::load(t, field)).transpose()
+        };
+        let grpc_tls = tls(&config.listen.grpc_tls, "listen.grpc_tls")?;
+        let admin_tls = tls(&config.listen.admin_tls, "listen.admin_tls")?;
         let delegations = Arc::new(crate::tenant::Delegations::new(
             store.clone(),
             config.cache.ttl,
@@ -157,24 +170,22 @@ impl App {
             revoked_tokens.clone(),
             audit.clone(),
         ));
-        let mut admin = KeyAdmin::new(
+        // A key's change reaches its session tokens through the key's own state (each
+        // replica judges a session token on its key as it knows it now), not through
+        // revocations written here.
+        let admin = Arc::new(KeyAdmin::new(
             store.clone(),
             hasher.clone(),
             cache.clone(),
             config.api_keys.clone(),
             &config.policy,
             audit.clone(),
-        );
-        if sessions.is_some() {
-            admin = admin.with_sessions(token_admin.clone());
-        }
-        let admin = Arc::new(admin);
-        let mut partners =
-            crate::keys::PartnerAdmin::new(store.clone(), delegations.clone(), audit.clone());
-        if sessions.is_some() {
-            partners = partners.with_sessions(token_admin.clone());
-        }
-        let partners = Arc::new(partners);
+        ));
+        let partners = Arc::new(crate::keys::PartnerAdmin::new(
+            store.clone(),
+            delegations.clone(),
+            audit.clone(),
+        ));
         let bus = Arc::new(RevocationBus::new(
             cache.clone(),
             revoked_tokens,
@@ -194,6 +205,8 @@ impl App {
             jwt,
             errors,
             sessions,
+            grpc_tls,
+            admin_tls,
             admin_token: secrets.admin_token,
             watch_token: secrets.watch_token,
         })
@@ -416,13 +429,6 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     if let Err(crate::store::StoreError::Corrupt(e)) = app.store.ping().await {
         anyhow::bail!("{e}");
     }
-    let tls = |t: &Option<crate::config::TlsConfig>, field: &str| {
-        t.as_ref()
-            .map(|t| crate::tls::acceptor(t, field))
-            .transpose()
-    };
-    let grpc_tls = tls(&cfg.listen.grpc_tls, "listen.grpc_tls")?;
-    let admin_tls = tls(&cfg.listen.admin_tls, "listen.admin_tls")?;
     let grpc_listener = bind(cfg.listen.grpc, "grpc").await?;
     let admin_listener = bind(cfg.listen.admin, "admin").await?;
     let http_listener = bind(cfg.listen.http, "http").await?;
@@ -451,6 +457,9 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
         }
     }));
 
+    for tls in app.grpc_tls.iter().chain(&app.admin_tls) {
+        tasks.push(tokio::spawn(tls.clone().watch(stop_rx.clone()).map(Ok)));
+    }
     tasks.push(tokio::spawn({
         let (jwt, stop) = (app.jwt.clone(), stop_rx.clone());
         async move {
@@ -497,7 +506,10 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
                 "Watch needs the watch token (KEYGATE_WATCH_TOKEN) on this port",
             ),
         ))
-        .serve_with_incoming_shutdown(incoming(grpc_listener, grpc_tls), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            incoming(grpc_listener, app.grpc_tls.clone()),
+            stopped(stop_rx.clone()),
+        );
     tasks.push(tokio::spawn(async move { Ok(grpc_server.await?) }));
 
     let admin_server = tonic::transport::Server::builder()
@@ -514,7 +526,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
             admin_auth(app.admin_token.clone()),
         ))
         .serve_with_incoming_shutdown(
-            incoming(admin_listener, admin_tls),
+            incoming(admin_listener, app.admin_tls.clone()),
             stopped(stop_rx.clone()),
         );
     tasks.push(tokio::spawn(async move { Ok(admin_server.await?) }));
