@@ -41,11 +41,15 @@ pub struct Route {
 impl Route {
     /// Whether this route takes this caller at all (before its tenant and scopes): its
     /// credential kind, runtime keys exactly on internal routes, its environment.
+    /// A session token only where the route names `session`: it is handed to browsers and
+    /// WebSocket clients, so it must not open every route its key could.
     pub fn accepts(&self, p: &Principal) -> bool {
         let runtime = p.credential == CredentialKind::ApiKey && p.kind == KeyKind::Runtime;
-        self.credentials
-            .as_ref()
-            .is_none_or(|k| k.contains(&p.credential))
+        let named = match &self.credentials {
+            Some(kinds) => kinds.contains(&p.credential),
+            None => p.credential != CredentialKind::Session,
+        };
+        named
             && self.internal == runtime
             && self
                 .environments
@@ -283,6 +287,10 @@ fn compile_path(path: &str) -> Result<Vec<Segment>, String> {
     if path.contains(['?', '#']) {
         return Err("must not contain a query or fragment".into());
     }
+    if path.contains(';') || path.to_ascii_lowercase().contains("%3b") {
+        // No request path with one is ever matched (`request::normalize_path`).
+        return Err("must not contain `;`: request paths with path parameters are refused".into());
+    }
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.is_empty() {
         return Ok(Vec::new());
@@ -473,6 +481,13 @@ mod tests {
             bad(route("a", &["G T"], "/a", None)),
             "policy.routes[0].methods[0]"
         );
+        for path in ["/v1/admin;x/**", "/v1/a%3Bb", "/v1/a%3bb"] {
+            assert_eq!(
+                bad(route("a", &[], path, Some("x:y"))),
+                "policy.routes[0].path",
+                "{path}"
+            );
+        }
         let mut no_req = route("a", &[], "/a", None);
         no_req.public = false;
         assert_eq!(bad(no_req), "policy.routes[0].scope");
