@@ -90,9 +90,11 @@ pub struct ServeArgs {
     /// generated pepper and admin token (unless set), and a state file the CLI reads.
     #[arg(long)]
     pub dev: bool,
-    /// Check the configuration (every section, the policy, the error shapes) and exit:
-    /// 0 and `configuration ok`, or the error naming its field. Needs no secret and no
-    /// store.
+    /// Check everything `serve` checks before it binds its ports and reaches the store
+    /// (the configuration, the secrets, the session keys, the JWT issuers' keys, the TLS
+    /// files, the policy, the error shapes) and exit: 0 and `configuration ok`, or the
+    /// error `serve` would stop with, naming its field. Needs the same environment
+    /// (secrets) and files as `serve`; binds no port and needs no store.
     #[arg(long)]
     pub check: bool,
 }
@@ -328,18 +330,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let config = Config::load(yaml.as_deref(), std::env::vars())?;
+    let secrets = Secrets::from_env(args.dev)?;
+    crate::telemetry::init_logging(&config.logging, &config.traces).map_err(|e| anyhow!(e))?;
+    let admin_token = secrets.admin_token.clone();
+    // One routine reads and checks all that serve needs short of its ports and its store,
+    // so --check refuses exactly what serve refuses, with the same message.
+    let app = server::App::build(config, secrets)?;
     if args.check {
-        crate::policy::Policy::compile(&config.policy)?;
         println!("configuration ok");
         return Ok(());
     }
-    let secrets = Secrets::from_env(args.dev)?;
-    crate::telemetry::init_logging(&config.logging, &config.traces).map_err(|e| anyhow!(e))?;
-    if !args.dev && config.store.backend == crate::config::StoreBackend::Memory {
+    if !args.dev && app.config.store.backend == crate::config::StoreBackend::Memory {
         tracing::warn!("store.backend is memory: keys live only as long as this process");
     }
-    let admin_token = secrets.admin_token.clone();
-    let app = server::App::build(config, secrets)?;
     let running = server::start(std::sync::Arc::new(app)).await?;
     let state = if args.dev {
         let path = dev_state_path();

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub rate_limit_returned: IntCounter,
     pub rate_limit_store_errors: IntCounter,
     pub lease_operations: IntCounterVec,
+    pub tls_reloads: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -131,6 +132,7 @@ pub fn metrics() -> &'static Metrics {
         let rate_limit_returned = counter("rate_limit_budget_returned_total", "Reserved admissions given back unspent.");
         let rate_limit_store_errors = counter("rate_limit_store_errors_total", "Limit checks the store could not answer (answered as rate_limits.on_store_error says).");
         let lease_operations = counter_vec("lease_operations_total", "Concurrent-session lease operations by result (acquired, refused, renewed, released).", &["result"]);
+        let tls_reloads = counter_vec("tls_reloads_total", "Re-reads of a listener's TLS files after they changed, by listener (its configuration field) and result (ok; error: the last good certificate and client CA are kept).", &["listener", "result"]);
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(check_duration.clone()),
@@ -159,6 +161,7 @@ pub fn metrics() -> &'static Metrics {
             Box::new(rate_limit_returned.clone()),
             Box::new(rate_limit_store_errors.clone()),
             Box::new(lease_operations.clone()),
+            Box::new(tls_reloads.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -201,6 +204,7 @@ pub fn metrics() -> &'static Metrics {
             rate_limit_returned,
             rate_limit_store_errors,
             lease_operations,
+            tls_reloads,
         }
     })
 }

@@ -16,14 +16,13 @@ use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The connections accepted on `listener` (through a TLS handshake with `tls`), ready
-/// for `serve_with_incoming*`.
+/// The connections accepted on `listener` (through a TLS handshake with `tls`'s
+/// configuration of the moment), ready for `serve_with_incoming*`.
 ///
 /// TCP_NODELAY is set here because `Server::tcp_nodelay` does not apply to
 /// `serve_with_incoming`, and without it Nagle and delayed ACKs add ~40 ms to answers.
@@ -32,10 +31,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// dropped and logged, never served.
 pub fn incoming(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<crate::tls::ListenerTls>,
 ) -> BoxStream<'static, io::Result<OneWrite<Conn>>> {
     let tcp = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let Some(acceptor) = tls else {
+    let Some(tls) = tls else {
         return tcp
             .map(|conn| conn.map(|c| OneWrite(Conn::Plain(c))))
             .boxed();
@@ -57,7 +56,7 @@ pub fn incoming(
                     continue;
                 }
             };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx) = (tls.acceptor(), tx.clone());
             tokio::spawn(async move {
                 let peer = stream.peer_addr().ok();
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {

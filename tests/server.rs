@@ -1,10 +1,11 @@
 //! What a platform team's tooling sees of a running keygate: gRPC health for the
 //! services on the main port, server reflection, the admin credential on the admin
-//! port, and readiness.
+//! port, readiness, and TLS files (certificate and client CA) re-read while it runs.
 
 mod support;
 
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -451,5 +452,226 @@ async fn without_a_watch_token_watch_is_closed_on_the_public_port() {
         .await
         .expect_err("no credential opens Watch here");
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    running.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS: certificates made fresh by openssl, as an operator would make them.
+
+/// Runs `openssl` with `args` (split at spaces) in `dir`.
+fn openssl(dir: &Path, args: &str) {
+    let out = std::process::Command::new("openssl")
+        .args(args.split_whitespace())
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const P256: &str = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+
+fn make_ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &format!("req -x509 {P256} -keyout {name}.key -out {name}.pem -days 2 -subj /CN={name}"),
+    );
+}
+
+fn make_cert(dir: &Path, name: &str, ca: &str, server: bool) {
+    openssl(
+        dir,
+        &format!("req {P256} -keyout {name}.key -out {name}.csr -subj /CN={name}"),
+    );
+    let ext = if server {
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+    } else {
+        "extendedKeyUsage=clientAuth\n"
+    };
+    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+    openssl(
+        dir,
+        &format!(
+            "x509 -req -in {name}.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial \
+             -out {name}.pem -days 2 -extfile {name}.ext"
+        ),
+    );
+}
+
+/// Replaces `to` with `from`'s bytes in one rename, as a secret volume swaps its files.
+fn replace(dir: &Path, from: &str, to: &str) {
+    let staged = dir.join(format!("{to}.staged"));
+    std::fs::write(&staged, std::fs::read(dir.join(from)).unwrap()).unwrap();
+    std::fs::rename(staged, dir.join(to)).unwrap();
+}
+
+/// What an admin call presenting `client`'s certificate gets (any failure to connect is
+/// UNAVAILABLE).
+async fn admin_call_as(
+    addr: std::net::SocketAddr,
+    dir: &Path,
+    client: &str,
+    secrets: &keygate::config::Secrets,
+) -> tonic::Code {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |f: String| std::fs::read(dir.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("server-ca.pem".into())))
+        .identity(Identity::from_pem(
+            read(format!("{client}.pem")),
+            read(format!("{client}.key")),
+        ))
+        .domain_name("localhost");
+    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap();
+    let Ok(channel) = endpoint.connect().await else {
+        return tonic::Code::Unavailable;
+    };
+    let request = proto::CreateKeyRequest {
+        tenant_id: TENANT.into(),
+        scopes: vec!["contacts:read".into()],
+        ..Default::default()
+    };
+    KeysClient::new(channel)
+        .create_key(with_admin(secrets, request))
+        .await
+        .map(|_| tonic::Code::Ok)
+        .unwrap_or_else(|s| s.code())
+}
+
+/// The certificate a plain TLS client is served on `addr`, as DER.
+async fn served_certificate(addr: std::net::SocketAddr, dir: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(dir.join("server-ca.pem")).unwrap()
+    {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn pem_der(path: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(path)
+        .unwrap()
+        .to_vec()
+}
+
+/// Waits for the listener's files to have been re-read `until` says.
+async fn reloaded(
+    rx: &mut tokio::sync::watch::Receiver<keygate::tls::Reloads>,
+    what: &str,
+    until: impl FnMut(&keygate::tls::Reloads) -> bool,
+) {
+    tokio::time::timeout(PATIENCE, rx.wait_for(until))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {PATIENCE:?}"))
+        .unwrap();
+}
+
+/// The client CA and the certificate are re-read while the server runs: a client of a new
+/// CA is served and one of the old CA refused from then on, without a restart; a CA file
+/// that does not read keeps the last good one (and is counted).
+#[tokio::test]
+async fn a_rotated_client_ca_and_certificate_are_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for ca in ["server-ca", "old-ca", "new-ca"] {
+        make_ca(d, ca);
+    }
+    make_cert(d, "server", "server-ca", true);
+    make_cert(d, "renewed", "server-ca", true);
+    make_cert(d, "old-client", "old-ca", false);
+    make_cert(d, "new-client", "new-ca", false);
+    replace(d, "old-ca.pem", "client-ca.pem");
+    let file = |f: &str| d.join(f).to_str().unwrap().to_owned();
+    let mut cfg = config(Backend::Memory);
+    let tls = keygate::config::TlsConfig {
+        cert_file: file("server.pem"),
+        key_file: file("server.key"),
+        client_ca_file: None,
+    };
+    cfg.listen.grpc_tls = Some(tls.clone());
+    cfg.listen.admin_tls = Some(keygate::config::TlsConfig {
+        client_ca_file: Some(file("client-ca.pem")),
+        ..tls
+    });
+    let secrets = secrets();
+    let app = Arc::new(App::build(cfg, secrets.clone()).unwrap());
+    let running = server::start(app.clone()).await.unwrap();
+    let mut admin_reloads = app.admin_tls.as_ref().unwrap().reloads();
+    let mut grpc_reloads = app.grpc_tls.as_ref().unwrap().reloads();
+    let admin = running.admin;
+    assert_eq!(
+        admin_call_as(admin, d, "old-client", &secrets).await,
+        tonic::Code::Ok
+    );
+    assert_ne!(
+        admin_call_as(admin, d, "new-client", &secrets).await,
+        tonic::Code::Ok
+    );
+
+    let errors = || {
+        keygate::telemetry::metrics()
+            .tls_reloads
+            .with_label_values(&["listen.admin_tls", "error"])
+            .get()
+    };
+    let errors_before = errors();
+    std::fs::write(d.join("not-a-ca.pem"), "not a certificate\n").unwrap();
+    replace(d, "not-a-ca.pem", "client-ca.pem");
+    reloaded(&mut admin_reloads, "the unreadable CA is seen", |r| {
+        r.failed >= 1
+    })
+    .await;
+    assert_eq!(errors(), errors_before + 1);
+    assert_eq!(
+        admin_call_as(admin, d, "old-client", &secrets).await,
+        tonic::Code::Ok
+    );
+
+    replace(d, "new-ca.pem", "client-ca.pem");
+    reloaded(&mut admin_reloads, "the new CA is read", |r| r.ok >= 1).await;
+    assert_eq!(
+        admin_call_as(admin, d, "new-client", &secrets).await,
+        tonic::Code::Ok
+    );
+    assert_ne!(
+        admin_call_as(admin, d, "old-client", &secrets).await,
+        tonic::Code::Ok
+    );
+
+    // A renewal as cert-manager writes it: the key first, then the certificate.
+    assert_eq!(
+        served_certificate(running.grpc, d).await,
+        pem_der(&d.join("server.pem"))
+    );
+    replace(d, "renewed.key", "server.key");
+    replace(d, "renewed.pem", "server.pem");
+    reloaded(&mut grpc_reloads, "the renewed certificate is read", |r| {
+        r.ok >= 1
+    })
+    .await;
+    assert_eq!(
+        served_certificate(running.grpc, d).await,
+        pem_der(&d.join("renewed.pem"))
+    );
     running.shutdown().await.unwrap();
 }

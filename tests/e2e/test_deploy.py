@@ -113,7 +113,9 @@ def test_a_missing_required_secret_fails_the_schema():
 def keygate_check(config_text: str, tmp_path) -> harness.CliResult:
     path = tmp_path / f"{uuid.uuid4().hex}.yaml"
     path.write_text(config_text)
-    return harness.run_cli(["serve", "--config", str(path), "--check"], harness.clean_env())
+    # The chart's secrets, as the pod gets them: --check reads them as serve does.
+    env = harness.clean_env(KEYGATE_PEPPER=uuid.uuid4().hex * 2, KEYGATE_ADMIN_TOKEN=uuid.uuid4().hex)
+    return harness.run_cli(["serve", "--config", str(path), "--check"], env)
 
 
 @pytest.mark.parametrize("values", [{}, ALL_ON], ids=["defaults", "everything-on"])
