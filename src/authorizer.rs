@@ -325,17 +325,32 @@ impl Authorizer {
                 tenant = a.effective_tenant.as_deref().unwrap_or(""),
                 "request allowed"
             ),
-            Decision::Deny(d) => tracing::info!(
-                method = %req.method,
-                code = d.reason.code(),
-                peer = req.peer.as_deref().unwrap_or(""),
-                "request denied"
-            ),
-            Decision::Unavailable(u) => tracing::warn!(
-                method = %req.method,
-                backend = u.backend,
-                "request could not be decided: backend unavailable"
-            ),
+            Decision::Deny(d) => match DENIALS_LOGGED.admit() {
+                Some(not_logged) => tracing::info!(
+                    method = %req.method,
+                    code = d.reason.code(),
+                    peer = req.peer.as_deref().unwrap_or(""),
+                    not_logged,
+                    "request denied"
+                ),
+                None => tracing::debug!(
+                    method = %req.method,
+                    code = d.reason.code(),
+                    "request denied"
+                ),
+            },
+            Decision::Unavailable(u) => match UNDECIDED_LOGGED.admit() {
+                Some(not_logged) => tracing::warn!(
+                    method = %req.method,
+                    backend = u.backend,
+                    not_logged,
+                    "request could not be decided: backend unavailable"
+                ),
+                None => tracing::debug!(
+                    backend = u.backend,
+                    "request could not be decided: backend unavailable"
+                ),
+            },
         }
         decision
     }
@@ -463,6 +478,11 @@ impl Authorizer {
         })
     }
 }
+
+/// Denials and undecidable requests are logged at most this often (each line saying how
+/// many were left out since the last); `keygate_decisions_total` counts every one.
+static DENIALS_LOGGED: crate::telemetry::LogBudget = crate::telemetry::LogBudget::new(10);
+static UNDECIDED_LOGGED: crate::telemetry::LogBudget = crate::telemetry::LogBudget::new(10);
 
 /// Microseconds, as an OpenTelemetry integer attribute (i64).
 fn micros(d: Duration) -> i64 {
