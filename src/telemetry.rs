@@ -36,6 +36,7 @@ pub struct Metrics {
     pub revocation_connected: IntGauge,
     pub watch_streams: IntGauge,
     pub jwks_fetches: IntCounterVec,
+    pub jwks_keys_skipped: IntCounterVec,
     pub jwt_validations: IntCounterVec,
     pub jwks_fetched_at: prometheus::IntGaugeVec,
     pub argon2_queue_full: IntCounter,
@@ -113,6 +114,7 @@ pub fn metrics() -> &'static Metrics {
         let argon2_refused = counter("api_key_verifications_refused_total", "Unverified tokens denied without argon2: their key id had too many failed verifications in the window.");
         let revocation_unreadable = counter("revocation_events_unreadable_total", "Revocation stream entries this version could not read that named a key, which was dropped (one without a readable key id flushes the cache and counts as a flush).");
         let jwks_fetches = counter_vec("jwks_fetches_total", "JWKS fetches by issuer (its configured name) and result (ok, error).", &["issuer", "result"]);
+        let jwks_keys_skipped = counter_vec("jwks_keys_skipped_total", "JWKS keys skipped because they cannot be used (the set's other keys are kept), by issuer (its configured name), counted at every read of the set.", &["issuer"]);
         let jwt_validations = counter_vec("jwt_validations_total", "JWT validations (cache misses) by issuer (its configured name, or unknown) and result (valid, invalid).", &["issuer", "result"]);
         let jwks_fetched_at = prometheus::IntGaugeVec::new(
             Opts::new(
@@ -150,6 +152,7 @@ pub fn metrics() -> &'static Metrics {
             Box::new(revocation_connected.clone()),
             Box::new(watch_streams.clone()),
             Box::new(jwks_fetches.clone()),
+            Box::new(jwks_keys_skipped.clone()),
             Box::new(jwt_validations.clone()),
             Box::new(jwks_fetched_at.clone()),
             Box::new(argon2_queue_full.clone()),
@@ -193,6 +196,7 @@ pub fn metrics() -> &'static Metrics {
             revocation_connected,
             watch_streams,
             jwks_fetches,
+            jwks_keys_skipped,
             jwt_validations,
             jwks_fetched_at,
             argon2_queue_full,
@@ -364,3 +368,72 @@ pub fn check_span(
 
 /// The trace-context headers a traced check reads.
 pub const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+
+/// A bound on the log lines of one kind of per-request event (denials, undecidable
+/// requests): a flood of bad credentials or requests over a limit must not turn into a
+/// flood of log lines. At most `per_second` lines each second; the rest are counted and
+/// the next line logged says how many were left out. Metrics count every one.
+pub struct LogBudget {
+    per_second: u32,
+    /// The current second (high 32 bits) and the lines logged in it (low 32 bits).
+    window: std::sync::atomic::AtomicU64,
+    left_out: std::sync::atomic::AtomicU64,
+}
+
+impl LogBudget {
+    pub const fn new(per_second: u32) -> Self {
+        LogBudget {
+            per_second,
+            window: std::sync::atomic::AtomicU64::new(0),
+            left_out: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)`: log this one, and say that `n` were left out before it; `None`: leave it
+    /// out.
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(crate::store::now_ms() / 1000)
+    }
+
+    fn admit_at(&self, second: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let second = second & 0xffff_ffff;
+        let mut current = self.window.load(Relaxed);
+        loop {
+            let next = if current >> 32 == second {
+                if current & 0xffff_ffff >= u64::from(self.per_second) {
+                    self.left_out.fetch_add(1, Relaxed);
+                    return None;
+                }
+                current + 1
+            } else {
+                (second << 32) | 1
+            };
+            match self
+                .window
+                .compare_exchange_weak(current, next, Relaxed, Relaxed)
+            {
+                Ok(_) => return Some(self.left_out.swap(0, Relaxed)),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod log_budget_tests {
+    use super::LogBudget;
+
+    #[test]
+    fn a_budget_logs_at_most_its_lines_a_second_and_says_how_many_it_left_out() {
+        let budget = LogBudget::new(3);
+        let first: Vec<_> = (0..10).map(|_| budget.admit_at(100)).collect();
+        assert_eq!(first[..3], [Some(0), Some(0), Some(0)]);
+        assert!(first[3..].iter().all(Option::is_none), "{first:?}");
+        // The next second: the first line tells of the seven left out.
+        assert_eq!(budget.admit_at(101), Some(7));
+        assert_eq!(budget.admit_at(101), Some(0));
+        // A second with nothing left out says nothing left out.
+        assert_eq!(budget.admit_at(205), Some(0));
+    }
+}
