@@ -122,6 +122,35 @@ def test_a_revoked_keys_session_token_opens_nothing(session_stack, tenant):
     assert refused_status(session_stack, token) == 401
 
 
+def test_a_session_token_opens_only_the_routes_that_name_session(session_stack, tenant):
+    key = session_stack.keygate.create_key(tenant, ["contacts:read"])
+    token = mint(session_stack, key)["token"]
+    read = session_stack.request("GET", "/v1/contacts/42", [("authorization", f"Bearer {token}")])
+    assert read.status == 403, str(read)
+    assert read.json()["error"]["code"] == "insufficient_permissions", str(read)
+    with_key = session_stack.request("GET", "/v1/contacts/42", [("authorization", f"Bearer {key['token']}")])
+    assert with_key.status == 200, str(with_key)
+
+
+def test_a_session_minted_right_after_its_key_is_narrowed_works_and_an_older_one_follows_the_key(
+    session_stack, tenant
+):
+    key = session_stack.keygate.create_key(tenant, ["contacts:read", "contacts:write"])
+    older = mint(session_stack, key)["token"]
+    narrowed = session_stack.keygate.cli("keys", "update", key["key_id"], "--scopes", "contacts:write")
+    assert narrowed.code == 0, str(narrowed)
+    # The same second as the change: the key now lacks the stream's scope for both tokens…
+    assert refused_status(session_stack, older) == 403
+    back = session_stack.keygate.cli("keys", "update", key["key_id"], "--scopes", "contacts:read")
+    assert back.code == 0, str(back)
+    # …and a token minted at once after the next change works at once, as does the older one.
+    fresh = mint(session_stack, key)["token"]
+    for token in (fresh, older):
+        with open_ws(session_stack, token) as ws:
+            ws.send("y")
+            assert ws.recv(timeout=5) == "y"
+
+
 def test_the_api_key_itself_is_refused_on_the_websocket_route(session_stack, tenant):
     key = session_stack.keygate.create_key(tenant, ["contacts:read"])
     assert refused_status(session_stack, key["token"]) == 403
