@@ -587,8 +587,9 @@ async fn reloaded(
 }
 
 /// The client CA and the certificate are re-read while the server runs: a client of a new
-/// CA is served and one of the old CA refused from then on, without a restart; a CA file
-/// that does not read keeps the last good one (and is counted).
+/// CA is served (both, while the file holds both CAs) and one of the old CA refused once
+/// it is gone, without a restart; a CA file that does not read keeps the last good one
+/// (and is counted); a renewed certificate is served.
 #[tokio::test]
 async fn a_rotated_client_ca_and_certificate_are_used_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -647,8 +648,19 @@ async fn a_rotated_client_ca_and_certificate_are_used_without_a_restart() {
         tonic::Code::Ok
     );
 
+    // A rotation: both CAs while clients move, then the new one alone.
+    let both = [d.join("old-ca.pem"), d.join("new-ca.pem")].map(|f| std::fs::read(f).unwrap());
+    std::fs::write(d.join("both-cas.pem"), both.concat()).unwrap();
+    replace(d, "both-cas.pem", "client-ca.pem");
+    reloaded(&mut admin_reloads, "both CAs are read", |r| r.ok >= 1).await;
+    for client in ["old-client", "new-client"] {
+        assert_eq!(
+            admin_call_as(admin, d, client, &secrets).await,
+            tonic::Code::Ok
+        );
+    }
     replace(d, "new-ca.pem", "client-ca.pem");
-    reloaded(&mut admin_reloads, "the new CA is read", |r| r.ok >= 1).await;
+    reloaded(&mut admin_reloads, "the new CA is read", |r| r.ok >= 2).await;
     assert_eq!(
         admin_call_as(admin, d, "new-client", &secrets).await,
         tonic::Code::Ok

@@ -1,9 +1,11 @@
 """TLS and mTLS, with certificates openssl makes for the test: a plain-text client is
 refused by a TLS listener; the admin listener with a client CA refuses a client without
 a certificate (or with one of another CA) and serves one with a valid certificate (the
-CLI, over https://); Envoy reaches keygate over TLS; a renewed certificate is served
-without a restart; keygate reaches a redis-server that speaks only TLS, as an ACL user."""
+CLI, over https://); Envoy reaches keygate over TLS; a renewed certificate is served, and
+a rotated client CA trusted, without a restart; keygate reaches a redis-server that speaks
+only TLS, as an ACL user."""
 
+import re
 import ssl
 import subprocess
 import uuid
@@ -63,10 +65,12 @@ def tls_keygate(workdir, redis, pki):
     kg.stop()
 
 
-def admin_cli(kg, pki: Path, *args: str, cert: str | None = "client") -> harness.CliResult:
+def admin_cli(kg, pki: Path, *args: str, cert: str | None = "client", certs: Path | None = None) -> harness.CliResult:
+    """The CLI against `kg`'s admin listener, presenting `cert` (from `certs`, else `pki`)."""
     extra = {"KEYGATE_ADMIN_URL": f"https://127.0.0.1:{kg.admin_port}", "KEYGATE_TLS_CA_FILE": str(pki / "ca.pem")}
     if cert:
-        extra |= {"KEYGATE_TLS_CERT_FILE": str(pki / f"{cert}.pem"), "KEYGATE_TLS_KEY_FILE": str(pki / f"{cert}.key")}
+        certs = certs or pki
+        extra |= {"KEYGATE_TLS_CERT_FILE": str(certs / f"{cert}.pem"), "KEYGATE_TLS_KEY_FILE": str(certs / f"{cert}.key")}
     return harness.run_cli(list(args), kg.cli_env(**extra))
 
 
@@ -131,6 +135,48 @@ def test_a_renewed_certificate_is_served_without_a_restart(workdir, redis, pki, 
             timeout=15,
             interval=0.2,
         )
+        kg.proc.ensure_alive()
+    finally:
+        kg.stop()
+
+
+def tls_reloads(kg, listener: str, result: str) -> int:
+    """keygate_tls_reloads_total for `listener` and `result`, from /metrics."""
+    status, body = harness.http_get(kg.http_url + "/metrics")
+    assert status == 200
+    found = re.search(
+        rf'^keygate_tls_reloads_total{{listener="{re.escape(listener)}",result="{result}"}} (\d+)$', body, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def replace(d: Path, source: str, target: str):
+    """Puts `source`'s bytes at `target` in one rename, as a Kubernetes secret volume does."""
+    (d / f"{target}.staged").write_bytes((d / source).read_bytes())
+    (d / f"{target}.staged").rename(d / target)
+
+
+def test_a_rotated_client_ca_is_trusted_without_a_restart(workdir, redis, pki, tmp_path):
+    for ca in ("old-ca", "new-ca"):
+        make_ca(tmp_path, ca)
+    make_cert(tmp_path, "old-client", "old-ca", server=False)
+    make_cert(tmp_path, "new-client", "new-ca", server=False)
+    replace(tmp_path, "old-ca.pem", "client-ca.pem")
+    env = {"KEYGATE_LISTEN__ADMIN_TLS":
+           f"{{cert_file: {pki}/server.pem, key_file: {pki}/server.key, client_ca_file: {tmp_path}/client-ca.pem}}"}
+    kg = harness.Keygate("tls-ca-keygate", workdir, redis, env)
+    try:
+        def listed(cert: str) -> harness.CliResult:
+            return admin_cli(kg, pki, "keys", "list", "--tenant", str(uuid.uuid4()), cert=cert, certs=tmp_path)
+
+        assert listed("old-client").code == 0, str(listed("old-client"))
+        assert listed("new-client").code != 0
+        replace(tmp_path, "new-ca.pem", "client-ca.pem")
+        wait_for("the new client CA to be read", lambda: tls_reloads(kg, "listen.admin_tls", "ok") == 1,
+                 timeout=15, interval=0.2)
+        assert listed("new-client").code == 0, str(listed("new-client"))
+        refused = listed("old-client")
+        assert refused.code != 0 and "KEY ID" not in refused.stdout, str(refused)
+        assert tls_reloads(kg, "listen.admin_tls", "error") == 0
         kg.proc.ensure_alive()
     finally:
         kg.stop()
