@@ -1,15 +1,26 @@
 //! How much each key is used: requests allowed and denied, and when it was last used,
 //! counted in memory on the hot path and flushed to the store in batches
-//! (`usage.flush_interval`, and once more on a graceful shutdown). So no request costs a
+//! (`api_keys.usage_flush_interval`, and once more on a graceful shutdown). So no request costs a
 //! store write, and what `keys get` shows is accurate to the flush interval across
-//! replicas. Counted are requests whose key was authenticated: allowed, or denied after
+//! replicas. The store writes a batch in parts (per partition, bounded in size) and says
+//! which parts failed: only their counts are kept for the next flush. Counted are requests whose key was authenticated: allowed, or denied after
 //! (scope, tenant, rate limit).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::store::{now_ms, KeyStore, StoreError, UsageDelta};
+use crate::store::{now_ms, KeyStore, StoreError, UsageDelta, UsageNotWritten};
+
+/// A flush that left some counts unwritten: they are kept for the next one.
+#[derive(Debug, thiserror::Error)]
+#[error("usage of {kept} key(s) was not written ({written} were): {error}")]
+pub struct FlushFailed {
+    pub written: usize,
+    pub kept: usize,
+    #[source]
+    pub error: StoreError,
+}
 
 #[derive(Default, Clone, Copy)]
 struct Tally {
@@ -47,17 +58,19 @@ impl UsageCounter {
         tally.last_used_at_ms = tally.last_used_at_ms.max(now);
     }
 
-    /// Writes what was counted since the last flush, in one store call. On failure the
-    /// counts are kept for the next flush.
-    pub async fn flush(&self) -> Result<usize, StoreError> {
+    /// Writes what was counted since the last flush, in one store call, and returns how
+    /// many keys' counts were written. Counts the store reports not written are kept for
+    /// the next flush; those it wrote are not, so no count is written twice because
+    /// another part of the batch failed.
+    pub async fn flush(&self) -> Result<usize, FlushFailed> {
         let taken = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         if taken.is_empty() {
             return Ok(0);
         }
         let batch: Vec<UsageDelta> = taken
-            .iter()
+            .into_iter()
             .map(|(k, t)| UsageDelta {
-                key_id: k.clone(),
+                key_id: k,
                 allowed: t.allowed,
                 denied: t.denied,
                 last_used_at_ms: t.last_used_at_ms,
@@ -65,15 +78,19 @@ impl UsageCounter {
             .collect();
         match self.store.add_usage(&batch).await {
             Ok(()) => Ok(batch.len()),
-            Err(e) => {
+            Err(UsageNotWritten { unwritten, error }) => {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                for (k, t) in taken {
-                    let p = pending.entry(k).or_default();
-                    p.allowed += t.allowed;
-                    p.denied += t.denied;
-                    p.last_used_at_ms = p.last_used_at_ms.max(t.last_used_at_ms);
+                for d in &unwritten {
+                    let p = pending.entry(d.key_id.clone()).or_default();
+                    p.allowed += d.allowed;
+                    p.denied += d.denied;
+                    p.last_used_at_ms = p.last_used_at_ms.max(d.last_used_at_ms);
                 }
-                Err(e)
+                Err(FlushFailed {
+                    written: batch.len().saturating_sub(unwritten.len()),
+                    kept: unwritten.len(),
+                    error,
+                })
             }
         }
     }
@@ -90,11 +107,11 @@ impl UsageCounter {
                 _ = tokio::time::sleep(interval) => {}
             }
             if let Err(e) = self.flush().await {
-                tracing::warn!(error = %e, "cannot write key usage; kept for the next flush");
+                tracing::warn!(written = e.written, kept = e.kept, error = %e.error, "cannot write some key usage; kept for the next flush");
             }
         }
         if let Err(e) = self.flush().await {
-            tracing::warn!(error = %e, "cannot write key usage at shutdown; it is lost");
+            tracing::warn!(written = e.written, lost = e.kept, error = %e.error, "cannot write some key usage at shutdown; it is lost");
         }
     }
 }

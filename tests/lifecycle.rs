@@ -381,3 +381,121 @@ async fn usage_reaches_redis_within_a_flush_interval_from_two_served_replicas() 
         r.running.shutdown().await.unwrap();
     }
 }
+
+/// A flush whose write fails in one partition writes the other partitions once and keeps
+/// only the failed partition's counts, which the next flush writes: every key ends with
+/// its exact count, none counted twice. The failure is Redis's own: the flushing
+/// replica's ACL user may not touch the failed partition's keys, so Redis refuses that
+/// partition's script before it runs, and answers the others.
+#[tokio::test]
+async fn a_flush_failing_in_one_partition_counts_every_key_exactly_once_after_the_retry() {
+    use keygate::store::redis::{partition_tag, RedisOptions, RedisStore};
+    use keygate::usage::UsageCounter;
+    const PARTITIONS: usize = 4;
+    const VICTIM: usize = 2;
+    let redis = RedisServer::start().await;
+    let options = |user: Option<&str>| RedisOptions {
+        username: user.map(str::to_owned),
+        partitions: PARTITIONS,
+        ..RedisOptions::default()
+    };
+    let timeout = Duration::from_secs(2);
+    let admin_store: Arc<dyn KeyStore> = Arc::new(
+        RedisStore::with_options(&redis.url(), None, "kgtest", timeout, &options(None)).unwrap(),
+    );
+    let app = App::with_store(config(Backend::Memory), secrets(), admin_store.clone()).unwrap();
+    // Two keys in every partition (key ids are random: a bounded number of tries).
+    let mut keys: Vec<String> = Vec::new();
+    for _ in 0..400 {
+        let per_partition = |p: usize| {
+            keys.iter()
+                .filter(|k| admin_store.key_partition(k) == p)
+                .count()
+        };
+        if (0..PARTITIONS).all(|p| per_partition(p) >= 2) {
+            break;
+        }
+        keys.push(app.admin.create(reader_key()).await.unwrap().record.key_id);
+    }
+    assert!((0..PARTITIONS).all(|p| keys.iter().any(|k| admin_store.key_partition(k) == p)));
+
+    let mut raw = redis.connection().await;
+    let allow = |partitions: &[usize]| {
+        let mut cmd = ::redis::cmd("ACL");
+        cmd.arg("SETUSER")
+            .arg("flusher")
+            .arg("on")
+            .arg(">flusher-password")
+            .arg("+@all")
+            .arg("~kgtest:{keys}:*");
+        for &p in partitions {
+            cmd.arg(format!("~kgtest:{{{}}}:*", partition_tag(PARTITIONS, p)));
+        }
+        cmd
+    };
+    let all_but_victim: Vec<usize> = (0..PARTITIONS).filter(|&p| p != VICTIM).collect();
+    let () = allow(&all_but_victim).query_async(&mut raw).await.unwrap();
+    let flusher = Arc::new(
+        RedisStore::with_options(
+            &redis.url(),
+            Some(&keygate::secret::Secret::new("flusher-password")),
+            "kgtest",
+            timeout,
+            &options(Some("flusher")),
+        )
+        .unwrap(),
+    );
+    let usage = UsageCounter::new(flusher);
+    // Key i: i + 1 requests allowed, one denied.
+    for (i, k) in keys.iter().enumerate() {
+        for _ in 0..=i {
+            usage.record(k, true);
+        }
+        usage.record(k, false);
+    }
+    let in_victim = keys
+        .iter()
+        .filter(|k| admin_store.key_partition(k) == VICTIM)
+        .count();
+    let failed = usage
+        .flush()
+        .await
+        .expect_err("the victim partition's script is refused");
+    assert_eq!(
+        (failed.written, failed.kept),
+        (keys.len() - in_victim, in_victim)
+    );
+    let counts = || async {
+        let mut counts = Vec::new();
+        for k in &keys {
+            let u = admin_store.get(k).await.unwrap().unwrap().usage;
+            counts.push((u.allowed, u.denied));
+        }
+        counts
+    };
+    let exact: Vec<(u64, u64)> = (0..keys.len()).map(|i| (i as u64 + 1, 1)).collect();
+    let written_first: Vec<(u64, u64)> = keys
+        .iter()
+        .zip(&exact)
+        .map(|(k, &c)| {
+            if admin_store.key_partition(k) == VICTIM {
+                (0, 0)
+            } else {
+                c
+            }
+        })
+        .collect();
+    assert_eq!(
+        counts().await,
+        written_first,
+        "every other partition written"
+    );
+
+    let () = allow(&(0..PARTITIONS).collect::<Vec<_>>())
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(usage.flush().await.unwrap(), in_victim, "only what failed");
+    assert_eq!(counts().await, exact, "every key counted exactly once");
+    assert_eq!(usage.flush().await.unwrap(), 0);
+}

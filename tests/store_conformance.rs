@@ -1015,6 +1015,46 @@ async fn usage_adds_up_per_key_and_never_recreates_a_deleted_key(s: Subject) {
         .all(|k| k.key_id != b.key_id));
 }
 
+/// A batch of more keys than one Redis script call takes: `n` keys, and what each is
+/// counted, `(allowed, denied, last used)`.
+async fn many_usage_deltas(s: &Subject, n: usize) -> Vec<keygate::store::UsageDelta> {
+    let mut deltas = Vec::with_capacity(n);
+    for i in 0..n {
+        let key = created(s, TENANT, &format!("many-{i}")).await;
+        deltas.push(keygate::store::UsageDelta {
+            key_id: key.key_id,
+            allowed: i as u64 % 7 + 1,
+            denied: i as u64 % 3,
+            last_used_at_ms: 1_000 + i as u64,
+        });
+    }
+    deltas
+}
+
+/// Every key of `deltas` holds exactly its delta.
+async fn usage_is_exactly(s: &Subject, deltas: &[keygate::store::UsageDelta]) {
+    for d in deltas {
+        let usage = s.store.get(&d.key_id).await.unwrap().unwrap().usage;
+        assert_eq!(
+            usage,
+            keygate::store::KeyUsage {
+                allowed: d.allowed,
+                denied: d.denied,
+                last_used_at_ms: Some(d.last_used_at_ms),
+            },
+            "key {}",
+            d.key_id
+        );
+    }
+}
+
+async fn usage_of_more_keys_than_one_script_call_takes_adds_up(s: Subject) {
+    let n = 2 * keygate::store::redis::USAGE_KEYS_PER_CALL + 100;
+    let deltas = many_usage_deltas(&s, n).await;
+    s.store.add_usage(&deltas).await.unwrap();
+    usage_is_exactly(&s, &deltas).await;
+}
+
 macro_rules! conformance {
     ($($case:ident),+ $(,)?) => {
         mod memory {
@@ -1058,7 +1098,54 @@ conformance!(
     delegations_are_granted_and_withdrawn_once_each_with_one_event,
     rate_reservations_follow_gcra_and_leases_their_limit,
     usage_adds_up_per_key_and_never_recreates_a_deleted_key,
+    usage_of_more_keys_than_one_script_call_takes_adds_up,
 );
+
+/// Redis runs nothing else while a script runs: a batch of more keys than
+/// `USAGE_KEYS_PER_CALL` is written in several script calls, each of at most that many
+/// keys, and every count adds up.
+#[tokio::test]
+async fn a_usage_batch_larger_than_one_script_call_is_written_in_several() {
+    let s = Subject::redis().await;
+    let per_call = keygate::store::redis::USAGE_KEYS_PER_CALL;
+    let deltas = many_usage_deltas(&s, 2 * per_call + 100).await;
+    let EventSource::Redis(_, Raw::Single(raw), _) = &s.events else {
+        unreachable!("a single Redis")
+    };
+    let mut raw = raw.clone();
+    // Loads the script, so that what is counted below is only the batch's calls.
+    s.store.add_usage(&deltas[..1]).await.unwrap();
+    let () = ::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    s.store.add_usage(&deltas[1..]).await.unwrap();
+    let stats: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let calls_of = |command: &str| -> usize {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .map_or(0, |rest| {
+                rest.split(',').next().unwrap().parse().expect("a number")
+            })
+    };
+    // One partition here: the calls are the batch's size divided by the bound, rounded up.
+    assert_eq!(s.store.partitions(), 1);
+    let batch = deltas.len() - 1;
+    assert_eq!(
+        (calls_of("evalsha"), calls_of("eval")),
+        (batch.div_ceil(per_call), 0),
+        "{stats}"
+    );
+    // Each key's counters are two increments: every key of the batch, once.
+    assert_eq!(calls_of("hincrby"), 2 * batch, "{stats}");
+    usage_is_exactly(&s, &deltas).await;
+}
 
 /// A token revocation this version cannot read (corrupt, or a newer shape) names no key:
 /// a reader must flush everything, which `Unreadable` without a key id tells it to do.

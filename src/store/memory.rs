@@ -11,7 +11,7 @@ use tokio::sync::{Notify, RwLock};
 use super::{
     Delegation, DelegationEvent, DelegationsOf, EventId, EventKind, KeyChange, KeyPage, KeyRecord,
     KeyStore, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest, RevocationEvent, StoreError,
-    StreamEntry, TokenRevocation, TokenRevocationEvent, UsageDelta,
+    StreamEntry, TokenRevocation, TokenRevocationEvent, UsageDelta, UsageNotWritten,
 };
 
 /// How many revocation events are kept, like the Redis stream's MAXLEN.
@@ -247,7 +247,7 @@ impl KeyStore for MemoryStore {
             .collect())
     }
 
-    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), UsageNotWritten> {
         let mut s = self.state.write().await;
         for d in batch {
             if let Some(rec) = s.keys.get_mut(&d.key_id) {

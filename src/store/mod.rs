@@ -67,6 +67,16 @@ pub struct UsageDelta {
     pub last_used_at_ms: u64,
 }
 
+/// Usage a store could not write: the deltas of the parts that failed, and the first
+/// failure. Every other part of the batch was written.
+#[derive(Debug, thiserror::Error)]
+#[error("usage of {} key(s) was not written: {error}", .unwritten.len())]
+pub struct UsageNotWritten {
+    pub unwritten: Vec<UsageDelta>,
+    #[source]
+    pub error: StoreError,
+}
+
 /// `expires_at_ms` of a key that never expires.
 pub const NEVER: u64 = u64::MAX;
 
@@ -571,8 +581,13 @@ pub trait KeyStore: Send + Sync + 'static {
         q: &crate::audit::AuditQuery,
     ) -> Result<Vec<crate::audit::AuditEntry>, StoreError>;
 
-    /// Adds usage counts to their keys' records (a deleted key's are dropped).
-    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError>;
+    /// Adds usage counts to their keys' records (a deleted key's are dropped). A batch may
+    /// be written in parts (Redis: one script call per partition and at most
+    /// `redis::USAGE_KEYS_PER_CALL` keys), each written whole or not at all; the error
+    /// names the deltas of the parts that were not, so that only those are tried again. A
+    /// part whose answer was lost (a timeout) is reported as not written, though it may
+    /// have been: tried again, it is counted twice rather than lost.
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), UsageNotWritten>;
 
     /// Reserves admissions from `key_id`'s rate-limit state, atomically, on the store's own
     /// clock (one clock for every replica).

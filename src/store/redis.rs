@@ -47,8 +47,8 @@ use tokio::sync::OnceCell;
 use super::{
     Delegation, DelegationEvent, DelegationsOf, EventId, EventKind, KeyChange, KeyPage, KeyRecord,
     KeyStore, KeyUsage, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest, RevocationEvent,
-    StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent, UsageDelta, DELEGATED,
-    TOKENS_REVOKED, UNDELEGATED,
+    StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent, UsageDelta, UsageNotWritten,
+    DELEGATED, TOKENS_REVOKED, UNDELEGATED,
 };
 use crate::secret::Secret;
 
@@ -62,6 +62,13 @@ pub const RECORD_BUCKETS: usize = 1024;
 
 /// Most stream partitions: each is followed on a connection of its own by every replica.
 pub const MAX_PARTITIONS: usize = 256;
+
+/// Most keys one usage script call updates (`add_usage`): Redis runs nothing else while
+/// a script runs, so a large flush is written in several short calls.
+pub const USAGE_KEYS_PER_CALL: usize = 500;
+
+/// Usage script calls sent at once by one flush.
+const USAGE_CALLS_IN_FLIGHT: usize = 4;
 
 /// Stream partitions on a Redis Cluster unless configured: enough to spread over 16
 /// masters, few enough that each replica's followers stay cheap.
@@ -1148,12 +1155,23 @@ impl KeyStore for RedisStore {
         Ok(out)
     }
 
-    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), UsageNotWritten> {
+        use futures::StreamExt;
         if batch.is_empty() {
             return Ok(());
         }
-        let conn = self.conn().await?;
-        // One script per partition: a script's keys stay in one slot.
+        let conn = match self.conn().await {
+            Ok(conn) => conn,
+            Err(error) => {
+                return Err(UsageNotWritten {
+                    unwritten: batch.to_vec(),
+                    error,
+                })
+            }
+        };
+        // One script call per part: a script's keys stay in one slot (one partition), and
+        // a part of at most USAGE_KEYS_PER_CALL keys holds Redis only briefly. Each part
+        // succeeds or fails alone, and only the failed ones are reported.
         let mut by_partition: std::collections::BTreeMap<usize, Vec<&UsageDelta>> =
             std::collections::BTreeMap::new();
         for d in batch {
@@ -1162,7 +1180,11 @@ impl KeyStore for RedisStore {
                 .or_default()
                 .push(d);
         }
-        futures::future::try_join_all(by_partition.into_values().map(|group| {
+        let mut calls = Vec::new();
+        for part in by_partition
+            .values()
+            .flat_map(|group| group.chunks(USAGE_KEYS_PER_CALL))
+        {
             let mut conn = conn.clone();
             let mut invocation = match self.format() {
                 RecordFormat::Hash => self.usage.prepare_invoke(),
@@ -1172,7 +1194,7 @@ impl KeyStore for RedisStore {
                     invocation
                 }
             };
-            for d in group {
+            for d in part {
                 if self.format() == RecordFormat::Packed {
                     invocation.arg(&d.key_id);
                 }
@@ -1182,13 +1204,28 @@ impl KeyStore for RedisStore {
                     .arg(d.denied)
                     .arg(d.last_used_at_ms);
             }
-            async move {
-                let _: i64 = self.run(invocation.invoke_async(&mut conn)).await?;
-                Ok::<_, StoreError>(())
+            calls.push(async move {
+                let written: Result<i64, _> = self.run(invocation.invoke_async(&mut conn)).await;
+                (part, written.map(drop))
+            });
+        }
+        // A few calls at a time: each waits only for those ahead of it, never for a whole
+        // large batch, within the store's timeout.
+        let outcomes: Vec<(&[&UsageDelta], Result<(), StoreError>)> = futures::stream::iter(calls)
+            .buffer_unordered(USAGE_CALLS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut failed: Option<UsageNotWritten> = None;
+        for (part, outcome) in outcomes {
+            if let Err(error) = outcome {
+                let f = failed.get_or_insert(UsageNotWritten {
+                    unwritten: Vec::new(),
+                    error,
+                });
+                f.unwritten.extend(part.iter().map(|d| (*d).clone()));
             }
-        }))
-        .await?;
-        Ok(())
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError> {

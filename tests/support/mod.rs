@@ -557,7 +557,10 @@ impl KeyStore for CountingStore {
         self.inner.audit(q).await
     }
 
-    async fn add_usage(&self, batch: &[keygate::store::UsageDelta]) -> Result<(), StoreError> {
+    async fn add_usage(
+        &self,
+        batch: &[keygate::store::UsageDelta],
+    ) -> Result<(), keygate::store::UsageNotWritten> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.inner.add_usage(batch).await
     }
