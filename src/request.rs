@@ -56,8 +56,8 @@ pub enum PathError {
     Ambiguous,
     #[error("the path has a `%` that is not followed by two hex digits")]
     BadPercent,
-    #[error("a segment is a dot segment with path parameters (`..;`)")]
-    DotParameters,
+    #[error("the path has path parameters (`;`, or `%3B`)")]
+    Parameters,
 }
 
 /// The path a server would route, without the query: percent-encoded unreserved
@@ -66,8 +66,12 @@ pub enum PathError {
 ///
 /// Refused, because servers disagree on what they mean and one of them would route past
 /// the policy: an encoded `/`, `\` or NUL, a raw `\` or control character, a `%` without
-/// two hex digits, and a dot segment carrying path parameters (`..;x`, which some Java
-/// servers read as `..`). Slashes are merged before dots are resolved because common
+/// two hex digits, and a `;` anywhere in the path, raw or as `%3B`. Servlet containers
+/// (Tomcat, Jetty, Spring) cut path parameters off each segment before routing, so
+/// `/v1/admin;x/users` is `/v1/admin/users` to them and `..;x` is `..`; most other servers
+/// keep `;` as part of the segment. No one reading of it agrees with every upstream, so
+/// none is taken (Spring Security's `StrictHttpFirewall` refuses it too). The query, cut
+/// off first, may hold `;`. Slashes are merged before dots are resolved because common
 /// proxies and servers merge them: `/public//../v1` is then `/v1`, whichever way a
 /// server reads it, the stricter of the two readings for any route below `/public`.
 ///
@@ -84,7 +88,7 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
             b'\\' | 0..=0x1f | 0x7f => return Err(PathError::Ambiguous),
             b'%' => plain = false,
             b'/' if matches!(bytes.get(i + 1), Some(b'/' | b'.')) => plain = false,
-            b';' => plain = false,
+            b';' => return Err(PathError::Parameters),
             _ => {}
         }
     }
@@ -96,10 +100,6 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     let segments: Vec<&str> = decoded[1..].split('/').collect();
     let last = segments.len() - 1;
     for (i, seg) in segments.iter().enumerate() {
-        let bare = seg.split(';').next().unwrap_or("");
-        if (bare == "." || bare == "..") && bare.len() != seg.len() {
-            return Err(PathError::DotParameters);
-        }
         match *seg {
             // A merged slash; a trailing one is kept, as it is part of the route.
             "" if i < last => {}
@@ -153,6 +153,7 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
         let c = (hi * 16 + lo) as u8;
         match c {
             b'/' | b'\\' | 0 => return Err(PathError::Ambiguous),
+            b';' => return Err(PathError::Parameters),
             c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
                 out.push(c as char)
             }
@@ -192,7 +193,8 @@ mod tests {
             ("/v1/contacts/a%20b", "/v1/contacts/a%20b"),
             ("/v1/contacts/a%3fb", "/v1/contacts/a%3Fb"),
             ("/v1/contacts/..a", "/v1/contacts/..a"),
-            ("/v1/contacts;v=1", "/v1/contacts;v=1"),
+            ("/v1/contacts?v=1;x=2", "/v1/contacts"),
+            ("/v1/contacts#a;b", "/v1/contacts"),
             ("/..", "/"),
             ("/", "/"),
         ] {
@@ -238,14 +240,38 @@ mod tests {
             ("/public/\t/x", PathError::Ambiguous),
             ("/public/%zz", PathError::BadPercent),
             ("/public/%2", PathError::BadPercent),
-            ("/public/..;/v1/contacts", PathError::DotParameters),
-            ("/public/.;x/v1/contacts", PathError::DotParameters),
+            ("/public/..;/v1/contacts", PathError::Parameters),
+            ("/public/.;x/v1/contacts", PathError::Parameters),
             ("v1/contacts", PathError::NotAbsolute),
             ("", PathError::NotAbsolute),
             ("*", PathError::NotAbsolute),
         ] {
             assert_eq!(norm(raw), Err(why), "{raw:?}");
         }
+    }
+
+    /// Servlet containers route `/v1/admin;x/users` as `/v1/admin/users`, other servers
+    /// as a segment `admin;x`: a `;` anywhere in the path, raw or encoded, is refused.
+    #[test]
+    fn path_parameters_are_refused_in_every_segment_and_spelling() {
+        for raw in [
+            "/v1/admin;x/users",
+            "/v1/admin;/users",
+            "/v1/contacts;v=1",
+            "/v1/contacts/42;jsessionid=ABC",
+            "/public;x/../v1/contacts",
+            "/;/v1/contacts",
+            "/;",
+            "/v1/admin%3bx/users",
+            "/v1/admin%3Bx/users",
+            "/public/..%3b/v1/contacts",
+            "/public/%2e%2e;/v1/contacts",
+            "/v1/contacts;?q=1",
+        ] {
+            assert_eq!(norm(raw), Err(PathError::Parameters), "{raw:?}");
+        }
+        // Encoded once more, `%253B` is a literal `%3B` to a server that decodes once.
+        assert_eq!(norm("/v1/a%253Bb").as_deref(), Ok("/v1/a%253Bb"));
     }
 
     #[test]

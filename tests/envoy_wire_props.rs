@@ -62,7 +62,8 @@ fn keygate_reads(bytes: &[u8]) -> Result<AuthRequest, WireError> {
 // Requests
 // ---------------------------------------------------------------------------------------
 
-/// Header names: the consulted ones, near misses of them, pseudo-headers and others.
+/// Header names: the consulted ones, near misses and twins of them, pseudo-headers and
+/// others.
 const NAMES: &[&str] = &[
     "authorization",
     "x-api-key",
@@ -73,6 +74,9 @@ const NAMES: &[&str] = &[
     "x-keygate",
     "x-api-keys",
     "authorizatio",
+    "x_tenant_id",
+    "x.keygate.subject",
+    "x_custom",
     "user-agent",
     "cookie",
     ":method",

@@ -7,7 +7,8 @@
 //!
 //! The semantics, from the decoded message (so nothing here depends on the order of the
 //! fields on the wire, which protobuf says carries no meaning):
-//! - a consulted `headers` entry is taken as it is, by its exact (lower-case) name;
+//! - a consulted `headers` entry is taken as it is, by its exact (lower-case) name, and so
+//!   is a twin of one (`_` and `.` read as `-`, in any case: `x_tenant_id`);
 //! - a consulted `header_map` entry (name matched in any case, kept lower-cased) is its
 //!   `raw_value` if non-empty, else its `value`, read lossily, and the entries of one name
 //!   are joined with commas in their order, after the `headers` value of that name if any;
@@ -34,7 +35,19 @@ pub fn filter() -> HeaderFilter {
 }
 
 fn consulted(lower_case_name: &str) -> bool {
-    lower_case_name.starts_with(PREFIX) || CONSULTED.contains(&lower_case_name)
+    lower_case_name.starts_with(PREFIX)
+        || CONSULTED.contains(&lower_case_name)
+        || twin(lower_case_name)
+}
+
+/// A name with `_` or `.` that, read in lower case with both as `-`, is a consulted one
+/// or under the prefix (`x_tenant_id`): kept so that an allow can remove it.
+fn twin(name: &str) -> bool {
+    if !name.contains(['_', '.']) {
+        return false;
+    }
+    let dashed = name.to_ascii_lowercase().replace(['_', '.'], "-");
+    dashed.starts_with(PREFIX) || CONSULTED.contains(&dashed.as_str())
 }
 
 /// What keygate reads of a request and what it is compared on.

@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use super::envoy_answer::{overwrite, AllowAnswer, CheckAnswer, Identity};
+use super::envoy_answer::{is_identity_twin, overwrite, AllowAnswer, CheckAnswer, Identity};
 pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_KIND, HEADER_SCOPES, HEADER_SUBJECT};
 use super::envoy_wire::{self, Authorization, CheckRequestView, HeaderFilter};
 use crate::authorizer::Authorizer;
@@ -142,6 +142,15 @@ impl EnvoyAuthorization {
                 None
             }
         };
+        // A client's `x_tenant_id` or `x.keygate.subject`: an upstream reading `_` and `.`
+        // as `-` would take it for the header keygate vouches for, so it goes too.
+        for name in req.headers.keys() {
+            if is_identity_twin(name, &self.tenant_header, IDENTITY_PREFIX)
+                && !remove.contains(name)
+            {
+                remove.push(name.clone());
+            }
+        }
         if self.options.strip_credentials {
             for name in self.authorizer.credentials().header_names() {
                 if req.headers.contains_key(name) {

@@ -1,10 +1,12 @@
 """Requests through the real Envoy (examples/envoy.yaml) to the echo upstream, with keygate
 deciding: what the client gets back, and what the upstream gets to see."""
 
+import re
 import uuid
 
 import pytest
 
+import harness
 from harness import (
     CREDENTIAL_HEADERS,
     IDENTITY_HEADERS,
@@ -105,6 +107,71 @@ def test_identity_headers_spelled_with_underscores_are_rejected_by_envoy(stack, 
     )
     assert resp.status == 400, str(resp)
     assert resp.upstream == [], str(resp)
+
+
+# ------------------------------------------------- underscore twins, Envoy at its defaults
+
+def underscores_allowed(config: str) -> str:
+    """examples/envoy.yaml without `headers_with_underscores_action: REJECT_REQUEST`: Envoy
+    at its default, ALLOW, as many deployments run it."""
+    block = re.compile(
+        r"^ *common_http_protocol_options:\n(?: *#.*\n)* *headers_with_underscores_action: REJECT_REQUEST\n",
+        re.MULTILINE,
+    )
+    edited, n = block.subn("", config)
+    assert n == 1, "examples/envoy.yaml changed: find its headers_with_underscores_action"
+    return edited
+
+
+@pytest.fixture(scope="module")
+def underscores_stack(workdir, redis, upstream):
+    s = harness.Stack("underscores", workdir, redis, upstream, edit_envoy_config=underscores_allowed)
+    yield s
+    s.stop()
+
+
+# Spellings an upstream reading `_` and `.` as `-` (CGI, WSGI, PHP) takes for keygate's
+# identity headers. Names arrive at the upstream lower-cased.
+TWINS = [
+    ("x_tenant_id", str(uuid.uuid4())),
+    ("x.tenant.id", str(uuid.uuid4())),
+    ("X_KEYGATE_SUBJECT", "forged-subject"),
+    ("x_keygate_key_id", "forged-key"),
+    ("x.keygate.scopes", "admin:all"),
+    ("x_keygate_kind", "runtime"),
+    ("x-keygate-session_token", "forged-token"),
+]
+
+
+def assert_no_twin_and_custom_kept(resp):
+    names = [name for name, _ in resp.upstream[0]["headers"]]
+    for twin, _ in TWINS:
+        assert twin.lower() not in names, f"{twin} reached the upstream:\n{resp}"
+    assert resp.upstream_headers("x_custom") == ["passed"], str(resp)
+
+
+def test_the_envoy_of_the_twin_tests_allows_underscores(underscores_stack):
+    assert "headers_with_underscores_action" not in underscores_stack.envoy.config_path.read_text()
+
+
+def test_twins_of_identity_headers_never_reach_the_upstream(underscores_stack, tenant):
+    key = underscores_stack.keygate.create_key(tenant, ["contacts:read"])
+    resp = underscores_stack.request(
+        "GET", CONTACT, [bearer(key["token"]), *TWINS, ("x_custom", "passed")]
+    )
+    assert_allowed(resp)
+    assert_no_twin_and_custom_kept(resp)
+    assert resp.upstream_headers("x-tenant-id") == [key["tenant_id"]], str(resp)
+    assert resp.upstream_headers("x-keygate-key-id") == [key["key_id"]], str(resp)
+    assert resp.upstream_headers("x-keygate-scopes") == ["contacts:read"], str(resp)
+
+
+def test_twins_of_identity_headers_never_reach_the_upstream_of_a_public_route(underscores_stack):
+    resp = underscores_stack.request("GET", "/public/health", [*TWINS, ("x_custom", "passed")])
+    assert_allowed(resp)
+    assert_no_twin_and_custom_kept(resp)
+    for name in IDENTITY_HEADERS:
+        assert resp.upstream_headers(name) == [], f"{name} reached the upstream:\n{resp}"
 
 
 def test_write_with_own_tenant_header_is_allowed(stack, writer):
