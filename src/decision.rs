@@ -1,9 +1,11 @@
 //! The answer keygate gives: allow with who the caller is, deny with a public error code,
 //! or "unavailable" when a backend needed for the answer is down.
 //!
-//! `DenyReason` is a closed set: its names are the public error codes, so every adapter
-//! speaks the same vocabulary and an operator can alert on them. This module knows no wire
-//! format; adapters turn a `Decision` into Envoy's or keygate's own response.
+//! `DenyReason` is a closed set: its names are keygate's error codes, so every adapter
+//! speaks the same vocabulary and an operator can alert on them. A deployment may show a
+//! client another code for one of them (the one its API documents, `errors.codes`); metrics
+//! and logs keep keygate's. This module knows no wire format; adapters turn a `Decision`
+//! into Envoy's or keygate's own response.
 
 use std::fmt;
 use std::sync::Arc;
@@ -172,8 +174,9 @@ impl Denial {
 /// formats nothing and can echo nothing from the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublicError {
-    /// The code shown (`unauthorized` for every authentication failure when opaque).
-    pub code: &'static str,
+    /// The code shown: keygate's own, the one `errors.codes.<code>.code` names instead, or
+    /// `unauthorized` for every authentication failure when opaque.
+    pub code: String,
     pub message: Arc<str>,
     pub status: u16,
     /// The whole JSON body.
@@ -226,6 +229,14 @@ impl ErrorShape {
                     format!("not a public error code; one of {}", known.join(", ")),
                 )
             })?;
+            if let Some(public) = &over.code {
+                if !is_public_code(public) {
+                    return Err(ConfigError::new(
+                        field(".code"),
+                        "must be 1 to 64 of [a-z0-9_.-] (the code the client is shown)",
+                    ));
+                }
+            }
             if let Some(status) = over.status {
                 if !(400..=499).contains(&status) {
                     return Err(ConfigError::new(
@@ -271,15 +282,15 @@ impl ErrorShape {
             .map(|reason| {
                 let over = cfg.codes.get(reason.code()).cloned().unwrap_or_default();
                 let (code, message, status) = if cfg.opaque && reason.is_unauthenticated() {
-                    (OPAQUE_CODE, cfg.opaque_message.clone(), 401)
+                    (OPAQUE_CODE.to_owned(), cfg.opaque_message.clone(), 401)
                 } else {
                     (
-                        reason.code(),
+                        over.code.unwrap_or_else(|| reason.code().to_owned()),
                         over.message.unwrap_or_else(|| reason.message().to_owned()),
                         over.status.unwrap_or(reason.http_status()),
                     )
                 };
-                let body = render(&template, code, &message, status);
+                let body = render(&template, &code, &message, status);
                 let body = serde_json::to_string(&body).map_err(|e| {
                     ConfigError::new("errors.body", format!("cannot be written as JSON: {e}"))
                 })?;
@@ -297,6 +308,15 @@ impl ErrorShape {
                 .then(|| cfg.www_authenticate.as_str().into()),
         })
     }
+}
+
+/// A code a client may be shown: 1 to 64 of `[a-z0-9_.-]`, so that it needs no escaping
+/// in a body, a header or a log line.
+fn is_public_code(code: &str) -> bool {
+    (1..=64).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
 }
 
 impl Default for ErrorShape {
@@ -511,6 +531,48 @@ errors:
     }
 
     #[test]
+    fn a_code_can_be_shown_as_the_one_the_api_documents() {
+        let shape = shape(
+            r#"
+errors:
+  codes:
+    missing_credentials: {code: invalid_api_key}
+    invalid_token: {code: invalid_api_key, message: The API key is malformed.}
+    rate_limited: {code: too_many_requests, status: 429}
+"#,
+        )
+        .unwrap();
+        let missing = shape.answer(DenyReason::MissingCredentials);
+        assert_eq!(missing.code, "invalid_api_key");
+        assert_eq!(missing.status, 401);
+        assert_eq!(
+            &*missing.body,
+            r#"{"error":{"code":"invalid_api_key","message":"No credentials were provided."}}"#
+        );
+        let jwt = shape.answer(DenyReason::InvalidToken);
+        assert_eq!(jwt.code, "invalid_api_key");
+        assert!(
+            jwt.body.contains(r#""code":"invalid_api_key""#),
+            "{}",
+            jwt.body
+        );
+        assert_eq!(shape.www_authenticate(jwt), Some("Bearer"));
+        assert_eq!(
+            shape.answer(DenyReason::RateLimited).code,
+            "too_many_requests"
+        );
+        // Codes not named keep keygate's; metrics and logs count keygate's own.
+        assert_eq!(
+            shape.answer(DenyReason::InvalidApiKey).code,
+            "invalid_api_key"
+        );
+        assert_eq!(
+            Decision::deny(DenyReason::MissingCredentials).label(),
+            "missing_credentials"
+        );
+    }
+
+    #[test]
     fn a_message_with_quotes_stays_valid_json() {
         let shape =
             shape(r#"errors: {codes: {rate_limited: {message: 'Slow "down" \ please'}}}"#).unwrap();
@@ -547,6 +609,26 @@ errors:
             (
                 "errors: {www_authenticate: \"a\\nb\"}",
                 "errors.www_authenticate",
+            ),
+            (
+                "errors: {codes: {missing_credentials: {code: ''}}}",
+                "errors.codes.missing_credentials.code",
+            ),
+            (
+                "errors: {codes: {invalid_token: {code: Invalid_Key}}}",
+                "errors.codes.invalid_token.code",
+            ),
+            (
+                "errors: {codes: {invalid_token: {code: 'invalid key'}}}",
+                "errors.codes.invalid_token.code",
+            ),
+            (
+                "errors: {codes: {invalid_token: {code: 'a\"b'}}}",
+                "errors.codes.invalid_token.code",
+            ),
+            (
+                "errors: {opaque: true, codes: {invalid_token: {code: invalid_api_key}}}",
+                "errors.codes.invalid_token",
             ),
         ] {
             let err = shape(yaml)

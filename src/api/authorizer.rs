@@ -146,14 +146,18 @@ impl AuthorizerApi for AuthorizerService {
                 )),
                 denial: None,
             })),
-            Err(e @ LeaseError::Full { .. }) => Ok(Response::new(proto::AcquireLeaseResponse {
-                denial: Some(proto::Denial {
-                    code: DenyReason::RateLimited.code().to_owned(),
-                    message: e.to_string(),
-                    http_status: DenyReason::RateLimited.http_status() as u32,
-                }),
-                ..Default::default()
-            })),
+            Err(e @ LeaseError::Full { .. }) => {
+                // The deployment's code and status for rate_limited; the message says why.
+                let error = self.errors.answer(DenyReason::RateLimited);
+                Ok(Response::new(proto::AcquireLeaseResponse {
+                    denial: Some(proto::Denial {
+                        code: error.code.clone(),
+                        message: e.to_string(),
+                        http_status: u32::from(error.status),
+                    }),
+                    ..Default::default()
+                }))
+            }
             Err(e) => Err(lease_status(e)),
         }
     }

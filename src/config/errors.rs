@@ -22,13 +22,17 @@ pub struct ErrorsConfig {
     pub body: Value,
     /// The `www-authenticate` value sent with 401s; empty sends none.
     pub www_authenticate: String,
-    /// Per public error code: its status and message.
+    /// Per keygate error code: its status, message, and the code the client is shown.
     pub codes: BTreeMap<String, CodeConfig>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CodeConfig {
+    /// The code the client is shown instead of keygate's own (`{code}` in the body, the
+    /// keygate.v1 denial): the one the API documents. Metrics and logs keep keygate's.
+    #[serde(default)]
+    pub code: Option<String>,
     #[serde(default)]
     pub status: Option<u16>,
     #[serde(default)]

@@ -1,9 +1,12 @@
-"""The `keygate` command line against a running server: keys create|list|get|revoke|delete
-and check, as a script would use them (--json, exit codes)."""
+"""The `keygate` command line against a running server: keys create|list|get|revoke|delete,
+check and leases acquire|renew|release, as a script would use them (--json, exit codes)."""
 
 import uuid
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
+import harness
 from harness import free_port, run_cli, token_parts, with_bad_checksum
 
 
@@ -143,3 +146,70 @@ def test_revoked_keys_leave_the_list_and_the_audit_trail_names_each_change(keyga
     assert actions == ["key.created", "key.revoked"], str(result)
     assert gone["token"] not in result.stdout
     assert all(e["actor"].startswith("admin:") for e in result.json()["entries"]), str(result)
+
+
+@pytest.fixture(scope="module")
+def leasing(workdir, redis):
+    """A keygate whose plan `two` holds two concurrent sessions, and which shows its
+    clients `too_many_requests` for keygate's `rate_limited`."""
+    k = harness.Keygate(
+        "cli-leases",
+        workdir,
+        redis,
+        {
+            "KEYGATE_POLICY__PLANS": "{two: {requests_per_minute: 600, concurrent_sessions: 2}}",
+            "KEYGATE_ERRORS__CODES": "{rate_limited: {code: too_many_requests}}",
+        },
+    )
+    yield k
+    k.stop()
+
+
+def acquire(keygate, token, *extra):
+    return keygate.cli("leases", "acquire", "--token", token, "--ttl", "1h", *extra)
+
+
+def test_leases_acquire_renew_and_release(leasing, tenant):
+    key = leasing.create_key(tenant, ["contacts:read"], "--plan", "two")
+    first = acquire(leasing, key["token"], "--json")
+    assert first.code == 0, str(first)
+    lease = first.json()["lease_id"]
+    assert lease.startswith(key["key_id"] + "."), str(first)
+    expires = datetime.fromisoformat(first.json()["expires_at"].replace("Z", "+00:00"))
+    assert abs(expires - (datetime.now(timezone.utc) + timedelta(hours=1))) < timedelta(minutes=5)
+    second = acquire(leasing, key["token"], "--quiet")
+    assert second.code == 0 and second.stdout.count("\n") == 1, str(second)
+    # Both in use: refused with exit 3 and the deployment's code for rate_limited.
+    full = acquire(leasing, key["token"], "--json")
+    assert full.code == 3, str(full)
+    assert full.json()["code"] == "too_many_requests" and full.json()["http_status"] == 429, str(full)
+    renewed = leasing.cli("leases", "renew", lease, "--ttl", "2h", "--json")
+    assert renewed.code == 0, str(renewed)
+    assert renewed.json() == {"lease_id": lease, "renewed": True, "ttl_seconds": 7200}
+    released = leasing.cli("leases", "release", lease, "--json")
+    assert released.code == 0, str(released)
+    assert released.json() == {"lease_id": lease, "released": True}
+    # The session is back: the key may take one again.
+    assert acquire(leasing, key["token"]).code == 0
+    for result in (first, second, full, renewed, released):
+        assert key["token"] not in result.stdout + result.stderr
+
+
+def test_releasing_a_lease_twice_or_an_unknown_one_fails_naming_it(leasing, tenant):
+    key = leasing.create_key(tenant, ["contacts:read"], "--plan", "two")
+    lease = acquire(leasing, key["token"], "--quiet").stdout.strip()
+    assert leasing.cli("leases", "release", lease).code == 0
+    again = leasing.cli("leases", "release", lease)
+    assert again.code == 1 and "not found: lease_id" in again.stderr, str(again)
+    renew = leasing.cli("leases", "renew", lease, "--ttl", "1h")
+    assert renew.code == 1 and "not found: lease_id" in renew.stderr, str(renew)
+    bad_ttl = leasing.cli("leases", "renew", lease, "--ttl", "2d")
+    assert bad_ttl.code == 1 and "--ttl" in bad_ttl.stderr, str(bad_ttl)
+
+
+def test_leases_acquire_with_a_bad_key_is_denied_without_echoing_it(leasing):
+    forged = with_bad_checksum(leasing.create_key(str(uuid.uuid4()), ["contacts:read"])["token"])
+    result = acquire(leasing, forged, "--json")
+    assert result.code == 3, str(result)
+    assert result.json()["code"] == "invalid_api_key", str(result)
+    assert forged not in result.stdout + result.stderr

@@ -1,7 +1,7 @@
 """Error answers shaped per API (`errors`), through the real Envoy, byte for byte: the
 default `{"error":{"code","message"}}` shape; an API that answers every authentication
 failure with `401 {"message":"Unauthenticated."}`; and an API with its own codes' statuses,
-messages, body layout and challenge. Each keygate is configured by environment overrides
+messages, codes shown, body layout and challenge. Each keygate is configured by environment overrides
 alone."""
 
 import json
@@ -112,6 +112,8 @@ CODES = {
     "revoked_api_key": {"message": "The API key has been revoked"},
     "insufficient_permissions": {"status": 401, "message": "The API key lacks required permissions"},
     "rate_limited": {"message": "Slow down"},
+    # Shown as the code the API documents; metrics and logs keep keygate's own.
+    "missing_credentials": {"code": "invalid_api_key", "message": "The API key is missing"},
 }
 
 
@@ -129,9 +131,11 @@ def coded_stack(workdir, redis, upstream):
 
 
 def coded(status: int, code: str) -> bytes:
+    """The body of keygate's `code`, as configured (its public code, status, message)."""
     message = CODES[code]["message"]
+    shown = CODES[code].get("code", code)
     return json.dumps(
-        {"status": status, "error": {"type": code, "detail": message}}, separators=(",", ":")
+        {"status": status, "error": {"type": shown, "detail": message}}, separators=(",", ":")
     ).encode()
 
 
@@ -147,6 +151,30 @@ def test_each_code_answers_with_its_configured_status_and_message(coded_stack, t
     assert_answer(resp, 401, coded(401, "revoked_api_key"), challenge)
     resp = coded_stack.request("GET", CONTACT, [bearer(expired_key(keygate, tenant)["token"])])
     assert_answer(resp, 401, coded(401, "expired_api_key"), challenge)
+
+
+def decisions(keygate, code: str) -> float:
+    """keygate_decisions_total for keygate's own `code`."""
+    status, text = harness.http_get(keygate.http_url + "/metrics", timeout=5)
+    assert status == 200, text
+    label = f'keygate_decisions_total{{result="{code}"}} '
+    values = [float(line[len(label):]) for line in text.splitlines() if line.startswith(label)]
+    return values[0] if values else 0.0
+
+
+def test_a_code_is_shown_as_the_apis_own_and_counted_as_keygates(coded_stack, tenant):
+    keygate = coded_stack.keygate
+    before = decisions(keygate, "missing_credentials")
+    resp = coded_stack.request("GET", CONTACT, [])
+    assert_answer(resp, 401, coded(401, "missing_credentials"), 'Bearer realm="api"')
+    assert b"missing_credentials" not in resp.body
+    assert decisions(keygate, "missing_credentials") == before + 1
+    # keygate.v1's answer (`keygate check`) shows the same code.
+    result = keygate.cli("check", "--method", "GET", "--path", CONTACT, "--json")
+    assert result.code == 3, str(result)
+    assert (result.json()["code"], result.json()["http_status"], result.json()["message"]) == (
+        "invalid_api_key", 401, "The API key is missing"
+    ), str(result)
 
 
 def test_a_429_keeps_retry_after_in_the_configured_shape(coded_stack, tenant):
@@ -173,3 +201,21 @@ def test_a_mistake_in_errors_stops_startup_naming_the_field(workdir, redis):
     )
     assert result.code != 0, str(result)
     assert "errors.codes.invalid_api_key.status" in result.stderr, str(result)
+
+
+@pytest.mark.parametrize("public", ["", "Invalid_Key", "invalid key", 'a"b'])
+def test_a_public_code_that_is_not_a_token_stops_startup_naming_the_field(workdir, redis, public):
+    config = workdir / "errors-bad-code.yaml"
+    config.write_text(
+        harness.keygate_config(harness.free_port(), harness.free_port(), harness.free_port(), redis.url)
+    )
+    result = harness.run_cli(
+        ["serve", "--config", str(config)],
+        harness.clean_env(
+            KEYGATE_PEPPER="p" * 48,
+            KEYGATE_ADMIN_TOKEN="a" * 32,
+            KEYGATE_ERRORS__CODES=json.dumps({"missing_credentials": {"code": public}}),
+        ),
+    )
+    assert result.code != 0, str(result)
+    assert "errors.codes.missing_credentials.code" in result.stderr, str(result)
