@@ -463,6 +463,57 @@ async fn the_tenant_claim_must_match_x_tenant_id_and_a_required_header_stays_req
 }
 
 #[tokio::test]
+async fn a_tenant_claim_is_compared_in_canonical_form_whatever_its_case() {
+    let f = fixture_app();
+    let upper = TENANT.to_uppercase();
+    let mut c = claims();
+    c["tenant_id"] = json!(upper);
+    let upper_claim = bearer(&rs256(&c));
+    let lower_claim = bearer(&rs256(&claims()));
+    for (claim, header) in [
+        (&upper_claim, TENANT),
+        (&upper_claim, upper.as_str()),
+        (&lower_claim, upper.as_str()),
+    ] {
+        let answer = f
+            .app
+            .envoy_service()
+            .decide(check_request(
+                "GET",
+                "/tenanted/x",
+                &[("authorization", claim), ("x-tenant-id", header)],
+            ))
+            .await
+            .unwrap();
+        // Upstream, the tenant is the canonical form.
+        assert_eq!(
+            support_ok_headers(&answer)
+                .get("x-tenant-id")
+                .map(String::as_str),
+            Some(TENANT),
+            "header {header}"
+        );
+    }
+    // Without the header too.
+    let answer = f
+        .app
+        .envoy_service()
+        .decide(check_request(
+            "GET",
+            READ_PATH,
+            &[("authorization", &upper_claim)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        support_ok_headers(&answer)
+            .get("x-tenant-id")
+            .map(String::as_str),
+        Some(TENANT)
+    );
+}
+
+#[tokio::test]
 async fn an_issuer_that_cannot_work_stops_startup_naming_the_field() {
     let mut config = support::config(Backend::Memory);
     config.jwt.issuers = vec![IssuerConfig {
@@ -494,62 +545,111 @@ async fn an_issuer_that_cannot_work_stops_startup_naming_the_field() {
         ("{jwt: {issuers: [{name: a, issuer: i, audiences: [x], algorithms: [RS256, HS256], jwks_file: f}]}}", "jwt.issuers[0].algorithms"),
         ("{jwt: {issuers: [{name: a, issuer: i, audiences: [], algorithms: [RS256], jwks_file: f}]}}", "jwt.issuers[0].audiences"),
         ("{jwt: {issuers: [{name: a, issuer: i, audiences: [x], algorithms: [RS256], jwks_file: f, secret: s}]}}", "jwt.issuers[0].secret"),
+        ("{jwt: {issuers: [{name: a, issuer: i, audiences: [x], algorithms: [RS256], jwks_url: \"https://i/jwks\", jwks_refetch_min: 0s}]}}", "jwt.issuers[0].jwks_refetch_min"),
+        ("{jwt: {issuers: [{name: a, issuer: i, audiences: [x], algorithms: [RS256], jwks_url: \"https://i/jwks\", jwks_refetch_min: 999ms}]}}", "jwt.issuers[0].jwks_refetch_min"),
     ] {
         let e = Config::load(Some(yaml), Vec::new()).unwrap_err();
         assert_eq!(e.field, field, "{yaml}: {e}");
     }
+    // The floor itself is accepted.
+    Config::load(
+        Some("{jwt: {issuers: [{name: a, issuer: i, audiences: [x], algorithms: [RS256], jwks_url: \"https://i/jwks\", jwks_refetch_min: 1s}]}}"),
+        Vec::new(),
+    )
+    .expect("jwks_refetch_min: 1s is accepted");
 }
 
-/// A JWKS endpoint the test controls: it serves whatever set it holds now, counts the
-/// requests, and can be stopped (its port then refuses connections).
+/// A JWKS endpoint the test controls: it serves whatever answer it holds now (a set, or
+/// raw HTTP bytes), counts the requests, can hold its answers until released, and can be
+/// stopped (its port then refuses connections).
 struct JwksServer {
     url: String,
-    body: std::sync::Arc<std::sync::Mutex<String>>,
-    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The whole HTTP response, head and body.
+    response: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    hits: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
+    open: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+fn http_200(body: &str, content_length: bool) -> Vec<u8> {
+    let length = if content_length {
+        format!("content-length: {}\r\n", body.len())
+    } else {
+        String::new()
+    };
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{length}connection: close\r\n\r\n{body}"
+    )
+    .into_bytes()
 }
 
 impl JwksServer {
     async fn start(set: &JwkSet) -> JwksServer {
+        Self::start_with(http_200(&serde_json::to_string(set).unwrap(), true), true).await
+    }
+
+    /// A server that holds every answer until `release`.
+    async fn held(set: &JwkSet) -> JwksServer {
+        Self::start_with(http_200(&serde_json::to_string(set).unwrap(), true), false).await
+    }
+
+    async fn start_with(response: Vec<u8>, open: bool) -> JwksServer {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
-        let body = std::sync::Arc::new(std::sync::Mutex::new(serde_json::to_string(set).unwrap()));
-        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (b, h) = (body.clone(), hits.clone());
+        let response = std::sync::Arc::new(std::sync::Mutex::new(response));
+        let hits = std::sync::Arc::new(tokio::sync::watch::Sender::new(0usize));
+        let open = std::sync::Arc::new(tokio::sync::watch::Sender::new(open));
+        let (r, h, o) = (response.clone(), hits.clone(), open.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut conn, _)) = listener.accept().await else {
                     return;
                 };
-                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let text = b.lock().unwrap().clone();
+                h.send_modify(|n| *n += 1);
+                let bytes = r.lock().unwrap().clone();
+                let mut open = o.subscribe();
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
                     let _ = conn.read(&mut buf).await;
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
-                        text.len()
-                    );
-                    let _ = conn.write_all(resp.as_bytes()).await;
+                    let _ = open.wait_for(|o| *o).await;
+                    let _ = conn.write_all(&bytes).await;
                     let _ = conn.shutdown().await;
                 });
             }
         });
         JwksServer {
             url,
-            body,
+            response,
             hits,
+            open,
             task,
         }
     }
 
     fn serve(&self, set: &JwkSet) {
-        *self.body.lock().unwrap() = serde_json::to_string(set).unwrap();
+        self.serve_raw(http_200(&serde_json::to_string(set).unwrap(), true));
+    }
+
+    fn serve_raw(&self, response: Vec<u8>) {
+        *self.response.lock().unwrap() = response;
     }
 
     fn hits(&self) -> usize {
-        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+        *self.hits.borrow()
+    }
+
+    /// Waits until `n` requests have arrived.
+    async fn hit(&self, n: usize) {
+        let mut hits = self.hits.subscribe();
+        tokio::time::timeout(support::PATIENCE, hits.wait_for(|h| *h >= n))
+            .await
+            .expect("the JWKS request arrives")
+            .unwrap();
+    }
+
+    fn release(&self) {
+        self.open.send_replace(true);
     }
 
     fn stop(&self) {
@@ -596,6 +696,8 @@ async fn keys_rotated_at_the_jwks_url_are_taken_without_a_restart() {
         keys: vec![old.clone()],
     })
     .await;
+    // No least interval, so the rotated kid is fetched at once: App::build takes the
+    // configuration as given, where a loaded one is refused under 1s (tested below).
     let app = remote_app(&server.url, Duration::ZERO);
     let envoy = app.envoy_service();
     let check = |jwt: String| {
@@ -668,17 +770,25 @@ async fn made_up_kids_cost_at_most_one_fetch_per_interval() {
             .get()
     };
     let invalid_before = invalid();
-    for n in 0..20 {
+    // All at once: each would refetch, but one was made within jwks_refetch_min.
+    let outcomes = futures::future::join_all((0..20).map(|n| {
         let jwt = signed_by(&signing(Algorithm::RS256), &format!("made-up-{n}"));
-        assert_eq!(
+        let envoy = &envoy;
+        async move {
             outcome_of(
-                &envoy,
-                check_request("GET", READ_PATH, &[("authorization", &bearer(&jwt))])
+                envoy,
+                check_request("GET", READ_PATH, &[("authorization", &bearer(&jwt))]),
             )
-            .await,
-            Outcome::denied("invalid_token", 401)
-        );
-    }
+            .await
+        }
+    }))
+    .await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| *o == Outcome::denied("invalid_token", 401)),
+        "{outcomes:?}"
+    );
     assert_eq!(
         server.hits(),
         after_first,
@@ -686,6 +796,215 @@ async fn made_up_kids_cost_at_most_one_fetch_per_interval() {
     );
     // Counted by the issuer's configured name (other tests may add their own).
     assert!(invalid() >= invalid_before + 20);
+}
+
+/// A check of a token on `app`, by the Envoy adapter.
+async fn check_on(app: &App, jwt: &str) -> Outcome {
+    outcome_of(
+        &app.envoy_service(),
+        check_request("GET", READ_PATH, &[("authorization", &bearer(jwt))]),
+    )
+    .await
+}
+
+/// A token signed by `key` under `kid`, for a subject of its own (so no cached answer
+/// stands in for the check).
+fn fresh(key: &EncodingKey, kid: &str, subject: &str) -> String {
+    let mut c = claims();
+    c["sub"] = json!(subject);
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, &c, key).unwrap()
+}
+
+fn jwks_errors() -> u64 {
+    keygate::telemetry::metrics()
+        .jwks_fetches
+        .with_label_values(&["remote", "error"])
+        .get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_unknown_kids_share_one_fetch_that_a_cancelled_caller_does_not_end() {
+    let k1 = public_jwk(&signing(Algorithm::RS256), Algorithm::RS256, "k1");
+    let set = JwkSet { keys: vec![k1] };
+    // Nothing fetched yet, and the URL holds its answer: 20 callers, 10 of them with the
+    // real kid, all need the set.
+    let server = JwksServer::held(&set).await;
+    let app = std::sync::Arc::new(remote_app(&server.url, Duration::from_secs(3600)));
+    let callers: Vec<_> = (0..20)
+        .map(|n| {
+            let app = app.clone();
+            let jwt = if n % 2 == 0 {
+                fresh(&signing(Algorithm::RS256), "k1", &format!("user-{n}"))
+            } else {
+                signed_by(&signing(Algorithm::RS256), &format!("made-up-{n}"))
+            };
+            tokio::spawn(async move { (n, check_on(&app, &jwt).await) })
+        })
+        .collect();
+    server.hit(1).await;
+    server.release();
+    for caller in callers {
+        let (n, outcome) = caller.await.unwrap();
+        let expected = if n % 2 == 0 {
+            Outcome::Allowed
+        } else {
+            Outcome::denied("invalid_token", 401)
+        };
+        assert_eq!(outcome, expected, "caller {n}");
+    }
+    assert_eq!(server.hits(), 1, "one fetch for every caller");
+
+    // The one caller that started a fetch goes away (its request cancelled) while the URL
+    // holds its answer: the fetch goes on, and the next caller has the set.
+    let server = JwksServer::held(&set).await;
+    let app = std::sync::Arc::new(remote_app(&server.url, Duration::from_secs(3600)));
+    let caller = tokio::spawn({
+        let app = app.clone();
+        async move { check_on(&app, &signed_by(&signing(Algorithm::RS256), "k1")).await }
+    });
+    server.hit(1).await;
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    server.release();
+    assert_eq!(
+        check_on(&app, &fresh(&signing(Algorithm::RS256), "k1", "after")).await,
+        Outcome::Allowed
+    );
+    assert_eq!(server.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_jwks_response_is_refused_and_the_last_good_set_kept() {
+    let k1 = public_jwk(&signing(Algorithm::RS256), Algorithm::RS256, "k1");
+    let server = JwksServer::start(&JwkSet {
+        keys: vec![k1.clone()],
+    })
+    .await;
+    let app = remote_app(&server.url, Duration::ZERO);
+    assert_eq!(
+        check_on(&app, &signed_by(&signing(Algorithm::RS256), "k1")).await,
+        Outcome::Allowed
+    );
+    // A set that would let `k2` in, padded past 1 MiB: with a content-length, and
+    // without one (read until the connection closes).
+    for (n, content_length) in [(2, true), (3, false)] {
+        let kid = format!("k{n}");
+        let mut set = serde_json::to_value(JwkSet {
+            keys: vec![k1.clone(), public_jwk(&rsa2_key(), Algorithm::RS256, &kid)],
+        })
+        .unwrap();
+        set["padding"] = json!("x".repeat(keygate::jwt::JWKS_MAX_BYTES));
+        server.serve_raw(http_200(&set.to_string(), content_length));
+        let (hits, errors) = (server.hits(), jwks_errors());
+        assert_eq!(
+            check_on(&app, &signed_by(&rsa2_key(), &kid)).await,
+            Outcome::denied("invalid_token", 401),
+            "content-length: {content_length}"
+        );
+        assert_eq!(server.hits(), hits + 1, "the set was fetched again");
+        assert!(jwks_errors() > errors, "and the fetch failed");
+        assert_eq!(
+            check_on(
+                &app,
+                &fresh(&signing(Algorithm::RS256), "k1", &format!("after-{n}"))
+            )
+            .await,
+            Outcome::Allowed,
+            "the last good set is kept"
+        );
+    }
+    // The same set, unpadded, is taken.
+    server.serve(&JwkSet {
+        keys: vec![k1, public_jwk(&rsa2_key(), Algorithm::RS256, "k2")],
+    });
+    assert_eq!(
+        check_on(&app, &fresh(&rsa2_key(), "k2", "unpadded")).await,
+        Outcome::Allowed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_from_the_jwks_url_is_not_followed() {
+    let elsewhere = JwksServer::start(&JwkSet {
+        keys: vec![public_jwk(
+            &signing(Algorithm::RS256),
+            Algorithm::RS256,
+            "k1",
+        )],
+    })
+    .await;
+    let redirecting = JwksServer::start_with(
+        format!(
+            "HTTP/1.1 302 Found\r\nlocation: {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            elsewhere.url
+        )
+        .into_bytes(),
+        true,
+    )
+    .await;
+    let app = remote_app(&redirecting.url, Duration::from_secs(3600));
+    let errors = jwks_errors();
+    assert_eq!(
+        check_on(&app, &signed_by(&signing(Algorithm::RS256), "k1")).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    assert_eq!(redirecting.hits(), 1);
+    assert_eq!(elsewhere.hits(), 0, "the redirect was not followed");
+    assert!(jwks_errors() > errors, "a redirect is a failed fetch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwk_that_cannot_be_read_is_skipped_and_the_others_kept() {
+    let good = serde_json::to_value(public_jwk(
+        &signing(Algorithm::RS256),
+        Algorithm::RS256,
+        "good",
+    ))
+    .unwrap();
+    let mut bad_parameters =
+        serde_json::to_value(public_jwk(&rsa2_key(), Algorithm::RS256, "bad-parameters")).unwrap();
+    bad_parameters["n"] = json!("not base64url!");
+    let body = json!({"keys": [
+        {"kty": "unknown-type", "kid": "unknown-type", "x": "AAAA"},
+        {"kty": "RSA", "kid": "certificate-only", "x5c": ["MIIB"]},
+        bad_parameters,
+        good,
+    ]});
+    let skipped = || {
+        keygate::telemetry::metrics()
+            .jwks_keys_skipped
+            .with_label_values(&["remote"])
+            .get()
+    };
+    let server = JwksServer::start_with(http_200(&body.to_string(), true), true).await;
+    let app = remote_app(&server.url, Duration::ZERO);
+    let before = skipped();
+    assert_eq!(
+        check_on(&app, &signed_by(&signing(Algorithm::RS256), "good")).await,
+        Outcome::Allowed
+    );
+    assert_eq!(skipped(), before + 3, "each unreadable key is counted");
+    assert_eq!(
+        check_on(&app, &signed_by(&rsa2_key(), "bad-parameters")).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    // A set with no usable key is a failed fetch: the last good set stays.
+    server.serve_raw(http_200(
+        &json!({"keys": [{"kty": "unknown-type", "kid": "x"}]}).to_string(),
+        true,
+    ));
+    let errors = jwks_errors();
+    assert_eq!(
+        check_on(&app, &signed_by(&rsa2_key(), "unknown-kid")).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    assert!(jwks_errors() > errors);
+    assert_eq!(
+        check_on(&app, &fresh(&signing(Algorithm::RS256), "good", "still")).await,
+        Outcome::Allowed
+    );
 }
 
 /// A JWKS file is re-read when it changes, on a served replica: a key added to it is
@@ -1006,6 +1325,67 @@ async fn a_token_living_longer_than_its_issuer_allows_is_invalid_token() {
     );
     c["exp"] = json!(now() + 23 * 3600);
     assert_eq!(read_with_jwt(&f, &rs256(&c)).await, Outcome::Allowed);
+}
+
+#[tokio::test]
+async fn a_token_issued_in_the_future_or_expiring_too_far_ahead_is_invalid_token() {
+    let f = fixture_app();
+    let at = |iat: u64, exp: u64| {
+        let mut c = claims();
+        c["iat"] = json!(iat);
+        c["exp"] = json!(exp);
+        rs256(&c)
+    };
+    let t = now();
+    // leeway is 5s and max_token_lifetime 24h in the fixture.
+    for (what, jwt) in [
+        ("iat 10 minutes ahead", at(t + 600, t + 1200)),
+        (
+            "iat 10 days ahead, exp 10 minutes after it: 10 days from now",
+            at(t + 10 * 24 * 3600, t + 10 * 24 * 3600 + 600),
+        ),
+    ] {
+        assert_eq!(
+            read_with_jwt(&f, &jwt).await,
+            Outcome::denied("invalid_token", 401),
+            "{what}"
+        );
+    }
+    // Within the leeway, a clock a little ahead is forgiven.
+    assert_eq!(
+        read_with_jwt(&f, &at(t + 2, t + 1800)).await,
+        Outcome::Allowed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_revocation_covers_every_token_that_passes() {
+    // A token claiming an iat after the cut-off would not be matched; none passes.
+    let redis = support::RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let replica = Replica::serving(
+        jwt_config(Backend::Redis(&redis), dir.path()),
+        &jwt_secrets(),
+    )
+    .await;
+    let t = now();
+    let ahead = user_token("user-ahead", t + 3600, None);
+    revoke_on(
+        &replica,
+        keygate::api::proto::RevokeTokensRequest {
+            issuer: "main".into(),
+            subject: "user-ahead".into(),
+            issued_before: Some(seconds(t)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        read_on(&replica, &ahead).await,
+        Outcome::denied("invalid_token", 401)
+    );
+    replica.running.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,17 +46,20 @@ pub struct IssuerConfig {
     pub jwks_url: Option<String>,
     #[serde(default = "default_jwks_refresh", deserialize_with = "duration")]
     pub jwks_refresh: Duration,
+    /// The least time between two fetches caused by unknown `kid`s (at least 1s).
     #[serde(default = "default_jwks_refetch_min", deserialize_with = "duration")]
     pub jwks_refetch_min: Duration,
     /// For HS*: the environment variable that holds the shared secret (or, with `_FILE`
     /// appended, names the file that does). Never the secret itself.
     #[serde(default)]
     pub secret_env: Option<String>,
-    /// Clock skew allowed on `exp` and `nbf`.
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
     #[serde(default = "default_leeway", deserialize_with = "duration")]
     pub leeway: Duration,
-    /// The longest life a token may claim: `exp - iat` (or, without `iat`, `exp` - now).
-    /// A longer-lived token is refused. It bounds how long a revocation must be kept.
+    /// The longest life a token may claim: `exp - iat` (or, without `iat`, `exp` - now);
+    /// and `exp` may lie at most this (+ `leeway`) after now, while `iat` may lie at most
+    /// `leeway` after now. A token outside these bounds is refused. It bounds how long a
+    /// revocation must be kept.
     #[serde(default = "default_max_token_lifetime", deserialize_with = "duration")]
     pub max_token_lifetime: Duration,
     #[serde(default)]
@@ -68,6 +71,10 @@ pub struct IssuerConfig {
     #[serde(default)]
     pub roles: HashMap<String, Vec<String>>,
 }
+
+/// The least `jwks_refetch_min`: below it, a flood of made-up `kid`s would become a flood
+/// of fetches from the issuer.
+pub const JWKS_REFETCH_FLOOR: Duration = Duration::from_secs(1);
 
 fn default_jwks_refresh() -> Duration {
     Duration::from_secs(300)
@@ -220,6 +227,12 @@ impl JwtConfig {
                 return Err(ConfigError::new(
                     field("jwks_refresh"),
                     "must be at least 1s",
+                ));
+            }
+            if iss.jwks_refetch_min < JWKS_REFETCH_FLOOR {
+                return Err(ConfigError::new(
+                    field("jwks_refetch_min"),
+                    "must be at least 1s (each unknown kid would fetch the JWKS URL)",
                 ));
             }
             if iss.max_token_lifetime < Duration::from_secs(1)

@@ -19,7 +19,7 @@ use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
@@ -115,7 +115,7 @@ impl FileJwks {
         *last = modified;
         match std::fs::read_to_string(&self.path)
             .map_err(|e| e.to_string())
-            .and_then(|t| KeySet::from_jwks(&t))
+            .and_then(|t| KeySet::from_jwks(&self.issuer, &t))
         {
             Ok(set) => {
                 *self.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
@@ -144,16 +144,42 @@ impl KeySet {
     }
 }
 
+/// The most a JWKS response may hold; a longer one is refused (and the last good set kept).
+pub const JWKS_MAX_BYTES: usize = 1 << 20;
+
 /// An issuer's JWKS URL and the last set it served.
 struct RemoteJwks {
     issuer: Arc<str>,
     url: String,
+    /// Follows no redirect: the configured URL must answer itself.
     client: reqwest::Client,
     set: RwLock<Arc<KeySet>>,
-    /// When the last fetch was tried; held across a fetch, so concurrent callers share it.
-    last_try: tokio::sync::Mutex<Option<Instant>>,
+    /// When the last fetch was started and whether one is under way. Held only to look
+    /// and decide, never across the fetch.
+    fetching: std::sync::Mutex<Fetching>,
+    /// Counts finished fetches: callers wait on it for the fetch under way (single flight).
+    fetched: tokio::sync::watch::Sender<u64>,
     refetch_min: Duration,
     refresh: Duration,
+}
+
+#[derive(Default)]
+struct Fetching {
+    last_try: Option<Instant>,
+    in_flight: bool,
+}
+
+/// Ends a fetch however its task ends (done, panicked, or dropped with the runtime), so
+/// no caller waits for a fetch that will never finish.
+struct FetchDone(Arc<RemoteJwks>);
+
+impl Drop for FetchDone {
+    fn drop(&mut self) {
+        let mut f = self.0.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        f.in_flight = false;
+        // Under the lock: whoever saw `in_flight` subscribed before this.
+        self.0.fetched.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 impl RemoteJwks {
@@ -161,14 +187,33 @@ impl RemoteJwks {
         self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Fetches the set unless one was tried within `min` (then the caller uses what is
-    /// there). A failure keeps the last good set.
-    async fn refetch(&self, min: Duration) {
-        let mut last = self.last_try.lock().await;
-        if last.is_some_and(|at| at.elapsed() < min) {
-            return;
-        }
-        *last = Some(Instant::now());
+    /// Fetches the set unless one was started within `min` (then the caller uses what is
+    /// there), and returns when the fetch has ended. Concurrent callers share the fetch
+    /// under way: it runs in a task of its own, so a caller that gives up (its request
+    /// cancelled) does not end it for the others. A failure keeps the last good set.
+    async fn refetch(self: &Arc<Self>, min: Duration) {
+        let mut done = {
+            let mut f = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+            let done = self.fetched.subscribe();
+            if !f.in_flight {
+                if f.last_try.is_some_and(|at| at.elapsed() < min) {
+                    return;
+                }
+                f.last_try = Some(Instant::now());
+                f.in_flight = true;
+                let guard = FetchDone(self.clone());
+                tokio::spawn(async move {
+                    guard.0.fetch_and_keep().await;
+                    drop(guard);
+                });
+            }
+            done
+        };
+        // The fetch ends within the client's timeout; the sender lives as long as `self`.
+        let _ = done.changed().await;
+    }
+
+    async fn fetch_and_keep(&self) {
         let m = crate::telemetry::metrics();
         match self.fetch().await {
             Ok(set) => {
@@ -191,17 +236,37 @@ impl RemoteJwks {
     }
 
     async fn fetch(&self) -> Result<KeySet, String> {
-        let resp = self
+        let mut resp = self
             .client
             .get(&self.url)
             .send()
             .await
             .map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("HTTP {}", resp.status()));
+        let status = resp.status();
+        if status.is_redirection() {
+            return Err(format!(
+                "HTTP {status}: redirects are not followed (configure the URL that answers)"
+            ));
         }
-        let text = resp.text().await.map_err(|e| e.to_string())?;
-        KeySet::from_jwks(&text)
+        if !status.is_success() {
+            return Err(format!("HTTP {status}"));
+        }
+        let too_large = || format!("response is larger than {JWKS_MAX_BYTES} bytes");
+        if resp
+            .content_length()
+            .is_some_and(|n| n > JWKS_MAX_BYTES as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+            if body.len() + chunk.len() > JWKS_MAX_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8(body).map_err(|_| "response is not UTF-8".to_owned())?;
+        KeySet::from_jwks(&self.issuer, &text)
     }
 }
 
@@ -388,10 +453,12 @@ impl Issuer {
                 url: c.jwks_url.clone().unwrap_or_default(),
                 client: reqwest::Client::builder()
                     .timeout(Duration::from_secs(5))
+                    .redirect(reqwest::redirect::Policy::none())
                     .build()
                     .map_err(|e| ConfigError::new(field("jwks_url"), e.to_string()))?,
                 set: RwLock::default(),
-                last_try: tokio::sync::Mutex::new(None),
+                fetching: std::sync::Mutex::default(),
+                fetched: tokio::sync::watch::Sender::new(0),
                 refetch_min: c.jwks_refetch_min,
                 refresh: c.jwks_refresh,
             })),
@@ -417,7 +484,7 @@ impl Issuer {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     ConfigError::new(field("jwks_file"), format!("cannot read {path}: {e}"))
                 })?;
-                let set = KeySet::from_jwks(&text)
+                let set = KeySet::from_jwks(&c.name, &text)
                     .map_err(|e| ConfigError::new(field("jwks_file"), e))?;
                 let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                 Keys::File(Arc::new(FileJwks {
@@ -495,7 +562,9 @@ impl Issuer {
                 })
         };
         let subject = text(&self.claims.subject)?;
+        // A UUID in the canonical form `X-Tenant-Id` is compared in (lower case, hyphens).
         let tenant = text(&self.claims.tenant)?;
+        let tenant = crate::tenant::parse_tenant(&tenant).unwrap_or(tenant);
         let mut scopes = strings(claims.get(&self.claims.scopes));
         if let Some(roles_claim) = &self.roles_claim {
             for role in strings(claims.get(roles_claim)) {
@@ -513,17 +582,33 @@ impl Issuer {
             claim: "exp".into(),
         })?;
         let issued_at = seconds("iat");
+        let now = now_ms / 1000;
+        let rejected = |reason: String| JwtError::Rejected {
+            issuer: self.name.clone(),
+            reason,
+        };
+        // A token cannot have been issued later than now (give or take the clock skew):
+        // one that claims so would also slip past a revocation of its subject "issued
+        // before T" for as long as its claimed `iat` lies after T.
+        if let Some(iat) = issued_at {
+            if iat > now.saturating_add(self.leeway_secs) {
+                return Err(rejected(format!(
+                    "iat is {}s in the future (leeway {}s)",
+                    iat - now,
+                    self.leeway_secs
+                )));
+            }
+        }
         // A bounded lifetime is what lets a revocation be forgotten once every token it
-        // matches has expired.
-        let life = exp.saturating_sub(issued_at.unwrap_or(now_ms / 1000));
+        // matches has expired. With `iat` at most `leeway` ahead (above), `exp - iat` within
+        // the bound also keeps `exp - now` within it (+ leeway): no token is valid for
+        // longer than that from the moment it is judged, whatever `iat` it claims.
+        let life = exp.saturating_sub(issued_at.unwrap_or(now));
         if life > self.max_lifetime_secs {
-            return Err(JwtError::Rejected {
-                issuer: self.name.clone(),
-                reason: format!(
-                    "lifetime of {life}s is over max_token_lifetime ({}s)",
-                    self.max_lifetime_secs
-                ),
-            });
+            return Err(rejected(format!(
+                "lifetime of {life}s is over max_token_lifetime ({}s)",
+                self.max_lifetime_secs
+            )));
         }
         let mut p = Principal::new(tenant, subject, KeyKind::Tenant, Environment::Live, scopes);
         p.credential = CredentialKind::Jwt;
@@ -571,26 +656,124 @@ fn strings(v: Option<&Value>) -> Vec<String> {
 }
 
 impl KeySet {
-    fn from_jwks(text: &str) -> Result<KeySet, String> {
-        let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
-        if set.keys.is_empty() {
+    /// Reads a JWKS document. A key that cannot be used (a shape or type this version
+    /// does not read, bad parameters, no `kid` in a set of several) is skipped, logged by
+    /// its index and `kid` (never its material) and counted in
+    /// `keygate_jwks_keys_skipped_total`; the others are kept. A document with no usable
+    /// key is an error.
+    fn from_jwks(issuer: &str, text: &str) -> Result<KeySet, String> {
+        #[derive(serde::Deserialize)]
+        struct Document {
+            keys: Vec<Value>,
+        }
+        let doc: Document = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+        if doc.keys.is_empty() {
             return Err("holds no key".into());
         }
+        let several = doc.keys.len() > 1;
         let mut by_kid = HashMap::new();
         let mut only = None;
-        for (n, jwk) in set.keys.iter().enumerate() {
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("keys[{n}]: {e}"))?;
-            if set.keys.len() == 1 {
-                only = Some(key.clone());
-            }
-            if let Some(kid) = &jwk.common.key_id {
-                by_kid.insert(kid.clone(), key);
-            } else if set.keys.len() > 1 {
-                return Err(format!(
-                    "keys[{n}] has no kid (needed with more than one key)"
-                ));
+        let mut skipped = 0usize;
+        for (n, raw) in doc.keys.into_iter().enumerate() {
+            let kid: Option<String> = raw
+                .get("kid")
+                .and_then(Value::as_str)
+                .map(|k| k.chars().take(128).collect());
+            match usable_key(raw, several) {
+                Ok((kid, key)) => {
+                    if !several {
+                        only = Some(key.clone());
+                    }
+                    if let Some(kid) = kid {
+                        by_kid.insert(kid, key);
+                    }
+                }
+                Err(why) => {
+                    skipped += 1;
+                    crate::telemetry::metrics()
+                        .jwks_keys_skipped
+                        .with_label_values(&[issuer])
+                        .inc();
+                    tracing::warn!(
+                        issuer,
+                        key = n,
+                        kid = kid.as_deref().unwrap_or(""),
+                        why,
+                        "JWKS key skipped; the others are kept"
+                    );
+                }
             }
         }
+        if by_kid.is_empty() && only.is_none() {
+            return Err(format!("holds no usable key ({skipped} skipped)"));
+        }
         Ok(KeySet { by_kid, only })
+    }
+}
+
+/// One JWKS entry as a key and its `kid`, or why it cannot be used. The reason names no
+/// part of the key: an `oct` key's material is a secret.
+fn usable_key(raw: Value, several: bool) -> Result<(Option<String>, DecodingKey), &'static str> {
+    let jwk: Jwk = serde_json::from_value(raw)
+        .map_err(|_| "not a JWK this version reads (kty, alg, use or a parameter)")?;
+    let key = DecodingKey::from_jwk(&jwk).map_err(|e| match e.kind() {
+        jsonwebtoken::errors::ErrorKind::UnsupportedAlgorithm => "unsupported key type",
+        _ => "malformed key parameters",
+    })?;
+    if jwk.common.public_key_use == Some(jsonwebtoken::jwk::PublicKeyUse::Encryption) {
+        return Err("an encryption key (use: enc)");
+    }
+    if several && jwk.common.key_id.is_none() {
+        return Err("no kid (needed in a set of several keys)");
+    }
+    Ok((jwk.common.key_id, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rsa_jwk(kid: &str) -> String {
+        let pem = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/jwt/rsa.pem"
+        ))
+        .unwrap();
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
+        let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
+        jwk.common.key_id = Some(kid.into());
+        serde_json::to_string(&jwk).unwrap()
+    }
+
+    #[test]
+    fn a_key_that_cannot_be_used_is_skipped_and_the_others_kept() {
+        let unusable = [
+            r#"{"kty": "unknown-type", "kid": "a", "x": "AAAA"}"#,
+            r#"{"kty": "RSA", "kid": "b", "x5c": ["MIIB"]}"#,
+            r#"{"kty": "RSA", "kid": "c", "n": "not base64url!", "e": "AQAB"}"#,
+            r#"{"kty": "RSA", "kid": "d", "use": "enc", "n": "AQAB", "e": "AQAB"}"#,
+            r#"7"#,
+        ];
+        let good = rsa_jwk("good");
+        // A key without a kid cannot be chosen in a set of several.
+        let no_kid = r#"{"kty": "RSA", "n": "AQAB", "e": "AQAB"}"#;
+        let text = format!(r#"{{"keys": [{}, {no_kid}, {good}]}}"#, unusable.join(", "));
+        let set = KeySet::from_jwks("unit", &text).unwrap();
+        assert_eq!(set.by_kid.keys().collect::<Vec<_>>(), ["good"]);
+        assert!(set.only.is_none(), "a set of several keys has no only key");
+        // Alone, each is a set with no usable key: an error.
+        for k in unusable {
+            let e = KeySet::from_jwks("unit", &format!(r#"{{"keys": [{k}]}}"#))
+                .err()
+                .expect(k);
+            assert!(e.contains("no usable key"), "{k}: {e}");
+        }
+        // One key without a kid serves tokens without one.
+        let alone = KeySet::from_jwks(
+            "unit",
+            r#"{"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB"}]}"#,
+        )
+        .unwrap();
+        assert!(alone.get(None).is_some());
     }
 }
