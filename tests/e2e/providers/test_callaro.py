@@ -2,9 +2,13 @@
 JWTs on JWT-only routes, tenant keys, partner keys acting for delegated tenants through
 X-Tenant-Id, runtime server keys on internal routes only, scopes per route family with
 the two opt-in scopes never granted by default, empty scopes allowing nothing, sandbox and
-production keys apart (the sandbox: the same file with KEYGATE_POLICY__ENVIRONMENTS=[test])."""
+production keys apart (the sandbox: the same files beside production, as README.md's
+"Run it" starts it)."""
 
+import re
 import secrets
+import shlex
+import subprocess
 import time
 import uuid
 
@@ -26,10 +30,36 @@ def callaro(workdir, redis, upstream):
     s.stop()
 
 
+def run_it() -> list[str]:
+    """The commands of README.md's `## Run it` (continued lines joined)."""
+    text = (EXAMPLE / "README.md").read_text().split("## Run it", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        commands += [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    return commands
+
+
+def sandbox_commands() -> tuple[dict[str, str], str]:
+    """The sandbox keygate's environment (KEYGATE_… assignments before `keygate serve`) and
+    its Envoy's configuration (what the `--config-yaml "$(sed …)"` of "Run it" gives)."""
+    (serve,) = [c for c in run_it() if "KEYGATE_POLICY__ENVIRONMENTS" in c]
+    words = shlex.split(serve)
+    env = dict(w.split("=", 1) for w in words[: words.index("keygate")])
+    assert words[words.index("keygate"):] == ["keygate", "serve", "--config", "examples/callaro/keygate.yaml", "&"], serve
+    (envoy,) = [c for c in run_it() if "--config-yaml" in c]
+    sed = re.search(r'--config-yaml "\$\((sed .*?)\)"', envoy).group(1)
+    config = subprocess.run(["bash", "-c", sed], cwd=harness.REPO, check=True, capture_output=True, text=True).stdout
+    return env, config
+
+
 @pytest.fixture(scope="module")
 def sandbox(callaro):
-    """The sandbox deployment: the same file and store, test keys only."""
-    keygate = callaro.keygate.replica("callaro-sandbox-keygate", KEYGATE_POLICY__ENVIRONMENTS="[test]")
+    """The sandbox deployment as "Run it" starts it: the same files and store, with its
+    environment (its listen addresses moved to the test's ports, as every example's are)."""
+    env, _ = sandbox_commands()
+    env = {k: v for k, v in env.items() if not k.startswith("KEYGATE_LISTEN__")}
+    assert env == {"KEYGATE_POLICY__ENVIRONMENTS": "[test]"}, env
+    keygate = callaro.keygate.replica("callaro-sandbox-keygate", **env)
     envoy = harness.Envoy(
         "callaro-sandbox-envoy", keygate.workdir, keygate.grpc_port, callaro.upstream,
         template=EXAMPLE / "envoy.yaml",
@@ -72,8 +102,37 @@ FAMILIES = [
 ]
 
 
-def test_the_readme_walkthrough_runs_as_written(callaro):
-    walkthrough.run(EXAMPLE / "README.md", callaro, ENV)
+def test_the_readme_walkthrough_runs_as_written(callaro, sandbox):
+    walkthrough.run(EXAMPLE / "README.md", callaro, ENV, ports={10001: sandbox.port})
+
+
+def ports(envoy_yaml: str) -> list[int]:
+    return [int(p) for p in re.findall(r"port_value: (\d+)", envoy_yaml)]
+
+
+def test_run_it_starts_the_sandbox_beside_production_on_its_own_ports(callaro):
+    env, sandbox_envoy = sandbox_commands()
+    production_envoy = (EXAMPLE / "envoy.yaml").read_text()
+    production_keygate = re.findall(r'"127\.0\.0\.1:(\d+)"', (EXAMPLE / "keygate.yaml").read_text())
+    listen = {k: v for k, v in env.items() if k.startswith("KEYGATE_LISTEN__")}
+    assert sorted(listen) == ["KEYGATE_LISTEN__ADMIN", "KEYGATE_LISTEN__GRPC", "KEYGATE_LISTEN__HTTP"], env
+    sandbox_keygate = [v.rsplit(":", 1)[1] for v in listen.values()]
+    # Envoy's admin, listener, keygate, upstream: only the upstream is shared.
+    assert ports(production_envoy) == [9901, 10000, 50051, 8080]
+    assert ports(sandbox_envoy) == [9902, 10001, int(env["KEYGATE_LISTEN__GRPC"].rsplit(":", 1)[1]), 8080]
+    assert not set(sandbox_keygate) & set(production_keygate), (sandbox_keygate, production_keygate)
+    # The sandbox's keygate accepts its environment (`serve --check`: the configuration
+    # as serve reads it, every override applied); Envoy accepts its configuration.
+    checked = harness.run_cli(
+        ["serve", "--check", "--config", str(EXAMPLE / "keygate.yaml")],
+        harness.clean_env(KEYGATE_PEPPER="p" * 48, KEYGATE_ADMIN_TOKEN="a" * 32, **ENV, **env),
+    )
+    assert checked.code == 0 and "configuration ok" in checked.stdout, str(checked)
+    validated = subprocess.run(
+        [harness.envoy_bin(), "--mode", "validate", "--base-id", str(harness.free_port()), "--config-yaml", sandbox_envoy],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert validated.returncode == 0, validated.stdout + validated.stderr
 
 
 def test_each_scope_opens_its_route_family_and_no_other(callaro):

@@ -104,6 +104,37 @@ def test_the_four_error_codes(kallglot):
     assert resp.header("www-authenticate") == "Bearer"
 
 
+@pytest.mark.parametrize(
+    "presented",
+    [
+        pytest.param([], id="no header"),
+        pytest.param([("authorization", "Basic dXNlcjpwYXNz")], id="Basic"),
+        pytest.param([("authorization", "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl")], id="JWT-shaped"),
+        pytest.param([("authorization", "Bearer")], id="empty Bearer"),
+    ],
+)
+def test_a_missing_or_malformed_key_is_the_pages_invalid_api_key(kallglot, presented):
+    # keygate's own codes would be missing_credentials and invalid_token; the page has one.
+    resp = kallglot.request("GET", "/v1/sessions/s-1", presented)
+    assert error(resp) == (401, "invalid_api_key", "The API key is malformed or doesn't exist."), str(resp)
+    assert resp.header("www-authenticate") == "Bearer", str(resp)
+    assert resp.upstream == [], str(resp)
+
+
+def test_metrics_count_keygates_own_codes_behind_the_pages(kallglot):
+    def count(code):
+        status, body = harness.http_get(kallglot.keygate.http_url + "/metrics", timeout=5)
+        assert status == 200
+        for line in body.splitlines():
+            if line.startswith("keygate_decisions_total{") and f'"{code}"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = count("missing_credentials")
+    assert error(kallglot.request("GET", "/v1/sessions/s-1"))[1] == "invalid_api_key"
+    assert count("missing_credentials") == before + 1
+
+
 def test_a_test_key_gets_60_requests_a_minute(kallglot):
     test = key(kallglot, ["sessions:read"], "--env", "test")["token"]
     started = time.monotonic()
@@ -164,3 +195,39 @@ def test_a_created_sessions_stream_token_opens_the_websocket_for_an_hour(kallglo
         with ws(kallglot, live):
             pass
     assert refused.value.response.status_code == 401
+
+
+def test_a_session_token_opens_the_websocket_and_nothing_else(kallglot):
+    # The key holds every scope the session token is refused on, so only the route's
+    # credentials (`session` on the stream alone) can refuse it.
+    live = key(kallglot, ["sessions:read", "sessions:write", "recordings:delete", "webhooks:manage"])["token"]
+    created = call(kallglot, "POST", "/v1/sessions", live)
+    assert created.status == 200, str(created)
+    session = created.header("x-keygate-session-token")
+    with ws(kallglot, session) as conn:
+        conn.send("hola")
+        assert conn.recv(timeout=5) == "hola"
+    for method, path in [("DELETE", "/v1/recordings/r-1"), ("POST", "/v1/webhooks"), ("GET", "/v1/sessions/s-1")]:
+        assert call(kallglot, method, path, live).status == 200, f"the key itself on {method} {path}"
+        resp = call(kallglot, method, path, session)
+        assert error(resp) == (401, "insufficient_permissions", "The API key lacks required permissions."), (
+            f"{method} {path}: {resp}"
+        )
+        assert resp.upstream == [], str(resp)
+
+
+def test_a_created_sessions_lease_is_given_back_with_the_cli(kallglot):
+    test = key(kallglot, ["sessions:write"], "--env", "test")["token"]
+    leases = []
+    for _ in range(5):
+        created = call(kallglot, "POST", "/v1/sessions", test)
+        assert created.status == 200, str(created)
+        leases.append(created.upstream_headers("x-keygate-lease-id")[0])
+    assert call(kallglot, "POST", "/v1/sessions", test).status == 429
+    released = kallglot.keygate.cli("leases", "release", leases[0], "--json")
+    assert released.code == 0, str(released)
+    assert released.json() == {"lease_id": leases[0], "released": True}
+    assert call(kallglot, "POST", "/v1/sessions", test).status == 200
+    assert call(kallglot, "POST", "/v1/sessions", test).status == 429
+    again = kallglot.keygate.cli("leases", "release", leases[0])
+    assert again.code == 1 and "not found" in again.stderr, str(again)

@@ -13,8 +13,9 @@ The README's convention (examples/README.md says it to readers):
 - Other `#` lines are comments. A line ending in `\\` continues on the next.
 
 The test moves the addresses the README uses (Envoy on localhost:10000, keygate's HTTP
-listener on 127.0.0.1:9090) to the stack's ports, and gives the shell the environment a
-reader would have exported (KEYGATE_ADMIN_TOKEN, the example's secrets).
+listener on 127.0.0.1:9090, and any other port the test names, such as a second
+deployment's Envoy) to the stack's ports, and gives the shell the environment a reader
+would have exported (KEYGATE_ADMIN_TOKEN, the example's secrets).
 """
 
 from __future__ import annotations
@@ -80,17 +81,22 @@ def matches(expected: list[str], actual: list[str]) -> bool:
     return re.fullmatch(pattern, "".join(a + "\n" for a in actual)) is not None
 
 
-def run(readme: Path, stack, env: dict[str, str], timeout: float = 120) -> None:
+def run(
+    readme: Path, stack, env: dict[str, str], timeout: float = 120, ports: dict[int, int] | None = None
+) -> None:
     """Runs every step against `stack` (an example `harness.Stack`); fails on the first
-    command whose output or exit status is not what the README says."""
+    command whose output or exit status is not what the README says. `ports`: other
+    loopback ports the README names, moved to the test's (README port: test port)."""
     all_steps = steps(readme)
+    moves = {10000: stack.envoy.port, 9090: stack.keygate.http_port, **(ports or {})}
+    pattern = re.compile(r"\b(localhost|127\.0\.0\.1):(" + "|".join(map(str, moves)) + r")\b")
     script = ["set -u"]
     for i, step in enumerate(all_steps):
-        command = (
-            step.command.replace("localhost:10000", f"localhost:{stack.envoy.port}")
-            .replace("127.0.0.1:10000", f"127.0.0.1:{stack.envoy.port}")
-            .replace("127.0.0.1:9090", f"127.0.0.1:{stack.keygate.http_port}")
-            .replace("localhost:9090", f"127.0.0.1:{stack.keygate.http_port}")
+        # All at once: a test port may be one of the README's. keygate's HTTP listener is
+        # on 127.0.0.1 only.
+        command = pattern.sub(
+            lambda m: f"{'127.0.0.1' if m.group(2) == '9090' else m.group(1)}:{moves[int(m.group(2))]}",
+            step.command,
         )
         script.append(f"printf '{SEP}step {i}\\n'")
         script.append(f"{command} 2>&1")
