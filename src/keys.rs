@@ -902,7 +902,7 @@ impl PartnerAdmin {
         };
         let changed = self.store.set_delegation(&d, granted, now_ms()).await?;
         if changed {
-            self.delegations.changed();
+            self.delegations.changed(&d.partner_id, &d.tenant_id);
         }
         tracing::info!(partner = %d.partner_id, tenant = %d.tenant_id, granted, changed, "delegation set");
         Ok((d, changed))

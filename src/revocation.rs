@@ -432,7 +432,7 @@ impl RevocationBus {
                 tracing::info!(issuer = %t.revocation.issuer, id = %t.id, "JWT revocation applied");
             }
             FeedItem::Delegation(d) => {
-                self.delegations.changed();
+                self.delegations.changed(&d.partner_id, &d.tenant_id);
                 applied(d.at_ms);
                 tracing::info!(partner = %d.partner_id, tenant = %d.tenant_id, granted = d.granted, id = %d.id, "delegation change applied");
             }
@@ -445,7 +445,7 @@ impl RevocationBus {
                 // JWT revocations may have been among the lost events: none is judged
                 // until they are loaded again (`follow` does that next).
                 self.tokens.mark_incomplete();
-                self.delegations.changed();
+                self.delegations.forget_all();
                 self.cache.invalidate_all();
                 m.revocation_flushes.inc();
                 self.flushes.fetch_add(1, Ordering::Relaxed);

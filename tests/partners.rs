@@ -233,6 +233,79 @@ async fn a_withdrawn_delegation_is_refused_on_another_replica_and_on_a_watch_fol
     }
 }
 
+/// Delegation reads Redis answered since `CONFIG RESETSTAT` (one `SISMEMBER` each; the
+/// delegation script's writes are `SADD`/`SREM`).
+async fn delegation_reads(conn: &mut redis::aio::MultiplexedConnection) -> usize {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_sismember:calls="))
+        .map_or(0, |rest| {
+            rest.split(',').next().unwrap().parse().expect("a number")
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawing_one_tenant_keeps_the_partners_other_tenants_cached_on_every_replica() {
+    let redis = RedisServer::start().await;
+    let secrets = secrets();
+    let a = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets).await;
+    let b = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets).await;
+    let partner = create(&a, "partner", &["contacts:read"]).await;
+    delegation(&a, TENANT, true).await;
+    delegation(&a, OTHER_TENANT, true).await;
+    for r in [&a, &b] {
+        for t in [TENANT, OTHER_TENANT] {
+            let (o, _, _) = get(r, &partner, support::READ_PATH, Some(t)).await;
+            assert_eq!(o, Outcome::Allowed, "delegated");
+        }
+    }
+    let mut events = [a.app.bus.subscribe(), b.app.bus.subscribe()];
+    assert!(delegation(&a, TENANT, false).await.changed);
+    for events in &mut events {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                if let FeedItem::Delegation(_) = events.recv().await.unwrap().item {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the withdrawal arrives");
+    }
+    let mut raw = redis.connection().await;
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    for r in [&a, &b] {
+        let (o, _, _) = get(r, &partner, support::READ_PATH, Some(OTHER_TENANT)).await;
+        assert_eq!(o, Outcome::Allowed, "still delegated");
+    }
+    assert_eq!(
+        delegation_reads(&mut raw).await,
+        0,
+        "the other tenant's answer was remembered on both replicas"
+    );
+    for r in [&a, &b] {
+        let (o, _, _) = get(r, &partner, support::READ_PATH, Some(TENANT)).await;
+        assert_eq!(o, Outcome::denied("tenant_forbidden", 403));
+    }
+    assert_eq!(
+        delegation_reads(&mut raw).await,
+        2,
+        "the withdrawn pair, read again once per replica"
+    );
+    for r in [a, b] {
+        r.running.shutdown().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn runtime_keys_pass_on_internal_routes_only_and_nothing_else_passes_there() {
     let redis = RedisServer::start().await;
