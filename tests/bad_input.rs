@@ -256,6 +256,8 @@ async fn a_check_request_that_is_not_protobuf_is_invalid_argument() {
     use keygate::api::envoy_wire::CheckRequestView;
     use prost::Message;
 
+    // The allow at the end runs argon2.
+    let _meter = ARGON2_METER.lock().await;
     let (app, store) = counted_app();
     let envoy = app.envoy_service();
     let key = app.admin.create(support::reader_key()).await.unwrap();
@@ -781,6 +783,8 @@ async fn opaque_errors_hide_which_401_it_was_on_both_apis() {
 /// proxy in front normalised.
 #[tokio::test]
 async fn a_path_cannot_walk_from_a_public_route_to_a_protected_one() {
+    // The key's own route at the end runs argon2.
+    let _meter = ARGON2_METER.lock().await;
     let app = app();
     let envoy = app.envoy_service();
     let plain = |path: &str| check_request("GET", path, &[]);

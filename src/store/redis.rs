@@ -36,6 +36,8 @@
 //! can read and decide (does the key exist? is it already revoked?) inside the same atomic
 //! step, which MULTI cannot without WATCH retries.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -76,6 +78,8 @@ pub const CLUSTER_PARTITIONS: usize = 16;
 
 pub struct RedisStore {
     client: Client,
+    /// Whether Redis is known to refuse connections (then every call fails at once).
+    health: Arc<Health>,
     conn: OnceCell<Conn>,
     /// Blocking stream reads get a connection per partition: a blocked XREAD would
     /// otherwise hold up every request multiplexed on the shared one.
@@ -124,6 +128,7 @@ impl Default for RedisOptions {
     }
 }
 
+#[derive(Clone)]
 enum Client {
     Single(redis::Client),
     Cluster(redis::cluster::ClusterClient),
@@ -133,8 +138,37 @@ enum Client {
 /// itself); every command below goes through one of these.
 #[derive(Clone)]
 enum Conn {
-    Single(ConnectionManager),
+    Single(Managed),
     Cluster(ClusterConnection),
+}
+
+/// One Redis's connection manager, shared, so that `Health` can bring it back after an
+/// outage without keeping it alive.
+#[derive(Clone)]
+struct Managed(Arc<ConnectionManager>);
+
+impl redis::aio::ConnectionLike for Managed {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        let mut manager = ConnectionManager::clone(&self.0);
+        Box::pin(async move { manager.send_packed_command(cmd).await })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        let mut manager = ConnectionManager::clone(&self.0);
+        Box::pin(async move { manager.send_packed_commands(cmd, offset, count).await })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -305,8 +339,10 @@ impl RedisStore {
             }
             Client::Cluster(builder.build().map_err(unavailable)?)
         };
+        let health = Arc::new(Health::new(&client, timeout));
         Ok(RedisStore {
             client,
+            health,
             conn: OnceCell::new(),
             blocking: (0..opts.partitions).map(|_| OnceCell::new()).collect(),
             writes: OnceCell::new(),
@@ -333,6 +369,22 @@ impl RedisStore {
         } else {
             RecordFormat::Hash
         }
+    }
+
+    /// Whether Redis is marked down: it refused or dropped a connection, and no probe has
+    /// reached it since (see `Health`). Never on a Cluster.
+    pub fn is_marked_down(&self) -> bool {
+        self.health.down.load(Ordering::Acquire)
+    }
+
+    /// Calls this store failed at once, without asking Redis, because it was marked down.
+    pub fn failed_at_once(&self) -> u64 {
+        self.health.refused.load(Ordering::Relaxed)
+    }
+
+    /// Probes of a Redis marked down that did not reach it.
+    pub fn failed_probes(&self) -> u64 {
+        self.health.probes_failed.load(Ordering::Relaxed)
     }
 
     /// The partition `key_id`'s record and events are in.
@@ -425,6 +477,7 @@ impl RedisStore {
     }
 
     async fn open(&self, response_timeout: Duration) -> Result<Conn, StoreError> {
+        let epoch = self.health.admit()?;
         let connect = async {
             match &self.client {
                 Client::Single(client) => {
@@ -433,9 +486,10 @@ impl RedisStore {
                         .set_response_timeout(response_timeout)
                         .set_number_of_retries(1)
                         .set_max_delay(200);
-                    ConnectionManager::new_with_config(client.clone(), config)
-                        .await
-                        .map(Conn::Single)
+                    let manager =
+                        Arc::new(ConnectionManager::new_with_config(client.clone(), config).await?);
+                    self.health.opened(&manager);
+                    Ok(Conn::Single(Managed(manager)))
                 }
                 Client::Cluster(client) => {
                     let config = redis::cluster::ClusterConfig::new()
@@ -451,7 +505,7 @@ impl RedisStore {
         tokio::time::timeout(self.timeout, connect)
             .await
             .map_err(|_| StoreError::Unavailable("timed out connecting to Redis".into()))?
-            .map_err(unavailable)
+            .map_err(|e| self.health.failed(e, epoch))
     }
 
     /// Refuses data written with another number of partitions: its records and events
@@ -578,13 +632,16 @@ impl RedisStore {
         self.run_for(self.timeout, f).await
     }
 
+    /// Runs one Redis exchange under `limit`; at once an error while Redis is marked down
+    /// (`Health`), without sending anything.
     async fn run_for<T>(
         &self,
         limit: Duration,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
+        let epoch = self.health.admit()?;
         match tokio::time::timeout(limit, f).await {
-            Ok(r) => r.map_err(unavailable),
+            Ok(r) => r.map_err(|e| self.health.failed(e, epoch)),
             Err(_) => Err(StoreError::Unavailable(
                 "Redis did not answer in time".into(),
             )),
@@ -595,6 +652,222 @@ impl RedisStore {
 fn unavailable(e: redis::RedisError) -> StoreError {
     crate::telemetry::metrics().store_errors.inc();
     StoreError::Unavailable(e.to_string())
+}
+
+/// The first wait between two probes of a Redis marked down; it doubles up to
+/// `PROBE_MAX_WAIT`.
+const PROBE_FIRST_WAIT: Duration = Duration::from_millis(50);
+const PROBE_MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// What a call is answered while Redis is marked down.
+const MARKED_DOWN: &str =
+    "Redis refused or dropped the connection; marked down until a probe reaches it again";
+
+/// Fails fast while one Redis is known to refuse connections.
+///
+/// Without this a killed Redis costs every call a full `store.timeout`: the connection
+/// manager waits out its reconnection backoff before it gives up, and the check behind the
+/// call outlives Envoy's own timeout (so `rate_limits.on_store_error: allow` never gets to
+/// allow). A refused or reset connection marks the store down; while it is down every call
+/// fails at once (UNAVAILABLE, counted in `keygate_store_fast_failures_total`, and in
+/// `keygate_store_errors_total` as every failed call is), and one background probe
+/// connects anew, at once and then on a bounded backoff (`PROBE_FIRST_WAIT` doubling to
+/// `PROBE_MAX_WAIT`). When it gets a PONG, the connections opened before are brought back
+/// (each reconnected) and then the store is marked up: the first call after that goes
+/// through as usual. A Redis that accepts and does not answer is not refusing: each call
+/// still waits `store.timeout` for it.
+///
+/// A Redis Cluster is never marked down as a whole: a refused node is one master of
+/// several, whose slots fail over, and the cluster client routes around it itself.
+struct Health {
+    /// What the probe connects with; `None` on a Cluster (never marked down).
+    probe: Option<redis::Client>,
+    timeout: Duration,
+    /// Read on every call; changed only under `state`.
+    down: AtomicBool,
+    epoch: AtomicU64,
+    state: Mutex<HealthState>,
+    /// Calls failed at once while down (this store's share of the metric).
+    refused: AtomicU64,
+    /// Probes that did not reach Redis.
+    probes_failed: AtomicU64,
+}
+
+#[derive(Default)]
+struct HealthState {
+    down: bool,
+    probing: bool,
+    /// The single Redis's connection managers opened so far (those still in use), which
+    /// the probe reconnects before marking the store up: a manager whose last reconnection
+    /// failed would otherwise fail its next call before it tries again.
+    managers: Vec<Weak<ConnectionManager>>,
+}
+
+impl Health {
+    fn new(client: &Client, timeout: Duration) -> Health {
+        // In /metrics (at 0) from the start, not from the first outage on.
+        health_metrics();
+        Health {
+            probe: match client {
+                Client::Single(c) => Some(c.clone()),
+                Client::Cluster(_) => None,
+            },
+            timeout,
+            down: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            state: Mutex::new(HealthState::default()),
+            refused: AtomicU64::new(0),
+            probes_failed: AtomicU64::new(0),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Before a call: the epoch it runs in (for `failed`), or the error at once when the
+    /// store is marked down.
+    fn admit(&self) -> Result<u64, StoreError> {
+        if !self.down.load(Ordering::Acquire) {
+            return Ok(self.epoch.load(Ordering::Acquire));
+        }
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        health_metrics().fast_failures.inc();
+        crate::telemetry::metrics().store_errors.inc();
+        Err(StoreError::Unavailable(MARKED_DOWN.into()))
+    }
+
+    fn opened(&self, manager: &Arc<ConnectionManager>) {
+        let mut state = self.state();
+        state.managers.retain(|m| m.strong_count() > 0);
+        state.managers.push(Arc::downgrade(manager));
+    }
+
+    /// A call begun in `epoch` failed with `e`: a refused or dropped connection marks the
+    /// store down (unless it was marked up since the call began: that call was on a
+    /// connection of the outage).
+    fn failed(self: &Arc<Self>, e: redis::RedisError, epoch: u64) -> StoreError {
+        if self.probe.is_some() && (e.is_connection_refusal() || e.is_connection_dropped()) {
+            self.mark_down(epoch, &e);
+        }
+        unavailable(e)
+    }
+
+    fn mark_down(self: &Arc<Self>, epoch: u64, why: &redis::RedisError) {
+        let mut state = self.state();
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            return;
+        }
+        if !state.down {
+            state.down = true;
+            self.down.store(true, Ordering::Release);
+            health_metrics().marked_down.inc();
+            tracing::warn!(error = %why, "Redis is down: store calls fail at once until a probe reaches it again");
+        }
+        if !state.probing {
+            state.probing = true;
+            tokio::spawn(probe(Arc::downgrade(self)));
+        }
+    }
+
+    /// A new connection to Redis answers PING.
+    async fn reaches_redis(&self) -> bool {
+        let Some(client) = &self.probe else {
+            return true;
+        };
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout);
+        let ping = async {
+            let mut conn = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        matches!(
+            tokio::time::timeout(self.timeout * 2, ping).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Redis answers again: every manager reconnects (its first call after a failed
+    /// reconnection only starts a new one), then the store is marked up.
+    async fn bring_back(&self) {
+        let managers: Vec<Arc<ConnectionManager>> = self
+            .state()
+            .managers
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for manager in managers {
+            for _ in 0..2 {
+                let mut m = ConnectionManager::clone(&manager);
+                let cmd = redis::cmd("PING");
+                let ping = cmd.query_async::<String>(&mut m);
+                if let Ok(Ok(_)) = tokio::time::timeout(self.timeout, ping).await {
+                    break;
+                }
+            }
+        }
+        let mut state = self.state();
+        state.down = false;
+        state.probing = false;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.down.store(false, Ordering::Release);
+        health_metrics().marked_down.dec();
+        tracing::info!("Redis answers again: store marked up");
+    }
+}
+
+/// Probes a Redis marked down until it answers (or the store is dropped).
+async fn probe(health: Weak<Health>) {
+    let mut wait = PROBE_FIRST_WAIT;
+    loop {
+        let Some(h) = health.upgrade() else {
+            return;
+        };
+        if h.reaches_redis().await {
+            h.bring_back().await;
+            return;
+        }
+        h.probes_failed.fetch_add(1, Ordering::Relaxed);
+        drop(h);
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(PROBE_MAX_WAIT);
+    }
+}
+
+struct HealthMetrics {
+    marked_down: prometheus::IntGauge,
+    fast_failures: prometheus::IntCounter,
+}
+
+/// The store's health metrics, in keygate's registry from the first Redis store on.
+fn health_metrics() -> &'static HealthMetrics {
+    static METRICS: OnceLock<HealthMetrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let marked_down = prometheus::IntGauge::new(
+            "store_marked_down",
+            "1 while Redis is marked down (it refused or dropped a connection): store calls fail at once until a probe reaches it again.",
+        )
+        .expect("valid metric");
+        let fast_failures = prometheus::IntCounter::new(
+            "store_fast_failures_total",
+            "Store calls failed at once, without asking Redis, because it was marked down.",
+        )
+        .expect("valid metric");
+        let registry = &crate::telemetry::metrics().registry;
+        for c in [
+            Box::new(marked_down.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(fast_failures.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        HealthMetrics {
+            marked_down,
+            fast_failures,
+        }
+    })
 }
 
 /// A key record's raw hash fields, as `RECORD_FIELDS` names them: `data` (JSON),
