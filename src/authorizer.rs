@@ -4,16 +4,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
+
 use crate::authn::{Authenticator, AuthnFailure};
 use crate::config::PolicyConfig;
 use crate::config::TenantRule;
 use crate::credential::CredentialSource;
 use crate::decision::{Allowed, Decision, Denial, DenyReason, Unavailable};
+use crate::header_alias::folds_to;
 use crate::jwt::session::{SessionKeys, SessionToken};
-use crate::policy::{Policy, Requirement};
+use crate::policy::{Policy, Requirement, Route};
 use crate::principal::{CredentialKind, KeyKind, Principal};
 use crate::ratelimit::{Limiter, RouteLeaseRefused, Verdict};
-use crate::request::{normalize_path, AuthRequest};
+use crate::request::AuthRequest;
 use crate::telemetry::metrics;
 use crate::tenant::{self, Delegations, TenantFailure};
 
@@ -25,7 +28,48 @@ pub struct Authorizer {
     limiter: Arc<Limiter>,
     usage: Arc<crate::usage::UsageCounter>,
     tenant_header: String,
+    method_override: MethodOverride,
     sessions: Option<Arc<SessionKeys>>,
+}
+
+/// What a request carrying a method override header does (`policy.method_override`).
+/// Frameworks act on the header instead of the request's method (Rack's MethodOverride,
+/// Express's `method-override`, Symfony and Laravel, ASP.NET and OData: docs/security.md),
+/// so a key allowed to POST somewhere would DELETE there if only the POST were judged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodOverride {
+    /// Allowed only if allowed for the request's own method and for each method its
+    /// override headers name; an override value that is not a method is refused.
+    #[default]
+    Check,
+    /// Judged on the request's own method; an allow removes the headers (the adapter).
+    Strip,
+    /// Refused, 400 `invalid_request`, whatever the value.
+    Deny,
+}
+
+/// The headers frameworks read a method override from, as they spell them.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Whether a header name carries a method override to some upstream: one of
+/// `METHOD_OVERRIDE_HEADERS` in any case, or an alias of one (`x_http_method_override`
+/// is `HTTP_X_HTTP_METHOD_OVERRIDE` to PHP, as `X-HTTP-Method-Override` is).
+pub fn is_method_override_header(name: &str) -> bool {
+    METHOD_OVERRIDE_HEADERS
+        .iter()
+        .any(|h| folds_to(name.as_bytes(), h.as_bytes()))
+}
+
+/// An HTTP method as RFC 9110 spells one: a token (`1*tchar`).
+fn is_method_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// A session token asked for (`keygate.v1.Authorizer/MintSessionToken`), unvalidated.
@@ -82,6 +126,7 @@ impl Authorizer {
             limiter,
             usage,
             tenant_header: policy_cfg.tenant_header.clone(),
+            method_override: policy_cfg.method_override,
             sessions,
         }
     }
@@ -306,6 +351,12 @@ impl Authorizer {
         &self.tenant_header
     }
 
+    /// `policy.method_override`: under `strip`, adapters remove every header for which
+    /// `is_method_override_header` holds from an allowed request.
+    pub fn method_override(&self) -> MethodOverride {
+        self.method_override
+    }
+
     /// Decides one request, and records the decision in metrics and the log.
     pub async fn check(&self, req: &AuthRequest) -> Decision {
         let started = Instant::now();
@@ -358,16 +409,36 @@ impl Authorizer {
     async fn decide(&self, req: &AuthRequest) -> Decision {
         // Routes are matched on the path the upstream will route, not on its raw bytes,
         // whatever the proxy in front normalised or did not.
-        let path = match normalize_path(&req.path) {
-            Ok(p) => p,
+        // (`Policy::route_of`: every reading of the path common servers take.)
+        let route = match self.policy.route_of(&req.method, &req.path) {
+            Ok(r) => r,
             Err(e) => {
                 tracing::debug!(reason = %e, "request path refused");
                 return Decision::deny(DenyReason::InvalidPath);
             }
         };
-        let route = self.policy.route(&req.method, &path);
-        if let Some(r) = route {
-            if r.requirement == Requirement::Public {
+        let overrides = match self.method_overrides(req) {
+            Ok(methods) => methods,
+            Err(reason) => {
+                tracing::debug!(mode = ?self.method_override, "method override refused");
+                return Decision::deny(reason);
+            }
+        };
+        // The routes of the methods an upstream may act on instead (none, mostly).
+        let mut also: Vec<Option<&Route>> = Vec::with_capacity(overrides.len());
+        for m in &overrides {
+            match self.policy.route_of(m, &req.path) {
+                Ok(r) => also.push(r),
+                Err(e) => {
+                    tracing::debug!(reason = %e, "request path refused");
+                    return Decision::deny(DenyReason::InvalidPath);
+                }
+            }
+        }
+        let public = |r: &&Route| r.requirement == Requirement::Public;
+        if let Some(r) = route.filter(public) {
+            // A public route that an override takes elsewhere is public only if there too.
+            if also.iter().all(|a| a.as_ref().is_some_and(public)) {
                 return Decision::Allow(Allowed {
                     principal: None,
                     effective_tenant: None,
@@ -389,7 +460,7 @@ impl Authorizer {
                 return Decision::Unavailable(Unavailable { backend: "store" })
             }
         };
-        let decision = self.authorize(req, route, &principal).await;
+        let decision = self.authorize(req, route, &also, &principal).await;
         if let (Some(started), Some(authenticated)) = (started, authenticated) {
             // The check's span (the adapter's), when traced.
             let span = tracing::Span::current();
@@ -406,32 +477,82 @@ impl Authorizer {
         decision
     }
 
+    /// The methods other than its own that `req` names in method override headers, for
+    /// `policy.method_override: check` (in upper case, as frameworks read them); none
+    /// under `strip`; `invalid_request` for any under `deny`, and under `check` for a
+    /// value that is not a method (repeated headers arrive joined by commas: which one an
+    /// upstream would take is anyone's guess).
+    fn method_overrides(&self, req: &AuthRequest) -> Result<Vec<String>, DenyReason> {
+        let mut methods = Vec::new();
+        if self.method_override == MethodOverride::Strip {
+            return Ok(methods);
+        }
+        for (name, value) in &req.headers {
+            if !is_method_override_header(name) {
+                continue;
+            }
+            let method = value.trim_matches([' ', '\t']);
+            if self.method_override == MethodOverride::Deny || !is_method_token(method) {
+                return Err(DenyReason::InvalidRequest);
+            }
+            if !method.eq_ignore_ascii_case(&req.method)
+                && !methods
+                    .iter()
+                    .any(|m: &String| m.eq_ignore_ascii_case(method))
+            {
+                methods.push(method.to_ascii_uppercase());
+            }
+        }
+        Ok(methods)
+    }
+
     /// What an authenticated caller may do here: route admission, tenant, scope, rate.
+    /// `also`: the routes of the methods the request's override headers name, each of
+    /// which must admit the caller as its own route does; a public one admits anyone.
+    /// One admission and at most one lease are spent whatever their number.
     async fn authorize(
         &self,
         req: &AuthRequest,
-        route: Option<&crate::policy::Route>,
+        route: Option<&Route>,
+        also: &[Option<&Route>],
         principal: &Arc<crate::principal::Principal>,
     ) -> Decision {
         // Authenticated, but no route family covers the request.
         let Some(route) = route else {
             return Decision::deny(DenyReason::InsufficientPermissions);
         };
-        if !route.accepts(principal) {
+        if also.iter().any(Option::is_none) {
             return Decision::deny(DenyReason::InsufficientPermissions);
         }
+        // The routes that need something of the caller (a public one admits anyone).
+        // Without overrides, the request's own route alone, and nothing allocated.
+        let judged = || {
+            std::iter::once(route)
+                .chain(also.iter().flatten().copied())
+                .filter(|r| r.requirement != Requirement::Public)
+        };
+        if !judged().all(|r| r.accepts(principal)) {
+            return Decision::deny(DenyReason::InsufficientPermissions);
+        }
+        let rule = if judged().any(|r| r.tenant == TenantRule::Required) {
+            TenantRule::Required
+        } else {
+            TenantRule::Optional
+        };
         let header = req.header(&self.tenant_header);
         let effective_tenant =
-            match tenant::resolve(principal, route.tenant, header, &self.delegations).await {
+            match tenant::resolve(principal, rule, header, &self.delegations).await {
                 Ok(t) => t,
                 Err(TenantFailure::Deny(reason)) => return Decision::deny(reason),
                 Err(TenantFailure::Unavailable) => {
                     return Decision::Unavailable(Unavailable { backend: "store" })
                 }
             };
-        if let Requirement::Scope(scope) = &route.requirement {
-            if !self.policy.grants_to(principal, scope) {
-                return Decision::deny(DenyReason::InsufficientPermissions);
+        for r in judged() {
+            if let Requirement::Scope(scope) = &r.requirement {
+                if !self.policy.grants_to(principal, scope) {
+                    return Decision::deny(DenyReason::InsufficientPermissions);
+                }
             }
         }
         // A session this route mints, checked before anything is spent.
@@ -451,7 +572,9 @@ impl Authorizer {
             Verdict::Limited(info) => return Decision::Deny(Denial::rate_limited(info)),
             Verdict::Unavailable => return Decision::Unavailable(Unavailable { backend: "store" }),
         };
-        let lease_id = match route.lease_ttl {
+        // The longest lease any judged route takes: one lease, whichever method acts.
+        let lease_ttl = judged().filter_map(|r| r.lease_ttl).max();
+        let lease_id = match lease_ttl {
             None => None,
             Some(ttl) => match self.limiter.route_lease(principal, ttl).await {
                 Ok(id) => id,

@@ -30,10 +30,13 @@ pub enum DenyReason {
     RateLimited,
     /// The path cannot be normalised safely (`request::normalize_path`).
     InvalidPath,
+    /// The request carries what keygate will not judge: a method override refused by
+    /// `policy.method_override`, or one whose value is not a method.
+    InvalidRequest,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 11] = [
+    pub const ALL: [DenyReason; 12] = [
         DenyReason::MissingCredentials,
         DenyReason::InvalidApiKey,
         DenyReason::ExpiredApiKey,
@@ -45,6 +48,7 @@ impl DenyReason {
         DenyReason::TenantForbidden,
         DenyReason::RateLimited,
         DenyReason::InvalidPath,
+        DenyReason::InvalidRequest,
     ];
 
     /// The public error code, as it appears in response bodies, logs and metrics.
@@ -61,6 +65,7 @@ impl DenyReason {
             DenyReason::TenantForbidden => "tenant_forbidden",
             DenyReason::RateLimited => "rate_limited",
             DenyReason::InvalidPath => "invalid_path",
+            DenyReason::InvalidRequest => "invalid_request",
         }
     }
 
@@ -72,7 +77,10 @@ impl DenyReason {
             | DenyReason::RevokedApiKey
             | DenyReason::InvalidToken => 401,
             DenyReason::InsufficientPermissions | DenyReason::TenantForbidden => 403,
-            DenyReason::TenantRequired | DenyReason::InvalidTenant | DenyReason::InvalidPath => 400,
+            DenyReason::TenantRequired
+            | DenyReason::InvalidTenant
+            | DenyReason::InvalidPath
+            | DenyReason::InvalidRequest => 400,
             DenyReason::RateLimited => 429,
         }
     }
@@ -94,6 +102,7 @@ impl DenyReason {
             DenyReason::TenantForbidden => "The credential may not act for this tenant.",
             DenyReason::RateLimited => "Too many requests.",
             DenyReason::InvalidPath => "The request path cannot be interpreted safely.",
+            DenyReason::InvalidRequest => "The request's method override cannot be accepted.",
         }
     }
 

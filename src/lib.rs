@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod credential;
 pub mod decision;
+pub mod header_alias;
 pub mod jwt;
 pub mod keys;
 pub mod policy;

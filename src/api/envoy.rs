@@ -15,11 +15,14 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use super::envoy_answer::{is_identity_twin, overwrite, AllowAnswer, CheckAnswer, Identity};
+use super::envoy_answer::{overwrite, AllowAnswer, CheckAnswer, Identity};
 pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_KIND, HEADER_SCOPES, HEADER_SUBJECT};
 use super::envoy_wire::{self, Authorization, CheckRequestView, HeaderFilter};
-use crate::authorizer::Authorizer;
+use crate::authorizer::{
+    is_method_override_header, Authorizer, MethodOverride, METHOD_OVERRIDE_HEADERS,
+};
 use crate::decision::{Allowed, Decision, Denial, ErrorShape};
+use crate::header_alias::OwnedHeaders;
 use crate::request::AuthRequest;
 use crate::revocation::RevocationBus;
 
@@ -33,6 +36,11 @@ pub struct EnvoyAuthorization {
     options: EnvoyOptions,
     /// The request headers any decision or answer consults.
     headers: HeaderFilter,
+    /// The headers keygate reads or sets (tenant, credentials, `x-keygate-*`): an allow
+    /// removes every other spelling of them.
+    owned: OwnedHeaders,
+    /// `policy.method_override: strip`: an allow removes the method override headers.
+    strip_overrides: bool,
     errors: Arc<ErrorShape>,
     gate: Option<Arc<RevocationBus>>,
 }
@@ -52,8 +60,8 @@ impl EnvoyAuthorization {
         errors: Arc<ErrorShape>,
         options: EnvoyOptions,
     ) -> Self {
-        // Credentials, the tenant, and identity headers (to strip the client's).
-        // Traced, the trace context too.
+        // Credentials, the tenant, identity headers (to strip the client's), and method
+        // overrides (judged or stripped). Traced, the trace context too.
         let trace = crate::telemetry::tracing_enabled()
             .then_some(crate::telemetry::TRACE_HEADERS)
             .into_iter()
@@ -63,14 +71,24 @@ impl EnvoyAuthorization {
                 .credentials()
                 .header_names()
                 .chain([authorizer.tenant_header()])
+                .chain(METHOD_OVERRIDE_HEADERS)
                 .chain(trace),
+            IDENTITY_PREFIX,
+        );
+        let owned = OwnedHeaders::new(
+            authorizer
+                .credentials()
+                .header_names()
+                .chain([authorizer.tenant_header()]),
             IDENTITY_PREFIX,
         );
         EnvoyAuthorization {
             tenant_header: authorizer.tenant_header().into(),
+            strip_overrides: authorizer.method_override() == MethodOverride::Strip,
             authorizer,
             options,
             headers,
+            owned,
             errors,
             gate: None,
         }
@@ -142,12 +160,13 @@ impl EnvoyAuthorization {
                 None
             }
         };
-        // A client's `x_tenant_id` or `x.keygate.subject`: an upstream reading `_` and `.`
-        // as `-` would take it for the header keygate vouches for, so it goes too.
+        // A client's `x_tenant_id`, `x.api.key` or `x.keygate.subject`: an upstream reading
+        // `_` and `.` as `-` would take it for the header keygate read or vouches for, so
+        // it goes too. Under `method_override: strip`, so do the method overrides.
         for name in req.headers.keys() {
-            if is_identity_twin(name, &self.tenant_header, IDENTITY_PREFIX)
-                && !remove.contains(name)
-            {
+            let goes = self.owned.is_alias(name)
+                || (self.strip_overrides && is_method_override_header(name));
+            if goes && !remove.contains(name) {
                 remove.push(name.clone());
             }
         }

@@ -82,46 +82,6 @@ pub const HEADER_LEASE: &str = "x-keygate-lease-id";
 pub const HEADER_SESSION_TOKEN: &str = "x-keygate-session-token";
 pub const HEADER_SESSION_EXPIRES: &str = "x-keygate-session-expires-at";
 
-/// One byte of a header name as upstreams that read `-`, `_` and `.` alike see it: CGI,
-/// WSGI and PHP turn `x_tenant_id`, `x.tenant.id` and `X-Tenant-Id` all into
-/// `HTTP_X_TENANT_ID`.
-fn fold(b: u8) -> u8 {
-    match b {
-        b'_' | b'.' => b'-',
-        b => b.to_ascii_lowercase(),
-    }
-}
-
-/// Whether a header name has a byte `fold` changes other than by case.
-pub(crate) fn has_separator(name: &[u8]) -> bool {
-    name.iter().any(|&b| b == b'_' || b == b'.')
-}
-
-/// Whether `name` reads as `header` once `_` and `.` are read as `-`, in any case.
-pub(crate) fn folds_to(name: &[u8], header: &[u8]) -> bool {
-    name.len() == header.len() && name.iter().zip(header).all(|(&a, &b)| fold(a) == fold(b))
-}
-
-/// Whether `name` starts with `prefix` once `_` and `.` are read as `-`, in any case.
-pub(crate) fn folds_under(name: &[u8], prefix: &[u8]) -> bool {
-    name.get(..prefix.len())
-        .is_some_and(|head| folds_to(head, prefix))
-}
-
-/// Whether a client's (lower-case) header `name` is a twin of an identity header: not the
-/// name keygate sets, but one an upstream reading `_` and `.` as `-` takes for it
-/// (`x_tenant_id`, `x.keygate.subject`). Every allow removes twins: keygate vouches for
-/// its own spelling only. The identity headers are the tenant header and everything under
-/// `x-keygate-` (keygate's to set; a client's own are removed or overwritten). No
-/// `x-keygate-*` name keygate sets holds `_` or `.`, so a name without one is a twin only
-/// when the configured tenant header has one: most allows compare nothing.
-pub(crate) fn is_identity_twin(name: &str, tenant_header: &str, prefix: &str) -> bool {
-    let (name, tenant) = (name.as_bytes(), tenant_header.as_bytes());
-    name != tenant
-        && (has_separator(name) || has_separator(tenant))
-        && (folds_to(name, tenant) || (has_separator(name) && folds_under(name, prefix.as_bytes())))
-}
-
 // CheckResponse
 const RESPONSE_STATUS: u32 = 1;
 const RESPONSE_OK: u32 = 3;
@@ -561,47 +521,6 @@ mod tests {
             assert_eq!(read, reference(&case), "{case:?}");
             assert_eq!(read.encoded_len(), bytes.len(), "{case:?}");
         }
-    }
-
-    #[test]
-    fn twins_of_identity_headers_are_their_underscore_and_dot_spellings() {
-        let twin = |name: &str, tenant: &str| is_identity_twin(name, tenant, "x-keygate-");
-        for name in [
-            "x_tenant_id",
-            "x.tenant.id",
-            "x-tenant_id",
-            "X_TENANT_ID",
-            "x_keygate_subject",
-            "x.keygate.key.id",
-            "x_keygate_scopes",
-            "x_keygate_session_token",
-            "x_keygate_anything",
-            "x-keygate-key_id",
-        ] {
-            assert!(twin(name, "x-tenant-id"), "{name}");
-        }
-        for name in [
-            // keygate's own spellings: overwritten (or removed by the prefix rule).
-            "x-tenant-id",
-            "x-keygate-subject",
-            "x-keygate-anything",
-            // Other headers, with or without separators.
-            "x_custom",
-            "x_tenant",
-            "x_tenant_id_2",
-            "xx_tenant_id",
-            "x_keygate",
-            "x_api_key",
-            "authorization",
-        ] {
-            assert!(!twin(name, "x-tenant-id"), "{name}");
-        }
-        // A tenant header spelled with `_`: its dashed spelling is the twin, its own is not.
-        assert!(twin("x-org-id", "x_org_id"));
-        assert!(twin("x.org.id", "x_org_id"));
-        assert!(!twin("x_org_id", "x_org_id"));
-        assert!(!twin("x-keygate-subject", "x_org_id"));
-        assert!(twin("x_keygate_subject", "x_org_id"));
     }
 
     #[test]

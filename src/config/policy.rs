@@ -45,6 +45,10 @@ pub struct PolicyConfig {
     /// Default for routes that do not say `tenant:`.
     pub require_tenant_header: bool,
     pub unmatched: Unmatched,
+    /// A request carrying `X-HTTP-Method-Override`, `X-HTTP-Method` or `X-Method-Override`
+    /// (which many frameworks act on instead of the method): judged on both methods
+    /// (`check`), the header removed upstream (`strip`), or refused (`deny`).
+    pub method_override: crate::authorizer::MethodOverride,
     /// Scopes that wildcards never grant; a key must name them.
     pub opt_in_scopes: Vec<String>,
     /// Scopes only partner keys hold: exact (`billing:partner:read`) or a family
@@ -104,6 +108,7 @@ impl Default for PolicyConfig {
             tenant_header: "x-tenant-id".into(),
             require_tenant_header: false,
             unmatched: Unmatched::Deny,
+            method_override: crate::authorizer::MethodOverride::Check,
             opt_in_scopes: Vec::new(),
             partner_scopes: Vec::new(),
             environments: None,
