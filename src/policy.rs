@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::config::{ConfigError, PolicyConfig, TenantRule, Unmatched};
 use crate::principal::{CredentialKind, Environment, KeyKind, Principal};
+use crate::request::{normalize_path, path_readings, PathError, Relaxations};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -36,6 +37,8 @@ pub struct Route {
     pub lease_ttl: Option<std::time::Duration>,
     /// Each allowed request mints a session token.
     pub mint_session: bool,
+    /// The paths refused by default this route takes (`path_relaxations`).
+    pub relaxations: Relaxations,
 }
 
 impl Route {
@@ -72,6 +75,11 @@ pub struct Policy {
     fallback: Option<Route>,
     opt_in_scopes: Vec<String>,
     partner_scopes: Vec<String>,
+    /// Every relaxation some route takes: a path needing another is refused outright.
+    relaxed: Relaxations,
+    /// Some route's literal has an upper-case letter: every path is also matched
+    /// case-blind, not only those with one.
+    upper_literals: bool,
 }
 
 impl Policy {
@@ -158,6 +166,14 @@ impl Policy {
                     "must name at least one environment",
                 ));
             }
+            for (j, relaxation) in r.path_relaxations.iter().enumerate() {
+                if r.path_relaxations[..j].contains(relaxation) {
+                    return Err(ConfigError::new(
+                        format!("policy.routes[{i}].path_relaxations[{j}]"),
+                        "is named twice",
+                    ));
+                }
+            }
             routes.push(Route {
                 name: Arc::from(r.name.as_str()),
                 methods,
@@ -169,6 +185,7 @@ impl Policy {
                 environments: r.environments.clone().or_else(|| cfg.environments.clone()),
                 lease_ttl: r.lease_ttl,
                 mint_session: r.mint_session,
+                relaxations: r.path_relaxations.iter().copied().collect(),
             });
         }
         for (i, s) in cfg.opt_in_scopes.iter().enumerate() {
@@ -204,13 +221,101 @@ impl Policy {
             environments: cfg.environments.clone(),
             lease_ttl: None,
             mint_session: false,
+            relaxations: Relaxations::NONE,
+        });
+        let relaxed = routes
+            .iter()
+            .fold(Relaxations::NONE, |all, r| all.union(r.relaxations));
+        let upper_literals = routes.iter().any(|r| {
+            r.segments.iter().any(
+                |s| matches!(s, Segment::Literal(l) if l.bytes().any(|b| b.is_ascii_uppercase())),
+            )
         });
         Ok(Policy {
             routes,
             fallback,
             opt_in_scopes: cfg.opt_in_scopes.clone(),
             partner_scopes: cfg.partner_scopes.clone(),
+            relaxed,
+            upper_literals,
         })
+    }
+
+    /// The route family a request path falls on, decided on every reading of the path
+    /// that common servers take; `path` as received, query included. Refused (400
+    /// `invalid_path`) when the path is one servers read differently
+    /// (`request::normalize_path`), or when its readings fall on different routes: read
+    /// case-blind (IIS, ASP.NET, `equalsIgnoreCase` routers), or with the trailing dots
+    /// and spaces of its segments dropped (Windows). A path refused for something a route
+    /// may relax (`path_relaxations`) is taken only by a route that names every
+    /// relaxation it needs, and only if all its readings (`request::path_readings`) fall
+    /// on that route. An ordinary path costs the match and one pass over its bytes.
+    pub fn route_of(&self, method: &str, path: &str) -> Result<Option<&Route>, PathError> {
+        let refused = match normalize_path(path) {
+            Ok(normal) => {
+                let route = self.route(method, &normal);
+                self.agree(method, &normal, route)?;
+                return Ok(route);
+            }
+            Err(e) => e,
+        };
+        if refused.relaxation().is_none() || self.relaxed.is_empty() {
+            return Err(refused);
+        }
+        let readings = path_readings(path, self.relaxed)?;
+        let route = self.route(method, &readings.paths[0]);
+        if !route.is_some_and(|r| r.relaxations.covers(readings.used)) {
+            return Err(refused);
+        }
+        for reading in &readings.paths {
+            if !same(self.route(method, reading), route) {
+                return Err(refused);
+            }
+            self.agree(method, reading, route)?;
+        }
+        Ok(route)
+    }
+
+    /// Refuses a normal path that falls on another route than `route` when read
+    /// case-blind, or with its segments' trailing dots and spaces dropped.
+    fn agree(&self, method: &str, path: &str, route: Option<&Route>) -> Result<(), PathError> {
+        let bytes = path.as_bytes();
+        let mut upper = self.upper_literals;
+        let mut trailing = false;
+        for (i, &b) in bytes.iter().enumerate() {
+            upper |= b.is_ascii_uppercase();
+            let ends_segment = matches!(bytes.get(i + 1), None | Some(b'/'));
+            trailing |= ends_segment && (b == b'.' || (b == b'0' && bytes[..=i].ends_with(b"%20")));
+        }
+        if upper {
+            let blind = self
+                .routes
+                .iter()
+                .find(|r| r.matches_as(method, path, true))
+                .or(self.fallback.as_ref());
+            if !same(blind, route) {
+                return Err(PathError::Readings);
+            }
+        }
+        if trailing {
+            let mut trimmed = String::with_capacity(path.len());
+            for seg in path[1..].split('/') {
+                let mut t = seg;
+                while let Some(rest) = t.strip_suffix('.').or_else(|| t.strip_suffix("%20")) {
+                    t = rest;
+                }
+                if t.is_empty() && !seg.is_empty() {
+                    // `...` or `..%20`: a parent directory to some, a name to others.
+                    return Err(PathError::Readings);
+                }
+                trimmed.push('/');
+                trimmed.push_str(t);
+            }
+            if !same(self.route(method, &trimmed), route) {
+                return Err(PathError::Readings);
+            }
+        }
+        Ok(())
     }
 
     /// The first route family that matches, or the fallback. `path` may carry a query.
@@ -218,7 +323,7 @@ impl Policy {
         let path = path.split(['?', '#']).next().unwrap_or("");
         self.routes
             .iter()
-            .find(|r| r.matches(method, path))
+            .find(|r| r.matches_as(method, path, false))
             .or(self.fallback.as_ref())
     }
 
@@ -248,8 +353,18 @@ impl Policy {
     }
 }
 
+/// Whether two lookups found the same route (or both none).
+fn same(a: Option<&Route>, b: Option<&Route>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 impl Route {
-    fn matches(&self, method: &str, path: &str) -> bool {
+    /// `blind`: literals compared ignoring ASCII case.
+    fn matches_as(&self, method: &str, path: &str, blind: bool) -> bool {
         if !self.methods.is_empty() && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method))
         {
             return false;
@@ -266,7 +381,7 @@ impl Route {
                     _ => return false,
                 },
                 Segment::Literal(l) => match parts.next() {
-                    Some(p) if p == l => {}
+                    Some(p) if p == l || (blind && p.eq_ignore_ascii_case(l)) => {}
                     _ => return false,
                 },
             }
@@ -290,6 +405,17 @@ fn compile_path(path: &str) -> Result<Vec<Segment>, String> {
     if path.contains(';') || path.to_ascii_lowercase().contains("%3b") {
         // No request path with one is ever matched (`request::normalize_path`).
         return Err("must not contain `;`: request paths with path parameters are refused".into());
+    }
+    // Requests are matched on their normal form: a route written otherwise (`%7e`, a dot
+    // segment, `%2F`) would match nothing, or not what it says.
+    match normalize_path(path) {
+        Ok(normal) if normal == path => {}
+        Ok(normal) => {
+            return Err(format!(
+                "must be written as request paths are normalised: `{normal}`"
+            ))
+        }
+        Err(e) => return Err(format!("is not a path a request could match: {e}")),
     }
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.is_empty() {
@@ -349,6 +475,7 @@ fn valid_scope(s: &str) -> bool {
 mod tests {
     use super::*;
     use crate::config::RouteConfig;
+    use crate::request::PathRelaxation;
 
     fn route(name: &str, methods: &[&str], path: &str, scope: Option<&str>) -> RouteConfig {
         RouteConfig {
@@ -488,8 +615,175 @@ mod tests {
                 "{path}"
             );
         }
+        for path in [
+            "/v1/%7eme",
+            "/v1/./a",
+            "/v1/a/..",
+            "/v1/a%2Fb",
+            "/v1/a\\b",
+            "/v1/%c0%ae",
+            "//v1",
+        ] {
+            assert_eq!(
+                bad(route("a", &[], path, Some("x:y"))),
+                "policy.routes[0].path",
+                "{path}"
+            );
+        }
+        let mut twice = route("a", &[], "/a/**", None);
+        twice.path_relaxations = vec![PathRelaxation::EncodedSlash, PathRelaxation::EncodedSlash];
+        assert_eq!(bad(twice), "policy.routes[0].path_relaxations[1]");
         let mut no_req = route("a", &[], "/a", None);
         no_req.public = false;
         assert_eq!(bad(no_req), "policy.routes[0].scope");
+    }
+
+    fn name_of(p: &Policy, method: &str, path: &str) -> Result<Option<String>, PathError> {
+        p.route_of(method, path)
+            .map(|r| r.map(|r| r.name.to_string()))
+    }
+
+    /// A public catch-all behind a protected family: the shape where a path that one
+    /// server reads as the family and keygate as the catch-all would open the family.
+    fn admin_and_public() -> Policy {
+        policy(vec![
+            route("admin", &[], "/admin/**", Some("admin:all")),
+            route("files", &[], "/files/**", Some("files:read")),
+            route("everything", &[], "/**", None),
+        ])
+    }
+
+    #[test]
+    fn a_path_read_case_blind_on_another_route_is_refused() {
+        let p = admin_and_public();
+        assert_eq!(name_of(&p, "GET", "/admin/users"), Ok(Some("admin".into())));
+        assert_eq!(name_of(&p, "GET", "/ADMIN/users"), Err(PathError::Readings));
+        assert_eq!(name_of(&p, "GET", "/Admin/users"), Err(PathError::Readings));
+        assert_eq!(
+            name_of(&p, "GET", "/%41dmin/users"),
+            Err(PathError::Readings)
+        );
+        // Upper case that lands on the same route either way is fine.
+        assert_eq!(
+            name_of(&p, "GET", "/admin/Users/AbC"),
+            Ok(Some("admin".into()))
+        );
+        assert_eq!(
+            name_of(&p, "GET", "/Other/X"),
+            Ok(Some("everything".into()))
+        );
+        // A literal in upper case: every path is also matched case-blind.
+        let upper = policy(vec![
+            route("me", &[], "/v1/Me/**", Some("me:read")),
+            route("everything", &[], "/**", None),
+        ]);
+        assert_eq!(name_of(&upper, "GET", "/v1/Me/x"), Ok(Some("me".into())));
+        assert_eq!(name_of(&upper, "GET", "/v1/me/x"), Err(PathError::Readings));
+    }
+
+    #[test]
+    fn a_path_read_without_trailing_dots_or_spaces_on_another_route_is_refused() {
+        let p = admin_and_public();
+        for path in [
+            "/admin./users",
+            "/admin../users",
+            "/admin%20/users",
+            "/admin.%20./x",
+        ] {
+            assert_eq!(name_of(&p, "GET", path), Err(PathError::Readings), "{path}");
+        }
+        for path in ["/x/.../y", "/x/..%20/y", "/x/%20"] {
+            assert_eq!(name_of(&p, "GET", path), Err(PathError::Readings), "{path}");
+        }
+        assert_eq!(
+            name_of(&p, "GET", "/admin/users."),
+            Ok(Some("admin".into()))
+        );
+        assert_eq!(
+            name_of(&p, "GET", "/other./x."),
+            Ok(Some("everything".into()))
+        );
+    }
+
+    #[test]
+    fn a_relaxed_path_is_taken_only_by_a_route_that_names_it_on_every_reading() {
+        let mut files = route("files", &[], "/files/**", Some("files:read"));
+        files.path_relaxations = vec![PathRelaxation::EncodedSlash, PathRelaxation::EncodedPercent];
+        let p = policy(vec![
+            route("admin", &[], "/admin/**", Some("admin:all")),
+            files,
+            route("everything", &[], "/**", None),
+        ]);
+        assert_eq!(name_of(&p, "GET", "/files/a%2Fb"), Ok(Some("files".into())));
+        assert_eq!(
+            name_of(&p, "GET", "/files/a%2fb?x=%2f"),
+            Ok(Some("files".into()))
+        );
+        assert_eq!(
+            name_of(&p, "GET", "/files/100%2541"),
+            Ok(Some("files".into()))
+        );
+        // Decoded, the path leaves the route: refused.
+        assert_eq!(
+            name_of(&p, "GET", "/files/..%2F..%2Fadmin/users"),
+            Err(PathError::EncodedSlash)
+        );
+        assert_eq!(
+            name_of(&p, "GET", "/files/%252e%252e/admin/x"),
+            Err(PathError::EncodedPercent)
+        );
+        // Elsewhere, or with a relaxation the route does not name, refused.
+        assert_eq!(
+            name_of(&p, "GET", "/other/a%2Fb"),
+            Err(PathError::EncodedSlash)
+        );
+        assert_eq!(
+            name_of(&p, "GET", "/files/a%5Cb"),
+            Err(PathError::EncodedBackslash)
+        );
+        assert_eq!(
+            name_of(&p, "GET", "/files/a//b"),
+            Err(PathError::EmptySegment)
+        );
+        // And what is refused outright stays refused.
+        assert_eq!(
+            name_of(&p, "GET", "/files/a%2Fb%00"),
+            Err(PathError::Unprintable)
+        );
+        assert_eq!(
+            name_of(&p, "GET", "/files/a%2Fb;x"),
+            Err(PathError::Parameters)
+        );
+        // Without any relaxed route, the strict answer.
+        assert_eq!(
+            name_of(&admin_and_public(), "GET", "/files/a%2Fb"),
+            Err(PathError::EncodedSlash)
+        );
+    }
+
+    #[test]
+    fn empty_segments_relaxed_are_merged_only_where_both_readings_agree() {
+        let mut files = route("files", &[], "/files/**", Some("files:read"));
+        files.path_relaxations = vec![PathRelaxation::EmptySegments];
+        let p = policy(vec![
+            route("public", &[], "/public/**", None),
+            files,
+            route("v1", &[], "/v1/**", Some("v1:read")),
+        ]);
+        assert_eq!(name_of(&p, "GET", "/files/a//b"), Ok(Some("files".into())));
+        assert_eq!(name_of(&p, "GET", "/files//a/"), Ok(Some("files".into())));
+        // Merged, `..` leaves `/files`; kept, it removes the empty segment.
+        assert_eq!(
+            name_of(&p, "GET", "/files/a//../../v1/x"),
+            Err(PathError::EmptySegment)
+        );
+        assert_eq!(
+            name_of(&p, "GET", "//files/a"),
+            Err(PathError::EmptySegment)
+        );
+        assert_eq!(
+            name_of(&p, "GET", "/public//x"),
+            Err(PathError::EmptySegment)
+        );
     }
 }

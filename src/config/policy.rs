@@ -156,6 +156,12 @@ pub struct RouteConfig {
     /// `sessions` and `credentials: [api_key]`.
     #[serde(default)]
     pub mint_session: bool,
+    /// Paths refused by default that this route takes: `encoded_slash` (`%2F`),
+    /// `encoded_backslash` (`%5C`), `encoded_percent` (`%25` before two hex digits),
+    /// `empty_segments` (`//`). Such a path is allowed only if every reading of it falls
+    /// on this route (docs/security.md).
+    #[serde(default)]
+    pub path_relaxations: Vec<crate::request::PathRelaxation>,
 }
 
 impl PolicyConfig {
