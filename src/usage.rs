@@ -29,33 +29,63 @@ struct Tally {
     last_used_at_ms: u64,
 }
 
+/// Counts live in shards, each worker thread counting in its own (threads are given
+/// shards in turn), so requests on different threads never wait for one another's lock;
+/// a flush takes every shard and merges them.
 pub struct UsageCounter {
     store: Arc<dyn KeyStore>,
-    pending: Mutex<HashMap<String, Tally>>,
+    shards: Box<[Mutex<HashMap<Box<str>, Tally>>]>,
+}
+
+/// Shards per counter: more than the worker threads of any machine keygate runs on, so
+/// each thread's shard is its own (threads beyond that share, still correctly).
+const SHARDS: usize = 64;
+
+/// This thread's shard, the same for every counter.
+fn shard_index() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    INDEX.with(|i| *i)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A tally left half-changed by a panic is still a count.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.allowed += other.allowed;
+        self.denied += other.denied;
+        self.last_used_at_ms = self.last_used_at_ms.max(other.last_used_at_ms);
+    }
 }
 
 impl UsageCounter {
     pub fn new(store: Arc<dyn KeyStore>) -> Self {
         UsageCounter {
             store,
-            pending: Mutex::default(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
 
     /// Counts one request of `key_id`.
     pub fn record(&self, key_id: &str, allowed: bool) {
-        let now = now_ms();
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let tally = match pending.get_mut(key_id) {
-            Some(t) => t,
-            None => pending.entry(key_id.to_owned()).or_default(),
+        let one = Tally {
+            allowed: u64::from(allowed),
+            denied: u64::from(!allowed),
+            last_used_at_ms: now_ms(),
         };
-        if allowed {
-            tally.allowed += 1;
-        } else {
-            tally.denied += 1;
+        let mut shard = lock(&self.shards[shard_index()]);
+        match shard.get_mut(key_id) {
+            Some(t) => t.add(one),
+            None => {
+                shard.insert(key_id.into(), one);
+            }
         }
-        tally.last_used_at_ms = tally.last_used_at_ms.max(now);
     }
 
     /// Writes what was counted since the last flush, in one store call, and returns how
@@ -63,14 +93,24 @@ impl UsageCounter {
     /// the next flush; those it wrote are not, so no count is written twice because
     /// another part of the batch failed.
     pub async fn flush(&self) -> Result<usize, FlushFailed> {
-        let taken = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut taken: HashMap<Box<str>, Tally> = HashMap::new();
+        for shard in self.shards.iter() {
+            let counted = std::mem::take(&mut *lock(shard));
+            if taken.is_empty() {
+                taken = counted;
+                continue;
+            }
+            for (k, t) in counted {
+                taken.entry(k).or_default().add(t);
+            }
+        }
         if taken.is_empty() {
             return Ok(0);
         }
         let batch: Vec<UsageDelta> = taken
             .into_iter()
             .map(|(k, t)| UsageDelta {
-                key_id: k,
+                key_id: k.into(),
                 allowed: t.allowed,
                 denied: t.denied,
                 last_used_at_ms: t.last_used_at_ms,
@@ -79,12 +119,16 @@ impl UsageCounter {
         match self.store.add_usage(&batch).await {
             Ok(()) => Ok(batch.len()),
             Err(UsageNotWritten { unwritten, error }) => {
-                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let mut shard = lock(&self.shards[shard_index()]);
                 for d in &unwritten {
-                    let p = pending.entry(d.key_id.clone()).or_default();
-                    p.allowed += d.allowed;
-                    p.denied += d.denied;
-                    p.last_used_at_ms = p.last_used_at_ms.max(d.last_used_at_ms);
+                    shard
+                        .entry(d.key_id.as_str().into())
+                        .or_default()
+                        .add(Tally {
+                            allowed: d.allowed,
+                            denied: d.denied,
+                            last_used_at_ms: d.last_used_at_ms,
+                        });
                 }
                 Err(FlushFailed {
                     written: batch.len().saturating_sub(unwritten.len()),

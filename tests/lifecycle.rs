@@ -499,3 +499,55 @@ async fn a_flush_failing_in_one_partition_counts_every_key_exactly_once_after_th
     assert_eq!(counts().await, exact, "every key counted exactly once");
     assert_eq!(usage.flush().await.unwrap(), 0);
 }
+
+/// Counts taken on many worker threads at once, with flushes running meanwhile, add up
+/// exactly: each thread counts in its own shard and a flush merges them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn usage_counted_on_many_threads_while_flushing_adds_up_exactly() {
+    let app = Arc::new(App::build(config(Backend::Memory), secrets()).unwrap());
+    let mut keys = Vec::new();
+    for _ in 0..4 {
+        keys.push(app.admin.create(reader_key()).await.unwrap().record.key_id);
+    }
+    const TASKS: u64 = 16;
+    const PER_TASK: u64 = 2_000;
+    let mut counting = Vec::new();
+    for t in 0..TASKS {
+        let (app, keys) = (app.clone(), keys.clone());
+        counting.push(tokio::spawn(async move {
+            for i in 0..PER_TASK {
+                // Every key gets allowed and denied requests from every task.
+                let k = &keys[((t + i) % keys.len() as u64) as usize];
+                app.usage.record(k, i % 5 != 0);
+                if i % 100 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    let flusher = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut flushes = 0;
+            for _ in 0..50 {
+                app.usage.flush().await.unwrap();
+                flushes += 1;
+                tokio::task::yield_now().await;
+            }
+            flushes
+        })
+    };
+    for c in counting {
+        c.await.unwrap();
+    }
+    assert_eq!(flusher.await.unwrap(), 50);
+    app.usage.flush().await.unwrap();
+    let (mut allowed, mut denied) = (0, 0);
+    for k in &keys {
+        let usage = app.store.get(k).await.unwrap().unwrap().usage;
+        allowed += usage.allowed;
+        denied += usage.denied;
+    }
+    assert_eq!(allowed + denied, TASKS * PER_TASK);
+    assert_eq!(denied, TASKS * PER_TASK / 5);
+}
