@@ -180,11 +180,17 @@ async fn values_are_read_in_any_case_and_every_override_header_counts() {
         (vec![("x-http-method-override", " Delete ")], &forbidden),
         (vec![("x-http-method-override", "patch")], &Outcome::Allowed),
         (
-            vec![("x-http-method-override", "PUT"), ("x-http-method", "PATCH")],
+            vec![
+                ("x-http-method-override", "PUT"),
+                ("x-http-method", "PATCH"),
+            ],
             &Outcome::Allowed,
         ),
         (
-            vec![("x-http-method-override", "PUT"), ("x-http-method", "DELETE")],
+            vec![
+                ("x-http-method-override", "PUT"),
+                ("x-http-method", "DELETE"),
+            ],
             &forbidden,
         ),
         (
@@ -263,7 +269,11 @@ async fn a_public_route_overridden_to_a_protected_one_needs_a_credential() {
     assert_eq!(
         support::outcome_of(
             &envoy,
-            check_request("GET", "/docs/x", &[("authorization", &reader), override_put])
+            check_request(
+                "GET",
+                "/docs/x",
+                &[("authorization", &reader), override_put]
+            )
         )
         .await,
         Outcome::denied("insufficient_permissions", 403)
@@ -277,7 +287,10 @@ async fn a_public_route_overridden_to_a_protected_one_needs_a_credential() {
         .await;
     assert_eq!(outcome(&resp), Outcome::Allowed);
     let resp = resp.unwrap();
-    assert_eq!(set_upstream(ok(&resp), "x-keygate-scopes"), Some("docs:write"));
+    assert_eq!(
+        set_upstream(ok(&resp), "x-keygate-scopes"),
+        Some("docs:write")
+    );
 }
 
 /// The overriding route's tenant rule holds too: DELETE requires the tenant header.
@@ -372,7 +385,10 @@ async fn an_overriding_route_that_takes_a_lease_takes_one() {
         Outcome::denied("rate_limited", 429),
         "both sessions are in use"
     );
-    assert_eq!(outcome(&envoy.decide(req("GET", None)).await), Outcome::Allowed);
+    assert_eq!(
+        outcome(&envoy.decide(req("GET", None)).await),
+        Outcome::Allowed
+    );
 }
 
 /// `strip`: judged on the request's own method, and every override header, in every
@@ -403,7 +419,11 @@ async fn strip_judges_the_own_method_and_removes_every_spelling() {
             .collect();
         removed.sort();
         let expected: &[&str] = match mode {
-            MethodOverride::Strip => &["x-http-method-override", "x.method.override", "x_http_method"],
+            MethodOverride::Strip => &[
+                "x-http-method-override",
+                "x.method.override",
+                "x_http_method",
+            ],
             _ => &[],
         };
         assert_eq!(removed, expected, "{mode:?}");
@@ -416,7 +436,10 @@ async fn strip_judges_the_own_method_and_removes_every_spelling() {
         let req = check_request(
             "POST",
             "/v1/contacts/42",
-            &[("authorization", &writer), ("x-http-method-override", value)],
+            &[
+                ("authorization", &writer),
+                ("x-http-method-override", value),
+            ],
         );
         let resp = envoy.decide(req).await;
         assert_eq!(outcome(&resp), Outcome::Allowed, "{value:?}");
@@ -447,7 +470,11 @@ async fn deny_refuses_every_override_header() {
             );
             assert_eq!(support::outcome_of(&envoy, req).await, refused, "{header}");
             let public = check_request("GET", "/docs/x", &[(header, value)]);
-            assert_eq!(support::outcome_of(&envoy, public).await, refused, "{header}");
+            assert_eq!(
+                support::outcome_of(&envoy, public).await,
+                refused,
+                "{header}"
+            );
         }
     }
     let plain = check_request("POST", "/v1/contacts/42", &[("authorization", &writer)]);
@@ -493,7 +520,10 @@ async fn aliases_of_owned_headers_are_removed_on_every_allow() {
     ];
     let mut headers: Vec<(&str, &str)> = aliases.iter().map(|a| (*a, "smuggled")).collect();
     headers.push(("x_custom", "kept"));
-    for credential in [("authorization", auth.as_str()), ("x-api-key", reader.as_str())] {
+    for credential in [
+        ("authorization", auth.as_str()),
+        ("x-api-key", reader.as_str()),
+    ] {
         let mut all = headers.clone();
         all.push(credential);
         let resp = envoy
