@@ -3,7 +3,11 @@ escaped slashes kept): keygate decides on the path the upstream would route, so 
 segment cannot walk from a public route to a protected one, and a path that servers read
 differently is refused with 400, whatever the proxy in front did."""
 
+import json
+import socket
+import urllib.parse
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -39,7 +43,6 @@ def test_the_envoy_of_this_module_does_not_normalise(plain_stack):
         "/public/../v1/contacts/42",
         "/public/%2e%2e/v1/contacts/42",
         "/public/.%2E/v1/contacts/42",
-        "/public//../v1/contacts/42",
     ],
 )
 def test_dot_segments_cannot_reach_a_protected_route_without_a_credential(plain_stack, path):
@@ -50,7 +53,13 @@ def test_dot_segments_cannot_reach_a_protected_route_without_a_credential(plain_
 
 @pytest.mark.parametrize(
     "path",
-    ["/public/..%2fv1/contacts/42", "/public/..%2Fv1/contacts/42", "/public/..%5cv1/contacts/42"],
+    [
+        "/public/..%2fv1/contacts/42",
+        "/public/..%2Fv1/contacts/42",
+        "/public/..%5cv1/contacts/42",
+        # Merged, `..` leaves /public; kept, it removes the empty segment.
+        "/public//../v1/contacts/42",
+    ],
 )
 def test_a_path_servers_read_differently_is_refused(plain_stack, path):
     resp = plain_stack.request("GET", path)
@@ -133,3 +142,140 @@ def test_a_semicolon_in_the_query_is_not_a_path_parameter(parameters_stack):
     resp = parameters_stack.request("GET", "/public/health?a=1;b=2")
     assert_allowed(resp)
     assert resp.upstream[0]["path"] == "/public/health?a=1;b=2"
+
+
+# ---------------------------------------------------------------- the probe list
+
+# tests/fixtures/path_probes.json, also run over the gRPC Check by tests/path_probes.rs.
+PROBES = json.loads((Path(__file__).parents[1] / "fixtures" / "path_probes.json").read_text())[
+    "probes"
+]
+# The families of the probe list, by the routes of this stack (harness.KEYGATE_CONFIG).
+FAMILIES = {"public": ["public"], "contacts": ["v1", "contacts"]}
+
+
+def probe_path(p) -> str:
+    if isinstance(p["path"], str):
+        return p["path"]
+    return "".join(piece * count for piece, count in p["path"])
+
+
+def raw_request(port: int, target: str, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
+    """One HTTP/1.1 request with the target sent byte for byte (http.client refuses
+    control characters and spaces in it): the status and the body."""
+    head = f"GET {target} HTTP/1.1\r\nhost: api.example.test\r\nconnection: close\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    raw = b"".join(chunks)
+    status_line, _, rest = raw.partition(b"\r\n")
+    _, _, body = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), body
+
+
+def served_family(path: str, blind: bool = False) -> str | None:
+    """The family a server with this stack's routes serves `path` (already decoded) on."""
+    segments = path.split("/")[1:]
+    for name, prefix in FAMILIES.items():
+        head = segments[: len(prefix)]
+        if blind:
+            head = [s.lower() for s in head]
+        if head == prefix:
+            return name
+    return "other"
+
+
+def remove_dots(path: str) -> str:
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg in (".", ".."):
+            if seg == ".." and out:
+                out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(seg)
+    return "/" + "/".join(out)
+
+
+def upstream_readings(target: str) -> dict[str, str | None]:
+    """The family each common reading of the target the upstream received lands on
+    (`None`: that reading is no text, a server taking it answers 400 itself)."""
+    path = target.split("?")[0]
+
+    def decode(p: str) -> str | None:
+        try:
+            return urllib.parse.unquote(p, errors="strict")
+        except UnicodeDecodeError:
+            return None
+
+    once = decode(path)
+    twice = decode(once) if once is not None else None
+    readings: dict[str, str | None] = {}
+    for how, text, blind in [
+        ("decode once", once, False),
+        ("decode twice", twice, False),
+        ("case-blind", once, True),
+        ("\\ as /", once.replace("\\", "/") if once is not None else None, False),
+        ("cut ; parameters", decode("/".join(s.split(";")[0] for s in path.split("/"))), False),
+        ("cut at #", decode(path.split("#")[0]), False),
+    ]:
+        readings[how] = served_family(remove_dots(text), blind) if text is not None else None
+    return readings
+
+
+@pytest.fixture(scope="module")
+def probe_reader(plain_stack):
+    return plain_stack.keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=[p["what"] for p in PROBES])
+def test_each_probe_through_envoy_at_its_defaults(plain_stack, probe_reader, probe):
+    """keygate's answer (or Envoy's own 400, before keygate is asked), and an allowed
+    request reaches the upstream on the family keygate allowed, in every reading."""
+    target = probe_path(probe)
+    expect = probe.get("via_envoy", probe["expect"])
+    marker = uuid.uuid4().hex
+    headers = [(harness.MARKER, marker)]
+    if probe["key"] == "reader":
+        headers.append(("authorization", f"Bearer {probe_reader['token']}"))
+    status, body = raw_request(plain_stack.envoy.port, target, headers)
+    seen = plain_stack.upstream.seen_with_marker(marker)
+    verdict, *rest = expect.split()
+    if verdict == "allow":
+        assert status == 200, f"{probe['what']}: {status} {body[:300]!r}"
+        assert len(seen) == 1, f"{probe['what']}: the upstream saw it {len(seen)} times"
+        for how, family in upstream_readings(seen[0]["path"]).items():
+            assert family in (rest[0], None), (
+                f"{probe['what']}: allowed on {rest[0]}, but read by `{how}` the path the "
+                f"upstream received ({seen[0]['path'][:100]!r}) is on {family}"
+            )
+        return
+    assert seen == [], f"{probe['what']}: a denied request reached the upstream: {seen}"
+    code = None
+    try:
+        code = json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    if code is None:
+        # Envoy refused the target itself (a raw `#`, space or control character).
+        assert status == 400, f"{probe['what']}: {status} {body[:300]!r}"
+        return
+    want_status, want_code = rest
+    assert (status, code) == (int(want_status), want_code), f"{probe['what']}: {body[:300]!r}"
+
+
+def test_envoy_leaves_most_probes_to_keygate(plain_stack):
+    """The probe list tests keygate, not Envoy: count what Envoy refuses on its own."""
+    refused_by_envoy = []
+    for probe in PROBES:
+        status, body = raw_request(plain_stack.envoy.port, probe_path(probe), [])
+        if status == 400 and b'"code"' not in body:
+            refused_by_envoy.append(probe["what"])
+    print("refused by Envoy itself:", refused_by_envoy)
+    assert len(refused_by_envoy) <= 10, refused_by_envoy
