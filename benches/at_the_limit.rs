@@ -57,6 +57,7 @@ async fn main() {
                 "edge".to_owned(),
                 PlanConfig {
                     requests_per_minute: per_minute,
+                    algorithm: Default::default(),
                     burst: Some(burst),
                     concurrent_sessions: None,
                 },

@@ -524,3 +524,181 @@ async fn a_partition_resharded_to_another_master_keeps_serving_and_revoking() {
         r.running.shutdown().await.unwrap();
     }
 }
+
+/// `field:value` of an `INFO` section, on one node.
+async fn info_field(cluster: &RedisCluster, port: u16, section: &str, field: &str) -> String {
+    let mut conn = cluster.node_connection(port).await;
+    let info: String = ::redis::cmd("INFO")
+        .arg(section)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in INFO {section} of {port}:\n{info}"))
+        .trim()
+        .to_owned()
+}
+
+/// The store's clock (unix ms), as `port` says.
+async fn store_ms(cluster: &RedisCluster, port: u16) -> u64 {
+    let mut conn = cluster.node_connection(port).await;
+    let (s, us): (u64, u64) = ::redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    s * 1000 + us / 1000
+}
+
+fn signal(pid: &str, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, pid])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// Each replica sends checks of `token`, one after another, all replicas at once: `n` of
+/// them, or fewer once `enough` says so of what that replica has seen. The outcomes.
+async fn checks(
+    apps: &[Arc<keygate::server::App>],
+    token: &str,
+    n: usize,
+    enough: fn(&[Outcome]) -> bool,
+) -> Vec<Outcome> {
+    let calls = apps.iter().map(|app| {
+        let app = app.clone();
+        let token = token.to_owned();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                out.push(outcome(
+                    &app.envoy_service().decide(read_with(&token)).await,
+                ));
+                if enough(&out) {
+                    break;
+                }
+            }
+            out
+        })
+    });
+    futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .flat_map(|r| r.unwrap())
+        .collect()
+}
+
+/// The master of a key's rate-limit state fails over while replicas spend its plan
+/// (`rolling_window`: at most N in any minute). Its replica is stopped first, so what the
+/// master grants meanwhile never reaches it: keygate waits for `store.replica_acks`
+/// replicas before it spends a reservation, so those grants are not spent (UNAVAILABLE),
+/// and the promoted replica, which never saw them, cannot make them count twice. Over the
+/// whole test, what the replicas admitted together stays within the plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_under_load_never_admits_more_than_the_plan() {
+    const N: usize = 30;
+    let mut cluster = RedisCluster::start().await;
+    let ns = fresh_namespace();
+    let secrets = secrets();
+    let replicas = |cluster: &RedisCluster| -> Vec<Arc<keygate::server::App>> {
+        (0..3)
+            .map(|_| {
+                let mut cfg = config(Backend::Cluster(cluster, &ns));
+                cfg.policy.plans = [(
+                    "window".to_owned(),
+                    keygate::config::PlanConfig {
+                        requests_per_minute: N as u32,
+                        algorithm: keygate::config::PlanAlgorithm::RollingWindow,
+                        burst: None,
+                        concurrent_sessions: None,
+                    },
+                )]
+                .into();
+                Arc::new(keygate::server::App::build(cfg, secrets.clone()).unwrap())
+            })
+            .collect()
+    };
+    let apps = replicas(&cluster);
+    let created = apps[0]
+        .admin
+        .create(keygate::keys::NewKey {
+            plan: "window".into(),
+            ..reader_key()
+        })
+        .await
+        .unwrap();
+    let (key_id, token) = (created.record.key_id, created.token);
+    // The master of the key's rate-limit state, and its replica.
+    let victim = cluster
+        .master_of_slot(keygate::store::redis::slot_of_tag(&key_id))
+        .await;
+    let replica_port: u16 = info_field(&cluster, victim, "replication", "slave0")
+        .await
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("port="))
+        .expect("the master's replica")
+        .parse()
+        .unwrap();
+    let replica_pid = info_field(&cluster, replica_port, "server", "process_id").await;
+    let started_ms = store_ms(&cluster, replica_port).await;
+
+    // A few admitted while all is well (each replica's first check also verifies the key).
+    let mut seen = checks(&apps, &token, 2, |_| false).await;
+    assert!(seen.iter().all(|o| *o == Outcome::Allowed), "{seen:?}");
+
+    // The replica stops, and the master drops its link: what the master grants now,
+    // nobody has but the master. Each keygate spends what it holds, then needs a
+    // reservation.
+    signal(&replica_pid, "-STOP");
+    let _: i64 = ::redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("replica")
+        .query_async(&mut cluster.node_connection(victim).await)
+        .await
+        .unwrap();
+    let refused = |seen: &[Outcome]| seen.last() != Some(&Outcome::Allowed);
+    let stalled = checks(&apps, &token, N + 1, refused).await;
+    seen.extend(stalled.iter().cloned());
+
+    // The master dies; its replica, which never saw those grants, takes over.
+    cluster.kill(victim);
+    signal(&replica_pid, "-CONT");
+    cluster.await_failover(victim).await;
+
+    // The promoted master, which never saw the stalled grants, has no replica of its
+    // own (its old master is dead): it grants, but nothing it grants can be spent. (The
+    // first answers after a failover may be UNAVAILABLE whatever keygate does, while its
+    // client finds the new master: three in a row, or a 429, end a replica's checks.)
+    let settled = |seen: &[Outcome]| {
+        seen.last() == Some(&Outcome::denied("rate_limited", 429))
+            || (seen.len() >= 3
+                && seen[seen.len() - 3..]
+                    .iter()
+                    .all(|o| *o == Outcome::Error(tonic::Code::Unavailable)))
+    };
+    // Replicas that start now: nothing remembered (a refusal is remembered until one fits
+    // again, and would answer for the store).
+    let after = checks(&replicas(&cluster), &token, 2 * N, settled).await;
+    seen.extend(after.iter().cloned());
+    let elapsed_ms = store_ms(&cluster, replica_port).await - started_ms;
+    let admitted = seen.iter().filter(|o| **o == Outcome::Allowed).count();
+    assert!(
+        seen.iter().all(|o| matches!(
+            o,
+            Outcome::Allowed | Outcome::Error(tonic::Code::Unavailable)
+        ) || *o == Outcome::denied("rate_limited", 429)),
+        "{seen:?}"
+    );
+    // Every admission of the test lies within `elapsed_ms` of the store's clock (and the
+    // 250 ms a reservation may be spent in): that many minutes' plans at most.
+    let minutes = 1 + (elapsed_ms as usize + 250) / 60_000;
+    assert!(
+        admitted <= N * minutes,
+        "{admitted} admitted over {elapsed_ms} ms, the plan is {N} a minute: {seen:?}"
+    );
+    for (when, outcomes) in [("stalled", &stalled), ("after", &after)] {
+        assert!(
+            outcomes.contains(&Outcome::Error(tonic::Code::Unavailable)),
+            "{when}: a grant no replica has is not spent: {outcomes:?}"
+        );
+    }
+}

@@ -22,6 +22,7 @@ fn plan_config(backend: Backend<'_>) -> Config {
     let mut cfg = config(backend);
     let plan = |rpm, sessions| PlanConfig {
         requests_per_minute: rpm,
+        algorithm: Default::default(),
         burst: None,
         concurrent_sessions: sessions,
     };
@@ -432,4 +433,47 @@ async fn a_route_that_takes_a_lease_admits_only_the_plans_sessions() {
         .await
         .unwrap();
     assert_eq!(outcome(&envoy.decide(create()).await), Outcome::Allowed);
+}
+
+/// A `rolling_window` plan: three replicas flooding one key admit exactly its number in
+/// its minute, all at once, and refuse the rest until the first admission leaves the
+/// window (a minute on Redis's clock, and the quarter second it could be spent in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_together_admit_a_rolling_windows_number_once_in_its_minute() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.connection().await;
+    let store_ms = |(s, us): (u64, u64)| s * 1000 + us / 1000;
+    let secrets = secrets();
+    let replicas: Vec<Arc<App>> = (0..3)
+        .map(|_| {
+            let mut cfg = plan_config(Backend::Redis(&redis));
+            cfg.policy.plans.insert(
+                "window".into(),
+                PlanConfig {
+                    requests_per_minute: 20,
+                    algorithm: keygate::config::PlanAlgorithm::RollingWindow,
+                    burst: None,
+                    concurrent_sessions: None,
+                },
+            );
+            Arc::new(App::build(cfg, secrets.clone()).unwrap())
+        })
+        .collect();
+    let token = replicas[0]
+        .admin
+        .create(key_on("window"))
+        .await
+        .unwrap()
+        .token;
+    let started = store_ms(::redis::cmd("TIME").query_async(&mut conn).await.unwrap());
+    // Retry-after: when the first admission leaves the window, at most 60.25 s away.
+    let admitted = flood(&replicas, &[(&token, 61_000)], 60).await;
+    let elapsed = store_ms(::redis::cmd("TIME").query_async(&mut conn).await.unwrap()) - started;
+    if elapsed < 60_000 {
+        assert_eq!(admitted[0], 20, "over {elapsed} ms of Redis's clock");
+    }
+    assert!(
+        admitted[0] <= 20 * (1 + elapsed as usize / 60_000),
+        "{admitted:?}"
+    );
 }

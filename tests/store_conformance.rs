@@ -797,27 +797,59 @@ async fn delegations_are_granted_and_withdrawn_once_each_with_one_event(s: Subje
     assert_eq!(of("globex"), vec![change("globex", TENANT, true)]);
 }
 
-async fn rate_reservations_follow_gcra_and_leases_their_limit(s: Subject) {
-    use keygate::store::{LeaseOp, RateRequest};
-    // One a minute, a burst of 3: nothing refills while the test runs.
-    let req = |want, give_back| RateRequest {
-        interval_ms: 60_000,
-        burst: 3,
+/// A reservation asked of `s`'s store: `want` under `rule`, named `id`, returning `back`.
+fn rate_request(
+    rule: keygate::store::RateRule,
+    id: &str,
+    want: u32,
+    back: &[(&str, Option<u32>)],
+) -> keygate::store::RateRequest {
+    keygate::store::RateRequest {
+        rule,
+        id: id.into(),
         want,
-        give_back,
-    };
-    let g = s.store.reserve("k1", &req(2, 0)).await.unwrap();
+        spend_ms: 100,
+        give_back: back
+            .iter()
+            .map(|(id, unspent)| keygate::store::GiveBack {
+                id: (*id).into(),
+                unspent: *unspent,
+            })
+            .collect(),
+    }
+}
+
+/// One a minute, a burst of 3: nothing refills while the test runs.
+const SLOW_GCRA: keygate::store::RateRule = keygate::store::RateRule::Gcra {
+    interval_ms: 60_000,
+    burst: 3,
+};
+
+/// Three in any minute.
+const THREE_A_MINUTE: keygate::store::RateRule = keygate::store::RateRule::Window {
+    limit: 3,
+    window_ms: 60_000,
+};
+
+async fn rate_reservations_follow_gcra_and_leases_their_limit(s: Subject) {
+    use keygate::store::LeaseOp;
+    let req = |id, want, back| rate_request(SLOW_GCRA, id, want, back);
+    let g = s.store.reserve("k1", &req("a", 2, &[])).await.unwrap();
     assert_eq!((g.granted, g.remaining), (2, 1));
-    let g = s.store.reserve("k1", &req(5, 0)).await.unwrap();
+    let g = s.store.reserve("k1", &req("b", 5, &[])).await.unwrap();
     assert_eq!((g.granted, g.remaining), (1, 0));
-    let g = s.store.reserve("k1", &req(1, 0)).await.unwrap();
+    let g = s.store.reserve("k1", &req("c", 1, &[])).await.unwrap();
     assert_eq!(g.granted, 0);
     assert!((59_000..=60_000).contains(&g.retry_after_ms), "{g:?}");
     assert!((179_000..=180_000).contains(&g.full_in_ms), "{g:?}");
     // Given back, it can be reserved again; another key is untouched.
-    let g = s.store.reserve("k1", &req(1, 1)).await.unwrap();
+    let g = s
+        .store
+        .reserve("k1", &req("d", 1, &[("b", Some(1))]))
+        .await
+        .unwrap();
     assert_eq!((g.granted, g.remaining), (1, 0));
-    let g = s.store.reserve("k2", &req(3, 0)).await.unwrap();
+    let g = s.store.reserve("k2", &req("a", 3, &[])).await.unwrap();
     assert_eq!(g.granted, 3);
 
     let acquire = LeaseOp::Acquire {
@@ -863,6 +895,85 @@ async fn rate_reservations_follow_gcra_and_leases_their_limit(s: Subject) {
         s.store.lease("k2", "k2.a", acquire).await.unwrap(),
         l(true, 1)
     );
+}
+
+/// A reply lost to a timeout, or a client that sends a call again, must not change what
+/// the store granted: a reservation asked twice (same id) is granted once, and the same
+/// give-back applied twice returns its budget once — for both rules.
+async fn a_reservation_and_its_give_back_each_apply_once(s: Subject) {
+    for (rule, key) in [(SLOW_GCRA, "g1"), (THREE_A_MINUTE, "w1")] {
+        let req = |id, want, back| rate_request(rule, id, want, back);
+        let g = s.store.reserve(key, &req("a", 3, &[])).await.unwrap();
+        assert_eq!((g.granted, g.remaining), (3, 0), "{rule:?}");
+        // Sent again (its answer lost): the first answer, nothing more taken.
+        let g = s.store.reserve(key, &req("a", 3, &[])).await.unwrap();
+        assert_eq!((g.granted, g.remaining), (3, 0), "{rule:?}: asked again");
+        // Two of the three were not spent: returned once, however often it is named.
+        let g = s
+            .store
+            .reserve(key, &req("b", 0, &[("a", Some(2))]))
+            .await
+            .unwrap();
+        assert_eq!(g.remaining, 2, "{rule:?}: returned");
+        let g = s
+            .store
+            .reserve(key, &req("c", 0, &[("a", Some(2)), ("a", Some(2))]))
+            .await
+            .unwrap();
+        assert_eq!(
+            g.remaining, 2,
+            "{rule:?}: the same give-back again adds nothing"
+        );
+        // A call that carried a give-back, sent again, returns nothing twice either.
+        let g = s.store.reserve(key, &req("d", 2, &[])).await.unwrap();
+        assert_eq!((g.granted, g.remaining), (2, 0), "{rule:?}");
+        for _ in 0..2 {
+            let g = s
+                .store
+                .reserve(key, &req("e", 1, &[("d", None)]))
+                .await
+                .unwrap();
+            assert_eq!((g.granted, g.remaining), (1, 1), "{rule:?}: all of d, once");
+        }
+        // One the store never granted, or more than it granted, returns nothing more.
+        let g = s
+            .store
+            .reserve(key, &req("f", 0, &[("unknown", None), ("e", Some(100))]))
+            .await
+            .unwrap();
+        assert_eq!(
+            g.remaining, 2,
+            "{rule:?}: e's one back, nothing else (a's one spent)"
+        );
+    }
+}
+
+/// A rolling window admits its limit in any window, all at once if asked so; each
+/// admission counts until a window after the end of the time it may be spent in.
+async fn a_rolling_window_admits_its_limit_in_any_window(s: Subject) {
+    let req = |id, want, back| rate_request(THREE_A_MINUTE, id, want, back);
+    let g = s.store.reserve("w", &req("a", 2, &[])).await.unwrap();
+    assert_eq!((g.granted, g.remaining, g.retry_after_ms), (2, 1, 0));
+    // Counted from the end of its spending time (100 ms, and 1 for the clock's rounding).
+    assert!((60_000..=60_101).contains(&g.full_in_ms), "{g:?}");
+    let g = s.store.reserve("w", &req("b", 5, &[])).await.unwrap();
+    assert_eq!((g.granted, g.remaining), (1, 0));
+    let g = s.store.reserve("w", &req("c", 1, &[])).await.unwrap();
+    assert_eq!((g.granted, g.remaining), (0, 0));
+    // One fits again when the first reservation's admissions leave the window.
+    assert!((55_000..=60_101).contains(&g.retry_after_ms), "{g:?}");
+    let g = s
+        .store
+        .reserve("w", &req("d", 1, &[("b", Some(1))]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (g.granted, g.remaining),
+        (1, 0),
+        "b's unspent one, reserved again"
+    );
+    let g = s.store.reserve("w2", &req("a", 4, &[])).await.unwrap();
+    assert_eq!(g.granted, 3, "another key has its own window");
 }
 
 fn tenant(id: &str) -> Owner {
@@ -1101,6 +1212,8 @@ conformance!(
     keys_of_partners_and_services_are_listed_under_their_owner_only,
     delegations_are_granted_and_withdrawn_once_each_with_one_event,
     rate_reservations_follow_gcra_and_leases_their_limit,
+    a_reservation_and_its_give_back_each_apply_once,
+    a_rolling_window_admits_its_limit_in_any_window,
     usage_adds_up_per_key_and_never_recreates_a_deleted_key,
     usage_of_more_keys_than_one_script_call_takes_adds_up,
 );

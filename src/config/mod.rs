@@ -33,7 +33,8 @@ pub use jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHM
 pub use listen::{ListenConfig, TlsConfig};
 pub use logging::{LogFormat, LoggingConfig};
 pub use policy::{
-    CredentialHeader, DefaultPlans, PlanConfig, PolicyConfig, RouteConfig, TenantRule, Unmatched,
+    CredentialHeader, DefaultPlans, PlanAlgorithm, PlanConfig, PolicyConfig, RouteConfig,
+    TenantRule, Unmatched,
 };
 pub use rate_limits::{OnStoreError, RateLimitConfig};
 pub use revocation::{RevocationConfig, RevocationSource};

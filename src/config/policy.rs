@@ -69,15 +69,34 @@ pub struct PolicyConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanConfig {
-    /// The sustained rate.
+    /// The sustained rate (`gcra`), or the most in any rolling minute (`rolling_window`).
     pub requests_per_minute: u32,
-    /// How many may come at once; the rate per minute when left out.
+    /// How requests are counted.
+    #[serde(default)]
+    pub algorithm: PlanAlgorithm,
+    /// How many may come at once (`gcra` only); the rate per minute when left out.
     #[serde(default)]
     pub burst: Option<u32>,
     /// Concurrent-session leases the key may hold; none when left out.
     #[serde(default)]
     pub concurrent_sessions: Option<u32>,
 }
+
+/// How a plan counts a key's requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanAlgorithm {
+    /// A sustained rate with a burst (GCRA): `burst` at once, then one every
+    /// `60 s / requests_per_minute`. In any 60 s, up to `burst + requests_per_minute`.
+    #[default]
+    Gcra,
+    /// At most `requests_per_minute` in any rolling 60 s (a log of admissions per key).
+    RollingWindow,
+}
+
+/// The most requests a minute of a `rolling_window` plan: its log holds one entry per
+/// admission in the window, per key.
+pub const MAX_ROLLING_WINDOW: u32 = 10_000;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -206,6 +225,24 @@ impl PolicyConfig {
                     format!("must be 1 to {MAX}"),
                 ));
             }
+            if plan.algorithm == PlanAlgorithm::RollingWindow {
+                if plan.requests_per_minute > MAX_ROLLING_WINDOW {
+                    return Err(ConfigError::new(
+                        field("requests_per_minute"),
+                        format!(
+                            "must be 1 to {MAX_ROLLING_WINDOW} with algorithm: rolling_window \
+                             (its log keeps an entry per request of the last minute)"
+                        ),
+                    ));
+                }
+                if plan.burst.is_some() {
+                    return Err(ConfigError::new(
+                        field("burst"),
+                        "a rolling_window plan has no burst: it admits requests_per_minute \
+                         in any 60 s, all at once if they come so",
+                    ));
+                }
+            }
             if plan.burst.is_some_and(|b| b == 0 || b > MAX) {
                 return Err(ConfigError::new(
                     field("burst"),
@@ -235,5 +272,35 @@ impl PolicyConfig {
         }
         crate::policy::Policy::compile(self)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn refused(plan: &str) -> (String, String) {
+        let yaml = format!("policy:\n  plans:\n    p: {plan}\n");
+        let e = Config::load(Some(&yaml), Vec::new()).expect_err(plan);
+        (e.field.to_string(), e.message)
+    }
+
+    #[test]
+    fn a_rolling_window_plan_is_refused_naming_the_field_it_cannot_take() {
+        let (field, message) =
+            refused("{requests_per_minute: 60, algorithm: rolling_window, burst: 10}");
+        assert_eq!(field, "policy.plans.p.burst", "{message}");
+        let (field, message) = refused("{requests_per_minute: 10001, algorithm: rolling_window}");
+        assert_eq!(field, "policy.plans.p.requests_per_minute", "{message}");
+        assert!(message.contains("10000"), "{message}");
+        let (_, message) = refused("{requests_per_minute: 60, algorithm: sliding}");
+        assert!(message.contains("rolling_window"), "{message}");
+        let ok =
+            "policy:\n  plans:\n    p: {requests_per_minute: 10000, algorithm: rolling_window}\n";
+        let c = Config::load(Some(ok), Vec::new()).unwrap();
+        assert_eq!(
+            c.policy.plans["p"].algorithm,
+            super::PlanAlgorithm::RollingWindow
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! Plans enforced: each key's rate limit, exact across replicas, and its concurrent-session
 //! leases.
 //!
-//! The rate limit is GCRA, its state in the store (Redis: under the key's own hash tag,
-//! on Redis's clock). A replica does not ask the store per request: it reserves a budget
-//! of admissions in one atomic call and spends it locally, for at most
+//! A plan counts by GCRA (a rate with a burst) or a rolling window (at most N in any 60 s),
+//! its state in the store (Redis: under the key's own hash tag, on Redis's clock; see
+//! `ledger.rs` and `reserve.lua`). A replica does not ask the store per request: it
+//! reserves a budget of admissions in one atomic call and spends it locally, for at most
 //! `rate_limits.reservation_ttl`. The budget shrinks as the key nears its limit — an
 //! eighth of what still fits, at most `rate_limits.max_reservation` — down to one per
 //! request at the edge; what was not spent when it lapses goes back with the next
@@ -14,19 +15,31 @@
 //! is bounded by what replicas hold unspent (an eighth of what fits, each), for at most
 //! the reservation's life and then only until GCRA's own refill covers it.
 //!
+//! Every reservation has an id, and a give-back names the reservation it returns: the
+//! store applies each once, so a reply lost to a timeout or a call sent twice never
+//! returns budget twice. A call that failed is not spent, and its reservation is returned
+//! whole with the next call (if it was made at all).
+//!
 //! It must not guess: a store that cannot be asked is `rate_limits.on_store_error`
 //! (UNAVAILABLE by default, or an allow that is counted and logged).
 
 pub mod gcra;
+pub mod ledger;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::config::{OnStoreError, PlanConfig, PolicyConfig, RateLimitConfig};
+// tokio's clock: a test can pause and advance it.
+use tokio::time::Instant;
+
+use crate::config::{OnStoreError, PlanAlgorithm, PlanConfig, PolicyConfig, RateLimitConfig};
 use crate::decision::RateInfo;
 use crate::principal::{CredentialKind, Environment, Principal};
-use crate::store::{KeyStore, LeaseOp, RateRequest, StoreError};
+use crate::store::{
+    GiveBack, KeyStore, LeaseOp, RateRequest, RateRule, StoreError, MAX_GIVE_BACKS,
+    RESERVATION_ID_LEN,
+};
 use crate::telemetry::metrics;
 
 /// A plan, compiled.
@@ -35,7 +48,7 @@ pub struct Plan {
     pub name: Arc<str>,
     pub per_minute: u32,
     pub burst: u32,
-    pub interval_ms: u64,
+    pub rule: RateRule,
     pub concurrent_sessions: Option<u32>,
     /// This plan's `keygate_rate_limit_decisions_total` series, looked up once.
     admitted: prometheus::IntCounter,
@@ -45,14 +58,25 @@ pub struct Plan {
 impl Plan {
     fn new(name: &str, c: &PlanConfig) -> Plan {
         let decisions = &metrics().rate_limit_decisions;
+        let burst = c.burst.unwrap_or(c.requests_per_minute);
+        let rule = match c.algorithm {
+            PlanAlgorithm::Gcra => RateRule::Gcra {
+                // Whole milliseconds: rounding up never admits more than the plan.
+                interval_ms: 60_000u64.div_ceil(u64::from(c.requests_per_minute)),
+                burst,
+            },
+            PlanAlgorithm::RollingWindow => RateRule::Window {
+                limit: c.requests_per_minute,
+                window_ms: 60_000,
+            },
+        };
         Plan {
             admitted: decisions.with_label_values(&[name, "admitted"]),
             limited: decisions.with_label_values(&[name, "limited"]),
             name: Arc::from(name),
             per_minute: c.requests_per_minute,
-            burst: c.burst.unwrap_or(c.requests_per_minute),
-            // Whole milliseconds: rounding up never admits more than the plan.
-            interval_ms: 60_000u64.div_ceil(u64::from(c.requests_per_minute)),
+            burst,
+            rule,
             concurrent_sessions: c.concurrent_sessions,
         }
     }
@@ -81,14 +105,37 @@ pub enum RouteLeaseRefused {
 /// A key's budget on this replica.
 #[derive(Default)]
 struct Budget {
-    left: u32,
-    until: Option<Instant>,
+    /// The reservation being spent.
+    current: Option<Held>,
+    /// Reservations to return with the next store call, each by its id (the store applies
+    /// each once): the unspent rest of spent ones, and all of those whose answer never
+    /// arrived or never reached enough replicas. Kept until a call that carried them
+    /// succeeds; at most `MAX_GIVE_BACKS` (dropping one only under-admits).
+    returns: Vec<GiveBack>,
     /// What still fitted in the store after the last reservation.
     remaining: u32,
     full_in_ms: u64,
     /// After a refusal: nothing fits before this, so nothing is asked before it either
     /// (a key far over its plan would otherwise cost a store call per request).
     refused_until: Option<Instant>,
+}
+
+/// A reservation a replica spends.
+struct Held {
+    id: String,
+    left: u32,
+    /// Measured from before the store was asked: never later than the end of the spending
+    /// time the store counted (`RateRequest::spend_ms` after its own now).
+    until: Instant,
+}
+
+impl Budget {
+    fn give_back(&mut self, g: GiveBack) {
+        if self.returns.len() >= MAX_GIVE_BACKS {
+            self.returns.remove(0);
+        }
+        self.returns.push(g);
+    }
 }
 
 pub struct Limiter {
@@ -197,40 +244,55 @@ impl Limiter {
         if let Some(until) = b.refused_until.filter(|u| now < *u) {
             return limited(plan, (until - now).as_millis() as u64, b.full_in_ms);
         }
-        let fresh = b.until.is_some_and(|until| now < until);
-        if fresh && b.left > 0 {
-            b.left -= 1;
-            return Verdict::Admitted(info(plan, b.remaining + b.left, b.full_in_ms));
+        if let Some(held) = b.current.as_mut().filter(|h| now < h.until && h.left > 0) {
+            held.left -= 1;
+            let left = held.left;
+            return Verdict::Admitted(info(plan, b.remaining + left, b.full_in_ms));
         }
         // Spend what fits in an eighth of what is left, down to one at the edge.
         let want = (b.remaining / 8).clamp(1, self.cfg.max_reservation);
-        let give_back = b.left;
+        if let Some(spent) = b.current.take() {
+            // Even with nothing left: the store forgets the reservation.
+            b.give_back(GiveBack {
+                id: spent.id,
+                unspent: Some(spent.left),
+            });
+        }
+        let id = crate::apikey::token::random_base62(RESERVATION_ID_LEN);
         let req = RateRequest {
-            interval_ms: plan.interval_ms,
-            burst: plan.burst,
+            rule: plan.rule,
+            id: id.clone(),
             want,
-            give_back,
+            spend_ms: self.cfg.reservation_ttl.as_millis() as u64,
+            give_back: b.returns.clone(),
         };
         let grant = match self.store.reserve(key_id, &req).await {
             Ok(g) => g,
-            Err(e) => return self.store_failed(plan, key_id, &e),
+            Err(e) => {
+                // Made or not, it is not spent: returned whole with the next call.
+                b.give_back(GiveBack { id, unspent: None });
+                return self.store_failed(plan, key_id, &e);
+            }
         };
         m.rate_limit_reservations.inc();
-        if give_back > 0 {
-            m.rate_limit_returned.inc_by(u64::from(give_back));
+        let returned: u32 = b.returns.iter().filter_map(|g| g.unspent).sum();
+        if returned > 0 {
+            m.rate_limit_returned.inc_by(u64::from(returned));
         }
+        b.returns.clear();
         b.remaining = grant.remaining;
         b.full_in_ms = grant.full_in_ms;
         if grant.granted == 0 {
-            b.left = 0;
-            b.until = None;
             b.refused_until = Some(now + Duration::from_millis(grant.retry_after_ms));
             return limited(plan, grant.retry_after_ms, grant.full_in_ms);
         }
-        b.left = grant.granted - 1;
-        b.until = Some(now + self.cfg.reservation_ttl);
+        b.current = Some(Held {
+            id,
+            left: grant.granted - 1,
+            until: now + self.cfg.reservation_ttl,
+        });
         b.refused_until = None;
-        Verdict::Admitted(info(plan, b.remaining + b.left, b.full_in_ms))
+        Verdict::Admitted(info(plan, b.remaining + grant.granted - 1, b.full_in_ms))
     }
 
     fn store_failed(&self, plan: &Plan, key_id: &str, e: &StoreError) -> Verdict {
@@ -326,5 +388,137 @@ fn info(plan: &Plan, remaining: u32, full_in_ms: u64) -> RateInfo {
         remaining: remaining.min(plan.burst),
         reset: full_in_ms.div_ceil(1000),
         retry_after: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PlanConfig;
+    use crate::principal::KeyKind;
+    use crate::store::memory::MemoryStore;
+
+    /// Replicas `n` of one deployment: limiters over one embedded store, on tokio's clock
+    /// (paused by the test: the store counts on it too).
+    fn replicas(n: usize, plan: PlanConfig) -> Vec<Limiter> {
+        let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+        let policy = PolicyConfig {
+            plans: [("p".to_owned(), plan)].into(),
+            ..PolicyConfig::default()
+        };
+        (0..n)
+            .map(|_| Limiter::new(store.clone(), &policy, &RateLimitConfig::default()))
+            .collect()
+    }
+
+    fn key() -> Principal {
+        let mut p = Principal::new(
+            "t".into(),
+            "key:k".into(),
+            KeyKind::Tenant,
+            Environment::Live,
+            vec![],
+        );
+        p.key_id = Some("kkkkkkkkkkkkkkkk".into());
+        p.plan = Some("p".into());
+        p
+    }
+
+    /// Loads to run: (seed, most ms between bursts of requests, most requests in one).
+    /// Some spend a reservation over several moments, some in one; each is one fixed run.
+    const LOADS: [(u64, u64, u64); 4] = [
+        (0x2545_f491_4f6c_dd1d, 40, 2),
+        (0x9e37_79b9_7f4a_7c15, 10, 2),
+        (0x0123_4567_89ab_cdef, 120, 6),
+        (0x5851_f42d_4c95_7f2d, 700, 4),
+    ];
+
+    /// Requests of one key spread over `limiters`, a few at a time at uneven moments for
+    /// five minutes of tokio's (paused) clock; the ms at which each was admitted.
+    async fn admissions(limiters: &[Limiter], (seed, step_ms, burst): (u64, u64, u64)) -> Vec<u64> {
+        let start = Instant::now();
+        let p = key();
+        let mut admitted = Vec::new();
+        // A fixed pseudo-random sequence (xorshift): the same run every time.
+        let mut seed = seed;
+        let mut next = |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        let mut i = 0;
+        while start.elapsed() < Duration::from_secs(300) {
+            tokio::time::advance(Duration::from_millis(next(step_ms))).await;
+            for _ in 0..next(burst + 1) {
+                i += 1;
+                match limiters[i % limiters.len()].check(&p).await {
+                    Verdict::Admitted(_) => admitted.push(start.elapsed().as_millis() as u64),
+                    Verdict::Limited(_) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        admitted
+    }
+
+    /// The most admissions within any `window_ms` (half-open) of `times` (sorted).
+    fn most_in_any_window(times: &[u64], window_ms: u64) -> usize {
+        (0..times.len())
+            .map(|i| times[i..].partition_point(|t| *t < times[i] + window_ms))
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replicas_together_admit_at_most_a_rolling_windows_limit_in_any_minute() {
+        for load in LOADS {
+            let limiters = replicas(
+                3,
+                PlanConfig {
+                    requests_per_minute: 20,
+                    algorithm: PlanAlgorithm::RollingWindow,
+                    burst: None,
+                    concurrent_sessions: None,
+                },
+            );
+            let times = admissions(&limiters, load).await;
+            assert_eq!(
+                most_in_any_window(&times, 60_000),
+                20,
+                "{load:?}: {times:?}"
+            );
+            // And no fewer: the limit again each time the window has passed (and the
+            // spending time of what it counted, 250 ms), under load all the time.
+            assert!(
+                times.len() >= 20 * 4,
+                "{load:?}: {} in five minutes",
+                times.len()
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gcra_plan_admits_up_to_its_burst_and_its_rate_in_any_minute() {
+        for load in LOADS {
+            let limiters = replicas(
+                3,
+                PlanConfig {
+                    requests_per_minute: 20,
+                    algorithm: PlanAlgorithm::Gcra,
+                    burst: None,
+                    concurrent_sessions: None,
+                },
+            );
+            let times = admissions(&limiters, load).await;
+            // The burst (20) and one every 3 s: what `docs/configuration.md` says a GCRA
+            // plan allows in any minute, the reservations' 250 ms of spending included.
+            let most = most_in_any_window(&times, 60_000);
+            assert!(most <= 20 + (60_000 + 250) / 3_000, "{load:?}: {most}");
+            assert!(
+                most > 20,
+                "{load:?}: {most}, more than the per-minute number"
+            );
+        }
     }
 }

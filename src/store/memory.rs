@@ -40,8 +40,10 @@ struct State {
     /// The audit trail, oldest first, bounded like the event log.
     audit: VecDeque<crate::audit::AuditEntry>,
     audit_seq: u64,
-    /// Each key's GCRA state (theoretical arrival time, unix ms).
-    rates: HashMap<String, u64>,
+    /// Each key's rate-limit state.
+    rates: HashMap<String, crate::ratelimit::ledger::KeyRate>,
+    /// The clock rate limits are counted on.
+    rate_clock: crate::ratelimit::ledger::Clock,
     /// Each key's leases: id → expiry (unix ms).
     leases: HashMap<String, HashMap<String, u64>>,
     /// JWT revocations by `rule_key`.
@@ -261,12 +263,12 @@ impl KeyStore for MemoryStore {
 
     async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError> {
         let mut s = self.state.write().await;
-        let now = super::now_ms();
-        let (tat, grant) = crate::ratelimit::gcra::reserve(s.rates.get(key_id).copied(), now, req);
-        match tat {
-            Some(t) => s.rates.insert(key_id.to_owned(), t),
-            None => s.rates.remove(key_id),
-        };
+        let now = s.rate_clock.now_ms();
+        let rate = s.rates.entry(key_id.to_owned()).or_default();
+        let grant = rate.reserve(now, req);
+        if rate.is_idle() {
+            s.rates.remove(key_id);
+        }
         Ok(grant)
     }
 

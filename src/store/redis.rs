@@ -30,6 +30,10 @@
 //! Cluster spreads them over every slot (they are what requests write):
 //!
 //! - `<ns>:{<key_id>}:rate`       the GCRA state (theoretical arrival time, unix ms)
+//! - `<ns>:{<key_id>}:reservations`  hash: reservation id → what it granted, until it is
+//!   given back (`reserve.lua`: a retry or a second give-back changes nothing)
+//! - `<ns>:{<key_id>}:window`     sorted set: a rolling window's admissions, by the end
+//!   of the time each may be spent in
 //! - `<ns>:{<key_id>}:leases`     sorted set: lease id by expiry
 //!
 //! Writes that touch more than one key are Lua scripts rather than MULTI/EXEC: a script
@@ -48,9 +52,9 @@ use tokio::sync::OnceCell;
 
 use super::{
     Delegation, DelegationEvent, DelegationsOf, EventId, EventKind, KeyChange, KeyPage, KeyRecord,
-    KeyStore, KeyUsage, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest, RevocationEvent,
-    StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent, UsageDelta, UsageNotWritten,
-    DELEGATED, TOKENS_REVOKED, UNDELEGATED,
+    KeyStore, KeyUsage, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest, RateRule,
+    RevocationEvent, StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent, UsageDelta,
+    UsageNotWritten, DELEGATED, TOKENS_REVOKED, UNDELEGATED,
 };
 use crate::secret::Secret;
 
@@ -86,6 +90,9 @@ pub struct RedisStore {
     blocking: Vec<OnceCell<Conn>>,
     /// Changes of state, which wait for replicas (`write`).
     writes: OnceCell<Conn>,
+    /// Rate-limit reservations, when they wait for replicas (`reserve`): WAIT blocks its
+    /// connection, so neither the request path's nor the admin writes' wait behind it.
+    reservations: OnceCell<Conn>,
     replica_acks: u32,
     timeout: Duration,
     layout: Layout,
@@ -348,6 +355,7 @@ impl RedisStore {
             writes: OnceCell::new(),
             replica_acks: opts.replica_acks,
             timeout,
+            reservations: OnceCell::new(),
             layout: Layout::new(namespace, opts.partitions),
             create: Script::new(include_str!("lua/create.lua")),
             revoke: Script::new(include_str!("lua/revoke.lua")),
@@ -553,20 +561,40 @@ impl RedisStore {
             Change::Command(cmd) => self.run(cmd.query_async(&mut conn)).await?,
         };
         if self.replica_acks == 0 {
-            return Ok(out);
+            return Ok(());
         }
+        let slot = slot_of_tag(&self.layout.tags[partition]);
+        self.await_replicas(&mut conn, slot, Acks::AllConnected)
+            .await?;
+        Ok(out)
+    }
+
+    /// After a write through `conn` to `slot`, waits until `replica_acks` replicas of the
+    /// slot's master have it (nothing to wait for with `replica_acks` 0). Fewer answered:
+    /// with `Acks::AllConnected`, enough if they are all the master has connected;
+    /// otherwise UNAVAILABLE, the write on the master only.
+    async fn await_replicas(
+        &self,
+        conn: &mut Conn,
+        slot: u16,
+        acks: Acks,
+    ) -> Result<(), StoreError> {
+        let what = match acks {
+            Acks::AllConnected => "change",
+            Acks::Strict => "reservation",
+        };
         let mut wait = redis::cmd("WAIT");
         wait.arg(self.replica_acks)
             .arg(self.timeout.as_millis() as u64);
-        let acked: u32 = self.on_master(&mut conn, partition, &wait).await?;
+        let acked: u32 = self.on_slot_master(conn, slot, &wait).await?;
         if acked >= self.replica_acks {
-            return Ok(out);
+            return Ok(());
         }
         // Fewer answered than asked: wait for the replicas there are. A master left with
         // none (its replica failed over to it, or died) has nobody to copy to; refusing
         // then would report a revocation that is in force as failed.
         let info: String = self
-            .on_master(&mut conn, partition, redis::cmd("INFO").arg("replication"))
+            .on_slot_master(conn, slot, redis::cmd("INFO").arg("replication"))
             .await?;
         let connected: u32 = info
             .lines()
@@ -575,37 +603,44 @@ impl RedisStore {
             .unwrap_or(0);
         if acked >= self.replica_acks.min(connected) {
             tracing::warn!(
-                partition,
+                slot,
                 acked,
                 wanted = self.replica_acks,
-                "a change was acknowledged by fewer replicas than store.replica_acks: its master has no more connected"
+                "a {what} was acknowledged by fewer replicas than store.replica_acks: its master has no more connected"
             );
-            return Ok(out);
+            return Ok(());
+        }
+        if acks == Acks::Strict {
+            crate::telemetry::metrics().store_errors.inc();
+            return Err(StoreError::Unavailable(format!(
+                "the {what} reached {acked} replica(s) in time, store.replica_acks is {}: \
+                 not spent (a failover could lose it)",
+                self.replica_acks
+            )));
         }
         crate::telemetry::metrics().store_errors.inc();
         Err(StoreError::Unavailable(format!(
-            "the change is on the master, but {acked} of its {connected} replica(s) \
+            "the {what} is on the master, but {acked} of its {connected} replica(s) \
              acknowledged it in time (store.replica_acks is {}): a failover now could lose \
              it; retry (the call is idempotent)",
             self.replica_acks
         )))
     }
 
-    /// `cmd` (which names no key) on the master of `partition`'s slot, through `conn`.
-    async fn on_master<T: redis::FromRedisValue>(
+    /// `cmd` (which names no key) on the master of `slot`, through `conn`.
+    async fn on_slot_master<T: redis::FromRedisValue>(
         &self,
         conn: &mut Conn,
-        partition: usize,
+        slot: u16,
         cmd: &redis::Cmd,
     ) -> Result<T, StoreError> {
         let limit = self.timeout * 2;
         match conn {
             Conn::Single(c) => self.run_for(limit, cmd.query_async(c)).await,
             Conn::Cluster(c) => {
-                // Sent to the master of the partition's slot, on the connection the script
-                // went through (WAIT counts that connection's writes).
+                // Sent to the master of the slot, on the connection the script went
+                // through (WAIT counts that connection's writes).
                 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let slot = slot_of_tag(&self.layout.tags[partition]);
                 let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
                     Route::new(slot, SlotAddr::Master),
                 ));
@@ -618,6 +653,15 @@ impl RedisStore {
     async fn writes_conn(&self) -> Result<Conn, StoreError> {
         self.conn().await?;
         let conn = self
+    async fn reservations_conn(&self) -> Result<Conn, StoreError> {
+        self.conn().await?;
+        let conn = self
+            .reservations
+            .get_or_try_init(|| self.open(self.timeout * 2))
+            .await?;
+        Ok(conn.clone())
+    }
+
             .writes
             .get_or_try_init(|| self.open(self.timeout * 2))
             .await?;
@@ -911,6 +955,18 @@ enum RecordFormat {
 /// A change for `RedisStore::write`.
 enum Change<'a> {
     Script(&'a redis::ScriptInvocation<'a>),
+/// What `RedisStore::await_replicas` accepts when fewer replicas than `replica_acks`
+/// acknowledge a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Acks {
+    /// As many as the master has connected (admin changes: a revocation in force is not
+    /// reported as failed because the master has lost its replica).
+    AllConnected,
+    /// `replica_acks`, whatever the master has (rate-limit grants: one not on a replica
+    /// is not spent).
+    Strict,
+}
+
     Command(&'a redis::Cmd),
 }
 
@@ -1502,18 +1558,42 @@ impl KeyStore for RedisStore {
     }
 
     async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError> {
-        let mut conn = self.conn().await?;
-        let (granted, remaining, retry_after_ms, full_in_ms): (u32, u32, u64, u64) = self
-            .run(
-                self.reserve
-                    .key(format!("{}:{{{key_id}}}:rate", self.layout.ns))
-                    .arg(req.interval_ms)
-                    .arg(req.burst)
-                    .arg(req.want)
-                    .arg(req.give_back)
-                    .invoke_async(&mut conn),
-            )
-            .await?;
+        let key = |name: &str| format!("{}:{{{key_id}}}:{name}", self.layout.ns);
+        let (rule, a, b) = match req.rule {
+            RateRule::Gcra { interval_ms, burst } => ("gcra", interval_ms, u64::from(burst)),
+            RateRule::Window { limit, window_ms } => ("window", u64::from(limit), window_ms),
+        };
+        let mut invocation = self.reserve.prepare_invoke();
+        invocation
+            .key(key("rate"))
+            .key(key("reservations"))
+            .key(key("window"))
+            .arg(rule)
+            .arg(a)
+            .arg(b)
+            .arg(&req.id)
+            .arg(req.want)
+            .arg(req.spend_ms)
+            .arg(super::RESERVATION_RECORD_MS)
+            .arg(req.give_back.len());
+        for g in &req.give_back {
+            invocation.arg(&g.id).arg(g.unspent.map_or(-1, i64::from));
+        }
+        // A grant is spent only once `replica_acks` replicas have it, strictly: a
+        // failover that rolled it back would grant the same admissions again, and a
+        // replica merely disconnected for a moment can still be promoted. With none to
+        // wait for, the request path's connection; else one of the reservations' own.
+        let mut conn = if self.replica_acks == 0 {
+            self.conn().await?
+        } else {
+            self.reservations_conn().await?
+        };
+        let (granted, remaining, retry_after_ms, full_in_ms): (u32, u32, u64, u64) =
+            self.run(invocation.invoke_async(&mut conn)).await?;
+        if granted > 0 {
+            self.await_replicas(&mut conn, slot_of_tag(key_id), Acks::Strict)
+                .await?;
+        }
         Ok(RateGrant {
             granted,
             remaining,

@@ -135,21 +135,25 @@ def test_metrics_count_keygates_own_codes_behind_the_pages(kallglot):
     assert count("missing_credentials") == before + 1
 
 
-def test_a_test_key_gets_60_requests_a_minute(kallglot):
+def test_a_test_key_gets_60_requests_in_any_minute_and_the_61st_is_refused(kallglot):
+    # The plan is a rolling window: 60 in any minute, all at once if they come so. The
+    # 61st is refused unless a minute has passed since the first was admitted (which
+    # only a machine stalled for a minute would see: then nothing can be said of it).
     test = key(kallglot, ["sessions:read"], "--env", "test")["token"]
     started = time.monotonic()
-    answers = []
-    while not (answers and answers[-1].status == 429) and len(answers) < 200:
-        answers.append(call(kallglot, "GET", "/v1/sessions/s-1", test))
-    elapsed = time.monotonic() - started
+    answers = [call(kallglot, "GET", "/v1/sessions/s-1", test) for _ in range(61)]
+    within_a_minute = time.monotonic() - started < 60
     statuses = [a.status for a in answers]
-    # The burst is the minute's 60; after it, one more for each second that has passed.
     assert statuses[:60] == [200] * 60, statuses
-    assert statuses[-1] == 429, statuses
-    assert len(statuses) - 1 <= 60 + int(elapsed) + 1, (len(statuses), elapsed)
-    refused = answers[-1]
+    assert answers[59].header("x-ratelimit-remaining") == "0", str(answers[59])
+    if not within_a_minute:
+        pytest.skip("the 61 requests took more than a minute")
+    refused = answers[60]
+    assert refused.status == 429, statuses
     assert refused.json()["error"]["code"] == "rate_limited", str(refused)
-    assert refused.header("retry-after") == "1", str(refused)
+    # When the first request leaves the window: a minute after it (and the quarter
+    # second a replica may spend a reservation in), never before the next second.
+    assert 1 <= int(refused.header("retry-after")) <= 61, str(refused)
     assert refused.header("x-ratelimit-limit") == "60", str(refused)
     assert refused.upstream == []
 
@@ -181,13 +185,16 @@ def ws(stack, token):
 
 def test_a_created_sessions_stream_token_opens_the_websocket_for_an_hour(kallglot):
     live = key(kallglot, ["sessions:read", "sessions:write"])["token"]
+    before = int(time.time())
     created = call(kallglot, "POST", "/v1/sessions", live)
+    after = int(time.time())
     assert created.status == 200, str(created)
     token = created.upstream_headers("x-keygate-session-token")[0]
     assert created.header("x-keygate-session-token") == token
     expires = created.header("x-keygate-session-expires-at")
-    left = calendar.timegm(time.strptime(expires, "%Y-%m-%dT%H:%M:%SZ")) - time.time()
-    assert 3590 < left <= 3600, expires
+    # An hour after it was made (in whole seconds), whenever during the call that was.
+    at = calendar.timegm(time.strptime(expires, "%Y-%m-%dT%H:%M:%SZ"))
+    assert before + 3600 <= at <= after + 3600, (before, expires, after)
     with ws(kallglot, token) as conn:
         conn.send("hola")
         assert conn.recv(timeout=5) == "hola"
