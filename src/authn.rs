@@ -239,7 +239,7 @@ impl Authenticator {
         environment: Environment,
         digest: Digest,
     ) -> Result<Verified, StoreError> {
-        let Some(record) = self.store.get(key_id).await? else {
+        let Some((record, verifier)) = self.store.get_verifiable(key_id).await? else {
             tracing::debug!(key_id, "API key id unknown");
             return Ok(Verified::Invalid(DenyReason::InvalidApiKey));
         };
@@ -248,6 +248,10 @@ impl Authenticator {
         }
         let verified = if self.cache.verified_before(key_id, &digest, &record.hash) {
             Ok(true)
+        } else if let Some(stored) = verifier.as_deref() {
+            // Another replica (or an earlier start) ran argon2 for this key's token: its
+            // verifier answers for the one secret this key id has, right or wrong.
+            Ok(self.hasher.verifier_matches(key_id, secret, stored))
         } else if self.failures.exhausted(key_id) {
             metrics().argon2_refused.inc();
             tracing::debug!(
@@ -256,7 +260,11 @@ impl Authenticator {
             );
             return Ok(Verified::Refused(DenyReason::InvalidApiKey));
         } else {
-            self.hasher.verify(secret, &record.hash).await
+            let verified = self.hasher.verify(secret, &record.hash).await;
+            if matches!(verified, Ok(true)) && record.revoked_at_ms.is_none() {
+                self.leave_verifier(key_id, secret).await;
+            }
+            verified
         };
         match verified {
             Ok(true) => self.cache.note_verified(key_id, digest, &record.hash),
@@ -297,6 +305,18 @@ impl Authenticator {
             KeyStatus::Expired => Verified::Invalid(DenyReason::ExpiredApiKey),
             KeyStatus::Active => Verified::Valid(Arc::new(principal_of(&record))),
         })
+    }
+}
+
+impl Authenticator {
+    /// Leaves the verifier of a token argon2 has just accepted beside its key's record,
+    /// so no other replica runs argon2 for it. A failure costs only that: logged, not
+    /// turned into a denial.
+    async fn leave_verifier(&self, key_id: &str, secret: &str) {
+        let verifier = self.hasher.verifier(key_id, secret);
+        if let Err(e) = self.store.set_verifier(key_id, &verifier).await {
+            tracing::warn!(key_id, error = %e, "cannot store an API key's verifier; other replicas will run argon2 for it");
+        }
     }
 }
 

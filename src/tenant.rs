@@ -428,6 +428,15 @@ mod tests {
         async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
             self.inner.get(key_id).await
         }
+        async fn get_verifiable(
+            &self,
+            key_id: &str,
+        ) -> Result<Option<(KeyRecord, Option<String>)>, StoreError> {
+            self.inner.get_verifiable(key_id).await
+        }
+        async fn set_verifier(&self, key_id: &str, verifier: &str) -> Result<bool, StoreError> {
+            self.inner.set_verifier(key_id, verifier).await
+        }
         async fn list(
             &self,
             owner: &Owner,

@@ -34,8 +34,11 @@ struct Tally {
 /// a flush takes every shard and merges them.
 pub struct UsageCounter {
     store: Arc<dyn KeyStore>,
-    shards: Box<[Mutex<HashMap<Box<str>, Tally>>]>,
+    shards: Box<[Mutex<Counts>]>,
 }
+
+/// One shard's counts, by key id.
+type Counts = HashMap<Box<str>, Tally>;
 
 /// Shards per counter: more than the worker threads of any machine keygate runs on, so
 /// each thread's shard is its own (threads beyond that share, still correctly).

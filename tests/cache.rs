@@ -239,7 +239,8 @@ async fn every_invalidation_during_a_verification_wins_not_only_the_first() {
 
 /// Anyone who knows a key id can mint well-formed guesses; past
 /// `failures_per_key` wrong secrets in the window, guesses cost no argon2, while the
-/// key's real token, verified before, is never slowed.
+/// key's real token, verified before, is never slowed. Once a key's token has been
+/// verified, its verifier answers every guess without argon2.
 #[tokio::test]
 async fn guesses_at_one_key_id_stop_costing_argon2_past_the_bound() {
     let store = CountingStore::new();
@@ -247,6 +248,24 @@ async fn guesses_at_one_key_id_stop_costing_argon2_past_the_bound() {
     config.api_keys.argon2.failures_per_key = 3;
     let app = app_on(store.clone(), config);
     let envoy = app.envoy_service();
+    // A key never used: no verifier yet, so guesses go to argon2, within the bound.
+    let unused = app.admin.create(support::reader_key()).await.unwrap();
+    let before = app.hasher.verifications();
+    for pos in 0..10 {
+        assert_eq!(
+            outcome(
+                &envoy
+                    .decide(read_with(&support::wrong_secret_at(&unused.token, pos)))
+                    .await
+            ),
+            Outcome::denied("invalid_api_key", 401)
+        );
+    }
+    assert_eq!(
+        app.hasher.verifications(),
+        before + 3,
+        "argon2 ran for three guesses only"
+    );
     let key = app.admin.create(support::reader_key()).await.unwrap();
     assert_eq!(
         outcome(&envoy.decide(read_with(&key.token)).await),
@@ -265,8 +284,8 @@ async fn guesses_at_one_key_id_stop_costing_argon2_past_the_bound() {
     }
     assert_eq!(
         app.hasher.verifications(),
-        before + 3,
-        "argon2 ran for three guesses only"
+        before,
+        "the verified key's verifier refused every guess"
     );
     assert_eq!(
         outcome(&envoy.decide(read_with(&key.token)).await),
@@ -420,13 +439,14 @@ async fn an_expired_entry_is_read_again_but_not_verified_again() {
         "no argon2 for a known token and hash"
     );
 
-    // Another secret for the same key id is still verified, and refused.
+    // Another secret for the same key id is refused, by the verifier the first
+    // verification left beside the record: no argon2 for it either.
     let wrong = support::wrong_secret_for(&key.token);
     assert_eq!(
         outcome(&envoy.decide(read_with(&wrong)).await),
         Outcome::denied("invalid_api_key", 401)
     );
-    assert_eq!(app.hasher.verifications(), 2);
+    assert_eq!(app.hasher.verifications(), 1);
 
     // A stored hash that changed (the secret hashed again) is verified again.
     let secret = support::secret_of(&key.token);
@@ -437,7 +457,7 @@ async fn an_expired_entry_is_read_again_but_not_verified_again() {
         (store.gets() > gets).then_some(())
     })
     .await;
-    assert_eq!(app.hasher.verifications(), 3, "argon2 against the new hash");
+    assert_eq!(app.hasher.verifications(), 2, "argon2 against the new hash");
 }
 
 /// A revocation leaves a tombstone: the token's digest was known, so the next check of

@@ -22,6 +22,9 @@ use argon2::password_hash::{self, Output, ParamsString, PasswordHash, SaltString
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use subtle::ConstantTimeEq;
 
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
 use crate::config::Argon2Config;
 use crate::secret::Secret;
 
@@ -46,6 +49,9 @@ pub struct SecretHasher {
 
 struct Inner {
     pepper: Secret,
+    /// Keys the verifiers (`SecretHasher::verifier`): derived from the pepper, never the
+    /// pepper itself.
+    verifier_mac: Hmac<Sha256>,
     params: Params,
     /// The argon2 threads' queue, bounded. Dropping it (with the hasher) ends the threads.
     jobs: mpsc::SyncSender<Job>,
@@ -54,6 +60,9 @@ struct Inner {
 }
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// A verifier's length: 128 bits of HMAC-SHA-256.
+const VERIFIER_BYTES: usize = 16;
 
 /// The name of the argon2 threads (seen in `top -H`, and by the tests).
 pub const THREAD_NAME: &str = "keygate-argon2";
@@ -105,9 +114,15 @@ impl SecretHasher {
                 .recv()
                 .map_err(|_| HashError::Worker("an argon2 thread ended at start".into()))?;
         }
+        let mut derive = <Hmac<Sha256> as Mac>::new_from_slice(pepper.expose().as_bytes())
+            .expect("HMAC takes any key length");
+        derive.update(b"keygate key verifier v1");
+        let verifier_mac = <Hmac<Sha256> as Mac>::new_from_slice(&derive.finalize().into_bytes())
+            .expect("HMAC takes any key length");
         Ok(SecretHasher {
             inner: Arc::new(Inner {
                 pepper,
+                verifier_mac,
                 params,
                 jobs,
                 queue_depth: cfg.queue_depth.max(1),
@@ -174,6 +189,32 @@ impl SecretHasher {
             }
             argon2.hash_password_into_with_memory(password, salt, out, &mut kept[..])
         })
+    }
+
+    /// What a replica leaves beside a key's record once argon2 has accepted `secret` for
+    /// `key_id`, so that every other replica and every later start accepts the same token
+    /// with one HMAC instead of argon2: HMAC-SHA-256, under a key derived from the pepper,
+    /// of the key id and the secret, its first 128 bits in hex. Useless without the
+    /// pepper; with it, no easier to turn into a secret than the argon2 hash (a secret is
+    /// 160 random bits or more). See docs/security.md.
+    pub fn verifier(&self, key_id: &str, secret: &str) -> String {
+        let mut mac = self.inner.verifier_mac.clone();
+        mac.update(key_id.as_bytes());
+        mac.update(b"\0");
+        mac.update(secret.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        tag[..VERIFIER_BYTES]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Whether `stored` is the verifier of `secret` for `key_id` (constant time).
+    pub fn verifier_matches(&self, key_id: &str, secret: &str, stored: &str) -> bool {
+        self.verifier(key_id, secret)
+            .as_bytes()
+            .ct_eq(stored.as_bytes())
+            .into()
     }
 
     /// Whether `secret` matches the stored PHC string. Counts every verification.

@@ -32,6 +32,8 @@ impl Default for MemoryStore {
 #[derive(Default)]
 struct State {
     keys: HashMap<String, KeyRecord>,
+    /// Verifiers left beside key records (`KeyStore::set_verifier`).
+    verifiers: HashMap<String, String>,
     by_owner: BTreeMap<Owner, BTreeSet<String>>,
     /// (partner, tenant), and the same pairs as (tenant, partner).
     delegations: BTreeSet<(String, String)>,
@@ -143,6 +145,25 @@ impl KeyStore for MemoryStore {
         Ok(self.state.read().await.keys.get(key_id).cloned())
     }
 
+    async fn get_verifiable(
+        &self,
+        key_id: &str,
+    ) -> Result<Option<(KeyRecord, Option<String>)>, StoreError> {
+        let s = self.state.read().await;
+        Ok(s.keys
+            .get(key_id)
+            .map(|r| (r.clone(), s.verifiers.get(key_id).cloned())))
+    }
+
+    async fn set_verifier(&self, key_id: &str, verifier: &str) -> Result<bool, StoreError> {
+        let mut s = self.state.write().await;
+        if s.keys.get(key_id).is_none_or(|r| r.revoked_at_ms.is_some()) {
+            return Ok(false);
+        }
+        s.verifiers.insert(key_id.to_owned(), verifier.to_owned());
+        Ok(true)
+    }
+
     async fn list(
         &self,
         owner: &Owner,
@@ -185,6 +206,7 @@ impl KeyStore for MemoryStore {
         }
         rec.revoked_at_ms = Some(at_ms);
         let rec = rec.clone();
+        s.verifiers.remove(key_id);
         s.append_event(key_id, EventKind::Revoked, at_ms, self.max_events);
         self.appended.notify_waiters();
         Ok(Some(rec))
@@ -212,6 +234,7 @@ impl KeyStore for MemoryStore {
         let Some(rec) = s.keys.remove(key_id) else {
             return Ok(None);
         };
+        s.verifiers.remove(key_id);
         let owner = rec.owner();
         if let Some(ids) = s.by_owner.get_mut(&owner) {
             ids.remove(key_id);

@@ -569,6 +569,18 @@ pub trait KeyStore: Send + Sync + 'static {
 
     async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError>;
 
+    /// The key's record and the verifier a replica left beside it after verifying its
+    /// token (`apikey::SecretHasher::verifier`), in one read: what a verification needs.
+    async fn get_verifiable(
+        &self,
+        key_id: &str,
+    ) -> Result<Option<(KeyRecord, Option<String>)>, StoreError>;
+
+    /// Leaves `verifier` beside the key's record, if the record is there and not revoked.
+    /// Revoking or deleting the key removes it with the record's change. Returns whether
+    /// it was written.
+    async fn set_verifier(&self, key_id: &str, verifier: &str) -> Result<bool, StoreError>;
+
     /// An owner's keys in key-id order, starting after `after`.
     async fn list(
         &self,

@@ -106,6 +106,8 @@ pub struct RedisStore {
     lease: Script,
     usage: Script,
     record: Script,
+    /// `verifier.lua`: a verifier beside a key record, in either format.
+    verifier: Script,
 }
 
 /// How to reach Redis beyond its URL.
@@ -353,9 +355,9 @@ impl RedisStore {
             conn: OnceCell::new(),
             blocking: (0..opts.partitions).map(|_| OnceCell::new()).collect(),
             writes: OnceCell::new(),
+            reservations: OnceCell::new(),
             replica_acks: opts.replica_acks,
             timeout,
-            reservations: OnceCell::new(),
             layout: Layout::new(namespace, opts.partitions),
             create: Script::new(include_str!("lua/create.lua")),
             revoke: Script::new(include_str!("lua/revoke.lua")),
@@ -367,6 +369,7 @@ impl RedisStore {
             lease: Script::new(include_str!("lua/lease.lua")),
             usage: Script::new(include_str!("lua/usage.lua")),
             record: Script::new(include_str!("lua/record.lua")),
+            verifier: Script::new(include_str!("lua/verifier.lua")),
         })
     }
 
@@ -560,9 +563,6 @@ impl RedisStore {
             Change::Script(invocation) => self.run(invocation.invoke_async(&mut conn)).await?,
             Change::Command(cmd) => self.run(cmd.query_async(&mut conn)).await?,
         };
-        if self.replica_acks == 0 {
-            return Ok(());
-        }
         let slot = slot_of_tag(&self.layout.tags[partition]);
         self.await_replicas(&mut conn, slot, Acks::AllConnected)
             .await?;
@@ -583,12 +583,23 @@ impl RedisStore {
             Acks::AllConnected => "change",
             Acks::Strict => "reservation",
         };
+        if self.replica_acks == 0 {
+            return Ok(());
+        }
         let mut wait = redis::cmd("WAIT");
         wait.arg(self.replica_acks)
             .arg(self.timeout.as_millis() as u64);
         let acked: u32 = self.on_slot_master(conn, slot, &wait).await?;
         if acked >= self.replica_acks {
             return Ok(());
+        }
+        if acks == Acks::Strict {
+            crate::telemetry::metrics().store_errors.inc();
+            return Err(StoreError::Unavailable(format!(
+                "the {what} reached {acked} replica(s) in time, store.replica_acks is {}: \
+                 not spent (a failover could lose it)",
+                self.replica_acks
+            )));
         }
         // Fewer answered than asked: wait for the replicas there are. A master left with
         // none (its replica failed over to it, or died) has nobody to copy to; refusing
@@ -609,14 +620,6 @@ impl RedisStore {
                 "a {what} was acknowledged by fewer replicas than store.replica_acks: its master has no more connected"
             );
             return Ok(());
-        }
-        if acks == Acks::Strict {
-            crate::telemetry::metrics().store_errors.inc();
-            return Err(StoreError::Unavailable(format!(
-                "the {what} reached {acked} replica(s) in time, store.replica_acks is {}: \
-                 not spent (a failover could lose it)",
-                self.replica_acks
-            )));
         }
         crate::telemetry::metrics().store_errors.inc();
         Err(StoreError::Unavailable(format!(
@@ -650,9 +653,6 @@ impl RedisStore {
         }
     }
 
-    async fn writes_conn(&self) -> Result<Conn, StoreError> {
-        self.conn().await?;
-        let conn = self
     async fn reservations_conn(&self) -> Result<Conn, StoreError> {
         self.conn().await?;
         let conn = self
@@ -662,6 +662,9 @@ impl RedisStore {
         Ok(conn.clone())
     }
 
+    async fn writes_conn(&self) -> Result<Conn, StoreError> {
+        self.conn().await?;
+        let conn = self
             .writes
             .get_or_try_init(|| self.open(self.timeout * 2))
             .await?;
@@ -952,9 +955,6 @@ enum RecordFormat {
     Packed,
 }
 
-/// A change for `RedisStore::write`.
-enum Change<'a> {
-    Script(&'a redis::ScriptInvocation<'a>),
 /// What `RedisStore::await_replicas` accepts when fewer replicas than `replica_acks`
 /// acknowledge a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -967,6 +967,9 @@ enum Acks {
     Strict,
 }
 
+/// A change for `RedisStore::write`.
+enum Change<'a> {
+    Script(&'a redis::ScriptInvocation<'a>),
     Command(&'a redis::Cmd),
 }
 
@@ -1278,6 +1281,44 @@ impl KeyStore for RedisStore {
             .run(self.read_cmd(key_id).query_async(&mut conn))
             .await?;
         Ok(self.decode_raw(key_id, raw)?.map(|(record, _)| record))
+    }
+
+    async fn get_verifiable(
+        &self,
+        key_id: &str,
+    ) -> Result<Option<(KeyRecord, Option<String>)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let key = self.key_key(key_id);
+        let mut verifier = redis::cmd("HGET");
+        match self.format() {
+            RecordFormat::Hash => verifier.arg(&key).arg("verifier"),
+            RecordFormat::Packed => verifier.arg(&key).arg(format!("{key_id}:v")),
+        };
+        // One round trip: both live under the record's own key (one slot).
+        let (raw, verifier): (redis::Value, Option<String>) = self
+            .run(
+                redis::pipe()
+                    .add_command(self.read_cmd(key_id))
+                    .add_command(verifier)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(self
+            .decode_raw(key_id, raw)?
+            .map(|(record, _)| (record, verifier)))
+    }
+
+    async fn set_verifier(&self, key_id: &str, verifier: &str) -> Result<bool, StoreError> {
+        let mut invocation = self.verifier.prepare_invoke();
+        invocation.key(self.key_key(key_id));
+        match self.format() {
+            RecordFormat::Hash => invocation.arg("hash").arg(verifier),
+            RecordFormat::Packed => invocation.arg("packed").arg(verifier).arg(key_id),
+        };
+        // Not waited on by replicas: a verifier lost in a failover costs one argon2 run.
+        let mut conn = self.conn().await?;
+        let written: i64 = self.run(invocation.invoke_async(&mut conn)).await?;
+        Ok(written == 1)
     }
 
     async fn list(

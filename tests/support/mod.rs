@@ -522,6 +522,29 @@ impl KeyStore for CountingStore {
         answer
     }
 
+    /// Counted and held as `get`; while the hash is replaced, no verifier (it vouches for
+    /// the secret of the record as stored).
+    async fn get_verifiable(
+        &self,
+        key_id: &str,
+    ) -> Result<Option<(KeyRecord, Option<String>)>, StoreError> {
+        let replaced = self.hash.lock().unwrap().is_some();
+        let verifier = match replaced {
+            true => None,
+            false => self
+                .inner
+                .get_verifiable(key_id)
+                .await?
+                .and_then(|(_, v)| v),
+        };
+        Ok(self.get(key_id).await?.map(|record| (record, verifier)))
+    }
+
+    /// Not counted in `writes`: those are the record writes the tests count.
+    async fn set_verifier(&self, key_id: &str, verifier: &str) -> Result<bool, StoreError> {
+        self.inner.set_verifier(key_id, verifier).await
+    }
+
     async fn list(
         &self,
         owner: &keygate::store::Owner,

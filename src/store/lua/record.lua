@@ -1,7 +1,7 @@
 -- Every change of one key record in a partitioned layout. Records are fields of a
 -- partition's bucket hashes (field: the key id); each is one string,
 -- `<revoked_at_ms>|<allowed>|<denied>|<last_used_ms>|<packed record>` (the first four
--- empty until set), so that revoking and counting use change the fields in front and
+-- empty until set), and its verifier, if any, is field `<key id>:v` (`verifier.lua`), so that revoking and counting use change the fields in front and
 -- never read the packed bytes (src/store/packed.rs). Revoke, update and delete append
 -- their event to the partition's stream in the same step, as the hash layout's scripts do.
 -- ARGV[1] the operation, ARGV[2] the key id (the record's field):
@@ -63,6 +63,8 @@ if op == 'revoke' then
     f[1] = ARGV[3]
     s = join(f, packed)
     redis.call('HSET', KEYS[1], field, s)
+    -- A revoked key's verifier goes with its state (`verifier.lua`).
+    redis.call('HDEL', KEYS[1], field .. ':v')
     event(KEYS[2], ARGV[5], ARGV[4], ARGV[6], ARGV[3])
   end
   return s
@@ -81,7 +83,7 @@ elseif op == 'delete' then
   if not s then
     return false
   end
-  redis.call('HDEL', KEYS[1], field)
+  redis.call('HDEL', KEYS[1], field, field .. ':v')
   event(KEYS[2], ARGV[5], ARGV[4], ARGV[6], ARGV[3])
   return s
 end

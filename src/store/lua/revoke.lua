@@ -8,6 +8,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   return false
 end
 if redis.call('HSETNX', KEYS[1], 'revoked_at_ms', ARGV[1]) == 1 then
+  -- A revoked key's verifier goes with its state (`verifier.lua`).
+  redis.call('HDEL', KEYS[1], 'verifier')
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',
     'key_id', ARGV[2], 'kind', ARGV[4], 'at_ms', ARGV[1])
 end
