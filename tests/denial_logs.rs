@@ -3,41 +3,9 @@
 
 mod support;
 
-use std::sync::{Mutex, OnceLock};
-
 use keygate::server::App;
+use support::logs::{capture_logs, logs};
 use support::{config, secrets, Backend, Outcome};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer as _;
-
-static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_logs() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(|| Capture)
-                    .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
-            )
-            .init();
-    });
-}
 
 fn denials_counted() -> u64 {
     let text = keygate::telemetry::render();
@@ -62,10 +30,11 @@ async fn a_flood_of_denials_is_counted_in_full_and_logged_at_a_bounded_rate() {
     }
     let seconds = started.elapsed().as_secs() + 1;
     assert_eq!(denials_counted() - before, FLOOD, "every denial is counted");
-    let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned();
+    let logs = logs();
+    // The text lines at INFO (the ones left out are at DEBUG).
     let lines: Vec<&str> = logs
         .lines()
-        .filter(|l| l.contains("request denied"))
+        .filter(|l| l.contains(" INFO ") && l.contains("request denied"))
         .collect();
     // Ten a second, over the seconds the flood touched (the first and last may be partial).
     assert!(!lines.is_empty(), "denials are logged");

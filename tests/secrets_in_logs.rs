@@ -5,64 +5,14 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use keygate::api::proto::{self, authorizer_client::AuthorizerClient, keys_client::KeysClient};
 use keygate::config::Secrets;
 use keygate::secret::Secret;
 use keygate::server::{self, App};
+use support::logs::{capture_logs, logs};
 use support::{with_admin, Backend, Outcome, RedisOptions, RedisServer};
-use tracing_subscriber::fmt::format::FmtSpan;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer as _;
-
-static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-/// Appends to `LOGS`.
-struct Capture;
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Installs the capturing subscriber once for the whole test binary (every thread,
-/// including the blocking pool and the servers' tasks, logs into it).
-fn capture_logs() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_span_events(FmtSpan::NEW | FmtSpan::CLOSE)
-                    .with_writer(|| Capture)
-                    .with_filter(tracing_subscriber::filter::LevelFilter::TRACE),
-            )
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_span_list(true)
-                    .with_writer(|| Capture)
-                    .with_filter(tracing_subscriber::filter::LevelFilter::TRACE),
-            )
-            .try_init()
-            .expect("no other subscriber in this test binary");
-    });
-}
-
-fn logs() -> String {
-    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
-}
 
 /// Everything that must never be logged, by name (for the failure message).
 struct Forbidden(Vec<(String, String)>);

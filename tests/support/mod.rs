@@ -36,6 +36,7 @@ use keygate::store::{EventId, KeyPage, KeyRecord, KeyStore, StoreError, StreamEn
 use tokio::sync::{Notify, Semaphore};
 
 mod cluster;
+pub mod logs;
 pub use cluster::*;
 
 /// One Redis Cluster for the tests of a binary that leave it whole (each in a namespace of
