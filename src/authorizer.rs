@@ -414,7 +414,7 @@ impl Authorizer {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(reason = %e, "request path refused");
-                return Decision::deny(DenyReason::InvalidPath);
+                return Decision::Deny(Denial::invalid_path(e));
             }
         };
         let overrides = match self.method_overrides(req) {
@@ -431,7 +431,7 @@ impl Authorizer {
                 Ok(r) => also.push(r),
                 Err(e) => {
                     tracing::debug!(reason = %e, "request path refused");
-                    return Decision::deny(DenyReason::InvalidPath);
+                    return Decision::Deny(Denial::invalid_path(e));
                 }
             }
         }

@@ -14,6 +14,7 @@ use serde_yaml_ng::Value;
 
 use crate::config::{ConfigError, ErrorsConfig};
 use crate::principal::Principal;
+use crate::request::PathError;
 
 /// A public error code, with its HTTP status and the message a client sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -158,6 +159,8 @@ pub struct Denial {
     pub retry_after: Option<u64>,
     /// With `rate_limited`: the limit, for the `x-ratelimit-*` headers.
     pub rate: Option<RateInfo>,
+    /// With `invalid_path`: what in the path was refused, named in the answer's message.
+    pub path: Option<PathError>,
 }
 
 impl Denial {
@@ -166,6 +169,15 @@ impl Denial {
             reason,
             retry_after: None,
             rate: None,
+            path: None,
+        }
+    }
+
+    /// 400 `invalid_path`, naming what was refused.
+    pub fn invalid_path(refused: PathError) -> Self {
+        Denial {
+            path: Some(refused),
+            ..Denial::new(DenyReason::InvalidPath)
         }
     }
 
@@ -175,6 +187,7 @@ impl Denial {
             reason: DenyReason::RateLimited,
             retry_after: rate.retry_after,
             rate: Some(rate),
+            path: None,
         }
     }
 }
@@ -197,6 +210,9 @@ pub struct PublicError {
 #[derive(Debug, Clone)]
 pub struct ErrorShape {
     answers: Vec<PublicError>,
+    /// `invalid_path`'s answer for each `PathError`, its message naming what was refused
+    /// (unless the deployment set `invalid_path`'s message).
+    path_answers: Vec<PublicError>,
     www_authenticate: Option<Arc<str>>,
 }
 
@@ -209,6 +225,17 @@ impl ErrorShape {
     /// The answer to `reason`.
     pub fn answer(&self, reason: DenyReason) -> &PublicError {
         &self.answers[reason.index()]
+    }
+
+    /// The answer to a denial: its reason's, or for a refused path the one naming what
+    /// was refused.
+    pub fn answer_to(&self, denial: &Denial) -> &PublicError {
+        match denial.path {
+            Some(refused) if denial.reason == DenyReason::InvalidPath => {
+                &self.path_answers[refused.index()]
+            }
+            _ => self.answer(denial.reason),
+        }
     }
 
     /// The `www-authenticate` value for a 401, if one is sent.
@@ -286,33 +313,52 @@ impl ErrorShape {
                 "is not a valid header value",
             ));
         }
+        let public = |code: String, message: String, status: u16| {
+            let body = render(&template, &code, &message, status);
+            let body = serde_json::to_string(&body).map_err(|e| {
+                ConfigError::new("errors.body", format!("cannot be written as JSON: {e}"))
+            })?;
+            Ok::<_, ConfigError>(PublicError {
+                code,
+                message: message.into(),
+                status,
+                body: body.into(),
+            })
+        };
         let answers = DenyReason::ALL
             .into_iter()
             .map(|reason| {
                 let over = cfg.codes.get(reason.code()).cloned().unwrap_or_default();
-                let (code, message, status) = if cfg.opaque && reason.is_unauthenticated() {
-                    (OPAQUE_CODE.to_owned(), cfg.opaque_message.clone(), 401)
-                } else {
-                    (
-                        over.code.unwrap_or_else(|| reason.code().to_owned()),
-                        over.message.unwrap_or_else(|| reason.message().to_owned()),
-                        over.status.unwrap_or(reason.http_status()),
-                    )
-                };
-                let body = render(&template, &code, &message, status);
-                let body = serde_json::to_string(&body).map_err(|e| {
-                    ConfigError::new("errors.body", format!("cannot be written as JSON: {e}"))
-                })?;
-                Ok(PublicError {
-                    code,
-                    message: message.into(),
-                    status,
-                    body: body.into(),
-                })
+                if cfg.opaque && reason.is_unauthenticated() {
+                    return public(OPAQUE_CODE.to_owned(), cfg.opaque_message.clone(), 401);
+                }
+                public(
+                    over.code.unwrap_or_else(|| reason.code().to_owned()),
+                    over.message.unwrap_or_else(|| reason.message().to_owned()),
+                    over.status.unwrap_or(reason.http_status()),
+                )
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let invalid_path = &answers[DenyReason::InvalidPath.index()];
+        let own_message = cfg
+            .codes
+            .get(DenyReason::InvalidPath.code())
+            .is_some_and(|o| o.message.is_some());
+        let path_answers = PathError::ALL
+            .into_iter()
+            .map(|refused| {
+                if own_message {
+                    return Ok(invalid_path.clone());
+                }
+                // Fixed per reason, no request data: "… safely: the path holds a backslash."
+                let base = DenyReason::InvalidPath.message().trim_end_matches('.');
+                let message = format!("{base}: {refused}.");
+                public(invalid_path.code.clone(), message, invalid_path.status)
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         Ok(ErrorShape {
             answers,
+            path_answers,
             www_authenticate: (!cfg.www_authenticate.is_empty())
                 .then(|| cfg.www_authenticate.as_str().into()),
         })
@@ -448,6 +494,27 @@ impl Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_path_is_answered_naming_what_was_refused() {
+        let default = ErrorShape::compile(&ErrorsConfig::default()).unwrap();
+        let mut bodies = std::collections::HashSet::new();
+        for refused in PathError::ALL {
+            let e = default.answer_to(&Denial::invalid_path(refused));
+            assert_eq!((e.code.as_str(), e.status), ("invalid_path", 400));
+            assert!(e.message.ends_with(&format!("{refused}.")), "{}", e.message);
+            let body: serde_json::Value = serde_json::from_str(&e.body).unwrap();
+            assert_eq!(body["error"]["message"], *e.message, "{}", e.body);
+            bodies.insert(e.body.clone());
+        }
+        assert_eq!(bodies.len(), PathError::ALL.len(), "one answer per reason");
+        // Without a reason, and where the deployment words invalid_path itself, one answer.
+        let plain = default.answer_to(&Denial::new(DenyReason::InvalidPath));
+        assert_eq!(plain, default.answer(DenyReason::InvalidPath));
+        let own = shape("errors: { codes: { invalid_path: { message: \"Bad path.\" } } }").unwrap();
+        let e = own.answer_to(&Denial::invalid_path(PathError::Backslash));
+        assert_eq!(&*e.message, "Bad path.");
+    }
 
     #[test]
     fn every_code_has_the_status_of_the_design_table() {

@@ -86,6 +86,31 @@ pub enum PathError {
 }
 
 impl PathError {
+    /// Every reason, in the order `index` numbers them.
+    pub const ALL: [PathError; 13] = [
+        PathError::NotAbsolute,
+        PathError::Fragment,
+        PathError::Unprintable,
+        PathError::Backslash,
+        PathError::BadPercent,
+        PathError::Parameters,
+        PathError::EncodedSlash,
+        PathError::EncodedBackslash,
+        PathError::EncodedPercent,
+        PathError::InvalidUtf8,
+        PathError::Lookalike,
+        PathError::EmptySegment,
+        PathError::Readings,
+    ];
+
+    /// Its place in `ALL`.
+    pub fn index(self) -> usize {
+        PathError::ALL
+            .iter()
+            .position(|e| *e == self)
+            .expect("ALL holds every reason")
+    }
+
     /// The relaxation that lets a route take a path refused for this reason, if there is
     /// one.
     pub fn relaxation(self) -> Option<PathRelaxation> {

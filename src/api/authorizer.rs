@@ -226,7 +226,7 @@ impl AuthorizerApi for AuthorizerService {
 
 impl AuthorizerService {
     fn denial(&self, d: &Denial) -> proto::Denial {
-        let error = self.errors.answer(d.reason);
+        let error = self.errors.answer_to(d);
         proto::Denial {
             code: error.code.to_owned(),
             message: error.message.to_string(),

@@ -189,7 +189,7 @@ impl EnvoyAuthorization {
     }
 
     fn deny(&self, denial: &Denial) -> CheckResponse {
-        let error = self.errors.answer(denial.reason);
+        let error = self.errors.answer_to(denial);
         let mut headers = vec![overwrite("content-type", "application/json")];
         if let Some(challenge) = self.errors.www_authenticate(error) {
             headers.push(overwrite("www-authenticate", challenge));

@@ -67,6 +67,22 @@ def test_a_path_servers_read_differently_is_refused(plain_stack, path):
     assert resp.upstream == [], f"the upstream was reached:\n{resp}"
 
 
+@pytest.mark.parametrize(
+    "path, named",
+    [
+        ("/v1/contacts/a%2Fb", "`%2F`"),
+        ("/v1/contacts/a;b", "path parameters"),
+        ("/v1//contacts/42", "empty segment"),
+    ],
+)
+def test_a_refused_path_is_answered_naming_what_was_refused(plain_stack, path, named):
+    resp = plain_stack.request("GET", path)
+    assert_denied(resp, 400, "invalid_path")
+    message = resp.json()["error"]["message"]
+    assert named in message, message
+    assert path not in message, "the path itself is never echoed"
+
+
 def test_a_public_route_stays_public(plain_stack):
     assert_allowed(plain_stack.request("GET", "/public/health"))
 
