@@ -715,7 +715,8 @@ const MARKED_DOWN: &str =
 /// Without this a killed Redis costs every call a full `store.timeout`: the connection
 /// manager waits out its reconnection backoff before it gives up, and the check behind the
 /// call outlives Envoy's own timeout (so `rate_limits.on_store_error: allow` never gets to
-/// allow). A refused or reset connection marks the store down; while it is down every call
+/// allow). A refused connection marks the store down (a reset one, once a new connection
+/// is refused too: `Health::check`); while it is down every call
 /// fails at once (UNAVAILABLE, counted in `keygate_store_fast_failures_total`, and in
 /// `keygate_store_errors_total` as every failed call is), and one background probe
 /// connects anew, at once and then on a bounded backoff (`PROBE_FIRST_WAIT` doubling to
@@ -744,6 +745,8 @@ struct Health {
 struct HealthState {
     down: bool,
     probing: bool,
+    /// A dropped connection's check is under way (`Health::check`).
+    checking: bool,
     /// The single Redis's connection managers opened so far (those still in use), which
     /// the probe reconnects before marking the store up: a manager whose last reconnection
     /// failed would otherwise fail its next call before it tries again.
@@ -790,17 +793,45 @@ impl Health {
         state.managers.push(Arc::downgrade(manager));
     }
 
-    /// A call begun in `epoch` failed with `e`: a refused or dropped connection marks the
-    /// store down (unless it was marked up since the call began: that call was on a
-    /// connection of the outage).
+    /// A call begun in `epoch` failed with `e`: a refused connection marks the store down
+    /// (unless it was marked up since the call began: that call was on a connection of the
+    /// outage). A dropped one marks it down only if a new connection is refused too: one
+    /// connection closed (by Redis's idle `timeout`, `CLIENT KILL`, a proxy) is not an
+    /// outage, and must not fail every other call.
     fn failed(self: &Arc<Self>, e: redis::RedisError, epoch: u64) -> StoreError {
-        if self.probe.is_some() && (e.is_connection_refusal() || e.is_connection_dropped()) {
-            self.mark_down(epoch, &e);
+        if self.probe.is_some() {
+            if e.is_connection_refusal() {
+                self.mark_down(epoch, &e);
+            } else if e.is_connection_dropped() {
+                self.check(epoch);
+            }
         }
         unavailable(e)
     }
 
-    fn mark_down(self: &Arc<Self>, epoch: u64, why: &redis::RedisError) {
+    /// After a dropped connection: one new connection decides whether Redis is down.
+    fn check(self: &Arc<Self>, epoch: u64) {
+        {
+            let mut state = self.state();
+            if state.down || state.probing || state.checking {
+                return;
+            }
+            state.checking = true;
+        }
+        let health = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let Some(h) = health.upgrade() else {
+                return;
+            };
+            let reaches = h.reaches_redis().await;
+            h.state().checking = false;
+            if !reaches {
+                h.mark_down(epoch, &"a connection was dropped and a new one is refused");
+            }
+        });
+    }
+
+    fn mark_down(self: &Arc<Self>, epoch: u64, why: &dyn std::fmt::Display) {
         let mut state = self.state();
         if self.epoch.load(Ordering::Acquire) != epoch {
             return;
@@ -895,7 +926,7 @@ fn health_metrics() -> &'static HealthMetrics {
     METRICS.get_or_init(|| {
         let marked_down = prometheus::IntGauge::new(
             "store_marked_down",
-            "1 while Redis is marked down (it refused or dropped a connection): store calls fail at once until a probe reaches it again.",
+            "1 while Redis is marked down (it refused a connection): store calls fail at once until a probe reaches it again.",
         )
         .expect("valid metric");
         let fast_failures = prometheus::IntCounter::new(
