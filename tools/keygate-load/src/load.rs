@@ -508,6 +508,9 @@ async fn open_loop(
                 lag: Some(sent.saturating_duration_since(due)),
             });
             send(&conn, frame, &recorder, charge).await;
+            // The recorder first: on a multi-threaded generator the run takes it back as
+            // soon as the last permit is returned.
+            drop(recorder);
             drop(permit);
         });
     }

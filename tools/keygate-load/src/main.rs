@@ -2,19 +2,22 @@
 //! server it is compared with, and the benchmark scenarios of BENCHMARKS.md.
 //!
 //! ```text
-//! keygate-load cache-hit | warm-keys | cold-keys | single-flight | memory | envoy
+//! keygate-load cache-hit | cache-hit-user | warm-keys | cold-keys | single-flight | memory | envoy
+//! keygate-load scale-out | rolling-restart
 //! keygate-load run --target 127.0.0.1:50051 --token sk_live_… [--rate 5000] [--json]
 //! keygate-load noop-server --listen 127.0.0.1:50061
 //! ```
 //!
-//! The generator runs on one thread (a current-thread runtime; in open loop a timerfd in
-//! its reactor keeps the schedule): on a small machine, every core it takes is taken from
-//! the target.
+//! The generator runs on one thread unless told otherwise (`--generator-threads`; a
+//! current-thread runtime; in open loop a timerfd in its reactor keeps the schedule): on a
+//! small machine, every core it takes is taken from the target. `cache-hit-user` runs it
+//! on two, as a user's load comes from many clients.
 
 #![forbid(unsafe_code)]
 
 mod client;
 mod envoy;
+mod fleet;
 mod load;
 mod noop;
 mod procs;
@@ -56,6 +59,21 @@ enum Cmd {
     /// One cached API key: closed loop (max req/s), then open loop at 50% of the
     /// baseline's max (latency), keygate vs the no-op baseline.
     CacheHit(Common),
+    /// The cache hit as a user's load looks: `keygate serve --dev` (config/dev.yaml as
+    /// shipped), 64 connections, 256 in flight, a generator on two threads, no pinning;
+    /// one credential and `--keys` in rotation, each against the no-op baselines.
+    #[command(
+        mut_arg("connections", |a| a.default_value("64")),
+        mut_arg("concurrency", |a| a.default_value("256")),
+        mut_arg("generator_threads", |a| a.default_value("2")),
+    )]
+    CacheHitUser(scenarios::UserShaped),
+    /// N active keys verified by one replica; a second replica started under load and
+    /// every key's first check on it sent at once, each with Envoy's 250 ms timeout.
+    ScaleOut(fleet::ScaleOutArgs),
+    /// Three replicas over N keys under steady load, restarted one by one (SIGTERM,
+    /// start, ready): failed checks per phase.
+    RollingRestart(fleet::RollingArgs),
     /// Many distinct cached keys in rotation (closed loop), keygate vs the baseline.
     WarmKeys {
         #[command(flatten)]
@@ -121,6 +139,10 @@ enum Cmd {
         /// attributes undecoded, as keygate does before reading them.
         #[arg(long, conflicts_with_all = ["dump_first", "busy"])]
         outer_decode_only: bool,
+        /// envoy-types' generated server as a user would write it: tonic's own accept
+        /// loop and defaults, none of keygate's transport or builder settings.
+        #[arg(long, conflicts_with = "outer_decode_only")]
+        plain: bool,
     },
     /// A minimal HTTP/1.1 service answering every request `200 ok` (the upstream of
     /// `envoy --upstream`).
@@ -178,6 +200,7 @@ fn main() {
             answer_file,
             busy,
             outer_decode_only,
+            plain,
         } => answer_file
             .map_or_else(
                 || Ok(noop::ok_response(response_bytes)),
@@ -187,24 +210,31 @@ fn main() {
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
                     .build()?;
-                rt.block_on(noop::serve(
-                    listen,
-                    dump_first,
-                    response,
-                    busy,
-                    outer_decode_only,
-                ))
+                let flavour = if plain {
+                    noop::Flavour::Plain
+                } else if outer_decode_only {
+                    noop::Flavour::OuterDecodeOnly
+                } else {
+                    noop::Flavour::Generated
+                };
+                rt.block_on(noop::serve(listen, dump_first, response, busy, flavour))
             }),
         Cmd::UpstreamServer { listen } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(upstream::serve(listen))),
-        other => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(dispatch(other))),
+        other => match generator_threads(&other) {
+            1 => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            n => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .enable_all()
+                .build(),
+        }
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(dispatch(other))),
     };
     if let Err(e) = result {
         eprintln!("keygate-load: {e:#}");
@@ -212,9 +242,26 @@ fn main() {
     }
 }
 
+/// The generator's threads (`--generator-threads`; 1 where the command has no such option).
+fn generator_threads(cmd: &Cmd) -> usize {
+    let common = match cmd {
+        Cmd::CacheHit(c) | Cmd::Jwt(c) | Cmd::RateLimited(c) => c,
+        Cmd::CacheHitUser(u) => &u.common,
+        Cmd::WarmKeys { common, .. }
+        | Cmd::ColdKeys { common, .. }
+        | Cmd::SingleFlight { common, .. }
+        | Cmd::Memory { common, .. } => common,
+        _ => return 1,
+    };
+    common.generator_threads.max(1)
+}
+
 async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::CacheHit(c) => scenarios::cache_hit(&c).await,
+        Cmd::CacheHitUser(u) => scenarios::cache_hit_user(&u).await,
+        Cmd::ScaleOut(a) => fleet::scale_out(&a).await,
+        Cmd::RollingRestart(a) => fleet::rolling_restart(&a).await,
         Cmd::WarmKeys { common, keys } => scenarios::warm_keys(&common, keys).await,
         Cmd::ColdKeys {
             common,

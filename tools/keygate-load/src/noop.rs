@@ -110,52 +110,76 @@ impl keygate::api::envoy_wire::Authorization for OuterDecodeOnly {
     }
 }
 
+/// Which no-op serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavour {
+    /// envoy-types' generated server on keygate's transport and builder settings.
+    Generated,
+    /// `OuterDecodeOnly` on keygate's transport and builder settings.
+    OuterDecodeOnly,
+    /// envoy-types' generated server as a user would write it: tonic's own accept loop
+    /// and defaults, none of keygate's transport or settings.
+    Plain,
+}
+
 /// Serves until the process is stopped, on keygate's own transport
 /// (`keygate::transport::incoming`: TCP_NODELAY, one write per small answer) and with
-/// the builder settings of keygate's gRPC listener (`src/server.rs`). `outer_decode_only`
-/// serves `OuterDecodeOnly` instead of envoy-types' generated server.
+/// the builder settings of keygate's gRPC listener (`src/server.rs`), except `Plain`.
 pub async fn serve(
     listen: SocketAddr,
     dump_first: bool,
     response: CheckResponse,
     busy: Duration,
-    outer_decode_only: bool,
+    flavour: Flavour,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!(
         "noop ext_authz server listening on {}",
         listener.local_addr()?
     );
-    serve_on(listener, dump_first, response, busy, outer_decode_only).await
+    serve_on(listener, dump_first, response, busy, flavour).await
 }
 
-async fn serve_on(
+pub async fn serve_on(
     listener: tokio::net::TcpListener,
     dump_first: bool,
     response: CheckResponse,
     busy: Duration,
-    outer_decode_only: bool,
+    flavour: Flavour,
 ) -> anyhow::Result<()> {
-    let incoming = keygate::transport::incoming(listener, None);
-    let mut builder =
-        tonic::transport::Server::builder().max_connection_age(Duration::from_secs(300));
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    if outer_decode_only {
+    let noop = NoopAuthorization {
+        dump_first: AtomicBool::new(dump_first),
+        busy,
+        response,
+    };
+    if flavour == Flavour::Plain {
+        tonic::transport::Server::builder()
+            .add_service(AuthorizationServer::new(noop))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                shutdown,
+            )
+            .await?;
+        return Ok(());
+    }
+    let incoming = keygate::transport::incoming(listener, None);
+    let mut builder =
+        tonic::transport::Server::builder().max_connection_age(Duration::from_secs(300));
+    if flavour == Flavour::OuterDecodeOnly {
         builder
             .add_service(keygate::api::envoy_wire::AuthorizationServer::new(
-                OuterDecodeOnly { response },
+                OuterDecodeOnly {
+                    response: noop.response,
+                },
             ))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
     } else {
         builder
-            .add_service(AuthorizationServer::new(NoopAuthorization {
-                dump_first: AtomicBool::new(dump_first),
-                busy,
-                response,
-            }))
+            .add_service(AuthorizationServer::new(noop))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
     }
@@ -166,13 +190,13 @@ async fn serve_on(
 mod tests {
     use super::*;
 
-    /// Both no-ops answer a request shaped like Envoy's with the answer they were given.
+    /// Every no-op answers a request shaped like Envoy's with the answer it was given.
     #[tokio::test]
-    async fn both_servers_allow_with_their_answer() {
+    async fn every_noop_allows_with_its_answer() {
         use crate::client::Connection;
         use crate::shape::{Ids, Shape, Template};
         let template = Template::new(&Shape::new("GET", "/v1/contacts/1"), 20);
-        for outer_decode_only in [false, true] {
+        for flavour in [Flavour::Generated, Flavour::OuterDecodeOnly, Flavour::Plain] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let response = ok_response(300);
@@ -181,7 +205,7 @@ mod tests {
                 false,
                 response.clone(),
                 Duration::ZERO,
-                outer_decode_only,
+                flavour,
             ));
             let answer = Connection::open(addr, None)
                 .await
@@ -192,7 +216,7 @@ mod tests {
             assert_eq!(
                 CheckResponse::decode(answer).unwrap(),
                 response,
-                "outer_decode_only: {outer_decode_only}"
+                "{flavour:?}"
             );
             server.abort();
         }

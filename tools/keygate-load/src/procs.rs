@@ -69,7 +69,11 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
-        let out = fs::File::create(&log)?;
+        // Appended to: a restarted replica's log goes on in the same file.
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
@@ -93,6 +97,37 @@ impl Proc {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Stops the process the way Kubernetes does (SIGTERM), and waits up to `timeout` for
+    /// it to exit; past that it is killed and the stop reported as failed.
+    pub async fn terminate(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} had already exited ({status})", self.name);
+        }
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32)
+            .context("a child's pid is positive")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .with_context(|| format!("cannot send SIGTERM to {}", self.name))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!(
+                    "{} did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until every address accepts connections; fails early if the process exits.
@@ -355,6 +390,11 @@ pub async fn noop_server_outer_decode_only(
     .await
 }
 
+/// The no-op as a user would write it (`noop-server --plain`), answering 4 bytes.
+pub async fn noop_server_plain(scratch: &Scratch) -> anyhow::Result<(Proc, SocketAddr)> {
+    noop_server_with(scratch, &["--plain"]).await
+}
+
 /// The no-op baseline answering with the encoded CheckResponse in `answer`.
 pub async fn noop_server_answering(
     scratch: &Scratch,
@@ -423,7 +463,7 @@ pub enum StoreKind {
     Redis,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct KeygateOptions {
     pub bin: PathBuf,
     /// Redis address when the store is Redis.
@@ -433,6 +473,56 @@ pub struct KeygateOptions {
     pub default_argon2: bool,
     /// Further `KEYGATE_…` configuration, applied last.
     pub env: Vec<(String, String)>,
+    /// `keygate serve --dev`: the sample policy built into keygate (config/dev.yaml as
+    /// shipped, argon2 defaults, `cache.ttl` 30 s) instead of `benches/keygate.yaml`.
+    pub dev: bool,
+    /// The secrets of the deployment the replica belongs to; a deployment of its own when
+    /// `None`.
+    pub deployment: Option<Deployment>,
+    /// The replica's listeners (a restarted replica keeps its own); free ports when `None`.
+    pub addrs: Option<Addrs>,
+    /// Names its log file (`<name>.log` in the scratch directory); `keygate` when empty.
+    pub name: String,
+}
+
+/// What the replicas of one deployment share: the pepper and the admin credential.
+#[derive(Clone)]
+pub struct Deployment {
+    pepper: String,
+    admin_token: String,
+}
+
+impl Deployment {
+    pub fn new() -> Deployment {
+        Deployment {
+            pepper: keygate::secret::Secret::random(43).expose().to_owned(),
+            admin_token: keygate::secret::Secret::random(32).expose().to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Deployment { .. }")
+    }
+}
+
+/// A replica's listeners.
+#[derive(Debug, Clone, Copy)]
+pub struct Addrs {
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl Addrs {
+    pub fn free() -> anyhow::Result<Addrs> {
+        Ok(Addrs {
+            grpc: free_port()?,
+            admin: free_port()?,
+            http: free_port()?,
+        })
+    }
 }
 
 /// A running keygate (release build), with its addresses and admin credential.
@@ -446,42 +536,96 @@ pub struct Keygate {
 
 impl Keygate {
     pub async fn start(opts: &KeygateOptions, scratch: &Scratch) -> anyhow::Result<Keygate> {
-        let (grpc, admin, http) = (free_port()?, free_port()?, free_port()?);
-        let config = scratch.path().join("keygate.yaml");
-        fs::write(&config, BENCH_CONFIG)?;
-        let admin_token = keygate::secret::Secret::random(32).expose().to_owned();
+        let Addrs { grpc, admin, http } = match opts.addrs {
+            Some(a) => a,
+            None => Addrs::free()?,
+        };
+        let deployment = opts.deployment.clone().unwrap_or_else(Deployment::new);
+        let name = if opts.name.is_empty() {
+            "keygate"
+        } else {
+            &opts.name
+        };
         let mut cmd = Command::new(&opts.bin);
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .env_clear()
+        cmd.arg("serve");
+        if opts.dev {
+            cmd.arg("--dev");
+        } else {
+            let config = scratch.path().join("keygate.yaml");
+            fs::write(&config, BENCH_CONFIG)?;
+            cmd.arg("--config").arg(&config);
+        }
+        cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env(
-                "KEYGATE_PEPPER",
-                keygate::secret::Secret::random(43).expose(),
-            )
-            .env("KEYGATE_ADMIN_TOKEN", &admin_token)
+            .env("KEYGATE_PEPPER", &deployment.pepper)
+            .env("KEYGATE_ADMIN_TOKEN", &deployment.admin_token)
             .env("KEYGATE_LISTEN__GRPC", grpc.to_string())
             .env("KEYGATE_LISTEN__ADMIN", admin.to_string())
             .env("KEYGATE_LISTEN__HTTP", http.to_string());
+        if opts.dev {
+            // The state file `serve --dev` writes for the CLI goes to the scratch
+            // directory, not over the user's own.
+            cmd.env(
+                "KEYGATE_STATE_DIR",
+                scratch.path().join(format!("{name}-state")),
+            );
+        }
         if let Some(redis) = opts.redis {
             cmd.env("KEYGATE_STORE__BACKEND", "redis")
                 .env("KEYGATE_STORE__REDIS_URL", format!("redis://{redis}"));
         }
-        if opts.default_argon2 {
+        if opts.default_argon2 && !opts.dev {
             // An empty mapping: every argon2 field at its default (19 MiB, 2 passes, 1 lane).
             cmd.env("KEYGATE_API_KEYS__ARGON2", "{}");
         }
         cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
-        let mut proc = Proc::spawn("keygate", &mut cmd, scratch.path().join("keygate.log"))?;
+        let mut proc = Proc::spawn(name, &mut cmd, scratch.path().join(format!("{name}.log")))?;
         proc.wait_listening(&[grpc, admin, http]).await?;
         Ok(Keygate {
             proc,
             grpc,
             admin,
             http,
-            admin_token,
+            admin_token: deployment.admin_token,
         })
+    }
+
+    pub fn addrs(&self) -> Addrs {
+        Addrs {
+            grpc: self.grpc,
+            admin: self.admin,
+            http: self.http,
+        }
+    }
+
+    /// Whether `/readyz` answers 200 (what a load balancer's readiness probe asks).
+    pub async fn is_ready(&self) -> bool {
+        is_ready(self.http).await
+    }
+
+    /// Waits (up to 30 s) until `/readyz` answers 200; fails early if the process exits.
+    pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.proc.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before it was ready:\n{}",
+                    self.proc.name,
+                    self.proc.log_tail()
+                );
+            }
+            if self.is_ready().await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} was not ready within {START_TIMEOUT:?}:\n{}",
+                    self.proc.name,
+                    self.proc.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Creates `n` keys with `scopes` through `keygate.v1.Keys/CreateKey`, `parallel` at
@@ -549,6 +693,11 @@ pub fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
+/// Whether `/readyz` on `http` answers 200.
+pub async fn is_ready(http: SocketAddr) -> bool {
+    http_get(http, "/readyz").await.is_ok()
+}
+
 /// A minimal HTTP/1.1 GET (the benchmark reads /metrics and Envoy's admin page).
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let fetch = async {
@@ -600,6 +749,23 @@ mod tests {
             now.since(&before).retransmitted,
             now.retransmitted - before.retransmitted
         );
+    }
+
+    /// A graceful stop is SIGTERM, and the process's exit is awaited.
+    #[tokio::test]
+    async fn terminate_sends_sigterm_and_waits_for_the_exit() {
+        use std::os::unix::process::ExitStatusExt;
+        let scratch = Scratch::new("terminate-test").unwrap();
+        let mut p = Proc::spawn(
+            "sleep",
+            Command::new("sleep").arg("600"),
+            scratch.path().join("sleep.log"),
+        )
+        .unwrap();
+        let status = p.terminate(Duration::from_secs(30)).await.unwrap();
+        assert_eq!(status.signal(), Some(15), "{status}");
+        let err = p.terminate(Duration::from_secs(1)).await.unwrap_err();
+        assert!(err.to_string().contains("already exited"), "{err}");
     }
 
     #[test]

@@ -128,6 +128,12 @@ pub struct ScenarioReport {
     pub targets: Vec<TargetCheck>,
     pub runs: Vec<RunReport>,
     pub notes: Vec<String>,
+    /// Tables of a scenario's own (Markdown), printed after the comparison tables.
+    #[serde(skip)]
+    pub sections: Vec<String>,
+    /// A scenario's phases and what failed in each (the fleet scenarios).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<crate::fleet::PhaseReport>,
 }
 
 impl ScenarioReport {
@@ -149,6 +155,8 @@ impl ScenarioReport {
             targets: Vec::new(),
             runs: Vec::new(),
             notes: Vec::new(),
+            sections: Vec::new(),
+            phases: Vec::new(),
         }
     }
 
@@ -183,6 +191,10 @@ impl ScenarioReport {
         );
         for t in &self.tables {
             out += &table_markdown(t);
+            out += "\n";
+        }
+        for s in &self.sections {
+            out += s;
             out += "\n";
         }
         if !self.facts.is_empty() {

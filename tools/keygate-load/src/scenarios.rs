@@ -19,6 +19,7 @@ use crate::shape::{Shape, Template};
 
 const SIZED_LABEL: &str = "no-op, keygate-sized answer";
 const OUTER_LABEL: &str = "no-op, keygate-sized, outer decode only";
+const PLAIN_LABEL: &str = "no-op, plain tonic (tonic's accept loop and defaults)";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Common {
@@ -64,6 +65,15 @@ pub struct Common {
     /// wrk) CPU 1, so that each side has a core of its own. keygate then runs one worker.
     #[arg(long)]
     pub pin: bool,
+    /// Run keygate as `keygate serve --dev`: the policy built into keygate
+    /// (config/dev.yaml as shipped: argon2 defaults, `cache.ttl` 30 s) instead of
+    /// benches/keygate.yaml.
+    #[arg(long)]
+    pub dev: bool,
+    /// Threads of the generator. With one, the generator can use at most one core: on 2
+    /// cores it then sets the pace of a target cheaper than itself (BENCHMARKS.md).
+    #[arg(long, default_value_t = 1)]
+    pub generator_threads: usize,
     /// Print one JSON object instead of Markdown.
     #[arg(long)]
     pub json: bool,
@@ -72,7 +82,24 @@ pub struct Common {
     pub out: Option<PathBuf>,
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
+/// The keygate binary: `given`, or `keygate` next to this binary (the release build).
+pub fn keygate_bin(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    let bin = match given {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary has no directory")?
+            .join("keygate"),
+    };
+    anyhow::ensure!(
+        bin.is_file(),
+        "{} not found: build it (cargo build --release) or pass --keygate-bin",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if k.starts_with("KEYGATE_") && k.contains("__") => {
             Ok((k.to_owned(), v.to_owned()))
@@ -90,6 +117,9 @@ pub struct Bench {
     /// The same, on keygate's server code, decoding only the outer request (see
     /// `start_sized_baseline`).
     pub outer: Option<(Proc, SocketAddr)>,
+    /// envoy-types' generated server on tonic's own transport and defaults (as an
+    /// independent harness would write its no-op), when a scenario starts it.
+    pub plain: Option<(Proc, SocketAddr)>,
     pub keygate: Keygate,
     _redis: Option<Proc>,
     /// Dropped last: the processes above write their logs into it.
@@ -102,18 +132,7 @@ impl Bench {
             procs::pin(0, 1)?;
         }
         let scratch = Scratch::new("scenario")?;
-        let bin = match &common.keygate_bin {
-            Some(b) => b.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .context("binary has no directory")?
-                .join("keygate"),
-        };
-        anyhow::ensure!(
-            bin.is_file(),
-            "{} not found: build it (cargo build --release) or pass --keygate-bin",
-            bin.display()
-        );
+        let bin = keygate_bin(common.keygate_bin.as_ref())?;
         let (redis_proc, redis) = match common.store {
             StoreKind::Memory => (None, None),
             StoreKind::Redis => {
@@ -127,6 +146,8 @@ impl Bench {
                 redis,
                 default_argon2,
                 env: common.keygate_env.clone(),
+                dev: common.dev,
+                ..Default::default()
             },
             &scratch,
         )
@@ -142,6 +163,7 @@ impl Bench {
             noop,
             sized: None,
             outer: None,
+            plain: None,
             keygate,
             _redis: redis_proc,
         })
@@ -181,6 +203,7 @@ impl Bench {
         p.extend(self.noop.as_ref().map(|n| n.0.pid()));
         p.extend(self.sized.as_ref().map(|n| n.0.pid()));
         p.extend(self.outer.as_ref().map(|n| n.0.pid()));
+        p.extend(self.plain.as_ref().map(|n| n.0.pid()));
         p.extend(self._redis.as_ref().map(Proc::pid));
         p
     }
@@ -290,6 +313,9 @@ impl Bench {
         if let Some((p, addr)) = &self.outer {
             targets.push((OUTER_LABEL, *addr, p.pid()));
         }
+        if let Some((p, addr)) = &self.plain {
+            targets.push((PLAIN_LABEL, *addr, p.pid()));
+        }
         targets.push(("keygate", self.keygate.grpc, self.keygate.proc.pid()));
         let mut runs: Vec<Vec<RunReport>> = vec![Vec::new(); targets.len()];
         for _ in 0..self.common.reps.max(1) {
@@ -333,14 +359,19 @@ impl Bench {
         tokens: &[String],
         template: &Arc<Template>,
     ) -> anyhow::Result<(f64, u64)> {
+        self.warm_with(tokens, template, self.common.concurrency)
+            .await
+    }
+
+    /// `warm` with `concurrency` checks in flight.
+    pub async fn warm_with(
+        &self,
+        tokens: &[String],
+        template: &Arc<Template>,
+        concurrency: usize,
+    ) -> anyhow::Result<(f64, u64)> {
         let started = Instant::now();
-        let mut plan = self.plan(
-            "warm-up",
-            self.keygate.grpc,
-            Mode::Closed {
-                concurrency: self.common.concurrency,
-            },
-        );
+        let mut plan = self.plan("warm-up", self.keygate.grpc, Mode::Closed { concurrency });
         plan.warmup = Duration::ZERO;
         plan.duration = Duration::from_secs(3600);
         plan.max_requests = Some(tokens.len() as u64);
@@ -412,11 +443,20 @@ impl Bench {
 
 /// Prints the report (Markdown or JSON) and writes the JSON to `--out` if given.
 pub fn print_report(report: &ScenarioReport, c: &Common) -> anyhow::Result<()> {
+    emit(report, c.json, c.out.as_deref())
+}
+
+/// Prints the report (Markdown, or JSON with `json`) and writes the JSON to `out`.
+pub fn emit(
+    report: &ScenarioReport,
+    json_out: bool,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(report)?;
-    if let Some(path) = &c.out {
+    if let Some(path) = out {
         std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    if c.json {
+    if json_out {
         println!("{json}");
     } else {
         println!("{}", report.markdown());
@@ -518,14 +558,7 @@ pub async fn cache_hit(c: &Common) -> anyhow::Result<()> {
 pub async fn rate_limited(c: &Common) -> anyhow::Result<()> {
     let mut c = c.clone();
     c.store = StoreKind::Redis;
-    c.keygate_env.push((
-        "KEYGATE_POLICY__PLANS".into(),
-        "{unreached: {requests_per_minute: 10000000}}".into(),
-    ));
-    c.keygate_env.push((
-        "KEYGATE_POLICY__DEFAULT_PLANS".into(),
-        "{live: unreached}".into(),
-    ));
+    push_unreached_plan(&mut c);
     let bench = Bench::start(&c, false, true).await?;
     let tokens = bench.keygate.create_keys(1, &["contacts:read"], 1).await?;
     cached(
@@ -538,46 +571,249 @@ pub async fn rate_limited(c: &Common) -> anyhow::Result<()> {
     .await
 }
 
+/// An RS256 issuer made for the run: its JWKS in a scratch directory (removed on drop),
+/// the `KEYGATE_JWT__ISSUERS` entry that configures it, and its signing key.
+struct JwtIssuer {
+    dir: PathBuf,
+    env: (String, String),
+    key: jsonwebtoken::EncodingKey,
+}
+
+impl JwtIssuer {
+    fn new() -> anyhow::Result<JwtIssuer> {
+        use jsonwebtoken::jwk::{Jwk, JwkSet};
+        use jsonwebtoken::{Algorithm, EncodingKey};
+        let pem = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/jwt/rsa.pem"
+        ))
+        .context("the RS256 test key (tests/fixtures/jwt/rsa.pem)")?;
+        let key = EncodingKey::from_rsa_pem(&pem)?;
+        let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256)?;
+        jwk.common.key_id = Some("load".into());
+        let dir = std::env::temp_dir().join(format!(
+            "keygate-load-jwt-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let jwks = dir.join("jwks.json");
+        std::fs::write(&jwks, serde_json::to_string(&JwkSet { keys: vec![jwk] })?)?;
+        let env = (
+            "KEYGATE_JWT__ISSUERS".into(),
+            format!(
+                "[{{name: load, issuer: 'https://load.keygate.test/', audiences: [load], \
+                 algorithms: [RS256], jwks_file: '{}'}}]",
+                jwks.display()
+            ),
+        );
+        Ok(JwtIssuer { dir, env, key })
+    }
+
+    /// A JWT for `sub` of the benchmark tenant with scope `contacts:read`, valid a day.
+    fn mint(&self, sub: &str) -> anyhow::Result<String> {
+        use jsonwebtoken::{Algorithm, Header};
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            + 86_400;
+        let claims = serde_json::json!({
+            "iss": "https://load.keygate.test/", "aud": "load", "sub": sub,
+            "tenant_id": procs::TENANT, "scope": "contacts:read", "exp": exp,
+        });
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("load".into());
+        Ok(jsonwebtoken::encode(&header, &claims, &self.key)?)
+    }
+}
+
+impl Drop for JwtIssuer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// jwt: one RS256 JWT of an issuer configured for the run (its JWKS written to a scratch
 /// file), cached after its first validation, against the same baselines as cache-hit.
 pub async fn jwt(c: &Common) -> anyhow::Result<()> {
-    use jsonwebtoken::jwk::{Jwk, JwkSet};
-    use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    let pem = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/jwt/rsa.pem"
-    ))
-    .context("the RS256 test key (tests/fixtures/jwt/rsa.pem)")?;
-    let key = EncodingKey::from_rsa_pem(&pem)?;
-    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256)?;
-    jwk.common.key_id = Some("load".into());
-    let dir = std::env::temp_dir().join(format!("keygate-load-jwt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let jwks = dir.join("jwks.json");
-    std::fs::write(&jwks, serde_json::to_string(&JwkSet { keys: vec![jwk] })?)?;
+    let issuer = JwtIssuer::new()?;
     let mut c = c.clone();
-    c.keygate_env.push((
-        "KEYGATE_JWT__ISSUERS".into(),
-        format!(
-            "[{{name: load, issuer: 'https://load.keygate.test/', audiences: [load], \
-             algorithms: [RS256], jwks_file: '{}'}}]",
-            jwks.display()
-        ),
-    ));
+    c.keygate_env.push(issuer.env.clone());
     let bench = Bench::start(&c, false, true).await?;
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 86_400;
-    let claims = serde_json::json!({
-        "iss": "https://load.keygate.test/", "aud": "load", "sub": "load-user",
-        "tenant_id": "5a0c6f0e-8c1b-4f6e-9a57-3d2b1c0e9f11", "scope": "contacts:read", "exp": exp,
-    });
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some("load".into());
-    let token = jsonwebtoken::encode(&header, &claims, &key)?;
-    let result = cached(&c, bench, "cache-hit JWT (RS256)", vec![token], false).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let token = issuer.mint("load-user")?;
+    cached(&c, bench, "cache-hit JWT (RS256)", vec![token], false).await
+}
+
+/// The plan `rate-limited` and `cache-hit-user --credential plan` put every live key on:
+/// 10,000,000 requests a minute, never reached.
+fn push_unreached_plan(c: &mut Common) {
+    c.keygate_env.push((
+        "KEYGATE_POLICY__PLANS".into(),
+        "{unreached: {requests_per_minute: 10000000}}".into(),
+    ));
+    c.keygate_env.push((
+        "KEYGATE_POLICY__DEFAULT_PLANS".into(),
+        "{live: unreached}".into(),
+    ));
+}
+
+/// The credential of `cache-hit-user`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Credential {
+    /// API keys.
+    ApiKey,
+    /// API keys on a plan they never reach (Redis store).
+    Plan,
+    /// RS256 JWTs.
+    Jwt,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UserShaped {
+    #[command(flatten)]
+    pub common: Common,
+    /// Credentials in rotation in the many-keys measurement.
+    #[arg(long, default_value_t = 1000)]
+    pub keys: usize,
+    #[arg(long, value_enum, default_value = "api-key")]
+    pub credential: Credential,
+}
+
+/// Warming in `--dev`: below the argon2 queue's default depth (64), so that no first
+/// verification is refused.
+const DEV_WARM_CONCURRENCY: usize = 32;
+
+/// cache-hit-user: the cache hit as a user's load looks — keygate as `keygate serve
+/// --dev` runs it (config/dev.yaml as shipped), many connections, a multi-threaded
+/// generator, no pinning — one credential and many in rotation, each against the no-op
+/// baselines in the same run, alternating.
+pub async fn cache_hit_user(u: &UserShaped) -> anyhow::Result<()> {
+    let mut c = u.common.clone();
+    c.dev = true;
+    let mut issuer = None;
+    let (what, floor) = match u.credential {
+        Credential::ApiKey => ("API key", 0.9),
+        Credential::Plan => {
+            c.store = StoreKind::Redis;
+            push_unreached_plan(&mut c);
+            ("API key on a plan it never reaches (Redis store)", 0.85)
+        }
+        Credential::Jwt => {
+            let i = JwtIssuer::new()?;
+            c.keygate_env.push(i.env.clone());
+            issuer = Some(i);
+            ("RS256 JWT", 0.9)
+        }
+    };
+    let mut bench = Bench::start(&c, false, true).await?;
+    let mut report = ScenarioReport::new(&format!(
+        "cache hit, user-shaped: {what}, `keygate serve --dev`"
+    ));
+    let t = Instant::now();
+    let (one, many) = match &issuer {
+        Some(i) => (
+            vec![i.mint("load-user")?],
+            (0..u.keys)
+                .map(|k| i.mint(&format!("load-user-{k:07}")))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        ),
+        None => {
+            let mut all = bench
+                .keygate
+                .create_keys(u.keys + 1, &["contacts:read"], 8)
+                .await?;
+            let one = all.split_off(u.keys);
+            (one, all)
+        }
+    };
+    report.fact(
+        "credentials made (keys through the admin API, argon2 defaults as `--dev` has them)",
+        format!("{} in {:.1} s", u.keys + 1, t.elapsed().as_secs_f64()),
+    );
+    let (t_one, t_many) = (bench.template(one[0].len()), bench.template(many[0].len()));
+    let (_, answer) = bench.warm_with(&one, &t_one, DEV_WARM_CONCURRENCY).await?;
+    let (warm_s, _) = bench
+        .warm_with(&many, &t_many, DEV_WARM_CONCURRENCY)
+        .await?;
+    report.fact(
+        "warmed (one check each)",
+        format!("{} in {warm_s:.1} s", u.keys),
+    );
+    report.fact(
+        "keygate's allow answer (CheckResponse)",
+        format!("{answer} bytes"),
+    );
+    bench.start_sized_baseline(answer).await?;
+    bench.plain = Some(procs::noop_server_plain(&bench.scratch).await?);
+    let misses0 = bench.cache_misses().await?;
+    let argon2_0 = bench.argon2_verifications().await?;
+    let limiter0 = limiter_counts(&bench).await?;
+    let closed = Mode::Closed {
+        concurrency: c.concurrency,
+    };
+    let shape = format!(
+        "closed loop, {} connections, {} in flight, generator on {} thread(s), {:?} per run",
+        c.connections, c.concurrency, c.generator_threads, c.duration
+    );
+    let (b1, k1) = bench
+        .compare(
+            &mut report,
+            &format!("One {what}, {shape}"),
+            closed,
+            &t_one,
+            &Tokens::rotate(one),
+        )
+        .await?;
+    let (b2, k2) = bench
+        .compare(
+            &mut report,
+            &format!("{} of them in rotation, {shape}", u.keys),
+            closed,
+            &t_many,
+            &Tokens::rotate(many),
+        )
+        .await?;
+    // `--dev` caches for 30 s: an entry that expires is read again from the store (no
+    // argon2 while its hash is unchanged). That is part of a user's load, so it is
+    // reported, not refused.
+    report.fact(
+        "cache misses / argon2 runs during the measurements (`cache.ttl` 30 s in --dev)",
+        format!(
+            "{} / {}",
+            bench.cache_misses().await? - misses0,
+            bench.argon2_verifications().await? - argon2_0
+        ),
+    );
+    if u.credential == Credential::Plan {
+        let (r, a, l) = limiter_counts(&bench).await?;
+        let (r, a, l) = (r - limiter0.0, a - limiter0.1, l - limiter0.2);
+        anyhow::ensure!(
+            a > 0.0,
+            "the limiter admitted nothing: the plan did not apply"
+        );
+        anyhow::ensure!(
+            l == 0.0,
+            "{l} requests were rate-limited: the plan was reached"
+        );
+        report.fact(
+            "store calls by the limiter per 1,000 admissions",
+            format!(
+                "{:.1} ({r:.0} reservations for {a:.0} admissions)",
+                r / a * 1000.0
+            ),
+        );
+    }
+    for (label, b, k) in [("one", &b1, &k1), ("many", &b2, &k2)] {
+        report.target(
+            &format!("{label}: closed loop ≥ {floor} × the no-op's req/s"),
+            ratio_text(k.rps, b.rps),
+            k.rps / b.rps >= floor,
+        );
+    }
+    let result = finish(&mut report, &c);
+    drop(issuer);
     result
 }
 
