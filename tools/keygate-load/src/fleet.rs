@@ -801,7 +801,11 @@ pub async fn scale_out(s: &ScaleOutArgs) -> anyhow::Result<()> {
         .copied()
         .unwrap_or_default();
     report.fact(
-        "time until every key was served on replica 2 (retrying after a pause of each round)",
+        &format!(
+            "time until every key was served on replica 2 (failed keys retried in rounds, {:?} \
+             apart)",
+            s.retry_pause
+        ),
         if all_served {
             format!(
                 "{:.2} s ({rounds} rounds of retries: {} checks, {} failed)",
