@@ -871,11 +871,11 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(grpc_error)?;
-            if admin.json {
-                println!("{}", json!({"key_id": key_id, "deleted": true}));
-            } else {
-                println!("deleted {key_id}");
-            }
+            say(
+                admin.json,
+                json!({"key_id": key_id, "deleted": true}),
+                format_args!("deleted {key_id}"),
+            );
         }
     }
     Ok(())
@@ -1301,14 +1301,11 @@ async fn leases(cmd: LeasesCommand) -> anyhow::Result<i32> {
                 })
                 .await
                 .map_err(grpc_error)?;
-            if grpc.json {
-                println!(
-                    "{}",
-                    json!({"lease_id": lease_id, "renewed": true, "ttl_seconds": ttl_seconds})
-                );
-            } else {
-                println!("renewed {lease_id} for {ttl}");
-            }
+            say(
+                grpc.json,
+                json!({"lease_id": lease_id, "renewed": true, "ttl_seconds": ttl_seconds}),
+                format_args!("renewed {lease_id} for {ttl}"),
+            );
         }
         LeasesCommand::Release { lease_id, grpc } => {
             authorizer_client(grpc.url)
@@ -1318,14 +1315,23 @@ async fn leases(cmd: LeasesCommand) -> anyhow::Result<i32> {
                 })
                 .await
                 .map_err(grpc_error)?;
-            if grpc.json {
-                println!("{}", json!({"lease_id": lease_id, "released": true}));
-            } else {
-                println!("released {lease_id}");
-            }
+            say(
+                grpc.json,
+                json!({"lease_id": lease_id, "released": true}),
+                format_args!("released {lease_id}"),
+            );
         }
     }
     Ok(0)
+}
+
+/// What a command that changes one thing prints: `value` with `--json`, else `text`.
+fn say(json: bool, value: serde_json::Value, text: std::fmt::Arguments<'_>) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
 }
 
 #[cfg(test)]

@@ -421,6 +421,17 @@ mod tests {
     }
 
     /// A request as Envoy fills it: everything set, most of it of no interest to keygate.
+    /// The request's HTTP attributes, to change.
+    fn http_of(
+        req: &mut CheckRequest,
+    ) -> &mut envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest {
+        req.attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .expect("a full request has HTTP attributes")
+    }
+
     fn full_request(headers: &[(&str, &str)]) -> CheckRequest {
         let peer = |ip: &str| {
             attribute_context::Peer {
@@ -500,12 +511,7 @@ mod tests {
     #[test]
     fn an_empty_method_or_path_falls_back_to_the_pseudo_headers() {
         let mut req = full_request(&[(":method", "DELETE"), (":path", "/v1/x")]);
-        let http = req
-            .attributes
-            .as_mut()
-            .and_then(|a| a.request.as_mut())
-            .and_then(|r| r.http.as_mut())
-            .unwrap();
+        let http = http_of(&mut req);
         http.method.clear();
         http.path.clear();
         let r = auth_request((&req).into(), &filter()).unwrap();
@@ -515,12 +521,7 @@ mod tests {
     #[test]
     fn header_map_entries_are_lower_cased_joined_and_raw_values_read_lossily() {
         let mut req = full_request(&[]);
-        let http = req
-            .attributes
-            .as_mut()
-            .and_then(|a| a.request.as_mut())
-            .and_then(|r| r.http.as_mut())
-            .unwrap();
+        let http = http_of(&mut req);
         let hv = |k: &str, v: &str, raw: &[u8]| HeaderValue {
             key: k.into(),
             value: v.into(),
@@ -548,12 +549,7 @@ mod tests {
             ("x_custom", "kept upstream, not read"),
             ("x_tenant", "not a twin"),
         ]);
-        let http = req
-            .attributes
-            .as_mut()
-            .and_then(|a| a.request.as_mut())
-            .and_then(|r| r.http.as_mut())
-            .unwrap();
+        let http = http_of(&mut req);
         http.header_map = Some(HeaderMap {
             headers: vec![HeaderValue {
                 key: "X_Keygate_Scopes".into(),

@@ -470,18 +470,20 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// A plan of `requests_per_minute`, no burst, no sessions.
+    fn per_minute(requests_per_minute: u32, algorithm: PlanAlgorithm) -> PlanConfig {
+        PlanConfig {
+            requests_per_minute,
+            algorithm,
+            burst: None,
+            concurrent_sessions: None,
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn replicas_together_admit_at_most_a_rolling_windows_limit_in_any_minute() {
         for load in LOADS {
-            let limiters = replicas(
-                3,
-                PlanConfig {
-                    requests_per_minute: 20,
-                    algorithm: PlanAlgorithm::RollingWindow,
-                    burst: None,
-                    concurrent_sessions: None,
-                },
-            );
+            let limiters = replicas(3, per_minute(20, PlanAlgorithm::RollingWindow));
             let times = admissions(&limiters, load).await;
             assert_eq!(
                 most_in_any_window(&times, 60_000),
@@ -501,15 +503,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_gcra_plan_admits_up_to_its_burst_and_its_rate_in_any_minute() {
         for load in LOADS {
-            let limiters = replicas(
-                3,
-                PlanConfig {
-                    requests_per_minute: 20,
-                    algorithm: PlanAlgorithm::Gcra,
-                    burst: None,
-                    concurrent_sessions: None,
-                },
-            );
+            let limiters = replicas(3, per_minute(20, PlanAlgorithm::Gcra));
             let times = admissions(&limiters, load).await;
             // The burst (20) and one every 3 s: what `docs/configuration.md` says a GCRA
             // plan allows in any minute, the reservations' 250 ms of spending included.

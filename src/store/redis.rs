@@ -558,7 +558,7 @@ impl RedisStore {
         partition: usize,
         change: Change<'_>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.writes_conn().await?;
+        let mut conn = self.waiting_conn(&self.writes).await?;
         let out = match change {
             Change::Script(invocation) => self.run(invocation.invoke_async(&mut conn)).await?,
             Change::Command(cmd) => self.run(cmd.query_async(&mut conn)).await?,
@@ -653,21 +653,11 @@ impl RedisStore {
         }
     }
 
-    async fn reservations_conn(&self) -> Result<Conn, StoreError> {
+    /// A connection of its own for calls followed by `WAIT` (which blocks its
+    /// connection), opened on first use, after the shared one.
+    async fn waiting_conn(&self, cell: &OnceCell<Conn>) -> Result<Conn, StoreError> {
         self.conn().await?;
-        let conn = self
-            .reservations
-            .get_or_try_init(|| self.open(self.timeout * 2))
-            .await?;
-        Ok(conn.clone())
-    }
-
-    async fn writes_conn(&self) -> Result<Conn, StoreError> {
-        self.conn().await?;
-        let conn = self
-            .writes
-            .get_or_try_init(|| self.open(self.timeout * 2))
-            .await?;
+        let conn = cell.get_or_try_init(|| self.open(self.timeout * 2)).await?;
         Ok(conn.clone())
     }
 
@@ -1658,7 +1648,7 @@ impl KeyStore for RedisStore {
         let mut conn = if self.replica_acks == 0 {
             self.conn().await?
         } else {
-            self.reservations_conn().await?
+            self.waiting_conn(&self.reservations).await?
         };
         let (granted, remaining, retry_after_ms, full_in_ms): (u32, u32, u64, u64) =
             self.run(invocation.invoke_async(&mut conn)).await?;

@@ -787,23 +787,7 @@ pub async fn cache_hit_user(u: &UserShaped) -> anyhow::Result<()> {
         ),
     );
     if u.credential == Credential::Plan {
-        let (r, a, l) = limiter_counts(&bench).await?;
-        let (r, a, l) = (r - limiter0.0, a - limiter0.1, l - limiter0.2);
-        anyhow::ensure!(
-            a > 0.0,
-            "the limiter admitted nothing: the plan did not apply"
-        );
-        anyhow::ensure!(
-            l == 0.0,
-            "{l} requests were rate-limited: the plan was reached"
-        );
-        report.fact(
-            "store calls by the limiter per 1,000 admissions",
-            format!(
-                "{:.1} ({r:.0} reservations for {a:.0} admissions)",
-                r / a * 1000.0
-            ),
-        );
+        report_limiter(&bench, &mut report, limiter0).await?;
     }
     for (label, b, k) in [("one", &b1, &k1), ("many", &b2, &k2)] {
         report.target(
@@ -874,27 +858,7 @@ async fn cached(
         .expect_no_cache_misses(&mut report, misses0, "cache-hit")
         .await?;
     if limited {
-        let (reservations, admitted, limited_n) = limiter_counts(&bench).await?;
-        let (r, a, l) = (
-            reservations - limiter0.0,
-            admitted - limiter0.1,
-            limited_n - limiter0.2,
-        );
-        anyhow::ensure!(
-            a > 0.0,
-            "the limiter admitted nothing: the plan did not apply"
-        );
-        anyhow::ensure!(
-            l == 0.0,
-            "{l} requests were rate-limited: the plan was reached"
-        );
-        report.fact(
-            "store calls by the limiter per 1,000 admissions",
-            format!(
-                "{:.1} ({r:.0} reservations for {a:.0} admissions)",
-                r / a * 1000.0
-            ),
-        );
+        report_limiter(&bench, &mut report, limiter0).await?;
     }
     report.fact(
         "generator send lag p99 in open loop (instrument floor)",
@@ -918,6 +882,33 @@ async fn cached(
 }
 
 /// The limiter's counters: reservations, admissions, rate-limited requests.
+/// Checks that a plan applied and was never reached since `before` (the limiter's counts
+/// then), and reports the limiter's store calls per 1,000 admissions.
+async fn report_limiter(
+    bench: &Bench,
+    report: &mut ScenarioReport,
+    before: (f64, f64, f64),
+) -> anyhow::Result<()> {
+    let (r, a, l) = limiter_counts(bench).await?;
+    let (r, a, l) = (r - before.0, a - before.1, l - before.2);
+    anyhow::ensure!(
+        a > 0.0,
+        "the limiter admitted nothing: the plan did not apply"
+    );
+    anyhow::ensure!(
+        l == 0.0,
+        "{l} requests were rate-limited: the plan was reached"
+    );
+    report.fact(
+        "store calls by the limiter per 1,000 admissions",
+        format!(
+            "{:.1} ({r:.0} reservations for {a:.0} admissions)",
+            r / a * 1000.0
+        ),
+    );
+    Ok(())
+}
+
 async fn limiter_counts(bench: &Bench) -> anyhow::Result<(f64, f64, f64)> {
     let k = &bench.keygate;
     Ok((
