@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use crate::config::TenantRule;
 use crate::decision::DenyReason;
 use crate::principal::{KeyKind, Principal};
-use crate::store::{KeyStore, StoreError};
+use crate::store::{DelegationSource, StoreError};
 
 /// Why no tenant could be settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +82,7 @@ pub async fn resolve(
 
 /// What this replica remembers of partners' delegations.
 pub struct Delegations {
-    store: Arc<dyn KeyStore>,
+    store: Arc<dyn DelegationSource>,
     /// `partner \x1f tenant` → delegated.
     known: moka::sync::Cache<String, bool>,
     /// Store reads in flight, one per pair: concurrent misses of a pair wait for it.
@@ -132,7 +132,7 @@ fn pair(partner: &str, tenant: &str) -> String {
 }
 
 impl Delegations {
-    pub fn new(store: Arc<dyn KeyStore>, ttl: Duration) -> Self {
+    pub fn new(store: Arc<dyn DelegationSource>, ttl: Duration) -> Self {
         Delegations {
             store,
             known: moka::sync::Cache::builder()
@@ -267,10 +267,7 @@ mod tests {
     use super::*;
     use crate::principal::Environment;
     use crate::store::memory::MemoryStore;
-    use crate::store::{
-        Delegation, DelegationsOf, EventId, KeyChange, KeyPage, KeyRecord, LeaseOp, LeaseResult,
-        Owner, RateGrant, RateRequest, StreamEntry, TokenRevocation, UsageDelta, UsageNotWritten,
-    };
+    use crate::store::{Delegation, KeyStore};
     use std::sync::atomic::AtomicUsize;
 
     const T: &str = "9f1c7d4e-2b7a-4c1e-9d55-0b3f6a2e8c11";
@@ -410,7 +407,7 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl KeyStore for SlowDelegations {
+    impl DelegationSource for SlowDelegations {
         async fn is_delegated(&self, partner: &str, tenant: &str) -> Result<bool, StoreError> {
             self.reads.fetch_add(1, Ordering::SeqCst);
             let answer = self.inner.is_delegated(partner, tenant).await;
@@ -420,106 +417,6 @@ mod tests {
                 let _ = gate.acquire().await;
             }
             answer
-        }
-
-        async fn create(&self, r: &KeyRecord) -> Result<(), StoreError> {
-            self.inner.create(r).await
-        }
-        async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
-            self.inner.get(key_id).await
-        }
-        async fn get_verifiable(
-            &self,
-            key_id: &str,
-        ) -> Result<Option<(KeyRecord, Option<String>)>, StoreError> {
-            self.inner.get_verifiable(key_id).await
-        }
-        async fn set_verifier(&self, key_id: &str, verifier: &str) -> Result<bool, StoreError> {
-            self.inner.set_verifier(key_id, verifier).await
-        }
-        async fn list(
-            &self,
-            owner: &Owner,
-            after: Option<&str>,
-            limit: usize,
-        ) -> Result<KeyPage, StoreError> {
-            self.inner.list(owner, after, limit).await
-        }
-        async fn revoke(&self, key_id: &str, at: u64) -> Result<Option<KeyRecord>, StoreError> {
-            self.inner.revoke(key_id, at).await
-        }
-        async fn update(
-            &self,
-            key_id: &str,
-            change: &KeyChange,
-            at: u64,
-        ) -> Result<Option<KeyRecord>, StoreError> {
-            self.inner.update(key_id, change, at).await
-        }
-        async fn delete(&self, key_id: &str, at: u64) -> Result<Option<KeyRecord>, StoreError> {
-            self.inner.delete(key_id, at).await
-        }
-        async fn set_delegation(
-            &self,
-            d: &Delegation,
-            granted: bool,
-            at: u64,
-        ) -> Result<bool, StoreError> {
-            self.inner.set_delegation(d, granted, at).await
-        }
-        async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError> {
-            self.inner.delegations(of).await
-        }
-        async fn append_audit(&self, e: &crate::audit::AuditEntry) -> Result<(), StoreError> {
-            self.inner.append_audit(e).await
-        }
-        async fn audit(
-            &self,
-            q: &crate::audit::AuditQuery,
-        ) -> Result<Vec<crate::audit::AuditEntry>, StoreError> {
-            self.inner.audit(q).await
-        }
-        async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), UsageNotWritten> {
-            self.inner.add_usage(batch).await
-        }
-        async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError> {
-            self.inner.reserve(key_id, req).await
-        }
-        async fn lease(
-            &self,
-            key_id: &str,
-            lease_id: &str,
-            op: LeaseOp,
-        ) -> Result<LeaseResult, StoreError> {
-            self.inner.lease(key_id, lease_id, op).await
-        }
-        async fn revoke_tokens(&self, r: &TokenRevocation) -> Result<TokenRevocation, StoreError> {
-            self.inner.revoke_tokens(r).await
-        }
-        async fn token_revocations(&self, now: u64) -> Result<Vec<TokenRevocation>, StoreError> {
-            self.inner.token_revocations(now).await
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            self.inner.ping().await
-        }
-        async fn latest_event_id(&self, partition: usize) -> Result<EventId, StoreError> {
-            self.inner.latest_event_id(partition).await
-        }
-        async fn read_events(
-            &self,
-            partition: usize,
-            after: EventId,
-            count: usize,
-            block: Option<Duration>,
-        ) -> Result<Vec<StreamEntry>, StoreError> {
-            self.inner.read_events(partition, after, count, block).await
-        }
-        async fn events_lost_after(
-            &self,
-            partition: usize,
-            after: EventId,
-        ) -> Result<bool, StoreError> {
-            self.inner.events_lost_after(partition, after).await
         }
     }
 

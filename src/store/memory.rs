@@ -9,9 +9,10 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, RwLock};
 
 use super::{
-    Delegation, DelegationEvent, DelegationsOf, EventId, EventKind, KeyChange, KeyPage, KeyRecord,
-    KeyStore, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest, RevocationEvent, StoreError,
-    StreamEntry, TokenRevocation, TokenRevocationEvent, UsageDelta, UsageNotWritten,
+    Delegation, DelegationEvent, DelegationSource, DelegationsOf, EventId, EventKind, KeyChange,
+    KeyPage, KeyRecord, KeyStore, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest,
+    RevocationEvent, StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent, UsageDelta,
+    UsageNotWritten,
 };
 
 /// How many revocation events are kept, like the Redis stream's MAXLEN.
@@ -123,6 +124,15 @@ impl MemoryStore {
     pub async fn events(&self) -> Vec<RevocationEvent> {
         let s = self.state.read().await;
         s.events.iter().filter_map(|e| e.event().cloned()).collect()
+    }
+}
+
+#[async_trait]
+impl DelegationSource for MemoryStore {
+    async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError> {
+        let s = self.state.read().await;
+        Ok(s.delegations
+            .contains(&(partner_id.to_owned(), tenant_id.to_owned())))
     }
 }
 
@@ -360,12 +370,6 @@ impl KeyStore for MemoryStore {
             self.appended.notify_waiters();
         }
         Ok(changed)
-    }
-
-    async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError> {
-        let s = self.state.read().await;
-        Ok(s.delegations
-            .contains(&(partner_id.to_owned(), tenant_id.to_owned())))
     }
 
     async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError> {

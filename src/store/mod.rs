@@ -562,8 +562,15 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Whether a partner may act for a tenant now: all the delegation cache (`tenant.rs`)
+/// reads, so it can be given (and tested with) nothing more.
 #[async_trait]
-pub trait KeyStore: Send + Sync + 'static {
+pub trait DelegationSource: Send + Sync + 'static {
+    async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError>;
+}
+
+#[async_trait]
+pub trait KeyStore: DelegationSource {
     /// Stores a new key and adds it to its owner's index. Fails on an existing id.
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError>;
 
@@ -616,8 +623,6 @@ pub trait KeyStore: Send + Sync + 'static {
         granted: bool,
         at_ms: u64,
     ) -> Result<bool, StoreError>;
-
-    async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError>;
 
     /// A partner's tenants, or a tenant's partners, in order.
     async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError>;

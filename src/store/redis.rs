@@ -51,10 +51,10 @@ use redis::{AsyncCommands, Script};
 use tokio::sync::OnceCell;
 
 use super::{
-    Delegation, DelegationEvent, DelegationsOf, EventId, EventKind, KeyChange, KeyPage, KeyRecord,
-    KeyStore, KeyUsage, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest, RateRule,
-    RevocationEvent, StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent, UsageDelta,
-    UsageNotWritten, DELEGATED, TOKENS_REVOKED, UNDELEGATED,
+    Delegation, DelegationEvent, DelegationSource, DelegationsOf, EventId, EventKind, KeyChange,
+    KeyPage, KeyRecord, KeyStore, KeyUsage, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest,
+    RateRule, RevocationEvent, StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent,
+    UsageDelta, UsageNotWritten, DELEGATED, TOKENS_REVOKED, UNDELEGATED,
 };
 use crate::secret::Secret;
 
@@ -1229,6 +1229,18 @@ fn decode(fields: RecordFields) -> Result<Option<KeyRecord>, StoreError> {
 }
 
 #[async_trait]
+impl DelegationSource for RedisStore {
+    async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let key = self.delegation_key(
+            self.layout.partition_of(partner_id),
+            &DelegationsOf::Partner(partner_id.to_owned()),
+        );
+        self.run(conn.sismember(key, tenant_id)).await
+    }
+}
+
+#[async_trait]
 impl KeyStore for RedisStore {
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let mut stored = record.clone();
@@ -1718,15 +1730,6 @@ impl KeyStore for RedisStore {
             )
             .await?;
         Ok(changed == 1)
-    }
-
-    async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        let key = self.delegation_key(
-            self.layout.partition_of(partner_id),
-            &DelegationsOf::Partner(partner_id.to_owned()),
-        );
-        self.run(conn.sismember(key, tenant_id)).await
     }
 
     async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError> {

@@ -499,6 +499,13 @@ impl CountingStore {
 }
 
 #[async_trait::async_trait]
+impl keygate::store::DelegationSource for CountingStore {
+    async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError> {
+        self.inner.is_delegated(partner_id, tenant_id).await
+    }
+}
+
+#[async_trait::async_trait]
 impl KeyStore for CountingStore {
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
@@ -563,10 +570,6 @@ impl KeyStore for CountingStore {
     ) -> Result<bool, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.inner.set_delegation(d, granted, at_ms).await
-    }
-
-    async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError> {
-        self.inner.is_delegated(partner_id, tenant_id).await
     }
 
     async fn append_audit(&self, entry: &keygate::audit::AuditEntry) -> Result<(), StoreError> {
