@@ -497,6 +497,9 @@ mod tests {
 
     #[test]
     fn a_refused_path_is_answered_naming_what_was_refused() {
+        for (i, refused) in PathError::ALL.into_iter().enumerate() {
+            assert_eq!(refused.index(), i, "ALL is in declaration order");
+        }
         let default = ErrorShape::compile(&ErrorsConfig::default()).unwrap();
         let mut bodies = std::collections::HashSet::new();
         for refused in PathError::ALL {
