@@ -31,7 +31,7 @@ impl Default for RateLimitConfig {
     fn default() -> Self {
         RateLimitConfig {
             on_store_error: OnStoreError::Unavailable,
-            max_reservation: 64,
+            max_reservation: 512,
             reservation_ttl: Duration::from_millis(250),
         }
     }

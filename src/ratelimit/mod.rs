@@ -9,7 +9,10 @@
 //! eighth of what still fits, at most `rate_limits.max_reservation` — down to one per
 //! request at the edge; what was not spent when it lapses goes back with the next
 //! reservation. So replicas together never admit more than the store granted, and a key
-//! far from its limit costs one store call per budget, not per request. A refusal is
+//! far from its limit costs one store call per budget, not per request. Nor does a busy
+//! key's request wait for that call: far from its limit (an eighth of what fits is more
+//! than `max_reservation`), the next budget is asked for in the background once half of
+//! the current one is spent, so a replica then holds at most two. A refusal is
 //! remembered until the store said one would fit again, so a key far over its limit
 //! costs one store call per interval and replica, not per request either. Under-admission
 //! is bounded by what replicas hold unspent (an eighth of what fits, each), for at most
@@ -37,7 +40,7 @@ use crate::config::{OnStoreError, PlanAlgorithm, PlanConfig, PolicyConfig, RateL
 use crate::decision::RateInfo;
 use crate::principal::{CredentialKind, Environment, Principal};
 use crate::store::{
-    GiveBack, KeyStore, LeaseOp, RateRequest, RateRule, StoreError, MAX_GIVE_BACKS,
+    GiveBack, LeaseOp, RateLedger, RateRequest, RateRule, StoreError, MAX_GIVE_BACKS,
     RESERVATION_ID_LEN,
 };
 use crate::telemetry::metrics;
@@ -102,11 +105,25 @@ pub enum RouteLeaseRefused {
     Unavailable,
 }
 
-/// A key's budget on this replica.
+/// A key's budget on this replica: spent under a short lock that is never held across a
+/// store call; refilled by one store call at a time (`refill`), which the requests that
+/// find nothing to spend wait on.
+#[derive(Default)]
+struct KeyBudget {
+    state: std::sync::Mutex<Budget>,
+    refill: tokio::sync::Mutex<()>,
+}
+
+/// What a replica holds of one key's admissions.
 #[derive(Default)]
 struct Budget {
     /// The reservation being spent.
     current: Option<Held>,
+    /// The next one, reserved ahead while the current one was being spent (a busy key far
+    /// from its limit), so that its requests do not wait for the store.
+    next: Option<Held>,
+    /// A reservation ahead of need is being asked for.
+    reserving_ahead: bool,
     /// Reservations to return with the next store call, each by its id (the store applies
     /// each once): the unspent rest of spent ones, and all of those whose answer never
     /// arrived or never reached enough replicas. Kept until a call that carried them
@@ -123,28 +140,128 @@ struct Budget {
 /// A reservation a replica spends.
 struct Held {
     id: String,
+    granted: u32,
     left: u32,
     /// Measured from before the store was asked: never later than the end of the spending
     /// time the store counted (`RateRequest::spend_ms` after its own now).
     until: Instant,
 }
 
+impl KeyBudget {
+    fn state(&self) -> std::sync::MutexGuard<'_, Budget> {
+        // Nothing panics while holding it; a poisoned lock still holds a whole budget.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Held {
+    fn usable(&self, now: Instant) -> bool {
+        now < self.until && self.left > 0
+    }
+}
+
+/// What spending from a key's budget on this replica came to, without the store.
+enum Spent {
+    /// Admitted; `reserve_ahead`: this request is the one to ask for the next budget.
+    Admitted {
+        info: RateInfo,
+        reserve_ahead: bool,
+    },
+    Limited {
+        retry_ms: u64,
+        full_in_ms: u64,
+    },
+    /// Nothing to spend: the store must be asked.
+    Nothing,
+}
+
+impl Spent {
+    /// The verdict, unless the store must decide.
+    fn verdict(self, plan: &Plan) -> Option<Verdict> {
+        match self {
+            Spent::Admitted { info, .. } => Some(Verdict::Admitted(info)),
+            Spent::Limited {
+                retry_ms,
+                full_in_ms,
+            } => Some(limited(plan, retry_ms, full_in_ms)),
+            Spent::Nothing => None,
+        }
+    }
+}
+
 impl Budget {
+    /// Admissions held and not spent: the current budget's and the next one's.
+    fn held(&self) -> u32 {
+        [&self.current, &self.next]
+            .into_iter()
+            .flatten()
+            .map(|h| h.left)
+            .sum()
+    }
+
     fn give_back(&mut self, g: GiveBack) {
         if self.returns.len() >= MAX_GIVE_BACKS {
             self.returns.remove(0);
         }
         self.returns.push(g);
     }
+
+    /// A reservation that is no longer spent goes back with the next store call (even
+    /// with nothing left: the store forgets it).
+    fn retire(&mut self, held: Held) {
+        self.give_back(GiveBack {
+            id: held.id,
+            unspent: Some(held.left),
+        });
+    }
+
+    /// One admission from what this replica holds: the current reservation, else the one
+    /// reserved ahead.
+    fn spend(&mut self, plan: &Plan, now: Instant, cfg: &RateLimitConfig) -> Spent {
+        if !self.current.as_ref().is_some_and(|h| h.usable(now)) {
+            if let Some(spent) = self.current.take() {
+                self.retire(spent);
+            }
+            match self.next.take() {
+                Some(next) if next.usable(now) => self.current = Some(next),
+                Some(lapsed) => self.retire(lapsed),
+                None => {}
+            }
+        }
+        if let Some(held) = self.current.as_mut() {
+            held.left -= 1;
+            let (left, granted) = (held.left, held.granted);
+            // Far from its limit (what fits is more than the budgets replicas may take)
+            // and half of the current budget spent: the next one is asked for now.
+            let reserve_ahead = !self.reserving_ahead
+                && self.next.is_none()
+                && left <= granted / 2
+                && self.remaining / 8 >= cfg.max_reservation;
+            self.reserving_ahead |= reserve_ahead;
+            return Spent::Admitted {
+                info: info(plan, self.remaining + self.held(), self.full_in_ms),
+                reserve_ahead,
+            };
+        }
+        match self.refused_until.filter(|u| now < *u) {
+            Some(until) => Spent::Limited {
+                retry_ms: (until - now).as_millis() as u64,
+                full_in_ms: self.full_in_ms,
+            },
+            None => Spent::Nothing,
+        }
+    }
 }
 
 pub struct Limiter {
-    store: Arc<dyn KeyStore>,
+    store: Arc<dyn RateLedger>,
     plans: HashMap<String, Plan>,
     default_live: Option<Plan>,
     default_test: Option<Plan>,
     cfg: RateLimitConfig,
-    budgets: moka::sync::Cache<String, Arc<tokio::sync::Mutex<Budget>>>,
+    budgets: moka::sync::Cache<String, Arc<KeyBudget>>,
 }
 
 /// Why a lease call did not do what was asked.
@@ -161,7 +278,7 @@ pub enum LeaseError {
 }
 
 impl Limiter {
-    pub fn new(store: Arc<dyn KeyStore>, policy: &PolicyConfig, cfg: &RateLimitConfig) -> Self {
+    pub fn new(store: Arc<dyn RateLedger>, policy: &PolicyConfig, cfg: &RateLimitConfig) -> Self {
         let plans: HashMap<String, Plan> = policy
             .plans
             .iter()
@@ -237,62 +354,60 @@ impl Limiter {
     /// One admission from the key's budget on this replica, reserving anew when it is
     /// spent or lapsed.
     async fn spend(&self, plan: &Plan, key_id: &str) -> Verdict {
-        let m = metrics();
         let budget = self.budgets.get_with_by_ref(key_id, Arc::default);
-        let mut b = budget.lock().await;
-        let now = Instant::now();
-        if let Some(until) = b.refused_until.filter(|u| now < *u) {
-            return limited(plan, (until - now).as_millis() as u64, b.full_in_ms);
+        if let Some(verdict) = self.spend_held(&budget, plan, key_id) {
+            return verdict;
         }
-        if let Some(held) = b.current.as_mut().filter(|h| now < h.until && h.left > 0) {
-            held.left -= 1;
-            let left = held.left;
-            return Verdict::Admitted(info(plan, b.remaining + left, b.full_in_ms));
+        // Nothing held: one store call at a time for this key. Whoever waited for it may
+        // find the budget it brought.
+        let _refill = budget.refill.lock().await;
+        if let Some(verdict) = self.spend_held(&budget, plan, key_id) {
+            return verdict;
         }
-        // Spend what fits in an eighth of what is left, down to one at the edge.
-        let want = (b.remaining / 8).clamp(1, self.cfg.max_reservation);
-        if let Some(spent) = b.current.take() {
-            // Even with nothing left: the store forgets the reservation.
-            b.give_back(GiveBack {
-                id: spent.id,
-                unspent: Some(spent.left),
-            });
+        match reserve(
+            &*self.store,
+            &budget,
+            key_id,
+            plan,
+            &self.cfg,
+            Instant::now(),
+            false,
+        )
+        .await
+        {
+            Ok(verdict) => verdict,
+            Err(e) => self.store_failed(plan, key_id, &e),
         }
-        let id = crate::apikey::token::random_base62(RESERVATION_ID_LEN);
-        let req = RateRequest {
-            rule: plan.rule,
-            id: id.clone(),
-            want,
-            spend_ms: self.cfg.reservation_ttl.as_millis() as u64,
-            give_back: b.returns.clone(),
-        };
-        let grant = match self.store.reserve(key_id, &req).await {
-            Ok(g) => g,
-            Err(e) => {
-                // Made or not, it is not spent: returned whole with the next call.
-                b.give_back(GiveBack { id, unspent: None });
-                return self.store_failed(plan, key_id, &e);
+    }
+
+    /// One admission from what this replica holds for the key, if it decides the request.
+    fn spend_held(&self, budget: &Arc<KeyBudget>, plan: &Plan, key_id: &str) -> Option<Verdict> {
+        let spent = budget.state().spend(plan, Instant::now(), &self.cfg);
+        if let Spent::Admitted {
+            reserve_ahead: true,
+            ..
+        } = spent
+        {
+            self.reserve_ahead(budget, plan, key_id);
+        }
+        spent.verdict(plan)
+    }
+
+    /// Asks for the key's next budget in the background. Skipped if a store call for the
+    /// key is under way already (that one brings a budget); a failure is left to the next
+    /// request that finds nothing to spend, which asks again and answers for it.
+    fn reserve_ahead(&self, budget: &Arc<KeyBudget>, plan: &Plan, key_id: &str) {
+        let (store, budget, cfg) = (self.store.clone(), budget.clone(), self.cfg.clone());
+        let (plan, key_id) = (plan.clone(), key_id.to_owned());
+        tokio::spawn(async move {
+            if let Ok(_refill) = budget.refill.try_lock() {
+                let now = Instant::now();
+                if let Err(e) = reserve(&*store, &budget, &key_id, &plan, &cfg, now, true).await {
+                    tracing::debug!(key_id, error = %e, "could not reserve a budget ahead; the next request that needs one asks again");
+                }
             }
-        };
-        m.rate_limit_reservations.inc();
-        let returned: u32 = b.returns.iter().filter_map(|g| g.unspent).sum();
-        if returned > 0 {
-            m.rate_limit_returned.inc_by(u64::from(returned));
-        }
-        b.returns.clear();
-        b.remaining = grant.remaining;
-        b.full_in_ms = grant.full_in_ms;
-        if grant.granted == 0 {
-            b.refused_until = Some(now + Duration::from_millis(grant.retry_after_ms));
-            return limited(plan, grant.retry_after_ms, grant.full_in_ms);
-        }
-        b.current = Some(Held {
-            id,
-            left: grant.granted - 1,
-            until: now + self.cfg.reservation_ttl,
+            budget.state().reserving_ahead = false;
         });
-        b.refused_until = None;
-        Verdict::Admitted(info(plan, b.remaining + grant.granted - 1, b.full_in_ms))
     }
 
     fn store_failed(&self, plan: &Plan, key_id: &str, e: &StoreError) -> Verdict {
@@ -375,6 +490,76 @@ impl Limiter {
     }
 }
 
+/// Asks the store for a key's next budget (the caller holds `budget.refill`): an eighth
+/// of what still fits, at least 1 and at most `max_reservation`, with what this replica
+/// gives back. What is granted becomes the current budget, one admission spent from it
+/// at once (for the request that asked); or, `ahead`, the next budget, none spent.
+/// `now`: taken before the call, so the budget lapses no later than the spending time
+/// the store counted.
+async fn reserve(
+    store: &dyn RateLedger,
+    budget: &KeyBudget,
+    key_id: &str,
+    plan: &Plan,
+    cfg: &RateLimitConfig,
+    now: Instant,
+    ahead: bool,
+) -> Result<Verdict, StoreError> {
+    let id = crate::apikey::token::random_base62(RESERVATION_ID_LEN);
+    let req = {
+        let b = budget.state();
+        RateRequest {
+            rule: plan.rule,
+            id: id.clone(),
+            want: (b.remaining / 8).clamp(1, cfg.max_reservation),
+            spend_ms: cfg.reservation_ttl.as_millis() as u64,
+            give_back: b.returns.clone(),
+        }
+    };
+    let answer = store.reserve(key_id, &req).await;
+    let mut b = budget.state();
+    let grant = match answer {
+        Ok(g) => g,
+        Err(e) => {
+            // Made or not, it is not spent: returned whole with the next call.
+            b.give_back(GiveBack { id, unspent: None });
+            return Err(e);
+        }
+    };
+    let m = metrics();
+    m.rate_limit_reservations.inc();
+    let returned: u32 = req.give_back.iter().filter_map(|g| g.unspent).sum();
+    if returned > 0 {
+        m.rate_limit_returned.inc_by(u64::from(returned));
+    }
+    // Only what this call carried: others may have been retired while it was under way.
+    b.returns
+        .retain(|r| !req.give_back.iter().any(|g| g.id == r.id));
+    b.remaining = grant.remaining;
+    b.full_in_ms = grant.full_in_ms;
+    if grant.granted == 0 {
+        b.refused_until = Some(now + Duration::from_millis(grant.retry_after_ms));
+        return Ok(limited(plan, grant.retry_after_ms, grant.full_in_ms));
+    }
+    b.refused_until = None;
+    let taken = u32::from(!ahead);
+    let held = Held {
+        id,
+        granted: grant.granted,
+        left: grant.granted - taken,
+        until: now + cfg.reservation_ttl,
+    };
+    let slot = if ahead { &mut b.next } else { &mut b.current };
+    if let Some(replaced) = slot.replace(held) {
+        b.retire(replaced);
+    }
+    Ok(Verdict::Admitted(info(
+        plan,
+        b.remaining + b.held(),
+        b.full_in_ms,
+    )))
+}
+
 /// A refusal: nothing fits for `retry_ms`.
 fn limited(plan: &Plan, retry_ms: u64, full_in_ms: u64) -> Verdict {
     let mut i = info(plan, 0, full_in_ms);
@@ -393,6 +578,8 @@ fn info(plan: &Plan, remaining: u32, full_in_ms: u64) -> RateInfo {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
     use super::*;
     use crate::config::PlanConfig;
     use crate::principal::KeyKind;
@@ -401,7 +588,7 @@ mod tests {
     /// Replicas `n` of one deployment: limiters over one embedded store, on tokio's clock
     /// (paused by the test: the store counts on it too).
     fn replicas(n: usize, plan: PlanConfig) -> Vec<Limiter> {
-        let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+        let store: Arc<dyn RateLedger> = Arc::new(MemoryStore::new());
         let policy = PolicyConfig {
             plans: [("p".to_owned(), plan)].into(),
             ..PolicyConfig::default()
@@ -514,5 +701,137 @@ mod tests {
                 "{load:?}: {most}, more than the per-minute number"
             );
         }
+    }
+
+    /// A ledger whose reservations each wait for the test to let them through.
+    struct GatedLedger {
+        inner: MemoryStore,
+        calls: std::sync::atomic::AtomicUsize,
+        gate: tokio::sync::Semaphore,
+    }
+
+    impl GatedLedger {
+        fn calls(&self) -> usize {
+            self.calls.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl RateLedger for GatedLedger {
+        async fn reserve(
+            &self,
+            key_id: &str,
+            req: &RateRequest,
+        ) -> Result<crate::store::RateGrant, StoreError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.gate.acquire().await.expect("never closed").forget();
+            self.inner.reserve(key_id, req).await
+        }
+
+        async fn lease(
+            &self,
+            key_id: &str,
+            lease_id: &str,
+            op: LeaseOp,
+        ) -> Result<crate::store::LeaseResult, StoreError> {
+            self.inner.lease(key_id, lease_id, op).await
+        }
+    }
+
+    fn gated(plan: PlanConfig) -> (Arc<GatedLedger>, Limiter) {
+        let ledger = Arc::new(GatedLedger {
+            inner: MemoryStore::new(),
+            calls: Default::default(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let policy = PolicyConfig {
+            plans: [("p".to_owned(), plan)].into(),
+            ..PolicyConfig::default()
+        };
+        let limiter = Limiter::new(ledger.clone(), &policy, &RateLimitConfig::default());
+        (ledger, limiter)
+    }
+
+    /// The check's verdict if it is decided without waiting for anything (the store).
+    fn at_once(limiter: &Limiter, p: &Principal) -> Option<Verdict> {
+        let mut check = std::pin::pin!(limiter.check(p));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match check.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    /// Lets one reservation through and returns once the budget it brought is held.
+    async fn let_one_through(ledger: &GatedLedger, limiter: &Limiter) {
+        ledger.gate.add_permits(1);
+        let budget = limiter
+            .budgets
+            .get(key().key_id.as_deref().unwrap())
+            .unwrap();
+        drop(budget.refill.lock().await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_key_far_from_its_limit_never_waits_for_the_store() {
+        let (ledger, limiter) = gated(per_minute(10_000_000, PlanAlgorithm::Gcra));
+        let max = RateLimitConfig::default().max_reservation;
+        let p = key();
+        // The first request learns what fits (it asks for one), the second takes a whole
+        // budget: both wait for the store.
+        ledger.gate.add_permits(2);
+        for _ in 0..2 {
+            assert!(matches!(limiter.check(&p).await, Verdict::Admitted(_)));
+        }
+        assert_eq!(ledger.calls(), 2);
+        // Past half of the budget, a request asks for the next one in the background.
+        let mut spent = 0;
+        while ledger.calls() == 2 {
+            let verdict = at_once(&limiter, &p).expect("decided without the store");
+            assert!(matches!(verdict, Verdict::Admitted(_)), "{verdict:?}");
+            spent += 1;
+            assert!(
+                spent < max,
+                "no reservation ahead while spending the budget"
+            );
+            tokio::task::yield_now().await;
+        }
+        let_one_through(&ledger, &limiter).await;
+        // The rest of the budget and all of the next one: no request waits.
+        let budget = limiter.budgets.get(p.key_id.as_deref().unwrap()).unwrap();
+        let held = budget.state().held();
+        assert!(held > max, "{held} held: the next budget is a whole one");
+        for _ in 0..held {
+            let verdict = at_once(&limiter, &p).expect("decided without the store");
+            assert!(matches!(verdict, Verdict::Admitted(_)), "{verdict:?}");
+            tokio::task::yield_now().await;
+        }
+        // All spent, and the reservation asked for ahead of this one is still held by the
+        // store: now a request waits.
+        assert_eq!(ledger.calls(), 4);
+        assert_eq!(at_once(&limiter, &p), None);
+        let_one_through(&ledger, &limiter).await;
+        assert!(at_once(&limiter, &p).is_some_and(|v| matches!(v, Verdict::Admitted(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn near_its_limit_a_key_reserves_only_when_it_needs_to() {
+        // 240 fit: an eighth of them (29) is less than the most a replica reserves (512).
+        let (ledger, limiter) = gated(per_minute(240, PlanAlgorithm::Gcra));
+        let p = key();
+        ledger.gate.add_permits(2);
+        for _ in 0..2 {
+            assert!(matches!(limiter.check(&p).await, Verdict::Admitted(_)));
+        }
+        let budget = limiter.budgets.get(p.key_id.as_deref().unwrap()).unwrap();
+        let held = budget.state().held();
+        assert_eq!(held, 239 / 8 - 1);
+        for _ in 0..held {
+            assert!(at_once(&limiter, &p).is_some_and(|v| matches!(v, Verdict::Admitted(_))));
+            tokio::task::yield_now().await;
+        }
+        // Nothing asked ahead: the replica held no more than an eighth of what fits.
+        assert_eq!(ledger.calls(), 2);
+        assert_eq!(at_once(&limiter, &p), None);
     }
 }

@@ -137,6 +137,54 @@ impl DelegationSource for MemoryStore {
 }
 
 #[async_trait]
+impl super::RateLedger for MemoryStore {
+    async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError> {
+        let mut s = self.state.write().await;
+        let now = s.rate_clock.now_ms();
+        let rate = s.rates.entry(key_id.to_owned()).or_default();
+        let grant = rate.reserve(now, req);
+        if rate.is_idle() {
+            s.rates.remove(key_id);
+        }
+        Ok(grant)
+    }
+
+    async fn lease(
+        &self,
+        key_id: &str,
+        lease_id: &str,
+        op: LeaseOp,
+    ) -> Result<LeaseResult, StoreError> {
+        let mut s = self.state.write().await;
+        let now = super::now_ms();
+        let leases = s.leases.entry(key_id.to_owned()).or_default();
+        leases.retain(|_, expiry| *expiry > now);
+        let done = match op {
+            LeaseOp::Acquire { ttl_ms, limit } => {
+                let room = leases.len() < limit as usize && !leases.contains_key(lease_id);
+                if room {
+                    leases.insert(lease_id.to_owned(), now + ttl_ms);
+                }
+                room
+            }
+            LeaseOp::Renew { ttl_ms } => match leases.get_mut(lease_id) {
+                Some(expiry) => {
+                    *expiry = now + ttl_ms;
+                    true
+                }
+                None => false,
+            },
+            LeaseOp::Release => leases.remove(lease_id).is_some(),
+        };
+        let held = leases.len() as u32;
+        if held == 0 {
+            s.leases.remove(key_id);
+        }
+        Ok(LeaseResult { done, held })
+    }
+}
+
+#[async_trait]
 impl KeyStore for MemoryStore {
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let mut s = self.state.write().await;
@@ -292,51 +340,6 @@ impl KeyStore for MemoryStore {
             }
         }
         Ok(())
-    }
-
-    async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError> {
-        let mut s = self.state.write().await;
-        let now = s.rate_clock.now_ms();
-        let rate = s.rates.entry(key_id.to_owned()).or_default();
-        let grant = rate.reserve(now, req);
-        if rate.is_idle() {
-            s.rates.remove(key_id);
-        }
-        Ok(grant)
-    }
-
-    async fn lease(
-        &self,
-        key_id: &str,
-        lease_id: &str,
-        op: LeaseOp,
-    ) -> Result<LeaseResult, StoreError> {
-        let mut s = self.state.write().await;
-        let now = super::now_ms();
-        let leases = s.leases.entry(key_id.to_owned()).or_default();
-        leases.retain(|_, expiry| *expiry > now);
-        let done = match op {
-            LeaseOp::Acquire { ttl_ms, limit } => {
-                let room = leases.len() < limit as usize && !leases.contains_key(lease_id);
-                if room {
-                    leases.insert(lease_id.to_owned(), now + ttl_ms);
-                }
-                room
-            }
-            LeaseOp::Renew { ttl_ms } => match leases.get_mut(lease_id) {
-                Some(expiry) => {
-                    *expiry = now + ttl_ms;
-                    true
-                }
-                None => false,
-            },
-            LeaseOp::Release => leases.remove(lease_id).is_some(),
-        };
-        let held = leases.len() as u32;
-        if held == 0 {
-            s.leases.remove(key_id);
-        }
-        Ok(LeaseResult { done, held })
     }
 
     async fn set_delegation(

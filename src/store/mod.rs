@@ -569,8 +569,25 @@ pub trait DelegationSource: Send + Sync + 'static {
     async fn is_delegated(&self, partner_id: &str, tenant_id: &str) -> Result<bool, StoreError>;
 }
 
+/// Plans' shared state: all the limiter (`ratelimit`) asks of a store.
 #[async_trait]
-pub trait KeyStore: DelegationSource {
+pub trait RateLedger: Send + Sync + 'static {
+    /// Reserves admissions from `key_id`'s rate-limit state, atomically, on the store's own
+    /// clock (one clock for every replica).
+    async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError>;
+
+    /// Acquires, renews or releases one of `key_id`'s concurrent-session leases,
+    /// atomically; expired leases are dropped first.
+    async fn lease(
+        &self,
+        key_id: &str,
+        lease_id: &str,
+        op: LeaseOp,
+    ) -> Result<LeaseResult, StoreError>;
+}
+
+#[async_trait]
+pub trait KeyStore: DelegationSource + RateLedger {
     /// Stores a new key and adds it to its owner's index. Fails on an existing id.
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError>;
 
@@ -643,19 +660,6 @@ pub trait KeyStore: DelegationSource {
     /// part whose answer was lost (a timeout) is reported as not written, though it may
     /// have been: tried again, it is counted twice rather than lost.
     async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), UsageNotWritten>;
-
-    /// Reserves admissions from `key_id`'s rate-limit state, atomically, on the store's own
-    /// clock (one clock for every replica).
-    async fn reserve(&self, key_id: &str, req: &RateRequest) -> Result<RateGrant, StoreError>;
-
-    /// Acquires, renews or releases one of `key_id`'s concurrent-session leases,
-    /// atomically; expired leases are dropped first.
-    async fn lease(
-        &self,
-        key_id: &str,
-        lease_id: &str,
-        op: LeaseOp,
-    ) -> Result<LeaseResult, StoreError>;
 
     /// Records a JWT revocation (merged into an earlier one of the same `rule_key`) and
     /// appends it to the stream, atomically. Returns the revocation as it now stands; when

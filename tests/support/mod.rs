@@ -506,6 +506,26 @@ impl keygate::store::DelegationSource for CountingStore {
 }
 
 #[async_trait::async_trait]
+impl keygate::store::RateLedger for CountingStore {
+    async fn reserve(
+        &self,
+        key_id: &str,
+        req: &keygate::store::RateRequest,
+    ) -> Result<keygate::store::RateGrant, StoreError> {
+        self.inner.reserve(key_id, req).await
+    }
+
+    async fn lease(
+        &self,
+        key_id: &str,
+        lease_id: &str,
+        op: keygate::store::LeaseOp,
+    ) -> Result<keygate::store::LeaseResult, StoreError> {
+        self.inner.lease(key_id, lease_id, op).await
+    }
+}
+
+#[async_trait::async_trait]
 impl KeyStore for CountingStore {
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
@@ -590,23 +610,6 @@ impl KeyStore for CountingStore {
     ) -> Result<(), keygate::store::UsageNotWritten> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.inner.add_usage(batch).await
-    }
-
-    async fn reserve(
-        &self,
-        key_id: &str,
-        req: &keygate::store::RateRequest,
-    ) -> Result<keygate::store::RateGrant, StoreError> {
-        self.inner.reserve(key_id, req).await
-    }
-
-    async fn lease(
-        &self,
-        key_id: &str,
-        lease_id: &str,
-        op: keygate::store::LeaseOp,
-    ) -> Result<keygate::store::LeaseResult, StoreError> {
-        self.inner.lease(key_id, lease_id, op).await
     }
 
     async fn delegations(
