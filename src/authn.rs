@@ -332,10 +332,10 @@ pub fn principal_of(record: &KeyRecord) -> Principal {
         record.environment,
         record.scopes.clone(),
     );
-    p.key_id = Some(record.key_id.clone());
-    p.partner_id = record.partner_id.clone();
-    p.service = record.service.clone();
-    p.plan = record.plan.clone();
+    p.key_id = Some(record.key_id.as_str().into());
+    p.partner_id = record.partner_id.as_deref().map(Into::into);
+    p.service = record.service.as_deref().map(Into::into);
+    p.plan = record.plan.as_deref().map(Into::into);
     p.expires_at = Some(record.expires_at_ms);
     p
 }

@@ -305,8 +305,8 @@ impl Authorizer {
             }
         }
         let mut p = Principal::new(
-            token.tenant_id.clone(),
-            token.subject.clone(),
+            token.tenant_id.to_string(),
+            token.subject.to_string(),
             KeyKind::Tenant,
             parent.environment,
             scopes,
@@ -319,8 +319,7 @@ impl Authorizer {
             (a, b) => a.or(b),
         };
         p.issuer = token.issuer.clone();
-        p.jti = token.jti.clone();
-        p.issued_at = token.issued_at;
+        p.token_ids = token.token_ids.clone();
         Ok(Arc::new(p))
     }
 

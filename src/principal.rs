@@ -69,26 +69,35 @@ str_enum!(Environment { Live => "live", Test => "test" });
 pub struct Principal {
     /// The tenant a tenant key or JWT belongs to; empty for partner and runtime keys,
     /// which act for the tenant the request names (or none).
-    pub tenant_id: String,
+    pub tenant_id: Box<str>,
     /// `key:<key_id>` for API keys; the `sub` claim for JWTs.
-    pub subject: String,
-    pub key_id: Option<String>,
+    pub subject: Box<str>,
+    pub key_id: Option<Box<str>>,
     pub kind: KeyKind,
     pub environment: Environment,
     pub scopes: Vec<String>,
-    pub plan: Option<String>,
+    pub plan: Option<Box<str>>,
     /// Unix milliseconds.
     pub expires_at: Option<u64>,
     /// `scopes` joined by commas, computed once: it is sent upstream on every allow.
-    pub scopes_header: String,
+    pub scopes_header: Box<str>,
     pub credential: CredentialKind,
     /// The JWT issuer's configured name (`jwt.issuers[].name`); `None` for API keys.
     pub issuer: Option<std::sync::Arc<str>>,
     /// The partner a partner key belongs to, and the service a runtime key belongs to.
-    pub partner_id: Option<String>,
-    pub service: Option<String>,
-    /// A JWT's `jti` and `iat` (unix seconds), for revocations that name them.
+    pub partner_id: Option<Box<str>>,
+    pub service: Option<Box<str>>,
+    /// What a JWT revocation can name; `None` for API keys.
+    pub token_ids: Option<Box<TokenIds>>,
+}
+
+/// A JWT's `jti` and `iat`, for revocations that name them. Boxed in `Principal`, so the
+/// principal of an API key, the most numerous in the cache, does not carry their room
+/// (BENCHMARKS.md, memory).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenIds {
     pub jti: Option<Box<str>>,
+    /// Unix seconds.
     pub issued_at: Option<u64>,
 }
 
@@ -126,10 +135,10 @@ impl Principal {
         environment: Environment,
         scopes: Vec<String>,
     ) -> Self {
-        let scopes_header = scopes.join(",");
+        let scopes_header = scopes.join(",").into();
         Principal {
-            tenant_id,
-            subject,
+            tenant_id: tenant_id.into(),
+            subject: subject.into(),
             key_id: None,
             kind,
             environment,
@@ -141,8 +150,7 @@ impl Principal {
             issuer: None,
             partner_id: None,
             service: None,
-            jti: None,
-            issued_at: None,
+            token_ids: None,
         }
     }
 }

@@ -73,10 +73,10 @@ pub async fn resolve(
                 }
             }
         }
-        (KeyKind::Tenant, Some(t)) if t != principal.tenant_id => {
+        (KeyKind::Tenant, Some(t)) if *t != *principal.tenant_id => {
             Err(DenyReason::TenantForbidden.into())
         }
-        (KeyKind::Tenant, _) => Ok(Some(principal.tenant_id.clone())),
+        (KeyKind::Tenant, _) => Ok(Some(principal.tenant_id.to_string())),
     }
 }
 
@@ -276,7 +276,7 @@ mod tests {
     fn key(kind: KeyKind) -> Principal {
         let mut p = Principal::new(T.into(), "key:x".into(), kind, Environment::Live, vec![]);
         if kind != KeyKind::Tenant {
-            p.tenant_id = String::new();
+            p.tenant_id = Box::default();
         }
         if kind == KeyKind::Partner {
             p.partner_id = Some("acme-partner".into());

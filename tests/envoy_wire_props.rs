@@ -738,9 +738,9 @@ fn identity() -> impl Strategy<Value = Identity> {
                 (partner_id, service, lease_id, session),
             )| {
                 let mut principal = Principal::new(tenant_id, subject, kind, environment, scopes);
-                principal.key_id = key_id;
-                principal.partner_id = partner_id;
-                principal.service = service;
+                principal.key_id = key_id.map(Into::into);
+                principal.partner_id = partner_id.map(Into::into);
+                principal.service = service.map(Into::into);
                 Identity {
                     principal: Arc::new(principal),
                     tenant,
@@ -845,10 +845,10 @@ fn intended(a: &AllowAnswer) -> CheckResponse {
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         for (name, value) in [
-            ("tenant_id", &i.tenant),
-            ("key_id", &p.key_id),
-            ("partner_id", &p.partner_id),
-            ("service", &p.service),
+            ("tenant_id", i.tenant.as_deref()),
+            ("key_id", p.key_id.as_deref()),
+            ("partner_id", p.partner_id.as_deref()),
+            ("service", p.service.as_deref()),
         ] {
             if let Some(v) = value {
                 fields.insert(name.into(), string(v));

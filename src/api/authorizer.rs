@@ -40,9 +40,9 @@ impl AuthorizerService {
 
 pub fn principal_proto(p: &Principal) -> proto::Principal {
     proto::Principal {
-        tenant_id: p.tenant_id.clone(),
-        subject: p.subject.clone(),
-        key_id: p.key_id.clone().unwrap_or_default(),
+        tenant_id: p.tenant_id.to_string(),
+        subject: p.subject.to_string(),
+        key_id: p.key_id.as_deref().unwrap_or_default().to_owned(),
         kind: p.kind_label().to_owned(),
         environment: p.environment.as_str().to_owned(),
         scopes: p.scopes.clone(),
@@ -50,9 +50,9 @@ pub fn principal_proto(p: &Principal) -> proto::Principal {
             .expires_at
             .filter(|e| *e != crate::store::NEVER)
             .map(super::timestamp),
-        plan: p.plan.clone().unwrap_or_default(),
-        partner_id: p.partner_id.clone().unwrap_or_default(),
-        service: p.service.clone().unwrap_or_default(),
+        plan: p.plan.as_deref().unwrap_or_default().to_owned(),
+        partner_id: p.partner_id.as_deref().unwrap_or_default().to_owned(),
+        service: p.service.as_deref().unwrap_or_default().to_owned(),
         issuer: p.issuer.as_deref().unwrap_or_default().to_owned(),
     }
 }

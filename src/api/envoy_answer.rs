@@ -131,12 +131,12 @@ impl Identity {
         let session = self.session.as_ref();
         [
             self.tenant.as_deref().map(|t| (&*self.tenant_header, t)),
-            Some((HEADER_SUBJECT, p.subject.as_str())),
+            Some((HEADER_SUBJECT, &*p.subject)),
             p.key_id.as_deref().map(|k| (HEADER_KEY_ID, k)),
             Some((HEADER_KIND, p.kind_label())),
             Some((HEADER_ENVIRONMENT, p.environment.as_str())),
             p.partner_id.as_deref().map(|k| (HEADER_PARTNER, k)),
-            Some((HEADER_SCOPES, p.scopes_header.as_str())),
+            Some((HEADER_SCOPES, &*p.scopes_header)),
             self.lease_id.as_deref().map(|l| (HEADER_LEASE, l)),
             session.map(|(token, _)| (HEADER_SESSION_TOKEN, token.expose())),
             session.map(|(_, expires)| (HEADER_SESSION_EXPIRES, expires.as_str())),
@@ -150,7 +150,7 @@ impl Identity {
         let p = &self.principal;
         [
             self.tenant.as_deref().map(|t| ("tenant_id", t)),
-            Some(("subject", p.subject.as_str())),
+            Some(("subject", &*p.subject)),
             p.key_id.as_deref().map(|k| ("key_id", k)),
             Some(("kind", p.kind_label())),
             Some(("environment", p.environment.as_str())),
@@ -433,7 +433,7 @@ mod tests {
             Environment::Test,
             scopes.iter().map(|s| s.to_string()).collect(),
         );
-        p.key_id = key_id.map(str::to_owned);
+        p.key_id = key_id.map(Into::into);
         Arc::new(p)
     }
 

@@ -24,7 +24,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
 use crate::config::{ClaimsConfig, ConfigError, IssuerConfig, JwtConfig};
-use crate::principal::{CredentialKind, Environment, KeyKind, Principal};
+use crate::principal::{CredentialKind, Environment, KeyKind, Principal, TokenIds};
 use crate::secret::Secret;
 
 /// Why a token is not valid. Only for logs and tests: the client sees `invalid_token`.
@@ -615,7 +615,7 @@ impl Issuer {
         if self.session {
             // Signed by keygate: the parent key's id, environment and plan, as minted.
             p.credential = CredentialKind::Session;
-            p.key_id = Some(text(session::CLAIM_KEY_ID)?);
+            p.key_id = Some(text(session::CLAIM_KEY_ID)?.into());
             p.environment =
                 text(session::CLAIM_ENVIRONMENT)?
                     .parse()
@@ -626,15 +626,17 @@ impl Issuer {
             p.plan = claims
                 .get(session::CLAIM_PLAN)
                 .and_then(Value::as_str)
-                .map(str::to_owned);
+                .map(Into::into);
         }
         p.issuer = Some(self.name.clone());
-        p.jti = claims
-            .get("jti")
-            .and_then(Value::as_str)
-            .filter(|j| !j.is_empty())
-            .map(Into::into);
-        p.issued_at = issued_at;
+        p.token_ids = Some(Box::new(TokenIds {
+            jti: claims
+                .get("jti")
+                .and_then(Value::as_str)
+                .filter(|j| !j.is_empty())
+                .map(Into::into),
+            issued_at,
+        }));
         // The principal expires when the validation would fail, so the cache never
         // outlives it.
         p.expires_at = Some(exp.saturating_add(self.leeway_secs).saturating_mul(1000));

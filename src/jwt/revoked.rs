@@ -67,16 +67,17 @@ impl RevokedTokens {
             return Ok(false);
         };
         let live = |expires: u64| !crate::principal::expired(expires, now_ms);
-        if let Some(jti) = principal.jti.as_deref() {
+        let ids = principal.token_ids.as_deref();
+        if let Some(jti) = ids.and_then(|i| i.jti.as_deref()) {
             if rules.jtis.get(jti).is_some_and(|&exp| live(exp)) {
                 return Ok(true);
             }
         }
         Ok(rules
             .subjects
-            .get(&principal.subject)
+            .get(&*principal.subject)
             .is_some_and(|&(before_ms, exp)| {
-                live(exp) && issued_before(principal.issued_at, before_ms)
+                live(exp) && issued_before(ids.and_then(|i| i.issued_at), before_ms)
             }))
     }
 
@@ -179,8 +180,10 @@ mod tests {
         );
         p.credential = CredentialKind::Jwt;
         p.issuer = Some(issuer.into());
-        p.jti = jti.map(Into::into);
-        p.issued_at = iat;
+        p.token_ids = Some(Box::new(crate::principal::TokenIds {
+            jti: jti.map(Into::into),
+            issued_at: iat,
+        }));
         p
     }
 

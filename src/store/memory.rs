@@ -30,11 +30,17 @@ impl Default for MemoryStore {
     }
 }
 
+/// A key's record and the verifier a replica left beside it (`KeyStore::set_verifier`),
+/// in one entry: a second map keyed by key id would cost each verified key another
+/// ~150 bytes (BENCHMARKS.md, memory).
+struct Stored {
+    record: KeyRecord,
+    verifier: Option<Box<str>>,
+}
+
 #[derive(Default)]
 struct State {
-    keys: HashMap<String, KeyRecord>,
-    /// Verifiers left beside key records (`KeyStore::set_verifier`).
-    verifiers: HashMap<String, String>,
+    keys: HashMap<String, Stored>,
     by_owner: BTreeMap<Owner, BTreeSet<String>>,
     /// (partner, tenant), and the same pairs as (tenant, partner).
     delegations: BTreeSet<(String, String)>,
@@ -195,12 +201,24 @@ impl KeyStore for MemoryStore {
             .entry(record.owner())
             .or_default()
             .insert(record.key_id.clone());
-        s.keys.insert(record.key_id.clone(), record.clone());
+        s.keys.insert(
+            record.key_id.clone(),
+            Stored {
+                record: record.clone(),
+                verifier: None,
+            },
+        );
         Ok(())
     }
 
     async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(self.state.read().await.keys.get(key_id).cloned())
+        Ok(self
+            .state
+            .read()
+            .await
+            .keys
+            .get(key_id)
+            .map(|k| k.record.clone()))
     }
 
     async fn get_verifiable(
@@ -210,16 +228,18 @@ impl KeyStore for MemoryStore {
         let s = self.state.read().await;
         Ok(s.keys
             .get(key_id)
-            .map(|r| (r.clone(), s.verifiers.get(key_id).cloned())))
+            .map(|k| (k.record.clone(), k.verifier.as_deref().map(str::to_owned))))
     }
 
     async fn set_verifier(&self, key_id: &str, verifier: &str) -> Result<bool, StoreError> {
         let mut s = self.state.write().await;
-        if s.keys.get(key_id).is_none_or(|r| r.revoked_at_ms.is_some()) {
-            return Ok(false);
+        match s.keys.get_mut(key_id) {
+            Some(k) if k.record.revoked_at_ms.is_none() => {
+                k.verifier = Some(verifier.into());
+                Ok(true)
+            }
+            _ => Ok(false),
         }
-        s.verifiers.insert(key_id.to_owned(), verifier.to_owned());
-        Ok(true)
     }
 
     async fn list(
@@ -243,7 +263,7 @@ impl KeyStore for MemoryStore {
         };
         let mut keys: Vec<KeyRecord> = range
             .take(limit + 1)
-            .filter_map(|id| s.keys.get(id).cloned())
+            .filter_map(|id| s.keys.get(id).map(|k| k.record.clone()))
             .collect();
         let next_after = if keys.len() > limit {
             keys.truncate(limit);
@@ -256,15 +276,15 @@ impl KeyStore for MemoryStore {
 
     async fn revoke(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
         let mut s = self.state.write().await;
-        let Some(rec) = s.keys.get_mut(key_id) else {
+        let Some(k) = s.keys.get_mut(key_id) else {
             return Ok(None);
         };
-        if rec.revoked_at_ms.is_some() {
-            return Ok(Some(rec.clone()));
+        if k.record.revoked_at_ms.is_some() {
+            return Ok(Some(k.record.clone()));
         }
-        rec.revoked_at_ms = Some(at_ms);
-        let rec = rec.clone();
-        s.verifiers.remove(key_id);
+        k.record.revoked_at_ms = Some(at_ms);
+        k.verifier = None;
+        let rec = k.record.clone();
         s.append_event(key_id, EventKind::Revoked, at_ms, self.max_events);
         self.appended.notify_waiters();
         Ok(Some(rec))
@@ -277,11 +297,11 @@ impl KeyStore for MemoryStore {
         at_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let mut s = self.state.write().await;
-        let Some(rec) = s.keys.get_mut(key_id) else {
+        let Some(k) = s.keys.get_mut(key_id) else {
             return Ok(None);
         };
-        change.apply(rec);
-        let rec = rec.clone();
+        change.apply(&mut k.record);
+        let rec = k.record.clone();
         s.append_event(key_id, EventKind::Updated, at_ms, self.max_events);
         self.appended.notify_waiters();
         Ok(Some(rec))
@@ -289,10 +309,9 @@ impl KeyStore for MemoryStore {
 
     async fn delete(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
         let mut s = self.state.write().await;
-        let Some(rec) = s.keys.remove(key_id) else {
+        let Some(Stored { record: rec, .. }) = s.keys.remove(key_id) else {
             return Ok(None);
         };
-        s.verifiers.remove(key_id);
         let owner = rec.owner();
         if let Some(ids) = s.by_owner.get_mut(&owner) {
             ids.remove(key_id);
@@ -333,7 +352,7 @@ impl KeyStore for MemoryStore {
     async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), UsageNotWritten> {
         let mut s = self.state.write().await;
         for d in batch {
-            if let Some(rec) = s.keys.get_mut(&d.key_id) {
+            if let Some(Stored { record: rec, .. }) = s.keys.get_mut(&d.key_id) {
                 rec.usage.allowed += d.allowed;
                 rec.usage.denied += d.denied;
                 rec.usage.last_used_at_ms = rec.usage.last_used_at_ms.max(Some(d.last_used_at_ms));
