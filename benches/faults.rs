@@ -44,6 +44,10 @@ struct Tally {
     allowed_in_propagation: AtomicUsize,
     cold_unavailable_while_down: AtomicUsize,
     cold_while_down: AtomicUsize,
+    /// UNAVAILABLE answers to a cold key sent while Redis was up (killed as it was sent,
+    /// or back but not yet reconnected), and to a warm or revocable key.
+    cold_unavailable_while_up: AtomicUsize,
+    warm_unavailable: AtomicUsize,
 }
 
 /// Revocable keys, and when each one's revoke call returned.
@@ -218,11 +222,12 @@ async fn main() {
                     }
                     Outcome::Error(tonic::Code::Unavailable) => {
                         tally.unavailable.fetch_add(1, Ordering::Relaxed);
-                        if is_cold && down {
-                            tally
-                                .cold_unavailable_while_down
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
+                        let which = match (is_cold, down) {
+                            (true, true) => &tally.cold_unavailable_while_down,
+                            (true, false) => &tally.cold_unavailable_while_up,
+                            (false, _) => &tally.warm_unavailable,
+                        };
+                        which.fetch_add(1, Ordering::Relaxed);
                     }
                     Outcome::Error(_) => {
                         tally.other_errors.fetch_add(1, Ordering::Relaxed);
@@ -311,7 +316,14 @@ async fn main() {
     println!("checks answered            {total}");
     println!("  allowed                  {}", n(&tally.allowed));
     println!("  denied                   {}", n(&tally.denied));
-    println!("  unavailable              {}", n(&tally.unavailable));
+    println!(
+        "  unavailable              {} (cold keys while Redis was down {}, cold keys while \
+         it was up {}, warm or revocable keys {})",
+        n(&tally.unavailable),
+        n(&tally.cold_unavailable_while_down),
+        n(&tally.cold_unavailable_while_up),
+        n(&tally.warm_unavailable)
+    );
     println!("  other gRPC errors        {}", n(&tally.other_errors));
     println!(
         "allows of revoked keys, after the replica applied the revocation: {}",

@@ -6,59 +6,16 @@
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::secret::Secret;
-use crate::store::{now_ms, KeyStore};
+use crate::store::{now_ms, AuditLog};
 
-/// One audited event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// The stream position, set when read back.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub id: String,
-    pub at_ms: u64,
-    /// `key.created`, `key.rotated`, `key.updated`, `key.revoked`, `key.deleted`,
-    /// `delegation.granted`, `delegation.withdrawn`, `tokens.revoked`, `key.failures`.
-    pub action: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tenant_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partner_id: Option<String>,
-    pub actor: String,
-    /// `ok`, or `refused: <why>`.
-    pub outcome: String,
-}
-
-/// What to read back: oldest first, from `since_ms`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AuditQuery {
-    pub key_id: Option<String>,
-    pub tenant_id: Option<String>,
-    pub since_ms: u64,
-    pub limit: usize,
-}
-
-impl AuditQuery {
-    pub fn matches(&self, e: &AuditEntry) -> bool {
-        e.at_ms >= self.since_ms
-            && self
-                .key_id
-                .as_ref()
-                .is_none_or(|k| e.key_id.as_ref() == Some(k))
-            && self
-                .tenant_id
-                .as_ref()
-                .is_none_or(|t| e.tenant_id.as_ref() == Some(t))
-    }
-}
+pub use crate::store::audit::{AuditEntry, AuditQuery};
 
 /// Where audit entries go.
 pub struct Audit {
-    store: Arc<dyn KeyStore>,
+    store: Arc<dyn AuditLog>,
     /// Who the admin API acts as: `admin:` and the first 8 bytes of SHA-256 of the admin
     /// credential, in hex (which credential, without the credential).
     admin_actor: String,
@@ -73,7 +30,7 @@ pub struct Subject {
 }
 
 impl Audit {
-    pub fn new(store: Arc<dyn KeyStore>, admin_token: &Secret) -> Self {
+    pub fn new(store: Arc<dyn AuditLog>, admin_token: &Secret) -> Self {
         let digest = Sha256::digest(admin_token.expose().as_bytes());
         let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         Audit {

@@ -14,7 +14,7 @@ use crate::credential::Credential;
 use crate::decision::DenyReason;
 use crate::jwt::revoked::RevokedTokens;
 use crate::principal::{Environment, Principal};
-use crate::store::{now_ms, KeyRecord, KeyStatus, KeyStore, StoreError};
+use crate::store::{now_ms, KeyRecord, KeyRecords, KeyStatus, StoreError};
 use crate::telemetry::metrics;
 
 /// Why authentication did not produce a principal.
@@ -26,7 +26,7 @@ pub enum AuthnFailure {
 }
 
 pub struct Authenticator {
-    store: Arc<dyn KeyStore>,
+    store: Arc<dyn KeyRecords>,
     hasher: SecretHasher,
     cache: Arc<CredentialCache>,
     prefix: String,
@@ -78,7 +78,7 @@ impl FailureBudget {
 
 impl Authenticator {
     pub fn new(
-        store: Arc<dyn KeyStore>,
+        store: Arc<dyn KeyRecords>,
         hasher: SecretHasher,
         cache: Arc<CredentialCache>,
         api_keys: &ApiKeysConfig,

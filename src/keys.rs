@@ -15,8 +15,9 @@ use crate::jwt::JwtVerifier;
 use crate::policy::valid_held_scope;
 use crate::principal::{Environment, KeyKind};
 use crate::store::{
-    now_ms, Delegation, DelegationsOf, EventKind, KeyChange, KeyPage, KeyRecord, KeyStatus,
-    KeyStore, Owner, StoreError, TokenRevocation, TokenTarget, NEVER,
+    now_ms, Delegation, DelegationRecords, DelegationsOf, EventKind, KeyChange, KeyPage, KeyRecord,
+    KeyRecords, KeyStatus, Owner, StoreError, TokenRevocation, TokenRevocations, TokenTarget,
+    NEVER,
 };
 use crate::telemetry::metrics;
 use crate::tenant::parse_tenant;
@@ -141,7 +142,7 @@ pub struct CreatedKey {
 }
 
 pub struct KeyAdmin {
-    store: Arc<dyn KeyStore>,
+    store: Arc<dyn KeyRecords>,
     hasher: SecretHasher,
     cache: Arc<CredentialCache>,
     cfg: ApiKeysConfig,
@@ -154,7 +155,7 @@ pub struct KeyAdmin {
 
 impl KeyAdmin {
     pub fn new(
-        store: Arc<dyn KeyStore>,
+        store: Arc<dyn KeyRecords>,
         hasher: SecretHasher,
         cache: Arc<CredentialCache>,
         cfg: ApiKeysConfig,
@@ -749,7 +750,7 @@ const MAX_CUTOFF_AHEAD_MS: u64 = 60_000;
 /// JWT revocation: validated, stored with its event, and applied here at once (other
 /// replicas get it from the stream).
 pub struct TokenAdmin {
-    store: Arc<dyn KeyStore>,
+    store: Arc<dyn TokenRevocations>,
     jwt: Arc<JwtVerifier>,
     revoked: Arc<RevokedTokens>,
     audit: Arc<Audit>,
@@ -757,7 +758,7 @@ pub struct TokenAdmin {
 
 impl TokenAdmin {
     pub fn new(
-        store: Arc<dyn KeyStore>,
+        store: Arc<dyn TokenRevocations>,
         jwt: Arc<JwtVerifier>,
         revoked: Arc<RevokedTokens>,
         audit: Arc<Audit>,
@@ -854,13 +855,17 @@ impl TokenAdmin {
 /// Delegations: which tenants a partner's keys may act for. A change is written with its
 /// stream event and forgotten here at once (other replicas forget on the event).
 pub struct PartnerAdmin {
-    store: Arc<dyn KeyStore>,
+    store: Arc<dyn DelegationRecords>,
     delegations: Arc<Delegations>,
     audit: Arc<Audit>,
 }
 
 impl PartnerAdmin {
-    pub fn new(store: Arc<dyn KeyStore>, delegations: Arc<Delegations>, audit: Arc<Audit>) -> Self {
+    pub fn new(
+        store: Arc<dyn DelegationRecords>,
+        delegations: Arc<Delegations>,
+        audit: Arc<Audit>,
+    ) -> Self {
         PartnerAdmin {
             store,
             delegations,

@@ -20,8 +20,8 @@ use tokio::sync::{broadcast, watch};
 use crate::cache::CredentialCache;
 use crate::jwt::revoked::RevokedTokens;
 use crate::store::{
-    latest_cursor, now_ms, Cursor, DelegationEvent, EventId, KeyStore, RevocationEvent, StoreError,
-    StreamEntry, TokenRevocation, TokenRevocationEvent,
+    latest_cursor, now_ms, Cursor, DelegationEvent, EventId, EventLog, KeyStore, RevocationEvent,
+    StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent, TokenRevocations,
 };
 use crate::telemetry::metrics;
 use crate::tenant::Delegations;
@@ -125,7 +125,8 @@ pub trait EventFeed: Send + Sync + 'static {
 /// own backoff while the others go on: one shard's outage never holds up the revocations
 /// of the rest.
 pub struct StoreFeed {
-    store: Arc<dyn KeyStore>,
+    events: Arc<dyn EventLog>,
+    tokens: Arc<dyn TokenRevocations>,
     block: Duration,
     parts: tokio::sync::Mutex<Vec<Partition>>,
     /// Partitions whose last read failed.
@@ -156,10 +157,12 @@ enum PartitionBatch {
 }
 
 impl StoreFeed {
+    /// Follows `store`'s stream, and reads its JWT revocations when asked to start over.
     pub fn new(store: Arc<dyn KeyStore>, block: Duration) -> Self {
         let partitions = store.partitions();
         StoreFeed {
-            store,
+            events: store.clone(),
+            tokens: store,
             block,
             parts: tokio::sync::Mutex::new((0..partitions).map(|_| Partition::default()).collect()),
             failing: AtomicUsize::new(0),
@@ -168,7 +171,7 @@ impl StoreFeed {
 
     /// One partition's next batch after `from`, checking first for lost events when asked.
     async fn read_partition(
-        store: Arc<dyn KeyStore>,
+        store: Arc<dyn EventLog>,
         p: usize,
         from: EventId,
         resync: bool,
@@ -204,7 +207,7 @@ const BATCH: usize = 1000;
 #[async_trait]
 impl EventFeed for StoreFeed {
     async fn start_position(&self) -> Result<Cursor, StoreError> {
-        latest_cursor(self.store.as_ref()).await
+        latest_cursor(self.events.as_ref()).await
     }
 
     async fn read(&self, after: &Cursor, resync: bool) -> Result<Vec<FeedEntry>, StoreError> {
@@ -226,7 +229,7 @@ impl EventFeed for StoreFeed {
                 }
                 if part.read.is_none() && part.retry_at.is_none_or(|t| t <= now) {
                     let task = tokio::spawn(Self::read_partition(
-                        self.store.clone(),
+                        self.events.clone(),
                         p,
                         from,
                         part.resync,
@@ -321,7 +324,7 @@ impl EventFeed for StoreFeed {
     }
 
     async fn token_revocations(&self) -> Result<Vec<TokenRevocation>, StoreError> {
-        self.store.token_revocations(now_ms()).await
+        self.tokens.token_revocations(now_ms()).await
     }
 }
 

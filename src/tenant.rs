@@ -267,7 +267,7 @@ mod tests {
     use super::*;
     use crate::principal::Environment;
     use crate::store::memory::MemoryStore;
-    use crate::store::{Delegation, KeyStore};
+    use crate::store::{Delegation, DelegationRecords};
     use std::sync::atomic::AtomicUsize;
 
     const T: &str = "9f1c7d4e-2b7a-4c1e-9d55-0b3f6a2e8c11";

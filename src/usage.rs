@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::store::{now_ms, KeyStore, StoreError, UsageDelta, UsageNotWritten};
+use crate::store::{now_ms, StoreError, UsageDelta, UsageNotWritten, UsageSink};
 
 /// A flush that left some counts unwritten: they are kept for the next one.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +33,7 @@ struct Tally {
 /// shards in turn), so requests on different threads never wait for one another's lock;
 /// a flush takes every shard and merges them.
 pub struct UsageCounter {
-    store: Arc<dyn KeyStore>,
+    store: Arc<dyn UsageSink>,
     shards: Box<[Mutex<Counts>]>,
 }
 
@@ -68,7 +68,7 @@ impl Tally {
 }
 
 impl UsageCounter {
-    pub fn new(store: Arc<dyn KeyStore>) -> Self {
+    pub fn new(store: Arc<dyn UsageSink>) -> Self {
         UsageCounter {
             store,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),

@@ -26,8 +26,9 @@ use super::{timestamp, timestamp_ms};
 use crate::revocation::{EventFeed, FeedEntry, FeedItem, RevocationBus};
 use crate::secret::Secret;
 use crate::store::{
-    latest_cursor, now_ms, Cursor, DelegationEvent, EventId, EventKind, KeyStore, RevocationEvent,
-    StoreError, TokenRevocation, TokenRevocationEvent, TokenTarget,
+    latest_cursor, now_ms, Cursor, DelegationEvent, EventId, EventKind, EventLog, KeyStore,
+    RevocationEvent, StoreError, TokenRevocation, TokenRevocationEvent, TokenRevocations,
+    TokenTarget,
 };
 
 /// Response metadata: the cursor a Watch stream starts after.
@@ -149,7 +150,7 @@ fn unavailable(e: StoreError) -> Status {
 /// RESET where some of it was lost); returns the new cursor, or `None` when the client
 /// has gone.
 async fn replay(
-    store: &dyn KeyStore,
+    store: &dyn EventLog,
     tx: &mpsc::Sender<Result<proto::RevocationEvent, Status>>,
     mut cursor: Cursor,
 ) -> Result<Option<Cursor>, StoreError> {

@@ -9,10 +9,11 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, RwLock};
 
 use super::{
-    Delegation, DelegationEvent, DelegationSource, DelegationsOf, EventId, EventKind, KeyChange,
-    KeyPage, KeyRecord, KeyStore, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest,
-    RevocationEvent, StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent, UsageDelta,
-    UsageNotWritten,
+    AuditLog, Delegation, DelegationEvent, DelegationRecords, DelegationSource, DelegationsOf,
+    EventId, EventKind, EventLog, KeyChange, KeyPage, KeyRecord, KeyRecords, KeyStore, LeaseOp,
+    LeaseResult, Owner, RateGrant, RateRequest, RevocationEvent, StoreError, StreamEntry,
+    TokenRevocation, TokenRevocationEvent, TokenRevocations, UsageDelta, UsageNotWritten,
+    UsageSink,
 };
 
 /// How many revocation events are kept, like the Redis stream's MAXLEN.
@@ -47,7 +48,7 @@ struct State {
     delegated_tenants: BTreeSet<(String, String)>,
     events: VecDeque<StreamEntry>,
     /// The audit trail, oldest first, bounded like the event log.
-    audit: VecDeque<crate::audit::AuditEntry>,
+    audit: VecDeque<super::audit::AuditEntry>,
     audit_seq: u64,
     /// Each key's rate-limit state.
     rates: HashMap<String, crate::ratelimit::ledger::KeyRate>,
@@ -191,7 +192,7 @@ impl super::RateLedger for MemoryStore {
 }
 
 #[async_trait]
-impl KeyStore for MemoryStore {
+impl KeyRecords for MemoryStore {
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let mut s = self.state.write().await;
         if s.keys.contains_key(&record.key_id) {
@@ -323,44 +324,10 @@ impl KeyStore for MemoryStore {
         self.appended.notify_waiters();
         Ok(Some(rec))
     }
+}
 
-    async fn append_audit(&self, entry: &crate::audit::AuditEntry) -> Result<(), StoreError> {
-        let mut s = self.state.write().await;
-        s.audit_seq += 1;
-        let mut e = entry.clone();
-        e.id = format!("{}-{}", e.at_ms, s.audit_seq);
-        s.audit.push_back(e);
-        while s.audit.len() > self.max_events {
-            s.audit.pop_front();
-        }
-        Ok(())
-    }
-
-    async fn audit(
-        &self,
-        q: &crate::audit::AuditQuery,
-    ) -> Result<Vec<crate::audit::AuditEntry>, StoreError> {
-        let s = self.state.read().await;
-        Ok(s.audit
-            .iter()
-            .filter(|e| q.matches(e))
-            .take(q.limit)
-            .cloned()
-            .collect())
-    }
-
-    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), UsageNotWritten> {
-        let mut s = self.state.write().await;
-        for d in batch {
-            if let Some(Stored { record: rec, .. }) = s.keys.get_mut(&d.key_id) {
-                rec.usage.allowed += d.allowed;
-                rec.usage.denied += d.denied;
-                rec.usage.last_used_at_ms = rec.usage.last_used_at_ms.max(Some(d.last_used_at_ms));
-            }
-        }
-        Ok(())
-    }
-
+#[async_trait]
+impl DelegationRecords for MemoryStore {
     async fn set_delegation(
         &self,
         d: &Delegation,
@@ -406,7 +373,53 @@ impl KeyStore for MemoryStore {
             .map(|(_, other)| of.with(other.clone()))
             .collect())
     }
+}
 
+#[async_trait]
+impl AuditLog for MemoryStore {
+    async fn append_audit(&self, entry: &super::audit::AuditEntry) -> Result<(), StoreError> {
+        let mut s = self.state.write().await;
+        s.audit_seq += 1;
+        let mut e = entry.clone();
+        e.id = format!("{}-{}", e.at_ms, s.audit_seq);
+        s.audit.push_back(e);
+        while s.audit.len() > self.max_events {
+            s.audit.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn audit(
+        &self,
+        q: &super::audit::AuditQuery,
+    ) -> Result<Vec<super::audit::AuditEntry>, StoreError> {
+        let s = self.state.read().await;
+        Ok(s.audit
+            .iter()
+            .filter(|e| q.matches(e))
+            .take(q.limit)
+            .cloned()
+            .collect())
+    }
+}
+
+#[async_trait]
+impl UsageSink for MemoryStore {
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), UsageNotWritten> {
+        let mut s = self.state.write().await;
+        for d in batch {
+            if let Some(Stored { record: rec, .. }) = s.keys.get_mut(&d.key_id) {
+                rec.usage.allowed += d.allowed;
+                rec.usage.denied += d.denied;
+                rec.usage.last_used_at_ms = rec.usage.last_used_at_ms.max(Some(d.last_used_at_ms));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TokenRevocations for MemoryStore {
     async fn revoke_tokens(
         &self,
         revocation: &TokenRevocation,
@@ -443,11 +456,10 @@ impl KeyStore for MemoryStore {
             .cloned()
             .collect())
     }
+}
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
+#[async_trait]
+impl EventLog for MemoryStore {
     async fn latest_event_id(&self, _partition: usize) -> Result<EventId, StoreError> {
         Ok(self.state.read().await.last_event)
     }
@@ -483,5 +495,12 @@ impl KeyStore for MemoryStore {
     ) -> Result<bool, StoreError> {
         let s = self.state.read().await;
         Ok(s.max_deleted > after || s.last_event < after)
+    }
+}
+
+#[async_trait]
+impl KeyStore for MemoryStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@
 //! (`tests/store_conformance.rs`). A backend failure is a `StoreError`, never a missing
 //! record: callers must not be able to mistake "Redis is down" for "no such key".
 
+pub mod audit;
 pub mod memory;
 pub mod packed;
 pub mod redis;
@@ -509,7 +510,7 @@ impl std::fmt::Display for Cursor {
 }
 
 /// Where every partition of `store`'s stream is now: its newest event ids.
-pub async fn latest_cursor(store: &dyn KeyStore) -> Result<Cursor, StoreError> {
+pub async fn latest_cursor(store: &dyn EventLog) -> Result<Cursor, StoreError> {
     let ids =
         futures::future::try_join_all((0..store.partitions()).map(|p| store.latest_event_id(p)))
             .await?;
@@ -586,8 +587,10 @@ pub trait RateLedger: Send + Sync + 'static {
     ) -> Result<LeaseResult, StoreError>;
 }
 
+/// Key records: what authentication reads (`authn`) and the admin API changes. Each
+/// change to a record appends its event to the revocation stream in the same atomic step.
 #[async_trait]
-pub trait KeyStore: DelegationSource + RateLedger {
+pub trait KeyRecords: Send + Sync + 'static {
     /// Stores a new key and adds it to its owner's index. Fails on an existing id.
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError>;
 
@@ -630,7 +633,12 @@ pub trait KeyStore: DelegationSource + RateLedger {
     /// Removes the key and its index entry and appends a deletion event, atomically.
     /// Returns the removed record.
     async fn delete(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError>;
+}
 
+/// Partners' delegations as the admin API manages them; what the request path reads of
+/// them is `DelegationSource`.
+#[async_trait]
+pub trait DelegationRecords: DelegationSource {
     /// Grants (`granted`) or withdraws a partner's right to act for a tenant, and appends
     /// the change to the stream, atomically. Returns whether anything changed; nothing is
     /// appended when it did not.
@@ -643,16 +651,21 @@ pub trait KeyStore: DelegationSource + RateLedger {
 
     /// A partner's tenants, or a tenant's partners, in order.
     async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError>;
+}
 
+/// The bounded audit stream (`audit`).
+#[async_trait]
+pub trait AuditLog: Send + Sync + 'static {
     /// Appends an entry to the bounded audit stream.
-    async fn append_audit(&self, entry: &crate::audit::AuditEntry) -> Result<(), StoreError>;
+    async fn append_audit(&self, entry: &audit::AuditEntry) -> Result<(), StoreError>;
 
     /// Audit entries matching `q`, oldest first, at most `q.limit`.
-    async fn audit(
-        &self,
-        q: &crate::audit::AuditQuery,
-    ) -> Result<Vec<crate::audit::AuditEntry>, StoreError>;
+    async fn audit(&self, q: &audit::AuditQuery) -> Result<Vec<audit::AuditEntry>, StoreError>;
+}
 
+/// Where batched usage counts are written (`usage`).
+#[async_trait]
+pub trait UsageSink: Send + Sync + 'static {
     /// Adds usage counts to their keys' records (a deleted key's are dropped). A batch may
     /// be written in parts (Redis: one script call per partition and at most
     /// `redis::USAGE_KEYS_PER_CALL` keys), each written whole or not at all; the error
@@ -660,7 +673,11 @@ pub trait KeyStore: DelegationSource + RateLedger {
     /// part whose answer was lost (a timeout) is reported as not written, though it may
     /// have been: tried again, it is counted twice rather than lost.
     async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), UsageNotWritten>;
+}
 
+/// JWT revocations (by `jti`, or a subject's tokens issued before a time).
+#[async_trait]
+pub trait TokenRevocations: Send + Sync + 'static {
     /// Records a JWT revocation (merged into an earlier one of the same `rule_key`) and
     /// appends it to the stream, atomically. Returns the revocation as it now stands; when
     /// it adds nothing to what is stored, nothing is appended. Expired revocations are
@@ -672,10 +689,11 @@ pub trait KeyStore: DelegationSource + RateLedger {
 
     /// Every JWT revocation not expired at `now_ms`.
     async fn token_revocations(&self, now_ms: u64) -> Result<Vec<TokenRevocation>, StoreError>;
+}
 
-    /// Whether the backend answers.
-    async fn ping(&self) -> Result<(), StoreError>;
-
+/// The revocation stream, read: what the follower (`revocation`) and `Watch` need.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
     /// How many partitions the revocation stream has (fixed for the life of the store).
     /// Each is ordered on its own; together they carry every event. Partitions are
     /// numbered from 0.
@@ -707,6 +725,16 @@ pub trait KeyStore: DelegationSource + RateLedger {
     /// persistence). A reader resuming from `after` must then flush everything it cached.
     async fn events_lost_after(&self, partition: usize, after: EventId)
         -> Result<bool, StoreError>;
+}
+
+/// A whole backend (memory, Redis, Redis Cluster): every part above, which the server
+/// hands out one part at a time, each to the module that needs it.
+#[async_trait]
+pub trait KeyStore:
+    KeyRecords + DelegationRecords + AuditLog + UsageSink + TokenRevocations + EventLog + RateLedger
+{
+    /// Whether the backend answers.
+    async fn ping(&self) -> Result<(), StoreError>;
 }
 
 pub fn now_ms() -> u64 {

@@ -51,10 +51,11 @@ use redis::{AsyncCommands, Script};
 use tokio::sync::OnceCell;
 
 use super::{
-    Delegation, DelegationEvent, DelegationSource, DelegationsOf, EventId, EventKind, KeyChange,
-    KeyPage, KeyRecord, KeyStore, KeyUsage, LeaseOp, LeaseResult, Owner, RateGrant, RateRequest,
-    RateRule, RevocationEvent, StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent,
-    UsageDelta, UsageNotWritten, DELEGATED, TOKENS_REVOKED, UNDELEGATED,
+    AuditLog, Delegation, DelegationEvent, DelegationRecords, DelegationSource, DelegationsOf,
+    EventId, EventKind, EventLog, KeyChange, KeyPage, KeyRecord, KeyRecords, KeyStore, KeyUsage,
+    LeaseOp, LeaseResult, Owner, RateGrant, RateRequest, RateRule, RevocationEvent, StoreError,
+    StreamEntry, TokenRevocation, TokenRevocationEvent, TokenRevocations, UsageDelta,
+    UsageNotWritten, UsageSink, DELEGATED, TOKENS_REVOKED, UNDELEGATED,
 };
 use crate::secret::Secret;
 
@@ -1318,7 +1319,7 @@ impl super::RateLedger for RedisStore {
 }
 
 #[async_trait]
-impl KeyStore for RedisStore {
+impl KeyRecords for RedisStore {
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let mut stored = record.clone();
         stored.revoked_at_ms = None;
@@ -1578,8 +1579,60 @@ impl KeyStore for RedisStore {
         }
         Ok(self.decode_raw(key_id, raw)?.map(|(record, _)| record))
     }
+}
 
-    async fn append_audit(&self, entry: &crate::audit::AuditEntry) -> Result<(), StoreError> {
+#[async_trait]
+impl DelegationRecords for RedisStore {
+    async fn set_delegation(
+        &self,
+        d: &Delegation,
+        granted: bool,
+        at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let p = self.layout.partition_of(&d.partner_id);
+        let changed: i64 = self
+            .write(
+                p,
+                Change::Script(
+                    self.delegation
+                        .key(self.delegation_key(p, &DelegationsOf::Partner(d.partner_id.clone())))
+                        .key(self.delegation_key(p, &DelegationsOf::Tenant(d.tenant_id.clone())))
+                        .key(self.events_key(p))
+                        .arg(&d.partner_id)
+                        .arg(&d.tenant_id)
+                        .arg(if granted { "1" } else { "0" })
+                        .arg(at_ms)
+                        .arg(STREAM_MAX_LEN)
+                        .arg(if granted { DELEGATED } else { UNDELEGATED }),
+                ),
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError> {
+        let conn = self.conn().await?;
+        // A partner's tenants are in its partition; a tenant's partners in each of theirs.
+        let partitions = match of {
+            DelegationsOf::Partner(p) => vec![self.layout.partition_of(p)],
+            DelegationsOf::Tenant(_) => (0..self.layout.partitions()).collect(),
+        };
+        let sets = futures::future::try_join_all(partitions.into_iter().map(|p| {
+            let mut conn = conn.clone();
+            let key = self.delegation_key(p, of);
+            async move { self.run(conn.smembers::<_, Vec<String>>(key)).await }
+        }))
+        .await?;
+        let mut others: Vec<String> = sets.into_iter().flatten().collect();
+        others.sort();
+        others.dedup();
+        Ok(others.into_iter().map(|other| of.with(other)).collect())
+    }
+}
+
+#[async_trait]
+impl AuditLog for RedisStore {
+    async fn append_audit(&self, entry: &super::audit::AuditEntry) -> Result<(), StoreError> {
         let json = serde_json::to_string(entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut conn = self.conn().await?;
         let _: String = self
@@ -1600,8 +1653,8 @@ impl KeyStore for RedisStore {
 
     async fn audit(
         &self,
-        q: &crate::audit::AuditQuery,
-    ) -> Result<Vec<crate::audit::AuditEntry>, StoreError> {
+        q: &super::audit::AuditQuery,
+    ) -> Result<Vec<super::audit::AuditEntry>, StoreError> {
         let mut conn = self.conn().await?;
         let key = self.audit_key();
         let mut out = Vec::new();
@@ -1617,7 +1670,7 @@ impl KeyStore for RedisStore {
                 let Some(json) = e.get::<String>("entry") else {
                     continue;
                 };
-                let mut entry: crate::audit::AuditEntry = serde_json::from_str(&json)
+                let mut entry: super::audit::AuditEntry = serde_json::from_str(&json)
                     .map_err(|err| StoreError::Corrupt(err.to_string()))?;
                 entry.id = e.id.clone();
                 if q.matches(&entry) {
@@ -1634,7 +1687,10 @@ impl KeyStore for RedisStore {
         }
         Ok(out)
     }
+}
 
+#[async_trait]
+impl UsageSink for RedisStore {
     async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), UsageNotWritten> {
         use futures::StreamExt;
         if batch.is_empty() {
@@ -1707,53 +1763,10 @@ impl KeyStore for RedisStore {
         }
         failed.map_or(Ok(()), Err)
     }
+}
 
-    async fn set_delegation(
-        &self,
-        d: &Delegation,
-        granted: bool,
-        at_ms: u64,
-    ) -> Result<bool, StoreError> {
-        let p = self.layout.partition_of(&d.partner_id);
-        let changed: i64 = self
-            .write(
-                p,
-                Change::Script(
-                    self.delegation
-                        .key(self.delegation_key(p, &DelegationsOf::Partner(d.partner_id.clone())))
-                        .key(self.delegation_key(p, &DelegationsOf::Tenant(d.tenant_id.clone())))
-                        .key(self.events_key(p))
-                        .arg(&d.partner_id)
-                        .arg(&d.tenant_id)
-                        .arg(if granted { "1" } else { "0" })
-                        .arg(at_ms)
-                        .arg(STREAM_MAX_LEN)
-                        .arg(if granted { DELEGATED } else { UNDELEGATED }),
-                ),
-            )
-            .await?;
-        Ok(changed == 1)
-    }
-
-    async fn delegations(&self, of: &DelegationsOf) -> Result<Vec<Delegation>, StoreError> {
-        let conn = self.conn().await?;
-        // A partner's tenants are in its partition; a tenant's partners in each of theirs.
-        let partitions = match of {
-            DelegationsOf::Partner(p) => vec![self.layout.partition_of(p)],
-            DelegationsOf::Tenant(_) => (0..self.layout.partitions()).collect(),
-        };
-        let sets = futures::future::try_join_all(partitions.into_iter().map(|p| {
-            let mut conn = conn.clone();
-            let key = self.delegation_key(p, of);
-            async move { self.run(conn.smembers::<_, Vec<String>>(key)).await }
-        }))
-        .await?;
-        let mut others: Vec<String> = sets.into_iter().flatten().collect();
-        others.sort();
-        others.dedup();
-        Ok(others.into_iter().map(|other| of.with(other)).collect())
-    }
-
+#[async_trait]
+impl TokenRevocations for RedisStore {
     async fn revoke_tokens(
         &self,
         revocation: &TokenRevocation,
@@ -1824,13 +1837,10 @@ impl KeyStore for RedisStore {
         }
         Ok(live)
     }
+}
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        let _: String = self.run(redis::cmd("PING").query_async(&mut conn)).await?;
-        Ok(())
-    }
-
+#[async_trait]
+impl EventLog for RedisStore {
     fn partitions(&self) -> usize {
         self.layout.partitions()
     }
@@ -1907,5 +1917,14 @@ impl KeyStore for RedisStore {
         // kept is not newer than `after`. When the trim stopped exactly at `after` this
         // flushes once more than needed: the price of never missing one.
         Ok(first_entry.is_none_or(|first| first > after))
+    }
+}
+
+#[async_trait]
+impl KeyStore for RedisStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let _: String = self.run(redis::cmd("PING").query_async(&mut conn)).await?;
+        Ok(())
     }
 }

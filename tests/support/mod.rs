@@ -32,7 +32,10 @@ use keygate::config::{Config, Secrets};
 use keygate::keys::NewKey;
 use keygate::secret::Secret;
 use keygate::store::memory::MemoryStore;
-use keygate::store::{EventId, KeyPage, KeyRecord, KeyStore, StoreError, StreamEntry};
+use keygate::store::{
+    AuditLog, DelegationRecords, EventId, EventLog, KeyPage, KeyRecord, KeyRecords, KeyStore,
+    StoreError, StreamEntry, TokenRevocations, UsageSink,
+};
 use tokio::sync::{Notify, Semaphore};
 
 mod cluster;
@@ -526,7 +529,8 @@ impl keygate::store::RateLedger for CountingStore {
 }
 
 #[async_trait::async_trait]
-impl KeyStore for CountingStore {
+#[async_trait]
+impl KeyRecords for CountingStore {
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.inner.create(record).await
@@ -582,43 +586,6 @@ impl KeyStore for CountingStore {
         self.inner.list(owner, after, limit).await
     }
 
-    async fn set_delegation(
-        &self,
-        d: &keygate::store::Delegation,
-        granted: bool,
-        at_ms: u64,
-    ) -> Result<bool, StoreError> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.set_delegation(d, granted, at_ms).await
-    }
-
-    async fn append_audit(&self, entry: &keygate::audit::AuditEntry) -> Result<(), StoreError> {
-        // The audit trail is not a write these tests count.
-        self.inner.append_audit(entry).await
-    }
-
-    async fn audit(
-        &self,
-        q: &keygate::audit::AuditQuery,
-    ) -> Result<Vec<keygate::audit::AuditEntry>, StoreError> {
-        self.inner.audit(q).await
-    }
-
-    async fn add_usage(
-        &self,
-        batch: &[keygate::store::UsageDelta],
-    ) -> Result<(), keygate::store::UsageNotWritten> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.add_usage(batch).await
-    }
-
-    async fn delegations(
-        &self,
-        of: &keygate::store::DelegationsOf,
-    ) -> Result<Vec<keygate::store::Delegation>, StoreError> {
-        self.inner.delegations(of).await
-    }
-
     async fn revoke(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.inner.revoke(key_id, at_ms).await
@@ -638,7 +605,56 @@ impl KeyStore for CountingStore {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.inner.delete(key_id, at_ms).await
     }
+}
 
+#[async_trait]
+impl DelegationRecords for CountingStore {
+    async fn set_delegation(
+        &self,
+        d: &keygate::store::Delegation,
+        granted: bool,
+        at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.set_delegation(d, granted, at_ms).await
+    }
+
+    async fn delegations(
+        &self,
+        of: &keygate::store::DelegationsOf,
+    ) -> Result<Vec<keygate::store::Delegation>, StoreError> {
+        self.inner.delegations(of).await
+    }
+}
+
+#[async_trait]
+impl AuditLog for CountingStore {
+    async fn append_audit(&self, entry: &keygate::audit::AuditEntry) -> Result<(), StoreError> {
+        // The audit trail is not a write these tests count.
+        self.inner.append_audit(entry).await
+    }
+
+    async fn audit(
+        &self,
+        q: &keygate::audit::AuditQuery,
+    ) -> Result<Vec<keygate::audit::AuditEntry>, StoreError> {
+        self.inner.audit(q).await
+    }
+}
+
+#[async_trait]
+impl UsageSink for CountingStore {
+    async fn add_usage(
+        &self,
+        batch: &[keygate::store::UsageDelta],
+    ) -> Result<(), keygate::store::UsageNotWritten> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.add_usage(batch).await
+    }
+}
+
+#[async_trait]
+impl TokenRevocations for CountingStore {
     async fn revoke_tokens(
         &self,
         revocation: &keygate::store::TokenRevocation,
@@ -653,11 +669,10 @@ impl KeyStore for CountingStore {
     ) -> Result<Vec<keygate::store::TokenRevocation>, StoreError> {
         self.inner.token_revocations(now_ms).await
     }
+}
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-
+#[async_trait]
+impl EventLog for CountingStore {
     fn partitions(&self) -> usize {
         self.inner.partitions()
     }
@@ -690,6 +705,13 @@ impl KeyStore for CountingStore {
         after: EventId,
     ) -> Result<bool, StoreError> {
         self.inner.events_lost_after(partition, after).await
+    }
+}
+
+#[async_trait]
+impl KeyStore for CountingStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
     }
 }
 
