@@ -22,7 +22,7 @@ use hdrhistogram::Histogram;
 use keygate::revocation::FeedItem;
 use keygate::server::App;
 use keygate::store::redis::{RedisOptions, RedisStore, CLUSTER_PARTITIONS};
-use keygate::store::{KeyRecord, KeyStore};
+use keygate::store::{KeyRecord, KeyRecords, KeyStore};
 use support::*;
 
 fn arg(name: &str, default: usize) -> usize {

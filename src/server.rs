@@ -37,7 +37,7 @@ use crate::policy::Policy;
 use crate::revocation::{EventFeed, RevocationBus, StoreFeed};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
-use crate::store::{EventLog, KeyStore};
+use crate::store::KeyStore;
 use crate::tls::ListenerTls;
 use crate::transport::incoming;
 

@@ -192,7 +192,7 @@ async fn a_flush_during_an_in_flight_verification_wins_over_it() {
     let (store, app, key, in_flight) = a_check_held_in_flight().await;
     // Revoked on another replica, and its event is among those lost: this replica only
     // learns of a flush.
-    keygate::store::KeyStore::revoke(&*store, &key.record.key_id, now_ms())
+    keygate::store::KeyRecords::revoke(&*store, &key.record.key_id, now_ms())
         .await
         .unwrap()
         .unwrap();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use keygate::audit::AuditQuery;
 use keygate::keys::{AdminError, KeyOwner, NewKey, StatusFilter};
 use keygate::server::App;
-use keygate::store::{KeyStatus, KeyStore};
+use keygate::store::{KeyRecords, KeyStatus, KeyStore};
 use support::{
     config, eventually, outcome, read_with, reader_key, secrets, Backend, CountingStore, Outcome,
     RedisServer, Replica, PATIENCE, TENANT,

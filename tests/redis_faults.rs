@@ -14,7 +14,7 @@ use std::time::Duration;
 use keygate::keys::AdminError;
 use keygate::server::{self, App};
 use keygate::store::redis::RedisStore;
-use keygate::store::{KeyStore, StoreError};
+use keygate::store::{KeyRecords, KeyStore, StoreError};
 use support::{Backend, Outcome, RedisOptions, RedisServer, PATIENCE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

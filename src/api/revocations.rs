@@ -27,8 +27,7 @@ use crate::revocation::{EventFeed, FeedEntry, FeedItem, RevocationBus};
 use crate::secret::Secret;
 use crate::store::{
     latest_cursor, now_ms, Cursor, DelegationEvent, EventId, EventKind, EventLog, KeyStore,
-    RevocationEvent, StoreError, TokenRevocation, TokenRevocationEvent, TokenRevocations,
-    TokenTarget,
+    RevocationEvent, StoreError, TokenRevocation, TokenRevocationEvent, TokenTarget,
 };
 
 /// Response metadata: the cursor a Watch stream starts after.

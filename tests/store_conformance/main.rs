@@ -15,8 +15,8 @@ use keygate::server::App;
 use keygate::store::memory::MemoryStore;
 use keygate::store::redis::RedisStore;
 use keygate::store::{
-    now_ms, Delegation, DelegationsOf, EventId, EventKind, KeyChange, KeyRecord, KeyStatus,
-    KeyStore, Owner, StoreError, StreamEntry, TokenRevocation, TokenTarget,
+    now_ms, Delegation, DelegationsOf, EventId, EventKind, EventLog, KeyChange, KeyRecord,
+    KeyStatus, KeyStore, Owner, StoreError, StreamEntry, TokenRevocation, TokenTarget,
 };
 use std::collections::BTreeSet;
 use std::sync::Arc;

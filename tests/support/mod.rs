@@ -529,7 +529,6 @@ impl keygate::store::RateLedger for CountingStore {
 }
 
 #[async_trait::async_trait]
-#[async_trait]
 impl KeyRecords for CountingStore {
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
@@ -607,7 +606,7 @@ impl KeyRecords for CountingStore {
     }
 }
 
-#[async_trait]
+#[async_trait::async_trait]
 impl DelegationRecords for CountingStore {
     async fn set_delegation(
         &self,
@@ -627,7 +626,7 @@ impl DelegationRecords for CountingStore {
     }
 }
 
-#[async_trait]
+#[async_trait::async_trait]
 impl AuditLog for CountingStore {
     async fn append_audit(&self, entry: &keygate::audit::AuditEntry) -> Result<(), StoreError> {
         // The audit trail is not a write these tests count.
@@ -642,7 +641,7 @@ impl AuditLog for CountingStore {
     }
 }
 
-#[async_trait]
+#[async_trait::async_trait]
 impl UsageSink for CountingStore {
     async fn add_usage(
         &self,
@@ -653,7 +652,7 @@ impl UsageSink for CountingStore {
     }
 }
 
-#[async_trait]
+#[async_trait::async_trait]
 impl TokenRevocations for CountingStore {
     async fn revoke_tokens(
         &self,
@@ -671,7 +670,7 @@ impl TokenRevocations for CountingStore {
     }
 }
 
-#[async_trait]
+#[async_trait::async_trait]
 impl EventLog for CountingStore {
     fn partitions(&self) -> usize {
         self.inner.partitions()
@@ -708,7 +707,7 @@ impl EventLog for CountingStore {
     }
 }
 
-#[async_trait]
+#[async_trait::async_trait]
 impl KeyStore for CountingStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
