@@ -452,74 +452,60 @@ async fn admin_revoke_and_delete_each_append_one_stream_event() {
     );
 }
 
+/// The verifier left beside `key_id`'s record; the record must be there.
+async fn verifier_of(s: &Subject, key_id: &str) -> Option<String> {
+    let (record, verifier) = s
+        .store
+        .get_verifiable(key_id)
+        .await
+        .unwrap()
+        .expect("the record");
+    assert_eq!(record.key_id, key_id);
+    verifier
+}
+
 /// What a replica leaves after verifying a key's token (`KeyRecords::set_verifier`) is
 /// read with the record, kept by an update (the secret did not change), and goes with a
 /// revocation or deletion, after which none can be left again.
 async fn a_verifier_lives_with_its_record_until_the_key_is_revoked_or_deleted(s: Subject) {
     const LEFT: &str = "00112233445566778899aabbccddeeff";
     let a = created(&s, TENANT, "verified").await;
-    let (_, before) = s
-        .store
-        .get_verifiable(&a.key_id)
-        .await
-        .unwrap()
-        .expect("record");
-    assert_eq!(before, None, "no verifier until a replica leaves one");
+    assert_eq!(
+        verifier_of(&s, &a.key_id).await,
+        None,
+        "none until a replica leaves one"
+    );
     assert!(s.store.set_verifier(&a.key_id, LEFT).await.unwrap());
-    let (record, left) = s
-        .store
-        .get_verifiable(&a.key_id)
-        .await
-        .unwrap()
-        .expect("record");
-    assert_eq!(record.key_id, a.key_id);
-    assert_eq!(left.as_deref(), Some(LEFT));
+    assert_eq!(verifier_of(&s, &a.key_id).await.as_deref(), Some(LEFT));
 
     let renamed = KeyChange {
         name: Some("renamed".into()),
         ..Default::default()
     };
-    s.store
-        .update(&a.key_id, &renamed, now_ms())
-        .await
-        .unwrap()
-        .expect("updated");
-    let (_, kept) = s
-        .store
-        .get_verifiable(&a.key_id)
-        .await
-        .unwrap()
-        .expect("record");
-    assert_eq!(kept.as_deref(), Some(LEFT), "an update keeps the verifier");
+    let updated = s.store.update(&a.key_id, &renamed, now_ms()).await.unwrap();
+    assert!(updated.is_some());
+    assert_eq!(
+        verifier_of(&s, &a.key_id).await.as_deref(),
+        Some(LEFT),
+        "an update keeps the verifier"
+    );
 
-    s.store
-        .revoke(&a.key_id, now_ms())
-        .await
-        .unwrap()
-        .expect("revoked");
-    let (_, gone) = s
-        .store
-        .get_verifiable(&a.key_id)
-        .await
-        .unwrap()
-        .expect("record");
-    assert_eq!(gone, None, "revoking removes the verifier");
+    assert!(s.store.revoke(&a.key_id, now_ms()).await.unwrap().is_some());
+    assert_eq!(
+        verifier_of(&s, &a.key_id).await,
+        None,
+        "revoking removes it"
+    );
     assert!(!s.store.set_verifier(&a.key_id, LEFT).await.unwrap());
-    let (_, still) = s
-        .store
-        .get_verifiable(&a.key_id)
-        .await
-        .unwrap()
-        .expect("record");
-    assert_eq!(still, None, "no verifier is left beside a revoked key");
+    assert_eq!(
+        verifier_of(&s, &a.key_id).await,
+        None,
+        "none is left beside a revoked key"
+    );
 
     let b = created(&s, TENANT, "deleted").await;
     assert!(s.store.set_verifier(&b.key_id, LEFT).await.unwrap());
-    s.store
-        .delete(&b.key_id, now_ms())
-        .await
-        .unwrap()
-        .expect("deleted");
+    assert!(s.store.delete(&b.key_id, now_ms()).await.unwrap().is_some());
     assert!(!s.store.set_verifier(&b.key_id, LEFT).await.unwrap());
     assert!(
         s.store.get_verifiable(&b.key_id).await.unwrap().is_none(),
