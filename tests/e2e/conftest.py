@@ -20,23 +20,17 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def redis(workdir):
-    r = harness.Redis(workdir / "redis")
-    yield r
-    r.stop()
+    yield from harness.running(harness.Redis(workdir / "redis"))
 
 
 @pytest.fixture(scope="session")
 def upstream():
-    u = harness.Upstream()
-    yield u
-    u.stop()
+    yield from harness.running(harness.Upstream())
 
 
 @pytest.fixture(scope="session")
 def stack(workdir, redis, upstream):
-    s = harness.Stack("main", workdir, redis, upstream)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("main", workdir, redis, upstream))
 
 
 @pytest.fixture(scope="session")

@@ -198,6 +198,15 @@ def _kill_leftovers():
         proc.stop(signal.SIGKILL, timeout=5)
 
 
+def running(server):
+    """Yields `server` to the test and stops it after, whatever the test did: the body of
+    every fixture that starts a server (`yield from harness.running(harness.Redis(...))`)."""
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test runner's environment without anything that would configure keygate
     behind a test's back (KEYGATE_*, RUST_LOG), plus `extra`."""

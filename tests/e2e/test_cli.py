@@ -152,7 +152,7 @@ def test_revoked_keys_leave_the_list_and_the_audit_trail_names_each_change(keyga
 def leasing(workdir, redis):
     """A keygate whose plan `two` holds two concurrent sessions, and which shows its
     clients `too_many_requests` for keygate's `rate_limited`."""
-    k = harness.Keygate(
+    yield from harness.running(harness.Keygate(
         "cli-leases",
         workdir,
         redis,
@@ -160,9 +160,7 @@ def leasing(workdir, redis):
             "KEYGATE_POLICY__PLANS": "{two: {requests_per_minute: 600, concurrent_sessions: 2}}",
             "KEYGATE_ERRORS__CODES": "{rate_limited: {code: too_many_requests}}",
         },
-    )
-    yield k
-    k.stop()
+    ))
 
 
 def acquire(keygate, token, *extra):

@@ -125,9 +125,7 @@ def underscores_allowed(config: str) -> str:
 
 @pytest.fixture(scope="module")
 def underscores_stack(workdir, redis, upstream):
-    s = harness.Stack("underscores", workdir, redis, upstream, edit_envoy_config=underscores_allowed)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("underscores", workdir, redis, upstream, edit_envoy_config=underscores_allowed))
 
 
 # Every header keygate owns, by the spelling it reads or sets: the tenant header, the

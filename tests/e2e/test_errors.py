@@ -37,9 +37,7 @@ def message_stack(workdir, redis, upstream):
         "KEYGATE_ERRORS__OPAQUE_MESSAGE": "Unauthenticated.",
         "KEYGATE_ERRORS__BODY": '{"message": "{message}"}',
     }
-    s = harness.Stack("errors-message", workdir, redis, upstream, keygate_env=env)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("errors-message", workdir, redis, upstream, keygate_env=env))
 
 
 def expired_key(keygate, tenant: str) -> dict:
@@ -125,9 +123,7 @@ def coded_stack(workdir, redis, upstream):
         "KEYGATE_ERRORS__WWW_AUTHENTICATE": 'Bearer realm="api"',
         "KEYGATE_POLICY__PLANS": "{single: {requests_per_minute: 1}}",
     }
-    s = harness.Stack("errors-coded", workdir, redis, upstream, keygate_env=env)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("errors-coded", workdir, redis, upstream, keygate_env=env))
 
 
 def coded(status: int, code: str) -> bytes:
@@ -186,36 +182,31 @@ def test_a_429_keeps_retry_after_in_the_configured_shape(coded_stack, tenant):
     assert resp.header("x-ratelimit-limit") == "1", str(resp)
 
 
-def test_a_mistake_in_errors_stops_startup_naming_the_field(workdir, redis):
+def serve_with_errors(workdir, redis, codes: dict) -> harness.CliResult:
+    """`keygate serve` on a valid file with `errors.codes` set to `codes` from the
+    environment: what it answers when it refuses to start."""
     config = workdir / "errors-bad.yaml"
     config.write_text(
         harness.keygate_config(harness.free_port(), harness.free_port(), harness.free_port(), redis.url)
     )
-    result = harness.run_cli(
+    return harness.run_cli(
         ["serve", "--config", str(config)],
         harness.clean_env(
             KEYGATE_PEPPER="p" * 48,
             KEYGATE_ADMIN_TOKEN="a" * 32,
-            KEYGATE_ERRORS__CODES="{invalid_api_key: {status: 503}}",
+            KEYGATE_ERRORS__CODES=json.dumps(codes),
         ),
     )
+
+
+def test_a_mistake_in_errors_stops_startup_naming_the_field(workdir, redis):
+    result = serve_with_errors(workdir, redis, {"invalid_api_key": {"status": 503}})
     assert result.code != 0, str(result)
     assert "errors.codes.invalid_api_key.status" in result.stderr, str(result)
 
 
 @pytest.mark.parametrize("public", ["", "Invalid_Key", "invalid key", 'a"b'])
 def test_a_public_code_that_is_not_a_token_stops_startup_naming_the_field(workdir, redis, public):
-    config = workdir / "errors-bad-code.yaml"
-    config.write_text(
-        harness.keygate_config(harness.free_port(), harness.free_port(), harness.free_port(), redis.url)
-    )
-    result = harness.run_cli(
-        ["serve", "--config", str(config)],
-        harness.clean_env(
-            KEYGATE_PEPPER="p" * 48,
-            KEYGATE_ADMIN_TOKEN="a" * 32,
-            KEYGATE_ERRORS__CODES=json.dumps({"missing_credentials": {"code": public}}),
-        ),
-    )
+    result = serve_with_errors(workdir, redis, {"missing_credentials": {"code": public}})
     assert result.code != 0, str(result)
     assert "errors.codes.missing_credentials.code" in result.stderr, str(result)

@@ -59,9 +59,7 @@ def jwt_stack(workdir, redis, upstream):
         "algorithms: [HS256], secret_env: KEYGATE_E2E_JWT_SECRET, leeway: 5s}]"
     )
     env = {"KEYGATE_JWT__ISSUERS": issuers, "KEYGATE_E2E_JWT_SECRET": SECRET}
-    s = harness.Stack("jwt", workdir, redis, upstream, keygate_env=env)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("jwt", workdir, redis, upstream, keygate_env=env))
 
 
 @pytest.mark.parametrize("header", ["x-access-token", "authorization"])

@@ -61,23 +61,17 @@ def stack(name, workdir, redis, upstream, mode=None):
 @pytest.fixture(scope="module")
 def check_stack(workdir, redis, upstream):
     """`method_override` left at its default."""
-    s = stack("override-check", workdir, redis, upstream)
-    yield s
-    s.stop()
+    yield from harness.running(stack("override-check", workdir, redis, upstream))
 
 
 @pytest.fixture(scope="module")
 def strip_stack(workdir, redis, upstream):
-    s = stack("override-strip", workdir, redis, upstream, "strip")
-    yield s
-    s.stop()
+    yield from harness.running(stack("override-strip", workdir, redis, upstream, "strip"))
 
 
 @pytest.fixture(scope="module")
 def deny_stack(workdir, redis, upstream):
-    s = stack("override-deny", workdir, redis, upstream, "deny")
-    yield s
-    s.stop()
+    yield from harness.running(stack("override-deny", workdir, redis, upstream, "deny"))
 
 
 def writer_of(s):

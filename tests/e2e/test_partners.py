@@ -26,9 +26,7 @@ def partner_stack(workdir, redis, upstream):
         "KEYGATE_POLICY__ROUTES": ROUTES,
         "KEYGATE_POLICY__PARTNER_SCOPES": "['billing:partner:*']",
     }
-    s = harness.Stack("partners", workdir, redis, upstream, keygate_env=env)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("partners", workdir, redis, upstream, keygate_env=env))
 
 
 def key(stack, *args: str) -> dict:

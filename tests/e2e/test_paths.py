@@ -28,9 +28,7 @@ def envoy_defaults(config: str) -> str:
 
 @pytest.fixture(scope="module")
 def plain_stack(workdir, redis, upstream):
-    s = harness.Stack("plain", workdir, redis, upstream, edit_envoy_config=envoy_defaults)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("plain", workdir, redis, upstream, edit_envoy_config=envoy_defaults))
 
 
 def test_the_envoy_of_this_module_does_not_normalise(plain_stack):
@@ -38,32 +36,23 @@ def test_the_envoy_of_this_module_does_not_normalise(plain_stack):
 
 
 @pytest.mark.parametrize(
-    "path",
+    "path, status, code",
     [
-        "/public/../v1/contacts/42",
-        "/public/%2e%2e/v1/contacts/42",
-        "/public/.%2E/v1/contacts/42",
-    ],
-)
-def test_dot_segments_cannot_reach_a_protected_route_without_a_credential(plain_stack, path):
-    resp = plain_stack.request("GET", path)
-    assert_denied(resp, 401, "missing_credentials")
-    assert resp.upstream == [], f"the upstream was reached:\n{resp}"
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        "/public/..%2fv1/contacts/42",
-        "/public/..%2Fv1/contacts/42",
-        "/public/..%5cv1/contacts/42",
+        # Dot segments, raw or encoded: removed before matching, so no credential, no entry.
+        ("/public/../v1/contacts/42", 401, "missing_credentials"),
+        ("/public/%2e%2e/v1/contacts/42", 401, "missing_credentials"),
+        ("/public/.%2E/v1/contacts/42", 401, "missing_credentials"),
+        # Paths servers read differently are refused.
+        ("/public/..%2fv1/contacts/42", 400, "invalid_path"),
+        ("/public/..%2Fv1/contacts/42", 400, "invalid_path"),
+        ("/public/..%5cv1/contacts/42", 400, "invalid_path"),
         # Merged, `..` leaves /public; kept, it removes the empty segment.
-        "/public//../v1/contacts/42",
+        ("/public//../v1/contacts/42", 400, "invalid_path"),
     ],
 )
-def test_a_path_servers_read_differently_is_refused(plain_stack, path):
+def test_dot_segments_cannot_reach_a_protected_route_without_a_credential(plain_stack, path, status, code):
     resp = plain_stack.request("GET", path)
-    assert_denied(resp, 400, "invalid_path")
+    assert_denied(resp, status, code)
     assert resp.upstream == [], f"the upstream was reached:\n{resp}"
 
 
@@ -103,16 +92,14 @@ PARAMETER_ROUTES = (
 
 @pytest.fixture(scope="module")
 def parameters_stack(workdir, redis, upstream):
-    s = harness.Stack(
+    yield from harness.running(harness.Stack(
         "parameters",
         workdir,
         redis,
         upstream,
         keygate_env={"KEYGATE_POLICY__ROUTES": PARAMETER_ROUTES},
         edit_envoy_config=envoy_defaults,
-    )
-    yield s
-    s.stop()
+    ))
 
 
 @pytest.fixture(scope="module")

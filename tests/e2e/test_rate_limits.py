@@ -17,9 +17,7 @@ def limited_stack(workdir, redis, upstream):
         "KEYGATE_POLICY__PLANS": "{trial: {requests_per_minute: 2, concurrent_sessions: 1}}",
         "KEYGATE_POLICY__DEFAULT_PLANS": "{live: trial}",
     }
-    s = harness.Stack("limits", workdir, redis, upstream, keygate_env=env)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("limits", workdir, redis, upstream, keygate_env=env))
 
 
 def test_the_limit_reaches_the_client_on_allow_and_on_429(limited_stack):

@@ -21,9 +21,7 @@ def raw_headers(config: str) -> str:
 
 @pytest.fixture(scope="module")
 def raw_stack(workdir, redis, upstream):
-    s = harness.Stack("raw", workdir, redis, upstream, edit_envoy_config=raw_headers)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("raw", workdir, redis, upstream, edit_envoy_config=raw_headers))
 
 
 @pytest.fixture(scope="module")

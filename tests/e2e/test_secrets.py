@@ -13,15 +13,13 @@ WINDOW = 12
 
 @pytest.fixture(scope="module", params=["text", "json"])
 def chatty(request, workdir, redis, upstream):
-    s = harness.Stack(
+    yield from harness.running(harness.Stack(
         f"chatty-{request.param}",
         workdir,
         redis,
         upstream,
         keygate_env={"KEYGATE_LOGGING__LEVEL": "trace", "KEYGATE_LOGGING__FORMAT": request.param},
-    )
-    yield s
-    s.stop()
+    ))
 
 
 def leaks(log: str, value: str, window: int) -> list[str]:

@@ -44,9 +44,7 @@ def session_stack(workdir, redis, upstream):
         "KEYGATE_SESSIONS__LEEWAY": "0s",
         "KEYGATE_E2E_SESSION_KEY": ed25519_pem(),
     }
-    s = harness.Stack("sessions", workdir, redis, upstream, keygate_env=env)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("sessions", workdir, redis, upstream, keygate_env=env))
 
 
 def ws_url(stack, path: str = "/v1/stream/calls/7") -> str:

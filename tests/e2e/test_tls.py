@@ -60,9 +60,7 @@ def tls_env(pki: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tls_keygate(workdir, redis, pki):
-    kg = harness.Keygate("tls-keygate", workdir, redis, tls_env(pki))
-    yield kg
-    kg.stop()
+    yield from harness.running(harness.Keygate("tls-keygate", workdir, redis, tls_env(pki)))
 
 
 def admin_cli(kg, pki: Path, *args: str, cert: str | None = "client", certs: Path | None = None) -> harness.CliResult:

@@ -157,9 +157,7 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def receiver():
-    r = Receiver()
-    yield r
-    r.stop()
+    yield from harness.running(Receiver())
 
 
 def test_a_check_is_a_span_parented_on_the_traceparent_sent_through_envoy(workdir, redis, upstream, receiver):

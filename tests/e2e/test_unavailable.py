@@ -16,23 +16,17 @@ CONTACT = "/v1/contacts/42"
 
 @pytest.fixture(scope="module")
 def doomed(workdir, redis, upstream):
-    s = harness.Stack("doomed", workdir, redis, upstream)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("doomed", workdir, redis, upstream))
 
 
 @pytest.fixture(scope="module")
 def doomed_redis(workdir):
-    r = harness.Redis(workdir / "doomed-redis")
-    yield r
-    r.stop()
+    yield from harness.running(harness.Redis(workdir / "doomed-redis"))
 
 
 @pytest.fixture(scope="module")
 def storeless(workdir, doomed_redis, upstream):
-    s = harness.Stack("storeless", workdir, doomed_redis, upstream)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("storeless", workdir, doomed_redis, upstream))
 
 
 def test_envoy_answers_503_when_keygate_is_stopped(doomed, tenant):
@@ -83,16 +77,12 @@ ALLOW_ON_STORE_ERROR = {
 
 @pytest.fixture(scope="module")
 def refusing_redis(workdir):
-    r = harness.Redis(workdir / "refusing-redis")
-    yield r
-    r.stop()
+    yield from harness.running(harness.Redis(workdir / "refusing-redis"))
 
 
 @pytest.fixture(scope="module")
 def allowing(workdir, refusing_redis, upstream):
-    s = harness.Stack("allowing", workdir, refusing_redis, upstream, keygate_env=ALLOW_ON_STORE_ERROR)
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("allowing", workdir, refusing_redis, upstream, keygate_env=ALLOW_ON_STORE_ERROR))
 
 
 # Envoy's counters that say who answered a check: keygate (an HTTP/2 200 carrying the

@@ -20,9 +20,7 @@ ENV = {"CALLABA_JWT_SECRET": SECRET}
 
 @pytest.fixture(scope="module")
 def callaba(workdir, redis, upstream):
-    s = harness.Stack("callaba", workdir, redis, upstream, keygate_env=ENV, example="callaba")
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("callaba", workdir, redis, upstream, keygate_env=ENV, example="callaba"))
 
 
 def api_token(instance: str, jti: str, sub: str = "instance-admin", secret: str = SECRET) -> str:

@@ -25,9 +25,7 @@ PARTNER = "e2e-partner"
 
 @pytest.fixture(scope="module")
 def callaro(workdir, redis, upstream):
-    s = harness.Stack("callaro", workdir, redis, upstream, keygate_env=ENV, example="callaro")
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("callaro", workdir, redis, upstream, keygate_env=ENV, example="callaro"))
 
 
 def run_it() -> list[str]:
@@ -60,12 +58,10 @@ def sandbox(callaro):
     env = {k: v for k, v in env.items() if not k.startswith("KEYGATE_LISTEN__")}
     assert env == {"KEYGATE_POLICY__ENVIRONMENTS": "[test]"}, env
     keygate = callaro.keygate.replica("callaro-sandbox-keygate", **env)
-    envoy = harness.Envoy(
+    yield from harness.running(harness.Envoy(
         "callaro-sandbox-envoy", keygate.workdir, keygate.grpc_port, callaro.upstream,
         template=EXAMPLE / "envoy.yaml",
-    )
-    yield envoy
-    envoy.stop()
+    ))
     keygate.stop()
 
 

@@ -18,9 +18,7 @@ UNAUTHENTICATED = b'{"message":"Unauthenticated."}'
 
 @pytest.fixture(scope="module")
 def colleckt(workdir, redis, upstream):
-    s = harness.Stack("colleckt", workdir, redis, upstream, example="colleckt")
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("colleckt", workdir, redis, upstream, example="colleckt"))
 
 
 def bearer(token: str):

@@ -20,9 +20,7 @@ BOOKINGS = "/api/v1/bookings"
 
 @pytest.fixture(scope="module")
 def engium(workdir, redis, upstream):
-    s = harness.Stack("engium", workdir, redis, upstream, keygate_env=ENV, example="engium")
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("engium", workdir, redis, upstream, keygate_env=ENV, example="engium"))
 
 
 def access_token(tenant: str, life: int = 1800, issued_ago: int = 0, **over) -> str:

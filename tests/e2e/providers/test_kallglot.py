@@ -35,9 +35,7 @@ SCOPES = {
 
 @pytest.fixture(scope="module")
 def kallglot(workdir, redis, upstream):
-    s = harness.Stack("kallglot", workdir, redis, upstream, keygate_env=ENV, example="kallglot")
-    yield s
-    s.stop()
+    yield from harness.running(harness.Stack("kallglot", workdir, redis, upstream, keygate_env=ENV, example="kallglot"))
 
 
 def key(stack, scopes, *extra) -> dict:
