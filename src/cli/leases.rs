@@ -6,7 +6,7 @@ use anyhow::anyhow;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{authorizer_client, grpc_error, say, ts, GrpcArgs, EXIT_DENIED};
+use super::{authorizer_client, denied, grpc_error, say, ts, GrpcArgs};
 use crate::api::proto;
 use crate::secret::Secret;
 
@@ -74,15 +74,7 @@ pub(super) async fn leases(cmd: LeasesCommand) -> anyhow::Result<i32> {
                 .map_err(grpc_error)?
                 .into_inner();
             if let Some(d) = r.denial {
-                if grpc.json {
-                    println!(
-                        "{}",
-                        json!({"code": d.code, "http_status": d.http_status, "message": d.message})
-                    );
-                } else {
-                    println!("denied: {} ({}) {}", d.code, d.http_status, d.message);
-                }
-                return Ok(EXIT_DENIED);
+                return Ok(denied(grpc.json, &d));
             }
             let expires_at = ts(&r.expires_at);
             if quiet {

@@ -31,10 +31,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
+use serde_json::json;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::api::proto::{authorizer_client::AuthorizerClient, keys_client::KeysClient};
+use crate::api::proto::{self, authorizer_client::AuthorizerClient, keys_client::KeysClient};
 use crate::api::rfc3339;
 use crate::secret::Secret;
 use serve::read_dev_state;
@@ -289,6 +290,17 @@ fn say(json: bool, value: serde_json::Value, text: std::fmt::Arguments<'_>) {
     } else {
         println!("{text}");
     }
+}
+
+/// What a command the server answered with a denial prints (the denial as one JSON object
+/// with `--json`, else the `denied: …` line), and the exit code it then ends with.
+fn denied(json: bool, d: &proto::Denial) -> i32 {
+    say(
+        json,
+        json!({"code": d.code, "http_status": d.http_status, "message": d.message}),
+        format_args!("denied: {} ({}) {}", d.code, d.http_status, d.message),
+    );
+    EXIT_DENIED
 }
 
 #[cfg(test)]

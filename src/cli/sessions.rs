@@ -5,7 +5,7 @@ use anyhow::anyhow;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{authorizer_client, grpc_error, ts, EXIT_DENIED};
+use super::{authorizer_client, denied, grpc_error, ts};
 use crate::api::proto;
 use crate::secret::Secret;
 
@@ -69,15 +69,7 @@ pub(super) async fn sessions(cmd: SessionsCommand) -> anyhow::Result<i32> {
         .map_err(grpc_error)?
         .into_inner();
     if let Some(d) = r.denial {
-        if json {
-            println!(
-                "{}",
-                json!({"code": d.code, "http_status": d.http_status, "message": d.message})
-            );
-        } else {
-            println!("denied: {} ({}) {}", d.code, d.http_status, d.message);
-        }
-        return Ok(EXIT_DENIED);
+        return Ok(denied(json, &d));
     }
     if quiet {
         println!("{}", r.token);
