@@ -188,7 +188,7 @@ impl SessionKeys {
             scope: scopes.join(" "),
             iat: now_ms / 1000,
             exp: expires_at_ms / 1000,
-            jti: crate::apikey::token::random_base62(22),
+            jti: crate::secret::random_base62(22),
             key_id,
             env: parent.environment.as_str(),
             plan: parent.plan.as_deref(),

@@ -429,7 +429,7 @@ impl Limiter {
         let key_id = p.key_id.as_deref().ok_or(LeaseError::NoSessions)?;
         let plan = self.plan_of(p).ok_or(LeaseError::NoSessions)?;
         let limit = plan.concurrent_sessions.ok_or(LeaseError::NoSessions)?;
-        let lease_id = format!("{key_id}.{}", crate::apikey::token::random_base62(22));
+        let lease_id = format!("{key_id}.{}", crate::secret::random_base62(22));
         let op = LeaseOp::Acquire {
             ttl_ms: ttl.as_millis() as u64,
             limit,
@@ -505,7 +505,7 @@ async fn reserve(
     now: Instant,
     ahead: bool,
 ) -> Result<Verdict, StoreError> {
-    let id = crate::apikey::token::random_base62(RESERVATION_ID_LEN);
+    let id = crate::secret::random_base62(RESERVATION_ID_LEN);
     let req = {
         let b = budget.state();
         RateRequest {
