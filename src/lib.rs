@@ -15,6 +15,7 @@ pub mod authn;
 pub mod authorizer;
 pub mod cache;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod credential;
 pub mod decision;

@@ -392,7 +392,7 @@ impl LogBudget {
     /// `Some(n)`: log this one, and say that `n` were left out before it; `None`: leave it
     /// out.
     pub fn admit(&self) -> Option<u64> {
-        self.admit_at(crate::store::now_ms() / 1000)
+        self.admit_at(crate::clock::now_ms() / 1000)
     }
 
     fn admit_at(&self, second: u64) -> Option<u64> {

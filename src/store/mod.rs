@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::principal::{Environment, KeyKind};
 
+pub use crate::clock::now_ms;
+
 /// A key as stored. Holds the argon2id hash of the secret, never the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {
@@ -735,11 +737,4 @@ pub trait KeyStore:
 {
     /// Whether the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
