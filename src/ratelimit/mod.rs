@@ -3,7 +3,7 @@
 //!
 //! A plan counts by GCRA (a rate with a burst) or a rolling window (at most N in any 60 s),
 //! its state in the store (Redis: under the key's own hash tag, on Redis's clock; see
-//! `ledger.rs` and `reserve.lua`). A replica does not ask the store per request: it
+//! `store/ledger.rs` and `reserve.lua`). A replica does not ask the store per request: it
 //! reserves a budget of admissions in one atomic call and spends it locally, for at most
 //! `rate_limits.reservation_ttl`. The budget shrinks as the key nears its limit — an
 //! eighth of what still fits, at most `rate_limits.max_reservation` — down to one per
@@ -25,9 +25,6 @@
 //!
 //! It must not guess: a store that cannot be asked is `rate_limits.on_store_error`
 //! (UNAVAILABLE by default, or an allow that is counted and logged).
-
-pub mod gcra;
-pub mod ledger;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -5,8 +5,14 @@
 //! `keygate serve --dev` and single-node use. Both pass the same conformance suite
 //! (`tests/store_conformance.rs`). A backend failure is a `StoreError`, never a missing
 //! record: callers must not be able to mistake "Redis is down" for "no such key".
+//!
+//! Rate-limit state is storage-side too: the embedded store's per-key ledger and its
+//! GCRA arithmetic are `ledger.rs` and `gcra.rs` (Redis: `lua/reserve.lua`). The store
+//! knows no module above it: not the limiter, not the cache, not configuration.
 
 pub mod audit;
+pub mod gcra;
+pub mod ledger;
 pub mod memory;
 pub mod packed;
 pub mod redis;
