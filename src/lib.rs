@@ -29,6 +29,7 @@ pub mod request;
 pub mod revocation;
 pub mod secret;
 pub mod server;
+pub mod settings;
 pub mod store;
 pub mod telemetry;
 pub mod tenant;

@@ -7,10 +7,11 @@
 //! `KEYGATE_WATCH_TOKEN`, `KEYGATE_REDIS_PASSWORD` or the files named by the same
 //! variables with `_FILE` appended. Any error names the field.
 
-use std::time::Duration;
-
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use serde_yaml_ng::Value;
+
+// The sections below still in this directory name these as `super::…`.
+use crate::settings::{duration, optional_duration, valid_header_name};
 
 mod api_keys;
 mod cache;
@@ -43,24 +44,10 @@ pub use sessions::{SessionsConfig, SigningKeyConfig};
 pub use store::{StoreBackend, StoreConfig};
 pub use traces::TracesConfig;
 
+pub use crate::settings::{parse_duration, ConfigError};
+
 /// The sample configuration `keygate serve --dev` runs on.
 pub const DEV_CONFIG: &str = include_str!("../../config/dev.yaml");
-
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {field}: {message}")]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -187,14 +174,6 @@ impl Config {
     }
 }
 
-pub(crate) fn valid_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with(':')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
 /// `KEYGATE_STORE__REDIS_URL` → `["store", "redis_url"]`.
 fn override_path(name: &str) -> Option<Vec<String>> {
     let rest = name.strip_prefix("KEYGATE_")?;
@@ -237,26 +216,10 @@ fn find_key(v: &Value, name: &str) -> bool {
     }
 }
 
-/// Parses `90d`, `500ms`, `1h 30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (e.g. 500ms, 60s, 90d)"))
-}
-
-pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
-}
-
-/// `duration` for a field that may be left out.
-pub(crate) fn optional_duration<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Duration>, D::Error> {
-    duration(d).map(Some)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn load(yaml: &str) -> Result<Config, ConfigError> {
         Config::load(Some(yaml), Vec::new())
