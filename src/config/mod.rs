@@ -18,21 +18,18 @@ mod cache;
 mod errors;
 mod jwt;
 mod listen;
-mod logging;
 mod policy;
 mod rate_limits;
 mod revocation;
 mod secrets;
 mod sessions;
 mod store;
-mod traces;
 
 pub use api_keys::{ApiKeysConfig, Argon2Config};
 pub use cache::CacheConfig;
 pub use errors::{CodeConfig, ErrorsConfig};
 pub use jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
 pub use listen::{ListenConfig, TlsConfig};
-pub use logging::{LogFormat, LoggingConfig};
 pub use policy::{
     CredentialHeader, DefaultPlans, PlanAlgorithm, PlanConfig, PolicyConfig, RouteConfig,
     TenantRule, Unmatched,
@@ -42,9 +39,9 @@ pub use revocation::{RevocationConfig, RevocationSource};
 pub use secrets::Secrets;
 pub use sessions::{SessionsConfig, SigningKeyConfig};
 pub use store::{StoreBackend, StoreConfig};
-pub use traces::TracesConfig;
 
 pub use crate::settings::{parse_duration, ConfigError};
+pub use crate::telemetry::{LogFormat, LoggingConfig, TracesConfig};
 
 /// The sample configuration `keygate serve --dev` runs on.
 pub const DEV_CONFIG: &str = include_str!("../../config/dev.yaml");
