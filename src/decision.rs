@@ -9,16 +9,25 @@
 //!
 //! An allow may carry the session token its route minted: `SessionToken` is plain data
 //! defined here, so the decision needs no JWT machinery (`jwt::session` signs it).
+//!
+//! Its setting, `errors` (`ErrorsConfig`, in `config.rs`), compiles into an `ErrorShape`.
+//! It names only plain data below it (`principal`, `request`, `secret`, `settings`):
+//! telemetry labels decisions by its codes, so nothing that records metrics may be
+//! named here.
+
+mod config;
 
 use std::fmt;
 use std::sync::Arc;
 
 use serde_yaml_ng::Value;
 
-use crate::config::{ConfigError, ErrorsConfig};
 use crate::principal::Principal;
 use crate::request::PathError;
 use crate::secret::Secret;
+use crate::settings::ConfigError;
+
+pub use config::{CodeConfig, ErrorsConfig};
 
 /// A public error code, with its HTTP status and the message a client sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

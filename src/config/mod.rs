@@ -15,7 +15,6 @@ use crate::settings::{duration, optional_duration, valid_header_name};
 
 mod api_keys;
 mod cache;
-mod errors;
 mod jwt;
 mod listen;
 mod policy;
@@ -27,7 +26,6 @@ mod store;
 
 pub use api_keys::{ApiKeysConfig, Argon2Config};
 pub use cache::CacheConfig;
-pub use errors::{CodeConfig, ErrorsConfig};
 pub use jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
 pub use listen::{ListenConfig, TlsConfig};
 pub use policy::{
@@ -40,6 +38,7 @@ pub use secrets::Secrets;
 pub use sessions::{SessionsConfig, SigningKeyConfig};
 pub use store::{StoreBackend, StoreConfig};
 
+pub use crate::decision::{CodeConfig, ErrorsConfig};
 pub use crate::settings::{parse_duration, ConfigError};
 pub use crate::telemetry::{LogFormat, LoggingConfig, TracesConfig};
 
