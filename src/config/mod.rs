@@ -13,7 +13,6 @@ use serde_yaml_ng::Value;
 // The sections below still in this directory name these as `super::…`.
 use crate::settings::{duration, optional_duration, valid_header_name};
 
-mod api_keys;
 mod cache;
 mod jwt;
 mod listen;
@@ -24,7 +23,6 @@ mod secrets;
 mod sessions;
 mod store;
 
-pub use api_keys::{ApiKeysConfig, Argon2Config};
 pub use cache::CacheConfig;
 pub use jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
 pub use listen::{ListenConfig, TlsConfig};
@@ -38,6 +36,7 @@ pub use secrets::Secrets;
 pub use sessions::{SessionsConfig, SigningKeyConfig};
 pub use store::{StoreBackend, StoreConfig};
 
+pub use crate::apikey::{ApiKeysConfig, Argon2Config};
 pub use crate::decision::{CodeConfig, ErrorsConfig};
 pub use crate::settings::{parse_duration, ConfigError};
 pub use crate::telemetry::{LogFormat, LoggingConfig, TracesConfig};
