@@ -13,7 +13,6 @@ use serde_yaml_ng::Value;
 // The sections below still in this directory name these as `super::…`.
 use crate::settings::{duration, optional_duration, valid_header_name};
 
-mod cache;
 mod jwt;
 mod listen;
 mod policy;
@@ -23,7 +22,6 @@ mod secrets;
 mod sessions;
 mod store;
 
-pub use cache::CacheConfig;
 pub use jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
 pub use listen::{ListenConfig, TlsConfig};
 pub use policy::{
@@ -37,6 +35,7 @@ pub use sessions::{SessionsConfig, SigningKeyConfig};
 pub use store::{StoreBackend, StoreConfig};
 
 pub use crate::apikey::{ApiKeysConfig, Argon2Config};
+pub use crate::cache::CacheConfig;
 pub use crate::decision::{CodeConfig, ErrorsConfig};
 pub use crate::settings::{parse_duration, ConfigError};
 pub use crate::telemetry::{LogFormat, LoggingConfig, TracesConfig};
