@@ -10,12 +10,11 @@
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-// The sections below still in this directory name these as `super::…`.
-use crate::settings::{duration, optional_duration, valid_header_name};
+// The sections below still in this directory name it as `super::duration`.
+use crate::settings::duration;
 
 mod jwt;
 mod listen;
-mod policy;
 mod rate_limits;
 mod revocation;
 mod secrets;
@@ -24,10 +23,6 @@ mod store;
 
 pub use jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
 pub use listen::{ListenConfig, TlsConfig};
-pub use policy::{
-    CredentialHeader, DefaultPlans, PlanAlgorithm, PlanConfig, PolicyConfig, RouteConfig,
-    TenantRule, Unmatched,
-};
 pub use rate_limits::{OnStoreError, RateLimitConfig};
 pub use revocation::{RevocationConfig, RevocationSource};
 pub use secrets::Secrets;
@@ -37,8 +32,12 @@ pub use store::{StoreBackend, StoreConfig};
 pub use crate::apikey::{ApiKeysConfig, Argon2Config};
 pub use crate::cache::CacheConfig;
 pub use crate::decision::{CodeConfig, ErrorsConfig};
+pub use crate::policy::{
+    CredentialHeader, DefaultPlans, PlanAlgorithm, PlanConfig, PolicyConfig, RouteConfig, Unmatched,
+};
 pub use crate::settings::{parse_duration, ConfigError};
 pub use crate::telemetry::{LogFormat, LoggingConfig, TracesConfig};
+pub use crate::tenant::TenantRule;
 
 /// The sample configuration `keygate serve --dev` runs on.
 pub const DEV_CONFIG: &str = include_str!("../../config/dev.yaml");
