@@ -15,7 +15,6 @@ use crate::settings::duration;
 
 mod jwt;
 mod listen;
-mod rate_limits;
 mod revocation;
 mod secrets;
 mod sessions;
@@ -23,7 +22,6 @@ mod store;
 
 pub use jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
 pub use listen::{ListenConfig, TlsConfig};
-pub use rate_limits::{OnStoreError, RateLimitConfig};
 pub use revocation::{RevocationConfig, RevocationSource};
 pub use secrets::Secrets;
 pub use sessions::{SessionsConfig, SigningKeyConfig};
@@ -35,6 +33,7 @@ pub use crate::decision::{CodeConfig, ErrorsConfig};
 pub use crate::policy::{
     CredentialHeader, DefaultPlans, PlanAlgorithm, PlanConfig, PolicyConfig, RouteConfig, Unmatched,
 };
+pub use crate::ratelimit::{OnStoreError, RateLimitConfig};
 pub use crate::settings::{parse_duration, ConfigError};
 pub use crate::telemetry::{LogFormat, LoggingConfig, TracesConfig};
 pub use crate::tenant::TenantRule;

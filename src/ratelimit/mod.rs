@@ -25,6 +25,11 @@
 //!
 //! It must not guess: a store that cannot be asked is `rate_limits.on_store_error`
 //! (UNAVAILABLE by default, or an allow that is counted and logged).
+//!
+//! Its setting (`rate_limits`) is `config.rs`; the plans it enforces are the policy's
+//! (`policy::PlanConfig`).
+
+mod config;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,14 +38,16 @@ use std::time::Duration;
 // tokio's clock: a test can pause and advance it.
 use tokio::time::Instant;
 
-use crate::config::{OnStoreError, PlanAlgorithm, PlanConfig, PolicyConfig, RateLimitConfig};
 use crate::decision::RateInfo;
+use crate::policy::{PlanAlgorithm, PlanConfig, PolicyConfig};
 use crate::principal::{CredentialKind, Environment, Principal};
 use crate::store::{
     GiveBack, LeaseOp, RateLedger, RateRequest, RateRule, StoreError, MAX_GIVE_BACKS,
     RESERVATION_ID_LEN,
 };
 use crate::telemetry::metrics;
+
+pub use config::{OnStoreError, RateLimitConfig};
 
 /// A plan, compiled.
 #[derive(Debug, Clone)]
@@ -578,7 +585,7 @@ mod tests {
     use std::future::Future;
 
     use super::*;
-    use crate::config::PlanConfig;
+    use crate::policy::PlanConfig;
     use crate::principal::KeyKind;
     use crate::store::memory::MemoryStore;
 
