@@ -13,23 +13,21 @@ use serde_yaml_ng::Value;
 // The sections below still in this directory name it as `super::duration`.
 use crate::settings::duration;
 
-mod jwt;
 mod listen;
 mod revocation;
 mod secrets;
-mod sessions;
 mod store;
 
-pub use jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
 pub use listen::{ListenConfig, TlsConfig};
 pub use revocation::{RevocationConfig, RevocationSource};
 pub use secrets::Secrets;
-pub use sessions::{SessionsConfig, SigningKeyConfig};
 pub use store::{StoreBackend, StoreConfig};
 
 pub use crate::apikey::{ApiKeysConfig, Argon2Config};
 pub use crate::cache::CacheConfig;
 pub use crate::decision::{CodeConfig, ErrorsConfig};
+pub use crate::jwt::session::{SessionsConfig, SigningKeyConfig};
+pub use crate::jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
 pub use crate::policy::{
     CredentialHeader, DefaultPlans, PlanAlgorithm, PlanConfig, PolicyConfig, RouteConfig, Unmatched,
 };

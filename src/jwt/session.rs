@@ -8,6 +8,9 @@
 //! the parent revokes the issuer's tokens of subject `key:<id>` (`keys.rs`). What may be
 //! minted (which key, which tenant, which scopes) is the authorizer's decision, not this
 //! module's. A minted token is a `decision::SessionToken` (plain data, re-exported here).
+//! Its setting (`sessions`) is `session/config.rs`.
+
+mod config;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +19,11 @@ use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use serde::Serialize;
 
-use crate::config::{ConfigError, SessionsConfig};
 use crate::principal::Principal;
 use crate::secret::Secret;
+use crate::settings::ConfigError;
+
+pub use config::{SessionsConfig, SigningKeyConfig};
 
 /// What `sign` returns: plain data the decision carries, defined there.
 pub use crate::decision::SessionToken;
