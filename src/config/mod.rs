@@ -6,11 +6,20 @@
 //! Redis password are read from `KEYGATE_PEPPER`, `KEYGATE_ADMIN_TOKEN`,
 //! `KEYGATE_WATCH_TOKEN`, `KEYGATE_REDIS_PASSWORD` or the files named by the same
 //! variables with `_FILE` appended. Any error names the field.
+//!
+//! This module is the top of the settings: it reads the file, layers the environment,
+//! checks what spans sections (routes that need sessions, the `session` issuer name), and
+//! holds the sections of the wiring (`listen`, `store`, `revocation`) and the secrets.
+//! Every other section belongs, with its validation, to the module that consumes it
+//! (`api_keys`: `apikey`; `cache`; `errors`: `decision`; `jwt` and `sessions`: `jwt`;
+//! `logging` and `traces`: `telemetry`; `policy`; `rate_limits`: `ratelimit`), and is
+//! re-exported here, so `config::…` paths keep naming it. Those modules never name this
+//! one; `ConfigError` and the duration fields are `settings`'.
 
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-// The sections below still in this directory name it as `super::duration`.
+// `listen`, `revocation` and `store` name it as `super::duration`.
 use crate::settings::duration;
 
 mod listen;
