@@ -7,7 +7,8 @@
 //!
 //! Its setting (`policy`: `PolicyConfig`, its routes, plans and `MethodOverride`) is
 //! `config.rs`, validated there by compiling it. The tenant rule a route names is the
-//! tenant module's (`TenantRule`); nothing here names the modules that enforce the policy.
+//! tenant module's (`TenantRule`, below this one); the modules that read the policy
+//! (credential extraction, the limiter, the authorizer) are never named here.
 
 mod config;
 
