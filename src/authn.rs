@@ -7,9 +7,8 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::apikey::{self, HashError, SecretHasher};
+use crate::apikey::{self, ApiKeysConfig, Argon2Config, HashError, SecretHasher};
 use crate::cache::{CredentialCache, Digest, Verified};
-use crate::config::{ApiKeysConfig, Argon2Config};
 use crate::credential::Credential;
 use crate::decision::DenyReason;
 use crate::jwt::revoked::RevokedTokens;

@@ -4,21 +4,21 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
 use crate::authn::{Authenticator, AuthnFailure};
-use crate::config::PolicyConfig;
-use crate::config::TenantRule;
 use crate::credential::CredentialSource;
-use crate::decision::{Allowed, Decision, Denial, DenyReason, Unavailable};
+use crate::decision::{Allowed, Decision, Denial, DenyReason, SessionToken, Unavailable};
 use crate::header_alias::folds_to;
-use crate::jwt::session::{SessionKeys, SessionToken};
-use crate::policy::{Policy, Requirement, Route};
+use crate::jwt::session::SessionKeys;
+use crate::policy::{Policy, PolicyConfig, Requirement, Route};
 use crate::principal::{CredentialKind, KeyKind, Principal};
 use crate::ratelimit::{Limiter, RouteLeaseRefused, Verdict};
 use crate::request::AuthRequest;
 use crate::telemetry::metrics;
-use crate::tenant::{self, Delegations, TenantFailure};
+use crate::tenant::{self, Delegations, TenantFailure, TenantRule};
+
+/// `policy.method_override`'s setting, defined with the policy; re-exported where it is
+/// enforced.
+pub use crate::policy::MethodOverride;
 
 pub struct Authorizer {
     policy: Policy,
@@ -30,23 +30,6 @@ pub struct Authorizer {
     tenant_header: String,
     method_override: MethodOverride,
     sessions: Option<Arc<SessionKeys>>,
-}
-
-/// What a request carrying a method override header does (`policy.method_override`).
-/// Frameworks act on the header instead of the request's method (Rack's MethodOverride,
-/// Express's `method-override`, Symfony and Laravel, ASP.NET and OData: docs/security.md),
-/// so a key allowed to POST somewhere would DELETE there if only the POST were judged.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MethodOverride {
-    /// Allowed only if allowed for the request's own method and for each method its
-    /// override headers name; an override value that is not a method is refused.
-    #[default]
-    Check,
-    /// Judged on the request's own method; an allow removes the headers (the adapter).
-    Strip,
-    /// Refused, 400 `invalid_request`, whatever the value.
-    Deny,
 }
 
 /// The headers frameworks read a method override from, as they spell them.

@@ -20,6 +20,10 @@
 //!   token was verified against (`verified_before`): a key id's secret never changes,
 //!   and without this every active key would cost one argon2 per TTL, more than a
 //!   replica can pay beyond ~1,500 active keys.
+//!
+//! Its setting (`cache`: TTLs, size) is its own, in `config.rs`.
+
+mod config;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
@@ -33,11 +37,12 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
-use crate::config::CacheConfig;
 use crate::decision::DenyReason;
 use crate::principal::Principal;
 use crate::secret::Secret;
 use crate::store::{now_ms, EventKind, StoreError};
+
+pub use config::CacheConfig;
 
 pub type Digest = [u8; 32];
 

@@ -3,7 +3,7 @@
 //! segments), never by trying one verifier and then the other.
 
 use crate::apikey::token::looks_like_api_key;
-use crate::config::PolicyConfig;
+use crate::policy::PolicyConfig;
 use crate::request::AuthRequest;
 
 /// What the caller presented, borrowed from the request. `Debug` never shows a token.

@@ -6,15 +6,28 @@
 //! client another code for one of them (the one its API documents, `errors.codes`); metrics
 //! and logs keep keygate's. This module knows no wire format; adapters turn a `Decision`
 //! into Envoy's or keygate's own response.
+//!
+//! An allow may carry the session token its route minted: `SessionToken` is plain data
+//! defined here, so the decision needs no JWT machinery (`jwt::session` signs it).
+//!
+//! Its setting, `errors` (`ErrorsConfig`, in `config.rs`), compiles into an `ErrorShape`.
+//! It names only plain data below it (`principal`, `request`, `secret`, `settings`):
+//! telemetry labels decisions by its codes, so nothing that records metrics may be
+//! named here.
+
+mod config;
 
 use std::fmt;
 use std::sync::Arc;
 
 use serde_yaml_ng::Value;
 
-use crate::config::{ConfigError, ErrorsConfig};
 use crate::principal::Principal;
 use crate::request::PathError;
+use crate::secret::Secret;
+use crate::settings::ConfigError;
+
+pub use config::{CodeConfig, ErrorsConfig};
 
 /// A public error code, with its HTTP status and the message a client sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -459,7 +472,22 @@ pub struct Allowed {
     /// The concurrent-session lease this request took (routes with `lease_ttl`).
     pub lease_id: Option<String>,
     /// The session token this request minted (routes with `mint_session`).
-    pub session: Option<crate::jwt::session::SessionToken>,
+    pub session: Option<SessionToken>,
+}
+
+/// A minted token and when it expires (unix ms).
+#[derive(Clone)]
+pub struct SessionToken {
+    pub token: Secret,
+    pub expires_at_ms: u64,
+}
+
+impl std::fmt::Debug for SessionToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionToken")
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A backend needed for the answer could not be reached. Never a denial, never an allow:

@@ -4,12 +4,25 @@
 //! Empty scopes grant nothing. A key scope `contacts:*` grants every `contacts:…` scope
 //! and `*` grants everything, except the policy's opt-in scopes, which only a key that
 //! names them exactly holds, and its partner scopes, which only partner keys hold.
+//!
+//! Its setting (`policy`: `PolicyConfig`, its routes, plans and `MethodOverride`) is
+//! `config.rs`, validated there by compiling it. The tenant rule a route names is the
+//! tenant module's (`TenantRule`, below this one); the modules that read the policy
+//! (credential extraction, the limiter, the authorizer) are never named here.
+
+mod config;
 
 use std::sync::Arc;
 
-use crate::config::{ConfigError, PolicyConfig, TenantRule, Unmatched};
 use crate::principal::{CredentialKind, Environment, KeyKind, Principal};
 use crate::request::{normalize_path, path_readings, PathError, Relaxations};
+use crate::settings::ConfigError;
+use crate::tenant::TenantRule;
+
+pub use config::{
+    CredentialHeader, DefaultPlans, MethodOverride, PlanAlgorithm, PlanConfig, PolicyConfig,
+    RouteConfig, Unmatched,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -474,7 +487,7 @@ fn valid_scope(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RouteConfig;
+    use crate::policy::RouteConfig;
     use crate::request::PathRelaxation;
 
     fn route(name: &str, methods: &[&str], path: &str, scope: Option<&str>) -> RouteConfig {

@@ -1,9 +1,15 @@
 //! A string that must never be printed: pepper, admin token, Redis password, plaintext
 //! secrets in flight. Its `Debug` and `Display` say `[redacted]`, so a stray `{:?}` in a
 //! log line cannot leak it.
+//!
+//! Also where random secret text comes from (`random_base62`: key secrets and ids, `jti`s,
+//! lease and reservation ids). It names no other keygate module: everything above may
+//! use it.
 
 use std::fmt;
 use std::sync::Arc;
+
+use rand::Rng;
 
 #[derive(Clone)]
 pub struct Secret(Arc<str>);
@@ -25,7 +31,7 @@ impl Secret {
     }
 
     pub fn random(len: usize) -> Self {
-        Secret::new(crate::apikey::token::random_base62(len))
+        Secret::new(random_base62(len))
     }
 }
 
@@ -49,6 +55,18 @@ impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
     }
+}
+
+/// The 62 characters random secret text is drawn from (and an API key's checksum is
+/// written in).
+pub const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// `len` characters of `BASE62`, each drawn from the operating system's generator.
+pub fn random_base62(len: usize) -> String {
+    let mut rng = rand::rngs::OsRng;
+    (0..len)
+        .map(|_| BASE62[rng.gen_range(0..62)] as char)
+        .collect()
 }
 
 #[cfg(test)]

@@ -3,6 +3,12 @@
 //! key. Traces (OpenTelemetry over OTLP) exist only when an endpoint is configured; then
 //! each check is a span parented on the request's `traceparent`, with its stage timings as
 //! attributes and never a credential. Without one, no span is created on the request path.
+//!
+//! Its settings (`logging`, `traces`) are its own, in `config.rs`. Everything records
+//! metrics, so this module sits near the bottom: it names only `clock`, `settings` and
+//! the deny codes of `decision`, never a module that records.
+
+mod config;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -12,7 +18,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::config::{LogFormat, LoggingConfig, TracesConfig};
+pub use config::{LogFormat, LoggingConfig, TracesConfig};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -392,7 +398,7 @@ impl LogBudget {
     /// `Some(n)`: log this one, and say that `n` were left out before it; `None`: leave it
     /// out.
     pub fn admit(&self) -> Option<u64> {
-        self.admit_at(crate::store::now_ms() / 1000)
+        self.admit_at(crate::clock::now_ms() / 1000)
     }
 
     fn admit_at(&self, second: u64) -> Option<u64> {

@@ -15,18 +15,30 @@
 //! lets a partner into a tenant after the withdrawal reached it. Concurrent checks of a
 //! pair not remembered share one store read (single flight, as in `cache.rs`), so a
 //! change sends one read per pair and replica to the store, not one per request.
+//!
+//! A route's tenant requirement (`TenantRule`) is defined here, where it is applied; the
+//! policy's settings name it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::config::TenantRule;
 use crate::decision::DenyReason;
 use crate::principal::{KeyKind, Principal};
 use crate::store::{DelegationSource, StoreError};
+
+/// Whether a route needs the tenant header (`policy.routes[].tenant`, or the policy's
+/// `require_tenant_header`): a setting the policy holds and this module applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantRule {
+    Required,
+    Optional,
+}
 
 /// Why no tenant could be settled.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,7 +25,7 @@ use subtle::ConstantTimeEq;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::config::Argon2Config;
+use super::Argon2Config;
 use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]

@@ -4,10 +4,13 @@
 //! before anything touches Redis or argon2. The checksum (CRC-32 of everything before it,
 //! in six base62 characters) rejects typos and random garbage at once, and lets secret
 //! scanners recognise real keys.
-
-use rand::Rng;
+//!
+//! Its random parts (key id, secret) are `secret::random_base62`, re-exported here.
 
 use crate::principal::Environment;
+use crate::secret::BASE62;
+
+pub use crate::secret::random_base62;
 
 pub const KEY_ID_LEN: usize = 16;
 /// 28 base62 characters carry 166 bits: above the 160 bits a key's secret must have.
@@ -16,8 +19,6 @@ pub const CHECKSUM_LEN: usize = 6;
 pub const MAX_PREFIX_LEN: usize = 16;
 /// Longest token `parse` will look at; anything longer is rejected unread.
 pub const MAX_TOKEN_LEN: usize = MAX_PREFIX_LEN + 6 + KEY_ID_LEN + 1 + SECRET_LEN + CHECKSUM_LEN;
-
-const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// A syntactically valid token, borrowed from the request. `Debug` leaves out the secret.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -130,13 +131,6 @@ fn encode_checksum(body: &str) -> [u8; CHECKSUM_LEN] {
         n /= 62;
     }
     out
-}
-
-pub fn random_base62(len: usize) -> String {
-    let mut rng = rand::rngs::OsRng;
-    (0..len)
-        .map(|_| BASE62[rng.gen_range(0..62)] as char)
-        .collect()
 }
 
 pub fn new_key_id() -> String {

@@ -6,61 +6,47 @@
 //! Redis password are read from `KEYGATE_PEPPER`, `KEYGATE_ADMIN_TOKEN`,
 //! `KEYGATE_WATCH_TOKEN`, `KEYGATE_REDIS_PASSWORD` or the files named by the same
 //! variables with `_FILE` appended. Any error names the field.
+//!
+//! This module is the top of the settings: it reads the file, layers the environment,
+//! checks what spans sections (routes that need sessions, the `session` issuer name), and
+//! holds the sections of the wiring (`listen`, `store`, `revocation`) and the secrets.
+//! Every other section belongs, with its validation, to the module that consumes it
+//! (`api_keys`: `apikey`; `cache`; `errors`: `decision`; `jwt` and `sessions`: `jwt`;
+//! `logging` and `traces`: `telemetry`; `policy`; `rate_limits`: `ratelimit`), and is
+//! re-exported here, so `config::…` paths keep naming it. Those modules never name this
+//! one; `ConfigError` and the duration fields are `settings`'.
 
-use std::time::Duration;
-
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-mod api_keys;
-mod cache;
-mod errors;
-mod jwt;
+// `listen`, `revocation` and `store` name it as `super::duration`.
+use crate::settings::duration;
+
 mod listen;
-mod logging;
-mod policy;
-mod rate_limits;
 mod revocation;
 mod secrets;
-mod sessions;
 mod store;
-mod traces;
 
-pub use api_keys::{ApiKeysConfig, Argon2Config};
-pub use cache::CacheConfig;
-pub use errors::{CodeConfig, ErrorsConfig};
-pub use jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
 pub use listen::{ListenConfig, TlsConfig};
-pub use logging::{LogFormat, LoggingConfig};
-pub use policy::{
-    CredentialHeader, DefaultPlans, PlanAlgorithm, PlanConfig, PolicyConfig, RouteConfig,
-    TenantRule, Unmatched,
-};
-pub use rate_limits::{OnStoreError, RateLimitConfig};
 pub use revocation::{RevocationConfig, RevocationSource};
 pub use secrets::Secrets;
-pub use sessions::{SessionsConfig, SigningKeyConfig};
 pub use store::{StoreBackend, StoreConfig};
-pub use traces::TracesConfig;
+
+pub use crate::apikey::{ApiKeysConfig, Argon2Config};
+pub use crate::cache::CacheConfig;
+pub use crate::decision::{CodeConfig, ErrorsConfig};
+pub use crate::jwt::session::{SessionsConfig, SigningKeyConfig};
+pub use crate::jwt::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS as JWT_ALGORITHMS};
+pub use crate::policy::{
+    CredentialHeader, DefaultPlans, PlanAlgorithm, PlanConfig, PolicyConfig, RouteConfig, Unmatched,
+};
+pub use crate::ratelimit::{OnStoreError, RateLimitConfig};
+pub use crate::settings::{parse_duration, ConfigError};
+pub use crate::telemetry::{LogFormat, LoggingConfig, TracesConfig};
+pub use crate::tenant::TenantRule;
 
 /// The sample configuration `keygate serve --dev` runs on.
 pub const DEV_CONFIG: &str = include_str!("../../config/dev.yaml");
-
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {field}: {message}")]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -187,14 +173,6 @@ impl Config {
     }
 }
 
-pub(crate) fn valid_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with(':')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
 /// `KEYGATE_STORE__REDIS_URL` → `["store", "redis_url"]`.
 fn override_path(name: &str) -> Option<Vec<String>> {
     let rest = name.strip_prefix("KEYGATE_")?;
@@ -237,26 +215,10 @@ fn find_key(v: &Value, name: &str) -> bool {
     }
 }
 
-/// Parses `90d`, `500ms`, `1h 30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (e.g. 500ms, 60s, 90d)"))
-}
-
-pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
-}
-
-/// `duration` for a field that may be left out.
-pub(crate) fn optional_duration<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Duration>, D::Error> {
-    duration(d).map(Some)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn load(yaml: &str) -> Result<Config, ConfigError> {
         Config::load(Some(yaml), Vec::new())

@@ -10,7 +10,11 @@
 //! RSA public key can never be used as an HMAC secret, and `alg: none` is never accepted
 //! (`jsonwebtoken` has no such algorithm). Every failure is one public code,
 //! `invalid_token`; the reason stays in the log.
+//!
+//! Its setting (`jwt`: the issuers) is `config.rs`; keygate's own session tokens and
+//! theirs (`sessions`) are `session.rs` and `session/config.rs`.
 
+mod config;
 pub mod revoked;
 pub mod session;
 
@@ -23,9 +27,11 @@ use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
-use crate::config::{ClaimsConfig, ConfigError, IssuerConfig, JwtConfig};
 use crate::principal::{CredentialKind, Environment, KeyKind, Principal, TokenIds};
 use crate::secret::Secret;
+use crate::settings::ConfigError;
+
+pub use config::{ClaimsConfig, IssuerConfig, JwtConfig, ALGORITHMS};
 
 /// Why a token is not valid. Only for logs and tests: the client sees `invalid_token`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -7,7 +7,10 @@
 //! that act for their parent key (its id, environment and plan). Revoking or rotating
 //! the parent revokes the issuer's tokens of subject `key:<id>` (`keys.rs`). What may be
 //! minted (which key, which tenant, which scopes) is the authorizer's decision, not this
-//! module's.
+//! module's. A minted token is a `decision::SessionToken` (plain data, re-exported here).
+//! Its setting (`sessions`) is `session/config.rs`.
+
+mod config;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +19,14 @@ use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use serde::Serialize;
 
-use crate::config::{ConfigError, SessionsConfig};
 use crate::principal::Principal;
 use crate::secret::Secret;
+use crate::settings::ConfigError;
+
+pub use config::{SessionsConfig, SigningKeyConfig};
+
+/// What `sign` returns: plain data the decision carries, defined there.
+pub use crate::decision::SessionToken;
 
 /// The configured name of keygate's own issuer: in revocations, metrics and logs.
 pub const ISSUER_NAME: &str = "session";
@@ -47,21 +55,6 @@ impl std::fmt::Debug for SessionKeys {
         f.debug_struct("SessionKeys")
             .field("signing_kid", &self.signing_kid)
             .field("issuer", &self.issuer)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A minted token and when it expires (unix ms).
-#[derive(Clone)]
-pub struct SessionToken {
-    pub token: Secret,
-    pub expires_at_ms: u64,
-}
-
-impl std::fmt::Debug for SessionToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionToken")
-            .field("expires_at_ms", &self.expires_at_ms)
             .finish_non_exhaustive()
     }
 }
@@ -188,7 +181,7 @@ impl SessionKeys {
             scope: scopes.join(" "),
             iat: now_ms / 1000,
             exp: expires_at_ms / 1000,
-            jti: crate::apikey::token::random_base62(22),
+            jti: crate::secret::random_base62(22),
             key_id,
             env: parent.environment.as_str(),
             plan: parent.plan.as_deref(),

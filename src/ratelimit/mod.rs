@@ -3,7 +3,7 @@
 //!
 //! A plan counts by GCRA (a rate with a burst) or a rolling window (at most N in any 60 s),
 //! its state in the store (Redis: under the key's own hash tag, on Redis's clock; see
-//! `ledger.rs` and `reserve.lua`). A replica does not ask the store per request: it
+//! `store/ledger.rs` and `reserve.lua`). A replica does not ask the store per request: it
 //! reserves a budget of admissions in one atomic call and spends it locally, for at most
 //! `rate_limits.reservation_ttl`. The budget shrinks as the key nears its limit — an
 //! eighth of what still fits, at most `rate_limits.max_reservation` — down to one per
@@ -25,9 +25,11 @@
 //!
 //! It must not guess: a store that cannot be asked is `rate_limits.on_store_error`
 //! (UNAVAILABLE by default, or an allow that is counted and logged).
+//!
+//! Its setting (`rate_limits`) is `config.rs`; the plans it enforces are the policy's
+//! (`policy::PlanConfig`).
 
-pub mod gcra;
-pub mod ledger;
+mod config;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,14 +38,16 @@ use std::time::Duration;
 // tokio's clock: a test can pause and advance it.
 use tokio::time::Instant;
 
-use crate::config::{OnStoreError, PlanAlgorithm, PlanConfig, PolicyConfig, RateLimitConfig};
 use crate::decision::RateInfo;
+use crate::policy::{PlanAlgorithm, PlanConfig, PolicyConfig};
 use crate::principal::{CredentialKind, Environment, Principal};
 use crate::store::{
     GiveBack, LeaseOp, RateLedger, RateRequest, RateRule, StoreError, MAX_GIVE_BACKS,
     RESERVATION_ID_LEN,
 };
 use crate::telemetry::metrics;
+
+pub use config::{OnStoreError, RateLimitConfig};
 
 /// A plan, compiled.
 #[derive(Debug, Clone)]
@@ -429,7 +433,7 @@ impl Limiter {
         let key_id = p.key_id.as_deref().ok_or(LeaseError::NoSessions)?;
         let plan = self.plan_of(p).ok_or(LeaseError::NoSessions)?;
         let limit = plan.concurrent_sessions.ok_or(LeaseError::NoSessions)?;
-        let lease_id = format!("{key_id}.{}", crate::apikey::token::random_base62(22));
+        let lease_id = format!("{key_id}.{}", crate::secret::random_base62(22));
         let op = LeaseOp::Acquire {
             ttl_ms: ttl.as_millis() as u64,
             limit,
@@ -505,7 +509,7 @@ async fn reserve(
     now: Instant,
     ahead: bool,
 ) -> Result<Verdict, StoreError> {
-    let id = crate::apikey::token::random_base62(RESERVATION_ID_LEN);
+    let id = crate::secret::random_base62(RESERVATION_ID_LEN);
     let req = {
         let b = budget.state();
         RateRequest {
@@ -581,7 +585,7 @@ mod tests {
     use std::future::Future;
 
     use super::*;
-    use crate::config::PlanConfig;
+    use crate::policy::PlanConfig;
     use crate::principal::KeyKind;
     use crate::store::memory::MemoryStore;
 

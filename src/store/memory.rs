@@ -51,9 +51,9 @@ struct State {
     audit: VecDeque<super::audit::AuditEntry>,
     audit_seq: u64,
     /// Each key's rate-limit state.
-    rates: HashMap<String, crate::ratelimit::ledger::KeyRate>,
+    rates: HashMap<String, super::ledger::KeyRate>,
     /// The clock rate limits are counted on.
-    rate_clock: crate::ratelimit::ledger::Clock,
+    rate_clock: super::ledger::Clock,
     /// Each key's leases: id → expiry (unix ms).
     leases: HashMap<String, HashMap<String, u64>>,
     /// JWT revocations by `rule_key`.

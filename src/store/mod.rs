@@ -5,8 +5,14 @@
 //! `keygate serve --dev` and single-node use. Both pass the same conformance suite
 //! (`tests/store_conformance.rs`). A backend failure is a `StoreError`, never a missing
 //! record: callers must not be able to mistake "Redis is down" for "no such key".
+//!
+//! Rate-limit state is storage-side too: the embedded store's per-key ledger and its
+//! GCRA arithmetic are `ledger.rs` and `gcra.rs` (Redis: `lua/reserve.lua`). The store
+//! knows no module above it: not the limiter, not the cache, not configuration.
 
 pub mod audit;
+pub mod gcra;
+pub mod ledger;
 pub mod memory;
 pub mod packed;
 pub mod redis;
@@ -15,6 +21,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::principal::{Environment, KeyKind};
+
+pub use crate::clock::now_ms;
 
 /// A key as stored. Holds the argon2id hash of the secret, never the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -735,11 +743,4 @@ pub trait KeyStore:
 {
     /// Whether the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

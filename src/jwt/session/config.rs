@@ -1,11 +1,12 @@
 //! `sessions`: keygate's own short-lived session tokens (EdDSA JWTs minted from an API
-//! key), their lifetime and the keys that sign them.
+//! key), their lifetime and the keys that sign them; with its validation. The session
+//! module's own setting: `config` places it in the file, and it knows nothing of that.
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{duration, ConfigError};
+use crate::settings::{duration, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -62,7 +63,7 @@ impl SessionsConfig {
         !self.signing_keys.is_empty() || self.ephemeral_key
     }
 
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.issuer.trim().is_empty() {
             return Err(ConfigError::new("sessions.issuer", "must not be empty"));
         }

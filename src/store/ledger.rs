@@ -10,6 +10,9 @@
 //! - the reservations made and not yet returned, by id: a reservation asked again gets the
 //!   first answer and no more, and a give-back returns a reservation's unspent admissions
 //!   once, however often it is named.
+//!
+//! Storage-side state: the embedded store (`memory.rs`) keeps one per key. The limiter
+//! (`ratelimit`) never reads it; it asks through `RateLedger`.
 
 use std::collections::{BTreeMap, HashMap};
 

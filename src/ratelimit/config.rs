@@ -1,10 +1,12 @@
-//! `rate_limits`: how plans' limits are enforced (the plans themselves are in `policy`).
+//! `rate_limits`: how plans' limits are enforced (the plans themselves are in `policy`),
+//! with its validation. The limiter's own setting: `config` places it in the file, and
+//! it knows nothing of that.
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{duration, ConfigError};
+use crate::settings::{duration, ConfigError};
 
 /// What a limit check does when the store cannot be asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -38,7 +40,7 @@ impl Default for RateLimitConfig {
 }
 
 impl RateLimitConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.max_reservation == 0 || self.max_reservation > 10_000 {
             return Err(ConfigError::new(
                 "rate_limits.max_reservation",

@@ -1,12 +1,13 @@
 //! `jwt`: the issuers whose JWTs keygate accepts, one by one, and how their claims become a
-//! principal.
+//! principal; with its validation. The verifier's own setting: `config` places it in the
+//! file, and it knows nothing of that.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{duration, ConfigError};
+use crate::settings::{duration, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -131,7 +132,7 @@ pub const ALGORITHMS: [(&str, bool); 12] = [
 ];
 
 impl JwtConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.max_token_bytes < 64 {
             return Err(ConfigError::new(
                 "jwt.max_token_bytes",

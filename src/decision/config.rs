@@ -1,14 +1,15 @@
 //! `errors`: how a denial looks to the client — per code its HTTP status and message, the
 //! body as a JSON template, and whether authentication failures are told apart.
-//! Compiled once into a `decision::ErrorShape`; validation is that compilation.
+//! Compiled once into a `decision::ErrorShape`; validation is that compilation. The
+//! decision's own setting: `config` places it in the file, and it knows nothing of that.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use super::ConfigError;
 use crate::decision::ErrorShape;
+use crate::settings::ConfigError;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -55,7 +56,7 @@ impl Default for ErrorsConfig {
 }
 
 impl ErrorsConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         ErrorShape::compile(self).map(drop)
     }
 }

@@ -1,10 +1,12 @@
-//! `api_keys`: the token prefix, lifetimes, and argon2id's cost and bounds.
+//! `api_keys`: the token prefix, lifetimes, and argon2id's cost and bounds, with their
+//! validation. API keys' own settings: `config` places them in the file, and they know
+//! nothing of it.
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{duration, ConfigError};
+use crate::settings::{duration, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -90,7 +92,7 @@ impl Default for Argon2Config {
 }
 
 impl ApiKeysConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.usage_flush_interval < Duration::from_millis(100)
             || self.usage_flush_interval > Duration::from_secs(3600)
         {

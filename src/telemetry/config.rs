@@ -1,9 +1,35 @@
-//! `traces`: OpenTelemetry traces over OTLP. Off unless an endpoint is configured here or
-//! in `OTEL_EXPORTER_OTLP_ENDPOINT`; off, nothing is created or exported per request.
+//! The settings telemetry consumes, with their validation: `logging` (how log lines are
+//! shaped) and `traces` (OpenTelemetry traces over OTLP: off unless an endpoint is
+//! configured here or in `OTEL_EXPORTER_OTLP_ENDPOINT`; off, nothing is created or
+//! exported per request). `config` places them in the file; they know nothing of it.
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use crate::settings::ConfigError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// A tracing filter: `info`, `debug`, `keygate=trace,info`, …
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -37,7 +63,7 @@ impl TracesConfig {
             .filter(|e| !e.trim().is_empty())
     }
 
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if let Some(e) = &self.otlp_endpoint {
             if !(e.starts_with("http://") || e.starts_with("https://")) {
                 return Err(ConfigError::new(

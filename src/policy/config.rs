@@ -1,10 +1,15 @@
-//! `policy`: where credentials are read, the tenant header, and the route families.
+//! `policy`: where credentials are read, the tenant header, method overrides, plans, and
+//! the route families; with its validation, which ends in compiling the `Policy`. The
+//! policy's own setting, read by the modules that enforce parts of it (credential
+//! extraction, the limiter, the authorizer): `config` places it in the file, and it
+//! knows nothing of that.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{valid_header_name, ConfigError};
+use crate::settings::{optional_duration, valid_header_name, ConfigError};
+use crate::tenant::TenantRule;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,11 +29,21 @@ pub enum Unmatched {
     Authenticated,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// What a request carrying a method override header does (`policy.method_override`).
+/// Frameworks act on the header instead of the request's method (Rack's MethodOverride,
+/// Express's `method-override`, Symfony and Laravel, ASP.NET and OData: docs/security.md),
+/// so a key allowed to POST somewhere would DELETE there if only the POST were judged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum TenantRule {
-    Required,
-    Optional,
+pub enum MethodOverride {
+    /// Allowed only if allowed for the request's own method and for each method its
+    /// override headers name; an override value that is not a method is refused.
+    #[default]
+    Check,
+    /// Judged on the request's own method; an allow removes the headers (the adapter).
+    Strip,
+    /// Refused, 400 `invalid_request`, whatever the value.
+    Deny,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -48,7 +63,7 @@ pub struct PolicyConfig {
     /// A request carrying `X-HTTP-Method-Override`, `X-HTTP-Method` or `X-Method-Override`
     /// (which many frameworks act on instead of the method): judged on both methods
     /// (`check`), the header removed upstream (`strip`), or refused (`deny`).
-    pub method_override: crate::authorizer::MethodOverride,
+    pub method_override: MethodOverride,
     /// Scopes that wildcards never grant; a key must name them.
     pub opt_in_scopes: Vec<String>,
     /// Scopes only partner keys hold: exact (`billing:partner:read`) or a family
@@ -127,7 +142,7 @@ impl Default for PolicyConfig {
             tenant_header: "x-tenant-id".into(),
             require_tenant_header: false,
             unmatched: Unmatched::Deny,
-            method_override: crate::authorizer::MethodOverride::Check,
+            method_override: MethodOverride::Check,
             opt_in_scopes: Vec::new(),
             partner_scopes: Vec::new(),
             environments: None,
@@ -167,7 +182,7 @@ pub struct RouteConfig {
     /// Each allowed request takes one of the key's concurrent sessions for this long (an
     /// API whose "create session" is an ordinary request); the lease id goes upstream
     /// in `x-keygate-lease-id`, and `keygate.v1.Authorizer/ReleaseLease` gives it back.
-    #[serde(default, deserialize_with = "super::optional_duration")]
+    #[serde(default, deserialize_with = "optional_duration")]
     pub lease_ttl: Option<std::time::Duration>,
     /// Each allowed request mints a session token from its API key (an API whose
     /// "create session" is an HTTP call): `x-keygate-session-token` and
@@ -184,7 +199,7 @@ pub struct RouteConfig {
 }
 
 impl PolicyConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.credential_headers.is_empty() {
             return Err(ConfigError::new(
                 "policy.credential_headers",

@@ -1,10 +1,12 @@
-//! `cache`: how long verified credentials (and failures) are remembered.
+//! `cache`: how long verified credentials (and failures) are remembered, with its
+//! validation. The cache's own setting: `config` places it in the file, and it knows
+//! nothing of that.
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{duration, ConfigError};
+use crate::settings::{duration, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -29,7 +31,7 @@ impl Default for CacheConfig {
 }
 
 impl CacheConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.ttl.is_zero() {
             return Err(ConfigError::new("cache.ttl", "must be above zero"));
         }
