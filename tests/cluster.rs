@@ -4,7 +4,7 @@
 //! under load fails over without a revocation lost, a revoked key allowed, or keygate
 //! restarted.
 //!
-//! The store's own behaviour on the Cluster is `store_conformance.rs`'s `cluster` suite.
+//! The store's own behaviour on the Cluster is `store_conformance`'s `cluster` cases.
 
 mod support;
 

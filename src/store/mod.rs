@@ -3,7 +3,7 @@
 //!
 //! One trait, two backends: Redis for production and an in-process store for
 //! `keygate serve --dev` and single-node use. Both pass the same conformance suite
-//! (`tests/store_conformance.rs`). A backend failure is a `StoreError`, never a missing
+//! (`tests/store_conformance/`, a module per trait). A backend failure is a `StoreError`, never a missing
 //! record: callers must not be able to mistake "Redis is down" for "no such key".
 //!
 //! Rate-limit state is storage-side too: the embedded store's per-key ledger and its

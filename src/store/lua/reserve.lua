@@ -1,7 +1,7 @@
 -- Gives back the unspent admissions of earlier reservations, then reserves up to `want`
 -- more from one key's rate-limit state, in one step; Redis's own clock is the clock, so
 -- replicas whose clocks differ still share one limit. Keep in step with
--- `KeyRate::reserve` in src/ratelimit/ledger.rs (the embedded store's), which the
+-- `KeyRate::reserve` in src/store/ledger.rs (the embedded store's), which the
 -- conformance suite holds both to.
 --
 -- Two rules:
