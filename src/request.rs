@@ -1,5 +1,12 @@
 //! `AuthRequest`: the protocol-neutral view of the request being authorized. Adapters
 //! build it from Envoy's `CheckRequest` or keygate's own; the core never sees a protobuf.
+//!
+//! One thing, with its path rules (`normalize_path`, `path_readings`) and their tests:
+//! hence its length. The percent-decoding is written here rather than taken from the
+//! `percent-encoding` crate on purpose: keygate decodes only escapes of unreserved
+//! characters, keeps every other escape (upper-cased) and refuses some outright (`%2F`,
+//! `%5C`, `%25XX`, non-UTF-8, `;`), a choice per escape that a decode-everything iterator
+//! does not offer; `tests/path_readings.rs` is an independent oracle for it.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
