@@ -130,6 +130,17 @@ fn key_json(k: &proto::Key) -> serde_json::Value {
     })
 }
 
+/// Prints the key an admin call answered with (`keys get`, `revoke`, `update`), or turns
+/// its gRPC error into the command's error.
+fn print_answered_key(
+    answer: Result<tonic::Response<proto::Key>, tonic::Status>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let key = answer.map_err(grpc_error)?.into_inner();
+    print_key(&key, json);
+    Ok(())
+}
+
 fn print_key(k: &proto::Key, json_out: bool) {
     let v = key_json(k);
     if json_out {
@@ -284,13 +295,11 @@ pub(super) async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Get { key_id, admin } => {
-            let key = admin_client(&admin)
+            let answer = admin_client(&admin)
                 .await?
                 .get_key(proto::GetKeyRequest { key_id })
-                .await
-                .map_err(grpc_error)?
-                .into_inner();
-            print_key(&key, admin.json);
+                .await;
+            print_answered_key(answer, admin.json)?;
         }
         KeysCommand::Rotate {
             key_id,
@@ -326,13 +335,11 @@ pub(super) async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Revoke { key_id, admin } => {
-            let key = admin_client(&admin)
+            let answer = admin_client(&admin)
                 .await?
                 .revoke_key(proto::RevokeKeyRequest { key_id })
-                .await
-                .map_err(grpc_error)?
-                .into_inner();
-            print_key(&key, admin.json);
+                .await;
+            print_answered_key(answer, admin.json)?;
         }
         KeysCommand::Update {
             key_id,
@@ -342,7 +349,7 @@ pub(super) async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             expires_in,
             admin,
         } => {
-            let key = admin_client(&admin)
+            let answer = admin_client(&admin)
                 .await?
                 .update_key(proto::UpdateKeyRequest {
                     key_id,
@@ -353,10 +360,8 @@ pub(super) async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                     plan,
                     expires_in_seconds: expires_in_seconds(expires_in.as_deref())?,
                 })
-                .await
-                .map_err(grpc_error)?
-                .into_inner();
-            print_key(&key, admin.json);
+                .await;
+            print_answered_key(answer, admin.json)?;
         }
         KeysCommand::Delete { key_id, admin } => {
             admin_client(&admin)
