@@ -1,4 +1,5 @@
 use super::*;
+use crate::settings::ConfigError;
 
 #[test]
 fn a_refused_path_is_answered_naming_what_was_refused() {
