@@ -29,6 +29,7 @@
 //! Its setting (`rate_limits`) is `config.rs`; the plans it enforces are the policy's
 //! (`policy::PlanConfig`).
 
+mod budget;
 mod config;
 
 use std::collections::HashMap;
@@ -42,11 +43,11 @@ use crate::decision::RateInfo;
 use crate::policy::{PlanAlgorithm, PlanConfig, PolicyConfig};
 use crate::principal::{CredentialKind, Environment, Principal};
 use crate::store::{
-    GiveBack, LeaseOp, RateLedger, RateRequest, RateRule, StoreError, MAX_GIVE_BACKS,
-    RESERVATION_ID_LEN,
+    GiveBack, LeaseOp, RateLedger, RateRequest, RateRule, StoreError, RESERVATION_ID_LEN,
 };
 use crate::telemetry::metrics;
 
+use budget::{Held, KeyBudget, Spent};
 pub use config::{OnStoreError, RateLimitConfig};
 
 /// A plan, compiled.
@@ -107,156 +108,6 @@ pub enum RouteLeaseRefused {
     Full,
     /// The store could not be asked and `on_store_error` is `unavailable`.
     Unavailable,
-}
-
-/// A key's budget on this replica: spent under a short lock that is never held across a
-/// store call; refilled by one store call at a time (`refill`), which the requests that
-/// find nothing to spend wait on.
-#[derive(Default)]
-struct KeyBudget {
-    state: std::sync::Mutex<Budget>,
-    refill: tokio::sync::Mutex<()>,
-}
-
-/// What a replica holds of one key's admissions.
-#[derive(Default)]
-struct Budget {
-    /// The reservation being spent.
-    current: Option<Held>,
-    /// The next one, reserved ahead while the current one was being spent (a busy key far
-    /// from its limit), so that its requests do not wait for the store.
-    next: Option<Held>,
-    /// A reservation ahead of need is being asked for.
-    reserving_ahead: bool,
-    /// Reservations to return with the next store call, each by its id (the store applies
-    /// each once): the unspent rest of spent ones, and all of those whose answer never
-    /// arrived or never reached enough replicas. Kept until a call that carried them
-    /// succeeds; at most `MAX_GIVE_BACKS` (dropping one only under-admits).
-    returns: Vec<GiveBack>,
-    /// What still fitted in the store after the last reservation.
-    remaining: u32,
-    full_in_ms: u64,
-    /// After a refusal: nothing fits before this, so nothing is asked before it either
-    /// (a key far over its plan would otherwise cost a store call per request).
-    refused_until: Option<Instant>,
-}
-
-/// A reservation a replica spends.
-struct Held {
-    id: String,
-    granted: u32,
-    left: u32,
-    /// Measured from before the store was asked: never later than the end of the spending
-    /// time the store counted (`RateRequest::spend_ms` after its own now).
-    until: Instant,
-}
-
-impl KeyBudget {
-    fn state(&self) -> std::sync::MutexGuard<'_, Budget> {
-        // Nothing panics while holding it; a poisoned lock still holds a whole budget.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Held {
-    fn usable(&self, now: Instant) -> bool {
-        now < self.until && self.left > 0
-    }
-}
-
-/// What spending from a key's budget on this replica came to, without the store.
-enum Spent {
-    /// Admitted; `reserve_ahead`: this request is the one to ask for the next budget.
-    Admitted {
-        info: RateInfo,
-        reserve_ahead: bool,
-    },
-    Limited {
-        retry_ms: u64,
-        full_in_ms: u64,
-    },
-    /// Nothing to spend: the store must be asked.
-    Nothing,
-}
-
-impl Spent {
-    /// The verdict, unless the store must decide.
-    fn verdict(self, plan: &Plan) -> Option<Verdict> {
-        match self {
-            Spent::Admitted { info, .. } => Some(Verdict::Admitted(info)),
-            Spent::Limited {
-                retry_ms,
-                full_in_ms,
-            } => Some(limited(plan, retry_ms, full_in_ms)),
-            Spent::Nothing => None,
-        }
-    }
-}
-
-impl Budget {
-    /// Admissions held and not spent: the current budget's and the next one's.
-    fn held(&self) -> u32 {
-        [&self.current, &self.next]
-            .into_iter()
-            .flatten()
-            .map(|h| h.left)
-            .sum()
-    }
-
-    fn give_back(&mut self, g: GiveBack) {
-        if self.returns.len() >= MAX_GIVE_BACKS {
-            self.returns.remove(0);
-        }
-        self.returns.push(g);
-    }
-
-    /// A reservation that is no longer spent goes back with the next store call (even
-    /// with nothing left: the store forgets it).
-    fn retire(&mut self, held: Held) {
-        self.give_back(GiveBack {
-            id: held.id,
-            unspent: Some(held.left),
-        });
-    }
-
-    /// One admission from what this replica holds: the current reservation, else the one
-    /// reserved ahead.
-    fn spend(&mut self, plan: &Plan, now: Instant, cfg: &RateLimitConfig) -> Spent {
-        if !self.current.as_ref().is_some_and(|h| h.usable(now)) {
-            if let Some(spent) = self.current.take() {
-                self.retire(spent);
-            }
-            match self.next.take() {
-                Some(next) if next.usable(now) => self.current = Some(next),
-                Some(lapsed) => self.retire(lapsed),
-                None => {}
-            }
-        }
-        if let Some(held) = self.current.as_mut() {
-            held.left -= 1;
-            let (left, granted) = (held.left, held.granted);
-            // Far from its limit (what fits is more than the budgets replicas may take)
-            // and half of the current budget spent: the next one is asked for now.
-            let reserve_ahead = !self.reserving_ahead
-                && self.next.is_none()
-                && left <= granted / 2
-                && self.remaining / 8 >= cfg.max_reservation;
-            self.reserving_ahead |= reserve_ahead;
-            return Spent::Admitted {
-                info: info(plan, self.remaining + self.held(), self.full_in_ms),
-                reserve_ahead,
-            };
-        }
-        match self.refused_until.filter(|u| now < *u) {
-            Some(until) => Spent::Limited {
-                retry_ms: (until - now).as_millis() as u64,
-                full_in_ms: self.full_in_ms,
-            },
-            None => Spent::Nothing,
-        }
-    }
 }
 
 pub struct Limiter {
