@@ -256,6 +256,8 @@ pub struct Running {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub http: SocketAddr,
+    /// The HTTP authorization listener, when `listen.http_authz` is set.
+    pub http_authz: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     draining: watch::Sender<bool>,
     drain_delay: Duration,
@@ -333,6 +335,10 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     let grpc_listener = bind(cfg.listen.grpc, "grpc").await?;
     let admin_listener = bind(cfg.listen.admin, "admin").await?;
     let http_listener = bind(cfg.listen.http, "http").await?;
+    let http_authz_listener = match cfg.listen.http_authz {
+        Some(addr) => Some(bind(addr, "http_authz").await?),
+        None => None,
+    };
     let grpc = grpc_listener.local_addr()?;
     let admin = admin_listener.local_addr()?;
     let http = http_listener.local_addr()?;
@@ -500,11 +506,30 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
         Ok(())
     }));
 
-    tracing::info!(%grpc, %admin, %http, store = ?cfg.store.backend, "keygate listening");
+    let http_authz = match http_authz_listener {
+        None => None,
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            let router = axum::Router::new()
+                .fallback(crate::api::http_authz::handle)
+                .with_state(Arc::new(app.envoy_service().gated(app.bus.clone())));
+            let stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped(stop))
+                    .await?;
+                Ok(())
+            }));
+            Some(addr)
+        }
+    };
+
+    tracing::info!(%grpc, %admin, %http, http_authz = ?http_authz, store = ?cfg.store.backend, "keygate listening");
     Ok(Running {
         grpc,
         admin,
         http,
+        http_authz,
         stop,
         draining: draining_tx,
         drain_delay: cfg.listen.drain_delay,

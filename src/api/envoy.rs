@@ -21,7 +21,7 @@ use super::envoy_wire::{self, Authorization, CheckRequestView, HeaderFilter};
 use crate::authorizer::{
     is_method_override_header, Authorizer, MethodOverride, METHOD_OVERRIDE_HEADERS,
 };
-use crate::decision::{Allowed, Decision, Denial, ErrorShape};
+use crate::decision::{Allowed, Decision, Denial, ErrorShape, PublicError};
 use crate::header_alias::OwnedHeaders;
 use crate::request::AuthRequest;
 use crate::revocation::RevocationBus;
@@ -123,7 +123,33 @@ impl EnvoyAuthorization {
         }
     }
 
-    fn allow(&self, req: &AuthRequest, allowed: Allowed) -> AllowAnswer {
+    /// A request another adapter read (`api::http_authz`), decided and shaped as this
+    /// adapter's answer would be: the same identity headers, removals and denials.
+    pub(crate) async fn decide_request(
+        &self,
+        auth_req: AuthRequest,
+        adapter: &'static str,
+    ) -> Result<Answer, Status> {
+        super::starting(&self.gate)?;
+        let span = crate::telemetry::check_span(&auth_req.headers, adapter);
+        match super::traced_check(&self.authorizer, &auth_req, span).await {
+            Decision::Allow(allowed) => Ok(Answer::Allow(self.allow(&auth_req, allowed))),
+            Decision::Deny(denial) => Ok(Answer::Deny {
+                error: self.errors.answer_to(&denial).clone(),
+                headers: denial_headers(&self.errors, &denial),
+            }),
+            Decision::Unavailable(u) => Err(super::unavailable(u.backend)),
+        }
+    }
+
+    /// Whether a request header of this (lower-case) name is one a decision or an answer
+    /// consults; other adapters keep only these, as this one does.
+    pub(crate) fn consults(&self, name: &str) -> bool {
+        self.headers.wants(name.as_bytes())
+    }
+
+    /// The allow's parts: identity headers, the headers to remove, the client's headers.
+    pub(crate) fn allow(&self, req: &AuthRequest, allowed: Allowed) -> AllowAnswer {
         let mut remove: Vec<String> = Vec::new();
         let identity = match allowed.principal {
             Some(principal) => {
@@ -190,16 +216,10 @@ impl EnvoyAuthorization {
 
     fn deny(&self, denial: &Denial) -> CheckResponse {
         let error = self.errors.answer_to(denial);
-        let mut headers = vec![overwrite("content-type", "application/json")];
-        if let Some(challenge) = self.errors.www_authenticate(error) {
-            headers.push(overwrite("www-authenticate", challenge));
-        }
-        if let Some(secs) = denial.retry_after {
-            headers.push(overwrite("retry-after", &secs.to_string()));
-        }
-        for (name, value) in denial.rate.iter().flat_map(|r| r.headers()) {
-            headers.push(overwrite(name, &value));
-        }
+        let headers = denial_headers(&self.errors, denial)
+            .iter()
+            .map(|(name, value)| overwrite(name, value))
+            .collect();
         CheckResponse {
             status: Some(rpc::Status {
                 code: grpc_code(error.status) as i32,
@@ -228,6 +248,31 @@ impl Authorization for EnvoyAuthorization {
             .await
             .map(Response::new)
     }
+}
+
+/// A decision shaped for a client, in no wire format.
+pub(crate) enum Answer {
+    Allow(AllowAnswer),
+    Deny {
+        error: PublicError,
+        headers: Vec<(&'static str, String)>,
+    },
+}
+
+/// The headers a denial sets on the client's response, in order: its content type, the
+/// challenge of a 401, `retry-after` and the `x-ratelimit-*` of a rate limit. Every adapter
+/// sends these.
+pub(crate) fn denial_headers(errors: &ErrorShape, denial: &Denial) -> Vec<(&'static str, String)> {
+    let error = errors.answer_to(denial);
+    let mut headers = vec![("content-type", "application/json".to_owned())];
+    if let Some(challenge) = errors.www_authenticate(error) {
+        headers.push(("www-authenticate", challenge.to_owned()));
+    }
+    if let Some(secs) = denial.retry_after {
+        headers.push(("retry-after", secs.to_string()));
+    }
+    headers.extend(denial.rate.iter().flat_map(|r| r.headers()));
+    headers
 }
 
 /// The gRPC status code carried in a denial's `status` (any non-zero code denies).

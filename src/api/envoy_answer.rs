@@ -246,7 +246,7 @@ fn put_entry_head(key: &str, value_len: usize, buf: &mut impl BufMut) {
 impl AllowAnswer {
     /// What is added to the client's response: `response_headers`, then the session token
     /// and its expiry, if the request minted one.
-    fn client_headers(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub(crate) fn client_headers(&self) -> impl Iterator<Item = (&str, &str)> {
         let session = self.identity.as_ref().and_then(|i| i.session.as_ref());
         self.response_headers
             .iter()

@@ -220,7 +220,7 @@ impl HeaderFilter {
     }
 
     /// Whether a header of this (lower-case) name is consulted.
-    fn wants(&self, name: &[u8]) -> bool {
+    pub(crate) fn wants(&self, name: &[u8]) -> bool {
         name.starts_with(self.prefix.as_bytes())
             || self.names.iter().any(|n| n.as_bytes() == name)
             || self.twin(name)

@@ -5,6 +5,7 @@ pub mod authorizer;
 pub mod envoy;
 pub mod envoy_answer;
 pub mod envoy_wire;
+pub mod http_authz;
 pub mod keys;
 pub mod partners;
 pub mod revocations;

@@ -28,6 +28,9 @@ pub struct ListenConfig {
     pub grpc_tls: Option<TlsConfig>,
     /// TLS on the admin listener (with `client_ca_file`: mTLS).
     pub admin_tls: Option<TlsConfig>,
+    /// HTTP authorization (Envoy `http_service`, nginx `auth_request`, Traefik and Caddy
+    /// forward auth); off unless set.
+    pub http_authz: Option<SocketAddr>,
 }
 
 /// A listener's TLS: its certificate chain and key (PEM files, re-read when they
@@ -52,6 +55,7 @@ impl Default for ListenConfig {
             drain_delay: Duration::from_secs(5),
             grpc_tls: None,
             admin_tls: None,
+            http_authz: None,
         }
     }
 }
