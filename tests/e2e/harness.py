@@ -35,6 +35,9 @@ EXAMPLE_ENVOY = REPO / "examples" / "envoy.yaml"
 EXAMPLE_LISTENER_PORT = 10000
 EXAMPLE_KEYGATE_PORT = 50051
 EXAMPLE_UPSTREAM_PORT = 8080
+# examples/envoy-http.yaml asks keygate's HTTP authorization listener instead.
+EXAMPLE_ENVOY_HTTP = REPO / "examples" / "envoy-http.yaml"
+EXAMPLE_HTTP_AUTHZ_PORT = 9191
 
 # Every wait is bounded. Generous, because a debug build on a busy CI box is slow to start.
 START_TIMEOUT = 60.0
@@ -74,6 +77,10 @@ def envoy_bin() -> str:
 
 def redis_bin() -> str:
     return _binary("REDIS_SERVER", "redis-server", "redis-server binary")
+
+
+def nginx_bin() -> str:
+    return _binary("NGINX_BIN", "nginx", "nginx binary")
 
 
 # --------------------------------------------------------------------------- waiting
@@ -480,7 +487,8 @@ def render_envoy_config(listener: int, keygate: int, upstream: int, template: Pa
     """An Envoy example (examples/envoy.yaml by default) with its three addresses moved to
     the given ports."""
     text = template.read_text()
-    moves = {EXAMPLE_LISTENER_PORT: listener, EXAMPLE_KEYGATE_PORT: keygate, EXAMPLE_UPSTREAM_PORT: upstream}
+    keygate_port = EXAMPLE_HTTP_AUTHZ_PORT if template == EXAMPLE_ENVOY_HTTP else EXAMPLE_KEYGATE_PORT
+    moves = {EXAMPLE_LISTENER_PORT: listener, keygate_port: keygate, EXAMPLE_UPSTREAM_PORT: upstream}
     for old in moves:
         count = len(re.findall(rf"\bport_value: {old}\b", text))
         if count != 1:
@@ -602,6 +610,43 @@ class Envoy:
 
     def stop(self):
         self.proc.stop()
+
+
+# --------------------------------------------------------------------------- nginx
+
+EXAMPLE_NGINX = EXAMPLES / "nginx" / "nginx.conf"
+# The three addresses examples/nginx/nginx.conf is written for: itself, keygate's HTTP
+# authorization listener, the upstream.
+EXAMPLE_NGINX_ADDRESSES = ("127.0.0.1:10080", f"127.0.0.1:{EXAMPLE_HTTP_AUTHZ_PORT}", "127.0.0.1:8080")
+
+
+class Nginx(Envoy):
+    """nginx running examples/nginx/nginx.conf (auth_request) in front of keygate's HTTP
+    authorization listener and `upstream`; requests go through it as through `Envoy`."""
+
+    def __init__(self, name: str, workdir: Path, http_authz_port: int, upstream: Upstream):
+        self.name = name
+        self.upstream = upstream
+        self.port = free_port()
+        prefix = workdir / name
+        prefix.mkdir(parents=True, exist_ok=True)
+        text = EXAMPLE_NGINX.read_text()
+        for old, new in zip(EXAMPLE_NGINX_ADDRESSES, (self.port, http_authz_port, upstream.port)):
+            # Only the `listen` and `server` lines: the comments name the addresses too.
+            pattern = rf"(?m)^(\s*(?:listen|server) ){re.escape(old)};"
+            text, count = re.subn(pattern, rf"\g<1>127.0.0.1:{new};", text)
+            if count != 1:
+                raise AssertionError(f"examples/nginx/nginx.conf should listen on or name {old} once, found {count}")
+        self.config_path = prefix / "nginx.conf"
+        self.config_path.write_text(text)
+        self.proc = Proc(
+            name,
+            [nginx_bin(), "-p", str(prefix), "-c", str(self.config_path), "-e", "stderr",
+             "-g", "daemon off; pid nginx.pid;"],
+            clean_env(),
+            workdir,
+        )
+        wait_for(f"{name} listener on port {self.port} to answer HTTP", self._listener_answers)
 
 
 # --------------------------------------------------------------------------- tokens
