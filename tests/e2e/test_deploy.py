@@ -39,6 +39,7 @@ ALL_ON = {
     "secrets.extra[0].env": "KEYGATE_SESSION_KEY",
     "secrets.extra[0].name": "keygate-session",
     "secrets.extra[0].key": "ed25519.pem",
+    "httpAuthz.enabled": "true",
     # A Redis Cluster instead of one Redis.
     "config.store.cluster_nodes[0]": "redis://redis-cluster-0.redis-cluster:6379",
     "config.store.cluster_nodes[1]": "redis://redis-cluster-1.redis-cluster:6379",
@@ -105,6 +106,40 @@ def test_the_pod_is_locked_down_and_probed_natively():
         "grpc-authz": "grpc", "http-metrics": "http"}
 
 
+def test_http_authz_is_served_on_its_own_named_port_when_enabled():
+    docs = rendered({"httpAuthz.enabled": "true"})
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {"name": "http-authz", "containerPort": 9191, "protocol": "TCP"} in container["ports"]
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["http-authz"] == 9191
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert yaml.safe_load(configmap["data"]["keygate.yaml"])["listen"]["http_authz"] == "0.0.0.0:9191"
+
+
+def pod_config_checksum(values: dict[str, str]) -> str:
+    (deployment,) = [d for d in rendered(values) if d["kind"] == "Deployment"]
+    return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+
+def test_a_policy_change_reaches_the_pods_without_rolling_them_and_a_store_change_rolls_them():
+    route = "config.policy.routes[0].path"
+    before = pod_config_checksum({})
+    assert pod_config_checksum({route: "/livez"}) == before
+    assert pod_config_checksum({"config.errors.opaque": "true"}) == before
+    assert pod_config_checksum({"config.store.redis_url": "redis://other:6379"}) != before
+    assert pod_config_checksum({"config.api_keys.prefix": "eng"}) != before
+    assert pod_config_checksum({"httpAuthz.enabled": "true"}) != before
+    assert pod_config_checksum({"rollOnAnyConfigChange": "true", route: "/livez"}) != pod_config_checksum(
+        {"rollOnAnyConfigChange": "true"}
+    )
+    # kubelet updates a ConfigMap mounted as a directory, never one mounted by subPath.
+    (deployment,) = [d for d in rendered({}) if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    assert "subPath" not in mount and mount["mountPath"] == "/etc/keygate"
+
+
 def test_a_missing_required_secret_fails_the_schema():
     done = helm("template", "kg", str(CHART), "--set", "secrets.pepper.name=")
     assert done.returncode != 0 and "secrets.pepper" in done.stderr, done.stderr
@@ -155,12 +190,20 @@ def test_the_istio_example_sends_custom_policies_to_keygate():
     docs = [d for d in yaml.safe_load_all((HELM_EXAMPLES / "istio.yaml").read_text()) if d]
     (mesh_cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
     kubernetes_validate.validate(mesh_cm, K8S_VERSION, strict=True)
-    (provider,) = yaml.safe_load(mesh_cm["data"]["mesh"])["extensionProviders"]
-    ext = provider["envoyExtAuthzGrpc"]
+    grpc_provider, http_provider = yaml.safe_load(mesh_cm["data"]["mesh"])["extensionProviders"]
+    ext = grpc_provider["envoyExtAuthzGrpc"]
     assert ext["port"] == 50051 and ext["failOpen"] is False and ext["timeout"] == "0.25s"
+    # The HTTP provider asks the chart's http-authz port, under keygate's Envoy prefix,
+    # and passes keygate's identity headers upstream.
+    http_ext = http_provider["envoyExtAuthzHttp"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert http_ext["port"] == values["httpAuthz"]["port"] and http_ext["pathPrefix"] == "/envoy"
+    assert http_ext["failOpen"] is False and http_ext["timeout"] == "0.25s"
+    assert {"authorization", "x-tenant-id"} <= set(http_ext["includeRequestHeadersInCheck"])
+    assert {"x-tenant-id", "x-keygate-*"} <= set(http_ext["headersToUpstreamOnAllow"])
     (policy,) = [d for d in docs if d["kind"] == "AuthorizationPolicy"]
     assert policy["spec"]["action"] == "CUSTOM"
-    assert policy["spec"]["provider"]["name"] == provider["name"]
+    assert policy["spec"]["provider"]["name"] == grpc_provider["name"]
 
 
 def test_the_envoy_example_beside_the_chart_runs(workdir, redis, upstream, keygate, reader):

@@ -22,6 +22,32 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
+{{/* keygate.yaml as the pods read it: `config`, with the HTTP authorization listener
+when `httpAuthz.enabled`. */}}
+{{- define "keygate.config" -}}
+{{- $config := deepCopy .Values.config -}}
+{{- if .Values.httpAuthz.enabled -}}
+{{- $listen := $config.listen | default dict -}}
+{{- $_ := set $listen "http_authz" (printf "0.0.0.0:%v" .Values.httpAuthz.port) -}}
+{{- $_ := set $config "listen" $listen -}}
+{{- end -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/* The settings a running keygate cannot take live (docs/operations.md, "Changing the
+policy"): a change to them rolls the pods. The rest reaches running pods through the
+mounted ConfigMap and keygate's live reload. */}}
+{{- define "keygate.restartConfig" -}}
+{{- $config := include "keygate.config" . | fromYaml -}}
+{{- if .Values.rollOnAnyConfigChange -}}
+{{- toYaml $config -}}
+{{- else -}}
+{{- $restart := pick $config "listen" "store" "revocation" "cache" "logging" "traces" -}}
+{{- $_ := set $restart "api_keys" (pick ($config.api_keys | default dict) "prefix" "argon2") -}}
+{{- toYaml $restart -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The secret files the pod mounts: env variable, Secret name, key. */}}
 {{- define "keygate.secretFiles" -}}
 {{- $files := list -}}
