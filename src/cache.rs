@@ -467,6 +467,28 @@ impl CredentialCache {
         drop(inv);
     }
 
+    /// Drops what was decided about JWTs and session tokens, and keeps what was decided
+    /// about API keys: a changed `jwt` or `sessions` section (a live reload) can make a
+    /// token's answer wrong (an issuer removed, a claim mapped otherwise, a rejected
+    /// issuer added), while an API key's answer depends on its record alone.
+    pub fn invalidate_tokens(&self) {
+        let mut inv = self.invalidations();
+        inv.epoch += 1;
+        // A verification running now may have used the old issuers: its answer is not
+        // kept (an API key's is just not cached this once).
+        inv.flushed_at = inv.epoch;
+        for (digest, verified) in self.entries.iter() {
+            let token = match &verified {
+                Verified::Valid(p) => p.credential != crate::principal::CredentialKind::ApiKey,
+                Verified::Invalid(r) | Verified::Refused(r) => *r == DenyReason::InvalidToken,
+            };
+            if token {
+                self.entries.invalidate(&*digest);
+            }
+        }
+        drop(inv);
+    }
+
     pub fn entry_count(&self) -> u64 {
         self.entries.entry_count()
     }

@@ -20,20 +20,18 @@ use tokio::task::JoinHandle;
 use crate::api::authorizer::AuthorizerService;
 use crate::api::envoy::{EnvoyAuthorization, EnvoyOptions};
 use crate::api::envoy_wire::AuthorizationServer;
-use crate::api::keys::{admin_auth, bearer_auth, KeysService};
+use crate::api::keys::{admin_auth, bearer_auth};
 use crate::api::proto::{
     authorizer_server::AuthorizerServer, keys_server::KeysServer, partners_server::PartnersServer,
     revocations_server::RevocationsServer,
 };
 use crate::api::revocations::{RevocationsService, WatchFeed};
 use crate::apikey::SecretHasher;
-use crate::authn::Authenticator;
 use crate::authorizer::Authorizer;
 use crate::cache::CredentialCache;
 use crate::config::{Config, RevocationSource, Secrets, StoreBackend};
 use crate::decision::ErrorShape;
 use crate::keys::KeyAdmin;
-use crate::policy::Policy;
 use crate::revocation::{EventFeed, RevocationBus, StoreFeed};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
@@ -42,7 +40,11 @@ use crate::tls::ListenerTls;
 use crate::transport::incoming;
 
 mod health;
+mod live;
+mod rules;
 pub use health::LIVENESS;
+pub use live::{Live, LiveRules, ReloadError, Reloaded};
+pub use rules::{Rules, Shared};
 use health::{readiness, report_health, HEALTH_SERVICES};
 
 /// The core, built from configuration, without any listener.
@@ -63,6 +65,9 @@ pub struct App {
     pub errors: Arc<ErrorShape>,
     /// keygate's own session-token keys, when `sessions` is configured.
     pub sessions: Option<Arc<crate::jwt::session::SessionKeys>>,
+    /// The rules the listeners answer with: those above at startup, then whatever a live
+    /// reload of the configuration file put in their place.
+    pub live: Arc<Live>,
     /// TLS of the gRPC and admin listeners (`listen.grpc_tls`, `listen.admin_tls`).
     pub grpc_tls: Option<ListenerTls>,
     pub admin_tls: Option<ListenerTls>,
@@ -119,31 +124,12 @@ impl App {
             .into());
         }
         let hasher = SecretHasher::new(secrets.pepper.clone(), &config.api_keys.argon2)?;
-        let sessions =
-            crate::jwt::session::SessionKeys::load(&config.sessions, |var| secrets.named(var))?
-                .map(Arc::new);
-        let jwt = Arc::new(crate::jwt::JwtVerifier::new(
-            &config.jwt,
-            sessions.as_deref(),
-            |var| secrets.named(var),
-        )?);
         let cache = Arc::new(CredentialCache::new(&config.cache, &secrets.pepper));
         let revoked_tokens = Arc::new(crate::jwt::revoked::RevokedTokens::new());
         let audit = Arc::new(crate::audit::Audit::new(
             store.clone(),
             &secrets.admin_token,
         ));
-        let authn = Authenticator::new(
-            store.clone(),
-            hasher.clone(),
-            cache.clone(),
-            &config.api_keys,
-            jwt.clone(),
-            revoked_tokens.clone(),
-            audit.clone(),
-        );
-        let policy = Policy::compile(&config.policy)?;
-        let errors = Arc::new(ErrorShape::compile(&config.errors)?);
         let tls = |t: &Option<crate::config::TlsConfig>, field: &str| {
             t.as_ref().map(|t| ListenerTls::load(t, field)).transpose()
         };
@@ -153,62 +139,44 @@ impl App {
             store.clone(),
             config.cache.ttl,
         ));
-        let limiter = Arc::new(crate::ratelimit::Limiter::new(
-            store.clone(),
-            &config.policy,
-            &config.rate_limits,
-        ));
         let usage = Arc::new(crate::usage::UsageCounter::new(store.clone()));
-        let authorizer = Arc::new(Authorizer::new(
-            &config.policy,
-            policy,
-            authn,
-            delegations.clone(),
-            limiter,
-            usage.clone(),
-            sessions.clone(),
-        ));
-        let token_admin = Arc::new(crate::keys::TokenAdmin::new(
-            store.clone(),
-            jwt.clone(),
-            revoked_tokens.clone(),
-            audit.clone(),
-        ));
-        // A key's change reaches its session tokens through the key's own state (each
-        // replica judges a session token on its key as it knows it now), not through
-        // revocations written here.
-        let admin = Arc::new(KeyAdmin::new(
-            store.clone(),
-            hasher.clone(),
+        let bus = Arc::new(RevocationBus::new(
             cache.clone(),
-            config.api_keys.clone(),
-            &config.policy,
-            audit.clone(),
+            revoked_tokens.clone(),
+            delegations.clone(),
         ));
         let partners = Arc::new(crate::keys::PartnerAdmin::new(
             store.clone(),
             delegations.clone(),
             audit.clone(),
         ));
-        let bus = Arc::new(RevocationBus::new(
-            cache.clone(),
+        let shared = Shared {
+            store: store.clone(),
+            hasher: hasher.clone(),
+            cache: cache.clone(),
             revoked_tokens,
+            audit,
             delegations,
-        ));
+            usage: usage.clone(),
+            bus: bus.clone(),
+            secrets: secrets.clone(),
+        };
+        let rules = Rules::build(config.clone(), &shared, None)?;
         Ok(App {
-            config,
             store,
             cache,
             hasher,
-            authorizer,
-            admin,
-            token_admin,
+            authorizer: rules.authorizer.clone(),
+            admin: rules.admin.clone(),
+            token_admin: rules.token_admin.clone(),
             partners,
             usage,
             bus,
-            jwt,
-            errors,
-            sessions,
+            jwt: rules.issuers.jwt.clone(),
+            errors: rules.errors.clone(),
+            sessions: rules.issuers.sessions.clone(),
+            live: Arc::new(Live::new(rules, shared)),
+            config,
             grpc_tls,
             admin_tls,
             admin_token: secrets.admin_token,
@@ -367,13 +335,12 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     for tls in app.grpc_tls.iter().chain(&app.admin_tls) {
         tasks.push(tokio::spawn(tls.clone().watch(stop_rx.clone()).map(Ok)));
     }
-    tasks.push(tokio::spawn({
-        let (jwt, stop) = (app.jwt.clone(), stop_rx.clone());
-        async move {
-            jwt.refresh_in_background(stop).await;
-            Ok(())
-        }
-    }));
+    app.live.current().issuers.spawn_refresh(stop_rx.clone());
+    if app.live.path().is_some() {
+        tasks.push(tokio::spawn(
+            live::follow_file(app.live.clone(), stop_rx.clone()).map(Ok),
+        ));
+    }
     let follower = tokio::spawn(
         app.bus
             .clone()
@@ -400,12 +367,8 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
         .max_connection_age(cfg.listen.max_connection_age)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AuthorizationServer::new(
-            app.envoy_service().gated(app.bus.clone()),
-        ))
-        .add_service(AuthorizerServer::new(
-            app.authorizer_service().gated(app.bus.clone()),
-        ))
+        .add_service(AuthorizationServer::new(LiveRules(app.live.clone())))
+        .add_service(AuthorizerServer::new(LiveRules(app.live.clone())))
         .add_service(RevocationsServer::with_interceptor(
             app.revocations_service(stop_rx.clone()),
             bearer_auth(
@@ -425,7 +388,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
             admin_auth(app.admin_token.clone()),
         ))
         .add_service(KeysServer::with_interceptor(
-            KeysService::new(app.admin.clone(), app.token_admin.clone()),
+            LiveRules(app.live.clone()),
             admin_auth(app.admin_token.clone()),
         ))
         .add_service(RevocationsServer::with_interceptor(
@@ -442,7 +405,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     let cache = app.cache.clone();
     let bus = app.bus.clone();
     let draining = draining_rx.clone();
-    let jwks = app.sessions.as_ref().map(|k| k.jwks());
+    let (ready_live, jwks_live) = (app.live.clone(), app.live.clone());
     let router = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -451,7 +414,15 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
                 let store = store.clone();
                 let bus = bus.clone();
                 let draining = *draining.borrow();
-                async move { readiness(store.as_ref(), &bus, draining).await }
+                let reload_failure = ready_live.last_failure();
+                async move {
+                    let (status, mut body) = readiness(store.as_ref(), &bus, draining).await;
+                    // Still serving, on the rules it had: said, not hidden.
+                    if let Some(failure) = reload_failure {
+                        body.push_str(&format!("config: {failure}\n"));
+                    }
+                    (status, body)
+                }
             }),
         )
         .route(
@@ -472,7 +443,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
         .route(
             "/.well-known/jwks.json",
             get(move || {
-                let jwks = jwks.clone();
+                let jwks = jwks_live.current().issuers.sessions.as_ref().map(|k| k.jwks());
                 async move {
                     match jwks {
                         Some(body) => (
@@ -512,7 +483,11 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
             let addr = listener.local_addr()?;
             let router = axum::Router::new()
                 .fallback(crate::api::http_authz::handle)
-                .with_state(Arc::new(app.envoy_service().gated(app.bus.clone())));
+                .with_state({
+                    let live = app.live.clone();
+                    Arc::new(move || live.current().envoy.clone())
+                        as crate::api::http_authz::CurrentEnvoy
+                });
             let stop = stop_rx.clone();
             tasks.push(tokio::spawn(async move {
                 axum::serve(listener, router)

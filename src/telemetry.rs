@@ -55,6 +55,7 @@ pub struct Metrics {
     pub rate_limit_store_errors: IntCounter,
     pub lease_operations: IntCounterVec,
     pub tls_reloads: IntCounterVec,
+    pub config_reloads: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -141,8 +142,10 @@ pub fn metrics() -> &'static Metrics {
         let rate_limit_store_errors = counter("rate_limit_store_errors_total", "Limit checks the store could not answer (answered as rate_limits.on_store_error says).");
         let lease_operations = counter_vec("lease_operations_total", "Concurrent-session lease operations by result (acquired, refused, renewed, released).", &["result"]);
         let tls_reloads = counter_vec("tls_reloads_total", "Re-reads of a listener's TLS files after they changed, by listener (its configuration field) and result (ok; error: the last good certificate and client CA are kept).", &["listener", "result"]);
+        let config_reloads = counter_vec("config_reloads_total", "Reloads of the configuration file (on change or SIGHUP) by result: applied; unchanged; invalid (the file does not load: the running rules are kept); refused (it changes a setting that needs a restart: the running rules are kept).", &["result"]);
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(config_reloads.clone()),
             Box::new(check_duration.clone()),
             Box::new(cache.clone()),
             Box::new(argon2_verifications.clone()),
@@ -215,6 +218,7 @@ pub fn metrics() -> &'static Metrics {
             rate_limit_store_errors,
             lease_operations,
             tls_reloads,
+            config_reloads,
         }
     })
 }

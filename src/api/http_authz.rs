@@ -71,13 +71,18 @@ impl Shape {
     }
 }
 
+/// Where the handler takes the authorization of the moment from: a live reload swaps it
+/// between two requests, never during one.
+pub type CurrentEnvoy = Arc<dyn Fn() -> Arc<EnvoyAuthorization> + Send + Sync>;
+
 /// The HTTP authorization listener's one handler (every path).
 pub async fn handle(
-    State(envoy): State<Arc<EnvoyAuthorization>>,
+    State(current): State<CurrentEnvoy>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Response<Body> {
+    let envoy = current();
     let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
     let (shape, envoy_path) = match uri.path() {
         FORWARD_AUTH_PATH => (Shape::ForwardAuth, None),

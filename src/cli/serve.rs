@@ -53,6 +53,10 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if !args.dev && app.config.store.backend == crate::config::StoreBackend::Memory {
         tracing::warn!("store.backend is memory: keys live only as long as this process");
     }
+    if let Some(path) = &args.config {
+        // Followed for changes to the decision sections (docs/operations.md).
+        app.live.reload_from(path.clone());
+    }
     let running = server::start(std::sync::Arc::new(app)).await?;
     let state = if args.dev {
         let path = dev_state_path();

@@ -23,6 +23,7 @@ use serde_yaml_ng::Value;
 use crate::settings::duration;
 
 mod listen;
+mod reload;
 mod revocation;
 mod secrets;
 mod store;
@@ -63,6 +64,10 @@ pub struct Config {
     pub rate_limits: RateLimitConfig,
     pub sessions: SessionsConfig,
     pub traces: TracesConfig,
+    /// The merged document this was read from (the file with the environment over it):
+    /// what a reload compares section by section (`reload.rs`).
+    #[serde(skip)]
+    pub source: Value,
 }
 
 impl Config {
@@ -105,7 +110,8 @@ impl Config {
                 ));
             }
         }
-        let config: Config = serde_path_to_error::deserialize(root).map_err(|e| {
+        let source = root.clone();
+        let mut config: Config = serde_path_to_error::deserialize(root).map_err(|e| {
             let path = e.path().to_string();
             ConfigError::new(
                 if path == "." { "config".into() } else { path },
@@ -113,6 +119,7 @@ impl Config {
             )
         })?;
         config.validate()?;
+        config.source = source;
         Ok(config)
     }
 

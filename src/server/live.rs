@@ -1,0 +1,310 @@
+//! Live reload: the rules a replica answers with, swapped whole when the configuration
+//! file changes (or on SIGHUP). The new file is loaded and checked in full first: one
+//! that does not load, or that changes a setting only a restart can take
+//! (`Config::restart_only_changes`), changes nothing and is reported (log event, metric,
+//! `/readyz` body). A request runs to its end on the rules it started with; the
+//! gRPC services and the HTTP adapter load the current rules once per call.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use super::rules::{Rules, Shared};
+use crate::api::envoy_answer::CheckAnswer;
+use crate::api::envoy_wire::{Authorization, CheckRequestView};
+use crate::api::proto::{self, authorizer_server::Authorizer as AuthorizerApi, keys_server::Keys};
+use crate::config::Config;
+
+/// The running rules and what builds the next ones.
+pub struct Live {
+    rules: ArcSwap<Rules>,
+    shared: Shared,
+    /// The file the rules come from (`serve --config`); unset: nothing to reload.
+    path: OnceLock<PathBuf>,
+    /// Why the last reload was not applied, until one is: `/readyz` shows it.
+    last_failure: Mutex<Option<String>>,
+    /// Serialises reloads: a file event and a SIGHUP at once build one after the other.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// What a reload did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reloaded {
+    Applied,
+    /// The file says what the running rules already say.
+    Unchanged,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the configuration file was not reloaded: {0}")]
+    Invalid(String),
+    #[error("the configuration file was not reloaded: {} needs a restart", .0.join(", "))]
+    NeedsRestart(Vec<String>),
+}
+
+impl Live {
+    pub fn new(rules: Rules, shared: Shared) -> Live {
+        Live {
+            rules: ArcSwap::from_pointee(rules),
+            shared,
+            path: OnceLock::new(),
+            last_failure: Mutex::new(None),
+            reloading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Takes the rules from `path` from now on (once; the file the server started with).
+    pub fn reload_from(&self, path: PathBuf) {
+        let _ = self.path.set(path);
+    }
+
+    /// The file reloads read, if any.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.path.get().map(PathBuf::as_path)
+    }
+
+    /// The rules to answer one request with.
+    pub fn current(&self) -> Arc<Rules> {
+        self.rules.load_full()
+    }
+
+    /// Why the last reload failed, if no reload has succeeded since.
+    pub fn last_failure(&self) -> Option<String> {
+        self.last_failure.lock().expect("not poisoned").clone()
+    }
+
+    /// Reads the file again (the environment over it, as at startup) and swaps the
+    /// rules it describes in; counted and logged either way.
+    pub async fn reload(&self, stop: &watch::Receiver<bool>) -> Result<Reloaded, ReloadError> {
+        let Some(path) = self.path.get() else {
+            return Ok(Reloaded::Unchanged);
+        };
+        let _one_at_a_time = self.reloading.lock().await;
+        let outcome = std::fs::read_to_string(path)
+            .map_err(|e| {
+                ReloadError::Invalid(format!("cannot read {}: {e}", path.display()))
+            })
+            .and_then(|text| {
+                Config::load(Some(&text), std::env::vars())
+                    .map_err(|e| ReloadError::Invalid(e.to_string()))
+            })
+            .and_then(|config| self.apply(config, stop));
+        let result = match &outcome {
+            Ok(Reloaded::Applied) => "applied",
+            Ok(Reloaded::Unchanged) => "unchanged",
+            Err(ReloadError::Invalid(_)) => "invalid",
+            Err(ReloadError::NeedsRestart(_)) => "refused",
+        };
+        crate::telemetry::metrics()
+            .config_reloads
+            .with_label_values(&[result])
+            .inc();
+        match &outcome {
+            Ok(Reloaded::Applied) => {
+                tracing::info!(event = "config.reloaded", path = %path.display(), "configuration reloaded: new requests are decided by it")
+            }
+            Ok(Reloaded::Unchanged) => {}
+            Err(e) => {
+                tracing::warn!(event = "config.reload_failed", path = %path.display(), error = %e, "the running configuration is kept")
+            }
+        }
+        *self.last_failure.lock().expect("not poisoned") = outcome.as_ref().err().map(|e| e.to_string());
+        outcome
+    }
+
+    /// Swaps in the rules `config` describes, if a running keygate can take them.
+    pub fn apply(
+        &self,
+        config: Config,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Reloaded, ReloadError> {
+        let running = self.current();
+        if running.config.source == config.source {
+            return Ok(Reloaded::Unchanged);
+        }
+        let restart = running.config.restart_only_changes(&config);
+        if !restart.is_empty() {
+            return Err(ReloadError::NeedsRestart(restart));
+        }
+        let tokens_changed = running.config.changed(&config, &["jwt"])
+            || running.config.changed(&config, &["sessions"]);
+        let rules = Rules::build(config, &self.shared, Some(&running))
+            .map_err(|e| ReloadError::Invalid(format!("{e:#}")))?;
+        if !Arc::ptr_eq(&rules.issuers, &running.issuers) {
+            rules.issuers.spawn_refresh(stop.clone());
+        }
+        self.rules.store(Arc::new(rules));
+        if tokens_changed {
+            // What was decided under the old issuers; API keys' answers stay.
+            self.shared.cache.invalidate_tokens();
+        }
+        Ok(Reloaded::Applied)
+    }
+}
+
+/// The gRPC services over whatever rules are current.
+#[derive(Clone)]
+pub struct LiveRules(pub Arc<Live>);
+
+#[tonic::async_trait]
+impl Authorization for LiveRules {
+    async fn check(
+        &self,
+        request: Request<CheckRequestView>,
+    ) -> Result<Response<CheckAnswer>, Status> {
+        self.0.current().envoy.check(request).await
+    }
+}
+
+#[tonic::async_trait]
+impl AuthorizerApi for LiveRules {
+    async fn check(
+        &self,
+        request: Request<proto::CheckRequest>,
+    ) -> Result<Response<proto::CheckResponse>, Status> {
+        self.0.current().checks.check(request).await
+    }
+
+    async fn acquire_lease(
+        &self,
+        request: Request<proto::AcquireLeaseRequest>,
+    ) -> Result<Response<proto::AcquireLeaseResponse>, Status> {
+        self.0.current().checks.acquire_lease(request).await
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<proto::RenewLeaseRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        self.0.current().checks.renew_lease(request).await
+    }
+
+    async fn release_lease(
+        &self,
+        request: Request<proto::ReleaseLeaseRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        self.0.current().checks.release_lease(request).await
+    }
+
+    async fn mint_session_token(
+        &self,
+        request: Request<proto::MintSessionTokenRequest>,
+    ) -> Result<Response<proto::MintSessionTokenResponse>, Status> {
+        self.0.current().checks.mint_session_token(request).await
+    }
+}
+
+#[tonic::async_trait]
+impl Keys for LiveRules {
+    async fn create_key(
+        &self,
+        request: Request<proto::CreateKeyRequest>,
+    ) -> Result<Response<proto::CreateKeyResponse>, Status> {
+        self.0.current().keys.create_key(request).await
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<proto::GetKeyRequest>,
+    ) -> Result<Response<proto::Key>, Status> {
+        self.0.current().keys.get_key(request).await
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<proto::ListKeysRequest>,
+    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+        self.0.current().keys.list_keys(request).await
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<proto::RevokeKeyRequest>,
+    ) -> Result<Response<proto::Key>, Status> {
+        self.0.current().keys.revoke_key(request).await
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<proto::UpdateKeyRequest>,
+    ) -> Result<Response<proto::Key>, Status> {
+        self.0.current().keys.update_key(request).await
+    }
+
+    async fn delete_key(
+        &self,
+        request: Request<proto::DeleteKeyRequest>,
+    ) -> Result<Response<proto::DeleteKeyResponse>, Status> {
+        self.0.current().keys.delete_key(request).await
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<proto::RotateKeyRequest>,
+    ) -> Result<Response<proto::RotateKeyResponse>, Status> {
+        self.0.current().keys.rotate_key(request).await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<proto::ListAuditRequest>,
+    ) -> Result<Response<proto::ListAuditResponse>, Status> {
+        self.0.current().keys.list_audit(request).await
+    }
+
+    async fn revoke_tokens(
+        &self,
+        request: Request<proto::RevokeTokensRequest>,
+    ) -> Result<Response<proto::TokenRevocation>, Status> {
+        self.0.current().keys.revoke_tokens(request).await
+    }
+}
+
+/// How often the configuration file's metadata is looked at. A change is taken within
+/// this (plus the reload itself); SIGHUP takes it at once.
+pub const FILE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Reloads on SIGHUP and whenever the file's modification time or length changes (a
+/// Kubernetes ConfigMap update swaps a symlink, which this sees through), until `stop`.
+pub async fn follow_file(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
+    let Some(path) = live.path().map(PathBuf::from) else {
+        return;
+    };
+    let stamp = |path: &PathBuf| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!(event = "config.sighup_unavailable", error = %e, "SIGHUP cannot be followed; the file still is");
+            None
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = async {
+                match hangup.as_mut() {
+                    Some(h) => { h.recv().await; }
+                    None => std::future::pending().await,
+                }
+            } => {}
+            _ = tokio::time::sleep(FILE_CHECK) => {
+                let now = stamp(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+            }
+        }
+        let _ = live.reload(&stop).await;
+    }
+}
