@@ -28,6 +28,11 @@ pub struct ServeArgs {
     /// (secrets) and files as `serve`; binds no port and needs no store.
     #[arg(long)]
     pub check: bool,
+    /// With --check: also compare with the configuration file a running keygate was
+    /// started with, and fail naming each setting that a live reload would refuse
+    /// (listeners, store, caches …: they need a restart).
+    #[arg(long, requires = "check", value_name = "FILE")]
+    pub against: Option<PathBuf>,
 }
 
 pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -47,6 +52,21 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // so --check refuses exactly what serve refuses, with the same message.
     let app = server::App::build(config, secrets)?;
     if args.check {
+        if let Some(running) = &args.against {
+            let text = std::fs::read_to_string(running)
+                .with_context(|| format!("cannot read configuration file {}", running.display()))?;
+            let running = Config::load(Some(&text), std::env::vars())
+                .with_context(|| format!("{} (--against)", running.display()))?;
+            let restart = running.restart_only_changes(&app.config);
+            if !restart.is_empty() {
+                anyhow::bail!(
+                    "configuration ok, but a running keygate would refuse it live: {} needs a restart",
+                    restart.join(", ")
+                );
+            }
+            println!("configuration ok, and a running keygate takes it live");
+            return Ok(());
+        }
         println!("configuration ok");
         return Ok(());
     }

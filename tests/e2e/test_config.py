@@ -148,3 +148,22 @@ def test_health_and_metrics_endpoints(keygate):
     status, body = http_get(keygate.http_url + "/metrics")
     assert status == 200
     assert "# TYPE" in body, body[:500]
+
+
+def test_check_against_the_running_file_names_what_needs_a_restart(tmp_path, config):
+    running = tmp_path / "running.yaml"
+    running.write_text(config)
+    env = clean_env(KEYGATE_PEPPER=GOOD_PEPPER, KEYGATE_ADMIN_TOKEN=secrets.token_urlsafe(32))
+
+    def check(text: str) -> subprocess.CompletedProcess:
+        path = tmp_path / "next.yaml"
+        path.write_text(text)
+        return subprocess.run(
+            [keygate_bin(), "serve", "--config", str(path), "--check", "--against", str(running)],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+        )
+
+    live = check(config.replace("unmatched: deny", "unmatched: authenticated"))
+    assert live.returncode == 0 and "takes it live" in live.stdout, live.stdout + live.stderr
+    restart = check(config.replace("ttl: 60s", "ttl: 30s"))
+    assert restart.returncode != 0 and "cache needs a restart" in restart.stderr, restart.stdout + restart.stderr
