@@ -43,9 +43,9 @@ mod health;
 mod live;
 mod rules;
 pub use health::LIVENESS;
+use health::{readiness, report_health, HEALTH_SERVICES};
 pub use live::{Live, LiveRules, ReloadError, Reloaded};
 pub use rules::{Rules, Shared};
-use health::{readiness, report_health, HEALTH_SERVICES};
 
 /// The core, built from configuration, without any listener.
 pub struct App {
@@ -443,7 +443,12 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
         .route(
             "/.well-known/jwks.json",
             get(move || {
-                let jwks = jwks_live.current().issuers.sessions.as_ref().map(|k| k.jwks());
+                let jwks = jwks_live
+                    .current()
+                    .issuers
+                    .sessions
+                    .as_ref()
+                    .map(|k| k.jwks());
                 async move {
                     match jwks {
                         Some(body) => (

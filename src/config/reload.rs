@@ -54,7 +54,8 @@ mod tests {
     #[test]
     fn a_route_change_is_live_and_a_listener_change_is_not() {
         let before = load("policy: { unmatched: deny }\nlisten: { grpc: '127.0.0.1:50051' }\n");
-        let routes = load("policy: { unmatched: authenticated }\nlisten: { grpc: '127.0.0.1:50051' }\n");
+        let routes =
+            load("policy: { unmatched: authenticated }\nlisten: { grpc: '127.0.0.1:50051' }\n");
         let listener = load("policy: { unmatched: deny }\nlisten: { grpc: '127.0.0.1:50061' }\n");
         assert!(before.restart_only_changes(&routes).is_empty());
         assert!(before.changed(&routes, &["policy"]));

@@ -85,9 +85,7 @@ impl Live {
         };
         let _one_at_a_time = self.reloading.lock().await;
         let outcome = std::fs::read_to_string(path)
-            .map_err(|e| {
-                ReloadError::Invalid(format!("cannot read {}: {e}", path.display()))
-            })
+            .map_err(|e| ReloadError::Invalid(format!("cannot read {}: {e}", path.display())))
             .and_then(|text| {
                 Config::load(Some(&text), std::env::vars())
                     .map_err(|e| ReloadError::Invalid(e.to_string()))
@@ -112,7 +110,8 @@ impl Live {
                 tracing::warn!(event = "config.reload_failed", path = %path.display(), error = %e, "the running configuration is kept")
             }
         }
-        *self.last_failure.lock().expect("not poisoned") = outcome.as_ref().err().map(|e| e.to_string());
+        *self.last_failure.lock().expect("not poisoned") =
+            outcome.as_ref().err().map(|e| e.to_string());
         outcome
     }
 
@@ -280,8 +279,7 @@ pub async fn follow_file(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
             .map(|m| (m.modified().ok(), m.len()))
     };
     let mut seen = stamp(&path);
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {
             tracing::warn!(event = "config.sighup_unavailable", error = %e, "SIGHUP cannot be followed; the file still is");

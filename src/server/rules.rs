@@ -157,15 +157,17 @@ impl Rules {
             &config.policy,
             shared.audit.clone(),
         ));
-        let envoy = Arc::new(EnvoyAuthorization::new(
-            authorizer.clone(),
-            errors.clone(),
-            EnvoyOptions {
-                strip_credentials: config.policy.strip_credential_headers,
-                dynamic_metadata: config.policy.dynamic_metadata,
-            },
-        )
-        .gated(shared.bus.clone()));
+        let envoy = Arc::new(
+            EnvoyAuthorization::new(
+                authorizer.clone(),
+                errors.clone(),
+                EnvoyOptions {
+                    strip_credentials: config.policy.strip_credential_headers,
+                    dynamic_metadata: config.policy.dynamic_metadata,
+                },
+            )
+            .gated(shared.bus.clone()),
+        );
         let checks =
             AuthorizerService::new(authorizer.clone(), errors.clone()).gated(shared.bus.clone());
         let keys = KeysService::new(admin.clone(), token_admin.clone());

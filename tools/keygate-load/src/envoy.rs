@@ -170,7 +170,14 @@ fn wrk(args: &EnvoyArgs, port: u16, token: &str, seconds: u64) -> anyhow::Result
 }
 
 pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
-    let c = &args.common;
+    // keygate's HTTP authorization listener too, for the HTTP ext_authz row.
+    let kg_http_authz = procs::free_port()?;
+    let mut common = args.common.clone();
+    common.keygate_env.push((
+        "KEYGATE_LISTEN__HTTP_AUTHZ".to_owned(),
+        kg_http_authz.to_string(),
+    ));
+    let c = &common;
     let bench = Bench::start(c, false, true).await?;
     let mut report = ScenarioReport::new(if args.upstream {
         "through Envoy (wrk), in front of an upstream"
@@ -192,7 +199,8 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     std::fs::write(&answer_path, &answer)?;
     let (replay, replay_grpc) = procs::noop_server_answering(&bench.scratch, &answer_path).await?;
 
-    let (admin, off, noop, replay_port, kg, http_noop) = (
+    let (admin, off, noop, replay_port, kg, http_noop, kg_http) = (
+        procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
@@ -225,6 +233,11 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         .replace("@REPLAY_GRPC_PORT@", &replay_grpc.port().to_string())
         .replace("@KEYGATE_PORT@", &kg.port().to_string())
         .replace("@HTTP_NOOP_PORT@", &http_noop.port().to_string())
+        .replace("@KEYGATE_HTTP_PORT@", &kg_http.port().to_string())
+        .replace(
+            "@KEYGATE_HTTP_AUTHZ_PORT@",
+            &kg_http_authz.port().to_string(),
+        )
         .replace(
             "@HTTP_NOOP_AUTHZ_PORT@",
             &http_authz_addr.port().to_string(),
@@ -247,7 +260,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         bench.scratch.path().join("envoy.log"),
     )?;
     envoy
-        .wait_listening(&[admin, off, noop, replay_port, kg, http_noop])
+        .wait_listening(&[admin, off, noop, replay_port, kg, http_noop, kg_http])
         .await?;
 
     // The filter is really there: keygate refuses a request without a credential.
@@ -260,6 +273,8 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         (kg, &auth[..], 200),
         (kg, &[][..], 401),
         (http_noop, &auth[..], 200),
+        (kg_http, &auth[..], 200),
+        (kg_http, &[][..], 401),
     ] {
         let got = get_status(addr, &c.path, headers).await?;
         if got != want {
@@ -294,6 +309,11 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
             "Envoy + HTTP ext_authz → no-op HTTP server",
             http_noop.port(),
             Some(http_authz.pid()),
+        ),
+        (
+            "Envoy + HTTP ext_authz → keygate",
+            kg_http.port(),
+            Some(bench.keygate.proc.pid()),
         ),
     ];
     let mut results: Vec<Vec<(Wrk, f64, Option<f64>)>> = vec![Vec::new(); listeners.len()];
@@ -393,6 +413,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         rows[2].clone(),
         rows[3].clone(),
     );
+    let (http_noop_s, kg_http_s) = (rows[4].clone(), rows[5].clone());
     let max_other = others.iter().cloned().fold(0.0, f64::max);
     report.fact(
         "CPU taken by other processes during the runs (median / max)",
@@ -425,6 +446,15 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         "median with keygate ≤ 1.5 × median without ext_authz",
         format!("{r:.2}× ({:.0} µs vs {:.0} µs)", kg_s.p50_us, off_s.p50_us),
         r <= 1.5,
+    );
+    let r = kg_http_s.rps / http_noop_s.rps;
+    report.target(
+        "HTTP ext_authz: throughput with keygate ≥ 0.85 × with the no-op HTTP authorizer",
+        format!(
+            "{r:.2}× ({:.0} vs {:.0} req/s)",
+            kg_http_s.rps, http_noop_s.rps
+        ),
+        r >= 0.85,
     );
     report.fact(
         "median with keygate / median with the no-op authorizer",

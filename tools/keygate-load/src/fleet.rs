@@ -95,6 +95,24 @@ pub struct RollingArgs {
     pub stop_timeout: Duration,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    /// Replicas, all reading one configuration file.
+    #[arg(long, default_value_t = 2)]
+    pub replicas: usize,
+    /// Steady load before the reloads and after them.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+    /// Rewrites of the file (each a real change: a route's scope) in the reloading phase.
+    #[arg(long, default_value_t = 20)]
+    pub reloads: usize,
+    /// Pause between one rewrite being applied on every replica and the next.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub every: Duration,
+}
+
 /// How one check ended, as a user behind Envoy sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Class {
@@ -1007,6 +1025,119 @@ pub async fn rolling_restart(r: &RollingArgs) -> anyhow::Result<()> {
         total.failed() == 0,
     );
     finish(&report, a)
+}
+
+/// reload: replicas under steady load while their configuration file changes a route
+/// (not the one the load uses) again and again; failed checks and latency per phase.
+pub async fn reload(r: &ReloadArgs) -> anyhow::Result<()> {
+    let a = &r.fleet;
+    let fleet = Fleet::start(a).await?;
+    let mut report = ScenarioReport::new(&format!(
+        "live reload under load: {} replicas, {} active keys, {} checks/s, {} reloads",
+        r.replicas, a.keys, a.rate, r.reloads
+    ));
+    let salt = AtomicU64::new(0);
+    let mut replicas = Vec::new();
+    for i in 0..r.replicas {
+        replicas.push(fleet.replica(&format!("replica-{}", i + 1), None).await?);
+    }
+    let tokens = replicas[0]
+        .create_keys(a.keys, &["contacts:read"], 8)
+        .await?;
+    let template = fleet.template(&tokens)?;
+    for k in &replicas {
+        warm(k, &template, &tokens, &salt).await?;
+    }
+    let addrs: Vec<Addrs> = replicas.iter().map(Keygate::addrs).collect();
+    let balancer = Balancer::new(&addrs, a.connections, a.deadline);
+    balancer.probe().await;
+    // Every replica reads the file Keygate::start wrote into the fleet's scratch directory.
+    let file = fleet.scratch.path().join("keygate.yaml");
+    let original = std::fs::read_to_string(&file)?;
+    let changed = original.replace(r#"scope: "contacts:write""#, r#"scope: "contacts:admin""#);
+    anyhow::ensure!(
+        changed != original,
+        "benches/keygate.yaml has no contacts:write route"
+    );
+    let load = Steady::start(
+        balancer.clone(),
+        template,
+        Arc::new(tokens),
+        a.rate,
+        "before the reloads",
+    );
+    let outcome = async {
+        tokio::time::sleep(r.settle).await;
+        load.phase(&format!("{} reloads, {:?} apart", r.reloads, r.every));
+        let t = Instant::now();
+        for n in 0..r.reloads {
+            let before = applied(&replicas).await?;
+            std::fs::write(&file, if n % 2 == 0 { &changed } else { &original })?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while applied(&replicas).await? <= before + r.replicas as f64 - 1.0 {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "reload {n} was not applied everywhere within 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(r.every).await;
+        }
+        let took = t.elapsed();
+        load.phase("after the reloads");
+        tokio::time::sleep(r.settle).await;
+        anyhow::Ok(took)
+    }
+    .await;
+    let phases = load.stop().await?;
+    let took = outcome?;
+    report.fact(
+        "reloads applied on every replica",
+        format!("{} in {:.1} s", r.reloads, took.as_secs_f64()),
+    );
+    report.sections.push(phase_table(
+        &format!(
+            "Steady load, {} checks/s over {} keys, {} connections per replica, deadline {:?}",
+            a.rate, a.keys, a.connections, a.deadline
+        ),
+        &phases,
+    ));
+    let failed: u64 = phases.iter().map(|p| p.tally.failed()).sum();
+    let (quiet, reloading) = ([&phases[0], &phases[2]], &phases[1]);
+    let quiet_max = quiet.iter().map(|p| p.served_p99_ms).fold(0.0, f64::max);
+    let spread = (quiet[0].served_p99_ms - quiet[1].served_p99_ms).abs();
+    report.phases = phases.clone();
+    report.target(
+        "0 failed checks",
+        format!(
+            "{failed} of {}",
+            phases
+                .iter()
+                .map(|p| p.tally.sent + p.tally.not_sent)
+                .sum::<u64>()
+        ),
+        failed == 0,
+    );
+    report.target(
+        "p99 while reloading ≤ the larger p99 before or after + their difference (the run's spread)",
+        format!(
+            "{:.2} ms vs {:.2} ms + {:.2} ms",
+            reloading.served_p99_ms, quiet_max, spread
+        ),
+        reloading.served_p99_ms <= quiet_max + spread,
+    );
+    finish(&report, a)
+}
+
+/// Reloads applied so far, summed over `replicas`.
+async fn applied(replicas: &[Keygate]) -> anyhow::Result<f64> {
+    let mut n = 0.0;
+    for k in replicas {
+        n += k
+            .metric("keygate_config_reloads_total", r#"result="applied""#)
+            .await?;
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

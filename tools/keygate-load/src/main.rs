@@ -74,6 +74,9 @@ enum Cmd {
     /// Three replicas over N keys under steady load, restarted one by one (SIGTERM,
     /// start, ready): failed checks per phase.
     RollingRestart(fleet::RollingArgs),
+    /// Replicas under steady load while their configuration file changes again and again:
+    /// failed checks and latency before, during and after the reloads.
+    Reload(fleet::ReloadArgs),
     /// Many distinct cached keys in rotation (closed loop), keygate vs the baseline.
     WarmKeys {
         #[command(flatten)]
@@ -262,6 +265,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::CacheHitUser(u) => scenarios::cache_hit_user(&u).await,
         Cmd::ScaleOut(a) => fleet::scale_out(&a).await,
         Cmd::RollingRestart(a) => fleet::rolling_restart(&a).await,
+        Cmd::Reload(a) => fleet::reload(&a).await,
         Cmd::WarmKeys { common, keys } => scenarios::warm_keys(&common, keys).await,
         Cmd::ColdKeys {
             common,
