@@ -92,10 +92,10 @@ impl SessionKeys {
         }
         let mut keys = Vec::new();
         if cfg.ephemeral_key {
-            use rand::RngCore;
+            use rand::{RngCore, TryRngCore};
             let mut der = ED25519_PKCS8_PREFIX.to_vec();
             let mut seed = [0u8; 32];
-            rand::rngs::OsRng.fill_bytes(&mut seed);
+            rand::rngs::OsRng.unwrap_err().fill_bytes(&mut seed);
             der.extend_from_slice(&seed);
             keys.push(("ephemeral".to_owned(), EncodingKey::from_ed_der(&der)));
         }
