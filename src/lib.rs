@@ -19,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod credential;
 pub mod decision;
+pub mod file_watch;
 pub mod header_alias;
 pub mod jwt;
 pub mod keys;

@@ -9,6 +9,10 @@
 //! whole cache and loads the JWT revocations afresh (no JWT is judged until it has them). While it
 //! cannot follow, cached entries keep only their TTL as the bound on staleness, and the
 //! replica says so in `/readyz` and the `revocation_stream_connected` metric.
+//!
+//! Its retry delays are the few lines of `Backoff`, not backon's `ExponentialBuilder`
+//! (already in the tree through redis): that iterator ends and has no `Default`, so each
+//! call site and `Partition` would grow, and its jitter would double the 500 ms bound.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rand::Rng;
+use rand::{Rng, TryRngCore};
 
 #[derive(Clone)]
 pub struct Secret(Arc<str>);
@@ -63,9 +63,11 @@ pub const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijkl
 
 /// `len` characters of `BASE62`, each drawn from the operating system's generator.
 pub fn random_base62(len: usize) -> String {
-    let mut rng = rand::rngs::OsRng;
+    // Panics if the operating system cannot give randomness: no secret is better than a
+    // guessable one.
+    let mut rng = rand::rngs::OsRng.unwrap_err();
     (0..len)
-        .map(|_| BASE62[rng.gen_range(0..62)] as char)
+        .map(|_| BASE62[rng.random_range(0..62)] as char)
         .collect()
 }
 

@@ -3,6 +3,10 @@
 //! Each section's type lives in the module that consumes it, beside its validation;
 //! `config` reads the file and assembles the sections. This module names no other keygate
 //! module, so any of them may use it.
+//!
+//! Durations are read by the few lines of `duration` rather than `humantime-serde`, whose
+//! error drops humantime's reason (`unknown time unit "x"`) and our examples, and which
+//! does not trim; `parse_duration` would stay for the command line anyway.
 
 use std::time::Duration;
 

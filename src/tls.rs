@@ -3,7 +3,7 @@
 //!
 //! Owns only the handshake's configuration; `transport` runs the handshakes. All three
 //! files are re-read when one of them changes — by a background task (`ListenerTls::watch`)
-//! that looks at their modification times every second and swaps in a whole new rustls
+//! that looks at them every second (`file_watch`) and swaps in a whole new rustls
 //! configuration. A handshake only clones the current configuration's `Arc`: it does no
 //! file I/O and waits on no reload. A file that no longer reads after a change keeps the
 //! last good configuration (logged, and counted in `keygate_tls_reloads_total`), so a
@@ -11,8 +11,8 @@
 //! until the files read.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ConfigError, TlsConfig};
+use crate::file_watch::FileWatch;
 
 /// How often the files are looked at for a change.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
@@ -38,16 +39,9 @@ struct Inner {
     files: TlsConfig,
     provider: Arc<rustls::crypto::CryptoProvider>,
     current: RwLock<Arc<rustls::ServerConfig>>,
-    /// Only the reloading task touches it, never a handshake.
-    reload: Mutex<ReloadState>,
+    /// The files, as they were when `current` was first read from them.
+    changes: FileWatch,
     reloads: watch::Sender<Reloads>,
-}
-
-struct ReloadState {
-    /// The files as they were when `current` was read from them.
-    loaded: Stamps,
-    /// The files as they were when they last failed to read (logged once per change).
-    failed: Option<Stamps>,
 }
 
 /// How many times the files were re-read after a change, and how many of those failed.
@@ -56,10 +50,6 @@ pub struct Reloads {
     pub ok: u64,
     pub failed: u64,
 }
-
-/// What tells one version of a file from the next: its modification time and length
-/// (a rewrite within the file system's timestamp granularity mostly changes the length).
-type Stamps = Vec<Option<(SystemTime, u64)>>;
 
 impl fmt::Debug for ListenerTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -75,8 +65,9 @@ impl ListenerTls {
     /// Reads the files of a listener's TLS (`field`: where it is configured, for errors).
     pub fn load(cfg: &TlsConfig, field: &str) -> Result<ListenerTls, ConfigError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        // Stamped before reading, so a change made while reading is seen by the next check.
-        let loaded = stamps(cfg);
+        // Before reading, so that a change made while reading is seen by the next check.
+        let files = [&cfg.cert_file, &cfg.key_file].into_iter();
+        let changes = FileWatch::new(files.chain(&cfg.client_ca_file), RELOAD_CHECK);
         let config = server_config(cfg, field, &provider)?;
         Ok(ListenerTls {
             inner: Arc::new(Inner {
@@ -84,10 +75,7 @@ impl ListenerTls {
                 files: cfg.clone(),
                 provider,
                 current: RwLock::new(Arc::new(config)),
-                reload: Mutex::new(ReloadState {
-                    loaded,
-                    failed: None,
-                }),
+                changes,
                 reloads: watch::Sender::new(Reloads::default()),
             }),
         })
@@ -109,32 +97,33 @@ impl ListenerTls {
         self.inner.reloads.subscribe()
     }
 
-    /// Re-reads the files whenever they change, until `stop` turns true. The reading runs
-    /// on the blocking pool, away from the handshakes and the request path.
+    /// Re-reads the files whenever they change, until `stop` turns true, and at each check
+    /// while they do not read. The reading runs on the blocking pool, away from the
+    /// handshakes and the request path.
     pub async fn watch(self, mut stop: watch::Receiver<bool>) {
+        let mut changes = self.inner.changes.clone();
+        let mut failing = false;
         loop {
-            tokio::select! {
+            let changed = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(RELOAD_CHECK) => {}
+                changed = changes.check() => changed,
+            };
+            if !changed && !failing {
+                continue;
             }
             let inner = self.inner.clone();
-            if tokio::task::spawn_blocking(move || inner.reload_if_changed())
-                .await
-                .is_err()
-            {
-                tracing::error!(listener = %self.inner.field, "TLS reload task failed");
+            match tokio::task::spawn_blocking(move || inner.reload(changed)).await {
+                Ok(read) => failing = !read,
+                Err(_) => tracing::error!(listener = %self.inner.field, "TLS reload task failed"),
             }
         }
     }
 }
 
 impl Inner {
-    fn reload_if_changed(&self) {
-        let mut state = self.reload.lock().unwrap_or_else(|e| e.into_inner());
-        let now = stamps(&self.files);
-        if now == state.loaded {
-            return;
-        }
+    /// Reads the files anew; whether they read. A failure is said (and counted) once per
+    /// version of the files: when they `changed`, not when the same ones are tried again.
+    fn reload(&self, changed: bool) -> bool {
         let metric = |result: &str| {
             crate::telemetry::metrics()
                 .tls_reloads
@@ -144,8 +133,6 @@ impl Inner {
         match server_config(&self.files, &self.field, &self.provider) {
             Ok(config) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
-                state.loaded = now;
-                state.failed = None;
                 metric("ok");
                 self.reloads.send_modify(|r| r.ok += 1);
                 tracing::info!(
@@ -154,10 +141,12 @@ impl Inner {
                     client_ca_file = ?self.files.client_ca_file,
                     "TLS files re-read"
                 );
+                true
             }
-            // Tried again at the next check; said (and counted) once per version of the files.
-            Err(e) if state.failed.as_ref() != Some(&now) => {
-                state.failed = Some(now);
+            Err(e) => {
+                if !changed {
+                    return false;
+                }
                 metric("error");
                 self.reloads.send_modify(|r| r.failed += 1);
                 tracing::warn!(
@@ -165,26 +154,10 @@ impl Inner {
                     error = %e,
                     "TLS files changed but do not read; keeping the last good ones"
                 );
+                false
             }
-            Err(_) => {}
         }
     }
-}
-
-fn stamps(cfg: &TlsConfig) -> Stamps {
-    [
-        Some(&cfg.cert_file),
-        Some(&cfg.key_file),
-        cfg.client_ca_file.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|path| {
-        std::fs::metadata(path)
-            .and_then(|m| Ok((m.modified()?, m.len())))
-            .ok()
-    })
-    .collect()
 }
 
 /// The whole handshake configuration, read from the files.

@@ -363,6 +363,43 @@ async fn an_expired_or_foreign_session_token_is_invalid() {
     );
 }
 
+/// An Ed25519 key in PKCS#8 PEM as some tools write it: version 2, with its public half
+/// (`public`, normally the secret's own).
+fn pem_with_public_half(public: impl FnOnce(&mut [u8])) -> String {
+    use base64::Engine;
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    let key = ed25519_dalek::SigningKey::from_bytes(&rand::random());
+    let mut der = key.to_pkcs8_der().unwrap().as_bytes().to_vec();
+    let at = der.len() - 32;
+    public(&mut der[at..]);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|l| std::str::from_utf8(l).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        lines.join("\n")
+    )
+}
+
+#[tokio::test]
+async fn a_signing_key_written_with_its_public_half_signs_and_a_mismatched_one_is_refused() {
+    let app = memory_app(&["k1"], &[("k1", &pem_with_public_half(|_| {}))]);
+    let key = app.admin.create(support::reader_key()).await.unwrap();
+    let token = minted(&app, &key.token).await;
+    assert_eq!(stream_on(&app, &token).await, Outcome::Allowed);
+
+    let mismatched = pem_with_public_half(|public| public[0] ^= 1);
+    let secrets = session_secrets(&[("k1", &mismatched)]);
+    let err = App::build(session_config(Backend::Memory, &["k1"]), secrets)
+        .err()
+        .expect("refused");
+    let err = err.downcast::<keygate::config::ConfigError>().unwrap();
+    assert_eq!(err.field, "sessions.signing_keys[0].key_env", "{err}");
+}
+
 #[tokio::test]
 async fn a_create_session_route_hands_the_token_upstream_and_to_the_client() {
     let pem = ed25519_pem();

@@ -20,6 +20,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use argon2::password_hash::{self, Output, ParamsString, PasswordHash, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
+use rand::{RngCore, TryRngCore};
 use subtle::ConstantTimeEq;
 
 use hmac::{Hmac, Mac};
@@ -147,12 +148,14 @@ impl SecretHasher {
         let secret = Secret::new(secret.to_owned());
         self.run(move || {
             let invalid = |e: password_hash::Error| HashError::Params(e.to_string());
-            let salt = SaltString::generate(&mut rand::rngs::OsRng);
-            let mut salt_buf = [0u8; 64];
-            let salt_bytes = salt.as_salt().decode_b64(&mut salt_buf).map_err(invalid)?;
+            // What `SaltString::generate` draws, from the rand keygate uses (argon2's
+            // takes an older rand_core).
+            let mut salt_bytes = [0u8; password_hash::Salt::RECOMMENDED_LENGTH];
+            rand::rngs::OsRng.unwrap_err().fill_bytes(&mut salt_bytes);
+            let salt = SaltString::encode_b64(&salt_bytes).map_err(invalid)?;
             let argon2 = this.argon2();
             let output = Output::init_with(Params::DEFAULT_OUTPUT_LEN, |out| {
-                Ok(this.compute(&argon2, secret.expose().as_bytes(), salt_bytes, out)?)
+                Ok(this.compute(&argon2, secret.expose().as_bytes(), &salt_bytes, out)?)
             })
             .map_err(invalid)?;
             // The PHC string argon2's own `hash_password` writes.

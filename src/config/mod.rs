@@ -15,6 +15,11 @@
 //! `logging` and `traces`: `telemetry`; `policy`; `rate_limits`: `ratelimit`), and is
 //! re-exported here, so `config::…` paths keep naming it. Those modules never name this
 //! one; `ConfigError` and the duration fields are `settings`'.
+//!
+//! The environment layer is the few lines of `apply_override`, not figment's `Env`
+//! provider, which reads values in its own syntax rather than YAML, reads the process's
+//! environment rather than the pairs `load` is given (as the tests give theirs), and
+//! would take `KEYGATE_PEPPER` and the other secrets for fields without a filter.
 
 use serde::Deserialize;
 use serde_yaml_ng::Value;

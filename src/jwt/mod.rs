@@ -27,6 +27,7 @@ use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
+use crate::file_watch::FileWatch;
 use crate::principal::{CredentialKind, Environment, KeyKind, Principal, TokenIds};
 use crate::secret::Secret;
 use crate::settings::ConfigError;
@@ -97,7 +98,8 @@ struct FileJwks {
     issuer: Arc<str>,
     path: String,
     set: RwLock<Arc<KeySet>>,
-    modified: std::sync::Mutex<Option<std::time::SystemTime>>,
+    /// The file, as it was when `set` was first read from it.
+    changes: FileWatch,
 }
 
 /// How often JWKS files are checked for a change.
@@ -108,17 +110,9 @@ impl FileJwks {
         self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Re-reads the file if its modification time moved. A file that no longer reads as a
-    /// JWKS keeps the last good set (and says so in the log).
-    fn reload_if_changed(&self) {
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
-        let mut last = self.modified.lock().unwrap_or_else(|e| e.into_inner());
-        if modified.is_none() || modified == *last {
-            return;
-        }
-        *last = modified;
+    /// Re-reads the file (it changed). A file that no longer reads as a JWKS keeps the
+    /// last good set (and says so in the log).
+    fn reload(&self) {
         match std::fs::read_to_string(&self.path)
             .map_err(|e| e.to_string())
             .and_then(|t| KeySet::from_jwks(&self.issuer, &t))
@@ -334,16 +328,13 @@ impl JwtVerifier {
                 Keys::Shared(_) | Keys::Own(_) => {}
             }
         }
-        if !files.is_empty() {
-            let mut stop = stop.clone();
+        for file in files {
+            let (mut stop, mut changes) = (stop.clone(), file.changes.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         _ = stop.wait_for(|s| *s) => return,
-                        _ = tokio::time::sleep(FILE_CHECK) => {}
-                    }
-                    for f in &files {
-                        f.reload_if_changed();
+                        () = changes.changed() => file.reload(),
                     }
                 }
             });
@@ -487,17 +478,18 @@ impl Issuer {
                 )
             }
             (None, Some(path)) => {
+                // Before reading, so that a change made while reading is seen.
+                let changes = FileWatch::new([path], FILE_CHECK);
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     ConfigError::new(field("jwks_file"), format!("cannot read {path}: {e}"))
                 })?;
                 let set = KeySet::from_jwks(&c.name, &text)
                     .map_err(|e| ConfigError::new(field("jwks_file"), e))?;
-                let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                 Keys::File(Arc::new(FileJwks {
                     issuer: Arc::from(c.name.as_str()),
                     path: path.clone(),
                     set: RwLock::new(Arc::new(set)),
-                    modified: std::sync::Mutex::new(modified),
+                    changes,
                 }))
             }
             (None, None) => return Err(ConfigError::new(field("jwks_file"), "no key source")),

@@ -15,8 +15,11 @@ mod config;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, KeypairBytes};
+use ed25519_dalek::SigningKey;
 use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
+use rand::{Rng, TryRngCore};
 use serde::Serialize;
 
 use crate::principal::Principal;
@@ -75,11 +78,6 @@ struct Claims<'a> {
     plan: Option<&'a str>,
 }
 
-/// The PKCS#8 DER prefix of an Ed25519 private key (RFC 8410); the 32-byte seed follows.
-const ED25519_PKCS8_PREFIX: [u8; 16] = [
-    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
-];
-
 impl SessionKeys {
     /// The configured keys (`None` when sessions are off). `secret` reads a key by the
     /// variable named in its `key_env`.
@@ -92,12 +90,9 @@ impl SessionKeys {
         }
         let mut keys = Vec::new();
         if cfg.ephemeral_key {
-            use rand::RngCore;
-            let mut der = ED25519_PKCS8_PREFIX.to_vec();
-            let mut seed = [0u8; 32];
-            rand::rngs::OsRng.fill_bytes(&mut seed);
-            der.extend_from_slice(&seed);
-            keys.push(("ephemeral".to_owned(), EncodingKey::from_ed_der(&der)));
+            let seed: [u8; 32] = rand::rngs::OsRng.unwrap_err().random();
+            let key = encoding_key(&SigningKey::from_bytes(&seed));
+            keys.push(("ephemeral".to_owned(), key));
         }
         for (i, k) in cfg.signing_keys.iter().enumerate() {
             let field = format!("sessions.signing_keys[{i}].key_env");
@@ -110,7 +105,11 @@ impl SessionKeys {
                     ),
                 )
             })?;
-            let key = EncodingKey::from_ed_pem(pem.expose().as_bytes()).map_err(|_| {
+            // jsonwebtoken reads the PEM armour (any line width, text around it), the
+            // dalek the PKCS#8 inside (either version: with the public key or without).
+            let key = EncodingKey::from_ed_pem(pem.expose().as_bytes()).ok();
+            let key = key.and_then(|k| SigningKey::from_pkcs8_der(k.as_bytes()).ok());
+            let key = key.ok_or_else(|| {
                 ConfigError::new(
                     &field,
                     format!(
@@ -120,7 +119,7 @@ impl SessionKeys {
                     ),
                 )
             })?;
-            keys.push((k.kid.clone(), key));
+            keys.push((k.kid.clone(), encoding_key(&key)));
         }
         let mut public = Vec::new();
         let mut jwks = JwkSet { keys: Vec::new() };
@@ -195,5 +194,55 @@ impl SessionKeys {
             // Whole seconds, as `exp` says.
             expires_at_ms: (expires_at_ms / 1000) * 1000,
         }
+    }
+}
+
+/// `key` as jsonwebtoken takes an Ed25519 key: PKCS#8 DER without the public key (the
+/// form `openssl genpkey` writes, and the only one its JWK conversion reads).
+fn encoding_key(key: &SigningKey) -> EncodingKey {
+    let der = KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    }
+    .to_pkcs8_der()
+    .expect("an Ed25519 seed encodes");
+    EncodingKey::from_ed_der(der.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::principal::{Environment, KeyKind};
+
+    fn ephemeral() -> SessionKeys {
+        let cfg = SessionsConfig {
+            ephemeral_key: true,
+            ..SessionsConfig::default()
+        };
+        SessionKeys::load(&cfg, |_| Ok(None)).unwrap().unwrap()
+    }
+
+    #[test]
+    fn an_ephemeral_key_signs_what_its_published_half_verifies_and_each_start_has_its_own() {
+        let keys = ephemeral();
+        let parent = Principal::new(
+            "t".into(),
+            "key:k".into(),
+            KeyKind::Tenant,
+            Environment::Live,
+            vec![],
+        );
+        let now_ms = 1_700_000_000_000;
+        let token = keys.sign(&parent, "t", &[], now_ms, now_ms + 60_000);
+        let (kid, public) = keys.public_keys().next().unwrap();
+        assert_eq!(kid, "ephemeral");
+        let mut rules = jsonwebtoken::Validation::new(Algorithm::EdDSA);
+        rules.validate_exp = false;
+        rules.set_audience(&[&keys.audience]);
+        let claims =
+            jsonwebtoken::decode::<serde_json::Value>(token.token.expose(), public, &rules)
+                .expect("verified with the published key");
+        assert_eq!(claims.claims["sub"], "key:k");
+        assert_ne!(keys.jwks(), ephemeral().jwks());
     }
 }

@@ -1,7 +1,8 @@
 //! Failing fast while one Redis refuses connections: `Health` marks the store down,
 //! probes until Redis answers again, brings the connections back, and keeps its metrics.
 //! It decides whether calls may go out; it never sends store commands itself (only the
-//! probe's PING).
+//! probe's PING). The probe's doubling wait is two lines; backon's `ExponentialBuilder`
+//! would not make them fewer.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
