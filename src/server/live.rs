@@ -267,19 +267,15 @@ impl Keys for LiveRules {
 /// this (plus the reload itself); SIGHUP takes it at once.
 pub const FILE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Reloads on SIGHUP and whenever the file's modification time or length changes (a
-/// Kubernetes ConfigMap update swaps a symlink, which this sees through), until `stop`.
+/// Reloads on SIGHUP and whenever the file changes (`FileWatch`: a Kubernetes ConfigMap
+/// update, which swaps a symlink, included), until `stop`.
 pub async fn follow_file(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
     let Some(path) = live.path().map(PathBuf::from) else {
         return;
     };
-    let stamp = |path: &PathBuf| {
-        std::fs::metadata(path)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len()))
-    };
-    let mut seen = stamp(&path);
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+    let mut file = crate::file_watch::FileWatch::new([path], FILE_CHECK);
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    {
         Ok(signal) => Some(signal),
         Err(e) => {
             tracing::warn!(event = "config.sighup_unavailable", error = %e, "SIGHUP cannot be followed; the file still is");
@@ -295,13 +291,7 @@ pub async fn follow_file(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
                     None => std::future::pending().await,
                 }
             } => {}
-            _ = tokio::time::sleep(FILE_CHECK) => {
-                let now = stamp(&path);
-                if now == seen {
-                    continue;
-                }
-                seen = now;
-            }
+            _ = file.changed() => {}
         }
         let _ = live.reload(&stop).await;
     }
