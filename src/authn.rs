@@ -292,7 +292,7 @@ impl Authenticator {
             }
             Err(e @ HashError::Busy(_)) => {
                 tracing::warn!(key_id, error = %e, "cannot verify API key now");
-                return Err(StoreError::Unavailable(e.to_string()));
+                return Err(StoreError::unavailable("verifying an API key", e));
             }
             Err(e) => {
                 tracing::error!(key_id, error = %e, "API key hash cannot be verified");

@@ -272,7 +272,7 @@ impl EventFeed for StoreFeed {
             let part = &mut parts[p];
             part.read = None;
             let batch = done
-                .map_err(|e| StoreError::Unavailable(format!("stream read: {e}")))
+                .map_err(|e| StoreError::unavailable("reading the revocation stream", e))
                 .and_then(|r| r);
             let before = after.clone();
             match batch {

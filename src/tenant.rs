@@ -195,12 +195,12 @@ impl Delegations {
                         None => self.read(&flight, partner, tenant).await,
                     };
                     flight.answer.send_replace(Some(value.clone()));
-                    return value.map_err(|e| owned(&e));
+                    return value.map_err(|e| StoreError::clone(&e));
                 }
                 Err(mut rx) => {
                     if let Ok(answer) = rx.wait_for(Option::is_some).await {
                         let value = answer.clone().expect("waited for an answer");
-                        return value.map_err(|e| owned(&e));
+                        return value.map_err(|e| StoreError::clone(&e));
                     }
                     // The reader was cancelled before it answered: read (or join) anew.
                 }
@@ -256,15 +256,6 @@ impl Delegations {
             f.stale = true;
         }
         self.known.invalidate_all();
-    }
-}
-
-/// A shared store error, for each caller that waited for it.
-fn owned(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-        StoreError::Conflict(m) => StoreError::Conflict(m.clone()),
-        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
     }
 }
 
