@@ -14,7 +14,7 @@ use crate::decision::DenyReason;
 use crate::jwt::revoked::RevokedTokens;
 use crate::principal::{Environment, Principal};
 use crate::store::{now_ms, KeyRecord, KeyRecords, KeyStatus, StoreError};
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, ErrorChain};
 
 /// Why authentication did not produce a principal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +139,7 @@ impl Authenticator {
                 Err(AuthnFailure::Deny(reason))
             }
             Err(e) => {
-                tracing::warn!(key_id = parsed.key_id, error = %e, "cannot verify API key: store unavailable");
+                tracing::warn!(key_id = parsed.key_id, error = %ErrorChain(&e), "cannot verify API key: store unavailable");
                 Err(AuthnFailure::Unavailable)
             }
         }
@@ -222,7 +222,7 @@ impl Authenticator {
                 Err(AuthnFailure::Deny(DenyReason::InvalidToken))
             }
             Err(e) => {
-                tracing::warn!(key_id, error = %e, "cannot read a session token's key: store unavailable");
+                tracing::warn!(key_id, error = %ErrorChain(&e), "cannot read a session token's key: store unavailable");
                 Err(AuthnFailure::Unavailable)
             }
         }
@@ -314,7 +314,7 @@ impl Authenticator {
     async fn leave_verifier(&self, key_id: &str, secret: &str) {
         let verifier = self.hasher.verifier(key_id, secret);
         if let Err(e) = self.store.set_verifier(key_id, &verifier).await {
-            tracing::warn!(key_id, error = %e, "cannot store an API key's verifier; other replicas will run argon2 for it");
+            tracing::warn!(key_id, error = %ErrorChain(&e), "cannot store an API key's verifier; other replicas will run argon2 for it");
         }
     }
 }

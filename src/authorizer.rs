@@ -13,7 +13,7 @@ use crate::policy::{Policy, PolicyConfig, Requirement, Route};
 use crate::principal::{CredentialKind, KeyKind, Principal};
 use crate::ratelimit::{Limiter, RouteLeaseRefused, Verdict};
 use crate::request::AuthRequest;
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, ErrorChain};
 use crate::tenant::{self, Delegations, TenantFailure, TenantRule};
 
 /// `policy.method_override`'s setting, defined with the policy; re-exported where it is
@@ -265,7 +265,7 @@ impl Authorizer {
                         return Err(invalid());
                     }
                     Err(e) => {
-                        tracing::warn!(partner, error = %e, "cannot read a delegation: store unavailable");
+                        tracing::warn!(partner, error = %ErrorChain(&e), "cannot read a delegation: store unavailable");
                         return Err(AuthnFailure::Unavailable);
                     }
                 }

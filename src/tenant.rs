@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use crate::decision::DenyReason;
 use crate::principal::{KeyKind, Principal};
 use crate::store::{DelegationSource, StoreError};
+use crate::telemetry::ErrorChain;
 
 /// Whether a route needs the tenant header (`policy.routes[].tenant`, or the policy's
 /// `require_tenant_header`): a setting the policy holds and this module applies.
@@ -80,7 +81,7 @@ pub async fn resolve(
                 Ok(true) => Ok(Some(t)),
                 Ok(false) => Err(DenyReason::TenantForbidden.into()),
                 Err(e) => {
-                    tracing::warn!(partner, error = %e, "cannot read a delegation: store unavailable");
+                    tracing::warn!(partner, error = %ErrorChain(&e), "cannot read a delegation: store unavailable");
                     Err(TenantFailure::Unavailable)
                 }
             }
