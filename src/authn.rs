@@ -10,11 +10,12 @@ use std::sync::Arc;
 use crate::apikey::{self, ApiKeysConfig, Argon2Config, HashError, SecretHasher};
 use crate::cache::{CredentialCache, Digest, Verified};
 use crate::credential::Credential;
-use crate::decision::DenyReason;
+use crate::decision::{Decision, DenyReason, Unavailable};
 use crate::jwt::revoked::RevokedTokens;
 use crate::principal::{Environment, Principal};
 use crate::store::{now_ms, KeyRecord, KeyRecords, KeyStatus, StoreError};
 use crate::telemetry::{metrics, ErrorChain};
+use crate::tenant::TenantFailure;
 
 /// Why authentication did not produce a principal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +23,27 @@ pub enum AuthnFailure {
     Deny(DenyReason),
     /// The store could not be asked; the answer is unknown.
     Unavailable,
+}
+
+/// A caller not authenticated is denied, or undecided when the store could not be asked:
+/// an outage is never a denial.
+impl From<AuthnFailure> for Decision {
+    fn from(f: AuthnFailure) -> Decision {
+        match f {
+            AuthnFailure::Deny(reason) => Decision::deny(reason),
+            AuthnFailure::Unavailable => Decision::Unavailable(Unavailable::STORE),
+        }
+    }
+}
+
+/// A session token's tenant, settled again when it is judged (`Authorizer`).
+impl From<TenantFailure> for AuthnFailure {
+    fn from(f: TenantFailure) -> AuthnFailure {
+        match f {
+            TenantFailure::Deny(reason) => AuthnFailure::Deny(reason),
+            TenantFailure::Unavailable => AuthnFailure::Unavailable,
+        }
+    }
 }
 
 pub struct Authenticator {

@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::decision::DenyReason;
+use crate::decision::{Decision, DenyReason, Unavailable};
 use crate::principal::{KeyKind, Principal};
 use crate::store::{DelegationSource, StoreError};
 use crate::telemetry::ErrorChain;
@@ -55,6 +55,17 @@ impl From<DenyReason> for TenantFailure {
     }
 }
 
+/// A request whose tenant cannot be settled is denied, or undecided when the store could
+/// not be asked: never allowed, and an outage never denied.
+impl From<TenantFailure> for Decision {
+    fn from(f: TenantFailure) -> Decision {
+        match f {
+            TenantFailure::Deny(reason) => Decision::deny(reason),
+            TenantFailure::Unavailable => Decision::Unavailable(Unavailable::STORE),
+        }
+    }
+}
+
 /// The tenant the request acts for (`None`: a partner or runtime key acting as itself),
 /// or why it may not.
 pub async fn resolve(
@@ -77,13 +88,10 @@ pub async fn resolve(
         (KeyKind::Runtime, Some(t)) => Ok(Some(t)),
         (KeyKind::Partner, Some(t)) => {
             let partner = principal.partner_id.as_deref().unwrap_or("");
-            match delegations.allows(partner, &t).await {
-                Ok(true) => Ok(Some(t)),
-                Ok(false) => Err(DenyReason::TenantForbidden.into()),
-                Err(e) => {
-                    tracing::warn!(partner, error = %ErrorChain(&e), "cannot read a delegation: store unavailable");
-                    Err(TenantFailure::Unavailable)
-                }
+            if delegations.delegated(partner, &t).await? {
+                Ok(Some(t))
+            } else {
+                Err(DenyReason::TenantForbidden.into())
             }
         }
         (KeyKind::Tenant, Some(t)) if *t != *principal.tenant_id => {
@@ -207,6 +215,15 @@ impl Delegations {
                 }
             }
         }
+    }
+
+    /// `allows`, as a request's stage asks it: a store failure is logged with its cause
+    /// and answered `TenantFailure::Unavailable`.
+    pub async fn delegated(&self, partner: &str, tenant: &str) -> Result<bool, TenantFailure> {
+        self.allows(partner, tenant).await.map_err(|e| {
+            tracing::warn!(partner, error = %ErrorChain(&e), "cannot read a delegation: store unavailable");
+            TenantFailure::Unavailable
+        })
     }
 
     /// Reads the pair until no change of it overtook the read, then caches the answer

@@ -39,7 +39,7 @@ use std::time::Duration;
 // tokio's clock: a test can pause and advance it.
 use tokio::time::Instant;
 
-use crate::decision::RateInfo;
+use crate::decision::{Decision, Denial, DenyReason, RateInfo, Unavailable};
 use crate::policy::{PlanAlgorithm, PlanConfig, PolicyConfig};
 use crate::principal::{CredentialKind, Environment, Principal};
 use crate::store::{
@@ -101,6 +101,36 @@ pub enum Verdict {
     Unavailable,
 }
 
+impl Verdict {
+    /// What an admitted request's answer carries of its plan (`None`: unlimited), or why
+    /// it was not admitted.
+    pub fn admission(self) -> Result<Option<RateInfo>, NotAdmitted> {
+        match self {
+            Verdict::Unlimited => Ok(None),
+            Verdict::Admitted(info) => Ok(Some(info)),
+            Verdict::Limited(info) => Err(NotAdmitted::Limited(info)),
+            Verdict::Unavailable => Err(NotAdmitted::Unavailable),
+        }
+    }
+}
+
+/// Why the limiter did not admit a request (`Verdict::admission`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotAdmitted {
+    Limited(RateInfo),
+    /// The store could not be asked and `on_store_error` is `unavailable`.
+    Unavailable,
+}
+
+impl From<NotAdmitted> for Decision {
+    fn from(refused: NotAdmitted) -> Decision {
+        match refused {
+            NotAdmitted::Limited(info) => Decision::Deny(Denial::rate_limited(info)),
+            NotAdmitted::Unavailable => Decision::Unavailable(Unavailable::STORE),
+        }
+    }
+}
+
 /// Why a route's per-request lease was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteLeaseRefused {
@@ -108,6 +138,15 @@ pub enum RouteLeaseRefused {
     Full,
     /// The store could not be asked and `on_store_error` is `unavailable`.
     Unavailable,
+}
+
+impl From<RouteLeaseRefused> for Decision {
+    fn from(refused: RouteLeaseRefused) -> Decision {
+        match refused {
+            RouteLeaseRefused::Full => Decision::deny(DenyReason::RateLimited),
+            RouteLeaseRefused::Unavailable => Decision::Unavailable(Unavailable::STORE),
+        }
+    }
 }
 
 pub struct Limiter {
@@ -290,10 +329,7 @@ impl Limiter {
             ttl_ms: ttl.as_millis() as u64,
             limit,
         };
-        let r = self
-            .store
-            .lease(key_id, &lease_id, op)
-            .await?;
+        let r = self.store.lease(key_id, &lease_id, op).await?;
         if r.done {
             metrics()
                 .lease_operations
@@ -330,10 +366,7 @@ impl Limiter {
             },
             None => LeaseOp::Release,
         };
-        let r = self
-            .store
-            .lease(key_id, lease_id, op)
-            .await?;
+        let r = self.store.lease(key_id, lease_id, op).await?;
         let what = if ttl.is_some() { "renewed" } else { "released" };
         if r.done {
             metrics().lease_operations.with_label_values(&[what]).inc();

@@ -83,9 +83,7 @@ impl fmt::Debug for Outage {
 
 impl Error for Outage {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
-        self.cause
-            .as_deref()
-            .map(|c| c as &(dyn Error + 'static))
+        self.cause.as_deref().map(|c| c as &(dyn Error + 'static))
     }
 }
 

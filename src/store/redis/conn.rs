@@ -167,7 +167,9 @@ impl RedisStore {
                 let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
                     Route::new(slot, SlotAddr::Master),
                 ));
-                let value = self.run_for(what, limit, c.route_command(cmd, route)).await?;
+                let value = self
+                    .run_for(what, limit, c.route_command(cmd, route))
+                    .await?;
                 redis::from_redis_value(&value).map_err(|e| redis_outage(what, &e))
             }
         }

@@ -39,10 +39,7 @@ pub enum RedisFailure {
 
 impl From<&redis::RedisError> for RedisFailure {
     fn from(e: &redis::RedisError) -> Self {
-        if let Some(io) = e
-            .source()
-            .and_then(|s| s.downcast_ref::<std::io::Error>())
-        {
+        if let Some(io) = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()) {
             return RedisFailure::Io(io.kind());
         }
         RedisFailure::Refused {
@@ -98,7 +95,10 @@ mod tests {
             "Response was of incompatible type",
             format!("(response was bulk-string(\"{SECRET}\"))"),
         ));
-        assert!(e.to_string().contains(SECRET), "the premise: redis quotes it");
+        assert!(
+            e.to_string().contains(SECRET),
+            "the premise: redis quotes it"
+        );
         let told = told(e);
         assert!(!told.contains(SECRET), "{told}");
         assert_eq!(told, "store unavailable: reading a key record: type error");
@@ -109,7 +109,10 @@ mod tests {
         let e = "redis://:pw@localhost/0?protocol=hunter2"
             .parse::<redis::ConnectionInfo>()
             .expect_err("no such protocol");
-        assert!(e.to_string().contains("hunter2"), "the premise: redis quotes it");
+        assert!(
+            e.to_string().contains("hunter2"),
+            "the premise: redis quotes it"
+        );
         let told = told(e);
         assert!(!told.contains("hunter2"), "{told}");
         assert!(told.contains("invalid client config"), "{told}");
@@ -120,7 +123,9 @@ mod tests {
         let e = redis::RedisError::from((
             ErrorKind::ResponseError,
             "An error was signalled by the server",
-            format!("user_script:1: Script attempted to access nonexistent global variable '{SECRET}'"),
+            format!(
+                "user_script:1: Script attempted to access nonexistent global variable '{SECRET}'"
+            ),
         ));
         let told = told(e);
         assert!(!told.contains(SECRET), "{told}");
@@ -153,7 +158,10 @@ mod tests {
     #[test]
     fn every_outage_is_counted() {
         let before = crate::telemetry::metrics().store_errors.get();
-        let _ = outage("connecting to Redis", RedisFailure::TimedOut(Duration::from_millis(300)));
+        let _ = outage(
+            "connecting to Redis",
+            RedisFailure::TimedOut(Duration::from_millis(300)),
+        );
         let _ = redis_outage(
             "building the Redis client",
             &redis::RedisError::from((ErrorKind::InvalidClientConfig, "bad")),

@@ -42,9 +42,9 @@ impl crate::store::RateLedger for RedisStore {
         } else {
             self.waiting_conn(&self.reservations).await?
         };
-        let (granted, remaining, retry_after_ms, full_in_ms): (u32, u32, u64, u64) =
-            self.run("reserving admissions", invocation.invoke_async(&mut conn))
-                .await?;
+        let (granted, remaining, retry_after_ms, full_in_ms): (u32, u32, u64, u64) = self
+            .run("reserving admissions", invocation.invoke_async(&mut conn))
+            .await?;
         if granted > 0 {
             self.await_replicas(&mut conn, slot_of_tag(key_id), Acks::Strict)
                 .await?;

@@ -244,7 +244,10 @@ impl KeyRecords for RedisStore {
     async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
         let mut conn = self.conn().await?;
         let raw: redis::Value = self
-            .run("reading a key record", self.read_cmd(key_id).query_async(&mut conn))
+            .run(
+                "reading a key record",
+                self.read_cmd(key_id).query_async(&mut conn),
+            )
             .await?;
         Ok(self.decode_raw(key_id, raw)?.map(|(record, _)| record))
     }
@@ -332,8 +335,9 @@ impl KeyRecords for RedisStore {
                 pipe.add_command(self.read_cmd(id));
             }
             async move {
-                let rows: Vec<redis::Value> =
-                    self.run("listing keys", pipe.query_async(&mut conn)).await?;
+                let rows: Vec<redis::Value> = self
+                    .run("listing keys", pipe.query_async(&mut conn))
+                    .await?;
                 Ok::<_, StoreError>(group.into_iter().zip(rows).collect::<Vec<_>>())
             }
         }))
@@ -382,7 +386,10 @@ impl KeyRecords for RedisStore {
         for _ in 0..8 {
             let mut conn = self.conn().await?;
             let raw: redis::Value = self
-                .run("reading a key record", self.read_cmd(key_id).query_async(&mut conn))
+                .run(
+                    "reading a key record",
+                    self.read_cmd(key_id).query_async(&mut conn),
+                )
                 .await?;
             let Some((mut record, as_read)) = self.decode_raw(key_id, raw)? else {
                 return Ok(None);

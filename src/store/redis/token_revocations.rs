@@ -22,7 +22,10 @@ impl TokenRevocations for RedisStore {
         for _ in 0..8 {
             let mut conn = self.conn().await?;
             let current: Option<String> = self
-                .run("reading a token revocation", conn.hget(self.tokens_key(p), &key))
+                .run(
+                    "reading a token revocation",
+                    conn.hget(self.tokens_key(p), &key),
+                )
                 .await?;
             let old = match &current {
                 Some(json) => Some(serde_json::from_str::<TokenRevocation>(json).map_err(corrupt)?),
@@ -74,8 +77,11 @@ impl TokenRevocations for RedisStore {
             let mut conn = conn.clone();
             let key = self.tokens_key(p);
             async move {
-                self.run("reading token revocations", conn.hvals::<_, Vec<String>>(key))
-                    .await
+                self.run(
+                    "reading token revocations",
+                    conn.hvals::<_, Vec<String>>(key),
+                )
+                .await
             }
         }))
         .await?;

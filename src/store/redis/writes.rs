@@ -40,7 +40,9 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let mut conn = self.waiting_conn(&self.writes).await?;
         let out = match change {
-            Change::Script(invocation) => self.run(what, invocation.invoke_async(&mut conn)).await?,
+            Change::Script(invocation) => {
+                self.run(what, invocation.invoke_async(&mut conn)).await?
+            }
             Change::Command(cmd) => self.run(what, cmd.query_async(&mut conn)).await?,
         };
         let slot = slot_of_tag(&self.layout.tags[partition]);
@@ -77,7 +79,7 @@ impl RedisStore {
             return Err(outage(
                 waiting,
                 format!(
-                "the {what} reached {acked} replica(s) in time, store.replica_acks is {}: \
+                    "the {what} reached {acked} replica(s) in time, store.replica_acks is {}: \
                  not spent (a failover could lose it)",
                     self.replica_acks
                 ),
@@ -87,12 +89,7 @@ impl RedisStore {
         // none (its replica failed over to it, or died) has nobody to copy to; refusing
         // then would report a revocation that is in force as failed.
         let info: String = self
-            .on_slot_master(
-                waiting,
-                conn,
-                slot,
-                redis::cmd("INFO").arg("replication"),
-            )
+            .on_slot_master(waiting, conn, slot, redis::cmd("INFO").arg("replication"))
             .await?;
         let connected: u32 = info
             .lines()
@@ -111,7 +108,7 @@ impl RedisStore {
         Err(outage(
             waiting,
             format!(
-            "the {what} is on the master, but {acked} of its {connected} replica(s) \
+                "the {what} is on the master, but {acked} of its {connected} replica(s) \
              acknowledged it in time (store.replica_acks is {}): a failover now could lose \
              it; retry (the call is idempotent)",
                 self.replica_acks
