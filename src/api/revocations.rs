@@ -369,9 +369,10 @@ impl WatchFeed {
 /// What a replica that follows another's Watch stream was doing when it failed.
 const WATCHING: &str = "following the Watch stream";
 
-/// The remote's status as an outage: its message only (its metadata is not ours to log).
+/// The remote's status as an outage: its code and message (its metadata is not ours to
+/// log).
 fn feed_error(s: Status) -> StoreError {
-    StoreError::unavailable(WATCHING, s.message().to_owned())
+    StoreError::unavailable(WATCHING, format!("{:?}: {}", s.code(), s.message()))
 }
 
 /// A Watch message as a feed entry. What cannot be read takes the safe side, as for the

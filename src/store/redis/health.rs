@@ -100,11 +100,12 @@ impl Health {
         state.managers.push(Arc::downgrade(manager));
     }
 
-    /// A call (`what`) begun in `epoch` failed with `e`: a refused connection marks the store down
-    /// (unless it was marked up since the call began: that call was on a connection of the
-    /// outage). A dropped one marks it down only if a new connection is refused too: one
-    /// connection closed (by Redis's idle `timeout`, `CLIENT KILL`, a proxy) is not an
-    /// outage, and must not fail every other call.
+    /// A call (`what`) begun in `epoch` failed with `e`: a refused connection marks the
+    /// store down (unless it was marked up since the call began: that call was on a
+    /// connection of the outage). A dropped one marks it down only if a new connection is
+    /// refused too: one connection closed (by Redis's idle `timeout`, `CLIENT KILL`, a
+    /// proxy) is not an outage, and must not fail every other call. The error returned
+    /// is told by its kind only (`failure.rs`), as is the one logged when marking down.
     pub(super) fn failed(
         self: &Arc<Self>,
         what: &'static str,
