@@ -10,6 +10,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::secret::Secret;
 use crate::store::{now_ms, AuditLog};
+use crate::telemetry::ErrorChain;
 
 pub use crate::store::audit::{AuditEntry, AuditQuery};
 
@@ -40,7 +41,7 @@ impl Audit {
     }
 
     /// An admin action's entry, with its outcome.
-    pub async fn admin<T, E: std::fmt::Display>(
+    pub async fn admin<T, E: std::error::Error>(
         &self,
         action: &str,
         subject: Subject,
@@ -48,7 +49,7 @@ impl Audit {
     ) {
         let outcome = match result {
             Ok(_) => "ok".to_owned(),
-            Err(e) => format!("refused: {e}"),
+            Err(e) => format!("refused: {}", ErrorChain(e)),
         };
         self.record(action, subject, self.admin_actor.clone(), outcome)
             .await
@@ -82,7 +83,7 @@ impl Audit {
             "audit"
         );
         if let Err(e) = self.store.append_audit(&entry).await {
-            tracing::warn!(error = %e, action = %entry.action, "cannot write the audit entry to the store; it is in this log only");
+            tracing::warn!(error = %ErrorChain(&e), action = %entry.action, "cannot write the audit entry to the store; it is in this log only");
         }
     }
 

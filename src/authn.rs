@@ -10,11 +10,12 @@ use std::sync::Arc;
 use crate::apikey::{self, ApiKeysConfig, Argon2Config, HashError, SecretHasher};
 use crate::cache::{CredentialCache, Digest, Verified};
 use crate::credential::Credential;
-use crate::decision::DenyReason;
+use crate::decision::{Decision, DenyReason, Unavailable};
 use crate::jwt::revoked::RevokedTokens;
 use crate::principal::{Environment, Principal};
 use crate::store::{now_ms, KeyRecord, KeyRecords, KeyStatus, StoreError};
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, ErrorChain};
+use crate::tenant::TenantFailure;
 
 /// Why authentication did not produce a principal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +23,27 @@ pub enum AuthnFailure {
     Deny(DenyReason),
     /// The store could not be asked; the answer is unknown.
     Unavailable,
+}
+
+/// A caller not authenticated is denied, or undecided when the store could not be asked:
+/// an outage is never a denial.
+impl From<AuthnFailure> for Decision {
+    fn from(f: AuthnFailure) -> Decision {
+        match f {
+            AuthnFailure::Deny(reason) => Decision::deny(reason),
+            AuthnFailure::Unavailable => Decision::Unavailable(Unavailable::STORE),
+        }
+    }
+}
+
+/// A session token's tenant, settled again when it is judged (`Authorizer`).
+impl From<TenantFailure> for AuthnFailure {
+    fn from(f: TenantFailure) -> AuthnFailure {
+        match f {
+            TenantFailure::Deny(reason) => AuthnFailure::Deny(reason),
+            TenantFailure::Unavailable => AuthnFailure::Unavailable,
+        }
+    }
 }
 
 pub struct Authenticator {
@@ -139,7 +161,7 @@ impl Authenticator {
                 Err(AuthnFailure::Deny(reason))
             }
             Err(e) => {
-                tracing::warn!(key_id = parsed.key_id, error = %e, "cannot verify API key: store unavailable");
+                tracing::warn!(key_id = parsed.key_id, error = %ErrorChain(&e), "cannot verify API key: store unavailable");
                 Err(AuthnFailure::Unavailable)
             }
         }
@@ -222,7 +244,7 @@ impl Authenticator {
                 Err(AuthnFailure::Deny(DenyReason::InvalidToken))
             }
             Err(e) => {
-                tracing::warn!(key_id, error = %e, "cannot read a session token's key: store unavailable");
+                tracing::warn!(key_id, error = %ErrorChain(&e), "cannot read a session token's key: store unavailable");
                 Err(AuthnFailure::Unavailable)
             }
         }
@@ -292,7 +314,7 @@ impl Authenticator {
             }
             Err(e @ HashError::Busy(_)) => {
                 tracing::warn!(key_id, error = %e, "cannot verify API key now");
-                return Err(StoreError::Unavailable(e.to_string()));
+                return Err(StoreError::unavailable("verifying an API key", e));
             }
             Err(e) => {
                 tracing::error!(key_id, error = %e, "API key hash cannot be verified");
@@ -314,7 +336,7 @@ impl Authenticator {
     async fn leave_verifier(&self, key_id: &str, secret: &str) {
         let verifier = self.hasher.verifier(key_id, secret);
         if let Err(e) = self.store.set_verifier(key_id, &verifier).await {
-            tracing::warn!(key_id, error = %e, "cannot store an API key's verifier; other replicas will run argon2 for it");
+            tracing::warn!(key_id, error = %ErrorChain(&e), "cannot store an API key's verifier; other replicas will run argon2 for it");
         }
     }
 }

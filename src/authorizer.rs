@@ -1,20 +1,27 @@
 //! The pipeline: route → extract → authenticate → resolve tenant → authorize → Decision.
-//! One straight line, each stage in its own module; this file only wires them.
+//! One straight line, each stage in its own module; this file only wires them. A stage's
+//! failure becomes the decision through the `From` impl beside the failure's type (an
+//! outage is `Unavailable`, never a deny or an allow). Session tokens, minted and judged,
+//! are `session.rs`'s.
+
+mod session;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::authn::{Authenticator, AuthnFailure};
 use crate::credential::CredentialSource;
-use crate::decision::{Allowed, Decision, Denial, DenyReason, SessionToken, Unavailable};
+use crate::decision::{Allowed, Decision, Denial, DenyReason};
 use crate::header_alias::folds_to;
 use crate::jwt::session::SessionKeys;
 use crate::policy::{Policy, PolicyConfig, Requirement, Route};
-use crate::principal::{CredentialKind, KeyKind, Principal};
-use crate::ratelimit::{Limiter, RouteLeaseRefused, Verdict};
+use crate::principal::{CredentialKind, Principal};
+use crate::ratelimit::Limiter;
 use crate::request::AuthRequest;
 use crate::telemetry::metrics;
-use crate::tenant::{self, Delegations, TenantFailure, TenantRule};
+use crate::tenant::{self, Delegations, TenantRule};
+
+pub use session::{MintFailure, MintedSession, SessionRequest};
 
 /// `policy.method_override`'s setting, defined with the policy; re-exported where it is
 /// enforced.
@@ -55,42 +62,6 @@ fn is_method_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// A session token asked for (`keygate.v1.Authorizer/MintSessionToken`), unvalidated.
-#[derive(Debug, Clone, Default)]
-pub struct SessionRequest {
-    /// The API key it is minted from.
-    pub credential: String,
-    /// The tenant it acts for (a partner key's delegated tenant); the key's own if empty.
-    pub tenant_id: String,
-    /// A subset of the key's scopes; all of them (but partner-only ones) if empty.
-    pub scopes: Vec<String>,
-    /// `sessions.lifetime` if `None`.
-    pub ttl: Option<Duration>,
-}
-
-/// A minted session token, with what it grants.
-#[derive(Debug, Clone)]
-pub struct MintedSession {
-    pub token: SessionToken,
-    pub tenant_id: String,
-    pub scopes: Vec<String>,
-}
-
-/// Why no session token was minted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MintFailure {
-    /// `sessions` is not configured.
-    Disabled,
-    /// A bad argument, named.
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
-    /// The credential's (or the request's) denial.
-    Deny(DenyReason),
-    Unavailable,
-}
-
 impl Authorizer {
     pub fn new(
         policy_cfg: &PolicyConfig,
@@ -114,120 +85,6 @@ impl Authorizer {
         }
     }
 
-    /// Mints a session token from an API key: for the key's tenant (or a partner key's
-    /// delegated one), a subset of its scopes, `sessions.lifetime` unless asked otherwise,
-    /// never past the key's own expiry.
-    pub async fn mint_session(&self, r: SessionRequest) -> Result<MintedSession, MintFailure> {
-        let keys = self.sessions.as_deref().ok_or(MintFailure::Disabled)?;
-        let invalid = |field, message: String| MintFailure::Invalid { field, message };
-        let ttl = r.ttl.unwrap_or(keys.lifetime);
-        if ttl < Duration::from_secs(1) || ttl > keys.max_lifetime {
-            return Err(invalid(
-                "ttl_seconds",
-                format!(
-                    "must be 1 to {} (sessions.max_lifetime)",
-                    keys.max_lifetime.as_secs()
-                ),
-            ));
-        }
-        if let Some(bad) = r
-            .scopes
-            .iter()
-            .find(|s| !crate::policy::valid_held_scope(s))
-        {
-            return Err(invalid("scopes", format!("{bad:?} is not a scope")));
-        }
-        let principal = match self.authenticate(&r.credential).await {
-            Ok(p) => p,
-            Err(AuthnFailure::Deny(reason)) => return Err(MintFailure::Deny(reason)),
-            Err(AuthnFailure::Unavailable) => return Err(MintFailure::Unavailable),
-        };
-        if principal.credential != CredentialKind::ApiKey {
-            return Err(invalid(
-                "credential",
-                "session tokens are minted from an API key".into(),
-            ));
-        }
-        let requested = (!r.tenant_id.trim().is_empty()).then_some(r.tenant_id.as_str());
-        let rule = if principal.kind == KeyKind::Partner {
-            TenantRule::Required
-        } else {
-            TenantRule::Optional
-        };
-        let tenant = match tenant::resolve(&principal, rule, requested, &self.delegations).await {
-            Ok(t) => t,
-            Err(TenantFailure::Deny(reason)) => return Err(MintFailure::Deny(reason)),
-            Err(TenantFailure::Unavailable) => return Err(MintFailure::Unavailable),
-        };
-        let scopes = if r.scopes.is_empty() {
-            self.session_scopes(&principal)
-        } else {
-            let granted = |s: &String| {
-                !self.policy.is_partner_scope(s) && self.policy.grants(&principal.scopes, s)
-            };
-            if !r.scopes.iter().all(granted) {
-                return Err(MintFailure::Deny(DenyReason::InsufficientPermissions));
-            }
-            r.scopes
-        };
-        let tenant = Self::session_tenant(&principal, tenant).map_err(MintFailure::Deny)?;
-        let minted = self.sign_session(keys, &principal, tenant, scopes, ttl);
-        if let Some(key_id) = principal.key_id.as_deref() {
-            self.usage.record(key_id, true);
-        }
-        Ok(minted)
-    }
-
-    /// What a session token of `parent` holds unless asked for less: its scopes but the
-    /// partner-only ones (a session token never acts as a partner).
-    fn session_scopes(&self, parent: &Principal) -> Vec<String> {
-        parent
-            .scopes
-            .iter()
-            .filter(|s| !self.policy.is_partner_scope(s))
-            .cloned()
-            .collect()
-    }
-
-    /// The tenant a session token of `parent` would act in, or why it may not be minted.
-    /// Checked before anything is spent (an admission, a lease), so a refusal leaves
-    /// nothing behind.
-    fn session_tenant(parent: &Principal, tenant: Option<String>) -> Result<String, DenyReason> {
-        // A runtime key serves internal routes only; a session token is for clients.
-        if parent.kind == KeyKind::Runtime || parent.credential != CredentialKind::ApiKey {
-            return Err(DenyReason::InsufficientPermissions);
-        }
-        tenant.ok_or(DenyReason::TenantRequired)
-    }
-
-    /// Signs a session token for an authenticated API key acting in `tenant_id` (already
-    /// checked by `session_tenant`).
-    fn sign_session(
-        &self,
-        keys: &SessionKeys,
-        parent: &Principal,
-        tenant_id: String,
-        scopes: Vec<String>,
-        ttl: Duration,
-    ) -> MintedSession {
-        let now = crate::store::now_ms();
-        let mut expires = now.saturating_add(ttl.as_millis() as u64);
-        if let Some(key_expiry) = parent.expires_at {
-            expires = expires.min(key_expiry);
-        }
-        let token = keys.sign(parent, &tenant_id, &scopes, now, expires);
-        tracing::info!(
-            key_id = parent.key_id.as_deref().unwrap_or(""),
-            tenant = %tenant_id,
-            "session token minted"
-        );
-        MintedSession {
-            token,
-            tenant_id,
-            scopes,
-        }
-    }
-
     /// Who a credential is. A session token is judged on its key's state as this replica
     /// knows it now, not on what the key was when the token was minted: it passes only
     /// while its key is active (and, for a partner key, still delegated the token's
@@ -242,68 +99,6 @@ impl Authorizer {
             return Ok(principal);
         }
         self.session_principal(&principal).await
-    }
-
-    async fn session_principal(&self, token: &Principal) -> Result<Arc<Principal>, AuthnFailure> {
-        let invalid = || AuthnFailure::Deny(DenyReason::InvalidToken);
-        let key_id = token.key_id.as_deref().ok_or_else(invalid)?;
-        let parent = self.authn.session_parent(key_id).await?;
-        if parent.environment != token.environment {
-            return Err(invalid());
-        }
-        match parent.kind {
-            KeyKind::Tenant if parent.tenant_id == token.tenant_id => {}
-            KeyKind::Partner => {
-                let partner = parent.partner_id.as_deref().unwrap_or("");
-                match self.delegations.allows(partner, &token.tenant_id).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::debug!(
-                            key_id,
-                            "session token refused: its tenant is no longer delegated"
-                        );
-                        return Err(invalid());
-                    }
-                    Err(e) => {
-                        tracing::warn!(partner, error = %e, "cannot read a delegation: store unavailable");
-                        return Err(AuthnFailure::Unavailable);
-                    }
-                }
-            }
-            _ => return Err(invalid()),
-        }
-        // What both hold: the token's scopes its key still grants, and the key's scopes
-        // the token grants (a token's `contacts:*` and a key narrowed to `contacts:read`
-        // leave `contacts:read`).
-        let mut scopes: Vec<String> = Vec::with_capacity(token.scopes.len());
-        let pairs = [
-            (&token.scopes, &parent.scopes),
-            (&parent.scopes, &token.scopes),
-        ];
-        for (candidates, granter) in pairs {
-            for s in candidates {
-                if self.policy.grants(granter, s) && !scopes.contains(s) {
-                    scopes.push(s.clone());
-                }
-            }
-        }
-        let mut p = Principal::new(
-            token.tenant_id.to_string(),
-            token.subject.to_string(),
-            KeyKind::Tenant,
-            parent.environment,
-            scopes,
-        );
-        p.credential = CredentialKind::Session;
-        p.key_id = token.key_id.clone();
-        p.plan = parent.plan.clone();
-        p.expires_at = match (token.expires_at, parent.expires_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        p.issuer = token.issuer.clone();
-        p.token_ids = token.token_ids.clone();
-        Ok(Arc::new(p))
     }
 
     pub fn credentials(&self) -> &CredentialSource {
@@ -437,10 +232,7 @@ impl Authorizer {
         let authenticated = traced.then(Instant::now);
         let principal = match principal {
             Ok(p) => p,
-            Err(AuthnFailure::Deny(reason)) => return Decision::deny(reason),
-            Err(AuthnFailure::Unavailable) => {
-                return Decision::Unavailable(Unavailable { backend: "store" })
-            }
+            Err(failure) => return failure.into(),
         };
         let decision = self.authorize(req, route, &also, &principal).await;
         if let (Some(started), Some(authenticated)) = (started, authenticated) {
@@ -525,10 +317,7 @@ impl Authorizer {
         let effective_tenant =
             match tenant::resolve(principal, rule, header, &self.delegations).await {
                 Ok(t) => t,
-                Err(TenantFailure::Deny(reason)) => return Decision::deny(reason),
-                Err(TenantFailure::Unavailable) => {
-                    return Decision::Unavailable(Unavailable { backend: "store" })
-                }
+                Err(failure) => return failure.into(),
             };
         for r in judged() {
             if let Requirement::Scope(scope) = &r.requirement {
@@ -548,11 +337,9 @@ impl Authorizer {
         // Last: only a request that would otherwise pass spends an admission, and nothing
         // after the lease can deny (a lease taken for a denied request would be held
         // until it expires).
-        let rate = match self.limiter.check(principal).await {
-            Verdict::Unlimited => None,
-            Verdict::Admitted(info) => Some(info),
-            Verdict::Limited(info) => return Decision::Deny(Denial::rate_limited(info)),
-            Verdict::Unavailable => return Decision::Unavailable(Unavailable { backend: "store" }),
+        let rate = match self.limiter.check(principal).await.admission() {
+            Ok(rate) => rate,
+            Err(refused) => return refused.into(),
         };
         // The longest lease any judged route takes: one lease, whichever method acts.
         let lease_ttl = judged().filter_map(|r| r.lease_ttl).max();
@@ -560,12 +347,7 @@ impl Authorizer {
             None => None,
             Some(ttl) => match self.limiter.route_lease(principal, ttl).await {
                 Ok(id) => id,
-                Err(RouteLeaseRefused::Full) => {
-                    return Decision::Deny(Denial::new(DenyReason::RateLimited))
-                }
-                Err(RouteLeaseRefused::Unavailable) => {
-                    return Decision::Unavailable(Unavailable { backend: "store" })
-                }
+                Err(refused) => return refused.into(),
             },
         };
         let session = mint.map(|(keys, tenant)| {

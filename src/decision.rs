@@ -243,6 +243,11 @@ pub struct Unavailable {
     pub backend: &'static str,
 }
 
+impl Unavailable {
+    /// The store of record (Redis, or the in-process store) could not be asked.
+    pub const STORE: Unavailable = Unavailable { backend: "store" };
+}
+
 #[derive(Debug, Clone)]
 pub enum Decision {
     Allow(Allowed),

@@ -27,7 +27,7 @@ use crate::store::{
     latest_cursor, now_ms, Cursor, DelegationEvent, EventId, EventLog, KeyStore, RevocationEvent,
     StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent, TokenRevocations,
 };
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, ErrorChain};
 use crate::tenant::Delegations;
 
 /// What a feed yields.
@@ -276,7 +276,7 @@ impl EventFeed for StoreFeed {
             let part = &mut parts[p];
             part.read = None;
             let batch = done
-                .map_err(|e| StoreError::Unavailable(format!("stream read: {e}")))
+                .map_err(|e| StoreError::unavailable("reading the revocation stream", e))
                 .and_then(|r| r);
             let before = after.clone();
             match batch {
@@ -314,7 +314,7 @@ impl EventFeed for StoreFeed {
                     part.retry_at = Some(tokio::time::Instant::now() + part.backoff.next());
                     if first {
                         self.failing.fetch_add(1, Ordering::AcqRel);
-                        tracing::warn!(partition = p, error = %e, "cannot read a revocation stream partition; following the others meanwhile");
+                        tracing::warn!(partition = p, error = %ErrorChain(&e), "cannot read a revocation stream partition; following the others meanwhile");
                         return Err(e);
                     }
                     // Still failing: it is retried on its own backoff.
@@ -476,7 +476,7 @@ impl RevocationBus {
                 r = feed.start_position() => match r {
                     Ok(id) => break id,
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot find the revocation stream's position");
+                        tracing::warn!(error = %ErrorChain(&e), "cannot find the revocation stream's position");
                         tokio::time::sleep(backoff.next()).await;
                     }
                 }
@@ -491,7 +491,7 @@ impl RevocationBus {
                 loaded = self.load_tokens(feed.as_ref()) => match loaded {
                     Ok(()) => break,
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot load the JWT revocations");
+                        tracing::warn!(error = %ErrorChain(&e), "cannot load the JWT revocations");
                         tokio::time::sleep(backoff.next()).await;
                     }
                 }
@@ -507,7 +507,7 @@ impl RevocationBus {
             if !self.tokens.is_complete() {
                 // After a reset: no JWT is judged until this succeeds.
                 if let Err(e) = self.load_tokens(feed.as_ref()).await {
-                    tracing::warn!(error = %e, "cannot reload the JWT revocations");
+                    tracing::warn!(error = %ErrorChain(&e), "cannot reload the JWT revocations");
                     self.set_connected(false);
                     tokio::select! {
                         _ = stop.changed() => return,
@@ -532,7 +532,7 @@ impl RevocationBus {
                 }
                 Err(e) => {
                     if self.is_connected() || !resync {
-                        tracing::warn!(error = %e, "revocation stream read failed");
+                        tracing::warn!(error = %ErrorChain(&e), "revocation stream read failed");
                     }
                     self.set_connected(false);
                     metrics().revocation_reconnects.inc();

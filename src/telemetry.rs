@@ -9,6 +9,7 @@
 //! the deny codes of `decision`, never a module that records.
 
 mod config;
+mod error_chain;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -19,6 +20,7 @@ use prometheus::{
 };
 
 pub use config::{LogFormat, LoggingConfig, TracesConfig};
+pub use error_chain::ErrorChain;
 
 pub struct Metrics {
     pub registry: Registry,

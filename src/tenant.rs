@@ -27,9 +27,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::decision::DenyReason;
+use crate::decision::{Decision, DenyReason, Unavailable};
 use crate::principal::{KeyKind, Principal};
 use crate::store::{DelegationSource, StoreError};
+use crate::telemetry::ErrorChain;
 
 /// Whether a route needs the tenant header (`policy.routes[].tenant`, or the policy's
 /// `require_tenant_header`): a setting the policy holds and this module applies.
@@ -51,6 +52,17 @@ pub enum TenantFailure {
 impl From<DenyReason> for TenantFailure {
     fn from(r: DenyReason) -> Self {
         TenantFailure::Deny(r)
+    }
+}
+
+/// A request whose tenant cannot be settled is denied, or undecided when the store could
+/// not be asked: never allowed, and an outage never denied.
+impl From<TenantFailure> for Decision {
+    fn from(f: TenantFailure) -> Decision {
+        match f {
+            TenantFailure::Deny(reason) => Decision::deny(reason),
+            TenantFailure::Unavailable => Decision::Unavailable(Unavailable::STORE),
+        }
     }
 }
 
@@ -76,13 +88,10 @@ pub async fn resolve(
         (KeyKind::Runtime, Some(t)) => Ok(Some(t)),
         (KeyKind::Partner, Some(t)) => {
             let partner = principal.partner_id.as_deref().unwrap_or("");
-            match delegations.allows(partner, &t).await {
-                Ok(true) => Ok(Some(t)),
-                Ok(false) => Err(DenyReason::TenantForbidden.into()),
-                Err(e) => {
-                    tracing::warn!(partner, error = %e, "cannot read a delegation: store unavailable");
-                    Err(TenantFailure::Unavailable)
-                }
+            if delegations.delegated(partner, &t).await? {
+                Ok(Some(t))
+            } else {
+                Err(DenyReason::TenantForbidden.into())
             }
         }
         (KeyKind::Tenant, Some(t)) if *t != *principal.tenant_id => {
@@ -195,17 +204,26 @@ impl Delegations {
                         None => self.read(&flight, partner, tenant).await,
                     };
                     flight.answer.send_replace(Some(value.clone()));
-                    return value.map_err(|e| owned(&e));
+                    return value.map_err(|e| StoreError::clone(&e));
                 }
                 Err(mut rx) => {
                     if let Ok(answer) = rx.wait_for(Option::is_some).await {
                         let value = answer.clone().expect("waited for an answer");
-                        return value.map_err(|e| owned(&e));
+                        return value.map_err(|e| StoreError::clone(&e));
                     }
                     // The reader was cancelled before it answered: read (or join) anew.
                 }
             }
         }
+    }
+
+    /// `allows`, as a request's stage asks it: a store failure is logged with its cause
+    /// and answered `TenantFailure::Unavailable`.
+    pub async fn delegated(&self, partner: &str, tenant: &str) -> Result<bool, TenantFailure> {
+        self.allows(partner, tenant).await.map_err(|e| {
+            tracing::warn!(partner, error = %ErrorChain(&e), "cannot read a delegation: store unavailable");
+            TenantFailure::Unavailable
+        })
     }
 
     /// Reads the pair until no change of it overtook the read, then caches the answer
@@ -256,15 +274,6 @@ impl Delegations {
             f.stale = true;
         }
         self.known.invalidate_all();
-    }
-}
-
-/// A shared store error, for each caller that waited for it.
-fn owned(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-        StoreError::Conflict(m) => StoreError::Conflict(m.clone()),
-        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
     }
 }
 

@@ -11,10 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::store::{now_ms, StoreError, UsageDelta, UsageNotWritten, UsageSink};
+use crate::telemetry::ErrorChain;
 
 /// A flush that left some counts unwritten: they are kept for the next one.
 #[derive(Debug, thiserror::Error)]
-#[error("usage of {kept} key(s) was not written ({written} were): {error}")]
+// Not repeating its source: `ErrorChain` prints it.
+#[error("usage of {kept} key(s) was not written ({written} were)")]
 pub struct FlushFailed {
     pub written: usize,
     pub kept: usize,
@@ -154,11 +156,11 @@ impl UsageCounter {
                 _ = tokio::time::sleep(interval) => {}
             }
             if let Err(e) = self.flush().await {
-                tracing::warn!(written = e.written, kept = e.kept, error = %e.error, "cannot write some key usage; kept for the next flush");
+                tracing::warn!(written = e.written, kept = e.kept, error = %ErrorChain(&e.error), "cannot write some key usage; kept for the next flush");
             }
         }
         if let Err(e) = self.flush().await {
-            tracing::warn!(written = e.written, lost = e.kept, error = %e.error, "cannot write some key usage at shutdown; it is lost");
+            tracing::warn!(written = e.written, lost = e.kept, error = %ErrorChain(&e.error), "cannot write some key usage at shutdown; it is lost");
         }
     }
 }

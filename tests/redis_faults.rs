@@ -503,3 +503,73 @@ async fn a_killed_redis_fails_calls_at_once_and_the_probe_finds_it_back() {
     assert_eq!(store.get("k0a1b2c3d4e5f6g7").await.unwrap(), None);
     assert_eq!(store.failed_at_once(), failed);
 }
+
+/// An outage is logged with its cause: the operation that failed and why, in words an
+/// operator can act on. keygate started while Redis was down: the first check for a cold
+/// key cannot connect, and its log line says so. The store's timeout is long here, so
+/// that the connection manager's retries of the refusal end before it (with 300 ms, the
+/// wait could run out first, and the cause would be that).
+#[tokio::test]
+async fn an_outage_is_logged_with_its_cause() {
+    support::logs::capture_logs();
+    let mut redis = RedisServer::start().await;
+    let cold = {
+        let app = App::build(support::config(Backend::Redis(&redis)), support::secrets()).unwrap();
+        app.admin.create(support::reader_key()).await.unwrap()
+    };
+    redis.kill();
+
+    let mut config = support::config(Backend::Redis(&redis));
+    config.store.timeout = Duration::from_secs(5);
+    let app = App::build(config, support::secrets()).unwrap();
+    assert_eq!(
+        decide(&app, &cold.token).await,
+        Outcome::Error(tonic::Code::Unavailable)
+    );
+    let logs = support::logs::logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("cannot verify API key") && l.contains(&cold.record.key_id))
+        .unwrap_or_else(|| panic!("the outage is logged:\n{logs}"));
+    assert!(
+        line.contains("error=store unavailable: connecting to Redis: connection refused"),
+        "{line}"
+    );
+}
+
+/// A Redis that accepts connections and never answers: the outage names the wait that
+/// ran out, as a cause under the store error (`telemetry::ErrorChain` prints it).
+#[tokio::test]
+async fn a_redis_that_does_not_answer_is_an_outage_that_timed_out() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        // Accepted and kept open, never answered.
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let store = RedisStore::new(
+        &format!("redis://{addr}"),
+        None,
+        &support::fresh_namespace(),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    let errors_before = keygate::telemetry::metrics().store_errors.get();
+
+    let e = bounded(store.ping()).await.expect_err("no answer");
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    let told = keygate::telemetry::ErrorChain(&e).to_string();
+    assert!(
+        told.starts_with("store unavailable: connecting to Redis: "),
+        "{told}"
+    );
+    assert!(told.contains("timed out"), "{told}");
+    assert!(
+        keygate::telemetry::metrics().store_errors.get() > errors_before,
+        "a timeout is counted in keygate_store_errors_total"
+    );
+    held.abort();
+}

@@ -15,6 +15,7 @@ use crate::principal::Principal;
 use crate::ratelimit::LeaseError;
 use crate::request::AuthRequest;
 use crate::revocation::RevocationBus;
+use crate::telemetry::ErrorChain;
 
 pub struct AuthorizerService {
     authorizer: Arc<Authorizer>,
@@ -257,6 +258,6 @@ fn lease_status(e: LeaseError) -> Status {
         LeaseError::NoSessions => Status::failed_precondition(e.to_string()),
         LeaseError::Full { .. } => Status::resource_exhausted(e.to_string()),
         LeaseError::Unknown => Status::not_found(format!("lease_id: {e}")),
-        LeaseError::Unavailable(_) => Status::unavailable(e.to_string()),
+        LeaseError::Unavailable(_) => Status::unavailable(ErrorChain(&e).to_string()),
     }
 }

@@ -13,6 +13,7 @@ use crate::keys::{
 };
 use crate::secret::Secret;
 use crate::store::{now_ms, KeyRecord};
+use crate::telemetry::ErrorChain;
 
 pub struct KeysService {
     admin: Arc<KeyAdmin>,
@@ -59,7 +60,7 @@ pub(crate) fn status(e: AdminError) -> Status {
     match e {
         AdminError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
         AdminError::NotFound(_) => Status::not_found(e.to_string()),
-        AdminError::Unavailable(m) => Status::unavailable(format!("store unavailable: {m}")),
+        AdminError::Unavailable(_) => Status::unavailable(ErrorChain(&e).to_string()),
         AdminError::Internal(m) => Status::internal(m),
     }
 }

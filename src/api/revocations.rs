@@ -142,7 +142,10 @@ fn token_revocation(p: proto::TokenRevocation) -> Option<TokenRevocation> {
 }
 
 fn unavailable(e: StoreError) -> Status {
-    Status::unavailable(format!("revocation stream unavailable: {e}"))
+    Status::unavailable(format!(
+        "revocation stream unavailable: {}",
+        crate::telemetry::ErrorChain(&e)
+    ))
 }
 
 /// Sends everything the store holds after `cursor`, partition by partition (first a
@@ -363,8 +366,13 @@ impl WatchFeed {
     }
 }
 
+/// What a replica that follows another's Watch stream was doing when it failed.
+const WATCHING: &str = "following the Watch stream";
+
+/// The remote's status as an outage: its code and message (its metadata is not ours to
+/// log).
 fn feed_error(s: Status) -> StoreError {
-    StoreError::Unavailable(format!("Watch: {}", s.message()))
+    StoreError::unavailable(WATCHING, format!("{:?}: {}", s.code(), s.message()))
 }
 
 /// A Watch message as a feed entry. What cannot be read takes the safe side, as for the
@@ -452,10 +460,13 @@ impl EventFeed for WatchFeed {
         let (stream, start) = self.open(None).await.map_err(feed_error)?;
         *self.stream.lock().await = Some(stream);
         start.ok_or_else(|| {
-            StoreError::Unavailable(format!(
-                "{} did not say where its Watch stream starts (an older keygate?)",
-                self.url
-            ))
+            StoreError::unavailable(
+                WATCHING,
+                format!(
+                    "{} did not say where its Watch stream starts (an older keygate?)",
+                    self.url
+                ),
+            )
         })
     }
 
@@ -486,7 +497,7 @@ impl EventFeed for WatchFeed {
             Ok(Ok(Some(msg))) => Ok(vec![feed_entry(msg, after)]),
             Ok(Ok(None)) => {
                 *guard = None;
-                Err(StoreError::Unavailable("Watch stream ended".into()))
+                Err(StoreError::unavailable(WATCHING, "the stream ended"))
             }
             Ok(Err(status)) => {
                 *guard = None;

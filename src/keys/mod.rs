@@ -18,7 +18,7 @@ pub use key_requests::{CreatedKey, KeyOwner, KeyUpdate, NewKey, Rotated, StatusF
 pub use partner_admin::PartnerAdmin;
 pub use token_admin::{RevokeTokens, TokenAdmin};
 
-use crate::store::StoreError;
+use crate::store::{Outage, StoreError};
 use crate::tenant::parse_tenant;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,8 +30,9 @@ pub enum AdminError {
     },
     #[error("no key with id {0}")]
     NotFound(String),
-    #[error("{0}")]
-    Unavailable(String),
+    /// The store could not answer; the outage says what failed and why.
+    #[error("store unavailable")]
+    Unavailable(#[source] Outage),
     #[error("{0}")]
     Internal(String),
 }
@@ -46,7 +47,7 @@ fn invalid(field: &'static str, message: impl Into<String>) -> AdminError {
 impl From<StoreError> for AdminError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(m) => AdminError::Unavailable(m),
+            StoreError::Unavailable(outage) => AdminError::Unavailable(outage),
             other => AdminError::Internal(other.to_string()),
         }
     }

@@ -39,13 +39,13 @@ use std::time::Duration;
 // tokio's clock: a test can pause and advance it.
 use tokio::time::Instant;
 
-use crate::decision::RateInfo;
+use crate::decision::{Decision, Denial, DenyReason, RateInfo, Unavailable};
 use crate::policy::{PlanAlgorithm, PlanConfig, PolicyConfig};
 use crate::principal::{CredentialKind, Environment, Principal};
 use crate::store::{
     GiveBack, LeaseOp, RateLedger, RateRequest, RateRule, StoreError, RESERVATION_ID_LEN,
 };
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, ErrorChain};
 
 use budget::{Held, KeyBudget, Spent};
 pub use config::{OnStoreError, RateLimitConfig};
@@ -101,6 +101,36 @@ pub enum Verdict {
     Unavailable,
 }
 
+impl Verdict {
+    /// What an admitted request's answer carries of its plan (`None`: unlimited), or why
+    /// it was not admitted.
+    pub fn admission(self) -> Result<Option<RateInfo>, NotAdmitted> {
+        match self {
+            Verdict::Unlimited => Ok(None),
+            Verdict::Admitted(info) => Ok(Some(info)),
+            Verdict::Limited(info) => Err(NotAdmitted::Limited(info)),
+            Verdict::Unavailable => Err(NotAdmitted::Unavailable),
+        }
+    }
+}
+
+/// Why the limiter did not admit a request (`Verdict::admission`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotAdmitted {
+    Limited(RateInfo),
+    /// The store could not be asked and `on_store_error` is `unavailable`.
+    Unavailable,
+}
+
+impl From<NotAdmitted> for Decision {
+    fn from(refused: NotAdmitted) -> Decision {
+        match refused {
+            NotAdmitted::Limited(info) => Decision::Deny(Denial::rate_limited(info)),
+            NotAdmitted::Unavailable => Decision::Unavailable(Unavailable::STORE),
+        }
+    }
+}
+
 /// Why a route's per-request lease was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteLeaseRefused {
@@ -108,6 +138,15 @@ pub enum RouteLeaseRefused {
     Full,
     /// The store could not be asked and `on_store_error` is `unavailable`.
     Unavailable,
+}
+
+impl From<RouteLeaseRefused> for Decision {
+    fn from(refused: RouteLeaseRefused) -> Decision {
+        match refused {
+            RouteLeaseRefused::Full => Decision::deny(DenyReason::RateLimited),
+            RouteLeaseRefused::Unavailable => Decision::Unavailable(Unavailable::STORE),
+        }
+    }
 }
 
 pub struct Limiter {
@@ -120,7 +159,7 @@ pub struct Limiter {
 }
 
 /// Why a lease call did not do what was asked.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LeaseError {
     #[error("the key's plan has no concurrent sessions")]
     NoSessions,
@@ -128,8 +167,9 @@ pub enum LeaseError {
     Full { plan: Arc<str>, limit: u32 },
     #[error("no such lease (released, or expired)")]
     Unknown,
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    /// The store could not be asked (its error says what failed, and why).
+    #[error(transparent)]
+    Unavailable(#[from] StoreError),
 }
 
 impl Limiter {
@@ -168,7 +208,7 @@ impl Limiter {
             Err(LeaseError::Full { .. } | LeaseError::Unknown) => Err(RouteLeaseRefused::Full),
             Err(LeaseError::Unavailable(e)) => {
                 metrics().rate_limit_store_errors.inc();
-                tracing::warn!(error = %e, "cannot take the route's lease: store unavailable");
+                tracing::warn!(error = %ErrorChain(&e), "cannot take the route's lease: store unavailable");
                 match self.cfg.on_store_error {
                     OnStoreError::Allow => Ok(None),
                     OnStoreError::Unavailable => Err(RouteLeaseRefused::Unavailable),
@@ -258,7 +298,7 @@ impl Limiter {
             if let Ok(_refill) = budget.refill.try_lock() {
                 let now = Instant::now();
                 if let Err(e) = reserve(&*store, &budget, &key_id, &plan, &cfg, now, true).await {
-                    tracing::debug!(key_id, error = %e, "could not reserve a budget ahead; the next request that needs one asks again");
+                    tracing::debug!(key_id, error = %ErrorChain(&e), "could not reserve a budget ahead; the next request that needs one asks again");
                 }
             }
             budget.state().reserving_ahead = false;
@@ -269,11 +309,11 @@ impl Limiter {
         metrics().rate_limit_store_errors.inc();
         match self.cfg.on_store_error {
             OnStoreError::Unavailable => {
-                tracing::warn!(key_id, plan = %plan.name, error = %e, "cannot check the rate limit: store unavailable");
+                tracing::warn!(key_id, plan = %plan.name, error = %ErrorChain(&e), "cannot check the rate limit: store unavailable");
                 Verdict::Unavailable
             }
             OnStoreError::Allow => {
-                tracing::warn!(key_id, plan = %plan.name, error = %e, "rate limit not checked (store unavailable); allowed as rate_limits.on_store_error says");
+                tracing::warn!(key_id, plan = %plan.name, error = %ErrorChain(&e), "rate limit not checked (store unavailable); allowed as rate_limits.on_store_error says");
                 Verdict::Unlimited
             }
         }
@@ -289,11 +329,7 @@ impl Limiter {
             ttl_ms: ttl.as_millis() as u64,
             limit,
         };
-        let r = self
-            .store
-            .lease(key_id, &lease_id, op)
-            .await
-            .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
+        let r = self.store.lease(key_id, &lease_id, op).await?;
         if r.done {
             metrics()
                 .lease_operations
@@ -330,11 +366,7 @@ impl Limiter {
             },
             None => LeaseOp::Release,
         };
-        let r = self
-            .store
-            .lease(key_id, lease_id, op)
-            .await
-            .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
+        let r = self.store.lease(key_id, lease_id, op).await?;
         let what = if ttl.is_some() { "renewed" } else { "released" };
         if r.done {
             metrics().lease_operations.with_label_values(&[what]).inc();

@@ -104,7 +104,7 @@ pub(super) async fn readiness(
     }
     let store = match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
         Err(_) => Some("store timed out".to_owned()),
-        Ok(Err(e)) => Some(e.to_string()),
+        Ok(Err(e)) => Some(crate::telemetry::ErrorChain(&e).to_string()),
         Ok(Ok(())) => None,
     };
     let mut body = "ready\n".to_owned();

@@ -12,6 +12,7 @@
 
 pub mod audit;
 mod delegation;
+mod error;
 mod events;
 pub mod gcra;
 pub mod ledger;
@@ -24,21 +25,10 @@ pub mod redis;
 pub use crate::clock::now_ms;
 use async_trait::async_trait;
 pub use delegation::*;
+pub use error::{Outage, StoreError};
 pub use events::*;
 pub use rate::*;
 pub use record::*;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The backend could not answer: connection refused, timeout, I/O. Retryable.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-    #[error("key id {0} already exists")]
-    Conflict(String),
-    /// The backend answered with something keygate cannot read. Not retryable.
-    #[error("store returned corrupt data: {0}")]
-    Corrupt(String),
-}
 
 /// Whether a partner may act for a tenant now: all the delegation cache (`tenant.rs`)
 /// reads, so it can be given (and tested with) nothing more.

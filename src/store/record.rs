@@ -60,7 +60,8 @@ pub struct UsageDelta {
 /// Usage a store could not write: the deltas of the parts that failed, and the first
 /// failure. Every other part of the batch was written.
 #[derive(Debug, thiserror::Error)]
-#[error("usage of {} key(s) was not written: {error}", .unwritten.len())]
+// Not repeating its source: `telemetry::ErrorChain` prints it.
+#[error("usage of {} key(s) was not written", .unwritten.len())]
 pub struct UsageNotWritten {
     pub unwritten: Vec<UsageDelta>,
     #[source]

@@ -14,6 +14,7 @@ impl AuditLog for RedisStore {
         let mut conn = self.conn().await?;
         let _: String = self
             .run(
+                "appending to the audit trail",
                 redis::cmd("XADD")
                     .arg(self.audit_key())
                     .arg("MAXLEN")
@@ -35,8 +36,12 @@ impl AuditLog for RedisStore {
         let mut start = format!("{}-0", q.since_ms);
         // Pages of the stream, filtered here: the trail is bounded, the filters are few.
         loop {
-            let reply: redis::streams::StreamRangeReply =
-                self.run(conn.xrange_count(&key, &start, "+", 500)).await?;
+            let reply: redis::streams::StreamRangeReply = self
+                .run(
+                    "reading the audit trail",
+                    conn.xrange_count(&key, &start, "+", 500),
+                )
+                .await?;
             let Some(last) = reply.ids.last().map(|e| e.id.clone()) else {
                 break;
             };

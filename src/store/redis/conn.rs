@@ -10,6 +10,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::OnceCell;
 
+use super::failure::{outage, redis_outage, RedisFailure};
 use super::RedisStore;
 use crate::store::StoreError;
 
@@ -115,7 +116,8 @@ impl RedisStore {
     }
 
     async fn open(&self, response_timeout: Duration) -> Result<Conn, StoreError> {
-        let epoch = self.health.admit()?;
+        const WHAT: &str = "connecting to Redis";
+        let epoch = self.health.admit(WHAT)?;
         let connect = async {
             match &self.client {
                 Client::Single(client) => {
@@ -142,20 +144,22 @@ impl RedisStore {
         };
         tokio::time::timeout(self.timeout, connect)
             .await
-            .map_err(|_| StoreError::Unavailable("timed out connecting to Redis".into()))?
-            .map_err(|e| self.health.failed(e, epoch))
+            .map_err(|_| outage(WHAT, RedisFailure::TimedOut(self.timeout)))?
+            .map_err(|e| self.health.failed(WHAT, e, epoch))
     }
 
-    /// `cmd` (which names no key) on the master of `slot`, through `conn`.
+    /// `cmd` (which names no key) on the master of `slot`, through `conn`; `what` says
+    /// what it is for.
     pub(super) async fn on_slot_master<T: redis::FromRedisValue>(
         &self,
+        what: &'static str,
         conn: &mut Conn,
         slot: u16,
         cmd: &redis::Cmd,
     ) -> Result<T, StoreError> {
         let limit = self.timeout * 2;
         match conn {
-            Conn::Single(c) => self.run_for(limit, cmd.query_async(c)).await,
+            Conn::Single(c) => self.run_for(what, limit, cmd.query_async(c)).await,
             Conn::Cluster(c) => {
                 // Sent to the master of the slot, on the connection the script went
                 // through (WAIT counts that connection's writes).
@@ -163,8 +167,10 @@ impl RedisStore {
                 let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
                     Route::new(slot, SlotAddr::Master),
                 ));
-                let value = self.run_for(limit, c.route_command(cmd, route)).await?;
-                redis::from_redis_value(&value).map_err(unavailable)
+                let value = self
+                    .run_for(what, limit, c.route_command(cmd, route))
+                    .await?;
+                redis::from_redis_value(&value).map_err(|e| redis_outage(what, &e))
             }
         }
     }
@@ -177,32 +183,28 @@ impl RedisStore {
         Ok(conn.clone())
     }
 
-    /// Runs one Redis exchange under the store's timeout.
+    /// Runs one Redis exchange under the store's timeout; `what` names it in the outage
+    /// it may fail with ("reading a key record").
     pub(super) async fn run<T>(
         &self,
+        what: &'static str,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        self.run_for(self.timeout, f).await
+        self.run_for(what, self.timeout, f).await
     }
 
     /// Runs one Redis exchange under `limit`; at once an error while Redis is marked down
     /// (`Health`), without sending anything.
     pub(super) async fn run_for<T>(
         &self,
+        what: &'static str,
         limit: Duration,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        let epoch = self.health.admit()?;
+        let epoch = self.health.admit(what)?;
         match tokio::time::timeout(limit, f).await {
-            Ok(r) => r.map_err(|e| self.health.failed(e, epoch)),
-            Err(_) => Err(StoreError::Unavailable(
-                "Redis did not answer in time".into(),
-            )),
+            Ok(r) => r.map_err(|e| self.health.failed(what, e, epoch)),
+            Err(_) => Err(outage(what, RedisFailure::TimedOut(limit))),
         }
     }
-}
-
-pub(super) fn unavailable(e: redis::RedisError) -> StoreError {
-    crate::telemetry::metrics().store_errors.inc();
-    StoreError::Unavailable(e.to_string())
 }

@@ -20,7 +20,8 @@ impl DelegationSource for RedisStore {
             self.layout.partition_of(partner_id),
             &DelegationsOf::Partner(partner_id.to_owned()),
         );
-        self.run(conn.sismember(key, tenant_id)).await
+        self.run("reading a delegation", conn.sismember(key, tenant_id))
+            .await
     }
 }
 
@@ -35,6 +36,7 @@ impl DelegationRecords for RedisStore {
         let p = self.layout.partition_of(&d.partner_id);
         let changed: i64 = self
             .write(
+                "changing a delegation",
                 p,
                 Change::Script(
                     self.delegation
@@ -63,7 +65,10 @@ impl DelegationRecords for RedisStore {
         let sets = futures::future::try_join_all(partitions.into_iter().map(|p| {
             let mut conn = conn.clone();
             let key = self.delegation_key(p, of);
-            async move { self.run(conn.smembers::<_, Vec<String>>(key)).await }
+            async move {
+                self.run("listing delegations", conn.smembers::<_, Vec<String>>(key))
+                    .await
+            }
         }))
         .await?;
         let mut others: Vec<String> = sets.into_iter().flatten().collect();

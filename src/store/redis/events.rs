@@ -26,12 +26,15 @@ impl RedisStore {
     async fn stream_info(&self, partition: usize) -> Result<Option<StreamInfo>, StoreError> {
         let mut conn = self.conn().await?;
         let events = self.events_key(partition);
-        let exists: bool = self.run(conn.exists(&events)).await?;
+        let exists: bool = self
+            .run("reading the revocation stream", conn.exists(&events))
+            .await?;
         if !exists {
             return Ok(None);
         }
         let info: Vec<redis::Value> = self
             .run(
+                "reading the revocation stream",
                 redis::cmd("XINFO")
                     .arg("STREAM")
                     .arg(&events)
@@ -176,6 +179,7 @@ impl EventLog for RedisStore {
         };
         let reply: Option<redis::streams::StreamReadReply> = self
             .run_for(
+                "reading the revocation stream",
                 limit,
                 conn.xread_options(&[self.events_key(partition)], &[after.to_string()], &opts),
             )

@@ -10,17 +10,14 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use super::conn::{unavailable, Client};
+use super::conn::Client;
+use super::failure::{outage, RedisFailure};
 use crate::store::StoreError;
 
 /// The first wait between two probes of a Redis marked down; it doubles up to
 /// `PROBE_MAX_WAIT`.
 const PROBE_FIRST_WAIT: Duration = Duration::from_millis(50);
 const PROBE_MAX_WAIT: Duration = Duration::from_secs(1);
-
-/// What a call is answered while Redis is marked down.
-const MARKED_DOWN: &str =
-    "Redis refused or dropped the connection; marked down until a probe reaches it again";
 
 /// Fails fast while one Redis is known to refuse connections.
 ///
@@ -87,16 +84,15 @@ impl Health {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Before a call: the epoch it runs in (for `failed`), or the error at once when the
-    /// store is marked down.
-    pub(super) fn admit(&self) -> Result<u64, StoreError> {
+    /// Before a call (`what`): the epoch it runs in (for `failed`), or the error at once
+    /// when the store is marked down.
+    pub(super) fn admit(&self, what: &'static str) -> Result<u64, StoreError> {
         if !self.down.load(Ordering::Acquire) {
             return Ok(self.epoch.load(Ordering::Acquire));
         }
         self.refused.fetch_add(1, Ordering::Relaxed);
         health_metrics().fast_failures.inc();
-        crate::telemetry::metrics().store_errors.inc();
-        Err(StoreError::Unavailable(MARKED_DOWN.into()))
+        Err(outage(what, RedisFailure::MarkedDown))
     }
 
     pub(super) fn opened(&self, manager: &Arc<ConnectionManager>) {
@@ -105,20 +101,27 @@ impl Health {
         state.managers.push(Arc::downgrade(manager));
     }
 
-    /// A call begun in `epoch` failed with `e`: a refused connection marks the store down
-    /// (unless it was marked up since the call began: that call was on a connection of the
-    /// outage). A dropped one marks it down only if a new connection is refused too: one
-    /// connection closed (by Redis's idle `timeout`, `CLIENT KILL`, a proxy) is not an
-    /// outage, and must not fail every other call.
-    pub(super) fn failed(self: &Arc<Self>, e: redis::RedisError, epoch: u64) -> StoreError {
+    /// A call (`what`) begun in `epoch` failed with `e`: a refused connection marks the
+    /// store down (unless it was marked up since the call began: that call was on a
+    /// connection of the outage). A dropped one marks it down only if a new connection is
+    /// refused too: one connection closed (by Redis's idle `timeout`, `CLIENT KILL`, a
+    /// proxy) is not an outage, and must not fail every other call. The error returned
+    /// is told by its kind only (`failure.rs`), as is the one logged when marking down.
+    pub(super) fn failed(
+        self: &Arc<Self>,
+        what: &'static str,
+        e: redis::RedisError,
+        epoch: u64,
+    ) -> StoreError {
+        let failure = RedisFailure::from(&e);
         if self.probe.is_some() {
             if e.is_connection_refusal() {
-                self.mark_down(epoch, &e);
+                self.mark_down(epoch, &failure);
             } else if e.is_connection_dropped() {
                 self.check(epoch);
             }
         }
-        unavailable(e)
+        outage(what, failure)
     }
 
     /// After a dropped connection: one new connection decides whether Redis is down.

@@ -135,6 +135,7 @@ impl RedisStore {
         let want = self.layout.partitions();
         let recorded: String = self
             .run(
+                "checking the store's layout",
                 Script::new(include_str!("../lua/layout.lua"))
                     .key(self.layout_key())
                     .key(self.layout.global("events"))

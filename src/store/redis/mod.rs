@@ -40,7 +40,8 @@
 //! can read and decide (does the key exist? is it already revoked?) inside the same atomic
 //! step, which MULTI cannot without WATCH retries.
 //!
-//! Files: `conn.rs` connections and running a call under the timeout, `health.rs`
+//! Files: `conn.rs` connections and running a call under the timeout, `failure.rs` what
+//! a failed call is reported as (never a redis error's own text), `health.rs`
 //! failing fast while one Redis refuses connections, `layout.rs` where each Redis key
 //! lives, `writes.rs` changes that wait for replicas, `records.rs` key records and their
 //! two formats, `events.rs` the revocation stream, and one file per remaining store
@@ -52,6 +53,7 @@ mod audit_log;
 mod conn;
 mod delegations;
 mod events;
+mod failure;
 mod health;
 mod layout;
 mod rate_ledger;
@@ -69,6 +71,8 @@ use redis::Script;
 use tokio::sync::OnceCell;
 
 use self::conn::{Client, Conn};
+use self::failure::redis_outage;
+pub use self::failure::RedisFailure;
 use self::health::Health;
 use self::layout::Layout;
 pub use self::layout::{partition_tag, slot_of_tag};
@@ -172,7 +176,8 @@ impl RedisStore {
         timeout: Duration,
         opts: &RedisOptions,
     ) -> Result<Self, StoreError> {
-        let unavailable = |e: redis::RedisError| StoreError::Unavailable(e.to_string());
+        // The URL and the nodes are not quoted back: they may hold a password.
+        let unavailable = |e: redis::RedisError| redis_outage("building the Redis client", &e);
         if !(1..=MAX_PARTITIONS).contains(&opts.partitions) {
             return Err(StoreError::Corrupt(format!(
                 "{} stream partitions: must be 1 to {MAX_PARTITIONS}",
@@ -279,7 +284,9 @@ impl RedisStore {
 impl KeyStore for RedisStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        let _: String = self.run(redis::cmd("PING").query_async(&mut conn)).await?;
+        let _: String = self
+            .run("pinging Redis", redis::cmd("PING").query_async(&mut conn))
+            .await?;
         Ok(())
     }
 }

@@ -42,8 +42,9 @@ impl crate::store::RateLedger for RedisStore {
         } else {
             self.waiting_conn(&self.reservations).await?
         };
-        let (granted, remaining, retry_after_ms, full_in_ms): (u32, u32, u64, u64) =
-            self.run(invocation.invoke_async(&mut conn)).await?;
+        let (granted, remaining, retry_after_ms, full_in_ms): (u32, u32, u64, u64) = self
+            .run("reserving admissions", invocation.invoke_async(&mut conn))
+            .await?;
         if granted > 0 {
             self.await_replicas(&mut conn, slot_of_tag(key_id), Acks::Strict)
                 .await?;
@@ -70,6 +71,7 @@ impl crate::store::RateLedger for RedisStore {
         let mut conn = self.conn().await?;
         let (done, held): (i64, u32) = self
             .run(
+                "changing a lease",
                 self.lease
                     .key(format!("{}:{{{key_id}}}:leases", self.layout.ns))
                     .arg(name)

@@ -5,6 +5,7 @@
 use async_trait::async_trait;
 use redis::{AsyncCommands, Script};
 
+use super::failure::{outage, RedisFailure};
 use super::writes::Change;
 use super::{RedisStore, STREAM_MAX_LEN};
 use crate::store::{
@@ -98,7 +99,10 @@ impl RedisStore {
         key_id: &str,
         raw: redis::Value,
     ) -> Result<Option<(KeyRecord, Vec<u8>)>, StoreError> {
-        let corrupt = |e: redis::RedisError| StoreError::Corrupt(e.to_string());
+        // Told by its kind: a type error quotes the reply, and a record holds a hash.
+        let corrupt = |e: redis::RedisError| {
+            StoreError::Corrupt(format!("key {key_id}: {}", RedisFailure::from(&e)))
+        };
         match self.format() {
             RecordFormat::Hash => {
                 if raw == redis::Value::Nil {
@@ -178,6 +182,7 @@ impl KeyRecords for RedisStore {
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let created: i64 = self
                     .write(
+                        "creating a key record",
                         p,
                         Change::Script(
                             self.create
@@ -199,12 +204,14 @@ impl KeyRecords for RedisStore {
                 let index_partition = self.index_partition(&record.owner());
                 let added: i64 = self
                     .write(
+                        "indexing a new key",
                         index_partition,
                         Change::Command(redis::cmd("ZADD").arg(&index).arg(0).arg(&record.key_id)),
                     )
                     .await?;
                 let set: i64 = self
                     .write(
+                        "creating a key record",
                         p,
                         Change::Command(
                             redis::cmd("HSETNX")
@@ -218,6 +225,7 @@ impl KeyRecords for RedisStore {
                     // Another key has this id: its owner's index is not ours to add to.
                     let _: i64 = self
                         .write(
+                            "unindexing a key not created",
                             index_partition,
                             Change::Command(redis::cmd("ZREM").arg(&index).arg(&record.key_id)),
                         )
@@ -236,7 +244,10 @@ impl KeyRecords for RedisStore {
     async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
         let mut conn = self.conn().await?;
         let raw: redis::Value = self
-            .run(self.read_cmd(key_id).query_async(&mut conn))
+            .run(
+                "reading a key record",
+                self.read_cmd(key_id).query_async(&mut conn),
+            )
             .await?;
         Ok(self.decode_raw(key_id, raw)?.map(|(record, _)| record))
     }
@@ -255,6 +266,7 @@ impl KeyRecords for RedisStore {
         // One round trip: both live under the record's own key (one slot).
         let (raw, verifier): (redis::Value, Option<String>) = self
             .run(
+                "reading a key record",
                 redis::pipe()
                     .add_command(self.read_cmd(key_id))
                     .add_command(verifier)
@@ -275,7 +287,9 @@ impl KeyRecords for RedisStore {
         };
         // Not waited on by replicas: a verifier lost in a failover costs one argon2 run.
         let mut conn = self.conn().await?;
-        let written: i64 = self.run(invocation.invoke_async(&mut conn)).await?;
+        let written: i64 = self
+            .run("leaving a verifier", invocation.invoke_async(&mut conn))
+            .await?;
         Ok(written == 1)
     }
 
@@ -298,7 +312,10 @@ impl KeyRecords for RedisStore {
         };
         let index = self.index_key(self.index_partition(owner), owner);
         let mut ids: Vec<String> = self
-            .run(conn.zrangebylex_limit(index, min, "+", 0, limit as isize + 1))
+            .run(
+                "listing keys",
+                conn.zrangebylex_limit(index, min, "+", 0, limit as isize + 1),
+            )
             .await?;
         let more = ids.len() > limit;
         ids.truncate(limit);
@@ -318,7 +335,9 @@ impl KeyRecords for RedisStore {
                 pipe.add_command(self.read_cmd(id));
             }
             async move {
-                let rows: Vec<redis::Value> = self.run(pipe.query_async(&mut conn)).await?;
+                let rows: Vec<redis::Value> = self
+                    .run("listing keys", pipe.query_async(&mut conn))
+                    .await?;
                 Ok::<_, StoreError>(group.into_iter().zip(rows).collect::<Vec<_>>())
             }
         }))
@@ -345,7 +364,11 @@ impl KeyRecords for RedisStore {
             .arg(STREAM_MAX_LEN)
             .arg(EventKind::Revoked.as_str());
         let raw: redis::Value = self
-            .write(self.partition_of(key_id), Change::Script(&revoke))
+            .write(
+                "revoking a key",
+                self.partition_of(key_id),
+                Change::Script(&revoke),
+            )
             .await?;
         Ok(self.decode_raw(key_id, raw)?.map(|(record, _)| record))
     }
@@ -363,7 +386,10 @@ impl KeyRecords for RedisStore {
         for _ in 0..8 {
             let mut conn = self.conn().await?;
             let raw: redis::Value = self
-                .run(self.read_cmd(key_id).query_async(&mut conn))
+                .run(
+                    "reading a key record",
+                    self.read_cmd(key_id).query_async(&mut conn),
+                )
                 .await?;
             let Some((mut record, as_read)) = self.decode_raw(key_id, raw)? else {
                 return Ok(None);
@@ -385,16 +411,19 @@ impl KeyRecords for RedisStore {
                 .arg(key_id)
                 .arg(STREAM_MAX_LEN)
                 .arg(EventKind::Updated.as_str());
-            let written: i64 = self.write(p, Change::Script(&update)).await?;
+            let written: i64 = self
+                .write("updating a key record", p, Change::Script(&update))
+                .await?;
             match written {
                 1 => return Ok(Some(record)),
                 -1 => return Ok(None),
                 _ => continue,
             }
         }
-        Err(StoreError::Unavailable(format!(
-            "key {key_id} kept changing while being updated"
-        )))
+        Err(outage(
+            "updating a key record",
+            format!("key {key_id} kept changing while being updated"),
+        ))
     }
 
     async fn delete(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
@@ -414,11 +443,14 @@ impl KeyRecords for RedisStore {
             .arg(key_id)
             .arg(STREAM_MAX_LEN)
             .arg(EventKind::Deleted.as_str());
-        let raw: redis::Value = self.write(p, Change::Script(&delete)).await?;
+        let raw: redis::Value = self
+            .write("deleting a key", p, Change::Script(&delete))
+            .await?;
         if self.format() == RecordFormat::Packed {
             // The record went first: an index entry left by a crash here is skipped.
             let _: i64 = self
                 .write(
+                    "unindexing a deleted key",
                     self.index_partition(&owner),
                     Change::Command(redis::cmd("ZREM").arg(&index).arg(key_id)),
                 )

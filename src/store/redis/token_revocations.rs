@@ -4,6 +4,7 @@
 use async_trait::async_trait;
 use redis::AsyncCommands;
 
+use super::failure::outage;
 use super::writes::Change;
 use super::{RedisStore, STREAM_MAX_LEN};
 use crate::store::{StoreError, TokenRevocation, TokenRevocations, TOKENS_REVOKED};
@@ -20,7 +21,12 @@ impl TokenRevocations for RedisStore {
         // Read, merge, and write only if the rule is still what was read (as `update`).
         for _ in 0..8 {
             let mut conn = self.conn().await?;
-            let current: Option<String> = self.run(conn.hget(self.tokens_key(p), &key)).await?;
+            let current: Option<String> = self
+                .run(
+                    "reading a token revocation",
+                    conn.hget(self.tokens_key(p), &key),
+                )
+                .await?;
             let old = match &current {
                 Some(json) => Some(serde_json::from_str::<TokenRevocation>(json).map_err(corrupt)?),
                 None => None,
@@ -35,6 +41,7 @@ impl TokenRevocations for RedisStore {
             let json = serde_json::to_string(&stored).map_err(corrupt)?;
             let written: i64 = self
                 .write(
+                    "revoking tokens",
                     p,
                     Change::Script(
                         self.revoke_tokens
@@ -55,10 +62,13 @@ impl TokenRevocations for RedisStore {
                 return Ok(stored);
             }
         }
-        Err(StoreError::Unavailable(format!(
-            "token revocation {} kept changing while being written",
-            revocation.issuer
-        )))
+        Err(outage(
+            "revoking tokens",
+            format!(
+                "token revocation {} kept changing while being written",
+                revocation.issuer
+            ),
+        ))
     }
 
     async fn token_revocations(&self, now_ms: u64) -> Result<Vec<TokenRevocation>, StoreError> {
@@ -66,7 +76,13 @@ impl TokenRevocations for RedisStore {
         let all = futures::future::try_join_all((0..self.layout.partitions()).map(|p| {
             let mut conn = conn.clone();
             let key = self.tokens_key(p);
-            async move { self.run(conn.hvals::<_, Vec<String>>(key)).await }
+            async move {
+                self.run(
+                    "reading token revocations",
+                    conn.hvals::<_, Vec<String>>(key),
+                )
+                .await
+            }
         }))
         .await?;
         let all: Vec<String> = all.into_iter().flatten().collect();

@@ -63,7 +63,9 @@ impl UsageSink for RedisStore {
                     .arg(d.last_used_at_ms);
             }
             calls.push(async move {
-                let written: Result<i64, _> = self.run(invocation.invoke_async(&mut conn)).await;
+                let written: Result<i64, _> = self
+                    .run("adding key usage", invocation.invoke_async(&mut conn))
+                    .await;
                 (part, written.map(drop))
             });
         }

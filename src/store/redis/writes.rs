@@ -3,6 +3,7 @@
 //! nothing of what is changed: callers build the script or command.
 
 use super::conn::Conn;
+use super::failure::outage;
 use super::layout::slot_of_tag;
 use super::RedisStore;
 use crate::store::StoreError;
@@ -29,16 +30,20 @@ impl RedisStore {
     /// Runs a script that changes state in `partition` on the writes' own connection, then
     /// waits until `replica_acks` replicas of that partition's master have it: a change
     /// acknowledged to the caller survives the master's failover. The wait blocks its
-    /// connection, which is why writes do not share the request path's.
+    /// connection, which is why writes do not share the request path's. `what` names the
+    /// change in the outage it may fail with.
     pub(super) async fn write<T: redis::FromRedisValue>(
         &self,
+        what: &'static str,
         partition: usize,
         change: Change<'_>,
     ) -> Result<T, StoreError> {
         let mut conn = self.waiting_conn(&self.writes).await?;
         let out = match change {
-            Change::Script(invocation) => self.run(invocation.invoke_async(&mut conn)).await?,
-            Change::Command(cmd) => self.run(cmd.query_async(&mut conn)).await?,
+            Change::Script(invocation) => {
+                self.run(what, invocation.invoke_async(&mut conn)).await?
+            }
+            Change::Command(cmd) => self.run(what, cmd.query_async(&mut conn)).await?,
         };
         let slot = slot_of_tag(&self.layout.tags[partition]);
         self.await_replicas(&mut conn, slot, Acks::AllConnected)
@@ -56,9 +61,9 @@ impl RedisStore {
         slot: u16,
         acks: Acks,
     ) -> Result<(), StoreError> {
-        let what = match acks {
-            Acks::AllConnected => "change",
-            Acks::Strict => "reservation",
+        let (what, waiting) = match acks {
+            Acks::AllConnected => ("change", "waiting for replicas to have a change"),
+            Acks::Strict => ("reservation", "waiting for replicas to have a reservation"),
         };
         if self.replica_acks == 0 {
             return Ok(());
@@ -66,23 +71,25 @@ impl RedisStore {
         let mut wait = redis::cmd("WAIT");
         wait.arg(self.replica_acks)
             .arg(self.timeout.as_millis() as u64);
-        let acked: u32 = self.on_slot_master(conn, slot, &wait).await?;
+        let acked: u32 = self.on_slot_master(waiting, conn, slot, &wait).await?;
         if acked >= self.replica_acks {
             return Ok(());
         }
         if acks == Acks::Strict {
-            crate::telemetry::metrics().store_errors.inc();
-            return Err(StoreError::Unavailable(format!(
-                "the {what} reached {acked} replica(s) in time, store.replica_acks is {}: \
+            return Err(outage(
+                waiting,
+                format!(
+                    "the {what} reached {acked} replica(s) in time, store.replica_acks is {}: \
                  not spent (a failover could lose it)",
-                self.replica_acks
-            )));
+                    self.replica_acks
+                ),
+            ));
         }
         // Fewer answered than asked: wait for the replicas there are. A master left with
         // none (its replica failed over to it, or died) has nobody to copy to; refusing
         // then would report a revocation that is in force as failed.
         let info: String = self
-            .on_slot_master(conn, slot, redis::cmd("INFO").arg("replication"))
+            .on_slot_master(waiting, conn, slot, redis::cmd("INFO").arg("replication"))
             .await?;
         let connected: u32 = info
             .lines()
@@ -98,12 +105,14 @@ impl RedisStore {
             );
             return Ok(());
         }
-        crate::telemetry::metrics().store_errors.inc();
-        Err(StoreError::Unavailable(format!(
-            "the {what} is on the master, but {acked} of its {connected} replica(s) \
+        Err(outage(
+            waiting,
+            format!(
+                "the {what} is on the master, but {acked} of its {connected} replica(s) \
              acknowledged it in time (store.replica_acks is {}): a failover now could lose \
              it; retry (the call is idempotent)",
-            self.replica_acks
-        )))
+                self.replica_acks
+            ),
+        ))
     }
 }
