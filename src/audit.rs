@@ -74,6 +74,7 @@ impl Audit {
         };
         tracing::info!(
             target: "audit",
+            event = "audit.recorded",
             action = %entry.action,
             key_id = entry.key_id.as_deref().unwrap_or(""),
             tenant = entry.tenant_id.as_deref().unwrap_or(""),
@@ -83,7 +84,7 @@ impl Audit {
             "audit"
         );
         if let Err(e) = self.store.append_audit(&entry).await {
-            tracing::warn!(error = %ErrorChain(&e), action = %entry.action, "cannot write the audit entry to the store; it is in this log only");
+            tracing::warn!(event = "audit.store_failed", error = %ErrorChain(&e), action = %entry.action, "cannot write the audit entry to the store; it is in this log only");
         }
     }
 

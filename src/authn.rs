@@ -136,7 +136,7 @@ impl Authenticator {
         let parsed = match apikey::parse(token, &self.prefix) {
             Ok(p) => p,
             Err(e) => {
-                tracing::debug!(reason = %e, "API key rejected before lookup");
+                tracing::debug!(event = "authn.api_key_malformed", reason = %e, "API key rejected before lookup");
                 return Err(AuthnFailure::Deny(DenyReason::InvalidApiKey));
             }
         };
@@ -161,7 +161,7 @@ impl Authenticator {
                 Err(AuthnFailure::Deny(reason))
             }
             Err(e) => {
-                tracing::warn!(key_id = parsed.key_id, error = %ErrorChain(&e), "cannot verify API key: store unavailable");
+                tracing::warn!(event = "authn.store_unavailable", key_id = parsed.key_id, error = %ErrorChain(&e), "cannot verify API key: store unavailable");
                 Err(AuthnFailure::Unavailable)
             }
         }
@@ -182,7 +182,7 @@ impl Authenticator {
                 Ok(match self.jwt.verify(token, now_ms()).await {
                     Ok(p) => Verified::Valid(Arc::new(p)),
                     Err(e) => {
-                        tracing::info!(reason = %e, "JWT rejected");
+                        tracing::info!(event = "authn.jwt_rejected", reason = %e, "JWT rejected");
                         Verified::Invalid(DenyReason::InvalidToken)
                     }
                 })
@@ -198,13 +198,14 @@ impl Authenticator {
                     Ok(false) => Ok(p),
                     Ok(true) => {
                         tracing::info!(
+                            event = "authn.jwt_revoked",
                             issuer = p.issuer.as_deref().unwrap_or(""),
                             "JWT rejected: revoked"
                         );
                         Err(AuthnFailure::Deny(DenyReason::InvalidToken))
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot judge a JWT now");
+                        tracing::warn!(event = "authn.jwt_undecidable", error = %e, "cannot judge a JWT now");
                         Err(AuthnFailure::Unavailable)
                     }
                 }
@@ -240,11 +241,15 @@ impl Authenticator {
         match lookup.value {
             Ok(Verified::Valid(p)) if !p.is_expired(now_ms()) => Ok(p),
             Ok(_) => {
-                tracing::debug!(key_id, "session token refused: its key is no longer active");
+                tracing::debug!(
+                    event = "authn.session_key_inactive",
+                    key_id,
+                    "session token refused: its key is no longer active"
+                );
                 Err(AuthnFailure::Deny(DenyReason::InvalidToken))
             }
             Err(e) => {
-                tracing::warn!(key_id, error = %ErrorChain(&e), "cannot read a session token's key: store unavailable");
+                tracing::warn!(event = "authn.session_key_unreadable", key_id, error = %ErrorChain(&e), "cannot read a session token's key: store unavailable");
                 Err(AuthnFailure::Unavailable)
             }
         }
@@ -261,7 +266,11 @@ impl Authenticator {
         digest: Digest,
     ) -> Result<Verified, StoreError> {
         let Some((record, verifier)) = self.store.get_verifiable(key_id).await? else {
-            tracing::debug!(key_id, "API key id unknown");
+            tracing::debug!(
+                event = "authn.api_key_unknown",
+                key_id,
+                "API key id unknown"
+            );
             return Ok(Verified::Invalid(DenyReason::InvalidApiKey));
         };
         if record.environment != environment {
@@ -276,6 +285,7 @@ impl Authenticator {
         } else if self.failures.exhausted(key_id) {
             metrics().argon2_refused.inc();
             tracing::debug!(
+                event = "authn.api_key_guesses_refused",
                 key_id,
                 "API key verification refused: too many wrong secrets"
             );
@@ -309,15 +319,19 @@ impl Authenticator {
                         )
                         .await;
                 }
-                tracing::info!(key_id, "wrong secret presented for API key");
+                tracing::info!(
+                    event = "authn.api_key_wrong_secret",
+                    key_id,
+                    "wrong secret presented for API key"
+                );
                 return Ok(Verified::Invalid(DenyReason::InvalidApiKey));
             }
             Err(e @ HashError::Busy(_)) => {
-                tracing::warn!(key_id, error = %e, "cannot verify API key now");
+                tracing::warn!(event = "authn.argon2_unavailable", key_id, error = %e, "cannot verify API key now");
                 return Err(StoreError::unavailable("verifying an API key", e));
             }
             Err(e) => {
-                tracing::error!(key_id, error = %e, "API key hash cannot be verified");
+                tracing::error!(event = "authn.api_key_hash_unreadable", key_id, error = %e, "API key hash cannot be verified");
                 return Err(StoreError::Corrupt(e.to_string()));
             }
         }
@@ -336,7 +350,7 @@ impl Authenticator {
     async fn leave_verifier(&self, key_id: &str, secret: &str) {
         let verifier = self.hasher.verifier(key_id, secret);
         if let Err(e) = self.store.set_verifier(key_id, &verifier).await {
-            tracing::warn!(key_id, error = %ErrorChain(&e), "cannot store an API key's verifier; other replicas will run argon2 for it");
+            tracing::warn!(event = "authn.verifier_not_stored", key_id, error = %ErrorChain(&e), "cannot store an API key's verifier; other replicas will run argon2 for it");
         }
     }
 }

@@ -147,6 +147,7 @@ impl Authorizer {
         m.count_decision(decision.label());
         match &decision {
             Decision::Allow(a) => tracing::debug!(
+                event = "decision.allowed",
                 method = %req.method,
                 route = %a.route,
                 key_id = a.principal.as_ref().and_then(|p| p.key_id.as_deref()).unwrap_or(""),
@@ -155,6 +156,7 @@ impl Authorizer {
             ),
             Decision::Deny(d) => match DENIALS_LOGGED.admit() {
                 Some(not_logged) => tracing::info!(
+                    event = "decision.denied",
                     method = %req.method,
                     code = d.reason.code(),
                     peer = req.peer.as_deref().unwrap_or(""),
@@ -162,6 +164,7 @@ impl Authorizer {
                     "request denied"
                 ),
                 None => tracing::debug!(
+                    event = "decision.denied",
                     method = %req.method,
                     code = d.reason.code(),
                     "request denied"
@@ -169,12 +172,14 @@ impl Authorizer {
             },
             Decision::Unavailable(u) => match UNDECIDED_LOGGED.admit() {
                 Some(not_logged) => tracing::warn!(
+                    event = "decision.unavailable",
                     method = %req.method,
                     backend = u.backend,
                     not_logged,
                     "request could not be decided: backend unavailable"
                 ),
                 None => tracing::debug!(
+                    event = "decision.unavailable",
                     backend = u.backend,
                     "request could not be decided: backend unavailable"
                 ),
@@ -190,14 +195,14 @@ impl Authorizer {
         let route = match self.policy.route_of(&req.method, &req.path) {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!(reason = %e, "request path refused");
+                tracing::debug!(event = "decision.path_refused", reason = %e, "request path refused");
                 return Decision::Deny(Denial::invalid_path(e));
             }
         };
         let overrides = match self.method_overrides(req) {
             Ok(methods) => methods,
             Err(reason) => {
-                tracing::debug!(mode = ?self.method_override, "method override refused");
+                tracing::debug!(event = "decision.method_override_refused", mode = ?self.method_override, "method override refused");
                 return Decision::deny(reason);
             }
         };
@@ -207,7 +212,7 @@ impl Authorizer {
             match self.policy.route_of(m, &req.path) {
                 Ok(r) => also.push(r),
                 Err(e) => {
-                    tracing::debug!(reason = %e, "request path refused");
+                    tracing::debug!(event = "decision.path_refused", reason = %e, "request path refused");
                     return Decision::Deny(Denial::invalid_path(e));
                 }
             }

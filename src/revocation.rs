@@ -87,7 +87,7 @@ impl FeedItem {
             StreamEntry::Tokens(t) => FeedItem::Tokens(t),
             StreamEntry::Delegation(d) => FeedItem::Delegation(d),
             StreamEntry::Unreadable { id, key_id, detail } => {
-                tracing::warn!(%id, key_id = key_id.as_deref().unwrap_or(""), detail, "revocation stream entry cannot be read; taking the safe side");
+                tracing::warn!(event = "revocation.entry_unreadable", %id, key_id = key_id.as_deref().unwrap_or(""), detail, "revocation stream entry cannot be read; taking the safe side");
                 match key_id {
                     Some(key_id) => FeedItem::Unknown { id, key_id },
                     None => FeedItem::Reset(id),
@@ -284,6 +284,7 @@ impl EventFeed for StoreFeed {
                     if part.retry_at.take().is_some() {
                         self.failing.fetch_sub(1, Ordering::AcqRel);
                         tracing::info!(
+                            event = "revocation.partition_resumed",
                             partition = p,
                             "following the revocation stream partition again"
                         );
@@ -314,7 +315,7 @@ impl EventFeed for StoreFeed {
                     part.retry_at = Some(tokio::time::Instant::now() + part.backoff.next());
                     if first {
                         self.failing.fetch_add(1, Ordering::AcqRel);
-                        tracing::warn!(partition = p, error = %ErrorChain(&e), "cannot read a revocation stream partition; following the others meanwhile");
+                        tracing::warn!(event = "revocation.partition_failed", partition = p, error = %ErrorChain(&e), "cannot read a revocation stream partition; following the others meanwhile");
                         return Err(e);
                     }
                     // Still failing: it is retried on its own backoff.
@@ -415,10 +416,11 @@ impl RevocationBus {
             .set(if connected { 1 } else { 0 });
         if was && !connected {
             tracing::warn!(
+                event = "revocation.stream_lost",
                 "lost the revocation stream; cached keys are bounded by their TTL until it is back"
             );
         } else if !was && connected {
-            tracing::info!(after = %self.last_applied(), "following the revocation stream");
+            tracing::info!(event = "revocation.following", after = %self.last_applied(), "following the revocation stream");
         }
     }
 
@@ -429,24 +431,24 @@ impl RevocationBus {
             FeedItem::Event(e) => {
                 self.cache.invalidate_key(&e.key_id, Some(e.kind));
                 applied(e.at_ms);
-                tracing::debug!(key_id = %e.key_id, kind = e.kind.as_str(), id = %e.id, "revocation applied");
+                tracing::debug!(event = "revocation.applied", key_id = %e.key_id, kind = e.kind.as_str(), id = %e.id, "revocation applied");
             }
             FeedItem::Tokens(t) => {
                 self.tokens.prune(now_ms());
                 self.tokens.apply(&t.revocation);
                 m.jwt_revocations.set(self.tokens.len() as i64);
                 applied(t.revocation.at_ms);
-                tracing::info!(issuer = %t.revocation.issuer, id = %t.id, "JWT revocation applied");
+                tracing::info!(event = "revocation.jwt_applied", issuer = %t.revocation.issuer, id = %t.id, "JWT revocation applied");
             }
             FeedItem::Delegation(d) => {
                 self.delegations.changed(&d.partner_id, &d.tenant_id);
                 applied(d.at_ms);
-                tracing::info!(partner = %d.partner_id, tenant = %d.tenant_id, granted = d.granted, id = %d.id, "delegation change applied");
+                tracing::info!(event = "revocation.delegation_applied", partner = %d.partner_id, tenant = %d.tenant_id, granted = d.granted, id = %d.id, "delegation change applied");
             }
             FeedItem::Unknown { id, key_id } => {
                 self.cache.invalidate_key(key_id, None);
                 m.revocation_unreadable.inc();
-                tracing::warn!(%key_id, %id, "revocation event of an unknown kind: dropped the key from the cache");
+                tracing::warn!(event = "revocation.unknown_kind", %key_id, %id, "revocation event of an unknown kind: dropped the key from the cache");
             }
             FeedItem::Reset(id) => {
                 // JWT revocations may have been among the lost events: none is judged
@@ -456,7 +458,7 @@ impl RevocationBus {
                 self.cache.invalidate_all();
                 m.revocation_flushes.inc();
                 self.flushes.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(resume_after = %id, "revocation events were lost or unreadable; flushed the credential cache");
+                tracing::warn!(event = "revocation.cache_flushed", resume_after = %id, "revocation events were lost or unreadable; flushed the credential cache");
             }
         }
         *self.last_applied.lock().expect("not poisoned") = entry.cursor.clone();
@@ -476,7 +478,7 @@ impl RevocationBus {
                 r = feed.start_position() => match r {
                     Ok(id) => break id,
                     Err(e) => {
-                        tracing::warn!(error = %ErrorChain(&e), "cannot find the revocation stream's position");
+                        tracing::warn!(event = "revocation.position_unknown", error = %ErrorChain(&e), "cannot find the revocation stream's position");
                         tokio::time::sleep(backoff.next()).await;
                     }
                 }
@@ -491,7 +493,7 @@ impl RevocationBus {
                 loaded = self.load_tokens(feed.as_ref()) => match loaded {
                     Ok(()) => break,
                     Err(e) => {
-                        tracing::warn!(error = %ErrorChain(&e), "cannot load the JWT revocations");
+                        tracing::warn!(event = "revocation.jwt_load_failed", error = %ErrorChain(&e), "cannot load the JWT revocations");
                         tokio::time::sleep(backoff.next()).await;
                     }
                 }
@@ -507,7 +509,7 @@ impl RevocationBus {
             if !self.tokens.is_complete() {
                 // After a reset: no JWT is judged until this succeeds.
                 if let Err(e) = self.load_tokens(feed.as_ref()).await {
-                    tracing::warn!(error = %ErrorChain(&e), "cannot reload the JWT revocations");
+                    tracing::warn!(event = "revocation.jwt_reload_failed", error = %ErrorChain(&e), "cannot reload the JWT revocations");
                     self.set_connected(false);
                     tokio::select! {
                         _ = stop.changed() => return,
@@ -532,7 +534,7 @@ impl RevocationBus {
                 }
                 Err(e) => {
                     if self.is_connected() || !resync {
-                        tracing::warn!(error = %ErrorChain(&e), "revocation stream read failed");
+                        tracing::warn!(event = "revocation.read_failed", error = %ErrorChain(&e), "revocation stream read failed");
                     }
                     self.set_connected(false);
                     metrics().revocation_reconnects.inc();
@@ -553,7 +555,11 @@ impl RevocationBus {
         let all = feed.token_revocations().await?;
         self.tokens.load(&all);
         metrics().jwt_revocations.set(self.tokens.len() as i64);
-        tracing::debug!(held = all.len(), "JWT revocations loaded");
+        tracing::debug!(
+            event = "revocation.jwt_loaded",
+            held = all.len(),
+            "JWT revocations loaded"
+        );
         Ok(())
     }
 }

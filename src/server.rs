@@ -272,7 +272,7 @@ impl Drainer {
     /// usage is flushed and Watch streams end before the server's tasks do.
     pub async fn drain(self) {
         let _ = self.draining.send(true);
-        tracing::info!(delay = ?self.delay, "draining: reporting NOT_SERVING, still serving");
+        tracing::info!(event = "server.draining", delay = ?self.delay, "draining: reporting NOT_SERVING, still serving");
         tokio::time::sleep(self.delay).await;
         let _ = self.stop.send(true);
     }
@@ -504,7 +504,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
         }
     };
 
-    tracing::info!(%grpc, %admin, %http, http_authz = ?http_authz, store = ?cfg.store.backend, "keygate listening");
+    tracing::info!(event = "server.listening", %grpc, %admin, %http, http_authz = ?http_authz, store = ?cfg.store.backend, "keygate listening");
     Ok(Running {
         grpc,
         admin,

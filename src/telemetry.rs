@@ -331,7 +331,7 @@ where
 pub fn flush_traces() {
     if let Some(p) = PROVIDER.get() {
         if let Err(e) = p.shutdown() {
-            tracing::warn!(error = %e, "traces could not all be exported at exit");
+            tracing::warn!(event = "traces.export_failed", error = %e, "traces could not all be exported at exit");
         }
     }
 }

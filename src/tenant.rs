@@ -221,7 +221,7 @@ impl Delegations {
     /// and answered `TenantFailure::Unavailable`.
     pub async fn delegated(&self, partner: &str, tenant: &str) -> Result<bool, TenantFailure> {
         self.allows(partner, tenant).await.map_err(|e| {
-            tracing::warn!(partner, error = %ErrorChain(&e), "cannot read a delegation: store unavailable");
+            tracing::warn!(event = "tenant.delegation_unavailable", partner, error = %ErrorChain(&e), "cannot read a delegation: store unavailable");
             TenantFailure::Unavailable
         })
     }

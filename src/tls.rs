@@ -114,7 +114,9 @@ impl ListenerTls {
             let inner = self.inner.clone();
             match tokio::task::spawn_blocking(move || inner.reload(changed)).await {
                 Ok(read) => failing = !read,
-                Err(_) => tracing::error!(listener = %self.inner.field, "TLS reload task failed"),
+                Err(_) => {
+                    tracing::error!(event = "tls.reload_task_failed", listener = %self.inner.field, "TLS reload task failed")
+                }
             }
         }
     }
@@ -136,6 +138,7 @@ impl Inner {
                 metric("ok");
                 self.reloads.send_modify(|r| r.ok += 1);
                 tracing::info!(
+                    event = "tls.reloaded",
                     listener = %self.field,
                     cert_file = %self.files.cert_file,
                     client_ca_file = ?self.files.client_ca_file,
@@ -150,6 +153,7 @@ impl Inner {
                 metric("error");
                 self.reloads.send_modify(|r| r.failed += 1);
                 tracing::warn!(
+                    event = "tls.unreadable",
                     listener = %self.field,
                     error = %e,
                     "TLS files changed but do not read; keeping the last good ones"

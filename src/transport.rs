@@ -63,8 +63,14 @@ pub fn incoming(
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(OneWrite(Conn::Tls(Box::new(tls))))).await;
                     }
-                    Ok(Err(e)) => tracing::info!(?peer, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::info!(?peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        tracing::info!(event = "tls.handshake_refused", ?peer, error = %e, "TLS handshake refused")
+                    }
+                    Err(_) => tracing::info!(
+                        event = "tls.handshake_timeout",
+                        ?peer,
+                        "TLS handshake timed out"
+                    ),
                 }
             });
         }

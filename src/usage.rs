@@ -156,11 +156,11 @@ impl UsageCounter {
                 _ = tokio::time::sleep(interval) => {}
             }
             if let Err(e) = self.flush().await {
-                tracing::warn!(written = e.written, kept = e.kept, error = %ErrorChain(&e.error), "cannot write some key usage; kept for the next flush");
+                tracing::warn!(event = "usage.write_failed", written = e.written, kept = e.kept, error = %ErrorChain(&e.error), "cannot write some key usage; kept for the next flush");
             }
         }
         if let Err(e) = self.flush().await {
-            tracing::warn!(written = e.written, lost = e.kept, error = %ErrorChain(&e.error), "cannot write some key usage at shutdown; it is lost");
+            tracing::warn!(event = "usage.lost_at_shutdown", written = e.written, lost = e.kept, error = %ErrorChain(&e.error), "cannot write some key usage at shutdown; it is lost");
         }
     }
 }

@@ -383,7 +383,7 @@ fn feed_entry(msg: proto::RevocationEvent, after: &Cursor) -> FeedEntry {
     let cursor = Cursor::parse(&msg.id)
         .filter(|c| c.partitions() == after.partitions() && partition < c.partitions());
     let Some(cursor) = cursor else {
-        tracing::warn!(id = %msg.id, "Watch message with an unreadable cursor; flushing");
+        tracing::warn!(event = "watch.cursor_unreadable", id = %msg.id, "Watch message with an unreadable cursor; flushing");
         return FeedEntry {
             partition: 0,
             item: FeedItem::Reset(after.at(0)),

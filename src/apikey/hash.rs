@@ -327,7 +327,7 @@ fn lower_priority(nice: i32) {
         return;
     }
     if let Err(e) = rustix::process::nice(nice) {
-        tracing::warn!(
+        tracing::warn!(event = "argon2.priority_unchanged",
             error = %e,
             nice,
             "cannot lower the priority of an argon2 thread; it runs at keygate's"

@@ -176,6 +176,7 @@ impl Authorizer {
         }
         let token = keys.sign(parent, &tenant_id, &scopes, now, expires);
         tracing::info!(
+            event = "session.minted",
             key_id = parent.key_id.as_deref().unwrap_or(""),
             tenant = %tenant_id,
             "session token minted"
@@ -208,6 +209,7 @@ impl Authorizer {
                     .await?
                 {
                     tracing::debug!(
+                        event = "session.delegation_withdrawn",
                         key_id,
                         "session token refused: its tenant is no longer delegated"
                     );

@@ -71,7 +71,10 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if !args.dev && app.config.store.backend == crate::config::StoreBackend::Memory {
-        tracing::warn!("store.backend is memory: keys live only as long as this process");
+        tracing::warn!(
+            event = "server.memory_store",
+            "store.backend is memory: keys live only as long as this process"
+        );
     }
     if let Some(path) = &args.config {
         // Followed for changes to the decision sections (docs/operations.md).
@@ -98,7 +101,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let drainer = running.drainer();
     tokio::spawn(async move {
         shutdown_signal().await;
-        tracing::info!("shutting down");
+        tracing::info!(event = "server.shutting_down", "shutting down");
         drainer.drain().await;
     });
     let result = running.wait().await;

@@ -119,10 +119,10 @@ impl FileJwks {
         {
             Ok(set) => {
                 *self.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
-                tracing::info!(issuer = %self.issuer, path = %self.path, "JWKS file re-read");
+                tracing::info!(event = "jwks.file_reloaded", issuer = %self.issuer, path = %self.path, "JWKS file re-read");
             }
             Err(e) => {
-                tracing::warn!(issuer = %self.issuer, path = %self.path, error = %e, "JWKS file changed but cannot be read; keeping the last good set")
+                tracing::warn!(event = "jwks.file_unreadable", issuer = %self.issuer, path = %self.path, error = %e, "JWKS file changed but cannot be read; keeping the last good set")
             }
         }
     }
@@ -224,13 +224,13 @@ impl RemoteJwks {
                 m.jwks_fetched_at
                     .with_label_values(&[&self.issuer])
                     .set((crate::store::now_ms() / 1000) as i64);
-                tracing::debug!(issuer = %self.issuer, "JWKS fetched");
+                tracing::debug!(event = "jwks.fetched", issuer = %self.issuer, "JWKS fetched");
             }
             Err(e) => {
                 m.jwks_fetches
                     .with_label_values(&[&self.issuer, "error"])
                     .inc();
-                tracing::warn!(issuer = %self.issuer, url = %self.url, error = %e, "JWKS fetch failed; keeping the last good set");
+                tracing::warn!(event = "jwks.fetch_failed", issuer = %self.issuer, url = %self.url, error = %e, "JWKS fetch failed; keeping the last good set");
             }
         }
     }
@@ -695,6 +695,7 @@ impl KeySet {
                         .with_label_values(&[issuer])
                         .inc();
                     tracing::warn!(
+                        event = "jwks.key_skipped",
                         issuer,
                         key = n,
                         kid = kid.as_deref().unwrap_or(""),

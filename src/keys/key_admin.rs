@@ -267,7 +267,7 @@ impl KeyAdmin {
         };
         self.store.create(&record).await?;
         metrics().keys_created.inc();
-        tracing::info!(key_id = %record.key_id, owner = %owner.index_name(), "API key created");
+        tracing::info!(event = "admin.key_created", key_id = %record.key_id, owner = %owner.index_name(), "API key created");
         Ok(CreatedKey {
             record,
             token: generated.token,
@@ -321,7 +321,7 @@ impl KeyAdmin {
             .await?
             .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
         self.cache.invalidate_key(key_id, Some(EventKind::Updated));
-        tracing::info!(key_id, successor = %successor.record.key_id, "API key rotated");
+        tracing::info!(event = "admin.key_rotated", key_id, successor = %successor.record.key_id, "API key rotated");
         Ok(Rotated {
             successor,
             previous,
@@ -361,7 +361,7 @@ impl KeyAdmin {
             .await?
             .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
         self.cache.invalidate_key(key_id, Some(EventKind::Updated));
-        tracing::info!(key_id, "API key updated");
+        tracing::info!(event = "admin.key_updated", key_id, "API key updated");
         Ok(record)
     }
 
@@ -437,7 +437,7 @@ impl KeyAdmin {
             .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
         self.cache.invalidate_key(key_id, Some(EventKind::Revoked));
         metrics().keys_revoked.inc();
-        tracing::info!(key_id, "API key revoked");
+        tracing::info!(event = "admin.key_revoked", key_id, "API key revoked");
         Ok(record)
     }
 
@@ -449,7 +449,7 @@ impl KeyAdmin {
             .await?
             .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
         self.cache.invalidate_key(key_id, Some(EventKind::Deleted));
-        tracing::info!(key_id, "API key deleted");
+        tracing::info!(event = "admin.key_deleted", key_id, "API key deleted");
         Ok(record)
     }
 }

@@ -66,7 +66,7 @@ impl PartnerAdmin {
         if changed {
             self.delegations.changed(&d.partner_id, &d.tenant_id);
         }
-        tracing::info!(partner = %d.partner_id, tenant = %d.tenant_id, granted, changed, "delegation set");
+        tracing::info!(event = "admin.delegation_set", partner = %d.partner_id, tenant = %d.tenant_id, granted, changed, "delegation set");
         Ok((d, changed))
     }
 

@@ -67,7 +67,7 @@ impl TokenAdmin {
         let revocation = self.revocation(req, now)?;
         let stored = self.store.revoke_tokens(&revocation).await?;
         self.revoked.apply(&stored);
-        tracing::info!(issuer = %stored.issuer, "JWTs revoked");
+        tracing::info!(event = "admin.jwts_revoked", issuer = %stored.issuer, "JWTs revoked");
         Ok(stored)
     }
 

@@ -208,7 +208,7 @@ impl Limiter {
             Err(LeaseError::Full { .. } | LeaseError::Unknown) => Err(RouteLeaseRefused::Full),
             Err(LeaseError::Unavailable(e)) => {
                 metrics().rate_limit_store_errors.inc();
-                tracing::warn!(error = %ErrorChain(&e), "cannot take the route's lease: store unavailable");
+                tracing::warn!(event = "ratelimit.lease_unavailable", error = %ErrorChain(&e), "cannot take the route's lease: store unavailable");
                 match self.cfg.on_store_error {
                     OnStoreError::Allow => Ok(None),
                     OnStoreError::Unavailable => Err(RouteLeaseRefused::Unavailable),
@@ -298,7 +298,7 @@ impl Limiter {
             if let Ok(_refill) = budget.refill.try_lock() {
                 let now = Instant::now();
                 if let Err(e) = reserve(&*store, &budget, &key_id, &plan, &cfg, now, true).await {
-                    tracing::debug!(key_id, error = %ErrorChain(&e), "could not reserve a budget ahead; the next request that needs one asks again");
+                    tracing::debug!(event = "ratelimit.reservation_failed", key_id, error = %ErrorChain(&e), "could not reserve a budget ahead; the next request that needs one asks again");
                 }
             }
             budget.state().reserving_ahead = false;
@@ -309,11 +309,11 @@ impl Limiter {
         metrics().rate_limit_store_errors.inc();
         match self.cfg.on_store_error {
             OnStoreError::Unavailable => {
-                tracing::warn!(key_id, plan = %plan.name, error = %ErrorChain(&e), "cannot check the rate limit: store unavailable");
+                tracing::warn!(event = "ratelimit.unavailable", key_id, plan = %plan.name, error = %ErrorChain(&e), "cannot check the rate limit: store unavailable");
                 Verdict::Unavailable
             }
             OnStoreError::Allow => {
-                tracing::warn!(key_id, plan = %plan.name, error = %ErrorChain(&e), "rate limit not checked (store unavailable); allowed as rate_limits.on_store_error says");
+                tracing::warn!(event = "ratelimit.allowed_unchecked", key_id, plan = %plan.name, error = %ErrorChain(&e), "rate limit not checked (store unavailable); allowed as rate_limits.on_store_error says");
                 Verdict::Unlimited
             }
         }

@@ -274,8 +274,7 @@ pub async fn follow_file(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
         return;
     };
     let mut file = crate::file_watch::FileWatch::new([path], FILE_CHECK);
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {
             tracing::warn!(event = "config.sighup_unavailable", error = %e, "SIGHUP cannot be followed; the file still is");

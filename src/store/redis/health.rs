@@ -155,7 +155,7 @@ impl Health {
             state.down = true;
             self.down.store(true, Ordering::Release);
             health_metrics().marked_down.inc();
-            tracing::warn!(error = %why, "Redis is down: store calls fail at once until a probe reaches it again");
+            tracing::warn!(event = "store.down", error = %why, "Redis is down: store calls fail at once until a probe reaches it again");
         }
         if !state.probing {
             state.probing = true;
@@ -208,7 +208,7 @@ impl Health {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.down.store(false, Ordering::Release);
         health_metrics().marked_down.dec();
-        tracing::info!("Redis answers again: store marked up");
+        tracing::info!(event = "store.up", "Redis answers again: store marked up");
     }
 }
 

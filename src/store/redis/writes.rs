@@ -97,7 +97,7 @@ impl RedisStore {
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0);
         if acked >= self.replica_acks.min(connected) {
-            tracing::warn!(
+            tracing::warn!(event = "store.replica_acks_short", 
                 slot,
                 acked,
                 wanted = self.replica_acks,
