@@ -159,109 +159,37 @@ impl Authorization for LiveRules {
     }
 }
 
-#[tonic::async_trait]
-impl AuthorizerApi for LiveRules {
-    async fn check(
-        &self,
-        request: Request<proto::CheckRequest>,
-    ) -> Result<Response<proto::CheckResponse>, Status> {
-        self.0.current().checks.check(request).await
-    }
-
-    async fn acquire_lease(
-        &self,
-        request: Request<proto::AcquireLeaseRequest>,
-    ) -> Result<Response<proto::AcquireLeaseResponse>, Status> {
-        self.0.current().checks.acquire_lease(request).await
-    }
-
-    async fn renew_lease(
-        &self,
-        request: Request<proto::RenewLeaseRequest>,
-    ) -> Result<Response<proto::LeaseResponse>, Status> {
-        self.0.current().checks.renew_lease(request).await
-    }
-
-    async fn release_lease(
-        &self,
-        request: Request<proto::ReleaseLeaseRequest>,
-    ) -> Result<Response<proto::LeaseResponse>, Status> {
-        self.0.current().checks.release_lease(request).await
-    }
-
-    async fn mint_session_token(
-        &self,
-        request: Request<proto::MintSessionTokenRequest>,
-    ) -> Result<Response<proto::MintSessionTokenResponse>, Status> {
-        self.0.current().checks.mint_session_token(request).await
-    }
+/// `impl $api for LiveRules`: each call handed to the current rules' `$service`.
+macro_rules! delegate_to_current {
+    ($api:ident, $service:ident, $($call:ident($request:ty) -> $response:ty;)*) => {
+        #[tonic::async_trait]
+        impl $api for LiveRules {
+            $(async fn $call(&self, r: Request<$request>) -> Result<Response<$response>, Status> {
+                self.0.current().$service.$call(r).await
+            })*
+        }
+    };
 }
 
-#[tonic::async_trait]
-impl Keys for LiveRules {
-    async fn create_key(
-        &self,
-        request: Request<proto::CreateKeyRequest>,
-    ) -> Result<Response<proto::CreateKeyResponse>, Status> {
-        self.0.current().keys.create_key(request).await
-    }
+delegate_to_current!(AuthorizerApi, checks,
+    check(proto::CheckRequest) -> proto::CheckResponse;
+    acquire_lease(proto::AcquireLeaseRequest) -> proto::AcquireLeaseResponse;
+    renew_lease(proto::RenewLeaseRequest) -> proto::LeaseResponse;
+    release_lease(proto::ReleaseLeaseRequest) -> proto::LeaseResponse;
+    mint_session_token(proto::MintSessionTokenRequest) -> proto::MintSessionTokenResponse;
+);
 
-    async fn get_key(
-        &self,
-        request: Request<proto::GetKeyRequest>,
-    ) -> Result<Response<proto::Key>, Status> {
-        self.0.current().keys.get_key(request).await
-    }
-
-    async fn list_keys(
-        &self,
-        request: Request<proto::ListKeysRequest>,
-    ) -> Result<Response<proto::ListKeysResponse>, Status> {
-        self.0.current().keys.list_keys(request).await
-    }
-
-    async fn revoke_key(
-        &self,
-        request: Request<proto::RevokeKeyRequest>,
-    ) -> Result<Response<proto::Key>, Status> {
-        self.0.current().keys.revoke_key(request).await
-    }
-
-    async fn update_key(
-        &self,
-        request: Request<proto::UpdateKeyRequest>,
-    ) -> Result<Response<proto::Key>, Status> {
-        self.0.current().keys.update_key(request).await
-    }
-
-    async fn delete_key(
-        &self,
-        request: Request<proto::DeleteKeyRequest>,
-    ) -> Result<Response<proto::DeleteKeyResponse>, Status> {
-        self.0.current().keys.delete_key(request).await
-    }
-
-    async fn rotate_key(
-        &self,
-        request: Request<proto::RotateKeyRequest>,
-    ) -> Result<Response<proto::RotateKeyResponse>, Status> {
-        self.0.current().keys.rotate_key(request).await
-    }
-
-    async fn list_audit(
-        &self,
-        request: Request<proto::ListAuditRequest>,
-    ) -> Result<Response<proto::ListAuditResponse>, Status> {
-        self.0.current().keys.list_audit(request).await
-    }
-
-    async fn revoke_tokens(
-        &self,
-        request: Request<proto::RevokeTokensRequest>,
-    ) -> Result<Response<proto::TokenRevocation>, Status> {
-        self.0.current().keys.revoke_tokens(request).await
-    }
-}
+delegate_to_current!(Keys, keys,
+    create_key(proto::CreateKeyRequest) -> proto::CreateKeyResponse;
+    get_key(proto::GetKeyRequest) -> proto::Key;
+    list_keys(proto::ListKeysRequest) -> proto::ListKeysResponse;
+    revoke_key(proto::RevokeKeyRequest) -> proto::Key;
+    update_key(proto::UpdateKeyRequest) -> proto::Key;
+    delete_key(proto::DeleteKeyRequest) -> proto::DeleteKeyResponse;
+    rotate_key(proto::RotateKeyRequest) -> proto::RotateKeyResponse;
+    list_audit(proto::ListAuditRequest) -> proto::ListAuditResponse;
+    revoke_tokens(proto::RevokeTokensRequest) -> proto::TokenRevocation;
+);
 
 /// How often the configuration file's metadata is looked at. A change is taken within
 /// this (plus the reload itself); SIGHUP takes it at once.
