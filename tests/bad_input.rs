@@ -5,8 +5,6 @@
 //! lookup or argon2; guesses at a real key cost one argon2 at most, then the negative
 //! cache answers.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +12,8 @@ use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendA
 use envoy_types::pb::envoy::service::auth::v3::{check_response::HttpResponse, CheckResponse};
 use keygate::keys::NewKey;
 use keygate::server::App;
-use support::{
+use keygate_test_support as support;
+use keygate_test_support::{
     bearer, check_request, outcome, raw_check_request, read_with, Backend, CountingStore, Outcome,
 };
 use tokio::sync::Mutex;

@@ -2,8 +2,6 @@
 //! One verification per new token however many requests wait for it, no store access on
 //! a hit, and a revocation or an expiry wins over whatever the cache remembers.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +9,10 @@ use keygate::config::{Argon2Config, Config};
 use keygate::keys::NewKey;
 use keygate::server::App;
 use keygate::store::now_ms;
-use support::{check_request, outcome, read_with, Backend, CountingStore, Outcome, PATIENCE};
+use keygate_test_support as support;
+use keygate_test_support::{
+    check_request, outcome, read_with, Backend, CountingStore, Outcome, PATIENCE,
+};
 
 fn app_on(store: Arc<CountingStore>, config: Config) -> App {
     App::with_store(config, support::secrets(), store).unwrap()

@@ -6,8 +6,6 @@
 //!
 //! The store's own behaviour on the Cluster is `store_conformance`'s `cluster` cases.
 
-mod support;
-
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +15,8 @@ use keygate::api::proto::{self, revocations_client::RevocationsClient};
 use keygate::config::Secrets;
 use keygate::revocation::{FeedEntry, FeedItem};
 use keygate::store::Cursor;
-use support::*;
+use keygate_test_support as support;
+use keygate_test_support::*;
 
 /// Creates `n` keys through the admin path, a few at a time.
 async fn create_keys(app: &keygate::server::App, n: usize) -> Vec<(String, String)> {

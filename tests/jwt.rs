@@ -3,8 +3,6 @@
 //! routes that take only one credential kind. The keys are test fixtures
 //! (`tests/fixtures/jwt/`); each test writes its issuers' JWKS files itself.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,8 +12,11 @@ use keygate::config::{ClaimsConfig, Config, IssuerConfig, RouteConfig, TenantRul
 use keygate::principal::CredentialKind;
 use keygate::secret::Secret;
 use keygate::server::App;
+use keygate_test_support as support;
+use keygate_test_support::{
+    bearer, check_request, outcome_of, Backend, Outcome, READ_PATH, TENANT,
+};
 use serde_json::{json, Value};
-use support::{bearer, check_request, outcome_of, Backend, Outcome, READ_PATH, TENANT};
 
 const ISSUER: &str = "https://login.example.com/";
 const AUDIENCE: &str = "https://api.example.com";
@@ -1061,7 +1062,7 @@ async fn a_key_added_to_the_jwks_file_is_taken_without_a_restart() {
 // Revocation: by subject before a time, by jti, on every replica
 // ---------------------------------------------------------------------------------------
 
-use support::Replica;
+use keygate_test_support::Replica;
 
 /// A `contacts:read` request with `jwt` in `x-access-token`.
 async fn read_on(r: &Replica, jwt: &str) -> Outcome {

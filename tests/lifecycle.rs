@@ -1,8 +1,6 @@
 //! A key's life: rotation with a grace on every replica, expiry that stays listed, usage
 //! counted without a store write per request, and the audit trail.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +8,8 @@ use keygate::audit::AuditQuery;
 use keygate::keys::{AdminError, KeyOwner, NewKey, StatusFilter};
 use keygate::server::App;
 use keygate::store::{KeyRecords, KeyStatus, KeyStore};
-use support::{
+use keygate_test_support as support;
+use keygate_test_support::{
     config, eventually, outcome, read_with, reader_key, secrets, Backend, CountingStore, Outcome,
     RedisServer, Replica, PATIENCE, TENANT,
 };

@@ -8,15 +8,14 @@
 //! `deny` refuses them. And on every allow, a client header that reads as one keygate
 //! owns once `_` and `.` are `-` (`x_api_key`, `x.tenant.id`) is removed.
 
-mod support;
-
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{CheckResponse, OkHttpResponse};
 use keygate::authorizer::MethodOverride;
 use keygate::config::Config;
 use keygate::keys::NewKey;
 use keygate::server::App;
-use support::{bearer, check_request, outcome, Outcome, TENANT};
+use keygate_test_support as support;
+use keygate_test_support::{bearer, check_request, outcome, Outcome, TENANT};
 
 const POLICY: &str = r#"
 policy:

@@ -2,15 +2,14 @@
 //! scopes, and key environments, through the Envoy adapter; and a withdrawn delegation
 //! reaching every replica (through Redis, and through Watch).
 
-mod support;
-
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use keygate::api::proto::{self, partners_client::PartnersClient};
 use keygate::config::{Config, RouteConfig, TenantRule};
 use keygate::keys::{AdminError, KeyUpdate, NewKey};
 use keygate::principal::Environment;
 use keygate::revocation::FeedItem;
-use support::{
+use keygate_test_support as support;
+use keygate_test_support::{
     bearer, check_request, config, outcome, secrets, Backend, Outcome, RedisServer, Replica,
     OTHER_TENANT, PATIENCE, TENANT,
 };

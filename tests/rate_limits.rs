@@ -2,8 +2,6 @@
 //! plans of test and live keys, concurrent-session leases, and what a limit check does
 //! when Redis is gone.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +12,8 @@ use keygate::api::proto::{self, authorizer_server::Authorizer as _};
 use keygate::config::{Config, OnStoreError, PlanConfig};
 use keygate::keys::{AdminError, KeyUpdate, NewKey};
 use keygate::server::App;
-use support::{config, outcome, read_with, secrets, Backend, Outcome, RedisServer};
+use keygate_test_support as support;
+use keygate_test_support::{config, outcome, read_with, secrets, Backend, Outcome, RedisServer};
 
 /// Plans: `tiny` (20 a minute, one per 3 s), `small` (10 a minute, 2 sessions), `test`
 /// (3 a minute), and `big`; test keys default to `test`.

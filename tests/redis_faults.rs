@@ -6,8 +6,6 @@
 //! refuses connections costs no wait: the store is marked down at the first refusal, fails
 //! every call at once meanwhile, and a probe of its own marks it up again.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +13,8 @@ use keygate::keys::AdminError;
 use keygate::server::{self, App};
 use keygate::store::redis::RedisStore;
 use keygate::store::{KeyRecords, KeyStore, StoreError};
-use support::{Backend, Outcome, RedisOptions, RedisServer, PATIENCE};
+use keygate_test_support as support;
+use keygate_test_support::{Backend, Outcome, RedisOptions, RedisServer, PATIENCE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A bound on one answer, against a hang (the store's own timeout is 300 ms, see

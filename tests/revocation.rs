@@ -5,8 +5,6 @@
 //! Every wait is for an event with a generous bound; the tests assert order and
 //! completeness, never speed (speed is in BENCHMARKS.md).
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,7 +15,7 @@ use keygate::config::RevocationSource;
 use keygate::revocation::{EventFeed, FeedEntry, FeedItem, StoreFeed};
 use keygate::server::{self, App};
 use keygate::store::{Cursor, EventId};
-use support::*;
+use keygate_test_support::*;
 use tokio::sync::watch;
 
 const EVENTS: &str = "kgtest:{keys}:events";

@@ -3,16 +3,15 @@
 //! logs at TRACE (keygate and every library under it) into one buffer, in both the text
 //! and the JSON format, runs keys through their whole life, and searches the buffer.
 
-mod support;
-
 use std::sync::Arc;
 
 use keygate::api::proto::{self, authorizer_client::AuthorizerClient, keys_client::KeysClient};
 use keygate::config::Secrets;
 use keygate::secret::Secret;
 use keygate::server::{self, App};
-use support::logs::{capture_logs, logs};
-use support::{with_admin, Backend, Outcome, RedisOptions, RedisServer};
+use keygate_test_support as support;
+use keygate_test_support::logs::{capture_logs, logs};
+use keygate_test_support::{with_admin, Backend, Outcome, RedisOptions, RedisServer};
 
 /// Everything that must never be logged, by name (for the failure message).
 struct Forbidden(Vec<(String, String)>);

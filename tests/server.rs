@@ -2,8 +2,6 @@
 //! services on the main port, server reflection, the admin credential on the admin
 //! port, readiness, and TLS files (certificate and client CA) re-read while it runs.
 
-mod support;
-
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
@@ -13,7 +11,7 @@ use std::task::{Context, Poll};
 
 use keygate::api::proto::{self, keys_client::KeysClient};
 use keygate::server::{self, App};
-use support::*;
+use keygate_test_support::*;
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };

@@ -5,8 +5,6 @@
 //! revocation, deletion or expiry, held to the key's current scopes and plan. Signing keys
 //! rotate with overlap.
 
-mod support;
-
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
@@ -17,7 +15,10 @@ use keygate::revocation::{EventFeed, FeedItem};
 use keygate::secret::Secret;
 use keygate::server::App;
 use keygate::store::Cursor;
-use support::{bearer, check_request, ed25519_pem, outcome_of, Backend, Outcome, Replica, TENANT};
+use keygate_test_support as support;
+use keygate_test_support::{
+    bearer, check_request, ed25519_pem, outcome_of, Backend, Outcome, Replica, TENANT,
+};
 
 const STREAM_PATH: &str = "/v1/stream/calls/7";
 

@@ -4,11 +4,10 @@
 //! secret for that key id, without argon2. On one Redis in both record formats (the hash
 //! of one partition, the packed record of several).
 
-mod support;
-
 use keygate::config::Config;
 use keygate::server::App;
-use support::{read_with, secrets, Backend, Outcome, RedisServer};
+use keygate_test_support as support;
+use keygate_test_support::{read_with, secrets, Backend, Outcome, RedisServer};
 
 fn on(redis: &RedisServer, partitions: usize) -> Config {
     let mut cfg = support::config(Backend::Redis(redis));

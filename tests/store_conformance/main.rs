@@ -4,9 +4,6 @@
 //! reads like the traits it checks. A backend that passes here can replace the other
 //! without a caller noticing.
 
-#[path = "../support/mod.rs"]
-mod support;
-
 use keygate::apikey::{self, SecretHasher};
 use keygate::config::Argon2Config;
 use keygate::principal::{Environment, KeyKind};
@@ -18,10 +15,11 @@ use keygate::store::{
     now_ms, Delegation, DelegationsOf, EventId, EventKind, EventLog, KeyChange, KeyRecord,
     KeyStatus, KeyStore, Owner, StoreError, StreamEntry, TokenRevocation, TokenTarget,
 };
+use keygate_test_support as support;
+use keygate_test_support::{Backend, RedisServer, OTHER_TENANT, TENANT};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use support::{Backend, RedisServer, OTHER_TENANT, TENANT};
 
 /// A backend under test, and a way to read its revocation events.
 struct Subject {

@@ -1,6 +1,6 @@
 //! A Redis Cluster of the tests' own: three masters and three replicas (one each), on
 //! free loopback ports, each node in its own temporary directory, killed when dropped.
-//! Built the way `RedisServer` in `mod.rs` starts a single server (same retry on a port
+//! Built the way `RedisServer` in `redis_server.rs` starts a single server (same retry on a port
 //! taken under us, same watchdog), then joined with `redis-cli --cluster create`.
 //!
 //! What was checked by hand with Redis 7.0.15 (`--cluster-node-timeout 1000`), and what
@@ -45,7 +45,22 @@ use std::collections::HashSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+/// One Redis Cluster for the tests of a binary that leave it whole (each in a namespace of
+/// its own, `fresh_namespace`); tests that kill nodes start their own. Its servers go with
+/// the test process (the watchdogs).
+pub async fn shared_cluster() -> &'static RedisCluster {
+    static CLUSTER: tokio::sync::OnceCell<RedisCluster> = tokio::sync::OnceCell::const_new();
+    CLUSTER.get_or_init(RedisCluster::start).await
+}
+
+/// A store namespace no other test of this process uses.
+pub fn fresh_namespace() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("kgtest{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
 
 /// How long the cluster harness waits for the cluster to form or to heal (a failover
 /// takes ~2.5 s here; the bound is generous for a loaded machine).
@@ -84,7 +99,7 @@ impl RedisCluster {
     /// slots on every node, every node agreeing on 3 masters with one replica each, and
     /// every replica through its initial sync (`master_link_status:up`).
     pub async fn start() -> RedisCluster {
-        let server = super::redis_server_bin();
+        let server = crate::redis_server::redis_server_bin();
         let cli = cluster_cli_bin(&server);
         // Built before the nodes start, so that a panic part way kills those started.
         let mut cluster = RedisCluster {
@@ -499,7 +514,7 @@ impl ClusterNode {
     /// Starts the server (as `RedisServer::launch` does) and waits until it answers PING.
     async fn launch(&mut self, bin: &Path) -> Result<(), String> {
         let node_timeout = NODE_TIMEOUT_MS.to_string();
-        let (child, watchdog) = super::spawn_redis(
+        let (child, watchdog) = crate::redis_server::spawn_redis(
             bin,
             self.port,
             self.dir.path(),
