@@ -48,6 +48,8 @@ use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::redis_server::{answering, kill_and_reap, redis_server_bin, spawn_redis};
+
 /// One Redis Cluster for the tests of a binary that leave it whole (each in a namespace of
 /// its own, `fresh_namespace`); tests that kill nodes start their own. Its servers go with
 /// the test process (the watchdogs).
@@ -99,7 +101,7 @@ impl RedisCluster {
     /// slots on every node, every node agreeing on 3 masters with one replica each, and
     /// every replica through its initial sync (`master_link_status:up`).
     pub async fn start() -> RedisCluster {
-        let server = crate::redis_server::redis_server_bin();
+        let server = redis_server_bin();
         let cli = cluster_cli_bin(&server);
         // Built before the nodes start, so that a panic part way kills those started.
         let mut cluster = RedisCluster {
@@ -492,29 +494,19 @@ impl Drop for ClusterNode {
 }
 
 impl ClusterNode {
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("redis.log")
-    }
-
     fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
     /// SIGKILL the server and its watchdog, and reap both.
     fn stop(&mut self) {
-        for mut process in [self.child.take(), self.watchdog.take()]
-            .into_iter()
-            .flatten()
-        {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
+        kill_and_reap([self.child.take(), self.watchdog.take()]);
     }
 
     /// Starts the server (as `RedisServer::launch` does) and waits until it answers PING.
     async fn launch(&mut self, bin: &Path) -> Result<(), String> {
         let node_timeout = NODE_TIMEOUT_MS.to_string();
-        let (child, watchdog) = crate::redis_server::spawn_redis(
+        let (mut child, watchdog) = spawn_redis(
             bin,
             self.port,
             self.dir.path(),
@@ -534,36 +526,24 @@ impl ClusterNode {
                 "0",
             ],
         )?;
+        let port = self.port;
+        let pongs = || async move {
+            matches!(cluster_ask(port, &["PING"]).await, Ok(pong) if pong == "PONG")
+        };
+        let started = answering(
+            &mut child,
+            port,
+            self.dir.path(),
+            NODE_START_PATIENCE,
+            pongs,
+        )
+        .await;
         self.watchdog = watchdog;
         self.child = Some(child);
-
-        let deadline = Instant::now() + NODE_START_PATIENCE;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.stop();
-                return Err(format!(
-                    "redis-server on {} exited ({status}): {}",
-                    self.port,
-                    self.log()
-                ));
-            }
-            if matches!(cluster_ask(self.port, &["PING"]).await, Ok(pong) if pong == "PONG") {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                self.stop();
-                return Err(format!(
-                    "no PONG from {} within {NODE_START_PATIENCE:?}: {}",
-                    self.port,
-                    self.log()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if started.is_err() {
+            self.stop();
         }
+        started
     }
 }
 

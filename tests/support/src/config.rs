@@ -15,15 +15,21 @@ pub enum Backend<'a> {
     Cluster(&'a RedisCluster, &'a str),
 }
 
-/// The policy every test runs on: a public family, a read family, a write family that
-/// requires the tenant header.
-const POLICY: &str = r#"
+/// How every test policy takes credentials: a Bearer token in `authorization` or a bare
+/// one in `x-api-key`, both removed before the upstream; a request no route matches is
+/// denied. The `policy` section of `config_with_policy` goes on after it.
+const CREDENTIALS: &str = r#"
 policy:
   credential_headers:
     - { header: authorization, scheme: Bearer }
     - { header: x-api-key }
   strip_credential_headers: true
   unmatched: deny
+"#;
+
+/// The rest of the policy every test runs on: a public family, a read family, a write
+/// family that requires the tenant header.
+const POLICY: &str = r#"
   opt_in_scopes: ["billing:partner:allocate"]
   routes:
     - { name: public, methods: [GET], path: "/public/**", public: true }
@@ -35,12 +41,19 @@ policy:
 /// (the tests measure keygate, not argon2; set `api_keys.argon2` back to the default where
 /// the cost matters), and the small policy above.
 pub fn config(backend: Backend<'_>) -> Config {
+    config_with_policy(backend, POLICY)
+}
+
+/// As `config`, with a policy of the test's own: the `CREDENTIALS` above, then `policy`,
+/// the rest of the `policy` section (plans, routes, ...), indented by two spaces.
+pub fn config_with_policy(backend: Backend<'_>, policy: &str) -> Config {
     let store = format!("store: {}\n", store_yaml(backend));
     let yaml = format!(
         "listen: {{ grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n\
          {store}\
          api_keys:\n  prefix: sk\n  argon2: {{ memory_kib: 64, iterations: 1, parallelism: 1 }}\n\
-         {POLICY}"
+         {CREDENTIALS}{}",
+        policy.trim_start_matches('\n')
     );
     Config::load(Some(&yaml), Vec::new()).expect("the test configuration is valid")
 }

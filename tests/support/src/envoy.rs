@@ -30,17 +30,11 @@ pub fn check_request(method: &str, path: &str, headers: &[(&str, &str)]) -> Chec
     for (k, v) in headers {
         map.insert(k.to_ascii_lowercase(), (*v).to_owned());
     }
-    envelope(HttpRequest {
-        id: "1234567890123456789".into(),
-        method: method.into(),
+    let headers = HttpRequest {
         headers: map,
-        path: path.into(),
-        host: "api.example.com".into(),
-        scheme: "https".into(),
-        size: -1,
-        protocol: "HTTP/2".into(),
         ..Default::default()
-    })
+    };
+    envelope(method, path, headers)
 }
 
 /// A CheckRequest as Envoy sends it with `encode_raw_headers: true`: `headers` empty,
@@ -67,20 +61,26 @@ pub fn raw_check_request(method: &str, path: &str, headers: &[(&str, &[u8])]) ->
             ..Default::default()
         });
     }
-    envelope(HttpRequest {
+    let headers = HttpRequest {
+        header_map: Some(HeaderMap { headers: raw }),
+        ..Default::default()
+    };
+    envelope(method, path, headers)
+}
+
+/// The rest of what Envoy sends around a request's headers (`headers` or `header_map`,
+/// the only fields of `headers` this reads): the request's own fields and both peers.
+fn envelope(method: &str, path: &str, headers: HttpRequest) -> CheckRequest {
+    let http = HttpRequest {
         id: "1234567890123456789".into(),
         method: method.into(),
-        header_map: Some(HeaderMap { headers: raw }),
         path: path.into(),
         host: "api.example.com".into(),
         scheme: "https".into(),
         size: -1,
         protocol: "HTTP/2".into(),
-        ..Default::default()
-    })
-}
-
-fn envelope(http: HttpRequest) -> CheckRequest {
+        ..headers
+    };
     let peer = |ip: &str, port: u32| Peer {
         address: Some(Address {
             address: Some(address::Address::SocketAddress(SocketAddress {

@@ -4,8 +4,9 @@
 //! port and a temporary directory, is watched by a shell that kills it if the test process
 //! dies, and is killed when dropped.
 
+use std::future::Future;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -78,13 +79,7 @@ impl RedisServer {
 
     /// SIGKILL: no shutdown, no save. Returns once the process is gone and its port closed.
     pub fn kill(&mut self) {
-        for mut process in [self.child.take(), self.watchdog.take()]
-            .into_iter()
-            .flatten()
-        {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
+        kill_and_reap([self.child.take(), self.watchdog.take()]);
     }
 
     /// Starts Redis again on the same port (and directory) and waits until it answers.
@@ -95,7 +90,6 @@ impl RedisServer {
         }
     }
 
-    /// A direct connection, for tests that inspect what keygate wrote.
     /// Trims the test namespace's revocation stream to nothing, as MAXLEN would after
     /// many events.
     pub async fn trim_all_events(&self) {
@@ -109,6 +103,7 @@ impl RedisServer {
             .unwrap();
     }
 
+    /// A direct connection, for tests that inspect what keygate wrote.
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         let client = redis::Client::open(self.connection_info()).expect("valid redis url");
         tokio::time::timeout(PATIENCE, client.get_multiplexed_async_connection())
@@ -123,14 +118,6 @@ impl RedisServer {
         info
     }
 
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("redis.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
     async fn launch(&mut self) -> Result<(), String> {
         let mut args = vec!["--appendonly"];
         if self.opts.append_only {
@@ -141,47 +128,76 @@ impl RedisServer {
         if let Some(p) = &self.opts.password {
             args.extend(["--requirepass", p]);
         }
-        let (child, watchdog) = spawn_redis(&self.bin, self.port, self.dir.path(), &args)?;
+        let (mut child, watchdog) = spawn_redis(&self.bin, self.port, self.dir.path(), &args)?;
+        let info = self.connection_info();
+        let started = answering(&mut child, self.port, self.dir.path(), PATIENCE, || {
+            pongs(info.clone())
+        })
+        .await;
         self.watchdog = watchdog;
         self.child = Some(child);
-
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.kill();
-                return Err(format!("redis-server exited ({status}): {}", self.log()));
-            }
-            if self.ping().await {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                self.kill();
-                return Err(format!("no PONG within {PATIENCE:?}: {}", self.log()));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if started.is_err() {
+            self.kill();
         }
+        started
     }
+}
 
-    /// Whether Redis answers PING with PONG (not LOADING, not an error).
-    async fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.connection_info()) else {
-            return false;
-        };
-        let attempt = async {
-            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .ok()
-        };
-        matches!(
-            tokio::time::timeout(Duration::from_millis(500), attempt).await,
-            Ok(Some(pong)) if pong == "PONG"
-        )
+/// Whether the Redis at `info` answers PING with PONG (not LOADING, not an error).
+async fn pongs(info: redis::ConnectionInfo) -> bool {
+    let Ok(client) = redis::Client::open(info) else {
+        return false;
+    };
+    let attempt = async {
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .ok()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), attempt).await,
+        Ok(Some(pong)) if pong == "PONG"
+    )
+}
+
+/// Waits until the `redis-server` just spawned on `port` (its files in `dir`) `pong`s; an
+/// error, with its log, if it exits first or stays silent `within`. The caller kills it
+/// then (its watchdog too).
+pub(crate) async fn answering<Fut>(
+    server: &mut Child,
+    port: u16,
+    dir: &Path,
+    within: Duration,
+    mut pong: impl FnMut() -> Fut,
+) -> Result<(), String>
+where
+    Fut: Future<Output = bool>,
+{
+    let log = || std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = server.try_wait().ok().flatten() {
+            return Err(format!(
+                "redis-server on {port} exited ({status}): {}",
+                log()
+            ));
+        }
+        if pong().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no PONG from {port} within {within:?}: {}", log()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// SIGKILLs a server and its watchdog, and reaps both: no shutdown, no save.
+pub(crate) fn kill_and_reap(processes: [Option<Child>; 2]) {
+    for mut process in processes.into_iter().flatten() {
+        let _ = process.kill();
+        let _ = process.wait();
     }
 }
 
@@ -195,9 +211,9 @@ pub(crate) fn redis_server_bin() -> PathBuf {
 /// `redis-server` on `port` of the loopback, its files in `dir` (its log `redis.log`), no
 /// snapshots, and `args`; with a `watchdog`.
 pub(crate) fn spawn_redis(
-    bin: &std::path::Path,
+    bin: &Path,
     port: u16,
-    dir: &std::path::Path,
+    dir: &Path,
     args: &[&str],
 ) -> Result<(Child, Option<Child>), String> {
     let log = std::fs::OpenOptions::new()
@@ -290,30 +306,21 @@ pub async fn dump(conn: &mut redis::aio::MultiplexedConnection) -> String {
                 .query_async(conn)
                 .await
                 .expect("GET")],
-            "hash" => redis::cmd("HGETALL")
-                .arg(&key)
-                .query_async(conn)
-                .await
-                .expect("HGETALL"),
-            "set" => redis::cmd("SMEMBERS")
-                .arg(&key)
-                .query_async(conn)
-                .await
-                .expect("SMEMBERS"),
-            "zset" => redis::cmd("ZRANGE")
-                .arg(&key)
-                .arg(0)
-                .arg(-1)
-                .query_async(conn)
-                .await
-                .expect("ZRANGE"),
-            "list" => redis::cmd("LRANGE")
-                .arg(&key)
-                .arg(0)
-                .arg(-1)
-                .query_async(conn)
-                .await
-                .expect("LRANGE"),
+            // Every field and value, member, or element (a range from the first to the last).
+            "hash" | "set" | "zset" | "list" => {
+                let (read, whole): (&str, &[i64]) = match kind.as_str() {
+                    "hash" => ("HGETALL", &[]),
+                    "set" => ("SMEMBERS", &[]),
+                    "zset" => ("ZRANGE", &[0, -1]),
+                    _ => ("LRANGE", &[0, -1]),
+                };
+                redis::cmd(read)
+                    .arg(&key)
+                    .arg(whole)
+                    .query_async(conn)
+                    .await
+                    .expect(read)
+            }
             "stream" => stream_entries(conn, &key)
                 .await
                 .into_iter()
