@@ -726,7 +726,7 @@ async fn without_dynamic_metadata_an_allow_sets_the_same_headers() {
 /// or expired one (`errors.opaque`) — on Envoy's Check and on keygate.v1 Check alike.
 #[tokio::test]
 async fn opaque_errors_hide_which_401_it_was_on_both_apis() {
-    use keygate::api::proto::{self, authorizer_server::Authorizer as _};
+    use keygate::api::proto::authorizer_server::Authorizer as _;
 
     let _meter = ARGON2_METER.lock().await;
     let mut config = support::config(Backend::Memory);
@@ -753,12 +753,7 @@ async fn opaque_errors_hide_which_401_it_was_on_both_apis() {
             _ => unreachable!(),
         });
         let answer = internal
-            .check(tonic::Request::new(proto::CheckRequest {
-                credential: token.clone(),
-                method: "GET".into(),
-                path: support::READ_PATH.into(),
-                ..Default::default()
-            }))
+            .check(tonic::Request::new(support::read_through_keygate_v1(token)))
             .await
             .unwrap()
             .into_inner();

@@ -175,12 +175,7 @@ async fn keygate_v1_check_returns_the_limit_as_fields() {
     let redis = RedisServer::start().await;
     let app = App::build(plan_config(Backend::Redis(&redis)), secrets()).unwrap();
     let token = app.admin.create(key_on("test")).await.unwrap().token;
-    let check = || proto::CheckRequest {
-        credential: token.clone(),
-        method: "GET".into(),
-        path: support::READ_PATH.into(),
-        ..Default::default()
-    };
+    let check = || support::read_through_keygate_v1(&token);
     let mut last = None;
     for _ in 0..4 {
         last = Some(

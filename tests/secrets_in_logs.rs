@@ -225,11 +225,7 @@ async fn the_server_logs_key_ids_but_no_secret() {
     let guess = support::wrong_secret_for(&created.token);
     forbidden.token("wrong-secret guess", &guess);
 
-    let mut envoy = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(
-        format!("http://{}", running.grpc),
-    )
-    .await
-    .unwrap();
+    let mut envoy = support::envoy_client(running.grpc).await;
     for (token, expected) in [
         (&created.token, Outcome::Allowed),
         (&guess, Outcome::denied("invalid_api_key", 401)),
@@ -246,12 +242,7 @@ async fn the_server_logs_key_ids_but_no_secret() {
         .unwrap();
     for (token, allowed) in [(&created.token, true), (&guess, false)] {
         let answer = authorizer
-            .check(proto::CheckRequest {
-                credential: token.clone(),
-                method: "GET".into(),
-                path: support::READ_PATH.into(),
-                ..Default::default()
-            })
+            .check(support::read_through_keygate_v1(token))
             .await
             .unwrap()
             .into_inner();

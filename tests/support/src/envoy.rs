@@ -1,5 +1,6 @@
 //! Envoy's side of the wire: `CheckRequest`s as Envoy sends them, and a reading of
-//! keygate's `CheckResponse` that checks the invariants Envoy relies on.
+//! keygate's `CheckResponse` that checks the invariants Envoy relies on; and the same read
+//! as keygate.v1's own Check asks it.
 
 use envoy_types::pb::envoy::config::core::v3::{
     address, socket_address::PortSpecifier, Address, HeaderMap, HeaderValue, SocketAddress,
@@ -125,6 +126,17 @@ pub fn bearer(token: &str) -> String {
 /// A GET on the read route carrying `token` the usual way.
 pub fn read_with(token: &str) -> CheckRequest {
     check_request("GET", READ_PATH, &[("authorization", &bearer(token))])
+}
+
+/// The read of `read_with` through keygate.v1's own Check (what internal callers send):
+/// `token` as the credential, nothing else but the method and path.
+pub fn read_through_keygate_v1(token: &str) -> keygate::api::proto::CheckRequest {
+    keygate::api::proto::CheckRequest {
+        credential: token.to_owned(),
+        method: "GET".into(),
+        path: READ_PATH.into(),
+        ..Default::default()
+    }
 }
 
 /// What Envoy makes of keygate's answer.
