@@ -10,7 +10,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use keygate::api::proto::{self, authorizer_server::Authorizer as _};
 use keygate::config::{Config, Secrets};
-use keygate::keys::NewKey;
+use keygate::keys::{CreatedKey, NewKey};
 use keygate::revocation::{EventFeed, FeedItem};
 use keygate::secret::Secret;
 use keygate::server::App;
@@ -159,6 +159,41 @@ fn now_s() -> i64 {
 
 fn memory_app(kids: &[&str], keys: &[(&str, &str)]) -> App {
     App::build(session_config(Backend::Memory, kids), session_secrets(keys)).unwrap()
+}
+
+/// `key`, created on `app`.
+async fn created(app: &App, key: NewKey) -> CreatedKey {
+    app.admin.create(key).await.expect("the key is created")
+}
+
+/// A `reader_key` created on `app`, and a session token minted from it.
+async fn reader_and_session(app: &App) -> (CreatedKey, String) {
+    let key = created(app, support::reader_key()).await;
+    let session = minted(app, &key.token).await;
+    (key, session)
+}
+
+/// Replicas of one deployment on their own Redis, signing sessions with `k1`.
+struct Deployment {
+    redis: support::RedisServer,
+    secrets: Secrets,
+}
+
+impl Deployment {
+    async fn start() -> Deployment {
+        let redis = support::RedisServer::start().await;
+        let secrets = session_secrets(&[("k1", &ed25519_pem())]);
+        Deployment { redis, secrets }
+    }
+
+    fn config(&self) -> Config {
+        session_config(Backend::Redis(&self.redis), &["k1"])
+    }
+
+    /// A replica, once it answers checks.
+    async fn replica(&self) -> Replica {
+        Replica::serving(self.config(), &self.secrets).await
+    }
 }
 
 #[tokio::test]
@@ -326,42 +361,27 @@ async fn an_expired_or_foreign_session_token_is_invalid() {
     let key = app.admin.create(support::reader_key()).await.unwrap();
     let parent = keygate::authn::principal_of(&key.record);
     let now = keygate::store::now_ms();
-    let keys = app.sessions.as_ref().unwrap();
-    let expired = keys.sign(
-        &parent,
-        TENANT,
-        &["contacts:read".into()],
-        now - 120_000,
-        now - 1000,
-    );
-    assert_eq!(
-        stream_on(&app, expired.token.expose()).await,
-        Outcome::denied("invalid_token", 401)
-    );
+    // The key's own claims, signed by `by` (an app's session keys), alive over `life`.
+    let signed = |by: &App, life: std::ops::Range<u64>| {
+        let keys = by.sessions.as_ref().expect("sessions are configured");
+        let scopes = ["contacts:read".into()];
+        keys.sign(&parent, TENANT, &scopes, life.start, life.end)
+            .token
+            .expose()
+            .to_owned()
+    };
+    let expired = signed(&app, now - 120_000..now - 1000);
     // The same claims signed by a key this deployment does not have.
     let other = memory_app(&["k1"], &[("k1", &ed25519_pem())]);
-    let foreign = other.sessions.as_ref().unwrap().sign(
-        &parent,
-        TENANT,
-        &["contacts:read".into()],
-        now,
-        now + 60_000,
-    );
-    assert_eq!(
-        stream_on(&app, foreign.token.expose()).await,
-        Outcome::denied("invalid_token", 401)
-    );
-    let fresh = keys.sign(
-        &parent,
-        TENANT,
-        &["contacts:read".into()],
-        now,
-        now + 60_000,
-    );
-    assert_eq!(
-        stream_on(&app, fresh.token.expose()).await,
-        Outcome::Allowed
-    );
+    let foreign = signed(&other, now..now + 60_000);
+    for token in [&expired, &foreign] {
+        assert_eq!(
+            stream_on(&app, token).await,
+            Outcome::denied("invalid_token", 401)
+        );
+    }
+    let fresh = signed(&app, now..now + 60_000);
+    assert_eq!(stream_on(&app, &fresh).await, Outcome::Allowed);
 }
 
 #[tokio::test]
@@ -392,17 +412,12 @@ async fn a_create_session_route_hands_the_token_upstream_and_to_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_another_replica() {
-    let redis = support::RedisServer::start().await;
-    let pem = ed25519_pem();
-    let secrets = session_secrets(&[("k1", &pem)]);
-    let config = || session_config(Backend::Redis(&redis), &["k1"]);
-    let first = Replica::serving(config(), &secrets).await;
-    let second = Replica::serving(config(), &secrets).await;
+    let deployment = Deployment::start().await;
+    let first = deployment.replica().await;
+    let second = deployment.replica().await;
     for change in ["revoke", "rotate", "delete", "narrow", "shorten"] {
-        let key = first.app.admin.create(support::reader_key()).await.unwrap();
-        let session = minted(&first.app, &key.token).await;
-        let bystander_key = first.app.admin.create(support::reader_key()).await.unwrap();
-        let bystander = minted(&first.app, &bystander_key.token).await;
+        let (key, session) = reader_and_session(&first.app).await;
+        let (_, bystander) = reader_and_session(&first.app).await;
         for token in [&session, &bystander] {
             assert_eq!(
                 stream_on(&second.app, token).await,
@@ -467,8 +482,7 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
     }
     // Renaming or widening the key leaves its session tokens be; a rotation with grace
     // leaves them for the grace, as it leaves the key.
-    let key = first.app.admin.create(support::reader_key()).await.unwrap();
-    let session = minted(&first.app, &key.token).await;
+    let (key, session) = reader_and_session(&first.app).await;
     let wider = keygate::keys::KeyUpdate {
         name: Some("renamed".into()),
         scopes: Some(
@@ -499,10 +513,9 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
         "a wider key, rotated with grace, keeps its session tokens"
     );
     // A replica started afterwards judges on the key as the store has it.
-    let key = first.app.admin.create(support::reader_key()).await.unwrap();
-    let session = minted(&first.app, &key.token).await;
+    let (key, session) = reader_and_session(&first.app).await;
     first.app.admin.revoke(&key.record.key_id).await.unwrap();
-    let late = Replica::serving(config(), &secrets).await;
+    let late = deployment.replica().await;
     assert_eq!(
         stream_on(&late.app, &session).await,
         Outcome::denied("invalid_token", 401)
@@ -548,13 +561,11 @@ impl EventFeed for HeldFeed {
 /// every replica. Now a session token is judged on its key's state where it is checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_minted_by_a_replica_behind_on_a_revocation_dies_once_it_catches_up() {
-    let redis = support::RedisServer::start().await;
-    let pem = ed25519_pem();
-    let secrets = session_secrets(&[("k1", &pem)]);
-    let config = || session_config(Backend::Redis(&redis), &["k1"]);
-    let first = Replica::serving(config(), &secrets).await;
+    let deployment = Deployment::start().await;
+    let first = deployment.replica().await;
     // The second replica follows its stream through a feed the test holds back.
-    let behind = std::sync::Arc::new(App::build(config(), secrets.clone()).unwrap());
+    let behind = App::build(deployment.config(), deployment.secrets.clone()).unwrap();
+    let behind = std::sync::Arc::new(behind);
     let (open, held) = tokio::sync::watch::channel(true);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let feed = std::sync::Arc::new(HeldFeed {
@@ -567,8 +578,7 @@ async fn a_session_minted_by_a_replica_behind_on_a_revocation_dies_once_it_catch
     })
     .await;
 
-    let key = first.app.admin.create(support::reader_key()).await.unwrap();
-    let before = minted(&first.app, &key.token).await;
+    let (key, before) = reader_and_session(&first.app).await;
     assert_eq!(stream_on(&behind, &before).await, Outcome::Allowed);
     // The second replica knows the key (it verified it).
     assert_eq!(
@@ -707,19 +717,28 @@ fn plan_session_config() -> Config {
     Config::load(Some(&yaml), Vec::new()).expect("the plan session configuration is valid")
 }
 
+/// An app on `plan_session_config`, signing with `k1`.
+fn plan_session_app() -> App {
+    App::build(
+        plan_session_config(),
+        session_secrets(&[("k1", &ed25519_pem())]),
+    )
+    .unwrap()
+}
+
+/// `key` on `plan`.
+fn on_plan(plan: &str, key: NewKey) -> NewKey {
+    NewKey {
+        plan: plan.into(),
+        ..key
+    }
+}
+
 /// The plan a session spends is its key's plan now, not the one it was minted under.
 #[tokio::test]
 async fn a_session_spends_its_keys_current_plan() {
-    let pem = ed25519_pem();
-    let app = App::build(plan_session_config(), session_secrets(&[("k1", &pem)])).unwrap();
-    let key = app
-        .admin
-        .create(NewKey {
-            plan: "roomy".into(),
-            ..support::reader_key()
-        })
-        .await
-        .unwrap();
+    let app = plan_session_app();
+    let key = created(&app, on_plan("roomy", support::reader_key())).await;
     let session = minted(&app, &key.token).await;
     let (_, client) = allow_headers(&app, "GET", STREAM_PATH, &session).await;
     assert_eq!(header(&client, "x-ratelimit-limit"), Some("1000"));
@@ -741,16 +760,8 @@ async fn a_session_spends_its_keys_current_plan() {
 /// may pass still finds the plan's one session free.
 #[tokio::test]
 async fn a_denied_session_request_holds_no_lease() {
-    let pem = ed25519_pem();
-    let app = App::build(plan_session_config(), session_secrets(&[("k1", &pem)])).unwrap();
-    let partner = app
-        .admin
-        .create(NewKey {
-            plan: "tight".into(),
-            ..partner_key("acme")
-        })
-        .await
-        .unwrap();
+    let app = plan_session_app();
+    let partner = created(&app, on_plan("tight", partner_key("acme"))).await;
     app.partners.set("acme", TENANT, true).await.unwrap();
     let create = |tenant: Option<&str>| {
         let mut headers = vec![("authorization".to_owned(), bearer(&partner.token))];
@@ -778,13 +789,10 @@ async fn a_denied_session_request_holds_no_lease() {
 /// other keys' tokens are left be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_replica() {
-    let redis = support::RedisServer::start().await;
-    let pem = ed25519_pem();
-    let secrets = session_secrets(&[("k1", &pem)]);
-    let config = || session_config(Backend::Redis(&redis), &["k1"]);
-    let first = Replica::serving(config(), &secrets).await;
-    let second = Replica::serving(config(), &secrets).await;
-    let partner = first.app.admin.create(partner_key("acme")).await.unwrap();
+    let deployment = Deployment::start().await;
+    let first = deployment.replica().await;
+    let second = deployment.replica().await;
+    let partner = created(&first.app, partner_key("acme")).await;
     let other_tenant = "1d3c5b7a-9e8f-4a6b-8c2d-0e1f2a3b4c5d";
     first.app.partners.set("acme", TENANT, true).await.unwrap();
     first
@@ -801,8 +809,7 @@ async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_
         .await
         .unwrap()
         .token;
-    let tenant_key = first.app.admin.create(support::reader_key()).await.unwrap();
-    let bystander = minted(&first.app, &tenant_key.token).await;
+    let (_, bystander) = reader_and_session(&first.app).await;
     for token in [&session, &elsewhere, &bystander] {
         assert_eq!(stream_on(&second.app, token).await, Outcome::Allowed);
     }
@@ -903,13 +910,7 @@ async fn a_signing_key_rotates_with_overlap() {
     let (status, jwks) = jwks_of(&before).await;
     assert_eq!(status, 200);
     assert_eq!(kids(&jwks), vec!["old"]);
-    let key = before
-        .app
-        .admin
-        .create(support::reader_key())
-        .await
-        .unwrap();
-    let old_token = minted(&before.app, &key.token).await;
+    let (key, old_token) = reader_and_session(&before.app).await;
     assert_eq!(kid_of(&old_token), "old");
 
     // The overlap: the new key signs, the old one still verifies; both are published.
@@ -943,12 +944,7 @@ async fn a_signing_key_rotates_with_overlap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_sessions_minting_is_refused_and_no_jwks_is_served() {
     let replica = Replica::serving(session_config(Backend::Memory, &[]), &support::secrets()).await;
-    let key = replica
-        .app
-        .admin
-        .create(support::reader_key())
-        .await
-        .unwrap();
+    let key = created(&replica.app, support::reader_key()).await;
     let refused = mint_as(&replica.app, &key.token, &[], 0, "")
         .await
         .unwrap_err();
