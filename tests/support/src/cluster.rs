@@ -48,7 +48,7 @@ use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::redis_server::{answering, kill_and_reap, redis_server_bin, spawn_redis};
+use crate::redis_server::{kill_and_reap, redis_server_bin, start_redis};
 
 /// One Redis Cluster for the tests of a binary that leave it whole (each in a namespace of
 /// its own, `fresh_namespace`); tests that kill nodes start their own. Its servers go with
@@ -506,44 +506,31 @@ impl ClusterNode {
     /// Starts the server (as `RedisServer::launch` does) and waits until it answers PING.
     async fn launch(&mut self, bin: &Path) -> Result<(), String> {
         let node_timeout = NODE_TIMEOUT_MS.to_string();
-        let (mut child, watchdog) = spawn_redis(
-            bin,
-            self.port,
-            self.dir.path(),
-            &[
-                "--appendonly",
-                "no",
-                "--cluster-enabled",
-                "yes",
-                // Relative to --dir (redis-server chdirs there).
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                &node_timeout,
-                // Without this a master waits 5 s (the default) for more replicas before
-                // the initial full sync of a replica, and `start` would wait with it.
-                "--repl-diskless-sync-delay",
-                "0",
-            ],
-        )?;
+        let args = [
+            "--appendonly",
+            "no",
+            "--cluster-enabled",
+            "yes",
+            // Relative to --dir (redis-server chdirs there).
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            &node_timeout,
+            // Without this a master waits 5 s (the default) for more replicas before
+            // the initial full sync of a replica, and `start` would wait with it.
+            "--repl-diskless-sync-delay",
+            "0",
+        ];
         let port = self.port;
-        let pongs = || async move {
+        let pong = || async move {
             matches!(cluster_ask(port, &["PING"]).await, Ok(pong) if pong == "PONG")
         };
-        let started = answering(
-            &mut child,
-            port,
-            self.dir.path(),
-            NODE_START_PATIENCE,
-            pongs,
-        )
-        .await;
+        let within = NODE_START_PATIENCE;
+        let (child, watchdog) =
+            start_redis(bin, port, self.dir.path(), &args, within, pong).await?;
         self.watchdog = watchdog;
         self.child = Some(child);
-        if started.is_err() {
-            self.stop();
-        }
-        started
+        Ok(())
     }
 }
 

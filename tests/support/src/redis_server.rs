@@ -128,18 +128,13 @@ impl RedisServer {
         if let Some(p) = &self.opts.password {
             args.extend(["--requirepass", p]);
         }
-        let (mut child, watchdog) = spawn_redis(&self.bin, self.port, self.dir.path(), &args)?;
         let info = self.connection_info();
-        let started = answering(&mut child, self.port, self.dir.path(), PATIENCE, || {
-            pongs(info.clone())
-        })
-        .await;
+        let pong = || pongs(info.clone());
+        let (child, watchdog) =
+            start_redis(&self.bin, self.port, self.dir.path(), &args, PATIENCE, pong).await?;
         self.watchdog = watchdog;
         self.child = Some(child);
-        if started.is_err() {
-            self.kill();
-        }
-        started
+        Ok(())
     }
 }
 
@@ -161,10 +156,33 @@ async fn pongs(info: redis::ConnectionInfo) -> bool {
     )
 }
 
-/// Waits until the `redis-server` just spawned on `port` (its files in `dir`) `pong`s; an
-/// error, with its log, if it exits first or stays silent `within`. The caller kills it
-/// then (its watchdog too).
-pub(crate) async fn answering<Fut>(
+/// `redis-server` started as `spawn_redis` does, once it `pong`s: the server and its
+/// watchdog. If it exits first or stays silent `within`, both are killed and the error
+/// carries its log.
+pub(crate) async fn start_redis<Fut>(
+    bin: &Path,
+    port: u16,
+    dir: &Path,
+    args: &[&str],
+    within: Duration,
+    pong: impl FnMut() -> Fut,
+) -> Result<(Child, Option<Child>), String>
+where
+    Fut: Future<Output = bool>,
+{
+    let (mut server, watchdog) = spawn_redis(bin, port, dir, args)?;
+    match answering(&mut server, port, dir, within, pong).await {
+        Ok(()) => Ok((server, watchdog)),
+        Err(e) => {
+            kill_and_reap([Some(server), watchdog]);
+            Err(e)
+        }
+    }
+}
+
+/// Waits until `server` (on `port`, its files in `dir`) `pong`s; an error, with its log,
+/// if it exits first or stays silent `within`.
+async fn answering<Fut>(
     server: &mut Child,
     port: u16,
     dir: &Path,
@@ -210,7 +228,7 @@ pub(crate) fn redis_server_bin() -> PathBuf {
 
 /// `redis-server` on `port` of the loopback, its files in `dir` (its log `redis.log`), no
 /// snapshots, and `args`; with a `watchdog`.
-pub(crate) fn spawn_redis(
+fn spawn_redis(
     bin: &Path,
     port: u16,
     dir: &Path,
