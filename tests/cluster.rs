@@ -371,9 +371,7 @@ async fn a_master_killed_under_load_fails_over_without_losing_a_revocation() {
         checker.check(late_token).await,
         Outcome::denied("revoked_api_key", 401)
     );
-    for r in [admin, checker, fresh] {
-        r.running.shutdown().await.unwrap();
-    }
+    shut_down([admin, checker, fresh]).await;
 }
 
 /// The partitions are part of where data lives: a keygate configured with another number
@@ -519,9 +517,7 @@ async fn a_partition_resharded_to_another_master_keeps_serving_and_revoking() {
         .unwrap()
         .revoked_at_ms
         .is_some());
-    for r in [admin, checker] {
-        r.running.shutdown().await.unwrap();
-    }
+    shut_down([admin, checker]).await;
 }
 
 /// `field:value` of an `INFO` section, on one node.

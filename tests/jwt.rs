@@ -1088,15 +1088,11 @@ async fn revoke_on(
 async fn a_token_revocation_arrives(
     events: &mut tokio::sync::broadcast::Receiver<keygate::revocation::FeedEntry>,
 ) -> keygate::store::TokenRevocation {
-    tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            if let keygate::revocation::FeedItem::Tokens(t) = events.recv().await.unwrap().item {
-                return t.revocation;
-            }
-        }
+    support::arrives(events, "the revocation at the replica", |item| match item {
+        keygate::revocation::FeedItem::Tokens(t) => Some(t.revocation),
+        _ => None,
     })
     .await
-    .expect("the revocation reaches the replica")
 }
 
 fn user_token(subject: &str, iat: u64, jti: Option<&str>) -> String {
@@ -1181,9 +1177,7 @@ async fn a_token_revoked_by_subject_before_t_is_denied_on_a_second_replica_and_a
         Outcome::denied("invalid_token", 401)
     );
     assert_eq!(read_on(&third, &newer).await, Outcome::Allowed);
-    for r in [first, second, third] {
-        r.running.shutdown().await.unwrap();
-    }
+    support::shut_down([first, second, third]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,31 @@ use tokio::sync::watch;
 
 const EVENTS: &str = "kgtest:{keys}:events";
 
+/// A test of `$body` (an `async fn(Backend)`) for each backend named: `redis`, a Redis of
+/// the test's own; `cluster`, the shared Redis Cluster in a namespace of the test's own;
+/// `memory`.
+macro_rules! tests_of {
+    ($body:ident { $($backend:ident: $test:ident),+ $(,)? }) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                tests_of!(@on $backend, $body);
+            }
+        )+
+    };
+    (@on redis, $body:ident) => {
+        let redis = RedisServer::start().await;
+        $body(Backend::Redis(&redis)).await;
+    };
+    (@on cluster, $body:ident) => {
+        let ns = fresh_namespace();
+        $body(Backend::Cluster(shared_cluster().await, &ns)).await;
+    };
+    (@on memory, $body:ident) => {
+        $body(Backend::Memory).await;
+    };
+}
+
 /// Waits for `feed` (a replica's bus, subscribed before the change was made) to apply
 /// an event for `key_id`: the cache's own signal, not a poll of its answers.
 async fn applied(feed: &mut tokio::sync::broadcast::Receiver<FeedEntry>, key_id: &str) {
@@ -72,18 +97,6 @@ type WatchAuth =
 type WatchClient = RevocationsClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, WatchAuth>,
 >;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoked_key_is_denied_on_every_replica_in_order_and_completely() {
-    let redis = RedisServer::start().await;
-    revoked_keys_reach_every_replica(Backend::Redis(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoked_key_is_denied_on_every_replica_through_the_cluster() {
-    let ns = fresh_namespace();
-    revoked_keys_reach_every_replica(Backend::Cluster(shared_cluster().await, &ns)).await;
-}
 
 /// Three replicas, ten warm keys revoked through the first: every replica applies each
 /// revocation once, in the order they were made within each stream partition (all of
@@ -165,10 +178,13 @@ async fn revoked_keys_reach_every_replica(backend: Backend<'_>) {
         }
         assert_eq!(r.app.bus.flushes(), 0);
     }
-    for r in replicas {
-        r.running.shutdown().await.unwrap();
-    }
+    shut_down(replicas).await;
 }
+
+tests_of!(revoked_keys_reach_every_replica {
+    redis: revoked_key_is_denied_on_every_replica_in_order_and_completely,
+    cluster: revoked_key_is_denied_on_every_replica_through_the_cluster,
+});
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_whose_stream_connection_is_killed_denies_keys_revoked_meanwhile() {
@@ -330,9 +346,7 @@ async fn replica_resumes_after_a_redis_restart_and_flushes_when_the_stream_was_l
         reader2.check(&token).await,
         Outcome::denied("invalid_api_key", 401)
     );
-    for r in [writer, reader, reader2] {
-        r.running.shutdown().await.unwrap();
-    }
+    shut_down([writer, reader, reader2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,16 +489,10 @@ async fn watch_resumes_without_a_gap(backend: Backend<'_>) {
     replica.running.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_resumes_from_an_id_with_no_gap_on_redis() {
-    let redis = RedisServer::start().await;
-    watch_resumes_without_a_gap(Backend::Redis(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_resumes_from_an_id_with_no_gap_in_memory() {
-    watch_resumes_without_a_gap(Backend::Memory).await;
-}
+tests_of!(watch_resumes_without_a_gap {
+    redis: watch_resumes_from_an_id_with_no_gap_on_redis,
+    memory: watch_resumes_from_an_id_with_no_gap_in_memory,
+});
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_after_a_trimmed_id_starts_with_reset() {
@@ -535,19 +543,8 @@ async fn watch_rejects_malformed_and_unknown_ids() {
     replica.running.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replica_can_follow_another_keygates_watch_stream() {
-    let redis = RedisServer::start().await;
-    follow_another_keygates_watch(Backend::Redis(&redis)).await;
-}
-
-/// The remote's Watch carries a cursor over 16 partitions, which the follower resumes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replica_can_follow_the_watch_of_a_keygate_on_a_cluster() {
-    let ns = fresh_namespace();
-    follow_another_keygates_watch(Backend::Cluster(shared_cluster().await, &ns)).await;
-}
-
+/// On a cluster, the remote's Watch carries a cursor over 16 partitions, which the
+/// follower resumes.
 async fn follow_another_keygates_watch(backend: Backend<'_>) {
     let secrets = secrets();
     let primary = Replica::start(config(backend), &secrets).await;
@@ -584,6 +581,11 @@ async fn follow_another_keygates_watch(backend: Backend<'_>) {
     remote.running.shutdown().await.unwrap();
     primary.running.shutdown().await.unwrap();
 }
+
+tests_of!(follow_another_keygates_watch {
+    redis: replica_can_follow_another_keygates_watch_stream,
+    cluster: replica_can_follow_the_watch_of_a_keygate_on_a_cluster,
+});
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_idempotent_when_delivered_twice() {
@@ -780,18 +782,6 @@ async fn two_replicas_with_a_warm_key(backend: Backend<'_>) -> (Replica, Replica
     (a, b, id, token)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn removing_a_scope_reaches_every_replica_through_redis() {
-    let redis = RedisServer::start().await;
-    removing_a_scope_reaches_every_replica(Backend::Redis(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn removing_a_scope_reaches_every_replica_through_the_cluster() {
-    let ns = fresh_namespace();
-    removing_a_scope_reaches_every_replica(Backend::Cluster(shared_cluster().await, &ns)).await;
-}
-
 async fn removing_a_scope_reaches_every_replica(backend: Backend<'_>) {
     let (a, b, id, token) = two_replicas_with_a_warm_key(backend).await;
     let mut feed = b.app.bus.subscribe();
@@ -820,17 +810,10 @@ async fn removing_a_scope_reaches_every_replica(backend: Backend<'_>) {
     b.running.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn moving_expiry_earlier_takes_effect_on_every_replica() {
-    let redis = RedisServer::start().await;
-    moving_expiry_earlier_takes_effect(Backend::Redis(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn moving_expiry_earlier_takes_effect_on_every_replica_of_the_cluster() {
-    let ns = fresh_namespace();
-    moving_expiry_earlier_takes_effect(Backend::Cluster(shared_cluster().await, &ns)).await;
-}
+tests_of!(removing_a_scope_reaches_every_replica {
+    redis: removing_a_scope_reaches_every_replica_through_redis,
+    cluster: removing_a_scope_reaches_every_replica_through_the_cluster,
+});
 
 async fn moving_expiry_earlier_takes_effect(backend: Backend<'_>) {
     let (a, b, id, token) = two_replicas_with_a_warm_key(backend).await;
@@ -861,6 +844,11 @@ async fn moving_expiry_earlier_takes_effect(backend: Backend<'_>) {
     a.running.shutdown().await.unwrap();
     b.running.shutdown().await.unwrap();
 }
+
+tests_of!(moving_expiry_earlier_takes_effect {
+    redis: moving_expiry_earlier_takes_effect_on_every_replica,
+    cluster: moving_expiry_earlier_takes_effect_on_every_replica_of_the_cluster,
+});
 
 /// A Watch subscriber that falls behind the live feed is caught up from the store; if
 /// what it missed was trimmed meanwhile, it is told so with a RESET, not handed the

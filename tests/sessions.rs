@@ -17,7 +17,7 @@ use keygate::server::App;
 use keygate::store::Cursor;
 use keygate_test_support as support;
 use keygate_test_support::{
-    bearer, check_request, ed25519_pem, outcome_of, Backend, Outcome, Replica, TENANT,
+    bearer, check_request, ed25519_pem, outcome_of, Backend, Deployment, Outcome, Replica, TENANT,
 };
 
 const STREAM_PATH: &str = "/v1/stream/calls/7";
@@ -174,26 +174,9 @@ async fn reader_and_session(app: &App) -> (CreatedKey, String) {
 }
 
 /// Replicas of one deployment on their own Redis, signing sessions with `k1`.
-struct Deployment {
-    redis: support::RedisServer,
-    secrets: Secrets,
-}
-
-impl Deployment {
-    async fn start() -> Deployment {
-        let redis = support::RedisServer::start().await;
-        let secrets = session_secrets(&[("k1", &ed25519_pem())]);
-        Deployment { redis, secrets }
-    }
-
-    fn config(&self) -> Config {
-        session_config(Backend::Redis(&self.redis), &["k1"])
-    }
-
-    /// A replica, once it answers checks.
-    async fn replica(&self) -> Replica {
-        Replica::serving(self.config(), &self.secrets).await
-    }
+async fn deployment() -> Deployment {
+    let secrets = session_secrets(&[("k1", &ed25519_pem())]);
+    Deployment::with_secrets(|backend| session_config(backend, &["k1"]), secrets).await
 }
 
 #[tokio::test]
@@ -412,9 +395,9 @@ async fn a_create_session_route_hands_the_token_upstream_and_to_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_another_replica() {
-    let deployment = Deployment::start().await;
-    let first = deployment.replica().await;
-    let second = deployment.replica().await;
+    let deployment = deployment().await;
+    let first = deployment.serving().await;
+    let second = deployment.serving().await;
     for change in ["revoke", "rotate", "delete", "narrow", "shorten"] {
         let (key, session) = reader_and_session(&first.app).await;
         let (_, bystander) = reader_and_session(&first.app).await;
@@ -463,10 +446,10 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
                 Outcome::denied("invalid_token", 401)
             }
         };
-        arrives(
+        support::arrives(
             &mut events,
-            |item| matches!(item, FeedItem::Event(e) if e.key_id == *id),
             &format!("{change}: the key's event at the second replica"),
+            |item| matches!(item, FeedItem::Event(e) if e.key_id == *id).then_some(()),
         )
         .await;
         assert_eq!(
@@ -515,14 +498,12 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
     // A replica started afterwards judges on the key as the store has it.
     let (key, session) = reader_and_session(&first.app).await;
     first.app.admin.revoke(&key.record.key_id).await.unwrap();
-    let late = deployment.replica().await;
+    let late = deployment.serving().await;
     assert_eq!(
         stream_on(&late.app, &session).await,
         Outcome::denied("invalid_token", 401)
     );
-    for r in [first, second, late] {
-        r.running.shutdown().await.unwrap();
-    }
+    support::shut_down([first, second, late]).await;
 }
 
 /// A feed that passes nothing on while held: a replica whose revocation follower is
@@ -561,8 +542,8 @@ impl EventFeed for HeldFeed {
 /// every replica. Now a session token is judged on its key's state where it is checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_minted_by_a_replica_behind_on_a_revocation_dies_once_it_catches_up() {
-    let deployment = Deployment::start().await;
-    let first = deployment.replica().await;
+    let deployment = deployment().await;
+    let first = deployment.serving().await;
     // The second replica follows its stream through a feed the test holds back.
     let behind = App::build(deployment.config(), deployment.secrets.clone()).unwrap();
     let behind = std::sync::Arc::new(behind);
@@ -607,10 +588,10 @@ async fn a_session_minted_by_a_replica_behind_on_a_revocation_dies_once_it_catch
     assert_eq!(stream_on(&behind, &during).await, Outcome::Allowed);
 
     open.send_replace(true);
-    arrives(
+    support::arrives(
         &mut events,
-        |item| matches!(item, FeedItem::Event(e) if e.key_id == key.record.key_id),
         "the revocation at the replica behind",
+        |item| matches!(item, FeedItem::Event(e) if e.key_id == key.record.key_id).then_some(()),
     )
     .await;
     for token in [&before, &during] {
@@ -789,9 +770,9 @@ async fn a_denied_session_request_holds_no_lease() {
 /// other keys' tokens are left be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_replica() {
-    let deployment = Deployment::start().await;
-    let first = deployment.replica().await;
-    let second = deployment.replica().await;
+    let deployment = deployment().await;
+    let first = deployment.serving().await;
+    let second = deployment.serving().await;
     let partner = created(&first.app, partner_key("acme")).await;
     let other_tenant = "1d3c5b7a-9e8f-4a6b-8c2d-0e1f2a3b4c5d";
     first.app.partners.set("acme", TENANT, true).await.unwrap();
@@ -815,10 +796,10 @@ async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_
     }
     let mut events = second.app.bus.subscribe();
     first.app.partners.set("acme", TENANT, false).await.unwrap();
-    arrives(
+    support::arrives(
         &mut events,
-        |item| matches!(item, FeedItem::Delegation(_)),
         "the withdrawal at the second replica",
+        |item| matches!(item, FeedItem::Delegation(_)).then_some(()),
     )
     .await;
     assert_eq!(
@@ -835,9 +816,7 @@ async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_
     // Granted again, the token acts again: it was never revoked, only not delegated.
     first.app.partners.set("acme", TENANT, true).await.unwrap();
     assert_eq!(stream_on(&first.app, &session).await, Outcome::Allowed);
-    for r in [first, second] {
-        r.running.shutdown().await.unwrap();
-    }
+    support::shut_down([first, second]).await;
 }
 
 /// A reader key of `partner`, for the tenants delegated to it.
@@ -848,25 +827,6 @@ fn partner_key(partner: &str) -> NewKey {
         partner_id: partner.into(),
         ..support::reader_key()
     }
-}
-
-/// Waits until `events` (a replica's bus) carries an item `wanted` accepts.
-async fn arrives(
-    events: &mut tokio::sync::broadcast::Receiver<keygate::revocation::FeedEntry>,
-    wanted: impl Fn(&FeedItem) -> bool,
-    what: &str,
-) {
-    tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            if let Ok(entry) = events.recv().await {
-                if wanted(&entry.item) {
-                    return;
-                }
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what}: never arrived"));
 }
 
 async fn jwks_of(replica: &Replica) -> (u16, serde_json::Value) {
@@ -936,9 +896,7 @@ async fn a_signing_key_rotates_with_overlap() {
         Outcome::denied("invalid_token", 401)
     );
     assert_eq!(stream_on(&after, &new_token).await, Outcome::Allowed);
-    for r in [before, overlap_replica] {
-        r.running.shutdown().await.unwrap();
-    }
+    support::shut_down([before, overlap_replica]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,5 @@
-//! keygate replicas serving on ephemeral ports, and calls to their admin API.
+//! keygate replicas serving on ephemeral ports, deployments of them on a Redis of their
+//! own, what reaches their revocation bus, and calls to their admin API.
 
 use std::sync::Arc;
 
@@ -15,6 +16,87 @@ pub struct Replica {
     pub app: Arc<keygate::server::App>,
     pub running: keygate::server::Running,
     pub secrets: Secrets,
+}
+
+/// Replicas of one deployment on a Redis of their own: one configuration, shared secrets.
+pub struct Deployment {
+    pub redis: RedisServer,
+    pub secrets: Secrets,
+    configure: fn(Backend<'_>) -> Config,
+}
+
+impl Deployment {
+    /// A fresh Redis and fresh secrets; each replica configured by `configure` (`config`,
+    /// or a test's own).
+    pub async fn start(configure: fn(Backend<'_>) -> Config) -> Deployment {
+        Deployment::with_secrets(configure, secrets()).await
+    }
+
+    pub async fn with_secrets(
+        configure: fn(Backend<'_>) -> Config,
+        secrets: Secrets,
+    ) -> Deployment {
+        let redis = RedisServer::start().await;
+        Deployment {
+            redis,
+            secrets,
+            configure,
+        }
+    }
+
+    /// The configuration of this deployment's replicas (to change before one starts).
+    pub fn config(&self) -> Config {
+        (self.configure)(Backend::Redis(&self.redis))
+    }
+
+    /// An `App` of this deployment, not serving.
+    pub fn app(&self) -> Arc<keygate::server::App> {
+        let app = keygate::server::App::build(self.config(), self.secrets.clone());
+        Arc::new(app.expect("the app builds"))
+    }
+
+    /// A replica, started (`Replica::start`).
+    pub async fn started(&self) -> Replica {
+        Replica::start(self.config(), &self.secrets).await
+    }
+
+    /// A replica once it answers checks (`Replica::serving`).
+    pub async fn serving(&self) -> Replica {
+        Replica::serving(self.config(), &self.secrets).await
+    }
+}
+
+/// Waits until `events` (a replica's bus, `app.bus.subscribe()`) carries an item `wanted`
+/// takes (`Some`), and returns what it made of it; fails the test as `what` after
+/// `PATIENCE`. Items before it, and a lag, are passed over.
+pub async fn arrives<T>(
+    events: &mut tokio::sync::broadcast::Receiver<keygate::revocation::FeedEntry>,
+    what: &str,
+    mut wanted: impl FnMut(keygate::revocation::FeedItem) -> Option<T>,
+) -> T {
+    use tokio::sync::broadcast::error::RecvError;
+    let found = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match events.recv().await {
+                Ok(entry) => {
+                    if let Some(found) = wanted(entry.item) {
+                        return found;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => panic!("{what}: the bus closed"),
+            }
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("{what}: did not arrive within {PATIENCE:?}"))
+}
+
+/// Shuts each replica down (its listeners closed, its tasks ended).
+pub async fn shut_down(replicas: impl IntoIterator<Item = Replica>) {
+    for r in replicas {
+        r.running.shutdown().await.expect("the replica shuts down");
+    }
 }
 
 /// `n` replicas on `backend` with argon2 at its production cost (what the benchmarks
