@@ -401,7 +401,7 @@ async fn wrong_secret_is_invalid_and_a_repeat_runs_no_second_argon2() {
     );
     assert_eq!(
         outcome(&envoy.decide(read_with(&key.token)).await),
-        Outcome::denied("revoked_api_key", 401)
+        Outcome::revoked_key()
     );
 }
 

@@ -1285,12 +1285,7 @@ async fn a_bad_revocation_names_the_field_and_changes_nothing() {
         keygate::store::EventId::START
     );
     // Without the admin credential, nothing either.
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", replica.running.admin))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+    let channel = replica.admin_channel().await;
     let refused = keygate::api::proto::keys_client::KeysClient::new(channel)
         .revoke_tokens(req("main", "j", "", None))
         .await

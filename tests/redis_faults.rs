@@ -349,13 +349,7 @@ async fn grpc_health_is_not_serving_only_while_the_replica_cannot_serve() {
     config.listen.drain_delay = Duration::from_secs(3600);
     let app = Arc::new(App::build(config, support::secrets()).unwrap());
     let running = server::start(app.clone()).await.unwrap();
-    let health = HealthClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{}", running.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let health = HealthClient::new(support::channel_to(running.grpc).await);
     let status_of = |service: &'static str| {
         let mut health = health.clone();
         async move {

@@ -20,14 +20,6 @@ use tonic_reflection::pb::v1::{
     server_reflection_response::MessageResponse, ServerReflectionRequest,
 };
 
-async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 async fn start() -> (Arc<App>, server::Running, keygate::config::Secrets) {
     let secrets = secrets();
     let app = Arc::new(App::build(config(Backend::Memory), secrets.clone()).unwrap());
@@ -39,7 +31,7 @@ async fn start() -> (Arc<App>, server::Running, keygate::config::Secrets) {
 #[tokio::test]
 async fn health_reports_every_service_on_the_main_port_as_serving() {
     let (_, running, _) = start().await;
-    let mut health = HealthClient::new(channel(running.grpc).await);
+    let mut health = HealthClient::new(channel_to(running.grpc).await);
     for service in [
         "",
         "envoy.service.auth.v3.Authorization",
@@ -74,7 +66,7 @@ async fn health_reports_every_service_on_the_main_port_as_serving() {
 #[tokio::test]
 async fn reflection_lists_keygates_services() {
     let (_, running, _) = start().await;
-    let mut client = ServerReflectionClient::new(channel(running.grpc).await);
+    let mut client = ServerReflectionClient::new(channel_to(running.grpc).await);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -236,7 +228,7 @@ async fn a_watch_stream_is_released_when_its_client_goes_away() {
     let open = || keygate::telemetry::metrics().watch_streams.get();
     assert_eq!(open(), 0);
     let mut client = keygate::api::proto::revocations_client::RevocationsClient::new(
-        channel(running.grpc).await,
+        channel_to(running.grpc).await,
     );
     let stream = client
         .watch(watch_with(secrets.watch_token.as_ref().unwrap().expose()))
@@ -356,7 +348,7 @@ where
             .add_service(AuthorizationServer::new(app.envoy_service()))
             .serve_with_incoming(futures::stream::once(accepted)),
     );
-    let mut client = AuthorizationClient::new(channel(addr).await);
+    let mut client = AuthorizationClient::new(channel_to(addr).await);
     let warm = client.check(read_with(token)).await.map(|r| r.into_inner());
     assert_eq!(outcome(&warm), Outcome::Allowed);
     let before = writes.load(Ordering::Relaxed);
@@ -402,8 +394,8 @@ async fn watch_needs_its_credential_on_each_port() {
     let (_, running, secrets) = start().await;
     let watch_token = secrets.watch_token.as_ref().unwrap().expose();
     let admin_token = secrets.admin_token.expose();
-    let mut public = RevocationsClient::new(channel(running.grpc).await);
-    let mut admin = RevocationsClient::new(channel(running.admin).await);
+    let mut public = RevocationsClient::new(channel_to(running.grpc).await);
+    let mut admin = RevocationsClient::new(channel_to(running.admin).await);
     let code = |r: Result<
         tonic::Response<tonic::Streaming<proto::RevocationEvent>>,
         tonic::Status,
@@ -444,7 +436,7 @@ async fn without_a_watch_token_watch_is_closed_on_the_public_port() {
     secrets.watch_token = None;
     let app = Arc::new(App::build(config(Backend::Memory), secrets.clone()).unwrap());
     let running = server::start(app.clone()).await.unwrap();
-    let mut public = RevocationsClient::new(channel(running.grpc).await);
+    let mut public = RevocationsClient::new(channel_to(running.grpc).await);
     let err = public
         .watch(watch_with(secrets.admin_token.expose()))
         .await

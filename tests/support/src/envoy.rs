@@ -158,6 +158,11 @@ impl Outcome {
             http,
         }
     }
+
+    /// What a revoked API key gets: 401 `revoked_api_key`.
+    pub fn revoked_key() -> Outcome {
+        Outcome::denied("revoked_api_key", 401)
+    }
 }
 
 /// Reads a `decide` result the way Envoy would, and fails the test on any answer Envoy

@@ -92,6 +92,14 @@ pub async fn arrives<T>(
     found.unwrap_or_else(|_| panic!("{what}: did not arrive within {PATIENCE:?}"))
 }
 
+/// A plaintext HTTP/2 channel to a listener at `addr`, connected.
+pub async fn channel_to(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"));
+    let endpoint = endpoint.expect("an http URL");
+    let connected = endpoint.connect().await;
+    connected.unwrap_or_else(|e| panic!("the listener at {addr} answers: {e}"))
+}
+
 /// Shuts each replica down (its listeners closed, its tasks ended).
 pub async fn shut_down(replicas: impl IntoIterator<Item = Replica>) {
     for r in replicas {
@@ -177,11 +185,12 @@ impl Replica {
 
     /// A channel to the admin listener (calls still need `with_admin`).
     pub async fn admin_channel(&self) -> tonic::transport::Channel {
-        tonic::transport::Endpoint::from_shared(format!("http://{}", self.running.admin))
-            .unwrap()
-            .connect()
-            .await
-            .expect("admin listener answers")
+        channel_to(self.running.admin).await
+    }
+
+    /// A channel to the gRPC listener (Envoy's, keygate.v1's, Watch's).
+    pub async fn grpc_channel(&self) -> tonic::transport::Channel {
+        channel_to(self.running.grpc).await
     }
 
     pub async fn admin(
