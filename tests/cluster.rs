@@ -365,9 +365,8 @@ async fn a_master_killed_under_load_fails_over_without_losing_a_revocation() {
 /// an earlier keygate wrote before the number was recorded. Nothing is written meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_written_with_other_partitions_is_refused_at_startup() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let one = Replica::serving(config(Backend::Redis(&redis)), &secrets).await;
+    let deployment = Deployment::start(config).await;
+    let one = deployment.serving().await;
     let (id, token) = {
         let created = one.app.admin.create(reader_key()).await.unwrap();
         (created.record.key_id, created.token)
@@ -376,8 +375,8 @@ async fn a_store_written_with_other_partitions_is_refused_at_startup() {
     one.running.shutdown().await.unwrap();
 
     let refused = |forget_marker: bool| {
-        let redis = &redis;
-        let secrets = secrets.clone();
+        let redis = &deployment.redis;
+        let secrets = deployment.secrets.clone();
         async move {
             let mut conn = redis.connection().await;
             if forget_marker {
@@ -406,7 +405,7 @@ async fn a_store_written_with_other_partitions_is_refused_at_startup() {
     refused(true).await;
 
     // With the number it was written with, the data is all there.
-    let again = Replica::serving(config(Backend::Redis(&redis)), &secrets).await;
+    let again = deployment.serving().await;
     assert_eq!(again.check(&token).await, Outcome::revoked_key());
     again.running.shutdown().await.unwrap();
 }

@@ -185,10 +185,9 @@ tests_of!(revoked_keys_reach_every_replica {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_whose_stream_connection_is_killed_denies_keys_revoked_meanwhile() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let writer = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
-    let reader = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    let deployment = Deployment::start(config).await;
+    let writer = deployment.started().await;
+    let reader = deployment.started().await;
     reader.following().await;
     let mut keys = Vec::new();
     for _ in 0..5 {
@@ -198,7 +197,7 @@ async fn replica_whose_stream_connection_is_killed_denies_keys_revoked_meanwhile
         assert_eq!(reader.check(token).await, Outcome::Allowed);
     }
     // Wait until the follower's blocking read is on the server, then cut it.
-    let mut conn = redis.connection().await;
+    let mut conn = deployment.redis.connection().await;
     let xread_ids = eventually(PATIENCE, "a blocked XREAD on the server", || {
         let mut conn = conn.clone();
         async move {
@@ -342,11 +341,10 @@ async fn replica_resumes_after_a_redis_restart_and_flushes_when_the_stream_was_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_trimmed_past_the_last_applied_id_flushes_the_whole_cache() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
+    let deployment = Deployment::start(config).await;
     // The writer serves normally; the reader runs its follower on a switchable feed.
-    let writer = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
-    let reader = Arc::new(App::build(config(Backend::Redis(&redis)), secrets.clone()).unwrap());
+    let writer = deployment.started().await;
+    let reader = deployment.app();
     let feed = Arc::new(SwitchableFeed::new(StoreFeed::new(
         reader.store.clone(),
         Duration::from_millis(200),
@@ -372,7 +370,7 @@ async fn stream_trimmed_past_the_last_applied_id_flushes_the_whole_cache() {
     .await;
     writer.app.admin.revoke(&id).await.unwrap();
     // Trim everything: the revocation event is gone before the reader could see it.
-    redis.trim_all_events().await;
+    deployment.redis.trim_all_events().await;
     // While cut off, the stale entry is still served: TTL is the bound on staleness.
     assert_eq!(check(token.clone()).await, Outcome::Allowed);
 
@@ -484,15 +482,14 @@ tests_of!(watch_resumes_without_a_gap {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_after_a_trimmed_id_starts_with_reset() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let replica = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    let deployment = Deployment::start(config).await;
+    let replica = deployment.started().await;
     let (a, _) = create_key(&replica.app).await;
     let (b, _) = create_key(&replica.app).await;
     replica.app.admin.revoke(&a).await.unwrap();
     let old = replica.app.store.latest_event_id(0).await.unwrap();
     replica.app.admin.revoke(&b).await.unwrap();
-    redis.trim_all_events().await;
+    deployment.redis.trim_all_events().await;
     let mut client = watch_client(&replica).await;
     let mut stream = client
         .watch(proto::WatchRequest {
@@ -673,9 +670,8 @@ async fn an_unreadable_event_is_passed_safely_and_later_revocations_still_apply(
 /// flushes rather than silently skip them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_trimmed_while_connected_flushes() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let app = App::build(config(Backend::Redis(&redis)), secrets.clone()).unwrap();
+    let deployment = Deployment::start(config).await;
+    let app = deployment.app();
     let feed = StoreFeed::new(app.store.clone(), Duration::from_millis(200));
     let (a, _) = create_key(&app).await;
     let (b, _) = create_key(&app).await;
@@ -685,7 +681,7 @@ async fn a_gap_trimmed_while_connected_flushes() {
     app.store.revoke(&a, now).await.unwrap();
     app.store.revoke(&b, now).await.unwrap();
     // Both revocations are trimmed before the reader reads; then one more arrives.
-    redis.trim_all_events().await;
+    deployment.redis.trim_all_events().await;
     app.store.revoke(&c, now).await.unwrap();
     let items = feed.read(&start, false).await.unwrap();
     assert!(
