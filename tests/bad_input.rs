@@ -45,12 +45,7 @@ fn argon2_metric() -> u64 {
 /// The deny response's headers, as (name, value).
 fn denied_headers(resp: &CheckResponse) -> Vec<(String, String)> {
     match &resp.http_response {
-        Some(HttpResponse::DeniedResponse(d)) => d
-            .headers
-            .iter()
-            .filter_map(|h| h.header.as_ref())
-            .map(|h| (h.key.clone(), h.value.clone()))
-            .collect(),
+        Some(HttpResponse::DeniedResponse(d)) => support::header_pairs(&d.headers),
         other => panic!("not a denial: {other:?}"),
     }
 }

@@ -287,12 +287,9 @@ fn support_ok_headers(
 ) -> std::collections::HashMap<String, String> {
     use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
     match &answer.http_response {
-        Some(HttpResponse::OkResponse(ok)) => ok
-            .headers
-            .iter()
-            .filter_map(|h| h.header.as_ref())
-            .map(|h| (h.key.clone(), h.value.clone()))
-            .collect(),
+        Some(HttpResponse::OkResponse(ok)) => {
+            support::header_pairs(&ok.headers).into_iter().collect()
+        }
         other => panic!("not an allow: {other:?}"),
     }
 }

@@ -70,12 +70,8 @@ fn rate_headers(resp: &CheckResponse) -> Vec<(String, String)> {
         Some(HttpResponse::DeniedResponse(d)) => &d.headers,
         _ => return vec![],
     };
-    let mut out: Vec<(String, String)> = headers
-        .iter()
-        .filter_map(|h| h.header.as_ref())
-        .filter(|h| h.key.starts_with("x-ratelimit-") || h.key == "retry-after")
-        .map(|h| (h.key.clone(), h.value.clone()))
-        .collect();
+    let mut out = support::header_pairs(headers);
+    out.retain(|(name, _)| name.starts_with("x-ratelimit-") || name == "retry-after");
     out.sort();
     out
 }

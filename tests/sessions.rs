@@ -144,13 +144,10 @@ async fn allow_headers(
     let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
         panic!("expected an allow: {resp:?}");
     };
-    let pairs = |hs: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOption]| {
-        hs.iter()
-            .filter_map(|h| h.header.as_ref())
-            .map(|h| (h.key.clone(), h.value.clone()))
-            .collect::<Vec<_>>()
-    };
-    (pairs(&ok.headers), pairs(&ok.response_headers_to_add))
+    (
+        support::header_pairs(&ok.headers),
+        support::header_pairs(&ok.response_headers_to_add),
+    )
 }
 
 fn now_s() -> i64 {

@@ -139,6 +139,18 @@ pub fn read_through_keygate_v1(token: &str) -> keygate::api::proto::CheckRequest
     }
 }
 
+/// Headers an answer sets or adds (`OkHttpResponse.headers`, `.response_headers_to_add`,
+/// `DeniedHttpResponse.headers`), as (name, value), in order.
+pub fn header_pairs(
+    options: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOption],
+) -> Vec<(String, String)> {
+    options
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect()
+}
+
 /// What Envoy makes of keygate's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
