@@ -10,10 +10,6 @@
 //!
 //! Run: `scripts/bench at-the-limit` (or `cargo bench --bench at_the_limit -- --seconds 10`).
 
-#[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +17,7 @@ use std::time::{Duration, Instant};
 use keygate::config::PlanConfig;
 use keygate::keys::NewKey;
 use keygate::server::App;
-use support::*;
+use keygate_test_support::*;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {

@@ -11,10 +11,6 @@
 //!
 //! Run: `scripts/bench cluster` (`cargo bench --bench cluster -- --keys 100000` for fewer).
 
-#[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
-mod support;
-
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -23,7 +19,7 @@ use keygate::revocation::FeedItem;
 use keygate::server::App;
 use keygate::store::redis::{RedisOptions, RedisStore, CLUSTER_PARTITIONS};
 use keygate::store::{KeyRecord, KeyRecords, KeyStore};
-use support::*;
+use keygate_test_support::*;
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();

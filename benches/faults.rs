@@ -18,10 +18,6 @@
 //!
 //! Run: `scripts/bench faults` (or `cargo bench --bench faults -- --seconds 12`).
 
-#[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
-mod support;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use keygate::server::{self, App};
-use support::*;
+use keygate_test_support::*;
 
 #[derive(Default)]
 struct Tally {

@@ -11,17 +11,13 @@
 //!
 //! Run: `cargo bench --bench revocation_propagation` (`-- --revocations 50` for fewer).
 
-#[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
-mod support;
-
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use keygate::api::proto::{self, keys_client::KeysClient};
 use keygate::revocation::FeedItem;
 
-use support::*;
+use keygate_test_support::*;
 
 /// A duration in a microsecond histogram (at least 1 µs: the histogram's lowest bound).
 fn record(h: &mut Histogram<u64>, d: Duration) {

@@ -1,11 +1,10 @@
 //! A flood of denials is counted in full but logged at a bounded rate: each logged line
 //! says how many were left out before it.
 
-mod support;
-
 use keygate::server::App;
-use support::logs::{capture_logs, logs};
-use support::{config, secrets, Backend, Outcome};
+use keygate_test_support as support;
+use keygate_test_support::logs::{capture_logs, logs};
+use keygate_test_support::{config, secrets, Backend, Outcome};
 
 fn denials_counted() -> u64 {
     let text = keygate::telemetry::render();

@@ -3,8 +3,6 @@
 //! routes that take only one credential kind. The keys are test fixtures
 //! (`tests/fixtures/jwt/`); each test writes its issuers' JWKS files itself.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,8 +12,11 @@ use keygate::config::{ClaimsConfig, Config, IssuerConfig, RouteConfig, TenantRul
 use keygate::principal::CredentialKind;
 use keygate::secret::Secret;
 use keygate::server::App;
+use keygate_test_support as support;
+use keygate_test_support::{
+    bearer, check_request, outcome_of, Backend, Outcome, READ_PATH, TENANT,
+};
 use serde_json::{json, Value};
-use support::{bearer, check_request, outcome_of, Backend, Outcome, READ_PATH, TENANT};
 
 const ISSUER: &str = "https://login.example.com/";
 const AUDIENCE: &str = "https://api.example.com";
@@ -286,12 +287,9 @@ fn support_ok_headers(
 ) -> std::collections::HashMap<String, String> {
     use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
     match &answer.http_response {
-        Some(HttpResponse::OkResponse(ok)) => ok
-            .headers
-            .iter()
-            .filter_map(|h| h.header.as_ref())
-            .map(|h| (h.key.clone(), h.value.clone()))
-            .collect(),
+        Some(HttpResponse::OkResponse(ok)) => {
+            support::header_pairs(&ok.headers).into_iter().collect()
+        }
         other => panic!("not an allow: {other:?}"),
     }
 }
@@ -1061,7 +1059,7 @@ async fn a_key_added_to_the_jwks_file_is_taken_without_a_restart() {
 // Revocation: by subject before a time, by jti, on every replica
 // ---------------------------------------------------------------------------------------
 
-use support::Replica;
+use keygate_test_support::Replica;
 
 /// A `contacts:read` request with `jwt` in `x-access-token`.
 async fn read_on(r: &Replica, jwt: &str) -> Outcome {
@@ -1087,15 +1085,11 @@ async fn revoke_on(
 async fn a_token_revocation_arrives(
     events: &mut tokio::sync::broadcast::Receiver<keygate::revocation::FeedEntry>,
 ) -> keygate::store::TokenRevocation {
-    tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            if let keygate::revocation::FeedItem::Tokens(t) = events.recv().await.unwrap().item {
-                return t.revocation;
-            }
-        }
+    support::arrives(events, "the revocation at the replica", |item| match item {
+        keygate::revocation::FeedItem::Tokens(t) => Some(t.revocation),
+        _ => None,
     })
     .await
-    .expect("the revocation reaches the replica")
 }
 
 fn user_token(subject: &str, iat: u64, jti: Option<&str>) -> String {
@@ -1180,9 +1174,7 @@ async fn a_token_revoked_by_subject_before_t_is_denied_on_a_second_replica_and_a
         Outcome::denied("invalid_token", 401)
     );
     assert_eq!(read_on(&third, &newer).await, Outcome::Allowed);
-    for r in [first, second, third] {
-        r.running.shutdown().await.unwrap();
-    }
+    support::shut_down([first, second, third]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1290,12 +1282,7 @@ async fn a_bad_revocation_names_the_field_and_changes_nothing() {
         keygate::store::EventId::START
     );
     // Without the admin credential, nothing either.
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", replica.running.admin))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+    let channel = replica.admin_channel().await;
     let refused = keygate::api::proto::keys_client::KeysClient::new(channel)
         .revoke_tokens(req("main", "j", "", None))
         .await

@@ -1,18 +1,18 @@
 //! A key's life: rotation with a grace on every replica, expiry that stays listed, usage
 //! counted without a store write per request, and the audit trail.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use keygate::audit::AuditQuery;
 use keygate::keys::{AdminError, KeyOwner, NewKey, StatusFilter};
+use keygate::revocation::FeedItem;
 use keygate::server::App;
 use keygate::store::{KeyRecords, KeyStatus, KeyStore};
-use support::{
-    config, eventually, outcome, read_with, reader_key, secrets, Backend, CountingStore, Outcome,
-    RedisServer, Replica, PATIENCE, TENANT,
+use keygate_test_support as support;
+use keygate_test_support::{
+    arrives, config, eventually, outcome, read_with, reader_key, secrets, Backend, CountingStore,
+    Deployment, Outcome, RedisServer, Replica, PATIENCE, TENANT,
 };
 
 fn tenant_keys() -> KeyOwner {
@@ -24,10 +24,8 @@ fn tenant_keys() -> KeyOwner {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_key_works_through_its_grace_on_every_replica_then_expires() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let a = Replica::serving(config(Backend::Redis(&redis)), &secrets).await;
-    let b = Replica::serving(config(Backend::Redis(&redis)), &secrets).await;
+    let deployment = Deployment::start(config).await;
+    let (a, b) = (deployment.serving().await, deployment.serving().await);
     let old = a.app.admin.create(reader_key()).await.unwrap();
     for r in [&a, &b] {
         assert_eq!(r.check(&old.token).await, Outcome::Allowed);
@@ -49,17 +47,11 @@ async fn a_rotated_key_works_through_its_grace_on_every_replica_then_expires() {
     );
     assert!(rotated.previous.expires_at_ms <= keygate::store::now_ms() + 1000);
     // B hears of the old key's new expiry.
-    tokio::time::timeout(PATIENCE, async {
-        loop {
-            if let keygate::revocation::FeedItem::Event(e) = b_events.recv().await.unwrap().item {
-                if e.key_id == old.record.key_id {
-                    return;
-                }
-            }
-        }
+    arrives(&mut b_events, "the rotation at B", |item| match item {
+        FeedItem::Event(e) => (e.key_id == old.record.key_id).then_some(()),
+        _ => None,
     })
-    .await
-    .expect("the rotation reaches B");
+    .await;
     for r in [&a, &b] {
         assert_eq!(r.check(&new.token).await, Outcome::Allowed, "the successor");
     }
@@ -80,9 +72,7 @@ async fn a_rotated_key_works_through_its_grace_on_every_replica_then_expires() {
             ..
         })
     ));
-    for r in [a, b] {
-        r.running.shutdown().await.unwrap();
-    }
+    support::shut_down([a, b]).await;
 }
 
 #[tokio::test]
@@ -377,9 +367,7 @@ async fn usage_reaches_redis_within_a_flush_interval_from_two_served_replicas() 
     })
     .await;
     assert!(usage.last_used_at_ms.is_some());
-    for r in [a, b] {
-        r.running.shutdown().await.unwrap();
-    }
+    support::shut_down([a, b]).await;
 }
 
 /// A flush whose write fails in one partition writes the other partitions once and keeps

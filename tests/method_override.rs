@@ -8,23 +8,17 @@
 //! `deny` refuses them. And on every allow, a client header that reads as one keygate
 //! owns once `_` and `.` are `-` (`x_api_key`, `x.tenant.id`) is removed.
 
-mod support;
-
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{CheckResponse, OkHttpResponse};
 use keygate::authorizer::MethodOverride;
 use keygate::config::Config;
 use keygate::keys::NewKey;
 use keygate::server::App;
-use support::{bearer, check_request, outcome, Outcome, TENANT};
+use keygate_test_support as support;
+use keygate_test_support::{bearer, check_request, outcome, Backend, Outcome, TENANT};
 
+/// The test's policy after the credential headers every test policy has.
 const POLICY: &str = r#"
-policy:
-  credential_headers:
-    - { header: authorization, scheme: Bearer }
-    - { header: x-api-key }
-  strip_credential_headers: true
-  unmatched: deny
   plans:
     three: { requests_per_minute: 1, burst: 3 }
     two_sessions: { requests_per_minute: 1000, concurrent_sessions: 2 }
@@ -40,13 +34,7 @@ policy:
 "#;
 
 fn app(mode: MethodOverride) -> App {
-    let yaml = format!(
-        "listen: {{ grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n\
-         store: {{ backend: memory }}\n\
-         api_keys:\n  prefix: sk\n  argon2: {{ memory_kib: 64, iterations: 1, parallelism: 1 }}\n\
-         {POLICY}"
-    );
-    let mut config = Config::load(Some(&yaml), Vec::new()).expect("the test policy is valid");
+    let mut config = support::config_with_policy(Backend::Memory, POLICY);
     assert_eq!(
         config.policy.method_override,
         MethodOverride::Check,

@@ -2,17 +2,16 @@
 //! scopes, and key environments, through the Envoy adapter; and a withdrawn delegation
 //! reaching every replica (through Redis, and through Watch).
 
-mod support;
-
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use keygate::api::proto::{self, partners_client::PartnersClient};
 use keygate::config::{Config, RouteConfig, TenantRule};
 use keygate::keys::{AdminError, KeyUpdate, NewKey};
 use keygate::principal::Environment;
 use keygate::revocation::FeedItem;
-use support::{
-    bearer, check_request, config, outcome, secrets, Backend, Outcome, RedisServer, Replica,
-    OTHER_TENANT, PATIENCE, TENANT,
+use keygate_test_support as support;
+use keygate_test_support::{
+    arrives, bearer, check_request, config, outcome, secrets, Backend, Deployment, Outcome,
+    RedisServer, Replica, OTHER_TENANT, TENANT,
 };
 
 const PARTNER: &str = "acme-partners";
@@ -187,17 +186,15 @@ async fn a_partner_acts_for_delegated_tenants_only_or_as_itself_where_no_tenant_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdrawn_delegation_is_refused_on_another_replica_and_on_a_watch_follower() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let a = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets).await;
-    let b = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets).await;
+    let deployment = Deployment::start(partner_config).await;
+    let (a, b) = (deployment.serving().await, deployment.serving().await);
     let remote_redis = RedisServer::start().await;
     let mut remote_cfg = partner_config(Backend::Redis(&remote_redis));
     remote_cfg.revocation.source = keygate::config::RevocationSource::Watch;
     remote_cfg.revocation.watch_url = format!("http://{}", a.running.grpc);
     // A replica in another region follows A's Watch (its own keys live in its own
     // Redis): the withdrawal must reach it too.
-    let remote = Replica::serving(remote_cfg, &secrets).await;
+    let remote = Replica::serving(remote_cfg, &deployment.secrets).await;
 
     let partner = create(&a, "partner", &["contacts:read"]).await;
     delegation(&a, TENANT, true).await;
@@ -209,15 +206,11 @@ async fn a_withdrawn_delegation_is_refused_on_another_replica_and_on_a_watch_fol
     let mut remote_events = remote.app.bus.subscribe();
     assert!(delegation(&a, TENANT, false).await.changed);
     for events in [&mut b_events, &mut remote_events] {
-        let change = tokio::time::timeout(PATIENCE, async {
-            loop {
-                if let FeedItem::Delegation(d) = events.recv().await.unwrap().item {
-                    return d;
-                }
-            }
+        let change = arrives(events, "the withdrawal", |item| match item {
+            FeedItem::Delegation(d) => Some(d),
+            _ => None,
         })
-        .await
-        .expect("the withdrawal arrives");
+        .await;
         assert_eq!(
             (change.partner_id.as_str(), change.granted),
             (PARTNER, false)
@@ -228,9 +221,7 @@ async fn a_withdrawn_delegation_is_refused_on_another_replica_and_on_a_watch_fol
         let (o, _, _) = get(r, &partner, support::READ_PATH, Some(TENANT)).await;
         assert_eq!(o, Outcome::denied("tenant_forbidden", 403));
     }
-    for r in [a, b, remote] {
-        r.running.shutdown().await.unwrap();
-    }
+    support::shut_down([a, b, remote]).await;
 }
 
 /// Delegation reads Redis answered since `CONFIG RESETSTAT` (one `SISMEMBER` each; the
@@ -251,10 +242,8 @@ async fn delegation_reads(conn: &mut redis::aio::MultiplexedConnection) -> usize
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn withdrawing_one_tenant_keeps_the_partners_other_tenants_cached_on_every_replica() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let a = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets).await;
-    let b = Replica::serving(partner_config(Backend::Redis(&redis)), &secrets).await;
+    let deployment = Deployment::start(partner_config).await;
+    let (a, b) = (deployment.serving().await, deployment.serving().await);
     let partner = create(&a, "partner", &["contacts:read"]).await;
     delegation(&a, TENANT, true).await;
     delegation(&a, OTHER_TENANT, true).await;
@@ -267,17 +256,13 @@ async fn withdrawing_one_tenant_keeps_the_partners_other_tenants_cached_on_every
     let mut events = [a.app.bus.subscribe(), b.app.bus.subscribe()];
     assert!(delegation(&a, TENANT, false).await.changed);
     for events in &mut events {
-        tokio::time::timeout(PATIENCE, async {
-            loop {
-                if let FeedItem::Delegation(_) = events.recv().await.unwrap().item {
-                    return;
-                }
-            }
+        arrives(events, "the withdrawal", |item| match item {
+            FeedItem::Delegation(_) => Some(()),
+            _ => None,
         })
-        .await
-        .expect("the withdrawal arrives");
+        .await;
     }
-    let mut raw = redis.connection().await;
+    let mut raw = deployment.redis.connection().await;
     let () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async(&mut raw)
@@ -301,9 +286,7 @@ async fn withdrawing_one_tenant_keeps_the_partners_other_tenants_cached_on_every
         2,
         "the withdrawn pair, read again once per replica"
     );
-    for r in [a, b] {
-        r.running.shutdown().await.unwrap();
-    }
+    support::shut_down([a, b]).await;
 }
 
 #[tokio::test]

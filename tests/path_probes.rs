@@ -4,14 +4,13 @@
 //! route every reading of the target falls on. The same list runs through a real Envoy in
 //! `tests/e2e/test_paths.py`.
 
-mod support;
-
 use keygate::config::Config;
 use keygate::decision::Decision;
 use keygate::request::AuthRequest;
 use keygate::server::App;
+use keygate_test_support as support;
+use keygate_test_support::{bearer, check_request, raw_check_request, Outcome};
 use serde_json::Value;
-use support::{bearer, check_request, raw_check_request, Outcome};
 
 struct Probe {
     path: String,

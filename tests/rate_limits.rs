@@ -2,8 +2,6 @@
 //! plans of test and live keys, concurrent-session leases, and what a limit check does
 //! when Redis is gone.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +12,8 @@ use keygate::api::proto::{self, authorizer_server::Authorizer as _};
 use keygate::config::{Config, OnStoreError, PlanConfig};
 use keygate::keys::{AdminError, KeyUpdate, NewKey};
 use keygate::server::App;
-use support::{config, outcome, read_with, secrets, Backend, Outcome, RedisServer};
+use keygate_test_support as support;
+use keygate_test_support::{config, outcome, read_with, secrets, Backend, Outcome, RedisServer};
 
 /// Plans: `tiny` (20 a minute, one per 3 s), `small` (10 a minute, 2 sessions), `test`
 /// (3 a minute), and `big`; test keys default to `test`.
@@ -44,6 +43,26 @@ fn key_on(plan: &str) -> NewKey {
     }
 }
 
+/// The token of a reader key on `plan`, created on `app`.
+async fn token_on(app: &App, plan: &str) -> String {
+    let created = app.admin.create(key_on(plan)).await;
+    created.expect("the key is created").token
+}
+
+/// Replicas (apps, not serving) of one deployment on `redis`, `plans` added to
+/// `plan_config`'s.
+fn replicas_on(redis: &RedisServer, plans: &[(&str, PlanConfig)]) -> Vec<Arc<App>> {
+    let secrets = secrets();
+    let app = || {
+        let mut cfg = plan_config(Backend::Redis(redis));
+        for (name, plan) in plans {
+            cfg.policy.plans.insert((*name).into(), plan.clone());
+        }
+        Arc::new(App::build(cfg, secrets.clone()).expect("the app builds"))
+    };
+    (0..3).map(|_| app()).collect()
+}
+
 /// The x-ratelimit-* and retry-after headers of an answer (allow or deny), by name.
 fn rate_headers(resp: &CheckResponse) -> Vec<(String, String)> {
     let headers = match &resp.http_response {
@@ -51,12 +70,8 @@ fn rate_headers(resp: &CheckResponse) -> Vec<(String, String)> {
         Some(HttpResponse::DeniedResponse(d)) => &d.headers,
         _ => return vec![],
     };
-    let mut out: Vec<(String, String)> = headers
-        .iter()
-        .filter_map(|h| h.header.as_ref())
-        .filter(|h| h.key.starts_with("x-ratelimit-") || h.key == "retry-after")
-        .map(|h| (h.key.clone(), h.value.clone()))
-        .collect();
+    let mut out = support::header_pairs(headers);
+    out.retain(|(name, _)| name.starts_with("x-ratelimit-") || name == "retry-after");
     out.sort();
     out
 }
@@ -106,26 +121,11 @@ async fn flood(replicas: &[Arc<App>], tokens: &[(&str, u64)], n: usize) -> Vec<u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_together_admit_exactly_the_plan_for_each_key() {
     let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let replicas: Vec<Arc<App>> = (0..3)
-        .map(|_| {
-            Arc::new(App::build(plan_config(Backend::Redis(&redis)), secrets.clone()).unwrap())
-        })
-        .collect();
-    let tiny = replicas[0]
-        .admin
-        .create(key_on("tiny"))
-        .await
-        .unwrap()
-        .token;
-    let small = replicas[1]
-        .admin
-        .create(key_on("small"))
-        .await
-        .unwrap()
-        .token;
+    let replicas = replicas_on(&redis, &[]);
+    let tiny = token_on(&replicas[0], "tiny").await;
+    let small = token_on(&replicas[1], "small").await;
     // Warm the credential cache on every replica first: the flood measures the limiter.
-    let warm_big = replicas[0].admin.create(key_on("big")).await.unwrap().token;
+    let warm_big = token_on(&replicas[0], "big").await;
     for r in &replicas {
         assert_eq!(
             outcome(&r.envoy_service().decide(read_with(&warm_big)).await),
@@ -146,7 +146,7 @@ async fn three_replicas_together_admit_exactly_the_plan_for_each_key() {
 async fn allows_and_429s_carry_the_rate_limit_headers() {
     let redis = RedisServer::start().await;
     let app = App::build(plan_config(Backend::Redis(&redis)), secrets()).unwrap();
-    let token = app.admin.create(key_on("test")).await.unwrap().token;
+    let token = token_on(&app, "test").await;
     let envoy = app.envoy_service();
     let mut seen = Vec::new();
     for _ in 0..4 {
@@ -175,13 +175,8 @@ fn v1(app: &App) -> AuthorizerService {
 async fn keygate_v1_check_returns_the_limit_as_fields() {
     let redis = RedisServer::start().await;
     let app = App::build(plan_config(Backend::Redis(&redis)), secrets()).unwrap();
-    let token = app.admin.create(key_on("test")).await.unwrap().token;
-    let check = || proto::CheckRequest {
-        credential: token.clone(),
-        method: "GET".into(),
-        path: support::READ_PATH.into(),
-        ..Default::default()
-    };
+    let token = token_on(&app, "test").await;
+    let check = || support::read_through_keygate_v1(&token);
     let mut last = None;
     for _ in 0..4 {
         last = Some(
@@ -215,7 +210,7 @@ async fn a_test_key_is_on_the_test_plan_and_a_live_key_on_its_own() {
         .await
         .unwrap()
         .token;
-    let live = app.admin.create(key_on("tiny")).await.unwrap().token;
+    let live = token_on(&app, "tiny").await;
     let unplanned = app.admin.create(support::reader_key()).await.unwrap().token;
     let limit_of = |token: String| {
         let envoy = app.envoy_service();
@@ -284,7 +279,7 @@ async fn leases_are_limited_across_replicas_and_expire_when_not_renewed() {
     let secrets = secrets();
     let a = App::build(plan_config(Backend::Redis(&redis)), secrets.clone()).unwrap();
     let b = App::build(plan_config(Backend::Redis(&redis)), secrets.clone()).unwrap();
-    let token = a.admin.create(key_on("small")).await.unwrap().token;
+    let token = token_on(&a, "small").await;
 
     let first = acquire(&a, &token, 3600).await;
     let second = acquire(&b, &token, 1).await;
@@ -351,7 +346,7 @@ async fn a_limit_check_without_redis_is_unavailable_or_allowed_as_configured() {
         // Every admission asked of Redis, so the next one needs it.
         cfg.rate_limits.max_reservation = 1;
         let app = App::build(cfg, secrets()).unwrap();
-        let token = app.admin.create(key_on("big")).await.unwrap().token;
+        let token = token_on(&app, "big").await;
         let envoy = app.envoy_service();
         assert_eq!(
             outcome(&envoy.decide(read_with(&token)).await),
@@ -392,7 +387,7 @@ async fn a_route_that_takes_a_lease_admits_only_the_plans_sessions() {
     );
     let app = App::build(cfg, secrets()).unwrap();
     // `small`: two sessions.
-    let token = app.admin.create(key_on("small")).await.unwrap().token;
+    let token = token_on(&app, "small").await;
     let envoy = app.envoy_service();
     let create = || {
         support::check_request(
@@ -443,28 +438,14 @@ async fn three_replicas_together_admit_a_rolling_windows_number_once_in_its_minu
     let redis = RedisServer::start().await;
     let mut conn = redis.connection().await;
     let store_ms = |(s, us): (u64, u64)| s * 1000 + us / 1000;
-    let secrets = secrets();
-    let replicas: Vec<Arc<App>> = (0..3)
-        .map(|_| {
-            let mut cfg = plan_config(Backend::Redis(&redis));
-            cfg.policy.plans.insert(
-                "window".into(),
-                PlanConfig {
-                    requests_per_minute: 20,
-                    algorithm: keygate::config::PlanAlgorithm::RollingWindow,
-                    burst: None,
-                    concurrent_sessions: None,
-                },
-            );
-            Arc::new(App::build(cfg, secrets.clone()).unwrap())
-        })
-        .collect();
-    let token = replicas[0]
-        .admin
-        .create(key_on("window"))
-        .await
-        .unwrap()
-        .token;
+    let window = PlanConfig {
+        requests_per_minute: 20,
+        algorithm: keygate::config::PlanAlgorithm::RollingWindow,
+        burst: None,
+        concurrent_sessions: None,
+    };
+    let replicas = replicas_on(&redis, &[("window", window)]);
+    let token = token_on(&replicas[0], "window").await;
     let started = store_ms(::redis::cmd("TIME").query_async(&mut conn).await.unwrap());
     // Retry-after: when the first admission leaves the window, at most 60.25 s away.
     let admitted = flood(&replicas, &[(&token, 61_000)], 60).await;

@@ -6,8 +6,6 @@
 //! refuses connections costs no wait: the store is marked down at the first refusal, fails
 //! every call at once meanwhile, and a probe of its own marks it up again.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +13,8 @@ use keygate::keys::AdminError;
 use keygate::server::{self, App};
 use keygate::store::redis::RedisStore;
 use keygate::store::{KeyRecords, KeyStore, StoreError};
-use support::{Backend, Outcome, RedisOptions, RedisServer, PATIENCE};
+use keygate_test_support as support;
+use keygate_test_support::{Backend, Outcome, RedisOptions, RedisServer, PATIENCE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A bound on one answer, against a hang (the store's own timeout is 300 ms, see
@@ -350,13 +349,7 @@ async fn grpc_health_is_not_serving_only_while_the_replica_cannot_serve() {
     config.listen.drain_delay = Duration::from_secs(3600);
     let app = Arc::new(App::build(config, support::secrets()).unwrap());
     let running = server::start(app.clone()).await.unwrap();
-    let health = HealthClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{}", running.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let health = HealthClient::new(support::channel_to(running.grpc).await);
     let status_of = |service: &'static str| {
         let mut health = health.clone();
         async move {

@@ -5,8 +5,6 @@
 //! Every wait is for an event with a generous bound; the tests assert order and
 //! completeness, never speed (speed is in BENCHMARKS.md).
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,10 +15,35 @@ use keygate::config::RevocationSource;
 use keygate::revocation::{EventFeed, FeedEntry, FeedItem, StoreFeed};
 use keygate::server::{self, App};
 use keygate::store::{Cursor, EventId};
-use support::*;
+use keygate_test_support::*;
 use tokio::sync::watch;
 
 const EVENTS: &str = "kgtest:{keys}:events";
+
+/// A test of `$body` (an `async fn(Backend)`) for each backend named: `redis`, a Redis of
+/// the test's own; `cluster`, the shared Redis Cluster in a namespace of the test's own;
+/// `memory`.
+macro_rules! tests_of {
+    ($body:ident { $($backend:ident: $test:ident),+ $(,)? }) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                tests_of!(@on $backend, $body);
+            }
+        )+
+    };
+    (@on redis, $body:ident) => {
+        let redis = RedisServer::start().await;
+        $body(Backend::Redis(&redis)).await;
+    };
+    (@on cluster, $body:ident) => {
+        let ns = fresh_namespace();
+        $body(Backend::Cluster(shared_cluster().await, &ns)).await;
+    };
+    (@on memory, $body:ident) => {
+        $body(Backend::Memory).await;
+    };
+}
 
 /// Waits for `feed` (a replica's bus, subscribed before the change was made) to apply
 /// an event for `key_id`: the cache's own signal, not a poll of its answers.
@@ -74,18 +97,6 @@ type WatchAuth =
 type WatchClient = RevocationsClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, WatchAuth>,
 >;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoked_key_is_denied_on_every_replica_in_order_and_completely() {
-    let redis = RedisServer::start().await;
-    revoked_keys_reach_every_replica(Backend::Redis(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoked_key_is_denied_on_every_replica_through_the_cluster() {
-    let ns = fresh_namespace();
-    revoked_keys_reach_every_replica(Backend::Cluster(shared_cluster().await, &ns)).await;
-}
 
 /// Three replicas, ten warm keys revoked through the first: every replica applies each
 /// revocation once, in the order they were made within each stream partition (all of
@@ -160,24 +171,23 @@ async fn revoked_keys_reach_every_replica(backend: Backend<'_>) {
         assert_eq!(seen.len(), keys.len());
         // …and once applied, every revoked key is denied there.
         for (_, token) in &keys {
-            assert_eq!(
-                r.check(token).await,
-                Outcome::denied("revoked_api_key", 401)
-            );
+            assert_eq!(r.check(token).await, Outcome::revoked_key());
         }
         assert_eq!(r.app.bus.flushes(), 0);
     }
-    for r in replicas {
-        r.running.shutdown().await.unwrap();
-    }
+    shut_down(replicas).await;
 }
+
+tests_of!(revoked_keys_reach_every_replica {
+    redis: revoked_key_is_denied_on_every_replica_in_order_and_completely,
+    cluster: revoked_key_is_denied_on_every_replica_through_the_cluster,
+});
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_whose_stream_connection_is_killed_denies_keys_revoked_meanwhile() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let writer = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
-    let reader = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    let deployment = Deployment::start(config).await;
+    let writer = deployment.started().await;
+    let reader = deployment.started().await;
     reader.following().await;
     let mut keys = Vec::new();
     for _ in 0..5 {
@@ -187,7 +197,7 @@ async fn replica_whose_stream_connection_is_killed_denies_keys_revoked_meanwhile
         assert_eq!(reader.check(token).await, Outcome::Allowed);
     }
     // Wait until the follower's blocking read is on the server, then cut it.
-    let mut conn = redis.connection().await;
+    let mut conn = deployment.redis.connection().await;
     let xread_ids = eventually(PATIENCE, "a blocked XREAD on the server", || {
         let mut conn = conn.clone();
         async move {
@@ -248,10 +258,7 @@ async fn replica_whose_stream_connection_is_killed_denies_keys_revoked_meanwhile
     }
     // And stays so.
     for (_, token) in &keys {
-        assert_eq!(
-            reader.check(token).await,
-            Outcome::denied("revoked_api_key", 401)
-        );
+        assert_eq!(reader.check(token).await, Outcome::revoked_key());
     }
     assert!(
         reader.app.bus.reconnects() > reconnects_before,
@@ -288,10 +295,7 @@ async fn replica_resumes_after_a_redis_restart_and_flushes_when_the_stream_was_l
     let mut feed = reader.app.bus.subscribe();
     writer.app.admin.revoke(&first_id).await.unwrap();
     applied(&mut feed, &first_id).await;
-    assert_eq!(
-        reader.check(&first_token).await,
-        Outcome::denied("revoked_api_key", 401)
-    );
+    assert_eq!(reader.check(&first_token).await, Outcome::revoked_key());
 
     redis.restart().await;
     eventually(PATIENCE, "writer reaches Redis again", || async {
@@ -301,7 +305,7 @@ async fn replica_resumes_after_a_redis_restart_and_flushes_when_the_stream_was_l
     applied(&mut feed, &revoked_id).await;
     assert_eq!(
         reader.check(&revoked_token).await,
-        Outcome::denied("revoked_api_key", 401),
+        Outcome::revoked_key(),
         "the revocation after the restart reached the reader"
     );
     assert_eq!(reader.app.bus.flushes(), 0, "the stream survived: no flush");
@@ -332,18 +336,15 @@ async fn replica_resumes_after_a_redis_restart_and_flushes_when_the_stream_was_l
         reader2.check(&token).await,
         Outcome::denied("invalid_api_key", 401)
     );
-    for r in [writer, reader, reader2] {
-        r.running.shutdown().await.unwrap();
-    }
+    shut_down([writer, reader, reader2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_trimmed_past_the_last_applied_id_flushes_the_whole_cache() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
+    let deployment = Deployment::start(config).await;
     // The writer serves normally; the reader runs its follower on a switchable feed.
-    let writer = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
-    let reader = Arc::new(App::build(config(Backend::Redis(&redis)), secrets.clone()).unwrap());
+    let writer = deployment.started().await;
+    let reader = deployment.app();
     let feed = Arc::new(SwitchableFeed::new(StoreFeed::new(
         reader.store.clone(),
         Duration::from_millis(200),
@@ -369,7 +370,7 @@ async fn stream_trimmed_past_the_last_applied_id_flushes_the_whole_cache() {
     .await;
     writer.app.admin.revoke(&id).await.unwrap();
     // Trim everything: the revocation event is gone before the reader could see it.
-    redis.trim_all_events().await;
+    deployment.redis.trim_all_events().await;
     // While cut off, the stale entry is still served: TTL is the bound on staleness.
     assert_eq!(check(token.clone()).await, Outcome::Allowed);
 
@@ -378,10 +379,7 @@ async fn stream_trimmed_past_the_last_applied_id_flushes_the_whole_cache() {
         (reader.bus.flushes() == 1).then_some(())
     })
     .await;
-    assert_eq!(
-        check(token.clone()).await,
-        Outcome::denied("revoked_api_key", 401)
-    );
+    assert_eq!(check(token.clone()).await, Outcome::revoked_key());
     // The flush dropped every entry, so the untouched key is read from the store again,
     // without argon2: what its secret hashes to is still known.
     assert_eq!(check(bystander.clone()).await, Outcome::Allowed);
@@ -477,28 +475,21 @@ async fn watch_resumes_without_a_gap(backend: Backend<'_>) {
     replica.running.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_resumes_from_an_id_with_no_gap_on_redis() {
-    let redis = RedisServer::start().await;
-    watch_resumes_without_a_gap(Backend::Redis(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_resumes_from_an_id_with_no_gap_in_memory() {
-    watch_resumes_without_a_gap(Backend::Memory).await;
-}
+tests_of!(watch_resumes_without_a_gap {
+    redis: watch_resumes_from_an_id_with_no_gap_on_redis,
+    memory: watch_resumes_from_an_id_with_no_gap_in_memory,
+});
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_after_a_trimmed_id_starts_with_reset() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let replica = Replica::start(config(Backend::Redis(&redis)), &secrets).await;
+    let deployment = Deployment::start(config).await;
+    let replica = deployment.started().await;
     let (a, _) = create_key(&replica.app).await;
     let (b, _) = create_key(&replica.app).await;
     replica.app.admin.revoke(&a).await.unwrap();
     let old = replica.app.store.latest_event_id(0).await.unwrap();
     replica.app.admin.revoke(&b).await.unwrap();
-    redis.trim_all_events().await;
+    deployment.redis.trim_all_events().await;
     let mut client = watch_client(&replica).await;
     let mut stream = client
         .watch(proto::WatchRequest {
@@ -537,19 +528,8 @@ async fn watch_rejects_malformed_and_unknown_ids() {
     replica.running.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replica_can_follow_another_keygates_watch_stream() {
-    let redis = RedisServer::start().await;
-    follow_another_keygates_watch(Backend::Redis(&redis)).await;
-}
-
-/// The remote's Watch carries a cursor over 16 partitions, which the follower resumes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replica_can_follow_the_watch_of_a_keygate_on_a_cluster() {
-    let ns = fresh_namespace();
-    follow_another_keygates_watch(Backend::Cluster(shared_cluster().await, &ns)).await;
-}
-
+/// On a cluster, the remote's Watch carries a cursor over 16 partitions, which the
+/// follower resumes.
 async fn follow_another_keygates_watch(backend: Backend<'_>) {
     let secrets = secrets();
     let primary = Replica::start(config(backend), &secrets).await;
@@ -571,10 +551,7 @@ async fn follow_another_keygates_watch(backend: Backend<'_>) {
         applied(&mut feed, id).await;
     }
     for (_, token) in &keys {
-        assert_eq!(
-            remote.check(token).await,
-            Outcome::denied("revoked_api_key", 401)
-        );
+        assert_eq!(remote.check(token).await, Outcome::revoked_key());
     }
     // The follower's cursor is the primary's, over all of its partitions.
     assert_eq!(
@@ -586,6 +563,11 @@ async fn follow_another_keygates_watch(backend: Backend<'_>) {
     remote.running.shutdown().await.unwrap();
     primary.running.shutdown().await.unwrap();
 }
+
+tests_of!(follow_another_keygates_watch {
+    redis: replica_can_follow_another_keygates_watch_stream,
+    cluster: replica_can_follow_the_watch_of_a_keygate_on_a_cluster,
+});
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_idempotent_when_delivered_twice() {
@@ -618,7 +600,7 @@ async fn events_are_idempotent_when_delivered_twice() {
             .await;
         assert_eq!(
             replica.check(&token).await,
-            Outcome::denied("revoked_api_key", 401),
+            Outcome::revoked_key(),
             "after delivery {delivery}"
         );
     }
@@ -671,10 +653,7 @@ async fn an_unreadable_event_is_passed_safely_and_later_revocations_still_apply(
         .await
         .unwrap();
     applied(&mut feed, &later).await;
-    assert_eq!(
-        replica.check(&later_token).await,
-        Outcome::denied("revoked_api_key", 401)
-    );
+    assert_eq!(replica.check(&later_token).await, Outcome::revoked_key());
     assert_eq!(
         replica.app.bus.flushes(),
         1,
@@ -691,9 +670,8 @@ async fn an_unreadable_event_is_passed_safely_and_later_revocations_still_apply(
 /// flushes rather than silently skip them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_trimmed_while_connected_flushes() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let app = App::build(config(Backend::Redis(&redis)), secrets.clone()).unwrap();
+    let deployment = Deployment::start(config).await;
+    let app = deployment.app();
     let feed = StoreFeed::new(app.store.clone(), Duration::from_millis(200));
     let (a, _) = create_key(&app).await;
     let (b, _) = create_key(&app).await;
@@ -703,7 +681,7 @@ async fn a_gap_trimmed_while_connected_flushes() {
     app.store.revoke(&a, now).await.unwrap();
     app.store.revoke(&b, now).await.unwrap();
     // Both revocations are trimmed before the reader reads; then one more arrives.
-    redis.trim_all_events().await;
+    deployment.redis.trim_all_events().await;
     app.store.revoke(&c, now).await.unwrap();
     let items = feed.read(&start, false).await.unwrap();
     assert!(
@@ -782,18 +760,6 @@ async fn two_replicas_with_a_warm_key(backend: Backend<'_>) -> (Replica, Replica
     (a, b, id, token)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn removing_a_scope_reaches_every_replica_through_redis() {
-    let redis = RedisServer::start().await;
-    removing_a_scope_reaches_every_replica(Backend::Redis(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn removing_a_scope_reaches_every_replica_through_the_cluster() {
-    let ns = fresh_namespace();
-    removing_a_scope_reaches_every_replica(Backend::Cluster(shared_cluster().await, &ns)).await;
-}
-
 async fn removing_a_scope_reaches_every_replica(backend: Backend<'_>) {
     let (a, b, id, token) = two_replicas_with_a_warm_key(backend).await;
     let mut feed = b.app.bus.subscribe();
@@ -822,17 +788,10 @@ async fn removing_a_scope_reaches_every_replica(backend: Backend<'_>) {
     b.running.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn moving_expiry_earlier_takes_effect_on_every_replica() {
-    let redis = RedisServer::start().await;
-    moving_expiry_earlier_takes_effect(Backend::Redis(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn moving_expiry_earlier_takes_effect_on_every_replica_of_the_cluster() {
-    let ns = fresh_namespace();
-    moving_expiry_earlier_takes_effect(Backend::Cluster(shared_cluster().await, &ns)).await;
-}
+tests_of!(removing_a_scope_reaches_every_replica {
+    redis: removing_a_scope_reaches_every_replica_through_redis,
+    cluster: removing_a_scope_reaches_every_replica_through_the_cluster,
+});
 
 async fn moving_expiry_earlier_takes_effect(backend: Backend<'_>) {
     let (a, b, id, token) = two_replicas_with_a_warm_key(backend).await;
@@ -863,6 +822,11 @@ async fn moving_expiry_earlier_takes_effect(backend: Backend<'_>) {
     a.running.shutdown().await.unwrap();
     b.running.shutdown().await.unwrap();
 }
+
+tests_of!(moving_expiry_earlier_takes_effect {
+    redis: moving_expiry_earlier_takes_effect_on_every_replica,
+    cluster: moving_expiry_earlier_takes_effect_on_every_replica_of_the_cluster,
+});
 
 /// A Watch subscriber that falls behind the live feed is caught up from the store; if
 /// what it missed was trimmed meanwhile, it is told so with a RESET, not handed the

@@ -5,19 +5,20 @@
 //! revocation, deletion or expiry, held to the key's current scopes and plan. Signing keys
 //! rotate with overlap.
 
-mod support;
-
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use keygate::api::proto::{self, authorizer_server::Authorizer as _};
 use keygate::config::{Config, Secrets};
-use keygate::keys::NewKey;
+use keygate::keys::{CreatedKey, NewKey};
 use keygate::revocation::{EventFeed, FeedItem};
 use keygate::secret::Secret;
 use keygate::server::App;
 use keygate::store::Cursor;
-use support::{bearer, check_request, ed25519_pem, outcome_of, Backend, Outcome, Replica, TENANT};
+use keygate_test_support as support;
+use keygate_test_support::{
+    bearer, check_request, ed25519_pem, outcome_of, Backend, Deployment, Outcome, Replica, TENANT,
+};
 
 const STREAM_PATH: &str = "/v1/stream/calls/7";
 
@@ -143,13 +144,10 @@ async fn allow_headers(
     let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
         panic!("expected an allow: {resp:?}");
     };
-    let pairs = |hs: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOption]| {
-        hs.iter()
-            .filter_map(|h| h.header.as_ref())
-            .map(|h| (h.key.clone(), h.value.clone()))
-            .collect::<Vec<_>>()
-    };
-    (pairs(&ok.headers), pairs(&ok.response_headers_to_add))
+    (
+        support::header_pairs(&ok.headers),
+        support::header_pairs(&ok.response_headers_to_add),
+    )
 }
 
 fn now_s() -> i64 {
@@ -158,6 +156,24 @@ fn now_s() -> i64 {
 
 fn memory_app(kids: &[&str], keys: &[(&str, &str)]) -> App {
     App::build(session_config(Backend::Memory, kids), session_secrets(keys)).unwrap()
+}
+
+/// `key`, created on `app`.
+async fn created(app: &App, key: NewKey) -> CreatedKey {
+    app.admin.create(key).await.expect("the key is created")
+}
+
+/// A `reader_key` created on `app`, and a session token minted from it.
+async fn reader_and_session(app: &App) -> (CreatedKey, String) {
+    let key = created(app, support::reader_key()).await;
+    let session = minted(app, &key.token).await;
+    (key, session)
+}
+
+/// Replicas of one deployment on their own Redis, signing sessions with `k1`.
+async fn deployment() -> Deployment {
+    let secrets = session_secrets(&[("k1", &ed25519_pem())]);
+    Deployment::with_secrets(|backend| session_config(backend, &["k1"]), secrets).await
 }
 
 #[tokio::test]
@@ -325,42 +341,27 @@ async fn an_expired_or_foreign_session_token_is_invalid() {
     let key = app.admin.create(support::reader_key()).await.unwrap();
     let parent = keygate::authn::principal_of(&key.record);
     let now = keygate::store::now_ms();
-    let keys = app.sessions.as_ref().unwrap();
-    let expired = keys.sign(
-        &parent,
-        TENANT,
-        &["contacts:read".into()],
-        now - 120_000,
-        now - 1000,
-    );
-    assert_eq!(
-        stream_on(&app, expired.token.expose()).await,
-        Outcome::denied("invalid_token", 401)
-    );
+    // The key's own claims, signed by `by` (an app's session keys), alive over `life`.
+    let signed = |by: &App, life: std::ops::Range<u64>| {
+        let keys = by.sessions.as_ref().expect("sessions are configured");
+        let scopes = ["contacts:read".into()];
+        keys.sign(&parent, TENANT, &scopes, life.start, life.end)
+            .token
+            .expose()
+            .to_owned()
+    };
+    let expired = signed(&app, now - 120_000..now - 1000);
     // The same claims signed by a key this deployment does not have.
     let other = memory_app(&["k1"], &[("k1", &ed25519_pem())]);
-    let foreign = other.sessions.as_ref().unwrap().sign(
-        &parent,
-        TENANT,
-        &["contacts:read".into()],
-        now,
-        now + 60_000,
-    );
-    assert_eq!(
-        stream_on(&app, foreign.token.expose()).await,
-        Outcome::denied("invalid_token", 401)
-    );
-    let fresh = keys.sign(
-        &parent,
-        TENANT,
-        &["contacts:read".into()],
-        now,
-        now + 60_000,
-    );
-    assert_eq!(
-        stream_on(&app, fresh.token.expose()).await,
-        Outcome::Allowed
-    );
+    let foreign = signed(&other, now..now + 60_000);
+    for token in [&expired, &foreign] {
+        assert_eq!(
+            stream_on(&app, token).await,
+            Outcome::denied("invalid_token", 401)
+        );
+    }
+    let fresh = signed(&app, now..now + 60_000);
+    assert_eq!(stream_on(&app, &fresh).await, Outcome::Allowed);
 }
 
 /// An Ed25519 key in PKCS#8 PEM as some tools write it: version 2, with its public half
@@ -428,17 +429,12 @@ async fn a_create_session_route_hands_the_token_upstream_and_to_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_another_replica() {
-    let redis = support::RedisServer::start().await;
-    let pem = ed25519_pem();
-    let secrets = session_secrets(&[("k1", &pem)]);
-    let config = || session_config(Backend::Redis(&redis), &["k1"]);
-    let first = Replica::serving(config(), &secrets).await;
-    let second = Replica::serving(config(), &secrets).await;
+    let deployment = deployment().await;
+    let first = deployment.serving().await;
+    let second = deployment.serving().await;
     for change in ["revoke", "rotate", "delete", "narrow", "shorten"] {
-        let key = first.app.admin.create(support::reader_key()).await.unwrap();
-        let session = minted(&first.app, &key.token).await;
-        let bystander_key = first.app.admin.create(support::reader_key()).await.unwrap();
-        let bystander = minted(&first.app, &bystander_key.token).await;
+        let (key, session) = reader_and_session(&first.app).await;
+        let (_, bystander) = reader_and_session(&first.app).await;
         for token in [&session, &bystander] {
             assert_eq!(
                 stream_on(&second.app, token).await,
@@ -484,10 +480,10 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
                 Outcome::denied("invalid_token", 401)
             }
         };
-        arrives(
+        support::arrives(
             &mut events,
-            |item| matches!(item, FeedItem::Event(e) if e.key_id == *id),
             &format!("{change}: the key's event at the second replica"),
+            |item| matches!(item, FeedItem::Event(e) if e.key_id == *id).then_some(()),
         )
         .await;
         assert_eq!(
@@ -503,8 +499,7 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
     }
     // Renaming or widening the key leaves its session tokens be; a rotation with grace
     // leaves them for the grace, as it leaves the key.
-    let key = first.app.admin.create(support::reader_key()).await.unwrap();
-    let session = minted(&first.app, &key.token).await;
+    let (key, session) = reader_and_session(&first.app).await;
     let wider = keygate::keys::KeyUpdate {
         name: Some("renamed".into()),
         scopes: Some(
@@ -535,17 +530,14 @@ async fn revoking_rotating_or_deleting_the_key_denies_its_session_tokens_on_anot
         "a wider key, rotated with grace, keeps its session tokens"
     );
     // A replica started afterwards judges on the key as the store has it.
-    let key = first.app.admin.create(support::reader_key()).await.unwrap();
-    let session = minted(&first.app, &key.token).await;
+    let (key, session) = reader_and_session(&first.app).await;
     first.app.admin.revoke(&key.record.key_id).await.unwrap();
-    let late = Replica::serving(config(), &secrets).await;
+    let late = deployment.serving().await;
     assert_eq!(
         stream_on(&late.app, &session).await,
         Outcome::denied("invalid_token", 401)
     );
-    for r in [first, second, late] {
-        r.running.shutdown().await.unwrap();
-    }
+    support::shut_down([first, second, late]).await;
 }
 
 /// A feed that passes nothing on while held: a replica whose revocation follower is
@@ -584,13 +576,11 @@ impl EventFeed for HeldFeed {
 /// every replica. Now a session token is judged on its key's state where it is checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_minted_by_a_replica_behind_on_a_revocation_dies_once_it_catches_up() {
-    let redis = support::RedisServer::start().await;
-    let pem = ed25519_pem();
-    let secrets = session_secrets(&[("k1", &pem)]);
-    let config = || session_config(Backend::Redis(&redis), &["k1"]);
-    let first = Replica::serving(config(), &secrets).await;
+    let deployment = deployment().await;
+    let first = deployment.serving().await;
     // The second replica follows its stream through a feed the test holds back.
-    let behind = std::sync::Arc::new(App::build(config(), secrets.clone()).unwrap());
+    let behind = App::build(deployment.config(), deployment.secrets.clone()).unwrap();
+    let behind = std::sync::Arc::new(behind);
     let (open, held) = tokio::sync::watch::channel(true);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let feed = std::sync::Arc::new(HeldFeed {
@@ -603,8 +593,7 @@ async fn a_session_minted_by_a_replica_behind_on_a_revocation_dies_once_it_catch
     })
     .await;
 
-    let key = first.app.admin.create(support::reader_key()).await.unwrap();
-    let before = minted(&first.app, &key.token).await;
+    let (key, before) = reader_and_session(&first.app).await;
     assert_eq!(stream_on(&behind, &before).await, Outcome::Allowed);
     // The second replica knows the key (it verified it).
     assert_eq!(
@@ -633,10 +622,10 @@ async fn a_session_minted_by_a_replica_behind_on_a_revocation_dies_once_it_catch
     assert_eq!(stream_on(&behind, &during).await, Outcome::Allowed);
 
     open.send_replace(true);
-    arrives(
+    support::arrives(
         &mut events,
-        |item| matches!(item, FeedItem::Event(e) if e.key_id == key.record.key_id),
         "the revocation at the replica behind",
+        |item| matches!(item, FeedItem::Event(e) if e.key_id == key.record.key_id).then_some(()),
     )
     .await;
     for token in [&before, &during] {
@@ -743,19 +732,28 @@ fn plan_session_config() -> Config {
     Config::load(Some(&yaml), Vec::new()).expect("the plan session configuration is valid")
 }
 
+/// An app on `plan_session_config`, signing with `k1`.
+fn plan_session_app() -> App {
+    App::build(
+        plan_session_config(),
+        session_secrets(&[("k1", &ed25519_pem())]),
+    )
+    .unwrap()
+}
+
+/// `key` on `plan`.
+fn on_plan(plan: &str, key: NewKey) -> NewKey {
+    NewKey {
+        plan: plan.into(),
+        ..key
+    }
+}
+
 /// The plan a session spends is its key's plan now, not the one it was minted under.
 #[tokio::test]
 async fn a_session_spends_its_keys_current_plan() {
-    let pem = ed25519_pem();
-    let app = App::build(plan_session_config(), session_secrets(&[("k1", &pem)])).unwrap();
-    let key = app
-        .admin
-        .create(NewKey {
-            plan: "roomy".into(),
-            ..support::reader_key()
-        })
-        .await
-        .unwrap();
+    let app = plan_session_app();
+    let key = created(&app, on_plan("roomy", support::reader_key())).await;
     let session = minted(&app, &key.token).await;
     let (_, client) = allow_headers(&app, "GET", STREAM_PATH, &session).await;
     assert_eq!(header(&client, "x-ratelimit-limit"), Some("1000"));
@@ -777,16 +775,8 @@ async fn a_session_spends_its_keys_current_plan() {
 /// may pass still finds the plan's one session free.
 #[tokio::test]
 async fn a_denied_session_request_holds_no_lease() {
-    let pem = ed25519_pem();
-    let app = App::build(plan_session_config(), session_secrets(&[("k1", &pem)])).unwrap();
-    let partner = app
-        .admin
-        .create(NewKey {
-            plan: "tight".into(),
-            ..partner_key("acme")
-        })
-        .await
-        .unwrap();
+    let app = plan_session_app();
+    let partner = created(&app, on_plan("tight", partner_key("acme"))).await;
     app.partners.set("acme", TENANT, true).await.unwrap();
     let create = |tenant: Option<&str>| {
         let mut headers = vec![("authorization".to_owned(), bearer(&partner.token))];
@@ -814,13 +804,10 @@ async fn a_denied_session_request_holds_no_lease() {
 /// other keys' tokens are left be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_replica() {
-    let redis = support::RedisServer::start().await;
-    let pem = ed25519_pem();
-    let secrets = session_secrets(&[("k1", &pem)]);
-    let config = || session_config(Backend::Redis(&redis), &["k1"]);
-    let first = Replica::serving(config(), &secrets).await;
-    let second = Replica::serving(config(), &secrets).await;
-    let partner = first.app.admin.create(partner_key("acme")).await.unwrap();
+    let deployment = deployment().await;
+    let first = deployment.serving().await;
+    let second = deployment.serving().await;
+    let partner = created(&first.app, partner_key("acme")).await;
     let other_tenant = "1d3c5b7a-9e8f-4a6b-8c2d-0e1f2a3b4c5d";
     first.app.partners.set("acme", TENANT, true).await.unwrap();
     first
@@ -837,17 +824,16 @@ async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_
         .await
         .unwrap()
         .token;
-    let tenant_key = first.app.admin.create(support::reader_key()).await.unwrap();
-    let bystander = minted(&first.app, &tenant_key.token).await;
+    let (_, bystander) = reader_and_session(&first.app).await;
     for token in [&session, &elsewhere, &bystander] {
         assert_eq!(stream_on(&second.app, token).await, Outcome::Allowed);
     }
     let mut events = second.app.bus.subscribe();
     first.app.partners.set("acme", TENANT, false).await.unwrap();
-    arrives(
+    support::arrives(
         &mut events,
-        |item| matches!(item, FeedItem::Delegation(_)),
         "the withdrawal at the second replica",
+        |item| matches!(item, FeedItem::Delegation(_)).then_some(()),
     )
     .await;
     assert_eq!(
@@ -864,9 +850,7 @@ async fn withdrawing_a_delegation_denies_the_partners_session_tokens_on_another_
     // Granted again, the token acts again: it was never revoked, only not delegated.
     first.app.partners.set("acme", TENANT, true).await.unwrap();
     assert_eq!(stream_on(&first.app, &session).await, Outcome::Allowed);
-    for r in [first, second] {
-        r.running.shutdown().await.unwrap();
-    }
+    support::shut_down([first, second]).await;
 }
 
 /// A reader key of `partner`, for the tenants delegated to it.
@@ -877,25 +861,6 @@ fn partner_key(partner: &str) -> NewKey {
         partner_id: partner.into(),
         ..support::reader_key()
     }
-}
-
-/// Waits until `events` (a replica's bus) carries an item `wanted` accepts.
-async fn arrives(
-    events: &mut tokio::sync::broadcast::Receiver<keygate::revocation::FeedEntry>,
-    wanted: impl Fn(&FeedItem) -> bool,
-    what: &str,
-) {
-    tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            if let Ok(entry) = events.recv().await {
-                if wanted(&entry.item) {
-                    return;
-                }
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what}: never arrived"));
 }
 
 async fn jwks_of(replica: &Replica) -> (u16, serde_json::Value) {
@@ -939,13 +904,7 @@ async fn a_signing_key_rotates_with_overlap() {
     let (status, jwks) = jwks_of(&before).await;
     assert_eq!(status, 200);
     assert_eq!(kids(&jwks), vec!["old"]);
-    let key = before
-        .app
-        .admin
-        .create(support::reader_key())
-        .await
-        .unwrap();
-    let old_token = minted(&before.app, &key.token).await;
+    let (key, old_token) = reader_and_session(&before.app).await;
     assert_eq!(kid_of(&old_token), "old");
 
     // The overlap: the new key signs, the old one still verifies; both are published.
@@ -971,20 +930,13 @@ async fn a_signing_key_rotates_with_overlap() {
         Outcome::denied("invalid_token", 401)
     );
     assert_eq!(stream_on(&after, &new_token).await, Outcome::Allowed);
-    for r in [before, overlap_replica] {
-        r.running.shutdown().await.unwrap();
-    }
+    support::shut_down([before, overlap_replica]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_sessions_minting_is_refused_and_no_jwks_is_served() {
     let replica = Replica::serving(session_config(Backend::Memory, &[]), &support::secrets()).await;
-    let key = replica
-        .app
-        .admin
-        .create(support::reader_key())
-        .await
-        .unwrap();
+    let key = created(&replica.app, support::reader_key()).await;
     let refused = mint_as(&replica.app, &key.token, &[], 0, "")
         .await
         .unwrap_err();

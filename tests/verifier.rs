@@ -4,16 +4,43 @@
 //! secret for that key id, without argon2. On one Redis in both record formats (the hash
 //! of one partition, the packed record of several).
 
-mod support;
-
-use keygate::config::Config;
+use keygate::config::{Config, Secrets};
 use keygate::server::App;
-use support::{read_with, secrets, Backend, Outcome, RedisServer};
+use keygate_test_support as support;
+use keygate_test_support::{read_with, secrets, Backend, Outcome, RedisServer};
 
 fn on(redis: &RedisServer, partitions: usize) -> Config {
     let mut cfg = support::config(Backend::Redis(redis));
     cfg.store.stream_partitions = Some(partitions);
     cfg
+}
+
+/// Replicas (apps, not serving) of one deployment on a Redis of their own, its store in
+/// `partitions` stream partitions: one record format or the other.
+struct Deployment {
+    redis: RedisServer,
+    secrets: Secrets,
+    partitions: usize,
+}
+
+impl Deployment {
+    async fn start(partitions: usize) -> Deployment {
+        let redis = RedisServer::start().await;
+        Deployment {
+            redis,
+            secrets: secrets(),
+            partitions,
+        }
+    }
+
+    fn app_with(&self, secrets: Secrets) -> App {
+        App::build(on(&self.redis, self.partitions), secrets).expect("the app builds")
+    }
+
+    /// Another replica.
+    fn app(&self) -> App {
+        self.app_with(self.secrets.clone())
+    }
 }
 
 async fn check(app: &App, token: &str) -> Outcome {
@@ -23,9 +50,8 @@ async fn check(app: &App, token: &str) -> Outcome {
 #[tokio::test]
 async fn a_token_verified_by_one_replica_costs_no_argon2_on_another() {
     for partitions in [1, 4] {
-        let redis = RedisServer::start().await;
-        let secrets = secrets();
-        let first = App::build(on(&redis, partitions), secrets.clone()).unwrap();
+        let deployment = Deployment::start(partitions).await;
+        let first = deployment.app();
         let key = first.admin.create(support::reader_key()).await.unwrap();
         let id = &key.record.key_id;
         assert_eq!(check(&first, &key.token).await, Outcome::Allowed);
@@ -38,7 +64,7 @@ async fn a_token_verified_by_one_replica_costs_no_argon2_on_another() {
         );
 
         // Another replica, and a restart: the verifier answers, right or wrong.
-        let second = App::build(on(&redis, partitions), secrets.clone()).unwrap();
+        let second = deployment.app();
         assert_eq!(check(&second, &key.token).await, Outcome::Allowed);
         let wrong = support::wrong_secret_for(&key.token);
         assert_eq!(
@@ -53,9 +79,10 @@ async fn a_token_verified_by_one_replica_costs_no_argon2_on_another() {
 
         // Without the pepper the verifier checks nothing: a keygate with another pepper
         // refuses the token.
-        let mut other = secrets.clone();
-        other.pepper = keygate::secret::Secret::random(43);
-        let foreign = App::build(on(&redis, partitions), other).unwrap();
+        let foreign = deployment.app_with(Secrets {
+            pepper: keygate::secret::Secret::random(43),
+            ..deployment.secrets.clone()
+        });
         assert_eq!(
             check(&foreign, &key.token).await,
             Outcome::denied("invalid_api_key", 401)
@@ -68,11 +95,8 @@ async fn a_token_verified_by_one_replica_costs_no_argon2_on_another() {
             verifier, None,
             "{partitions}: a revoked key keeps no verifier"
         );
-        let late = App::build(on(&redis, partitions), secrets.clone()).unwrap();
-        assert_eq!(
-            check(&late, &key.token).await,
-            Outcome::denied("revoked_api_key", 401)
-        );
+        let late = deployment.app();
+        assert_eq!(check(&late, &key.token).await, Outcome::revoked_key());
         assert!(
             !first
                 .store
@@ -104,7 +128,7 @@ async fn a_token_verified_by_one_replica_costs_no_argon2_on_another() {
             "no verifier is written for a deleted key"
         );
         assert!(
-            !hash_values(&redis)
+            !hash_values(&deployment.redis)
                 .await
                 .iter()
                 .any(|v| v == left.as_bytes()),
@@ -148,9 +172,8 @@ fn verifier_of(app: &App, token: &str, key_id: &str) -> String {
 /// and leaves one, and nothing else is needed.
 #[tokio::test]
 async fn a_key_without_a_verifier_gets_one_on_its_first_verification() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let first = App::build(on(&redis, 1), secrets.clone()).unwrap();
+    let deployment = Deployment::start(1).await;
+    let first = deployment.app();
     let key = first.admin.create(support::reader_key()).await.unwrap();
     let id = &key.record.key_id;
     let (_, before) = first.store.get_verifiable(id).await.unwrap().unwrap();
@@ -167,9 +190,8 @@ async fn a_key_without_a_verifier_gets_one_on_its_first_verification() {
 /// A rotated key's old token ends with its grace, whatever its verifier says.
 #[tokio::test]
 async fn a_rotated_keys_old_token_ends_with_its_grace() {
-    let redis = RedisServer::start().await;
-    let secrets = secrets();
-    let first = App::build(on(&redis, 4), secrets.clone()).unwrap();
+    let deployment = Deployment::start(4).await;
+    let first = deployment.app();
     let key = first.admin.create(support::reader_key()).await.unwrap();
     assert_eq!(check(&first, &key.token).await, Outcome::Allowed);
     let rotated = first
@@ -177,7 +199,7 @@ async fn a_rotated_keys_old_token_ends_with_its_grace() {
         .rotate(&key.record.key_id, std::time::Duration::ZERO)
         .await
         .unwrap();
-    let second = App::build(on(&redis, 4), secrets).unwrap();
+    let second = deployment.app();
     assert_eq!(
         check(&second, &key.token).await,
         Outcome::denied("expired_api_key", 401)

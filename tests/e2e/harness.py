@@ -2,7 +2,8 @@
 upstream, each on free loopback ports, each awaited until it answers (never a fixed
 sleep), each stopped at teardown.
 
-Nothing here knows a test; conftest.py turns these into fixtures.
+Nothing here knows a test; conftest.py turns these into fixtures, and `stack_fixture`
+gives a test module a stack of its own.
 """
 
 from __future__ import annotations
@@ -212,6 +213,21 @@ def running(server):
         yield server
     finally:
         server.stop()
+
+
+def stack_fixture(name: str, redis: str = "redis", **options):
+    """A module-scoped fixture: a Stack `name` of the module's own, on the Redis of the
+    fixture named `redis` (the session's unless told), with `options` as Stack takes them
+    (keygate_env, edit_envoy_config, example). Assign it to the fixture's name:
+    `raw_stack = harness.stack_fixture("raw", edit_envoy_config=raw_headers)`."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def stack(request, workdir, upstream):
+        server = request.getfixturevalue(redis)
+        yield from running(Stack(name, workdir, server, upstream, **options))
+
+    return stack
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -123,9 +123,7 @@ def underscores_allowed(config: str) -> str:
     return edited
 
 
-@pytest.fixture(scope="module")
-def underscores_stack(workdir, redis, upstream):
-    yield from harness.running(harness.Stack("underscores", workdir, redis, upstream, edit_envoy_config=underscores_allowed))
+underscores_stack = harness.stack_fixture("underscores", edit_envoy_config=underscores_allowed)
 
 
 # Every header keygate owns, by the spelling it reads or sets: the tenant header, the

@@ -26,9 +26,7 @@ def envoy_defaults(config: str) -> str:
     return config.replace(NORMALISING, "")
 
 
-@pytest.fixture(scope="module")
-def plain_stack(workdir, redis, upstream):
-    yield from harness.running(harness.Stack("plain", workdir, redis, upstream, edit_envoy_config=envoy_defaults))
+plain_stack = harness.stack_fixture("plain", edit_envoy_config=envoy_defaults)
 
 
 def test_the_envoy_of_this_module_does_not_normalise(plain_stack):

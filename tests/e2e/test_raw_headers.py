@@ -19,9 +19,7 @@ def raw_headers(config: str) -> str:
     return config.replace(ANCHOR, ANCHOR + "              encode_raw_headers: true\n")
 
 
-@pytest.fixture(scope="module")
-def raw_stack(workdir, redis, upstream):
-    yield from harness.running(harness.Stack("raw", workdir, redis, upstream, edit_envoy_config=raw_headers))
+raw_stack = harness.stack_fixture("raw", edit_envoy_config=raw_headers)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,7 @@ from harness import assert_allowed, check_request
 CONTACT = "/v1/contacts/42"
 
 
-@pytest.fixture(scope="module")
-def doomed(workdir, redis, upstream):
-    yield from harness.running(harness.Stack("doomed", workdir, redis, upstream))
+doomed = harness.stack_fixture("doomed")
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +22,7 @@ def doomed_redis(workdir):
     yield from harness.running(harness.Redis(workdir / "doomed-redis"))
 
 
-@pytest.fixture(scope="module")
-def storeless(workdir, doomed_redis, upstream):
-    yield from harness.running(harness.Stack("storeless", workdir, doomed_redis, upstream))
+storeless = harness.stack_fixture("storeless", redis="doomed_redis")
 
 
 def test_envoy_answers_503_when_keygate_is_stopped(doomed, tenant):
@@ -80,9 +76,7 @@ def refusing_redis(workdir):
     yield from harness.running(harness.Redis(workdir / "refusing-redis"))
 
 
-@pytest.fixture(scope="module")
-def allowing(workdir, refusing_redis, upstream):
-    yield from harness.running(harness.Stack("allowing", workdir, refusing_redis, upstream, keygate_env=ALLOW_ON_STORE_ERROR))
+allowing = harness.stack_fixture("allowing", redis="refusing_redis", keygate_env=ALLOW_ON_STORE_ERROR)
 
 
 # Envoy's counters that say who answered a check: keygate (an HTTP/2 200 carrying the

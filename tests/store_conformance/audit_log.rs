@@ -46,14 +46,11 @@ async fn the_audit_trail_reads_back_oldest_first_filtered_and_bounded(s: Subject
         s.store.append_audit(e).await.expect("append");
     }
 
-    let all = s
-        .store
-        .audit(&AuditQuery {
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .expect("audit");
+    let everything = AuditQuery {
+        limit: 100,
+        ..Default::default()
+    };
+    let all = s.store.audit(&everything).await.expect("audit");
     assert!(
         all.iter().all(|e| !e.id.is_empty()),
         "each entry read back names its position: {all:?}"

@@ -33,12 +33,7 @@ async fn creating_an_existing_key_id_is_a_conflict_that_changes_nothing(s: Subje
         s.store.get(&original.key_id).await.unwrap(),
         Some(original.clone())
     );
-    let other = s
-        .store
-        .list(&tenant(OTHER_TENANT), None, 100)
-        .await
-        .unwrap();
-    assert!(other.keys.is_empty(), "{:?}", other.keys);
+    s.lists_nothing(&tenant(OTHER_TENANT)).await;
 }
 
 async fn listing_pages_through_one_tenant_without_gaps_or_duplicates(s: Subject) {
@@ -51,18 +46,9 @@ async fn listing_pages_through_one_tenant_without_gaps_or_duplicates(s: Subject)
         theirs.push(created(&s, OTHER_TENANT, &format!("theirs {i}")).await);
     }
     let deleted = mine.remove(3);
-    s.store
-        .delete(&deleted.key_id, keygate::store::now_ms())
-        .await
-        .unwrap()
-        .expect("deleted");
+    s.deleted(&deleted.key_id, keygate::store::now_ms()).await;
     let revoked_at = keygate::store::now_ms();
-    let revoked = s
-        .store
-        .revoke(&mine[1].key_id, revoked_at)
-        .await
-        .unwrap()
-        .expect("revoked");
+    let revoked = s.revoked(&mine[1].key_id, revoked_at).await;
     mine[1] = revoked;
 
     let mut pages = Vec::new();
@@ -123,13 +109,8 @@ async fn listing_pages_through_one_tenant_without_gaps_or_duplicates(s: Subject)
         theirs_ids,
         theirs.iter().map(|k| k.key_id.as_str()).collect()
     );
-    let nobody = s
-        .store
-        .list(&tenant("5d1b8a9c-0000-4000-8000-000000000000"), None, 100)
-        .await
-        .unwrap();
-    assert!(nobody.keys.is_empty());
-    assert_eq!(nobody.next_after, None);
+    s.lists_nothing(&tenant("5d1b8a9c-0000-4000-8000-000000000000"))
+        .await;
 }
 
 async fn revoking_marks_the_key_once_and_appends_one_event(s: Subject) {
@@ -137,12 +118,7 @@ async fn revoking_marks_the_key_once_and_appends_one_event(s: Subject) {
     let other = created(&s, TENANT, "bystander").await;
     let t1 = keygate::store::now_ms();
 
-    let revoked = s
-        .store
-        .revoke(&record.key_id, t1)
-        .await
-        .unwrap()
-        .expect("the key exists");
+    let revoked = s.revoked(&record.key_id, t1).await;
     assert_eq!(revoked.revoked_at_ms, Some(t1));
     assert_eq!(
         KeyRecord {
@@ -152,30 +128,17 @@ async fn revoking_marks_the_key_once_and_appends_one_event(s: Subject) {
         record,
         "revocation changes nothing else"
     );
-    let stored = s.store.get(&record.key_id).await.unwrap().unwrap();
+    let stored = s.stored(&record.key_id).await;
     assert_eq!(stored.revoked_at_ms, Some(t1));
     assert_eq!(stored.status(t1), KeyStatus::Revoked);
 
-    let again = s
-        .store
-        .revoke(&record.key_id, t1 + 5_000)
-        .await
-        .unwrap()
-        .expect("the key still exists");
+    let again = s.revoked(&record.key_id, t1 + 5_000).await;
     assert_eq!(
         again.revoked_at_ms,
         Some(t1),
         "a second revoke changes nothing"
     );
-    assert_eq!(
-        s.store
-            .get(&record.key_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .revoked_at_ms,
-        Some(t1)
-    );
+    assert_eq!(s.stored(&record.key_id).await.revoked_at_ms, Some(t1));
     assert_eq!(
         s.store.get(&other.key_id).await.unwrap(),
         Some(other),
@@ -206,12 +169,7 @@ async fn deleting_removes_the_key_and_its_index_entry(s: Subject) {
     s.store.revoke(&doomed.key_id, t_revoke).await.unwrap();
     let t_delete = t_revoke + 1;
 
-    let removed = s
-        .store
-        .delete(&doomed.key_id, t_delete)
-        .await
-        .unwrap()
-        .expect("the key existed");
+    let removed = s.deleted(&doomed.key_id, t_delete).await;
     assert_eq!(removed.key_id, doomed.key_id);
     assert_eq!(removed.tenant_id, TENANT);
     assert_eq!(s.store.get(&doomed.key_id).await.unwrap(), None);
@@ -236,14 +194,8 @@ async fn deleting_removes_the_key_and_its_index_entry(s: Subject) {
     );
 
     // The last key of a tenant gone: the tenant lists empty.
-    s.store
-        .delete(&kept.key_id, t_delete + 3)
-        .await
-        .unwrap()
-        .unwrap();
-    let empty = s.store.list(&tenant(TENANT), None, 100).await.unwrap();
-    assert!(empty.keys.is_empty());
-    assert_eq!(empty.next_after, None);
+    s.deleted(&kept.key_id, t_delete + 3).await;
+    s.lists_nothing(&tenant(TENANT)).await;
 }
 
 async fn updating_changes_only_the_named_fields_and_appends_one_event(s: Subject) {
@@ -256,12 +208,7 @@ async fn updating_changes_only_the_named_fields_and_appends_one_event(s: Subject
         plan: Some(Some("pro".into())),
         expires_at_ms: None,
     };
-    let updated = s
-        .store
-        .update(&record.key_id, &change, t)
-        .await
-        .unwrap()
-        .expect("the key exists");
+    let updated = s.updated(&record.key_id, &change, t).await;
     let expected = KeyRecord {
         name: "renamed".into(),
         scopes: vec!["contacts:write".into()],
@@ -280,36 +227,17 @@ async fn updating_changes_only_the_named_fields_and_appends_one_event(s: Subject
         expires_at_ms: Some(t + 60_000),
         ..KeyChange::default()
     };
-    let updated = s
-        .store
-        .update(&record.key_id, &cleared, t + 1)
-        .await
-        .unwrap()
-        .unwrap();
+    let updated = s.updated(&record.key_id, &cleared, t + 1).await;
     assert_eq!(updated.plan, None);
     assert_eq!(updated.expires_at_ms, t + 60_000);
     assert_eq!(updated.hash, record.hash);
     assert_eq!(updated.tenant_id, record.tenant_id);
     // An update keeps a revocation: it is not a way back.
-    s.store
-        .revoke(&record.key_id, t + 2)
-        .await
-        .unwrap()
-        .unwrap();
-    let after_revoke = s
-        .store
-        .update(&record.key_id, &change, t + 3)
-        .await
-        .unwrap()
-        .unwrap();
+    s.revoked(&record.key_id, t + 2).await;
+    let after_revoke = s.updated(&record.key_id, &change, t + 3).await;
     assert_eq!(after_revoke.revoked_at_ms, Some(t + 2));
     assert_eq!(
-        s.store
-            .get(&record.key_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .status(t + 3),
+        s.stored(&record.key_id).await.status(t + 3),
         KeyStatus::Revoked
     );
     assert_eq!(
@@ -433,13 +361,7 @@ async fn admin_revoke_and_delete_each_append_one_stream_event() {
     let summary: Vec<(String, String)> = entries
         .iter()
         .map(|(_, fields)| {
-            let get = |n: &str| {
-                fields
-                    .iter()
-                    .find(|(k, _)| k == n)
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default()
-            };
+            let get = |n: &str| field_of(fields, n).unwrap_or_default().to_owned();
             (get("key_id"), get("kind"))
         })
         .collect();

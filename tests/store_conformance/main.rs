@@ -4,9 +4,6 @@
 //! reads like the traits it checks. A backend that passes here can replace the other
 //! without a caller noticing.
 
-#[path = "../support/mod.rs"]
-mod support;
-
 use keygate::apikey::{self, SecretHasher};
 use keygate::config::Argon2Config;
 use keygate::principal::{Environment, KeyKind};
@@ -18,10 +15,11 @@ use keygate::store::{
     now_ms, Delegation, DelegationsOf, EventId, EventKind, EventLog, KeyChange, KeyRecord,
     KeyStatus, KeyStore, Owner, StoreError, StreamEntry, TokenRevocation, TokenTarget,
 };
+use keygate_test_support as support;
+use keygate_test_support::{Backend, RedisServer, OTHER_TENANT, TENANT};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use support::{Backend, RedisServer, OTHER_TENANT, TENANT};
 
 /// A backend under test, and a way to read its revocation events.
 struct Subject {
@@ -127,25 +125,64 @@ impl Subject {
                     .into_iter()
                     .map(|(id, fields)| {
                         let field = |name: &str| {
-                            fields
-                                .iter()
-                                .find(|(k, _)| k == name)
-                                .map(|(_, v)| v.clone())
+                            field_of(&fields, name)
                                 .unwrap_or_else(|| panic!("event {id} has no {name}: {fields:?}"))
                         };
-                        let kind = match field("kind").as_str() {
+                        let kind = match field("kind") {
                             "revoked" => EventKind::Revoked,
                             "deleted" => EventKind::Deleted,
                             "updated" => EventKind::Updated,
                             other => panic!("event {id} has an unknown kind {other}"),
                         };
                         let at_ms = field("at_ms").parse().expect("at_ms is a number");
-                        (field("key_id"), kind, at_ms)
+                        (field("key_id").to_owned(), kind, at_ms)
                     })
                     .collect()
             }
         }
     }
+}
+
+/// Reads of the store that must find the key: each fails the test if it is not there.
+impl Subject {
+    async fn stored(&self, key_id: &str) -> KeyRecord {
+        let found = self.store.get(key_id).await.expect("get");
+        found.unwrap_or_else(|| panic!("{key_id} is stored"))
+    }
+
+    async fn revoked(&self, key_id: &str, at_ms: u64) -> KeyRecord {
+        let found = self.store.revoke(key_id, at_ms).await.expect("revoke");
+        found.unwrap_or_else(|| panic!("{key_id} is there to revoke"))
+    }
+
+    async fn updated(&self, key_id: &str, change: &KeyChange, at_ms: u64) -> KeyRecord {
+        let found = self
+            .store
+            .update(key_id, change, at_ms)
+            .await
+            .expect("update");
+        found.unwrap_or_else(|| panic!("{key_id} is there to update"))
+    }
+
+    async fn deleted(&self, key_id: &str, at_ms: u64) -> KeyRecord {
+        let found = self.store.delete(key_id, at_ms).await.expect("delete");
+        found.unwrap_or_else(|| panic!("{key_id} is there to delete"))
+    }
+
+    /// `owner` has no key: an empty first page, and no next one.
+    async fn lists_nothing(&self, owner: &Owner) {
+        let page = self.store.list(owner, None, 100).await.expect("list");
+        assert!(page.keys.is_empty(), "{owner:?} has keys: {:?}", page.keys);
+        assert_eq!(page.next_after, None);
+    }
+}
+
+/// The value of `name` among a stream entry's fields.
+fn field_of<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 fn hasher() -> SecretHasher {

@@ -28,13 +28,13 @@ async fn usage_adds_up_per_key_and_never_recreates_a_deleted_key(s: Subject) {
         }
     );
     // Revoking keeps the counts, and counting keeps the revocation.
-    let revoked = s.store.revoke(&a.key_id, 5_000).await.unwrap().unwrap();
+    let revoked = s.revoked(&a.key_id, 5_000).await;
     assert_eq!(
         (revoked.revoked_at_ms, revoked.usage.allowed),
         (Some(5_000), 4)
     );
     s.store.add_usage(&[delta(&a, 1, 0, 6_000)]).await.unwrap();
-    let after = s.store.get(&a.key_id).await.unwrap().unwrap();
+    let after = s.stored(&a.key_id).await;
     assert_eq!(after.revoked_at_ms, Some(5_000));
     assert_eq!(
         (after.usage.allowed, after.usage.last_used_at_ms),
@@ -42,8 +42,7 @@ async fn usage_adds_up_per_key_and_never_recreates_a_deleted_key(s: Subject) {
     );
     // An update changes the record, not its counts.
     let renamed = s
-        .store
-        .update(
+        .updated(
             &a.key_id,
             &KeyChange {
                 name: Some("renamed".into()),
@@ -51,19 +50,14 @@ async fn usage_adds_up_per_key_and_never_recreates_a_deleted_key(s: Subject) {
             },
             7_000,
         )
-        .await
-        .unwrap()
-        .unwrap();
+        .await;
     assert_eq!(
         (renamed.name.as_str(), renamed.usage.allowed),
         ("renamed", 5)
     );
-    assert_eq!(
-        s.store.get(&a.key_id).await.unwrap().unwrap().usage.allowed,
-        5
-    );
+    assert_eq!(s.stored(&a.key_id).await.usage.allowed, 5);
     // Usage of a key deleted meanwhile is dropped, not a new record.
-    s.store.delete(&b.key_id, 8_000).await.unwrap().unwrap();
+    s.deleted(&b.key_id, 8_000).await;
     s.store.add_usage(&[delta(&b, 9, 9, 9_000)]).await.unwrap();
     assert_eq!(s.store.get(&b.key_id).await.unwrap(), None);
     assert!(s
@@ -95,7 +89,7 @@ async fn many_usage_deltas(s: &Subject, n: usize) -> Vec<keygate::store::UsageDe
 /// Every key of `deltas` holds exactly its delta.
 async fn usage_is_exactly(s: &Subject, deltas: &[keygate::store::UsageDelta]) {
     for d in deltas {
-        let usage = s.store.get(&d.key_id).await.unwrap().unwrap().usage;
+        let usage = s.stored(&d.key_id).await.usage;
         assert_eq!(
             usage,
             keygate::store::KeyUsage {

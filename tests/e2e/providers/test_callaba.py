@@ -18,9 +18,7 @@ SECRET = secrets.token_hex(32)
 ENV = {"CALLABA_JWT_SECRET": SECRET}
 
 
-@pytest.fixture(scope="module")
-def callaba(workdir, redis, upstream):
-    yield from harness.running(harness.Stack("callaba", workdir, redis, upstream, keygate_env=ENV, example="callaba"))
+callaba = harness.stack_fixture("callaba", keygate_env=ENV, example="callaba")
 
 
 def api_token(instance: str, jti: str, sub: str = "instance-admin", secret: str = SECRET) -> str:

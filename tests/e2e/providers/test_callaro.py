@@ -23,9 +23,7 @@ ENV = {"CALLARO_JWT_SECRET": SECRET}
 PARTNER = "e2e-partner"
 
 
-@pytest.fixture(scope="module")
-def callaro(workdir, redis, upstream):
-    yield from harness.running(harness.Stack("callaro", workdir, redis, upstream, keygate_env=ENV, example="callaro"))
+callaro = harness.stack_fixture("callaro", keygate_env=ENV, example="callaro")
 
 
 def run_it() -> list[str]:

@@ -16,9 +16,7 @@ EXAMPLE = harness.EXAMPLES / "colleckt"
 UNAUTHENTICATED = b'{"message":"Unauthenticated."}'
 
 
-@pytest.fixture(scope="module")
-def colleckt(workdir, redis, upstream):
-    yield from harness.running(harness.Stack("colleckt", workdir, redis, upstream, example="colleckt"))
+colleckt = harness.stack_fixture("colleckt", example="colleckt")
 
 
 def bearer(token: str):

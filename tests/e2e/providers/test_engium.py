@@ -18,9 +18,7 @@ ENV = {"ENGIUM_JWT_SECRET": SECRET}
 BOOKINGS = "/api/v1/bookings"
 
 
-@pytest.fixture(scope="module")
-def engium(workdir, redis, upstream):
-    yield from harness.running(harness.Stack("engium", workdir, redis, upstream, keygate_env=ENV, example="engium"))
+engium = harness.stack_fixture("engium", keygate_env=ENV, example="engium")
 
 
 def access_token(tenant: str, life: int = 1800, issued_ago: int = 0, **over) -> str:

@@ -33,9 +33,7 @@ SCOPES = {
 }
 
 
-@pytest.fixture(scope="module")
-def kallglot(workdir, redis, upstream):
-    yield from harness.running(harness.Stack("kallglot", workdir, redis, upstream, keygate_env=ENV, example="kallglot"))
+kallglot = harness.stack_fixture("kallglot", keygate_env=ENV, example="kallglot")
 
 
 def key(stack, scopes, *extra) -> dict:

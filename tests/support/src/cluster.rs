@@ -1,6 +1,6 @@
 //! A Redis Cluster of the tests' own: three masters and three replicas (one each), on
 //! free loopback ports, each node in its own temporary directory, killed when dropped.
-//! Built the way `RedisServer` in `mod.rs` starts a single server (same retry on a port
+//! Built the way `RedisServer` in `redis_server.rs` starts a single server (same retry on a port
 //! taken under us, same watchdog), then joined with `redis-cli --cluster create`.
 //!
 //! What was checked by hand with Redis 7.0.15 (`--cluster-node-timeout 1000`), and what
@@ -45,7 +45,24 @@ use std::collections::HashSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::redis_server::{kill_and_reap, redis_server_bin, start_redis};
+
+/// One Redis Cluster for the tests of a binary that leave it whole (each in a namespace of
+/// its own, `fresh_namespace`); tests that kill nodes start their own. Its servers go with
+/// the test process (the watchdogs).
+pub async fn shared_cluster() -> &'static RedisCluster {
+    static CLUSTER: tokio::sync::OnceCell<RedisCluster> = tokio::sync::OnceCell::const_new();
+    CLUSTER.get_or_init(RedisCluster::start).await
+}
+
+/// A store namespace no other test of this process uses.
+pub fn fresh_namespace() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("kgtest{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
 
 /// How long the cluster harness waits for the cluster to form or to heal (a failover
 /// takes ~2.5 s here; the bound is generous for a loaded machine).
@@ -84,7 +101,7 @@ impl RedisCluster {
     /// slots on every node, every node agreeing on 3 masters with one replica each, and
     /// every replica through its initial sync (`master_link_status:up`).
     pub async fn start() -> RedisCluster {
-        let server = super::redis_server_bin();
+        let server = redis_server_bin();
         let cli = cluster_cli_bin(&server);
         // Built before the nodes start, so that a panic part way kills those started.
         let mut cluster = RedisCluster {
@@ -477,78 +494,43 @@ impl Drop for ClusterNode {
 }
 
 impl ClusterNode {
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("redis.log")
-    }
-
     fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
     /// SIGKILL the server and its watchdog, and reap both.
     fn stop(&mut self) {
-        for mut process in [self.child.take(), self.watchdog.take()]
-            .into_iter()
-            .flatten()
-        {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
+        kill_and_reap([self.child.take(), self.watchdog.take()]);
     }
 
     /// Starts the server (as `RedisServer::launch` does) and waits until it answers PING.
     async fn launch(&mut self, bin: &Path) -> Result<(), String> {
         let node_timeout = NODE_TIMEOUT_MS.to_string();
-        let (child, watchdog) = super::spawn_redis(
-            bin,
-            self.port,
-            self.dir.path(),
-            &[
-                "--appendonly",
-                "no",
-                "--cluster-enabled",
-                "yes",
-                // Relative to --dir (redis-server chdirs there).
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                &node_timeout,
-                // Without this a master waits 5 s (the default) for more replicas before
-                // the initial full sync of a replica, and `start` would wait with it.
-                "--repl-diskless-sync-delay",
-                "0",
-            ],
-        )?;
+        let args = [
+            "--appendonly",
+            "no",
+            "--cluster-enabled",
+            "yes",
+            // Relative to --dir (redis-server chdirs there).
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            &node_timeout,
+            // Without this a master waits 5 s (the default) for more replicas before
+            // the initial full sync of a replica, and `start` would wait with it.
+            "--repl-diskless-sync-delay",
+            "0",
+        ];
+        let port = self.port;
+        let pong = || async move {
+            matches!(cluster_ask(port, &["PING"]).await, Ok(pong) if pong == "PONG")
+        };
+        let within = NODE_START_PATIENCE;
+        let (child, watchdog) =
+            start_redis(bin, port, self.dir.path(), &args, within, pong).await?;
         self.watchdog = watchdog;
         self.child = Some(child);
-
-        let deadline = Instant::now() + NODE_START_PATIENCE;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.stop();
-                return Err(format!(
-                    "redis-server on {} exited ({status}): {}",
-                    self.port,
-                    self.log()
-                ));
-            }
-            if matches!(cluster_ask(self.port, &["PING"]).await, Ok(pong) if pong == "PONG") {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                self.stop();
-                return Err(format!(
-                    "no PONG from {} within {NODE_START_PATIENCE:?}: {}",
-                    self.port,
-                    self.log()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        Ok(())
     }
 }
 
