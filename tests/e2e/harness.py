@@ -300,6 +300,13 @@ def _load_upstream_module():
     return _example_module("upstream")
 
 
+def ed25519_pem() -> str:
+    """A new Ed25519 private key, PKCS#8 PEM, as an operator makes one with openssl."""
+    return subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "ed25519"], check=True, capture_output=True, text=True
+    ).stdout
+
+
 def hs256(secret: str, claims: dict) -> str:
     """An HS256 JWT of `claims`, signed as examples/jwt.py signs."""
     return _example_module("jwt").sign(secret, claims)

@@ -9,7 +9,6 @@ the headers the client gets, and the identity headers the upstream gets.
 A client's own X-Original-URI / X-Forwarded-Uri never changes a decision: each door
 reads the request's method and path only from what its proxy set."""
 
-import subprocess
 import uuid
 
 import pytest
@@ -45,12 +44,6 @@ CLIENT_HEADERS = (
 PRESENCE_ONLY = ("x-ratelimit-reset", "x-keygate-session-token", "x-keygate-session-expires-at")
 
 
-def ed25519_pem() -> str:
-    return subprocess.run(
-        ["openssl", "genpkey", "-algorithm", "ed25519"], check=True, capture_output=True, text=True
-    ).stdout
-
-
 @pytest.fixture(scope="module")
 def doors(workdir, redis, upstream):
     """{name: front door} for the three proxies, all before one keygate."""
@@ -61,7 +54,7 @@ def doors(workdir, redis, upstream):
         "KEYGATE_POLICY__PARTNER_SCOPES": "['billing:partner:*']",
         "KEYGATE_POLICY__PLANS": "{trial: {requests_per_minute: 2}}",
         "KEYGATE_SESSIONS__SIGNING_KEYS": "[{kid: e2e-1, key_env: KEYGATE_E2E_SESSION_KEY}]",
-        "KEYGATE_E2E_SESSION_KEY": ed25519_pem(),
+        "KEYGATE_E2E_SESSION_KEY": harness.ed25519_pem(),
     }
     started = []
     try:

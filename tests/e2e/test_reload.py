@@ -17,16 +17,9 @@ from harness import assert_allowed, assert_denied, http_get, wait_for
 RELOAD_WITHIN = 2.0
 
 CONFIG = """\
-listen:
-  grpc: "127.0.0.1:{grpc}"
-  admin: "127.0.0.1:{admin}"
-  http: "127.0.0.1:{http}"
-store:
-  backend: redis
-  redis_url: "{redis_url}"
-api_keys:
-  prefix: sk
-  argon2: {{ memory_kib: 19456, iterations: 2, parallelism: 1 }}
+listen: {{ grpc: "127.0.0.1:{grpc}", admin: "127.0.0.1:{admin}", http: "127.0.0.1:{http}" }}
+store: {{ backend: redis, redis_url: "{redis_url}" }}
+api_keys: {{ prefix: sk, argon2: {{ memory_kib: 19456, iterations: 2, parallelism: 1 }} }}
 logging: {{ level: info, format: text }}
 errors:
   codes:

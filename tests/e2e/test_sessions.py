@@ -8,7 +8,6 @@ its signing key made by openssl."""
 
 import calendar
 import json
-import subprocess
 import time
 
 import pytest
@@ -30,19 +29,13 @@ ROUTES = (
 )
 
 
-def ed25519_pem() -> str:
-    return subprocess.run(
-        ["openssl", "genpkey", "-algorithm", "ed25519"], check=True, capture_output=True, text=True
-    ).stdout
-
-
 @pytest.fixture(scope="module")
 def session_stack(workdir, redis, upstream):
     env = {
         "KEYGATE_POLICY__ROUTES": ROUTES,
         "KEYGATE_SESSIONS__SIGNING_KEYS": "[{kid: e2e-1, key_env: KEYGATE_E2E_SESSION_KEY}]",
         "KEYGATE_SESSIONS__LEEWAY": "0s",
-        "KEYGATE_E2E_SESSION_KEY": ed25519_pem(),
+        "KEYGATE_E2E_SESSION_KEY": harness.ed25519_pem(),
     }
     yield from harness.running(harness.Stack("sessions", workdir, redis, upstream, keygate_env=env))
 
