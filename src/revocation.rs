@@ -13,6 +13,9 @@
 //! Its retry delays are the few lines of `Backoff`, not backon's `ExponentialBuilder`
 //! (already in the tree through redis): that iterator ends and has no `Default`, so each
 //! call site and `Partition` would grow, and its jitter would double the 500 ms bound.
+//!
+//! One file over 500 lines because following, replaying, flushing and applying events
+//! share one position per partition, which must move in one place.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

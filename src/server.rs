@@ -5,6 +5,10 @@
 //!
 //! Checks are answered only once the revocation follower knows its position in the
 //! stream, and `grpc.health.v1` says per service what `/readyz` says.
+//!
+//! One file over 500 lines because it is the wiring and nothing else: what is built, which
+//! listener serves what, and the order of shutdown; readiness is `health.rs`, the rules
+//! and their reload `rules.rs` and `live.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -8,6 +8,9 @@
 //! is the cursor after it, and every stream's response metadata names the cursor it
 //! starts after (`x-keygate-after`), so a client that reconnects before any event arrived
 //! resumes from there: no replay of the whole stream, no needless flush.
+//!
+//! One file over 500 lines because the `Watch` server and the `Watch` client (`WatchFeed`,
+//! another replica's feed) speak one cursor format and must change together.
 
 use std::pin::Pin;
 use std::sync::Arc;

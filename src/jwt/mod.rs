@@ -13,6 +13,10 @@
 //!
 //! Its setting (`jwt`: the issuers) is `config.rs`; keygate's own session tokens and
 //! theirs (`sessions`) are `session.rs` and `session/config.rs`.
+//!
+//! One file over 500 lines because it is one thing: from a token's bytes to a principal
+//! (issuer choice, algorithm and key check, claim mapping); where the keys come from is
+//! `jwks.rs`.
 
 mod config;
 mod jwks;

@@ -1,5 +1,8 @@
 //! The embedded store: everything in one process, for `--dev` and single-node use.
 //! Same semantics as the Redis store, including the revocation events.
+//!
+//! One file over 500 lines because it implements every store trait over one mutex-held
+//! state, so that each operation is atomic as the Redis scripts are.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
