@@ -37,6 +37,26 @@ impl AuthorizerService {
         self.gate = Some(bus);
         self
     }
+
+    /// The request's message, once the service answers at all (`gated`).
+    fn admitted<T>(&self, request: Request<T>) -> Result<T, Status> {
+        super::starting(&self.gate)?;
+        Ok(request.into_inner())
+    }
+
+    /// Renews the lease for `ttl`, or with `None` releases it.
+    async fn renew_or_release(
+        &self,
+        lease_id: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        self.authorizer
+            .limiter()
+            .renew_or_release(lease_id, ttl)
+            .await
+            .map_err(lease_status)?;
+        Ok(Response::new(proto::LeaseResponse {}))
+    }
 }
 
 pub fn principal_proto(p: &Principal) -> proto::Principal {
@@ -126,8 +146,7 @@ impl AuthorizerApi for AuthorizerService {
         &self,
         request: Request<proto::AcquireLeaseRequest>,
     ) -> Result<Response<proto::AcquireLeaseResponse>, Status> {
-        super::starting(&self.gate)?;
-        let r = request.into_inner();
+        let r = self.admitted(request)?;
         let ttl = lease_ttl(r.ttl_seconds)?;
         let principal = match self.authorizer.authenticate(&r.credential).await {
             Ok(p) => p,
@@ -169,20 +188,14 @@ impl AuthorizerApi for AuthorizerService {
     ) -> Result<Response<proto::LeaseResponse>, Status> {
         let r = request.into_inner();
         let ttl = lease_ttl(r.ttl_seconds)?;
-        self.authorizer
-            .limiter()
-            .renew_or_release(&r.lease_id, Some(ttl))
-            .await
-            .map_err(lease_status)?;
-        Ok(Response::new(proto::LeaseResponse {}))
+        self.renew_or_release(&r.lease_id, Some(ttl)).await
     }
 
     async fn mint_session_token(
         &self,
         request: Request<proto::MintSessionTokenRequest>,
     ) -> Result<Response<proto::MintSessionTokenResponse>, Status> {
-        super::starting(&self.gate)?;
-        let r = request.into_inner();
+        let r = self.admitted(request)?;
         let req = SessionRequest {
             credential: r.credential,
             tenant_id: r.tenant_id,
@@ -215,13 +228,8 @@ impl AuthorizerApi for AuthorizerService {
         &self,
         request: Request<proto::ReleaseLeaseRequest>,
     ) -> Result<Response<proto::LeaseResponse>, Status> {
-        let r = request.into_inner();
-        self.authorizer
-            .limiter()
-            .renew_or_release(&r.lease_id, None)
+        self.renew_or_release(&request.into_inner().lease_id, None)
             .await
-            .map_err(lease_status)?;
-        Ok(Response::new(proto::LeaseResponse {}))
     }
 }
 
