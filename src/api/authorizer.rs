@@ -8,6 +8,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::proto::{self, authorizer_server::Authorizer as AuthorizerApi};
+use super::Reply;
 use crate::authn::AuthnFailure;
 use crate::authorizer::{Authorizer, MintFailure, SessionRequest};
 use crate::decision::{Decision, Denial, DenyReason, ErrorShape, RateInfo};
@@ -49,7 +50,7 @@ impl AuthorizerService {
         &self,
         lease_id: &str,
         ttl: Option<Duration>,
-    ) -> Result<Response<proto::LeaseResponse>, Status> {
+    ) -> Reply<proto::LeaseResponse> {
         self.authorizer
             .limiter()
             .renew_or_release(lease_id, ttl)
@@ -80,10 +81,7 @@ pub fn principal_proto(p: &Principal) -> proto::Principal {
 
 #[tonic::async_trait]
 impl AuthorizerApi for AuthorizerService {
-    async fn check(
-        &self,
-        request: Request<proto::CheckRequest>,
-    ) -> Result<Response<proto::CheckResponse>, Status> {
+    async fn check(&self, request: Request<proto::CheckRequest>) -> Reply<proto::CheckResponse> {
         super::starting(&self.gate)?;
         // The caller's trace context comes as gRPC metadata, as OpenTelemetry's gRPC
         // instrumentations send it.
@@ -145,7 +143,7 @@ impl AuthorizerApi for AuthorizerService {
     async fn acquire_lease(
         &self,
         request: Request<proto::AcquireLeaseRequest>,
-    ) -> Result<Response<proto::AcquireLeaseResponse>, Status> {
+    ) -> Reply<proto::AcquireLeaseResponse> {
         let r = self.admitted(request)?;
         let ttl = lease_ttl(r.ttl_seconds)?;
         let principal = match self.authorizer.authenticate(&r.credential).await {
@@ -185,7 +183,7 @@ impl AuthorizerApi for AuthorizerService {
     async fn renew_lease(
         &self,
         request: Request<proto::RenewLeaseRequest>,
-    ) -> Result<Response<proto::LeaseResponse>, Status> {
+    ) -> Reply<proto::LeaseResponse> {
         let r = request.into_inner();
         let ttl = lease_ttl(r.ttl_seconds)?;
         self.renew_or_release(&r.lease_id, Some(ttl)).await
@@ -194,7 +192,7 @@ impl AuthorizerApi for AuthorizerService {
     async fn mint_session_token(
         &self,
         request: Request<proto::MintSessionTokenRequest>,
-    ) -> Result<Response<proto::MintSessionTokenResponse>, Status> {
+    ) -> Reply<proto::MintSessionTokenResponse> {
         let r = self.admitted(request)?;
         let req = SessionRequest {
             credential: r.credential,
@@ -227,7 +225,7 @@ impl AuthorizerApi for AuthorizerService {
     async fn release_lease(
         &self,
         request: Request<proto::ReleaseLeaseRequest>,
-    ) -> Result<Response<proto::LeaseResponse>, Status> {
+    ) -> Reply<proto::LeaseResponse> {
         self.renew_or_release(&request.into_inner().lease_id, None)
             .await
     }

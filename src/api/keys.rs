@@ -7,7 +7,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::proto::{self, keys_server::Keys};
-use super::timestamp;
+use super::{timestamp, Reply};
 use crate::keys::{
     AdminError, KeyAdmin, KeyOwner, KeyUpdate, NewKey, RevokeTokens, StatusFilter, TokenAdmin,
 };
@@ -66,7 +66,7 @@ pub(crate) fn status(e: AdminError) -> Status {
 }
 
 /// The answer of a call that answers with one key (`get`, `revoke`, `update`).
-fn key_answer(answer: Result<KeyRecord, AdminError>) -> Result<Response<proto::Key>, Status> {
+fn key_answer(answer: Result<KeyRecord, AdminError>) -> Reply<proto::Key> {
     answer
         .map(|rec| Response::new(key_proto(&rec)))
         .map_err(status)
@@ -113,7 +113,7 @@ impl Keys for KeysService {
     async fn create_key(
         &self,
         request: Request<proto::CreateKeyRequest>,
-    ) -> Result<Response<proto::CreateKeyResponse>, Status> {
+    ) -> Reply<proto::CreateKeyResponse> {
         let r = request.into_inner();
         let created = self
             .admin
@@ -137,17 +137,14 @@ impl Keys for KeysService {
         }))
     }
 
-    async fn get_key(
-        &self,
-        request: Request<proto::GetKeyRequest>,
-    ) -> Result<Response<proto::Key>, Status> {
+    async fn get_key(&self, request: Request<proto::GetKeyRequest>) -> Reply<proto::Key> {
         key_answer(self.admin.get(&request.into_inner().key_id).await)
     }
 
     async fn list_keys(
         &self,
         request: Request<proto::ListKeysRequest>,
-    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+    ) -> Reply<proto::ListKeysResponse> {
         let r = request.into_inner();
         let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
         let shown: StatusFilter = r.status.parse().map_err(status)?;
@@ -171,17 +168,11 @@ impl Keys for KeysService {
         }))
     }
 
-    async fn revoke_key(
-        &self,
-        request: Request<proto::RevokeKeyRequest>,
-    ) -> Result<Response<proto::Key>, Status> {
+    async fn revoke_key(&self, request: Request<proto::RevokeKeyRequest>) -> Reply<proto::Key> {
         key_answer(self.admin.revoke(&request.into_inner().key_id).await)
     }
 
-    async fn update_key(
-        &self,
-        request: Request<proto::UpdateKeyRequest>,
-    ) -> Result<Response<proto::Key>, Status> {
+    async fn update_key(&self, request: Request<proto::UpdateKeyRequest>) -> Reply<proto::Key> {
         let r = request.into_inner();
         let update = KeyUpdate {
             name: r.name,
@@ -195,7 +186,7 @@ impl Keys for KeysService {
     async fn delete_key(
         &self,
         request: Request<proto::DeleteKeyRequest>,
-    ) -> Result<Response<proto::DeleteKeyResponse>, Status> {
+    ) -> Reply<proto::DeleteKeyResponse> {
         self.admin
             .delete(&request.into_inner().key_id)
             .await
@@ -206,7 +197,7 @@ impl Keys for KeysService {
     async fn rotate_key(
         &self,
         request: Request<proto::RotateKeyRequest>,
-    ) -> Result<Response<proto::RotateKeyResponse>, Status> {
+    ) -> Reply<proto::RotateKeyResponse> {
         let r = request.into_inner();
         let grace = seconds("grace_seconds", r.grace_seconds)?;
         let rotated = self.admin.rotate(&r.key_id, grace).await.map_err(status)?;
@@ -220,7 +211,7 @@ impl Keys for KeysService {
     async fn list_audit(
         &self,
         request: Request<proto::ListAuditRequest>,
-    ) -> Result<Response<proto::ListAuditResponse>, Status> {
+    ) -> Reply<proto::ListAuditResponse> {
         let r = request.into_inner();
         let given = |s: String| (!s.trim().is_empty()).then(|| s.trim().to_owned());
         let q = crate::audit::AuditQuery {
@@ -250,7 +241,7 @@ impl Keys for KeysService {
     async fn revoke_tokens(
         &self,
         request: Request<proto::RevokeTokensRequest>,
-    ) -> Result<Response<proto::TokenRevocation>, Status> {
+    ) -> Reply<proto::TokenRevocation> {
         let r = request.into_inner();
         let given = |s: String| (!s.is_empty()).then_some(s);
         let stored = self
