@@ -282,6 +282,21 @@ impl Drainer {
     }
 }
 
+/// Serves `router` on `listener` until `stop` (an HTTP listener: health, metrics and JWKS,
+/// or HTTP authorization).
+fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stopped(stop))
+            .await?;
+        Ok(())
+    })
+}
+
 async fn stopped(mut rx: watch::Receiver<bool>) {
     while !*rx.borrow_and_update() {
         if rx.changed().await.is_err() {
@@ -478,13 +493,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
                 }
             }),
         );
-    let http_stop = stop_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        axum::serve(http_listener, router)
-            .with_graceful_shutdown(stopped(http_stop))
-            .await?;
-        Ok(())
-    }));
+    tasks.push(serve_http(http_listener, router, stop_rx.clone()));
 
     let http_authz = match http_authz_listener {
         None => None,
@@ -497,13 +506,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
                     Arc::new(move || live.current().envoy.clone())
                         as crate::api::http_authz::CurrentEnvoy
                 });
-            let stop = stop_rx.clone();
-            tasks.push(tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(stopped(stop))
-                    .await?;
-                Ok(())
-            }));
+            tasks.push(serve_http(listener, router, stop_rx.clone()));
             Some(addr)
         }
     };

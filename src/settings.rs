@@ -28,6 +28,20 @@ impl ConfigError {
     }
 }
 
+/// An error naming `field` unless `value` lies in `range`; `message` says what it must be.
+pub fn within<T: PartialOrd>(
+    field: impl Into<String>,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    message: impl Into<String>,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::new(field, message))
+    }
+}
+
 pub(crate) fn valid_header_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with(':')

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::proto::{self, authorizer_server::Authorizer as AuthorizerApi};
+use super::Reply;
 use crate::authn::AuthnFailure;
 use crate::authorizer::{Authorizer, MintFailure, SessionRequest};
 use crate::decision::{Decision, Denial, DenyReason, ErrorShape, RateInfo};
@@ -37,6 +38,26 @@ impl AuthorizerService {
         self.gate = Some(bus);
         self
     }
+
+    /// The request's message, once the service answers at all (`gated`).
+    fn admitted<T>(&self, request: Request<T>) -> Result<T, Status> {
+        super::starting(&self.gate)?;
+        Ok(request.into_inner())
+    }
+
+    /// Renews the lease for `ttl`, or with `None` releases it.
+    async fn renew_or_release(
+        &self,
+        lease_id: &str,
+        ttl: Option<Duration>,
+    ) -> Reply<proto::LeaseResponse> {
+        self.authorizer
+            .limiter()
+            .renew_or_release(lease_id, ttl)
+            .await
+            .map_err(lease_status)?;
+        Ok(Response::new(proto::LeaseResponse {}))
+    }
 }
 
 pub fn principal_proto(p: &Principal) -> proto::Principal {
@@ -60,10 +81,7 @@ pub fn principal_proto(p: &Principal) -> proto::Principal {
 
 #[tonic::async_trait]
 impl AuthorizerApi for AuthorizerService {
-    async fn check(
-        &self,
-        request: Request<proto::CheckRequest>,
-    ) -> Result<Response<proto::CheckResponse>, Status> {
+    async fn check(&self, request: Request<proto::CheckRequest>) -> Reply<proto::CheckResponse> {
         super::starting(&self.gate)?;
         // The caller's trace context comes as gRPC metadata, as OpenTelemetry's gRPC
         // instrumentations send it.
@@ -125,9 +143,8 @@ impl AuthorizerApi for AuthorizerService {
     async fn acquire_lease(
         &self,
         request: Request<proto::AcquireLeaseRequest>,
-    ) -> Result<Response<proto::AcquireLeaseResponse>, Status> {
-        super::starting(&self.gate)?;
-        let r = request.into_inner();
+    ) -> Reply<proto::AcquireLeaseResponse> {
+        let r = self.admitted(request)?;
         let ttl = lease_ttl(r.ttl_seconds)?;
         let principal = match self.authorizer.authenticate(&r.credential).await {
             Ok(p) => p,
@@ -166,23 +183,17 @@ impl AuthorizerApi for AuthorizerService {
     async fn renew_lease(
         &self,
         request: Request<proto::RenewLeaseRequest>,
-    ) -> Result<Response<proto::LeaseResponse>, Status> {
+    ) -> Reply<proto::LeaseResponse> {
         let r = request.into_inner();
         let ttl = lease_ttl(r.ttl_seconds)?;
-        self.authorizer
-            .limiter()
-            .renew_or_release(&r.lease_id, Some(ttl))
-            .await
-            .map_err(lease_status)?;
-        Ok(Response::new(proto::LeaseResponse {}))
+        self.renew_or_release(&r.lease_id, Some(ttl)).await
     }
 
     async fn mint_session_token(
         &self,
         request: Request<proto::MintSessionTokenRequest>,
-    ) -> Result<Response<proto::MintSessionTokenResponse>, Status> {
-        super::starting(&self.gate)?;
-        let r = request.into_inner();
+    ) -> Reply<proto::MintSessionTokenResponse> {
+        let r = self.admitted(request)?;
         let req = SessionRequest {
             credential: r.credential,
             tenant_id: r.tenant_id,
@@ -214,14 +225,9 @@ impl AuthorizerApi for AuthorizerService {
     async fn release_lease(
         &self,
         request: Request<proto::ReleaseLeaseRequest>,
-    ) -> Result<Response<proto::LeaseResponse>, Status> {
-        let r = request.into_inner();
-        self.authorizer
-            .limiter()
-            .renew_or_release(&r.lease_id, None)
+    ) -> Reply<proto::LeaseResponse> {
+        self.renew_or_release(&request.into_inner().lease_id, None)
             .await
-            .map_err(lease_status)?;
-        Ok(Response::new(proto::LeaseResponse {}))
     }
 }
 

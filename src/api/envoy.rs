@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use super::envoy_answer::{overwrite, AllowAnswer, CheckAnswer, Identity};
 pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_KIND, HEADER_SCOPES, HEADER_SUBJECT};
 use super::envoy_wire::{self, Authorization, CheckRequestView, HeaderFilter};
+use super::Reply;
 use crate::authorizer::{
     is_method_override_header, Authorizer, MethodOverride, METHOD_OVERRIDE_HEADERS,
 };
@@ -240,10 +241,7 @@ impl EnvoyAuthorization {
 
 #[tonic::async_trait]
 impl Authorization for EnvoyAuthorization {
-    async fn check(
-        &self,
-        request: Request<CheckRequestView>,
-    ) -> Result<Response<CheckAnswer>, Status> {
+    async fn check(&self, request: Request<CheckRequestView>) -> Reply<CheckAnswer> {
         self.decide_view(request.into_inner())
             .await
             .map(Response::new)

@@ -82,18 +82,31 @@ pub const HEADER_LEASE: &str = "x-keygate-lease-id";
 pub const HEADER_SESSION_TOKEN: &str = "x-keygate-session-token";
 pub const HEADER_SESSION_EXPIRES: &str = "x-keygate-session-expires-at";
 
-// CheckResponse
-const RESPONSE_STATUS: u32 = 1;
-const RESPONSE_OK: u32 = 3;
-const RESPONSE_METADATA: u32 = 4;
-// OkHttpResponse
-const OK_HEADERS: u32 = 2;
-const OK_HEADERS_TO_REMOVE: u32 = 5;
-const OK_RESPONSE_HEADERS_TO_ADD: u32 = 6;
-// HeaderValueOption and HeaderValue
-const OPTION_HEADER: u32 = 1;
-const OPTION_APPEND_ACTION: u32 = 3;
-use super::envoy_wire::field::{KEY as HEADER_KEY, VALUE as HEADER_VALUE};
+/// Field numbers keygate writes, by message (`HeaderValue`'s are `envoy_wire`'s `KEY` and
+/// `VALUE`).
+mod field {
+    /// `CheckResponse`
+    pub const RESPONSE_STATUS: u32 = 1;
+    pub const RESPONSE_OK: u32 = 3;
+    pub const RESPONSE_METADATA: u32 = 4;
+    /// `OkHttpResponse`
+    pub const OK_HEADERS: u32 = 2;
+    pub const OK_HEADERS_TO_REMOVE: u32 = 5;
+    pub const OK_RESPONSE_HEADERS_TO_ADD: u32 = 6;
+    /// `config.core.v3.HeaderValueOption`
+    pub const OPTION_HEADER: u32 = 1;
+    pub const OPTION_APPEND_ACTION: u32 = 3;
+    pub use crate::api::envoy_wire::field::{KEY as HEADER_KEY, VALUE as HEADER_VALUE};
+    /// `google.protobuf.Struct`, its map entries, `Value` and `ListValue`
+    pub const STRUCT_FIELDS: u32 = 1;
+    pub const ENTRY_KEY: u32 = 1;
+    pub const ENTRY_VALUE: u32 = 2;
+    pub const VALUE_STRING: u32 = 3;
+    pub const VALUE_LIST: u32 = 6;
+    pub const LIST_VALUES: u32 = 1;
+}
+use field::*;
+
 /// The one rule for every header keygate sets, on allows and denials alike: it replaces
 /// whatever the request or response had, never appends to it (a client must not be able
 /// to add its own value beside keygate's).
@@ -113,13 +126,6 @@ pub(crate) fn overwrite(key: &str, value: &str) -> HeaderValueOption {
         ..Default::default()
     }
 }
-// google.protobuf.Struct, its map entries, Value and ListValue
-const STRUCT_FIELDS: u32 = 1;
-const ENTRY_KEY: u32 = 1;
-const ENTRY_VALUE: u32 = 2;
-const VALUE_STRING: u32 = 3;
-const VALUE_LIST: u32 = 6;
-const LIST_VALUES: u32 = 1;
 
 impl Identity {
     /// The headers set upstream, in order: the tenant (if the request acts for one), the

@@ -38,13 +38,6 @@ use super::envoy::{Answer, EnvoyAuthorization};
 use super::envoy_answer::AllowAnswer;
 use crate::request::AuthRequest;
 
-/// Envoy's `path_prefix` in the shipped examples: the original path follows it.
-pub const ENVOY_PREFIX: &str = "/envoy";
-/// Traefik's and Caddy's forward-auth address path.
-pub const FORWARD_AUTH_PATH: &str = "/forward-auth";
-/// nginx's `auth_request` target path.
-pub const AUTH_REQUEST_PATH: &str = "/auth-request";
-
 /// On `/auth-request` denials: the status the client must get.
 pub const HEADER_STATUS: &str = "x-keygate-status";
 /// On `/auth-request` denials: the body the client must get.
@@ -61,6 +54,13 @@ enum Shape {
 }
 
 impl Shape {
+    /// Envoy's `path_prefix` in the shipped examples: the original path follows it.
+    const ENVOY_PREFIX: &'static str = "/envoy";
+    /// Traefik's and Caddy's forward-auth address path.
+    const FORWARD_AUTH_PATH: &'static str = "/forward-auth";
+    /// nginx's `auth_request` target path.
+    const AUTH_REQUEST_PATH: &'static str = "/auth-request";
+
     /// The headers this shape's proxy sets with the original method and URI.
     fn original(self) -> Option<(&'static str, &'static str)> {
         match self {
@@ -85,16 +85,19 @@ pub async fn handle(
     let envoy = current();
     let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
     let (shape, envoy_path) = match uri.path() {
-        FORWARD_AUTH_PATH => (Shape::ForwardAuth, None),
-        AUTH_REQUEST_PATH => (Shape::Nginx, None),
-        _ => match path_and_query.strip_prefix(ENVOY_PREFIX) {
+        Shape::FORWARD_AUTH_PATH => (Shape::ForwardAuth, None),
+        Shape::AUTH_REQUEST_PATH => (Shape::Nginx, None),
+        _ => match path_and_query.strip_prefix(Shape::ENVOY_PREFIX) {
             Some(rest) if rest.starts_with('/') => (Shape::Envoy, Some(rest)),
             _ => {
                 return plain(
                     StatusCode::NOT_FOUND,
                     format!(
-                        "keygate answers on {ENVOY_PREFIX}/<path> (Envoy http_service), \
-                         {FORWARD_AUTH_PATH} (Traefik, Caddy) and {AUTH_REQUEST_PATH} (nginx)\n"
+                        "keygate answers on {}/<path> (Envoy http_service), {} (Traefik, \
+                         Caddy) and {} (nginx)\n",
+                        Shape::ENVOY_PREFIX,
+                        Shape::FORWARD_AUTH_PATH,
+                        Shape::AUTH_REQUEST_PATH
                     ),
                 )
             }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::proto::{self, keys_server::Keys};
-use super::timestamp;
+use super::{timestamp, Reply};
 use crate::keys::{
     AdminError, KeyAdmin, KeyOwner, KeyUpdate, NewKey, RevokeTokens, StatusFilter, TokenAdmin,
 };
@@ -65,6 +65,26 @@ pub(crate) fn status(e: AdminError) -> Status {
     }
 }
 
+/// The answer of a call that answers with one key (`get`, `revoke`, `update`).
+fn key_answer(answer: Result<KeyRecord, AdminError>) -> Reply<proto::Key> {
+    answer
+        .map(|rec| Response::new(key_proto(&rec)))
+        .map_err(status)
+}
+
+/// A request's count of seconds (`expires_in_seconds`, `grace_seconds`): never negative.
+fn seconds(field: &str, seconds: i64) -> Result<Duration, Status> {
+    u64::try_from(seconds)
+        .map(Duration::from_secs)
+        .map_err(|_| Status::invalid_argument(format!("{field}: must not be negative")))
+}
+
+/// `expires_in_seconds`: a lifetime, or 0 for the default one.
+fn expires_in(expires_in_seconds: i64) -> Result<Option<Duration>, Status> {
+    let lifetime = seconds("expires_in_seconds", expires_in_seconds)?;
+    Ok((!lifetime.is_zero()).then_some(lifetime))
+}
+
 pub fn key_proto(r: &KeyRecord) -> proto::Key {
     proto::Key {
         key_id: r.key_id.clone(),
@@ -93,13 +113,8 @@ impl Keys for KeysService {
     async fn create_key(
         &self,
         request: Request<proto::CreateKeyRequest>,
-    ) -> Result<Response<proto::CreateKeyResponse>, Status> {
+    ) -> Reply<proto::CreateKeyResponse> {
         let r = request.into_inner();
-        if r.expires_in_seconds < 0 {
-            return Err(Status::invalid_argument(
-                "expires_in_seconds: must not be negative",
-            ));
-        }
         let created = self
             .admin
             .create(NewKey {
@@ -110,8 +125,7 @@ impl Keys for KeysService {
                 kind: r.kind,
                 partner_id: r.partner_id,
                 service: r.service,
-                expires_in: (r.expires_in_seconds > 0)
-                    .then(|| Duration::from_secs(r.expires_in_seconds as u64)),
+                expires_in: expires_in(r.expires_in_seconds)?,
                 never_expires: r.never_expires,
                 plan: r.plan,
             })
@@ -123,22 +137,14 @@ impl Keys for KeysService {
         }))
     }
 
-    async fn get_key(
-        &self,
-        request: Request<proto::GetKeyRequest>,
-    ) -> Result<Response<proto::Key>, Status> {
-        let rec = self
-            .admin
-            .get(&request.into_inner().key_id)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(key_proto(&rec)))
+    async fn get_key(&self, request: Request<proto::GetKeyRequest>) -> Reply<proto::Key> {
+        key_answer(self.admin.get(&request.into_inner().key_id).await)
     }
 
     async fn list_keys(
         &self,
         request: Request<proto::ListKeysRequest>,
-    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+    ) -> Reply<proto::ListKeysResponse> {
         let r = request.into_inner();
         let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
         let shown: StatusFilter = r.status.parse().map_err(status)?;
@@ -162,43 +168,25 @@ impl Keys for KeysService {
         }))
     }
 
-    async fn revoke_key(
-        &self,
-        request: Request<proto::RevokeKeyRequest>,
-    ) -> Result<Response<proto::Key>, Status> {
-        let rec = self
-            .admin
-            .revoke(&request.into_inner().key_id)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(key_proto(&rec)))
+    async fn revoke_key(&self, request: Request<proto::RevokeKeyRequest>) -> Reply<proto::Key> {
+        key_answer(self.admin.revoke(&request.into_inner().key_id).await)
     }
 
-    async fn update_key(
-        &self,
-        request: Request<proto::UpdateKeyRequest>,
-    ) -> Result<Response<proto::Key>, Status> {
+    async fn update_key(&self, request: Request<proto::UpdateKeyRequest>) -> Reply<proto::Key> {
         let r = request.into_inner();
-        if r.expires_in_seconds < 0 {
-            return Err(Status::invalid_argument(
-                "expires_in_seconds: must not be negative",
-            ));
-        }
         let update = KeyUpdate {
             name: r.name,
             scopes: r.scopes.map(|s| s.scopes),
             plan: r.plan,
-            expires_in: (r.expires_in_seconds > 0)
-                .then(|| Duration::from_secs(r.expires_in_seconds as u64)),
+            expires_in: expires_in(r.expires_in_seconds)?,
         };
-        let rec = self.admin.update(&r.key_id, update).await.map_err(status)?;
-        Ok(Response::new(key_proto(&rec)))
+        key_answer(self.admin.update(&r.key_id, update).await)
     }
 
     async fn delete_key(
         &self,
         request: Request<proto::DeleteKeyRequest>,
-    ) -> Result<Response<proto::DeleteKeyResponse>, Status> {
+    ) -> Reply<proto::DeleteKeyResponse> {
         self.admin
             .delete(&request.into_inner().key_id)
             .await
@@ -209,18 +197,10 @@ impl Keys for KeysService {
     async fn rotate_key(
         &self,
         request: Request<proto::RotateKeyRequest>,
-    ) -> Result<Response<proto::RotateKeyResponse>, Status> {
+    ) -> Reply<proto::RotateKeyResponse> {
         let r = request.into_inner();
-        if r.grace_seconds < 0 {
-            return Err(Status::invalid_argument(
-                "grace_seconds: must not be negative",
-            ));
-        }
-        let rotated = self
-            .admin
-            .rotate(&r.key_id, Duration::from_secs(r.grace_seconds as u64))
-            .await
-            .map_err(status)?;
+        let grace = seconds("grace_seconds", r.grace_seconds)?;
+        let rotated = self.admin.rotate(&r.key_id, grace).await.map_err(status)?;
         Ok(Response::new(proto::RotateKeyResponse {
             key: Some(key_proto(&rotated.successor.record)),
             token: rotated.successor.token,
@@ -231,7 +211,7 @@ impl Keys for KeysService {
     async fn list_audit(
         &self,
         request: Request<proto::ListAuditRequest>,
-    ) -> Result<Response<proto::ListAuditResponse>, Status> {
+    ) -> Reply<proto::ListAuditResponse> {
         let r = request.into_inner();
         let given = |s: String| (!s.trim().is_empty()).then(|| s.trim().to_owned());
         let q = crate::audit::AuditQuery {
@@ -261,7 +241,7 @@ impl Keys for KeysService {
     async fn revoke_tokens(
         &self,
         request: Request<proto::RevokeTokensRequest>,
-    ) -> Result<Response<proto::TokenRevocation>, Status> {
+    ) -> Reply<proto::TokenRevocation> {
         let r = request.into_inner();
         let given = |s: String| (!s.is_empty()).then_some(s);
         let stored = self

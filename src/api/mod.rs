@@ -25,6 +25,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use crate::revocation::RevocationBus;
 
+/// What a gRPC method returns: its response, or the status it fails with.
+pub(crate) type Reply<T> = Result<tonic::Response<T>, tonic::Status>;
+
 /// UNAVAILABLE because `backend` (the store, in practice) could not be asked: never a
 /// denial and never an allow, so the caller's own failure policy decides.
 pub(crate) fn unavailable(backend: &str) -> tonic::Status {

@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
 use super::keys::status;
 use super::proto::{self, partners_server::Partners};
+use super::Reply;
 use crate::keys::PartnerAdmin;
 use crate::store::Delegation;
 
@@ -22,7 +23,7 @@ impl PartnersService {
         &self,
         r: proto::DelegationRequest,
         granted: bool,
-    ) -> Result<Response<proto::DelegationResponse>, Status> {
+    ) -> Reply<proto::DelegationResponse> {
         let (d, changed) = self
             .admin
             .set(&r.partner_id, &r.tenant_id, granted)
@@ -47,21 +48,21 @@ impl Partners for PartnersService {
     async fn delegate(
         &self,
         request: Request<proto::DelegationRequest>,
-    ) -> Result<Response<proto::DelegationResponse>, Status> {
+    ) -> Reply<proto::DelegationResponse> {
         self.set(request.into_inner(), true).await
     }
 
     async fn undelegate(
         &self,
         request: Request<proto::DelegationRequest>,
-    ) -> Result<Response<proto::DelegationResponse>, Status> {
+    ) -> Reply<proto::DelegationResponse> {
         self.set(request.into_inner(), false).await
     }
 
     async fn list_delegations(
         &self,
         request: Request<proto::ListDelegationsRequest>,
-    ) -> Result<Response<proto::ListDelegationsResponse>, Status> {
+    ) -> Reply<proto::ListDelegationsResponse> {
         let r = request.into_inner();
         let all = self
             .admin

@@ -25,7 +25,7 @@ use super::proto::{
     self, revocation_event::Kind, revocations_client::RevocationsClient,
     revocations_server::Revocations,
 };
-use super::{timestamp, timestamp_ms};
+use super::{timestamp, timestamp_ms, Reply};
 use crate::revocation::{EventFeed, FeedEntry, FeedItem, RevocationBus};
 use crate::secret::Secret;
 use crate::store::{
@@ -220,10 +220,7 @@ type WatchStream =
 impl Revocations for RevocationsService {
     type WatchStream = WatchStream;
 
-    async fn watch(
-        &self,
-        request: Request<proto::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, request: Request<proto::WatchRequest>) -> Reply<Self::WatchStream> {
         let raw = request.into_inner().after_id;
         let latest = latest_cursor(self.store.as_ref())
             .await
@@ -299,7 +296,7 @@ impl Revocations for RevocationsService {
     async fn list_token_revocations(
         &self,
         _: Request<proto::ListTokenRevocationsRequest>,
-    ) -> Result<Response<proto::ListTokenRevocationsResponse>, Status> {
+    ) -> Reply<proto::ListTokenRevocationsResponse> {
         let all = self
             .store
             .token_revocations(now_ms())

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::settings::{duration, ConfigError};
+use crate::settings::{duration, within, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -93,14 +93,12 @@ impl Default for Argon2Config {
 
 impl ApiKeysConfig {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if self.usage_flush_interval < Duration::from_millis(100)
-            || self.usage_flush_interval > Duration::from_secs(3600)
-        {
-            return Err(ConfigError::new(
-                "api_keys.usage_flush_interval",
-                "must be between 100ms and 1h",
-            ));
-        }
+        within(
+            "api_keys.usage_flush_interval",
+            self.usage_flush_interval,
+            Duration::from_millis(100)..=Duration::from_secs(3600),
+            "must be between 100ms and 1h",
+        )?;
         if !crate::apikey::token::valid_prefix(&self.prefix) {
             return Err(ConfigError::new(
                 "api_keys.prefix",
@@ -116,12 +114,12 @@ impl ApiKeysConfig {
                 "must be at least 1",
             ));
         }
-        if !(0..=19).contains(&a.nice) {
-            return Err(ConfigError::new(
-                "api_keys.argon2.nice",
-                "must be from 0 (keygate's own priority) to 19 (the lowest)",
-            ));
-        }
+        within(
+            "api_keys.argon2.nice",
+            a.nice,
+            0..=19,
+            "must be from 0 (keygate's own priority) to 19 (the lowest)",
+        )?;
         if a.queue_depth == 0 {
             return Err(ConfigError::new(
                 "api_keys.argon2.queue_depth",

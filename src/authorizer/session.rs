@@ -50,12 +50,6 @@ pub enum MintFailure {
     Unavailable,
 }
 
-impl From<DenyReason> for MintFailure {
-    fn from(reason: DenyReason) -> Self {
-        MintFailure::Deny(reason)
-    }
-}
-
 /// The API key it is minted from is not authenticated: denied, or undecided when the
 /// store could not be asked.
 impl From<AuthnFailure> for MintFailure {
@@ -67,13 +61,16 @@ impl From<AuthnFailure> for MintFailure {
     }
 }
 
-/// Its tenant cannot be settled: denied, or undecided when the store could not be asked.
+/// Its tenant cannot be settled: as when its API key is not authenticated.
 impl From<TenantFailure> for MintFailure {
     fn from(f: TenantFailure) -> Self {
-        match f {
-            TenantFailure::Deny(reason) => MintFailure::Deny(reason),
-            TenantFailure::Unavailable => MintFailure::Unavailable,
-        }
+        AuthnFailure::from(f).into()
+    }
+}
+
+impl From<DenyReason> for MintFailure {
+    fn from(reason: DenyReason) -> Self {
+        MintFailure::Deny(reason)
     }
 }
 

@@ -4,7 +4,7 @@
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{admin_client, grpc_error, instant_arg, ts, AdminArgs};
+use super::{admin_client, grpc_error, instant_arg, non_empty, ts, AdminArgs};
 use crate::api::proto;
 
 #[derive(Subcommand, Debug)]
@@ -34,23 +34,18 @@ pub(super) async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
         limit,
         admin,
     } = cmd;
-    let since = since
-        .as_deref()
-        .map(|s| instant_arg("--since", s))
-        .transpose()?;
     let entries = admin_client(&admin)
         .await?
         .list_audit(proto::ListAuditRequest {
             key_id: key,
             tenant_id: tenant,
-            since,
+            since: instant_arg("--since", since.as_deref())?,
             limit,
         })
         .await
         .map_err(grpc_error)?
         .into_inner()
         .entries;
-    let text = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     let rows: Vec<serde_json::Value> = entries
         .iter()
         .map(|e| {
@@ -58,9 +53,9 @@ pub(super) async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
                 "id": e.id,
                 "at": ts(&e.at),
                 "action": e.action,
-                "key_id": text(&e.key_id),
-                "tenant_id": text(&e.tenant_id),
-                "partner_id": text(&e.partner_id),
+                "key_id": non_empty(&e.key_id),
+                "tenant_id": non_empty(&e.tenant_id),
+                "partner_id": non_empty(&e.partner_id),
                 "actor": e.actor,
                 "outcome": e.outcome,
             })

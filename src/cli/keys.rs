@@ -3,11 +3,25 @@
 //! its own (`mod.rs`'s `admin_client` does) nor check what the server checks.
 
 use anyhow::{anyhow, bail};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::{admin_client, grpc_error, say, ts, AdminArgs};
+use super::{admin_client, grpc_error, non_empty, say_done, ts, AdminArgs};
 use crate::api::proto;
+
+/// Whose keys: a tenant's, a partner's or an internal service's (`create`, `list`).
+#[derive(Args, Debug)]
+pub struct OwnerArgs {
+    /// The tenant a tenant key belongs to.
+    #[arg(long, default_value = "")]
+    pub tenant: String,
+    /// The partner a partner key belongs to; it acts for the tenants delegated to it.
+    #[arg(long, default_value = "")]
+    pub partner: String,
+    /// The internal service a runtime key belongs to.
+    #[arg(long, default_value = "")]
+    pub service: String,
+}
 
 #[derive(Subcommand, Debug)]
 pub enum KeysCommand {
@@ -16,15 +30,8 @@ pub enum KeysCommand {
         /// tenant (with --tenant), partner (with --partner) or runtime (with --service).
         #[arg(long, default_value = "tenant")]
         kind: String,
-        /// The tenant a tenant key belongs to.
-        #[arg(long, default_value = "")]
-        tenant: String,
-        /// The partner a partner key belongs to; it acts for the tenants delegated to it.
-        #[arg(long, default_value = "")]
-        partner: String,
-        /// The internal service a runtime key belongs to.
-        #[arg(long, default_value = "")]
-        service: String,
+        #[command(flatten)]
+        owner: OwnerArgs,
         /// Comma-separated scopes, e.g. contacts:read,contacts:write.
         #[arg(long, value_delimiter = ',')]
         scopes: Vec<String>,
@@ -60,12 +67,8 @@ pub enum KeysCommand {
         /// active, expired, revoked or all (default: active and expired).
         #[arg(long, default_value = "")]
         status: String,
-        #[arg(long, default_value = "")]
-        tenant: String,
-        #[arg(long, default_value = "")]
-        partner: String,
-        #[arg(long, default_value = "")]
-        service: String,
+        #[command(flatten)]
+        owner: OwnerArgs,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -111,19 +114,19 @@ fn key_json(k: &proto::Key) -> serde_json::Value {
     json!({
         "key_id": k.key_id,
         "tenant_id": k.tenant_id,
-        "partner_id": (!k.partner_id.is_empty()).then_some(&k.partner_id),
-        "service": (!k.service.is_empty()).then_some(&k.service),
+        "partner_id": non_empty(&k.partner_id),
+        "service": non_empty(&k.service),
         "name": k.name,
         "kind": k.kind,
         "environment": k.environment,
         "scopes": k.scopes,
-        "plan": if k.plan.is_empty() { None } else { Some(&k.plan) },
+        "plan": non_empty(&k.plan),
         "status": k.status,
         "token_prefix": k.token_prefix,
         "created_at": ts(&k.created_at),
         "expires_at": ts(&k.expires_at),
         "revoked_at": ts(&k.revoked_at),
-        "rotated_from": (!k.rotated_from.is_empty()).then_some(&k.rotated_from),
+        "rotated_from": non_empty(&k.rotated_from),
         "requests_allowed": k.requests_allowed,
         "requests_denied": k.requests_denied,
         "last_used_at": ts(&k.last_used_at),
@@ -179,6 +182,32 @@ fn print_key(k: &proto::Key, json_out: bool) {
     }
 }
 
+/// Prints a key with its token, shown this once (`keys create`, `keys rotate`); `previous`
+/// is the key a rotation replaced, which keeps working for the grace.
+fn print_issued_key(key: &proto::Key, token: &str, previous: Option<&proto::Key>, json_out: bool) {
+    if json_out {
+        let mut v = key_json(key);
+        v["token"] = json!(token);
+        if let Some(previous) = previous {
+            v["previous"] = key_json(previous);
+        }
+        println!("{v}");
+        return;
+    }
+    print_key(key, false);
+    println!("token:       {token}");
+    match previous {
+        None => println!(
+            "\nStore the token now: keygate keeps only its hash and cannot show it again."
+        ),
+        Some(previous) => println!(
+            "\nThe old key {} works until {}. Store the new token now: keygate keeps only its hash.",
+            previous.key_id,
+            ts(&previous.expires_at).unwrap_or_else(|| "-".into())
+        ),
+    }
+}
+
 /// `--expires-in` as whole seconds; 0 when not given.
 fn expires_in_seconds(arg: Option<&str>) -> anyhow::Result<i64> {
     let Some(s) = arg else { return Ok(0) };
@@ -193,9 +222,7 @@ pub(super) async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Create {
             kind,
-            tenant,
-            partner,
-            service,
+            owner,
             scopes,
             env,
             name,
@@ -213,15 +240,15 @@ pub(super) async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             let mut client = admin_client(&admin).await?;
             let resp = client
                 .create_key(proto::CreateKeyRequest {
-                    tenant_id: tenant,
+                    tenant_id: owner.tenant,
                     name,
                     scopes: scopes.into_iter().filter(|s| !s.is_empty()).collect(),
                     environment: env,
                     kind,
                     expires_in_seconds,
                     plan,
-                    partner_id: partner,
-                    service,
+                    partner_id: owner.partner,
+                    service: owner.service,
                     never_expires,
                 })
                 .await
@@ -230,23 +257,13 @@ pub(super) async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             let key = resp.key.ok_or_else(|| anyhow!("server returned no key"))?;
             if quiet {
                 println!("{}", resp.token);
-            } else if admin.json {
-                let mut v = key_json(&key);
-                v["token"] = json!(resp.token);
-                println!("{v}");
             } else {
-                print_key(&key, false);
-                println!("token:       {}", resp.token);
-                println!(
-                    "\nStore the token now: keygate keeps only its hash and cannot show it again."
-                );
+                print_issued_key(&key, &resp.token, None, admin.json);
             }
         }
         KeysCommand::List {
             status,
-            tenant,
-            partner,
-            service,
+            owner,
             admin,
         } => {
             let mut client = admin_client(&admin).await?;
@@ -255,9 +272,9 @@ pub(super) async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             loop {
                 let resp = client
                     .list_keys(proto::ListKeysRequest {
-                        tenant_id: tenant.clone(),
-                        partner_id: partner.clone(),
-                        service: service.clone(),
+                        tenant_id: owner.tenant.clone(),
+                        partner_id: owner.partner.clone(),
+                        service: owner.service.clone(),
                         status: status.clone(),
                         page_size: 1000,
                         page_token: page_token.clone(),
@@ -295,10 +312,13 @@ pub(super) async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Get { key_id, admin } => {
-            let answer = admin_client(&admin)
-                .await?
-                .get_key(proto::GetKeyRequest { key_id })
-                .await;
+            let mut client = admin_client(&admin).await?;
+            let answer = client.get_key(proto::GetKeyRequest { key_id }).await;
+            print_answered_key(answer, admin.json)?;
+        }
+        KeysCommand::Revoke { key_id, admin } => {
+            let mut client = admin_client(&admin).await?;
+            let answer = client.revoke_key(proto::RevokeKeyRequest { key_id }).await;
             print_answered_key(answer, admin.json)?;
         }
         KeysCommand::Rotate {
@@ -319,27 +339,7 @@ pub(super) async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 .into_inner();
             let key = resp.key.ok_or_else(|| anyhow!("server returned no key"))?;
             let previous = resp.previous.unwrap_or_default();
-            if admin.json {
-                let mut v = key_json(&key);
-                v["token"] = json!(resp.token);
-                v["previous"] = key_json(&previous);
-                println!("{v}");
-            } else {
-                print_key(&key, false);
-                println!("token:       {}", resp.token);
-                println!(
-                    "\nThe old key {} works until {}. Store the new token now: keygate keeps only its hash.",
-                    previous.key_id,
-                    ts(&previous.expires_at).unwrap_or_else(|| "-".into())
-                );
-            }
-        }
-        KeysCommand::Revoke { key_id, admin } => {
-            let answer = admin_client(&admin)
-                .await?
-                .revoke_key(proto::RevokeKeyRequest { key_id })
-                .await;
-            print_answered_key(answer, admin.json)?;
+            print_issued_key(&key, &resp.token, Some(&previous), admin.json);
         }
         KeysCommand::Update {
             key_id,
@@ -364,18 +364,12 @@ pub(super) async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             print_answered_key(answer, admin.json)?;
         }
         KeysCommand::Delete { key_id, admin } => {
-            admin_client(&admin)
-                .await?
-                .delete_key(proto::DeleteKeyRequest {
-                    key_id: key_id.clone(),
-                })
-                .await
-                .map_err(grpc_error)?;
-            say(
-                admin.json,
-                json!({"key_id": key_id, "deleted": true}),
-                format_args!("deleted {key_id}"),
-            );
+            let mut client = admin_client(&admin).await?;
+            let request = proto::DeleteKeyRequest {
+                key_id: key_id.clone(),
+            };
+            client.delete_key(request).await.map_err(grpc_error)?;
+            say_done(admin.json, "key_id", &key_id, "deleted");
         }
     }
     Ok(())

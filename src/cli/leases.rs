@@ -6,7 +6,7 @@ use anyhow::anyhow;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{authorizer_client, denied, grpc_error, say, ts, GrpcArgs};
+use super::{authorizer_client, denied, grpc_error, say, say_done, ts, GrpcArgs};
 use crate::api::proto;
 use crate::secret::Secret;
 
@@ -110,18 +110,12 @@ pub(super) async fn leases(cmd: LeasesCommand) -> anyhow::Result<i32> {
             );
         }
         LeasesCommand::Release { lease_id, grpc } => {
-            authorizer_client(grpc.url)
-                .await?
-                .release_lease(proto::ReleaseLeaseRequest {
-                    lease_id: lease_id.clone(),
-                })
-                .await
-                .map_err(grpc_error)?;
-            say(
-                grpc.json,
-                json!({"lease_id": lease_id, "released": true}),
-                format_args!("released {lease_id}"),
-            );
+            let mut client = authorizer_client(grpc.url).await?;
+            let request = proto::ReleaseLeaseRequest {
+                lease_id: lease_id.clone(),
+            };
+            client.release_lease(request).await.map_err(grpc_error)?;
+            say_done(grpc.json, "lease_id", &lease_id, "released");
         }
     }
     Ok(0)

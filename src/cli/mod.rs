@@ -19,7 +19,7 @@ mod tokens;
 
 pub use audit::AuditCommand;
 pub use check::CheckArgs;
-pub use keys::KeysCommand;
+pub use keys::{KeysCommand, OwnerArgs};
 pub use leases::LeasesCommand;
 pub use partners::PartnersCommand;
 pub use serve::{dev_state_path, ServeArgs};
@@ -262,8 +262,12 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// `--before`: RFC 3339 or unix seconds.
-fn instant_arg(name: &str, s: &str) -> anyhow::Result<prost_types::Timestamp> {
+/// A time argument (`--since`, `--before`): RFC 3339 or unix seconds; `None` when not given.
+fn instant_arg(name: &str, arg: Option<&str>) -> anyhow::Result<Option<prost_types::Timestamp>> {
+    arg.map(|s| instant(name, s)).transpose()
+}
+
+fn instant(name: &str, s: &str) -> anyhow::Result<prost_types::Timestamp> {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         let secs: i64 = s.parse().map_err(|_| anyhow!("{name}: too large"))?;
         return Ok(prost_types::Timestamp {
@@ -292,6 +296,21 @@ fn say(json: bool, value: serde_json::Value, text: std::fmt::Arguments<'_>) {
     }
 }
 
+/// What a command that ends one thing prints: `{"<id_field>": "<id>", "<done>": true}` with
+/// `--json`, else `<done> <id>` (`deleted key_…`, `released lease_…`).
+fn say_done(json: bool, id_field: &str, id: &str, done: &str) {
+    say(
+        json,
+        json!({ id_field: id, done: true }),
+        format_args!("{done} {id}"),
+    );
+}
+
+/// A text field of an answer for `--json`: `null` where the server left it empty.
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
 /// What a command the server answered with a denial prints (the denial as one JSON object
 /// with `--json`, else the `denied: …` line), and the exit code it then ends with.
 fn denied(json: bool, d: &proto::Denial) -> i32 {
@@ -310,26 +329,35 @@ mod debug_tests {
 
     #[test]
     fn parsed_arguments_never_show_a_credential_in_debug() {
-        let cli = Cli::parse_from([
-            "keygate",
-            "check",
-            "--token",
-            "sk_live_0123456789abcdef_SECRETSECRET",
-            "--path",
-            "/v1",
-        ]);
-        let shown = format!("{cli:?}");
-        assert!(!shown.contains("SECRETSECRET"), "{shown}");
-        let cli = Cli::parse_from([
-            "keygate",
-            "keys",
-            "list",
-            "--tenant",
-            "t",
-            "--admin-token",
-            "hunter2hunter2xx",
-        ]);
-        let shown = format!("{cli:?}");
-        assert!(!shown.contains("hunter2hunter2xx"), "{shown}");
+        // Each command line, and the part of its credential that must not be shown.
+        let commands: [(&[&str], &str); 2] = [
+            (
+                &[
+                    "keygate",
+                    "check",
+                    "--token",
+                    "sk_live_0123456789abcdef_SECRETSECRET",
+                    "--path",
+                    "/v1",
+                ],
+                "SECRETSECRET",
+            ),
+            (
+                &[
+                    "keygate",
+                    "keys",
+                    "list",
+                    "--tenant",
+                    "t",
+                    "--admin-token",
+                    "hunter2hunter2xx",
+                ],
+                "hunter2hunter2xx",
+            ),
+        ];
+        for (args, secret) in commands {
+            let shown = format!("{:?}", Cli::parse_from(args));
+            assert!(!shown.contains(secret), "{args:?}: {shown}");
+        }
     }
 }

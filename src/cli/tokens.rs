@@ -4,7 +4,7 @@
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{admin_client, grpc_error, instant_arg, ts, AdminArgs};
+use super::{admin_client, grpc_error, instant_arg, non_empty, ts, AdminArgs};
 use crate::api::proto;
 
 #[derive(Subcommand, Debug)]
@@ -39,10 +39,7 @@ pub(super) async fn tokens(cmd: TokensCommand) -> anyhow::Result<()> {
         before,
         admin,
     } = cmd;
-    let issued_before = before
-        .as_deref()
-        .map(|b| instant_arg("--before", b))
-        .transpose()?;
+    let issued_before = instant_arg("--before", before.as_deref())?;
     let r = admin_client(&admin)
         .await?
         .revoke_tokens(proto::RevokeTokensRequest {
@@ -54,11 +51,10 @@ pub(super) async fn tokens(cmd: TokensCommand) -> anyhow::Result<()> {
         .await
         .map_err(grpc_error)?
         .into_inner();
-    let text = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     let v = json!({
         "issuer": r.issuer,
-        "jti": text(&r.jti),
-        "subject": text(&r.subject),
+        "jti": non_empty(&r.jti),
+        "subject": non_empty(&r.subject),
         "issued_before": ts(&r.issued_before),
         "revoked_at": ts(&r.revoked_at),
         "expires_at": ts(&r.expires_at),

@@ -31,45 +31,22 @@ impl Secrets {
 impl Secrets {
     /// Reads the secrets. In dev mode, missing ones are generated for this process.
     pub fn from_env(dev: bool) -> Result<Secrets, ConfigError> {
-        let pepper = match env_secret("KEYGATE_PEPPER")? {
-            Some(p) => p,
-            None if dev => Secret::random(43),
-            None => {
-                return Err(ConfigError::new(
-                    "KEYGATE_PEPPER",
-                    "not set: set KEYGATE_PEPPER or KEYGATE_PEPPER_FILE (at least 32 bytes)",
-                ))
-            }
-        };
-        if pepper.expose().len() < 32 {
-            return Err(ConfigError::new(
-                "KEYGATE_PEPPER",
-                "must be at least 32 bytes long",
-            ));
-        }
-        let admin_token = match env_secret("KEYGATE_ADMIN_TOKEN")? {
-            Some(t) => t,
-            None if dev => Secret::random(32),
-            None => {
-                return Err(ConfigError::new(
-                    "KEYGATE_ADMIN_TOKEN",
-                    "not set: the admin API has no default credential; set \
-                     KEYGATE_ADMIN_TOKEN or KEYGATE_ADMIN_TOKEN_FILE",
-                ))
-            }
-        };
-        if admin_token.expose().len() < 16 {
-            return Err(ConfigError::new(
-                "KEYGATE_ADMIN_TOKEN",
-                "must be at least 16 characters long",
-            ));
-        }
+        let pepper = required(
+            "KEYGATE_PEPPER",
+            dev.then_some(43),
+            "not set: set KEYGATE_PEPPER or KEYGATE_PEPPER_FILE (at least 32 bytes)",
+        )?;
+        at_least("KEYGATE_PEPPER", &pepper, 32, "bytes")?;
+        let admin_token = required(
+            "KEYGATE_ADMIN_TOKEN",
+            dev.then_some(32),
+            "not set: the admin API has no default credential; set \
+             KEYGATE_ADMIN_TOKEN or KEYGATE_ADMIN_TOKEN_FILE",
+        )?;
+        at_least("KEYGATE_ADMIN_TOKEN", &admin_token, 16, "characters")?;
         let watch_token = env_secret("KEYGATE_WATCH_TOKEN")?;
-        if watch_token.as_ref().is_some_and(|t| t.expose().len() < 16) {
-            return Err(ConfigError::new(
-                "KEYGATE_WATCH_TOKEN",
-                "must be at least 16 characters long",
-            ));
+        if let Some(t) = &watch_token {
+            at_least("KEYGATE_WATCH_TOKEN", t, 16, "characters")?;
         }
         Ok(Secrets {
             pepper,
@@ -79,6 +56,32 @@ impl Secrets {
             named: Default::default(),
         })
     }
+}
+
+/// A secret keygate cannot run without, `var` (see `env_secret`); when it is not set, a
+/// random one of `dev_len` for this process (dev mode), else an error saying `not_set`.
+fn required(
+    var: &str,
+    dev_len: Option<usize>,
+    not_set: &'static str,
+) -> Result<Secret, ConfigError> {
+    match (env_secret(var)?, dev_len) {
+        (Some(s), _) => Ok(s),
+        (None, Some(len)) => Ok(Secret::random(len)),
+        (None, None) => Err(ConfigError::new(var, not_set)),
+    }
+}
+
+/// An error unless `secret` (from `var`) is at least `min` bytes long; `unit` is what
+/// the message counts them as.
+fn at_least(var: &str, secret: &Secret, min: usize, unit: &str) -> Result<(), ConfigError> {
+    if secret.expose().len() < min {
+        return Err(ConfigError::new(
+            var,
+            format!("must be at least {min} {unit} long"),
+        ));
+    }
+    Ok(())
 }
 
 /// `NAME` from the environment, or the trimmed contents of the file `NAME_FILE` names.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{duration, ConfigError};
+use crate::settings::within;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -75,12 +76,12 @@ impl StoreConfig {
 
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         let max = crate::store::redis::MAX_PARTITIONS;
-        if !(1..=max).contains(&self.partitions()) {
-            return Err(ConfigError::new(
-                "store.stream_partitions",
-                format!("must be 1 to {max}"),
-            ));
-        }
+        within(
+            "store.stream_partitions",
+            self.partitions(),
+            1..=max,
+            format!("must be 1 to {max}"),
+        )?;
         if self.backend == StoreBackend::Memory && !self.cluster_nodes.is_empty() {
             return Err(ConfigError::new(
                 "store.cluster_nodes",

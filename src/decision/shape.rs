@@ -8,7 +8,7 @@ use serde_yaml_ng::Value;
 
 use super::{Denial, DenyReason, ErrorsConfig};
 use crate::request::PathError;
-use crate::settings::ConfigError;
+use crate::settings::{within, ConfigError};
 
 /// What a client is shown for one denial: every part fixed at startup, so a denial
 /// formats nothing and can echo nothing from the request.
@@ -92,12 +92,12 @@ impl ErrorShape {
                 }
             }
             if let Some(status) = over.status {
-                if !(400..=499).contains(&status) {
-                    return Err(ConfigError::new(
-                        field(".status"),
-                        "must be a 4xx status (a backend failure is never a denial)",
-                    ));
-                }
+                within(
+                    field(".status"),
+                    status,
+                    400..=499,
+                    "must be a 4xx status (a backend failure is never a denial)",
+                )?;
             }
             if let Some(m) = &over.message {
                 if m.trim().is_empty() || m.len() > 1024 {

@@ -131,6 +131,18 @@ pub const ALGORITHMS: [(&str, bool); 12] = [
     ("EdDSA", false),
 ];
 
+/// An error naming `field` when one of the `earlier` issuers is the `same` already.
+fn unique(
+    earlier: &[IssuerConfig],
+    field: String,
+    same: impl Fn(&IssuerConfig) -> bool,
+) -> Result<(), ConfigError> {
+    if earlier.iter().any(same) {
+        return Err(ConfigError::new(field, "is used by an earlier issuer"));
+    }
+    Ok(())
+}
+
 impl JwtConfig {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.max_token_bytes < 64 {
@@ -149,21 +161,12 @@ impl JwtConfig {
             {
                 return Err(ConfigError::new(field("name"), "must be 1+ of a-z 0-9 - _"));
             }
-            if self.issuers[..i].iter().any(|o| o.name == iss.name) {
-                return Err(ConfigError::new(
-                    field("name"),
-                    "is used by an earlier issuer",
-                ));
-            }
+            let earlier = &self.issuers[..i];
+            unique(earlier, field("name"), |o| o.name == iss.name)?;
             if iss.issuer.is_empty() {
                 return Err(ConfigError::new(field("issuer"), "must not be empty"));
             }
-            if self.issuers[..i].iter().any(|o| o.issuer == iss.issuer) {
-                return Err(ConfigError::new(
-                    field("issuer"),
-                    "is used by an earlier issuer",
-                ));
-            }
+            unique(earlier, field("issuer"), |o| o.issuer == iss.issuer)?;
             if iss.audiences.is_empty() {
                 return Err(ConfigError::new(
                     field("audiences"),

@@ -64,6 +64,20 @@ impl KeyAdmin {
             .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))
     }
 
+    /// What the store answered a change of `key_id` with (`NotFound` when there was no
+    /// such key), once this replica's cached copy is dropped; `kind` is the event the
+    /// store appended in the same step, which drops the other replicas'.
+    fn changed(
+        &self,
+        key_id: &str,
+        kind: EventKind,
+        stored: Option<KeyRecord>,
+    ) -> Result<KeyRecord, AdminError> {
+        let record = stored.ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
+        self.cache.invalidate_key(key_id, Some(kind));
+        Ok(record)
+    }
+
     /// Creates a key; the response holds its token, shown once. Audited.
     pub async fn create(&self, req: NewKey) -> Result<CreatedKey, AdminError> {
         let named = Subject {
@@ -315,12 +329,8 @@ impl KeyAdmin {
             expires_at_ms: Some(ends),
             ..KeyChange::default()
         };
-        let previous = self
-            .store
-            .update(key_id, &change, now)
-            .await?
-            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
-        self.cache.invalidate_key(key_id, Some(EventKind::Updated));
+        let stored = self.store.update(key_id, &change, now).await?;
+        let previous = self.changed(key_id, EventKind::Updated, stored)?;
         tracing::info!(event = "admin.key_rotated", key_id, successor = %successor.record.key_id, "API key rotated");
         Ok(Rotated {
             successor,
@@ -355,12 +365,8 @@ impl KeyAdmin {
         if change == KeyChange::default() {
             return Err(invalid("update", "names no field to change"));
         }
-        let record = self
-            .store
-            .update(key_id, &change, now_ms())
-            .await?
-            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
-        self.cache.invalidate_key(key_id, Some(EventKind::Updated));
+        let stored = self.store.update(key_id, &change, now_ms()).await?;
+        let record = self.changed(key_id, EventKind::Updated, stored)?;
         tracing::info!(event = "admin.key_updated", key_id, "API key updated");
         Ok(record)
     }
@@ -379,11 +385,7 @@ impl KeyAdmin {
     }
 
     pub async fn get(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
-        let key_id = check_key_id(key_id)?;
-        self.store
-            .get(key_id)
-            .await?
-            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))
+        self.existing(check_key_id(key_id)?).await
     }
 
     /// One owner's keys: give exactly one of a tenant, a partner or a service.
@@ -430,12 +432,8 @@ impl KeyAdmin {
 
     async fn revoke_key(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
         let key_id = check_key_id(key_id)?;
-        let record = self
-            .store
-            .revoke(key_id, now_ms())
-            .await?
-            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
-        self.cache.invalidate_key(key_id, Some(EventKind::Revoked));
+        let stored = self.store.revoke(key_id, now_ms()).await?;
+        let record = self.changed(key_id, EventKind::Revoked, stored)?;
         metrics().keys_revoked.inc();
         tracing::info!(event = "admin.key_revoked", key_id, "API key revoked");
         Ok(record)
@@ -443,12 +441,8 @@ impl KeyAdmin {
 
     async fn delete_key(&self, key_id: &str) -> Result<KeyRecord, AdminError> {
         let key_id = check_key_id(key_id)?;
-        let record = self
-            .store
-            .delete(key_id, now_ms())
-            .await?
-            .ok_or_else(|| AdminError::NotFound(key_id.to_owned()))?;
-        self.cache.invalidate_key(key_id, Some(EventKind::Deleted));
+        let stored = self.store.delete(key_id, now_ms()).await?;
+        let record = self.changed(key_id, EventKind::Deleted, stored)?;
         tracing::info!(event = "admin.key_deleted", key_id, "API key deleted");
         Ok(record)
     }

@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 
-use crate::settings::ConfigError;
+use crate::settings::{within, ConfigError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,12 +72,12 @@ impl TracesConfig {
                 ));
             }
         }
-        if !(0.0..=1.0).contains(&self.sample_ratio) {
-            return Err(ConfigError::new(
-                "traces.sample_ratio",
-                "must be 0.0 to 1.0",
-            ));
-        }
+        within(
+            "traces.sample_ratio",
+            self.sample_ratio,
+            0.0..=1.0,
+            "must be 0.0 to 1.0",
+        )?;
         if self.service_name.trim().is_empty() {
             return Err(ConfigError::new("traces.service_name", "must not be empty"));
         }

@@ -29,33 +29,10 @@ pub(super) enum Conn {
 }
 
 /// One Redis's connection manager, shared, so that `Health` can bring it back after an
-/// outage without keeping it alive.
+/// outage without keeping it alive. A command goes through a clone of the manager (which
+/// shares its connection): the shared one cannot be borrowed mutably.
 #[derive(Clone)]
 pub(super) struct Managed(Arc<ConnectionManager>);
-
-impl redis::aio::ConnectionLike for Managed {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        let mut manager = ConnectionManager::clone(&self.0);
-        Box::pin(async move { manager.send_packed_command(cmd).await })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        let mut manager = ConnectionManager::clone(&self.0);
-        Box::pin(async move { manager.send_packed_commands(cmd, offset, count).await })
-    }
-
-    fn get_db(&self) -> i64 {
-        self.0.get_db()
-    }
-}
 
 impl redis::aio::ConnectionLike for Conn {
     fn req_packed_command<'a>(
@@ -63,7 +40,10 @@ impl redis::aio::ConnectionLike for Conn {
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Single(c) => {
+                let mut manager = ConnectionManager::clone(&c.0);
+                Box::pin(async move { manager.send_packed_command(cmd).await })
+            }
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -75,14 +55,17 @@ impl redis::aio::ConnectionLike for Conn {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         match self {
-            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Single(c) => {
+                let mut manager = ConnectionManager::clone(&c.0);
+                Box::pin(async move { manager.send_packed_commands(cmd, offset, count).await })
+            }
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(c) => c.get_db(),
+            Conn::Single(c) => c.0.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }
@@ -159,7 +142,7 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let limit = self.timeout * 2;
         match conn {
-            Conn::Single(c) => self.run_for(what, limit, cmd.query_async(c)).await,
+            Conn::Single(_) => self.run_for(what, limit, cmd.query_async(conn)).await,
             Conn::Cluster(c) => {
                 // Sent to the master of the slot, on the connection the script went
                 // through (WAIT counts that connection's writes).

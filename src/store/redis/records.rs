@@ -75,6 +75,18 @@ impl RedisStore {
         invocation
     }
 
+    /// `key_id`'s record, and what an update compares to know nobody wrote in between.
+    async fn read_record(&self, key_id: &str) -> Result<Option<(KeyRecord, Vec<u8>)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let raw: redis::Value = self
+            .run(
+                "reading a key record",
+                self.read_cmd(key_id).query_async(&mut conn),
+            )
+            .await?;
+        self.decode_raw(key_id, raw)
+    }
+
     /// The command that reads `key_id`'s record (as `decode_raw` reads its answer).
     fn read_cmd(&self, key_id: &str) -> redis::Cmd {
         let key = self.key_key(key_id);
@@ -122,6 +134,16 @@ impl RedisStore {
             }
         }
     }
+}
+
+/// The arguments every change of a record ends with, for the event it appends to the
+/// partition's stream: when, which key, the stream's bound, what happened.
+fn add_event(change: &mut redis::ScriptInvocation<'_>, at_ms: u64, key_id: &str, kind: EventKind) {
+    change
+        .arg(at_ms)
+        .arg(key_id)
+        .arg(STREAM_MAX_LEN)
+        .arg(kind.as_str());
 }
 
 /// A packed record string, `<revoked_at_ms>|<allowed>|<denied>|<last_used_ms>|<packed>`.
@@ -242,14 +264,7 @@ impl KeyRecords for RedisStore {
     }
 
     async fn get(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let mut conn = self.conn().await?;
-        let raw: redis::Value = self
-            .run(
-                "reading a key record",
-                self.read_cmd(key_id).query_async(&mut conn),
-            )
-            .await?;
-        Ok(self.decode_raw(key_id, raw)?.map(|(record, _)| record))
+        Ok(self.read_record(key_id).await?.map(|(record, _)| record))
     }
 
     async fn get_verifiable(
@@ -358,11 +373,7 @@ impl KeyRecords for RedisStore {
 
     async fn revoke(&self, key_id: &str, at_ms: u64) -> Result<Option<KeyRecord>, StoreError> {
         let mut revoke = self.record_change(&self.revoke, "revoke", key_id);
-        revoke
-            .arg(at_ms)
-            .arg(key_id)
-            .arg(STREAM_MAX_LEN)
-            .arg(EventKind::Revoked.as_str());
+        add_event(&mut revoke, at_ms, key_id, EventKind::Revoked);
         let raw: redis::Value = self
             .write(
                 "revoking a key",
@@ -384,14 +395,7 @@ impl KeyRecords for RedisStore {
         // is made here rather than in Lua.
         let p = self.partition_of(key_id);
         for _ in 0..8 {
-            let mut conn = self.conn().await?;
-            let raw: redis::Value = self
-                .run(
-                    "reading a key record",
-                    self.read_cmd(key_id).query_async(&mut conn),
-                )
-                .await?;
-            let Some((mut record, as_read)) = self.decode_raw(key_id, raw)? else {
+            let Some((mut record, as_read)) = self.read_record(key_id).await? else {
                 return Ok(None);
             };
             change.apply(&mut record);
@@ -404,13 +408,8 @@ impl KeyRecords for RedisStore {
                 RecordFormat::Packed => crate::store::packed::encode(&stored)?,
             };
             let mut update = self.record_change(&self.update, "update", key_id);
-            update
-                .arg(as_read)
-                .arg(new_value)
-                .arg(at_ms)
-                .arg(key_id)
-                .arg(STREAM_MAX_LEN)
-                .arg(EventKind::Updated.as_str());
+            update.arg(as_read).arg(new_value);
+            add_event(&mut update, at_ms, key_id, EventKind::Updated);
             let written: i64 = self
                 .write("updating a key record", p, Change::Script(&update))
                 .await?;
@@ -438,11 +437,7 @@ impl KeyRecords for RedisStore {
             // One partition: the index entry goes in the same step.
             delete.key(&index);
         }
-        delete
-            .arg(at_ms)
-            .arg(key_id)
-            .arg(STREAM_MAX_LEN)
-            .arg(EventKind::Deleted.as_str());
+        add_event(&mut delete, at_ms, key_id, EventKind::Deleted);
         let raw: redis::Value = self
             .write("deleting a key", p, Change::Script(&delete))
             .await?;
