@@ -221,19 +221,11 @@ pub struct Allowed {
     pub session: Option<SessionToken>,
 }
 
-/// A minted token and when it expires (unix ms).
-#[derive(Clone)]
+/// A minted token and when it expires (unix ms). `Secret` keeps the token out of `Debug`.
+#[derive(Clone, Debug)]
 pub struct SessionToken {
     pub token: Secret,
     pub expires_at_ms: u64,
-}
-
-impl std::fmt::Debug for SessionToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionToken")
-            .field("expires_at_ms", &self.expires_at_ms)
-            .finish_non_exhaustive()
-    }
 }
 
 /// A backend needed for the answer could not be reached. Never a denial, never an allow:
