@@ -199,7 +199,9 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     std::fs::write(&answer_path, &answer)?;
     let (replay, replay_grpc) = procs::noop_server_answering(&bench.scratch, &answer_path).await?;
 
-    let (admin, off, noop, replay_port, kg, http_noop, kg_http) = (
+    let (noop_axum, noop_axum_addr) = procs::noop_http_server(&bench.scratch).await?;
+    let (admin, off, noop, replay_port, kg, http_noop, kg_http, http_noop_axum) = (
+        procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
@@ -234,6 +236,8 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         .replace("@KEYGATE_PORT@", &kg.port().to_string())
         .replace("@HTTP_NOOP_PORT@", &http_noop.port().to_string())
         .replace("@KEYGATE_HTTP_PORT@", &kg_http.port().to_string())
+        .replace("@HTTP_NOOP_AXUM_PORT@", &http_noop_axum.port().to_string())
+        .replace("@NOOP_AXUM_AUTHZ_PORT@", &noop_axum_addr.port().to_string())
         .replace(
             "@KEYGATE_HTTP_AUTHZ_PORT@",
             &kg_http_authz.port().to_string(),
@@ -260,7 +264,16 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         bench.scratch.path().join("envoy.log"),
     )?;
     envoy
-        .wait_listening(&[admin, off, noop, replay_port, kg, http_noop, kg_http])
+        .wait_listening(&[
+            admin,
+            off,
+            noop,
+            replay_port,
+            kg,
+            http_noop,
+            kg_http,
+            http_noop_axum,
+        ])
         .await?;
 
     // The filter is really there: keygate refuses a request without a credential.
@@ -275,6 +288,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         (http_noop, &auth[..], 200),
         (kg_http, &auth[..], 200),
         (kg_http, &[][..], 401),
+        (http_noop_axum, &auth[..], 200),
     ] {
         let got = get_status(addr, &c.path, headers).await?;
         if got != want {
@@ -315,12 +329,18 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
             kg_http.port(),
             Some(bench.keygate.proc.pid()),
         ),
+        (
+            "Envoy + HTTP ext_authz → no-op on keygate's HTTP stack",
+            http_noop_axum.port(),
+            Some(noop_axum.pid()),
+        ),
     ];
     let mut results: Vec<Vec<(Wrk, f64, Option<f64>)>> = vec![Vec::new(); listeners.len()];
     let mut pids = bench.pids();
     pids.push(envoy_pid);
     pids.push(replay.pid());
     pids.push(http_authz.pid());
+    pids.push(noop_axum.pid());
     pids.extend(upstream.as_ref().map(Proc::pid));
     let mut upstream_cpu = Vec::new();
     let mut others = Vec::new();
@@ -413,7 +433,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         rows[2].clone(),
         rows[3].clone(),
     );
-    let (http_noop_s, kg_http_s) = (rows[4].clone(), rows[5].clone());
+    let (kg_http_s, http_noop_s) = (rows[5].clone(), rows[6].clone());
     let max_other = others.iter().cloned().fold(0.0, f64::max);
     report.fact(
         "CPU taken by other processes during the runs (median / max)",
@@ -449,7 +469,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     );
     let r = kg_http_s.rps / http_noop_s.rps;
     report.target(
-        "HTTP ext_authz: throughput with keygate ≥ 0.85 × with the no-op HTTP authorizer",
+        "HTTP ext_authz: throughput with keygate ≥ 0.85 × with the no-op on keygate's HTTP stack",
         format!(
             "{r:.2}× ({:.0} vs {:.0} req/s)",
             kg_http_s.rps, http_noop_s.rps

@@ -153,6 +153,12 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:50071")]
         listen: SocketAddr,
     },
+    /// The HTTP authorization baseline on keygate's own HTTP stack (axum on hyper, served
+    /// as keygate serves `listen.http_authz`): every request allowed, 200, no headers.
+    NoopHttpServer {
+        #[arg(long, default_value = "127.0.0.1:50072")]
+        listen: SocketAddr,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -227,6 +233,11 @@ fn main() {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(upstream::serve(listen))),
+        Cmd::NoopHttpServer { listen } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(upstream::serve_noop_authz(listen))),
         other => match generator_threads(&other) {
             1 => tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -282,7 +293,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Jwt(c) => scenarios::jwt(&c).await,
         Cmd::RateLimited(c) => scenarios::rate_limited(&c).await,
         Cmd::Run(args) => run(args).await,
-        Cmd::NoopServer { .. } | Cmd::UpstreamServer { .. } => {
+        Cmd::NoopServer { .. } | Cmd::UpstreamServer { .. } | Cmd::NoopHttpServer { .. } => {
             unreachable!("served on its own runtime")
         }
     }

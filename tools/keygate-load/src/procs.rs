@@ -412,6 +412,11 @@ pub async fn upstream_server(scratch: &Scratch) -> anyhow::Result<(Proc, SocketA
     own_server(scratch, "upstream-server", &[]).await
 }
 
+/// The no-op HTTP authorizer on keygate's HTTP stack (`noop-http-server`).
+pub async fn noop_http_server(scratch: &Scratch) -> anyhow::Result<(Proc, SocketAddr)> {
+    own_server(scratch, "noop-http-server", &[]).await
+}
+
 /// This binary's `subcommand --listen <free port> args…`, once it listens.
 async fn own_server(
     scratch: &Scratch,

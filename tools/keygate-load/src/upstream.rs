@@ -15,6 +15,19 @@ const ANSWER: &[u8] =
 /// A request head larger than this is refused (Envoy's default limit is 60 KiB).
 const MAX_HEAD: usize = 64 * 1024;
 
+/// The no-op HTTP authorizer on keygate's HTTP stack: axum's `serve` with one fallback
+/// route answering 200, as keygate serves `listen.http_authz`. Serves until stopped.
+pub async fn serve_noop_authz(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    eprintln!(
+        "no-op HTTP authorizer listening on {}",
+        listener.local_addr()?
+    );
+    let router = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
+    axum::serve(listener, router).await?;
+    Ok(())
+}
+
 /// Serves until the process is stopped.
 pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await?;
