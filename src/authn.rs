@@ -52,7 +52,7 @@ pub struct Authenticator {
     cache: Arc<CredentialCache>,
     prefix: String,
     accept_test_keys: bool,
-    failures: FailureBudget,
+    failures: Arc<FailureBudget>,
     jwt: Arc<crate::jwt::JwtVerifier>,
     revoked_tokens: Arc<RevokedTokens>,
     audit: Arc<crate::audit::Audit>,
@@ -61,14 +61,16 @@ pub struct Authenticator {
 /// Failed verifications per key id in a fixed window (`api_keys.argon2.failures_per_key`
 /// per `failure_window`): anyone who knows a key id can mint well-formed guesses (the
 /// checksum is public), and each would cost one argon2 run. Past the bound, unverified
-/// tokens for that key id are refused without argon2 until the window ends.
-struct FailureBudget {
+/// tokens for that key id are refused without argon2 until the window ends. One per
+/// process: a live reload of the policy keeps it (its settings need a restart), so a
+/// reload never gives a guesser a fresh window.
+pub struct FailureBudget {
     counts: moka::sync::Cache<Box<str>, Arc<AtomicU32>>,
     limit: u32,
 }
 
 impl FailureBudget {
-    fn new(cfg: &Argon2Config) -> Self {
+    pub fn new(cfg: &Argon2Config) -> Self {
         FailureBudget {
             // A window starts at a key id's first failure (time to live, not to idle).
             counts: moka::sync::Cache::builder()
@@ -106,6 +108,7 @@ impl Authenticator {
         jwt: Arc<crate::jwt::JwtVerifier>,
         revoked_tokens: Arc<RevokedTokens>,
         audit: Arc<crate::audit::Audit>,
+        failures: Arc<FailureBudget>,
     ) -> Self {
         Authenticator {
             store,
@@ -113,7 +116,7 @@ impl Authenticator {
             cache,
             prefix: api_keys.prefix.clone(),
             accept_test_keys: api_keys.accept_test_keys,
-            failures: FailureBudget::new(&api_keys.argon2),
+            failures,
             jwt,
             revoked_tokens,
             audit,

@@ -163,6 +163,7 @@ impl App {
             delegations,
             usage: usage.clone(),
             bus: bus.clone(),
+            failures: Arc::new(crate::authn::FailureBudget::new(&config.api_keys.argon2)),
             secrets: secrets.clone(),
         };
         let rules = Rules::build(config.clone(), &shared, None)?;

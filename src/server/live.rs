@@ -27,7 +27,7 @@ pub struct Live {
     /// Why the last reload was not applied, until one is: `/readyz` shows it.
     last_failure: Mutex<Option<String>>,
     /// Serialises reloads: a file event and a SIGHUP at once build one after the other.
-    reloading: tokio::sync::Mutex<()>,
+    reloading: Mutex<()>,
 }
 
 /// What a reload did.
@@ -53,7 +53,7 @@ impl Live {
             shared,
             path: OnceLock::new(),
             last_failure: Mutex::new(None),
-            reloading: tokio::sync::Mutex::new(()),
+            reloading: Mutex::new(()),
         }
     }
 
@@ -79,11 +79,14 @@ impl Live {
 
     /// Reads the file again (the environment over it, as at startup) and swaps the
     /// rules it describes in; counted and logged either way.
-    pub async fn reload(&self, stop: &watch::Receiver<bool>) -> Result<Reloaded, ReloadError> {
+    /// Blocking (it reads the file and compiles the rules): `follow_file` runs it off the
+    /// request path, on tokio's blocking pool.
+    pub fn reload(&self, stop: &watch::Receiver<bool>) -> Result<Reloaded, ReloadError> {
         let Some(path) = self.path.get() else {
             return Ok(Reloaded::Unchanged);
         };
-        let _one_at_a_time = self.reloading.lock().await;
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.current();
         let outcome = std::fs::read_to_string(path)
             .map_err(|e| ReloadError::Invalid(format!("cannot read {}: {e}", path.display())))
             .and_then(|text| {
@@ -91,6 +94,14 @@ impl Live {
                     .map_err(|e| ReloadError::Invalid(e.to_string()))
             })
             .and_then(|config| self.apply(config, stop));
+        // The rules replaced are freed here, once the requests that started on them have
+        // ended (bounded), not by whichever request worker happens to end last.
+        let freed_by = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let replaced = matches!(outcome, Ok(Reloaded::Applied));
+        while replaced && Arc::strong_count(&before) > 1 && std::time::Instant::now() < freed_by {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(before);
         let result = match &outcome {
             Ok(Reloaded::Applied) => "applied",
             Ok(Reloaded::Unchanged) => "unchanged",
@@ -220,6 +231,8 @@ pub async fn follow_file(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
             } => {}
             _ = file.changed() => {}
         }
-        let _ = live.reload(&stop).await;
+        // Compiling the rules takes a core for a moment: not one of the request workers.
+        let (reloading, watching) = (live.clone(), stop.clone());
+        let _ = tokio::task::spawn_blocking(move || reloading.reload(&watching)).await;
     }
 }

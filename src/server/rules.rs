@@ -36,6 +36,8 @@ pub struct Shared {
     pub delegations: Arc<crate::tenant::Delegations>,
     pub usage: Arc<crate::usage::UsageCounter>,
     pub bus: Arc<RevocationBus>,
+    /// Wrong secrets per key id: a reload must not reset what a guesser has spent.
+    pub failures: Arc<crate::authn::FailureBudget>,
     /// Read again by each version: a JWT issuer's or a session key's secret file may
     /// have been replaced with the policy.
     pub secrets: Secrets,
@@ -128,6 +130,7 @@ impl Rules {
             issuers.jwt.clone(),
             shared.revoked_tokens.clone(),
             shared.audit.clone(),
+            shared.failures.clone(),
         );
         let policy = Policy::compile(&config.policy)?;
         let errors = Arc::new(ErrorShape::compile(&config.errors)?);

@@ -1079,7 +1079,8 @@ pub async fn reload(r: &ReloadArgs) -> anyhow::Result<()> {
                     Instant::now() < deadline,
                     "reload {n} was not applied everywhere within 10 s"
                 );
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Seldom: each look renders both replicas' metrics, load of its own.
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             tokio::time::sleep(r.every).await;
         }
