@@ -74,15 +74,16 @@ impl Drop for Issuers {
 pub struct Rules {
     pub config: Config,
     pub authorizer: Arc<Authorizer>,
-    pub errors: Arc<ErrorShape>,
-    pub issuers: Arc<Issuers>,
-    pub limiter: Arc<Limiter>,
-    pub admin: Arc<KeyAdmin>,
-    pub token_admin: Arc<TokenAdmin>,
+    pub(super) errors: Arc<ErrorShape>,
+    pub(super) issuers: Arc<Issuers>,
+    /// Kept by the next version when the plans did not change.
+    limiter: Arc<Limiter>,
+    pub(super) admin: Arc<KeyAdmin>,
+    pub(super) token_admin: Arc<TokenAdmin>,
     /// The adapters, each answering with this version.
-    pub envoy: Arc<EnvoyAuthorization>,
-    pub checks: AuthorizerService,
-    pub keys: KeysService,
+    pub(super) envoy: Arc<EnvoyAuthorization>,
+    pub(super) checks: AuthorizerService,
+    pub(super) keys: KeysService,
 }
 
 impl Rules {
