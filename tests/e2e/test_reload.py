@@ -191,3 +191,26 @@ def test_a_listener_change_is_refused_naming_the_setting(replicas):
     # Nothing of that file was taken: the route keeps its scope.
     reader = r.keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
     assert_allowed(r.envoy.request("GET", "/v1/contacts/1", bearer(reader)))
+
+
+def test_sighup_reloads_a_change_the_file_watch_cannot_see(replicas):
+    """The same length and modification time (a change no metadata shows): only SIGHUP
+    makes keygate read the file again."""
+    import os
+    import signal
+
+    r = replicas[0]
+    taken = r.reloads("applied") + r.reloads("unchanged")
+    r.write(BEFORE)
+    wait_for("the first file to be read", lambda: r.reloads("applied") + r.reloads("unchanged") > taken,
+             timeout=RELOAD_WITHIN)
+    stat = os.stat(r.keygate.config_path)
+    applied = r.reloads("applied")
+    # contacts:read -> contacts:list: as many bytes, written in place, the old mtime put back.
+    r.write({**BEFORE, "contacts_scope": "contacts:list"})
+    os.utime(r.keygate.config_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(r.keygate.config_path).st_size == stat.st_size
+    r.keygate.proc.popen.send_signal(signal.SIGHUP)
+    wait_for("SIGHUP to apply the file", lambda: r.reloads("applied") > applied, timeout=RELOAD_WITHIN)
+    reader = r.keygate.create_key(str(uuid.uuid4()), ["contacts:list"])
+    assert_allowed(r.envoy.request("GET", "/v1/contacts/1", bearer(reader)))
