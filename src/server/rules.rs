@@ -38,8 +38,8 @@ pub struct Shared {
     pub bus: Arc<RevocationBus>,
     /// Wrong secrets per key id: a reload must not reset what a guesser has spent.
     pub failures: Arc<crate::authn::FailureBudget>,
-    /// Read again by each version: a JWT issuer's or a session key's secret file may
-    /// have been replaced with the policy.
+    /// Read again when a version changes `jwt` or `sessions` (their issuers are rebuilt
+    /// then, and an issuer's or a session key's secret file may have been replaced).
     pub secrets: Secrets,
 }
 
