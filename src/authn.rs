@@ -12,7 +12,7 @@ use crate::cache::{CredentialCache, Digest, Verified};
 use crate::credential::Credential;
 use crate::decision::{Decision, DenyReason, Unavailable};
 use crate::jwt::revoked::RevokedTokens;
-use crate::principal::{Environment, Principal};
+use crate::principal::{CredentialKind, Environment, Principal};
 use crate::store::{now_ms, KeyRecord, KeyRecords, KeyStatus, StoreError};
 use crate::telemetry::{metrics, ErrorChain};
 use crate::tenant::TenantFailure;
@@ -139,6 +139,26 @@ impl Authenticator {
     }
 
     async fn api_key(&self, token: &str) -> Result<Arc<Principal>, AuthnFailure> {
+        let parsed = self.parse_api_key(token)?;
+        let digest = self.cache.digest(token);
+        let lookup = self
+            .cache
+            .get_or_verify(digest, parsed.key_id, || {
+                self.verify(parsed.key_id, parsed.secret, parsed.environment, digest)
+            })
+            .await;
+        match lookup.value {
+            Ok(verified) => api_key_answer(verified),
+            Err(e) => {
+                tracing::warn!(event = "authn.store_unavailable", key_id = parsed.key_id, error = %ErrorChain(&e), "cannot verify API key: store unavailable");
+                Err(AuthnFailure::Unavailable)
+            }
+        }
+    }
+
+    /// The token's form, read with no I/O: a malformed key, or a test key where test keys
+    /// are not accepted, is `invalid_api_key`.
+    fn parse_api_key<'t>(&self, token: &'t str) -> Result<apikey::ParsedToken<'t>, AuthnFailure> {
         let parsed = match apikey::parse(token, &self.prefix) {
             Ok(p) => p,
             Err(e) => {
@@ -149,28 +169,41 @@ impl Authenticator {
         if parsed.environment == Environment::Test && !self.accept_test_keys {
             return Err(AuthnFailure::Deny(DenyReason::InvalidApiKey));
         }
-        let digest = self.cache.digest(token);
-        let lookup = self
-            .cache
-            .get_or_verify(digest, parsed.key_id, || {
-                self.verify(parsed.key_id, parsed.secret, parsed.environment, digest)
-            })
-            .await;
-        match lookup.value {
-            Ok(Verified::Valid(p)) => {
-                if p.is_expired(now_ms()) {
-                    return Err(AuthnFailure::Deny(DenyReason::ExpiredApiKey));
+        Ok(parsed)
+    }
+
+    /// `authenticate` on what this replica knows now, with no store read, no argon2 and
+    /// no JWT validation: `None` where any of those would be needed (the module inside
+    /// Envoy hands such a request to the service). A session token is never answered
+    /// here: it is judged on its key's state, read apart.
+    pub fn authenticate_known(
+        &self,
+        credential: Credential<'_>,
+    ) -> Option<Result<Arc<Principal>, AuthnFailure>> {
+        let (verified, jwt) = match credential {
+            Credential::None => return Some(Err(AuthnFailure::Deny(DenyReason::MissingCredentials))),
+            Credential::Unrecognized => return Some(Err(AuthnFailure::Deny(DenyReason::InvalidApiKey))),
+            Credential::ApiKey(token) => match self.parse_api_key(token) {
+                Err(failure) => return Some(Err(failure)),
+                Ok(_) => (self.cache.peek(&self.cache.digest(token))?, false),
+            },
+            Credential::Jwt(token) => {
+                if self.jwt.is_empty() {
+                    return Some(Err(AuthnFailure::Deny(DenyReason::InvalidToken)));
                 }
-                Ok(p)
+                (self.cache.peek(&self.cache.digest(token))?, true)
             }
-            Ok(Verified::Invalid(reason) | Verified::Refused(reason)) => {
-                Err(AuthnFailure::Deny(reason))
-            }
-            Err(e) => {
-                tracing::warn!(event = "authn.store_unavailable", key_id = parsed.key_id, error = %ErrorChain(&e), "cannot verify API key: store unavailable");
-                Err(AuthnFailure::Unavailable)
+        };
+        if let Verified::Valid(p) = &verified {
+            if p.credential == CredentialKind::Session {
+                return None;
             }
         }
+        Some(if jwt {
+            self.jwt_answer(verified)
+        } else {
+            api_key_answer(verified)
+        })
     }
 
     /// A JWT: validated once (shared by concurrent first uses), then answered from the
@@ -195,7 +228,16 @@ impl Authenticator {
             })
             .await;
         match lookup.value {
-            Ok(Verified::Valid(p)) => {
+            Ok(verified) => self.jwt_answer(verified),
+            Err(_) => Err(AuthnFailure::Unavailable),
+        }
+    }
+
+    /// What a JWT's verification (cached or fresh) answers now: expired and revoked
+    /// tokens are `invalid_token`; with the JWT revocations not loaded, undecided.
+    fn jwt_answer(&self, verified: Verified) -> Result<Arc<Principal>, AuthnFailure> {
+        match verified {
+            Verified::Valid(p) => {
                 let now = now_ms();
                 if p.is_expired(now) {
                     return Err(AuthnFailure::Deny(DenyReason::InvalidToken));
@@ -216,10 +258,9 @@ impl Authenticator {
                     }
                 }
             }
-            Ok(Verified::Invalid(_) | Verified::Refused(_)) => {
+            Verified::Invalid(_) | Verified::Refused(_) => {
                 Err(AuthnFailure::Deny(DenyReason::InvalidToken))
             }
-            Err(_) => Err(AuthnFailure::Unavailable),
         }
     }
 
@@ -363,6 +404,18 @@ impl Authenticator {
 
 /// The cache's invalidation name for JWT entries: no API key id has this shape, so no
 /// key's revocation touches them (a flush does).
+/// What an API key's verification (cached or fresh) answers now: an expired key is
+/// `expired_api_key`.
+fn api_key_answer(verified: Verified) -> Result<Arc<Principal>, AuthnFailure> {
+    match verified {
+        Verified::Valid(p) if p.is_expired(now_ms()) => {
+            Err(AuthnFailure::Deny(DenyReason::ExpiredApiKey))
+        }
+        Verified::Valid(p) => Ok(p),
+        Verified::Invalid(reason) | Verified::Refused(reason) => Err(AuthnFailure::Deny(reason)),
+    }
+}
+
 const JWT_CACHE_KEY: &str = "jwt";
 
 pub fn principal_of(record: &KeyRecord) -> Principal {

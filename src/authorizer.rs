@@ -189,48 +189,10 @@ impl Authorizer {
     }
 
     async fn decide(&self, req: &AuthRequest) -> Decision {
-        // Routes are matched on the path the upstream will route, not on its raw bytes,
-        // whatever the proxy in front normalised or did not.
-        // (`Policy::route_of`: every reading of the path common servers take.)
-        let route = match self.policy.route_of(&req.method, &req.path) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(event = "decision.path_refused", reason = %e, "request path refused");
-                return Decision::Deny(Denial::invalid_path(e));
-            }
+        let routes = match self.routes(req) {
+            Ok(routes) => routes,
+            Err(decided) => return decided,
         };
-        let overrides = match self.method_overrides(req) {
-            Ok(methods) => methods,
-            Err(reason) => {
-                tracing::debug!(event = "decision.method_override_refused", mode = ?self.method_override, "method override refused");
-                return Decision::deny(reason);
-            }
-        };
-        // The routes of the methods an upstream may act on instead (none, mostly).
-        let mut also: Vec<Option<&Route>> = Vec::with_capacity(overrides.len());
-        for m in &overrides {
-            match self.policy.route_of(m, &req.path) {
-                Ok(r) => also.push(r),
-                Err(e) => {
-                    tracing::debug!(event = "decision.path_refused", reason = %e, "request path refused");
-                    return Decision::Deny(Denial::invalid_path(e));
-                }
-            }
-        }
-        let public = |r: &&Route| r.requirement == Requirement::Public;
-        if let Some(r) = route.filter(public) {
-            // A public route that an override takes elsewhere is public only if there too.
-            if also.iter().all(|a| a.as_ref().is_some_and(public)) {
-                return Decision::Allow(Allowed {
-                    principal: None,
-                    effective_tenant: None,
-                    route: r.name.clone(),
-                    rate: None,
-                    lease_id: None,
-                    session: None,
-                });
-            }
-        }
         let traced = crate::telemetry::tracing_enabled();
         let started = traced.then(Instant::now);
         let principal = self.principal_of(self.credentials.extract(req)).await;
@@ -239,7 +201,7 @@ impl Authorizer {
             Ok(p) => p,
             Err(failure) => return failure.into(),
         };
-        let decision = self.authorize(req, route, &also, &principal).await;
+        let decision = self.authorize(req, &routes, &principal).await;
         if let (Some(started), Some(authenticated)) = (started, authenticated) {
             // The check's span (the adapter's), when traced.
             let span = tracing::Span::current();
@@ -254,6 +216,99 @@ impl Authorizer {
             }
         }
         decision
+    }
+
+    /// `check`'s decision from what this replica knows now, with no store read, argon2,
+    /// JWT validation, rate limit or lease: `None` wherever `check` would need one (or
+    /// mint a session). Where it answers, it answers as `check` would. For the module
+    /// inside Envoy (`api::envoy_module`), which hands the rest to the service; it
+    /// records no usage and no metric (the service counts what it decides).
+    pub fn decide_known(&self, req: &AuthRequest) -> Option<Decision> {
+        let routes = match self.routes(req) {
+            Ok(routes) => routes,
+            Err(decided) => return Some(decided),
+        };
+        let principal = match self.authn.authenticate_known(self.credentials.extract(req))? {
+            Ok(p) => p,
+            Err(failure) => return Some(failure.into()),
+        };
+        let rule = match self.admission(&routes, &principal) {
+            Ok(rule) => rule,
+            Err(denied) => return Some(denied),
+        };
+        let header = req.header(&self.tenant_header);
+        let effective_tenant =
+            match tenant::resolve_known(&principal, rule, header, &self.delegations)? {
+                Ok(t) => t,
+                Err(failure) => return Some(failure.into()),
+            };
+        let mints = match self.scoped(&routes, &principal, &effective_tenant) {
+            Ok(mint) => mint.is_some(),
+            Err(denied) => return Some(denied),
+        };
+        let needs_more = mints
+            || self.limiter.limited(&principal).is_some()
+            || routes.judged().any(|r| r.lease_ttl.is_some());
+        if needs_more {
+            return None;
+        }
+        Some(Decision::Allow(Allowed {
+            principal: Some(principal),
+            effective_tenant,
+            route: routes.route?.name.clone(),
+            rate: None,
+            lease_id: None,
+            session: None,
+        }))
+    }
+
+    /// The routes a request falls on: its own and those of the methods its override
+    /// headers name. A refused path or override is denied here, and a public route is
+    /// allowed here, before any credential (`Err`: that decision).
+    fn routes<'a>(&'a self, req: &AuthRequest) -> Result<Routes<'a>, Decision> {
+        // Routes are matched on the path the upstream will route, not on its raw bytes,
+        // whatever the proxy in front normalised or did not.
+        // (`Policy::route_of`: every reading of the path common servers take.)
+        let route = match self.policy.route_of(&req.method, &req.path) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(event = "decision.path_refused", reason = %e, "request path refused");
+                return Err(Decision::Deny(Denial::invalid_path(e)));
+            }
+        };
+        let overrides = match self.method_overrides(req) {
+            Ok(methods) => methods,
+            Err(reason) => {
+                tracing::debug!(event = "decision.method_override_refused", mode = ?self.method_override, "method override refused");
+                return Err(Decision::deny(reason));
+            }
+        };
+        // The routes of the methods an upstream may act on instead (none, mostly).
+        let mut also: Vec<Option<&Route>> = Vec::with_capacity(overrides.len());
+        for m in &overrides {
+            match self.policy.route_of(m, &req.path) {
+                Ok(r) => also.push(r),
+                Err(e) => {
+                    tracing::debug!(event = "decision.path_refused", reason = %e, "request path refused");
+                    return Err(Decision::Deny(Denial::invalid_path(e)));
+                }
+            }
+        }
+        let public = |r: &&Route| r.requirement == Requirement::Public;
+        if let Some(r) = route.filter(public) {
+            // A public route that an override takes elsewhere is public only if there too.
+            if also.iter().all(|a| a.as_ref().is_some_and(public)) {
+                return Err(Decision::Allow(Allowed {
+                    principal: None,
+                    effective_tenant: None,
+                    route: r.name.clone(),
+                    rate: None,
+                    lease_id: None,
+                    session: None,
+                }));
+            }
+        }
+        Ok(Routes { route, also })
     }
 
     /// The methods other than its own that `req` names in method override headers, for
@@ -286,37 +341,18 @@ impl Authorizer {
     }
 
     /// What an authenticated caller may do here: route admission, tenant, scope, rate.
-    /// `also`: the routes of the methods the request's override headers name, each of
-    /// which must admit the caller as its own route does; a public one admits anyone.
+    /// `routes.also`: the routes of the methods the request's override headers name, each
+    /// of which must admit the caller as its own route does; a public one admits anyone.
     /// One admission and at most one lease are spent whatever their number.
     async fn authorize(
         &self,
         req: &AuthRequest,
-        route: Option<&Route>,
-        also: &[Option<&Route>],
+        routes: &Routes<'_>,
         principal: &Arc<crate::principal::Principal>,
     ) -> Decision {
-        // Authenticated, but no route family covers the request.
-        let Some(route) = route else {
-            return Decision::deny(DenyReason::InsufficientPermissions);
-        };
-        if also.iter().any(Option::is_none) {
-            return Decision::deny(DenyReason::InsufficientPermissions);
-        }
-        // The routes that need something of the caller (a public one admits anyone).
-        // Without overrides, the request's own route alone, and nothing allocated.
-        let judged = || {
-            std::iter::once(route)
-                .chain(also.iter().flatten().copied())
-                .filter(|r| r.requirement != Requirement::Public)
-        };
-        if !judged().all(|r| r.accepts(principal)) {
-            return Decision::deny(DenyReason::InsufficientPermissions);
-        }
-        let rule = if judged().any(|r| r.tenant == TenantRule::Required) {
-            TenantRule::Required
-        } else {
-            TenantRule::Optional
+        let rule = match self.admission(routes, principal) {
+            Ok(rule) => rule,
+            Err(denied) => return denied,
         };
         let header = req.header(&self.tenant_header);
         let effective_tenant =
@@ -324,20 +360,9 @@ impl Authorizer {
                 Ok(t) => t,
                 Err(failure) => return failure.into(),
             };
-        for r in judged() {
-            if let Requirement::Scope(scope) = &r.requirement {
-                if !self.policy.grants_to(principal, scope) {
-                    return Decision::deny(DenyReason::InsufficientPermissions);
-                }
-            }
-        }
-        // A session this route mints, checked before anything is spent.
-        let mint = match (&self.sessions, route.mint_session) {
-            (Some(keys), true) => match Self::session_tenant(principal, effective_tenant.clone()) {
-                Ok(tenant) => Some((keys, tenant)),
-                Err(reason) => return Decision::deny(reason),
-            },
-            _ => None,
+        let mint = match self.scoped(routes, principal, &effective_tenant) {
+            Ok(mint) => mint,
+            Err(denied) => return denied,
         };
         // Last: only a request that would otherwise pass spends an admission, and nothing
         // after the lease can deny (a lease taken for a denied request would be held
@@ -347,7 +372,7 @@ impl Authorizer {
             Err(refused) => return refused.into(),
         };
         // The longest lease any judged route takes: one lease, whichever method acts.
-        let lease_ttl = judged().filter_map(|r| r.lease_ttl).max();
+        let lease_ttl = routes.judged().filter_map(|r| r.lease_ttl).max();
         let lease_id = match lease_ttl {
             None => None,
             Some(ttl) => match self.limiter.route_lease(principal, ttl).await {
@@ -360,6 +385,7 @@ impl Authorizer {
             self.sign_session(keys, principal, tenant, scopes, keys.lifetime)
                 .token
         });
+        let route = routes.route.expect("admission denies a request no route covers");
         Decision::Allow(Allowed {
             principal: Some(Arc::clone(principal)),
             effective_tenant,
@@ -368,6 +394,67 @@ impl Authorizer {
             lease_id,
             session,
         })
+    }
+
+    /// Admission, before the tenant: some route covers the request (authenticated, but
+    /// no route family covers it: denied), and every judged route accepts the caller's
+    /// kind. The tenant rule of the judged routes.
+    fn admission(&self, routes: &Routes<'_>, principal: &Principal) -> Result<TenantRule, Decision> {
+        if routes.route.is_none() || routes.also.iter().any(Option::is_none) {
+            return Err(Decision::deny(DenyReason::InsufficientPermissions));
+        }
+        if !routes.judged().all(|r| r.accepts(principal)) {
+            return Err(Decision::deny(DenyReason::InsufficientPermissions));
+        }
+        Ok(if routes.judged().any(|r| r.tenant == TenantRule::Required) {
+            TenantRule::Required
+        } else {
+            TenantRule::Optional
+        })
+    }
+
+    /// After the tenant: every judged route's scope, and the session a route mints
+    /// (checked before anything is spent).
+    #[allow(clippy::type_complexity)]
+    fn scoped<'s>(
+        &'s self,
+        routes: &Routes<'_>,
+        principal: &Principal,
+        effective_tenant: &Option<String>,
+    ) -> Result<Option<(&'s Arc<SessionKeys>, String)>, Decision> {
+        for r in routes.judged() {
+            if let Requirement::Scope(scope) = &r.requirement {
+                if !self.policy.grants_to(principal, scope) {
+                    return Err(Decision::deny(DenyReason::InsufficientPermissions));
+                }
+            }
+        }
+        match (&self.sessions, routes.route.is_some_and(|r| r.mint_session)) {
+            (Some(keys), true) => match Self::session_tenant(principal, effective_tenant.clone()) {
+                Ok(tenant) => Ok(Some((keys, tenant))),
+                Err(reason) => Err(Decision::deny(reason)),
+            },
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The routes a request falls on (`Authorizer::routes`).
+struct Routes<'a> {
+    /// Its own; `None`: no route family covers it.
+    route: Option<&'a Route>,
+    /// Those of the methods its override headers name.
+    also: Vec<Option<&'a Route>>,
+}
+
+impl<'a> Routes<'a> {
+    /// The routes that need something of the caller (a public one admits anyone).
+    /// Without overrides, the request's own route alone, and nothing allocated.
+    fn judged(&self) -> impl Iterator<Item = &'a Route> + '_ {
+        self.route
+            .into_iter()
+            .chain(self.also.iter().flatten().copied())
+            .filter(|r| r.requirement != Requirement::Public)
     }
 }
 

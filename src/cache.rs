@@ -178,6 +178,8 @@ struct Invalidations {
     /// Key id → epoch of its last invalidation. Only needed while a verification that
     /// started before it is running: pruned against `running`.
     keys: HashMap<Box<str>, u64>,
+    /// The epoch of the last key's invalidation.
+    last_key_at: u64,
     /// Start epochs of the verifications running now (epoch → how many).
     running: BTreeMap<u64, usize>,
 }
@@ -196,6 +198,7 @@ impl Invalidations {
             Some(&oldest) if self.keys.len() >= 1024 => self.keys.retain(|_, at| *at > oldest),
             Some(_) => {}
         }
+        self.last_key_at = epoch;
         self.keys.insert(key_id.into(), epoch);
     }
 }
@@ -494,6 +497,49 @@ impl CredentialCache {
 
     pub fn entry_count(&self) -> u64 {
         self.entries.entry_count()
+    }
+
+    /// What is cached for this token, without verifying anything on a miss (the module
+    /// inside Envoy, which hands a miss to the service).
+    pub fn peek(&self, digest: &Digest) -> Option<Verified> {
+        self.entries.get(digest)
+    }
+
+    /// The invalidations so far: taken before asking the service about a token, and
+    /// handed back to `learn` with its answer.
+    pub fn epoch(&self) -> u64 {
+        self.invalidations().epoch
+    }
+
+    /// Caches `principal`, the service's answer for this token (of `key_id`, or any JWT),
+    /// asked when `epoch()` was `since` — unless any invalidation happened here since: the answer may predate it (invalidation wins, as for a
+    /// verification of this replica's own). An API key is indexed as a verified one is,
+    /// so its revocation leaves a tombstone. Whether it was kept.
+    pub fn learn(&self, digest: Digest, principal: Arc<Principal>, since: u64) -> bool {
+        let key_id = match principal.credential {
+            crate::principal::CredentialKind::ApiKey => principal.key_id.as_deref(),
+            _ => None,
+        };
+        let inv = self.invalidations();
+        // Any invalidation at all, not only of this key: the module that learns keeps no
+        // verification running, so `keys` holds none of its history.
+        if inv.last_key_at > since || inv.flushed_at > since {
+            return false;
+        }
+        if let Some(key_id) = key_id {
+            // No stored hash is known here: a fingerprint that matches none, so an expired
+            // entry is never taken for an argon2 already run.
+            self.by_key.set(
+                key_id,
+                Verification {
+                    digest,
+                    hash_fingerprint: self.fingerprints.hash_one("learned"),
+                },
+            );
+        }
+        self.entries.insert(digest, Verified::Valid(principal));
+        drop(inv);
+        true
     }
 
     /// Applies pending maintenance (for tests and memory measurements).

@@ -45,6 +45,7 @@ use crate::transport::incoming;
 
 mod health;
 mod live;
+pub mod module;
 mod rules;
 pub use health::LIVENESS;
 use health::{readiness, report_health, HEALTH_SERVICES};
@@ -64,6 +65,8 @@ pub struct App {
     /// Requests per key, flushed to the store every `api_keys.usage_flush_interval`.
     pub usage: Arc<crate::usage::UsageCounter>,
     pub bus: Arc<RevocationBus>,
+    /// What this replica remembers of partners' delegations.
+    pub delegations: Arc<crate::tenant::Delegations>,
     pub jwt: Arc<crate::jwt::JwtVerifier>,
     /// How denials look to clients (`errors`), on every API.
     pub errors: Arc<ErrorShape>,
@@ -154,6 +157,7 @@ impl App {
             delegations.clone(),
             audit.clone(),
         ));
+        let remembered = delegations.clone();
         let shared = Shared {
             store: store.clone(),
             hasher: hasher.clone(),
@@ -177,6 +181,7 @@ impl App {
             partners,
             usage,
             bus,
+            delegations: remembered,
             jwt: rules.issuers.jwt.clone(),
             errors: rules.errors.clone(),
             sessions: rules.issuers.sessions.clone(),

@@ -74,30 +74,71 @@ pub async fn resolve(
     header: Option<&str>,
     delegations: &Delegations,
 ) -> Result<Option<String>, TenantFailure> {
+    match settle(principal, rule, header)? {
+        Settled::Tenant(t) => Ok(t),
+        Settled::IfDelegated { partner, tenant } => {
+            if delegations.delegated(partner, &tenant).await? {
+                Ok(Some(tenant))
+            } else {
+                Err(DenyReason::TenantForbidden.into())
+            }
+        }
+    }
+}
+
+/// `resolve` on what is known now, without the store: `None` where it would have to
+/// read a delegation this replica does not remember (the module inside Envoy, which
+/// then hands the request to the service).
+pub fn resolve_known(
+    principal: &Principal,
+    rule: TenantRule,
+    header: Option<&str>,
+    delegations: &Delegations,
+) -> Option<Result<Option<String>, TenantFailure>> {
+    Some(match settle(principal, rule, header) {
+        Err(reason) => Err(reason.into()),
+        Ok(Settled::Tenant(t)) => Ok(t),
+        Ok(Settled::IfDelegated { partner, tenant }) => {
+            if delegations.known(partner, &tenant)? {
+                Ok(Some(tenant))
+            } else {
+                Err(DenyReason::TenantForbidden.into())
+            }
+        }
+    })
+}
+
+/// A tenant settled from the request alone, or the delegation that settles it.
+enum Settled<'p> {
+    Tenant(Option<String>),
+    IfDelegated { partner: &'p str, tenant: String },
+}
+
+fn settle<'p>(
+    principal: &'p Principal,
+    rule: TenantRule,
+    header: Option<&str>,
+) -> Result<Settled<'p>, DenyReason> {
     let requested = match header.map(str::trim) {
         None | Some("") => {
             if rule == TenantRule::Required {
-                return Err(DenyReason::TenantRequired.into());
+                return Err(DenyReason::TenantRequired);
             }
             None
         }
         Some(raw) => Some(parse_tenant(raw).ok_or(DenyReason::InvalidTenant)?),
     };
     match (principal.kind, requested) {
-        (KeyKind::Partner, None) | (KeyKind::Runtime, None) => Ok(None),
-        (KeyKind::Runtime, Some(t)) => Ok(Some(t)),
-        (KeyKind::Partner, Some(t)) => {
-            let partner = principal.partner_id.as_deref().unwrap_or("");
-            if delegations.delegated(partner, &t).await? {
-                Ok(Some(t))
-            } else {
-                Err(DenyReason::TenantForbidden.into())
-            }
-        }
+        (KeyKind::Partner, None) | (KeyKind::Runtime, None) => Ok(Settled::Tenant(None)),
+        (KeyKind::Runtime, Some(t)) => Ok(Settled::Tenant(Some(t))),
+        (KeyKind::Partner, Some(tenant)) => Ok(Settled::IfDelegated {
+            partner: principal.partner_id.as_deref().unwrap_or(""),
+            tenant,
+        }),
         (KeyKind::Tenant, Some(t)) if *t != *principal.tenant_id => {
-            Err(DenyReason::TenantForbidden.into())
+            Err(DenyReason::TenantForbidden)
         }
-        (KeyKind::Tenant, _) => Ok(Some(principal.tenant_id.to_string())),
+        (KeyKind::Tenant, _) => Ok(Settled::Tenant(Some(principal.tenant_id.to_string()))),
     }
 }
 
@@ -110,6 +151,9 @@ pub struct Delegations {
     /// Changes and the caching of an answer take this lock.
     flights: Mutex<HashMap<String, InFlight>>,
     next_flight: AtomicU64,
+    /// Changes applied so far (any pair, and flushes), counted under `flights`: what an
+    /// answer learned from elsewhere is checked against (`learn`).
+    changes: AtomicU64,
 }
 
 struct InFlight {
@@ -162,6 +206,7 @@ impl Delegations {
                 .build(),
             flights: Mutex::default(),
             next_flight: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
         }
     }
 
@@ -261,6 +306,7 @@ impl Delegations {
     pub fn changed(&self, partner: &str, tenant: &str) {
         let pair = pair(partner, tenant);
         let mut flights = lock(&self.flights);
+        self.changes.fetch_add(1, Ordering::Relaxed);
         if let Some(f) = flights.get_mut(&pair) {
             f.stale = true;
         }
@@ -270,10 +316,34 @@ impl Delegations {
     /// Changes may have been missed (events were lost): forget every answer.
     pub fn forget_all(&self) {
         let mut flights = lock(&self.flights);
+        self.changes.fetch_add(1, Ordering::Relaxed);
         for f in flights.values_mut() {
             f.stale = true;
         }
         self.known.invalidate_all();
+    }
+
+    /// What this replica remembers of the pair, without asking the store.
+    pub fn known(&self, partner: &str, tenant: &str) -> Option<bool> {
+        self.known.get(&pair(partner, tenant))
+    }
+
+    /// The count of changes applied so far: taken before asking someone else about a
+    /// pair (`learn`).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    /// Remembers that `partner` may act for `tenant`, as another replica answered a
+    /// request asked when `changes()` was `since` — unless any change was applied here
+    /// since then (it may be a withdrawal the answer predates). Whether it was kept.
+    pub fn learn(&self, partner: &str, tenant: &str, since: u64) -> bool {
+        let _flights = lock(&self.flights);
+        if self.changes.load(Ordering::Relaxed) != since {
+            return false;
+        }
+        self.known.insert(pair(partner, tenant), true);
+        true
     }
 }
 

@@ -16,6 +16,7 @@ use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
 use super::envoy_answer::{overwrite, AllowAnswer, CheckAnswer, Identity};
+use super::envoy_learn::{Learned, LEARN_HEADER};
 pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_KIND, HEADER_SCOPES, HEADER_SUBJECT};
 use super::envoy_wire::{self, Authorization, CheckRequestView, HeaderFilter};
 use super::Reply;
@@ -24,6 +25,7 @@ use crate::authorizer::{
 };
 use crate::decision::{Allowed, Decision, Denial, ErrorShape, PublicError};
 use crate::header_alias::OwnedHeaders;
+use crate::principal::Principal;
 use crate::request::AuthRequest;
 use crate::revocation::RevocationBus;
 
@@ -133,14 +135,33 @@ impl EnvoyAuthorization {
     ) -> Result<Answer, Status> {
         super::starting(&self.gate)?;
         let span = crate::telemetry::check_span(&auth_req.headers, adapter);
-        match super::traced_check(&self.authorizer, &auth_req, span).await {
-            Decision::Allow(allowed) => Ok(Answer::Allow(self.allow(&auth_req, allowed))),
+        let decision = super::traced_check(&self.authorizer, &auth_req, span).await;
+        self.answer(&auth_req, decision)
+    }
+
+    /// The answer to `auth_req` from what this replica knows now, if it can be given
+    /// without the store, argon2 or any other wait (`Authorizer::decide_known`), and
+    /// only once the revocation follower has its position: for the module inside Envoy.
+    pub(crate) fn decide_known(&self, auth_req: &AuthRequest) -> Option<Answer> {
+        super::starting(&self.gate).ok()?;
+        let decision = self.authorizer.decide_known(auth_req)?;
+        self.answer(auth_req, decision).ok()
+    }
+
+    fn answer(&self, auth_req: &AuthRequest, decision: Decision) -> Result<Answer, Status> {
+        match decision {
+            Decision::Allow(allowed) => Ok(Answer::Allow(self.allow(auth_req, allowed))),
             Decision::Deny(denial) => Ok(Answer::Deny {
                 error: self.errors.answer_to(&denial).clone(),
                 headers: denial_headers(&self.errors, &denial),
             }),
             Decision::Unavailable(u) => Err(super::unavailable(u.backend)),
         }
+    }
+
+    /// Where a decision finds the request's credential.
+    pub(crate) fn credentials(&self) -> &crate::credential::CredentialSource {
+        self.authorizer.credentials()
     }
 
     /// Whether a request header of this (lower-case) name is one a decision or an answer
@@ -154,6 +175,7 @@ impl EnvoyAuthorization {
         let mut remove: Vec<String> = Vec::new();
         let identity = match allowed.principal {
             Some(principal) => {
+                let learn = self.learned(req, &principal, allowed.effective_tenant.as_deref());
                 let identity = Identity {
                     tenant: allowed.effective_tenant,
                     principal,
@@ -164,6 +186,7 @@ impl EnvoyAuthorization {
                         .session
                         .as_ref()
                         .map(|t| (t.token.clone(), super::rfc3339(t.expires_at_ms))),
+                    learn,
                 };
                 // Any other x-keygate-* the client sent is not ours to vouch for: only the
                 // ones this answer overwrites may stay.
@@ -213,6 +236,16 @@ impl EnvoyAuthorization {
             remove,
             response_headers,
         }
+    }
+
+    /// What the module inside Envoy may learn from this allow, if it asked (and the
+    /// principal goes into dynamic metadata at all).
+    fn learned(&self, req: &AuthRequest, principal: &Principal, tenant: Option<&str>) -> Option<String> {
+        if !self.options.dynamic_metadata || !req.headers.contains_key(LEARN_HEADER) {
+            return None;
+        }
+        let after = self.gate.as_ref()?.last_applied();
+        Learned::of(principal, tenant, &after).map(|l| l.to_json())
     }
 
     fn deny(&self, denial: &Denial) -> CheckResponse {

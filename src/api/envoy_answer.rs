@@ -64,6 +64,9 @@ pub struct Identity {
     /// The session token the request minted (`mint_session` routes): the token and its
     /// expiry (RFC 3339).
     pub session: Option<(Secret, String)>,
+    /// What keygate's module inside Envoy learns from this allow, when it asked
+    /// (`api::envoy_module`): one more metadata field, `learn`.
+    pub learn: Option<String>,
 }
 
 /// Identity headers keygate sets upstream. Client-sent values are always overwritten.
@@ -81,6 +84,8 @@ pub const HEADER_LEASE: &str = "x-keygate-lease-id";
 /// sent upstream (to put in its own answer) and to the client.
 pub const HEADER_SESSION_TOKEN: &str = "x-keygate-session-token";
 pub const HEADER_SESSION_EXPIRES: &str = "x-keygate-session-expires-at";
+/// The metadata field that carries what the module inside Envoy learns.
+pub const METADATA_LEARN: &str = "learn";
 
 /// Field numbers keygate writes, by message (`HeaderValue`'s are `envoy_wire`'s `KEY` and
 /// `VALUE`).
@@ -152,7 +157,7 @@ impl Identity {
     }
 
     /// The string fields of the metadata (`scopes`, a list, is written apart).
-    fn metadata(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub fn metadata(&self) -> impl Iterator<Item = (&str, &str)> {
         let p = &self.principal;
         [
             self.tenant.as_deref().map(|t| ("tenant_id", t)),
@@ -163,12 +168,14 @@ impl Identity {
             p.partner_id.as_deref().map(|k| ("partner_id", k)),
             p.service.as_deref().map(|k| ("service", k)),
             p.issuer.as_deref().map(|i| ("issuer", i)),
+            self.learn.as_deref().map(|l| (METADATA_LEARN, l)),
         ]
         .into_iter()
         .flatten()
     }
 
-    fn scopes(&self) -> &[String] {
+    /// The metadata's `scopes` list.
+    pub fn scopes(&self) -> &[String] {
         &self.principal.scopes
     }
 }

@@ -4,6 +4,8 @@
 pub mod authorizer;
 pub mod envoy;
 pub mod envoy_answer;
+pub mod envoy_learn;
+pub mod envoy_module;
 pub mod envoy_wire;
 pub mod http_authz;
 pub mod keys;

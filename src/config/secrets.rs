@@ -58,6 +58,29 @@ impl Secrets {
     }
 }
 
+impl Secrets {
+    /// The secrets of keygate's module inside Envoy, which never verifies a key nor
+    /// serves the admin API: a random pepper and admin token of its own (its cache is
+    /// keyed by that pepper), and `KEYGATE_WATCH_TOKEN` (or `_FILE`), required, to
+    /// follow the service's `Watch` stream.
+    pub fn for_module() -> Result<Secrets, ConfigError> {
+        let watch_token = required(
+            "KEYGATE_WATCH_TOKEN",
+            None,
+            "not set: keygate's module inside Envoy follows the service's Watch stream with \
+             it; set KEYGATE_WATCH_TOKEN or KEYGATE_WATCH_TOKEN_FILE in Envoy's environment",
+        )?;
+        at_least("KEYGATE_WATCH_TOKEN", &watch_token, 16, "characters")?;
+        Ok(Secrets {
+            pepper: Secret::random(43),
+            admin_token: Secret::random(32),
+            redis_password: None,
+            watch_token: Some(watch_token),
+            named: Default::default(),
+        })
+    }
+}
+
 /// A secret keygate cannot run without, `var` (see `env_secret`); when it is not set, a
 /// random one of `dev_len` for this process (dev mode), else an error saying `not_set`.
 fn required(

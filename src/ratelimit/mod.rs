@@ -219,6 +219,12 @@ impl Limiter {
 
     /// The plan that applies to `p`: its own, else its environment's default. A session
     /// token spends its parent key's; JWTs have none in this version.
+    /// The plan `p` spends and the key it is counted under; `None`: unlimited, and
+    /// `check` needs no store.
+    pub fn limited<'p>(&self, p: &'p Principal) -> Option<(&Plan, &'p str)> {
+        Some((self.plan_of(p)?, p.key_id.as_deref()?))
+    }
+
     pub fn plan_of(&self, p: &Principal) -> Option<&Plan> {
         if p.credential == CredentialKind::Jwt {
             return None;
@@ -234,7 +240,7 @@ impl Limiter {
 
     /// Admits one request of `p`, or says why not; counted by plan.
     pub async fn check(&self, p: &Principal) -> Verdict {
-        let (Some(plan), Some(key_id)) = (self.plan_of(p), p.key_id.as_deref()) else {
+        let Some((plan, key_id)) = self.limited(p) else {
             return Verdict::Unlimited;
         };
         let verdict = self.spend(plan, key_id).await;

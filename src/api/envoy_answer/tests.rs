@@ -68,6 +68,7 @@ fn identity(p: Arc<Principal>, tenant: &str) -> Option<Identity> {
             Secret::new("eyJ.session.token"),
             "2026-12-01T15:00:00Z".into(),
         )),
+        learn: None,
     })
 }
 
@@ -118,6 +119,15 @@ fn every_allow_reads_as_the_envoy_types_message_it_replaces() {
             }
             .headers()
             .to_vec(),
+        },
+        // Asked by the module inside Envoy: what it learns, as one more field.
+        AllowAnswer {
+            identity: identity(principal(Some("k5"), &["contacts:read"]), "t5").map(|i| Identity {
+                learn: Some("{\"after\":\"0-0\"}".into()),
+                ..i
+            }),
+            remove: vec![],
+            response_headers: vec![],
         },
         // A public route: no identity, only removals.
         AllowAnswer {

@@ -1,0 +1,521 @@
+//! Envoy's dynamic-module ABI, as far as this module uses it: the hooks Envoy calls
+//! (exported, `envoy_dynamic_module_on_…`) and the callbacks it offers
+//! (`envoy_dynamic_module_callback_…`), declared here from the ABI's documented C
+//! signatures (Envoy's `source/extensions/dynamic_modules/abi/abi.h`, ABI v0.2.0,
+//! Envoy 1.40). The only `unsafe` code of the workspace.
+//!
+//! Every hook catches panics (unwinding into Envoy would abort it) and hands the work to
+//! `filter`, which is safe Rust. Buffers Envoy passes are pointer + length, not
+//! NUL-terminated, and valid only during the hook; they are copied before use.
+
+use std::ffi::{c_char, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::filter::{Filter, FilterConfig, Next, Stream};
+
+/// Bytes Envoy owns, or bytes the module owns, as the ABI passes them.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Buffer {
+    ptr: *const c_char,
+    length: usize,
+}
+
+/// A header (key and value), either side's.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Header {
+    key_ptr: *const c_char,
+    key_length: usize,
+    value_ptr: *const c_char,
+    value_length: usize,
+}
+
+/// `envoy_dynamic_module_type_http_header_type`
+const REQUEST_HEADER: i32 = 0;
+const RESPONSE_HEADER: i32 = 2;
+/// `envoy_dynamic_module_type_metadata_source_Dynamic`
+const METADATA_DYNAMIC: i32 = 0;
+/// `envoy_dynamic_module_type_log_level_Warn`
+const LOG_WARN: i32 = 3;
+const LOG_ERROR: i32 = 4;
+/// `…_headers_status_Continue` / `_StopIteration` (the body and trailers statuses share
+/// `Continue = 0`).
+const CONTINUE: i32 = 0;
+const STOP_ITERATION: i32 = 1;
+
+impl Buffer {
+    fn of(s: &str) -> Buffer {
+        Buffer {
+            ptr: s.as_ptr().cast(),
+            length: s.len(),
+        }
+    }
+
+    const EMPTY: Buffer = Buffer {
+        ptr: std::ptr::null(),
+        length: 0,
+    };
+
+    /// A copy of Envoy's bytes.
+    fn to_vec(self) -> Vec<u8> {
+        if self.ptr.is_null() || self.length == 0 {
+            return Vec::new();
+        }
+        // SAFETY: Envoy passes `length` readable bytes at `ptr` (non-null, checked
+        // above), valid for the duration of the hook or callback that handed them over;
+        // they are copied before that ends.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.length) }.to_vec()
+    }
+}
+
+// SAFETY: these are the callbacks Envoy 1.40 exports to modules, declared with the
+// parameter and return types of their documented C signatures (pointers as raw pointers,
+// C enums as i32, `bool` as C's `_Bool`). Envoy resolves them when it loads the module.
+unsafe extern "C" {
+    fn envoy_dynamic_module_callback_http_get_headers_size(filter: *mut c_void, kind: i32) -> usize;
+    fn envoy_dynamic_module_callback_http_get_headers(
+        filter: *mut c_void,
+        kind: i32,
+        result: *mut Header,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_set_header(
+        filter: *mut c_void,
+        kind: i32,
+        key: Buffer,
+        value: Buffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_send_response(
+        filter: *mut c_void,
+        status: u32,
+        headers: *mut Header,
+        headers_size: usize,
+        body: Buffer,
+        details: Buffer,
+    );
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+        filter: *mut c_void,
+        namespace: Buffer,
+        key: Buffer,
+        value: Buffer,
+    );
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_bool(
+        filter: *mut c_void,
+        namespace: Buffer,
+        key: Buffer,
+        value: bool,
+    );
+    fn envoy_dynamic_module_callback_http_add_dynamic_metadata_list_string(
+        filter: *mut c_void,
+        namespace: Buffer,
+        key: Buffer,
+        value: Buffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_get_metadata_string(
+        filter: *mut c_void,
+        source: i32,
+        namespace: Buffer,
+        key: Buffer,
+        result: *mut Buffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_log(level: i32, message: Buffer);
+}
+
+fn log(level: i32, message: &str) {
+    // SAFETY: `message` is a live module-owned buffer that Envoy only reads during the
+    // call; the level is one of the ABI's log levels.
+    unsafe { envoy_dynamic_module_callback_log(level, Buffer::of(message)) }
+}
+
+/// One stream's side of Envoy: the `filter_envoy_ptr` Envoy passed to the hook running
+/// now, valid until `on_http_filter_destroy`.
+struct EnvoyStream(*mut c_void);
+
+impl Stream for EnvoyStream {
+    fn request_headers(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        // SAFETY: `self.0` is the live stream of the running hook.
+        let size = unsafe { envoy_dynamic_module_callback_http_get_headers_size(self.0, REQUEST_HEADER) };
+        let mut headers = vec![
+            Header {
+                key_ptr: std::ptr::null(),
+                key_length: 0,
+                value_ptr: std::ptr::null(),
+                value_length: 0,
+            };
+            size
+        ];
+        // SAFETY: `headers` has room for the `size` entries Envoy fills in; the
+        // pointers it writes are valid until this hook returns, and are copied below.
+        let filled = unsafe {
+            envoy_dynamic_module_callback_http_get_headers(self.0, REQUEST_HEADER, headers.as_mut_ptr())
+        };
+        if !filled {
+            return Vec::new();
+        }
+        headers
+            .iter()
+            .map(|h| {
+                let key = Buffer {
+                    ptr: h.key_ptr,
+                    length: h.key_length,
+                };
+                let value = Buffer {
+                    ptr: h.value_ptr,
+                    length: h.value_length,
+                };
+                (key.to_vec(), value.to_vec())
+            })
+            .collect()
+    }
+
+    fn set_request_header(&self, name: &str, value: &str) {
+        // SAFETY: a live stream; Envoy copies both buffers during the call.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                self.0,
+                REQUEST_HEADER,
+                Buffer::of(name),
+                Buffer::of(value),
+            );
+        }
+    }
+
+    fn remove_request_header(&self, name: &str) {
+        // SAFETY: a live stream; a null value removes the header (the ABI's documented
+        // way: there is no remove callback).
+        unsafe {
+            envoy_dynamic_module_callback_http_set_header(self.0, REQUEST_HEADER, Buffer::of(name), Buffer::EMPTY);
+        }
+    }
+
+    fn set_response_header(&self, name: &str, value: &str) {
+        // SAFETY: a live stream in its response phase; Envoy copies both buffers.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                self.0,
+                RESPONSE_HEADER,
+                Buffer::of(name),
+                Buffer::of(value),
+            );
+        }
+    }
+
+    fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) {
+        let mut out: Vec<Header> = headers
+            .iter()
+            .map(|(k, v)| Header {
+                key_ptr: k.as_ptr().cast(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr().cast(),
+                value_length: v.len(),
+            })
+            .collect();
+        // SAFETY: a live stream; `out` points into `headers`' strings, which outlive the
+        // call; Envoy copies headers and body before it returns.
+        unsafe {
+            envoy_dynamic_module_callback_http_send_response(
+                self.0,
+                u32::from(status),
+                out.as_mut_ptr(),
+                out.len(),
+                Buffer::of(body),
+                Buffer::of("keygate_module"),
+            );
+        }
+    }
+
+    fn set_metadata_string(&self, namespace: &str, key: &str, value: &str) {
+        // SAFETY: a live stream; Envoy copies the three buffers.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+                self.0,
+                Buffer::of(namespace),
+                Buffer::of(key),
+                Buffer::of(value),
+            );
+        }
+    }
+
+    fn set_metadata_bool(&self, namespace: &str, key: &str, value: bool) {
+        // SAFETY: a live stream; Envoy copies both buffers.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_dynamic_metadata_bool(
+                self.0,
+                Buffer::of(namespace),
+                Buffer::of(key),
+                value,
+            );
+        }
+    }
+
+    fn add_metadata_list_string(&self, namespace: &str, key: &str, value: &str) {
+        // SAFETY: a live stream; Envoy copies the three buffers.
+        unsafe {
+            envoy_dynamic_module_callback_http_add_dynamic_metadata_list_string(
+                self.0,
+                Buffer::of(namespace),
+                Buffer::of(key),
+                Buffer::of(value),
+            );
+        }
+    }
+
+    fn metadata_string(&self, namespace: &str, key: &str) -> Option<String> {
+        let mut result = Buffer::EMPTY;
+        // SAFETY: a live stream; Envoy writes a view of its own value into `result`,
+        // valid until this hook returns; it is copied at once.
+        let found = unsafe {
+            envoy_dynamic_module_callback_http_get_metadata_string(
+                self.0,
+                METADATA_DYNAMIC,
+                Buffer::of(namespace),
+                Buffer::of(key),
+                &mut result,
+            )
+        };
+        found.then(|| String::from_utf8(result.to_vec()).ok()).flatten()
+    }
+
+    fn log(&self, message: &str) {
+        log(LOG_WARN, message);
+    }
+}
+
+/// Runs `f`, turning a panic into `fallback`: no unwinding crosses into Envoy.
+fn guarded<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(fallback)
+}
+
+fn next(n: Next) -> i32 {
+    match n {
+        Next::Continue => CONTINUE,
+        Next::Stop => STOP_ITERATION,
+    }
+}
+
+// The hooks. `#[no_mangle]` is what `unsafe_code` guards: each name must be exactly the
+// ABI's, and nothing else in the process may define it.
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+    crate::ABI_VERSION.as_ptr()
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+    _config_envoy: *mut c_void,
+    _name: Buffer,
+    config: Buffer,
+) -> *const c_void {
+    guarded(std::ptr::null(), || {
+        let text = match String::from_utf8(config.to_vec()) {
+            Ok(t) => t,
+            Err(_) => {
+                log(LOG_ERROR, "keygate module: filter_config is not UTF-8 text (give keygate's configuration as a StringValue)");
+                return std::ptr::null();
+            }
+        };
+        match FilterConfig::new(&text, std::env::vars()) {
+            Ok(c) => Box::into_raw(Box::new(c)).cast_const().cast(),
+            Err(e) => {
+                log(LOG_ERROR, &format!("keygate module: invalid configuration: {e}"));
+                std::ptr::null()
+            }
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: *const c_void) {
+    guarded((), || {
+        // SAFETY: `config` is the pointer `config_new` returned from `Box::into_raw`;
+        // Envoy destroys each configuration once, after its last filter.
+        drop(unsafe { Box::from_raw(config.cast_mut().cast::<FilterConfig>()) });
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    config: *const c_void,
+    _filter_envoy: *mut c_void,
+) -> *const c_void {
+    guarded(std::ptr::null(), || {
+        // SAFETY: `config` is a live configuration from `config_new`: Envoy destroys it
+        // only after every filter made from it.
+        let config = unsafe { &*config.cast::<FilterConfig>() };
+        Box::into_raw(Box::new(config.filter())).cast_const().cast()
+    })
+}
+
+/// The filter of a hook.
+///
+/// # Safety
+/// `filter` must be a pointer `on_http_filter_new` returned and not yet destroyed; Envoy
+/// calls one stream's hooks one at a time, on its worker.
+unsafe fn filter_of<'a>(filter: *const c_void) -> &'a mut Filter {
+    // SAFETY: as the caller promises.
+    unsafe { &mut *filter.cast_mut().cast::<Filter>() }
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    filter_envoy: *mut c_void,
+    filter: *const c_void,
+    _end_of_stream: bool,
+) -> i32 {
+    guarded(CONTINUE, || {
+        // SAFETY: Envoy passes this stream's live filter.
+        let filter = unsafe { filter_of(filter) };
+        next(filter.on_request_headers(&EnvoyStream(filter_envoy)))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    filter_envoy: *mut c_void,
+    filter: *const c_void,
+    _end_of_stream: bool,
+) -> i32 {
+    guarded(CONTINUE, || {
+        // SAFETY: Envoy passes this stream's live filter.
+        let filter = unsafe { filter_of(filter) };
+        next(filter.on_response_headers(&EnvoyStream(filter_envoy)))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: *const c_void) {
+    guarded((), || {
+        // SAFETY: the pointer `on_http_filter_new` returned from `Box::into_raw`; Envoy
+        // destroys each filter once, after its last hook.
+        drop(unsafe { Box::from_raw(filter.cast_mut().cast::<Filter>()) });
+    })
+}
+
+// Hooks Envoy requires that this module has no use for: bodies and trailers pass, the
+// stream's end, callouts, the scheduler and watermarks are nothing to it.
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+    _end_of_stream: bool,
+) -> i32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+) -> i32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+    _end_of_stream: bool,
+) -> i32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+) -> i32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+    _callout_id: u64,
+    _result: i32,
+    _headers: *mut Header,
+    _headers_size: usize,
+    _body_chunks: *mut Buffer,
+    _body_chunks_size: usize,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+    _stream_id: u64,
+    _headers: *mut Header,
+    _headers_size: usize,
+    _end_stream: bool,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+    _stream_id: u64,
+    _data: *const Buffer,
+    _data_count: usize,
+    _end_stream: bool,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+    _stream_id: u64,
+    _trailers: *mut Header,
+    _trailers_size: usize,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+    _stream_id: u64,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+    _stream_id: u64,
+    _reason: i32,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+    _event_id: u64,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+    _filter_envoy: *mut c_void,
+    _filter: *const c_void,
+) {
+}

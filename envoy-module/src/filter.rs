@@ -1,0 +1,182 @@
+//! What the module does with one request, in safe Rust: read the request headers, let
+//! keygate's decider answer (`keygate::api::envoy_module`), and carry its answer out
+//! through the `Stream` a hook is given. `ffi` implements `Stream` on Envoy's callbacks;
+//! the tests implement it on plain values.
+//!
+//! A panic inside the decision is caught here: the request goes on to ext_authz as if
+//! the module had not been there, and Envoy keeps serving.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use keygate::api::envoy_module::{Local, LocalAllow, ModuleDecider, Ticket, LEARN_HEADER};
+use keygate::config::ConfigError;
+use keygate::server::module::ModuleRuntime;
+
+/// ext_authz's dynamic metadata namespace: where keygate's answer puts the principal,
+/// and where the module puts it when it answers itself.
+pub const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
+/// The module's own namespace: `decided: true` when it answered, which the ext_authz
+/// filter's `filter_enabled_metadata` (inverted) reads to skip the request.
+pub const MODULE_NAMESPACE: &str = "keygate.module";
+pub const DECIDED_KEY: &str = "decided";
+/// Environment variable naming a request header that makes the decision panic: for the
+/// test that proves a panic never crosses into Envoy. Unset, nothing panics.
+pub const PANIC_HEADER_ENV: &str = "KEYGATE_MODULE_TEST_PANIC_HEADER";
+
+/// Envoy's side of one stream, as the module uses it.
+pub trait Stream {
+    /// The request headers, pseudo-headers included, repeated ones as separate entries.
+    fn request_headers(&self) -> Vec<(Vec<u8>, Vec<u8>)>;
+    fn set_request_header(&self, name: &str, value: &str);
+    fn remove_request_header(&self, name: &str);
+    fn set_response_header(&self, name: &str, value: &str);
+    /// Ends the stream with a local reply.
+    fn send_response(&self, status: u16, headers: &[(String, String)], body: &str);
+    fn set_metadata_string(&self, namespace: &str, key: &str, value: &str);
+    fn set_metadata_bool(&self, namespace: &str, key: &str, value: bool);
+    fn add_metadata_list_string(&self, namespace: &str, key: &str, value: &str);
+    fn metadata_string(&self, namespace: &str, key: &str) -> Option<String>;
+    fn log(&self, message: &str);
+}
+
+/// What a hook tells Envoy to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    /// A local reply was sent: the request goes no further.
+    Stop,
+}
+
+/// One filter configuration: keygate's decider and its follower thread.
+pub struct FilterConfig {
+    runtime: ModuleRuntime,
+    panic_header: Option<String>,
+}
+
+impl FilterConfig {
+    /// `config` is the filter's `filter_config` (a `StringValue`): keygate's
+    /// configuration itself (YAML), or `file:` and the path of keygate's configuration
+    /// file. `env` is Envoy's environment (`KEYGATE_…` overrides and secrets).
+    pub fn new(
+        config: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<FilterConfig, ConfigError> {
+        let text;
+        let config = match config.strip_prefix("file:") {
+            None => config,
+            Some(path) => {
+                text = std::fs::read_to_string(path.trim()).map_err(|e| {
+                    ConfigError::new("filter_config", format!("cannot read {}: {e}", path.trim()))
+                })?;
+                &text
+            }
+        };
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let panic_header = env
+            .iter()
+            .find(|(k, _)| k == PANIC_HEADER_ENV)
+            .map(|(_, v)| v.to_ascii_lowercase());
+        Ok(FilterConfig {
+            runtime: ModuleRuntime::start(config, env)?,
+            panic_header,
+        })
+    }
+
+    pub fn decider(&self) -> &Arc<ModuleDecider> {
+        &self.runtime.decider
+    }
+
+    pub fn filter(&self) -> Filter {
+        Filter {
+            decider: Arc::clone(&self.runtime.decider),
+            panic_header: self.panic_header.clone(),
+            ticket: None,
+            response_headers: Vec::new(),
+        }
+    }
+}
+
+/// One stream.
+pub struct Filter {
+    decider: Arc<ModuleDecider>,
+    panic_header: Option<String>,
+    /// Handed to ext_authz: what the answer is judged against when it comes back.
+    ticket: Option<Ticket>,
+    /// The client's headers of an allow the module gave.
+    response_headers: Vec<(String, String)>,
+}
+
+impl Filter {
+    pub fn on_request_headers(&mut self, stream: &impl Stream) -> Next {
+        let headers = stream.request_headers();
+        let decided = catch_unwind(AssertUnwindSafe(|| {
+            if let Some(trigger) = &self.panic_header {
+                if headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(trigger.as_bytes())) {
+                    panic!("the test trigger {trigger} asked the decision to panic");
+                }
+            }
+            let req = self
+                .decider
+                .request(headers.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))?;
+            Some(self.decider.decide(&req))
+        }));
+        match decided {
+            Ok(Some(Local::Allow(allow))) => {
+                self.allow(stream, allow);
+                Next::Continue
+            }
+            Ok(Some(Local::Deny(deny))) => {
+                stream.send_response(deny.status, &deny.headers, &deny.body);
+                Next::Stop
+            }
+            Ok(Some(Local::Defer(ticket))) => {
+                stream.set_request_header(LEARN_HEADER, "1");
+                self.ticket = Some(ticket);
+                Next::Continue
+            }
+            // Headers the service must read as Envoy sends them to it.
+            Ok(None) => Next::Continue,
+            Err(_) => {
+                stream.log("keygate module: the decision panicked; the request goes to ext_authz");
+                Next::Continue
+            }
+        }
+    }
+
+    /// The allow, as Envoy carries out keygate's ext_authz allow: removals first, then
+    /// the identity headers, then the same dynamic metadata; and ext_authz skipped.
+    fn allow(&mut self, stream: &impl Stream, allow: LocalAllow) {
+        for name in &allow.remove {
+            stream.remove_request_header(name);
+        }
+        for (name, value) in &allow.set {
+            stream.set_request_header(name, value);
+        }
+        if let Some((fields, scopes)) = &allow.metadata {
+            for (key, value) in fields {
+                stream.set_metadata_string(EXT_AUTHZ_NAMESPACE, key, value);
+            }
+            for scope in scopes {
+                stream.add_metadata_list_string(EXT_AUTHZ_NAMESPACE, "scopes", scope);
+            }
+        }
+        stream.set_metadata_bool(MODULE_NAMESPACE, DECIDED_KEY, true);
+        self.response_headers = allow.response_headers;
+    }
+
+    pub fn on_response_headers(&mut self, stream: &impl Stream) -> Next {
+        for (name, value) in &self.response_headers {
+            stream.set_response_header(name, value);
+        }
+        if let Some(ticket) = self.ticket.take() {
+            if let Some(text) = stream.metadata_string(EXT_AUTHZ_NAMESPACE, "learn") {
+                let learned = catch_unwind(AssertUnwindSafe(|| self.decider.learn(&ticket, &text)));
+                if learned.is_err() {
+                    stream.log("keygate module: learning an answer panicked; nothing was learned");
+                }
+            }
+        }
+        Next::Continue
+    }
+}

@@ -1,0 +1,189 @@
+//! What keygate's module inside Envoy learns from the service, and how it asks.
+//!
+//! The module (`api::envoy_module`) hands a request it cannot answer to the ext_authz
+//! filter with one more header, `x-keygate-learn`. An allow of such a request carries,
+//! in its dynamic metadata (field `learn`), the principal exactly as the service holds
+//! it, the tenant it acted for, and the service's position in the revocation stream when
+//! it answered. Only Envoy sees dynamic metadata: a client cannot forge it, and the
+//! header a client may send only makes the service say who the client already is. The
+//! header itself never reaches the upstream (every `x-keygate-*` a client sent that the
+//! allow does not set is removed). Session tokens are never learned: they are judged on
+//! their key's state, which the module does not hold.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::principal::{CredentialKind, Environment, KeyKind, Principal, TokenIds};
+use crate::store::Cursor;
+
+/// The request header by which the module asks to learn from an allow.
+pub const LEARN_HEADER: &str = "x-keygate-learn";
+
+/// One allow, as the module learns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Learned {
+    /// The answering replica's position in the revocation stream (a `Cursor`): the
+    /// module keeps the answer only if this covers every event it had applied itself
+    /// when it asked, so a replica that is behind cannot teach it a revoked key.
+    pub after: String,
+    /// The tenant the request acted for (a partner's delegated one is learned as a
+    /// delegation).
+    pub tenant: Option<String>,
+    pub principal: LearnedPrincipal,
+}
+
+/// `Principal`, every field, as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnedPrincipal {
+    tenant_id: String,
+    subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    kind: KeyKind,
+    environment: Environment,
+    scopes: Vec<String>,
+    scopes_header: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    plan: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<u64>,
+    credential: CredentialKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    issuer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    partner_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    jti: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    issued_at: Option<u64>,
+}
+
+impl Learned {
+    /// What the module may learn from an allow of `principal` acting for `tenant`,
+    /// decided by a replica at `after`; `None` for a session token.
+    pub fn of(principal: &Principal, tenant: Option<&str>, after: &Cursor) -> Option<Learned> {
+        if principal.credential == CredentialKind::Session {
+            return None;
+        }
+        let ids = principal.token_ids.as_deref();
+        Some(Learned {
+            after: after.to_string(),
+            tenant: tenant.map(str::to_owned),
+            principal: LearnedPrincipal {
+                tenant_id: principal.tenant_id.to_string(),
+                subject: principal.subject.to_string(),
+                key_id: principal.key_id.as_deref().map(str::to_owned),
+                kind: principal.kind,
+                environment: principal.environment,
+                scopes: principal.scopes.clone(),
+                scopes_header: principal.scopes_header.to_string(),
+                plan: principal.plan.as_deref().map(str::to_owned),
+                expires_at: principal.expires_at,
+                credential: principal.credential,
+                issuer: principal.issuer.as_deref().map(str::to_owned),
+                partner_id: principal.partner_id.as_deref().map(str::to_owned),
+                service: principal.service.as_deref().map(str::to_owned),
+                jti: ids.and_then(|t| t.jti.as_deref()).map(str::to_owned),
+                issued_at: ids.and_then(|t| t.issued_at),
+            },
+        })
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a Learned is plain data")
+    }
+
+    pub fn from_json(text: &str) -> Result<Learned, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The principal, as the service held it.
+    pub fn principal(&self) -> Principal {
+        let p = &self.principal;
+        let token_ids = (p.jti.is_some() || p.issued_at.is_some()).then(|| {
+            Box::new(TokenIds {
+                jti: p.jti.as_deref().map(Into::into),
+                issued_at: p.issued_at,
+            })
+        });
+        Principal {
+            tenant_id: p.tenant_id.as_str().into(),
+            subject: p.subject.as_str().into(),
+            key_id: p.key_id.as_deref().map(Into::into),
+            kind: p.kind,
+            environment: p.environment,
+            scopes: p.scopes.clone(),
+            plan: p.plan.as_deref().map(Into::into),
+            expires_at: p.expires_at,
+            scopes_header: p.scopes_header.as_str().into(),
+            credential: p.credential,
+            issuer: p.issuer.as_deref().map(Arc::from),
+            partner_id: p.partner_id.as_deref().map(Into::into),
+            service: p.service.as_deref().map(Into::into),
+            token_ids,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EventId;
+
+    fn jwt_principal() -> Principal {
+        let mut p = Principal::new(
+            "5a0c6f0e-8c1b-4f6e-9a57-3d2b1c0e9f11".into(),
+            "user-7".into(),
+            KeyKind::Tenant,
+            Environment::Live,
+            vec!["contacts:read".into(), "contacts:write".into()],
+        );
+        p.credential = CredentialKind::Jwt;
+        p.scopes_header = "contacts:read contacts:write".into();
+        p.issuer = Some(Arc::from("https://issuer.example"));
+        p.expires_at = Some(1_900_000_000_000);
+        p.token_ids = Some(Box::new(TokenIds {
+            jti: Some("j-1".into()),
+            issued_at: Some(1_800_000_000),
+        }));
+        p
+    }
+
+    #[test]
+    fn a_learned_principal_is_the_principal_the_service_held() {
+        let mut key = Principal::new(
+            String::new(),
+            "key:k1".into(),
+            KeyKind::Partner,
+            Environment::Test,
+            vec!["billing:partner:read".into()],
+        );
+        key.key_id = Some("k1".into());
+        key.partner_id = Some("acme".into());
+        key.plan = Some("gold".into());
+        let after = Cursor(vec![EventId::parse("12-3").unwrap()]);
+        for p in [jwt_principal(), key] {
+            let learned = Learned::of(&p, Some("t"), &after).unwrap();
+            let read = Learned::from_json(&learned.to_json()).unwrap();
+            assert_eq!(read, learned);
+            assert_eq!(read.principal(), p);
+            assert_eq!(read.after, "12-3");
+        }
+    }
+
+    #[test]
+    fn a_session_token_is_never_learned() {
+        let mut p = jwt_principal();
+        p.credential = CredentialKind::Session;
+        assert_eq!(Learned::of(&p, None, &Cursor::default()), None);
+    }
+
+    #[test]
+    fn unreadable_text_is_an_error_not_a_principal() {
+        assert!(Learned::from_json("{\"after\":\"1-0\"}").is_err());
+        assert!(Learned::from_json("not json").is_err());
+    }
+}

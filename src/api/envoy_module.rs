@@ -1,0 +1,262 @@
+//! keygate inside Envoy: the deciding half of the dynamic module (the
+//! `keygate-envoy-module` crate holds the other half, Envoy's ABI, and nothing else).
+//!
+//! The module runs in front of Envoy's ext_authz filter. On each request it either
+//! answers as the service would (`Local::Allow`, `Local::Deny`) or hands the request to
+//! ext_authz (`Local::Defer`). It answers only from what it holds for sure: a credential
+//! the service verified and the module learned (`api::envoy_learn`), the delegations the
+//! service's answers showed, and the policy, compiled from the same configuration by the
+//! same code (`Authorizer::decide_known`). Anything that needs the store, argon2, a JWT
+//! validation, a rate limit, a lease or a session mint goes to the service. So does
+//! everything while the module's revocation follower is not following the service's
+//! `Watch` stream: a module that might miss a revocation decides nothing.
+//!
+//! What it learns is kept only when nothing it knows of overtook the answer: the
+//! answering replica's stream position must cover every event the module had applied
+//! when it asked (a replica that is behind cannot teach it a revoked key), and no
+//! invalidation may have reached the module's cache (or delegation change its
+//! delegations) while the request was out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::envoy::{Answer, EnvoyAuthorization};
+use super::envoy_learn::Learned;
+use crate::cache::{CredentialCache, Digest};
+use crate::credential::Credential;
+use crate::principal::KeyKind;
+use crate::request::AuthRequest;
+use crate::revocation::RevocationBus;
+use crate::store::Cursor;
+use crate::tenant::Delegations;
+
+pub use super::envoy_learn::LEARN_HEADER;
+
+/// What the module does with one request.
+#[derive(Debug)]
+pub enum Local {
+    /// Let it pass, as the service's allow would.
+    Allow(LocalAllow),
+    /// Answer it, as the service's denial would.
+    Deny(LocalDeny),
+    /// Hand it to ext_authz, asking to learn from the answer.
+    Defer(Ticket),
+}
+
+/// An allow, in the terms of Envoy's filter ABI.
+#[derive(Debug, Default)]
+pub struct LocalAllow {
+    /// Request headers set upstream (each replaces any value the request had).
+    pub set: Vec<(String, String)>,
+    /// Request headers removed.
+    pub remove: Vec<String>,
+    /// Headers added to the client's response.
+    pub response_headers: Vec<(String, String)>,
+    /// String fields of the dynamic metadata (ext_authz's namespace), and its `scopes`
+    /// list; `None` where the service sends none.
+    pub metadata: Option<(Vec<(String, String)>, Vec<String>)>,
+}
+
+/// A denial: the local reply Envoy sends.
+#[derive(Debug)]
+pub struct LocalDeny {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// What the module knew when it handed a request over, to judge the answer by.
+#[derive(Debug)]
+pub struct Ticket {
+    digest: Option<Digest>,
+    cache_epoch: u64,
+    delegation_changes: u64,
+    after: Cursor,
+}
+
+/// Why a learned answer was not kept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotLearned {
+    #[error("the answer's metadata is not keygate's: {0}")]
+    Unreadable(String),
+    #[error("the request had no credential to learn")]
+    NoCredential,
+    #[error("the answering replica was behind this module in the revocation stream")]
+    ReplicaBehind,
+    #[error("a revocation event or delegation change arrived while the request was out")]
+    Overtaken,
+    #[error("the module is not following the revocation stream")]
+    NotFollowing,
+}
+
+pub struct ModuleDecider {
+    envoy: EnvoyAuthorization,
+    bus: Arc<RevocationBus>,
+    cache: Arc<CredentialCache>,
+    delegations: Arc<Delegations>,
+}
+
+impl ModuleDecider {
+    /// `envoy` must be gated on `bus`, and `bus` follow the service's `Watch` stream.
+    pub fn new(
+        envoy: EnvoyAuthorization,
+        bus: Arc<RevocationBus>,
+        cache: Arc<CredentialCache>,
+        delegations: Arc<Delegations>,
+    ) -> Self {
+        ModuleDecider {
+            envoy: envoy.gated(Arc::clone(&bus)),
+            bus,
+            cache,
+            delegations,
+        }
+    }
+
+    /// Whether the revocation follower is following now: only then does the module
+    /// decide anything itself.
+    pub fn following(&self) -> bool {
+        self.bus.has_position() && self.bus.is_connected()
+    }
+
+    /// The request as the service's adapter would read it from Envoy: its method and
+    /// path, and the headers a decision consults, repeated ones joined with commas.
+    /// `None` if one of those is not UTF-8 (Envoy would send ext_authz `!` in its place:
+    /// that request is the service's to judge), or the method or path is missing.
+    pub fn request<'h>(
+        &self,
+        headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
+    ) -> Option<AuthRequest> {
+        let mut consulted: HashMap<String, String> = HashMap::new();
+        let (mut method, mut path) = (None, None);
+        for (name, value) in headers {
+            // Envoy's ext_authz sends the request's method and path as fields of their
+            // own, which the service reads; here they are the pseudo-headers.
+            match name {
+                b":method" => method = Some(std::str::from_utf8(value).ok()?.to_owned()),
+                b":path" => path = Some(std::str::from_utf8(value).ok()?.to_owned()),
+                _ => {}
+            }
+            let Ok(name) = std::str::from_utf8(name) else {
+                continue;
+            };
+            if !self.envoy.consults(name) {
+                continue;
+            }
+            let value = std::str::from_utf8(value).ok()?;
+            consulted
+                .entry(name.to_ascii_lowercase())
+                .and_modify(|joined| {
+                    joined.push(',');
+                    joined.push_str(value);
+                })
+                .or_insert_with(|| value.to_owned());
+        }
+        Some(AuthRequest {
+            method: method?,
+            path: path?,
+            headers: consulted,
+            peer: None,
+            credential: None,
+        })
+    }
+
+    /// The module's answer to `req`.
+    pub fn decide(&self, req: &AuthRequest) -> Local {
+        // Taken before anything is decided: what the answer, if it is handed over, is
+        // judged against.
+        let ticket = self.ticket(req);
+        if !self.following() {
+            return Local::Defer(ticket);
+        }
+        match self.envoy.decide_known(req) {
+            None => Local::Defer(ticket),
+            Some(Answer::Allow(allow)) => Local::Allow(LocalAllow {
+                set: allow
+                    .identity
+                    .iter()
+                    .flat_map(|i| i.headers())
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+                remove: allow.remove.clone(),
+                response_headers: allow
+                    .client_headers()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+                metadata: allow.identity.as_ref().filter(|i| i.metadata).map(|i| {
+                    let fields = i
+                        .metadata()
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect();
+                    (fields, i.scopes().to_vec())
+                }),
+            }),
+            Some(Answer::Deny { error, headers }) => Local::Deny(LocalDeny {
+                status: error.status,
+                headers: headers
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+                body: error.body.to_string(),
+            }),
+        }
+    }
+
+    fn ticket(&self, req: &AuthRequest) -> Ticket {
+        let digest = match self.envoy.credentials().extract(req) {
+            Credential::ApiKey(token) | Credential::Jwt(token) => Some(self.cache.digest(token)),
+            Credential::None | Credential::Unrecognized => None,
+        };
+        Ticket {
+            digest,
+            cache_epoch: self.cache.epoch(),
+            delegation_changes: self.delegations.changes(),
+            after: self.bus.last_applied(),
+        }
+    }
+
+    /// Learns the service's allow of a handed-over request, from the `learn` field of
+    /// its dynamic metadata: the next request with that credential (and, for a partner
+    /// key, that tenant) is answered here. `Ok` only when it was kept.
+    pub fn learn(&self, ticket: &Ticket, text: &str) -> Result<(), NotLearned> {
+        let learned =
+            Learned::from_json(text).map_err(|e| NotLearned::Unreadable(e.to_string()))?;
+        let after = Cursor::parse(&learned.after)
+            .ok_or_else(|| NotLearned::Unreadable("after is not a stream position".into()))?;
+        let digest = ticket.digest.ok_or(NotLearned::NoCredential)?;
+        if !self.following() {
+            return Err(NotLearned::NotFollowing);
+        }
+        if !covers(&after, &ticket.after) {
+            return Err(NotLearned::ReplicaBehind);
+        }
+        let principal = Arc::new(learned.principal());
+        let delegated = match (&learned.tenant, principal.kind, principal.partner_id.as_deref()) {
+            (Some(tenant), KeyKind::Partner, Some(partner)) => Some((partner, tenant.as_str())),
+            _ => None,
+        };
+        if let Some((partner, tenant)) = delegated {
+            if !self
+                .delegations
+                .learn(partner, tenant, ticket.delegation_changes)
+            {
+                return Err(NotLearned::Overtaken);
+            }
+        }
+        if !self
+            .cache
+            .learn(digest, Arc::clone(&principal), ticket.cache_epoch)
+        {
+            return Err(NotLearned::Overtaken);
+        }
+        Ok(())
+    }
+}
+
+/// Whether `replica` is at or past `module` in every partition.
+fn covers(replica: &Cursor, module: &Cursor) -> bool {
+    replica.partitions() == module.partitions()
+        && replica.0.iter().zip(&module.0).all(|(r, m)| r >= m)
+}
+
+#[cfg(test)]
+mod tests;

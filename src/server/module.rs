@@ -1,0 +1,84 @@
+//! Wiring for keygate's module inside Envoy: the decider (`api::envoy_module`) built
+//! from keygate's own configuration, and the thread that follows the service's `Watch`
+//! stream for it. The module's crate (`envoy-module/`) calls `ModuleRuntime::start` when
+//! Envoy creates the filter's configuration and drops it when Envoy destroys it.
+//!
+//! The configuration is keygate's (`Config::load`, `KEYGATE_…` overrides from Envoy's
+//! environment). The module takes from it what decides (`policy`, `errors`,
+//! `api_keys`, `cache`, `jwt`, `sessions`, `rate_limits`) and `revocation.watch_url`,
+//! the keygate it follows whatever `revocation.source` says (a file the replicas run
+//! with `source: store` serves the module as it is). It never opens the `store`: its
+//! own is an empty in-process one that nothing it decides reads.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+
+use crate::api::envoy_module::ModuleDecider;
+use crate::config::{Config, ConfigError, Secrets};
+use crate::server::App;
+use crate::store::memory::MemoryStore;
+
+/// The module's decider and the thread its follower runs on; stops that thread when
+/// dropped.
+pub struct ModuleRuntime {
+    pub decider: Arc<ModuleDecider>,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ModuleRuntime {
+    /// Builds the decider from `config` (YAML) with `env`'s `KEYGATE_…` overrides, and
+    /// starts following `revocation.watch_url`. An invalid configuration is an error
+    /// naming the field; nothing is started then.
+    pub fn start(
+        config: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<ModuleRuntime, ConfigError> {
+        // The module always follows a keygate's Watch stream: loaded as `source: watch`,
+        // so `revocation.watch_url` is checked as for a replica that does.
+        let env = env
+            .into_iter()
+            .chain([("KEYGATE_REVOCATION__SOURCE".to_owned(), "watch".to_owned())]);
+        let config = Config::load(Some(config), env)?;
+        let secrets = Secrets::for_module()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("keygate-module")
+            .build()
+            .map_err(|e| ConfigError::new("module", format!("cannot start its thread: {e}")))?;
+        // Built on the runtime: building the rules may start a JWKS refresh.
+        let app = runtime
+            .block_on(async { App::with_store(config, secrets, Arc::new(MemoryStore::new())) })
+            .map_err(|e| ConfigError::new("module", format!("{e:#}")))?;
+        let decider = Arc::new(ModuleDecider::new(
+            app.envoy_service(),
+            Arc::clone(&app.bus),
+            Arc::clone(&app.cache),
+            Arc::clone(&app.delegations),
+        ));
+        let (stop, stop_rx) = watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("keygate-module".into())
+            .spawn(move || {
+                let feed = app.revocation_feed();
+                runtime.block_on(Arc::clone(&app.bus).follow(feed, stop_rx));
+            })
+            .map_err(|e| ConfigError::new("module", format!("cannot start its thread: {e}")))?;
+        Ok(ModuleRuntime {
+            decider,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ModuleRuntime {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
