@@ -38,6 +38,9 @@ EXAMPLE_KEYGATE_PORT = 50051
 EXAMPLE_UPSTREAM_PORT = 8080
 # examples/envoy-http.yaml asks keygate's HTTP authorization listener instead.
 EXAMPLE_ENVOY_HTTP = REPO / "examples" / "envoy-http.yaml"
+EXAMPLE_ENVOY_MODULE = REPO / "examples" / "envoy-module.yaml"
+# The configuration examples/envoy-module.yaml gives keygate's module.
+EXAMPLE_MODULE_CONFIG = "file:config/dev.yaml"
 EXAMPLE_HTTP_AUTHZ_PORT = 9191
 
 # Every wait is bounded. Generous, because a debug build on a busy CI box is slow to start.
@@ -563,7 +566,9 @@ class Envoy:
         upstream: Upstream,
         edit_config=None,
         template: Path = EXAMPLE_ENVOY,
+        env: dict[str, str] | None = None,
     ):
+        """`env`: what Envoy's environment adds to the test runner's (clean_env)."""
         self.name = name
         self.upstream = upstream
         self.port = free_port()
@@ -592,7 +597,7 @@ class Envoy:
                 "--log-level", "warn",
                 "--concurrency", "2",
             ],
-            clean_env(),
+            clean_env(**(env or {})),
             workdir,
         )
         wait_for(f"{name} admin /ready", self._admin_ready)
@@ -633,6 +638,65 @@ class Envoy:
 
     def stop(self):
         self.proc.stop()
+
+
+# --------------------------------------------------------------------------- module
+
+def module_dir() -> str:
+    """Where keygate's Envoy module (libkeygate_envoy.so) is: KEYGATE_MODULE_DIR, else
+    beside the keygate binary (cargo builds both into one target directory)."""
+    found = os.environ.get("KEYGATE_MODULE_DIR") or str(Path(keygate_bin()).parent)
+    if not (Path(found) / "libkeygate_envoy.so").is_file():
+        raise RuntimeError(f"libkeygate_envoy.so is not in {found}: cargo build --workspace (or set KEYGATE_MODULE_DIR)")
+    return found
+
+
+class ModuleEnvoy(Envoy):
+    """Envoy running examples/envoy-module.yaml: keygate's module in front of ext_authz
+    to `keygate`. The module reads `keygate`'s own configuration file and KEYGATE_…
+    environment, and follows the Watch stream of `watch` (default: `keygate`)."""
+
+    def __init__(self, name: str, workdir: Path, keygate, upstream: Upstream, watch=None, env=None,
+                 edit_config=None):
+        watch = watch or keygate
+        config = f"file:{keygate.config_path}"
+
+        def use_keygates_config(text: str) -> str:
+            if text.count(EXAMPLE_MODULE_CONFIG) != 1:
+                raise AssertionError(f"examples/envoy-module.yaml should give the module {EXAMPLE_MODULE_CONFIG} once")
+            text = text.replace(EXAMPLE_MODULE_CONFIG, config)
+            return edit_config(text) if edit_config else text
+
+        super().__init__(
+            name,
+            workdir,
+            keygate.grpc_port,
+            upstream,
+            use_keygates_config,
+            EXAMPLE_ENVOY_MODULE,
+            env={
+                **keygate.env,
+                "KEYGATE_REVOCATION__WATCH_URL": watch.grpc_url,
+                "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": module_dir(),
+                **(env or {}),
+            },
+        )
+
+    def stats(self) -> dict[str, int]:
+        """Envoy's counters, by name."""
+        status, text = http_get(f"http://127.0.0.1:{self.admin_port}/stats?format=json", timeout=2)
+        assert status == 200, text
+        return {s["name"]: s.get("value", 0) for s in json.loads(text)["stats"] if "value" in s}
+
+    def checks(self) -> int:
+        """Requests ext_authz asked keygate about (whatever the answer). One the module
+        decided never reaches ext_authz's check: its allows count as `disabled`, its
+        denials not at all."""
+        stats = self.stats()
+        return sum(
+            stats.get(f"http.ingress_http.ext_authz.{name}", 0)
+            for name in ("ok", "denied", "error", "failure_mode_allowed")
+        )
 
 
 # --------------------------------------------------------------------------- nginx

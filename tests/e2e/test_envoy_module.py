@@ -1,0 +1,280 @@
+"""keygate inside Envoy (envoy-module/, examples/envoy-module.yaml): the module answers
+what keygate has already answered for the same credential, in Envoy, and hands the rest
+to ext_authz.
+
+- Its answers equal the service's over the scenario list of test_http_authz.py (plus a
+  JWT): status, body, the client's headers, what the upstream gets and the dynamic
+  metadata — both the first time (handed to keygate) and once learned (its own).
+- A revoked key is denied by the module within 10 ms (p99) of the admin call returning,
+  and never allowed after.
+- Without its Watch stream, it decides nothing: requests go to ext_authz.
+- A panic inside its decision sends the request to ext_authz, and Envoy keeps serving.
+
+Which door answered is read off Envoy's own counters: a request the module decides
+never reaches ext_authz's check (`ModuleEnvoy.checks`)."""
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import uuid
+
+import pytest
+
+import harness
+from harness import assert_allowed, assert_denied
+from test_http_authz import PARTNER, ROUTES, answer, bearer, scenarios
+
+WATCH_TOKEN = "e2e-watch-token-0123456789"
+ISSUER = "https://login.e2e-module.example/"
+AUDIENCE = "https://api.e2e-module.example"
+JWT_SECRET = "e2e-module-shared-secret-of-more-than-32-bytes"
+PANIC_HEADER = "x-e2e-module-panic"
+
+ENV = {
+    "KEYGATE_WATCH_TOKEN": WATCH_TOKEN,
+    "KEYGATE_POLICY__ROUTES": ROUTES,
+    "KEYGATE_POLICY__PARTNER_SCOPES": "['billing:partner:*']",
+    "KEYGATE_POLICY__PLANS": "{trial: {requests_per_minute: 2}}",
+    "KEYGATE_SESSIONS__SIGNING_KEYS": "[{kid: e2e-1, key_env: KEYGATE_E2E_SESSION_KEY}]",
+    "KEYGATE_E2E_SESSION_KEY": harness.ed25519_pem(),
+    "KEYGATE_JWT__ISSUERS": (
+        f"[{{name: e2e, issuer: '{ISSUER}', audiences: ['{AUDIENCE}'], "
+        "algorithms: [HS256], secret_env: KEYGATE_E2E_JWT_SECRET, leeway: 5s}]"
+    ),
+    "KEYGATE_E2E_JWT_SECRET": JWT_SECRET,
+}
+
+# Envoy hands the upstream what ext_authz's namespace of dynamic metadata holds, so that
+# both doors' metadata can be compared.
+METADATA_HEADER = "x-e2e-metadata"
+# Envoy's own field (how long ext_authz took) and the module's channel (what it learns,
+# on a request it handed over): the rest must be equal.
+METADATA_NOT_COMPARED = ("ext_authz_duration", "learn")
+
+
+def show_metadata(text: str) -> str:
+    marker = "                route: { cluster: upstream }\n"
+    assert text.count(marker) == 1, "the example's route changed: update show_metadata()"
+    return text.replace(
+        marker,
+        marker
+        + "                request_headers_to_add:\n"
+        + f"                - header: {{ key: {METADATA_HEADER}, value: '%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%' }}\n"
+        + "                  append_action: OVERWRITE_IF_EXISTS_OR_ADD\n",
+    )
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt(tenant: str, scope: str = "contacts:read") -> str:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "user-7", "tenant_id": tenant,
+              "scope": scope, "iat": now, "exp": now + 1800, "jti": uuid.uuid4().hex}
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = hmac.new(JWT_SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+@pytest.fixture(scope="module")
+def doors(workdir, redis, upstream):
+    """{"envoy-grpc": Envoy → ext_authz → keygate, "module": Envoy with the module in
+    front of ext_authz → the same keygate}."""
+    started = []
+    try:
+        grpc = harness.Stack("module-grpc", workdir, redis, upstream, keygate_env=ENV,
+                             edit_envoy_config=show_metadata)
+        started.append(grpc)
+        module = harness.ModuleEnvoy("module-envoy", workdir, grpc.keygate, upstream,
+                                     env={"KEYGATE_MODULE_TEST_PANIC_HEADER": PANIC_HEADER},
+                                     edit_config=show_metadata)
+        started.append(module)
+        yield {"envoy-grpc": grpc, "module": module}
+    finally:
+        for door in reversed(started):
+            door.stop()
+
+
+@pytest.fixture(scope="module")
+def keygate(doors):
+    return doors["envoy-grpc"].keygate
+
+
+@pytest.fixture(scope="module")
+def keys(keygate):
+    tenant, delegated, other = (str(uuid.uuid4()) for _ in range(3))
+    reader = keygate.create_key(tenant, ["contacts:read"])
+    writer = keygate.create_key(tenant, ["contacts:read", "contacts:write"])
+    revoked = keygate.create_key(tenant, ["contacts:read"])
+    result = keygate.cli("keys", "revoke", revoked["key_id"])
+    assert result.code == 0, str(result)
+    partner = keygate.cli(
+        "keys", "create", "--json", "--kind", "partner", "--partner", PARTNER,
+        "--scopes", "contacts:read,billing:partner:read",
+    )
+    assert partner.code == 0, str(partner)
+    result = keygate.cli("partners", "delegate", PARTNER, delegated, "--json")
+    assert result.code == 0, str(result)
+    return {
+        "tenant": tenant, "delegated": delegated, "other": other, "reader": reader,
+        "writer": writer, "revoked": revoked, "partner": partner.json(), "jwt": jwt(tenant),
+    }
+
+
+def metadata(resp: harness.Response) -> dict | None:
+    """ext_authz's dynamic metadata as the upstream saw it, less what is not compared."""
+    if not resp.upstream:
+        return None
+    seen = dict(resp.upstream[0]["headers"]).get(METADATA_HEADER)
+    if not seen:
+        return {}
+    fields = json.loads(seen)
+    return {k: v for k, v in fields.items() if k not in METADATA_NOT_COMPARED}
+
+
+def seen(resp: harness.Response) -> dict:
+    a = answer(resp)
+    if a["upstream"] is not None:
+        a["upstream"] = [(k, v) for k, v in a["upstream"] if k != METADATA_HEADER]
+    a["metadata"] = metadata(resp)
+    return a
+
+
+def through_module(door: harness.ModuleEnvoy, method, path, headers) -> tuple[harness.Response, bool]:
+    """The module door's answer, and whether the module gave it itself."""
+    before = door.checks()
+    resp = door.request(method, path, headers)
+    return resp, door.checks() == before
+
+
+def all_scenarios(k: dict):
+    return scenarios(k) + [
+        ("jwt", "GET", "/v1/contacts/1", [bearer(k["jwt"])], 200, None),
+        ("jwt on a write without the scope", "POST", "/v1/contacts/1",
+         [bearer(k["jwt"]), ("x-tenant-id", k["tenant"])], 403, "insufficient_permissions"),
+    ]
+
+
+# What keygate's answers taught the module by the second pass, and what it must still
+# hand over: a wrong secret, a revoked key, a tenant it never saw delegated and a JWT
+# that does not validate are never learned (only allows are; the module validates no
+# JWT itself).
+HANDED_OVER = {"invalid_api_key (secret)", "revoked_api_key", "partner for another tenant", "invalid_token"}
+
+
+def test_the_module_answers_every_scenario_as_the_service_does(doors, keys):
+    decided = {}
+    for attempt in ("first", "learned"):
+        for name, method, path, headers, status, code in all_scenarios(keys):
+            reference = doors["envoy-grpc"].request(method, path, headers)
+            resp, here = through_module(doors["module"], method, path, headers)
+            assert seen(resp) == seen(reference), (
+                f"{name} ({attempt}): the module door answered otherwise than ext_authz:\n"
+                f"module: {seen(resp)}\next_authz: {seen(reference)}\n--- module ---\n{resp}"
+            )
+            if status is not None:
+                if code is None:
+                    assert_allowed(resp)
+                else:
+                    assert_denied(resp, status, code)
+            decided[name] = here
+    # The second pass: which the module decided itself.
+    names = {s[0] for s in all_scenarios(keys)}
+    assert {n for n in names if not decided[n]} == HANDED_OVER, decided
+
+
+def test_a_rate_limited_plan_and_a_session_mint_go_to_keygate(doors, keygate, keys):
+    module = doors["module"]
+    key = keygate.create_key(str(uuid.uuid4()), ["contacts:read"], "--plan", "trial")
+    answers = [through_module(module, "GET", "/v1/contacts/1", [bearer(key["token"])]) for _ in range(3)]
+    assert [r.status for r, _ in answers] == [200, 200, 429], [str(r) for r, _ in answers]
+    assert not any(here for _, here in answers), "a limited plan is counted by keygate alone"
+    for _ in range(2):
+        minted, here = through_module(module, "POST", "/v1/sessions", [bearer(keys["reader"]["token"])])
+        assert_allowed(minted)
+        assert minted.header("x-keygate-session-token"), str(minted)
+        assert not here, "a session is minted by keygate alone"
+
+
+def learned(module: harness.ModuleEnvoy, token: str) -> None:
+    """Until the module answers `token` itself (the first request teaches it)."""
+    def answered_here():
+        resp, here = through_module(module, "GET", "/v1/contacts/1", [bearer(token)])
+        assert_allowed(resp)
+        return here
+    harness.wait_for("the module to answer a key it learned", answered_here, timeout=10)
+
+
+def test_a_revoked_key_is_denied_by_the_module_within_ten_milliseconds(doors, keygate):
+    """For each of 40 keys the module answers itself: revoke it through the admin API,
+    then ask through the module door until it is denied. The time from the admin call's
+    return to the first denial is the propagation; p99 under 10 ms. After the denial,
+    the key is never allowed again (20 more requests)."""
+    module = doors["module"]
+    waits = []
+    for _ in range(40):
+        key = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
+        learned(module, key["token"])
+        result = keygate.cli("keys", "revoke", key["key_id"])
+        assert result.code == 0, str(result)
+        revoked_at = time.monotonic()
+        while True:
+            resp = module.request("GET", "/v1/contacts/1", [bearer(key["token"])])
+            if resp.status != 200:
+                waits.append(time.monotonic() - revoked_at)
+                assert_denied(resp, 401, "revoked_api_key")
+                break
+            assert time.monotonic() - revoked_at < 5, "the revocation never reached the module"
+        for _ in range(20):
+            resp, here = through_module(module, "GET", "/v1/contacts/1", [bearer(key["token"])])
+            assert_denied(resp, 401, "revoked_api_key")
+            assert here, "the module should answer the revoked key itself (its tombstone)"
+    # With 40 samples the p99 is the worst one.
+    assert max(waits) < 0.010, f"revocation reached the module in {sorted(round(w * 1000, 2) for w in waits)} ms"
+
+
+def test_without_its_watch_stream_the_module_decides_nothing(workdir, redis, upstream, keygate):
+    """The module follows a second replica's Watch stream; with that replica stopped, a key
+    the module answered before goes to ext_authz (the first replica) again — and is
+    still allowed there."""
+    watched = harness.Keygate("module-watched", workdir, redis, ENV, pepper=keygate.pepper,
+                              admin_token=keygate.admin_token)
+    module = None
+    try:
+        module = harness.ModuleEnvoy("module-cut", workdir, keygate, upstream, watch=watched)
+        key = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
+        learned(module, key["token"])
+        watched.stop()
+        def handed_over():
+            resp, here = through_module(module, "GET", "/v1/contacts/1", [bearer(key["token"])])
+            assert_allowed(resp)
+            return not here
+        harness.wait_for("the module to hand requests to ext_authz once its Watch is gone",
+                         handed_over, timeout=10)
+        for _ in range(10):
+            resp, here = through_module(module, "GET", "/v1/contacts/1", [bearer(key["token"])])
+            assert_allowed(resp)
+            assert not here, "the module decided without its Watch stream"
+    finally:
+        if module:
+            module.stop()
+        watched.stop()
+
+
+def test_a_panic_in_the_module_sends_the_request_to_ext_authz(doors, keygate):
+    module = doors["module"]
+    key = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
+    learned(module, key["token"])
+    resp, here = through_module(module, "GET", "/v1/contacts/1", [bearer(key["token"]), (PANIC_HEADER, "1")])
+    assert_allowed(resp)
+    assert not here, "the panicking request should have been decided by ext_authz"
+    # Envoy goes on serving, and the module deciding.
+    resp, here = through_module(module, "GET", "/v1/contacts/1", [bearer(key["token"])])
+    assert_allowed(resp)
+    assert here, str(resp)
+    denied, _ = through_module(module, "GET", "/v1/contacts/1", [(PANIC_HEADER, "1")])
+    assert_denied(denied, 401, "missing_credentials")
