@@ -181,8 +181,12 @@ impl Authenticator {
         credential: Credential<'_>,
     ) -> Option<Result<Arc<Principal>, AuthnFailure>> {
         let (verified, jwt) = match credential {
-            Credential::None => return Some(Err(AuthnFailure::Deny(DenyReason::MissingCredentials))),
-            Credential::Unrecognized => return Some(Err(AuthnFailure::Deny(DenyReason::InvalidApiKey))),
+            Credential::None => {
+                return Some(Err(AuthnFailure::Deny(DenyReason::MissingCredentials)))
+            }
+            Credential::Unrecognized => {
+                return Some(Err(AuthnFailure::Deny(DenyReason::InvalidApiKey)))
+            }
             Credential::ApiKey(token) => match self.parse_api_key(token) {
                 Err(failure) => return Some(Err(failure)),
                 Ok(_) => (self.cache.peek(&self.cache.digest(token))?, false),

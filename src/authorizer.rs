@@ -190,8 +190,8 @@ impl Authorizer {
 
     async fn decide(&self, req: &AuthRequest) -> Decision {
         let routes = match self.routes(req) {
-            Ok(routes) => routes,
-            Err(decided) => return decided,
+            Routed::Judge(routes) => routes,
+            Routed::Decided(decided) => return decided,
         };
         let traced = crate::telemetry::tracing_enabled();
         let started = traced.then(Instant::now);
@@ -225,16 +225,19 @@ impl Authorizer {
     /// records no usage and no metric (the service counts what it decides).
     pub fn decide_known(&self, req: &AuthRequest) -> Option<Decision> {
         let routes = match self.routes(req) {
-            Ok(routes) => routes,
-            Err(decided) => return Some(decided),
+            Routed::Judge(routes) => routes,
+            Routed::Decided(decided) => return Some(decided),
         };
-        let principal = match self.authn.authenticate_known(self.credentials.extract(req))? {
+        let principal = match self
+            .authn
+            .authenticate_known(self.credentials.extract(req))?
+        {
             Ok(p) => p,
             Err(failure) => return Some(failure.into()),
         };
         let rule = match self.admission(&routes, &principal) {
             Ok(rule) => rule,
-            Err(denied) => return Some(denied),
+            Err(reason) => return Some(Decision::deny(reason)),
         };
         let header = req.header(&self.tenant_header);
         let effective_tenant =
@@ -244,7 +247,7 @@ impl Authorizer {
             };
         let mints = match self.scoped(&routes, &principal, &effective_tenant) {
             Ok(mint) => mint.is_some(),
-            Err(denied) => return Some(denied),
+            Err(reason) => return Some(Decision::deny(reason)),
         };
         let needs_more = mints
             || self.limiter.limited(&principal).is_some()
@@ -264,8 +267,8 @@ impl Authorizer {
 
     /// The routes a request falls on: its own and those of the methods its override
     /// headers name. A refused path or override is denied here, and a public route is
-    /// allowed here, before any credential (`Err`: that decision).
-    fn routes<'a>(&'a self, req: &AuthRequest) -> Result<Routes<'a>, Decision> {
+    /// allowed here, before any credential (`Routed::Decided`).
+    fn routes<'a>(&'a self, req: &AuthRequest) -> Routed<'a> {
         // Routes are matched on the path the upstream will route, not on its raw bytes,
         // whatever the proxy in front normalised or did not.
         // (`Policy::route_of`: every reading of the path common servers take.)
@@ -273,14 +276,14 @@ impl Authorizer {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(event = "decision.path_refused", reason = %e, "request path refused");
-                return Err(Decision::Deny(Denial::invalid_path(e)));
+                return Routed::Decided(Decision::Deny(Denial::invalid_path(e)));
             }
         };
         let overrides = match self.method_overrides(req) {
             Ok(methods) => methods,
             Err(reason) => {
                 tracing::debug!(event = "decision.method_override_refused", mode = ?self.method_override, "method override refused");
-                return Err(Decision::deny(reason));
+                return Routed::Decided(Decision::deny(reason));
             }
         };
         // The routes of the methods an upstream may act on instead (none, mostly).
@@ -290,7 +293,7 @@ impl Authorizer {
                 Ok(r) => also.push(r),
                 Err(e) => {
                     tracing::debug!(event = "decision.path_refused", reason = %e, "request path refused");
-                    return Err(Decision::Deny(Denial::invalid_path(e)));
+                    return Routed::Decided(Decision::Deny(Denial::invalid_path(e)));
                 }
             }
         }
@@ -298,7 +301,7 @@ impl Authorizer {
         if let Some(r) = route.filter(public) {
             // A public route that an override takes elsewhere is public only if there too.
             if also.iter().all(|a| a.as_ref().is_some_and(public)) {
-                return Err(Decision::Allow(Allowed {
+                return Routed::Decided(Decision::Allow(Allowed {
                     principal: None,
                     effective_tenant: None,
                     route: r.name.clone(),
@@ -308,7 +311,7 @@ impl Authorizer {
                 }));
             }
         }
-        Ok(Routes { route, also })
+        Routed::Judge(Routes { route, also })
     }
 
     /// The methods other than its own that `req` names in method override headers, for
@@ -352,7 +355,7 @@ impl Authorizer {
     ) -> Decision {
         let rule = match self.admission(routes, principal) {
             Ok(rule) => rule,
-            Err(denied) => return denied,
+            Err(reason) => return Decision::deny(reason),
         };
         let header = req.header(&self.tenant_header);
         let effective_tenant =
@@ -362,7 +365,7 @@ impl Authorizer {
             };
         let mint = match self.scoped(routes, principal, &effective_tenant) {
             Ok(mint) => mint,
-            Err(denied) => return denied,
+            Err(reason) => return Decision::deny(reason),
         };
         // Last: only a request that would otherwise pass spends an admission, and nothing
         // after the lease can deny (a lease taken for a denied request would be held
@@ -385,7 +388,9 @@ impl Authorizer {
             self.sign_session(keys, principal, tenant, scopes, keys.lifetime)
                 .token
         });
-        let route = routes.route.expect("admission denies a request no route covers");
+        let route = routes
+            .route
+            .expect("admission denies a request no route covers");
         Decision::Allow(Allowed {
             principal: Some(Arc::clone(principal)),
             effective_tenant,
@@ -399,18 +404,24 @@ impl Authorizer {
     /// Admission, before the tenant: some route covers the request (authenticated, but
     /// no route family covers it: denied), and every judged route accepts the caller's
     /// kind. The tenant rule of the judged routes.
-    fn admission(&self, routes: &Routes<'_>, principal: &Principal) -> Result<TenantRule, Decision> {
+    fn admission(
+        &self,
+        routes: &Routes<'_>,
+        principal: &Principal,
+    ) -> Result<TenantRule, DenyReason> {
         if routes.route.is_none() || routes.also.iter().any(Option::is_none) {
-            return Err(Decision::deny(DenyReason::InsufficientPermissions));
+            return Err(DenyReason::InsufficientPermissions);
         }
         if !routes.judged().all(|r| r.accepts(principal)) {
-            return Err(Decision::deny(DenyReason::InsufficientPermissions));
+            return Err(DenyReason::InsufficientPermissions);
         }
-        Ok(if routes.judged().any(|r| r.tenant == TenantRule::Required) {
-            TenantRule::Required
-        } else {
-            TenantRule::Optional
-        })
+        Ok(
+            if routes.judged().any(|r| r.tenant == TenantRule::Required) {
+                TenantRule::Required
+            } else {
+                TenantRule::Optional
+            },
+        )
     }
 
     /// After the tenant: every judged route's scope, and the session a route mints
@@ -421,22 +432,29 @@ impl Authorizer {
         routes: &Routes<'_>,
         principal: &Principal,
         effective_tenant: &Option<String>,
-    ) -> Result<Option<(&'s Arc<SessionKeys>, String)>, Decision> {
+    ) -> Result<Option<(&'s Arc<SessionKeys>, String)>, DenyReason> {
         for r in routes.judged() {
             if let Requirement::Scope(scope) = &r.requirement {
                 if !self.policy.grants_to(principal, scope) {
-                    return Err(Decision::deny(DenyReason::InsufficientPermissions));
+                    return Err(DenyReason::InsufficientPermissions);
                 }
             }
         }
         match (&self.sessions, routes.route.is_some_and(|r| r.mint_session)) {
-            (Some(keys), true) => match Self::session_tenant(principal, effective_tenant.clone()) {
-                Ok(tenant) => Ok(Some((keys, tenant))),
-                Err(reason) => Err(Decision::deny(reason)),
-            },
+            (Some(keys), true) => Ok(Some((
+                keys,
+                Self::session_tenant(principal, effective_tenant.clone())?,
+            ))),
             _ => Ok(None),
         }
     }
+}
+
+/// What routing made of a request: routes to judge the caller on, or the decision
+/// already (a refused path, a public route).
+enum Routed<'a> {
+    Judge(Routes<'a>),
+    Decided(Decision),
 }
 
 /// The routes a request falls on (`Authorizer::routes`).

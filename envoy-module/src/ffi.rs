@@ -73,7 +73,8 @@ impl Buffer {
 // parameter and return types of their documented C signatures (pointers as raw pointers,
 // C enums as i32, `bool` as C's `_Bool`). Envoy resolves them when it loads the module.
 unsafe extern "C" {
-    fn envoy_dynamic_module_callback_http_get_headers_size(filter: *mut c_void, kind: i32) -> usize;
+    fn envoy_dynamic_module_callback_http_get_headers_size(filter: *mut c_void, kind: i32)
+        -> usize;
     fn envoy_dynamic_module_callback_http_get_headers(
         filter: *mut c_void,
         kind: i32,
@@ -134,7 +135,8 @@ struct EnvoyStream(*mut c_void);
 impl Stream for EnvoyStream {
     fn request_headers(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         // SAFETY: `self.0` is the live stream of the running hook.
-        let size = unsafe { envoy_dynamic_module_callback_http_get_headers_size(self.0, REQUEST_HEADER) };
+        let size =
+            unsafe { envoy_dynamic_module_callback_http_get_headers_size(self.0, REQUEST_HEADER) };
         let mut headers = vec![
             Header {
                 key_ptr: std::ptr::null(),
@@ -147,7 +149,11 @@ impl Stream for EnvoyStream {
         // SAFETY: `headers` has room for the `size` entries Envoy fills in; the
         // pointers it writes are valid until this hook returns, and are copied below.
         let filled = unsafe {
-            envoy_dynamic_module_callback_http_get_headers(self.0, REQUEST_HEADER, headers.as_mut_ptr())
+            envoy_dynamic_module_callback_http_get_headers(
+                self.0,
+                REQUEST_HEADER,
+                headers.as_mut_ptr(),
+            )
         };
         if !filled {
             return Vec::new();
@@ -184,7 +190,12 @@ impl Stream for EnvoyStream {
         // SAFETY: a live stream; a null value removes the header (the ABI's documented
         // way: there is no remove callback).
         unsafe {
-            envoy_dynamic_module_callback_http_set_header(self.0, REQUEST_HEADER, Buffer::of(name), Buffer::EMPTY);
+            envoy_dynamic_module_callback_http_set_header(
+                self.0,
+                REQUEST_HEADER,
+                Buffer::of(name),
+                Buffer::EMPTY,
+            );
         }
     }
 
@@ -273,7 +284,9 @@ impl Stream for EnvoyStream {
                 &mut result,
             )
         };
-        found.then(|| String::from_utf8(result.to_vec()).ok()).flatten()
+        found
+            .then(|| String::from_utf8(result.to_vec()).ok())
+            .flatten()
     }
 
     fn log(&self, message: &str) {
@@ -318,7 +331,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         match FilterConfig::new(&text, std::env::vars()) {
             Ok(c) => Box::into_raw(Box::new(c)).cast_const().cast(),
             Err(e) => {
-                log(LOG_ERROR, &format!("keygate module: invalid configuration: {e}"));
+                log(
+                    LOG_ERROR,
+                    &format!("keygate module: invalid configuration: {e}"),
+                );
                 std::ptr::null()
             }
         }

@@ -112,7 +112,10 @@ impl Filter {
         let headers = stream.request_headers();
         let decided = catch_unwind(AssertUnwindSafe(|| {
             if let Some(trigger) = &self.panic_header {
-                if headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(trigger.as_bytes())) {
+                if headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case(trigger.as_bytes()))
+                {
                     panic!("the test trigger {trigger} asked the decision to panic");
                 }
             }
@@ -153,11 +156,11 @@ impl Filter {
         for (name, value) in &allow.set {
             stream.set_request_header(name, value);
         }
-        if let Some((fields, scopes)) = &allow.metadata {
-            for (key, value) in fields {
+        if let Some(metadata) = &allow.metadata {
+            for (key, value) in &metadata.fields {
                 stream.set_metadata_string(EXT_AUTHZ_NAMESPACE, key, value);
             }
-            for scope in scopes {
+            for scope in &metadata.scopes {
                 stream.add_metadata_list_string(EXT_AUTHZ_NAMESPACE, "scopes", scope);
             }
         }

@@ -16,8 +16,8 @@ use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
 use super::envoy_answer::{overwrite, AllowAnswer, CheckAnswer, Identity};
-use super::envoy_learn::{Learned, LEARN_HEADER};
 pub use super::envoy_answer::{HEADER_KEY_ID, HEADER_KIND, HEADER_SCOPES, HEADER_SUBJECT};
+use super::envoy_learn::{Learned, LEARN_HEADER};
 use super::envoy_wire::{self, Authorization, CheckRequestView, HeaderFilter};
 use super::Reply;
 use crate::authorizer::{
@@ -240,7 +240,12 @@ impl EnvoyAuthorization {
 
     /// What the module inside Envoy may learn from this allow, if it asked (and the
     /// principal goes into dynamic metadata at all).
-    fn learned(&self, req: &AuthRequest, principal: &Principal, tenant: Option<&str>) -> Option<String> {
+    fn learned(
+        &self,
+        req: &AuthRequest,
+        principal: &Principal,
+        tenant: Option<&str>,
+    ) -> Option<String> {
         if !self.options.dynamic_metadata || !req.headers.contains_key(LEARN_HEADER) {
             return None;
         }

@@ -52,9 +52,16 @@ pub struct LocalAllow {
     pub remove: Vec<String>,
     /// Headers added to the client's response.
     pub response_headers: Vec<(String, String)>,
-    /// String fields of the dynamic metadata (ext_authz's namespace), and its `scopes`
-    /// list; `None` where the service sends none.
-    pub metadata: Option<(Vec<(String, String)>, Vec<String>)>,
+    /// The dynamic metadata (ext_authz's namespace); `None` where the service sends
+    /// none.
+    pub metadata: Option<LocalMetadata>,
+}
+
+/// The principal as dynamic metadata: string fields and the `scopes` list.
+#[derive(Debug, Default)]
+pub struct LocalMetadata {
+    pub fields: Vec<(String, String)>,
+    pub scopes: Vec<String>,
 }
 
 /// A denial: the local reply Envoy sends.
@@ -170,26 +177,30 @@ impl ModuleDecider {
         }
         match self.envoy.decide_known(req) {
             None => Local::Defer(ticket),
-            Some(Answer::Allow(allow)) => Local::Allow(LocalAllow {
-                set: allow
-                    .identity
-                    .iter()
-                    .flat_map(|i| i.headers())
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect(),
-                remove: allow.remove.clone(),
-                response_headers: allow
-                    .client_headers()
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect(),
-                metadata: allow.identity.as_ref().filter(|i| i.metadata).map(|i| {
-                    let fields = i
-                        .metadata()
+            Some(Answer::Allow(allow)) => {
+                Local::Allow(LocalAllow {
+                    set: allow
+                        .identity
+                        .iter()
+                        .flat_map(|i| i.headers())
                         .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .collect();
-                    (fields, i.scopes().to_vec())
-                }),
-            }),
+                        .collect(),
+                    remove: allow.remove.clone(),
+                    response_headers: allow
+                        .client_headers()
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect(),
+                    metadata: allow.identity.as_ref().filter(|i| i.metadata).map(|i| {
+                        LocalMetadata {
+                            fields: i
+                                .metadata()
+                                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                                .collect(),
+                            scopes: i.scopes().to_vec(),
+                        }
+                    }),
+                })
+            }
             Some(Answer::Deny { error, headers }) => Local::Deny(LocalDeny {
                 status: error.status,
                 headers: headers
@@ -230,7 +241,11 @@ impl ModuleDecider {
             return Err(NotLearned::ReplicaBehind);
         }
         let principal = Arc::new(learned.principal());
-        let delegated = match (&learned.tenant, principal.kind, principal.partner_id.as_deref()) {
+        let delegated = match (
+            &learned.tenant,
+            principal.kind,
+            principal.partner_id.as_deref(),
+        ) {
             (Some(tenant), KeyKind::Partner, Some(partner)) => Some((partner, tenant.as_str())),
             _ => None,
         };
