@@ -169,14 +169,13 @@ impl ModuleDecider {
 
     /// The module's answer to `req`.
     pub fn decide(&self, req: &AuthRequest) -> Local {
-        // Taken before anything is decided: what the answer, if it is handed over, is
-        // judged against.
-        let ticket = self.ticket(req);
         if !self.following() {
-            return Local::Defer(ticket);
+            return Local::Defer(self.ticket(req));
         }
         match self.envoy.decide_known(req) {
-            None => Local::Defer(ticket),
+            // Taken before the request leaves for the service: anything applied here
+            // after this is checked against the answer (`learn`).
+            None => Local::Defer(self.ticket(req)),
             Some(Answer::Allow(allow)) => {
                 Local::Allow(LocalAllow {
                     set: allow

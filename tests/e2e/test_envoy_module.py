@@ -17,6 +17,7 @@ import base64
 import hashlib
 import hmac
 import json
+import subprocess
 import time
 import uuid
 
@@ -278,3 +279,44 @@ def test_a_panic_in_the_module_sends_the_request_to_ext_authz(doors, keygate):
     assert here, str(resp)
     denied, _ = through_module(module, "GET", "/v1/contacts/1", [(PANIC_HEADER, "1")])
     assert_denied(denied, 401, "missing_credentials")
+
+
+def validate(workdir, name: str, config_text: str, env: dict[str, str]):
+    """`envoy --mode validate` on examples/envoy-module.yaml with the module's
+    configuration given inline, at info level: Envoy loads the module and creates the
+    filter's configuration, and says how it went."""
+    path = workdir / f"{name}.yaml"
+    text = harness.render_envoy_config(harness.free_port(), harness.free_port(), harness.free_port(),
+                                       harness.EXAMPLE_ENVOY_MODULE)
+    assert text.count(harness.EXAMPLE_MODULE_CONFIG) == 1
+    path.write_text(text.replace(f'"{harness.EXAMPLE_MODULE_CONFIG}"', json.dumps(config_text)))
+    return subprocess.run(
+        [harness.envoy_bin(), "--mode", "validate", "-c", str(path), "--log-level", "info",
+         "--base-id", str(harness.free_port())],
+        env=harness.clean_env(ENVOY_DYNAMIC_MODULES_SEARCH_PATH=harness.module_dir(), **env),
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_envoy_loads_the_module_at_the_abi_version_it_targets(workdir):
+    done = validate(workdir, "module-validate", "revocation: {watch_url: 'http://127.0.0.1:1'}",
+                    {"KEYGATE_WATCH_TOKEN": WATCH_TOKEN})
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "Dynamic module ABI version v0.2.0 matched." in out, out[-3000:]
+
+
+@pytest.mark.parametrize(
+    "config, env, field",
+    [
+        ("revocation: {watch_url: 'http://127.0.0.1:1'}", {}, "KEYGATE_WATCH_TOKEN"),
+        ("policy: {routes: []}", {"KEYGATE_WATCH_TOKEN": WATCH_TOKEN}, "revocation.watch_url"),
+        ("revocation: {watch_url: 'http://127.0.0.1:1'}\npolicy: {unmatched: sometimes}",
+         {"KEYGATE_WATCH_TOKEN": WATCH_TOKEN}, "policy.unmatched"),
+    ],
+)
+def test_a_bad_module_configuration_stops_envoy_naming_the_field(workdir, config, env, field):
+    done = validate(workdir, "module-invalid", config, env)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out[-3000:]
+    assert "keygate module: invalid configuration" in out and field in out, out[-3000:]
