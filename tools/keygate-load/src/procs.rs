@@ -641,6 +641,17 @@ impl Keygate {
         scopes: &[&str],
         parallel: usize,
     ) -> anyhow::Result<Vec<String>> {
+        self.create_keys_on_plan(n, scopes, "", parallel).await
+    }
+
+    /// `create_keys`, each key on `plan` (one of `policy.plans`; none when empty).
+    pub async fn create_keys_on_plan(
+        &self,
+        n: usize,
+        scopes: &[&str],
+        plan: &str,
+        parallel: usize,
+    ) -> anyhow::Result<Vec<String>> {
         let channel = Endpoint::from_shared(format!("http://{}", self.admin))?
             .connect()
             .await
@@ -661,6 +672,7 @@ impl Keygate {
                             tenant_id: TENANT.into(),
                             name: format!("bench-{i}"),
                             scopes,
+                            plan: plan.to_owned(),
                             ..Default::default()
                         })
                         .await
