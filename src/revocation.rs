@@ -389,6 +389,13 @@ impl RevocationBus {
         self.last_applied.lock().expect("not poisoned").clone()
     }
 
+    /// `f`, given the position, while no item is being applied: what `f` reads of the
+    /// cache and the delegations is exactly their state at that position (the module
+    /// inside Envoy takes its `Ticket` so).
+    pub fn at_position<T>(&self, f: impl FnOnce(&Cursor) -> T) -> T {
+        f(&self.last_applied.lock().expect("not poisoned"))
+    }
+
     /// Times this replica lost its feed (the metric sums over replicas in one process).
     pub fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
@@ -427,9 +434,13 @@ impl RevocationBus {
         }
     }
 
-    /// Applies one item: the cache first, then local watchers.
+    /// Applies one item: the cache first, then local watchers. The position moves under
+    /// the same lock as the item's effects are applied, so whoever reads the position
+    /// (`last_applied`, `at_position`) knows every effect up to it is in place, and
+    /// nothing after it.
     pub async fn apply(&self, entry: FeedEntry) {
         let m = metrics();
+        let mut position = self.last_applied.lock().expect("not poisoned");
         match &entry.item {
             FeedItem::Event(e) => {
                 self.cache.invalidate_key(&e.key_id, Some(e.kind));
@@ -464,7 +475,8 @@ impl RevocationBus {
                 tracing::warn!(event = "revocation.cache_flushed", resume_after = %id, "revocation events were lost or unreadable; flushed the credential cache");
             }
         }
-        *self.last_applied.lock().expect("not poisoned") = entry.cursor.clone();
+        *position = entry.cursor.clone();
+        drop(position);
         let _ = self.published.send(entry);
     }
 

@@ -748,6 +748,9 @@ fn identity() -> impl Strategy<Value = Identity> {
                     metadata,
                     lease_id,
                     session,
+                    // What the module learns: one more metadata string, covered by the
+                    // unit tests of envoy_answer.
+                    learn: None,
                 }
             },
         )

@@ -25,9 +25,9 @@ use crate::authorizer::{
 };
 use crate::decision::{Allowed, Decision, Denial, ErrorShape, PublicError};
 use crate::header_alias::OwnedHeaders;
-use crate::principal::Principal;
 use crate::request::AuthRequest;
 use crate::revocation::RevocationBus;
+use crate::store::Cursor;
 
 /// Headers under this prefix are keygate's to set; a client's are never passed on.
 pub const IDENTITY_PREFIX: &str = "x-keygate-";
@@ -118,9 +118,10 @@ impl EnvoyAuthorization {
         let auth_req = envoy_wire::auth_request(req, &self.headers)
             .map_err(|e| Status::invalid_argument(format!("malformed CheckRequest: {e}")))?;
         let span = crate::telemetry::check_span(&auth_req.headers, "envoy");
+        let after = self.learn_position(&auth_req);
         let decision = super::traced_check(&self.authorizer, &auth_req, span).await;
         match decision {
-            Decision::Allow(allowed) => Ok(CheckAnswer::Allow(self.allow(&auth_req, allowed))),
+            Decision::Allow(allowed) => Ok(CheckAnswer::Allow(self.allow(&auth_req, allowed, after))),
             Decision::Deny(denial) => Ok(CheckAnswer::Message(self.deny(&denial))),
             Decision::Unavailable(u) => Err(super::unavailable(u.backend)),
         }
@@ -135,8 +136,9 @@ impl EnvoyAuthorization {
     ) -> Result<Answer, Status> {
         super::starting(&self.gate)?;
         let span = crate::telemetry::check_span(&auth_req.headers, adapter);
+        let after = self.learn_position(&auth_req);
         let decision = super::traced_check(&self.authorizer, &auth_req, span).await;
-        self.answer(&auth_req, decision)
+        self.answer(&auth_req, decision, after)
     }
 
     /// The answer to `auth_req` from what this replica knows now, if it can be given
@@ -145,12 +147,18 @@ impl EnvoyAuthorization {
     pub(crate) fn decide_known(&self, auth_req: &AuthRequest) -> Option<Answer> {
         super::starting(&self.gate).ok()?;
         let decision = self.authorizer.decide_known(auth_req)?;
-        self.answer(auth_req, decision).ok()
+        self.answer(auth_req, decision, None).ok()
     }
 
-    fn answer(&self, auth_req: &AuthRequest, decision: Decision) -> Result<Answer, Status> {
+    /// `after`: `learn_position`, taken before the decision.
+    fn answer(
+        &self,
+        auth_req: &AuthRequest,
+        decision: Decision,
+        after: Option<Cursor>,
+    ) -> Result<Answer, Status> {
         match decision {
-            Decision::Allow(allowed) => Ok(Answer::Allow(self.allow(auth_req, allowed))),
+            Decision::Allow(allowed) => Ok(Answer::Allow(self.allow(auth_req, allowed, after))),
             Decision::Deny(denial) => Ok(Answer::Deny {
                 error: self.errors.answer_to(&denial).clone(),
                 headers: denial_headers(&self.errors, &denial),
@@ -171,11 +179,16 @@ impl EnvoyAuthorization {
     }
 
     /// The allow's parts: identity headers, the headers to remove, the client's headers.
-    pub(crate) fn allow(&self, req: &AuthRequest, allowed: Allowed) -> AllowAnswer {
+    /// `after`: where the replica was when it started deciding, if the module inside
+    /// Envoy asked to learn from this allow (`learn_position`).
+    pub(crate) fn allow(&self, req: &AuthRequest, allowed: Allowed, after: Option<Cursor>) -> AllowAnswer {
         let mut remove: Vec<String> = Vec::new();
         let identity = match allowed.principal {
             Some(principal) => {
-                let learn = self.learned(req, &principal, allowed.effective_tenant.as_deref());
+                let learn = after.and_then(|after| {
+                    Learned::of(&principal, allowed.effective_tenant.as_deref(), &after)
+                        .map(|l| l.to_json())
+                });
                 let identity = Identity {
                     tenant: allowed.effective_tenant,
                     principal,
@@ -238,19 +251,15 @@ impl EnvoyAuthorization {
         }
     }
 
-    /// What the module inside Envoy may learn from this allow, if it asked (and the
-    /// principal goes into dynamic metadata at all).
-    fn learned(
-        &self,
-        req: &AuthRequest,
-        principal: &Principal,
-        tenant: Option<&str>,
-    ) -> Option<String> {
+    /// Where this replica is in the revocation stream, if the request asks to learn from
+    /// the answer (the module inside Envoy, `api::envoy_learn`) and the principal goes
+    /// into dynamic metadata at all. Taken before the decision: every event up to it
+    /// was applied before the decision started, so the answer is at least that fresh.
+    fn learn_position(&self, req: &AuthRequest) -> Option<Cursor> {
         if !self.options.dynamic_metadata || !req.headers.contains_key(LEARN_HEADER) {
             return None;
         }
-        let after = self.gate.as_ref()?.last_applied();
-        Learned::of(principal, tenant, &after).map(|l| l.to_json())
+        Some(self.gate.as_ref()?.last_applied())
     }
 
     fn deny(&self, denial: &Denial) -> CheckResponse {

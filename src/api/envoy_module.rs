@@ -216,12 +216,14 @@ impl ModuleDecider {
             Credential::ApiKey(token) | Credential::Jwt(token) => Some(self.cache.digest(token)),
             Credential::None | Credential::Unrecognized => None,
         };
-        Ticket {
+        // One snapshot: an event is applied to the cache, the delegations and the
+        // position together, never in part of what the ticket reads.
+        self.bus.at_position(|after| Ticket {
             digest,
             cache_epoch: self.cache.epoch(),
             delegation_changes: self.delegations.changes(),
-            after: self.bus.last_applied(),
-        }
+            after: after.clone(),
+        })
     }
 
     /// Learns the service's allow of a handed-over request, from the `learn` field of
