@@ -211,13 +211,13 @@ def learned(module: harness.ModuleEnvoy, token: str) -> None:
 
 
 def test_a_revoked_key_is_denied_by_the_module_within_ten_milliseconds(doors, keygate):
-    """For each of 40 keys the module answers itself: revoke it through the admin API,
+    """For each of 100 keys the module answers itself: revoke it through the admin API,
     then ask through the module door until it is denied. The time from the admin call's
     return to the first denial is the propagation; p99 under 10 ms. After the denial,
     the key is never allowed again (20 more requests)."""
     module = doors["module"]
     waits = []
-    for _ in range(40):
+    for _ in range(100):
         key = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
         learned(module, key["token"])
         result = keygate.cli("keys", "revoke", key["key_id"])
@@ -234,8 +234,9 @@ def test_a_revoked_key_is_denied_by_the_module_within_ten_milliseconds(doors, ke
             resp, here = through_module(module, "GET", "/v1/contacts/1", [bearer(key["token"])])
             assert_denied(resp, 401, "revoked_api_key")
             assert here, "the module should answer the revoked key itself (its tombstone)"
-    # With 40 samples the p99 is the worst one.
-    assert max(waits) < 0.010, f"revocation reached the module in {sorted(round(w * 1000, 2) for w in waits)} ms"
+    waits.sort()
+    p99 = waits[98]
+    assert p99 < 0.010, f"revocation reached the module in {[round(w * 1000, 2) for w in waits]} ms"
 
 
 def test_without_its_watch_stream_the_module_decides_nothing(workdir, redis, upstream, keygate):
