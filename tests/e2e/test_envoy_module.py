@@ -25,7 +25,7 @@ import pytest
 
 import harness
 from harness import assert_allowed, assert_denied
-from test_http_authz import PARTNER, ROUTES, answer, bearer, scenarios
+from test_http_authz import ROUTES, answer, bearer, scenario_keys, scenarios
 
 WATCH_TOKEN = "e2e-watch-token-0123456789"
 ISSUER = "https://login.e2e-module.example/"
@@ -107,23 +107,8 @@ def keygate(doors):
 
 @pytest.fixture(scope="module")
 def keys(keygate):
-    tenant, delegated, other = (str(uuid.uuid4()) for _ in range(3))
-    reader = keygate.create_key(tenant, ["contacts:read"])
-    writer = keygate.create_key(tenant, ["contacts:read", "contacts:write"])
-    revoked = keygate.create_key(tenant, ["contacts:read"])
-    result = keygate.cli("keys", "revoke", revoked["key_id"])
-    assert result.code == 0, str(result)
-    partner = keygate.cli(
-        "keys", "create", "--json", "--kind", "partner", "--partner", PARTNER,
-        "--scopes", "contacts:read,billing:partner:read",
-    )
-    assert partner.code == 0, str(partner)
-    result = keygate.cli("partners", "delegate", PARTNER, delegated, "--json")
-    assert result.code == 0, str(result)
-    return {
-        "tenant": tenant, "delegated": delegated, "other": other, "reader": reader,
-        "writer": writer, "revoked": revoked, "partner": partner.json(), "jwt": jwt(tenant),
-    }
+    k = scenario_keys(keygate)
+    return {**k, "jwt": jwt(k["tenant"])}
 
 
 def metadata(resp: harness.Response) -> dict | None:

@@ -123,8 +123,8 @@ def bearer(token: str) -> tuple[str, str]:
     return ("authorization", f"Bearer {token}")
 
 
-@pytest.fixture(scope="module")
-def keys(keygate):
+def scenario_keys(keygate) -> dict:
+    """The keys and tenants the scenario list uses, made on `keygate`."""
     tenant, delegated, other = (str(uuid.uuid4()) for _ in range(3))
     reader = keygate.create_key(tenant, ["contacts:read"])
     writer = keygate.create_key(tenant, ["contacts:read", "contacts:write"])
@@ -142,6 +142,11 @@ def keys(keygate):
         "tenant": tenant, "delegated": delegated, "other": other, "reader": reader,
         "writer": writer, "revoked": revoked, "partner": partner.json(),
     }
+
+
+@pytest.fixture(scope="module")
+def keys(keygate):
+    return scenario_keys(keygate)
 
 
 def scenarios(k: dict) -> list[tuple[str, str, str, list, int, str | None]]:

@@ -119,6 +119,23 @@ async fn until_following(bus: &RevocationBus, wanted: bool) {
     );
 }
 
+/// Delegates `tenant` to `PARTNER` on the service, and waits until the module (whose
+/// bus `events` subscribes to) has applied the change.
+async fn delegate(service: &Service, events: &mut broadcast::Receiver<FeedEntry>, tenant: &str) {
+    service
+        .app
+        .partners
+        .set(PARTNER, tenant, true)
+        .await
+        .expect("delegated");
+    applied(
+        events,
+        "the delegation",
+        |item| matches!(item, FeedItem::Delegation(d) if d.partner_id == PARTNER && d.tenant_id == tenant),
+    )
+    .await;
+}
+
 /// Waits until `events` (a bus's subscription) carries an item `wanted` takes.
 async fn applied(
     events: &mut broadcast::Receiver<FeedEntry>,
@@ -487,18 +504,9 @@ async fn a_module_that_learned_the_keys_answers_every_request_the_policy_decides
     let (reader, _) = service.key(tenant_key(&["contacts:read"], "")).await;
     let (partner, _) = service.key(partner_key()).await;
     let mut events = module.app.bus.subscribe();
-    service
-        .app
-        .partners
-        .set(PARTNER, DELEGATED, true)
-        .await
-        .expect("delegated");
     // Applied before anything is handed over: a change while a request is out would
     // (rightly) keep the module from learning its answer.
-    applied(&mut events, "the delegation", |item| {
-        matches!(item, FeedItem::Delegation(d) if d.partner_id == PARTNER && d.tenant_id == DELEGATED)
-    })
-    .await;
+    delegate(&service, &mut events, DELEGATED).await;
     let reader_auth = bearer(&reader);
     let partner_auth = bearer(&partner);
     let reads = |token: &str| get("/v1/contacts/1", &[("authorization", token)]);
@@ -833,16 +841,7 @@ async fn an_allow_overtaken_by_an_invalidation_or_a_delegation_change_while_it_w
     let (partner, _) = service.key(partner_key()).await;
     let (_, other_id) = service.key(tenant_key(&["contacts:read"], "")).await;
     let mut events = module.app.bus.subscribe();
-    service
-        .app
-        .partners
-        .set(PARTNER, DELEGATED, true)
-        .await
-        .expect("delegated");
-    applied(&mut events, "the delegation", |item| {
-        matches!(item, FeedItem::Delegation(_))
-    })
-    .await;
+    delegate(&service, &mut events, DELEGATED).await;
     let read = get("/v1/contacts/1", &[("authorization", &bearer(&reader))]);
     let acting = get(
         "/v1/contacts/1",
@@ -886,18 +885,7 @@ async fn an_allow_overtaken_by_an_invalidation_or_a_delegation_change_while_it_w
     // neither the delegation nor the key is learned.
     let ticket = module.hand_over(&acting);
     let text = learnable(&service.answer(&acting.asking_to_learn()).await);
-    service
-        .app
-        .partners
-        .set(PARTNER, OTHER_TENANT, true)
-        .await
-        .expect("delegated");
-    applied(
-        &mut events,
-        "the other delegation",
-        |item| matches!(item, FeedItem::Delegation(d) if d.tenant_id == OTHER_TENANT),
-    )
-    .await;
+    delegate(&service, &mut events, OTHER_TENANT).await;
     assert_eq!(
         module.decider.learn(&ticket, &text),
         Err(NotLearned::Overtaken)
