@@ -121,7 +121,9 @@ impl EnvoyAuthorization {
         let after = self.learn_position(&auth_req);
         let decision = super::traced_check(&self.authorizer, &auth_req, span).await;
         match decision {
-            Decision::Allow(allowed) => Ok(CheckAnswer::Allow(self.allow(&auth_req, allowed, after))),
+            Decision::Allow(allowed) => {
+                Ok(CheckAnswer::Allow(self.allow(&auth_req, allowed, after)))
+            }
             Decision::Deny(denial) => Ok(CheckAnswer::Message(self.deny(&denial))),
             Decision::Unavailable(u) => Err(super::unavailable(u.backend)),
         }
@@ -181,7 +183,12 @@ impl EnvoyAuthorization {
     /// The allow's parts: identity headers, the headers to remove, the client's headers.
     /// `after`: where the replica was when it started deciding, if the module inside
     /// Envoy asked to learn from this allow (`learn_position`).
-    pub(crate) fn allow(&self, req: &AuthRequest, allowed: Allowed, after: Option<Cursor>) -> AllowAnswer {
+    pub(crate) fn allow(
+        &self,
+        req: &AuthRequest,
+        allowed: Allowed,
+        after: Option<Cursor>,
+    ) -> AllowAnswer {
         let mut remove: Vec<String> = Vec::new();
         let identity = match allowed.principal {
             Some(principal) => {

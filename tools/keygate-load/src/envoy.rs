@@ -9,6 +9,9 @@
 //! The answer is Envoy's own `direct_response` by default (only the authorization hop is
 //! measured) or, with `--upstream`, a minimal HTTP/1.1 service behind Envoy (Envoy in
 //! front of an API, as it is deployed).
+//!
+//! The pieces (the answer, starting Envoy, wrk against listeners in turn, the table) are
+//! shared with the `envoy-module` scenario (`envoy_module.rs`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +22,7 @@ use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::client::Connection;
-use crate::procs::{self, Proc};
+use crate::procs::{self, Proc, Scratch};
 use crate::report::{median, ScenarioReport, Summary, Table};
 use crate::scenarios::{print_report, wait_quiet, Bench, Common};
 use crate::shape::Ids;
@@ -118,7 +121,11 @@ pub fn parse_wrk(text: &str) -> anyhow::Result<Wrk> {
 }
 
 /// A GET with headers; returns the status code.
-async fn get_status(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<u16> {
+pub async fn get_status(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<u16> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -169,6 +176,346 @@ fn wrk(args: &EnvoyArgs, port: u16, token: &str, seconds: u64) -> anyhow::Result
     parse_wrk(&text)
 }
 
+/// What answers every route: Envoy's own `direct_response`, or with `--upstream`
+/// keygate-load's minimal HTTP/1.1 upstream (the `api` cluster).
+pub struct Answer {
+    pub upstream: Option<Proc>,
+    /// The `api` cluster's port (any free one when nothing listens there).
+    port: u16,
+}
+
+impl Answer {
+    pub async fn start(args: &EnvoyArgs, scratch: &Scratch) -> anyhow::Result<Answer> {
+        // Without --upstream the `api` cluster is never used; its port is any free one.
+        let (upstream, addr) = if args.upstream {
+            let (p, a) = procs::upstream_server(scratch).await?;
+            (Some(p), a)
+        } else {
+            (None, procs::free_port()?)
+        };
+        Ok(Answer {
+            upstream,
+            port: addr.port(),
+        })
+    }
+
+    fn route(&self) -> &'static str {
+        if self.upstream.is_some() {
+            "route: { cluster: api }"
+        } else {
+            r#"direct_response: { status: 200, body: { inline_string: "ok\n" } }"#
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        if self.upstream.is_some() {
+            "a minimal HTTP/1.1 upstream"
+        } else {
+            "Envoy's direct_response"
+        }
+    }
+}
+
+/// `template` (one of benches/*.yaml) with every `@NAME@` replaced by its value in
+/// `fill`; fails if one is left.
+fn fill_template(template: &str, fill: &[(&str, String)]) -> anyhow::Result<String> {
+    let mut text = template.to_owned();
+    for (name, value) in fill {
+        text = text.replace(&format!("@{name}@"), value);
+    }
+    let left = text.match_indices('@').find_map(|(at, _)| {
+        let rest = &text[at + 1..];
+        let len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_uppercase() || *b == b'_')
+            .count();
+        (len > 0 && rest[len..].starts_with('@')).then(|| rest[..len].to_owned())
+    });
+    if let Some(name) = left {
+        bail!("the Envoy configuration's @{name}@ was not filled in");
+    }
+    Ok(text)
+}
+
+/// Envoy on `template` filled in with `fill`, the answer and the admin port, once its
+/// admin page and every address in `listening` accept connections. Its environment is
+/// this process's without any `KEYGATE_…` variable, and `env`: keygate's module reads
+/// its configuration from there. Returns it and its admin address.
+pub async fn start_envoy(
+    args: &EnvoyArgs,
+    scratch: &Scratch,
+    template: &str,
+    answer: &Answer,
+    fill: &[(&str, String)],
+    env: &[(String, String)],
+    listening: &[SocketAddr],
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let admin = procs::free_port()?;
+    let mut all = vec![
+        ("ANSWER", answer.route().to_owned()),
+        ("UPSTREAM_PORT", answer.port.to_string()),
+        ("ADMIN_PORT", admin.port().to_string()),
+    ];
+    all.extend(fill.iter().cloned());
+    let path = scratch.path().join("envoy.yaml");
+    std::fs::write(&path, fill_template(template, &all)?)?;
+    let mut cmd = Command::new(&args.envoy_bin);
+    cmd.arg("-c")
+        .arg(&path)
+        .args(["--concurrency", &args.envoy_concurrency.to_string()])
+        // Other Envoys (the e2e tests) may run beside this one.
+        .args(["-l", "warning", "--use-dynamic-base-id"]);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KEYGATE_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    let mut envoy = Proc::spawn("envoy", &mut cmd, scratch.path().join("envoy.log"))?;
+    let mut addrs = vec![admin];
+    addrs.extend_from_slice(listening);
+    envoy.wait_listening(&addrs).await?;
+    Ok((envoy, admin))
+}
+
+/// A GET to a listener with these headers, and the status it must answer.
+pub type StatusCase<'a> = (SocketAddr, &'a [(&'a str, &'a str)], u16);
+
+/// Checks that each listener answers a GET as expected: the filters are really there.
+pub async fn expect_statuses(
+    envoy: &Proc,
+    path: &str,
+    cases: &[StatusCase<'_>],
+) -> anyhow::Result<()> {
+    for (addr, headers, want) in cases {
+        let got = get_status(*addr, path, headers).await?;
+        if got != *want {
+            bail!(
+                "Envoy on {addr} answered {got}, expected {want}:\n{}",
+                envoy.log_tail()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Envoy's counters named `names` (0 for one it does not have), from its admin page.
+pub async fn envoy_counters(admin: SocketAddr, names: &[String]) -> anyhow::Result<Vec<f64>> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = procs::http_get(admin, "/stats").await?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(": ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    Ok(names.iter().map(|n| value(n)).collect())
+}
+
+/// One listener as the measurement drives it: wrk sends `token` to `port`.
+pub struct Listener {
+    pub label: String,
+    pub port: u16,
+    pub token: String,
+    /// The authorizer whose CPU per request is noted, if any.
+    pub authz_pid: Option<u32>,
+    /// Envoy counters whose change over each measured run is kept (`Measured::counters`).
+    pub counters: Vec<String>,
+}
+
+/// One measured wrk run.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    pub wrk: Wrk,
+    /// Envoy's CPU µs per request.
+    pub envoy_cpu: f64,
+    /// The authorizer's CPU µs per request.
+    pub authz_cpu: Option<f64>,
+    /// The change of each of the listener's `counters` over the run.
+    pub counters: Vec<f64>,
+}
+
+/// Every listener's runs, in order, and what the runs shared.
+pub struct Runs {
+    pub runs: Vec<Vec<Measured>>,
+    pub upstream_cpu: Vec<f64>,
+    pub others: Vec<f64>,
+}
+
+/// wrk against each listener in turn, `reps` times, each measurement after a warm-up
+/// and on a quiet machine (a run other processes disturbed is repeated, at most twice).
+/// `pids` are the benchmark's processes (Envoy's and the upstream's are added). A run
+/// with a non-2xx answer or a socket error fails the scenario.
+pub async fn measure_listeners(
+    args: &EnvoyArgs,
+    envoy: &Proc,
+    admin: SocketAddr,
+    answer: &Answer,
+    pids: &[u32],
+    listeners: &[Listener],
+) -> anyhow::Result<Runs> {
+    let c = &args.common;
+    let seconds = c.duration.as_secs().max(1);
+    let warmup = c.warmup.as_secs().max(1);
+    let envoy_pid = envoy.pid();
+    let upstream = answer.upstream.as_ref();
+    let mut pids = pids.to_vec();
+    pids.push(envoy_pid);
+    pids.extend(upstream.map(Proc::pid));
+    let mut out = Runs {
+        runs: vec![Vec::new(); listeners.len()],
+        upstream_cpu: Vec::new(),
+        others: Vec::new(),
+    };
+    for _ in 0..c.reps.max(1) {
+        for (i, l) in listeners.iter().enumerate() {
+            let mut attempt = 0;
+            let (m, other) = loop {
+                attempt += 1;
+                wait_quiet(c.max_other_load, &pids).await?;
+                wrk(args, l.port, &l.token, warmup)?;
+                let k0 = envoy_counters(admin, &l.counters).await?;
+                let foreign = procs::ForeignCpu::start(&pids)?;
+                let e0 = procs::cpu_seconds(envoy_pid)?;
+                let a0 = l.authz_pid.map(procs::cpu_seconds).transpose()?;
+                let u0 = upstream.map(|u| procs::cpu_seconds(u.pid())).transpose()?;
+                let w = wrk(args, l.port, &l.token, seconds)?;
+                let e1 = procs::cpu_seconds(envoy_pid)?;
+                let a1 = l.authz_pid.map(procs::cpu_seconds).transpose()?;
+                let u1 = upstream.map(|u| procs::cpu_seconds(u.pid())).transpose()?;
+                let other = foreign.cores()?;
+                let k1 = envoy_counters(admin, &l.counters).await?;
+                let n = w.requests.max(1) as f64;
+                if c.max_other_load > 0.0 && other > c.max_other_load && attempt < 3 {
+                    eprintln!(
+                        "  {:<30} repeated: other processes used {other:.2} cores",
+                        l.label
+                    );
+                    continue;
+                }
+                if let Some((u0, u1)) = u0.zip(u1) {
+                    out.upstream_cpu.push((u1 - u0) * 1e6 / n);
+                }
+                let m = Measured {
+                    envoy_cpu: (e1 - e0) * 1e6 / n,
+                    authz_cpu: a0.zip(a1).map(|(a, b)| (b - a) * 1e6 / n),
+                    counters: k1.iter().zip(&k0).map(|(b, a)| b - a).collect(),
+                    wrk: w,
+                };
+                break (m, other);
+            };
+            out.others.push(other);
+            let w = &m.wrk;
+            eprintln!(
+                "  {:<30} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  other load {other:.2} cores  {}",
+                l.label,
+                w.rps,
+                w.p50_us,
+                w.p99_us,
+                if w.non_2xx + w.socket_errors == 0 {
+                    "ok".to_owned()
+                } else {
+                    format!(
+                        "INVALID: {} non-2xx, {} socket errors",
+                        w.non_2xx, w.socket_errors
+                    )
+                }
+            );
+            if w.non_2xx > 0 || w.socket_errors > 0 {
+                bail!(
+                    "{}: {} non-2xx responses and {} socket errors: the run is invalid",
+                    l.label,
+                    w.non_2xx,
+                    w.socket_errors
+                );
+            }
+            out.runs[i].push(m);
+        }
+    }
+    Ok(out)
+}
+
+/// The medians of each listener's runs, as table rows, and the facts every Envoy
+/// scenario reports: the authorizer's CPU, p75, the CPU other processes took.
+pub fn summarize(report: &mut ScenarioReport, listeners: &[Listener], runs: &Runs) -> Vec<Summary> {
+    let mut rows = Vec::new();
+    for (l, runs) in listeners.iter().zip(&runs.runs) {
+        let m = |f: &dyn Fn(&Wrk) -> f64| median(runs.iter().map(|r| f(&r.wrk)).collect());
+        rows.push(Summary {
+            label: l.label.clone(),
+            reps: runs.len(),
+            rps: m(&|w| w.rps),
+            p50_us: m(&|w| w.p50_us),
+            p90_us: m(&|w| w.p90_us),
+            p99_us: m(&|w| w.p99_us),
+            p999_us: f64::NAN,
+            cpu_us_per_request: Some(median(runs.iter().map(|r| r.envoy_cpu).collect())),
+        });
+        if let Some(a) = runs
+            .iter()
+            .map(|r| r.authz_cpu)
+            .collect::<Option<Vec<f64>>>()
+        {
+            report.fact(
+                &format!("{}: authorizer CPU µs per request", l.label),
+                format!("{:.1}", median(a)),
+            );
+        }
+        report.fact(
+            &format!("{}: p75 µs (median)", l.label),
+            format!("{:.0}", m(&|w| w.p75_us)),
+        );
+    }
+    let max_other = runs.others.iter().cloned().fold(0.0, f64::max);
+    report.fact(
+        "CPU taken by other processes during the runs (median / max)",
+        format!("{:.2} / {max_other:.2} cores", median(runs.others.clone())),
+    );
+    if !runs.upstream_cpu.is_empty() {
+        report.fact(
+            "upstream CPU µs per request (median over all listeners)",
+            format!("{:.1}", median(runs.upstream_cpu.clone())),
+        );
+    }
+    rows
+}
+
+/// The rows as a table against the first, titled with how wrk and Envoy ran.
+pub fn table(args: &EnvoyArgs, answer: &Answer, rows: Vec<Summary>) -> Table {
+    Table {
+        title: format!(
+            "wrk -t{} -c{} -d{}s --latency (closed loop, HTTP/1.1), Envoy --concurrency {}, \
+             answered by {}; target CPU = Envoy's CPU µs per request",
+            args.wrk_threads,
+            args.wrk_connections,
+            args.common.duration.as_secs().max(1),
+            args.envoy_concurrency,
+            answer.describe()
+        ),
+        rows,
+        baseline: 0,
+    }
+}
+
+/// Why, with wrk's closed loop, the median ratio follows the throughput ratio.
+pub fn queueing_note(args: &EnvoyArgs, report: &mut ScenarioReport) {
+    if args.wrk_connections > 1 {
+        report.notes.push(format!(
+            "wrk is closed loop: with {} connections the median is mostly the time per request \
+             times the queue depth, so the median ratio tracks the throughput ratio; \
+             `--wrk-connections 1` gives the latency without queueing.",
+            args.wrk_connections
+        ));
+    }
+}
+
 pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     // keygate's HTTP authorization listener too, for the HTTP ext_authz row.
     let kg_http_authz = procs::free_port()?;
@@ -200,8 +547,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     let (replay, replay_grpc) = procs::noop_server_answering(&bench.scratch, &answer_path).await?;
 
     let (noop_axum, noop_axum_addr) = procs::noop_http_server(&bench.scratch).await?;
-    let (admin, off, noop, replay_port, kg, http_noop, kg_http, http_noop_axum) = (
-        procs::free_port()?,
+    let (off, noop, replay_port, kg, http_noop, kg_http, http_noop_axum) = (
         procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
@@ -213,59 +559,30 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     // The no-op HTTP authorizer: it answers 200 to everything, as the upstream does.
     let (http_authz, http_authz_addr) = procs::upstream_server(&bench.scratch).await?;
     let noop_grpc = bench.noop.as_ref().context("baseline")?.1;
-    // Without --upstream the `api` cluster is never used; its port is any free one.
-    let (upstream, upstream_addr) = if args.upstream {
-        let (p, a) = procs::upstream_server(&bench.scratch).await?;
-        (Some(p), a)
-    } else {
-        (None, procs::free_port()?)
-    };
-    let answer = if args.upstream {
-        "route: { cluster: api }"
-    } else {
-        r#"direct_response: { status: 200, body: { inline_string: "ok\n" } }"#
-    };
-    let config = ENVOY_CONFIG
-        .replace("@ANSWER@", answer)
-        .replace("@UPSTREAM_PORT@", &upstream_addr.port().to_string())
-        .replace("@ADMIN_PORT@", &admin.port().to_string())
-        .replace("@OFF_PORT@", &off.port().to_string())
-        .replace("@NOOP_PORT@", &noop.port().to_string())
-        .replace("@REPLAY_PORT@", &replay_port.port().to_string())
-        .replace("@REPLAY_GRPC_PORT@", &replay_grpc.port().to_string())
-        .replace("@KEYGATE_PORT@", &kg.port().to_string())
-        .replace("@HTTP_NOOP_PORT@", &http_noop.port().to_string())
-        .replace("@KEYGATE_HTTP_PORT@", &kg_http.port().to_string())
-        .replace("@HTTP_NOOP_AXUM_PORT@", &http_noop_axum.port().to_string())
-        .replace("@NOOP_AXUM_AUTHZ_PORT@", &noop_axum_addr.port().to_string())
-        .replace(
-            "@KEYGATE_HTTP_AUTHZ_PORT@",
-            &kg_http_authz.port().to_string(),
-        )
-        .replace(
-            "@HTTP_NOOP_AUTHZ_PORT@",
-            &http_authz_addr.port().to_string(),
-        )
-        .replace(
-            "@KEYGATE_GRPC_PORT@",
-            &bench.keygate.grpc.port().to_string(),
-        )
-        .replace("@NOOP_GRPC_PORT@", &noop_grpc.port().to_string());
-    let path = bench.scratch.path().join("envoy.yaml");
-    std::fs::write(&path, config)?;
-    let mut envoy = Proc::spawn(
-        "envoy",
-        Command::new(&args.envoy_bin)
-            .arg("-c")
-            .arg(&path)
-            .args(["--concurrency", &args.envoy_concurrency.to_string()])
-            // Other Envoys (the e2e tests) may run beside this one.
-            .args(["-l", "warning", "--use-dynamic-base-id"]),
-        bench.scratch.path().join("envoy.log"),
-    )?;
-    envoy
-        .wait_listening(&[
-            admin,
+    let answer = Answer::start(args, &bench.scratch).await?;
+    let port = |a: SocketAddr| a.port().to_string();
+    let (envoy, admin) = start_envoy(
+        args,
+        &bench.scratch,
+        ENVOY_CONFIG,
+        &answer,
+        &[
+            ("OFF_PORT", port(off)),
+            ("NOOP_PORT", port(noop)),
+            ("REPLAY_PORT", port(replay_port)),
+            ("REPLAY_GRPC_PORT", port(replay_grpc)),
+            ("KEYGATE_PORT", port(kg)),
+            ("HTTP_NOOP_PORT", port(http_noop)),
+            ("KEYGATE_HTTP_PORT", port(kg_http)),
+            ("HTTP_NOOP_AXUM_PORT", port(http_noop_axum)),
+            ("NOOP_AXUM_AUTHZ_PORT", port(noop_axum_addr)),
+            ("KEYGATE_HTTP_AUTHZ_PORT", port(kg_http_authz)),
+            ("HTTP_NOOP_AUTHZ_PORT", port(http_authz_addr)),
+            ("KEYGATE_GRPC_PORT", port(bench.keygate.grpc)),
+            ("NOOP_GRPC_PORT", port(noop_grpc)),
+        ],
+        &[],
+        &[
             off,
             noop,
             replay_port,
@@ -273,160 +590,67 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
             http_noop,
             kg_http,
             http_noop_axum,
-        ])
-        .await?;
+        ],
+    )
+    .await?;
 
     // The filter is really there: keygate refuses a request without a credential.
     let bearer = format!("Bearer {token}");
     let auth = [("authorization", bearer.as_str())];
-    for (addr, headers, want) in [
-        (off, &auth[..], 200),
-        (noop, &auth[..], 200),
-        (replay_port, &auth[..], 200),
-        (kg, &auth[..], 200),
-        (kg, &[][..], 401),
-        (http_noop, &auth[..], 200),
-        (kg_http, &auth[..], 200),
-        (kg_http, &[][..], 401),
-        (http_noop_axum, &auth[..], 200),
-    ] {
-        let got = get_status(addr, &c.path, headers).await?;
-        if got != want {
-            bail!(
-                "Envoy on {addr} answered {got}, expected {want}:\n{}",
-                envoy.log_tail()
-            );
-        }
-    }
+    expect_statuses(
+        &envoy,
+        &c.path,
+        &[
+            (off, &auth[..], 200),
+            (noop, &auth[..], 200),
+            (replay_port, &auth[..], 200),
+            (kg, &auth[..], 200),
+            (kg, &[][..], 401),
+            (http_noop, &auth[..], 200),
+            (kg_http, &auth[..], 200),
+            (kg_http, &[][..], 401),
+            (http_noop_axum, &auth[..], 200),
+        ],
+    )
+    .await?;
 
-    let seconds = c.duration.as_secs().max(1);
-    let warmup = c.warmup.as_secs().max(1);
-    let envoy_pid = envoy.pid();
+    let keygate_pid = Some(bench.keygate.proc.pid());
+    let listener = |label: &str, port: SocketAddr, authz_pid: Option<u32>| Listener {
+        label: label.to_owned(),
+        port: port.port(),
+        token: token.clone(),
+        authz_pid,
+        counters: Vec::new(),
+    };
     let listeners = [
-        ("Envoy, no ext_authz", off.port(), None),
-        (
+        listener("Envoy, no ext_authz", off, None),
+        listener(
             "Envoy + ext_authz → no-op",
-            noop.port(),
+            noop,
             Some(bench.noop.as_ref().unwrap().0.pid()),
         ),
-        (
+        listener(
             "Envoy + ext_authz → no-op, keygate's answer",
-            replay_port.port(),
+            replay_port,
             Some(replay.pid()),
         ),
-        (
-            "Envoy + ext_authz → keygate",
-            kg.port(),
-            Some(bench.keygate.proc.pid()),
-        ),
-        (
+        listener("Envoy + ext_authz → keygate", kg, keygate_pid),
+        listener(
             "Envoy + HTTP ext_authz → no-op HTTP server",
-            http_noop.port(),
+            http_noop,
             Some(http_authz.pid()),
         ),
-        (
-            "Envoy + HTTP ext_authz → keygate",
-            kg_http.port(),
-            Some(bench.keygate.proc.pid()),
-        ),
-        (
+        listener("Envoy + HTTP ext_authz → keygate", kg_http, keygate_pid),
+        listener(
             "Envoy + HTTP ext_authz → no-op on keygate's HTTP stack",
-            http_noop_axum.port(),
+            http_noop_axum,
             Some(noop_axum.pid()),
         ),
     ];
-    let mut results: Vec<Vec<(Wrk, f64, Option<f64>)>> = vec![Vec::new(); listeners.len()];
     let mut pids = bench.pids();
-    pids.push(envoy_pid);
-    pids.push(replay.pid());
-    pids.push(http_authz.pid());
-    pids.push(noop_axum.pid());
-    pids.extend(upstream.as_ref().map(Proc::pid));
-    let mut upstream_cpu = Vec::new();
-    let mut others = Vec::new();
-    for _ in 0..c.reps.max(1) {
-        for (i, (label, port, authz_pid)) in listeners.iter().enumerate() {
-            let mut attempt = 0;
-            let (w, envoy_cpu, authz_cpu, other) = loop {
-                attempt += 1;
-                wait_quiet(c.max_other_load, &pids).await?;
-                wrk(args, *port, &token, warmup)?;
-                let foreign = procs::ForeignCpu::start(&pids)?;
-                let e0 = procs::cpu_seconds(envoy_pid)?;
-                let a0 = authz_pid.map(procs::cpu_seconds).transpose()?;
-                let u0 = upstream
-                    .as_ref()
-                    .map(|u| procs::cpu_seconds(u.pid()))
-                    .transpose()?;
-                let w = wrk(args, *port, &token, seconds)?;
-                let e1 = procs::cpu_seconds(envoy_pid)?;
-                let a1 = authz_pid.map(procs::cpu_seconds).transpose()?;
-                let u1 = upstream
-                    .as_ref()
-                    .map(|u| procs::cpu_seconds(u.pid()))
-                    .transpose()?;
-                let other = foreign.cores()?;
-                let n = w.requests.max(1) as f64;
-                let envoy_cpu = (e1 - e0) * 1e6 / n;
-                let authz_cpu = a0.zip(a1).map(|(a, b)| (b - a) * 1e6 / n);
-                if c.max_other_load > 0.0 && other > c.max_other_load && attempt < 3 {
-                    eprintln!("  {label:<30} repeated: other processes used {other:.2} cores");
-                    continue;
-                }
-                if let Some((u0, u1)) = u0.zip(u1) {
-                    upstream_cpu.push((u1 - u0) * 1e6 / n);
-                }
-                break (w, envoy_cpu, authz_cpu, other);
-            };
-            others.push(other);
-            eprintln!(
-                "  {label:<30} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  other load {other:.2} cores  {}",
-                w.rps,
-                w.p50_us,
-                w.p99_us,
-                if w.non_2xx + w.socket_errors == 0 {
-                    "ok".to_owned()
-                } else {
-                    format!(
-                        "INVALID: {} non-2xx, {} socket errors",
-                        w.non_2xx, w.socket_errors
-                    )
-                }
-            );
-            if w.non_2xx > 0 || w.socket_errors > 0 {
-                bail!(
-                    "{label}: {} non-2xx responses and {} socket errors: the run is invalid",
-                    w.non_2xx,
-                    w.socket_errors
-                );
-            }
-            results[i].push((w, envoy_cpu, authz_cpu));
-        }
-    }
-    let mut rows = Vec::new();
-    for ((label, _, _), runs) in listeners.iter().zip(&results) {
-        let m = |f: &dyn Fn(&Wrk) -> f64| median(runs.iter().map(|(w, _, _)| f(w)).collect());
-        rows.push(Summary {
-            label: label.to_string(),
-            reps: runs.len(),
-            rps: m(&|w| w.rps),
-            p50_us: m(&|w| w.p50_us),
-            p90_us: m(&|w| w.p90_us),
-            p99_us: m(&|w| w.p99_us),
-            p999_us: f64::NAN,
-            cpu_us_per_request: Some(median(runs.iter().map(|r| r.1).collect())),
-        });
-        if let Some(a) = runs.iter().map(|r| r.2).collect::<Option<Vec<f64>>>() {
-            report.fact(
-                &format!("{label}: authorizer CPU µs per request"),
-                format!("{:.1}", median(a)),
-            );
-        }
-        report.fact(
-            &format!("{label}: p75 µs (median)"),
-            format!("{:.0}", m(&|w| w.p75_us)),
-        );
-    }
+    pids.extend([replay.pid(), http_authz.pid(), noop_axum.pid()]);
+    let runs = measure_listeners(args, &envoy, admin, &answer, &pids, &listeners).await?;
+    let rows = summarize(&mut report, &listeners, &runs);
     let (off_s, noop_s, replay_s, kg_s) = (
         rows[0].clone(),
         rows[1].clone(),
@@ -434,33 +658,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         rows[3].clone(),
     );
     let (kg_http_s, http_noop_s) = (rows[5].clone(), rows[6].clone());
-    let max_other = others.iter().cloned().fold(0.0, f64::max);
-    report.fact(
-        "CPU taken by other processes during the runs (median / max)",
-        format!("{:.2} / {max_other:.2} cores", median(others)),
-    );
-    if !upstream_cpu.is_empty() {
-        report.fact(
-            "upstream CPU µs per request (median over all listeners)",
-            format!("{:.1}", median(upstream_cpu)),
-        );
-    }
-    report.tables.push(Table {
-        title: format!(
-            "wrk -t{} -c{} -d{seconds}s --latency (closed loop, HTTP/1.1), Envoy --concurrency {}, \
-             answered by {}; target CPU = Envoy's CPU µs per request",
-            args.wrk_threads,
-            args.wrk_connections,
-            args.envoy_concurrency,
-            if args.upstream {
-                "a minimal HTTP/1.1 upstream"
-            } else {
-                "Envoy's direct_response"
-            }
-        ),
-        rows,
-        baseline: 0,
-    });
+    report.tables.push(table(args, &answer, rows));
     let r = kg_s.p50_us / off_s.p50_us;
     report.target(
         "median with keygate ≤ 1.5 × median without ext_authz",
@@ -484,14 +682,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         "median with keygate / median with the no-op answering keygate's answer",
         format!("{:.2}×", kg_s.p50_us / replay_s.p50_us),
     );
-    if args.wrk_connections > 1 {
-        report.notes.push(format!(
-            "wrk is closed loop: with {} connections the median is mostly the time per request \
-             times the queue depth, so the median ratio tracks the throughput ratio; \
-             `--wrk-connections 1` gives the latency without queueing.",
-            args.wrk_connections
-        ));
-    }
+    queueing_note(args, &mut report);
     print_report(&report, c)
 }
 
@@ -515,6 +706,15 @@ mod tests {
 Requests/sec:  50964.81
 Transfer/sec:      6.27MB
 ";
+
+    #[test]
+    fn every_placeholder_is_filled_in() {
+        let template = "\"@type\": x\nport_value: @ADMIN_PORT@ # @…@\n";
+        let filled = fill_template(template, &[("ADMIN_PORT", "9901".into())]).unwrap();
+        assert_eq!(filled, "\"@type\": x\nport_value: 9901 # @…@\n");
+        let err = fill_template(template, &[]).unwrap_err().to_string();
+        assert!(err.contains("@ADMIN_PORT@"), "{err}");
+    }
 
     #[test]
     fn wrk_output_is_read() {

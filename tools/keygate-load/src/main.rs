@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! keygate-load cache-hit | cache-hit-user | warm-keys | cold-keys | single-flight | memory | envoy
+//! keygate-load envoy-module
 //! keygate-load scale-out | rolling-restart
 //! keygate-load run --target 127.0.0.1:50051 --token sk_live_… [--rate 5000] [--json]
 //! keygate-load noop-server --listen 127.0.0.1:50061
@@ -17,6 +18,7 @@
 
 mod client;
 mod envoy;
+mod envoy_module;
 mod fleet;
 mod load;
 mod noop;
@@ -114,6 +116,10 @@ enum Cmd {
     },
     /// wrk through real Envoy: no ext_authz vs ext_authz → no-op vs ext_authz → keygate.
     Envoy(envoy::EnvoyArgs),
+    /// wrk through real Envoy with keygate's module (envoy-module/) in front of ext_authz:
+    /// a learned key against Envoy alone, ext_authz → keygate and Envoy's api_key_auth;
+    /// a key the module hands over against ext_authz alone.
+    EnvoyModule(envoy_module::ModuleArgs),
     /// One cached RS256 JWT, closed loop and open loop, against the no-op baselines.
     Jwt(Common),
     /// A cached key under a plan it never reaches (Redis store), against the no-op
@@ -290,6 +296,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         } => scenarios::single_flight(&common, requests, burst_connections).await,
         Cmd::Memory { common, keys } => scenarios::memory(&common, keys).await,
         Cmd::Envoy(args) => envoy::through_envoy(&args).await,
+        Cmd::EnvoyModule(args) => envoy_module::envoy_module(&args).await,
         Cmd::Jwt(c) => scenarios::jwt(&c).await,
         Cmd::RateLimited(c) => scenarios::rate_limited(&c).await,
         Cmd::Run(args) => run(args).await,
