@@ -1,0 +1,337 @@
+//! `envoy-module`: keygate's module inside Envoy (envoy-module/, examples/envoy-module.yaml)
+//! measured with wrk on one Envoy (benches/envoy-module.yaml), beside what it replaces
+//! and what it is weighed against, every listener answered the same way:
+//!
+//! - a. Envoy alone, no authorization (the baseline of every ratio);
+//! - b. Envoy + ext_authz → keygate, one cached API key (what users run today);
+//! - c. the module in front of ext_authz → the same keygate, the same key, learned: the
+//!   module answers it in Envoy's worker, without the ext_authz hop;
+//! - d. Envoy's own `api_key_auth` filter with the key in plaintext in Envoy's
+//!   configuration (for scale: the cheapest check Envoy has);
+//! - e. the module with a key it cannot answer itself (a key on a plan: rate limits are
+//!   keygate's), which it hands over to ext_authz, beside
+//! - f. Envoy + ext_authz → keygate with that same key: the hand-over must cost no more
+//!   than ext_authz alone.
+//!
+//! keygate runs as a user starts it, `keygate serve --dev` (config/dev.yaml as shipped),
+//! with only what the scenario needs added: the watch token the module follows keygate's
+//! `Watch` stream with, and the plan of e and f. The module reads the same file and the
+//! same `KEYGATE_…` overrides from Envoy's environment. Which door answered is read off
+//! Envoy's counters over each measured run: the module's allows skip ext_authz
+//! (`ext_authz.disabled`), its hand-overs reach it (`ext_authz.ok`).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::envoy::{self, Answer, EnvoyArgs, Listener, Measured, Wrk};
+use crate::procs;
+use crate::report::ScenarioReport;
+use crate::scenarios::{print_report, Bench};
+
+const ENVOY_CONFIG: &str = include_str!("../../../benches/envoy-module.yaml");
+
+/// The module as Envoy loads it (`dynamic_module_config: {name: keygate_envoy}`).
+const MODULE_FILE: &str = "libkeygate_envoy.so";
+
+/// The plan of the key the module hands over: a rate limit it never reaches (the most
+/// `policy.plans` allows; the burst is the same), which only keygate counts.
+const PLANS: &str = "{big: {requests_per_minute: 10000000}}";
+
+/// Envoy's counters of the module's listener (stat_prefix `module`): requests the module
+/// decided, which skip ext_authz, and requests ext_authz had keygate allow.
+const DECIDED_BY_MODULE: &str = "http.module.ext_authz.disabled";
+const ALLOWED_BY_KEYGATE: &str = "http.module.ext_authz.ok";
+
+/// The least share of a learned key's requests the module must answer itself: a learned
+/// entry lives `cache.ttl` (30 s in config/dev.yaml), and the requests that arrive while
+/// the module learns it again go to keygate.
+const MIN_MODULE_SHARE: f64 = 0.99;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModuleArgs {
+    #[command(flatten)]
+    pub envoy: EnvoyArgs,
+    /// The directory holding libkeygate_envoy.so (given to Envoy as
+    /// ENVOY_DYNAMIC_MODULES_SEARCH_PATH); default: this binary's (the release build).
+    #[arg(long, env = "ENVOY_DYNAMIC_MODULES_SEARCH_PATH")]
+    pub module_dir: Option<PathBuf>,
+}
+
+fn module_dir(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    let dir = match given {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary has no directory")?
+            .to_owned(),
+    };
+    anyhow::ensure!(
+        dir.join(MODULE_FILE).is_file(),
+        "{MODULE_FILE} not found in {}: cargo build --release -p keygate-envoy-module, or \
+         pass --module-dir",
+        dir.display()
+    );
+    Ok(std::fs::canonicalize(dir)?)
+}
+
+/// The lowest and highest of `x[i] / y[i]` over the repetitions (each pair measured in
+/// the same round).
+fn per_repetition(x: &[Measured], y: &[Measured], f: fn(&Wrk) -> f64) -> (f64, f64) {
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| f(&a.wrk) / f(&b.wrk))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+            (lo.min(r), hi.max(r))
+        })
+}
+
+/// The module's listener answers the learned key itself (its allow skips ext_authz):
+/// asked until it does, once its follower follows keygate's Watch stream and it has
+/// learned the key from one of keygate's answers. Returns how long that took.
+async fn until_module_answers(
+    envoy: &procs::Proc,
+    admin: std::net::SocketAddr,
+    module: std::net::SocketAddr,
+    path: &str,
+    auth: &[(&str, &str)],
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let decided = [DECIDED_BY_MODULE.to_owned()];
+    loop {
+        envoy::expect_statuses(envoy, path, &[(module, auth, 200)]).await?;
+        if envoy::envoy_counters(admin, &decided).await?[0] > 0.0 {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the module answered none of the learned key's requests in 30 s (does it \
+                 follow keygate's Watch stream?):\n{}",
+                envoy.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
+    let modules = module_dir(m.module_dir.as_ref())?;
+    let mut args = m.envoy.clone();
+    let c = &mut args.common;
+    c.dev = true;
+    c.keygate_env.extend([
+        (
+            "KEYGATE_WATCH_TOKEN".to_owned(),
+            keygate::secret::Secret::random(32).expose().to_owned(),
+        ),
+        ("KEYGATE_POLICY__PLANS".to_owned(), PLANS.to_owned()),
+    ]);
+    let args = args;
+    let c = &args.common;
+    let bench = Bench::start(c, false, false).await?;
+    let mut report = ScenarioReport::new(if args.upstream {
+        "keygate's module inside Envoy (wrk), in front of an upstream"
+    } else {
+        "keygate's module inside Envoy (wrk)"
+    });
+    let warm = bench.keygate.create_keys(1, &["contacts:read"], 1).await?;
+    let cold = bench
+        .keygate
+        .create_keys_on_plan(1, &["contacts:read"], "big", 1)
+        .await?;
+    for key in [&warm, &cold] {
+        bench.warm(key, &bench.template(key[0].len())).await?;
+    }
+    let (warm, cold) = (warm[0].clone(), cold[0].clone());
+
+    // The module reads the configuration keygate runs on (`serve --dev`'s, built in) and,
+    // from Envoy's environment, the same overrides.
+    let config = bench.scratch.path().join("keygate-dev.yaml");
+    std::fs::write(&config, keygate::config::DEV_CONFIG)?;
+    let mut env = c.keygate_env.clone();
+    env.extend([
+        (
+            "KEYGATE_REVOCATION__WATCH_URL".to_owned(),
+            format!("http://{}", bench.keygate.grpc),
+        ),
+        (
+            "ENVOY_DYNAMIC_MODULES_SEARCH_PATH".to_owned(),
+            modules.display().to_string(),
+        ),
+    ]);
+    let answer = Answer::start(&args, &bench.scratch).await?;
+    let (off, ext_authz, module, api_key_auth) = (
+        procs::free_port()?,
+        procs::free_port()?,
+        procs::free_port()?,
+        procs::free_port()?,
+    );
+    let (envoy, admin) = envoy::start_envoy(
+        &args,
+        &bench.scratch,
+        ENVOY_CONFIG,
+        &answer,
+        &[
+            ("OFF_PORT", off.port().to_string()),
+            ("EXT_AUTHZ_PORT", ext_authz.port().to_string()),
+            ("MODULE_PORT", module.port().to_string()),
+            ("API_KEY_AUTH_PORT", api_key_auth.port().to_string()),
+            ("API_KEY", warm.clone()),
+            ("MODULE_CONFIG", config.display().to_string()),
+            ("KEYGATE_GRPC_PORT", bench.keygate.grpc.port().to_string()),
+        ],
+        &env,
+        &[off, ext_authz, module, api_key_auth],
+    )
+    .await?;
+
+    // Every filter is there: a request without a credential is refused.
+    let (warm_bearer, cold_bearer) = (format!("Bearer {warm}"), format!("Bearer {cold}"));
+    let warm_auth = [("authorization", warm_bearer.as_str())];
+    let cold_auth = [("authorization", cold_bearer.as_str())];
+    envoy::expect_statuses(
+        &envoy,
+        &c.path,
+        &[
+            (off, &warm_auth[..], 200),
+            (ext_authz, &warm_auth[..], 200),
+            (ext_authz, &cold_auth[..], 200),
+            (ext_authz, &[][..], 401),
+            (module, &cold_auth[..], 200),
+            (module, &[][..], 401),
+            (api_key_auth, &warm_auth[..], 200),
+            (api_key_auth, &[][..], 401),
+        ],
+    )
+    .await?;
+    let learned_in = until_module_answers(&envoy, admin, module, &c.path, &warm_auth).await?;
+    report.fact(
+        "Envoy started → the module answers the learned key itself",
+        format!("{:.2} s", learned_in.as_secs_f64()),
+    );
+
+    let kg = Some(bench.keygate.proc.pid());
+    let module_counters = vec![DECIDED_BY_MODULE.to_owned(), ALLOWED_BY_KEYGATE.to_owned()];
+    let listener = |label: &str, port: std::net::SocketAddr, token: &str, authz_pid| Listener {
+        label: label.to_owned(),
+        port: port.port(),
+        token: token.to_owned(),
+        authz_pid,
+        counters: if port == module {
+            module_counters.clone()
+        } else {
+            Vec::new()
+        },
+    };
+    let listeners = [
+        listener("a. Envoy, no authorization", off, &warm, None),
+        listener("b. Envoy + ext_authz → keygate", ext_authz, &warm, kg),
+        listener("c. Envoy + module, learned key", module, &warm, kg),
+        listener("d. Envoy + api_key_auth", api_key_auth, &warm, None),
+        listener(
+            "e. Envoy + module → ext_authz, key on a plan",
+            module,
+            &cold,
+            kg,
+        ),
+        listener(
+            "f. Envoy + ext_authz → keygate, key on a plan",
+            ext_authz,
+            &cold,
+            kg,
+        ),
+    ];
+    let runs =
+        envoy::measure_listeners(&args, &envoy, admin, &answer, &bench.pids(), &listeners).await?;
+    let rows = envoy::summarize(&mut report, &listeners, &runs);
+    let [a, b, learned, d, e, f] = <[_; 6]>::try_from(rows.clone()).expect("six listeners");
+    report.tables.push(envoy::table(&args, &answer, rows));
+    let r = &runs.runs;
+
+    // Which door answered, from Envoy's counters over each measured run.
+    let share = |m: &Measured| m.counters[0] / (m.counters[0] + m.counters[1]).max(1.0);
+    let least = r[2].iter().map(share).fold(1.0, f64::min);
+    let handed_over: f64 = r[2].iter().map(|m| m.counters[1]).sum();
+    report.fact(
+        "c: requests the module answered itself (least over the repetitions); handed to keygate",
+        format!("{:.4}; {handed_over:.0}", least),
+    );
+    let answered_cold: f64 = r[4].iter().map(|m| m.counters[0]).sum();
+    let checked_cold: f64 = r[4].iter().map(|m| m.counters[1]).sum();
+    report.fact(
+        "e: requests the module answered itself; allowed by keygate through ext_authz",
+        format!("{answered_cold:.0}; {checked_cold:.0}"),
+    );
+
+    let spread = |x: (f64, f64)| format!("{:.2}–{:.2}×", x.0, x.1);
+    let ratio = learned.p50_us / a.p50_us;
+    report.target(
+        "c/a: median with the module (learned key) ≤ 1.3 × Envoy alone",
+        format!(
+            "{ratio:.2}× ({:.0} vs {:.0} µs; repetitions {})",
+            learned.p50_us,
+            a.p50_us,
+            spread(per_repetition(&r[2], &r[0], |w| w.p50_us))
+        ),
+        ratio <= 1.3,
+    );
+    let ratio = learned.rps / a.rps;
+    report.target(
+        "c/a: throughput with the module (learned key) ≥ 0.8 × Envoy alone",
+        format!(
+            "{ratio:.2}× ({:.0} vs {:.0} req/s; repetitions {})",
+            learned.rps,
+            a.rps,
+            spread(per_repetition(&r[2], &r[0], |w| w.rps))
+        ),
+        ratio >= 0.8,
+    );
+    // Within noise: the median misses, but a repetition (e and f measured in the same
+    // round) does not.
+    let ratio = e.p50_us / f.p50_us;
+    let (lo, hi) = per_repetition(&r[4], &r[5], |w| w.p50_us);
+    report.target(
+        "e/f: median of a key the module hands over ≤ 1.0 × ext_authz alone (within the \
+         repetitions' spread)",
+        format!(
+            "{ratio:.2}× ({:.0} vs {:.0} µs; repetitions {}){}",
+            e.p50_us,
+            f.p50_us,
+            spread((lo, hi)),
+            if ratio > 1.0 && lo <= 1.0 {
+                ": above 1.0 within the spread"
+            } else {
+                ""
+            }
+        ),
+        ratio <= 1.0 || lo <= 1.0,
+    );
+    for (what, x) in [("b/a", &b), ("d/a", &d), ("c/b", &learned)] {
+        let base = if what == "c/b" { &b } else { &a };
+        report.fact(
+            &format!("{what}: median; throughput"),
+            format!(
+                "{:.2}×; {:.2}× ({})",
+                x.p50_us / base.p50_us,
+                x.rps / base.rps,
+                x.label
+            ),
+        );
+    }
+    report.notes.push(format!(
+        "keygate: `keygate serve --dev` (config/dev.yaml as shipped) with \
+         KEYGATE_POLICY__PLANS={PLANS} and KEYGATE_WATCH_TOKEN; the module reads the same \
+         file and overrides from Envoy's environment and follows keygate's Watch stream."
+    ));
+    envoy::queueing_note(&args, &mut report);
+    print_report(&report, c)?;
+    if least < MIN_MODULE_SHARE || answered_cold > 0.0 {
+        bail!(
+            "the run is invalid: the module answered {least:.4} of the learned key's requests \
+             (at least {MIN_MODULE_SHARE} expected) and {answered_cold:.0} of the plan key's \
+             (none expected)"
+        );
+    }
+    Ok(())
+}
