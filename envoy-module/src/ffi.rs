@@ -57,16 +57,54 @@ impl Buffer {
         length: 0,
     };
 
+    /// Envoy's bytes, in place. Envoy passes `length` readable bytes at `ptr`, valid
+    /// until the hook that handed them over returns or a callback changes their map;
+    /// callers use the slice only within that.
+    fn bytes<'a>(self) -> &'a [u8] {
+        if self.ptr.is_null() || self.length == 0 {
+            return &[];
+        }
+        // SAFETY: as above: `ptr` is non-null (checked) and points to `length` bytes
+        // Envoy keeps unchanged for as long as the caller reads them.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.length) }
+    }
+
     /// A copy of Envoy's bytes.
     fn to_vec(self) -> Vec<u8> {
-        if self.ptr.is_null() || self.length == 0 {
-            return Vec::new();
-        }
-        // SAFETY: Envoy passes `length` readable bytes at `ptr` (non-null, checked
-        // above), valid for the duration of the hook or callback that handed them over;
-        // they are copied before that ends.
-        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.length) }.to_vec()
+        self.bytes().to_vec()
     }
+}
+
+impl Header {
+    const EMPTY: Header = Header {
+        key_ptr: std::ptr::null(),
+        key_length: 0,
+        value_ptr: std::ptr::null(),
+        value_length: 0,
+    };
+
+    fn key(&self) -> Buffer {
+        Buffer {
+            ptr: self.key_ptr,
+            length: self.key_length,
+        }
+    }
+
+    fn value(&self) -> Buffer {
+        Buffer {
+            ptr: self.value_ptr,
+            length: self.value_length,
+        }
+    }
+}
+
+/// `envoy_dynamic_module_type_module_key_value_pair`: a metadata field to set.
+#[repr(C)]
+struct KeyValue {
+    key_ptr: *const c_char,
+    key_length: usize,
+    value_ptr: *const c_char,
+    value_length: usize,
 }
 
 // SAFETY: these are the callbacks Envoy 1.40 exports to modules, declared with the
@@ -94,11 +132,11 @@ unsafe extern "C" {
         body: Buffer,
         details: Buffer,
     );
-    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
         filter: *mut c_void,
         namespace: Buffer,
-        key: Buffer,
-        value: Buffer,
+        entries: *const KeyValue,
+        entries_size: usize,
     );
     fn envoy_dynamic_module_callback_http_set_dynamic_metadata_bool(
         filter: *mut c_void,
@@ -133,21 +171,12 @@ fn log(level: i32, message: &str) {
 struct EnvoyStream(*mut c_void);
 
 impl Stream for EnvoyStream {
-    fn request_headers(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    fn with_request_headers<R>(&self, f: impl FnOnce(&[(&[u8], &[u8])]) -> R) -> R {
         // SAFETY: `self.0` is the live stream of the running hook.
         let size =
             unsafe { envoy_dynamic_module_callback_http_get_headers_size(self.0, REQUEST_HEADER) };
-        let mut headers = vec![
-            Header {
-                key_ptr: std::ptr::null(),
-                key_length: 0,
-                value_ptr: std::ptr::null(),
-                value_length: 0,
-            };
-            size
-        ];
-        // SAFETY: `headers` has room for the `size` entries Envoy fills in; the
-        // pointers it writes are valid until this hook returns, and are copied below.
+        let mut headers = vec![Header::EMPTY; size];
+        // SAFETY: `headers` has room for the `size` entries Envoy fills in.
         let filled = unsafe {
             envoy_dynamic_module_callback_http_get_headers(
                 self.0,
@@ -156,22 +185,15 @@ impl Stream for EnvoyStream {
             )
         };
         if !filled {
-            return Vec::new();
+            return f(&[]);
         }
-        headers
+        let views: Vec<(&[u8], &[u8])> = headers
             .iter()
-            .map(|h| {
-                let key = Buffer {
-                    ptr: h.key_ptr,
-                    length: h.key_length,
-                };
-                let value = Buffer {
-                    ptr: h.value_ptr,
-                    length: h.value_length,
-                };
-                (key.to_vec(), value.to_vec())
-            })
-            .collect()
+            .map(|h| (h.key().bytes(), h.value().bytes()))
+            .collect();
+        // Envoy's bytes are read in place, until `f` returns: before the hook returns
+        // and before any callback could change the headers (`f` makes none).
+        f(&views)
     }
 
     fn set_request_header(&self, name: &str, value: &str) {
@@ -235,14 +257,24 @@ impl Stream for EnvoyStream {
         }
     }
 
-    fn set_metadata_string(&self, namespace: &str, key: &str, value: &str) {
-        // SAFETY: a live stream; Envoy copies the three buffers.
+    fn set_metadata_strings(&self, namespace: &str, fields: &[(String, String)]) {
+        let entries: Vec<KeyValue> = fields
+            .iter()
+            .map(|(k, v)| KeyValue {
+                key_ptr: k.as_ptr().cast(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr().cast(),
+                value_length: v.len(),
+            })
+            .collect();
+        // SAFETY: a live stream; `entries` points into `fields`' strings, which outlive
+        // the call; Envoy copies them all into one metadata update.
         unsafe {
-            envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+            envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
                 self.0,
                 Buffer::of(namespace),
-                Buffer::of(key),
-                Buffer::of(value),
+                entries.as_ptr(),
+                entries.len(),
             );
         }
     }

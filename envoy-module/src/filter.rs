@@ -26,14 +26,16 @@ pub const PANIC_HEADER_ENV: &str = "KEYGATE_MODULE_TEST_PANIC_HEADER";
 
 /// Envoy's side of one stream, as the module uses it.
 pub trait Stream {
-    /// The request headers, pseudo-headers included, repeated ones as separate entries.
-    fn request_headers(&self) -> Vec<(Vec<u8>, Vec<u8>)>;
+    /// `f` over the request headers (pseudo-headers included, repeated ones as separate
+    /// entries), read in place: valid for the call only.
+    fn with_request_headers<R>(&self, f: impl FnOnce(&[(&[u8], &[u8])]) -> R) -> R;
     fn set_request_header(&self, name: &str, value: &str);
     fn remove_request_header(&self, name: &str);
     fn set_response_header(&self, name: &str, value: &str);
     /// Ends the stream with a local reply.
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &str);
-    fn set_metadata_string(&self, namespace: &str, key: &str, value: &str);
+    /// Sets these string fields of `namespace`, at once.
+    fn set_metadata_strings(&self, namespace: &str, fields: &[(String, String)]);
     fn set_metadata_bool(&self, namespace: &str, key: &str, value: bool);
     fn add_metadata_list_string(&self, namespace: &str, key: &str, value: &str);
     fn metadata_string(&self, namespace: &str, key: &str) -> Option<String>;
@@ -109,21 +111,20 @@ pub struct Filter {
 
 impl Filter {
     pub fn on_request_headers(&mut self, stream: &impl Stream) -> Next {
-        let headers = stream.request_headers();
-        let decided = catch_unwind(AssertUnwindSafe(|| {
-            if let Some(trigger) = &self.panic_header {
-                if headers
-                    .iter()
-                    .any(|(k, _)| k.eq_ignore_ascii_case(trigger.as_bytes()))
-                {
-                    panic!("the test trigger {trigger} asked the decision to panic");
+        let decided = stream.with_request_headers(|headers| {
+            catch_unwind(AssertUnwindSafe(|| {
+                if let Some(trigger) = &self.panic_header {
+                    if headers
+                        .iter()
+                        .any(|(k, _)| k.eq_ignore_ascii_case(trigger.as_bytes()))
+                    {
+                        panic!("the test trigger {trigger} asked the decision to panic");
+                    }
                 }
-            }
-            let req = self
-                .decider
-                .request(headers.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))?;
-            Some(self.decider.decide(&req))
-        }));
+                let req = self.decider.request(headers.iter().copied())?;
+                Some(self.decider.decide(&req))
+            }))
+        });
         match decided {
             Ok(Some(Local::Allow(allow))) => {
                 self.allow(stream, allow);
@@ -138,8 +139,8 @@ impl Filter {
                 self.ticket = Some(ticket);
                 Next::Continue
             }
-            // Headers the service must read as Envoy sends them to it.
-            Ok(None) => Next::Continue,
+            // Nothing to learn; or headers the service must read as Envoy sends them.
+            Ok(Some(Local::HandOver) | None) => Next::Continue,
             Err(_) => {
                 stream.log("keygate module: the decision panicked; the request goes to ext_authz");
                 Next::Continue
@@ -157,9 +158,7 @@ impl Filter {
             stream.set_request_header(name, value);
         }
         if let Some(metadata) = &allow.metadata {
-            for (key, value) in &metadata.fields {
-                stream.set_metadata_string(EXT_AUTHZ_NAMESPACE, key, value);
-            }
+            stream.set_metadata_strings(EXT_AUTHZ_NAMESPACE, &metadata.fields);
             for scope in &metadata.scopes {
                 stream.add_metadata_list_string(EXT_AUTHZ_NAMESPACE, "scopes", scope);
             }

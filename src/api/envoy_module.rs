@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use super::envoy::{Answer, EnvoyAuthorization};
 use super::envoy_learn::Learned;
-use crate::cache::{CredentialCache, Digest};
+use crate::cache::{CredentialCache, Digest, Verified};
 use crate::credential::Credential;
 use crate::principal::KeyKind;
 use crate::request::AuthRequest;
@@ -41,6 +41,10 @@ pub enum Local {
     Deny(LocalDeny),
     /// Hand it to ext_authz, asking to learn from the answer.
     Defer(Ticket),
+    /// Hand it to ext_authz, with nothing to learn: the module holds the credential's
+    /// answer already, and the request needs what only the service has (a rate limit,
+    /// a lease, a session mint, a delegation not seen yet).
+    HandOver,
 }
 
 /// An allow, in the terms of Envoy's filter ABI.
@@ -170,12 +174,10 @@ impl ModuleDecider {
     /// The module's answer to `req`.
     pub fn decide(&self, req: &AuthRequest) -> Local {
         if !self.following() {
-            return Local::Defer(self.ticket(req));
+            return self.hand_over(req);
         }
         match self.envoy.decide_known(req) {
-            // Taken before the request leaves for the service: anything applied here
-            // after this is checked against the answer (`learn`).
-            None => Local::Defer(self.ticket(req)),
+            None => self.hand_over(req),
             Some(Answer::Allow(allow)) => {
                 Local::Allow(LocalAllow {
                     set: allow
@@ -211,11 +213,27 @@ impl ModuleDecider {
         }
     }
 
-    fn ticket(&self, req: &AuthRequest) -> Ticket {
+    /// `req` for the service; asking to learn from its answer unless the module holds
+    /// the credential's answer already (asking again would only cost both sides the
+    /// principal's round trip, on every request of a key on a rate-limited plan), but
+    /// for a partner key's.
+    fn hand_over(&self, req: &AuthRequest) -> Local {
         let digest = match self.envoy.credentials().extract(req) {
             Credential::ApiKey(token) | Credential::Jwt(token) => Some(self.cache.digest(token)),
             Credential::None | Credential::Unrecognized => None,
         };
+        // A partner key's answer is learned again: a tenant delegated to it that the
+        // module has not seen is learned from it.
+        let known = digest.and_then(|d| self.cache.peek(&d));
+        if matches!(known, Some(Verified::Valid(p)) if p.kind != KeyKind::Partner) {
+            return Local::HandOver;
+        }
+        Local::Defer(self.ticket(digest))
+    }
+
+    /// Taken before the request leaves for the service: anything applied here after
+    /// this is checked against the answer (`learn`).
+    fn ticket(&self, digest: Option<Digest>) -> Ticket {
         // One snapshot: an event is applied to the cache, the delegations and the
         // position together, never in part of what the ticket reads.
         self.bus.at_position(|after| Ticket {
