@@ -33,9 +33,14 @@ AUDIENCE = "https://api.e2e-module.example"
 JWT_SECRET = "e2e-module-shared-secret-of-more-than-32-bytes"
 PANIC_HEADER = "x-e2e-module-panic"
 
+# test_http_authz.py's routes, and an internal one (runtime keys only).
+MODULE_ROUTES = ROUTES[:-1] + (
+    ",{name: internal-jobs, methods: [GET], path: '/internal/**', scope: 'jobs:run', internal: true}]"
+)
+
 ENV = {
     "KEYGATE_WATCH_TOKEN": WATCH_TOKEN,
-    "KEYGATE_POLICY__ROUTES": ROUTES,
+    "KEYGATE_POLICY__ROUTES": MODULE_ROUTES,
     "KEYGATE_POLICY__PARTNER_SCOPES": "['billing:partner:*']",
     "KEYGATE_POLICY__PLANS": "{trial: {requests_per_minute: 2}}",
     "KEYGATE_SESSIONS__SIGNING_KEYS": "[{kid: e2e-1, key_env: KEYGATE_E2E_SESSION_KEY}]",
@@ -106,9 +111,15 @@ def keygate(doors):
 
 
 @pytest.fixture(scope="module")
-def keys(keygate):
+def keys(doors, keygate):
     k = scenario_keys(keygate)
-    return {**k, "jwt": jwt(k["tenant"])}
+    runtime = keygate.cli("keys", "create", "--json", "--kind", "runtime", "--service", "jobs-runner",
+                          "--scopes", "jobs:run,contacts:read")
+    assert runtime.code == 0, str(runtime)
+    minted = doors["envoy-grpc"].request("POST", "/v1/sessions", [bearer(k["reader"]["token"])])
+    assert_allowed(minted)
+    return {**k, "jwt": jwt(k["tenant"]), "runtime": runtime.json(),
+            "session": minted.header("x-keygate-session-token")}
 
 
 def metadata(resp: harness.Response) -> dict | None:
@@ -138,8 +149,15 @@ def through_module(door: harness.ModuleEnvoy, method, path, headers) -> tuple[ha
 
 
 def all_scenarios(k: dict):
+    runtime = k["runtime"]["token"]
     return scenarios(k) + [
         ("jwt", "GET", "/v1/contacts/1", [bearer(k["jwt"])], 200, None),
+        ("session token on the stream route", "GET", "/v1/stream/calls/7", [bearer(k["session"])], 200, None),
+        ("runtime key on an internal route", "GET", "/internal/jobs/nightly", [bearer(runtime)], 200, None),
+        ("runtime key on a customer route", "GET", "/v1/contacts/1", [bearer(runtime)], 403,
+         "insufficient_permissions"),
+        ("tenant key on an internal route", "GET", "/internal/jobs/nightly", [bearer(k["reader"]["token"])], 403,
+         "insufficient_permissions"),
         ("jwt on a write without the scope", "POST", "/v1/contacts/1",
          [bearer(k["jwt"]), ("x-tenant-id", k["tenant"])], 403, "insufficient_permissions"),
     ]
@@ -148,8 +166,10 @@ def all_scenarios(k: dict):
 # What keygate's answers taught the module by the second pass, and what it must still
 # hand over: a wrong secret, a revoked key, a tenant it never saw delegated and a JWT
 # that does not validate are never learned (only allows are; the module validates no
-# JWT itself).
-HANDED_OVER = {"invalid_api_key (secret)", "revoked_api_key", "partner for another tenant", "invalid_token"}
+# JWT itself), and a session token is judged on its key's state, which only keygate
+# holds.
+HANDED_OVER = {"invalid_api_key (secret)", "revoked_api_key", "partner for another tenant", "invalid_token",
+               "session token on the stream route"}
 
 
 def test_the_module_answers_every_scenario_as_the_service_does(doors, keys):
