@@ -343,6 +343,13 @@ fn next(n: Next) -> i32 {
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+    // A panic (caught at every hook) is one line in Envoy's log, and nothing more: Rust's
+    // default hook would capture and print a backtrace on Envoy's worker thread, holding
+    // it (and every stream on it, their timers included) for as long as that takes.
+    // This module's Rust runtime is its own, so the hook is too.
+    std::panic::set_hook(Box::new(|info| {
+        log(LOG_ERROR, &format!("keygate module: panic: {info}"));
+    }));
     crate::ABI_VERSION.as_ptr()
 }
 
