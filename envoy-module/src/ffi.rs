@@ -21,7 +21,8 @@ pub struct Buffer {
     length: usize,
 }
 
-/// A header (key and value), either side's.
+/// A header (key and value), either side's; also a metadata field to set
+/// (`envoy_dynamic_module_type_module_key_value_pair` has the same four fields).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Header {
@@ -96,15 +97,19 @@ impl Header {
             length: self.value_length,
         }
     }
-}
 
-/// `envoy_dynamic_module_type_module_key_value_pair`: a metadata field to set.
-#[repr(C)]
-struct KeyValue {
-    key_ptr: *const c_char,
-    key_length: usize,
-    value_ptr: *const c_char,
-    value_length: usize,
+    /// Views of the module's own strings, for a callback that copies them.
+    fn all_of(pairs: &[(String, String)]) -> Vec<Header> {
+        pairs
+            .iter()
+            .map(|(k, v)| Header {
+                key_ptr: k.as_ptr().cast(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr().cast(),
+                value_length: v.len(),
+            })
+            .collect()
+    }
 }
 
 // SAFETY: these are the callbacks Envoy 1.40 exports to modules, declared with the
@@ -135,7 +140,7 @@ unsafe extern "C" {
     fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
         filter: *mut c_void,
         namespace: Buffer,
-        entries: *const KeyValue,
+        entries: *const Header,
         entries_size: usize,
     );
     fn envoy_dynamic_module_callback_http_set_dynamic_metadata_bool(
@@ -170,6 +175,22 @@ fn log(level: i32, message: &str) {
 /// now, valid until `on_http_filter_destroy`.
 struct EnvoyStream(*mut c_void);
 
+impl EnvoyStream {
+    /// Replaces every value of `name` in the request's or the response's headers (`kind`).
+    fn set_header(&self, kind: i32, name: &str, value: &str) {
+        // SAFETY: a live stream, in a phase where that header map exists; Envoy copies
+        // both buffers during the call.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                self.0,
+                kind,
+                Buffer::of(name),
+                Buffer::of(value),
+            );
+        }
+    }
+}
+
 impl Stream for EnvoyStream {
     fn with_request_headers<R>(&self, f: impl FnOnce(&[(&[u8], &[u8])]) -> R) -> R {
         // SAFETY: `self.0` is the live stream of the running hook.
@@ -197,15 +218,7 @@ impl Stream for EnvoyStream {
     }
 
     fn set_request_header(&self, name: &str, value: &str) {
-        // SAFETY: a live stream; Envoy copies both buffers during the call.
-        unsafe {
-            envoy_dynamic_module_callback_http_set_header(
-                self.0,
-                REQUEST_HEADER,
-                Buffer::of(name),
-                Buffer::of(value),
-            );
-        }
+        self.set_header(REQUEST_HEADER, name, value);
     }
 
     fn remove_request_header(&self, name: &str) {
@@ -222,27 +235,11 @@ impl Stream for EnvoyStream {
     }
 
     fn set_response_header(&self, name: &str, value: &str) {
-        // SAFETY: a live stream in its response phase; Envoy copies both buffers.
-        unsafe {
-            envoy_dynamic_module_callback_http_set_header(
-                self.0,
-                RESPONSE_HEADER,
-                Buffer::of(name),
-                Buffer::of(value),
-            );
-        }
+        self.set_header(RESPONSE_HEADER, name, value);
     }
 
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) {
-        let mut out: Vec<Header> = headers
-            .iter()
-            .map(|(k, v)| Header {
-                key_ptr: k.as_ptr().cast(),
-                key_length: k.len(),
-                value_ptr: v.as_ptr().cast(),
-                value_length: v.len(),
-            })
-            .collect();
+        let mut out = Header::all_of(headers);
         // SAFETY: a live stream; `out` points into `headers`' strings, which outlive the
         // call; Envoy copies headers and body before it returns.
         unsafe {
@@ -258,15 +255,7 @@ impl Stream for EnvoyStream {
     }
 
     fn set_metadata_strings(&self, namespace: &str, fields: &[(String, String)]) {
-        let entries: Vec<KeyValue> = fields
-            .iter()
-            .map(|(k, v)| KeyValue {
-                key_ptr: k.as_ptr().cast(),
-                key_length: k.len(),
-                value_ptr: v.as_ptr().cast(),
-                value_length: v.len(),
-            })
-            .collect();
+        let entries = Header::all_of(fields);
         // SAFETY: a live stream; `entries` points into `fields`' strings, which outlive
         // the call; Envoy copies them all into one metadata update.
         unsafe {
