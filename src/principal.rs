@@ -64,8 +64,9 @@ str_enum!(KeyKind { Tenant => "tenant", Partner => "partner", Runtime => "runtim
 str_enum!(CredentialKind { ApiKey => "api_key", Jwt => "jwt", Session => "session" });
 str_enum!(Environment { Live => "live", Test => "test" });
 
-/// An authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An authenticated caller. Its JSON form is what keygate's module inside Envoy learns
+/// from an allow (`api::envoy_learn`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Principal {
     /// The tenant a tenant key or JWT belongs to; empty for partner and runtime keys,
     /// which act for the tenant the request names (or none).
@@ -94,7 +95,7 @@ pub struct Principal {
 /// A JWT's `jti` and `iat`, for revocations that name them. Boxed in `Principal`, so the
 /// principal of an API key, the most numerous in the cache, does not carry their room
 /// (BENCHMARKS.md, memory).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct TokenIds {
     pub jti: Option<Box<str>>,
     /// Unix seconds.

@@ -10,11 +10,9 @@
 //! allow does not set is removed). Session tokens are never learned: they are judged on
 //! their key's state, which the module does not hold.
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 
-use crate::principal::{CredentialKind, Environment, KeyKind, Principal, TokenIds};
+use crate::principal::{CredentialKind, Principal};
 use crate::store::Cursor;
 
 /// The request header by which the module asks to learn from an allow.
@@ -23,42 +21,16 @@ pub const LEARN_HEADER: &str = "x-keygate-learn";
 /// One allow, as the module learns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Learned {
-    /// The answering replica's position in the revocation stream (a `Cursor`): the
-    /// module keeps the answer only if this covers every event it had applied itself
-    /// when it asked, so a replica that is behind cannot teach it a revoked key.
+    /// The answering replica's position in the revocation stream (a `Cursor`) when it
+    /// started deciding: the module keeps the answer only if this covers every event it
+    /// had applied itself when it asked, so a replica that is behind cannot teach it a
+    /// revoked key.
     pub after: String,
     /// The tenant the request acted for (a partner's delegated one is learned as a
     /// delegation).
     pub tenant: Option<String>,
-    pub principal: LearnedPrincipal,
-}
-
-/// `Principal`, every field, as JSON.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LearnedPrincipal {
-    tenant_id: String,
-    subject: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    key_id: Option<String>,
-    kind: KeyKind,
-    environment: Environment,
-    scopes: Vec<String>,
-    scopes_header: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    plan: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    expires_at: Option<u64>,
-    credential: CredentialKind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    issuer: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    partner_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    service: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    jti: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    issued_at: Option<u64>,
+    /// The principal, every field, as the service held it.
+    pub principal: Principal,
 }
 
 impl Learned {
@@ -68,27 +40,10 @@ impl Learned {
         if principal.credential == CredentialKind::Session {
             return None;
         }
-        let ids = principal.token_ids.as_deref();
         Some(Learned {
             after: after.to_string(),
             tenant: tenant.map(str::to_owned),
-            principal: LearnedPrincipal {
-                tenant_id: principal.tenant_id.to_string(),
-                subject: principal.subject.to_string(),
-                key_id: principal.key_id.as_deref().map(str::to_owned),
-                kind: principal.kind,
-                environment: principal.environment,
-                scopes: principal.scopes.clone(),
-                scopes_header: principal.scopes_header.to_string(),
-                plan: principal.plan.as_deref().map(str::to_owned),
-                expires_at: principal.expires_at,
-                credential: principal.credential,
-                issuer: principal.issuer.as_deref().map(str::to_owned),
-                partner_id: principal.partner_id.as_deref().map(str::to_owned),
-                service: principal.service.as_deref().map(str::to_owned),
-                jti: ids.and_then(|t| t.jti.as_deref()).map(str::to_owned),
-                issued_at: ids.and_then(|t| t.issued_at),
-            },
+            principal: principal.clone(),
         })
     }
 
@@ -99,38 +54,14 @@ impl Learned {
     pub fn from_json(text: &str) -> Result<Learned, serde_json::Error> {
         serde_json::from_str(text)
     }
-
-    /// The principal, as the service held it.
-    pub fn principal(&self) -> Principal {
-        let p = &self.principal;
-        let token_ids = (p.jti.is_some() || p.issued_at.is_some()).then(|| {
-            Box::new(TokenIds {
-                jti: p.jti.as_deref().map(Into::into),
-                issued_at: p.issued_at,
-            })
-        });
-        Principal {
-            tenant_id: p.tenant_id.as_str().into(),
-            subject: p.subject.as_str().into(),
-            key_id: p.key_id.as_deref().map(Into::into),
-            kind: p.kind,
-            environment: p.environment,
-            scopes: p.scopes.clone(),
-            plan: p.plan.as_deref().map(Into::into),
-            expires_at: p.expires_at,
-            scopes_header: p.scopes_header.as_str().into(),
-            credential: p.credential,
-            issuer: p.issuer.as_deref().map(Arc::from),
-            partner_id: p.partner_id.as_deref().map(Into::into),
-            service: p.service.as_deref().map(Into::into),
-            token_ids,
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::principal::{Environment, KeyKind, TokenIds};
     use crate::store::EventId;
 
     fn jwt_principal() -> Principal {
@@ -169,7 +100,7 @@ mod tests {
             let learned = Learned::of(&p, Some("t"), &after).unwrap();
             let read = Learned::from_json(&learned.to_json()).unwrap();
             assert_eq!(read, learned);
-            assert_eq!(read.principal(), p);
+            assert_eq!(read.principal, p);
             assert_eq!(read.after, "12-3");
         }
     }

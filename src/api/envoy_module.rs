@@ -259,7 +259,7 @@ impl ModuleDecider {
         if !covers(&after, &ticket.after) {
             return Err(NotLearned::ReplicaBehind);
         }
-        let principal = Arc::new(learned.principal());
+        let principal = Arc::new(learned.principal);
         let delegated = match (
             &learned.tenant,
             principal.kind,
