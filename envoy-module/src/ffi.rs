@@ -99,9 +99,8 @@ impl Header {
     }
 
     /// Views of the module's own strings, for a callback that copies them.
-    fn all_of(pairs: &[(String, String)]) -> Vec<Header> {
+    fn all_of<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<Header> {
         pairs
-            .iter()
             .map(|(k, v)| Header {
                 key_ptr: k.as_ptr().cast(),
                 key_length: k.len(),
@@ -239,7 +238,7 @@ impl Stream for EnvoyStream {
     }
 
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) {
-        let mut out = Header::all_of(headers);
+        let mut out = Header::all_of(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         // SAFETY: a live stream; `out` points into `headers`' strings, which outlive the
         // call; Envoy copies headers and body before it returns.
         unsafe {
@@ -254,10 +253,14 @@ impl Stream for EnvoyStream {
         }
     }
 
-    fn set_metadata_strings(&self, namespace: &str, fields: &[(String, String)]) {
+    fn set_metadata_strings<'a>(
+        &self,
+        namespace: &str,
+        fields: impl Iterator<Item = (&'a str, &'a str)>,
+    ) {
         let entries = Header::all_of(fields);
-        // SAFETY: a live stream; `entries` points into `fields`' strings, which outlive
-        // the call; Envoy copies them all into one metadata update.
+        // SAFETY: a live stream; `entries` points into the strings `fields` borrows, which
+        // outlive the call; Envoy copies them all into one metadata update.
         unsafe {
             envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
                 self.0,

@@ -35,7 +35,11 @@ pub trait Stream {
     /// Ends the stream with a local reply.
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &str);
     /// Sets these string fields of `namespace`, at once.
-    fn set_metadata_strings(&self, namespace: &str, fields: &[(String, String)]);
+    fn set_metadata_strings<'a>(
+        &self,
+        namespace: &str,
+        fields: impl Iterator<Item = (&'a str, &'a str)>,
+    );
     fn set_metadata_bool(&self, namespace: &str, key: &str, value: bool);
     fn add_metadata_list_string(&self, namespace: &str, key: &str, value: &str);
     fn metadata_string(&self, namespace: &str, key: &str) -> Option<String>;
@@ -50,10 +54,45 @@ pub enum Next {
     Stop,
 }
 
+/// What a module built with the `bench-floor` feature does on a listener whose
+/// configuration starts with `floor:<mode>;`, instead of carrying out its decision: the
+/// parts of the module's cost, measured by `scripts/bench envoy-module --floor` against
+/// the whole. Not in a module built without the feature.
+#[cfg(feature = "bench-floor")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Floor {
+    /// Every request is marked decided (ext_authz skipped) and nothing else: Envoy's
+    /// module machinery and the skipped ext_authz filter. Lets every request pass.
+    Mark,
+    /// The request is read and decided as the module decides it; an allow is marked
+    /// decided, without its headers or metadata; the rest goes on as the module would
+    /// send it (to ext_authz, learning from the answer). The machinery and keygate's
+    /// decision, without carrying out the allow.
+    Decide,
+}
+
+#[cfg(feature = "bench-floor")]
+impl Floor {
+    /// The floor a configuration asks for, and the configuration after it.
+    fn split(config: &str) -> (Option<Floor>, &str) {
+        for (prefix, floor) in [
+            ("floor:mark;", Floor::Mark),
+            ("floor:decide;", Floor::Decide),
+        ] {
+            if let Some(rest) = config.strip_prefix(prefix) {
+                return (Some(floor), rest);
+            }
+        }
+        (None, config)
+    }
+}
+
 /// One filter configuration: keygate's decider and its follower thread.
 pub struct FilterConfig {
     runtime: ModuleRuntime,
     panic_header: Option<String>,
+    #[cfg(feature = "bench-floor")]
+    floor: Option<Floor>,
 }
 
 impl FilterConfig {
@@ -64,6 +103,8 @@ impl FilterConfig {
         config: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<FilterConfig, ConfigError> {
+        #[cfg(feature = "bench-floor")]
+        let (floor, config) = Floor::split(config);
         let text;
         let config = match config.strip_prefix("file:") {
             None => config,
@@ -82,6 +123,8 @@ impl FilterConfig {
         Ok(FilterConfig {
             runtime: ModuleRuntime::start(config, env)?,
             panic_header,
+            #[cfg(feature = "bench-floor")]
+            floor,
         })
     }
 
@@ -95,6 +138,8 @@ impl FilterConfig {
             panic_header: self.panic_header.clone(),
             ticket: None,
             response_headers: Vec::new(),
+            #[cfg(feature = "bench-floor")]
+            floor: self.floor,
         }
     }
 }
@@ -107,10 +152,18 @@ pub struct Filter {
     ticket: Option<Ticket>,
     /// The client's headers of an allow the module gave.
     response_headers: Vec<(String, String)>,
+    #[cfg(feature = "bench-floor")]
+    floor: Option<Floor>,
 }
 
 impl Filter {
     pub fn on_request_headers(&mut self, stream: &impl Stream) -> Next {
+        #[cfg(feature = "bench-floor")]
+        if let Some(floor) = self.floor {
+            if self.floor(stream, floor) {
+                return Next::Continue;
+            }
+        }
         let decided = stream.with_request_headers(|headers| {
             catch_unwind(AssertUnwindSafe(|| {
                 if let Some(trigger) = &self.panic_header {
@@ -148,23 +201,42 @@ impl Filter {
         }
     }
 
+    /// Whether the floor marked the request decided; if not, the module goes on as it
+    /// does (hands it over, learns from the answer).
+    #[cfg(feature = "bench-floor")]
+    fn floor(&self, stream: &impl Stream, floor: Floor) -> bool {
+        let allowed = floor == Floor::Mark
+            || stream.with_request_headers(|headers| {
+                self.decider
+                    .request(headers.iter().copied())
+                    .is_some_and(|req| matches!(self.decider.decide(&req), Local::Allow(_)))
+            });
+        if allowed {
+            stream.set_metadata_bool(MODULE_NAMESPACE, DECIDED_KEY, true);
+        }
+        allowed
+    }
+
     /// The allow, as Envoy carries out keygate's ext_authz allow: removals first, then
     /// the identity headers, then the same dynamic metadata; and ext_authz skipped.
     fn allow(&mut self, stream: &impl Stream, allow: LocalAllow) {
-        for name in &allow.remove {
+        for name in allow.remove() {
             stream.remove_request_header(name);
         }
-        for (name, value) in &allow.set {
+        for (name, value) in allow.headers() {
             stream.set_request_header(name, value);
         }
-        if let Some(metadata) = &allow.metadata {
-            stream.set_metadata_strings(EXT_AUTHZ_NAMESPACE, &metadata.fields);
-            for scope in &metadata.scopes {
+        if let Some((fields, scopes)) = allow.metadata() {
+            stream.set_metadata_strings(EXT_AUTHZ_NAMESPACE, fields);
+            for scope in scopes {
                 stream.add_metadata_list_string(EXT_AUTHZ_NAMESPACE, "scopes", scope);
             }
         }
         stream.set_metadata_bool(MODULE_NAMESPACE, DECIDED_KEY, true);
-        self.response_headers = allow.response_headers;
+        self.response_headers = allow
+            .response_headers()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
     }
 
     pub fn on_response_headers(&mut self, stream: &impl Stream) -> Next {

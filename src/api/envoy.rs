@@ -176,8 +176,8 @@ impl EnvoyAuthorization {
 
     /// Whether a request header of this (lower-case) name is one a decision or an answer
     /// consults; other adapters keep only these, as this one does.
-    pub(crate) fn consults(&self, name: &str) -> bool {
-        self.headers.wants(name.as_bytes())
+    pub(crate) fn consults(&self, name: &[u8]) -> bool {
+        self.headers.wants(name)
     }
 
     /// The allow's parts: identity headers, the headers to remove, the client's headers.

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::envoy::{Answer, EnvoyAuthorization};
+use super::envoy_answer::{AllowAnswer, Identity};
 use super::envoy_learn::Learned;
 use crate::cache::{CredentialCache, Digest, Verified};
 use crate::credential::Credential;
@@ -47,25 +48,34 @@ pub enum Local {
     HandOver,
 }
 
-/// An allow, in the terms of Envoy's filter ABI.
-#[derive(Debug, Default)]
-pub struct LocalAllow {
-    /// Request headers set upstream (each replaces any value the request had).
-    pub set: Vec<(String, String)>,
-    /// Request headers removed.
-    pub remove: Vec<String>,
-    /// Headers added to the client's response.
-    pub response_headers: Vec<(String, String)>,
-    /// The dynamic metadata (ext_authz's namespace); `None` where the service sends
-    /// none.
-    pub metadata: Option<LocalMetadata>,
-}
+/// An allow, in the terms of Envoy's filter ABI: read straight from the service's own
+/// allow (`AllowAnswer`), so that nothing is copied on the way to Envoy, which copies
+/// every header and field it is given anyway.
+#[derive(Debug)]
+pub struct LocalAllow(AllowAnswer);
 
-/// The principal as dynamic metadata: string fields and the `scopes` list.
-#[derive(Debug, Default)]
-pub struct LocalMetadata {
-    pub fields: Vec<(String, String)>,
-    pub scopes: Vec<String>,
+impl LocalAllow {
+    /// Request headers set upstream (each replaces any value the request had).
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.identity.iter().flat_map(Identity::headers)
+    }
+
+    /// Request headers removed.
+    pub fn remove(&self) -> &[String] {
+        &self.0.remove
+    }
+
+    /// Headers added to the client's response.
+    pub fn response_headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.client_headers()
+    }
+
+    /// The dynamic metadata (ext_authz's namespace), where the service sends it: its
+    /// string fields, and the `scopes` list.
+    pub fn metadata(&self) -> Option<(impl Iterator<Item = (&str, &str)>, &[String])> {
+        let identity = self.0.identity.as_ref().filter(|i| i.metadata)?;
+        Some((identity.metadata(), identity.scopes()))
+    }
 }
 
 /// A denial: the local reply Envoy sends.
@@ -147,12 +157,12 @@ impl ModuleDecider {
                 b":path" => path = Some(std::str::from_utf8(value).ok()?.to_owned()),
                 _ => {}
             }
-            let Ok(name) = std::str::from_utf8(name) else {
-                continue;
-            };
             if !self.envoy.consults(name) {
                 continue;
             }
+            let Ok(name) = std::str::from_utf8(name) else {
+                continue;
+            };
             let value = std::str::from_utf8(value).ok()?;
             consulted
                 .entry(name.to_ascii_lowercase())
@@ -178,30 +188,7 @@ impl ModuleDecider {
         }
         match self.envoy.decide_known(req) {
             None => self.hand_over(req),
-            Some(Answer::Allow(allow)) => {
-                Local::Allow(LocalAllow {
-                    set: allow
-                        .identity
-                        .iter()
-                        .flat_map(|i| i.headers())
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .collect(),
-                    remove: allow.remove.clone(),
-                    response_headers: allow
-                        .client_headers()
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .collect(),
-                    metadata: allow.identity.as_ref().filter(|i| i.metadata).map(|i| {
-                        LocalMetadata {
-                            fields: i
-                                .metadata()
-                                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                                .collect(),
-                            scopes: i.scopes().to_vec(),
-                        }
-                    }),
-                })
-            }
+            Some(Answer::Allow(allow)) => Local::Allow(LocalAllow(allow)),
             Some(Answer::Deny { error, headers }) => Local::Deny(LocalDeny {
                 status: error.status,
                 headers: headers

@@ -166,7 +166,7 @@ fn consulted(
 ) -> std::collections::HashMap<String, String> {
     let mut out: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     for (name, value) in headers {
-        if !envoy.consults(name.as_str()) {
+        if !envoy.consults(name.as_str().as_bytes()) {
             continue;
         }
         let value = String::from_utf8_lossy(value.as_bytes());

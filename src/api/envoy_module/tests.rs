@@ -14,6 +14,7 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::Struct;
 use tokio::sync::{broadcast, watch};
 
 use super::*;
@@ -398,12 +399,12 @@ impl Shown {
     fn of_module(local: Local) -> Shown {
         match local {
             Local::Allow(a) => Shown::Allow {
-                set: a.set,
-                remove: sorted(a.remove),
-                response_headers: a.response_headers,
+                set: owned(a.headers()),
+                remove: sorted(a.remove().to_vec()),
+                response_headers: owned(a.response_headers()),
                 metadata: a
-                    .metadata
-                    .map(|m| (m.fields.into_iter().collect(), m.scopes)),
+                    .metadata()
+                    .map(|(fields, scopes)| (owned(fields).into_iter().collect(), scopes.to_vec())),
             },
             Local::Deny(d) => Shown::Deny {
                 status: d.status,
@@ -430,29 +431,7 @@ impl Shown {
                 set: pairs(&ok.headers),
                 remove: sorted(ok.headers_to_remove.clone()),
                 response_headers: pairs(&ok.response_headers_to_add),
-                metadata: answer.dynamic_metadata.as_ref().map(|m| {
-                    let mut fields = BTreeMap::new();
-                    let mut scopes = Vec::new();
-                    for (key, value) in &m.fields {
-                        match (key.as_str(), &value.kind) {
-                            (_, Some(Kind::StringValue(s))) => {
-                                fields.insert(key.clone(), s.clone());
-                            }
-                            ("scopes", Some(Kind::ListValue(list))) => {
-                                scopes = list
-                                    .values
-                                    .iter()
-                                    .map(|v| match &v.kind {
-                                        Some(Kind::StringValue(s)) => s.clone(),
-                                        other => panic!("a scope that is no string: {other:?}"),
-                                    })
-                                    .collect();
-                            }
-                            (_, other) => panic!("metadata field {key}: {other:?}"),
-                        }
-                    }
-                    (fields, scopes)
-                }),
+                metadata: answer.dynamic_metadata.as_ref().map(shown_metadata),
             },
             HttpResponse::DeniedResponse(denied) => Shown::Deny {
                 status: u16::try_from(denied.status.as_ref().expect("a status").code)
@@ -480,6 +459,35 @@ impl Shown {
             Shown::Deferred => panic!("a deferred request has no answer"),
         }
     }
+}
+
+/// Metadata as Envoy holds it: the string fields, and the `scopes` list.
+fn shown_metadata(m: &Struct) -> (BTreeMap<String, String>, Vec<String>) {
+    let mut fields = BTreeMap::new();
+    let mut scopes = Vec::new();
+    for (key, value) in &m.fields {
+        match (key.as_str(), &value.kind) {
+            (_, Some(Kind::StringValue(s))) => {
+                fields.insert(key.clone(), s.clone());
+            }
+            ("scopes", Some(Kind::ListValue(list))) => {
+                scopes = list
+                    .values
+                    .iter()
+                    .map(|v| match &v.kind {
+                        Some(Kind::StringValue(s)) => s.clone(),
+                        other => panic!("a scope that is no string: {other:?}"),
+                    })
+                    .collect();
+            }
+            (_, other) => panic!("metadata field {key}: {other:?}"),
+        }
+    }
+    (fields, scopes)
+}
+
+fn owned<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<(String, String)> {
+    pairs.map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
 fn sorted(mut names: Vec<String>) -> Vec<String> {

@@ -43,6 +43,8 @@ const PLANS: &str = "{big: {requests_per_minute: 10000000}}";
 /// decided, which skip ext_authz, and requests ext_authz had keygate allow.
 const DECIDED_BY_MODULE: &str = "http.module.ext_authz.disabled";
 const ALLOWED_BY_KEYGATE: &str = "http.module.ext_authz.ok";
+/// The same counter on the `--floor` listener that decides (stat_prefix `floor_decide`).
+const DECIDED_BY_FLOOR: &str = "http.floor_decide.ext_authz.disabled";
 
 /// The least share of a learned key's requests the module must answer itself: a learned
 /// entry lives `cache.ttl` (30 s in config/dev.yaml), and the requests that arrive while
@@ -57,6 +59,33 @@ pub struct ModuleArgs {
     /// ENVOY_DYNAMIC_MODULES_SEARCH_PATH); default: this binary's (the release build).
     #[arg(long, env = "ENVOY_DYNAMIC_MODULES_SEARCH_PATH")]
     pub module_dir: Option<PathBuf>,
+    /// Also measure the parts of the learned key's cost, on two more listeners of a
+    /// module built with its `bench-floor` feature (`scripts/bench envoy-module --floor`
+    /// builds it): g. the module only marks each request decided (Envoy's module
+    /// machinery and the skipped ext_authz); h. it decides as it does, but carries out
+    /// none of the allow's headers or metadata.
+    #[arg(long)]
+    pub floor: bool,
+}
+
+/// The module's listener again, named `name` on `@<port>@`, its configuration prefixed
+/// with `floor:<mode>;` (`Floor` in envoy-module/src/filter.rs).
+fn floor_listener(name: &str, port: &str, mode: &str) -> String {
+    let start = ENVOY_CONFIG
+        .find("  - name: module\n")
+        .expect("the module's listener");
+    let end = start
+        + ENVOY_CONFIG[start..]
+            .find("@FLOOR_LISTENERS@")
+            .expect("the place of the floor's listeners, after the module's");
+    ENVOY_CONFIG[start..end]
+        .replace("  - name: module\n", &format!("  - name: {name}\n"))
+        .replace("@MODULE_PORT@", &format!("@{port}@"))
+        .replace("stat_prefix: module", &format!("stat_prefix: {name}"))
+        .replace(
+            "\"file:@MODULE_CONFIG@\"",
+            &format!("\"floor:{mode};file:@MODULE_CONFIG@\""),
+        )
 }
 
 fn module_dir(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
@@ -93,12 +122,12 @@ fn per_repetition(x: &[Measured], y: &[Measured], f: fn(&Wrk) -> f64) -> (f64, f
 async fn until_module_answers(
     envoy: &procs::Proc,
     admin: std::net::SocketAddr,
-    module: std::net::SocketAddr,
+    (module, counter): (std::net::SocketAddr, &str),
     path: &str,
     auth: &[(&str, &str)],
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let decided = [DECIDED_BY_MODULE.to_owned()];
+    let decided = [counter.to_owned()];
     loop {
         envoy::expect_statuses(envoy, path, &[(module, auth, 200)]).await?;
         if envoy::envoy_counters(admin, &decided).await?[0] > 0.0 {
@@ -167,22 +196,38 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         procs::free_port()?,
         procs::free_port()?,
     );
+    let (floor_mark, floor_decide) = (procs::free_port()?, procs::free_port()?);
+    let template = ENVOY_CONFIG.replace(
+        "@FLOOR_LISTENERS@\n",
+        &if m.floor {
+            floor_listener("floor_mark", "FLOOR_MARK_PORT", "mark")
+                + &floor_listener("floor_decide", "FLOOR_DECIDE_PORT", "decide")
+        } else {
+            String::new()
+        },
+    );
+    let mut listening = vec![off, ext_authz, module, api_key_auth];
+    if m.floor {
+        listening.extend([floor_mark, floor_decide]);
+    }
     let (envoy, admin) = envoy::start_envoy(
         &args,
         &bench.scratch,
-        ENVOY_CONFIG,
+        &template,
         &answer,
         &[
             ("OFF_PORT", off.port().to_string()),
             ("EXT_AUTHZ_PORT", ext_authz.port().to_string()),
             ("MODULE_PORT", module.port().to_string()),
             ("API_KEY_AUTH_PORT", api_key_auth.port().to_string()),
+            ("FLOOR_MARK_PORT", floor_mark.port().to_string()),
+            ("FLOOR_DECIDE_PORT", floor_decide.port().to_string()),
             ("API_KEY", warm.clone()),
             ("MODULE_CONFIG", config.display().to_string()),
             ("KEYGATE_GRPC_PORT", bench.keygate.grpc.port().to_string()),
         ],
         &env,
-        &[off, ext_authz, module, api_key_auth],
+        &listening,
     )
     .await?;
 
@@ -205,7 +250,24 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         ],
     )
     .await?;
-    let learned_in = until_module_answers(&envoy, admin, module, &c.path, &warm_auth).await?;
+    let learned_in = until_module_answers(
+        &envoy,
+        admin,
+        (module, DECIDED_BY_MODULE),
+        &c.path,
+        &warm_auth,
+    )
+    .await?;
+    if m.floor {
+        until_module_answers(
+            &envoy,
+            admin,
+            (floor_decide, DECIDED_BY_FLOOR),
+            &c.path,
+            &warm_auth,
+        )
+        .await?;
+    }
     report.fact(
         "Envoy started → the module answers the learned key itself",
         format!("{:.2} s", learned_in.as_secs_f64()),
@@ -224,7 +286,7 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             Vec::new()
         },
     };
-    let listeners = [
+    let mut listeners = vec![
         listener("a. Envoy, no authorization", off, &warm, None),
         listener("b. Envoy + ext_authz → keygate", ext_authz, &warm, kg),
         listener("c. Envoy + module, learned key", module, &warm, kg),
@@ -242,10 +304,27 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             kg,
         ),
     ];
+    if m.floor {
+        listeners.extend([
+            listener(
+                "g. floor: the module only marks the request decided",
+                floor_mark,
+                &warm,
+                None,
+            ),
+            listener(
+                "h. floor: the module decides, carries out nothing",
+                floor_decide,
+                &warm,
+                kg,
+            ),
+        ]);
+    }
     let runs =
         envoy::measure_listeners(&args, &envoy, admin, &answer, &bench.pids(), &listeners).await?;
     let rows = envoy::summarize(&mut report, &listeners, &runs);
-    let [a, b, learned, d, e, f] = <[_; 6]>::try_from(rows.clone()).expect("six listeners");
+    let [a, b, learned, d, e, f] = <[_; 6]>::try_from(rows[..6].to_vec()).expect("six listeners");
+    let floors = rows[6..].to_vec();
     report.tables.push(envoy::table(&args, &answer, rows));
     let r = &runs.runs;
 
@@ -307,6 +386,18 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         ),
         ratio <= 1.0 || lo <= 1.0,
     );
+    for (x, what) in floors.iter().zip(["g/a", "h/a"]) {
+        report.fact(
+            &format!("{what}: median; throughput; Envoy CPU per request"),
+            format!(
+                "{:.2}×; {:.2}×; {:.2}× ({})",
+                x.p50_us / a.p50_us,
+                x.rps / a.rps,
+                x.cpu_us_per_request.unwrap_or(f64::NAN) / a.cpu_us_per_request.unwrap_or(f64::NAN),
+                x.label
+            ),
+        );
+    }
     for (what, x) in [("b/a", &b), ("d/a", &d), ("c/b", &learned)] {
         let base = if what == "c/b" { &b } else { &a };
         report.fact(
