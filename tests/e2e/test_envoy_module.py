@@ -266,6 +266,13 @@ def test_without_its_watch_stream_the_module_decides_nothing(workdir, redis, ups
             resp, here = through_module(module, "GET", "/v1/contacts/1", [bearer(key["token"])])
             assert_allowed(resp)
             assert not here, "the module decided without its Watch stream"
+        # The operator sees why, in Envoy's own log: keygate's warning, as a warning.
+        def lost_logged():
+            tail = module.proc.tail(200)
+            lines = [l for l in tail.splitlines() if "lost the revocation stream" in l]
+            return lines or None
+        lines = harness.wait_for("the lost stream in Envoy's log", lost_logged, timeout=10)
+        assert all("[warning]" in l and "revocation.stream_lost" in l for l in lines), lines
     finally:
         if module:
             module.stop()
