@@ -386,26 +386,20 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         ),
         ratio <= 1.0 || lo <= 1.0,
     );
-    for (x, what) in floors.iter().zip(["g/a", "h/a"]) {
+    let others = [("b/a", &b, &a), ("d/a", &d, &a), ("c/b", &learned, &b)];
+    let floors = floors
+        .iter()
+        .zip(["g/a", "h/a"])
+        .map(|(x, what)| (what, x, &a));
+    for (what, x, base) in others.into_iter().chain(floors) {
+        let cpu = |s: &crate::report::Summary| s.cpu_us_per_request.unwrap_or(f64::NAN);
         report.fact(
             &format!("{what}: median; throughput; Envoy CPU per request"),
             format!(
                 "{:.2}×; {:.2}×; {:.2}× ({})",
-                x.p50_us / a.p50_us,
-                x.rps / a.rps,
-                x.cpu_us_per_request.unwrap_or(f64::NAN) / a.cpu_us_per_request.unwrap_or(f64::NAN),
-                x.label
-            ),
-        );
-    }
-    for (what, x) in [("b/a", &b), ("d/a", &d), ("c/b", &learned)] {
-        let base = if what == "c/b" { &b } else { &a };
-        report.fact(
-            &format!("{what}: median; throughput"),
-            format!(
-                "{:.2}×; {:.2}× ({})",
                 x.p50_us / base.p50_us,
                 x.rps / base.rps,
+                cpu(x) / cpu(base),
                 x.label
             ),
         );
