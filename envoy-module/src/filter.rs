@@ -137,7 +137,7 @@ impl FilterConfig {
             decider: Arc::clone(&self.runtime.decider),
             panic_header: self.panic_header.clone(),
             ticket: None,
-            response_headers: Vec::new(),
+            allowed: None,
             #[cfg(feature = "bench-floor")]
             floor: self.floor,
         }
@@ -150,8 +150,8 @@ pub struct Filter {
     panic_header: Option<String>,
     /// Handed to ext_authz: what the answer is judged against when it comes back.
     ticket: Option<Ticket>,
-    /// The client's headers of an allow the module gave.
-    response_headers: Vec<(String, String)>,
+    /// The allow the module gave, whose client headers go on the response.
+    allowed: Option<LocalAllow>,
     #[cfg(feature = "bench-floor")]
     floor: Option<Floor>,
 }
@@ -233,14 +233,11 @@ impl Filter {
             }
         }
         stream.set_metadata_bool(MODULE_NAMESPACE, DECIDED_KEY, true);
-        self.response_headers = allow
-            .response_headers()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        self.allowed = Some(allow);
     }
 
     pub fn on_response_headers(&mut self, stream: &impl Stream) -> Next {
-        for (name, value) in &self.response_headers {
+        for (name, value) in self.allowed.iter().flat_map(LocalAllow::response_headers) {
             stream.set_response_header(name, value);
         }
         if let Some(ticket) = self.ticket.take() {
