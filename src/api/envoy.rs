@@ -174,6 +174,12 @@ impl EnvoyAuthorization {
         self.authorizer.credentials()
     }
 
+    /// Whether every request of `principal` needs the service: its plan limits its rate,
+    /// which only the service (with the store) counts.
+    pub(crate) fn rate_limited(&self, principal: &crate::principal::Principal) -> bool {
+        self.authorizer.limiter().limited(principal).is_some()
+    }
+
     /// Whether a request header of this (lower-case) name is one a decision or an answer
     /// consults; other adapters keep only these, as this one does.
     pub(crate) fn consults(&self, name: &[u8]) -> bool {

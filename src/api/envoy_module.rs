@@ -11,6 +11,12 @@
 //! everything while the module's revocation follower is not following the service's
 //! `Watch` stream: a module that might miss a revocation decides nothing.
 //!
+//! A credential whose every request needs the service (its plan limits its rate) is
+//! remembered for a moment (`HANDED_OVER_FOR`) under a hash of its token, and its next
+//! requests are handed over at once, without deciding them only to find that out again.
+//! That memo only ever hands a request over, which is never wrong: the service decides
+//! it as it would without the module. Any invalidation the module applies forgets it.
+//!
 //! What it learns is kept only when nothing it knows of overtook the answer: the
 //! answering replica's stream position must cover every event the module had applied
 //! when it asked (a replica that is behind cannot teach it a revoked key), and no
@@ -18,7 +24,9 @@
 //! delegations) while the request was out.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::envoy::{Answer, EnvoyAuthorization};
 use super::envoy_answer::{AllowAnswer, Identity};
@@ -110,11 +118,24 @@ pub enum NotLearned {
     NotFollowing,
 }
 
+/// How long a credential whose requests all need the service is handed over without
+/// deciding: a policy reload that lifts its plan's limit reaches the module within this.
+const HANDED_OVER_FOR: Duration = Duration::from_secs(1);
+/// Credentials remembered so at most; past it the least used are forgotten (and decided
+/// again on their next request).
+const HANDED_OVER_MAX: u64 = 65_536;
+
 pub struct ModuleDecider {
     envoy: EnvoyAuthorization,
     bus: Arc<RevocationBus>,
     cache: Arc<CredentialCache>,
     delegations: Arc<Delegations>,
+    /// Hash of a token → the cache's epoch when its request was handed over because its
+    /// plan limits its rate. Only ever a reason to hand a request over: a hash shared by
+    /// two tokens costs the other one a round trip to the service, nothing more.
+    handed_over: moka::sync::Cache<u64, u64>,
+    /// Keyed per process, so the hashes tell nothing outside it.
+    token_hash: RandomState,
 }
 
 impl ModuleDecider {
@@ -130,6 +151,11 @@ impl ModuleDecider {
             bus,
             cache,
             delegations,
+            handed_over: moka::sync::Cache::builder()
+                .max_capacity(HANDED_OVER_MAX)
+                .time_to_live(HANDED_OVER_FOR)
+                .build(),
+            token_hash: RandomState::new(),
         }
     }
 
@@ -183,11 +209,21 @@ impl ModuleDecider {
 
     /// The module's answer to `req`.
     pub fn decide(&self, req: &AuthRequest) -> Local {
+        let token = match self.envoy.credentials().extract(req) {
+            Credential::ApiKey(token) | Credential::Jwt(token) => Some(token),
+            Credential::None | Credential::Unrecognized => None,
+        };
+        let memo = token.map(|t| self.token_hash.hash_one(t));
+        if let Some(epoch) = memo.and_then(|m| self.handed_over.get(&m)) {
+            if epoch == self.cache.epoch() {
+                return Local::HandOver;
+            }
+        }
         if !self.following() {
-            return self.hand_over(req);
+            return self.hand_over(token, memo);
         }
         match self.envoy.decide_known(req) {
-            None => self.hand_over(req),
+            None => self.hand_over(token, memo),
             Some(Answer::Allow(allow)) => Local::Allow(LocalAllow(allow)),
             Some(Answer::Deny { error, headers }) => Local::Deny(LocalDeny {
                 status: error.status,
@@ -200,22 +236,26 @@ impl ModuleDecider {
         }
     }
 
-    /// `req` for the service; asking to learn from its answer unless the module holds
-    /// the credential's answer already (asking again would only cost both sides the
-    /// principal's round trip, on every request of a key on a rate-limited plan), but
-    /// for a partner key's.
-    fn hand_over(&self, req: &AuthRequest) -> Local {
-        let digest = match self.envoy.credentials().extract(req) {
-            Credential::ApiKey(token) | Credential::Jwt(token) => Some(self.cache.digest(token)),
-            Credential::None | Credential::Unrecognized => None,
-        };
+    /// The request of `token` (whose hash is `memo`) for the service; asking to learn
+    /// from its answer unless the module holds the credential's answer already (asking
+    /// again would only cost both sides the principal's round trip, on every request of
+    /// a key on a rate-limited plan), but for a partner key's.
+    fn hand_over(&self, token: Option<&str>, memo: Option<u64>) -> Local {
+        // Read before the entry: an invalidation between the two forgets what is
+        // remembered here.
+        let epoch = self.cache.epoch();
+        let digest = token.map(|t| self.cache.digest(t));
         // A partner key's answer is learned again: a tenant delegated to it that the
         // module has not seen is learned from it.
-        let known = digest.and_then(|d| self.cache.peek(&d));
-        if matches!(known, Some(Verified::Valid(p)) if p.kind != KeyKind::Partner) {
-            return Local::HandOver;
+        match digest.and_then(|d| self.cache.peek(&d)) {
+            Some(Verified::Valid(p)) if p.kind != KeyKind::Partner => {
+                if let Some(memo) = memo.filter(|_| self.envoy.rate_limited(&p)) {
+                    self.handed_over.insert(memo, epoch);
+                }
+                Local::HandOver
+            }
+            _ => Local::Defer(self.ticket(digest)),
         }
-        Local::Defer(self.ticket(digest))
     }
 
     /// Taken before the request leaves for the service: anything applied here after

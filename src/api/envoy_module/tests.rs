@@ -815,6 +815,68 @@ async fn a_key_not_learned_and_any_request_needing_a_rate_limit_a_lease_or_a_ses
 }
 
 #[tokio::test]
+async fn a_key_whose_plan_limits_its_rate_is_handed_over_without_deciding_until_an_invalidation(
+) {
+    let service = Service::start().await;
+    let (module, _follower) = Module::following(&service).await;
+    let (metered, metered_id) = service.key(tenant_key(&["contacts:read"], "metered")).await;
+    let (reader, _) = service.key(tenant_key(&["contacts:read"], "")).await;
+    let (metered, reader) = (bearer(&metered), bearer(&reader));
+    let read = |auth: &str| get("/v1/contacts/1", &[("authorization", auth)]);
+    // Denied by the policy alone (the key lacks `contacts:write`): a module deciding it
+    // answers it itself.
+    let write = |auth: &str| {
+        req(
+            "DELETE",
+            "/v1/contacts/1",
+            &[("authorization", auth), ("x-tenant-id", TENANT)],
+        )
+    };
+    module
+        .learn_from(&service, &read(&metered))
+        .await
+        .expect("the metered key's allow is learned");
+    module
+        .learn_from(&service, &read(&reader))
+        .await
+        .expect("the reader's allow is learned");
+    assert_eq!(
+        Shown::of_module(module.decide(&write(&reader))).code().as_deref(),
+        Some("insufficient_permissions"),
+        "a key the module answers is denied by the module"
+    );
+
+    // Handed over once for its plan, the metered key's next requests go to the service
+    // without being decided here: even one the policy alone denies. The service answers
+    // it as the module would have.
+    assert!(matches!(module.decide(&read(&metered)), Local::HandOver));
+    let denied = write(&metered);
+    assert!(matches!(module.decide(&denied), Local::HandOver));
+    assert_eq!(
+        Shown::of_service(&service.answer(&denied).await)
+            .code()
+            .as_deref(),
+        Some("insufficient_permissions")
+    );
+
+    // A key handed over for one route's lease is still answered on the others.
+    let call = req("POST", "/v1/calls", &[("authorization", &reader)]);
+    assert!(matches!(module.decide(&call), Local::HandOver));
+    assert!(matches!(module.decide(&read(&reader)), Local::Allow(_)));
+
+    // An invalidation forgets it: the revoked key is denied by the module itself.
+    let mut events = module.app.bus.subscribe();
+    service.app.admin.revoke(&metered_id).await.expect("revoked");
+    applied(&mut events, "the revocation", revoked(&metered_id)).await;
+    let by_module = Shown::of_module(module.decide(&read(&metered)));
+    assert_eq!(by_module.code().as_deref(), Some("revoked_api_key"));
+    assert_eq!(
+        by_module,
+        Shown::of_service(&service.answer(&read(&metered)).await)
+    );
+}
+
+#[tokio::test]
 async fn an_allow_from_a_replica_behind_the_module_in_the_stream_is_not_learned() {
     let mut service = Service::start().await;
     let (module, _follower) = Module::following(&service).await;
