@@ -815,8 +815,7 @@ async fn a_key_not_learned_and_any_request_needing_a_rate_limit_a_lease_or_a_ses
 }
 
 #[tokio::test]
-async fn a_key_whose_plan_limits_its_rate_is_handed_over_without_deciding_until_an_invalidation(
-) {
+async fn a_key_whose_plan_limits_its_rate_is_handed_over_without_deciding_until_an_invalidation() {
     let service = Service::start().await;
     let (module, _follower) = Module::following(&service).await;
     let (metered, metered_id) = service.key(tenant_key(&["contacts:read"], "metered")).await;
@@ -841,7 +840,9 @@ async fn a_key_whose_plan_limits_its_rate_is_handed_over_without_deciding_until_
         .await
         .expect("the reader's allow is learned");
     assert_eq!(
-        Shown::of_module(module.decide(&write(&reader))).code().as_deref(),
+        Shown::of_module(module.decide(&write(&reader)))
+            .code()
+            .as_deref(),
         Some("insufficient_permissions"),
         "a key the module answers is denied by the module"
     );
@@ -866,7 +867,12 @@ async fn a_key_whose_plan_limits_its_rate_is_handed_over_without_deciding_until_
 
     // An invalidation forgets it: the revoked key is denied by the module itself.
     let mut events = module.app.bus.subscribe();
-    service.app.admin.revoke(&metered_id).await.expect("revoked");
+    service
+        .app
+        .admin
+        .revoke(&metered_id)
+        .await
+        .expect("revoked");
     applied(&mut events, "the revocation", revoked(&metered_id)).await;
     let by_module = Shown::of_module(module.decide(&read(&metered)));
     assert_eq!(by_module.code().as_deref(), Some("revoked_api_key"));
