@@ -9,7 +9,23 @@
 //! does not offer; `tests/path_readings.rs` is an independent oracle for it.
 
 use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+
+/// Adds a header to `AuthRequest::headers` as Envoy hands repeated ones over: `value`
+/// joined to any earlier value of `name` (lower-case) with a comma.
+pub fn join_header(headers: &mut HashMap<String, String>, name: String, value: Cow<'_, str>) {
+    match headers.entry(name) {
+        Entry::Occupied(mut e) => {
+            let joined = e.get_mut();
+            joined.push(',');
+            joined.push_str(&value);
+        }
+        Entry::Vacant(e) => {
+            e.insert(value.into_owned());
+        }
+    }
+}
 
 /// `Debug` shows header names but no header value, and not the credential: any of them
 /// may carry a secret.

@@ -23,6 +23,7 @@
 //! invalidation may have reached the module's cache (or delegation change its
 //! delegations) while the request was out.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
@@ -34,7 +35,7 @@ use super::envoy_learn::Learned;
 use crate::cache::{CredentialCache, Digest, Verified};
 use crate::credential::Credential;
 use crate::principal::KeyKind;
-use crate::request::AuthRequest;
+use crate::request::{join_header, AuthRequest};
 use crate::revocation::RevocationBus;
 use crate::store::Cursor;
 use crate::tenant::Delegations;
@@ -190,13 +191,11 @@ impl ModuleDecider {
                 continue;
             };
             let value = std::str::from_utf8(value).ok()?;
-            consulted
-                .entry(name.to_ascii_lowercase())
-                .and_modify(|joined| {
-                    joined.push(',');
-                    joined.push_str(value);
-                })
-                .or_insert_with(|| value.to_owned());
+            join_header(
+                &mut consulted,
+                name.to_ascii_lowercase(),
+                Cow::Borrowed(value),
+            );
         }
         Some(AuthRequest {
             method: method?,

@@ -169,13 +169,11 @@ fn consulted(
         if !envoy.consults(name.as_str().as_bytes()) {
             continue;
         }
-        let value = String::from_utf8_lossy(value.as_bytes());
-        out.entry(name.as_str().to_owned())
-            .and_modify(|joined| {
-                joined.push(',');
-                joined.push_str(&value);
-            })
-            .or_insert_with(|| value.into_owned());
+        crate::request::join_header(
+            &mut out,
+            name.as_str().to_owned(),
+            String::from_utf8_lossy(value.as_bytes()),
+        );
     }
     out
 }
