@@ -208,6 +208,13 @@ impl Authorizer {
             span.record("keygate.authn_us", micros(authenticated - started));
             span.record("keygate.authorize_us", micros(authenticated.elapsed()));
         }
+        self.count_usage(&principal, &decision);
+        decision
+    }
+
+    /// Counts a decision on an authenticated key in its usage: allowed, or denied after
+    /// authentication (scope, tenant, rate limit). Not a request that could not be decided.
+    fn count_usage(&self, principal: &Principal, decision: &Decision) {
         if let Some(key_id) = principal.key_id.as_deref() {
             match decision {
                 Decision::Allow(_) => self.usage.record(key_id, true),
@@ -215,14 +222,14 @@ impl Authorizer {
                 Decision::Unavailable(_) => {}
             }
         }
-        decision
     }
 
     /// `check`'s decision from what this replica knows now, with no store read, argon2,
     /// JWT validation, rate limit or lease: `None` wherever `check` would need one (or
     /// mint a session). Where it answers, it answers as `check` would. For the module
-    /// inside Envoy (`api::envoy_module`), which hands the rest to the service; it
-    /// records no usage and no metric (the service counts what it decides).
+    /// inside Envoy (`api::envoy_module`), which hands the rest to the service. What it
+    /// decides is counted in usage as `check` counts it (the module reports its usage to
+    /// the service); it records no metric.
     pub fn decide_known(&self, req: &AuthRequest) -> Option<Decision> {
         let routes = match self.routes(req) {
             Routed::Judge(routes) => routes,
@@ -235,28 +242,41 @@ impl Authorizer {
             Ok(p) => p,
             Err(failure) => return Some(failure.into()),
         };
-        let rule = match self.admission(&routes, &principal) {
+        let decision = self.authorize_known(req, &routes, &principal)?;
+        self.count_usage(&principal, &decision);
+        Some(decision)
+    }
+
+    /// `decide_known` once the credential is known: admission, tenant, scope; `None`
+    /// where the service must answer.
+    fn authorize_known(
+        &self,
+        req: &AuthRequest,
+        routes: &Routes<'_>,
+        principal: &Arc<Principal>,
+    ) -> Option<Decision> {
+        let rule = match self.admission(routes, principal) {
             Ok(rule) => rule,
             Err(reason) => return Some(Decision::deny(reason)),
         };
         let header = req.header(&self.tenant_header);
         let effective_tenant =
-            match tenant::resolve_known(&principal, rule, header, &self.delegations)? {
+            match tenant::resolve_known(principal, rule, header, &self.delegations)? {
                 Ok(t) => t,
                 Err(failure) => return Some(failure.into()),
             };
-        let mints = match self.scoped(&routes, &principal, &effective_tenant) {
+        let mints = match self.scoped(routes, principal, &effective_tenant) {
             Ok(mint) => mint.is_some(),
             Err(reason) => return Some(Decision::deny(reason)),
         };
         let needs_more = mints
-            || self.limiter.limited(&principal).is_some()
+            || self.limiter.limited(principal).is_some()
             || routes.judged().any(|r| r.lease_ttl.is_some());
         if needs_more {
             return None;
         }
         Some(Decision::Allow(Allowed {
-            principal: Some(principal),
+            principal: Some(Arc::clone(principal)),
             effective_tenant,
             route: routes.route?.name.clone(),
             rate: None,

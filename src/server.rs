@@ -123,6 +123,18 @@ impl App {
         secrets: Secrets,
         store: Arc<dyn KeyStore>,
     ) -> anyhow::Result<App> {
+        let usage = store.clone();
+        App::with_usage_sink(config, secrets, store, usage)
+    }
+
+    /// The same, with the usage it counts written to `usage` instead of the store: the
+    /// module inside Envoy reports its usage to the keygate it follows.
+    pub fn with_usage_sink(
+        config: Config,
+        secrets: Secrets,
+        store: Arc<dyn KeyStore>,
+        usage: Arc<dyn crate::store::UsageSink>,
+    ) -> anyhow::Result<App> {
         if config.revocation.source == RevocationSource::Watch && secrets.watch_token.is_none() {
             return Err(crate::config::ConfigError::new(
                 "KEYGATE_WATCH_TOKEN",
@@ -146,7 +158,7 @@ impl App {
             store.clone(),
             config.cache.ttl,
         ));
-        let usage = Arc::new(crate::usage::UsageCounter::new(store.clone()));
+        let usage = Arc::new(crate::usage::UsageCounter::new(usage));
         let bus = Arc::new(RevocationBus::new(
             cache.clone(),
             revoked_tokens.clone(),
@@ -210,7 +222,12 @@ impl App {
     }
 
     fn revocations_service(&self, stop: watch::Receiver<bool>) -> RevocationsService {
-        RevocationsService::new(self.store.clone(), self.bus.clone(), stop)
+        RevocationsService::new(
+            self.store.clone(),
+            self.bus.clone(),
+            self.usage.clone(),
+            stop,
+        )
     }
 
     pub fn envoy_service(&self) -> EnvoyAuthorization {

@@ -63,8 +63,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Tally {
     fn add(&mut self, other: Tally) {
-        self.allowed += other.allowed;
-        self.denied += other.denied;
+        // Saturating: a count reported from outside (`add`) is not trusted not to overflow.
+        self.allowed = self.allowed.saturating_add(other.allowed);
+        self.denied = self.denied.saturating_add(other.denied);
         self.last_used_at_ms = self.last_used_at_ms.max(other.last_used_at_ms);
     }
 }
@@ -79,16 +80,35 @@ impl UsageCounter {
 
     /// Counts one request of `key_id`.
     pub fn record(&self, key_id: &str, allowed: bool) {
-        let one = Tally {
-            allowed: u64::from(allowed),
-            denied: u64::from(!allowed),
-            last_used_at_ms: now_ms(),
-        };
+        self.count(
+            key_id,
+            Tally {
+                allowed: u64::from(allowed),
+                denied: u64::from(!allowed),
+                last_used_at_ms: now_ms(),
+            },
+        );
+    }
+
+    /// Counts usage another process counted (`Revocations/ReportUsage`: keygate's module
+    /// inside Envoy), written with this replica's own at its next flush.
+    pub fn add(&self, delta: &UsageDelta) {
+        self.count(
+            &delta.key_id,
+            Tally {
+                allowed: delta.allowed,
+                denied: delta.denied,
+                last_used_at_ms: delta.last_used_at_ms,
+            },
+        );
+    }
+
+    fn count(&self, key_id: &str, tally: Tally) {
         let mut shard = lock(&self.shards[shard_index()]);
         match shard.get_mut(key_id) {
-            Some(t) => t.add(one),
+            Some(t) => t.add(tally),
             None => {
-                shard.insert(key_id.into(), one);
+                shard.insert(key_id.into(), tally);
             }
         }
     }
@@ -124,16 +144,8 @@ impl UsageCounter {
         match self.store.add_usage(&batch).await {
             Ok(()) => Ok(batch.len()),
             Err(UsageNotWritten { unwritten, error }) => {
-                let mut shard = lock(&self.shards[shard_index()]);
                 for d in &unwritten {
-                    shard
-                        .entry(d.key_id.as_str().into())
-                        .or_default()
-                        .add(Tally {
-                            allowed: d.allowed,
-                            denied: d.denied,
-                            last_used_at_ms: d.last_used_at_ms,
-                        });
+                    self.add(d);
                 }
                 Err(FlushFailed {
                     written: batch.len().saturating_sub(unwritten.len()),

@@ -902,3 +902,115 @@ async fn a_lagging_watch_subscriber_whose_events_were_trimmed_gets_a_reset() {
     assert_eq!(app.bus.flushes(), 0, "the RESET was the subscriber's alone");
     replica.running.shutdown().await.unwrap();
 }
+
+fn key_usage(key_id: &str, allowed: u64, denied: u64, last_used_at_ms: u64) -> proto::KeyUsage {
+    proto::KeyUsage {
+        key_id: key_id.into(),
+        allowed,
+        denied,
+        last_used_at: Some(prost_types::Timestamp {
+            seconds: (last_used_at_ms / 1000) as i64,
+            nanos: 0,
+        }),
+    }
+}
+
+/// What a follower that answers requests itself (keygate's module inside Envoy) reports
+/// is counted with the replica's own usage, at its next flush; a time after the
+/// replica's clock is taken as its now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_a_follower_reports_is_written_with_the_replicas_own() {
+    let secrets = secrets();
+    let replica = Replica::start(config(Backend::Memory), &secrets).await;
+    let (key_id, token) = create_key(&replica.app).await;
+    assert_eq!(replica.check(&token).await, Outcome::Allowed);
+    let mut client = watch_client(&replica).await;
+    let an_hour_ago = keygate::store::now_ms() - 3_600_000;
+    client
+        .report_usage(proto::ReportUsageRequest {
+            usage: vec![key_usage(&key_id, 5, 2, an_hour_ago)],
+        })
+        .await
+        .expect("the report is taken");
+    replica.app.usage.flush().await.expect("flushed");
+    let usage = replica.app.store.get(&key_id).await.unwrap().unwrap().usage;
+    assert_eq!((usage.allowed, usage.denied), (6, 2), "the replica's own check and the report's");
+    let replicas_own = usage.last_used_at_ms.expect("a last use");
+    assert!(replicas_own > an_hour_ago, "the later of the two");
+
+    let tomorrow = keygate::store::now_ms() + 86_400_000;
+    client
+        .report_usage(proto::ReportUsageRequest {
+            usage: vec![key_usage(&key_id, 1, 0, tomorrow)],
+        })
+        .await
+        .expect("the report is taken");
+    replica.app.usage.flush().await.expect("flushed");
+    let usage = replica.app.store.get(&key_id).await.unwrap().unwrap().usage;
+    assert_eq!(usage.allowed, 7);
+    assert!(
+        usage.last_used_at_ms.expect("a last use") <= keygate::store::now_ms(),
+        "never a use in the future"
+    );
+    replica.running.shutdown().await.unwrap();
+}
+
+/// A report with a bad entry is refused whole, naming the entry and field; and the
+/// report needs the watch token, as Watch does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_report_with_a_bad_entry_changes_nothing_and_says_which() {
+    let secrets = secrets();
+    let replica = Replica::start(config(Backend::Memory), &secrets).await;
+    let (key_id, _) = create_key(&replica.app).await;
+    let mut client = watch_client(&replica).await;
+    let now = keygate::store::now_ms();
+    let good = key_usage(&key_id, 1, 0, now);
+    let no_time = proto::KeyUsage {
+        last_used_at: None,
+        ..good.clone()
+    };
+    let cases = [
+        (key_usage("not-a-key-id", 1, 0, now), "usage[1].key_id"),
+        (key_usage(&key_id, 0, 0, now), "usage[1].allowed"),
+        (key_usage(&key_id, 1 << 41, 0, now), "usage[1].allowed"),
+        (key_usage(&key_id, 0, 1 << 41, now), "usage[1].denied"),
+        (no_time, "usage[1].last_used_at"),
+    ];
+    for (bad, field) in cases {
+        let err = client
+            .report_usage(proto::ReportUsageRequest {
+                usage: vec![good.clone(), bad],
+            })
+            .await
+            .expect_err(field);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}");
+        assert!(err.message().starts_with(field), "{field}: {}", err.message());
+    }
+    let too_many = vec![good.clone(); 10_001];
+    let err = client
+        .report_usage(proto::ReportUsageRequest { usage: too_many })
+        .await
+        .expect_err("too many keys");
+    assert!(err.message().starts_with("usage: at most 10000"), "{}", err.message());
+
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "http://{}",
+        replica.running.grpc
+    ))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let err = RevocationsClient::new(channel)
+        .report_usage(proto::ReportUsageRequest {
+            usage: vec![good.clone()],
+        })
+        .await
+        .expect_err("no watch token");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    assert_eq!(replica.app.usage.flush().await.unwrap(), 0, "nothing was counted");
+    let usage = replica.app.store.get(&key_id).await.unwrap().unwrap().usage;
+    assert_eq!((usage.allowed, usage.denied), (0, 0));
+    replica.running.shutdown().await.unwrap();
+}

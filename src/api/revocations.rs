@@ -9,6 +9,10 @@
 //! starts after (`x-keygate-after`), so a client that reconnects before any event arrived
 //! resumes from there: no replay of the whole stream, no needless flush.
 //!
+//! A follower that answers requests itself (keygate's module inside Envoy) reports the
+//! usage it counted back through `ReportUsage` (`UsageReporter`), behind the same
+//! credential: the replica counts it as its own.
+//!
 //! One file over 500 lines because the `Watch` server and the `Watch` client (`WatchFeed`,
 //! another replica's feed) speak one cursor format and must change together.
 
@@ -31,7 +35,9 @@ use crate::secret::Secret;
 use crate::store::{
     latest_cursor, now_ms, Cursor, DelegationEvent, EventId, EventKind, EventLog, KeyStore,
     RevocationEvent, StoreError, TokenRevocation, TokenRevocationEvent, TokenTarget,
+    UsageDelta, UsageNotWritten, UsageSink,
 };
+use crate::usage::UsageCounter;
 
 /// Response metadata: the cursor a Watch stream starts after.
 pub const AFTER_METADATA: &str = "x-keygate-after";
@@ -39,6 +45,8 @@ pub const AFTER_METADATA: &str = "x-keygate-after";
 pub struct RevocationsService {
     store: Arc<dyn KeyStore>,
     bus: Arc<RevocationBus>,
+    /// Where `ReportUsage` adds what a follower counted.
+    usage: Arc<UsageCounter>,
     /// Ends every open stream on shutdown: a graceful stop waits for open calls, and a
     /// Watch stream would otherwise never finish.
     stop: watch::Receiver<bool>,
@@ -48,9 +56,15 @@ impl RevocationsService {
     pub fn new(
         store: Arc<dyn KeyStore>,
         bus: Arc<RevocationBus>,
+        usage: Arc<UsageCounter>,
         stop: watch::Receiver<bool>,
     ) -> Self {
-        RevocationsService { store, bus, stop }
+        RevocationsService {
+            store,
+            bus,
+            usage,
+            stop,
+        }
     }
 }
 
@@ -306,13 +320,84 @@ impl Revocations for RevocationsService {
             revocations: all.iter().map(token_revocation_proto).collect(),
         }))
     }
+
+    async fn report_usage(
+        &self,
+        request: Request<proto::ReportUsageRequest>,
+    ) -> Reply<proto::ReportUsageResponse> {
+        // Read whole before any of it counts: a report with one bad entry adds nothing.
+        let deltas = usage_deltas(request.into_inner(), now_ms())?;
+        for d in &deltas {
+            self.usage.add(d);
+        }
+        Ok(Response::new(proto::ReportUsageResponse {}))
+    }
+}
+
+/// Keys one `ReportUsage` call may name: what a follower sends in one call at most.
+pub const USAGE_KEYS_PER_REPORT: usize = 10_000;
+/// Requests one entry may count: far above any flush interval's traffic, and low enough
+/// that a replica's sums stay within the store's 64-bit signed counters.
+const USAGE_MAX_COUNT: u64 = 1 << 40;
+
+/// A `ReportUsage` request's entries, checked, with last uses after `now_ms` taken as
+/// `now_ms`; or the first bad field, named.
+fn usage_deltas(req: proto::ReportUsageRequest, now_ms: u64) -> Result<Vec<UsageDelta>, Status> {
+    if req.usage.len() > USAGE_KEYS_PER_REPORT {
+        return Err(Status::invalid_argument(format!(
+            "usage: at most {USAGE_KEYS_PER_REPORT} keys per call, got {}",
+            req.usage.len()
+        )));
+    }
+    let bad = |i: usize, field: &str, why: String| {
+        Status::invalid_argument(format!("usage[{i}].{field}: {why}"))
+    };
+    req.usage
+        .into_iter()
+        .enumerate()
+        .map(|(i, u)| {
+            if !crate::apikey::token::valid_key_id(&u.key_id) {
+                return Err(bad(
+                    i,
+                    "key_id",
+                    format!(
+                        "must be {} base62 characters",
+                        crate::apikey::token::KEY_ID_LEN
+                    ),
+                ));
+            }
+            for (field, n) in [("allowed", u.allowed), ("denied", u.denied)] {
+                if n > USAGE_MAX_COUNT {
+                    return Err(bad(i, field, format!("at most {USAGE_MAX_COUNT}")));
+                }
+            }
+            if u.allowed == 0 && u.denied == 0 {
+                return Err(bad(i, "allowed", "an entry counts at least one request".into()));
+            }
+            let last = u
+                .last_used_at
+                .as_ref()
+                .ok_or_else(|| bad(i, "last_used_at", "required".into()))?;
+            Ok(UsageDelta {
+                key_id: u.key_id,
+                allowed: u.allowed,
+                denied: u.denied,
+                last_used_at_ms: timestamp_ms(last).min(now_ms),
+            })
+        })
+        .collect()
+}
+
+/// Another keygate's `Revocations` service, and the watch token it takes.
+struct Remote {
+    url: String,
+    /// Sent as `authorization: Bearer …`.
+    token: Secret,
 }
 
 /// Follows another keygate's `Watch` stream.
 pub struct WatchFeed {
-    url: String,
-    /// Sent as `authorization: Bearer …` (the remote's watch token).
-    token: Secret,
+    remote: Remote,
     stream: Mutex<Option<Streaming<proto::RevocationEvent>>>,
     /// How long one `read` waits for a message before returning empty.
     wait: Duration,
@@ -321,12 +406,14 @@ pub struct WatchFeed {
 impl WatchFeed {
     pub fn new(url: String, token: Secret, wait: Duration) -> Self {
         WatchFeed {
-            url,
-            token,
+            remote: Remote { url, token },
             stream: Mutex::new(None),
             wait,
         }
     }
+}
+
+impl Remote {
 
     async fn client(&self) -> Result<RevocationsClient<tonic::transport::Channel>, Status> {
         let channel = tonic::transport::Endpoint::from_shared(self.url.clone())
@@ -347,16 +434,18 @@ impl WatchFeed {
         req.metadata_mut().insert("authorization", bearer);
         Ok(req)
     }
+}
 
+impl WatchFeed {
     /// Opens a stream after `after` (`None`: from now), and the cursor it starts after.
     async fn open(
         &self,
         after: Option<&Cursor>,
     ) -> Result<(Streaming<proto::RevocationEvent>, Option<Cursor>), Status> {
-        let req = self.request(proto::WatchRequest {
+        let req = self.remote.request(proto::WatchRequest {
             after_id: after.map(|a| a.to_string()).unwrap_or_default(),
         })?;
-        let response = self.client().await?.watch(req).await?;
+        let response = self.remote.client().await?.watch(req).await?;
         let start = response
             .metadata()
             .get(AFTER_METADATA)
@@ -368,11 +457,76 @@ impl WatchFeed {
 
 /// What a replica that follows another's Watch stream was doing when it failed.
 const WATCHING: &str = "following the Watch stream";
+/// What a follower that reports its usage was doing when it failed.
+const REPORTING: &str = "reporting usage to the Watch URL";
 
-/// The remote's status as an outage: its code and message (its metadata is not ours to
-/// log).
+/// Writes the usage a follower counted to the keygate it follows (`ReportUsage`), which
+/// counts it as its own: the `UsageSink` of keygate's module inside Envoy, which has no
+/// store.
+pub struct UsageReporter {
+    remote: Remote,
+}
+
+impl UsageReporter {
+    pub fn new(url: String, token: Secret) -> Self {
+        UsageReporter {
+            remote: Remote { url, token },
+        }
+    }
+}
+
+#[async_trait]
+impl UsageSink for UsageReporter {
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), UsageNotWritten> {
+        // One connection per flush: flushes are seconds apart.
+        let mut client = match self.remote.client().await {
+            Ok(c) => c,
+            Err(s) => {
+                return Err(UsageNotWritten {
+                    unwritten: batch.to_vec(),
+                    error: report_error(s),
+                })
+            }
+        };
+        for (i, part) in batch.chunks(USAGE_KEYS_PER_REPORT).enumerate() {
+            let usage = part
+                .iter()
+                .map(|d| proto::KeyUsage {
+                    key_id: d.key_id.clone(),
+                    allowed: d.allowed,
+                    denied: d.denied,
+                    last_used_at: Some(timestamp(d.last_used_at_ms)),
+                })
+                .collect();
+            let sent = match self.remote.request(proto::ReportUsageRequest { usage }) {
+                Ok(req) => client.report_usage(req).await.map(drop),
+                Err(s) => Err(s),
+            };
+            // The parts before were counted there; this one and the rest were not (or
+            // its answer was lost: sent again, it is counted twice rather than lost).
+            if let Err(s) = sent {
+                return Err(UsageNotWritten {
+                    unwritten: batch[i * USAGE_KEYS_PER_REPORT..].to_vec(),
+                    error: report_error(s),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn report_error(s: Status) -> StoreError {
+    remote_error(REPORTING, s)
+}
+
+/// The remote's status as an outage of `what`: its code and message (its metadata is
+/// not ours to log).
+fn remote_error(what: &'static str, s: Status) -> StoreError {
+    StoreError::unavailable(what, format!("{:?}: {}", s.code(), s.message()))
+}
+
 fn feed_error(s: Status) -> StoreError {
-    StoreError::unavailable(WATCHING, format!("{:?}: {}", s.code(), s.message()))
+    remote_error(WATCHING, s)
 }
 
 /// A Watch message as a feed entry. What cannot be read takes the safe side, as for the
@@ -464,7 +618,7 @@ impl EventFeed for WatchFeed {
                 WATCHING,
                 format!(
                     "{} did not say where its Watch stream starts (an older keygate?)",
-                    self.url
+                    self.remote.url
                 ),
             )
         })
@@ -508,9 +662,11 @@ impl EventFeed for WatchFeed {
 
     async fn token_revocations(&self) -> Result<Vec<TokenRevocation>, StoreError> {
         let req = self
+            .remote
             .request(proto::ListTokenRevocationsRequest {})
             .map_err(feed_error)?;
         let all = self
+            .remote
             .client()
             .await
             .map_err(feed_error)?

@@ -8,17 +8,25 @@
 //! `api_keys`, `cache`, `jwt`, `sessions`, `rate_limits`) and `revocation.watch_url`,
 //! the keygate it follows whatever `revocation.source` says (a file the replicas run
 //! with `source: store` serves the module as it is). It never opens the `store`: its
-//! own is an empty in-process one that nothing it decides reads.
+//! own is an empty in-process one that nothing it decides reads. The usage it counts
+//! goes to that keygate (`Revocations/ReportUsage`) every
+//! `api_keys.usage_flush_interval`.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::api::envoy_module::ModuleDecider;
 use crate::config::{Config, ConfigError, Secrets};
 use crate::server::App;
+use crate::api::revocations::UsageReporter;
 use crate::store::memory::MemoryStore;
+use crate::store::UsageSink;
+
+/// How long a module being stopped waits for its last usage report.
+const LAST_FLUSH: Duration = Duration::from_secs(1);
 
 /// The module's decider and the thread its follower runs on; stops that thread when
 /// dropped.
@@ -48,9 +56,21 @@ impl ModuleRuntime {
             .thread_name("keygate-module")
             .build()
             .map_err(|e| ConfigError::new("module", format!("cannot start its thread: {e}")))?;
+        let store = Arc::new(MemoryStore::new());
+        // What the module decides is counted as the service counts it, and reported to
+        // the keygate it follows, which writes it with its own.
+        let usage: Arc<dyn UsageSink> = match &secrets.watch_token {
+            Some(token) => Arc::new(UsageReporter::new(
+                config.revocation.watch_url.clone(),
+                token.clone(),
+            )),
+            // `App` refuses to start without it, naming the variable.
+            None => store.clone(),
+        };
+        let flush_every = config.api_keys.usage_flush_interval;
         // Built on the runtime: building the rules may start a JWKS refresh.
         let app = runtime
-            .block_on(async { App::with_store(config, secrets, Arc::new(MemoryStore::new())) })
+            .block_on(async { App::with_usage_sink(config, secrets, store, usage) })
             .map_err(|e| ConfigError::new("module", format!("{e:#}")))?;
         let decider = Arc::new(ModuleDecider::new(
             app.envoy_service(),
@@ -63,7 +83,16 @@ impl ModuleRuntime {
             .name("keygate-module".into())
             .spawn(move || {
                 let feed = app.revocation_feed();
-                runtime.block_on(Arc::clone(&app.bus).follow(feed, stop_rx));
+                runtime.block_on(async {
+                    let flush = tokio::spawn(
+                        Arc::clone(&app.usage).run(flush_every, stop_rx.clone()),
+                    );
+                    Arc::clone(&app.bus).follow(feed, stop_rx).await;
+                    // The last flush, as a replica's at shutdown; bounded, for Envoy waits
+                    // on this when it destroys the filter's configuration. Usage it could
+                    // not report in that time is lost.
+                    let _ = tokio::time::timeout(LAST_FLUSH, flush).await;
+                });
             })
             .map_err(|e| ConfigError::new("module", format!("cannot start its thread: {e}")))?;
         Ok(ModuleRuntime {

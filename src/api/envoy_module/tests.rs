@@ -237,7 +237,25 @@ struct Module {
 impl Module {
     /// A module that follows nothing yet.
     fn new() -> Module {
-        let app = app();
+        Module::of(app())
+    }
+
+    /// A module following the service's stream, whose usage is written to the service's
+    /// store (as the service writes what the module reports to it).
+    async fn counting_for(service: &Service) -> (Module, Follower) {
+        let config =
+            Config::load(Some(CONFIG), Vec::new()).expect("the test configuration is valid");
+        let app = App::with_usage_sink(
+            config,
+            secrets(),
+            Arc::new(MemoryStore::new()),
+            service.app.store.clone(),
+        )
+        .expect("the app builds");
+        Module::of(app).follow(service).await
+    }
+
+    fn of(app: App) -> Module {
         let decider = ModuleDecider::new(
             app.envoy_service(),
             Arc::clone(&app.bus),
@@ -249,7 +267,11 @@ impl Module {
 
     /// A module following the service's stream.
     async fn following(service: &Service) -> (Module, Follower) {
-        let module = Module::new();
+        Module::new().follow(service).await
+    }
+
+    async fn follow(self, service: &Service) -> (Module, Follower) {
+        let module = self;
         let feed = Arc::new(StoreFeed::new(service.app.store.clone(), BLOCK));
         let follower = follow(&module.app.bus, feed);
         until_following(&module.app.bus, true).await;
@@ -1185,4 +1207,57 @@ fn request_reads_method_path_and_the_consulted_headers_and_refuses_one_that_is_n
     let least = read(&least).expect("a request");
     assert_eq!((least.method.as_str(), least.path.as_str()), ("GET", "/"));
     assert!(least.headers.is_empty());
+}
+
+/// What the module answers itself is counted in the key's usage as the service counts
+/// its own answers (allows, and denials once the key is known), and written where the
+/// service's usage is; what it hands over is the service's to count, and a revoked key
+/// is counted by neither.
+#[tokio::test]
+async fn what_the_module_answers_is_counted_in_the_keys_usage_as_the_service_counts_it() {
+    let service = Service::start().await;
+    let (module, _follower) = Module::counting_for(&service).await;
+    let (reader, reader_id) = service.key(tenant_key(&["contacts:read"], "")).await;
+    let reader = bearer(&reader);
+    let read = get("/v1/contacts/1", &[("authorization", &reader)]);
+    let write = req(
+        "DELETE",
+        "/v1/contacts/1",
+        &[("authorization", &reader), ("x-tenant-id", TENANT)],
+    );
+    // Handed over (and counted by the service, once it answers).
+    module
+        .learn_from(&service, &read)
+        .await
+        .expect("the reader's allow is learned");
+    service.app.usage.flush().await.expect("the service's usage is written");
+    let usage = |id: &str| {
+        let store = service.app.store.clone();
+        let id = id.to_owned();
+        async move { store.get(&id).await.unwrap().unwrap().usage }
+    };
+    let before = usage(&reader_id).await;
+    assert_eq!((before.allowed, before.denied), (1, 0), "the service's own answer");
+
+    for _ in 0..3 {
+        assert!(matches!(module.decide(&read), Local::Allow(_)));
+    }
+    assert!(matches!(module.decide(&write), Local::Deny(_)));
+    let call = req("POST", "/v1/calls", &[("authorization", &reader)]);
+    assert!(matches!(module.decide(&call), Local::HandOver));
+    assert_eq!(module.app.usage.flush().await.unwrap(), 1, "one key's counts");
+    let after = usage(&reader_id).await;
+    assert_eq!(
+        (after.allowed, after.denied),
+        (4, 1),
+        "three allows and a denial answered in Envoy; the hand-over is not the module's"
+    );
+    assert!(after.last_used_at_ms >= before.last_used_at_ms);
+
+    let mut events = module.app.bus.subscribe();
+    service.app.admin.revoke(&reader_id).await.expect("revoked");
+    applied(&mut events, "the revocation", revoked(&reader_id)).await;
+    let by_module = Shown::of_module(module.decide(&read));
+    assert_eq!(by_module.code().as_deref(), Some("revoked_api_key"));
+    assert_eq!(module.app.usage.flush().await.unwrap(), 0, "a revoked key is not counted");
 }
