@@ -934,7 +934,11 @@ async fn usage_a_follower_reports_is_written_with_the_replicas_own() {
         .expect("the report is taken");
     replica.app.usage.flush().await.expect("flushed");
     let usage = replica.app.store.get(&key_id).await.unwrap().unwrap().usage;
-    assert_eq!((usage.allowed, usage.denied), (6, 2), "the replica's own check and the report's");
+    assert_eq!(
+        (usage.allowed, usage.denied),
+        (6, 2),
+        "the replica's own check and the report's"
+    );
     let replicas_own = usage.last_used_at_ms.expect("a last use");
     assert!(replicas_own > an_hour_ago, "the later of the two");
 
@@ -984,23 +988,29 @@ async fn a_usage_report_with_a_bad_entry_changes_nothing_and_says_which() {
             .await
             .expect_err(field);
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}");
-        assert!(err.message().starts_with(field), "{field}: {}", err.message());
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
     }
     let too_many = vec![good.clone(); 10_001];
     let err = client
         .report_usage(proto::ReportUsageRequest { usage: too_many })
         .await
         .expect_err("too many keys");
-    assert!(err.message().starts_with("usage: at most 10000"), "{}", err.message());
+    assert!(
+        err.message().starts_with("usage: at most 10000"),
+        "{}",
+        err.message()
+    );
 
-    let channel = tonic::transport::Endpoint::from_shared(format!(
-        "http://{}",
-        replica.running.grpc
-    ))
-    .unwrap()
-    .connect()
-    .await
-    .unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", replica.running.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
     let err = RevocationsClient::new(channel)
         .report_usage(proto::ReportUsageRequest {
             usage: vec![good.clone()],
@@ -1009,7 +1019,11 @@ async fn a_usage_report_with_a_bad_entry_changes_nothing_and_says_which() {
         .expect_err("no watch token");
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
-    assert_eq!(replica.app.usage.flush().await.unwrap(), 0, "nothing was counted");
+    assert_eq!(
+        replica.app.usage.flush().await.unwrap(),
+        0,
+        "nothing was counted"
+    );
     let usage = replica.app.store.get(&key_id).await.unwrap().unwrap().usage;
     assert_eq!((usage.allowed, usage.denied), (0, 0));
     replica.running.shutdown().await.unwrap();

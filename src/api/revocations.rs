@@ -34,8 +34,8 @@ use crate::revocation::{EventFeed, FeedEntry, FeedItem, RevocationBus};
 use crate::secret::Secret;
 use crate::store::{
     latest_cursor, now_ms, Cursor, DelegationEvent, EventId, EventKind, EventLog, KeyStore,
-    RevocationEvent, StoreError, TokenRevocation, TokenRevocationEvent, TokenTarget,
-    UsageDelta, UsageNotWritten, UsageSink,
+    RevocationEvent, StoreError, TokenRevocation, TokenRevocationEvent, TokenTarget, UsageDelta,
+    UsageNotWritten, UsageSink,
 };
 use crate::usage::UsageCounter;
 
@@ -372,7 +372,11 @@ fn usage_deltas(req: proto::ReportUsageRequest, now_ms: u64) -> Result<Vec<Usage
                 }
             }
             if u.allowed == 0 && u.denied == 0 {
-                return Err(bad(i, "allowed", "an entry counts at least one request".into()));
+                return Err(bad(
+                    i,
+                    "allowed",
+                    "an entry counts at least one request".into(),
+                ));
             }
             let last = u
                 .last_used_at
@@ -414,7 +418,6 @@ impl WatchFeed {
 }
 
 impl Remote {
-
     async fn client(&self) -> Result<RevocationsClient<tonic::transport::Channel>, Status> {
         let channel = tonic::transport::Endpoint::from_shared(self.url.clone())
             .map_err(|e| Status::unavailable(e.to_string()))?

@@ -19,9 +19,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::api::envoy_module::ModuleDecider;
+use crate::api::revocations::UsageReporter;
 use crate::config::{Config, ConfigError, Secrets};
 use crate::server::App;
-use crate::api::revocations::UsageReporter;
 use crate::store::memory::MemoryStore;
 use crate::store::UsageSink;
 
@@ -84,9 +84,8 @@ impl ModuleRuntime {
             .spawn(move || {
                 let feed = app.revocation_feed();
                 runtime.block_on(async {
-                    let flush = tokio::spawn(
-                        Arc::clone(&app.usage).run(flush_every, stop_rx.clone()),
-                    );
+                    let flush =
+                        tokio::spawn(Arc::clone(&app.usage).run(flush_every, stop_rx.clone()));
                     Arc::clone(&app.bus).follow(feed, stop_rx).await;
                     // The last flush, as a replica's at shutdown; bounded, for Envoy waits
                     // on this when it destroys the filter's configuration. Usage it could

@@ -9,6 +9,7 @@ to ext_authz.
   and never allowed after.
 - Without its Watch stream, it decides nothing: requests go to ext_authz.
 - A panic inside its decision sends the request to ext_authz, and Envoy keeps serving.
+- What it answers itself is in the key's usage (`keys get`), as keygate's own answers are.
 
 Which door answered is read off Envoy's own counters: a request the module decides
 never reaches ext_authz's check (`ModuleEnvoy.checks`)."""
@@ -50,6 +51,8 @@ ENV = {
         "algorithms: [HS256], secret_env: KEYGATE_E2E_JWT_SECRET, leeway: 5s}]"
     ),
     "KEYGATE_E2E_JWT_SECRET": JWT_SECRET,
+    # Usage (keygate's and what the module reports) is written within a fifth of a second.
+    "KEYGATE_API_KEYS__USAGE_FLUSH_INTERVAL": "200ms",
 }
 
 # Envoy hands the upstream what ext_authz's namespace of dynamic metadata holds, so that
@@ -213,6 +216,39 @@ def learned(module: harness.ModuleEnvoy, token: str) -> None:
         assert_allowed(resp)
         return here
     harness.wait_for("the module to answer a key it learned", answered_here, timeout=10)
+
+
+def test_requests_the_module_answers_are_in_the_keys_usage(doors, keygate):
+    """A key used only through the module door: each request, whether keygate or the
+    module answered it, is in `keys get`'s counts once the module has reported (every
+    `api_keys.usage_flush_interval`)."""
+    module = doors["module"]
+    key = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
+    read = [bearer(key["token"])]
+    write = [bearer(key["token"]), ("x-tenant-id", key["tenant_id"])]
+    by_module = {"allowed": 0, "denied": 0}
+    sent = {"allowed": 0, "denied": 0}
+    for _ in range(50):
+        resp, here = through_module(module, "GET", "/v1/contacts/1", read)
+        assert_allowed(resp)
+        sent["allowed"] += 1
+        by_module["allowed"] += here
+        if by_module["allowed"] >= 5:
+            break
+    assert by_module["allowed"] == 5, "the module never answered the key itself"
+    for _ in range(2):
+        resp, here = through_module(module, "POST", "/v1/contacts/1", write)
+        assert_denied(resp, 403, "insufficient_permissions")
+        assert here, "a key the module holds is denied by the module"
+        sent["denied"] += 1
+
+    def counted():
+        got = keygate.cli("keys", "get", key["key_id"], "--json")
+        assert got.code == 0, str(got)
+        k = got.json()
+        return (k["requests_allowed"], k["requests_denied"]) == (sent["allowed"], sent["denied"]) and k
+    k = harness.wait_for("the module's usage to reach the key's record", counted, timeout=10)
+    assert k["last_used_at"], k
 
 
 def test_a_revoked_key_is_denied_by_the_module_within_ten_milliseconds(doors, keygate):

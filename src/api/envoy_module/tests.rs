@@ -1230,14 +1230,23 @@ async fn what_the_module_answers_is_counted_in_the_keys_usage_as_the_service_cou
         .learn_from(&service, &read)
         .await
         .expect("the reader's allow is learned");
-    service.app.usage.flush().await.expect("the service's usage is written");
+    service
+        .app
+        .usage
+        .flush()
+        .await
+        .expect("the service's usage is written");
     let usage = |id: &str| {
         let store = service.app.store.clone();
         let id = id.to_owned();
         async move { store.get(&id).await.unwrap().unwrap().usage }
     };
     let before = usage(&reader_id).await;
-    assert_eq!((before.allowed, before.denied), (1, 0), "the service's own answer");
+    assert_eq!(
+        (before.allowed, before.denied),
+        (1, 0),
+        "the service's own answer"
+    );
 
     for _ in 0..3 {
         assert!(matches!(module.decide(&read), Local::Allow(_)));
@@ -1245,7 +1254,11 @@ async fn what_the_module_answers_is_counted_in_the_keys_usage_as_the_service_cou
     assert!(matches!(module.decide(&write), Local::Deny(_)));
     let call = req("POST", "/v1/calls", &[("authorization", &reader)]);
     assert!(matches!(module.decide(&call), Local::HandOver));
-    assert_eq!(module.app.usage.flush().await.unwrap(), 1, "one key's counts");
+    assert_eq!(
+        module.app.usage.flush().await.unwrap(),
+        1,
+        "one key's counts"
+    );
     let after = usage(&reader_id).await;
     assert_eq!(
         (after.allowed, after.denied),
@@ -1259,5 +1272,9 @@ async fn what_the_module_answers_is_counted_in_the_keys_usage_as_the_service_cou
     applied(&mut events, "the revocation", revoked(&reader_id)).await;
     let by_module = Shown::of_module(module.decide(&read));
     assert_eq!(by_module.code().as_deref(), Some("revoked_api_key"));
-    assert_eq!(module.app.usage.flush().await.unwrap(), 0, "a revoked key is not counted");
+    assert_eq!(
+        module.app.usage.flush().await.unwrap(),
+        0,
+        "a revoked key is not counted"
+    );
 }
