@@ -49,7 +49,7 @@ pub mod module;
 mod rules;
 pub use health::LIVENESS;
 use health::{readiness, report_health, HEALTH_SERVICES};
-pub use live::{Live, LiveRules, ReloadError, Reloaded};
+pub use live::{follow_file, Live, LiveRules, ReloadError, Reloaded, FILE_CHECK};
 pub use rules::{Rules, Shared};
 
 /// The core, built from configuration, without any listener.

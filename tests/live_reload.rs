@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use keygate::config::{Config, Secrets};
 use keygate::decision::{Decision, DenyReason};
+use keygate::file_watch::FileWatch;
 use keygate::request::AuthRequest;
 use keygate::secret::Secret;
-use keygate::server::{App, ReloadError, Reloaded};
+use keygate::server::{follow_file, App, ReloadError, Reloaded, FILE_CHECK};
 use keygate::store::memory::MemoryStore;
 
 const SECRET_VAR: &str = "KEYGATE_TEST_RELOAD_HS256";
@@ -41,21 +42,24 @@ fn load(text: &str) -> Config {
 }
 
 fn app() -> App {
+    App::with_store(
+        load(&yaml("contacts:read", true)),
+        secrets(),
+        Arc::new(MemoryStore::new()),
+    )
+    .expect("the app builds")
+}
+
+fn secrets() -> Secrets {
     let mut named = HashMap::new();
     named.insert(SECRET_VAR.to_owned(), Secret::new(SECRET));
-    let secrets = Secrets {
+    Secrets {
         pepper: Secret::random(43),
         admin_token: Secret::random(32),
         redis_password: None,
         watch_token: None,
         named,
-    };
-    App::with_store(
-        load(&yaml("contacts:read", true)),
-        secrets,
-        Arc::new(MemoryStore::new()),
-    )
-    .expect("the app builds")
+    }
 }
 
 fn jwt() -> String {
@@ -152,4 +156,49 @@ async fn a_restart_only_change_or_the_same_file_changes_nothing() {
     }
     // The route kept its scope: the refused file's scope change was not taken.
     assert!(matches!(check(&app, &token).await, Decision::Allow(_)));
+}
+
+/// A change made to the file while the server was starting (after its first read, before
+/// it followed the file: a ConfigMap updated as the pod starts) is reloaded, not left
+/// until the next change: the file's watch is made before that read, as `serve` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_while_the_server_was_starting_is_reloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.yaml");
+    std::fs::write(&path, yaml("contacts:read", false)).unwrap();
+    let changes = FileWatch::new([path.clone()], FILE_CHECK);
+    let first_read = std::fs::read_to_string(&path).unwrap();
+    let app = App::with_store(load(&first_read), secrets(), Arc::new(MemoryStore::new()))
+        .expect("the app builds");
+    let created = app
+        .admin
+        .create(keygate::keys::NewKey {
+            tenant_id: TENANT.into(),
+            scopes: vec!["contacts:read".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("key created");
+    assert!(matches!(
+        check(&app, &created.token).await,
+        Decision::Allow(_)
+    ));
+    // Another length too: a rewrite within the file system's timestamp granularity is
+    // still a change.
+    std::fs::write(&path, yaml("billing:read", false)).unwrap();
+    app.live.reload_from(path, changes);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let following = tokio::spawn(follow_file(app.live.clone(), stopped));
+    keygate_test_support::eventually(
+        keygate_test_support::PATIENCE,
+        "the change made while starting is reloaded",
+        || async {
+            (denied(&check(&app, &created.token).await)
+                == Some(DenyReason::InsufficientPermissions))
+            .then_some(())
+        },
+    )
+    .await;
+    stop.send_replace(true);
+    following.await.unwrap();
 }

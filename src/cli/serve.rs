@@ -10,6 +10,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::config::{Config, Secrets, DEV_CONFIG};
+use crate::file_watch::FileWatch;
 use crate::server;
 
 #[derive(Args, Debug)]
@@ -36,6 +37,11 @@ pub struct ServeArgs {
 }
 
 pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Before the file is read: a change made from here on is reloaded.
+    let changes = args
+        .config
+        .as_ref()
+        .map(|path| FileWatch::new([path.clone()], server::FILE_CHECK));
     let yaml = match &args.config {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -76,9 +82,9 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "store.backend is memory: keys live only as long as this process"
         );
     }
-    if let Some(path) = &args.config {
+    if let Some((path, changes)) = args.config.as_ref().zip(changes) {
         // Followed for changes to the decision sections (docs/operations.md).
-        app.live.reload_from(path.clone());
+        app.live.reload_from(path.clone(), changes);
     }
     let running = server::start(std::sync::Arc::new(app)).await?;
     let state = if args.dev {

@@ -17,13 +17,15 @@ use crate::api::envoy_answer::CheckAnswer;
 use crate::api::envoy_wire::{Authorization, CheckRequestView};
 use crate::api::proto::{self, authorizer_server::Authorizer as AuthorizerApi, keys_server::Keys};
 use crate::config::Config;
+use crate::file_watch::FileWatch;
 
 /// The running rules and what builds the next ones.
 pub struct Live {
     rules: ArcSwap<Rules>,
     shared: Shared,
-    /// The file the rules come from (`serve --config`); unset: nothing to reload.
-    path: OnceLock<PathBuf>,
+    /// The file the rules come from (`serve --config`), and its watch, made before the
+    /// file was first read; unset: nothing to reload.
+    file: OnceLock<(PathBuf, FileWatch)>,
     /// Why the last reload was not applied, until one is: `/readyz` shows it.
     last_failure: Mutex<Option<String>>,
     /// Serialises reloads: a file event and a SIGHUP at once build one after the other.
@@ -51,20 +53,23 @@ impl Live {
         Live {
             rules: ArcSwap::from_pointee(rules),
             shared,
-            path: OnceLock::new(),
+            file: OnceLock::new(),
             last_failure: Mutex::new(None),
             reloading: Mutex::new(()),
         }
     }
 
-    /// Takes the rules from `path` from now on (once; the file the server started with).
-    pub fn reload_from(&self, path: PathBuf) {
-        let _ = self.path.set(path);
+    /// Takes the rules from `path` from now on (once; the file the server started with),
+    /// reloading when `changes` sees it change. Made before the file was first read,
+    /// `changes` also sees a change made between that read and this call (a ConfigMap
+    /// updated while the replica was starting), which would otherwise wait for the next.
+    pub fn reload_from(&self, path: PathBuf, changes: FileWatch) {
+        let _ = self.file.set((path, changes));
     }
 
     /// The file reloads read, if any.
     pub fn path(&self) -> Option<&std::path::Path> {
-        self.path.get().map(PathBuf::as_path)
+        self.file.get().map(|(path, _)| path.as_path())
     }
 
     /// The rules to answer one request with.
@@ -82,7 +87,7 @@ impl Live {
     /// Blocking (it reads the file and compiles the rules): `follow_file` runs it off the
     /// request path, on tokio's blocking pool.
     pub fn reload(&self, stop: &watch::Receiver<bool>) -> Result<Reloaded, ReloadError> {
-        let Some(path) = self.path.get() else {
+        let Some(path) = self.path() else {
             return Ok(Reloaded::Unchanged);
         };
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
@@ -209,10 +214,9 @@ pub const FILE_CHECK: std::time::Duration = std::time::Duration::from_millis(500
 /// Reloads on SIGHUP and whenever the file changes (`FileWatch`: a Kubernetes ConfigMap
 /// update, which swaps a symlink, included), until `stop`.
 pub async fn follow_file(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
-    let Some(path) = live.path().map(PathBuf::from) else {
+    let Some(mut file) = live.file.get().map(|(_, changes)| changes.clone()) else {
         return;
     };
-    let mut file = crate::file_watch::FileWatch::new([path], FILE_CHECK);
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {
