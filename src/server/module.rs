@@ -49,7 +49,10 @@ impl ModuleRuntime {
         let env = env
             .into_iter()
             .chain([("KEYGATE_REVOCATION__SOURCE".to_owned(), "watch".to_owned())]);
-        let config = Config::load(Some(config), env)?;
+        let mut config = Config::load(Some(config), env)?;
+        // The module never runs argon2 (a credential it has not learned goes to the
+        // service): one idle thread in Envoy's process, not one per core.
+        config.api_keys.argon2.verify_concurrency = 1;
         let secrets = Secrets::for_module()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
