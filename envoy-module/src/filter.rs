@@ -174,8 +174,7 @@ impl Filter {
                         panic!("the test trigger {trigger} asked the decision to panic");
                     }
                 }
-                let req = self.decider.request(headers.iter().copied())?;
-                Some(self.decider.decide(&req))
+                self.decider.answer(headers)
             }))
         });
         match decided {
@@ -207,9 +206,7 @@ impl Filter {
     fn floor(&self, stream: &impl Stream, floor: Floor) -> bool {
         let allowed = floor == Floor::Mark
             || stream.with_request_headers(|headers| {
-                self.decider
-                    .request(headers.iter().copied())
-                    .is_some_and(|req| matches!(self.decider.decide(&req), Local::Allow(_)))
+                matches!(self.decider.answer(headers), Some(Local::Allow(_)))
             });
         if allowed {
             stream.set_metadata_bool(MODULE_NAMESPACE, DECIDED_KEY, true);

@@ -12,8 +12,8 @@
 //! `Watch` stream: a module that might miss a revocation decides nothing.
 //!
 //! A credential whose every request needs the service (its plan limits its rate) is
-//! remembered for a moment (`HANDED_OVER_FOR`) under a hash of its token, and its next
-//! requests are handed over at once, without deciding them only to find that out again.
+//! remembered for a moment (`HANDED_OVER_FOR`) under a hash of the headers it came in,
+//! and its next requests are handed over at once, before they are even read.
 //! That memo only ever hands a request over, which is never wrong: the service decides
 //! it as it would without the module. Any invalidation the module applies forgets it.
 //!
@@ -25,7 +25,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,9 +131,10 @@ pub struct ModuleDecider {
     bus: Arc<RevocationBus>,
     cache: Arc<CredentialCache>,
     delegations: Arc<Delegations>,
-    /// Hash of a token → the cache's epoch when its request was handed over because its
-    /// plan limits its rate. Only ever a reason to hand a request over: a hash shared by
-    /// two tokens costs the other one a round trip to the service, nothing more.
+    /// Hash of a request's credential headers (`memo`) → the cache's epoch when its
+    /// request was handed over because its plan limits its rate. Only ever a reason to
+    /// hand a request over: a hash shared by two credentials costs the other one a round
+    /// trip to the service, nothing more.
     handed_over: moka::sync::Cache<u64, u64>,
     /// Keyed per process, so the hashes tell nothing outside it.
     token_hash: RandomState,
@@ -206,18 +207,55 @@ impl ModuleDecider {
         })
     }
 
-    /// The module's answer to `req`.
-    pub fn decide(&self, req: &AuthRequest) -> Local {
+    /// What the module does with a request whose headers (pseudo-headers included) are
+    /// `headers`: a remembered credential's request is handed over before the request
+    /// is even read; otherwise the request is read (`request`) and decided (`decide`).
+    /// `None` where `request` refuses to read it: the service's to judge.
+    pub fn answer(&self, headers: &[(&[u8], &[u8])]) -> Option<Local> {
+        let memo = self.memo(headers);
+        if self.remembered(memo) {
+            return Some(Local::HandOver);
+        }
+        let req = self.request(headers.iter().copied())?;
+        Some(self.decide(&req, memo))
+    }
+
+    /// The hand-over memo's name for the credential of a request with `headers`: a
+    /// hash of the headers a credential is read from, in order, as Envoy holds them.
+    /// The credential is a function of those alone (`CredentialSource::extract`), so
+    /// the same headers name the same credential. `None`: the request has none of them.
+    fn memo(&self, headers: &[(&[u8], &[u8])]) -> Option<u64> {
+        let mut hasher = self.token_hash.build_hasher();
+        let mut any = false;
+        for (name, value) in headers {
+            let source = self
+                .envoy
+                .credentials()
+                .header_names()
+                .position(|h| name.eq_ignore_ascii_case(h.as_bytes()));
+            if let Some(source) = source {
+                any = true;
+                hasher.write_usize(source);
+                hasher.write_usize(value.len());
+                hasher.write(value);
+            }
+        }
+        any.then(|| hasher.finish())
+    }
+
+    /// Whether the credential `memo` names was handed over for its plan since the last
+    /// invalidation, and not long ago (`HANDED_OVER_FOR`).
+    fn remembered(&self, memo: Option<u64>) -> bool {
+        memo.and_then(|m| self.handed_over.get(&m))
+            .is_some_and(|epoch| epoch == self.cache.epoch())
+    }
+
+    /// The module's answer to `req`, whose credential headers `memo` names (`memo`).
+    pub fn decide(&self, req: &AuthRequest, memo: Option<u64>) -> Local {
         let token = match self.envoy.credentials().extract(req) {
             Credential::ApiKey(token) | Credential::Jwt(token) => Some(token),
             Credential::None | Credential::Unrecognized => None,
         };
-        let memo = token.map(|t| self.token_hash.hash_one(t));
-        if let Some(epoch) = memo.and_then(|m| self.handed_over.get(&m)) {
-            if epoch == self.cache.epoch() {
-                return Local::HandOver;
-            }
-        }
         if !self.following() {
             return self.hand_over(token, memo);
         }

@@ -280,11 +280,14 @@ impl Module {
 
     /// What the module does with `r`, read from Envoy's headers.
     fn decide(&self, r: &Req) -> Local {
-        let req = self
-            .decider
-            .request(r.pairs().iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
-            .expect("the request's headers are UTF-8");
-        self.decider.decide(&req)
+        let pairs = r.pairs();
+        let headers: Vec<Header<'_>> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        self.decider
+            .answer(&headers)
+            .expect("the request's headers are UTF-8")
     }
 
     /// The ticket the module hands `r` over with; fails the test if it answers `r`.
