@@ -90,6 +90,24 @@ async fn check(app: &App, token: &str) -> Decision {
     app.live.current().authorizer.check(&req).await
 }
 
+/// A key with `contacts:read`, allowed by the running rules: its token.
+async fn reader(app: &App) -> String {
+    let created = app
+        .admin
+        .create(keygate::keys::NewKey {
+            tenant_id: TENANT.into(),
+            scopes: vec!["contacts:read".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("key created");
+    assert!(matches!(
+        check(app, &created.token).await,
+        Decision::Allow(_)
+    ));
+    created.token
+}
+
 fn denied(d: &Decision) -> Option<DenyReason> {
     match d {
         Decision::Deny(denial) => Some(denial.reason),
@@ -119,17 +137,7 @@ async fn a_jwt_of_a_removed_issuer_is_refused_even_when_it_was_cached() {
 #[tokio::test]
 async fn a_cached_api_key_meets_the_routes_new_scope_without_being_verified_again() {
     let app = app();
-    let created = app
-        .admin
-        .create(keygate::keys::NewKey {
-            tenant_id: TENANT.into(),
-            scopes: vec!["contacts:read".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("key created");
-    let token = created.token;
-    assert!(matches!(check(&app, &token).await, Decision::Allow(_)));
+    let token = reader(&app).await;
     app.cache.sync().await;
     let cached = app.cache.entry_count();
     assert!(cached >= 1, "the key's verification is cached");
@@ -170,19 +178,7 @@ async fn a_change_made_while_the_server_was_starting_is_reloaded() {
     let first_read = std::fs::read_to_string(&path).unwrap();
     let app = App::with_store(load(&first_read), secrets(), Arc::new(MemoryStore::new()))
         .expect("the app builds");
-    let created = app
-        .admin
-        .create(keygate::keys::NewKey {
-            tenant_id: TENANT.into(),
-            scopes: vec!["contacts:read".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("key created");
-    assert!(matches!(
-        check(&app, &created.token).await,
-        Decision::Allow(_)
-    ));
+    let token = reader(&app).await;
     // Another length too: a rewrite within the file system's timestamp granularity is
     // still a change.
     std::fs::write(&path, yaml("billing:read", false)).unwrap();
@@ -193,9 +189,8 @@ async fn a_change_made_while_the_server_was_starting_is_reloaded() {
         keygate_test_support::PATIENCE,
         "the change made while starting is reloaded",
         || async {
-            (denied(&check(&app, &created.token).await)
-                == Some(DenyReason::InsufficientPermissions))
-            .then_some(())
+            (denied(&check(&app, &token).await) == Some(DenyReason::InsufficientPermissions))
+                .then_some(())
         },
     )
     .await;
