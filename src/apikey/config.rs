@@ -45,7 +45,7 @@ impl Default for ApiKeysConfig {
 
 /// argon2id cost. The defaults are OWASP's second recommended set (19 MiB, 2 passes,
 /// 1 lane); see the README for the time they give.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Argon2Config {
     pub memory_kib: u32,

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::settings::{duration, ConfigError};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Upper bound on how long a verified key is trusted without asking the store again.

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use super::duration;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
     /// Envoy ext_authz, keygate.v1.Authorizer, health, reflection.
@@ -35,7 +35,7 @@ pub struct ListenConfig {
 
 /// A listener's TLS: its certificate chain and key (PEM files, re-read when they
 /// change), and optionally the CA its clients' certificates must chain to.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert_file: String,

@@ -2,37 +2,47 @@
 //! restart. The decision sections (`policy`, `errors`, `jwt`, `sessions`, `rate_limits`
 //! and `api_keys` but its `prefix` and `argon2`) are rebuilt live; the rest shapes
 //! listeners, the store, the caches and the process itself, and a change to it is refused
-//! until a restart. Sections are compared as written (the file with the environment over
-//! it): a section spelled out with its default values counts as changed.
+//! until a restart. Restart-only settings are compared by what they mean, not as written:
+//! a section spelled out with its default values, or `30s` written `30000ms`, is no
+//! change.
 
 use serde_yaml_ng::Value;
 
 use super::Config;
 
-/// The settings a running keygate keeps until it restarts, as paths into the document.
-pub const RESTART_ONLY: &[&[&str]] = &[
-    &["listen"],
-    &["store"],
-    &["revocation"],
-    &["cache"],
-    &["logging"],
-    &["traces"],
-    &["api_keys", "prefix"],
-    &["api_keys", "argon2"],
-];
+/// The settings a running keygate keeps until it restarts, dotted, with whether they
+/// differ between two configurations.
+fn restart_only(running: &Config, next: &Config) -> [(&'static str, bool); 8] {
+    [
+        ("listen", running.listen != next.listen),
+        ("store", running.store != next.store),
+        ("revocation", running.revocation != next.revocation),
+        ("cache", running.cache != next.cache),
+        ("logging", running.logging != next.logging),
+        ("traces", running.traces != next.traces),
+        (
+            "api_keys.prefix",
+            running.api_keys.prefix != next.api_keys.prefix,
+        ),
+        (
+            "api_keys.argon2",
+            running.api_keys.argon2 != next.api_keys.argon2,
+        ),
+    ]
+}
 
 fn at<'a>(doc: &'a Value, path: &[&str]) -> Option<&'a Value> {
     path.iter().try_fold(doc, |v, key| v.get(*key))
 }
 
 impl Config {
-    /// The restart-only settings (`RESTART_ONLY`, dotted) that differ between `self` and
+    /// The restart-only settings (`restart_only`, dotted) that differ between `self` and
     /// `next`; empty when `next` can be taken live.
     pub fn restart_only_changes(&self, next: &Config) -> Vec<String> {
-        RESTART_ONLY
-            .iter()
-            .filter(|path| at(&self.source, path) != at(&next.source, path))
-            .map(|path| path.join("."))
+        restart_only(self, next)
+            .into_iter()
+            .filter(|(_, differs)| *differs)
+            .map(|(name, _)| name.to_owned())
             .collect()
     }
 
@@ -49,6 +59,18 @@ mod tests {
 
     fn load(yaml: &str) -> Config {
         Config::load(Some(yaml), Vec::new()).expect("valid")
+    }
+
+    #[test]
+    fn a_default_written_out_or_a_duration_written_otherwise_is_no_change() {
+        let before = load("policy: { unmatched: deny }\n");
+        let spelled_out = load(
+            "policy: { unmatched: deny }\nlisten: { grpc: '0.0.0.0:50051' }\n\
+             cache: { ttl: 30000ms }\nlogging: { level: info }\n",
+        );
+        assert!(before.restart_only_changes(&spelled_out).is_empty());
+        let other = load("policy: { unmatched: deny }\ncache: { ttl: 31s }\n");
+        assert_eq!(before.restart_only_changes(&other), ["cache"]);
     }
 
     #[test]

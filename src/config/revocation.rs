@@ -15,7 +15,7 @@ pub enum RevocationSource {
     Watch,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RevocationConfig {
     pub source: RevocationSource,

@@ -14,7 +14,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoggingConfig {
     /// A tracing filter: `info`, `debug`, `keygate=trace,info`, …
@@ -31,7 +31,7 @@ impl Default for LoggingConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TracesConfig {
     /// The OTLP/gRPC collector, e.g. `http://otel-collector:4317`. When left out,
