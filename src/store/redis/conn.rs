@@ -104,11 +104,13 @@ impl RedisStore {
         let connect = async {
             match &self.client {
                 Client::Single(client) => {
+                    // No retry inside the connection manager: its backoff (with jitter)
+                    // outlasts `timeout`, so a refused connection was reported as a
+                    // timeout. Every caller retries on its own schedule.
                     let config = ConnectionManagerConfig::new()
                         .set_connection_timeout(self.timeout)
                         .set_response_timeout(response_timeout)
-                        .set_number_of_retries(1)
-                        .set_max_delay(200);
+                        .set_number_of_retries(0);
                     let manager =
                         Arc::new(ConnectionManager::new_with_config(client.clone(), config).await?);
                     self.health.opened(&manager);
