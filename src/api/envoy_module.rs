@@ -137,7 +137,7 @@ pub struct ModuleDecider {
     /// trip to the service, nothing more.
     handed_over: moka::sync::Cache<u64, u64>,
     /// Keyed per process, so the hashes tell nothing outside it.
-    token_hash: RandomState,
+    memo_hash: RandomState,
 }
 
 impl ModuleDecider {
@@ -157,7 +157,7 @@ impl ModuleDecider {
                 .max_capacity(HANDED_OVER_MAX)
                 .time_to_live(HANDED_OVER_FOR)
                 .build(),
-            token_hash: RandomState::new(),
+            memo_hash: RandomState::new(),
         }
     }
 
@@ -225,7 +225,7 @@ impl ModuleDecider {
     /// The credential is a function of those alone (`CredentialSource::extract`), so
     /// the same headers name the same credential. `None`: the request has none of them.
     fn memo(&self, headers: &[(&[u8], &[u8])]) -> Option<u64> {
-        let mut hasher = self.token_hash.build_hasher();
+        let mut hasher = self.memo_hash.build_hasher();
         let mut any = false;
         for (name, value) in headers {
             let source = self
@@ -250,8 +250,9 @@ impl ModuleDecider {
             .is_some_and(|epoch| epoch == self.cache.epoch())
     }
 
-    /// The module's answer to `req`, whose credential headers `memo` names (`memo`).
-    pub fn decide(&self, req: &AuthRequest, memo: Option<u64>) -> Local {
+    /// The module's answer to `req`, whose credential headers `memo` names (`memo`):
+    /// reached through `answer` only, which looks in the memo first.
+    fn decide(&self, req: &AuthRequest, memo: Option<u64>) -> Local {
         let token = match self.envoy.credentials().extract(req) {
             Credential::ApiKey(token) | Credential::Jwt(token) => Some(token),
             Credential::None | Credential::Unrecognized => None,
