@@ -1028,3 +1028,59 @@ async fn a_usage_report_with_a_bad_entry_changes_nothing_and_says_which() {
     assert_eq!((usage.allowed, usage.denied), (0, 0));
     replica.running.shutdown().await.unwrap();
 }
+
+/// The module's reporter sends a batch larger than one call may carry in parts, each
+/// counted; one it cannot deliver is handed back whole, to be sent with the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_reporter_splits_a_large_batch_and_keeps_what_it_could_not_send() {
+    use keygate::api::revocations::{UsageReporter, USAGE_KEYS_PER_REPORT};
+    use keygate::store::{UsageDelta, UsageSink};
+
+    let secrets = secrets();
+    let replica = Replica::start(config(Backend::Memory), &secrets).await;
+    let (first, _) = create_key(&replica.app).await;
+    let (last, _) = create_key(&replica.app).await;
+    let now = keygate::store::now_ms();
+    let delta = |key_id: String| UsageDelta {
+        key_id,
+        allowed: 2,
+        denied: 1,
+        last_used_at_ms: now,
+    };
+    // The two keys at either end; unknown (well-formed) ids between them are dropped by
+    // the store, as a deleted key's usage is.
+    let mut batch = vec![delta(first.clone())];
+    batch.extend((1..USAGE_KEYS_PER_REPORT).map(|_| delta(keygate::apikey::token::new_key_id())));
+    batch.push(delta(last.clone()));
+
+    let token = keygate::secret::Secret::new(replica.watch_token());
+    let reporter = UsageReporter::new(format!("http://{}", replica.running.grpc), token.clone());
+    reporter
+        .add_usage(&batch)
+        .await
+        .expect("both parts are taken");
+    replica.app.usage.flush().await.expect("flushed");
+    for key_id in [&first, &last] {
+        let usage = replica.app.store.get(key_id).await.unwrap().unwrap().usage;
+        assert_eq!(
+            (usage.allowed, usage.denied),
+            (2, 1),
+            "{key_id}'s part was counted"
+        );
+    }
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let nowhere = UsageReporter::new(format!("http://{closed}"), token);
+    let kept = nowhere
+        .add_usage(&batch)
+        .await
+        .expect_err("nobody listens there");
+    assert_eq!(
+        kept.unwritten, batch,
+        "all of it is kept for the next report"
+    );
+    replica.running.shutdown().await.unwrap();
+}
