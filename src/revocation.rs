@@ -30,7 +30,7 @@ use crate::store::{
     latest_cursor, now_ms, Cursor, DelegationEvent, EventId, EventLog, KeyStore, RevocationEvent,
     StoreError, StreamEntry, TokenRevocation, TokenRevocationEvent, TokenRevocations,
 };
-use crate::telemetry::{metrics, ErrorChain};
+use crate::telemetry::{metrics, ErrorChain, Failures};
 use crate::tenant::Delegations;
 
 /// What a feed yields.
@@ -603,45 +603,6 @@ fn applied(at_ms: u64) {
         .observe(now_ms().saturating_sub(at_ms) as f64 / 1000.0);
 }
 
-/// How often a step that keeps failing is logged again: retried twice a second, a stream
-/// that cannot be reached would otherwise be a warning twice a second (inside Envoy too).
-const FAILURE_LOG_EVERY: Duration = Duration::from_secs(30);
-
-/// One step's failures in a row: the first is logged, then at most one every
-/// `FAILURE_LOG_EVERY`, with how many were not.
-#[derive(Debug, Default)]
-struct Failures {
-    /// Failures since the last success.
-    total: u64,
-    /// Failures since the last one logged.
-    unlogged: u64,
-    logged_at: Option<tokio::time::Instant>,
-}
-
-impl Failures {
-    /// Counts a failure: `Some(failures not logged since the last one logged)` if this
-    /// one is to be logged.
-    fn failed(&mut self) -> Option<u64> {
-        self.total += 1;
-        let due = self
-            .logged_at
-            .is_none_or(|at| at.elapsed() >= FAILURE_LOG_EVERY);
-        if !due {
-            self.unlogged += 1;
-            return None;
-        }
-        self.logged_at = Some(tokio::time::Instant::now());
-        Some(std::mem::take(&mut self.unlogged))
-    }
-
-    /// A success: `Some(failures before it)` if there were any. The next failure is
-    /// logged at once.
-    fn recovered(&mut self) -> Option<u64> {
-        let failed = std::mem::take(self);
-        (failed.total > 0).then_some(failed.total)
-    }
-}
-
 /// Retry delays: 50 ms doubling to 500 ms. The bound is also how late revocations made
 /// just after Redis comes back can reach this replica (a reconnect attempt to a Redis
 /// that is down costs next to nothing).
@@ -659,46 +620,5 @@ impl Backoff {
         let d = self.0;
         self.0 = (self.0 * 2).min(Duration::from_millis(500));
         d
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn a_failure_retried_twice_a_second_is_logged_at_once_then_once_every_30_s_with_the_count(
-    ) {
-        let retry = Duration::from_millis(500);
-        let mut failures = Failures::default();
-        assert_eq!(failures.failed(), Some(0), "the first failure is logged");
-        for n in 1..60 {
-            tokio::time::advance(retry).await;
-            assert_eq!(
-                failures.failed(),
-                None,
-                "failure {n}, {:?} after the first",
-                retry * n
-            );
-        }
-        tokio::time::advance(retry).await;
-        assert_eq!(
-            failures.failed(),
-            Some(59),
-            "30 s after the first, with the 59 between"
-        );
-        tokio::time::advance(retry).await;
-        assert_eq!(failures.failed(), None);
-        assert_eq!(
-            failures.recovered(),
-            Some(62),
-            "a success counts every failure before it"
-        );
-        assert_eq!(failures.recovered(), None, "and only once");
-        assert_eq!(
-            failures.failed(),
-            Some(0),
-            "after a success, the next failure is logged at once"
-        );
     }
 }

@@ -10,6 +10,7 @@
 
 mod config;
 mod error_chain;
+mod failures;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -21,6 +22,7 @@ use prometheus::{
 
 pub use config::{LogFormat, LoggingConfig, TracesConfig};
 pub use error_chain::ErrorChain;
+pub(crate) use failures::Failures;
 
 pub struct Metrics {
     pub registry: Registry,

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::store::{now_ms, StoreError, UsageDelta, UsageNotWritten, UsageSink};
-use crate::telemetry::ErrorChain;
+use crate::telemetry::{ErrorChain, Failures};
 
 /// A flush that left some counts unwritten: they are kept for the next one.
 #[derive(Debug, thiserror::Error)]
@@ -162,17 +162,135 @@ impl UsageCounter {
         interval: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
+        // An outage is logged at its first failed flush and then every 30 s, not at every
+        // flush (inside Envoy, the module's reports to an unreachable keygate too).
+        let mut failures = Failures::default();
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
                 _ = tokio::time::sleep(interval) => {}
             }
-            if let Err(e) = self.flush().await {
-                tracing::warn!(event = "usage.write_failed", written = e.written, kept = e.kept, error = %ErrorChain(&e.error), "cannot write some key usage; kept for the next flush");
+            match self.flush().await {
+                Ok(_) => {
+                    if let Some(failed) = failures.recovered() {
+                        tracing::info!(
+                            event = "usage.written_again",
+                            failed_flushes = failed,
+                            "key usage is written again; nothing counted meanwhile was lost"
+                        );
+                    }
+                }
+                Err(e) => {
+                    if let Some(not_logged) = failures.failed() {
+                        tracing::warn!(event = "usage.write_failed", written = e.written, kept = e.kept, failures_not_logged = not_logged, error = %ErrorChain(&e.error), "cannot write some key usage; kept for the next flush");
+                    }
+                }
             }
         }
         if let Err(e) = self.flush().await {
             tracing::warn!(event = "usage.lost_at_shutdown", written = e.written, lost = e.kept, error = %ErrorChain(&e.error), "cannot write some key usage at shutdown; it is lost");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// Refuses every batch while `down`, else adds it to `allowed`.
+    #[derive(Default)]
+    struct Sink {
+        down: AtomicBool,
+        allowed: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl UsageSink for Sink {
+        async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), UsageNotWritten> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(UsageNotWritten {
+                    unwritten: batch.to_vec(),
+                    error: StoreError::Corrupt("the test's sink is down".into()),
+                });
+            }
+            let n: u64 = batch.iter().map(|d| d.allowed).sum();
+            self.allowed.fetch_add(n, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Lines {
+        fn with(&self, event: &str) -> Vec<String> {
+            String::from_utf8_lossy(&lock(&self.0))
+                .lines()
+                .filter(|l| l.contains(&format!("event=\"{event}\"")))
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_of_the_usage_store_is_logged_once_then_every_30_s_and_its_end_once() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let _logs = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish(),
+        );
+        let sink = Arc::new(Sink::default());
+        sink.down.store(true, Ordering::SeqCst);
+        let usage = Arc::new(UsageCounter::new(sink.clone()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let interval = Duration::from_secs(1);
+        let run = tokio::spawn(usage.clone().run(interval, stopped));
+        // Half a second off the flushes, so that each step below sees a known number.
+        tokio::time::sleep(interval / 2).await;
+        // 70 flushes fail, one a second, each with a new count to write.
+        for _ in 0..70 {
+            usage.record("k1", true);
+            tokio::time::sleep(interval).await;
+        }
+        let failed = lines.with("usage.write_failed");
+        assert_eq!(
+            failed.len(),
+            3,
+            "at the first failed flush, then 30 s and 60 s later: {failed:#?}"
+        );
+        assert!(failed[0].contains("failures_not_logged=0"), "{}", failed[0]);
+        assert!(
+            failed[1].contains("failures_not_logged=29"),
+            "{}",
+            failed[1]
+        );
+        assert!(lines.with("usage.written_again").is_empty());
+
+        sink.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(interval * 3).await;
+        let again = lines.with("usage.written_again");
+        assert_eq!(again.len(), 1, "{again:#?}");
+        assert!(again[0].contains("failed_flushes=70"), "{}", again[0]);
+        assert_eq!(
+            sink.allowed.load(Ordering::SeqCst),
+            70,
+            "what the failed flushes kept is written"
+        );
+        stop.send(true).unwrap();
+        run.await.unwrap();
     }
 }
