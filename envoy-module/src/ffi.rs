@@ -11,7 +11,7 @@
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::filter::{Filter, FilterConfig, Next, Stream};
+use crate::filter::{Counter, CounterIds, Filter, FilterConfig, Next, Stream};
 
 /// Bytes Envoy owns, or bytes the module owns, as the ABI passes them.
 #[repr(C)]
@@ -165,6 +165,56 @@ unsafe extern "C" {
         result: *mut Buffer,
     ) -> bool;
     fn envoy_dynamic_module_callback_log(level: i32, message: Buffer);
+    fn envoy_dynamic_module_callback_http_filter_config_define_counter(
+        config: *mut c_void,
+        name: Buffer,
+        label_names: *const Buffer,
+        label_names_length: usize,
+        counter_id: *mut usize,
+    ) -> i32;
+    fn envoy_dynamic_module_callback_http_filter_increment_counter(
+        filter: *mut c_void,
+        id: usize,
+        label_values: *const Buffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> i32;
+}
+
+/// `envoy_dynamic_module_type_metrics_result_Success`
+const METRICS_SUCCESS: i32 = 0;
+
+/// Defines the module's counters on the filter configuration Envoy is creating
+/// (`config_envoy`, as `config_new` was given it): their ids, or `None` for one Envoy
+/// refused (logged; the module then does not count it).
+fn define_counters(config_envoy: *mut c_void) -> CounterIds {
+    Counter::ALL.map(|counter| {
+        let labels: Vec<Buffer> = counter.label().into_iter().map(Buffer::of).collect();
+        let mut id = 0;
+        // SAFETY: `config_envoy` is the configuration Envoy passed to `config_new`, which
+        // is running now (counters can only be defined then); Envoy copies the name and
+        // label names; `id` is a live `usize` it writes.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_define_counter(
+                config_envoy,
+                Buffer::of(counter.name()),
+                labels.as_ptr(),
+                labels.len(),
+                &mut id,
+            )
+        };
+        if result != METRICS_SUCCESS {
+            log(
+                LOG_WARN,
+                &format!(
+                    "keygate module: Envoy refused the counter {} (result {result}); it is not counted",
+                    counter.name()
+                ),
+            );
+            return None;
+        }
+        Some(id)
+    })
 }
 
 /// A line of keygate's own log (`crate::log`) at its level.
@@ -331,6 +381,23 @@ impl Stream for EnvoyStream {
     fn log(&self, message: &str) {
         log(LOG_WARN, message);
     }
+
+    fn increment(&self, id: usize, label: Option<&str>) {
+        let labels: Option<Buffer> = label.map(Buffer::of);
+        let labels = labels.as_slice();
+        // SAFETY: a live stream; `id` is one Envoy gave this stream's configuration, with
+        // as many labels as it was defined with; Envoy reads the label values during the
+        // call.
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_increment_counter(
+                self.0,
+                id,
+                labels.as_ptr(),
+                labels.len(),
+                1,
+            );
+        }
+    }
 }
 
 /// Runs `f`, turning a panic into `fallback`: no unwinding crosses into Envoy.
@@ -363,7 +430,7 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
-    _config_envoy: *mut c_void,
+    config_envoy: *mut c_void,
     _name: Buffer,
     config: Buffer,
 ) -> *const c_void {
@@ -376,7 +443,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             }
         };
         match FilterConfig::new(&text, std::env::vars()) {
-            Ok(c) => Box::into_raw(Box::new(c)).cast_const().cast(),
+            Ok(mut c) => {
+                c.set_counters(define_counters(config_envoy));
+                Box::into_raw(Box::new(c)).cast_const().cast()
+            }
             Err(e) => {
                 log(
                     LOG_ERROR,

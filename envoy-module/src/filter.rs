@@ -44,7 +44,64 @@ pub trait Stream {
     fn add_metadata_list_string(&self, namespace: &str, key: &str, value: &str);
     fn metadata_string(&self, namespace: &str, key: &str) -> Option<String>;
     fn log(&self, message: &str);
+    /// Adds one to the counter Envoy gave `id`, at `label`'s value if it has a label.
+    fn increment(&self, id: usize, label: Option<&str>);
 }
+
+/// What the module counts in Envoy's stats, under the filter's metrics namespace (its
+/// `dynamic_module_config.metrics_namespace`): Envoy's own counters then tell how much
+/// the module answers, and why the rest went to keygate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// Requests the module allowed.
+    Allowed,
+    /// Requests the module denied, by the public error code shown (label `code`).
+    Denied,
+    /// Requests handed to ext_authz, by why (label `reason`, a `HandOverReason`).
+    HandedOver,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 3] = [Counter::Allowed, Counter::Denied, Counter::HandedOver];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::Allowed => "keygate_module_allowed",
+            Counter::Denied => "keygate_module_denied",
+            Counter::HandedOver => "keygate_module_handed_over",
+        }
+    }
+
+    /// Its label's name, if it has one.
+    pub fn label(self) -> Option<&'static str> {
+        match self {
+            Counter::Allowed => None,
+            Counter::Denied => Some("code"),
+            Counter::HandedOver => Some("reason"),
+        }
+    }
+}
+
+/// Why a request went to ext_authz, as `keygate_module_handed_over`'s `reason` says it.
+pub mod hand_over_reason {
+    /// The module is not following keygate's revocation stream: it decides nothing.
+    pub const NOT_FOLLOWING: &str = "not_following";
+    /// A credential the module holds no answer for (new, wrong, a JWT, a partner's
+    /// tenant not seen yet): keygate answers, and an allow is learned.
+    pub const UNKNOWN: &str = "unknown_credential";
+    /// A credential whose requests need what only keygate has: a rate-limited plan, a
+    /// concurrency lease, a session mint.
+    pub const SERVICE_ONLY: &str = "service_only";
+    /// A request the module does not read (headers that must reach keygate as Envoy
+    /// sends them).
+    pub const UNREAD: &str = "unread";
+    /// The decision panicked.
+    pub const PANIC: &str = "panic";
+}
+
+/// The ids Envoy gave the counters (indexed by `Counter as usize`); `None` for one it
+/// refused (the module then does not count it).
+pub type CounterIds = [Option<usize>; 3];
 
 /// What a hook tells Envoy to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +148,7 @@ impl Floor {
 pub struct FilterConfig {
     runtime: ModuleRuntime,
     panic_header: Option<String>,
+    counters: CounterIds,
     #[cfg(feature = "bench-floor")]
     floor: Option<Floor>,
 }
@@ -123,9 +181,15 @@ impl FilterConfig {
         Ok(FilterConfig {
             runtime: ModuleRuntime::start(config, env)?,
             panic_header,
+            counters: [None; 3],
             #[cfg(feature = "bench-floor")]
             floor,
         })
+    }
+
+    /// The counters Envoy defined for this configuration.
+    pub fn set_counters(&mut self, ids: CounterIds) {
+        self.counters = ids;
     }
 
     pub fn decider(&self) -> &Arc<ModuleDecider> {
@@ -136,6 +200,7 @@ impl FilterConfig {
         Filter {
             decider: Arc::clone(&self.runtime.decider),
             panic_header: self.panic_header.clone(),
+            counters: self.counters,
             ticket: None,
             allowed: None,
             #[cfg(feature = "bench-floor")]
@@ -148,6 +213,7 @@ impl FilterConfig {
 pub struct Filter {
     decider: Arc<ModuleDecider>,
     panic_header: Option<String>,
+    counters: CounterIds,
     /// Handed to ext_authz: what the answer is judged against when it comes back.
     ticket: Option<Ticket>,
     /// The allow the module gave, whose client headers go on the response.
@@ -177,26 +243,51 @@ impl Filter {
                 self.decider.answer(headers)
             }))
         });
+        let handed_over = |reason| {
+            let reason = if self.decider.following() {
+                reason
+            } else {
+                hand_over_reason::NOT_FOLLOWING
+            };
+            self.count(stream, Counter::HandedOver, Some(reason));
+        };
         match decided {
             Ok(Some(Local::Allow(allow))) => {
+                self.count(stream, Counter::Allowed, None);
                 self.allow(stream, allow);
                 Next::Continue
             }
             Ok(Some(Local::Deny(deny))) => {
+                self.count(stream, Counter::Denied, Some(&deny.code));
                 stream.send_response(deny.status, &deny.headers, &deny.body);
                 Next::Stop
             }
             Ok(Some(Local::Defer(ticket))) => {
+                handed_over(hand_over_reason::UNKNOWN);
                 stream.set_request_header(LEARN_HEADER, "1");
                 self.ticket = Some(ticket);
                 Next::Continue
             }
-            // Nothing to learn; or headers the service must read as Envoy sends them.
-            Ok(Some(Local::HandOver) | None) => Next::Continue,
+            Ok(Some(Local::HandOver)) => {
+                handed_over(hand_over_reason::SERVICE_ONLY);
+                Next::Continue
+            }
+            // Headers the service must read as Envoy sends them.
+            Ok(None) => {
+                handed_over(hand_over_reason::UNREAD);
+                Next::Continue
+            }
             Err(_) => {
+                self.count(stream, Counter::HandedOver, Some(hand_over_reason::PANIC));
                 stream.log("keygate module: the decision panicked; the request goes to ext_authz");
                 Next::Continue
             }
+        }
+    }
+
+    fn count(&self, stream: &impl Stream, counter: Counter, label: Option<&str>) {
+        if let Some(id) = self.counters[counter as usize] {
+            stream.increment(id, label);
         }
     }
 

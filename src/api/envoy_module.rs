@@ -90,6 +90,8 @@ impl LocalAllow {
 /// A denial: the local reply Envoy sends.
 #[derive(Debug)]
 pub struct LocalDeny {
+    /// The public error code shown (the body's, unless the body's template leaves it out).
+    pub code: String,
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: String,
@@ -264,6 +266,7 @@ impl ModuleDecider {
             None => self.hand_over(token, memo),
             Some(Answer::Allow(allow)) => Local::Allow(LocalAllow(allow)),
             Some(Answer::Deny { error, headers }) => Local::Deny(LocalDeny {
+                code: error.code,
                 status: error.status,
                 headers: headers
                     .into_iter()

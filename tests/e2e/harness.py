@@ -688,6 +688,13 @@ class ModuleEnvoy(Envoy):
         assert status == 200, text
         return {s["name"]: s.get("value", 0) for s in json.loads(text)["stats"] if "value" in s}
 
+    def module_counts(self) -> dict[str, int]:
+        """The module's own counters (`keygate_module_…`), by name with their labels as
+        Envoy writes them (`keygate_module_denied.code.invalid_api_key`), without the
+        metrics namespace in front."""
+        return {name[name.index("keygate_module_"):]: value for name, value in self.stats().items()
+                if "keygate_module_" in name}
+
     def checks(self) -> int:
         """Requests ext_authz asked keygate about (whatever the answer). One the module
         decided never reaches ext_authz's check: its allows count as `disabled`, its

@@ -302,6 +302,9 @@ def test_without_its_watch_stream_the_module_decides_nothing(workdir, redis, ups
             resp, here = through_module(module, "GET", "/v1/contacts/1", [bearer(key["token"])])
             assert_allowed(resp)
             assert not here, "the module decided without its Watch stream"
+        # Envoy's counters say why.
+        assert counted(module, "GET", "/v1/contacts/1", [bearer(key["token"])]) == {
+            "keygate_module_handed_over.reason.not_following": 1}
         # The operator sees why, in Envoy's own log: keygate's warning, as a warning.
         def lost_logged():
             tail = module.proc.tail(200)
@@ -334,6 +337,40 @@ def test_a_panic_in_the_module_sends_the_request_to_ext_authz(doors, keygate):
     assert here, str(resp)
     denied, _ = through_module(module, "GET", "/v1/contacts/1", [(PANIC_HEADER, "1")])
     assert_denied(denied, 401, "missing_credentials")
+
+
+def counted(module: harness.ModuleEnvoy, method, path, headers) -> dict[str, int]:
+    """Which of the module's counters one request moved, and by how much."""
+    before = module.module_counts()
+    module.request(method, path, headers)
+    after = module.module_counts()
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after.keys() | before.keys()
+            if after.get(k, 0) != before.get(k, 0)}
+
+
+def test_envoy_counts_what_the_module_answered_and_why_it_handed_the_rest_over(doors, keygate):
+    """Envoy's counters say, request by request, what the module did: allowed, denied
+    (by code), or handed to ext_authz (by why). Every request moves exactly one."""
+    module = doors["module"]
+    fresh = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
+    assert counted(module, "GET", "/v1/contacts/1", [bearer(fresh["token"])]) == {
+        "keygate_module_handed_over.reason.unknown_credential": 1}
+
+    key = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
+    learned(module, key["token"])
+    assert counted(module, "GET", "/v1/contacts/1", [bearer(key["token"])]) == {"keygate_module_allowed": 1}
+    assert counted(module, "POST", "/v1/contacts/1", [bearer(key["token"]), ("x-tenant-id", key["tenant_id"])]) == {
+        "keygate_module_denied.code.insufficient_permissions": 1}
+    assert counted(module, "GET", "/v1/contacts/1", []) == {"keygate_module_denied.code.missing_credentials": 1}
+    assert counted(module, "GET", "/v1/contacts/1", [bearer(key["token"]), (PANIC_HEADER, "1")]) == {
+        "keygate_module_handed_over.reason.panic": 1}
+
+    # A rate-limited plan: learned from keygate's first answer, then handed over for
+    # keygate to count (its third request is over the plan's 2 a minute: still keygate's).
+    limited = keygate.create_key(str(uuid.uuid4()), ["contacts:read"], "--plan", "trial")
+    reasons = [counted(module, "GET", "/v1/contacts/1", [bearer(limited["token"])]) for _ in range(3)]
+    assert reasons[0] == {"keygate_module_handed_over.reason.unknown_credential": 1}, reasons
+    assert reasons[2] == {"keygate_module_handed_over.reason.service_only": 1}, reasons
 
 
 def validate(workdir, name: str, config_text: str, env: dict[str, str]):
