@@ -50,58 +50,67 @@ pub trait Stream {
 
 /// What the module counts in Envoy's stats, under the filter's metrics namespace (its
 /// `dynamic_module_config.metrics_namespace`): Envoy's own counters then tell how much
-/// the module answers, and why the rest went to keygate.
+/// the module answers, and why the rest went to keygate. Only a denial has a label: a
+/// labelled increment looks its tags up in Envoy's symbol table, which an allow (the
+/// module's reason to be) and a hand-over (measured against ext_authz alone) should not
+/// pay for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counter {
     /// Requests the module allowed.
     Allowed,
     /// Requests the module denied, by the public error code shown (label `code`).
     Denied,
-    /// Requests handed to ext_authz, by why (label `reason`, a `HandOverReason`).
-    HandedOver,
+    /// Handed to ext_authz: a credential the module holds no answer for (new, wrong, a
+    /// JWT, a partner's tenant not seen yet); keygate answers, and an allow is learned.
+    UnknownCredential,
+    /// Handed to ext_authz: a credential whose requests need what only keygate has (a
+    /// rate-limited plan, a concurrency lease, a session mint).
+    ServiceOnly,
+    /// Handed to ext_authz: the module is not following keygate's revocation stream, so
+    /// it decides nothing.
+    NotFollowing,
+    /// Handed to ext_authz: a request the module does not read (headers that must reach
+    /// keygate as Envoy sends them).
+    Unread,
+    /// Handed to ext_authz: the decision panicked.
+    Panicked,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 3] = [Counter::Allowed, Counter::Denied, Counter::HandedOver];
+    pub const ALL: [Counter; 7] = [
+        Counter::Allowed,
+        Counter::Denied,
+        Counter::UnknownCredential,
+        Counter::ServiceOnly,
+        Counter::NotFollowing,
+        Counter::Unread,
+        Counter::Panicked,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Counter::Allowed => "keygate_module_allowed",
             Counter::Denied => "keygate_module_denied",
-            Counter::HandedOver => "keygate_module_handed_over",
+            Counter::UnknownCredential => "keygate_module_handed_over_unknown_credential",
+            Counter::ServiceOnly => "keygate_module_handed_over_service_only",
+            Counter::NotFollowing => "keygate_module_handed_over_not_following",
+            Counter::Unread => "keygate_module_handed_over_unread",
+            Counter::Panicked => "keygate_module_handed_over_panic",
         }
     }
 
     /// Its label's name, if it has one.
     pub fn label(self) -> Option<&'static str> {
         match self {
-            Counter::Allowed => None,
             Counter::Denied => Some("code"),
-            Counter::HandedOver => Some("reason"),
+            _ => None,
         }
     }
 }
 
-/// Why a request went to ext_authz, as `keygate_module_handed_over`'s `reason` says it.
-pub mod hand_over_reason {
-    /// The module is not following keygate's revocation stream: it decides nothing.
-    pub const NOT_FOLLOWING: &str = "not_following";
-    /// A credential the module holds no answer for (new, wrong, a JWT, a partner's
-    /// tenant not seen yet): keygate answers, and an allow is learned.
-    pub const UNKNOWN: &str = "unknown_credential";
-    /// A credential whose requests need what only keygate has: a rate-limited plan, a
-    /// concurrency lease, a session mint.
-    pub const SERVICE_ONLY: &str = "service_only";
-    /// A request the module does not read (headers that must reach keygate as Envoy
-    /// sends them).
-    pub const UNREAD: &str = "unread";
-    /// The decision panicked.
-    pub const PANIC: &str = "panic";
-}
-
 /// The ids Envoy gave the counters (indexed by `Counter as usize`); `None` for one it
 /// refused (the module then does not count it).
-pub type CounterIds = [Option<usize>; 3];
+pub type CounterIds = [Option<usize>; Counter::ALL.len()];
 
 /// What a hook tells Envoy to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +190,7 @@ impl FilterConfig {
         Ok(FilterConfig {
             runtime: ModuleRuntime::start(config, env)?,
             panic_header,
-            counters: [None; 3],
+            counters: [None; Counter::ALL.len()],
             #[cfg(feature = "bench-floor")]
             floor,
         })
@@ -243,13 +252,13 @@ impl Filter {
                 self.decider.answer(headers)
             }))
         });
-        let handed_over = |reason| {
-            let reason = if self.decider.following() {
-                reason
+        let handed_over = |why| {
+            let why = if self.decider.following() {
+                why
             } else {
-                hand_over_reason::NOT_FOLLOWING
+                Counter::NotFollowing
             };
-            self.count(stream, Counter::HandedOver, Some(reason));
+            self.count(stream, why, None);
         };
         match decided {
             Ok(Some(Local::Allow(allow))) => {
@@ -263,22 +272,22 @@ impl Filter {
                 Next::Stop
             }
             Ok(Some(Local::Defer(ticket))) => {
-                handed_over(hand_over_reason::UNKNOWN);
+                handed_over(Counter::UnknownCredential);
                 stream.set_request_header(LEARN_HEADER, "1");
                 self.ticket = Some(ticket);
                 Next::Continue
             }
             Ok(Some(Local::HandOver)) => {
-                handed_over(hand_over_reason::SERVICE_ONLY);
+                handed_over(Counter::ServiceOnly);
                 Next::Continue
             }
             // Headers the service must read as Envoy sends them.
             Ok(None) => {
-                handed_over(hand_over_reason::UNREAD);
+                handed_over(Counter::Unread);
                 Next::Continue
             }
             Err(_) => {
-                self.count(stream, Counter::HandedOver, Some(hand_over_reason::PANIC));
+                self.count(stream, Counter::Panicked, None);
                 stream.log("keygate module: the decision panicked; the request goes to ext_authz");
                 Next::Continue
             }

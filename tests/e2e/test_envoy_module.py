@@ -304,7 +304,7 @@ def test_without_its_watch_stream_the_module_decides_nothing(workdir, redis, ups
             assert not here, "the module decided without its Watch stream"
         # Envoy's counters say why.
         assert counted(module, "GET", "/v1/contacts/1", [bearer(key["token"])]) == {
-            "keygate_module_handed_over.reason.not_following": 1}
+            "keygate_module_handed_over_not_following": 1}
         # The operator sees why, in Envoy's own log: keygate's warning, as a warning.
         def lost_logged():
             tail = module.proc.tail(200)
@@ -354,7 +354,7 @@ def test_envoy_counts_what_the_module_answered_and_why_it_handed_the_rest_over(d
     module = doors["module"]
     fresh = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
     assert counted(module, "GET", "/v1/contacts/1", [bearer(fresh["token"])]) == {
-        "keygate_module_handed_over.reason.unknown_credential": 1}
+        "keygate_module_handed_over_unknown_credential": 1}
 
     key = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
     learned(module, key["token"])
@@ -363,14 +363,14 @@ def test_envoy_counts_what_the_module_answered_and_why_it_handed_the_rest_over(d
         "keygate_module_denied.code.insufficient_permissions": 1}
     assert counted(module, "GET", "/v1/contacts/1", []) == {"keygate_module_denied.code.missing_credentials": 1}
     assert counted(module, "GET", "/v1/contacts/1", [bearer(key["token"]), (PANIC_HEADER, "1")]) == {
-        "keygate_module_handed_over.reason.panic": 1}
+        "keygate_module_handed_over_panic": 1}
 
     # A rate-limited plan: learned from keygate's first answer, then handed over for
     # keygate to count (its third request is over the plan's 2 a minute: still keygate's).
     limited = keygate.create_key(str(uuid.uuid4()), ["contacts:read"], "--plan", "trial")
     reasons = [counted(module, "GET", "/v1/contacts/1", [bearer(limited["token"])]) for _ in range(3)]
-    assert reasons[0] == {"keygate_module_handed_over.reason.unknown_credential": 1}, reasons
-    assert reasons[2] == {"keygate_module_handed_over.reason.service_only": 1}, reasons
+    assert reasons[0] == {"keygate_module_handed_over_unknown_credential": 1}, reasons
+    assert reasons[2] == {"keygate_module_handed_over_service_only": 1}, reasons
 
 
 def validate(workdir, name: str, config_text: str, env: dict[str, str]):
