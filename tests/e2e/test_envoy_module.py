@@ -10,6 +10,8 @@ to ext_authz.
 - Without its Watch stream, it decides nothing: requests go to ext_authz.
 - A panic inside its decision sends the request to ext_authz, and Envoy keeps serving.
 - What it answers itself is in the key's usage (`keys get`), as keygate's own answers are.
+- Envoy's counters say what it did with each request: allowed, denied by code, or handed
+  over and why (`keygate_module_*`).
 
 Which door answered is read off Envoy's own counters: a request the module decides
 never reaches ext_authz's check (`ModuleEnvoy.checks`)."""
