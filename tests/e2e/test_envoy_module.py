@@ -366,6 +366,10 @@ def test_envoy_counts_what_the_module_answered_and_why_it_handed_the_rest_over(d
     assert counted(module, "GET", "/v1/contacts/1", []) == {"keygate_module_denied.code.missing_credentials": 1}
     assert counted(module, "GET", "/v1/contacts/1", [bearer(key["token"]), (PANIC_HEADER, "1")]) == {
         "keygate_module_handed_over_panic": 1}
+    # A header keygate consults that is not UTF-8 (Envoy hands ext_authz `!` in its place):
+    # the module does not read the request, keygate judges it as Envoy sends it.
+    assert counted(module, "GET", "/v1/contacts/1", [bearer(key["token"]), ("x-tenant-id", "caf\xe9")]) == {
+        "keygate_module_handed_over_unread": 1}
 
     # A rate-limited plan: learned from keygate's first answer, then handed over for
     # keygate to count (its third request is over the plan's 2 a minute: still keygate's).
