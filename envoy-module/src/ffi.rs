@@ -189,7 +189,8 @@ const METRICS_SUCCESS: i32 = 0;
 /// refused (logged; the module then does not count it).
 fn define_counters(config_envoy: *mut c_void) -> CounterIds {
     Counter::ALL.map(|counter| {
-        let labels: Vec<Buffer> = counter.label().into_iter().map(Buffer::of).collect();
+        let labels: Option<Buffer> = counter.label().map(Buffer::of);
+        let labels = labels.as_slice();
         let mut id = 0;
         // SAFETY: `config_envoy` is the configuration Envoy passed to `config_new`, which
         // is running now (counters can only be defined then); Envoy copies the name and

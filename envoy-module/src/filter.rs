@@ -108,9 +108,22 @@ impl Counter {
     }
 }
 
-/// The ids Envoy gave the counters (indexed by `Counter as usize`); `None` for one it
-/// refused (the module then does not count it).
+/// The ids Envoy gave the counters (indexed by `Counter as usize`, which is each one's
+/// place in `Counter::ALL`); `None` for one it refused (the module then does not count it).
 pub type CounterIds = [Option<usize>; Counter::ALL.len()];
+
+// `Counter::ALL.map(…)` builds a `CounterIds`, read back by `counter as usize`: the two
+// orders must be one.
+const _: () = {
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!(
+            Counter::ALL[i] as usize == i,
+            "Counter::ALL is in declaration order"
+        );
+        i += 1;
+    }
+};
 
 /// What a hook tells Envoy to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
