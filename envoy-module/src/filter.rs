@@ -8,6 +8,8 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+#[cfg(feature = "bench-floor")]
+use std::sync::OnceLock;
 
 use keygate::api::envoy_module::{Local, LocalAllow, ModuleDecider, Ticket, LEARN_HEADER};
 use keygate::config::ConfigError;
@@ -138,7 +140,7 @@ pub enum Next {
 /// parts of the module's cost, measured by `scripts/bench envoy-module --floor` against
 /// the whole. Not in a module built without the feature.
 #[cfg(feature = "bench-floor")]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Floor {
     /// Every request is marked decided (ext_authz skipped) and nothing else: Envoy's
     /// module machinery and the skipped ext_authz filter. Lets every request pass.
@@ -148,6 +150,11 @@ pub enum Floor {
     /// send it (to ext_authz, learning from the answer). The machinery and keygate's
     /// decision, without carrying out the allow.
     Decide,
+    /// Once the module has given one allow (as it does: deciding, or handing over and
+    /// learning), every later request is marked decided and has that allow's headers
+    /// and metadata written, without being read or decided: the machinery and carrying
+    /// out an allow, with a decision that costs nothing. Lets every later request pass.
+    Write(Arc<OnceLock<LocalAllow>>),
 }
 
 #[cfg(feature = "bench-floor")]
@@ -157,6 +164,7 @@ impl Floor {
         for (prefix, floor) in [
             ("floor:mark;", Floor::Mark),
             ("floor:decide;", Floor::Decide),
+            ("floor:write;", Floor::Write(Arc::default())),
         ] {
             if let Some(rest) = config.strip_prefix(prefix) {
                 return (Some(floor), rest);
@@ -226,7 +234,7 @@ impl FilterConfig {
             ticket: None,
             allowed: None,
             #[cfg(feature = "bench-floor")]
-            floor: self.floor,
+            floor: self.floor.clone(),
         }
     }
 }
@@ -247,7 +255,7 @@ pub struct Filter {
 impl Filter {
     pub fn on_request_headers(&mut self, stream: &impl Stream) -> Next {
         #[cfg(feature = "bench-floor")]
-        if let Some(floor) = self.floor {
+        if let Some(floor) = &self.floor {
             if self.floor(stream, floor) {
                 return Next::Continue;
             }
@@ -276,7 +284,8 @@ impl Filter {
         match decided {
             Ok(Some(Local::Allow(allow))) => {
                 self.count(stream, Counter::Allowed, None);
-                self.allow(stream, allow);
+                write_allow(stream, &allow);
+                self.allowed = Some(allow);
                 Next::Continue
             }
             Ok(Some(Local::Deny(deny))) => {
@@ -316,34 +325,29 @@ impl Filter {
     /// Whether the floor marked the request decided; if not, the module goes on as it
     /// does (hands it over, learns from the answer).
     #[cfg(feature = "bench-floor")]
-    fn floor(&self, stream: &impl Stream, floor: Floor) -> bool {
-        let allowed = floor == Floor::Mark
-            || stream.with_request_headers(|headers| {
+    fn floor(&self, stream: &impl Stream, floor: &Floor) -> bool {
+        let allowed = match floor {
+            Floor::Mark => true,
+            Floor::Decide => stream.with_request_headers(|headers| {
                 matches!(self.decider.answer(headers), Some(Local::Allow(_)))
-            });
+            }),
+            Floor::Write(first) => {
+                let Some(allow) = first.get().or_else(|| {
+                    match stream.with_request_headers(|headers| self.decider.answer(headers)) {
+                        Some(Local::Allow(allow)) => Some(first.get_or_init(|| allow)),
+                        _ => None,
+                    }
+                }) else {
+                    return false;
+                };
+                write_allow(stream, allow);
+                return true;
+            }
+        };
         if allowed {
             stream.set_metadata_bool(MODULE_NAMESPACE, DECIDED_KEY, true);
         }
         allowed
-    }
-
-    /// The allow, as Envoy carries out keygate's ext_authz allow: removals first, then
-    /// the identity headers, then the same dynamic metadata; and ext_authz skipped.
-    fn allow(&mut self, stream: &impl Stream, allow: LocalAllow) {
-        for name in allow.remove() {
-            stream.remove_request_header(name);
-        }
-        for (name, value) in allow.headers() {
-            stream.set_request_header(name, value);
-        }
-        if let Some((fields, scopes)) = allow.metadata() {
-            stream.set_metadata_strings(EXT_AUTHZ_NAMESPACE, fields);
-            for scope in scopes {
-                stream.add_metadata_list_string(EXT_AUTHZ_NAMESPACE, "scopes", scope);
-            }
-        }
-        stream.set_metadata_bool(MODULE_NAMESPACE, DECIDED_KEY, true);
-        self.allowed = Some(allow);
     }
 
     pub fn on_response_headers(&mut self, stream: &impl Stream) -> Next {
@@ -360,4 +364,23 @@ impl Filter {
         }
         Next::Continue
     }
+}
+
+/// An allow, as Envoy carries out keygate's ext_authz allow: removals first, then the
+/// identity headers, then the same dynamic metadata; and ext_authz skipped. (Its client
+/// headers go on the response, later.)
+fn write_allow(stream: &impl Stream, allow: &LocalAllow) {
+    for name in allow.remove() {
+        stream.remove_request_header(name);
+    }
+    for (name, value) in allow.headers() {
+        stream.set_request_header(name, value);
+    }
+    if let Some((fields, scopes)) = allow.metadata() {
+        stream.set_metadata_strings(EXT_AUTHZ_NAMESPACE, fields);
+        for scope in scopes {
+            stream.add_metadata_list_string(EXT_AUTHZ_NAMESPACE, "scopes", scope);
+        }
+    }
+    stream.set_metadata_bool(MODULE_NAMESPACE, DECIDED_KEY, true);
 }

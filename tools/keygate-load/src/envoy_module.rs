@@ -43,8 +43,10 @@ const PLANS: &str = "{big: {requests_per_minute: 10000000}}";
 /// decided, which skip ext_authz, and requests ext_authz had keygate allow.
 const DECIDED_BY_MODULE: &str = "http.module.ext_authz.disabled";
 const ALLOWED_BY_KEYGATE: &str = "http.module.ext_authz.ok";
-/// The same counter on the `--floor` listener that decides (stat_prefix `floor_decide`).
+/// The same counter on the `--floor` listeners that decide (stat_prefix `floor_decide`)
+/// and that write a learned allow (`floor_write`).
 const DECIDED_BY_FLOOR: &str = "http.floor_decide.ext_authz.disabled";
+const WRITTEN_BY_FLOOR: &str = "http.floor_write.ext_authz.disabled";
 
 /// The least share of a learned key's requests the module must answer itself: a learned
 /// entry lives `cache.ttl` (30 s in config/dev.yaml), and the requests that arrive while
@@ -59,11 +61,13 @@ pub struct ModuleArgs {
     /// ENVOY_DYNAMIC_MODULES_SEARCH_PATH); default: this binary's (the release build).
     #[arg(long, env = "ENVOY_DYNAMIC_MODULES_SEARCH_PATH")]
     pub module_dir: Option<PathBuf>,
-    /// Also measure the parts of the learned key's cost, on two more listeners of a
+    /// Also measure the parts of the learned key's cost, on three more listeners of a
     /// module built with its `bench-floor` feature (`scripts/bench envoy-module --floor`
     /// builds it): g. the module only marks each request decided (Envoy's module
     /// machinery and the skipped ext_authz); h. it decides as it does, but carries out
-    /// none of the allow's headers or metadata.
+    /// none of the allow's headers or metadata; i. it carries out the allow it gave
+    /// first on every request, reading and deciding none; and, with no module, j. Envoy's
+    /// own filters (header_mutation, set_metadata) write the same headers and metadata.
     #[arg(long)]
     pub floor: bool,
 }
@@ -196,19 +200,25 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         procs::free_port()?,
         procs::free_port()?,
     );
-    let (floor_mark, floor_decide) = (procs::free_port()?, procs::free_port()?);
+    let (floor_mark, floor_decide, floor_write, native_writes) = (
+        procs::free_port()?,
+        procs::free_port()?,
+        procs::free_port()?,
+        procs::free_port()?,
+    );
     let template = ENVOY_CONFIG.replace(
         "@FLOOR_LISTENERS@\n",
         &if m.floor {
             floor_listener("floor_mark", "FLOOR_MARK_PORT", "mark")
                 + &floor_listener("floor_decide", "FLOOR_DECIDE_PORT", "decide")
+                + &floor_listener("floor_write", "FLOOR_WRITE_PORT", "write")
         } else {
             String::new()
         },
     );
-    let mut listening = vec![off, ext_authz, module, api_key_auth];
+    let mut listening = vec![off, ext_authz, module, api_key_auth, native_writes];
     if m.floor {
-        listening.extend([floor_mark, floor_decide]);
+        listening.extend([floor_mark, floor_decide, floor_write]);
     }
     let (envoy, admin) = envoy::start_envoy(
         &args,
@@ -222,6 +232,8 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             ("API_KEY_AUTH_PORT", api_key_auth.port().to_string()),
             ("FLOOR_MARK_PORT", floor_mark.port().to_string()),
             ("FLOOR_DECIDE_PORT", floor_decide.port().to_string()),
+            ("FLOOR_WRITE_PORT", floor_write.port().to_string()),
+            ("NATIVE_WRITES_PORT", native_writes.port().to_string()),
             ("API_KEY", warm.clone()),
             ("MODULE_CONFIG", config.display().to_string()),
             ("KEYGATE_GRPC_PORT", bench.keygate.grpc.port().to_string()),
@@ -247,6 +259,7 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             (module, &[][..], 401),
             (api_key_auth, &warm_auth[..], 200),
             (api_key_auth, &[][..], 401),
+            (native_writes, &[][..], 200),
         ],
     )
     .await?;
@@ -259,14 +272,12 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
     )
     .await?;
     if m.floor {
-        until_module_answers(
-            &envoy,
-            admin,
+        for floor in [
             (floor_decide, DECIDED_BY_FLOOR),
-            &c.path,
-            &warm_auth,
-        )
-        .await?;
+            (floor_write, WRITTEN_BY_FLOOR),
+        ] {
+            until_module_answers(&envoy, admin, floor, &c.path, &warm_auth).await?;
+        }
     }
     report.fact(
         "Envoy started → the module answers the learned key itself",
@@ -317,6 +328,18 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
                 floor_decide,
                 &warm,
                 kg,
+            ),
+            listener(
+                "i. floor: the module carries out a learned allow, decides nothing",
+                floor_write,
+                &warm,
+                None,
+            ),
+            listener(
+                "j. Envoy's own filters write the allow's headers and metadata",
+                native_writes,
+                &warm,
+                None,
             ),
         ]);
     }
@@ -389,7 +412,7 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
     let others = [("b/a", &b, &a), ("d/a", &d, &a), ("c/b", &learned, &b)];
     let floors = floors
         .iter()
-        .zip(["g/a", "h/a"])
+        .zip(["g/a", "h/a", "i/a", "j/a"])
         .map(|(x, what)| (what, x, &a));
     for (what, x, base) in others.into_iter().chain(floors) {
         let cpu = |s: &crate::report::Summary| s.cpu_us_per_request.unwrap_or(f64::NAN);
