@@ -14,7 +14,7 @@
 //! shared with the `envoy-module` scenario (`envoy_module.rs`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -142,9 +142,15 @@ pub async fn get_status(
         .with_context(|| format!("malformed response: {text}"))
 }
 
-fn wrk(args: &EnvoyArgs, port: u16, token: &str, seconds: u64) -> anyhow::Result<Wrk> {
-    let url = format!("http://127.0.0.1:{port}{}", args.common.path);
-    let out = Command::new("wrk")
+/// wrk against a listener for `seconds`: its token in every request, or its script's
+/// requests.
+fn wrk(args: &EnvoyArgs, l: &Listener, seconds: u64) -> anyhow::Result<Wrk> {
+    let url = format!("http://127.0.0.1:{}{}", l.port, args.common.path);
+    let mut cmd = Command::new("wrk");
+    if let Some(script) = &l.script {
+        cmd.arg("-s").arg(script);
+    }
+    let out = cmd
         .args([
             "-t",
             &args.wrk_threads.to_string(),
@@ -156,11 +162,11 @@ fn wrk(args: &EnvoyArgs, port: u16, token: &str, seconds: u64) -> anyhow::Result
             "5s",
             "--latency",
             "-H",
-            &format!("authorization: Bearer {token}"),
+            &format!("authorization: Bearer {}", l.token),
             "-H",
-            "accept: application/json",
+            ACCEPT,
             "-H",
-            "user-agent: keygate-bench/1 (wrk)",
+            USER_AGENT,
             &url,
         ])
         .output()
@@ -174,6 +180,46 @@ fn wrk(args: &EnvoyArgs, port: u16, token: &str, seconds: u64) -> anyhow::Result
         );
     }
     parse_wrk(&text)
+}
+
+/// The headers wrk sends beside the credential (in a script's requests too).
+const ACCEPT: &str = "accept: application/json";
+const USER_AGENT: &str = "user-agent: keygate-bench/1 (wrk)";
+
+/// A wrk script whose requests carry the tokens (`@TOKENS@`) in turn, one per request,
+/// with the headers wrk sends otherwise (`@HEADERS@`): many keys, as many clients send
+/// them. The requests are built once, when wrk starts, so each costs wrk the same.
+const TOKENS_SCRIPT: &str = r#"-- keygate-load: one request per token, in turn.
+local tokens = { @TOKENS@ }
+local requests = {}
+local next_one = 0
+init = function(args)
+  for i, t in ipairs(tokens) do
+    requests[i] = wrk.format(nil, nil, { ["authorization"] = "Bearer " .. t, @HEADERS@ })
+  end
+end
+request = function()
+  next_one = next_one % #requests + 1
+  return requests[next_one]
+end
+"#;
+
+/// `TOKENS_SCRIPT` for `tokens` (API keys: letters, digits and `_`), written to `path`.
+pub fn tokens_script(path: &Path, tokens: &[String]) -> anyhow::Result<PathBuf> {
+    let quoted = |s: &str| format!("\"{s}\"");
+    let tokens: Vec<String> = tokens.iter().map(|t| quoted(t)).collect();
+    let headers: Vec<String> = [ACCEPT, USER_AGENT]
+        .iter()
+        .map(|h| {
+            let (name, value) = h.split_once(": ").expect("a header");
+            format!("[{}] = {}", quoted(name), quoted(value))
+        })
+        .collect();
+    let lua = TOKENS_SCRIPT
+        .replace("@TOKENS@", &tokens.join(", "))
+        .replace("@HEADERS@", &headers.join(", "));
+    std::fs::write(path, lua).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path.to_owned())
 }
 
 /// What answers every route: Envoy's own `direct_response`, or with `--upstream`
@@ -324,6 +370,8 @@ pub struct Listener {
     pub label: String,
     pub port: u16,
     pub token: String,
+    /// A wrk script sending the requests instead (`tokens_script`: many tokens in turn).
+    pub script: Option<PathBuf>,
     /// The authorizer whose CPU per request is noted, if any.
     pub authz_pid: Option<u32>,
     /// Envoy counters whose change over each measured run is kept (`Measured::counters`).
@@ -380,13 +428,13 @@ pub async fn measure_listeners(
             let (m, other) = loop {
                 attempt += 1;
                 wait_quiet(c.max_other_load, &pids).await?;
-                wrk(args, l.port, &l.token, warmup)?;
+                wrk(args, l, warmup)?;
                 let k0 = envoy_counters(admin, &l.counters).await?;
                 let foreign = procs::ForeignCpu::start(&pids)?;
                 let e0 = procs::cpu_seconds(envoy_pid)?;
                 let a0 = l.authz_pid.map(procs::cpu_seconds).transpose()?;
                 let u0 = upstream.map(|u| procs::cpu_seconds(u.pid())).transpose()?;
-                let w = wrk(args, l.port, &l.token, seconds)?;
+                let w = wrk(args, l, seconds)?;
                 let e1 = procs::cpu_seconds(envoy_pid)?;
                 let a1 = l.authz_pid.map(procs::cpu_seconds).transpose()?;
                 let u1 = upstream.map(|u| procs::cpu_seconds(u.pid())).transpose()?;
@@ -619,6 +667,7 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
         label: label.to_owned(),
         port: port.port(),
         token: token.clone(),
+        script: None,
         authz_pid,
         counters: Vec::new(),
     };

@@ -11,7 +11,9 @@
 //! - e. the module with a key it cannot answer itself (a key on a plan: rate limits are
 //!   keygate's), which it hands over to ext_authz, beside
 //! - f. Envoy + ext_authz → keygate with that same key: the hand-over must cost no more
-//!   than ext_authz alone.
+//!   than ext_authz alone;
+//! - a2 and c2: a and c again with many keys (`--keys`, 1,000 by default) sent in turn,
+//!   each learned by the module: a client population rather than one client.
 //!
 //! keygate runs as a user starts it, `keygate serve --dev` (config/dev.yaml as shipped),
 //! with only what the scenario needs added: the watch token the module follows keygate's
@@ -70,6 +72,10 @@ pub struct ModuleArgs {
     /// own filters (header_mutation, set_metadata) write the same headers and metadata.
     #[arg(long)]
     pub floor: bool,
+    /// The keys sent in turn on the many-keys listeners (a2, c2): each learned by the
+    /// module, as a client population's keys are.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(2..))]
+    pub keys: u32,
 }
 
 /// The module's listener again, named `name` on `@<port>@`, its configuration prefixed
@@ -173,9 +179,14 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         .keygate
         .create_keys_on_plan(1, &["contacts:read"], "big", 1)
         .await?;
-    for key in [&warm, &cold] {
+    let many = bench
+        .keygate
+        .create_keys(m.keys as usize, &["contacts:read"], 8)
+        .await?;
+    for key in [&warm, &cold, &many] {
         bench.warm(key, &bench.template(key[0].len())).await?;
     }
+    let many_keys = envoy::tokens_script(&bench.scratch.path().join("keys.lua"), &many)?;
     let (warm, cold) = (warm[0].clone(), cold[0].clone());
 
     // The module reads the configuration keygate runs on (`serve --dev`'s, built in) and,
@@ -290,6 +301,7 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         label: label.to_owned(),
         port: port.port(),
         token: token.to_owned(),
+        script: None,
         authz_pid,
         counters: if port == module {
             module_counters.clone()
@@ -315,6 +327,24 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             kg,
         ),
     ];
+    let keys = m.keys;
+    for (label, port, authz_pid) in [
+        (
+            format!("a2. Envoy, no authorization, {keys} keys"),
+            off,
+            None,
+        ),
+        (
+            format!("c2. Envoy + module, {keys} learned keys"),
+            module,
+            kg,
+        ),
+    ] {
+        listeners.push(Listener {
+            script: Some(many_keys.clone()),
+            ..listener(&label, port, &warm, authz_pid)
+        });
+    }
     if m.floor {
         listeners.extend([
             listener(
@@ -346,19 +376,27 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
     let runs =
         envoy::measure_listeners(&args, &envoy, admin, &answer, &bench.pids(), &listeners).await?;
     let rows = envoy::summarize(&mut report, &listeners, &runs);
-    let [a, b, learned, d, e, f] = <[_; 6]>::try_from(rows[..6].to_vec()).expect("six listeners");
-    let floors = rows[6..].to_vec();
+    let [a, b, learned, d, e, f, a2, c2] =
+        <[_; 8]>::try_from(rows[..8].to_vec()).expect("eight listeners");
+    let floors = rows[8..].to_vec();
     report.tables.push(envoy::table(&args, &answer, rows));
     let r = &runs.runs;
 
     // Which door answered, from Envoy's counters over each measured run.
     let share = |m: &Measured| m.counters[0] / (m.counters[0] + m.counters[1]).max(1.0);
-    let least = r[2].iter().map(share).fold(1.0, f64::min);
-    let handed_over: f64 = r[2].iter().map(|m| m.counters[1]).sum();
-    report.fact(
-        "c: requests the module answered itself (least over the repetitions); handed to keygate",
-        format!("{:.4}; {handed_over:.0}", least),
-    );
+    let mut least = 1.0_f64;
+    for (what, runs) in [("c", &r[2]), ("c2", &r[7])] {
+        let share = runs.iter().map(share).fold(1.0, f64::min);
+        let handed_over: f64 = runs.iter().map(|m| m.counters[1]).sum();
+        report.fact(
+            &format!(
+                "{what}: requests the module answered itself (least over the repetitions); \
+                 handed to keygate"
+            ),
+            format!("{share:.4}; {handed_over:.0}"),
+        );
+        least = least.min(share);
+    }
     let answered_cold: f64 = r[4].iter().map(|m| m.counters[0]).sum();
     let checked_cold: f64 = r[4].iter().map(|m| m.counters[1]).sum();
     report.fact(
@@ -409,7 +447,12 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         ),
         ratio <= 1.0 || lo <= 1.0,
     );
-    let others = [("b/a", &b, &a), ("d/a", &d, &a), ("c/b", &learned, &b)];
+    let others = [
+        ("b/a", &b, &a),
+        ("d/a", &d, &a),
+        ("c/b", &learned, &b),
+        ("c2/a2", &c2, &a2),
+    ];
     let floors = floors
         .iter()
         .zip(["g/a", "h/a", "i/a", "j/a"])
@@ -436,7 +479,7 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
     print_report(&report, c)?;
     if least < MIN_MODULE_SHARE || answered_cold > 0.0 {
         bail!(
-            "the run is invalid: the module answered {least:.4} of the learned key's requests \
+            "the run is invalid: the module answered {least:.4} of the learned keys' requests \
              (at least {MIN_MODULE_SHARE} expected) and {answered_cold:.0} of the plan key's \
              (none expected)"
         );
