@@ -332,14 +332,14 @@ impl Filter {
                 matches!(self.decider.answer(headers), Some(Local::Allow(_)))
             }),
             Floor::Write(first) => {
-                let Some(allow) = first.get().or_else(|| {
-                    match stream.with_request_headers(|headers| self.decider.answer(headers)) {
-                        Some(Local::Allow(allow)) => Some(first.get_or_init(|| allow)),
-                        _ => None,
-                    }
-                }) else {
-                    return false;
+                let allow = match first.get() {
+                    Some(allow) => allow,
+                    None => match stream.with_request_headers(|h| self.decider.answer(h)) {
+                        Some(Local::Allow(allow)) => first.get_or_init(|| allow),
+                        _ => return false,
+                    },
                 };
+                // `write_allow` marks it decided.
                 write_allow(stream, allow);
                 return true;
             }
