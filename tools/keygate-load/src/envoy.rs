@@ -48,6 +48,85 @@ pub struct EnvoyArgs {
     /// `upstream-server`) instead of Envoy's `direct_response`.
     #[arg(long)]
     pub upstream: bool,
+    /// Run Envoy under valgrind's callgrind and count, instead of timing, what each
+    /// request costs it: the instructions of the whole process over a listener's run,
+    /// less what it executes idle over as long, per request. Repeatable on a shared
+    /// machine, where time is not; the req/s and latencies are then valgrind's. The
+    /// ext_authz timeout is raised to 10 s (under valgrind Envoy runs some 50× slower).
+    #[arg(long)]
+    pub callgrind: bool,
+}
+
+impl EnvoyArgs {
+    /// What the table's cost column and the ratios of it hold.
+    pub fn cost_name(&self) -> &'static str {
+        if self.callgrind {
+            "Envoy instructions per request"
+        } else {
+            "Envoy CPU µs per request"
+        }
+    }
+}
+
+/// How long Envoy under valgrind may take to listen.
+const CALLGRIND_START_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Envoy's instructions counted by callgrind since it was last told to zero them: tells
+/// it to dump them, and reads the dump's total (`summary:`).
+fn callgrind_dump(scratch: &Scratch, pid: u32) -> anyhow::Result<f64> {
+    let prefix = format!("callgrind.{pid}.");
+    let part = |name: &str| name.strip_prefix(&prefix)?.parse::<u32>().ok();
+    let newest = |dir: &Path| -> anyhow::Result<Option<(u32, PathBuf)>> {
+        let mut newest = None;
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if let Some(n) = path.file_name().and_then(|f| part(&f.to_string_lossy())) {
+                if newest.as_ref().is_none_or(|(m, _)| n > *m) {
+                    newest = Some((n, path));
+                }
+            }
+        }
+        Ok(newest)
+    };
+    let before = newest(scratch.path())?.map(|(n, _)| n);
+    callgrind_control(&["-d", &pid.to_string()])?;
+    let (n, path) = newest(scratch.path())?.context("callgrind wrote no dump")?;
+    anyhow::ensure!(Some(n) != before, "callgrind wrote no new dump");
+    let text = std::fs::read_to_string(&path)?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no total in {}", path.display()))
+}
+
+fn callgrind_control(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("callgrind_control")
+        .args(args)
+        .output()
+        .context("callgrind_control (valgrind) is not installed")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "callgrind_control {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Zeroes Envoy's counts, waits `f`, and returns what Envoy executed meanwhile and how
+/// long that took.
+async fn counted<T>(
+    scratch: &Scratch,
+    pid: u32,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, f64, Duration)> {
+    callgrind_control(&["-z", &pid.to_string()])?;
+    let started = std::time::Instant::now();
+    let out = f.await?;
+    let elapsed = started.elapsed();
+    Ok((out, callgrind_dump(scratch, pid)?, elapsed))
 }
 
 /// What wrk printed, in numbers.
@@ -304,8 +383,21 @@ pub async fn start_envoy(
     ];
     all.extend(fill.iter().cloned());
     let path = scratch.path().join("envoy.yaml");
-    std::fs::write(&path, fill_template(template, &all)?)?;
-    let mut cmd = Command::new(&args.envoy_bin);
+    let mut config = fill_template(template, &all)?;
+    let mut cmd = if args.callgrind {
+        config = config.replace("timeout: 0.25s", "timeout: 10s");
+        let mut cmd = Command::new("valgrind");
+        cmd.args(["--tool=callgrind", "--trace-children=yes"])
+            .arg(format!(
+                "--callgrind-out-file={}/callgrind.%p",
+                scratch.path().display()
+            ))
+            .arg(&args.envoy_bin);
+        cmd
+    } else {
+        Command::new(&args.envoy_bin)
+    };
+    std::fs::write(&path, config)?;
     cmd.arg("-c")
         .arg(&path)
         .args(["--concurrency", &args.envoy_concurrency.to_string()])
@@ -320,7 +412,13 @@ pub async fn start_envoy(
     let mut envoy = Proc::spawn("envoy", &mut cmd, scratch.path().join("envoy.log"))?;
     let mut addrs = vec![admin];
     addrs.extend_from_slice(listening);
-    envoy.wait_listening(&addrs).await?;
+    if args.callgrind {
+        envoy
+            .wait_listening_within(&addrs, CALLGRIND_START_TIMEOUT)
+            .await?;
+    } else {
+        envoy.wait_listening(&addrs).await?;
+    }
     Ok((envoy, admin))
 }
 
@@ -382,8 +480,8 @@ pub struct Listener {
 #[derive(Debug, Clone)]
 pub struct Measured {
     pub wrk: Wrk,
-    /// Envoy's CPU µs per request.
-    pub envoy_cpu: f64,
+    /// Envoy's CPU µs per request; with `--callgrind`, its instructions per request.
+    pub envoy_cost: f64,
     /// The authorizer's CPU µs per request.
     pub authz_cpu: Option<f64>,
     /// The change of each of the listener's `counters` over the run.
@@ -403,6 +501,7 @@ pub struct Runs {
 /// with a non-2xx answer or a socket error fails the scenario.
 pub async fn measure_listeners(
     args: &EnvoyArgs,
+    scratch: &Scratch,
     envoy: &Proc,
     admin: SocketAddr,
     answer: &Answer,
@@ -422,6 +521,21 @@ pub async fn measure_listeners(
         upstream_cpu: Vec::new(),
         others: Vec::new(),
     };
+    // What Envoy executes idle, per second: taken out of every listener's count.
+    let idle_per_second = if args.callgrind {
+        let ((), idle, elapsed) = counted(scratch, envoy_pid, async {
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            Ok(())
+        })
+        .await?;
+        eprintln!(
+            "  Envoy idle under callgrind: {:.0} instructions a second",
+            idle / elapsed.as_secs_f64()
+        );
+        idle / elapsed.as_secs_f64()
+    } else {
+        0.0
+    };
     for _ in 0..c.reps.max(1) {
         for (i, l) in listeners.iter().enumerate() {
             let mut attempt = 0;
@@ -434,7 +548,13 @@ pub async fn measure_listeners(
                 let e0 = procs::cpu_seconds(envoy_pid)?;
                 let a0 = l.authz_pid.map(procs::cpu_seconds).transpose()?;
                 let u0 = upstream.map(|u| procs::cpu_seconds(u.pid())).transpose()?;
-                let w = wrk(args, l, seconds)?;
+                let (w, instructions) = if args.callgrind {
+                    let (w, total, elapsed) =
+                        counted(scratch, envoy_pid, async { wrk(args, l, seconds) }).await?;
+                    (w, Some(total - idle_per_second * elapsed.as_secs_f64()))
+                } else {
+                    (wrk(args, l, seconds)?, None)
+                };
                 let e1 = procs::cpu_seconds(envoy_pid)?;
                 let a1 = l.authz_pid.map(procs::cpu_seconds).transpose()?;
                 let u1 = upstream.map(|u| procs::cpu_seconds(u.pid())).transpose()?;
@@ -452,7 +572,7 @@ pub async fn measure_listeners(
                     out.upstream_cpu.push((u1 - u0) * 1e6 / n);
                 }
                 let m = Measured {
-                    envoy_cpu: (e1 - e0) * 1e6 / n,
+                    envoy_cost: instructions.map_or((e1 - e0) * 1e6, |i| i) / n,
                     authz_cpu: a0.zip(a1).map(|(a, b)| (b - a) * 1e6 / n),
                     counters: k1.iter().zip(&k0).map(|(b, a)| b - a).collect(),
                     wrk: w,
@@ -504,7 +624,7 @@ pub fn summarize(report: &mut ScenarioReport, listeners: &[Listener], runs: &Run
             p90_us: m(&|w| w.p90_us),
             p99_us: m(&|w| w.p99_us),
             p999_us: f64::NAN,
-            cpu_us_per_request: Some(median(runs.iter().map(|r| r.envoy_cpu).collect())),
+            cpu_us_per_request: Some(median(runs.iter().map(|r| r.envoy_cost).collect())),
         });
         if let Some(a) = runs
             .iter()
@@ -540,12 +660,18 @@ pub fn table(args: &EnvoyArgs, answer: &Answer, rows: Vec<Summary>) -> Table {
     Table {
         title: format!(
             "wrk -t{} -c{} -d{}s --latency (closed loop, HTTP/1.1), Envoy --concurrency {}, \
-             answered by {}; target CPU = Envoy's CPU µs per request",
+             answered by {}; target CPU = {}{}",
             args.wrk_threads,
             args.wrk_connections,
             args.common.duration.as_secs().max(1),
             args.envoy_concurrency,
-            answer.describe()
+            answer.describe(),
+            args.cost_name(),
+            if args.callgrind {
+                " (callgrind; req/s and latencies are valgrind's)"
+            } else {
+                ""
+            }
         ),
         rows,
         baseline: 0,
@@ -698,7 +824,16 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     ];
     let mut pids = bench.pids();
     pids.extend([replay.pid(), http_authz.pid(), noop_axum.pid()]);
-    let runs = measure_listeners(args, &envoy, admin, &answer, &pids, &listeners).await?;
+    let runs = measure_listeners(
+        args,
+        &bench.scratch,
+        &envoy,
+        admin,
+        &answer,
+        &pids,
+        &listeners,
+    )
+    .await?;
     let rows = summarize(&mut report, &listeners, &runs);
     let (off_s, noop_s, replay_s, kg_s) = (
         rows[0].clone(),

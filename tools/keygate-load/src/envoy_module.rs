@@ -15,6 +15,11 @@
 //! - a2 and c2: a and c again with many keys (`--keys`, 1,000 by default) sent in turn,
 //!   each learned by the module: a client population rather than one client.
 //!
+//! With `--floor`, the parts of c's cost (g–j, below), and k and l: c and e again with
+//! ext_authz inside Envoy's `composite` filter, which builds it only where the module
+//! did not decide. With `--callgrind` (`EnvoyArgs`), each listener's cost is counted in
+//! Envoy's instructions rather than timed.
+//!
 //! keygate runs as a user starts it, `keygate serve --dev` (config/dev.yaml as shipped),
 //! with only what the scenario needs added: the watch token the module follows keygate's
 //! `Watch` stream with, and the plan of e and f. The module reads the same file and the
@@ -29,7 +34,7 @@ use anyhow::{bail, Context};
 
 use crate::envoy::{self, Answer, EnvoyArgs, Listener, Measured, Wrk};
 use crate::procs;
-use crate::report::ScenarioReport;
+use crate::report::{ScenarioReport, Summary};
 use crate::scenarios::{print_report, Bench};
 
 const ENVOY_CONFIG: &str = include_str!("../../../benches/envoy-module.yaml");
@@ -49,6 +54,9 @@ const ALLOWED_BY_KEYGATE: &str = "http.module.ext_authz.ok";
 /// and that write a learned allow (`floor_write`).
 const DECIDED_BY_FLOOR: &str = "http.floor_decide.ext_authz.disabled";
 const WRITTEN_BY_FLOOR: &str = "http.floor_write.ext_authz.disabled";
+/// Requests ext_authz had keygate allow on the composite listener (stat_prefix
+/// `module_composite`), where a request the module decided never builds ext_authz.
+const ALLOWED_BY_KEYGATE_COMPOSITE: &str = "http.module_composite.ext_authz.ok";
 
 /// The least share of a learned key's requests the module must answer itself: a learned
 /// entry lives `cache.ttl` (30 s in config/dev.yaml), and the requests that arrive while
@@ -211,7 +219,8 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         procs::free_port()?,
         procs::free_port()?,
     );
-    let (floor_mark, floor_decide, floor_write, native_writes) = (
+    let (floor_mark, floor_decide, floor_write, native_writes, composite) = (
+        procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
         procs::free_port()?,
@@ -227,7 +236,14 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             String::new()
         },
     );
-    let mut listening = vec![off, ext_authz, module, api_key_auth, native_writes];
+    let mut listening = vec![
+        off,
+        ext_authz,
+        module,
+        api_key_auth,
+        native_writes,
+        composite,
+    ];
     if m.floor {
         listening.extend([floor_mark, floor_decide, floor_write]);
     }
@@ -245,6 +261,7 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             ("FLOOR_DECIDE_PORT", floor_decide.port().to_string()),
             ("FLOOR_WRITE_PORT", floor_write.port().to_string()),
             ("NATIVE_WRITES_PORT", native_writes.port().to_string()),
+            ("MODULE_COMPOSITE_PORT", composite.port().to_string()),
             ("API_KEY", warm.clone()),
             ("MODULE_CONFIG", config.display().to_string()),
             ("KEYGATE_GRPC_PORT", bench.keygate.grpc.port().to_string()),
@@ -271,6 +288,10 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             (api_key_auth, &warm_auth[..], 200),
             (api_key_auth, &[][..], 401),
             (native_writes, &[][..], 200),
+            (composite, &cold_auth[..], 200),
+            (composite, &[][..], 401),
+            // The module on the composite listener learns the key from this answer.
+            (composite, &warm_auth[..], 200),
         ],
     )
     .await?;
@@ -372,13 +393,36 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
                 None,
             ),
         ]);
+        for (label, token) in [
+            ("k. as c, ext_authz inside Envoy's composite filter", &warm),
+            ("l. as e, ext_authz inside Envoy's composite filter", &cold),
+        ] {
+            listeners.push(Listener {
+                counters: vec![ALLOWED_BY_KEYGATE_COMPOSITE.to_owned()],
+                ..listener(label, composite, token, kg)
+            });
+        }
     }
-    let runs =
-        envoy::measure_listeners(&args, &envoy, admin, &answer, &bench.pids(), &listeners).await?;
+    let runs = envoy::measure_listeners(
+        &args,
+        &bench.scratch,
+        &envoy,
+        admin,
+        &answer,
+        &bench.pids(),
+        &listeners,
+    )
+    .await?;
     let rows = envoy::summarize(&mut report, &listeners, &runs);
     let [a, b, learned, d, e, f, a2, c2] =
         <[_; 8]>::try_from(rows[..8].to_vec()).expect("eight listeners");
     let floors = rows[8..].to_vec();
+    // k and l (composite): the last two of the floor's rows.
+    let floors_rows = if m.floor {
+        floors[4..].to_vec()
+    } else {
+        Vec::new()
+    };
     report.tables.push(envoy::table(&args, &answer, rows));
     let r = &runs.runs;
 
@@ -397,6 +441,23 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         );
         least = least.min(share);
     }
+    // k and l: ext_authz runs on the composite listener only for what the module hands
+    // over, so keygate's allows there are the requests the module did not answer.
+    let mut composite_ok = true;
+    if let (true, Some(k), Some(l)) = (m.floor, r.get(12), r.get(13)) {
+        let share = k
+            .iter()
+            .map(|m| 1.0 - m.counters[0] / (m.wrk.requests.max(1) as f64))
+            .fold(1.0, f64::min);
+        let handed: f64 = l.iter().map(|m| m.counters[0]).sum();
+        let sent: u64 = l.iter().map(|m| m.wrk.requests).sum();
+        report.fact(
+            "k: requests the module answered itself (least); l: allowed by keygate / sent",
+            format!("{share:.4}; {handed:.0} / {sent}"),
+        );
+        least = least.min(share);
+        composite_ok = handed >= sent as f64;
+    }
     let answered_cold: f64 = r[4].iter().map(|m| m.counters[0]).sum();
     let checked_cold: f64 = r[4].iter().map(|m| m.counters[1]).sum();
     report.fact(
@@ -404,6 +465,77 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         format!("{answered_cold:.0}; {checked_cold:.0}"),
     );
 
+    let cost = |s: &Summary| s.cpu_us_per_request.unwrap_or(f64::NAN);
+    if args.callgrind {
+        // Valgrind's time is not Envoy's: the targets are not judged, the costs are shown.
+        report.fact(
+            "c/a, e/f: Envoy instructions per request (callgrind), the targets' times not judged",
+            format!(
+                "{:.2}× ({:.0} vs {:.0}); {:.2}× ({:.0} vs {:.0})",
+                cost(&learned) / cost(&a),
+                cost(&learned),
+                cost(&a),
+                cost(&e) / cost(&f),
+                cost(&e),
+                cost(&f)
+            ),
+        );
+    } else {
+        time_targets(&mut report, r, [&a, &learned, &e, &f]);
+    }
+    let others = [
+        ("b/a", &b, &a),
+        ("d/a", &d, &a),
+        ("c/b", &learned, &b),
+        ("c2/a2", &c2, &a2),
+    ];
+    let mut floors: Vec<_> = floors
+        .iter()
+        .zip(["g/a", "h/a", "i/a", "j/a"])
+        .map(|(x, what)| (what, x, &a))
+        .collect();
+    if let [k, l] = &floors_rows[..] {
+        floors.extend([("k/c", k, &learned), ("l/e", l, &e)]);
+    }
+    for (what, x, base) in others.into_iter().chain(floors) {
+        report.fact(
+            &format!("{what}: median; throughput; {}", args.cost_name()),
+            format!(
+                "{:.2}×; {:.2}×; {:.2}× ({})",
+                x.p50_us / base.p50_us,
+                x.rps / base.rps,
+                cost(x) / cost(base),
+                x.label
+            ),
+        );
+    }
+    report.notes.push(format!(
+        "keygate: `keygate serve --dev` (config/dev.yaml as shipped) with \
+         KEYGATE_POLICY__PLANS={PLANS} and KEYGATE_WATCH_TOKEN; the module reads the same \
+         file and overrides from Envoy's environment and follows keygate's Watch stream."
+    ));
+    envoy::queueing_note(&args, &mut report);
+    print_report(&report, c)?;
+    if !composite_ok {
+        bail!("the run is invalid: on the composite listener, keygate allowed fewer of the plan key's requests than were sent");
+    }
+    if least < MIN_MODULE_SHARE || answered_cold > 0.0 {
+        bail!(
+            "the run is invalid: the module answered {least:.4} of the learned keys' requests \
+             (at least {MIN_MODULE_SHARE} expected) and {answered_cold:.0} of the plan key's \
+             (none expected)"
+        );
+    }
+    Ok(())
+}
+
+/// The time targets, judged on the medians of a, c (`learned`), e and f and on each
+/// repetition (`r`: every listener's runs, in the listeners' order).
+fn time_targets(
+    report: &mut ScenarioReport,
+    r: &[Vec<Measured>],
+    [a, learned, e, f]: [&Summary; 4],
+) {
     let spread = |x: (f64, f64)| format!("{:.2}–{:.2}×", x.0, x.1);
     let ratio = learned.p50_us / a.p50_us;
     report.target(
@@ -447,42 +579,4 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         ),
         ratio <= 1.0 || lo <= 1.0,
     );
-    let others = [
-        ("b/a", &b, &a),
-        ("d/a", &d, &a),
-        ("c/b", &learned, &b),
-        ("c2/a2", &c2, &a2),
-    ];
-    let floors = floors
-        .iter()
-        .zip(["g/a", "h/a", "i/a", "j/a"])
-        .map(|(x, what)| (what, x, &a));
-    for (what, x, base) in others.into_iter().chain(floors) {
-        let cpu = |s: &crate::report::Summary| s.cpu_us_per_request.unwrap_or(f64::NAN);
-        report.fact(
-            &format!("{what}: median; throughput; Envoy CPU per request"),
-            format!(
-                "{:.2}×; {:.2}×; {:.2}× ({})",
-                x.p50_us / base.p50_us,
-                x.rps / base.rps,
-                cpu(x) / cpu(base),
-                x.label
-            ),
-        );
-    }
-    report.notes.push(format!(
-        "keygate: `keygate serve --dev` (config/dev.yaml as shipped) with \
-         KEYGATE_POLICY__PLANS={PLANS} and KEYGATE_WATCH_TOKEN; the module reads the same \
-         file and overrides from Envoy's environment and follows keygate's Watch stream."
-    ));
-    envoy::queueing_note(&args, &mut report);
-    print_report(&report, c)?;
-    if least < MIN_MODULE_SHARE || answered_cold > 0.0 {
-        bail!(
-            "the run is invalid: the module answered {least:.4} of the learned keys' requests \
-             (at least {MIN_MODULE_SHARE} expected) and {answered_cold:.0} of the plan key's \
-             (none expected)"
-        );
-    }
-    Ok(())
 }

@@ -132,7 +132,16 @@ impl Proc {
 
     /// Waits until every address accepts connections; fails early if the process exits.
     pub async fn wait_listening(&mut self, addrs: &[SocketAddr]) -> anyhow::Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
+        self.wait_listening_within(addrs, START_TIMEOUT).await
+    }
+
+    /// `wait_listening`, for a process that takes longer than most to start.
+    pub async fn wait_listening_within(
+        &mut self,
+        addrs: &[SocketAddr],
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
         for addr in addrs {
             loop {
                 if let Some(status) = self.child.try_wait()? {
@@ -147,7 +156,7 @@ impl Proc {
                 }
                 if Instant::now() > deadline {
                     bail!(
-                        "{} did not listen on {addr} within {START_TIMEOUT:?}:\n{}",
+                        "{} did not listen on {addr} within {timeout:?}:\n{}",
                         self.name,
                         self.log_tail()
                     );
