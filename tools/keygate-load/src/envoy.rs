@@ -52,7 +52,9 @@ pub struct EnvoyArgs {
     /// request costs it: the instructions of the whole process over a listener's run,
     /// less what it executes idle over as long, per request. Repeatable on a shared
     /// machine, where time is not; the req/s and latencies are then valgrind's. The
-    /// ext_authz timeout is raised to 10 s (under valgrind Envoy runs some 50× slower).
+    /// ext_authz timeout is raised to 10 s (under valgrind Envoy runs some 50× slower);
+    /// give a warm-up long enough for every key of a many-keys listener to be learned
+    /// (`--warmup 10s` for 1,000 keys).
     #[arg(long)]
     pub callgrind: bool,
 }
