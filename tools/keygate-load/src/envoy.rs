@@ -845,21 +845,26 @@ pub async fn through_envoy(args: &EnvoyArgs) -> anyhow::Result<()> {
     );
     let (kg_http_s, http_noop_s) = (rows[5].clone(), rows[6].clone());
     report.tables.push(table(args, &answer, rows));
-    let r = kg_s.p50_us / off_s.p50_us;
-    report.target(
-        "median with keygate ≤ 1.5 × median without ext_authz",
-        format!("{r:.2}× ({:.0} µs vs {:.0} µs)", kg_s.p50_us, off_s.p50_us),
-        r <= 1.5,
-    );
-    let r = kg_http_s.rps / http_noop_s.rps;
-    report.target(
-        "HTTP ext_authz: throughput with keygate ≥ 0.85 × with the no-op on keygate's HTTP stack",
-        format!(
-            "{r:.2}× ({:.0} vs {:.0} req/s)",
-            kg_http_s.rps, http_noop_s.rps
-        ),
-        r >= 0.85,
-    );
+    // Under callgrind the times are valgrind's: the table's counts stand, the time
+    // targets are not judged.
+    if !args.callgrind {
+        let r = kg_s.p50_us / off_s.p50_us;
+        report.target(
+            "median with keygate ≤ 1.5 × median without ext_authz",
+            format!("{r:.2}× ({:.0} µs vs {:.0} µs)", kg_s.p50_us, off_s.p50_us),
+            r <= 1.5,
+        );
+        let r = kg_http_s.rps / http_noop_s.rps;
+        report.target(
+            "HTTP ext_authz: throughput with keygate ≥ 0.85 × with the no-op on keygate's HTTP \
+             stack",
+            format!(
+                "{r:.2}× ({:.0} vs {:.0} req/s)",
+                kg_http_s.rps, http_noop_s.rps
+            ),
+            r >= 0.85,
+        );
+    }
     report.fact(
         "median with keygate / median with the no-op authorizer",
         format!("{:.2}×", kg_s.p50_us / noop_s.p50_us),

@@ -416,13 +416,8 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
     let rows = envoy::summarize(&mut report, &listeners, &runs);
     let [a, b, learned, d, e, f, a2, c2] =
         <[_; 8]>::try_from(rows[..8].to_vec()).expect("eight listeners");
+    // With `--floor`: g–j, then k and l (composite).
     let floors = rows[8..].to_vec();
-    // k and l (composite): the last two of the floor's rows.
-    let floors_rows = if m.floor {
-        floors[4..].to_vec()
-    } else {
-        Vec::new()
-    };
     report.tables.push(envoy::table(&args, &answer, rows));
     let r = &runs.runs;
 
@@ -489,14 +484,15 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         ("c/b", &learned, &b),
         ("c2/a2", &c2, &a2),
     ];
-    let mut floors: Vec<_> = floors
+    let bases = [&a, &a, &a, &a, &learned, &e];
+    let floors = floors
         .iter()
-        .zip(["g/a", "h/a", "i/a", "j/a"])
-        .map(|(x, what)| (what, x, &a))
-        .collect();
-    if let [k, l] = &floors_rows[..] {
-        floors.extend([("k/c", k, &learned), ("l/e", l, &e)]);
-    }
+        .zip(
+            ["g/a", "h/a", "i/a", "j/a", "k/c", "l/e"]
+                .into_iter()
+                .zip(bases),
+        )
+        .map(|(x, (what, base))| (what, x, base));
     for (what, x, base) in others.into_iter().chain(floors) {
         report.fact(
             &format!("{what}: median; throughput; {}", args.cost_name()),
