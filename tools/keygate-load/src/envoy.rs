@@ -385,9 +385,8 @@ pub async fn start_envoy(
     ];
     all.extend(fill.iter().cloned());
     let path = scratch.path().join("envoy.yaml");
-    let mut config = fill_template(template, &all)?;
-    let mut cmd = if args.callgrind {
-        config = config.replace("timeout: 0.25s", "timeout: 10s");
+    let config = fill_template(template, &all)?;
+    let (config, mut cmd) = if args.callgrind {
         let mut cmd = Command::new("valgrind");
         cmd.args(["--tool=callgrind", "--trace-children=yes"])
             .arg(format!(
@@ -395,9 +394,9 @@ pub async fn start_envoy(
                 scratch.path().display()
             ))
             .arg(&args.envoy_bin);
-        cmd
+        (config.replace("timeout: 0.25s", "timeout: 10s"), cmd)
     } else {
-        Command::new(&args.envoy_bin)
+        (config, Command::new(&args.envoy_bin))
     };
     std::fs::write(&path, config)?;
     cmd.arg("-c")
@@ -530,11 +529,9 @@ pub async fn measure_listeners(
             Ok(())
         })
         .await?;
-        eprintln!(
-            "  Envoy idle under callgrind: {:.0} instructions a second",
-            idle / elapsed.as_secs_f64()
-        );
-        idle / elapsed.as_secs_f64()
+        let per_second = idle / elapsed.as_secs_f64();
+        eprintln!("  Envoy idle under callgrind: {per_second:.0} instructions a second");
+        per_second
     } else {
         0.0
     };
@@ -574,7 +571,7 @@ pub async fn measure_listeners(
                     out.upstream_cpu.push((u1 - u0) * 1e6 / n);
                 }
                 let m = Measured {
-                    envoy_cost: instructions.map_or((e1 - e0) * 1e6, |i| i) / n,
+                    envoy_cost: instructions.unwrap_or((e1 - e0) * 1e6) / n,
                     authz_cpu: a0.zip(a1).map(|(a, b)| (b - a) * 1e6 / n),
                     counters: k1.iter().zip(&k0).map(|(b, a)| b - a).collect(),
                     wrk: w,

@@ -330,6 +330,8 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             Vec::new()
         },
     };
+    // Where k and l (`--floor`) stand among the listeners.
+    let mut composite_rows = None;
     let mut listeners = vec![
         listener("a. Envoy, no authorization", off, &warm, None),
         listener("b. Envoy + ext_authz → keygate", ext_authz, &warm, kg),
@@ -393,6 +395,7 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
                 None,
             ),
         ]);
+        composite_rows = Some(listeners.len());
         for (label, token) in [
             ("k. as c, ext_authz inside Envoy's composite filter", &warm),
             ("l. as e, ext_authz inside Envoy's composite filter", &cold),
@@ -439,7 +442,8 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
     // k and l: ext_authz runs on the composite listener only for what the module hands
     // over, so keygate's allows there are the requests the module did not answer.
     let mut composite_ok = true;
-    if let (true, Some(k), Some(l)) = (m.floor, r.get(12), r.get(13)) {
+    if let Some(at) = composite_rows {
+        let (k, l) = (&r[at], &r[at + 1]);
         let share = k
             .iter()
             .map(|m| 1.0 - m.counters[0] / (m.wrk.requests.max(1) as f64))
@@ -484,15 +488,17 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         ("c/b", &learned, &b),
         ("c2/a2", &c2, &a2),
     ];
-    let bases = [&a, &a, &a, &a, &learned, &e];
-    let floors = floors
-        .iter()
-        .zip(
-            ["g/a", "h/a", "i/a", "j/a", "k/c", "l/e"]
-                .into_iter()
-                .zip(bases),
-        )
-        .map(|(x, (what, base))| (what, x, base));
+    let floors = [
+        ("g/a", &a),
+        ("h/a", &a),
+        ("i/a", &a),
+        ("j/a", &a),
+        ("k/c", &learned),
+        ("l/e", &e),
+    ]
+    .into_iter()
+    .zip(&floors)
+    .map(|((what, base), x)| (what, x, base));
     for (what, x, base) in others.into_iter().chain(floors) {
         report.fact(
             &format!("{what}: median; throughput; {}", args.cost_name()),
@@ -513,7 +519,10 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
     envoy::queueing_note(&args, &mut report);
     print_report(&report, c)?;
     if !composite_ok {
-        bail!("the run is invalid: on the composite listener, keygate allowed fewer of the plan key's requests than were sent");
+        bail!(
+            "the run is invalid: on the composite listener, keygate allowed fewer of the plan \
+             key's requests than were sent"
+        );
     }
     if least < MIN_MODULE_SHARE || answered_cold > 0.0 {
         bail!(
