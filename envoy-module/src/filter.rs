@@ -273,14 +273,6 @@ impl Filter {
                 self.decider.answer(headers)
             }))
         });
-        let handed_over = |why| {
-            let why = if self.decider.following() {
-                why
-            } else {
-                Counter::NotFollowing
-            };
-            self.count(stream, why, None);
-        };
         match decided {
             Ok(Some(Local::Allow(allow))) => {
                 self.count(stream, Counter::Allowed, None);
@@ -294,18 +286,22 @@ impl Filter {
                 Next::Stop
             }
             Ok(Some(Local::Defer(ticket))) => {
-                handed_over(Counter::UnknownCredential);
+                self.count(stream, Counter::UnknownCredential, None);
                 stream.set_request_header(LEARN_HEADER, "1");
                 self.ticket = Some(ticket);
                 Next::Continue
             }
             Ok(Some(Local::HandOver)) => {
-                handed_over(Counter::ServiceOnly);
+                self.count(stream, Counter::ServiceOnly, None);
+                Next::Continue
+            }
+            Ok(Some(Local::NotFollowing)) => {
+                self.count(stream, Counter::NotFollowing, None);
                 Next::Continue
             }
             // Headers the service must read as Envoy sends them.
             Ok(None) => {
-                handed_over(Counter::Unread);
+                self.count(stream, Counter::Unread, None);
                 Next::Continue
             }
             Err(_) => {

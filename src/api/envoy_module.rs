@@ -3,7 +3,7 @@
 //!
 //! The module runs in front of Envoy's ext_authz filter. On each request it either
 //! answers as the service would (`Local::Allow`, `Local::Deny`) or hands the request to
-//! ext_authz (`Local::Defer`). It answers only from what it holds for sure: a credential
+//! ext_authz (`Local::Defer`, `Local::HandOver`, `Local::NotFollowing`). It answers only from what it holds for sure: a credential
 //! the service verified and the module learned (`api::envoy_learn`), the delegations the
 //! service's answers showed, and the policy, compiled from the same configuration by the
 //! same code (`Authorizer::decide_known`). Anything that needs the store, argon2, a JWT
@@ -55,6 +55,10 @@ pub enum Local {
     /// answer already, and the request needs what only the service has (a rate limit,
     /// a lease, a session mint, a delegation not seen yet).
     HandOver,
+    /// Hand it to ext_authz, unread, with nothing to learn: the module is not following
+    /// the service's revocation stream, so it decides nothing (and could keep nothing
+    /// it learned).
+    NotFollowing,
 }
 
 /// An allow, in the terms of Envoy's filter ABI: read straight from the service's own
@@ -214,6 +218,9 @@ impl ModuleDecider {
     /// is even read; otherwise the request is read (`request`) and decided (`decide`).
     /// `None` where `request` refuses to read it: the service's to judge.
     pub fn answer(&self, headers: &[(&[u8], &[u8])]) -> Option<Local> {
+        if !self.following() {
+            return Some(Local::NotFollowing);
+        }
         let memo = self.memo(headers);
         if self.remembered(memo) {
             return Some(Local::HandOver);
@@ -253,17 +260,17 @@ impl ModuleDecider {
     }
 
     /// The module's answer to `req`, whose credential headers `memo` names (`memo`):
-    /// reached through `answer` only, which looks in the memo first.
+    /// reached through `answer` only, which asks whether the module is following and
+    /// looks in the memo first.
     fn decide(&self, req: &AuthRequest, memo: Option<u64>) -> Local {
-        let token = match self.envoy.credentials().extract(req) {
-            Credential::ApiKey(token) | Credential::Jwt(token) => Some(token),
-            Credential::None | Credential::Unrecognized => None,
-        };
-        if !self.following() {
-            return self.hand_over(token, memo);
-        }
         match self.envoy.decide_known(req) {
-            None => self.hand_over(token, memo),
+            None => {
+                let token = match self.envoy.credentials().extract(req) {
+                    Credential::ApiKey(token) | Credential::Jwt(token) => Some(token),
+                    Credential::None | Credential::Unrecognized => None,
+                };
+                self.hand_over(token, memo)
+            }
             Some(Answer::Allow(allow)) => Local::Allow(LocalAllow(allow)),
             Some(Answer::Deny { error, headers }) => Local::Deny(LocalDeny {
                 code: error.code,

@@ -656,16 +656,15 @@ pub fn summarize(report: &mut ScenarioReport, listeners: &[Listener], runs: &Run
 
 /// The rows as a table against the first, titled with how wrk and Envoy ran.
 pub fn table(args: &EnvoyArgs, answer: &Answer, rows: Vec<Summary>) -> Table {
-    Table {
-        title: format!(
+    let mut table = Table::new(
+        format!(
             "wrk -t{} -c{} -d{}s --latency (closed loop, HTTP/1.1), Envoy --concurrency {}, \
-             answered by {}; target CPU = {}{}",
+             answered by {}{}",
             args.wrk_threads,
             args.wrk_connections,
             args.common.duration.as_secs().max(1),
             args.envoy_concurrency,
             answer.describe(),
-            args.cost_name(),
             if args.callgrind {
                 " (callgrind; req/s and latencies are valgrind's)"
             } else {
@@ -673,8 +672,9 @@ pub fn table(args: &EnvoyArgs, answer: &Answer, rows: Vec<Summary>) -> Table {
             }
         ),
         rows,
-        baseline: 0,
-    }
+    );
+    table.cost = args.cost_name();
+    table
 }
 
 /// Why, with wrk's closed loop, the median ratio follows the throughput ratio.

@@ -105,6 +105,20 @@ pub struct Table {
     pub rows: Vec<Summary>,
     /// Index of the baseline row; ratios are taken against it.
     pub baseline: usize,
+    /// The heading of the last column, what `Summary::cpu_us_per_request` holds.
+    pub cost: &'static str,
+}
+
+impl Table {
+    /// `rows` against the first, their last column the target's CPU µs per request.
+    pub fn new(title: impl Into<String>, rows: Vec<Summary>) -> Table {
+        Table {
+            title: title.into(),
+            rows,
+            baseline: 0,
+            cost: "target CPU µs/req",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -240,7 +254,10 @@ fn num(v: f64) -> String {
 
 fn table_markdown(t: &Table) -> String {
     let mut out = format!("{}\n\n", t.title);
-    out += "| | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | target CPU µs/req |\n";
+    out += &format!(
+        "| | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | {} |\n",
+        t.cost
+    );
     out += "|---|---:|---:|---:|---:|---:|---:|\n";
     let cpu = |c: Option<f64>| c.map_or("–".into(), |c| format!("{c:.1}"));
     for r in &t.rows {

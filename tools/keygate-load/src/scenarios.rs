@@ -330,11 +330,7 @@ impl Bench {
             .map(|((label, _, _), r)| Summary::of(label, &r.iter().collect::<Vec<_>>()))
             .collect();
         let (b, k) = (rows[0].clone(), rows[rows.len() - 1].clone());
-        report.tables.push(Table {
-            title: title.into(),
-            rows,
-            baseline: 0,
-        });
+        report.tables.push(Table::new(title, rows));
         report.runs.extend(runs.into_iter().flatten());
         Ok((b, k))
     }
@@ -1096,21 +1092,17 @@ pub async fn cold_keys(c: &Common, cold_concurrency: usize, warm_rate: f64) -> a
             send_lag_p99(&during)
         ),
     );
-    report.tables.push(Table {
-        title: format!(
+    report.tables.push(Table::new(
+        format!(
             "Warm-key traffic, open loop at {warm_rate:.0} req/s, {} connections",
             c.connections
         ),
-        rows: vec![b, a.clone(), d.clone()],
-        baseline: 0,
-    });
-    report.tables.push(Table {
-        title: format!(
-            "Cold keys, closed loop, {cold_concurrency} in flight (each request a new key)"
-        ),
-        rows: vec![k.clone()],
-        baseline: 0,
-    });
+        vec![b, a.clone(), d.clone()],
+    ));
+    report.tables.push(Table::new(
+        format!("Cold keys, closed loop, {cold_concurrency} in flight (each request a new key)"),
+        vec![k.clone()],
+    ));
     report.runs.extend(base);
     report.runs.extend(alone);
     report.runs.extend(during);
@@ -1237,14 +1229,13 @@ pub async fn single_flight(c: &Common, n: usize, connections: usize) -> anyhow::
     let ones = kg.iter().filter(|r| r.valid).count();
     let b = Summary::of("no-op baseline", &base.iter().collect::<Vec<_>>());
     let k = Summary::of("keygate", &kg.iter().collect::<Vec<_>>());
-    report.tables.push(Table {
-        title: format!(
+    report.tables.push(Table::new(
+        format!(
             "{n} requests sent at once over {connections} connections (latency from send; \
              req/s is n over the time to the last answer)"
         ),
-        rows: vec![b, k],
-        baseline: 0,
-    });
+        vec![b, k],
+    ));
     let all_one = kg.iter().all(|r| r.valid);
     report.target(
         &format!("{n} concurrent requests for one new key: exactly 1 argon2 verification"),
