@@ -5,6 +5,7 @@
 //! answers, the way the filter does (`Local::Defer`, `x-keygate-learn`, the `learn`
 //! metadata field), and its answers are read against what Envoy reads off the wire.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::protobuf::Struct;
+use proptest::prelude::*;
 use tokio::sync::{broadcast, watch};
 
 use super::*;
@@ -323,20 +325,20 @@ fn learnable(answer: &CheckResponse) -> String {
 /// A request as Envoy holds it.
 #[derive(Debug, Clone)]
 struct Req {
-    method: &'static str,
-    path: &'static str,
+    method: String,
+    path: String,
     headers: Vec<(&'static str, String)>,
 }
 
-fn req(method: &'static str, path: &'static str, headers: &[(&'static str, &str)]) -> Req {
+fn req(method: &str, path: &str, headers: &[(&'static str, &str)]) -> Req {
     Req {
-        method,
-        path,
+        method: method.to_owned(),
+        path: path.to_owned(),
         headers: headers.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
     }
 }
 
-fn get(path: &'static str, headers: &[(&'static str, &str)]) -> Req {
+fn get(path: &str, headers: &[(&'static str, &str)]) -> Req {
     req("GET", path, headers)
 }
 
@@ -350,8 +352,8 @@ impl Req {
     fn pairs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = [
             (":authority", "api.example.com"),
-            (":method", self.method),
-            (":path", self.path),
+            (":method", self.method.as_str()),
+            (":path", self.path.as_str()),
             (":scheme", "https"),
             ("user-agent", "keygate-tests/1.0"),
             ("x-request-id", "6f1c2a9e-1d2b-4c3d-8e4f-5a6b7c8d9e0f"),
@@ -365,24 +367,27 @@ impl Req {
         pairs
     }
 
-    /// The same request as Envoy's ext_authz sends it to the service.
+    /// The same request as Envoy's ext_authz sends it to the service: a repeated
+    /// header's values joined, in order, with a comma.
     fn check_request(&self) -> CheckRequest {
-        let headers: HashMap<String, String> = self
-            .pairs()
-            .into_iter()
-            .map(|(k, v)| {
-                let text = |b: Vec<u8>| String::from_utf8(b).expect("UTF-8");
-                (text(k), text(v))
-            })
-            .collect();
-        assert_eq!(headers.len(), self.pairs().len(), "no header is repeated");
+        let mut headers: HashMap<String, String> = HashMap::new();
+        for (k, v) in self.pairs() {
+            let text = |b: Vec<u8>| String::from_utf8(b).expect("UTF-8");
+            headers
+                .entry(text(k))
+                .and_modify(|joined| {
+                    joined.push(',');
+                    joined.push_str(std::str::from_utf8(&v).expect("UTF-8"));
+                })
+                .or_insert_with(|| text(v.clone()));
+        }
         CheckRequest {
             attributes: Some(AttributeContext {
                 request: Some(Request {
                     time: None,
                     http: Some(HttpRequest {
-                        method: self.method.into(),
-                        path: self.path.into(),
+                        method: self.method.clone(),
+                        path: self.path.clone(),
                         headers,
                         ..Default::default()
                     }),
@@ -1284,5 +1289,254 @@ async fn what_the_module_answers_is_counted_in_the_keys_usage_as_the_service_cou
         module.app.usage.flush().await.unwrap(),
         0,
         "a revoked key is not counted"
+    );
+}
+
+/// The credentials a generated request may carry: keys the module learned (a reader, a
+/// writer, a partner for its delegated tenant), one it learned and saw revoked, one it
+/// never saw, and shapes no key has.
+struct Credentials {
+    learned: Vec<String>,
+    all: Vec<String>,
+}
+
+impl Credentials {
+    async fn made(service: &Service, module: &Module) -> Credentials {
+        let (reader, _) = service.key(tenant_key(&["contacts:read"], "")).await;
+        let (writer, _) = service
+            .key(tenant_key(&["contacts:read", "contacts:write"], ""))
+            .await;
+        let (partner, _) = service.key(partner_key()).await;
+        let (gone, gone_id) = service.key(tenant_key(&["contacts:read"], "")).await;
+        let (unseen, _) = service.key(tenant_key(&["contacts:read"], "")).await;
+        let mut events = module.app.bus.subscribe();
+        delegate(service, &mut events, DELEGATED).await;
+        for token in [&reader, &writer, &gone] {
+            let r = get("/v1/contacts/1", &[("authorization", &bearer(token))]);
+            module.learn_from(service, &r).await.expect("learned");
+        }
+        let r = get(
+            "/v1/contacts/1",
+            &[
+                ("authorization", &bearer(&partner)),
+                ("x-tenant-id", DELEGATED),
+            ],
+        );
+        module.learn_from(service, &r).await.expect("learned");
+        service.app.admin.revoke(&gone_id).await.expect("revoked");
+        applied(&mut events, "the revocation", revoked(&gone_id)).await;
+        // The reader's token with its secret's last character changed: its checksum fails.
+        let mut forged = reader.clone();
+        let last = forged.pop().expect("a token");
+        forged.push(if last == 'A' { 'B' } else { 'A' });
+        let test_env = reader.replacen("sk_live_", "sk_test_", 1);
+        let learned = vec![reader, writer, partner];
+        let mut all = learned.clone();
+        all.extend([
+            gone,
+            unseen,
+            forged,
+            test_env,
+            "sk_live_notakey".into(),
+            "aGk.aGk.aGk".into(),
+            String::new(),
+        ]);
+        Credentials { learned, all }
+    }
+
+    /// A request as a client that read the API's documentation sends it: a route
+    /// family's path, a learned key where the policy reads it, perhaps a tenant or a
+    /// header of the client's own.
+    fn ordinary(&self) -> impl Strategy<Value = Req> {
+        let credential = (
+            prop_oneof![Just(("authorization", "Bearer ")), Just(("x-api-key", ""))],
+            proptest::sample::select(self.learned.clone()),
+        )
+            .prop_map(|((name, scheme), token)| (name, format!("{scheme}{token}")));
+        // Each route family's methods and prefix, reads the likeliest.
+        let route = prop_oneof![
+            4 => proptest::sample::select(vec![("GET", "/v1/contacts"), ("HEAD", "/v1/contacts")]),
+            1 => proptest::sample::select(vec![
+                ("POST", "/v1/contacts"),
+                ("DELETE", "/v1/contacts"),
+                ("GET", "/v1/billing/partner"),
+                ("GET", "/public"),
+                ("POST", "/v1/calls"),
+                ("POST", "/v1/sessions"),
+                ("GET", "/v2"),
+            ]),
+        ];
+        let segments = prop::collection::vec(
+            proptest::sample::select(vec!["1", "invoices", "docs", "%41", "%7e"]),
+            0..3,
+        );
+        (
+            route,
+            segments,
+            credential,
+            prop::collection::vec(prop_oneof![tenant(), other()], 0..2),
+        )
+            .prop_map(|((method, prefix), segments, credential, mut headers)| {
+                headers.insert(0, credential);
+                let mut path = prefix.to_owned();
+                for s in segments {
+                    path.push('/');
+                    path.push_str(s);
+                }
+                Req {
+                    method: method.to_owned(),
+                    path,
+                    headers,
+                }
+            })
+    }
+
+    /// Any request: any method, odd paths, any credential in either place the policy
+    /// reads, in the forms a client gets wrong, repeated or missing.
+    fn wild(&self) -> impl Strategy<Value = Req> {
+        let placed = prop_oneof![Just(("authorization", "Bearer ")), Just(("x-api-key", "")),];
+        let misplaced = (
+            proptest::sample::select(vec!["authorization", "x-api-key"]),
+            proptest::sample::select(vec!["bearer ", "Basic ", "", "Bearer  ", "Bearer "]),
+        );
+        let credential = (
+            prop_oneof![4 => placed, 1 => misplaced],
+            proptest::sample::select(self.all.clone()),
+        )
+            .prop_map(|((name, scheme), token)| (name, format!("{scheme}{token}")));
+        let method = proptest::sample::select(vec![
+            "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "get",
+        ]);
+        (
+            method,
+            path(),
+            prop::collection::vec(
+                prop_oneof![3 => credential, 2 => tenant(), 1 => other()],
+                0..4,
+            ),
+        )
+            .prop_map(|(method, path, headers)| Req {
+                method: method.to_owned(),
+                path,
+                headers,
+            })
+    }
+}
+
+/// `x-tenant-id`, in every form a client sends it.
+fn tenant() -> impl Strategy<Value = (&'static str, String)> {
+    proptest::sample::select(vec![
+        TENANT.to_owned(),
+        TENANT.to_uppercase(),
+        format!(" {TENANT}"),
+        format!("{TENANT},{TENANT}"),
+        OTHER_TENANT.to_owned(),
+        DELEGATED.to_owned(),
+        "acme".to_owned(),
+        String::new(),
+    ])
+    .prop_map(|t| ("x-tenant-id", t))
+}
+
+/// A method override, or identity headers of the client's own.
+fn other() -> impl Strategy<Value = (&'static str, String)> {
+    proptest::sample::select(vec![
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method-override", "post"),
+        ("x-http-method-override", "GET, DELETE"),
+        ("x-http-method-override", ""),
+        ("x-keygate-subject", "key:admin"),
+        ("x-keygate-scopes", "*"),
+        ("x-forwarded-for", "203.0.113.7"),
+    ])
+    .prop_map(|(k, v)| (k, v.to_owned()))
+}
+
+/// Any path: a route family's prefix, then segments, then perhaps a query; among them
+/// prefixes and segments that normalise (dot segments, encoded unreserved characters,
+/// upper case, a leading `//`) or must be refused (an encoded slash or backslash, NUL,
+/// path parameters, a fragment).
+fn path() -> impl Strategy<Value = String> {
+    let prefix = prop_oneof![
+        8 => proptest::sample::select(vec![
+            "/v1/contacts",
+            "/v1/billing/partner",
+            "/public",
+            "/v1/calls",
+            "/v1/sessions",
+            "/v2",
+        ]),
+        1 => proptest::sample::select(vec!["/V1/contacts", "//v1/contacts", ""]),
+    ];
+    let segment = prop_oneof![
+        8 => proptest::sample::select(vec!["1", "invoices", "docs", "contacts", "%41", "%7e"]),
+        1 => proptest::sample::select(vec!["..", ".", "%2e%2e", "%2E", ""]),
+        1 => proptest::sample::select(vec!["a%2Fb", "a%5cb", "%00", "x;y=1"]),
+    ];
+    let query = prop_oneof![
+        8 => Just(""),
+        2 => Just("?page=2"),
+        1 => proptest::sample::select(vec!["?next=/../admin", "#top"]),
+    ];
+    (prefix, prop::collection::vec(segment, 0..4), query).prop_map(|(prefix, segments, query)| {
+        let mut path = prefix.to_owned();
+        for s in segments {
+            path.push('/');
+            path.push_str(s);
+        }
+        if path.is_empty() {
+            path.push('/');
+        }
+        path + query
+    })
+}
+
+/// On generated requests, ordinary and wild (methods, paths, credential headers repeated
+/// or misplaced, tenants in every form), whatever the module answers itself it answers
+/// exactly as the service does: status, body, upstream headers, removals, client
+/// headers, metadata. The module must answer most of them, allows among them, or this
+/// would prove nothing.
+#[test]
+fn on_generated_requests_what_the_module_answers_it_answers_as_the_service_does() {
+    use proptest::test_runner::{Config as Cases, TestCaseError, TestRunner};
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let (service, module, _follower, credentials) = runtime.block_on(async {
+        let service = Service::start().await;
+        let (module, follower) = Module::following(&service).await;
+        let credentials = Credentials::made(&service, &module).await;
+        (service, module, follower, credentials)
+    });
+    let requests = prop_oneof![credentials.ordinary(), credentials.wild()];
+    let (asked, answered, allowed) = (Cell::new(0), Cell::new(0), Cell::new(0));
+    let mut runner = TestRunner::new(Cases {
+        cases: 1_000,
+        failure_persistence: None,
+        ..Cases::default()
+    });
+    let outcome = runner.run(&requests, |r| {
+        asked.set(asked.get() + 1);
+        let by_module = Shown::of_module(module.decide(&r));
+        if by_module == Shown::Deferred {
+            return Ok(());
+        }
+        answered.set(answered.get() + 1);
+        if matches!(by_module, Shown::Allow { .. }) {
+            allowed.set(allowed.get() + 1);
+        }
+        let by_service = Shown::of_service(&runtime.block_on(service.answer(&r)));
+        if by_module != by_service {
+            return Err(TestCaseError::fail(format!(
+                "{r:?}\n  module:  {by_module:?}\n  service: {by_service:?}"
+            )));
+        }
+        Ok(())
+    });
+    if let Err(e) = outcome {
+        panic!("{e}");
+    }
+    let (asked, answered, allowed) = (asked.get(), answered.get(), allowed.get());
+    assert!(
+        answered * 2 >= asked && allowed * 5 >= asked,
+        "of {asked} requests the module answered {answered} itself, {allowed} of them allows"
     );
 }
