@@ -4,7 +4,8 @@ to ext_authz.
 
 - Its answers equal the service's over the scenario list of test_http_authz.py (plus a
   JWT): status, body, the client's headers, what the upstream gets and the dynamic
-  metadata — both the first time (handed to keygate) and once learned (its own).
+  metadata — both the first time (handed to keygate) and once learned (its own); and
+  over 300 generated requests, ordinary and odd.
 - A revoked key is denied by the module within 10 ms (p99) of the admin call returning,
   and never allowed after.
 - Without its Watch stream, it decides nothing: requests go to ext_authz.
@@ -20,6 +21,7 @@ import base64
 import hashlib
 import hmac
 import json
+import random
 import subprocess
 import time
 import uuid
@@ -196,6 +198,88 @@ def test_the_module_answers_every_scenario_as_the_service_does(doors, keys):
     # The second pass: which the module decided itself.
     names = {s[0] for s in all_scenarios(keys)}
     assert {n for n in names if not decided[n]} == HANDED_OVER, decided
+
+
+def generated_requests(k: dict, count: int, seed: int) -> list[tuple[str, str, list]]:
+    """`count` requests (method, path, headers), half as a client that read the docs sends
+    them (a route family, a key the module learned, in its place, perhaps a tenant or an
+    identity header of the client's own), half odd: any method, paths that normalise or
+    are refused, credentials repeated, misplaced or mistyped, tenants in every form."""
+    rng = random.Random(seed)
+    learned_tokens = [k["reader"]["token"], k["writer"]["token"], k["partner"]["token"]]
+    tokens = learned_tokens + [
+        k["revoked"]["token"], harness.with_bad_checksum(k["reader"]["token"]),
+        harness.with_wrong_secret(k["reader"]["token"]), "sk_live_notakey", k["jwt"], "",
+    ]
+    tenants = [k["tenant"], k["tenant"].upper(), f" {k['tenant']}", f"{k['tenant']},{k['tenant']}",
+               k["delegated"], k["other"], "acme", ""]
+    others = [("x-http-method-override", "DELETE"), ("x-http-method-override", "GET, DELETE"),
+              ("x-keygate-subject", "key:admin"), ("x-keygate-scopes", "*"),
+              ("x-forwarded-for", "203.0.113.7")]
+
+    def placed(token: str) -> tuple[str, str]:
+        return rng.choice([("authorization", f"Bearer {token}"), ("x-api-key", token)])
+
+    def extra() -> tuple[str, str]:
+        return ("x-tenant-id", rng.choice(tenants)) if rng.random() < 0.6 else rng.choice(others)
+
+    def path(segments: list[str], prefix: str) -> str:
+        return prefix + "".join("/" + rng.choice(segments) for _ in range(rng.randrange(3)))
+
+    plain = ["1", "42", "invoices", "%41", "%7e"]
+    odd = plain * 3 + ["..", ".", "%2e%2e", "", "a%2Fb", "a%5cb", "%00", "x;y=1"]
+    requests = []
+    for i in range(count):
+        if i % 2 == 0:
+            method, prefix = rng.choice(
+                [("GET", "/v1/contacts")] * 6 + [("POST", "/v1/contacts"), ("DELETE", "/v1/contacts"),
+                 ("GET", "/v1/billing/partner"), ("GET", "/public"), ("GET", "/v2")])
+            headers = [placed(rng.choice(learned_tokens))]
+            headers += [extra() for _ in range(rng.randrange(2))]
+            requests.append((method, path(plain, prefix), headers))
+        else:
+            method = rng.choice(["GET", "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"])
+            prefix = rng.choice(["/v1/contacts"] * 4 + ["/v1/billing/partner", "/public", "/V1/contacts",
+                                                        "//v1/contacts", "/v2"])
+            query = rng.choice(["", "", "", "?page=2", "?next=/../admin"])
+            headers = []
+            for _ in range(rng.randrange(4)):
+                if rng.random() < 0.6:
+                    token = rng.choice(tokens)
+                    headers.append(placed(token) if rng.random() < 0.7 else (
+                        rng.choice(["authorization", "x-api-key"]),
+                        rng.choice(["bearer ", "Basic ", "", "Bearer  "]) + token))
+                else:
+                    headers.append(extra())
+            requests.append((method, path(odd, prefix) + query, headers))
+    return requests
+
+
+def test_on_generated_requests_the_module_door_answers_as_ext_authz(doors, keys):
+    """300 generated requests (`generated_requests`) through both doors, once the module
+    has learned the keys it may answer: the same status, body, client and upstream
+    headers and dynamic metadata each time, whichever answered; and the module answered
+    most of them itself, allows among them."""
+    module = doors["module"]
+    for token in (keys["reader"]["token"], keys["writer"]["token"]):
+        learned(module, token)
+    harness.wait_for(
+        "the module to answer the partner for its delegated tenant",
+        lambda: through_module(module, "GET", "/v1/contacts/1",
+                               [bearer(keys["partner"]["token"]), ("x-tenant-id", keys["delegated"])])[1],
+        timeout=10)
+    here = allowed = 0
+    requests = generated_requests(keys, 300, seed=31)
+    for method, path, headers in requests:
+        reference = doors["envoy-grpc"].request(method, path, headers)
+        resp, by_module = through_module(module, method, path, headers)
+        assert seen(resp) == seen(reference), (
+            f"{method} {path} {headers}: the module door answered otherwise than ext_authz:\n"
+            f"module: {seen(resp)}\next_authz: {seen(reference)}")
+        here += by_module
+        allowed += by_module and resp.status == 200
+    assert here * 2 >= len(requests) and allowed * 5 >= len(requests), (
+        f"of {len(requests)} requests the module answered {here} itself, {allowed} of them allows")
 
 
 def test_a_rate_limited_plan_and_a_session_mint_go_to_keygate(doors, keygate, keys):

@@ -93,7 +93,8 @@ def answer(resp: harness.Response, masked=()) -> dict:
             for k, v in seen
             if k.startswith("x-keygate-") or k in harness.IDENTITY_HEADERS or k in harness.CREDENTIAL_HEADERS
         )
-    elif resp.header("content-type") == "application/json":
+    elif resp.header("content-type") == "application/json" and resp.body:
+        # (An answer to HEAD has its headers and no body.)
         body = resp.json()
     return {
         "status": resp.status,
