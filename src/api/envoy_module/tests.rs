@@ -311,14 +311,20 @@ impl Module {
 
 /// The `learn` field of an allow's dynamic metadata; fails the test without one.
 fn learnable(answer: &CheckResponse) -> String {
+    learn_field(answer)
+        .unwrap_or_else(|| panic!("the service's answer has nothing to learn: {answer:?}"))
+}
+
+/// The `learn` field of an allow's dynamic metadata, if it has one.
+fn learn_field(answer: &CheckResponse) -> Option<String> {
     let field = answer
         .dynamic_metadata
         .as_ref()
         .and_then(|m| m.fields.get("learn"))
         .and_then(|v| v.kind.as_ref());
     match field {
-        Some(Kind::StringValue(text)) => text.clone(),
-        other => panic!("the service's answer has nothing to learn ({other:?}): {answer:?}"),
+        Some(Kind::StringValue(text)) => Some(text.clone()),
+        _ => None,
     }
 }
 
@@ -1293,10 +1299,11 @@ async fn what_the_module_answers_is_counted_in_the_keys_usage_as_the_service_cou
 }
 
 /// The credentials a generated request may carry: keys the module learned (a reader, a
-/// writer, a partner for its delegated tenant), one it learned and saw revoked, one it
-/// never saw, and shapes no key has.
+/// writer, a partner for its delegated tenant), one it learned and saw revoked, a valid
+/// one it has not seen (it learns it from the first allow), and shapes no key has.
 struct Credentials {
-    learned: Vec<String>,
+    /// Keys the service allows: the learned ones and the unseen one.
+    valid: Vec<String>,
     all: Vec<String>,
 }
 
@@ -1330,27 +1337,26 @@ impl Credentials {
         let last = forged.pop().expect("a token");
         forged.push(if last == 'A' { 'B' } else { 'A' });
         let test_env = reader.replacen("sk_live_", "sk_test_", 1);
-        let learned = vec![reader, writer, partner];
-        let mut all = learned.clone();
+        let valid = vec![reader, writer, partner, unseen];
+        let mut all = valid.clone();
         all.extend([
             gone,
-            unseen,
             forged,
             test_env,
             "sk_live_notakey".into(),
             "aGk.aGk.aGk".into(),
             String::new(),
         ]);
-        Credentials { learned, all }
+        Credentials { valid, all }
     }
 
     /// A request as a client that read the API's documentation sends it: a route
-    /// family's path, a learned key where the policy reads it, perhaps a tenant or a
+    /// family's path, a valid key where the policy reads it, perhaps a tenant or a
     /// header of the client's own.
     fn ordinary(&self) -> impl Strategy<Value = Req> {
         let credential = (
             prop_oneof![Just(("authorization", "Bearer ")), Just(("x-api-key", ""))],
-            proptest::sample::select(self.learned.clone()),
+            proptest::sample::select(self.valid.clone()),
         )
             .prop_map(|((name, scheme), token)| (name, format!("{scheme}{token}")));
         // Each route family's methods and prefix, reads the likeliest.
@@ -1432,6 +1438,8 @@ fn tenant() -> impl Strategy<Value = (&'static str, String)> {
         format!("{TENANT},{TENANT}"),
         OTHER_TENANT.to_owned(),
         DELEGATED.to_owned(),
+        DELEGATED.to_uppercase(),
+        format!("{DELEGATED} "),
         "acme".to_owned(),
         String::new(),
     ])
@@ -1494,8 +1502,9 @@ fn path() -> impl Strategy<Value = String> {
 /// On generated requests, ordinary and wild (methods, paths, credential headers repeated
 /// or misplaced, tenants in every form), whatever the module answers itself it answers
 /// exactly as the service does: status, body, upstream headers, removals, client
-/// headers, metadata. The module must answer most of them, allows among them, or this
-/// would prove nothing.
+/// headers, metadata. What it hands over it learns from as the filter does, so what it
+/// learned from odd requests is held to the service too. The module must answer most
+/// of them, allows among them, and learn some, or this would prove nothing.
 #[test]
 fn on_generated_requests_what_the_module_answers_it_answers_as_the_service_does() {
     use proptest::test_runner::{Config as Cases, TestCaseError, TestRunner};
@@ -1507,7 +1516,8 @@ fn on_generated_requests_what_the_module_answers_it_answers_as_the_service_does(
         (service, module, follower, credentials)
     });
     let requests = prop_oneof![credentials.ordinary(), credentials.wild()];
-    let (asked, answered, allowed) = (Cell::new(0), Cell::new(0), Cell::new(0));
+    let (asked, answered, allowed, learned) =
+        (Cell::new(0), Cell::new(0), Cell::new(0), Cell::new(0));
     let mut runner = TestRunner::new(Cases {
         cases: 1_000,
         failure_persistence: None,
@@ -1515,7 +1525,15 @@ fn on_generated_requests_what_the_module_answers_it_answers_as_the_service_does(
     });
     let outcome = runner.run(&requests, |r| {
         asked.set(asked.get() + 1);
-        let by_module = Shown::of_module(module.decide(&r));
+        let local = module.decide(&r);
+        if let Local::Defer(ticket) = &local {
+            // As the filter does: asks the service to let it learn, and learns an allow.
+            let answer = runtime.block_on(service.answer(&r.asking_to_learn()));
+            if let Some(text) = learn_field(&answer) {
+                learned.set(learned.get() + u32::from(module.decider.learn(ticket, &text).is_ok()));
+            }
+        }
+        let by_module = Shown::of_module(local);
         if by_module == Shown::Deferred {
             return Ok(());
         }
@@ -1534,9 +1552,11 @@ fn on_generated_requests_what_the_module_answers_it_answers_as_the_service_does(
     if let Err(e) = outcome {
         panic!("{e}");
     }
-    let (asked, answered, allowed) = (asked.get(), answered.get(), allowed.get());
+    let (asked, answered, allowed, learned) =
+        (asked.get(), answered.get(), allowed.get(), learned.get());
     assert!(
-        answered * 2 >= asked && allowed * 5 >= asked,
-        "of {asked} requests the module answered {answered} itself, {allowed} of them allows"
+        answered * 2 >= asked && allowed * 5 >= asked && learned > 0,
+        "of {asked} requests the module answered {answered} itself, {allowed} of them allows; \
+         it learned {learned} answers"
     );
 }
