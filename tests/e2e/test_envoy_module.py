@@ -5,7 +5,8 @@ to ext_authz.
 - Its answers equal the service's over the scenario list of test_http_authz.py (plus a
   JWT): status, body, the client's headers, what the upstream gets and the dynamic
   metadata — both the first time (handed to keygate) and once learned (its own); and
-  over 300 generated requests, ordinary and odd.
+  over 300 generated requests, ordinary and odd. WebSocket upgrades too: a session
+  token's through keygate, a learned key's answered by the module.
 - A revoked key is denied by the module within 10 ms (p99) of the admin call returning,
   and never allowed after.
 - Without its Watch stream, it decides nothing: requests go to ext_authz.
@@ -27,6 +28,8 @@ import time
 import uuid
 
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 import harness
 from harness import assert_allowed, assert_denied
@@ -280,6 +283,51 @@ def test_on_generated_requests_the_module_door_answers_as_ext_authz(doors, keys)
         allowed += by_module and resp.status == 200
     assert here * 2 >= len(requests) and allowed * 5 >= len(requests), (
         f"of {len(requests)} requests the module answered {here} itself, {allowed} of them allows")
+
+
+def open_ws(door: harness.ModuleEnvoy, path: str, token: str):
+    """A WebSocket through `door`, tagged so that its upgrade can be found upstream."""
+    marker = uuid.uuid4().hex
+    ws = connect(f"ws://127.0.0.1:{door.port}{path}", open_timeout=10, close_timeout=5,
+                 additional_headers={"authorization": f"Bearer {token}", harness.MARKER: marker})
+    return ws, marker
+
+
+def test_websockets_through_the_module_door(doors, keys):
+    """An upgrade is a request like any other to the module: a session token (keygate's to
+    judge) opens the stream route through ext_authz; a key the module learned opens a
+    socket on a read route with the identity the module set, the upgrade never reaching
+    ext_authz, and is refused on the sessions-only route by the module itself."""
+    module = doors["module"]
+    reader = keys["reader"]
+    learned(module, reader["token"])
+
+    before = module.checks()
+    ws, marker = open_ws(module, "/v1/stream/calls/7", keys["session"])
+    with ws:
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "hello"
+    assert module.checks() == before + 1, "a session token is keygate's to judge"
+    upgrade = dict(module.upstream.seen_with_marker(marker)[0]["headers"])
+    assert upgrade.get("x-keygate-kind") == "session", upgrade
+
+    before = module.checks()
+    ws, marker = open_ws(module, "/v1/contacts/live", reader["token"])
+    with ws:
+        ws.send("hi")
+        assert ws.recv(timeout=5) == "hi"
+    assert module.checks() == before, "the module should have answered the learned key's upgrade"
+    upgrade = dict(module.upstream.seen_with_marker(marker)[0]["headers"])
+    assert upgrade.get("x-keygate-key-id") == reader["key_id"], upgrade
+    assert upgrade.get("x-tenant-id") == keys["tenant"], upgrade
+    assert "authorization" not in upgrade, "the key reached the upstream"
+
+    with pytest.raises(InvalidStatus) as refused:
+        ws, _ = open_ws(module, "/v1/stream/calls/7", reader["token"])
+        ws.close()
+    assert refused.value.response.status_code == 403
+    assert json.loads(refused.value.response.body)["error"]["code"] == "insufficient_permissions"
+    assert module.checks() == before, "the module should have refused the key on the stream route"
 
 
 def test_a_rate_limited_plan_and_a_session_mint_go_to_keygate(doors, keygate, keys):
