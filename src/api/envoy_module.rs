@@ -3,10 +3,10 @@
 //!
 //! The module runs in front of Envoy's ext_authz filter. On each request it either
 //! answers as the service would (`Local::Allow`, `Local::Deny`) or hands the request to
-//! ext_authz (`Local::Defer`, `Local::HandOver`, `Local::NotFollowing`). It answers only from what it holds for sure: a credential
-//! the service verified and the module learned (`api::envoy_learn`), the delegations the
-//! service's answers showed, and the policy, compiled from the same configuration by the
-//! same code (`Authorizer::decide_known`). Anything that needs the store, argon2, a JWT
+//! ext_authz (`Local::Defer`, `Local::HandOver`, `Local::NotFollowing`). It answers only
+//! from what it holds for sure: a credential the service verified and the module learned
+//! (`api::envoy_learn`), the delegations the service's answers showed, and the policy,
+//! compiled from the same configuration by the same code (`Authorizer::decide_known`). Anything that needs the store, argon2, a JWT
 //! validation, a rate limit, a lease or a session mint goes to the service. So does
 //! everything while the module's revocation follower is not following the service's
 //! `Watch` stream: a module that might miss a revocation decides nothing.
