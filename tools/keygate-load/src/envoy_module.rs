@@ -329,13 +329,24 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         } else {
             Vec::new()
         },
+        learning: None,
+    };
+    // Warmed up until the module has learned every key the listener sends.
+    let learns = |l: Listener| Listener {
+        learning: Some(ALLOWED_BY_KEYGATE.to_owned()),
+        ..l
     };
     // Where k and l (`--floor`) stand among the listeners.
     let mut composite_rows = None;
     let mut listeners = vec![
         listener("a. Envoy, no authorization", off, &warm, None),
         listener("b. Envoy + ext_authz → keygate", ext_authz, &warm, kg),
-        listener("c. Envoy + module, learned key", module, &warm, kg),
+        learns(listener(
+            "c. Envoy + module, learned key",
+            module,
+            &warm,
+            kg,
+        )),
         listener("d. Envoy + api_key_auth", api_key_auth, &warm, None),
         listener(
             "e. Envoy + module → ext_authz, key on a plan",
@@ -363,10 +374,11 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             kg,
         ),
     ] {
-        listeners.push(Listener {
+        let l = Listener {
             script: Some(many_keys.clone()),
             ..listener(&label, port, &warm, authz_pid)
-        });
+        };
+        listeners.push(if port == module { learns(l) } else { l });
     }
     if m.floor {
         listeners.extend([
@@ -396,12 +408,22 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             ),
         ]);
         composite_rows = Some(listeners.len());
-        for (label, token) in [
-            ("k. as c, ext_authz inside Envoy's composite filter", &warm),
-            ("l. as e, ext_authz inside Envoy's composite filter", &cold),
+        for (label, token, learns) in [
+            (
+                "k. as c, ext_authz inside Envoy's composite filter",
+                &warm,
+                true,
+            ),
+            (
+                "l. as e, ext_authz inside Envoy's composite filter",
+                &cold,
+                false,
+            ),
         ] {
+            let counter = ALLOWED_BY_KEYGATE_COMPOSITE.to_owned();
             listeners.push(Listener {
-                counters: vec![ALLOWED_BY_KEYGATE_COMPOSITE.to_owned()],
+                counters: vec![counter.clone()],
+                learning: learns.then_some(counter),
                 ..listener(label, composite, token, kg)
             });
         }
