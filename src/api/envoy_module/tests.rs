@@ -379,13 +379,7 @@ impl Req {
         let mut headers: HashMap<String, String> = HashMap::new();
         for (k, v) in self.pairs() {
             let text = |b: Vec<u8>| String::from_utf8(b).expect("UTF-8");
-            headers
-                .entry(text(k))
-                .and_modify(|joined| {
-                    joined.push(',');
-                    joined.push_str(std::str::from_utf8(&v).expect("UTF-8"));
-                })
-                .or_insert_with(|| text(v.clone()));
+            join_header(&mut headers, text(k), Cow::Owned(text(v)));
         }
         CheckRequest {
             attributes: Some(AttributeContext {
@@ -1354,11 +1348,7 @@ impl Credentials {
     /// family's path, a valid key where the policy reads it, perhaps a tenant or a
     /// header of the client's own.
     fn ordinary(&self) -> impl Strategy<Value = Req> {
-        let credential = (
-            prop_oneof![Just(("authorization", "Bearer ")), Just(("x-api-key", ""))],
-            proptest::sample::select(self.valid.clone()),
-        )
-            .prop_map(|((name, scheme), token)| (name, format!("{scheme}{token}")));
+        let credential = credential(placed(), &self.valid);
         // Each route family's methods and prefix, reads the likeliest.
         let route = prop_oneof![
             4 => proptest::sample::select(vec![("GET", "/v1/contacts"), ("HEAD", "/v1/contacts")]),
@@ -1384,14 +1374,9 @@ impl Credentials {
         )
             .prop_map(|((method, prefix), segments, credential, mut headers)| {
                 headers.insert(0, credential);
-                let mut path = prefix.to_owned();
-                for s in segments {
-                    path.push('/');
-                    path.push_str(s);
-                }
                 Req {
                     method: method.to_owned(),
-                    path,
+                    path: joined(prefix, &segments),
                     headers,
                 }
             })
@@ -1400,16 +1385,11 @@ impl Credentials {
     /// Any request: any method, odd paths, any credential in either place the policy
     /// reads, in the forms a client gets wrong, repeated or missing.
     fn wild(&self) -> impl Strategy<Value = Req> {
-        let placed = prop_oneof![Just(("authorization", "Bearer ")), Just(("x-api-key", "")),];
         let misplaced = (
             proptest::sample::select(vec!["authorization", "x-api-key"]),
             proptest::sample::select(vec!["bearer ", "Basic ", "", "Bearer  ", "Bearer "]),
         );
-        let credential = (
-            prop_oneof![4 => placed, 1 => misplaced],
-            proptest::sample::select(self.all.clone()),
-        )
-            .prop_map(|((name, scheme), token)| (name, format!("{scheme}{token}")));
+        let credential = credential(prop_oneof![4 => placed(), 1 => misplaced], &self.all);
         let method = proptest::sample::select(vec![
             "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "get",
         ]);
@@ -1487,16 +1467,32 @@ fn path() -> impl Strategy<Value = String> {
         1 => proptest::sample::select(vec!["?next=/../admin", "#top"]),
     ];
     (prefix, prop::collection::vec(segment, 0..4), query).prop_map(|(prefix, segments, query)| {
-        let mut path = prefix.to_owned();
-        for s in segments {
-            path.push('/');
-            path.push_str(s);
-        }
-        if path.is_empty() {
-            path.push('/');
-        }
+        let path = joined(prefix, &segments);
+        let path = if path.is_empty() { "/".into() } else { path };
         path + query
     })
+}
+
+/// `prefix`, then each of `segments` after a `/`.
+fn joined(prefix: &str, segments: &[&str]) -> String {
+    segments
+        .iter()
+        .fold(prefix.to_owned(), |path, s| path + "/" + s)
+}
+
+/// A credential where the policy reads it: `authorization` with its scheme, or
+/// `x-api-key` bare.
+fn placed() -> impl Strategy<Value = (&'static str, &'static str)> {
+    prop_oneof![Just(("authorization", "Bearer ")), Just(("x-api-key", ""))]
+}
+
+/// One of `tokens`, in a header and after a scheme from `places`.
+fn credential(
+    places: impl Strategy<Value = (&'static str, &'static str)>,
+    tokens: &[String],
+) -> impl Strategy<Value = (&'static str, String)> {
+    (places, proptest::sample::select(tokens.to_vec()))
+        .prop_map(|((name, scheme), token)| (name, format!("{scheme}{token}")))
 }
 
 /// On generated requests, ordinary and wild (methods, paths, credential headers repeated

@@ -514,20 +514,17 @@ async fn warm_up(
         return Ok(());
     };
     let counter = std::slice::from_ref(learning);
-    for round in 1..=MAX_WARMUP_ROUNDS {
+    for _ in 0..MAX_WARMUP_ROUNDS {
         let before = envoy_counters(admin, counter).await?;
         wrk(args, l, seconds.max(measured))?;
-        let after = envoy_counters(admin, counter).await?;
-        if after == before {
+        if envoy_counters(admin, counter).await? == before {
             return Ok(());
         }
-        if round == MAX_WARMUP_ROUNDS {
-            eprintln!(
-                "  {:<30} still learning after {round} warm-up rounds: measured anyway",
-                l.label
-            );
-        }
     }
+    eprintln!(
+        "  {:<30} still learning after {MAX_WARMUP_ROUNDS} warm-up rounds: measured anyway",
+        l.label
+    );
     Ok(())
 }
 

@@ -326,27 +326,26 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
         authz_pid,
         counters: if port == module {
             module_counters.clone()
+        } else if port == composite {
+            vec![ALLOWED_BY_KEYGATE_COMPOSITE.to_owned()]
         } else {
             Vec::new()
         },
-        learning: None,
-    };
-    // Warmed up until the module has learned every key the listener sends.
-    let learns = |l: Listener| Listener {
-        learning: Some(ALLOWED_BY_KEYGATE.to_owned()),
-        ..l
+        // Where the module learns the warm keys from keygate's answers: warmed up until
+        // it has learned every one the listener sends.
+        learning: match port {
+            _ if token != warm => None,
+            p if p == module => Some(ALLOWED_BY_KEYGATE.to_owned()),
+            p if p == composite => Some(ALLOWED_BY_KEYGATE_COMPOSITE.to_owned()),
+            _ => None,
+        },
     };
     // Where k and l (`--floor`) stand among the listeners.
     let mut composite_rows = None;
     let mut listeners = vec![
         listener("a. Envoy, no authorization", off, &warm, None),
         listener("b. Envoy + ext_authz → keygate", ext_authz, &warm, kg),
-        learns(listener(
-            "c. Envoy + module, learned key",
-            module,
-            &warm,
-            kg,
-        )),
+        listener("c. Envoy + module, learned key", module, &warm, kg),
         listener("d. Envoy + api_key_auth", api_key_auth, &warm, None),
         listener(
             "e. Envoy + module → ext_authz, key on a plan",
@@ -374,11 +373,10 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             kg,
         ),
     ] {
-        let l = Listener {
+        listeners.push(Listener {
             script: Some(many_keys.clone()),
             ..listener(&label, port, &warm, authz_pid)
-        };
-        listeners.push(if port == module { learns(l) } else { l });
+        });
     }
     if m.floor {
         listeners.extend([
@@ -408,25 +406,20 @@ pub async fn envoy_module(m: &ModuleArgs) -> anyhow::Result<()> {
             ),
         ]);
         composite_rows = Some(listeners.len());
-        for (label, token, learns) in [
-            (
+        listeners.extend([
+            listener(
                 "k. as c, ext_authz inside Envoy's composite filter",
+                composite,
                 &warm,
-                true,
+                kg,
             ),
-            (
+            listener(
                 "l. as e, ext_authz inside Envoy's composite filter",
+                composite,
                 &cold,
-                false,
+                kg,
             ),
-        ] {
-            let counter = ALLOWED_BY_KEYGATE_COMPOSITE.to_owned();
-            listeners.push(Listener {
-                counters: vec![counter.clone()],
-                learning: learns.then_some(counter),
-                ..listener(label, composite, token, kg)
-            });
-        }
+        ]);
     }
     let runs = envoy::measure_listeners(
         &args,

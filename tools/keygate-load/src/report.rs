@@ -102,9 +102,8 @@ impl Summary {
 #[derive(Debug, Clone, Serialize)]
 pub struct Table {
     pub title: String,
+    /// The baseline first: the other rows' ratios are taken against it.
     pub rows: Vec<Summary>,
-    /// Index of the baseline row; ratios are taken against it.
-    pub baseline: usize,
     /// The heading of the last column, what `Summary::cpu_us_per_request` holds.
     pub cost: &'static str,
 }
@@ -115,7 +114,6 @@ impl Table {
         Table {
             title: title.into(),
             rows,
-            baseline: 0,
             cost: "target CPU µs/req",
         }
     }
@@ -273,11 +271,8 @@ fn table_markdown(t: &Table) -> String {
             cpu(r.cpu_us_per_request)
         );
     }
-    let base = &t.rows[t.baseline];
-    for (i, r) in t.rows.iter().enumerate() {
-        if i == t.baseline {
-            continue;
-        }
+    let base = &t.rows[0];
+    for r in &t.rows[1..] {
         let ratio = |a: f64, b: f64| {
             if a.is_nan() || b.is_nan() {
                 "–".to_owned()
