@@ -49,7 +49,7 @@ pub mod module;
 mod rules;
 pub use health::LIVENESS;
 use health::{readiness, report_health, HEALTH_SERVICES};
-pub use live::{follow_file, Live, LiveRules, ReloadError, Reloaded, FILE_CHECK};
+pub use live::{follow_file, Hangup, Live, LiveRules, ReloadError, Reloaded, FILE_CHECK};
 pub use rules::{Rules, Shared};
 
 /// The core, built from configuration, without any listener.
@@ -380,7 +380,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
     app.live.current().issuers.spawn_refresh(stop_rx.clone());
     if app.live.path().is_some() {
         tasks.push(tokio::spawn(
-            live::follow_file(app.live.clone(), stop_rx.clone()).map(Ok),
+            live::follow_file(app.live.clone(), stop_rx.clone(), Hangup::Reloads).map(Ok),
         ));
     }
     let follower = tokio::spawn(

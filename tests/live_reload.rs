@@ -11,7 +11,7 @@ use keygate::decision::{Decision, DenyReason};
 use keygate::file_watch::FileWatch;
 use keygate::request::AuthRequest;
 use keygate::secret::Secret;
-use keygate::server::{follow_file, App, ReloadError, Reloaded, FILE_CHECK};
+use keygate::server::{follow_file, App, Hangup, ReloadError, Reloaded, FILE_CHECK};
 use keygate::store::memory::MemoryStore;
 
 const SECRET_VAR: &str = "KEYGATE_TEST_RELOAD_HS256";
@@ -182,9 +182,9 @@ async fn a_change_made_while_the_server_was_starting_is_reloaded() {
     // Another length too: a rewrite within the file system's timestamp granularity is
     // still a change.
     std::fs::write(&path, yaml("billing:read", false)).unwrap();
-    app.live.reload_from(path, changes);
+    app.live.reload_from(path, changes, std::env::vars());
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let following = tokio::spawn(follow_file(app.live.clone(), stopped));
+    let following = tokio::spawn(follow_file(app.live.clone(), stopped, Hangup::Reloads));
     keygate_test_support::eventually(
         keygate_test_support::PATIENCE,
         "the change made while starting is reloaded",

@@ -186,23 +186,14 @@ pub struct FilterConfig {
 impl FilterConfig {
     /// `config` is the filter's `filter_config` (a `StringValue`): keygate's
     /// configuration itself (YAML), or `file:` and the path of keygate's configuration
-    /// file. `env` is Envoy's environment (`KEYGATE_…` overrides and secrets).
+    /// file, followed for changes (`ModuleRuntime::start`). `env` is Envoy's environment
+    /// (`KEYGATE_…` overrides and secrets).
     pub fn new(
         config: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<FilterConfig, ConfigError> {
         #[cfg(feature = "bench-floor")]
         let (floor, config) = Floor::split(config);
-        let text;
-        let config = match config.strip_prefix("file:") {
-            None => config,
-            Some(path) => {
-                text = std::fs::read_to_string(path.trim()).map_err(|e| {
-                    ConfigError::new("filter_config", format!("cannot read {}: {e}", path.trim()))
-                })?;
-                &text
-            }
-        };
         let env: Vec<(String, String)> = env.into_iter().collect();
         let panic_header = env
             .iter()

@@ -132,8 +132,16 @@ const HANDED_OVER_FOR: Duration = Duration::from_secs(1);
 /// again on their next request).
 const HANDED_OVER_MAX: u64 = 65_536;
 
+/// Where the decider finds the rules it decides by: the current ones, which a reload of
+/// the configuration file replaces (`server::Live`, as on a replica).
+pub trait CurrentRules: Send + Sync {
+    /// Envoy's adapter on the current rules, gated on the revocation bus the decider is
+    /// given.
+    fn envoy(&self) -> Arc<EnvoyAuthorization>;
+}
+
 pub struct ModuleDecider {
-    envoy: EnvoyAuthorization,
+    rules: Arc<dyn CurrentRules>,
     bus: Arc<RevocationBus>,
     cache: Arc<CredentialCache>,
     delegations: Arc<Delegations>,
@@ -147,15 +155,16 @@ pub struct ModuleDecider {
 }
 
 impl ModuleDecider {
-    /// `envoy` must be gated on `bus`, and `bus` follow the service's `Watch` stream.
+    /// `rules`' adapters must be gated on `bus`, and `bus` follow the service's `Watch`
+    /// stream.
     pub fn new(
-        envoy: EnvoyAuthorization,
+        rules: Arc<dyn CurrentRules>,
         bus: Arc<RevocationBus>,
         cache: Arc<CredentialCache>,
         delegations: Arc<Delegations>,
     ) -> Self {
         ModuleDecider {
-            envoy: envoy.gated(Arc::clone(&bus)),
+            rules,
             bus,
             cache,
             delegations,
@@ -181,75 +190,26 @@ impl ModuleDecider {
         &self,
         headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
     ) -> Option<AuthRequest> {
-        let mut consulted: HashMap<String, String> = HashMap::new();
-        let (mut method, mut path) = (None, None);
-        for (name, value) in headers {
-            // Envoy's ext_authz sends the request's method and path as fields of their
-            // own, which the service reads; here they are the pseudo-headers.
-            match name {
-                b":method" => method = Some(std::str::from_utf8(value).ok()?.to_owned()),
-                b":path" => path = Some(std::str::from_utf8(value).ok()?.to_owned()),
-                _ => {}
-            }
-            if !self.envoy.consults(name) {
-                continue;
-            }
-            let Ok(name) = std::str::from_utf8(name) else {
-                continue;
-            };
-            let value = std::str::from_utf8(value).ok()?;
-            join_header(
-                &mut consulted,
-                name.to_ascii_lowercase(),
-                Cow::Borrowed(value),
-            );
-        }
-        Some(AuthRequest {
-            method: method?,
-            path: path?,
-            headers: consulted,
-            peer: None,
-            credential: None,
-        })
+        read(&self.rules.envoy(), headers)
     }
 
     /// What the module does with a request whose headers (pseudo-headers included) are
-    /// `headers`: a remembered credential's request is handed over before the request
-    /// is even read; otherwise the request is read (`request`) and decided (`decide`).
-    /// `None` where `request` refuses to read it: the service's to judge.
+    /// `headers`, by the current rules: a remembered credential's request is handed over
+    /// before the request is even read; otherwise the request is read (`request`) and
+    /// decided (`decide`). `None` where `request` refuses to read it: the service's to
+    /// judge.
     pub fn answer(&self, headers: &[(&[u8], &[u8])]) -> Option<Local> {
         if !self.following() {
             return Some(Local::NotFollowing);
         }
-        let memo = self.memo(headers);
+        // One version of the rules for the whole request, whatever a reload does meanwhile.
+        let envoy = self.rules.envoy();
+        let memo = memo(&envoy, &self.memo_hash, headers);
         if self.remembered(memo) {
             return Some(Local::HandOver);
         }
-        let req = self.request(headers.iter().copied())?;
-        Some(self.decide(&req, memo))
-    }
-
-    /// The hand-over memo's name for the credential of a request with `headers`: a
-    /// hash of the headers a credential is read from, in order, as Envoy holds them.
-    /// The credential is a function of those alone (`CredentialSource::extract`), so
-    /// the same headers name the same credential. `None`: the request has none of them.
-    fn memo(&self, headers: &[(&[u8], &[u8])]) -> Option<u64> {
-        let mut hasher = self.memo_hash.build_hasher();
-        let mut any = false;
-        for (name, value) in headers {
-            let source = self
-                .envoy
-                .credentials()
-                .header_names()
-                .position(|h| name.eq_ignore_ascii_case(h.as_bytes()));
-            if let Some(source) = source {
-                any = true;
-                hasher.write_usize(source);
-                hasher.write_usize(value.len());
-                hasher.write(value);
-            }
-        }
-        any.then(|| hasher.finish())
+        let req = read(&envoy, headers.iter().copied())?;
+        Some(self.decide(&envoy, &req, memo))
     }
 
     /// Whether the credential `memo` names was handed over for its plan since the last
@@ -262,14 +222,14 @@ impl ModuleDecider {
     /// The module's answer to `req`, whose credential headers `memo` names (`memo`):
     /// reached through `answer` only, which asks whether the module is following and
     /// looks in the memo first.
-    fn decide(&self, req: &AuthRequest, memo: Option<u64>) -> Local {
-        match self.envoy.decide_known(req) {
+    fn decide(&self, envoy: &EnvoyAuthorization, req: &AuthRequest, memo: Option<u64>) -> Local {
+        match envoy.decide_known(req) {
             None => {
-                let token = match self.envoy.credentials().extract(req) {
+                let token = match envoy.credentials().extract(req) {
                     Credential::ApiKey(token) | Credential::Jwt(token) => Some(token),
                     Credential::None | Credential::Unrecognized => None,
                 };
-                self.hand_over(token, memo)
+                self.hand_over(envoy, token, memo)
             }
             Some(Answer::Allow(allow)) => Local::Allow(LocalAllow(allow)),
             Some(Answer::Deny { error, headers }) => Local::Deny(LocalDeny {
@@ -288,7 +248,12 @@ impl ModuleDecider {
     /// from its answer unless the module holds the credential's answer already (asking
     /// again would only cost both sides the principal's round trip, on every request of
     /// a key on a rate-limited plan), but for a partner key's.
-    fn hand_over(&self, token: Option<&str>, memo: Option<u64>) -> Local {
+    fn hand_over(
+        &self,
+        envoy: &EnvoyAuthorization,
+        token: Option<&str>,
+        memo: Option<u64>,
+    ) -> Local {
         // Read before the entry: an invalidation between the two forgets what is
         // remembered here.
         let epoch = self.cache.epoch();
@@ -297,7 +262,7 @@ impl ModuleDecider {
         // module has not seen is learned from it.
         match digest.and_then(|d| self.cache.peek(&d)) {
             Some(Verified::Valid(p)) if p.kind != KeyKind::Partner => {
-                if let Some(memo) = memo.filter(|_| self.envoy.rate_limited(&p)) {
+                if let Some(memo) = memo.filter(|_| envoy.rate_limited(&p)) {
                     self.handed_over.insert(memo, epoch);
                 }
                 Local::HandOver
@@ -359,6 +324,70 @@ impl ModuleDecider {
         }
         Ok(())
     }
+}
+
+/// The request as the service's adapter would read it from Envoy, by `envoy`'s rules
+/// (`ModuleDecider::request`).
+fn read<'h>(
+    envoy: &EnvoyAuthorization,
+    headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
+) -> Option<AuthRequest> {
+    let mut consulted: HashMap<String, String> = HashMap::new();
+    let (mut method, mut path) = (None, None);
+    for (name, value) in headers {
+        // Envoy's ext_authz sends the request's method and path as fields of their
+        // own, which the service reads; here they are the pseudo-headers.
+        match name {
+            b":method" => method = Some(std::str::from_utf8(value).ok()?.to_owned()),
+            b":path" => path = Some(std::str::from_utf8(value).ok()?.to_owned()),
+            _ => {}
+        }
+        if !envoy.consults(name) {
+            continue;
+        }
+        let Ok(name) = std::str::from_utf8(name) else {
+            continue;
+        };
+        let value = std::str::from_utf8(value).ok()?;
+        join_header(
+            &mut consulted,
+            name.to_ascii_lowercase(),
+            Cow::Borrowed(value),
+        );
+    }
+    Some(AuthRequest {
+        method: method?,
+        path: path?,
+        headers: consulted,
+        peer: None,
+        credential: None,
+    })
+}
+
+/// The hand-over memo's name for the credential of a request with `headers`: a
+/// hash of the headers a credential is read from, in order, as Envoy holds them.
+/// The credential is a function of those alone (`CredentialSource::extract`), so
+/// the same headers name the same credential. `None`: the request has none of them.
+fn memo(
+    envoy: &EnvoyAuthorization,
+    keyed: &RandomState,
+    headers: &[(&[u8], &[u8])],
+) -> Option<u64> {
+    let mut hasher = keyed.build_hasher();
+    let mut any = false;
+    for (name, value) in headers {
+        let source = envoy
+            .credentials()
+            .header_names()
+            .position(|h| name.eq_ignore_ascii_case(h.as_bytes()));
+        if let Some(source) = source {
+            any = true;
+            hasher.write_usize(source);
+            hasher.write_usize(value.len());
+            hasher.write(value);
+        }
+    }
+    any.then(|| hasher.finish())
 }
 
 /// Whether `replica` is at or past `module` in every partition.

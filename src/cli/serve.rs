@@ -50,7 +50,8 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None if args.dev => Some(DEV_CONFIG.to_owned()),
         None => None,
     };
-    let config = Config::load(yaml.as_deref(), std::env::vars())?;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = Config::load(yaml.as_deref(), env.iter().cloned())?;
     let secrets = Secrets::from_env(args.dev)?;
     crate::telemetry::init_logging(&config.logging, &config.traces).map_err(|e| anyhow!(e))?;
     let admin_token = secrets.admin_token.clone();
@@ -84,7 +85,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some((path, changes)) = args.config.as_ref().zip(changes) {
         // Followed for changes to the decision sections (docs/operations.md).
-        app.live.reload_from(path.clone(), changes);
+        app.live.reload_from(path.clone(), changes, env);
     }
     let running = server::start(std::sync::Arc::new(app)).await?;
     let state = if args.dev {

@@ -13,7 +13,9 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::rules::{Rules, Shared};
+use crate::api::envoy::EnvoyAuthorization;
 use crate::api::envoy_answer::CheckAnswer;
+use crate::api::envoy_module::CurrentRules;
 use crate::api::envoy_wire::{Authorization, CheckRequestView};
 use crate::api::proto::{self, authorizer_server::Authorizer as AuthorizerApi, keys_server::Keys};
 use crate::config::Config;
@@ -23,13 +25,23 @@ use crate::file_watch::FileWatch;
 pub struct Live {
     rules: ArcSwap<Rules>,
     shared: Shared,
-    /// The file the rules come from (`serve --config`), and its watch, made before the
-    /// file was first read; unset: nothing to reload.
-    file: OnceLock<(PathBuf, FileWatch)>,
+    /// The file the rules come from (`serve --config`, the module's `file:`); unset:
+    /// nothing to reload.
+    file: OnceLock<Source>,
     /// Why the last reload was not applied, until one is: `/readyz` shows it.
     last_failure: Mutex<Option<String>>,
     /// Serialises reloads: a file event and a SIGHUP at once build one after the other.
     reloading: Mutex<()>,
+}
+
+/// Where reloads read the rules from.
+struct Source {
+    path: PathBuf,
+    /// Made before the file was first read.
+    changes: FileWatch,
+    /// The environment the file was first loaded with: its `KEYGATE_…` overrides apply
+    /// to every reload as they did at startup.
+    env: Vec<(String, String)>,
 }
 
 /// What a reload did.
@@ -60,16 +72,23 @@ impl Live {
     }
 
     /// Takes the rules from `path` from now on (once; the file the server started with),
-    /// reloading when `changes` sees it change. Made before the file was first read,
+    /// reloading when `changes` sees it change, with the overrides of `env` (the
+    /// environment it was first loaded with). Made before the file was first read,
     /// `changes` also sees a change made between that read and this call (a ConfigMap
     /// updated while the replica was starting), which would otherwise wait for the next.
-    pub fn reload_from(&self, path: PathBuf, changes: FileWatch) {
-        let _ = self.file.set((path, changes));
+    pub fn reload_from(
+        &self,
+        path: PathBuf,
+        changes: FileWatch,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) {
+        let env = env.into_iter().collect();
+        let _ = self.file.set(Source { path, changes, env });
     }
 
     /// The file reloads read, if any.
     pub fn path(&self) -> Option<&std::path::Path> {
-        self.file.get().map(|(path, _)| path.as_path())
+        self.file.get().map(|source| source.path.as_path())
     }
 
     /// The rules to answer one request with.
@@ -87,7 +106,7 @@ impl Live {
     /// Blocking (it reads the file and compiles the rules): `follow_file` runs it off the
     /// request path, on tokio's blocking pool.
     pub fn reload(&self, stop: &watch::Receiver<bool>) -> Result<Reloaded, ReloadError> {
-        let Some(path) = self.path() else {
+        let Some(Source { path, env, .. }) = self.file.get() else {
             return Ok(Reloaded::Unchanged);
         };
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
@@ -95,7 +114,7 @@ impl Live {
         let outcome = std::fs::read_to_string(path)
             .map_err(|e| ReloadError::Invalid(format!("cannot read {}: {e}", path.display())))
             .and_then(|text| {
-                Config::load(Some(&text), std::env::vars())
+                Config::load(Some(&text), env.iter().cloned())
                     .map_err(|e| ReloadError::Invalid(e.to_string()))
             })
             .and_then(|config| self.apply(config, stop));
@@ -161,6 +180,13 @@ impl Live {
     }
 }
 
+/// keygate's module inside Envoy decides by the current rules, as a replica does.
+impl CurrentRules for Live {
+    fn envoy(&self) -> Arc<EnvoyAuthorization> {
+        Arc::clone(&self.rules.load().envoy)
+    }
+}
+
 /// The gRPC services over whatever rules are current.
 #[derive(Clone)]
 pub struct LiveRules(pub Arc<Live>);
@@ -211,17 +237,31 @@ delegate_to_current!(Keys, keys,
 /// this (plus the reload itself); SIGHUP takes it at once.
 pub const FILE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Reloads on SIGHUP and whenever the file changes (`FileWatch`: a Kubernetes ConfigMap
-/// update, which swaps a symlink, included), until `stop`.
-pub async fn follow_file(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
-    let Some(mut file) = live.file.get().map(|(_, changes)| changes.clone()) else {
+/// Whether SIGHUP reloads the file (`follow_file`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hangup {
+    /// `keygate serve`: SIGHUP reloads at once.
+    Reloads,
+    /// keygate's module inside Envoy: the process's signals are Envoy's.
+    Left,
+}
+
+/// Reloads whenever the file changes (`FileWatch`: a Kubernetes ConfigMap update, which
+/// swaps a symlink, included), and on SIGHUP if `hangup` says so, until `stop`.
+pub async fn follow_file(live: Arc<Live>, mut stop: watch::Receiver<bool>, hangup: Hangup) {
+    let Some(mut file) = live.file.get().map(|source| source.changes.clone()) else {
         return;
     };
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(signal) => Some(signal),
-        Err(e) => {
-            tracing::warn!(event = "config.sighup_unavailable", error = %e, "SIGHUP cannot be followed; the file still is");
-            None
+    let mut hangup = match hangup {
+        Hangup::Left => None,
+        Hangup::Reloads => {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(signal) => Some(signal),
+                Err(e) => {
+                    tracing::warn!(event = "config.sighup_unavailable", error = %e, "SIGHUP cannot be followed; the file still is");
+                    None
+                }
+            }
         }
     };
     loop {

@@ -4,7 +4,10 @@
 //! Envoy creates the filter's configuration and drops it when Envoy destroys it.
 //!
 //! The configuration is keygate's (`Config::load`, `KEYGATE_…` overrides from Envoy's
-//! environment). The module takes from it what decides (`policy`, `errors`,
+//! environment), given inline or as a file. A file is followed as `keygate serve`
+//! follows its own: a change is reloaded within `FILE_CHECK` (the same sections live,
+//! the same refusals), so the module decides by the rules the service decides by once
+//! both have read the change. The module takes from it what decides (`policy`, `errors`,
 //! `api_keys`, `cache`, `jwt`, `sessions`, `rate_limits`) and `revocation.watch_url`,
 //! the keygate it follows whatever `revocation.source` says (a file the replicas run
 //! with `source: store` serves the module as it is). It never opens the `store`: its
@@ -12,6 +15,7 @@
 //! goes to that keygate (`Revocations/ReportUsage`) every
 //! `api_keys.usage_flush_interval`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -21,7 +25,8 @@ use tokio::sync::watch;
 use crate::api::envoy_module::ModuleDecider;
 use crate::api::revocations::UsageReporter;
 use crate::config::{Config, ConfigError, Secrets};
-use crate::server::App;
+use crate::file_watch::FileWatch;
+use crate::server::{follow_file, App, Hangup, FILE_CHECK};
 use crate::store::memory::MemoryStore;
 use crate::store::UsageSink;
 
@@ -37,22 +42,48 @@ pub struct ModuleRuntime {
 }
 
 impl ModuleRuntime {
-    /// Builds the decider from `config` (YAML) with `env`'s `KEYGATE_…` overrides, and
-    /// starts following `revocation.watch_url`. An invalid configuration is an error
-    /// naming the field; nothing is started then.
+    /// Builds the decider from `config` with `env`'s `KEYGATE_…` overrides, and starts
+    /// following `revocation.watch_url`. `config` is keygate's configuration (YAML), or
+    /// `file:` and the path of keygate's configuration file, then followed for changes.
+    /// An invalid configuration is an error naming the field; nothing is started then.
     pub fn start(
         config: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<ModuleRuntime, ConfigError> {
-        // The module always follows a keygate's Watch stream: loaded as `source: watch`,
-        // so `revocation.watch_url` is checked as for a replica that does.
-        let env = env
+        let file = config
+            .strip_prefix("file:")
+            .map(|p| PathBuf::from(p.trim()));
+        // Before the file is read: a change made from here on is reloaded.
+        let changes = file.as_ref().map(|p| FileWatch::new([p], FILE_CHECK));
+        let text;
+        let config = match &file {
+            None => config,
+            Some(path) => {
+                text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new(
+                        "filter_config",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                &text
+            }
+        };
+        let env: Vec<(String, String)> = env
             .into_iter()
-            .chain([("KEYGATE_REVOCATION__SOURCE".to_owned(), "watch".to_owned())]);
-        let mut config = Config::load(Some(config), env)?;
-        // The module never runs argon2 (a credential it has not learned goes to the
-        // service): one idle thread in Envoy's process, not one per core.
-        config.api_keys.argon2.verify_concurrency = 1;
+            .chain([
+                // The module always follows a keygate's Watch stream: loaded as
+                // `source: watch`, so `revocation.watch_url` is checked as for a
+                // replica that does.
+                ("KEYGATE_REVOCATION__SOURCE".to_owned(), "watch".to_owned()),
+                // It never runs argon2 (a credential it has not learned goes to the
+                // service): one idle thread in Envoy's process, not one per core.
+                (
+                    "KEYGATE_API_KEYS__ARGON2__VERIFY_CONCURRENCY".to_owned(),
+                    "1".to_owned(),
+                ),
+            ])
+            .collect();
+        let config = Config::load(Some(config), env.iter().cloned())?;
         let secrets = Secrets::for_module()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -75,8 +106,11 @@ impl ModuleRuntime {
         let app = runtime
             .block_on(async { App::with_usage_sink(config, secrets, store, usage) })
             .map_err(|e| ConfigError::new("module", format!("{e:#}")))?;
+        if let Some((path, changes)) = file.zip(changes) {
+            app.live.reload_from(path, changes, env);
+        }
         let decider = Arc::new(ModuleDecider::new(
-            app.envoy_service(),
+            app.live.clone(),
             Arc::clone(&app.bus),
             Arc::clone(&app.cache),
             Arc::clone(&app.delegations),
@@ -89,6 +123,8 @@ impl ModuleRuntime {
                 runtime.block_on(async {
                     let flush =
                         tokio::spawn(Arc::clone(&app.usage).run(flush_every, stop_rx.clone()));
+                    // Envoy's signals are Envoy's: the file alone is followed.
+                    tokio::spawn(follow_file(app.live.clone(), stop_rx.clone(), Hangup::Left));
                     Arc::clone(&app.bus).follow(feed, stop_rx).await;
                     // The last flush, as a replica's at shutdown; bounded, for Envoy waits
                     // on this when it destroys the filter's configuration. Usage it could

@@ -10,6 +10,8 @@ to ext_authz.
 - A revoked key is denied by the module within 10 ms (p99) of the admin call returning,
   and never allowed after.
 - Without its Watch stream, it decides nothing: requests go to ext_authz.
+- It reads keygate's configuration file again when it changes, as keygate does: both
+  answer by the new rules within 2 s; a file that does not load changes nothing.
 - A panic inside its decision sends the request to ext_authz, and Envoy keeps serving.
 - What it answers itself is in the key's usage (`keys get`), as keygate's own answers are.
 - Envoy's counters say what it did with each request: allowed, denied by code, or handed
@@ -450,6 +452,68 @@ def test_without_its_watch_stream_the_module_decides_nothing(workdir, redis, ups
         if module:
             module.stop()
         watched.stop()
+
+
+# keygate and its module read the configuration file again within this of a change
+# (both look at it every 0.5 s), as test_reload.py holds replicas to.
+RELOAD_WITHIN = 2.0
+
+
+def test_a_changed_configuration_file_reaches_the_module_as_it_reaches_keygate(workdir, redis, upstream):
+    """keygate and the module read one file. Once the module answers a key itself, the
+    file gives the key's route another scope and its denial another message: within 2 s
+    the module denies the key itself, with the new message, as keygate does. A file
+    that does not load changes nothing in the module either, and Envoy's log names the
+    field; the first file back, the module allows the key itself again."""
+    keygate = harness.Keygate("module-reload", workdir, redis, {"KEYGATE_WATCH_TOKEN": WATCH_TOKEN})
+    module = None
+    try:
+        module = harness.ModuleEnvoy("module-reload-envoy", workdir, keygate, upstream)
+        key = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
+        read = [bearer(key["token"])]
+        learned(module, key["token"])
+        first = keygate.config_path.read_text()
+        message = "This key may not read contacts any more."
+        changed = first.replace('scope: "contacts:read"', 'scope: "contacts:list"').replace(
+            "errors: { opaque: false }",
+            f'errors: {{ opaque: false, codes: {{ insufficient_permissions: {{ message: "{message}" }} }} }}',
+        )
+        assert changed.count("contacts:list") == 1 and message in changed, changed
+
+        def denied_by_both():
+            resp, here = through_module(module, "GET", "/v1/contacts/1", read)
+            by_keygate = keygate.check(key["token"], "GET", "/v1/contacts/1")
+            return (resp.status == 403 and here and by_keygate.code == 3) and (resp, by_keygate)
+
+        keygate.config_path.write_text(changed)
+        resp, by_keygate = harness.wait_for("keygate and the module to take the new file", denied_by_both,
+                                            timeout=RELOAD_WITHIN)
+        assert_denied(resp, 403, "insufficient_permissions")
+        assert resp.json()["error"]["message"] == message, str(resp)
+        assert by_keygate.json()["code"] == "insufficient_permissions", str(by_keygate)
+
+        keygate.config_path.write_text(changed.replace("unmatched: deny", "unmatched: sometimes"))
+
+        def refused_logged():
+            lines = [l for l in module.proc.tail(200).splitlines() if "config.reload_failed" in l]
+            return lines or None
+        lines = harness.wait_for("the module to refuse the file that does not load", refused_logged,
+                                 timeout=RELOAD_WITHIN)
+        assert all("[warning]" in l and "policy.unmatched" in l for l in lines), lines
+        resp, here = through_module(module, "GET", "/v1/contacts/1", read)
+        assert_denied(resp, 403, "insufficient_permissions")
+        assert here and resp.json()["error"]["message"] == message, "the module kept its rules"
+
+        keygate.config_path.write_text(first)
+
+        def allowed_here():
+            resp, here = through_module(module, "GET", "/v1/contacts/1", read)
+            return resp.status == 200 and here
+        harness.wait_for("the module to allow the key itself again", allowed_here, timeout=RELOAD_WITHIN)
+    finally:
+        if module:
+            module.stop()
+        keygate.stop()
 
 
 def test_a_panic_in_the_module_sends_the_request_to_ext_authz(doors, keygate):

@@ -24,7 +24,7 @@ use crate::config::{Config, Secrets};
 use crate::keys::NewKey;
 use crate::revocation::{EventFeed, FeedEntry, FeedItem, StoreFeed};
 use crate::secret::Secret;
-use crate::server::App;
+use crate::server::{App, Reloaded};
 use crate::store::memory::MemoryStore;
 use crate::store::{EventKind, StoreError, TokenRevocation};
 
@@ -163,10 +163,10 @@ fn revoked(key_id: &str) -> impl Fn(&FeedItem) -> bool + '_ {
 }
 
 /// The service: a replica following its own store's stream, answering as its gRPC
-/// listener does (gated on that follower, so its allows carry what the module learns).
+/// listener does (by its current rules, gated on that follower, so its allows carry
+/// what the module learns).
 struct Service {
     app: App,
-    envoy: EnvoyAuthorization,
     follower: Option<Follower>,
 }
 
@@ -175,17 +175,17 @@ impl Service {
         let app = app();
         let follower = follow(&app.bus, Arc::new(StoreFeed::new(app.store.clone(), BLOCK)));
         until_following(&app.bus, true).await;
-        let envoy = app.envoy_service().gated(Arc::clone(&app.bus));
         Service {
             app,
-            envoy,
             follower: Some(follower),
         }
     }
 
     /// The answer Envoy gets from ext_authz for `r`.
     async fn answer(&self, r: &Req) -> CheckResponse {
-        self.envoy
+        self.app
+            .live
+            .envoy()
             .decide(r.check_request())
             .await
             .expect("the service decides")
@@ -259,7 +259,7 @@ impl Module {
 
     fn of(app: App) -> Module {
         let decider = ModuleDecider::new(
-            app.envoy_service(),
+            app.live.clone(),
             Arc::clone(&app.bus),
             Arc::clone(&app.cache),
             Arc::clone(&app.delegations),
@@ -910,6 +910,75 @@ async fn a_key_whose_plan_limits_its_rate_is_handed_over_without_deciding_until_
         by_module,
         Shown::of_service(&service.answer(&read(&metered)).await)
     );
+}
+
+/// A change to the configuration reaches the module as it reaches a replica (the
+/// module's file is followed as `serve` follows its own: `server::module`): once both
+/// have taken it, a learned key is decided by the new rules, the same on both sides. A
+/// route's new scope, an error's new message and a plan that now limits the key's rate
+/// (whose requests then go to the service) are each taken at once, the learned key kept.
+#[tokio::test]
+async fn a_reloaded_configuration_is_what_the_module_decides_by_as_the_service_does() {
+    let service = Service::start().await;
+    let (module, _follower) = Module::following(&service).await;
+    let (reader, _) = service.key(tenant_key(&["contacts:read"], "")).await;
+    let read = get("/v1/contacts/1", &[("authorization", &bearer(&reader))]);
+    module
+        .learn_from(&service, &read)
+        .await
+        .expect("the reader's allow is learned");
+    assert!(matches!(module.decide(&read), Local::Allow(_)));
+
+    let reload = |config: &str| {
+        let stop = watch::channel(false).1;
+        for app in [&service.app, &module.app] {
+            let config = Config::load(Some(config), Vec::new()).expect("the new configuration");
+            assert_eq!(
+                app.live.apply(config, &stop).expect("taken live"),
+                Reloaded::Applied
+            );
+        }
+    };
+    let rescoped = CONFIG.replace(
+        r#"path: "/v1/contacts/**", scope: "contacts:read""#,
+        r#"path: "/v1/contacts/**", scope: "contacts:list""#,
+    );
+    assert_ne!(rescoped, CONFIG, "the route's scope is changed");
+    let message = "This key may not read contacts any more.";
+    reload(&format!(
+        "{rescoped}errors: {{ codes: {{ insufficient_permissions: {{ message: \"{message}\" }} }} }}\n"
+    ));
+    let by_module = Shown::of_module(module.decide(&read));
+    assert_eq!(
+        by_module.code().as_deref(),
+        Some("insufficient_permissions")
+    );
+    assert!(
+        format!("{by_module:?}").contains(message),
+        "the new message: {by_module:?}"
+    );
+    assert_eq!(by_module, Shown::of_service(&service.answer(&read).await));
+
+    // The scope back, and the key's plan (the default) now limiting its rate: only the
+    // service counts it.
+    reload(&CONFIG.replace(
+        "plans:\n    metered: { requests_per_minute: 1000 }",
+        "plans:\n    metered: { requests_per_minute: 1000 }\n  default_plans: { live: metered }",
+    ));
+    assert!(matches!(module.decide(&read), Local::HandOver));
+    assert!(Shown::of_service(&service.answer(&read).await)
+        .code()
+        .is_none());
+
+    // And back as it was: the module answers the key itself again, once the hand-over
+    // memo has let it go (`HANDED_OVER_FOR`).
+    reload(CONFIG);
+    keygate_test_support::eventually(
+        PATIENCE,
+        "the module answers the key itself again",
+        || async { matches!(module.decide(&read), Local::Allow(_)).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test]
