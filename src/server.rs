@@ -237,6 +237,7 @@ impl App {
             EnvoyOptions {
                 strip_credentials: self.config.policy.strip_credential_headers,
                 dynamic_metadata: self.config.policy.dynamic_metadata,
+                rules: self.config.rules_id(),
             },
         )
     }

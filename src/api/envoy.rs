@@ -23,6 +23,7 @@ use super::Reply;
 use crate::authorizer::{
     is_method_override_header, Authorizer, MethodOverride, METHOD_OVERRIDE_HEADERS,
 };
+use crate::config::RulesId;
 use crate::decision::{Allowed, Decision, Denial, ErrorShape, PublicError};
 use crate::header_alias::OwnedHeaders;
 use crate::request::AuthRequest;
@@ -55,6 +56,10 @@ pub struct EnvoyOptions {
     pub strip_credentials: bool,
     /// The principal in Envoy's dynamic metadata (`policy.dynamic_metadata`).
     pub dynamic_metadata: bool,
+    /// The id of the settings these answers are decided by (`Config::rules_id`): in what
+    /// keygate's module inside Envoy learns, which it keeps only if its own rules have
+    /// the same.
+    pub rules: RulesId,
 }
 
 impl EnvoyAuthorization {
@@ -169,6 +174,11 @@ impl EnvoyAuthorization {
         }
     }
 
+    /// The id of the settings this adapter's answers are decided by.
+    pub(crate) fn rules_id(&self) -> RulesId {
+        self.options.rules
+    }
+
     /// Where a decision finds the request's credential.
     pub(crate) fn credentials(&self) -> &crate::credential::CredentialSource {
         self.authorizer.credentials()
@@ -199,8 +209,13 @@ impl EnvoyAuthorization {
         let identity = match allowed.principal {
             Some(principal) => {
                 let learn = after.and_then(|after| {
-                    Learned::of(&principal, allowed.effective_tenant.as_deref(), &after)
-                        .map(|l| l.to_json())
+                    Learned::of(
+                        &principal,
+                        allowed.effective_tenant.as_deref(),
+                        &after,
+                        self.options.rules,
+                    )
+                    .map(|l| l.to_json())
                 });
                 let identity = Identity {
                     tenant: allowed.effective_tenant,

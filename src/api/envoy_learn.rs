@@ -12,6 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::RulesId;
 use crate::principal::{CredentialKind, Principal};
 use crate::store::Cursor;
 
@@ -31,12 +32,22 @@ pub struct Learned {
     pub tenant: Option<String>,
     /// The principal, every field, as the service held it.
     pub principal: Principal,
+    /// The id of the settings the service decided by (`Config::rules_id`): the module
+    /// keeps the answer only if its own are the same, so that it answers the next
+    /// request as that service would.
+    pub rules: String,
 }
 
 impl Learned {
     /// What the module may learn from an allow of `principal` acting for `tenant`,
-    /// decided by a replica at `after`; `None` for a session token.
-    pub fn of(principal: &Principal, tenant: Option<&str>, after: &Cursor) -> Option<Learned> {
+    /// decided by a replica at `after` by the settings `rules` names; `None` for a
+    /// session token.
+    pub fn of(
+        principal: &Principal,
+        tenant: Option<&str>,
+        after: &Cursor,
+        rules: RulesId,
+    ) -> Option<Learned> {
         if principal.credential == CredentialKind::Session {
             return None;
         }
@@ -44,6 +55,7 @@ impl Learned {
             after: after.to_string(),
             tenant: tenant.map(str::to_owned),
             principal: principal.clone(),
+            rules: rules.to_string(),
         })
     }
 
@@ -63,6 +75,12 @@ mod tests {
     use super::*;
     use crate::principal::{Environment, KeyKind, TokenIds};
     use crate::store::EventId;
+
+    fn rules() -> RulesId {
+        crate::config::Config::load(None, Vec::new())
+            .expect("the defaults load")
+            .rules_id()
+    }
 
     fn jwt_principal() -> Principal {
         let mut p = Principal::new(
@@ -96,12 +114,14 @@ mod tests {
         key.partner_id = Some("acme".into());
         key.plan = Some("gold".into());
         let after = Cursor(vec![EventId::parse("12-3").unwrap()]);
+        let rules = rules();
         for p in [jwt_principal(), key] {
-            let learned = Learned::of(&p, Some("t"), &after).unwrap();
+            let learned = Learned::of(&p, Some("t"), &after, rules).unwrap();
             let read = Learned::from_json(&learned.to_json()).unwrap();
             assert_eq!(read, learned);
             assert_eq!(read.principal, p);
             assert_eq!(read.after, "12-3");
+            assert_eq!(read.rules, rules.to_string());
         }
     }
 
@@ -109,7 +129,7 @@ mod tests {
     fn a_session_token_is_never_learned() {
         let mut p = jwt_principal();
         p.credential = CredentialKind::Session;
-        assert_eq!(Learned::of(&p, None, &Cursor::default()), None);
+        assert_eq!(Learned::of(&p, None, &Cursor::default(), rules()), None);
     }
 
     #[test]

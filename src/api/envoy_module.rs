@@ -123,7 +123,16 @@ pub enum NotLearned {
     Overtaken,
     #[error("the module is not following the revocation stream")]
     NotFollowing,
+    #[error(
+        "the service decides by other settings than this module ({service}, not {module}): \
+         give both the same configuration"
+    )]
+    OtherRules { service: String, module: String },
 }
+
+/// A module whose settings are not the service's hands every request over; this says
+/// why in Envoy's log, once a second at most.
+static OTHER_RULES_LOGGED: crate::telemetry::LogBudget = crate::telemetry::LogBudget::new(1);
 
 /// How long a credential whose requests all need the service is handed over without
 /// deciding: a policy reload that lifts its plan's limit reaches the module within this.
@@ -295,6 +304,19 @@ impl ModuleDecider {
         let digest = ticket.digest.ok_or(NotLearned::NoCredential)?;
         if !self.following() {
             return Err(NotLearned::NotFollowing);
+        }
+        // Its next requests would be decided here by this module's settings: only the
+        // same as the service's give the service's answers.
+        let module = self.rules.envoy().rules_id().to_string();
+        if learned.rules != module {
+            let refused = NotLearned::OtherRules {
+                service: learned.rules,
+                module,
+            };
+            if let Some(not_logged) = OTHER_RULES_LOGGED.admit() {
+                tracing::warn!(event = "module.other_rules", error = %refused, not_logged, "keygate module: nothing is learned from this service");
+            }
+            return Err(refused);
         }
         if !covers(&after, &ticket.after) {
             return Err(NotLearned::ReplicaBehind);

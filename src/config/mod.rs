@@ -34,6 +34,7 @@ mod secrets;
 mod store;
 
 pub use listen::{ListenConfig, TlsConfig};
+pub use reload::RulesId;
 pub use revocation::{RevocationConfig, RevocationSource};
 pub use secrets::Secrets;
 pub use store::{StoreBackend, StoreConfig};

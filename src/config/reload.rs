@@ -7,8 +7,34 @@
 //! change.
 
 use serde_yaml_ng::Value;
+use sha2::{Digest, Sha256};
 
 use super::Config;
+
+/// The settings that decide a request whose principal is known: what a module inside
+/// Envoy must share with the service it learns from to answer as it would.
+const DECIDING: [&[&str]; 7] = [
+    &["policy"],
+    &["errors"],
+    &["jwt"],
+    &["sessions"],
+    &["rate_limits"],
+    &["api_keys", "prefix"],
+    &["api_keys", "accept_test_keys"],
+];
+
+/// Names the settings that decide a request (`DECIDING`), as loaded: the file with the
+/// environment's overrides over it. Two configurations with the same id decide alike;
+/// the same settings written otherwise (a default spelled out, another order) get
+/// another id, which only ever makes keygate's module hand requests over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RulesId([u8; 16]);
+
+impl std::fmt::Display for RulesId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
 
 /// The settings a running keygate keeps until it restarts, dotted, with whether they
 /// differ between two configurations.
@@ -46,6 +72,22 @@ impl Config {
             .collect()
     }
 
+    /// The id of the settings that decide a request (`RulesId`).
+    pub fn rules_id(&self) -> RulesId {
+        let mut digest = Sha256::new();
+        for path in DECIDING {
+            let text = at(&self.source, path)
+                .map(|v| serde_yaml_ng::to_string(v).expect("a loaded document serializes"))
+                .unwrap_or_default();
+            // Each part's length first: no two lists of parts read as the same bytes.
+            digest.update((text.len() as u64).to_le_bytes());
+            digest.update(text.as_bytes());
+        }
+        let mut id = [0; 16];
+        id.copy_from_slice(&digest.finalize()[..16]);
+        RulesId(id)
+    }
+
     /// Whether the setting at `path` (`["policy", "plans"]`) differs between `self` and
     /// `next`.
     pub fn changed(&self, next: &Config, path: &[&str]) -> bool {
@@ -71,6 +113,42 @@ mod tests {
         assert!(before.restart_only_changes(&spelled_out).is_empty());
         let other = load("policy: { unmatched: deny }\ncache: { ttl: 31s }\n");
         assert_eq!(before.restart_only_changes(&other), ["cache"]);
+    }
+
+    #[test]
+    fn the_rules_id_names_what_decides_and_nothing_else() {
+        let base = "policy: { unmatched: deny }\nerrors: { opaque: false }\n";
+        let id = load(base).rules_id();
+        assert_eq!(id, load(base).rules_id());
+        assert_eq!(
+            id,
+            load(&format!(
+                "{base}listen: {{ grpc: '127.0.0.1:1' }}\ncache: {{ ttl: 31s }}\n\
+                 api_keys: {{ usage_flush_interval: 1s, argon2: {{ verify_concurrency: 1 }} }}\n"
+            ))
+            .rules_id(),
+            "listeners, caches, usage and argon2 decide nothing"
+        );
+        for other in [
+            "policy: { unmatched: authenticated }\nerrors: { opaque: false }\n",
+            "policy: { unmatched: deny }\nerrors: { opaque: true }\n",
+            &format!("{base}api_keys: {{ prefix: eng }}\n"),
+            &format!("{base}api_keys: {{ accept_test_keys: false }}\n"),
+            &format!("{base}rate_limits: {{ on_store_error: allow }}\n"),
+        ] {
+            assert_ne!(id, load(other).rules_id(), "{other}");
+        }
+        // An override from the environment is part of what decides.
+        let overridden = Config::load(
+            Some(base),
+            [(
+                "KEYGATE_POLICY__UNMATCHED".to_owned(),
+                "authenticated".to_owned(),
+            )],
+        )
+        .expect("valid");
+        assert_ne!(id, overridden.rules_id());
+        assert_eq!(id.to_string().len(), 32);
     }
 
     #[test]

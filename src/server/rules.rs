@@ -168,6 +168,7 @@ impl Rules {
                 EnvoyOptions {
                     strip_credentials: config.policy.strip_credential_headers,
                     dynamic_metadata: config.policy.dynamic_metadata,
+                    rules: config.rules_id(),
                 },
             )
             .gated(shared.bus.clone()),

@@ -11,7 +11,8 @@ to ext_authz.
   and never allowed after.
 - Without its Watch stream, it decides nothing: requests go to ext_authz.
 - It reads keygate's configuration file again when it changes, as keygate does: both
-  answer by the new rules within 2 s; a file that does not load changes nothing.
+  answer by the new rules within 2 s; a file that does not load changes nothing. With
+  other settings than keygate's, it learns nothing.
 - A panic inside its decision sends the request to ext_authz, and Envoy keeps serving.
 - What it answers itself is in the key's usage (`keys get`), as keygate's own answers are.
 - Envoy's counters say what it did with each request: allowed, denied by code, or handed
@@ -514,6 +515,30 @@ def test_a_changed_configuration_file_reaches_the_module_as_it_reaches_keygate(w
         if module:
             module.stop()
         keygate.stop()
+
+
+def test_a_module_with_other_settings_than_keygate_learns_nothing(workdir, upstream, keygate):
+    """An override in Envoy's environment that keygate does not have (here: opaque
+    errors): the module would answer by other rules than keygate's, so it learns
+    nothing, every request goes to keygate, and Envoy's log says why."""
+    module = None
+    try:
+        module = harness.ModuleEnvoy("module-other-rules", workdir, keygate, upstream,
+                                     env={"KEYGATE_ERRORS__OPAQUE": "true"})
+        key = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
+        for _ in range(5):
+            resp, here = through_module(module, "GET", "/v1/contacts/1", [bearer(key["token"])])
+            assert_allowed(resp)
+            assert not here, "the module answered by settings keygate does not decide by"
+
+        def why_logged():
+            lines = [l for l in module.proc.tail(200).splitlines() if "module.other_rules" in l]
+            return lines or None
+        lines = harness.wait_for("the reason in Envoy's log", why_logged, timeout=10)
+        assert all("[warning]" in l and "decides by other settings than this module" in l for l in lines), lines
+    finally:
+        if module:
+            module.stop()
 
 
 def test_a_panic_in_the_module_sends_the_request_to_ext_authz(doors, keygate):

@@ -981,6 +981,39 @@ async fn a_reloaded_configuration_is_what_the_module_decides_by_as_the_service_d
     .await;
 }
 
+/// A module whose settings are not the service's (another file, other overrides in
+/// Envoy's environment, a reload one of them has not read yet) learns nothing from it:
+/// it would answer the next request by rules the service does not decide by. Every
+/// request then goes on to the service. With the same settings again, it learns.
+#[tokio::test]
+async fn a_module_deciding_by_other_settings_than_the_service_learns_nothing_from_it() {
+    let service = Service::start().await;
+    let (module, _follower) = Module::following(&service).await;
+    let stop = watch::channel(false).1;
+    let take = |config: &str| {
+        let config = Config::load(Some(config), Vec::new()).expect("the configuration");
+        assert_eq!(
+            module.app.live.apply(config, &stop).expect("taken live"),
+            Reloaded::Applied
+        );
+    };
+    take(&CONFIG.replace("unmatched: deny", "unmatched: authenticated"));
+    let (reader, _) = service.key(tenant_key(&["contacts:read"], "")).await;
+    let read = get("/v1/contacts/1", &[("authorization", &bearer(&reader))]);
+    match module.learn_from(&service, &read).await {
+        Err(NotLearned::OtherRules { service, module }) => assert_ne!(service, module),
+        other => panic!("learned from a service with other settings: {other:?}"),
+    }
+    assert!(matches!(module.decide(&read), Local::Defer(_)));
+
+    take(CONFIG);
+    module
+        .learn_from(&service, &read)
+        .await
+        .expect("the same settings: learned");
+    assert!(matches!(module.decide(&read), Local::Allow(_)));
+}
+
 #[tokio::test]
 async fn an_allow_from_a_replica_behind_the_module_in_the_stream_is_not_learned() {
     let mut service = Service::start().await;
