@@ -6,10 +6,12 @@
 //! ext_authz (`Local::Defer`, `Local::HandOver`, `Local::NotFollowing`). It answers only
 //! from what it holds for sure: a credential the service verified and the module learned
 //! (`api::envoy_learn`), the delegations the service's answers showed, and the policy,
-//! compiled from the same configuration by the same code (`Authorizer::decide_known`). Anything that needs the store, argon2, a JWT
-//! validation, a rate limit, a lease or a session mint goes to the service. So does
-//! everything while the module's revocation follower is not following the service's
-//! `Watch` stream: a module that might miss a revocation decides nothing.
+//! compiled from the same configuration by the same code (`Authorizer::decide_known`),
+//! in its current version (`CurrentRules`: a reload reaches the module as it reaches a
+//! replica). Anything that needs the store, argon2, a JWT validation, a rate limit, a
+//! lease or a session mint goes to the service. So does everything while the module's
+//! revocation follower is not following the service's `Watch` stream: a module that
+//! might miss a revocation decides nothing.
 //!
 //! A credential whose every request needs the service (its plan limits its rate) is
 //! remembered for a moment (`HANDED_OVER_FOR`) under a hash of the headers it came in,
@@ -17,11 +19,12 @@
 //! That memo only ever hands a request over, which is never wrong: the service decides
 //! it as it would without the module. Any invalidation the module applies forgets it.
 //!
-//! What it learns is kept only when nothing it knows of overtook the answer: the
-//! answering replica's stream position must cover every event the module had applied
-//! when it asked (a replica that is behind cannot teach it a revoked key), and no
-//! invalidation may have reached the module's cache (or delegation change its
-//! delegations) while the request was out.
+//! What it learns is kept only from a service deciding by the same settings (the id in
+//! the answer is the module's own: `Config::rules_id`), and only when nothing it knows
+//! of overtook the answer: the answering replica's stream position must cover every
+//! event the module had applied when it asked (a replica that is behind cannot teach it
+//! a revoked key), and no invalidation may have reached the module's cache (or
+//! delegation change its delegations) while the request was out.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

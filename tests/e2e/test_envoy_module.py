@@ -417,6 +417,16 @@ def test_a_revoked_key_is_denied_by_the_module_within_ten_milliseconds(doors, ke
     assert p99 < 0.010, f"revocation reached the module in {[round(w * 1000, 2) for w in waits]} ms"
 
 
+def warned(module: harness.ModuleEnvoy, event: str, timeout: float = 10) -> list[str]:
+    """The lines of Envoy's log (its last 200) with keygate's `event`, once there is one:
+    each a warning, as keygate logged it."""
+    def lines():
+        return [l for l in module.proc.tail(200).splitlines() if event in l] or None
+    found = harness.wait_for(f"{event} in Envoy's log", lines, timeout=timeout)
+    assert all("[warning]" in l for l in found), found
+    return found
+
+
 def test_without_its_watch_stream_the_module_decides_nothing(workdir, redis, upstream, keygate):
     """The module follows a second replica's Watch stream; with that replica stopped, a key
     the module answered before goes to ext_authz (the first replica) again — and is
@@ -443,12 +453,8 @@ def test_without_its_watch_stream_the_module_decides_nothing(workdir, redis, ups
         assert counted(module, "GET", "/v1/contacts/1", [bearer(key["token"])]) == {
             "keygate_module_handed_over_not_following": 1}
         # The operator sees why, in Envoy's own log: keygate's warning, as a warning.
-        def lost_logged():
-            tail = module.proc.tail(200)
-            lines = [l for l in tail.splitlines() if "lost the revocation stream" in l]
-            return lines or None
-        lines = harness.wait_for("the lost stream in Envoy's log", lost_logged, timeout=10)
-        assert all("[warning]" in l and "revocation.stream_lost" in l for l in lines), lines
+        lines = warned(module, "revocation.stream_lost")
+        assert all("lost the revocation stream" in l for l in lines), lines
     finally:
         if module:
             module.stop()
@@ -495,12 +501,8 @@ def test_a_changed_configuration_file_reaches_the_module_as_it_reaches_keygate(w
 
         keygate.config_path.write_text(changed.replace("unmatched: deny", "unmatched: sometimes"))
 
-        def refused_logged():
-            lines = [l for l in module.proc.tail(200).splitlines() if "config.reload_failed" in l]
-            return lines or None
-        lines = harness.wait_for("the module to refuse the file that does not load", refused_logged,
-                                 timeout=RELOAD_WITHIN)
-        assert all("[warning]" in l and "policy.unmatched" in l for l in lines), lines
+        lines = warned(module, "config.reload_failed", timeout=RELOAD_WITHIN)
+        assert all("policy.unmatched" in l for l in lines), lines
         resp, here = through_module(module, "GET", "/v1/contacts/1", read)
         assert_denied(resp, 403, "insufficient_permissions")
         assert here and resp.json()["error"]["message"] == message, "the module kept its rules"
@@ -531,11 +533,8 @@ def test_a_module_with_other_settings_than_keygate_learns_nothing(workdir, upstr
             assert_allowed(resp)
             assert not here, "the module answered by settings keygate does not decide by"
 
-        def why_logged():
-            lines = [l for l in module.proc.tail(200).splitlines() if "module.other_rules" in l]
-            return lines or None
-        lines = harness.wait_for("the reason in Envoy's log", why_logged, timeout=10)
-        assert all("[warning]" in l and "decides by other settings than this module" in l for l in lines), lines
+        lines = warned(module, "module.other_rules")
+        assert all("decides by other settings than this module" in l for l in lines), lines
     finally:
         if module:
             module.stop()
