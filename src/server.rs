@@ -525,11 +525,7 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<Running> {
             let addr = listener.local_addr()?;
             let router = axum::Router::new()
                 .fallback(crate::api::http_authz::handle)
-                .with_state({
-                    let live = app.live.clone();
-                    Arc::new(move || live.current().envoy.clone())
-                        as crate::api::http_authz::CurrentEnvoy
-                });
+                .with_state(app.live.clone() as Arc<dyn crate::api::envoy::CurrentEnvoy>);
             tasks.push(serve_http(listener, router, stop_rx.clone()));
             Some(addr)
         }

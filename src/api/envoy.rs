@@ -49,6 +49,13 @@ pub struct EnvoyAuthorization {
     gate: Option<Arc<RevocationBus>>,
 }
 
+/// Where an adapter takes the Envoy authorization of the moment from (the HTTP
+/// authorization listener, the module inside Envoy): a live reload (`server::Live`)
+/// swaps it between two requests, never during one.
+pub trait CurrentEnvoy: Send + Sync {
+    fn envoy(&self) -> Arc<EnvoyAuthorization>;
+}
+
 /// How keygate's answers to Envoy are shaped (from `errors` and `policy`).
 #[derive(Debug, Clone, Copy)]
 pub struct EnvoyOptions {

@@ -7,7 +7,7 @@
 //! from what it holds for sure: a credential the service verified and the module learned
 //! (`api::envoy_learn`), the delegations the service's answers showed, and the policy,
 //! compiled from the same configuration by the same code (`Authorizer::decide_known`),
-//! in its current version (`CurrentRules`: a reload reaches the module as it reaches a
+//! in its current version (`CurrentEnvoy`: a reload reaches the module as it reaches a
 //! replica). Anything that needs the store, argon2, a JWT validation, a rate limit, a
 //! lease or a session mint goes to the service. So does everything while the module's
 //! revocation follower is not following the service's `Watch` stream: a module that
@@ -32,7 +32,7 @@ use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::envoy::{Answer, EnvoyAuthorization};
+use super::envoy::{Answer, CurrentEnvoy, EnvoyAuthorization};
 use super::envoy_answer::{AllowAnswer, Identity};
 use super::envoy_learn::Learned;
 use crate::cache::{CredentialCache, Digest, Verified};
@@ -144,16 +144,10 @@ const HANDED_OVER_FOR: Duration = Duration::from_secs(1);
 /// again on their next request).
 const HANDED_OVER_MAX: u64 = 65_536;
 
-/// Where the decider finds the rules it decides by: the current ones, which a reload of
-/// the configuration file replaces (`server::Live`, as on a replica).
-pub trait CurrentRules: Send + Sync {
-    /// Envoy's adapter on the current rules, gated on the revocation bus the decider is
-    /// given.
-    fn envoy(&self) -> Arc<EnvoyAuthorization>;
-}
-
 pub struct ModuleDecider {
-    rules: Arc<dyn CurrentRules>,
+    /// The rules it decides by: the current ones, which a reload of the configuration
+    /// file replaces (`server::Live`, as on a replica).
+    rules: Arc<dyn CurrentEnvoy>,
     bus: Arc<RevocationBus>,
     cache: Arc<CredentialCache>,
     delegations: Arc<Delegations>,
@@ -170,7 +164,7 @@ impl ModuleDecider {
     /// `rules`' adapters must be gated on `bus`, and `bus` follow the service's `Watch`
     /// stream.
     pub fn new(
-        rules: Arc<dyn CurrentRules>,
+        rules: Arc<dyn CurrentEnvoy>,
         bus: Arc<RevocationBus>,
         cache: Arc<CredentialCache>,
         delegations: Arc<Delegations>,

@@ -34,7 +34,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri};
 
-use super::envoy::{Answer, EnvoyAuthorization};
+use super::envoy::{Answer, CurrentEnvoy, EnvoyAuthorization};
 use super::envoy_answer::AllowAnswer;
 use crate::request::AuthRequest;
 
@@ -71,18 +71,14 @@ impl Shape {
     }
 }
 
-/// Where the handler takes the authorization of the moment from: a live reload swaps it
-/// between two requests, never during one.
-pub type CurrentEnvoy = Arc<dyn Fn() -> Arc<EnvoyAuthorization> + Send + Sync>;
-
 /// The HTTP authorization listener's one handler (every path).
 pub async fn handle(
-    State(current): State<CurrentEnvoy>,
+    State(current): State<Arc<dyn CurrentEnvoy>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Response<Body> {
-    let envoy = current();
+    let envoy = current.envoy();
     let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
     let (shape, envoy_path) = match uri.path() {
         Shape::FORWARD_AUTH_PATH => (Shape::ForwardAuth, None),

@@ -13,9 +13,9 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::rules::{Rules, Shared};
-use crate::api::envoy::EnvoyAuthorization;
+use crate::api::envoy::{CurrentEnvoy, EnvoyAuthorization};
 use crate::api::envoy_answer::CheckAnswer;
-use crate::api::envoy_module::CurrentRules;
+
 use crate::api::envoy_wire::{Authorization, CheckRequestView};
 use crate::api::proto::{self, authorizer_server::Authorizer as AuthorizerApi, keys_server::Keys};
 use crate::config::Config;
@@ -119,10 +119,15 @@ impl Live {
             })
             .and_then(|config| self.apply(config, stop));
         // The rules replaced are freed here, once the requests that started on them have
-        // ended (bounded), not by whichever request worker happens to end last.
+        // ended (bounded), not by whichever request worker happens to end last: a
+        // listener's holds the rules, a request of the module inside Envoy their Envoy
+        // adapter (`CurrentEnvoy`), on Envoy's worker.
         let freed_by = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let replaced = matches!(outcome, Ok(Reloaded::Applied));
-        while replaced && Arc::strong_count(&before) > 1 && std::time::Instant::now() < freed_by {
+        let in_use = |rules: &Arc<Rules>| {
+            Arc::strong_count(rules) > 1 || Arc::strong_count(&rules.envoy) > 1
+        };
+        while replaced && in_use(&before) && std::time::Instant::now() < freed_by {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         drop(before);
@@ -180,8 +185,9 @@ impl Live {
     }
 }
 
-/// keygate's module inside Envoy decides by the current rules, as a replica does.
-impl CurrentRules for Live {
+/// The HTTP authorization listener and keygate's module inside Envoy answer by the
+/// current rules.
+impl CurrentEnvoy for Live {
     fn envoy(&self) -> Arc<EnvoyAuthorization> {
         Arc::clone(&self.rules.load().envoy)
     }
