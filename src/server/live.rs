@@ -15,7 +15,6 @@ use tonic::{Request, Response, Status};
 use super::rules::{Rules, Shared};
 use crate::api::envoy::{CurrentEnvoy, EnvoyAuthorization};
 use crate::api::envoy_answer::CheckAnswer;
-
 use crate::api::envoy_wire::{Authorization, CheckRequestView};
 use crate::api::proto::{self, authorizer_server::Authorizer as AuthorizerApi, keys_server::Keys};
 use crate::config::Config;
