@@ -52,10 +52,10 @@ pub trait Stream {
 
 /// What the module counts in Envoy's stats, under the filter's metrics namespace (its
 /// `dynamic_module_config.metrics_namespace`): Envoy's own counters then tell how much
-/// the module answers, and why the rest went to keygate. Only a denial has a label: a
-/// labelled increment looks its tags up in Envoy's symbol table, which an allow (the
-/// module's reason to be) and a hand-over (measured against ext_authz alone) should not
-/// pay for.
+/// the module answers, and why the rest went to keygate. Only a denial and an answer
+/// not learned have a label: a labelled increment looks its tags up in Envoy's symbol
+/// table, which an allow (the module's reason to be) and a hand-over (measured against
+/// ext_authz alone) should not pay for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counter {
     /// Requests the module allowed.
@@ -76,10 +76,14 @@ pub enum Counter {
     Unread,
     /// Handed to ext_authz: the decision panicked.
     Panicked,
+    /// keygate allowed a request handed over to be learned, and the module did not keep
+    /// the answer, by why (label `reason`: `NotLearned::reason`). Counted on the
+    /// response, beside the hand-over's own counter.
+    NotLearned,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Allowed,
         Counter::Denied,
         Counter::UnknownCredential,
@@ -87,6 +91,7 @@ impl Counter {
         Counter::NotFollowing,
         Counter::Unread,
         Counter::Panicked,
+        Counter::NotLearned,
     ];
 
     pub fn name(self) -> &'static str {
@@ -98,6 +103,7 @@ impl Counter {
             Counter::NotFollowing => "keygate_module_handed_over_not_following",
             Counter::Unread => "keygate_module_handed_over_unread",
             Counter::Panicked => "keygate_module_handed_over_panic",
+            Counter::NotLearned => "keygate_module_not_learned",
         }
     }
 
@@ -105,6 +111,7 @@ impl Counter {
     pub fn label(self) -> Option<&'static str> {
         match self {
             Counter::Denied => Some("code"),
+            Counter::NotLearned => Some("reason"),
             _ => None,
         }
     }
@@ -343,9 +350,11 @@ impl Filter {
         }
         if let Some(ticket) = self.ticket.take() {
             if let Some(text) = stream.metadata_string(EXT_AUTHZ_NAMESPACE, "learn") {
-                let learned = catch_unwind(AssertUnwindSafe(|| self.decider.learn(&ticket, &text)));
-                if learned.is_err() {
-                    stream.log("keygate module: learning an answer panicked; nothing was learned");
+                match catch_unwind(AssertUnwindSafe(|| self.decider.learn(&ticket, &text))) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(why)) => self.count(stream, Counter::NotLearned, Some(why.reason())),
+                    Err(_) => stream
+                        .log("keygate module: learning an answer panicked; nothing was learned"),
                 }
             }
         }

@@ -133,6 +133,20 @@ pub enum NotLearned {
     OtherRules { service: String, module: String },
 }
 
+impl NotLearned {
+    /// Its name in Envoy's counters (`keygate_module_not_learned`, label `reason`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NotLearned::Unreadable(_) => "unreadable",
+            NotLearned::NoCredential => "no_credential",
+            NotLearned::ReplicaBehind => "replica_behind",
+            NotLearned::Overtaken => "overtaken",
+            NotLearned::NotFollowing => "not_following",
+            NotLearned::OtherRules { .. } => "other_rules",
+        }
+    }
+}
+
 /// A module whose settings are not the service's hands every request over; this says
 /// why in Envoy's log, once a second at most.
 static OTHER_RULES_LOGGED: crate::telemetry::LogBudget = crate::telemetry::LogBudget::new(1);

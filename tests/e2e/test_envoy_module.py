@@ -532,6 +532,11 @@ def test_a_module_with_other_settings_than_keygate_learns_nothing(workdir, upstr
             resp, here = through_module(module, "GET", "/v1/contacts/1", [bearer(key["token"])])
             assert_allowed(resp)
             assert not here, "the module answered by settings keygate does not decide by"
+        # Envoy's counters say why, for an operator to alert on.
+        assert counted(module, "GET", "/v1/contacts/1", [bearer(key["token"])]) == {
+            "keygate_module_handed_over_unknown_credential": 1,
+            "keygate_module_not_learned.reason.other_rules": 1,
+        }
 
         lines = warned(module, "module.other_rules")
         assert all("decides by other settings than this module" in l for l in lines), lines
@@ -572,7 +577,8 @@ def counted(module: harness.ModuleEnvoy, method, path, headers) -> dict[str, int
 
 def test_envoy_counts_what_the_module_answered_and_why_it_handed_the_rest_over(doors, keygate):
     """Envoy's counters say, request by request, what the module did: allowed, denied
-    (by code), or handed to ext_authz (by why). Every request moves exactly one."""
+    (by code), or handed to ext_authz (by why). Every request moves exactly one (and an
+    answer not learned `keygate_module_not_learned`: test_a_module_with_other_settings_…)."""
     module = doors["module"]
     fresh = keygate.create_key(str(uuid.uuid4()), ["contacts:read"])
     assert counted(module, "GET", "/v1/contacts/1", [bearer(fresh["token"])]) == {
