@@ -202,21 +202,10 @@ impl ModuleDecider {
         self.bus.has_position() && self.bus.is_connected()
     }
 
-    /// The request as the service's adapter would read it from Envoy: its method and
-    /// path, and the headers a decision consults, repeated ones joined with commas.
-    /// `None` if one of those is not UTF-8 (Envoy would send ext_authz `!` in its place:
-    /// that request is the service's to judge), or the method or path is missing.
-    pub fn request<'h>(
-        &self,
-        headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
-    ) -> Option<AuthRequest> {
-        read(&self.rules.envoy(), headers)
-    }
-
     /// What the module does with a request whose headers (pseudo-headers included) are
     /// `headers`, by the current rules: a remembered credential's request is handed over
-    /// before the request is even read; otherwise the request is read (`request`) and
-    /// decided (`decide`). `None` where `request` refuses to read it: the service's to
+    /// before the request is even read; otherwise the request is read (`read`) and
+    /// decided (`decide`). `None` where `read` refuses to read it: the service's to
     /// judge.
     pub fn answer(&self, headers: &[(&[u8], &[u8])]) -> Option<Local> {
         if !self.following() {
@@ -359,8 +348,10 @@ impl ModuleDecider {
     }
 }
 
-/// The request as the service's adapter would read it from Envoy, by `envoy`'s rules
-/// (`ModuleDecider::request`).
+/// The request as the service's adapter would read it from Envoy, by `envoy`'s rules:
+/// its method and path, and the headers a decision consults, repeated ones joined with
+/// commas. `None` if one of those is not UTF-8 (Envoy would send ext_authz `!` in its
+/// place: that request is the service's to judge), or the method or path is missing.
 fn read<'h>(
     envoy: &EnvoyAuthorization,
     headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,

@@ -1246,7 +1246,7 @@ type Header<'a> = (&'a [u8], &'a [u8]);
 
 /// `module`'s reading of Envoy's `headers`.
 fn read_request(module: &Module, headers: &[Header<'_>]) -> Option<AuthRequest> {
-    module.decider.request(headers.iter().copied())
+    read(&module.app.live.envoy(), headers.iter().copied())
 }
 
 #[test]
